@@ -1,0 +1,14 @@
+"""tquant: Triton-first LLM quantization.
+
+    import tquant
+    qmodel = tquant.quantize(model, "gptq", bits=4, group_size=64, calib="pydoc", tokenizer=tok)
+    tquant.save(qmodel, "out/")
+    qmodel = tquant.load("out/")
+"""
+__version__ = "0.1.0"
+
+from .api import quantize  # noqa: E402
+from .methods import available_methods as methods  # noqa: E402
+from .serialization import load, save  # noqa: E402
+
+__all__ = ["quantize", "methods", "save", "load"]

@@ -1,0 +1,62 @@
+"""tquant.quantize: one call from a Hugging Face model to a quantized one."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Iterable
+
+from torch import nn
+
+from .calibration import calibration_data
+from .config import make_quantization_config
+from .driver import quantize_blocks
+from .methods import get_method
+
+
+def quantize(
+    model: nn.Module,
+    method: str,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    calib=None,
+    tokenizer=None,
+    n_samples: int = 128,
+    seqlen: int = 512,
+    seed: int = 0,
+    device=None,
+    true_sequential: bool = True,
+    batch_size: int = 8,
+    skip: Iterable[str] = (),
+    progress: bool = True,
+    **method_options,
+) -> nn.Module:
+    """Quantize every nn.Linear in the decoder blocks of `model` in place and return it.
+
+    method: a registered name (tquant.methods()); bits: 2, 3, 4 or 8; group_size: input channels per
+    scale (-1 = per output channel); sym: symmetric grid; calib: token ids [n, seqlen] or 1-D, a list of
+    strings (with tokenizer=), or a named source "pydoc" | "wikitext2" | "c4" | "pile" (with tokenizer=);
+    skip: fnmatch patterns of layer names to leave in full precision. The lm_head and embeddings are
+    outside the decoder blocks and stay in full precision. Extra keyword arguments are method options.
+    """
+    cls = get_method(method)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(method_options) - known
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method!r}; it takes {sorted(known)}")
+    m = cls(bits=bits, group_size=group_size, sym=sym, **method_options)
+    if not any(isinstance(x, nn.Linear) for x in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize")
+    ids = None
+    if m.needs_calibration:
+        if calib is None:
+            raise ValueError(f"method {method!r} needs calibration data: pass calib= (token ids, texts or 'pydoc')")
+        ids = calibration_data(calib, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
+    patterns = list(skip)
+    layers = quantize_blocks(
+        model, m, ids, device=device, true_sequential=true_sequential, batch_size=batch_size,
+        skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), progress=progress,
+    )
+    model.config.quantization_config = make_quantization_config(m, layers)
+    return model

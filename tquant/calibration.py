@@ -1,0 +1,114 @@
+"""Text sources for calibration and evaluation.
+
+Named sources:
+    "pydoc"      CPython's bundled prose (pydoc_data.topics), always available offline. Documents are
+                 joined in sorted key order with blank lines; calibration windows come from the first 70 %
+                 of the tokens and evaluation from the last 30 %.
+    "wikitext2"  wikitext-2-raw-v1 train / test through `datasets` (needs the hub).
+    "c4"         allenai/c4 en validation shard (calibration from one shard, evaluation from the other).
+    "pile"       the Pile validation set (calibration and evaluation halves).
+"""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import torch
+
+NAMED_SOURCES = ("pydoc", "wikitext2", "c4", "pile")
+PYDOC_CALIB_FRACTION = 0.7
+
+
+def _pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _hub_texts(name: str) -> tuple[str, str]:
+    """(calibration text, evaluation text) of a hub data set."""
+    import datasets
+
+    if name == "wikitext2":
+        train = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")
+        test = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        return "\n\n".join(train["text"]), "\n\n".join(test["text"])
+    if name == "c4":
+        calib = datasets.load_dataset(
+            "allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"
+        )
+        val = datasets.load_dataset(
+            "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
+        )
+        return "\n\n".join(calib["text"][:20000]), " ".join(val["text"][:1100])
+    if name == "pile":
+        val = datasets.load_dataset("mit-han-lab/pile-val-backup", split="validation")
+        texts = val["text"]
+        half = len(texts) // 2
+        return "\n\n".join(texts[:half][:20000]), "\n\n".join(texts[half:][:2000])
+    raise ValueError(f"unknown text source {name!r}; named sources are {NAMED_SOURCES}")
+
+
+def _check_source(name: str) -> None:
+    if name not in NAMED_SOURCES:
+        raise ValueError(f"unknown text source {name!r}; named sources are {NAMED_SOURCES}")
+
+
+def source_tokens(name: str, tokenizer, split: str) -> torch.Tensor:
+    """1-D token ids of the calibration ("calib") or evaluation ("eval") part of a named source."""
+    _check_source(name)
+    if split not in ("calib", "eval"):
+        raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
+    if name == "pydoc":
+        ids = tokenizer(_pydoc_text(), return_tensors="pt").input_ids[0]
+        cut = int(len(ids) * PYDOC_CALIB_FRACTION)
+        return ids[:cut] if split == "calib" else ids[cut:]
+    calib_text, eval_text = _hub_texts(name)
+    text = calib_text if split == "calib" else eval_text
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def random_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """n_samples windows of seqlen tokens at seeded random offsets: LongTensor [n_samples, seqlen]."""
+    if ids.numel() <= seqlen:
+        raise ValueError(f"need more than seqlen={seqlen} tokens for calibration, got {ids.numel()}")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(n_samples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def calibration_data(
+    calib, tokenizer=None, *, n_samples: int = 128, seqlen: int = 512, seed: int = 0
+) -> torch.Tensor:
+    """Normalize the `calib` argument of tquant.quantize into LongTensor [n, seqlen].
+
+    calib may be: a LongTensor [n, L] (used as is) or 1-D ids (cut into random windows); a list of
+    strings (tokenized one by one, each truncated to seqlen; needs tokenizer); or a named source.
+    """
+    if isinstance(calib, str):
+        if tokenizer is None:
+            raise ValueError(f"calib={calib!r} is a named source and needs tokenizer=")
+        return random_windows(source_tokens(calib, tokenizer, "calib"), n_samples, seqlen, seed)
+    if isinstance(calib, torch.Tensor):
+        if calib.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"calibration token ids must be an integer tensor, got {calib.dtype}")
+        if calib.numel() == 0:
+            raise ValueError("the calibration set is empty")
+        if calib.dim() == 1:
+            return random_windows(calib.long(), n_samples, seqlen, seed)
+        if calib.dim() == 2:
+            return calib.long()
+        raise ValueError(f"calibration ids must be 1-D or 2-D [n, seqlen], got shape {tuple(calib.shape)}")
+    if isinstance(calib, Sequence) and all(isinstance(t, str) for t in calib):
+        if len(calib) == 0:
+            raise ValueError("the calibration set is empty")
+        if tokenizer is None:
+            raise ValueError("calib is a list of strings and needs tokenizer=")
+        rows = [tokenizer(t, return_tensors="pt").input_ids[0, :seqlen] for t in calib]
+        length = min(len(r) for r in rows)
+        if length == 0:
+            raise ValueError("a calibration text tokenized to zero tokens")
+        return torch.stack([r[:length] for r in rows])
+    raise ValueError(
+        f"calib must be token ids, a list of strings or one of {NAMED_SOURCES}; got {type(calib).__name__}"
+    )

@@ -1,0 +1,214 @@
+"""The one layer-by-layer driver every method runs through.
+
+    blocks = the decoder layers (found generically: the nn.ModuleList holding the most parameters)
+    X_0    = inputs of block 0 on the calibration set (captured by stopping the model at block 0)
+    for block i (moved alone to `device`):
+        for each stage (true-sequential: linears that read the same input, in call order):
+            run the block on X_i with hooks -> per-layer statistics -> method.quantize
+            write the de-quantized weight back so later stages see the quantization error
+        X_{i+1} = block(X_i)                    # with quantized weights
+        swap every quantized nn.Linear for a PackedLinear; move the block back
+Data-free methods (RTN) skip the forward passes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .methods.base import Method
+from .modules import PackedLinear
+from .quantizer import resolve_group_size
+
+
+class _Captured(Exception):
+    def __init__(self, args, kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records its inputs and stops the forward pass."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def __getattr__(self, name):  # models read attributes of their layers (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+    def forward(self, *args, **kwargs):
+        raise _Captured(args, kwargs)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, ModuleList) of the decoder blocks: the ModuleList of linear-holding layers with most parameters."""
+    best, best_size = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and all(_has_linear(b) for b in mod):
+            size = sum(p.numel() for p in mod.parameters())
+            if size > best_size:
+                best, best_size = (name, mod), size
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no decoder blocks with nn.Linear layers to quantize")
+    return best
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return ()
+    return Conv1D
+
+
+def _has_linear(block: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Linear, _conv1d_type())) for m in block.modules())
+
+
+def _linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The block's linears by name, after turning GPT-2 style Conv1D (y = x W + b, W [K, N]) into nn.Linear."""
+    Conv1D = _conv1d_type()
+    for name, mod in list(block.named_modules()):
+        if isinstance(mod, Conv1D):
+            k, n = mod.weight.shape
+            lin = nn.Linear(k, n, bias=mod.bias is not None, device=mod.weight.device, dtype=mod.weight.dtype)
+            lin.weight.data = mod.weight.data.t().contiguous()
+            if mod.bias is not None:
+                lin.bias.data = mod.bias.data
+            block.set_submodule(name, lin)
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model, blocks_name, blocks, calib: torch.Tensor, device, batch_size: int):
+    """[(args, kwargs)] of block 0, one entry per calibration batch; only non-block modules go to device."""
+    parent_name, _, attr = blocks_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    home = next(model.parameters()).device
+    setattr(parent, attr, nn.ModuleList())
+    model.to(device)
+    setattr(parent, attr, blocks)
+    first = blocks[0]
+    blocks[0] = _Catcher(first)
+    captured = []
+    try:
+        for start in range(0, calib.shape[0], batch_size):
+            try:
+                model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+            except _Captured as c:
+                captured.append((c.args, c.kwargs))
+    finally:
+        blocks[0] = first
+        setattr(parent, attr, nn.ModuleList())
+        model.to(home)
+        setattr(parent, attr, blocks)
+    return captured
+
+
+@torch.no_grad()
+def _stages(block, linears: dict[str, nn.Linear], args, kwargs) -> list[list[str]]:
+    """Linears grouped by the input tensor they read, in the order the block calls them."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, i[0]))) for n, m in linears.items()]
+    try:
+        block(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    stages, prev = [], None
+    for name, inp in calls:
+        if any(name in s for s in stages):
+            continue
+        if stages and inp is prev:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        prev = inp
+    return stages + [[n] for n in linears if not any(n in s for s in stages)]
+
+
+@torch.no_grad()
+def quantize_blocks(
+    model: nn.Module,
+    method: Method,
+    calib: torch.Tensor | None,
+    *,
+    device=None,
+    true_sequential: bool = True,
+    batch_size: int = 8,
+    skip: Callable[[str], bool] = lambda name: False,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Quantize every nn.Linear inside the decoder blocks in place. Returns {layer name: module spec}."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    blocks_name, blocks = find_blocks(model)
+    dtype = next(model.parameters()).dtype
+    targets = []
+    for i, block in enumerate(blocks):
+        lin = {n: m for n, m in _linears(block).items() if not skip(f"{blocks_name}.{i}.{n}")}
+        for n, m in lin.items():
+            resolve_group_size(method.group_size, m.in_features, f"{blocks_name}.{i}.{n}")
+        targets.append(lin)
+    if not any(targets):
+        raise ValueError("no nn.Linear layer is left to quantize (all were skipped)")
+
+    inputs = None
+    if method.needs_calibration:
+        if calib is None or calib.numel() == 0:
+            raise ValueError(f"method {method.name!r} needs calibration data (calib=)")
+        inputs = capture_block_inputs(model, blocks_name, blocks, calib, device, batch_size)
+
+    specs = {}
+    for i, block in enumerate(tqdm(blocks, desc=f"{method.name} blocks", disable=not progress)):
+        home = next(block.parameters()).device
+        block.to(device)
+        linears = targets[i]
+        prefix = f"{blocks_name}.{i}."
+        if inputs is None:
+            stages = [list(linears)]
+        elif true_sequential:
+            stages = _stages(block, linears, *inputs[0])
+        else:
+            stages = [list(linears)]
+        results = {}
+        for stage in stages:
+            states = {n: method.new_state(prefix + n, linears[n]) for n in stage}
+            if inputs is not None:
+                hooks = [linears[n].register_forward_hook(lambda m, i, o, s=states[n]: s.add_batch(i[0])) for n in stage]
+                try:
+                    for args, kwargs in inputs:
+                        block(*args, **kwargs)
+                finally:
+                    for h in hooks:
+                        h.remove()
+            for n in stage:
+                qw = method.quantize(states[n])
+                linears[n].weight.data = qw.dequantize().to(linears[n].weight.dtype)
+                results[n] = qw
+            del states
+        if inputs is not None:
+            inputs = [((_first(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        for n, qw in results.items():
+            block.set_submodule(n, PackedLinear.from_quantized(qw, linears[n].bias, dtype))
+            specs[prefix + n] = block.get_submodule(n).layer_spec()
+        block.to(home)
+    return specs

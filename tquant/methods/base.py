@@ -1,0 +1,92 @@
+"""What every weight quantization method implements, and the registry that names them.
+
+The driver (tquant.driver) owns the data flow; a method only sees one linear at a time:
+
+    state = method.new_state(name, linear)      # per-layer statistics
+    state.add_batch(x)                           # x: the linear's input [.., K], once per calib batch
+    qw = method.quantize(state)                  # -> QuantizedWeight (codes, scale, zero, perm)
+
+Methods never launch kernels and never replace modules themselves.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..qweight import QuantizedWeight
+from ..quantizer import check_bits, resolve_group_size
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type["Method"]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def available_methods() -> dict[str, dict[str, str]]:
+    """{method name: {option: description with default}}."""
+    return {name: cls.describe_options() for name, cls in sorted(_REGISTRY.items())}
+
+
+class LayerState:
+    """Statistics of one linear layer gathered over the calibration set (none for data-free methods)."""
+
+    def __init__(self, name: str, linear: nn.Linear):
+        self.name = name
+        self.linear = linear
+        self.n_batches = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        if not torch.isfinite(x).all():
+            raise ValueError(f"NaN or Inf in the calibration activations entering layer {self.name!r}")
+        self.n_batches += 1
+        self._accumulate(x.reshape(-1, x.shape[-1]))
+
+    def _accumulate(self, x: torch.Tensor) -> None:
+        pass
+
+
+@dataclasses.dataclass
+class Method:
+    """Base of weight-only methods. Options are dataclass fields: their metadata 'help' documents them."""
+
+    name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = True
+    state_class: ClassVar[type[LayerState]] = LayerState
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+
+    def __post_init__(self):
+        check_bits(self.bits)
+
+    @classmethod
+    def describe_options(cls) -> dict[str, str]:
+        return {
+            f.name: f"{f.metadata.get('help', '')} (default {f.default!r})".strip()
+            for f in dataclasses.fields(cls)
+        }
+
+    def new_state(self, name: str, linear: nn.Linear) -> LayerState:
+        return self.state_class(name, linear)
+
+    def layer_group_size(self, state: LayerState) -> int:
+        return resolve_group_size(self.group_size, state.linear.in_features, state.name)
+
+    def quantize(self, state: LayerState) -> QuantizedWeight:
+        raise NotImplementedError
+
+
+def option(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})

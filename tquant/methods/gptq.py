@@ -1,0 +1,136 @@
+"""GPTQ (Frantar et al., 2023): column-by-column quantization with Hessian-based error feedback.
+
+For a linear with weight W [N, K] and calibration inputs X [T, K]:
+    H = 2/T * X^T X + percdamp * mean(diag H) * I
+    U = chol(H^-1)^T (upper)                     # rows of the inverse Cholesky factor
+    for each column k (in act order when act_order): q_k = Q(w_k); e = (w_k - q_k) / U_kk
+        W[:, k+1:] -= e * U_k,k+1:               # applied lazily per `blocksize` columns
+Group parameters (scale, zero) are taken from the current (already error-updated) weights when the
+first column of a group is reached, or from the original weights up front with static_groups.
+With act_order and non-static groups, columns are stored in activation order (perm) so groups stay
+contiguous for the kernel; otherwise codes are returned in the original order.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..qweight import QuantizedWeight
+from ..quantizer import dequantize, grouped_qparams, qparams, quantize
+from .base import LayerState, Method, option, register
+
+_HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class HessianState(LayerState):
+    """Running H = 2/T * sum_t x_t x_t^T over every calibration token seen."""
+
+    dtype = torch.float32
+
+    def __init__(self, name, linear):
+        super().__init__(name, linear)
+        k = linear.in_features
+        self.hessian = torch.zeros(k, k, dtype=self.dtype, device=linear.weight.device)
+        self.tokens = 0
+
+    def _accumulate(self, x):
+        t = x.shape[0]
+        x = x.to(self.hessian.device, self.dtype)
+        self.hessian *= self.tokens / (self.tokens + t)
+        self.tokens += t
+        self.hessian.addmm_(x.t(), x, alpha=2.0 / self.tokens)
+
+
+@register
+@dataclasses.dataclass
+class GPTQ(Method):
+    name = "gptq"
+
+    percdamp: float = option(0.01, "damping added to diag(H), as a fraction of its mean")
+    blocksize: int = option(128, "columns per lazy batch update")
+    act_order: bool = option(True, "quantize columns in order of decreasing diag(H)")
+    static_groups: bool = option(False, "fix group scales from the original weights before GPTQ runs")
+    hessian_dtype: str = option("float32", "accumulation and solve dtype of H: float32 or float64")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.hessian_dtype not in _HESSIAN_DTYPES:
+            raise ValueError(f"hessian_dtype must be one of {list(_HESSIAN_DTYPES)}, got {self.hessian_dtype!r}")
+        if not 0 <= self.percdamp < 1:
+            raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp}")
+        if self.blocksize < 1:
+            raise ValueError(f"blocksize must be positive, got {self.blocksize}")
+
+    def new_state(self, name, linear):
+        state = HessianState.__new__(HessianState)
+        state.dtype = _HESSIAN_DTYPES[self.hessian_dtype]
+        state.__init__(name, linear)
+        return state
+
+    def _inverse_cholesky(self, h: torch.Tensor, name: str) -> torch.Tensor:
+        h = h.clone()
+        h.diagonal().add_(self.percdamp * h.diagonal().mean())
+        try:
+            lower = torch.linalg.cholesky(h)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        except torch.linalg.LinAlgError as e:
+            raise ValueError(
+                f"GPTQ: the Hessian of layer {name!r} is not positive definite even with percdamp={self.percdamp}; "
+                "raise percdamp or use more calibration data"
+            ) from e
+
+    def quantize(self, state: HessianState) -> QuantizedWeight:
+        if state.tokens == 0:
+            raise ValueError(f"GPTQ: layer {state.name!r} saw no calibration data")
+        dtype = state.dtype
+        w = state.linear.weight.detach().to(dtype).clone()
+        h = state.hessian.clone()
+        n, k = w.shape
+        gs = self.layer_group_size(state)
+        grouped = gs != k
+
+        dead = h.diagonal() == 0
+        h[dead, dead] = 1
+        w[:, dead] = 0
+
+        if self.static_groups and grouped:
+            static_scale, static_zero = grouped_qparams(w, self.bits, gs, self.sym)
+        perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else None
+        if perm is not None:
+            w, h = w[:, perm], h[perm][:, perm]
+        u = self._inverse_cholesky(h, state.name)
+
+        codes = torch.empty(n, k, dtype=torch.int32, device=w.device)
+        scale = torch.empty(n, k // gs, dtype=torch.float32, device=w.device)
+        zero = torch.empty_like(scale)
+        if not grouped:
+            s, z = qparams(w, self.bits, self.sym)
+            scale[:, 0], zero[:, 0] = s, z
+        for i1 in range(0, k, self.blocksize):
+            i2 = min(i1 + self.blocksize, k)
+            w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=dtype, device=w.device), u[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if grouped:
+                    if self.static_groups:
+                        g = (int(perm[col]) if perm is not None else col) // gs
+                        s, z = static_scale[:, g], static_zero[:, g]
+                    elif col % gs == 0:
+                        current = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]
+                        s, z = qparams(current, self.bits, self.sym)
+                        scale[:, col // gs], zero[:, col // gs] = s, z
+                q = quantize(w1[:, i], s, z, self.bits)
+                codes[:, col] = q
+                e = (w1[:, i] - dequantize(q, s, z).to(dtype)) / u1[i, i]
+                w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+                err1[:, i] = e
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+        if self.static_groups and grouped:
+            scale, zero = static_scale.float(), static_zero.float()
+        if perm is not None and (self.static_groups or not grouped):
+            restored = torch.empty_like(codes)
+            restored[:, perm] = codes
+            codes, perm = restored, None
+        return QuantizedWeight(codes, scale, zero, self.bits, gs, perm)

@@ -1,0 +1,43 @@
+"""The one packer: integer codes <-> int32 words, packed along the input dimension K.
+
+Layout ("K-packed", shared by every weight-only module and kernel):
+    epw = 32 // bits                     values per int32 word (2->16, 3->10, 4->8, 8->4)
+    qweight: int32 [ceil(K / epw), N]
+    code(k, n) = (qweight[k // epw, n] >> ((k % epw) * bits)) & (2^bits - 1)
+Rows past K are padded with code 0. Words are contiguous along N so a tile of words for a block of
+output columns is one coalesced load; 3-bit packs 10 codes per word (2 bits unused).
+"""
+from __future__ import annotations
+
+import torch
+
+from .quantizer import check_bits
+
+
+def values_per_word(bits: int) -> int:
+    check_bits(bits)
+    return 32 // bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes: integer [N, K] in [0, 2^bits) -> qweight int32 [ceil(K/epw), N]."""
+    epw = values_per_word(bits)
+    n, k = codes.shape
+    if codes.min() < 0 or codes.max() >= 2**bits:
+        raise ValueError(f"codes out of range for {bits}-bit packing")
+    rows = -(-k // epw)
+    padded = torch.zeros(n, rows * epw, dtype=torch.int64, device=codes.device)
+    padded[:, :k] = codes.to(torch.int64)
+    shifts = torch.arange(epw, device=codes.device, dtype=torch.int64) * bits
+    words = (padded.view(n, rows, epw) << shifts).sum(dim=-1)  # [N, rows], < 2^32
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
+    return words.to(torch.int32).t().contiguous()
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """qweight int32 [ceil(K/epw), N] -> codes int32 [K, N] (note: K-major, matching the packing)."""
+    epw = values_per_word(bits)
+    rows, n = qweight.shape
+    shifts = torch.arange(epw, device=qweight.device, dtype=torch.int32) * bits
+    codes = (qweight.unsqueeze(1) >> shifts.view(1, epw, 1)) & (2**bits - 1)
+    return codes.reshape(rows * epw, n)[:k]
