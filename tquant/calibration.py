@@ -7,15 +7,19 @@ Named sources:
     "wikitext2"  wikitext-2-raw-v1 train / test through `datasets` (needs the hub).
     "c4"         allenai/c4 en validation shard (calibration from one shard, evaluation from the other).
     "pile"       the Pile validation set (calibration and evaluation halves).
+    "auto"       wikitext2 when the hub is reachable, else pydoc (immediately when HF_HUB_OFFLINE or
+                 HF_DATASETS_OFFLINE is set, otherwise after the hub request fails, with a warning).
 """
 from __future__ import annotations
 
+import os
 import random
+import warnings
 from typing import Sequence
 
 import torch
 
-NAMED_SOURCES = ("pydoc", "wikitext2", "c4", "pile")
+NAMED_SOURCES = ("auto", "pydoc", "wikitext2", "c4", "pile")
 PYDOC_CALIB_FRACTION = 0.7
 
 
@@ -63,6 +67,14 @@ def source_tokens(name: str, tokenizer, split: str) -> torch.Tensor:
         ids = tokenizer(_pydoc_text(), return_tensors="pt").input_ids[0]
         cut = int(len(ids) * PYDOC_CALIB_FRACTION)
         return ids[:cut] if split == "calib" else ids[cut:]
+    if name == "auto":
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            return source_tokens("pydoc", tokenizer, split)
+        try:
+            return source_tokens("wikitext2", tokenizer, split)
+        except Exception as e:  # no hub: any failure of the download falls back to the offline corpus
+            warnings.warn(f"wikitext2 is unreachable ({type(e).__name__}); using the offline pydoc corpus")
+            return source_tokens("pydoc", tokenizer, split)
     calib_text, eval_text = _hub_texts(name)
     text = calib_text if split == "calib" else eval_text
     return tokenizer(text, return_tensors="pt").input_ids[0]

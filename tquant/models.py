@@ -31,3 +31,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
         del model.config.quantization_config
     return model.to(device).eval(), tok
+
+
+def model_bytes(model) -> int:
+    """Bytes of every parameter and buffer, each shared tensor counted once (what save() writes)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

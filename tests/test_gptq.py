@@ -1,0 +1,89 @@
+"""GPTQ against RTN and against its own invariants, one linear at a time."""
+import pytest
+import torch
+from torch import nn
+
+from tquant.methods import get_method
+from tquant.modules import PackedLinear
+
+
+def correlated_inputs(k, t=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5
+    return torch.randn(t, k, generator=g) @ mix + 0.2 * torch.randn(t, k, generator=g)
+
+
+def quantize_layer(name, linear, x, **kw):
+    method = get_method(name)(**kw)
+    state = method.new_state("layer", linear)
+    for chunk in x.split(512):
+        state.add_batch(chunk)
+    return method.quantize(state)
+
+
+def output_error(linear, qw, x):
+    return ((x @ (qw.dequantize() - linear.weight.detach()).t()) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size,act_order,static_groups", [
+    (-1, False, False), (-1, True, False), (32, False, False), (32, True, False), (32, True, True)])
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_beats_rtn(bits, group_size, act_order, static_groups, sym):
+    torch.manual_seed(bits)
+    linear = nn.Linear(128, 48, bias=False)
+    x = correlated_inputs(128, seed=bits)
+    kw = dict(bits=bits, group_size=group_size, sym=sym)
+    rtn = quantize_layer("rtn", linear, x, **kw)
+    gptq = quantize_layer("gptq", linear, x, act_order=act_order, static_groups=static_groups, **kw)
+    assert output_error(linear, gptq, x) < 0.85 * output_error(linear, rtn, x)
+    assert gptq.codes.min() >= 0 and gptq.codes.max() < 2**bits
+    assert (gptq.perm is not None) == (act_order and group_size > 0 and not static_groups)
+
+
+def test_gptq_equals_rtn_when_inputs_are_white():
+    """With X^T X = I the inverse Hessian is diagonal: no error feedback, so GPTQ must round like RTN."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=False)
+    x = torch.linalg.qr(torch.randn(64, 64))[0] * 8  # orthogonal rows: X^T X = 64 I
+    for gs in (-1, 16):
+        rtn = quantize_layer("rtn", linear, x, bits=3, group_size=gs)
+        gptq = quantize_layer("gptq", linear, x, bits=3, group_size=gs, act_order=False, percdamp=0.0)
+        assert torch.equal(gptq.codes, rtn.codes)
+        torch.testing.assert_close(gptq.scale, rtn.scale)
+
+
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_act_order_storage_matches_packed_module(static_groups):
+    torch.manual_seed(1)
+    linear = nn.Linear(96, 40, bias=True)
+    x = correlated_inputs(96, seed=3)
+    qw = quantize_layer("gptq", linear, x, bits=4, group_size=32, act_order=True, static_groups=static_groups)
+    module = PackedLinear.from_quantized(qw, linear.bias, torch.float32)
+    expected = x[:64] @ qw.dequantize().t() + linear.bias
+    torch.testing.assert_close(module(x[:64]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_hessian_dtype_float64_agrees():
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 16, bias=False)
+    x = correlated_inputs(64, seed=5)
+    a = quantize_layer("gptq", linear, x, bits=4, group_size=16, hessian_dtype="float32")
+    b = quantize_layer("gptq", linear, x, bits=4, group_size=16, hessian_dtype="float64")
+    assert (a.codes != b.codes).float().mean() < 0.02
+
+
+def test_gptq_errors():
+    linear = nn.Linear(32, 8)
+    with pytest.raises(ValueError, match="NaN or Inf in the calibration activations entering layer 'layer'"):
+        quantize_layer("gptq", linear, torch.full((4, 32), float("nan")), bits=4)
+    method = get_method("gptq")(bits=4, group_size=-1)
+    with pytest.raises(ValueError, match="saw no calibration data"):
+        method.quantize(method.new_state("layer", linear))
+    x = torch.randn(64, 1).repeat(1, 32)  # rank 1: not positive definite without damping
+    with pytest.raises(ValueError, match="not positive definite"):
+        quantize_layer("gptq", linear, x, bits=4, group_size=-1, percdamp=0.0)
+    with pytest.raises(ValueError, match="hessian_dtype"):
+        get_method("gptq")(hessian_dtype="float16")
+    with pytest.raises(ValueError, match="bits=5 is not supported"):
+        get_method("gptq")(bits=5)

@@ -1,0 +1,73 @@
+"""The one quantizer and the one packer."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from tquant.packing import pack_codes, unpack_codes, values_per_word
+from tquant.quantizer import dequantize, grouped_qparams, qparams, quantize, resolve_group_size, expand_groups
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), n=st.integers(1, 40), k=st.integers(1, 300), seed=st.integers(0, 2**31))
+def test_pack_unpack_roundtrip(bits, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    packed = pack_codes(codes, bits)
+    epw = values_per_word(bits)
+    assert packed.dtype == torch.int32 and packed.shape == (-(-k // epw), n)
+    assert torch.equal(unpack_codes(packed, bits, k), codes.t().int())
+
+
+def test_pack_layout_is_k_major_little_end_first():
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 15, 9]])  # 4-bit: word 0 holds k=0..7, code k at bits 4k
+    packed = pack_codes(codes, 4)
+    word0 = sum(int(c) << (4 * i) for i, c in enumerate(codes[0, :8]))
+    assert packed[0, 0].item() == word0 - 2**32  # top bit set: stored as a negative int32
+    assert packed[1, 0].item() == 9
+
+
+def test_pack_rejects_out_of_range_codes():
+    with pytest.raises(ValueError, match="out of range"):
+        pack_codes(torch.tensor([[16]]), 4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(), seed=st.integers(0, 2**31))
+def test_roundtrip_error_is_at_most_half_a_step(bits, sym, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 8, 32, generator=g) * torch.rand(16, 8, 1, generator=g) + 0.3 * torch.randn(16, 8, 1, generator=g)
+    scale, zero = qparams(w, bits, sym)
+    q = quantize(w, scale[..., None], zero[..., None], bits)
+    assert q.min() >= 0 and q.max() <= 2**bits - 1
+    err = (dequantize(q, scale[..., None], zero[..., None]) - w).abs()
+    assert (err <= scale[..., None] / 2 + 1e-6).all()
+    if sym:
+        assert torch.all(zero == 2 ** (bits - 1))
+
+
+def test_zero_rows_get_a_valid_grid():
+    scale, zero = qparams(torch.zeros(3, 8), 4, sym=False)
+    assert torch.all(scale > 0)
+    q = quantize(torch.zeros(3, 8), scale[:, None], zero[:, None], 4)
+    assert torch.all(dequantize(q, scale[:, None], zero[:, None]) == 0)
+
+
+def test_groups_are_independent():
+    w = torch.randn(4, 64)
+    w[:, 32:] *= 100
+    scale, _ = grouped_qparams(w, 4, 32, sym=True)
+    assert scale.shape == (4, 2) and torch.all(scale[:, 1] > 20 * scale[:, 0])
+    assert expand_groups(scale, 32).shape == (4, 64)
+
+
+def test_group_size_errors_name_the_layer():
+    assert resolve_group_size(-1, 576) == 576
+    assert resolve_group_size(64, 576) == 64
+    with pytest.raises(ValueError, match=r"group_size=128 does not divide in_features=576 of layer 'blk.q'"):
+        resolve_group_size(128, 576, "blk.q")
+
+
+@pytest.mark.parametrize("bits", [0, 1, 5, 9, 16])
+def test_unsupported_bits(bits):
+    with pytest.raises(ValueError, match=f"bits={bits} is not supported"):
+        values_per_word(bits)

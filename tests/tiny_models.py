@@ -1,0 +1,51 @@
+"""Small random Hugging Face models and an offline tokenizer for tests (no hub)."""
+from __future__ import annotations
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+
+def byte_tokenizer():
+    """Byte-level tokenizer with no merges: 256 byte tokens + <eos>; encodes any text, offline."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", bos_token="<eos>")
+
+
+VOCAB = 257  # byte_tokenizer's size
+
+# hidden 96 = 3 x 32: group 32 divides it, 64 does not (like SmolLM2's 576 and 128)
+ARCHS = {
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=96, ffn_dim=192, num_hidden_layers=2, num_attention_heads=6,
+        max_position_embeddings=256, word_embed_proj_dim=96),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=96, n_layer=2, n_head=6, n_positions=256, bos_token_id=VOCAB - 1,
+        eos_token_id=VOCAB - 1),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = ARCHS[arch]()
+    cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = VOCAB - 1
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    with torch.no_grad():  # random init is tiny; make weights and activations lively so quantization matters
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def token_batch(n: int = 8, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB - 1, (n, seqlen), generator=g)
