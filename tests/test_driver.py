@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import tquant
-from tquant.driver import _linears, _stages, capture_block_inputs, find_blocks
+from tquant.driver import _input_groups, _linears, capture_block_inputs, find_blocks
 from tquant.modules import PackedLinear
 from tiny_models import ARCHS, tiny_model, token_batch
 
@@ -24,7 +24,7 @@ def test_blocks_and_true_sequential_stages(arch):
     assert len(blocks) == model.config.num_hidden_layers
     inputs = capture_block_inputs(model, name, blocks, token_batch(4), "cpu", batch_size=2)
     assert len(inputs) == 2 and inputs[0][0][0].shape[:2] == (2, 32)
-    stages = _stages(blocks[0], _linears(blocks[0]), *inputs[0])
+    stages = _input_groups(blocks[0], _linears(blocks[0]), *inputs[0])
     assert [set(s) for s in stages] == STAGES[arch]
 
 

@@ -18,7 +18,7 @@ def quantize_layer(name, linear, x, **kw):
     state = method.new_state("layer", linear)
     for chunk in x.split(512):
         state.add_batch(chunk)
-    return method.quantize(state)
+    return method.quantize(state, linear, "layer")
 
 
 def output_error(linear, qw, x):
@@ -79,7 +79,7 @@ def test_gptq_errors():
         quantize_layer("gptq", linear, torch.full((4, 32), float("nan")), bits=4)
     method = get_method("gptq")(bits=4, group_size=-1)
     with pytest.raises(ValueError, match="saw no calibration data"):
-        method.quantize(method.new_state("layer", linear))
+        method.quantize(method.new_state("layer", linear), linear, "layer")
     x = torch.randn(64, 1).repeat(1, 32)  # rank 1: not positive definite without damping
     with pytest.raises(ValueError, match="not positive definite"):
         quantize_layer("gptq", linear, x, bits=4, group_size=-1, percdamp=0.0)

@@ -3,8 +3,10 @@
     blocks = the decoder layers (found generically: the nn.ModuleList holding the most parameters)
     X_0    = inputs of block 0 on the calibration set (captured by stopping the model at block 0)
     for block i (moved alone to `device`):
-        for each stage (true-sequential: linears that read the same input, in call order):
-            run the block on X_i with hooks -> per-layer statistics -> method.quantize
+        input groups = linears reading the same tensor (q/k/v, gate/up), in the block's call order
+        for each stage (true-sequential: one input group; else all of them):
+            run the block on X_i, stopping once the stage's last linear has run, with hooks that
+            collect one statistics state per input group -> method.quantize each linear
             write the de-quantized weight back so later stages see the quantization error
         X_{i+1} = block(X_i)                    # with quantized weights
         swap every quantized nn.Linear for a PackedLinear; move the block back
@@ -26,6 +28,14 @@ from .quantizer import resolve_group_size
 class _Captured(Exception):
     def __init__(self, args, kwargs):
         self.args, self.kwargs = args, kwargs
+
+
+class _StageDone(Exception):
+    pass
+
+
+def _stop(module, inputs, output):
+    raise _StageDone
 
 
 class _Catcher(nn.Module):
@@ -125,7 +135,7 @@ def capture_block_inputs(model, blocks_name, blocks, calib: torch.Tensor, device
 
 
 @torch.no_grad()
-def _stages(block, linears: dict[str, nn.Linear], args, kwargs) -> list[list[str]]:
+def _input_groups(block, linears: dict[str, nn.Linear], args, kwargs) -> list[list[str]]:
     """Linears grouped by the input tensor they read, in the order the block calls them."""
     calls = []
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, i[0]))) for n, m in linears.items()]
@@ -144,6 +154,22 @@ def _stages(block, linears: dict[str, nn.Linear], args, kwargs) -> list[list[str
             stages.append([name])
         prev = inp
     return stages + [[n] for n in linears if not any(n in s for s in stages)]
+
+
+@torch.no_grad()
+def _collect(block, inputs, groups, linears, states, last: nn.Module) -> None:
+    """Run the block on every input with one statistics hook per input group, stopping after `last`."""
+    hooks = [linears[g[0]].register_forward_hook(lambda m, i, o, s=states[g[0]]: s.add_batch(i[0])) for g in groups]
+    hooks.append(last.register_forward_hook(_stop))
+    try:
+        for args, kwargs in inputs:
+            try:
+                block(*args, **kwargs)
+            except _StageDone:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @torch.no_grad()
@@ -184,26 +210,19 @@ def quantize_blocks(
         linears = targets[i]
         prefix = f"{blocks_name}.{i}."
         if inputs is None:
-            stages = [list(linears)]
-        elif true_sequential:
-            stages = _stages(block, linears, *inputs[0])
+            groups = [[n] for n in linears]
         else:
-            stages = [list(linears)]
+            groups = _input_groups(block, linears, *inputs[0])
         results = {}
-        for stage in stages:
-            states = {n: method.new_state(prefix + n, linears[n]) for n in stage}
+        for stage in [[g] for g in groups] if true_sequential else [groups]:
+            states = {g[0]: method.new_state(prefix + g[0], linears[g[0]]) for g in stage}
             if inputs is not None:
-                hooks = [linears[n].register_forward_hook(lambda m, i, o, s=states[n]: s.add_batch(i[0])) for n in stage]
-                try:
-                    for args, kwargs in inputs:
-                        block(*args, **kwargs)
-                finally:
-                    for h in hooks:
-                        h.remove()
-            for n in stage:
-                qw = method.quantize(states[n])
-                linears[n].weight.data = qw.dequantize().to(linears[n].weight.dtype)
-                results[n] = qw
+                _collect(block, inputs, stage, linears, states, last=linears[stage[-1][-1]])
+            for g in stage:
+                for n in g:
+                    qw = method.quantize(states[g[0]], linears[n], prefix + n)
+                    linears[n].weight.data = qw.dequantize().to(linears[n].weight.dtype)
+                    results[n] = qw
             del states
         if inputs is not None:
             inputs = [((_first(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]

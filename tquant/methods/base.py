@@ -1,10 +1,11 @@
 """What every weight quantization method implements, and the registry that names them.
 
-The driver (tquant.driver) owns the data flow; a method only sees one linear at a time:
+The driver (tquant.driver) owns the data flow; a method only sees one input stream at a time:
 
-    state = method.new_state(name, linear)      # per-layer statistics
-    state.add_batch(x)                           # x: the linear's input [.., K], once per calib batch
-    qw = method.quantize(state)                  # -> QuantizedWeight (codes, scale, zero, perm)
+    state = method.new_state(name, linear)      # statistics of the input that `linear` (and any
+                                                 # linears reading the same tensor, e.g. q/k/v) sees
+    state.add_batch(x)                           # x: that input [.., K], once per calib batch
+    qw = method.quantize(state, linear, name)    # -> QuantizedWeight (codes, scale, zero, perm)
 
 Methods never launch kernels and never replace modules themselves.
 """
@@ -39,7 +40,8 @@ def available_methods() -> dict[str, dict[str, str]]:
 
 
 class LayerState:
-    """Statistics of one linear layer gathered over the calibration set (none for data-free methods)."""
+    """Statistics of one input stream gathered over the calibration set (none for data-free methods).
+    `name` and `linear` are those of the first linear reading it (for messages, sizes and device)."""
 
     def __init__(self, name: str, linear: nn.Linear):
         self.name = name
@@ -81,10 +83,10 @@ class Method:
     def new_state(self, name: str, linear: nn.Linear) -> LayerState:
         return self.state_class(name, linear)
 
-    def layer_group_size(self, state: LayerState) -> int:
-        return resolve_group_size(self.group_size, state.linear.in_features, state.name)
+    def layer_group_size(self, linear: nn.Linear, name: str) -> int:
+        return resolve_group_size(self.group_size, linear.in_features, name)
 
-    def quantize(self, state: LayerState) -> QuantizedWeight:
+    def quantize(self, state: LayerState, linear: nn.Linear, name: str) -> QuantizedWeight:
         raise NotImplementedError
 
 

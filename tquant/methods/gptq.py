@@ -26,10 +26,9 @@ _HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class HessianState(LayerState):
     """Running H = 2/T * sum_t x_t x_t^T over every calibration token seen."""
 
-    dtype = torch.float32
-
-    def __init__(self, name, linear):
+    def __init__(self, name, linear, dtype=torch.float32):
         super().__init__(name, linear)
+        self.dtype = dtype
         k = linear.in_features
         self.hessian = torch.zeros(k, k, dtype=self.dtype, device=linear.weight.device)
         self.tokens = 0
@@ -63,10 +62,7 @@ class GPTQ(Method):
             raise ValueError(f"blocksize must be positive, got {self.blocksize}")
 
     def new_state(self, name, linear):
-        state = HessianState.__new__(HessianState)
-        state.dtype = _HESSIAN_DTYPES[self.hessian_dtype]
-        state.__init__(name, linear)
-        return state
+        return HessianState(name, linear, _HESSIAN_DTYPES[self.hessian_dtype])
 
     def _inverse_cholesky(self, h: torch.Tensor, name: str) -> torch.Tensor:
         h = h.clone()
@@ -80,14 +76,14 @@ class GPTQ(Method):
                 "raise percdamp or use more calibration data"
             ) from e
 
-    def quantize(self, state: HessianState) -> QuantizedWeight:
+    def quantize(self, state: HessianState, linear, name) -> QuantizedWeight:
         if state.tokens == 0:
-            raise ValueError(f"GPTQ: layer {state.name!r} saw no calibration data")
+            raise ValueError(f"GPTQ: layer {name!r} saw no calibration data")
         dtype = state.dtype
-        w = state.linear.weight.detach().to(dtype).clone()
+        w = linear.weight.detach().to(dtype).clone()
         h = state.hessian.clone()
         n, k = w.shape
-        gs = self.layer_group_size(state)
+        gs = self.layer_group_size(linear, name)
         grouped = gs != k
 
         dead = h.diagonal() == 0
@@ -99,7 +95,7 @@ class GPTQ(Method):
         perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else None
         if perm is not None:
             w, h = w[:, perm], h[perm][:, perm]
-        u = self._inverse_cholesky(h, state.name)
+        u = self._inverse_cholesky(h, name)
 
         codes = torch.empty(n, k, dtype=torch.int32, device=w.device)
         scale = torch.empty(n, k // gs, dtype=torch.float32, device=w.device)

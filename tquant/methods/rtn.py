@@ -14,9 +14,9 @@ class RTN(Method):
     name = "rtn"
     needs_calibration = False
 
-    def quantize(self, state) -> QuantizedWeight:
-        w = state.linear.weight.detach().float()
-        gs = self.layer_group_size(state)
+    def quantize(self, state, linear, name) -> QuantizedWeight:
+        w = linear.weight.detach().float()
+        gs = self.layer_group_size(linear, name)
         scale, zero = grouped_qparams(w, self.bits, gs, self.sym)
         codes = quantize(w, expand_groups(scale, gs), expand_groups(zero, gs), self.bits)
         return QuantizedWeight(codes, scale, zero, self.bits, gs)
