@@ -1,0 +1,115 @@
+"""Pick the fastest launch config per (kernel, shape key) once per GPU, and remember it in JSON.
+
+    config = tune(kernel, key, configs, run, device)   # run(config) launches the kernel once
+
+Lookup: memory, then the user file, then the shipped file; a miss benchmarks every candidate with
+triton.testing.do_bench (candidates that fail to compile or launch are skipped), keeps the fastest and
+adds it to the user file.
+    shipped file:  <repo>/autotune_cache/<gpu>.json
+    user file:     $TQUANT_AUTOTUNE_DIR/<gpu>.json, default ~/.cache/tquant/autotune/<gpu>.json
+    format:        {"format": 1, "gpu": "<gpu>", "entries": {"<kernel>|<key>": {"config": {...}, "us": t}}}
+A file for another GPU, a malformed file, or an entry whose config is not among the current candidates
+(stale after a code change) is ignored, and the key is tuned again.
+Without benchmarking (one candidate, TQUANT_AUTOTUNE=0, or inside CUDA-graph capture) an uncached key
+gets configs[0], so list the safest default first.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .runtime import device_name
+
+FORMAT = 1
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "autotune_cache"
+
+_memory: dict[str, dict[str, dict]] = {}  # gpu -> {entry key -> entry}
+
+
+def user_dir() -> Path:
+    return Path(os.environ.get("TQUANT_AUTOTUNE_DIR", Path.home() / ".cache" / "tquant" / "autotune"))
+
+
+def entry_key(kernel: str, key: dict[str, Any]) -> str:
+    return kernel + "|" + ",".join(f"{k}={v}" for k, v in key.items())
+
+
+def read_entries(path: Path, gpu: str) -> dict[str, dict]:
+    """Entries of one cache file; {} if it is missing, malformed or written for another GPU."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        warnings.warn(f"ignoring unreadable autotune cache {path}: {err}")
+        return {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("gpu") != gpu:
+        warnings.warn(f"ignoring autotune cache {path}: not format {FORMAT} for {gpu}")
+        return {}
+    entries = data.get("entries")
+    return {k: v for k, v in entries.items() if isinstance(v, dict)} if isinstance(entries, dict) else {}
+
+
+def write_entry(path: Path, gpu: str, name: str, entry: dict) -> None:
+    """Add one entry to a cache file (merging with what is there), atomically."""
+    entries = read_entries(path, gpu)
+    entries[name] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"format": FORMAT, "gpu": gpu, "entries": dict(sorted(entries.items()))}, indent=1)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        f.write(text + "\n")
+    os.replace(f.name, path)
+
+
+def _entries(gpu: str) -> dict[str, dict]:
+    if gpu not in _memory:
+        _memory[gpu] = {**read_entries(SHIPPED_DIR / f"{gpu}.json", gpu), **read_entries(user_dir() / f"{gpu}.json", gpu)}
+    return _memory[gpu]
+
+
+def cached_config(gpu: str, name: str, configs: list[dict]) -> dict | None:
+    """The cached config for an entry if it is one of the current candidates, else None."""
+    entry = _entries(gpu).get(name)
+    config = entry.get("config") if entry else None
+    return next((c for c in configs if c == config), None)
+
+
+def benchmark(configs: list[dict], run: Callable[[dict], Any]) -> list[tuple[float, dict]]:
+    """[(median time in us, config)], fastest first; configs that raise are left out."""
+    import triton.testing
+
+    timed = []
+    for config in configs:
+        try:
+            ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a config the GPU cannot run (too much shared memory, too many registers)
+            continue
+        timed.append((ms * 1e3, config))
+    if not timed:
+        raise RuntimeError("autotune: no candidate config could be launched")
+    return sorted(timed, key=lambda t: t[0])
+
+
+def tune(kernel: str, key: dict[str, Any], configs: list[dict], run: Callable[[dict], Any], device: torch.device) -> dict:
+    gpu = device_name(device)
+    name = entry_key(kernel, key)
+    config = cached_config(gpu, name, configs)
+    if config is not None:
+        return config
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if len(configs) == 1 or os.environ.get("TQUANT_AUTOTUNE") == "0" or capturing:
+        return configs[0]
+    us, config = benchmark(configs, run)[0]
+    entry = {"config": config, "us": round(us, 2)}
+    _entries(gpu)[name] = entry
+    try:
+        write_entry(user_dir() / f"{gpu}.json", gpu, name, entry)
+    except OSError as err:
+        warnings.warn(f"could not save autotune result: {err}")
+    return config

@@ -1,0 +1,251 @@
+"""Dequantizing matmul with tl.dot (batch >= 2), and the dequantize-only kernel.
+
+    y[M, N] = x[:, perm] @ w (+ bias),   w[k, n] = (code(k, n) - zeros[k // group_size, n]) * scales[k // group_size, n]
+    code(k, n) = (qweight[k // epw, n] >> ((k % epw) * bits)) & (2^bits - 1)          (tquant/packing.py)
+
+`gemm`: program (pid, split) owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks its
+share of K in tiles of BLOCK_KW words: one coalesced [BLOCK_KW, BLOCK_N] load of words, then for each
+j < epw the codes k = word * epw + j are dequantized in registers (code_minus_zero, constant masks)
+and multiplied with the matching x columns by a [BLOCK_M, BLOCK_KW] x [BLOCK_KW, BLOCK_N] tl.dot (fp32
+accumulation). x columns for one j are epw apart, so:
+    X_TILED = False: x is read in place (perm gathered in the load); for small M, where x is tiny.
+    X_TILED = True:  the launcher first copies x (perm and zero padding folded in) into tile order, where
+                     the columns of each (tile, j) are contiguous, so the loads vectorize and pipeline.
+SPLIT_K > 1 splits K over grid axis 1 and adds fp32 partials into a zeroed buffer with atomics.
+`dequantize`: writes w [K, N] once (rows scattered to perm), for cuBLAS at large batch.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .runtime import interpreter_on
+
+MAGIC_BITS = tl.constexpr(0x4B000000)  # float32 2^23; (code | MAGIC_BITS) read as float32 is 2^23 + code
+MAGIC = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def code_minus_zero(words, J: tl.constexpr, zero, BITS: tl.constexpr):
+    """(code_J - zero) * 2^P exactly in fp32, for code J of every word, with 2^P = code_scale(J, BITS).
+
+    Code J is masked in place (no shift for codes that end below bit 23, one shared shift for the
+    others) and OR-ed into the float32 2^23, which reads as 2^23 + code * 2^P: one LOP3 and one FADD
+    per code, no int->float convert. Exact while |zero| * 2^P < 2^23 (any zero in [0, 2^bits))."""
+    LO: tl.constexpr = (23 - BITS) // BITS + 1  # codes 0..LO-1 end at or below bit 22
+    if J < LO:
+        bits = words & (((1 << BITS) - 1) << (J * BITS))
+    else:
+        bits = (words.to(tl.uint32, bitcast=True) >> (LO * BITS)).to(tl.int32, bitcast=True)
+        bits = bits & (((1 << BITS) - 1) << ((J - LO) * BITS))
+    return (bits | MAGIC_BITS).to(tl.float32, bitcast=True) - (zero * code_scale(J, BITS) + MAGIC)
+
+
+@triton.jit
+def code_scale(J: tl.constexpr, BITS: tl.constexpr):
+    """2^P, the factor code_minus_zero leaves on code J."""
+    LO: tl.constexpr = (23 - BITS) // BITS + 1
+    if J < LO:
+        return 1.0 * (1 << (J * BITS))
+    else:
+        return 1.0 * (1 << ((J - LO) * BITS))
+
+
+@triton.jit
+def store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, first_split, HAS_BIAS: tl.constexpr,
+                 ATOMIC: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 (+ bias once) -> y; ATOMIC adds into an fp32 split-K buffer."""
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.where(first_split, bias, 0.0)[None, :]
+    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=mask)
+    else:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_gemm_kernel(
+    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr,
+    M, N, K, KW, group_size, stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split,
+    BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    GROUP_M: tl.constexpr, X_TILED: tl.constexpr, ALIGNED: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # grouped order: GROUP_M row blocks in a row reuse each weight tile from L2
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    rows = tl.arange(0, BLOCK_KW)
+    kw_start = pid_k * kw_per_split
+    kw_end = tl.minimum(kw_start + kw_per_split, KW)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kw0 in range(kw_start, kw_end, BLOCK_KW):
+        words = tl.load(q_ptr + (kw0 + rows)[:, None] * stride_qk + offs_n[None, :],
+                        mask=((kw0 + rows) < KW)[:, None] & n_ok[None, :], other=0)
+        if ALIGNED:  # the whole tile lies in one group
+            g = (kw0 * EPW) // group_size
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(EPW):
+            k = (kw0 + rows) * EPW + j
+            if X_TILED:  # zero-padded by the launcher: no K mask, so the loads vectorize
+                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kw0 * EPW + j * BLOCK_KW + rows)[None, :],
+                             mask=m_ok[:, None], other=0.0)
+            else:
+                col = k
+                if HAS_PERM:
+                    col = tl.load(perm_ptr + k, mask=k < K, other=0)
+                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & (k < K)[None, :],
+                             other=0.0)
+            if not ALIGNED:
+                sz = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
+                s = tl.load(s_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+            w = code_minus_zero(words, j, z, BITS) * (s / code_scale(j, BITS))
+            acc = tl.dot(xa.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, pid_k == 0, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KW, group_size, stride_qk, stride_sg, stride_wk,
+                       BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_PERM: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    words = tl.load(q_ptr + rows[:, None] * stride_qk + offs_n[None, :], mask=(rows < KW)[:, None] & n_ok[None, :], other=0)
+    for j in tl.static_range(EPW):
+        k = rows * EPW + j
+        k_ok = k < K
+        sz = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
+        s = tl.load(s_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+        w = code_minus_zero(words, j, z, BITS) * (s / code_scale(j, BITS))
+        dst = k
+        if HAS_PERM:
+            dst = tl.load(perm_ptr + k, mask=k_ok, other=0)
+        tl.store(w_ptr + dst[:, None] * stride_wk + offs_n[None, :], w.to(w_ptr.dtype.element_ty),
+                 mask=k_ok[:, None] & n_ok[None, :])
+
+
+def split_k_grid(kw_total: int, block_kw: int, split_k: int) -> tuple[int, int]:
+    """(words per split, a multiple of block_kw; number of splits)."""
+    per_split = triton.cdiv(triton.cdiv(kw_total, split_k), block_kw) * block_kw
+    return per_split, triton.cdiv(kw_total, per_split)
+
+
+def output_buffer(m: int, n: int, dtype: torch.dtype, splits: int, device) -> torch.Tensor:
+    """The kernels' output: y itself, or for split-K a zeroed fp32 buffer that the splits add into (cast
+    with .to(dtype) after). Tests patch this to poison y."""
+    if splits > 1:
+        return torch.zeros(m, n, dtype=torch.float32, device=device)
+    return torch.empty(m, n, dtype=dtype, device=device)
+
+
+def dot_args(dtype: torch.dtype) -> dict:
+    """tl.dot operand dtype and fp32 precision for x's dtype. The interpreter (Triton 3.6-3.9) multiplies
+    bf16 dot operands as raw uint16 bits, so there bf16 dots run in fp32."""
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_on()):
+        return dict(DOT_DTYPE=tl.float32, PRECISION="ieee")
+    return dict(DOT_DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16, PRECISION="tf32")
+
+
+def group_aligned(block_k: int, group_size: int, k: int) -> bool:
+    """True when every K tile of block_k values (tiles start at multiples of block_k) lies in one group."""
+    return group_size == k or group_size % block_k == 0
+
+
+@functools.lru_cache(maxsize=64)
+def tile_order(k: int, epw: int, block_kw: int, device: torch.device) -> torch.Tensor:
+    """src [width]: column p of tile-ordered x is x[:, src[p]], src = k meaning a zero column.
+
+    Tile t (block_kw words) holds, for j = 0..epw-1 in turn, the block_kw columns (t * block_kw + r) * epw + j."""
+    kw = -(-k // epw)
+    width = -(-kw // block_kw) * block_kw * epw
+    p = torch.arange(width, device=device)
+    t, j, r = p // (block_kw * epw), p % (block_kw * epw) // block_kw, p % block_kw
+    src = (t * block_kw + r) * epw + j
+    return torch.where(src < k, src, k)
+
+
+def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, config: dict) -> torch.Tensor:
+    """y = x[:, perm] @ dequant(qweight) (+ bias) for x [M, K] with x.stride(1) == 1."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    epw = 32 // bits
+    block_kw = config["BLOCK_KW"]
+    if config["X_TILED"]:
+        src = tile_order(k, epw, block_kw, x.device)
+        if perm is not None:
+            src = torch.nn.functional.pad(perm.to(src.dtype), (0, 1), value=k)[src]
+        x = torch.nn.functional.pad(x, (0, 1))[:, src]
+        perm = None
+    per_split, splits = split_k_grid(qweight.shape[0], block_kw, config["SPLIT_K"])
+    y = output_buffer(m, n, x.dtype, splits, x.device)
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
+    _dequant_gemm_kernel[grid](
+        x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y,
+        m, n, k, qweight.shape[0], group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split,
+        BITS=bits, EPW=epw, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
+        GROUP_M=config["GROUP_M"], X_TILED=config["X_TILED"], ALIGNED=group_aligned(block_kw * epw, group_size, k),
+        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, ATOMIC=splits > 1, **dot_args(x.dtype),
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return y.to(x.dtype)
+
+
+def dequantize(qweight, scales, zeros, perm, *, bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """w [K, N] in scales' dtype in input-channel order: w[perm[k]] = dequant row k (w[k] without perm)."""
+    k, n = in_features, qweight.shape[1]
+    epw = 32 // bits
+    w = output_buffer(k, n, scales.dtype, 1, qweight.device)
+    block_kw, block_n = (4, 32) if interpreter_on() else (8, 128)
+    grid = (triton.cdiv(qweight.shape[0], block_kw), triton.cdiv(n, block_n))
+    _dequantize_kernel[grid](
+        qweight, scales, zeros, perm if perm is not None else qweight, w, n, k, qweight.shape[0], group_size,
+        qweight.stride(0), scales.stride(0), w.stride(0),
+        BITS=bits, EPW=epw, BLOCK_KW=block_kw, BLOCK_N=block_n, HAS_PERM=perm is not None, num_warps=4,
+    )
+    return w
+
+
+def _configs(block_m, block_n, split_k, stages, warps, x_tiled, n, kw, block_kw=16) -> list[dict]:
+    """Every combination, minus split-K counts that leave a split without K work or a grid under 2 waves."""
+    out = []
+    for bn in block_n:
+        for sk in split_k:
+            if sk > 1 and (kw < sk * block_kw or -(-n // bn) * sk > 4 * 132):
+                continue
+            out += [dict(path="gemm", BLOCK_M=block_m, BLOCK_N=bn, BLOCK_KW=block_kw, SPLIT_K=sk, GROUP_M=8,
+                         X_TILED=x_tiled, num_warps=w, num_stages=st) for st in stages for w in warps]
+    return out
+
+
+INTERPRETER_CONFIGS = (  # small blocks so that tests cover several tiles, splits and masks
+    dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_KW=16, SPLIT_K=2, GROUP_M=2, X_TILED=False, num_warps=4, num_stages=1),
+    dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_KW=16, SPLIT_K=1, GROUP_M=2, X_TILED=True, num_warps=4, num_stages=1),
+)
+
+
+def configs(m: int, n: int, kw: int) -> list[dict]:
+    """Candidates for batch m >= 2, N = n, kw words along K (the first is the untuned default)."""
+    if m <= 16:
+        return _configs(16, (64, 128), (1, 2, 4, 8, 16), (3,), (4,), False, n, kw)
+    if m <= 64:
+        return _configs(64, (64, 128), (1, 2, 4), (3, 4), (4,), True, n, kw)
+    return (_configs(128, (128, 256), (1,), (3, 4), (8,), True, n, kw)
+            + _configs(64, (128, 256), (1,), (3, 4), (4,), True, n, kw))

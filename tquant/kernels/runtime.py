@@ -1,0 +1,47 @@
+"""Where the Triton kernels run, and small launch helpers.
+
+TRITON_INTERPRET=1 runs every kernel on the CPU through Triton's interpreter (tests, CI). Triton reads
+the variable when a kernel is decorated, so it must be set before `tquant.kernels` is first imported.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import torch
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_device(tensors: dict[str, torch.Tensor | None]) -> None:
+    """All given tensors on one device, and that device CUDA unless the interpreter is on."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name}: {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on one device; got {where}")
+    device = devices.pop()
+    if device.type != "cuda" and not interpreter_on():
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors (got {device}); use the torch reference on CPU "
+            "or set TRITON_INTERPRET=1 before importing tquant.kernels"
+        )
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name as a file-name-safe string, e.g. 'NVIDIA_H100_80GB_HBM3'; 'interpreter' off CUDA."""
+    if device.type != "cuda":
+        return "interpreter"
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(index)).strip("_")
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

@@ -1,0 +1,102 @@
+"""Weight-only quantized matmul: the public launcher and its torch reference.
+
+    y[M, N] = x[:, perm] @ w + bias,   w[k, n] = (code(k, n) - zeros[k // group_size, n]) * scales[k // group_size, n]
+    x       [M, K]  fp16 / bf16 / fp32            qweight int32 [ceil(K / epw), N], epw = 32 // bits
+    scales  [K // group_size, N] in x's dtype     zeros   [K // group_size, N] in x's dtype, integer valued
+    perm    int32/int64 [K] or None               bias    [N] in x's dtype or None
+    y       [M, N] in x's dtype, accumulated in fp32
+code(k, n) is defined by tquant/packing.py. group_size <= 0 means per-channel (group_size = K).
+
+`weight_only_matmul` runs the Triton kernels. The path and its launch config are tuned once per GPU and
+key (M rounded up to a power of two, N, K, bits, group_size, dtype, perm) by autotune_cache:
+    M == 1      dequant_gemv (no tl.dot)
+    M <= 16     dequant_gemm with x read in place, split-K
+    M > 16      dequant_gemm with x copied into tile order first; from M >= 128 on also "dense":
+                dequantize once (Triton), then cuBLAS (x @ w)
+`weight_only_matmul_ref` is plain torch in fp32 (for CPU modules and tests).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..packing import unpack_codes, values_per_word
+from ..quantizer import check_bits, resolve_group_size
+from . import dequant_gemm, dequant_gemv
+from .autotune_cache import tune
+from .runtime import check_device, interpreter_on, next_power_of_2
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DENSE = dict(path="dense")
+
+
+def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias) -> int:
+    """Raise ValueError on inconsistent inputs; return the concrete group size."""
+    check_bits(bits)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K] (flatten leading dims first); got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x dtype {x.dtype} is not supported; use one of {DTYPES}")
+    if x.shape[1] != in_features:
+        raise ValueError(f"x has K={x.shape[1]} columns but in_features={in_features}")
+    group_size = resolve_group_size(group_size, in_features)
+    n = qweight.shape[-1]
+    expected = {
+        "qweight": (qweight, (-(-in_features // values_per_word(bits)), n), (torch.int32,)),
+        "scales": (scales, (in_features // group_size, n), (x.dtype,)),
+        "zeros": (zeros, (in_features // group_size, n), (x.dtype,)),
+        "perm": (perm, (in_features,), (torch.int32, torch.int64)),
+        "bias": (bias, (n,), (x.dtype,)),
+    }
+    for name, (t, shape, dtypes) in expected.items():
+        if t is None:
+            continue
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} dtype {t.dtype} does not match: expected {' or '.join(map(str, dtypes))} (x is {x.dtype})")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match: expected {shape} "
+                             f"for K={in_features}, bits={bits}, group_size={group_size}")
+    return group_size
+
+
+def weight_only_matmul_ref(x, qweight, scales, zeros, *, bits, group_size, in_features, perm=None, bias=None):
+    group_size = check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias)
+    g = torch.arange(in_features, device=x.device) // group_size
+    w = (unpack_codes(qweight, bits, in_features).float() - zeros.float()[g]) * scales.float()[g]
+    xs = x.float() if perm is None else x.float()[:, perm.long()]
+    y = xs @ w
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
+
+
+def candidates(m: int, n: int, kw: int) -> list[dict]:
+    """Launch configs to tune over for batch m, N = n, kw words along K (the first is the default)."""
+    if interpreter_on():
+        return [dequant_gemv.INTERPRETER_CONFIG if m == 1 else dequant_gemm.INTERPRETER_CONFIGS[m > 16]]
+    if m == 1:
+        return dequant_gemv.configs(n, kw)
+    return dequant_gemm.configs(m, n, kw) + ([DENSE] if m >= 128 else [])
+
+
+def run_path(config, x, qweight, scales, zeros, perm, bias, *, bits, group_size, in_features):
+    """One launch of the path that config names (inputs already checked and contiguous)."""
+    if config["path"] == "gemv":
+        return dequant_gemv.gemv(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, config=config)
+    if config["path"] == "dense":
+        w = dequant_gemm.dequantize(qweight, scales, zeros, perm, bits=bits, group_size=group_size, in_features=in_features)
+        return x @ w if bias is None else torch.addmm(bias, x, w)
+    return dequant_gemm.gemm(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, config=config)
+
+
+def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_features, perm=None, bias=None):
+    group_size = check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias)
+    check_device(dict(x=x, qweight=qweight, scales=scales, zeros=zeros, perm=perm, bias=bias))
+    m, n = x.shape[0], qweight.shape[1]
+    if m == 0:
+        return x.new_empty(0, n)
+    args = [t.contiguous() if t is not None else None for t in (x, qweight, scales, zeros, perm, bias)]
+    kw = dict(bits=bits, group_size=group_size, in_features=in_features)
+    key = dict(M=next_power_of_2(m), N=n, K=in_features, bits=bits, group=group_size,
+               dtype=str(x.dtype).removeprefix("torch."), perm=int(perm is not None))
+    config = tune("weight_only_matmul", key, candidates(m, n, qweight.shape[0]), lambda c: run_path(c, *args, **kw), x.device)
+    return run_path(config, *args, **kw)
