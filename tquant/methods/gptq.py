@@ -69,7 +69,9 @@ class GPTQ(Method):
         h.diagonal().add_(self.percdamp * h.diagonal().mean())
         try:
             lower = torch.linalg.cholesky(h)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+            # H^-1 = L^-T L^-1 (torch.cholesky_inverse is ~30x slower than this on some CPU builds)
+            lower_inv = torch.linalg.solve_triangular(lower, torch.eye(len(h), dtype=h.dtype, device=h.device), upper=False)
+            return torch.linalg.cholesky(lower_inv.t() @ lower_inv, upper=True)
         except torch.linalg.LinAlgError as e:
             raise ValueError(
                 f"GPTQ: the Hessian of layer {name!r} is not positive definite even with percdamp={self.percdamp}; "
