@@ -33,6 +33,7 @@ from tquant.kernels.weight_only_matmul import DENSE, run_path, weight_only_matmu
 from tquant.packing import pack_codes  # noqa: E402
 
 L2_BYTES = 50 * 2**20
+T0 = time.time()
 
 
 def log(*args):
@@ -74,11 +75,15 @@ def check_paths(k, n, ms, gen):
                     else:
                         paths = {"gemm": dequant_gemm.configs(m, n, w["qweight"].shape[0])[0], "dense": DENSE}
                     for name, config in paths.items():
-                        err = rel_err(run_path(config, *args, **kw), ref)
+                        try:
+                            err = rel_err(run_path(config, *args, **kw), ref)
+                        except Exception as e:  # noqa: BLE001
+                            log(f"  FAILED bits={bits} perm={perm} M={m} {name} {config}: {type(e).__name__}: {e}")
+                            err = float("inf")
                         worst = max(worst, err)
                         row.append(f"M={m} {name}{'(tiled)' if config.get('X_TILED') else ''}: {err:.1e}")
                 log(f"bits={bits} perm={int(perm)} group={group_size}: " + ", ".join(row))
-    log(f"worst relative error: {worst:.2e} ({'OK' if worst < 5e-3 else 'TOO LARGE'})")
+    log(f"worst relative error: {worst:.2e} ({'OK' if worst < 5e-3 else 'TOO LARGE'}), {time.time() - T0:.0f} s")
     return worst
 
 
@@ -163,7 +168,7 @@ def bench_shape(k, n, ms, gen, peers, tuned):
             except Exception as err:  # noqa: BLE001
                 log(f"{name} failed at M={m}: {type(err).__name__}: {err}")
         rows.append(res)
-        log(json.dumps(res, default=str))
+        log(json.dumps(res, default=str) + f"  [{time.time() - T0:.0f} s]")
     return rows
 
 

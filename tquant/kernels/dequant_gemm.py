@@ -55,6 +55,21 @@ def code_scale(J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW: tl.constexpr, group_size, stride_sg,
+                      GROUPS: tl.constexpr, J: tl.constexpr):
+    """scale and zero (fp32) for words kw0 + rows, shaped to broadcast over [rows, offs_n]:
+    GROUPS == 0: the tile lies in one group -> [1, BLOCK_N]; 1: each word lies in one group ->
+    [BLOCK_KW, BLOCK_N]; 2: per code k = word * EPW + J -> [BLOCK_KW, BLOCK_N]."""
+    if GROUPS == 0:
+        sz = (kw0 * EPW // group_size) * stride_sg + offs_n[None, :]
+    else:
+        sz = (tl.minimum((kw0 + rows) * EPW + J, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
+    s = tl.load(s_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, first_split, HAS_BIAS: tl.constexpr,
                  ATOMIC: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] fp32 (+ bias once) -> y; ATOMIC adds into an fp32 split-K buffer."""
@@ -75,7 +90,7 @@ def _dequant_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr,
     M, N, K, KW, group_size, stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split,
     BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    GROUP_M: tl.constexpr, X_TILED: tl.constexpr, ALIGNED: tl.constexpr, HAS_PERM: tl.constexpr,
+    GROUP_M: tl.constexpr, X_TILED: tl.constexpr, GROUPS: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # grouped order: GROUP_M row blocks in a row reuse each weight tile from L2
@@ -96,10 +111,8 @@ def _dequant_gemm_kernel(
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
         words = tl.load(q_ptr + (kw0 + rows)[:, None] * stride_qk + offs_n[None, :],
                         mask=((kw0 + rows) < KW)[:, None] & n_ok[None, :], other=0)
-        if ALIGNED:  # the whole tile lies in one group
-            g = (kw0 * EPW) // group_size
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GROUPS < 2:
+            s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, GROUPS, 0)
         for j in tl.static_range(EPW):
             k = (kw0 + rows) * EPW + j
             if X_TILED:  # zero-padded by the launcher: no K mask, so the loads vectorize
@@ -111,10 +124,8 @@ def _dequant_gemm_kernel(
                     col = tl.load(perm_ptr + k, mask=k < K, other=0)
                 xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & (k < K)[None, :],
                              other=0.0)
-            if not ALIGNED:
-                sz = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
-                s = tl.load(s_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+            if GROUPS == 2:
+                s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, 2, j)
             w = code_minus_zero(words, j, z, BITS) * (s / code_scale(j, BITS))
             acc = tl.dot(xa.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
     store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, pid_k == 0, HAS_BIAS, ATOMIC)
@@ -164,9 +175,12 @@ def dot_args(dtype: torch.dtype) -> dict:
     return dict(DOT_DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16, PRECISION="tf32")
 
 
-def group_aligned(block_k: int, group_size: int, k: int) -> bool:
-    """True when every K tile of block_k values (tiles start at multiples of block_k) lies in one group."""
-    return group_size == k or group_size % block_k == 0
+def group_mode(block_kw: int, epw: int, group_size: int, k: int) -> int:
+    """GROUPS of load_group_params: 0 if every tile of block_kw words lies in one group (tiles start at
+    multiples of block_kw words), 1 if every word does, else 2 (3-bit with a group size not a multiple of 10)."""
+    if group_size == k or group_size % (block_kw * epw) == 0:
+        return 0
+    return 1 if group_size % epw == 0 else 2
 
 
 @functools.lru_cache(maxsize=64)
@@ -195,15 +209,16 @@ def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
         x = torch.nn.functional.pad(x, (0, 1))[:, src]
         perm = None
     per_split, splits = split_k_grid(qweight.shape[0], block_kw, config["SPLIT_K"])
+    groups = group_mode(block_kw, epw, group_size, k)
     y = output_buffer(m, n, x.dtype, splits, x.device)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
     _dequant_gemm_kernel[grid](
         x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y,
         m, n, k, qweight.shape[0], group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split,
         BITS=bits, EPW=epw, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
-        GROUP_M=config["GROUP_M"], X_TILED=config["X_TILED"], ALIGNED=group_aligned(block_kw * epw, group_size, k),
-        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, ATOMIC=splits > 1, **dot_args(x.dtype),
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        GROUP_M=config["GROUP_M"], X_TILED=config["X_TILED"], GROUPS=groups, HAS_PERM=perm is not None,
+        HAS_BIAS=bias is not None, ATOMIC=splits > 1, **dot_args(x.dtype), num_warps=config["num_warps"],
+        num_stages=config["num_stages"] if groups < 2 else 1,  # pipelining per-code scale loads costs too much smem
     )
     return y.to(x.dtype)
 
@@ -223,15 +238,16 @@ def dequantize(qweight, scales, zeros, perm, *, bits: int, group_size: int, in_f
     return w
 
 
-def _configs(block_m, block_n, split_k, stages, warps, x_tiled, n, kw, block_kw=16) -> list[dict]:
-    """Every combination, minus split-K counts that leave a split without K work or a grid under 2 waves."""
+def _configs(tiles, split_k, stages, x_tiled, n, kw, block_kw=16) -> list[dict]:
+    """tiles: (BLOCK_M, BLOCK_N, num_warps); split-K counts that would leave a split without K work or
+    make more than 4 waves of programs are left out."""
     out = []
-    for bn in block_n:
+    for bm, bn, warps in tiles:
         for sk in split_k:
-            if sk > 1 and (kw < sk * block_kw or -(-n // bn) * sk > 4 * 132):
+            if sk > 1 and (kw < 2 * sk * block_kw or -(-n // bn) * sk > 4 * 132):
                 continue
-            out += [dict(path="gemm", BLOCK_M=block_m, BLOCK_N=bn, BLOCK_KW=block_kw, SPLIT_K=sk, GROUP_M=8,
-                         X_TILED=x_tiled, num_warps=w, num_stages=st) for st in stages for w in warps]
+            out += [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=block_kw, SPLIT_K=sk, GROUP_M=8,
+                         X_TILED=x_tiled, num_warps=warps, num_stages=st) for st in stages]
     return out
 
 
@@ -244,8 +260,7 @@ INTERPRETER_CONFIGS = (  # small blocks so that tests cover several tiles, split
 def configs(m: int, n: int, kw: int) -> list[dict]:
     """Candidates for batch m >= 2, N = n, kw words along K (the first is the untuned default)."""
     if m <= 16:
-        return _configs(16, (64, 128), (1, 2, 4, 8, 16), (3,), (4,), False, n, kw)
+        return _configs([(16, 64, 4), (16, 128, 4), (16, 256, 8)], (1, 2, 4, 8, 16), (3,), False, n, kw)
     if m <= 64:
-        return _configs(64, (64, 128), (1, 2, 4), (3, 4), (4,), True, n, kw)
-    return (_configs(128, (128, 256), (1,), (3, 4), (8,), True, n, kw)
-            + _configs(64, (128, 256), (1,), (3, 4), (4,), True, n, kw))
+        return _configs([(64, 64, 4), (64, 128, 4)], (1, 2, 4), (3, 4), True, n, kw)
+    return _configs([(128, 128, 8), (128, 256, 8), (64, 256, 8), (64, 128, 4)], (1,), (3, 4), True, n, kw)

@@ -6,8 +6,8 @@ Grid (N / BLOCK_N, SPLIT_K). A program streams [BLOCK_KW, BLOCK_N] tiles of word
 over its share of K. For j < epw, code j of every word (k = word * epw + j) is dequantized in
 registers (code_minus_zero: one LOP3 and one FADD) and multiply-added with x[k] (read at stride epw;
 x is small and stays in cache; perm is gathered in the same load) into a [BLOCK_KW, BLOCK_N] fp32
-accumulator, reduced over rows once at the end. When a tile lies in one group, scale is applied once
-per tile:  sum_k x_k (c_k - z) s = s * sum_k x_k (c_k - z).
+accumulator, reduced over rows once at the end. Unless a word spans groups (3-bit only), scale is applied
+once per tile:  sum_k x_k (c_k - z) s = s * sum_k x_k (c_k - z).
 SPLIT_K > 1 adds fp32 partials into a zeroed buffer with atomics.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import dequant_gemm
-from .dequant_gemm import code_minus_zero, code_scale, group_aligned, split_k_grid, store_output
+from .dequant_gemm import code_minus_zero, code_scale, group_mode, load_group_params, split_k_grid, store_output
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _dequant_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr,
     N, K, KW, group_size, stride_qk, stride_sg, kw_per_split,
     BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    ALIGNED: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    GROUPS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -38,10 +38,8 @@ def _dequant_gemv_kernel(
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
         words = tl.load(q_ptr + (kw0 + rows)[:, None] * stride_qk + offs_n[None, :],
                         mask=((kw0 + rows) < KW)[:, None] & n_ok[None, :], other=0)
-        if ALIGNED:  # the whole tile lies in one group
-            g = (kw0 * EPW) // group_size
-            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GROUPS < 2:
+            s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, GROUPS, 0)
         tile = tl.zeros_like(acc)
         for j in tl.static_range(EPW):
             k = (kw0 + rows) * EPW + j
@@ -50,14 +48,12 @@ def _dequant_gemv_kernel(
                 col = tl.load(perm_ptr + k, mask=k < K, other=0)
             # code_minus_zero leaves a power-of-two factor on the code: divide it out of x (exact)
             xj = tl.load(x_ptr + col, mask=k < K, other=0.0).to(tl.float32) / code_scale(j, BITS)
-            if ALIGNED:
+            if GROUPS < 2:
                 tile += xj[:, None] * code_minus_zero(words, j, z, BITS)
             else:
-                sz = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
-                zr = tl.load(z_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
-                sr = tl.load(s_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
-                tile += xj[:, None] * code_minus_zero(words, j, zr, BITS) * sr
-        if ALIGNED:
+                s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, 2, j)
+                tile += xj[:, None] * code_minus_zero(words, j, z, BITS) * s
+        if GROUPS < 2:
             acc += tile * s
         else:
             acc += tile
@@ -77,7 +73,7 @@ def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
         x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y,
         n, k, qweight.shape[0], group_size, qweight.stride(0), scales.stride(0), per_split,
         BITS=bits, EPW=epw, BLOCK_N=config["BLOCK_N"], BLOCK_KW=config["BLOCK_KW"],
-        ALIGNED=group_aligned(config["BLOCK_KW"] * epw, group_size, k), HAS_PERM=perm is not None,
+        GROUPS=group_mode(config["BLOCK_KW"], epw, group_size, k), HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, ATOMIC=splits > 1, num_warps=config["num_warps"], num_stages=1,
     )
     return y.to(x.dtype)
@@ -87,17 +83,18 @@ INTERPRETER_CONFIG = dict(path="gemv", BLOCK_N=32, BLOCK_KW=4, SPLIT_K=2, num_wa
 
 
 def configs(n: int, kw: int) -> list[dict]:
-    """Candidates for N = n, kw words along K (the first is the untuned default): tiles of at most
-    32 words a thread, grids of 1/2 to 8 programs per SM (132 SMs on an H100)."""
+    """Candidates for N = n, kw words along K, the default first: 4 to 16 words a thread (more spill),
+    grids of about 1 to 8 programs per SM (132 SMs on an H100)."""
     out = []
     for warps in (4, 8):
-        for bn in (128, 256, 512):
-            for bkw in (4, 8, 16):
-                if bn * bkw > 32 * 32 * warps or bn * bkw < 8 * 32 * warps:
+        for bn in (128, 256, 512, 1024):
+            for bkw in (2, 4, 8):
+                if not 4 <= bn * bkw // (32 * warps) <= 16:
                     continue
-                for sk in (1, 2, 4, 8, 16):
+                for sk in (1, 2, 4, 8, 16, 32, 64):
                     programs = -(-n // bn) * sk
-                    if (sk == 1 or kw >= sk * bkw * 2) and 66 <= programs <= 8 * 132:
-                        out.append((abs(math.log2(programs / 528)), dict(path="gemv", BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps)))
-    out.sort(key=lambda c: c[0])  # default first: about 4 programs per SM
-    return [c for _, c in out] or [dict(path="gemv", BLOCK_N=128, BLOCK_KW=8, SPLIT_K=1, num_warps=4)]
+                    if (sk == 1 or kw >= 2 * sk * bkw) and 100 <= programs <= 8 * 132:
+                        config = dict(path="gemv", BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps)
+                        out.append((abs(math.log2(programs / 528)), config))
+    out.sort(key=lambda c: c[0])
+    return [c for _, c in out] or [dict(path="gemv", BLOCK_N=128, BLOCK_KW=4, SPLIT_K=1, num_warps=4)]
