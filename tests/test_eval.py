@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from tquant.calibration import source_tokens
 from tquant.eval import lm_eval, perplexity
+from tiny_models import byte_tokenizer, tiny_model
 
 TASK = "tquant_tiny_facts"
 FACTS = [
@@ -24,27 +24,12 @@ FACTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """Byte-level tokenizer with no merges: 256 byte tokens + <eos>; encodes any text, offline."""
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", bos_token="<eos>")
-
-
-def tiny_llama(tokenizer, seed=0, **overrides):
-    cfg = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**(cfg | overrides))).eval()
+    return byte_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return tiny_llama(tokenizer)
+    return tiny_model("llama")
 
 
 def reference_ppl(model, ids, seqlen, n):
@@ -75,7 +60,7 @@ def test_perplexity_named_source_uses_eval_split(model, tokenizer):
 
 
 def test_perplexity_runs_in_eval_mode_and_restores_mode(tokenizer):
-    drop = tiny_llama(tokenizer, attention_dropout=0.5)
+    drop = tiny_model("llama", attention_dropout=0.5)
     ids = torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(2))
     ref = reference_ppl(drop, ids, 128, 2)  # drop is in eval mode here
     drop.train()
@@ -143,7 +128,7 @@ def offline_run(tokenizer, tmp_path_factory):
     pytest.importorskip("lm_eval")
     folder = tmp_path_factory.mktemp("tasks")
     write_task(folder)
-    head_model = tiny_llama(tokenizer, seed=3)
+    head_model = tiny_model("llama", seed=3)
     head_model.lm_head.weight = torch.nn.Parameter(head_model.lm_head.weight.detach() * 0.5)
     head = head_model.lm_head.weight
     with pytest.MonkeyPatch.context() as mp:

@@ -34,9 +34,12 @@ ARCHS = {
 }
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
+def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    """A random model of `arch`; overrides set config fields (e.g. attention_dropout=0.5)."""
     torch.manual_seed(seed)
     cfg = ARCHS[arch]()
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = VOCAB - 1
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
     with torch.no_grad():  # random init is tiny; make weights and activations lively so quantization matters
