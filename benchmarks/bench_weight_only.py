@@ -81,7 +81,7 @@ def check_paths(k, n, ms, gen):
                             log(f"  FAILED bits={bits} perm={perm} M={m} {name} {config}: {type(e).__name__}: {e}")
                             err = float("inf")
                         worst = max(worst, err)
-                        row.append(f"M={m} {name}{'(tiled)' if config.get('X_TILED') else ''}: {err:.1e}")
+                        row.append(f"M={m} {name}: {err:.1e}")
                 log(f"bits={bits} perm={int(perm)} group={group_size}: " + ", ".join(row))
     log(f"worst relative error: {worst:.2e} ({'OK' if worst < 5e-3 else 'TOO LARGE'}), {time.time() - T0:.0f} s")
     return worst
@@ -146,6 +146,9 @@ def bench_shape(k, n, ms, gen, peers, tuned):
             makers["gemlite"] = gemlite_fns(w, k, n, group_size, n_q)
         except Exception as err:  # noqa: BLE001
             log(f"gemlite unavailable: {type(err).__name__}: {err}")
+    deq = time_rotating([lambda q=q: dequant_gemm.dequantize(q[0], q[1], q[2], None, bits=bits, group_size=group_size,
+                                                              in_features=k) for q in qcopies])
+    log(f"dequantize to fp16 alone (graph/eager us): {deq[0]:.1f}/{deq[1]:.1f}")
     rows = []
     for m in ms:
         x = torch.randn(m, k, generator=gen, device="cuda").half()

@@ -89,8 +89,8 @@ def test_kernels_match_reference(m, n, shape, bits, dtype, perm, bias, seed):
 
 PATHS = {
     "gemv": (1, dequant_gemv.INTERPRETER_CONFIG),
-    "gemm_in_place_split_k": (5, dequant_gemm.INTERPRETER_CONFIGS[0]),
-    "gemm_tiled_x": (20, dequant_gemm.INTERPRETER_CONFIGS[1]),
+    "gemm_split_k": (5, dequant_gemm.INTERPRETER_CONFIGS[0]),
+    "gemm": (20, dequant_gemm.INTERPRETER_CONFIGS[1]),
     "dense": (20, DENSE),
 }
 
@@ -197,6 +197,7 @@ def cache_dirs(tmp_path, monkeypatch):
     monkeypatch.delenv("TQUANT_AUTOTUNE", raising=False)
     monkeypatch.setattr(autotune_cache, "SHIPPED_DIR", shipped)
     monkeypatch.setattr(autotune_cache, "_memory", {})
+    monkeypatch.setattr(autotune_cache, "_chosen", {})
     calls = []
 
     def fake_benchmark(configs, run):
@@ -217,6 +218,7 @@ def test_kernels_autotune_saves_then_loads(cache_dirs, monkeypatch):
     saved = json.loads(user_file.read_text())
     assert saved["gpu"] == "interpreter" and saved["entries"]["kern|M=1,N=8"]["config"] == dict(BLOCK=32)
     monkeypatch.setattr(autotune_cache, "_memory", {})  # a new process
+    monkeypatch.setattr(autotune_cache, "_chosen", {})
     assert tune() == dict(BLOCK=32) and len(calls) == 1  # loaded, not benchmarked
 
 

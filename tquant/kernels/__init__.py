@@ -1,4 +1,4 @@
-"""Triton kernels. Set TRITON_INTERPRET=1 before importing this package to run them on the CPU."""
-from .weight_only_matmul import weight_only_matmul, weight_only_matmul_ref
+"""Triton kernels. Public entry point: tquant.kernels.weight_only_matmul.weight_only_matmul.
 
-__all__ = ["weight_only_matmul", "weight_only_matmul_ref"]
+Set TRITON_INTERPRET=1 before importing any kernel module to run the kernels on the CPU interpreter.
+"""

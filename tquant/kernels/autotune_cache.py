@@ -30,6 +30,7 @@ FORMAT = 1
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "autotune_cache"
 
 _memory: dict[str, dict[str, dict]] = {}  # gpu -> {entry key -> entry}
+_chosen: dict[tuple[str, str], dict] = {}  # (gpu, entry key) -> config, the per-call fast path
 
 
 def user_dir() -> Path:
@@ -99,8 +100,12 @@ def benchmark(configs: list[dict], run: Callable[[dict], Any]) -> list[tuple[flo
 def tune(kernel: str, key: dict[str, Any], configs: list[dict], run: Callable[[dict], Any], device: torch.device) -> dict:
     gpu = device_name(device)
     name = entry_key(kernel, key)
+    config = _chosen.get((gpu, name))
+    if config is not None:
+        return config
     config = cached_config(gpu, name, configs)
     if config is not None:
+        _chosen[gpu, name] = config
         return config
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if len(configs) == 1 or os.environ.get("TQUANT_AUTOTUNE") == "0" or capturing:
@@ -108,6 +113,7 @@ def tune(kernel: str, key: dict[str, Any], configs: list[dict], run: Callable[[d
     us, config = benchmark(configs, run)[0]
     entry = {"config": config, "us": round(us, 2)}
     _entries(gpu)[name] = entry
+    _chosen[gpu, name] = config
     try:
         write_entry(user_dir() / f"{gpu}.json", gpu, name, entry)
     except OSError as err:

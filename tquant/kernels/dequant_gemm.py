@@ -1,22 +1,19 @@
-"""Dequantizing matmul with tl.dot (batch >= 2), and the dequantize-only kernel.
+"""Dequantizing GEMM with tl.dot (batch >= 2), and the dequantize-only kernel.
 
     y[M, N] = x[:, perm] @ w (+ bias),   w[k, n] = (code(k, n) - zeros[k // group_size, n]) * scales[k // group_size, n]
     code(k, n) = (qweight[k // epw, n] >> ((k % epw) * bits)) & (2^bits - 1)          (tquant/packing.py)
 
 `gemm`: program (pid, split) owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks its
-share of K in tiles of BLOCK_KW words: one coalesced [BLOCK_KW, BLOCK_N] load of words, then for each
-j < epw the codes k = word * epw + j are dequantized in registers (code_minus_zero, constant masks)
-and multiplied with the matching x columns by a [BLOCK_M, BLOCK_KW] x [BLOCK_KW, BLOCK_N] tl.dot (fp32
-accumulation). x columns for one j are epw apart, so:
-    X_TILED = False: x is read in place (perm gathered in the load); for small M, where x is tiny.
-    X_TILED = True:  the launcher first copies x (perm and zero padding folded in) into tile order, where
-                     the columns of each (tile, j) are contiguous, so the loads vectorize and pipeline.
-SPLIT_K > 1 splits K over grid axis 1 and adds fp32 partials into a zeroed buffer with atomics.
+share of K in tiles of BLOCK_KW words = BLOCK_K code slots (EPW_P2 = next_power_of_2(epw) slots a word;
+3-bit wastes 6 of 16, with x = 0 there). Per tile: one coalesced load of words as [BLOCK_N, BLOCK_KW];
+every code is dequantized in registers with constant masks (code_minus_zero) and the codes of each word
+are joined next to each other (codes_tree), giving w^T [BLOCK_N, BLOCK_K] in the order of x's columns;
+then one tl.dot(x tile, w) with fp32 accumulation. For M > 16, perm is applied to x once by the launcher;
+for small M it is gathered in the x loads. SPLIT_K > 1 splits K over grid axis 1 and adds fp32
+partials into a zeroed buffer with atomics.
 `dequantize`: writes w [K, N] once (rows scattered to perm), for cuBLAS at large batch.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -55,6 +52,18 @@ def code_scale(J: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def codes_tree(words, zero, scale, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr):
+    """(code - zero) * scale for codes J, J + STRIDE, ... (COUNT, a power of two) of every word, stacked on
+    trailing dims of size 2 (tl.join, so they stay in each thread) with the lowest stride last:
+    flattened, trailing index i holds code J + STRIDE * i. Codes past epw (3-bit) are garbage, finite."""
+    if COUNT == 1:
+        return code_minus_zero(words, J, zero, BITS) * (scale / code_scale(J, BITS))
+    else:
+        return tl.join(codes_tree(words, zero, scale, J, 2 * STRIDE, COUNT // 2, BITS),
+                       codes_tree(words, zero, scale, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS))
+
+
+@triton.jit
 def load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW: tl.constexpr, group_size, stride_sg,
                       GROUPS: tl.constexpr, J: tl.constexpr):
     """scale and zero (fp32) for words kw0 + rows, shaped to broadcast over [rows, offs_n]:
@@ -89,10 +98,11 @@ def store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, first_sp
 def _dequant_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr,
     M, N, K, KW, group_size, stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split,
-    BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    GROUP_M: tl.constexpr, X_TILED: tl.constexpr, GROUPS: tl.constexpr, HAS_PERM: tl.constexpr,
+    BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr, GROUPS: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    BLOCK_K: tl.constexpr = BLOCK_KW * EPW_P2
     # grouped order: GROUP_M row blocks in a row reuse each weight tile from L2
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -105,29 +115,39 @@ def _dequant_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = offs_m < M, offs_n < N
     rows = tl.arange(0, BLOCK_KW)
+    slot = tl.arange(0, BLOCK_K)  # slot = word * EPW_P2 + j holds code j of that word
     kw_start = pid_k * kw_per_split
     kw_end = tl.minimum(kw_start + kw_per_split, KW)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
-        words = tl.load(q_ptr + (kw0 + rows)[:, None] * stride_qk + offs_n[None, :],
-                        mask=((kw0 + rows) < KW)[:, None] & n_ok[None, :], other=0)
+        # words as [BLOCK_N, BLOCK_KW] so that a word's codes end up adjacent along K in each thread
+        words = tl.load(q_ptr + (kw0 + rows)[None, :] * stride_qk + offs_n[:, None],
+                        mask=((kw0 + rows) < KW)[None, :] & n_ok[:, None], other=0)
+        if EPW == EPW_P2:
+            k = kw0 * EPW + slot
+            k_ok = k < K
+        else:
+            k = (kw0 + slot // EPW_P2) * EPW + slot % EPW_P2
+            k_ok = (slot % EPW_P2 < EPW) & (k < K)
         if GROUPS < 2:
             s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, GROUPS, 0)
-        for j in tl.static_range(EPW):
-            k = (kw0 + rows) * EPW + j
-            if X_TILED:  # zero-padded by the launcher: no K mask, so the loads vectorize
-                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + (kw0 * EPW + j * BLOCK_KW + rows)[None, :],
-                             mask=m_ok[:, None], other=0.0)
-            else:
-                col = k
-                if HAS_PERM:
-                    col = tl.load(perm_ptr + k, mask=k < K, other=0)
-                xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & (k < K)[None, :],
-                             other=0.0)
-            if GROUPS == 2:
-                s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, 2, j)
-            w = code_minus_zero(words, j, z, BITS) * (s / code_scale(j, BITS))
-            acc = tl.dot(xa.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            w = tl.reshape(codes_tree(words, tl.trans(z), tl.trans(s), 0, 1, EPW_P2, BITS), (BLOCK_N, BLOCK_K))
+        else:  # per-code groups: codes first, then zero and scale per slot
+            w = tl.reshape(codes_tree(words, 0.0, 1.0, 0, 1, EPW_P2, BITS), (BLOCK_N, BLOCK_K))
+            sz = (tl.minimum(k, K - 1) // group_size)[None, :] * stride_sg + offs_n[:, None]
+            w = (w - tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0).to(tl.float32)) * \
+                tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        col = k
+        if HAS_PERM:
+            col = tl.load(perm_ptr + k, mask=k_ok, other=0)
+        xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if BLOCK_M <= 16:  # y^T = w^T x^T: BLOCK_N fills the MMA's M side, w^T is the operand from registers
+            acc_t = tl.dot(w.to(DOT_DTYPE), tl.trans(xa.to(DOT_DTYPE)), acc_t, input_precision=PRECISION)
+        else:
+            acc = tl.dot(xa.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION)
+    if BLOCK_M <= 16:
+        acc = tl.trans(acc_t)
     store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, pid_k == 0, HAS_BIAS, ATOMIC)
 
 
@@ -183,31 +203,15 @@ def group_mode(block_kw: int, epw: int, group_size: int, k: int) -> int:
     return 1 if group_size % epw == 0 else 2
 
 
-@functools.lru_cache(maxsize=64)
-def tile_order(k: int, epw: int, block_kw: int, device: torch.device) -> torch.Tensor:
-    """src [width]: column p of tile-ordered x is x[:, src[p]], src = k meaning a zero column.
-
-    Tile t (block_kw words) holds, for j = 0..epw-1 in turn, the block_kw columns (t * block_kw + r) * epw + j."""
-    kw = -(-k // epw)
-    width = -(-kw // block_kw) * block_kw * epw
-    p = torch.arange(width, device=device)
-    t, j, r = p // (block_kw * epw), p % (block_kw * epw) // block_kw, p % block_kw
-    src = (t * block_kw + r) * epw + j
-    return torch.where(src < k, src, k)
-
-
 def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, config: dict) -> torch.Tensor:
     """y = x[:, perm] @ dequant(qweight) (+ bias) for x [M, K] with x.stride(1) == 1."""
     m, k = x.shape
     n = qweight.shape[1]
     epw = 32 // bits
-    block_kw = config["BLOCK_KW"]
-    if config["X_TILED"]:
-        src = tile_order(k, epw, block_kw, x.device)
-        if perm is not None:
-            src = torch.nn.functional.pad(perm.to(src.dtype), (0, 1), value=k)[src]
-        x = torch.nn.functional.pad(x, (0, 1))[:, src]
-        perm = None
+    epw_p2 = triton.next_power_of_2(epw)
+    block_kw = config["BLOCK_K"] // epw_p2
+    if perm is not None and m > 16:  # gather x once rather than in every program's loads
+        x, perm = x[:, perm], None
     per_split, splits = split_k_grid(qweight.shape[0], block_kw, config["SPLIT_K"])
     groups = group_mode(block_kw, epw, group_size, k)
     y = output_buffer(m, n, x.dtype, splits, x.device)
@@ -215,8 +219,8 @@ def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
     _dequant_gemm_kernel[grid](
         x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y,
         m, n, k, qweight.shape[0], group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split,
-        BITS=bits, EPW=epw, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
-        GROUP_M=config["GROUP_M"], X_TILED=config["X_TILED"], GROUPS=groups, HAS_PERM=perm is not None,
+        BITS=bits, EPW=epw, EPW_P2=epw_p2, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
+        GROUP_M=config["GROUP_M"], GROUPS=groups, HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, ATOMIC=splits > 1, **dot_args(x.dtype), num_warps=config["num_warps"],
         num_stages=config["num_stages"] if groups < 2 else 1,  # pipelining per-code scale loads costs too much smem
     )
@@ -238,29 +242,30 @@ def dequantize(qweight, scales, zeros, perm, *, bits: int, group_size: int, in_f
     return w
 
 
-def _configs(tiles, split_k, stages, x_tiled, n, kw, block_kw=16) -> list[dict]:
-    """tiles: (BLOCK_M, BLOCK_N, num_warps); split-K counts that would leave a split without K work or
-    make more than 4 waves of programs are left out."""
+def _configs(tiles, block_k, split_k, stages, n, kw) -> list[dict]:
+    """tiles: (BLOCK_M, BLOCK_N, num_warps); BLOCK_K counts code slots (BLOCK_K // EPW_P2 words). Split-K
+    counts that would leave a split without K work or make more than 4 waves of programs are left out."""
     out = []
     for bm, bn, warps in tiles:
-        for sk in split_k:
-            if sk > 1 and (kw < 2 * sk * block_kw or -(-n // bn) * sk > 4 * 132):
-                continue
-            out += [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=block_kw, SPLIT_K=sk, GROUP_M=8,
-                         X_TILED=x_tiled, num_warps=warps, num_stages=st) for st in stages]
+        for bk in block_k:
+            for sk in split_k:
+                if sk > 1 and (kw < 2 * sk * bk // 8 or -(-n // bn) * sk > 4 * 132):
+                    continue
+                out += [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=warps,
+                             num_stages=st) for st in stages]
     return out
 
 
 INTERPRETER_CONFIGS = (  # small blocks so that tests cover several tiles, splits and masks
-    dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_KW=16, SPLIT_K=2, GROUP_M=2, X_TILED=False, num_warps=4, num_stages=1),
-    dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_KW=16, SPLIT_K=1, GROUP_M=2, X_TILED=True, num_warps=4, num_stages=1),
+    dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=2, num_warps=4, num_stages=1),
+    dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=1),
 )
 
 
 def configs(m: int, n: int, kw: int) -> list[dict]:
     """Candidates for batch m >= 2, N = n, kw words along K (the first is the untuned default)."""
     if m <= 16:
-        return _configs([(16, 64, 4), (16, 128, 4), (16, 256, 8)], (1, 2, 4, 8, 16), (3,), False, n, kw)
+        return _configs([(16, 64, 4), (16, 128, 4), (16, 256, 8)], (64, 128), (1, 2, 4, 8, 16), (3,), n, kw)
     if m <= 64:
-        return _configs([(64, 64, 4), (64, 128, 4)], (1, 2, 4), (3, 4), True, n, kw)
-    return _configs([(128, 128, 8), (128, 256, 8), (64, 256, 8), (64, 128, 4)], (1,), (3, 4), True, n, kw)
+        return _configs([(64, 64, 4), (64, 128, 4)], (64, 128), (1, 2, 4), (3, 4), n, kw)
+    return _configs([(128, 128, 8), (128, 256, 8), (64, 256, 8), (64, 128, 4)], (64, 128), (1,), (3, 4), n, kw)

@@ -3,7 +3,7 @@
     y[1, N] = x[:, perm] @ w (+ bias),   w[k, n] = (code(k, n) - zeros[k // group_size, n]) * scales[k // group_size, n]
 
 Grid (N / BLOCK_N, SPLIT_K). A program streams [BLOCK_KW, BLOCK_N] tiles of words (coalesced along N)
-over its share of K. For j < epw, code j of every word (k = word * epw + j) is dequantized in
+over its share of K (tl.range with num_stages: copied ahead through shared memory). For j < epw, code j of every word (k = word * epw + j) is dequantized in
 registers (code_minus_zero: one LOP3 and one FADD) and multiply-added with x[k] (read at stride epw;
 x is small and stays in cache; perm is gathered in the same load) into a [BLOCK_KW, BLOCK_N] fp32
 accumulator, reduced over rows once at the end. Unless a word spans groups (3-bit only), scale is applied
@@ -26,7 +26,7 @@ def _dequant_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr,
     N, K, KW, group_size, stride_qk, stride_sg, kw_per_split,
     BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    GROUPS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    GROUPS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -35,7 +35,7 @@ def _dequant_gemv_kernel(
     kw_start = pid_k * kw_per_split
     kw_end = tl.minimum(kw_start + kw_per_split, KW)
     acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
-    for kw0 in range(kw_start, kw_end, BLOCK_KW):
+    for kw0 in tl.range(kw_start, kw_end, BLOCK_KW, num_stages=NUM_STAGES):
         words = tl.load(q_ptr + (kw0 + rows)[:, None] * stride_qk + offs_n[None, :],
                         mask=((kw0 + rows) < KW)[:, None] & n_ok[None, :], other=0)
         if GROUPS < 2:
@@ -74,27 +74,28 @@ def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
         n, k, qweight.shape[0], group_size, qweight.stride(0), scales.stride(0), per_split,
         BITS=bits, EPW=epw, BLOCK_N=config["BLOCK_N"], BLOCK_KW=config["BLOCK_KW"],
         GROUPS=group_mode(config["BLOCK_KW"], epw, group_size, k), HAS_PERM=perm is not None,
-        HAS_BIAS=bias is not None, ATOMIC=splits > 1, num_warps=config["num_warps"], num_stages=1,
+        HAS_BIAS=bias is not None, ATOMIC=splits > 1, NUM_STAGES=config["num_stages"], num_warps=config["num_warps"],
     )
     return y.to(x.dtype)
 
 
-INTERPRETER_CONFIG = dict(path="gemv", BLOCK_N=32, BLOCK_KW=4, SPLIT_K=2, num_warps=4)
+INTERPRETER_CONFIG = dict(path="gemv", BLOCK_N=32, BLOCK_KW=4, SPLIT_K=2, num_warps=4, num_stages=1)
 
 
 def configs(n: int, kw: int) -> list[dict]:
-    """Candidates for N = n, kw words along K, the default first: 4 to 16 words a thread (more spill),
-    grids of about 1 to 8 programs per SM (132 SMs on an H100)."""
+    """Candidates for N = n, kw words along K, the default first: tiles of 4 to 16 words a thread (more
+    spill), each with the two split-K counts nearest 3 programs per SM (132 SMs on an H100)."""
     out = []
-    for warps in (4, 8):
-        for bn in (128, 256, 512, 1024):
-            for bkw in (2, 4, 8):
-                if not 4 <= bn * bkw // (32 * warps) <= 16:
-                    continue
-                for sk in (1, 2, 4, 8, 16, 32, 64):
-                    programs = -(-n // bn) * sk
-                    if (sk == 1 or kw >= 2 * sk * bkw) and 100 <= programs <= 8 * 132:
-                        config = dict(path="gemv", BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps)
-                        out.append((abs(math.log2(programs / 528)), config))
+    for warps, block_n in ((4, 256), (4, 512), (8, 512), (8, 1024)):
+        for bkw in (2, 4, 8):
+            if not 4 <= block_n * bkw // (32 * warps) <= 16:
+                continue
+            splits = [sk for sk in (1, 2, 4, 8, 16, 32, 64) if sk == 1 or kw >= 2 * sk * bkw]
+            splits.sort(key=lambda sk: abs(math.log2(-(-n // block_n) * sk / 400)))
+            for sk in splits[:2]:
+                for stages in (3, 1):
+                    config = dict(path="gemv", BLOCK_N=block_n, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps,
+                                  num_stages=stages)
+                    out.append((abs(math.log2(-(-n // block_n) * sk / 400)), config))
     out.sort(key=lambda c: c[0])
-    return [c for _, c in out] or [dict(path="gemv", BLOCK_N=128, BLOCK_KW=4, SPLIT_K=1, num_warps=4)]
+    return [c for _, c in out]

@@ -17,6 +17,8 @@ key (M rounded up to a power of two, N, K, bits, group_size, dtype, perm) by aut
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..packing import unpack_codes, values_per_word
@@ -69,8 +71,10 @@ def weight_only_matmul_ref(x, qweight, scales, zeros, *, bits, group_size, in_fe
     return y.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=256)
 def candidates(m: int, n: int, kw: int) -> list[dict]:
-    """Launch configs to tune over for batch m, N = n, kw words along K (the first is the default)."""
+    """Launch configs to tune over for batch m (rounded up to a power of two), N = n, kw words along K
+    (the first is the default). Cached: callers must not modify the list."""
     if interpreter_on():
         return [dequant_gemv.INTERPRETER_CONFIG if m == 1 else dequant_gemm.INTERPRETER_CONFIGS[m > 16]]
     if m == 1:
@@ -98,5 +102,5 @@ def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_featur
     kw = dict(bits=bits, group_size=group_size, in_features=in_features)
     key = dict(M=next_power_of_2(m), N=n, K=in_features, bits=bits, group=group_size,
                dtype=str(x.dtype).removeprefix("torch."), perm=int(perm is not None))
-    config = tune("weight_only_matmul", key, candidates(m, n, qweight.shape[0]), lambda c: run_path(c, *args, **kw), x.device)
+    config = tune("weight_only_matmul", key, candidates(key["M"], n, qweight.shape[0]), lambda c: run_path(c, *args, **kw), x.device)
     return run_path(config, *args, **kw)
