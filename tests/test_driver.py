@@ -140,3 +140,39 @@ def test_methods_registry_lists_options():
     listing = tquant.methods()
     assert {"rtn", "gptq"} <= set(listing)
     assert "percdamp" in listing["gptq"] and "default 0.01" in listing["gptq"]["percdamp"]
+
+
+def head_error(model, ids, fp_head_inputs, fp_head):
+    with torch.no_grad():
+        return ((model.lm_head(fp_head_inputs) - fp_head(fp_head_inputs)).norm() / fp_head(fp_head_inputs).norm()).item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_lm_head_on_request(arch):
+    ids = token_batch(8, seed=4)
+    fp = tiny_model(arch)
+    captured = []
+    fp.lm_head.register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    with torch.no_grad():
+        fp(ids)
+    errs = {}
+    for method in ("rtn", "gptq"):
+        model = tiny_model(arch)
+        embedding = model.get_input_embeddings().weight.detach().clone()
+        tquant.quantize(model, method, bits=3, group_size=32, calib=ids, lm_head=True, progress=False)
+        assert isinstance(model.lm_head, PackedLinear) and "lm_head" in model.config.quantization_config["layers"]
+        assert torch.equal(model.get_input_embeddings().weight, embedding)  # a tied embedding stays float
+        model.tie_weights()
+        assert isinstance(model.lm_head, PackedLinear) and "weight" not in dict(model.lm_head.named_parameters())
+        errs[method] = head_error(model, ids, captured[0], fp.lm_head)
+    assert 0 < errs["gptq"] < errs["rtn"]
+
+
+def test_lm_head_round_trip(tmp_path):
+    model = tiny_model("llama")
+    tquant.quantize(model, "gptq", bits=4, group_size=32, calib=token_batch(4), lm_head=True, progress=False)
+    tquant.save(model, str(tmp_path))
+    loaded = tquant.load(str(tmp_path))
+    ids = token_batch(2, seed=7)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)

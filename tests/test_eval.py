@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-import transformers
 
 from tquant.calibration import source_tokens
 from tquant.eval import lm_eval, perplexity

@@ -29,6 +29,7 @@ def quantize(
     true_sequential: bool = True,
     batch_size: int = 8,
     skip: Iterable[str] = (),
+    lm_head: bool = False,
     progress: bool = True,
     **method_options,
 ) -> nn.Module:
@@ -37,8 +38,9 @@ def quantize(
     method: a registered name (tquant.methods()); bits: 2, 3, 4 or 8; group_size: input channels per
     scale (-1 = per output channel); sym: symmetric grid; calib: token ids [n, seqlen] or 1-D, a list of
     strings (with tokenizer=), or a named source "pydoc" | "wikitext2" | "c4" | "pile" (with tokenizer=);
-    skip: fnmatch patterns of layer names to leave in full precision. The lm_head and embeddings are
-    outside the decoder blocks and stay in full precision. Extra keyword arguments are method options.
+    skip: fnmatch patterns of layer names to leave in full precision. The lm_head stays in full
+    precision unless lm_head=True (a tied input embedding keeps its float weight); the embeddings always
+    do. Extra keyword arguments are method options.
     """
     cls = get_method(method)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -56,7 +58,7 @@ def quantize(
     patterns = list(skip)
     layers = quantize_blocks(
         model, m, ids, device=device, true_sequential=true_sequential, batch_size=batch_size,
-        skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), progress=progress,
+        skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), lm_head=lm_head, progress=progress,
     )
     model.config.quantization_config = make_quantization_config(m, layers)
     return model

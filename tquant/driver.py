@@ -14,6 +14,7 @@ Data-free methods (RTN) skip the forward passes.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -38,12 +39,12 @@ def _stop(module, inputs, output):
     raise _StageDone
 
 
-class _Catcher(nn.Module):
-    """Stands in for block 0: records its inputs and stops the forward pass."""
+class _StandIn(nn.Module):
+    """Takes the place of the whole block list: answers each call with fn(args, kwargs)."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, fn):
         super().__init__()
-        self.block = block
+        self.block, self.fn = block, fn
 
     def __getattr__(self, name):  # models read attributes of their layers (e.g. attention_type)
         try:
@@ -52,7 +53,7 @@ class _Catcher(nn.Module):
             return getattr(self.block, name)
 
     def forward(self, *args, **kwargs):
-        raise _Captured(args, kwargs)
+        return self.fn(args, kwargs)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -98,39 +99,43 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+@contextlib.contextmanager
+def _without_blocks(model, blocks_name: str, stand_in: nn.Module, device):
+    """The model with its block list replaced by [stand_in] and every other module moved to `device`."""
+    parent_name, _, attr = blocks_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    blocks = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList())
+    home = next(model.parameters()).device
+    model.to(device)
+    setattr(parent, attr, nn.ModuleList([stand_in]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, nn.ModuleList())
+        model.to(home)
+        setattr(parent, attr, blocks)
+
+
+def _batches(calib: torch.Tensor, batch_size: int, device):
+    for start in range(0, calib.shape[0], batch_size):
+        yield calib[start : start + batch_size].to(device)
 
 
 @torch.no_grad()
 def capture_block_inputs(model, blocks_name, blocks, calib: torch.Tensor, device, batch_size: int):
     """[(args, kwargs)] of block 0, one entry per calibration batch; only non-block modules go to device."""
-    parent_name, _, attr = blocks_name.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    home = next(model.parameters()).device
-    setattr(parent, attr, nn.ModuleList())
-    model.to(device)
-    setattr(parent, attr, blocks)
-    first = blocks[0]
-    blocks[0] = _Catcher(first)
+
+    def catch(args, kwargs):
+        raise _Captured(args, kwargs)
+
     captured = []
-    try:
-        for start in range(0, calib.shape[0], batch_size):
+    with _without_blocks(model, blocks_name, _StandIn(blocks[0], catch), device):
+        for ids in _batches(calib, batch_size, device):
             try:
-                model(input_ids=calib[start : start + batch_size].to(device), use_cache=False)
+                model(input_ids=ids, use_cache=False)
             except _Captured as c:
                 captured.append((c.args, c.kwargs))
-    finally:
-        blocks[0] = first
-        setattr(parent, attr, nn.ModuleList())
-        model.to(home)
-        setattr(parent, attr, blocks)
     return captured
 
 
@@ -182,9 +187,11 @@ def quantize_blocks(
     true_sequential: bool = True,
     batch_size: int = 8,
     skip: Callable[[str], bool] = lambda name: False,
+    lm_head: bool = False,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Quantize every nn.Linear inside the decoder blocks in place. Returns {layer name: module spec}."""
+    """Quantize every nn.Linear inside the decoder blocks (and the lm_head if asked) in place.
+    Returns {layer name: module spec}."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks_name, blocks = find_blocks(model)
     dtype = next(model.parameters()).dtype
@@ -196,6 +203,11 @@ def quantize_blocks(
         targets.append(lin)
     if not any(targets):
         raise ValueError("no nn.Linear layer is left to quantize (all were skipped)")
+    if lm_head:
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"lm_head=True needs an nn.Linear output embedding, found {type(head).__name__}")
+        resolve_group_size(method.group_size, head.in_features, "lm_head")
 
     inputs = None
     if method.needs_calibration:
@@ -203,7 +215,7 @@ def quantize_blocks(
             raise ValueError(f"method {method.name!r} needs calibration data (calib=)")
         inputs = capture_block_inputs(model, blocks_name, blocks, calib, device, batch_size)
 
-    specs = {}
+    specs, tuple_out = {}, False
     for i, block in enumerate(tqdm(blocks, desc=f"{method.name} blocks", disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
@@ -225,9 +237,41 @@ def quantize_blocks(
                     results[n] = qw
             del states
         if inputs is not None:
-            inputs = [((_first(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+            outputs = [block(*args, **kwargs) for args, kwargs in inputs]
+            tuple_out = isinstance(outputs[0], (tuple, list))
+            inputs = [((_first(o),) + tuple(args[1:]), kwargs) for o, (args, kwargs) in zip(outputs, inputs)]
         for n, qw in results.items():
             block.set_submodule(n, PackedLinear.from_quantized(qw, linears[n].bias, dtype))
             specs[prefix + n] = block.get_submodule(n).layer_spec()
         block.to(home)
+    if lm_head:
+        final = None if inputs is None else [args[0] for args, _ in inputs]
+        specs.update(_quantize_head(model, blocks_name, blocks, method, calib, final, tuple_out, device, batch_size, dtype))
     return specs
+
+
+@torch.no_grad()
+def _quantize_head(model, blocks_name, blocks, method, calib, final_hidden, tuple_out, device, batch_size, dtype):
+    """Quantize the output embedding (lm_head) from its inputs: the last block's outputs are replayed
+    through the model's final modules (norm), and each pass stops at the head before the vocab matmul."""
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    replay = iter(final_hidden or [])
+    stand_in = _StandIn(blocks[0], lambda args, kwargs: (next(replay),) if tuple_out else next(replay))
+    with _without_blocks(model, blocks_name, stand_in, device):
+        state = method.new_state(name, head)
+        if final_hidden is not None:
+            hooks = [head.register_forward_hook(lambda m, i, o: state.add_batch(i[0])), head.register_forward_hook(_stop)]
+            try:
+                for ids in _batches(calib, batch_size, device):
+                    try:
+                        model(input_ids=ids, use_cache=False)
+                    except _StageDone:
+                        pass
+            finally:
+                for h in hooks:
+                    h.remove()
+        packed = PackedLinear.from_quantized(method.quantize(state, head, name), head.bias, dtype)
+    model.set_submodule(name, packed.to(head.weight.device))
+    model.config.tie_word_embeddings = False  # the embedding keeps its float weight
+    return {name: packed.layer_spec()}
