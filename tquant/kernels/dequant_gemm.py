@@ -21,46 +21,51 @@ import triton.language as tl
 
 from .runtime import interpreter_on
 
-MAGIC_BITS = tl.constexpr(0x4B000000)  # float32 2^23; (code | MAGIC_BITS) read as float32 is 2^23 + code
+MAGIC_BITS = 0x4B000000  # float32 2^23; (code | MAGIC_BITS) read as float32 is 2^23 + code. Passed to the
+# kernels as an argument (magic): in a register it lets ptxas fuse the mask and the OR into one LOP3.
 MAGIC = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def code_minus_zero(words, J: tl.constexpr, zero, BITS: tl.constexpr):
+def code_minus_zero(words, J: tl.constexpr, zero, magic, BITS: tl.constexpr):
     """(code_J - zero) * 2^P exactly in fp32, for code J of every word, with 2^P = code_scale(J, BITS).
 
-    Code J is masked in place (no shift for codes that end below bit 23, one shared shift for the
-    others) and OR-ed into the float32 2^23, which reads as 2^23 + code * 2^P: one LOP3 and one FADD
-    per code, no int->float convert. Exact while |zero| * 2^P < 2^23 (any zero in [0, 2^bits))."""
+    Code J is masked in place (codes ending below bit 23 as they are, the others after one shift that
+    is shared by all of them) and OR-ed into the float32 2^23, which then reads 2^23 + code * 2^P: one
+    LOP3 and one FADD per code, no int->float convert. Exact while |zero| * 2^P < 2^23 (any zero in
+    [0, 2^bits))."""
     LO: tl.constexpr = (23 - BITS) // BITS + 1  # codes 0..LO-1 end at or below bit 22
+    HI: tl.constexpr = LO * BITS - min(BITS, 4)  # shift for the others: code LO lands at bit > 0 (no BFE)
     if J < LO:
         bits = words & (((1 << BITS) - 1) << (J * BITS))
     else:
-        bits = (words.to(tl.uint32, bitcast=True) >> (LO * BITS)).to(tl.int32, bitcast=True)
-        bits = bits & (((1 << BITS) - 1) << ((J - LO) * BITS))
-    return (bits | MAGIC_BITS).to(tl.float32, bitcast=True) - (zero * code_scale(J, BITS) + MAGIC)
+        bits = (words.to(tl.uint32, bitcast=True) >> HI).to(tl.int32, bitcast=True)
+        bits = bits & (((1 << BITS) - 1) << (J * BITS - HI))
+    return (bits | magic).to(tl.float32, bitcast=True) - (zero * code_scale(J, BITS) + MAGIC)
 
 
 @triton.jit
 def code_scale(J: tl.constexpr, BITS: tl.constexpr):
     """2^P, the factor code_minus_zero leaves on code J."""
     LO: tl.constexpr = (23 - BITS) // BITS + 1
+    HI: tl.constexpr = LO * BITS - min(BITS, 4)
     if J < LO:
         return 1.0 * (1 << (J * BITS))
     else:
-        return 1.0 * (1 << ((J - LO) * BITS))
+        return 1.0 * (1 << (J * BITS - HI))
 
 
 @triton.jit
-def codes_tree(words, zero, scale, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr):
+def codes_tree(words, zero, scale, magic, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr,
+               BITS: tl.constexpr):
     """(code - zero) * scale for codes J, J + STRIDE, ... (COUNT, a power of two) of every word, stacked on
     trailing dims of size 2 (tl.join, so they stay in each thread) with the lowest stride last:
     flattened, trailing index i holds code J + STRIDE * i. Codes past epw (3-bit) are garbage, finite."""
     if COUNT == 1:
-        return code_minus_zero(words, J, zero, BITS) * (scale / code_scale(J, BITS))
+        return code_minus_zero(words, J, zero, magic, BITS) * (scale / code_scale(J, BITS))
     else:
-        return tl.join(codes_tree(words, zero, scale, J, 2 * STRIDE, COUNT // 2, BITS),
-                       codes_tree(words, zero, scale, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS))
+        return tl.join(codes_tree(words, zero, scale, magic, J, 2 * STRIDE, COUNT // 2, BITS),
+                       codes_tree(words, zero, scale, magic, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS))
 
 
 @triton.jit
@@ -97,7 +102,7 @@ def store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, first_sp
 @triton.jit
 def _dequant_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr,
-    M, N, K, KW, group_size, stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split,
+    M, N, K, KW, group_size, stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split, magic,
     BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr, GROUPS: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -132,9 +137,9 @@ def _dequant_gemm_kernel(
             k_ok = (slot % EPW_P2 < EPW) & (k < K)
         if GROUPS < 2:
             s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, GROUPS, 0)
-            w = tl.reshape(codes_tree(words, tl.trans(z), tl.trans(s), 0, 1, EPW_P2, BITS), (BLOCK_N, BLOCK_K))
+            w = tl.reshape(codes_tree(words, tl.trans(z), tl.trans(s), magic, 0, 1, EPW_P2, BITS), (BLOCK_N, BLOCK_K))
         else:  # per-code groups: codes first, then zero and scale per slot
-            w = tl.reshape(codes_tree(words, 0.0, 1.0, 0, 1, EPW_P2, BITS), (BLOCK_N, BLOCK_K))
+            w = tl.reshape(codes_tree(words, 0.0, 1.0, magic, 0, 1, EPW_P2, BITS), (BLOCK_N, BLOCK_K))
             sz = (tl.minimum(k, K - 1) // group_size)[None, :] * stride_sg + offs_n[:, None]
             w = (w - tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0).to(tl.float32)) * \
                 tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0).to(tl.float32)
@@ -152,7 +157,7 @@ def _dequant_gemm_kernel(
 
 
 @triton.jit
-def _dequantize_kernel(q_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KW, group_size, stride_qk, stride_sg, stride_wk,
+def _dequantize_kernel(q_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KW, group_size, stride_qk, stride_sg, stride_wk, magic,
                        BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_PERM: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
@@ -165,7 +170,7 @@ def _dequantize_kernel(q_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KW, group_siz
         sz = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
         s = tl.load(s_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
-        w = code_minus_zero(words, j, z, BITS) * (s / code_scale(j, BITS))
+        w = code_minus_zero(words, j, z, magic, BITS) * (s / code_scale(j, BITS))
         dst = k
         if HAS_PERM:
             dst = tl.load(perm_ptr + k, mask=k_ok, other=0)
@@ -219,7 +224,7 @@ def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
     _dequant_gemm_kernel[grid](
         x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y,
         m, n, k, qweight.shape[0], group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split,
-        BITS=bits, EPW=epw, EPW_P2=epw_p2, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
+        MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=epw_p2, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
         GROUP_M=config["GROUP_M"], GROUPS=groups, HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, ATOMIC=splits > 1, **dot_args(x.dtype), num_warps=config["num_warps"],
         num_stages=config["num_stages"] if groups < 2 else 1,  # pipelining per-code scale loads costs too much smem
@@ -236,7 +241,7 @@ def dequantize(qweight, scales, zeros, perm, *, bits: int, group_size: int, in_f
     grid = (triton.cdiv(qweight.shape[0], block_kw), triton.cdiv(n, block_n))
     _dequantize_kernel[grid](
         qweight, scales, zeros, perm if perm is not None else qweight, w, n, k, qweight.shape[0], group_size,
-        qweight.stride(0), scales.stride(0), w.stride(0),
+        qweight.stride(0), scales.stride(0), w.stride(0), MAGIC_BITS,
         BITS=bits, EPW=epw, BLOCK_KW=block_kw, BLOCK_N=block_n, HAS_PERM=perm is not None, num_warps=4,
     )
     return w
@@ -265,7 +270,7 @@ INTERPRETER_CONFIGS = (  # small blocks so that tests cover several tiles, split
 def configs(m: int, n: int, kw: int) -> list[dict]:
     """Candidates for batch m >= 2, N = n, kw words along K (the first is the untuned default)."""
     if m <= 16:
-        return _configs([(16, 64, 4), (16, 128, 4), (16, 256, 8)], (64, 128), (1, 2, 4, 8, 16), (3,), n, kw)
+        return _configs([(16, 64, 4), (16, 128, 4), (16, 256, 8)], (128, 256), (1, 2, 4, 8, 16), (3, 4), n, kw)
     if m <= 64:
         return _configs([(64, 64, 4), (64, 128, 4)], (64, 128), (1, 2, 4), (3, 4), n, kw)
     return _configs([(128, 128, 8), (128, 256, 8), (64, 256, 8), (64, 128, 4)], (64, 128), (1,), (3, 4), n, kw)

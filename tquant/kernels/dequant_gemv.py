@@ -3,12 +3,13 @@
     y[1, N] = x[:, perm] @ w (+ bias),   w[k, n] = (code(k, n) - zeros[k // group_size, n]) * scales[k // group_size, n]
 
 Grid (N / BLOCK_N, SPLIT_K). A program streams [BLOCK_KW, BLOCK_N] tiles of words (coalesced along N)
-over its share of K (tl.range with num_stages: copied ahead through shared memory). For j < epw, code j of every word (k = word * epw + j) is dequantized in
-registers (code_minus_zero: one LOP3 and one FADD) and multiply-added with x[k] (read at stride epw;
-x is small and stays in cache; perm is gathered in the same load) into a [BLOCK_KW, BLOCK_N] fp32
-accumulator, reduced over rows once at the end. Unless a word spans groups (3-bit only), scale is applied
-once per tile:  sum_k x_k (c_k - z) s = s * sum_k x_k (c_k - z).
-SPLIT_K > 1 adds fp32 partials into a zeroed buffer with atomics.
+over its share of K (tl.range with num_stages copies tiles ahead through shared memory). With each tile
+it loads the x values of its words as [BLOCK_KW, EPW_P2] (one vector a word; perm gathered here), splits
+them into columns (accumulate_codes) and multiply-adds x_j * (code_j - zero) for every code j, dequantized
+in registers (code_minus_zero: one LOP3 and one FADD a code), into a [BLOCK_KW, BLOCK_N] fp32
+accumulator that is reduced over rows once at the end. Unless a word spans groups (3-bit only), scale
+is applied once a tile: sum_k x_k (c_k - z) s = s * sum_k x_k (c_k - z). 3-bit words take 16 slots,
+6 of them with x = 0. SPLIT_K > 1 adds fp32 partials into a zeroed buffer with atomics.
 """
 from __future__ import annotations
 
@@ -18,45 +19,55 @@ import triton
 import triton.language as tl
 
 from . import dequant_gemm
-from .dequant_gemm import code_minus_zero, code_scale, group_mode, load_group_params, split_k_grid, store_output
+from .dequant_gemm import MAGIC_BITS, code_minus_zero, code_scale, group_mode, load_group_params, split_k_grid, store_output
+
+
+@triton.jit
+def accumulate_codes(tile, words, xw, zero, scale, magic, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr,
+                     BITS: tl.constexpr):
+    """tile + sum_i xw[:, i] * (code_{J + STRIDE i} - zero) * scale over the COUNT (a power of two) codes
+    whose x values xw [BLOCK_KW, COUNT] holds; xw is split in halves (even, odd i) down to single columns."""
+    if COUNT == 1:
+        return tile + (xw / code_scale(J, BITS)) * code_minus_zero(words, J, zero, magic, BITS) * scale
+    else:
+        even, odd = tl.split(tl.reshape(xw, (xw.shape[0], COUNT // 2, 2)))
+        tile = accumulate_codes(tile, words, even, zero, scale, magic, J, 2 * STRIDE, COUNT // 2, BITS)
+        return accumulate_codes(tile, words, odd, zero, scale, magic, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS)
 
 
 @triton.jit
 def _dequant_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr,
-    N, K, KW, group_size, stride_qk, stride_sg, kw_per_split,
-    BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    GROUPS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, NUM_STAGES: tl.constexpr,
+    N, K, KW, group_size, stride_qk, stride_sg, kw_per_split, magic,
+    BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    GROUPS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     rows = tl.arange(0, BLOCK_KW)
+    j = tl.arange(0, EPW_P2)
     kw_start = pid_k * kw_per_split
     kw_end = tl.minimum(kw_start + kw_per_split, KW)
     acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
     for kw0 in tl.range(kw_start, kw_end, BLOCK_KW, num_stages=NUM_STAGES):
         words = tl.load(q_ptr + (kw0 + rows)[:, None] * stride_qk + offs_n[None, :],
                         mask=((kw0 + rows) < KW)[:, None] & n_ok[None, :], other=0)
+        k = (kw0 + rows)[:, None] * EPW + j[None, :]  # [BLOCK_KW, EPW_P2]
+        k_ok = (j < EPW)[None, :] & (k < K)
+        col = k
+        if HAS_PERM:
+            col = tl.load(perm_ptr + k, mask=k_ok, other=0)
+        xw = tl.load(x_ptr + col, mask=k_ok, other=0.0).to(tl.float32)
         if GROUPS < 2:
             s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, GROUPS, 0)
-        tile = tl.zeros_like(acc)
-        for j in tl.static_range(EPW):
-            k = (kw0 + rows) * EPW + j
-            col = k
-            if HAS_PERM:
-                col = tl.load(perm_ptr + k, mask=k < K, other=0)
-            # code_minus_zero leaves a power-of-two factor on the code: divide it out of x (exact)
-            xj = tl.load(x_ptr + col, mask=k < K, other=0.0).to(tl.float32) / code_scale(j, BITS)
-            if GROUPS < 2:
-                tile += xj[:, None] * code_minus_zero(words, j, z, BITS)
-            else:
-                s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, 2, j)
-                tile += xj[:, None] * code_minus_zero(words, j, z, BITS) * s
-        if GROUPS < 2:
-            acc += tile * s
-        else:
-            acc += tile
+            acc += accumulate_codes(tl.zeros_like(acc), words, xw, z, 1.0, magic, 0, 1, EPW_P2, BITS) * s
+        else:  # per-code groups (3-bit): codes one by one, each with its own zero and scale
+            for jj in tl.static_range(EPW):
+                s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, 2, jj)
+                xj = tl.sum(tl.where(j[None, :] == jj, xw, 0.0), axis=1)[:, None]
+                acc = accumulate_codes(acc, words, xj, z, s, magic, jj, 1, 1, BITS)
     out = tl.sum(acc, axis=0)[None, :]
     store_output(y_ptr, out, tl.arange(0, 1), offs_n, 1, N, 0, bias_ptr, pid_k == 0, HAS_BIAS, ATOMIC)
 
@@ -71,8 +82,8 @@ def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
     grid = (triton.cdiv(n, config["BLOCK_N"]), splits)
     _dequant_gemv_kernel[grid](
         x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y,
-        n, k, qweight.shape[0], group_size, qweight.stride(0), scales.stride(0), per_split,
-        BITS=bits, EPW=epw, BLOCK_N=config["BLOCK_N"], BLOCK_KW=config["BLOCK_KW"],
+        n, k, qweight.shape[0], group_size, qweight.stride(0), scales.stride(0), per_split, MAGIC_BITS,
+        BITS=bits, EPW=epw, EPW_P2=triton.next_power_of_2(epw), BLOCK_N=config["BLOCK_N"], BLOCK_KW=config["BLOCK_KW"],
         GROUPS=group_mode(config["BLOCK_KW"], epw, group_size, k), HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, ATOMIC=splits > 1, NUM_STAGES=config["num_stages"], num_warps=config["num_warps"],
     )
@@ -84,7 +95,7 @@ INTERPRETER_CONFIG = dict(path="gemv", BLOCK_N=32, BLOCK_KW=4, SPLIT_K=2, num_wa
 
 def configs(n: int, kw: int) -> list[dict]:
     """Candidates for N = n, kw words along K, the default first: tiles of 4 to 16 words a thread (more
-    spill), each with the two split-K counts nearest 3 programs per SM (132 SMs on an H100)."""
+    spill), each with the split-K counts nearest 3 programs per SM (132 SMs on an H100)."""
     out = []
     for warps, block_n in ((4, 256), (4, 512), (8, 512), (8, 1024)):
         for bkw in (2, 4, 8):
@@ -92,8 +103,8 @@ def configs(n: int, kw: int) -> list[dict]:
                 continue
             splits = [sk for sk in (1, 2, 4, 8, 16, 32, 64) if sk == 1 or kw >= 2 * sk * bkw]
             splits.sort(key=lambda sk: abs(math.log2(-(-n // block_n) * sk / 400)))
-            for sk in splits[:2]:
-                for stages in (3, 1):
+            for sk in splits[:3]:
+                for stages in (1, 2, 4):
                     config = dict(path="gemv", BLOCK_N=block_n, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps,
                                   num_stages=stages)
                     out.append((abs(math.log2(-(-n // block_n) * sk / 400)), config))
