@@ -5,7 +5,8 @@ from torch import nn
 
 import tquant
 from tquant.driver import _input_groups, _linears, capture_block_inputs, find_blocks
-from tquant.modules import PackedLinear
+from tquant.modules import PackedEmbedding, PackedLinear
+from tquant.qweight import QuantizedWeight
 from tiny_models import ARCHS, tiny_model, token_batch
 
 STAGES = {
@@ -174,5 +175,24 @@ def test_lm_head_round_trip(tmp_path):
     tquant.save(model, str(tmp_path))
     loaded = tquant.load(str(tmp_path))
     ids = token_batch(2, seed=7)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_embeddings_on_request(arch, tmp_path):
+    model = tiny_model(arch)
+    table = model.get_input_embeddings().weight.detach().clone()
+    tquant.quantize(model, "gptq", bits=4, group_size=32, calib=token_batch(4), embeddings=True, lm_head=True,
+                    progress=False)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, PackedEmbedding) and isinstance(model.lm_head, PackedLinear)
+    ids = token_batch(3, seed=11)
+    expected = QuantizedWeight.from_rtn(table, 4, 32, sym=True).dequantize()[ids]
+    torch.testing.assert_close(emb(ids), expected, rtol=1e-6, atol=1e-6)
+    assert 0 < (emb(ids) - table[ids]).abs().max() <= table.abs().max() / 7  # within one 4-bit step of the range
+    tquant.save(model, str(tmp_path))
+    loaded = tquant.load(str(tmp_path))
+    assert loaded.get_input_embeddings().padding_idx == emb.padding_idx
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)

@@ -30,6 +30,7 @@ def quantize(
     batch_size: int = 8,
     skip: Iterable[str] = (),
     lm_head: bool = False,
+    embeddings: bool = False,
     progress: bool = True,
     **method_options,
 ) -> nn.Module:
@@ -38,9 +39,10 @@ def quantize(
     method: a registered name (tquant.methods()); bits: 2, 3, 4 or 8; group_size: input channels per
     scale (-1 = per output channel); sym: symmetric grid; calib: token ids [n, seqlen] or 1-D, a list of
     strings (with tokenizer=), or a named source "pydoc" | "wikitext2" | "c4" | "pile" (with tokenizer=);
-    skip: fnmatch patterns of layer names to leave in full precision. The lm_head stays in full
-    precision unless lm_head=True (a tied input embedding keeps its float weight); the embeddings always
-    do. Extra keyword arguments are method options.
+    skip: fnmatch patterns of layer names to leave in full precision. The lm_head and the input
+    embedding stay in full precision unless lm_head=True (quantized by the method from its inputs) or
+    embeddings=True (round-to-nearest per row group); untying a tied pair keeps the other one float.
+    Extra keyword arguments are method options.
     """
     cls = get_method(method)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -58,7 +60,8 @@ def quantize(
     patterns = list(skip)
     layers = quantize_blocks(
         model, m, ids, device=device, true_sequential=true_sequential, batch_size=batch_size,
-        skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), lm_head=lm_head, progress=progress,
+        skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), lm_head=lm_head,
+        embeddings=embeddings, progress=progress,
     )
     model.config.quantization_config = make_quantization_config(m, layers)
     return model

@@ -22,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .methods.base import Method
-from .modules import PackedLinear
+from .modules import PackedEmbedding, PackedLinear
+from .qweight import QuantizedWeight
 from .quantizer import resolve_group_size
 
 
@@ -188,9 +189,10 @@ def quantize_blocks(
     batch_size: int = 8,
     skip: Callable[[str], bool] = lambda name: False,
     lm_head: bool = False,
+    embeddings: bool = False,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Quantize every nn.Linear inside the decoder blocks (and the lm_head if asked) in place.
+    """Quantize every nn.Linear inside the decoder blocks (and the lm_head / input embedding if asked) in place.
     Returns {layer name: module spec}."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks_name, blocks = find_blocks(model)
@@ -208,6 +210,11 @@ def quantize_blocks(
         if not isinstance(head, nn.Linear):
             raise ValueError(f"lm_head=True needs an nn.Linear output embedding, found {type(head).__name__}")
         resolve_group_size(method.group_size, head.in_features, "lm_head")
+    if embeddings:
+        emb = model.get_input_embeddings()
+        if not isinstance(emb, nn.Embedding):
+            raise ValueError(f"embeddings=True needs an nn.Embedding input embedding, found {type(emb).__name__}")
+        resolve_group_size(method.group_size, emb.embedding_dim, "embeddings")
 
     inputs = None
     if method.needs_calibration:
@@ -244,10 +251,26 @@ def quantize_blocks(
             block.set_submodule(n, PackedLinear.from_quantized(qw, linears[n].bias, dtype))
             specs[prefix + n] = block.get_submodule(n).layer_spec()
         block.to(home)
+    if embeddings:
+        specs.update(_quantize_embedding(model, method, dtype))
     if lm_head:
         final = None if inputs is None else [args[0] for args, _ in inputs]
         specs.update(_quantize_head(model, blocks_name, blocks, method, calib, final, tuple_out, device, batch_size, dtype))
     return specs
+
+
+@torch.no_grad()
+def _quantize_embedding(model, method, dtype):
+    """Round-to-nearest of the input embedding, one scale per group of each token's row (a lookup
+    table has no input statistics for a calibrated method to use)."""
+    emb = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is emb)
+    qw = QuantizedWeight.from_rtn(emb.weight, method.bits, resolve_group_size(method.group_size, emb.embedding_dim, name),
+                                  method.sym)
+    packed = PackedEmbedding.from_quantized(qw, emb.padding_idx, dtype)
+    model.set_submodule(name, packed)
+    model.config.tie_word_embeddings = False  # a tied lm_head keeps the float table as its weight
+    return {name: packed.layer_spec()}
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizer import dequantize, expand_groups
+from .quantizer import dequantize, expand_groups, grouped_qparams, quantize
 
 
 @dataclass
@@ -25,6 +25,14 @@ class QuantizedWeight:
     bits: int
     group_size: int
     perm: torch.Tensor | None = None
+
+    @classmethod
+    def from_rtn(cls, w: torch.Tensor, bits: int, group_size: int, sym: bool) -> "QuantizedWeight":
+        """Round-to-nearest of a [N, K] weight with per-group min-max (or abs-max) ranges."""
+        w = w.detach().float()
+        scale, zero = grouped_qparams(w, bits, group_size, sym)
+        codes = quantize(w, expand_groups(scale, group_size), expand_groups(zero, group_size), bits)
+        return cls(codes, scale, zero, bits, group_size)
 
     def dequantize(self) -> torch.Tensor:
         """Float32 [N, K] weight in the original input-channel order."""

@@ -1,0 +1,58 @@
+"""PackedEmbedding: an nn.Embedding replacement with a 2/3/4/8-bit table, quantized per row.
+
+The table E [V, H] is stored like a weight with N = V rows and K = H input channels (tquant.packing):
+    qweight int32 [ceil(H / (32 // bits)), V], scales [G, V], zeros [G, V], G = H // group_size
+    E[v, h] = (code(h, v) - zeros[h // group_size, v]) * scales[h // group_size, v]
+A lookup gathers the ids' columns and de-quantizes only those (plain torch: a gather, not a matmul).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..packing import pack_codes, unpack_codes, values_per_word
+from ..qweight import QuantizedWeight
+
+
+class PackedEmbedding(nn.Module):
+    def __init__(self, num_embeddings, embedding_dim, *, bits, group_size, padding_idx=None,
+                 dtype=torch.float16, device=None):
+        super().__init__()
+        if embedding_dim % group_size:
+            raise ValueError(f"group_size={group_size} does not divide embedding_dim={embedding_dim}")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size, self.padding_idx = bits, group_size, padding_idx
+        rows, groups = -(-embedding_dim // values_per_word(bits)), embedding_dim // group_size
+        self.register_buffer("qweight", torch.zeros(rows, num_embeddings, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, num_embeddings, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(groups, num_embeddings, dtype=dtype, device=device))
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, padding_idx, dtype) -> "PackedEmbedding":
+        v, h = qw.codes.shape
+        mod = cls(v, h, bits=qw.bits, group_size=qw.group_size, padding_idx=padding_idx, dtype=dtype,
+                  device=qw.codes.device)
+        mod.qweight.copy_(pack_codes(qw.codes, qw.bits))
+        mod.scales.copy_(qw.scale.t())
+        mod.zeros.copy_(qw.zero.t())
+        return mod
+
+    def layer_spec(self) -> dict:
+        return {"type": "packed_embedding", "bits": self.bits, "group_size": self.group_size,
+                "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype) -> "PackedEmbedding":
+        return cls(spec["num_embeddings"], spec["embedding_dim"], bits=spec["bits"], group_size=spec["group_size"],
+                   padding_idx=spec["padding_idx"], dtype=dtype, device="meta")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        cols = ids.reshape(-1)
+        groups = torch.arange(self.embedding_dim, device=ids.device) // self.group_size
+        codes = unpack_codes(self.qweight[:, cols], self.bits, self.embedding_dim)  # [H, T]
+        table = (codes.to(self.scales.dtype) - self.zeros[:, cols][groups]) * self.scales[:, cols][groups]
+        return table.t().reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
