@@ -196,6 +196,7 @@ def main():
     ap.add_argument("--shapes", default="4096x14336,14336x4096")
     ap.add_argument("--peers", default="cublas,tinygemm,gemlite")
     ap.add_argument("--check", default="4096x14336", help="shape(s) for the every-path correctness sweep ('' = none)")
+    ap.add_argument("--tune-ms", default="", help="more batch sizes to tune (no timing), to fill the shipped cache")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
@@ -224,6 +225,13 @@ def main():
     (Path(args.out) / "bench_weight_only.json").write_text(json.dumps(
         dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
              worst_check_error=worst, results=results), indent=1, default=str))
+    for shape in args.shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        w = make_weight(n, k, 4, 128, torch.float16, False, gen)
+        for m in filter(None, args.tune_ms.split(",")):
+            log(f"tuning K={k} N={n} M={m}")
+            x = torch.randn(int(m), k, generator=gen, device="cuda").half()
+            weight_only_matmul(x, w["qweight"], w["scales"], w["zeros"], bits=4, group_size=128, in_features=k)
     peers = [p for p in ("cublas", "tinygemm", "gemlite") if any(p in r for r in results)]
     log("\nK->N        M | tquant graph/eager us | " + " | ".join(f"{p} graph/eager (x tquant)" for p in peers))
     for r in results:

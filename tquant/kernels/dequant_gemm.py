@@ -247,17 +247,16 @@ def dequantize(qweight, scales, zeros, perm, *, bits: int, group_size: int, in_f
     return w
 
 
-def _configs(tiles, block_k, split_k, stages, n, kw) -> list[dict]:
-    """tiles: (BLOCK_M, BLOCK_N, num_warps); BLOCK_K counts code slots (BLOCK_K // EPW_P2 words). Split-K
-    counts that would leave a split without K work or make more than 4 waves of programs are left out."""
+def _configs(tiles, split_k, stages, n, kw) -> list[dict]:
+    """tiles: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), BLOCK_K counting code slots (BLOCK_K // EPW_P2 words).
+    Split-K counts that would leave a split without K work or make over 4 waves of programs are left out."""
     out = []
-    for bm, bn, warps in tiles:
-        for bk in block_k:
-            for sk in split_k:
-                if sk > 1 and (kw < 2 * sk * bk // 8 or -(-n // bn) * sk > 4 * 132):
-                    continue
-                out += [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=warps,
-                             num_stages=st) for st in stages]
+    for bm, bn, bk, warps in tiles:
+        for sk in split_k:
+            if sk > 1 and (kw < 2 * sk * bk // 8 or -(-n // bn) * sk > 4 * 132):
+                continue
+            out += [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk, GROUP_M=8, num_warps=warps,
+                         num_stages=st) for st in stages]
     return out
 
 
@@ -268,9 +267,12 @@ INTERPRETER_CONFIGS = (  # small blocks so that tests cover several tiles, split
 
 
 def configs(m: int, n: int, kw: int) -> list[dict]:
-    """Candidates for batch m >= 2, N = n, kw words along K (the first is the untuned default)."""
+    """Candidates for batch m >= 2, N = n, kw words along K (the first is the untuned default).
+    For m <= 16, BLOCK_N is the MMA's M side (y^T = w^T x^T)."""
     if m <= 16:
-        return _configs([(16, 64, 4), (16, 128, 4), (16, 256, 8)], (128, 256), (1, 2, 4, 8, 16), (3, 4), n, kw)
+        tiles = [(16, 64, 256, 4), (16, 64, 128, 4), (16, 128, 128, 4), (16, 128, 256, 4), (16, 256, 128, 8)]
+        return _configs(tiles, (1, 2, 4, 8, 16), (3,), n, kw)
     if m <= 64:
-        return _configs([(64, 64, 4), (64, 128, 4)], (64, 128), (1, 2, 4), (3, 4), n, kw)
-    return _configs([(128, 128, 8), (128, 256, 8), (64, 256, 8), (64, 128, 4)], (64, 128), (1,), (3, 4), n, kw)
+        return _configs([(64, 64, 128, 4), (64, 128, 128, 4), (64, 128, 64, 4)], (1, 2, 4), (3, 4), n, kw)
+    tiles = [(128, 128, 64, 8), (128, 256, 128, 8), (128, 256, 64, 8), (64, 128, 128, 4), (256, 128, 64, 16)]
+    return _configs(tiles, (1,), (3, 4), n, kw)

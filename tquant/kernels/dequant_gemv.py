@@ -94,19 +94,15 @@ INTERPRETER_CONFIG = dict(path="gemv", BLOCK_N=32, BLOCK_KW=4, SPLIT_K=2, num_wa
 
 
 def configs(n: int, kw: int) -> list[dict]:
-    """Candidates for N = n, kw words along K, the default first: tiles of 4 to 16 words a thread (more
-    spill), each with the split-K counts nearest 3 programs per SM (132 SMs on an H100)."""
+    """Candidates for N = n, kw words along K, the default first: the tiles (num_warps, BLOCK_N, BLOCK_KW)
+    that were fastest on an H100, each with the three split-K counts nearest 3 programs per SM."""
     out = []
-    for warps, block_n in ((4, 256), (4, 512), (8, 512), (8, 1024)):
-        for bkw in (2, 4, 8):
-            if not 4 <= block_n * bkw // (32 * warps) <= 16:
-                continue
-            splits = [sk for sk in (1, 2, 4, 8, 16, 32, 64) if sk == 1 or kw >= 2 * sk * bkw]
-            splits.sort(key=lambda sk: abs(math.log2(-(-n // block_n) * sk / 400)))
-            for sk in splits[:3]:
-                for stages in (1, 2, 4):
-                    config = dict(path="gemv", BLOCK_N=block_n, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps,
-                                  num_stages=stages)
-                    out.append((abs(math.log2(-(-n // block_n) * sk / 400)), config))
+    for warps, block_n, bkw in ((4, 512, 2), (4, 512, 4), (8, 1024, 2), (8, 1024, 4), (8, 512, 8)):
+        splits = [sk for sk in (1, 2, 4, 8, 16, 32, 64) if sk == 1 or kw >= 2 * sk * bkw]
+        splits.sort(key=lambda sk: abs(math.log2(-(-n // block_n) * sk / 400)))
+        for sk in splits[:3]:
+            for stages in (1, 4):
+                config = dict(path="gemv", BLOCK_N=block_n, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps, num_stages=stages)
+                out.append((abs(math.log2(-(-n // block_n) * sk / 400)), config))
     out.sort(key=lambda c: c[0])
     return [c for _, c in out]
