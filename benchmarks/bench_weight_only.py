@@ -111,7 +111,8 @@ def tinygemm_fns(w, k, n, group_size, copies):
     codes = w["codes"].to(torch.int32)
     packed_u8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
     packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
-    sz = torch.stack([w["scales"].float(), (8 - w["zeros"].float()) * w["scales"].float()], dim=-1).bfloat16().contiguous()
+    scales = w["scales"].float()
+    sz = torch.stack([scales, (8 - w["zeros"].float()) * scales], dim=-1).bfloat16().contiguous()
     packs = [packed] + [packed.clone() for _ in range(copies - 1)]
     return lambda x: [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, group_size, sz) for p in packs]
 

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tquant.kernels import autotune_cache, dequant_gemm, dequant_gemv
+from tquant.kernels import weight_only_matmul as weight_only_matmul_module
 from tquant.kernels.runtime import device_name, interpreter_on
 from tquant.kernels.weight_only_matmul import DENSE, run_path, weight_only_matmul, weight_only_matmul_ref
 from tquant.packing import pack_codes
@@ -255,6 +256,19 @@ def test_kernels_autotune_off_uses_first_config(cache_dirs, monkeypatch):
     _, _, calls = cache_dirs
     monkeypatch.setenv("TQUANT_AUTOTUNE", "0")
     assert tune() == CONFIGS[0] and not calls
+
+
+def test_kernels_shipped_configs_are_current(monkeypatch):
+    """Every shipped entry names a config that is still a GPU candidate for its key (else it is dead weight)."""
+    monkeypatch.setattr(weight_only_matmul_module, "interpreter_on", lambda: False)
+    shipped = list(autotune_cache.SHIPPED_DIR.glob("*.json"))
+    assert any(p.stem == "NVIDIA_H100_80GB_HBM3" for p in shipped)
+    for path in shipped:
+        for name, entry in autotune_cache.read_entries(path, path.stem).items():
+            key = dict(item.split("=") for item in name.split("|")[1].split(","))
+            kw = -(-int(key["K"]) // (32 // int(key["bits"])))
+            candidates = weight_only_matmul_module.candidates.__wrapped__(int(key["M"]), int(key["N"]), kw)
+            assert entry["config"] in candidates, name
 
 
 def test_kernels_gpu_name_is_file_safe(monkeypatch):

@@ -5,9 +5,10 @@
 Lookup: memory, then the user file, then the shipped file; a miss benchmarks every candidate with
 triton.testing.do_bench (candidates that fail to compile or launch are skipped), keeps the fastest and
 adds it to the user file.
-    shipped file:  <repo>/autotune_cache/<gpu>.json
+    shipped file:  <repo>/autotune_cache/<gpu>.json (installed as tquant/autotune_cache/<gpu>.json)
     user file:     $TQUANT_AUTOTUNE_DIR/<gpu>.json, default ~/.cache/tquant/autotune/<gpu>.json
     format:        {"format": 1, "gpu": "<gpu>", "entries": {"<kernel>|<key>": {"config": {...}, "us": t}}}
+                   (t: the tuner's median, do_bench with L2 flushed between calls)
 A file for another GPU, a malformed file, or an entry whose config is not among the current candidates
 (stale after a code change) is ignored, and the key is tuned again.
 Without benchmarking (one candidate, TQUANT_AUTOTUNE=0, or inside CUDA-graph capture) an uncached key
@@ -27,7 +28,10 @@ import torch
 from .runtime import device_name
 
 FORMAT = 1
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "autotune_cache"
+_PACKAGE = Path(__file__).resolve().parents[1]
+# installed: tquant/autotune_cache/ (package data); source checkout: <repo>/autotune_cache/
+SHIPPED_DIR = next((d for d in (_PACKAGE / "autotune_cache", _PACKAGE.parent / "autotune_cache") if d.is_dir()),
+                   _PACKAGE.parent / "autotune_cache")
 
 _memory: dict[str, dict[str, dict]] = {}  # gpu -> {entry key -> entry}
 _chosen: dict[tuple[str, str], dict] = {}  # (gpu, entry key) -> config, the per-call fast path
@@ -70,7 +74,8 @@ def write_entry(path: Path, gpu: str, name: str, entry: dict) -> None:
 
 def _entries(gpu: str) -> dict[str, dict]:
     if gpu not in _memory:
-        _memory[gpu] = {**read_entries(SHIPPED_DIR / f"{gpu}.json", gpu), **read_entries(user_dir() / f"{gpu}.json", gpu)}
+        shipped, user = read_entries(SHIPPED_DIR / f"{gpu}.json", gpu), read_entries(user_dir() / f"{gpu}.json", gpu)
+        _memory[gpu] = {**shipped, **user}
     return _memory[gpu]
 
 
@@ -97,7 +102,8 @@ def benchmark(configs: list[dict], run: Callable[[dict], Any]) -> list[tuple[flo
     return sorted(timed, key=lambda t: t[0])
 
 
-def tune(kernel: str, key: dict[str, Any], configs: list[dict], run: Callable[[dict], Any], device: torch.device) -> dict:
+def tune(kernel: str, key: dict[str, Any], configs: list[dict], run: Callable[[dict], Any],
+         device: torch.device) -> dict:
     gpu = device_name(device)
     name = entry_key(kernel, key)
     config = _chosen.get((gpu, name))

@@ -157,13 +157,14 @@ def _dequant_gemm_kernel(
 
 
 @triton.jit
-def _dequantize_kernel(q_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KW, group_size, stride_qk, stride_sg, stride_wk, magic,
-                       BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dequantize_kernel(q_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KW, group_size, stride_qk, stride_sg, stride_wk,
+                       magic, BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
                        HAS_PERM: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    words = tl.load(q_ptr + rows[:, None] * stride_qk + offs_n[None, :], mask=(rows < KW)[:, None] & n_ok[None, :], other=0)
+    words = tl.load(q_ptr + rows[:, None] * stride_qk + offs_n[None, :], mask=(rows < KW)[:, None] & n_ok[None, :],
+                    other=0)
     for j in tl.static_range(EPW):
         k = rows * EPW + j
         k_ok = k < K
@@ -224,8 +225,8 @@ def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
     _dequant_gemm_kernel[grid](
         x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y,
         m, n, k, qweight.shape[0], group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split,
-        MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=epw_p2, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
-        GROUP_M=config["GROUP_M"], GROUPS=groups, HAS_PERM=perm is not None,
+        MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=epw_p2, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        BLOCK_KW=block_kw, GROUP_M=config["GROUP_M"], GROUPS=groups, HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None, ATOMIC=splits > 1, **dot_args(x.dtype), num_warps=config["num_warps"],
         num_stages=config["num_stages"] if groups < 2 else 1,  # pipelining per-code scale loads costs too much smem
     )
@@ -262,7 +263,7 @@ def _configs(tiles, split_k, stages, n, kw) -> list[dict]:
 
 INTERPRETER_CONFIGS = (  # small blocks so that tests cover several tiles, splits and masks
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2, GROUP_M=2, num_warps=4, num_stages=1),
-    dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=1),
+    dict(path="gemm", BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=1, GROUP_M=2, num_warps=4, num_stages=1),
 )
 
 

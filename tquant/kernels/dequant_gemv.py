@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from . import dequant_gemm
-from .dequant_gemm import MAGIC_BITS, code_minus_zero, code_scale, group_mode, load_group_params, split_k_grid, store_output
+from .dequant_gemm import (MAGIC_BITS, code_minus_zero, code_scale, group_mode, load_group_params, split_k_grid,
+                           store_output)
 
 
 @triton.jit
@@ -98,11 +99,11 @@ def configs(n: int, kw: int) -> list[dict]:
     that were fastest on an H100, each with the three split-K counts nearest 3 programs per SM."""
     out = []
     for warps, block_n, bkw in ((4, 512, 2), (4, 512, 4), (8, 1024, 2), (8, 1024, 4), (8, 512, 8)):
-        splits = [sk for sk in (1, 2, 4, 8, 16, 32, 64) if sk == 1 or kw >= 2 * sk * bkw]
-        splits.sort(key=lambda sk: abs(math.log2(-(-n // block_n) * sk / 400)))
-        for sk in splits[:3]:
-            for stages in (1, 4):
-                config = dict(path="gemv", BLOCK_N=block_n, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps, num_stages=stages)
-                out.append((abs(math.log2(-(-n // block_n) * sk / 400)), config))
+        def off_target(sk):  # distance from 400 programs, in octaves
+            return abs(math.log2(-(-n // block_n) * sk / 400))
+
+        splits = sorted((sk for sk in (1, 2, 4, 8, 16, 32, 64) if sk == 1 or kw >= 2 * sk * bkw), key=off_target)
+        out += [(off_target(sk), dict(path="gemv", BLOCK_N=block_n, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps,
+                                      num_stages=stages)) for sk in splits[:3] for stages in (1, 4)]
     out.sort(key=lambda c: c[0])
     return [c for _, c in out]

@@ -9,10 +9,9 @@ code(k, n) is defined by tquant/packing.py. group_size <= 0 means per-channel (g
 
 `weight_only_matmul` runs the Triton kernels. The path and its launch config are tuned once per GPU and
 key (M rounded up to a power of two, N, K, bits, group_size, dtype, perm) by autotune_cache:
-    M == 1      dequant_gemv (no tl.dot)
-    M <= 16     dequant_gemm with x read in place, split-K
-    M > 16      dequant_gemm with x copied into tile order first; from M >= 128 on also "dense":
-                dequantize once (Triton), then cuBLAS (x @ w)
+    M == 1      dequant_gemv (no tl.dot), split-K
+    M <= 16     dequant_gemm with y^T = w^T x^T (BLOCK_M = 16), split-K
+    M > 16      dequant_gemm; from M >= 128 on also "dense": dequantize once (Triton), then cuBLAS (x @ w)
 `weight_only_matmul_ref` is plain torch in fp32 (for CPU modules and tests).
 """
 from __future__ import annotations
@@ -53,7 +52,8 @@ def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm,
         if t is None:
             continue
         if t.dtype not in dtypes:
-            raise ValueError(f"{name} dtype {t.dtype} does not match: expected {' or '.join(map(str, dtypes))} (x is {x.dtype})")
+            expected_dtypes = " or ".join(map(str, dtypes))
+            raise ValueError(f"{name} dtype {t.dtype} does not match: expected {expected_dtypes} (x is {x.dtype})")
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} does not match: expected {shape} "
                              f"for K={in_features}, bits={bits}, group_size={group_size}")
@@ -84,12 +84,12 @@ def candidates(m: int, n: int, kw: int) -> list[dict]:
 
 def run_path(config, x, qweight, scales, zeros, perm, bias, *, bits, group_size, in_features):
     """One launch of the path that config names (inputs already checked and contiguous)."""
-    if config["path"] == "gemv":
-        return dequant_gemv.gemv(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, config=config)
     if config["path"] == "dense":
-        w = dequant_gemm.dequantize(qweight, scales, zeros, perm, bits=bits, group_size=group_size, in_features=in_features)
+        w = dequant_gemm.dequantize(qweight, scales, zeros, perm, bits=bits, group_size=group_size,
+                                    in_features=in_features)
         return x @ w if bias is None else torch.addmm(bias, x, w)
-    return dequant_gemm.gemm(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, config=config)
+    kernel = dequant_gemv.gemv if config["path"] == "gemv" else dequant_gemm.gemm
+    return kernel(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, config=config)
 
 
 def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_features, perm=None, bias=None):
@@ -102,5 +102,6 @@ def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_featur
     kw = dict(bits=bits, group_size=group_size, in_features=in_features)
     key = dict(M=next_power_of_2(m), N=n, K=in_features, bits=bits, group=group_size,
                dtype=str(x.dtype).removeprefix("torch."), perm=int(perm is not None))
-    config = tune("weight_only_matmul", key, candidates(key["M"], n, qweight.shape[0]), lambda c: run_path(c, *args, **kw), x.device)
+    configs = candidates(key["M"], n, qweight.shape[0])
+    config = tune("weight_only_matmul", key, configs, lambda c: run_path(c, *args, **kw), x.device)
     return run_path(config, *args, **kw)
