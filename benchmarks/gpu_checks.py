@@ -46,9 +46,15 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     block_bytes = sum(t.numel() * t.element_size() for t in model.model.layers[0].parameters())
     rest_bytes = sum(t.numel() * t.element_size() for t in model.parameters()) - a.layers * block_bytes
+    blocks_on_gpu = []  # at every block call during quantization: how many blocks hold CUDA tensors
+    count = lambda *_: blocks_on_gpu.append(sum(any(t.is_cuda for t in b.state_dict().values()) for b in model.model.layers))
+    hooks = [b.register_forward_pre_hook(count) for b in model.model.layers]
     t = time.time()
     tquant.quantize(model, "gptq", bits=4, group_size=128, calib=ids, device="cuda", act_order=True, progress=False)
     torch.cuda.synchronize()
+    for h in hooks:
+        h.remove()
+    print(f"blocks on the GPU during quantization: at most {max(blocks_on_gpu)} (over {len(blocks_on_gpu)} block calls)")
     print(f"GPTQ W4 g128 act_order on {a.layers} blocks ({a.hidden}/{a.inter}), 32 x 512 calib: {time.time() - t:.1f} s")
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB; one block {block_bytes / 2**20:.0f} MiB, "
           f"all blocks {a.layers * block_bytes / 2**20:.0f} MiB, non-block modules {rest_bytes / 2**20:.0f} MiB")
