@@ -140,42 +140,66 @@ def capture_block_inputs(model, blocks_name, blocks, calib: torch.Tensor, device
     return captured
 
 
+@contextlib.contextmanager
+def _hooked(handles):
+    """Keep hook handles registered for the duration of the block."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run_passes(passes) -> None:
+    """Call each pass; a hook raising _StageDone ends that pass early."""
+    for run in passes:
+        try:
+            run()
+        except _StageDone:
+            pass
+
+
 @torch.no_grad()
 def _input_groups(block, linears: dict[str, nn.Linear], args, kwargs) -> list[list[str]]:
     """Linears grouped by the input tensor they read, in the order the block calls them."""
     calls = []
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, i[0]))) for n, m in linears.items()]
-    try:
+    with _hooked([m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, i[0]))) for n, m in linears.items()]):
         block(*args, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    stages, prev = [], None
+    groups, prev = [], None
     for name, inp in calls:
-        if any(name in s for s in stages):
+        if any(name in g for g in groups):
             continue
-        if stages and inp is prev:
-            stages[-1].append(name)
+        if groups and inp is prev:
+            groups[-1].append(name)
         else:
-            stages.append([name])
+            groups.append([name])
         prev = inp
-    return stages + [[n] for n in linears if not any(n in s for s in stages)]
+    return groups + [[n] for n in linears if not any(n in g for g in groups)]
 
 
 @torch.no_grad()
-def _collect(block, inputs, groups, linears, states, last: nn.Module) -> None:
-    """Run the block on every input with one statistics hook per input group, stopping after `last`."""
-    hooks = [linears[g[0]].register_forward_hook(lambda m, i, o, s=states[g[0]]: s.add_batch(i[0])) for g in groups]
-    hooks.append(last.register_forward_hook(_stop))
-    try:
-        for args, kwargs in inputs:
-            try:
-                block(*args, **kwargs)
-            except _StageDone:
-                pass
-    finally:
-        for h in hooks:
-            h.remove()
+def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_sequential: bool, dtype):
+    """Quantize one block's linears in place (swapping in PackedLinear). Returns ({name: spec}, the
+    block's outputs on `inputs` with the quantized weights, or None without inputs)."""
+    groups = [[n] for n in linears] if inputs is None else _input_groups(block, linears, *inputs[0])
+    results = {}
+    for stage in [[g] for g in groups] if true_sequential else [groups]:
+        states = {g[0]: method.new_state(prefix + g[0], linears[g[0]]) for g in stage}
+        if inputs is not None:
+            stats = [linears[g[0]].register_forward_hook(lambda m, i, o, s=states[g[0]]: s.add_batch(i[0])) for g in stage]
+            with _hooked(stats + [linears[stage[-1][-1]].register_forward_hook(_stop)]):
+                _run_passes(lambda a=a, k=k: block(*a, **k) for a, k in inputs)
+        for g in stage:
+            for n in g:
+                qw = method.quantize(states[g[0]], linears[n], prefix + n)
+                linears[n].weight.data = qw.dequantize().to(linears[n].weight.dtype)
+                results[n] = qw
+    outputs = None if inputs is None else [block(*args, **kwargs) for args, kwargs in inputs]
+    specs = {}
+    for n, qw in results.items():
+        block.set_submodule(n, PackedLinear.from_quantized(qw, linears[n].bias, dtype))
+        specs[prefix + n] = block.get_submodule(n).layer_spec()
+    return specs, outputs
 
 
 @torch.no_grad()
@@ -226,30 +250,12 @@ def quantize_blocks(
     for i, block in enumerate(tqdm(blocks, desc=f"{method.name} blocks", disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
-        linears = targets[i]
-        prefix = f"{blocks_name}.{i}."
-        if inputs is None:
-            groups = [[n] for n in linears]
-        else:
-            groups = _input_groups(block, linears, *inputs[0])
-        results = {}
-        for stage in [[g] for g in groups] if true_sequential else [groups]:
-            states = {g[0]: method.new_state(prefix + g[0], linears[g[0]]) for g in stage}
-            if inputs is not None:
-                _collect(block, inputs, stage, linears, states, last=linears[stage[-1][-1]])
-            for g in stage:
-                for n in g:
-                    qw = method.quantize(states[g[0]], linears[n], prefix + n)
-                    linears[n].weight.data = qw.dequantize().to(linears[n].weight.dtype)
-                    results[n] = qw
-            del states
-        if inputs is not None:
-            outputs = [block(*args, **kwargs) for args, kwargs in inputs]
+        block_specs, outputs = _quantize_block(block, targets[i], inputs, method, f"{blocks_name}.{i}.",
+                                               true_sequential, dtype)
+        specs.update(block_specs)
+        if outputs is not None:
             tuple_out = isinstance(outputs[0], (tuple, list))
             inputs = [((_first(o),) + tuple(args[1:]), kwargs) for o, (args, kwargs) in zip(outputs, inputs)]
-        for n, qw in results.items():
-            block.set_submodule(n, PackedLinear.from_quantized(qw, linears[n].bias, dtype))
-            specs[prefix + n] = block.get_submodule(n).layer_spec()
         block.to(home)
     if embeddings:
         specs.update(_quantize_embedding(model, method, dtype))
@@ -284,16 +290,10 @@ def _quantize_head(model, blocks_name, blocks, method, calib, final_hidden, tupl
     with _without_blocks(model, blocks_name, stand_in, device):
         state = method.new_state(name, head)
         if final_hidden is not None:
-            hooks = [head.register_forward_hook(lambda m, i, o: state.add_batch(i[0])), head.register_forward_hook(_stop)]
-            try:
-                for ids in _batches(calib, batch_size, device):
-                    try:
-                        model(input_ids=ids, use_cache=False)
-                    except _StageDone:
-                        pass
-            finally:
-                for h in hooks:
-                    h.remove()
+            with _hooked([head.register_forward_hook(lambda m, i, o: state.add_batch(i[0])),
+                          head.register_forward_hook(_stop)]):
+                _run_passes(lambda ids=ids: model(input_ids=ids, use_cache=False)
+                            for ids in _batches(calib, batch_size, device))
         packed = PackedLinear.from_quantized(method.quantize(state, head, name), head.bias, dtype)
     model.set_submodule(name, packed.to(head.weight.device))
     model.config.tie_word_embeddings = False  # the embedding keeps its float weight
