@@ -22,7 +22,8 @@ def hf_dir(tmp_path_factory):
 def quantized_dir(hf_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("q"))
     main(["quantize", "--model", hf_dir, "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib", "pydoc",
-          "--n-samples", "4", "--seqlen", "32", "--option", "act_order=false", "--option", "percdamp=0.02", "--out", out])
+          "--n-samples", "4", "--seqlen", "32", "--option", "act_order=false", "--option", "percdamp=0.02",
+          "--skip", "*.0.mlp.down_proj", "--lm-head", "--out", out])
     return out
 
 
@@ -30,6 +31,8 @@ def test_quantize_writes_a_loadable_checkpoint(quantized_dir):
     config = json.load(open(f"{quantized_dir}/config.json"))["quantization_config"]
     assert config["method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 32
     assert config["options"]["act_order"] is False and config["options"]["percdamp"] == 0.02
+    assert "lm_head" in config["layers"] and "model.layers.0.mlp.down_proj" not in config["layers"]
+    assert "model.layers.1.mlp.down_proj" in config["layers"]
 
 
 def test_eval_prints_perplexity(quantized_dir, capsys):

@@ -54,7 +54,8 @@ def cmd_quantize(a) -> None:
 
     model, tok = load_model(a.model, device="cpu")
     tquant.quantize(model, a.method, bits=a.bits, group_size=a.group_size, sym=not a.asym, calib=a.calib,
-                    tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen, device=a.device, **dict(a.option))
+                    tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen, device=a.device, skip=a.skip,
+                    lm_head=a.lm_head, embeddings=a.embeddings, **dict(a.option))
     tquant.save(model, a.out, tokenizer=tok)
     print(f"saved {a.method} {a.bits}-bit model to {a.out}")
 
@@ -126,6 +127,9 @@ def main(argv=None) -> None:
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--device", default=None)
     q.add_argument("--option", type=_option, action="append", default=[], help="method option key=value")
+    q.add_argument("--skip", action="append", default=[], help="layer-name pattern to keep in full precision")
+    q.add_argument("--lm-head", action="store_true", help="also quantize the lm_head")
+    q.add_argument("--embeddings", action="store_true", help="also quantize the input embedding (RTN)")
     q.add_argument("--out", required=True)
     q.set_defaults(fn=cmd_quantize)
 

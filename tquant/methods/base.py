@@ -58,6 +58,10 @@ class LayerState:
         pass
 
 
+def option(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass
 class Method:
     """Base of weight-only methods. Options are dataclass fields: their metadata 'help' documents them."""
@@ -66,9 +70,9 @@ class Method:
     needs_calibration: ClassVar[bool] = True
     state_class: ClassVar[type[LayerState]] = LayerState
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
+    bits: int = option(4, "weight bits: 2, 3, 4 or 8")
+    group_size: int = option(128, "input channels sharing a scale and zero; -1 = one per output channel")
+    sym: bool = option(True, "symmetric grid (zero fixed at 2^(bits-1)); False = min-max with an integer zero")
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -89,6 +93,3 @@ class Method:
     def quantize(self, state: LayerState, linear: nn.Linear, name: str) -> QuantizedWeight:
         raise NotImplementedError
 
-
-def option(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
