@@ -15,7 +15,7 @@ STAGES = {
     "opt": [{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, {"self_attn.out_proj"}, {"fc1"}, {"fc2"}],
     "gpt2": [{"attn.c_attn"}, {"attn.c_proj"}, {"mlp.c_fc"}, {"mlp.c_proj"}],
 }
-STAGES["qwen2"] = STAGES["llama"]
+STAGES["qwen2"] = STAGES["mistral"] = STAGES["llama"]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -25,6 +25,9 @@ ARCHS = {
     "qwen2": lambda: transformers.Qwen2Config(
         vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=256),
+    "mistral": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=16),
     "opt": lambda: transformers.OPTConfig(
         vocab_size=VOCAB, hidden_size=96, ffn_dim=192, num_hidden_layers=2, num_attention_heads=6,
         max_position_embeddings=256, word_embed_proj_dim=96),
