@@ -10,12 +10,14 @@ For each shape K->N and batch M (fp16 activations, W4A16, group 128) it times:
 Timings are medians: "graph" from triton.testing.do_bench_cudagraph over replays that rotate through
 enough weight copies to overflow L2, "eager" from triton.testing.do_bench (which flushes L2 each call).
 Before timing, every path of tquant (gemv, gemm in place, gemm tiled, dense) is checked against the
-torch reference for bits 2/3/4/8 with and without perm. TQUANT_AUTOTUNE_DIR decides where the tuned
-configs go (copy that file to autotune_cache/ to ship it).
+torch reference for bits 2/3/4/8 with and without perm, fp16 and bf16 (the GEMM's packed half2
+dequantization for 2/4/8 bits, the fp32 one for 3 bits and bf16 8-bit). TQUANT_AUTOTUNE_DIR decides
+where the tuned configs go (copy that file to autotune_cache/ to ship it).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -56,35 +58,39 @@ def rel_err(y, ref):
 
 
 def check_paths(k, n, ms, gen):
-    """Every path's first config vs the reference, bits 2/3/4/8, with/without perm (fp16, g128 or per-channel)."""
+    """Every path's first config vs the reference, bits 2/3/4/8, with/without perm, fp16 and bf16 (g128 or
+    per-channel)."""
     log(f"\n== correctness of every path, K={k} N={n} (rel. error vs torch fp32 reference) ==")
-    worst = 0.0
-    for bits in (2, 3, 4, 8):
-        for perm in (False, True):
-            for group_size in ((128, k) if bits == 4 else (128,)):
-                w = make_weight(n, k, bits, group_size, torch.float16, perm, gen)
-                bias = torch.randn(n, generator=gen, device="cuda").half()
-                row = []
-                for m in ms:
-                    x = torch.randn(m, k, generator=gen, device="cuda").half()
-                    args = (x, w["qweight"], w["scales"], w["zeros"], w["perm"], bias)
-                    kw = dict(bits=bits, group_size=group_size, in_features=k)
-                    ref = weight_only_matmul_ref(*args[:4], perm=w["perm"], bias=bias, **kw)
-                    if m == 1:
-                        paths = {"gemv": dequant_gemv.configs(n, w["qweight"].shape[0])[0]}
-                    else:
-                        paths = {"gemm": dequant_gemm.configs(m, n, w["qweight"].shape[0])[0], "dense": DENSE}
-                    for name, config in paths.items():
-                        try:
-                            err = rel_err(run_path(config, *args, **kw), ref)
-                        except Exception as e:  # noqa: BLE001
-                            log(f"  FAILED bits={bits} perm={perm} M={m} {name} {config}: {type(e).__name__}: {e}")
-                            err = float("inf")
-                        worst = max(worst, err)
-                        row.append(f"M={m} {name}: {err:.1e}")
-                log(f"bits={bits} perm={int(perm)} group={group_size}: " + ", ".join(row))
-    log(f"worst relative error: {worst:.2e} ({'OK' if worst < 5e-3 else 'TOO LARGE'}), {time.time() - T0:.0f} s")
-    return worst
+    worst = {torch.float16: 0.0, torch.bfloat16: 0.0}
+    for dtype, bits, perm in itertools.product(worst, (2, 3, 4, 8), (False, True)):
+        for group_size in ((128, k) if bits == 4 else (128,)):
+            w = make_weight(n, k, bits, group_size, dtype, perm, gen)
+            bias = torch.randn(n, generator=gen, device="cuda").to(dtype)
+            row = []
+            for m in ms:
+                x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+                args = (x, w["qweight"], w["scales"], w["zeros"], w["perm"], bias)
+                kw = dict(bits=bits, group_size=group_size, in_features=k)
+                ref = weight_only_matmul_ref(*args[:4], perm=w["perm"], bias=bias, **kw)
+                if m == 1:
+                    paths = {"gemv": dequant_gemv.configs(n, w["qweight"].shape[0])[0]}
+                else:
+                    gemm = dequant_gemm.configs(m, n, w["qweight"].shape[0])
+                    paths = {"gemm": gemm[0], "dense": DENSE}
+                    paths.update(("gemm split-K", c) for c in gemm if c["SPLIT_K"] > 1)  # the last one, if any
+                for name, config in paths.items():
+                    try:
+                        err = rel_err(run_path(config, *args, **kw), ref)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  FAILED bits={bits} perm={perm} M={m} {name} {config}: {type(e).__name__}: {e}")
+                        err = float("inf")
+                    worst[dtype] = max(worst[dtype], err)
+                    row.append(f"M={m} {name}: {err:.1e}")
+            log(f"{str(dtype)[6:]} bits={bits} perm={int(perm)} group={group_size}: " + ", ".join(row))
+    ok = worst[torch.float16] < 5e-3 and worst[torch.bfloat16] < 2e-2
+    log(f"worst relative error: fp16 {worst[torch.float16]:.2e}, bf16 {worst[torch.bfloat16]:.2e} "
+        f"({'OK' if ok else 'TOO LARGE'}), {time.time() - T0:.0f} s")
+    return max(worst.values())
 
 
 def copies_for(nbytes):

@@ -28,14 +28,15 @@ needs_backend = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_availa
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    """Kernel outputs start as NaN (split-K buffers must start at zero), so unwritten elements show."""
-    real = dequant_gemm.output_buffer
+    """Kernel outputs and split-K workspaces start as NaN, so unwritten elements show."""
+    real_output, real_split = dequant_gemm.output_buffer, dequant_gemm.split_k_buffers
 
-    def poisoned(m, n, dtype, splits, device):
-        out = real(m, n, dtype, splits, device)
-        return out if splits > 1 else out.fill_(float("nan"))
+    def poisoned_split(*args):
+        ws, counters = real_split(*args)
+        return ws.fill_(float("nan")), counters
 
-    monkeypatch.setattr(dequant_gemm, "output_buffer", poisoned)
+    monkeypatch.setattr(dequant_gemm, "output_buffer", lambda *args: real_output(*args).fill_(float("nan")))
+    monkeypatch.setattr(dequant_gemm, "split_k_buffers", poisoned_split)
 
 
 def make_inputs(m, n, k, bits, group_size, dtype, perm, bias, seed, device=DEVICE):
@@ -106,6 +107,34 @@ def test_kernels_every_path(path, bits, k, group_size):
     y = run_path(config, t["x"], t["qweight"], t["scales"], t["zeros"], t["perm"], t["bias"], bits=bits,
                  group_size=group_size, in_features=k)
     assert_close(y, call(weight_only_matmul_ref, t, bits, group_size), torch.float16)
+
+
+@needs_backend
+@pytest.mark.parametrize("path", ["gemv", "gemm_split_k"])
+def test_kernels_split_k_leaves_counters_at_zero(path):
+    """The one-launch split-K reduction resets its arrival counters, so repeated calls agree."""
+    m, config = PATHS[path]
+    t = make_inputs(m, 70, 96, 4, 32, torch.float16, False, True, seed=3)
+    args = (t["x"], t["qweight"], t["scales"], t["zeros"], None, t["bias"])
+    first, second = (run_path(config, *args, bits=4, group_size=32, in_features=96) for _ in range(2))
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not dequant_gemm.split_k_buffers(2, 1, 1, 1, t["x"].device)[1].any()
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(), reason="inline asm needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("perm", [False, True])
+def test_kernels_asm_dequant_matches_portable(monkeypatch, dtype, bits, perm):
+    """dequant_pair_asm rounds (code - zero) * scale once, as the fp32 path does: identical outputs."""
+    t = make_inputs(16, 200, 512, bits, 128, dtype, perm, True, seed=bits)
+    config = dequant_gemm.configs(16, 200, t["qweight"].shape[0])[0]
+    args = (t["x"], t["qweight"], t["scales"], t["zeros"], t["perm"], t["bias"])
+    asm = run_path(config, *args, bits=bits, group_size=128, in_features=512)
+    monkeypatch.setattr(dequant_gemm, "use_asm", lambda dtype, bits: False)
+    portable = run_path(config, *args, bits=bits, group_size=128, in_features=512)
+    torch.testing.assert_close(asm, portable, rtol=0, atol=0)
+    assert_close(asm, call(weight_only_matmul_ref, t, bits, 128), dtype)
 
 
 @needs_backend

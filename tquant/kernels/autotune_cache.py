@@ -2,13 +2,13 @@
 
     config = tune(kernel, key, configs, run, device)   # run(config) launches the kernel once
 
-Lookup: memory, then the user file, then the shipped file; a miss benchmarks every candidate with
-triton.testing.do_bench (candidates that fail to compile or launch are skipped), keeps the fastest and
-adds it to the user file.
+Lookup: memory, then the user file, then the shipped file; a miss benchmarks every candidate in CUDA
+graphs with the L2 flushed before each call (benchmark; candidates that fail to compile or launch are
+skipped), keeps the fastest and adds it to the user file.
     shipped file:  <repo>/autotune_cache/<gpu>.json (installed as tquant/autotune_cache/<gpu>.json)
     user file:     $TQUANT_AUTOTUNE_DIR/<gpu>.json, default ~/.cache/tquant/autotune/<gpu>.json
     format:        {"format": 1, "gpu": "<gpu>", "entries": {"<kernel>|<key>": {"config": {...}, "us": t}}}
-                   (t: the tuner's median, do_bench with L2 flushed between calls)
+                   (t: the tuner's median in us, GPU time with the L2 flushed before each call)
 A file for another GPU, a malformed file, or an entry whose config is not among the current candidates
 (stale after a code change) is ignored, and the key is tuned again.
 Without benchmarking (one candidate, TQUANT_AUTOTUNE=0, or inside CUDA-graph capture) an uncached key
@@ -87,19 +87,42 @@ def cached_config(gpu: str, name: str, configs: list[dict]) -> dict | None:
 
 
 def benchmark(configs: list[dict], run: Callable[[dict], Any]) -> list[tuple[float, dict]]:
-    """[(median time in us, config)], fastest first; configs that raise are left out."""
-    import triton.testing
-
+    """[(median time in us, config)], fastest first; configs that raise are left out. GPU time alone:
+    CUDA graphs of reps x (L2 flush, run) minus reps x (L2 flush), so the host's launch overhead (larger
+    than microsecond kernels, and what eager timing of them mostly measures) does not decide. The flush
+    reads twice the L2's size (a sum), leaving no dirty lines for the timed call to write back."""
+    flush = torch.empty(torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size // 2,
+                        dtype=torch.int32, device="cuda")
+    base = _graph_us(flush.sum)
     timed = []
     for config in configs:
         try:
-            ms = triton.testing.do_bench(lambda: run(config), warmup=5, rep=20, return_mode="median")
+            run(config)  # compiles; the first split-K call also allocates its counters outside capture
+            us = _graph_us(lambda: (flush.sum(), run(config))) - base
         except Exception:  # a config the GPU cannot run (too much shared memory, too many registers)
             continue
-        timed.append((ms * 1e3, config))
+        timed.append((us, config))
     if not timed:
         raise RuntimeError("autotune: no candidate config could be launched")
     return sorted(timed, key=lambda t: t[0])
+
+
+def _graph_us(fn: Callable[[], Any], reps: int = 20, samples: int = 7) -> float:
+    """Median time of one fn() in us, replaying a CUDA graph of reps calls."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(samples):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[samples // 2]
 
 
 def tune(kernel: str, key: dict[str, Any], configs: list[dict], run: Callable[[dict], Any],

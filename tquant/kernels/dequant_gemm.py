@@ -9,8 +9,11 @@ share of K in tiles of BLOCK_KW words = BLOCK_K code slots (EPW_P2 = next_power_
 every code is dequantized in registers with constant masks (code_minus_zero) and the codes of each word
 are joined next to each other (codes_tree), giving w^T [BLOCK_N, BLOCK_K] in the order of x's columns;
 then one tl.dot(x tile, w) with fp32 accumulation. For M > 16, perm is applied to x once by the launcher;
-for small M it is gathered in the x loads. SPLIT_K > 1 splits K over grid axis 1 and adds fp32
-partials into a zeroed buffer with atomics.
+for small M it is gathered in the x loads. SPLIT_K > 1 splits K over grid axis 1 (store_output sums
+the splits in the same launch). On CUDA, fp16/bf16 weights of 2/4/8 bits are dequantized two words at a
+time in packed half2 arithmetic (dequant_pair_asm) when BLOCK_M <= 16 (larger tiles with fp16 joins
+break Triton 3.6's compiler); elsewhere (interpreter, fp32, 3-bit, bf16 8-bit) in fp32 (code_minus_zero).
+Both give the same values: (code - zero) * scale rounded once to x's dtype.
 `dequantize`: writes w [K, N] once (rows scattered to perm), for cuBLAS at large batch.
 """
 from __future__ import annotations
@@ -57,15 +60,53 @@ def code_scale(J: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def codes_tree(words, zero, scale, magic, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr,
-               BITS: tl.constexpr):
+               BITS: tl.constexpr, ASM: tl.constexpr, DTYPE: tl.constexpr):
     """(code - zero) * scale for codes J, J + STRIDE, ... (COUNT, a power of two) of every word, stacked on
     trailing dims of size 2 (tl.join, so they stay in each thread) with the lowest stride last:
-    flattened, trailing index i holds code J + STRIDE * i. Codes past epw (3-bit) are garbage, finite."""
+    flattened, trailing index i holds code J + STRIDE * i. Codes past epw (3-bit) are garbage, finite.
+    ASM: in DTYPE by dequant_pair_asm (magic = its 2^E pattern in both halves), else in fp32 by
+    code_minus_zero (joining fp32 and converting after keeps Triton 3.6 compiling every GEMM tile)."""
     if COUNT == 1:
-        return code_minus_zero(words, J, zero, magic, BITS) * (scale / code_scale(J, BITS))
+        if ASM:
+            w = dequant_pair_asm(words, J, zero, scale, magic, BITS, DTYPE)
+        else:
+            w = code_minus_zero(words, J, zero, magic, BITS) * (scale / code_scale(J, BITS))
+        return w
     else:
-        return tl.join(codes_tree(words, zero, scale, magic, J, 2 * STRIDE, COUNT // 2, BITS),
-                       codes_tree(words, zero, scale, magic, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS))
+        return tl.join(codes_tree(words, zero, scale, magic, J, 2 * STRIDE, COUNT // 2, BITS, ASM, DTYPE),
+                       codes_tree(words, zero, scale, magic, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS, ASM, DTYPE))
+
+
+@triton.jit
+def dequant_pair_asm(words, J: tl.constexpr, zero, scale, magic, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """(code_J - zero) * scale in DTYPE (fp16 / bf16) for two words a and b per asm block, in packed
+    half2 arithmetic, 2 instructions a code (bits 2, 4, 8; bf16 not 8): PRMT puts the byte holding code J
+    of a in lane 0 and of b in lane 1; one LOP3 masks the code at bit O of each lane and ORs in
+    magic = 2^E in both lanes (E = 10 fp16, 7 bf16: E mantissa bits), giving 2^E + code * 2^O; one FMA
+    by 2^-O minus (2^(E-O) + zero) gives code - zero exactly (small integers); one MUL by scale rounds once.
+    bf16 codes that would reach bit 7 (the exponent) are taken from words >> 4."""
+    E: tl.constexpr = 10 if DTYPE == tl.float16 else 7
+    SHIFT: tl.constexpr = 4 if (J * BITS) % 8 + BITS > E else 0
+    B: tl.constexpr = J * BITS // 8
+    O: tl.constexpr = (J * BITS) % 8 - SHIFT
+    src = words
+    if SHIFT > 0:
+        src = (words.to(tl.uint32, bitcast=True) >> SHIFT).to(tl.int32, bitcast=True)
+    one: tl.constexpr = (15 - O) << 10 if DTYPE == tl.float16 else (127 - O) << 7  # 2^-O, 16-bit pattern
+    T: tl.constexpr = "f16x2" if DTYPE == tl.float16 else "bf16x2"
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, zz, ss; .reg .f32 z0, z1;"
+        "prmt.b32 t, $1, $2, $9;"
+        "lop3.b32 t, t, $11, $7, 0xEA;"  # (t & mask) | magic
+        "sub.f32 z0, $13, $3; sub.f32 z1, $13, $4;"  # -(2^(E-O) + zero)
+        "cvt.rn." + T + ".f32 zz, z1, z0;"
+        "cvt.rn." + T + ".f32 ss, $6, $5;"
+        "fma.rn." + T + " t, t, $15, zz;"
+        "mul.rn." + T + " $0, t, ss; }",
+        "=r" + ",r" * 16,
+        [src, zero, scale, magic, B | B << 4 | (4 + B) << 8 | (4 + B) << 12,
+         (((1 << BITS) - 1) << O) * 0x10001, -(1 << (E - O)) * 1.0, one | one << 16],
+        dtype=DTYPE.value, is_pure=True, pack=2)
 
 
 @triton.jit
@@ -84,28 +125,38 @@ def load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW: tl.constexp
 
 
 @triton.jit
-def store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, first_split, HAS_BIAS: tl.constexpr,
-                 ATOMIC: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] fp32 (+ bias once) -> y; ATOMIC adds into an fp32 split-K buffer."""
+def store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, ws_ptr, count_ptr, tile, split, splits,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 (+ bias) -> y in y's dtype. SPLIT: each split stores its partial in the
+    fp32 workspace [splits, M, N] and counts itself in count[tile] (atomic, acq_rel); the last to arrive
+    sums all partials, writes y and sets count[tile] back to 0, so one launch does the whole reduction."""
     n_ok = offs_n < N
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc += tl.where(first_split, bias, 0.0)[None, :]
-    ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = (offs_m < M)[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=mask)
-    else:
-        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    last = True
+    if SPLIT:
+        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws + split * M * N, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == splits - 1
+        if last:
+            acc = tl.zeros_like(acc)
+            for i in range(splits):
+                acc += tl.load(ws + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(count_ptr + tile, 0)
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dequant_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr,
-    M, N, K, KW, group_size, stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split, magic,
-    BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr, GROUPS: tl.constexpr, HAS_PERM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ws_ptr, count_ptr, M, N, K, KW, group_size, stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split, splits,
+    magic, BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr, GROUPS: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = BLOCK_KW * EPW_P2
     # grouped order: GROUP_M row blocks in a row reuse each weight tile from L2
@@ -137,9 +188,11 @@ def _dequant_gemm_kernel(
             k_ok = (slot % EPW_P2 < EPW) & (k < K)
         if GROUPS < 2:
             s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, GROUPS, 0)
-            w = tl.reshape(codes_tree(words, tl.trans(z), tl.trans(s), magic, 0, 1, EPW_P2, BITS), (BLOCK_N, BLOCK_K))
+            w = tl.reshape(codes_tree(words, tl.trans(z), tl.trans(s), magic, 0, 1, EPW_P2, BITS, ASM, DOT_DTYPE),
+                           (BLOCK_N, BLOCK_K))
         else:  # per-code groups: codes first, then zero and scale per slot
-            w = tl.reshape(codes_tree(words, 0.0, 1.0, magic, 0, 1, EPW_P2, BITS), (BLOCK_N, BLOCK_K))
+            w = tl.reshape(codes_tree(words, 0.0, 1.0, magic, 0, 1, EPW_P2, BITS, False, tl.float32),
+                           (BLOCK_N, BLOCK_K))
             sz = (tl.minimum(k, K - 1) // group_size)[None, :] * stride_sg + offs_n[:, None]
             w = (w - tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0).to(tl.float32)) * \
                 tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0).to(tl.float32)
@@ -153,7 +206,8 @@ def _dequant_gemm_kernel(
             acc = tl.dot(xa.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION)
     if BLOCK_M <= 16:
         acc = tl.trans(acc_t)
-    store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, pid_k == 0, HAS_BIAS, ATOMIC)
+    store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, ws_ptr, count_ptr, pid, pid_k, splits,
+                 HAS_BIAS, SPLIT)
 
 
 @triton.jit
@@ -185,12 +239,32 @@ def split_k_grid(kw_total: int, block_kw: int, split_k: int) -> tuple[int, int]:
     return per_split, triton.cdiv(kw_total, per_split)
 
 
-def output_buffer(m: int, n: int, dtype: torch.dtype, splits: int, device) -> torch.Tensor:
-    """The kernels' output: y itself, or for split-K a zeroed fp32 buffer that the splits add into (cast
-    with .to(dtype) after). Tests patch this to poison y."""
-    if splits > 1:
-        return torch.zeros(m, n, dtype=torch.float32, device=device)
+def output_buffer(m: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The kernels' output y (uninitialized; tests patch this to poison it)."""
     return torch.empty(m, n, dtype=dtype, device=device)
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_buffers(splits: int, m: int, n: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 workspace [splits, m, n], int32 arrival counters [>= tiles], all zero) for store_output's
+    one-launch split-K reduction. The counters are allocated once per device and left at zero by every
+    launch, so launches on one device must not run concurrently on several streams. Their first
+    allocation (a torch.zeros) should happen outside CUDA-graph capture (the tuner's eager call does it)."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = _counters[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return torch.empty(splits, m, n, dtype=torch.float32, device=device), counters
+
+
+ASM_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}  # 1024.0 / 128.0 in both halves
+ASM_BITS = {torch.float16: (2, 4, 8), torch.bfloat16: (2, 4)}  # bf16's 7 mantissa bits hold no 8-bit code
+
+
+def use_asm(dtype: torch.dtype, bits: int) -> bool:
+    """Whether dequant_pair_asm applies: on CUDA (the interpreter cannot run inline asm), ASM_BITS."""
+    return not interpreter_on() and bits in ASM_BITS.get(dtype, ())
 
 
 def dot_args(dtype: torch.dtype) -> dict:
@@ -220,24 +294,27 @@ def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
         x, perm = x[:, perm], None
     per_split, splits = split_k_grid(qweight.shape[0], block_kw, config["SPLIT_K"])
     groups = group_mode(block_kw, epw, group_size, k)
-    y = output_buffer(m, n, x.dtype, splits, x.device)
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]), splits)
-    _dequant_gemm_kernel[grid](
-        x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y,
-        m, n, k, qweight.shape[0], group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split,
-        MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=epw_p2, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-        BLOCK_KW=block_kw, GROUP_M=config["GROUP_M"], GROUPS=groups, HAS_PERM=perm is not None,
-        HAS_BIAS=bias is not None, ATOMIC=splits > 1, **dot_args(x.dtype), num_warps=config["num_warps"],
+    asm = use_asm(x.dtype, bits) and groups < 2 and config["BLOCK_M"] <= 16
+    y = output_buffer(m, n, x.dtype, x.device)
+    tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+    ws, counters = split_k_buffers(splits, m, n, tiles, x.device) if splits > 1 else (y, y)
+    _dequant_gemm_kernel[(tiles, splits)](
+        x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y, ws,
+        counters, m, n, k, qweight.shape[0], group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        per_split, splits, ASM_MAGIC[x.dtype] if asm else MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=epw_p2,
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw, GROUP_M=config["GROUP_M"],
+        GROUPS=groups, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, ASM=asm,
+        **dot_args(x.dtype), num_warps=config["num_warps"],
         num_stages=config["num_stages"] if groups < 2 else 1,  # pipelining per-code scale loads costs too much smem
     )
-    return y.to(x.dtype)
+    return y
 
 
 def dequantize(qweight, scales, zeros, perm, *, bits: int, group_size: int, in_features: int) -> torch.Tensor:
     """w [K, N] in scales' dtype in input-channel order: w[perm[k]] = dequant row k (w[k] without perm)."""
     k, n = in_features, qweight.shape[1]
     epw = 32 // bits
-    w = output_buffer(k, n, scales.dtype, 1, qweight.device)
+    w = output_buffer(k, n, scales.dtype, qweight.device)
     block_kw, block_n = (4, 32) if interpreter_on() else (8, 128)
     grid = (triton.cdiv(qweight.shape[0], block_kw), triton.cdiv(n, block_n))
     _dequantize_kernel[grid](

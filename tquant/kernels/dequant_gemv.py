@@ -9,7 +9,9 @@ them into columns (accumulate_codes) and multiply-adds x_j * (code_j - zero) for
 in registers (code_minus_zero: one LOP3 and one FADD a code), into a [BLOCK_KW, BLOCK_N] fp32
 accumulator that is reduced over rows once at the end. Unless a word spans groups (3-bit only), scale
 is applied once a tile: sum_k x_k (c_k - z) s = s * sum_k x_k (c_k - z). 3-bit words take 16 slots,
-6 of them with x = 0. SPLIT_K > 1 adds fp32 partials into a zeroed buffer with atomics.
+6 of them with x = 0. SPLIT_K > 1: the last split of each N tile sums the fp32 partials (store_output).
+The packed half2 dequantization of the GEMM (dequant_pair_asm) is not used here: products with x and their
+sums would have to be half2 as well to save instructions, which loses precision and can overflow fp16.
 """
 from __future__ import annotations
 
@@ -38,10 +40,10 @@ def accumulate_codes(tile, words, xw, zero, scale, magic, J: tl.constexpr, STRID
 
 @triton.jit
 def _dequant_gemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr,
-    N, K, KW, group_size, stride_qk, stride_sg, kw_per_split, magic,
+    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
+    N, K, KW, group_size, stride_qk, stride_sg, kw_per_split, splits, magic,
     BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    GROUPS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+    GROUPS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -70,7 +72,8 @@ def _dequant_gemv_kernel(
                 xj = tl.sum(tl.where(j[None, :] == jj, xw, 0.0), axis=1)[:, None]
                 acc = accumulate_codes(acc, words, xj, z, s, magic, jj, 1, 1, BITS)
     out = tl.sum(acc, axis=0)[None, :]
-    store_output(y_ptr, out, tl.arange(0, 1), offs_n, 1, N, 0, bias_ptr, pid_k == 0, HAS_BIAS, ATOMIC)
+    store_output(y_ptr, out, tl.arange(0, 1), offs_n, 1, N, 0, bias_ptr, ws_ptr, count_ptr, pid_n, pid_k, splits,
+                 HAS_BIAS, SPLIT)
 
 
 def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, config: dict):
@@ -79,16 +82,18 @@ def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
     n = qweight.shape[1]
     epw = 32 // bits
     per_split, splits = split_k_grid(qweight.shape[0], config["BLOCK_KW"], config["SPLIT_K"])
-    y = dequant_gemm.output_buffer(1, n, x.dtype, splits, x.device)
-    grid = (triton.cdiv(n, config["BLOCK_N"]), splits)
-    _dequant_gemv_kernel[grid](
-        x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y,
-        n, k, qweight.shape[0], group_size, qweight.stride(0), scales.stride(0), per_split, MAGIC_BITS,
-        BITS=bits, EPW=epw, EPW_P2=triton.next_power_of_2(epw), BLOCK_N=config["BLOCK_N"], BLOCK_KW=config["BLOCK_KW"],
-        GROUPS=group_mode(config["BLOCK_KW"], epw, group_size, k), HAS_PERM=perm is not None,
-        HAS_BIAS=bias is not None, ATOMIC=splits > 1, NUM_STAGES=config["num_stages"], num_warps=config["num_warps"],
+    y = dequant_gemm.output_buffer(1, n, x.dtype, x.device)
+    tiles = triton.cdiv(n, config["BLOCK_N"])
+    ws, counters = dequant_gemm.split_k_buffers(splits, 1, n, tiles, x.device) if splits > 1 else (y, y)
+    _dequant_gemv_kernel[(tiles, splits)](
+        x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y, ws,
+        counters, n, k, qweight.shape[0], group_size, qweight.stride(0), scales.stride(0), per_split, splits,
+        MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=triton.next_power_of_2(epw), BLOCK_N=config["BLOCK_N"],
+        BLOCK_KW=config["BLOCK_KW"], GROUPS=group_mode(config["BLOCK_KW"], epw, group_size, k),
+        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, NUM_STAGES=config["num_stages"],
+        num_warps=config["num_warps"],
     )
-    return y.to(x.dtype)
+    return y
 
 
 INTERPRETER_CONFIG = dict(path="gemv", BLOCK_N=32, BLOCK_KW=4, SPLIT_K=2, num_warps=4, num_stages=1)
@@ -96,14 +101,14 @@ INTERPRETER_CONFIG = dict(path="gemv", BLOCK_N=32, BLOCK_KW=4, SPLIT_K=2, num_wa
 
 def configs(n: int, kw: int) -> list[dict]:
     """Candidates for N = n, kw words along K, the default first: the tiles (num_warps, BLOCK_N, BLOCK_KW)
-    that were fastest on an H100, each with the three split-K counts nearest 3 programs per SM."""
+    that were fastest on an H100, each with the four split-K counts nearest 3 programs per SM."""
     out = []
-    for warps, block_n, bkw in ((4, 512, 2), (4, 512, 4), (8, 1024, 2), (8, 1024, 4), (8, 512, 8)):
+    for warps, block_n, bkw in ((4, 512, 2), (4, 512, 4), (4, 1024, 2), (8, 1024, 2), (8, 1024, 4), (8, 512, 8)):
         def off_target(sk):  # distance from 400 programs, in octaves
             return abs(math.log2(-(-n // block_n) * sk / 400))
 
         splits = sorted((sk for sk in (1, 2, 4, 8, 16, 32, 64) if sk == 1 or kw >= 2 * sk * bkw), key=off_target)
         out += [(off_target(sk), dict(path="gemv", BLOCK_N=block_n, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps,
-                                      num_stages=stages)) for sk in splits[:3] for stages in (1, 4)]
+                                      num_stages=stages)) for sk in splits[:4] for stages in (1, 4)]
     out.sort(key=lambda c: c[0])
     return [c for _, c in out]
