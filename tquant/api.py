@@ -38,7 +38,8 @@ def quantize(
 
     method: a registered name (tquant.methods()); bits: 2, 3, 4 or 8; group_size: input channels per
     scale (-1 = per output channel); sym: symmetric grid; calib: token ids [n, seqlen] or 1-D, a list of
-    strings (with tokenizer=), or a named source "pydoc" | "wikitext2" | "c4" | "pile" (with tokenizer=);
+    strings (with tokenizer=), or a named source "auto" | "pydoc" | "wikitext2" | "c4" | "pile" (with
+    tokenizer=; "auto" is wikitext2 when the hub is reachable, else the offline pydoc corpus);
     skip: fnmatch patterns of layer names to leave in full precision. The lm_head and the input
     embedding stay in full precision unless lm_head=True (quantized by the method from its inputs) or
     embeddings=True (round-to-nearest per row group); untying a tied pair keeps the other one float.
