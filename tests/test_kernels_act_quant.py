@@ -1,0 +1,128 @@
+"""Per-token activation quantization: the kernel against the torch reference (identical codes and scales),
+and the reference against plain float math.
+
+Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1, set by conftest.py); with
+TRITON_INTERPRET=0 on a GPU it runs the same checks there.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tquant.kernels.act_quant import quantize_activations, quantize_activations_ref
+from tquant.kernels.runtime import interpreter_on
+
+DEVICE = "cpu" if interpreter_on() else "cuda"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+needs_backend = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                   reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+
+
+def activations(m, k, dtype, seed, smooth=False, device=DEVICE):
+    """Random x [M, K] with a few outlier channels (x30..x100), and a smoothing vector in [0.1, 10]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    outliers = torch.randperm(k, generator=g)[: max(1, k // 16)]
+    x[:, outliers] *= torch.empty(len(outliers)).uniform_(30, 100, generator=g)
+    s = 10 ** (torch.rand(k, generator=g) * 2 - 1) if smooth else None
+    return x.to(dtype).to(device), s.to(device) if s is not None else None
+
+
+def unpack(q, bits, k):
+    """int8 codes [M, K] from quantize_activations' output (4-bit: sign-extended nibbles, low = even k)."""
+    if bits == 8:
+        return q.int()
+    lo, hi = (q << 4) >> 4, q >> 4  # int8 arithmetic shifts sign-extend each nibble
+    return torch.stack([lo, hi], dim=-1).reshape(q.shape[0], -1)[:, :k].int()
+
+
+@needs_backend
+@SLOW
+@given(m=st.sampled_from([1, 2, 5, 33]), k=st.integers(1, 200), bits=st.sampled_from([4, 8]),
+       dtype=st.sampled_from(DTYPES), smooth=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_act_quant_kernel_matches_reference(m, k, bits, dtype, smooth, seed):
+    x, s = activations(m, k, dtype, seed, smooth)
+    q, scale = quantize_activations(x, bits=bits, smooth=s)
+    q_ref, scale_ref = quantize_activations_ref(x, bits=bits, smooth=s)
+    assert q.dtype == torch.int8 and q.shape == (m, -(-k // (8 // bits)))
+    assert scale.dtype == torch.float32 and scale.shape == (m,)
+    torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
+
+
+@SLOW
+@given(m=st.integers(1, 6), k=st.integers(1, 200), bits=st.sampled_from([4, 8]), dtype=st.sampled_from(DTYPES),
+       smooth=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_act_quant_reference_matches_float_math(m, k, bits, dtype, smooth, seed):
+    """Codes in range, the row maximum at +-qmax, and codes * scale within half a step of x / smooth."""
+    x, s = activations(m, k, dtype, seed, smooth, device="cpu")
+    q, scale = quantize_activations_ref(x, bits=bits, smooth=s)
+    codes = unpack(q, bits, k)
+    qmax = 2 ** (bits - 1) - 1
+    xs = x.double() / (s.double() if s is not None else 1.0)
+    torch.testing.assert_close(scale.double(), xs.abs().amax(dim=1) / qmax, rtol=1e-6, atol=0)
+    assert codes.abs().max() <= qmax and (codes.abs().amax(dim=1) == qmax).all()
+    err = (xs - codes.double() * scale.double()[:, None]).abs()
+    assert (err <= scale.double()[:, None] * (0.5 + 1e-4)).all()
+
+
+@needs_backend
+@pytest.mark.parametrize("fn", [quantize_activations, quantize_activations_ref])
+def test_act_quant_rounds_half_to_even(fn):
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 63.5, -126.5]], device=DEVICE)  # scale 1
+    q, scale = fn(x, bits=8)
+    assert scale.tolist() == [1.0]
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, 64, -126]]
+
+
+@needs_backend
+@pytest.mark.parametrize("fn", [quantize_activations, quantize_activations_ref])
+def test_act_quant_packs_nibbles_low_even(fn):
+    x = torch.tensor([[7.0, -7.0, 1.0, -1.0, 3.0]], device=DEVICE)  # scale 1, codes = x
+    q, _ = fn(x, bits=4)
+    assert q.tolist() == [[7 - 7 * 16, 1 - 1 * 16, 3]]  # byte = code(2j) & 15 | code(2j + 1) << 4
+    assert unpack(q.cpu(), 4, 5).tolist() == [[7, -7, 1, -1, 3]]
+
+
+@needs_backend
+@pytest.mark.parametrize("fn", [quantize_activations, quantize_activations_ref])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_quant_zero_and_tiny_rows_get_scale_one(fn, bits):
+    x = torch.zeros(3, 40, device=DEVICE)
+    x[1, 5] = 1e-38  # max / qmax is subnormal
+    x[2] = torch.linspace(-1, 1, 40)
+    q, scale = fn(x, bits=bits)
+    assert scale[:2].tolist() == [1.0, 1.0] and not q[:2].any()
+    assert scale[2].item() == pytest.approx(1 / (2 ** (bits - 1) - 1))
+
+
+@needs_backend
+def test_act_quant_empty_batch():
+    q, scale = quantize_activations(torch.randn(0, 9, device=DEVICE), bits=4)
+    assert q.shape == (0, 5) and scale.shape == (0,)
+
+
+BAD_INPUTS = {
+    "bits": (dict(bits=3), "bits=3"),
+    "x not 2-D": (dict(x=torch.randn(2, 3, 8)), "2-D"),
+    "x dtype": (dict(x=torch.randn(3, 8).double()), "x dtype"),
+    "empty K": (dict(x=torch.randn(3, 0)), "K >= 1"),
+    "smooth shape": (dict(smooth=torch.ones(7)), "smooth shape"),
+    "smooth dtype": (dict(smooth=torch.ones(8, dtype=torch.int32)), "smooth dtype"),
+}
+
+
+@pytest.mark.parametrize("fn", [quantize_activations, quantize_activations_ref])
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_act_quant_bad_input_raises(fn, case):
+    change, message = BAD_INPUTS[case]
+    args = dict(x=torch.randn(3, 8, dtype=torch.float16), bits=8, smooth=torch.ones(8)) | change
+    with pytest.raises(ValueError, match=message):
+        fn(**args)
+
+
+def test_act_quant_cpu_tensor_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        quantize_activations(torch.randn(3, 8))

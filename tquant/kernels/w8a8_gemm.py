@@ -1,0 +1,135 @@
+"""W8A8 GEMM: int8 activations x int8 weights with int32 accumulation and a dequantizing epilogue.
+
+    y[m, n] = float32(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]),   acc[m, n] = sum_k xq[m, k] * wq[n, k]
+    xq      int8 [M, K]   (per-token codes, e.g. from act_quant.quantize_activations(bits=8))
+    x_scale fp32 [M]
+    wq      int8 [N, K]   (nn.Linear layout: K contiguous in each output row, which is the K-major B operand
+                           that int8 tensor-core MMAs (mma.sync row.col, wgmma) read directly)
+    w_scale fp32 [N]      bias fp16 / bf16 / fp32 [N] or None, added in fp32
+    y       [M, N] in out_dtype (fp16 / bf16 / fp32)
+acc is exact in int32 (|acc| <= 128^2 K: any K <= 131 072); its conversion to fp32 rounds once past 2^24.
+
+`w8a8_matmul`: program pid owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks K in
+BLOCK_K steps of int8 tl.dot into an int32 accumulator; the epilogue scales, adds bias and casts. The
+launch config is tuned per GPU and key (M rounded up to a power of two, N, K, out dtype, bias) by
+autotune_cache; the interpreter runs one fixed small config. `w8a8_matmul_ref` is plain torch (the int
+products summed exactly in fp64).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune_cache import tune
+from .runtime import check_device, interpreter_on, next_power_of_2
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_inputs(xq, x_scale, wq, w_scale, bias, out_dtype) -> None:
+    """Raise ValueError naming the first tensor whose dtype or shape is wrong."""
+    if out_dtype not in DTYPES:
+        raise ValueError(f"out_dtype {out_dtype} is not supported; use one of {DTYPES}")
+    for name, t in (("xq", xq), ("wq", wq)):
+        if t.dim() != 2 or t.dtype != torch.int8:
+            raise ValueError(f"{name} must be a 2-D int8 tensor; got {t.dtype} of shape {tuple(t.shape)}")
+    if wq.shape[1] != xq.shape[1]:
+        raise ValueError(f"wq shape {tuple(wq.shape)} does not match: expected [N, K] with K={xq.shape[1]} "
+                         f"(xq is {tuple(xq.shape)})")
+    m, n = xq.shape[0], wq.shape[0]
+    expected = {
+        "x_scale": (x_scale, (m,), (torch.float32,)),
+        "w_scale": (w_scale, (n,), (torch.float32,)),
+        "bias": (bias, (n,), DTYPES),
+    }
+    for name, (t, shape, dtypes) in expected.items():
+        if t is None:
+            continue
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} dtype {t.dtype} does not match: expected {' or '.join(map(str, dtypes))}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match: expected {shape} for M={m}, N={n}")
+
+
+def w8a8_matmul_ref(xq, x_scale, wq, w_scale, *, bias=None, out_dtype=torch.float16):
+    check_inputs(xq, x_scale, wq, w_scale, bias, out_dtype)
+    acc = (xq.double() @ wq.double().T).float()
+    y = acc * x_scale[:, None] * w_scale[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@triton.jit
+def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    # grouped order: GROUP_M row blocks in a row reuse each weight tile from L2
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    w_tile = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] of wq^T
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(x_tile + k0, mask=m_ok[:, None] & k_ok[None, :], other=0)
+        b = tl.load(w_tile + k0, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        acc = tl.dot(a, b, acc)
+    xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+def configs(m: int) -> list[dict]:
+    """Candidates for batch m (rounded up to a power of two); the first is the untuned default."""
+    if interpreter_on():
+        return [INTERPRETER_CONFIG]
+    tiles = [(16, 64, 128, 4), (16, 128, 128, 4), (32, 64, 256, 4)] if m <= 32 else \
+        [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 128, 8), (128, 64, 128, 4)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+            for bm, bn, bk, warps in tiles for stages in (3, 4)]
+
+
+def launch(config, xq, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tensor:
+    """One launch with config (inputs checked and contiguous)."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    _w8a8_kernel[grid](
+        xq, x_scale, wq, w_scale, bias if bias is not None else y, y, m, n, k, xq.stride(0), wq.stride(0),
+        y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"], num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    return y
+
+
+def w8a8_matmul(xq, x_scale, wq, w_scale, *, bias=None, out_dtype=torch.float16):
+    check_inputs(xq, x_scale, wq, w_scale, bias, out_dtype)
+    check_device(dict(xq=xq, x_scale=x_scale, wq=wq, w_scale=w_scale, bias=bias))
+    m, n = xq.shape[0], wq.shape[0]
+    if m == 0 or n == 0:
+        return torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    args = [t.contiguous() if t is not None else None for t in (xq, x_scale, wq, w_scale, bias)]
+    key = dict(M=next_power_of_2(m), N=n, K=xq.shape[1], out=str(out_dtype).removeprefix("torch."),
+               bias=int(bias is not None))
+    config = tune("w8a8_matmul", key, configs(key["M"]), lambda c: launch(c, *args, out_dtype), xq.device)
+    return launch(config, *args, out_dtype)
