@@ -1,0 +1,214 @@
+"""W4A8 GEMM: the kernel against the torch reference (per-channel and per-group), the reference against plain
+float math, the int32 accumulation exact, and w4a8_quantize_weight's grid.
+
+Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1, set by conftest.py) with one fixed small
+config; with TRITON_INTERPRET=0 and TQUANT_AUTOTUNE=0 on a GPU it runs the same checks there.
+"""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tquant.kernels import w4a8_gemm
+from tquant.kernels.act_quant import quantize_activations_ref
+from tquant.kernels.runtime import interpreter_on
+from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_matmul_ref, w4a8_quantize_weight
+from tquant.packing import pack_codes, unpack_codes
+
+DEVICE = "cpu" if interpreter_on() else "cuda"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+needs_backend = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                   reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
+
+
+def divisors(k):
+    return [d for d in range(1, k + 1) if k % d == 0]
+
+
+@st.composite
+def shapes(draw):
+    """(m, n, k, group_size or None): K any size per-channel; per-group, group_size divides K."""
+    m = draw(st.sampled_from([1, 2, 5, 16, 17, 40]))
+    n, k = draw(st.integers(1, 200)), draw(st.integers(1, 200))
+    group_size = draw(st.one_of(st.none(), st.sampled_from(divisors(k))))
+    return m, n, k, group_size
+
+
+def quantized_inputs(m, n, k, group_size, seed, device=DEVICE):
+    """(xq, x_scale, qweight, w_scale, group_scale, bias) from random float x [M, K], w [N, K], bias [N]."""
+    g = torch.Generator().manual_seed(seed)
+    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+    xq, x_scale = quantize_activations_ref(x, bits=8)
+    qweight, w_scale, group_scale = w4a8_quantize_weight(w, group_size=group_size)
+    return [t.to(device) if t is not None else None for t in (xq, x_scale, qweight, w_scale, group_scale, bias)]
+
+
+def assert_close(y, ref, dtype):
+    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
+    assert y.isfinite().all()
+    err = ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+
+
+def call(fn, xq, x_scale, qweight, w_scale, group_scale, bias, group_size, **kw):
+    return fn(xq, x_scale, qweight, w_scale, group_scale=group_scale, group_size=group_size, bias=bias, **kw)
+
+
+@needs_backend
+@SLOW
+@given(shape=shapes(), dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_w4a8_kernel_matches_reference(shape, dtype, bias, seed):
+    m, n, k, gs = shape
+    xq, x_scale, qweight, w_scale, sg, b = quantized_inputs(m, n, k, gs, seed)
+    b = b.to(dtype) if bias else None
+    y = call(w4a8_matmul, xq, x_scale, qweight, w_scale, sg, b, gs, out_dtype=dtype)
+    assert_close(y, call(w4a8_matmul_ref, xq, x_scale, qweight, w_scale, sg, b, gs, out_dtype=dtype), dtype)
+
+
+def random_codes(m, n, k, group_size, seed):
+    """xq int8 [M, K] (-128 included), codes [N, K] in 0..15 (0 and 15 included), sg int8 [K // gs, N] in 1..16
+    with |(c - 8) * sg| <= 127 (sg = 16 only where the group's codes lie in 1..15)."""
+    g = torch.Generator().manual_seed(seed)
+    xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    xq[0, 0], codes[0, 0], codes[-1, -1] = -128, 0, 15
+    sg = None
+    if group_size is not None:
+        sg = torch.randint(1, 16, (k // group_size, n), generator=g, dtype=torch.int8)
+        codes[:, -group_size:] = codes[:, -group_size:].clamp_min(1)
+        sg[-1] = 16
+    return xq, codes, sg
+
+
+@needs_backend
+@pytest.mark.parametrize("m,n,k,gs", [(1, 1, 1, None), (5, 33, 70, None), (40, 70, 200, None), (17, 40, 96, 32),
+                                      (5, 33, 60, 12), (16, 20, 200, 8), (2, 9, 45, 45)])
+@pytest.mark.parametrize("fn", [w4a8_matmul, w4a8_matmul_ref])
+def test_w4a8_int32_accumulation_is_exact(fn, m, n, k, gs):
+    """Unit scales and fp32 out: y is the integer matmul xq @ w8 (|sums| < 2^24 here)."""
+    xq, codes, sg = random_codes(m, n, k, gs, seed=m * n * k)
+    w8 = (codes - 8).t().long()
+    if sg is not None:
+        w8 = w8 * sg.long().repeat_interleave(gs, dim=0)
+    y = fn(xq.to(DEVICE), torch.ones(m, device=DEVICE), pack_codes(codes, 4).to(DEVICE), torch.ones(n, device=DEVICE),
+           group_scale=sg.to(DEVICE) if sg is not None else None, group_size=gs, out_dtype=torch.float32)
+    torch.testing.assert_close(y.cpu(), (xq.long() @ w8).float(), rtol=0, atol=0)
+
+
+@SLOW
+@given(shape=shapes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_w4a8_reference_matches_dequantized_float_math(shape, dtype, seed):
+    """The reference against (xq * x_scale) @ ((c - 8) * sg * w_scale) + bias in fp64."""
+    m, n, k, gs = shape
+    xq, x_scale, qweight, w_scale, sg, bias = quantized_inputs(min(m, 8), n, k, gs, seed, device="cpu")
+    bias = bias.to(dtype)
+    w = (unpack_codes(qweight, 4, k) - 8).double() * w_scale.double()  # [K, N]
+    if sg is not None:
+        w *= sg.double().repeat_interleave(gs, dim=0)
+    expected = (xq.double() * x_scale.double()[:, None]) @ w + bias.double()
+    y = call(w4a8_matmul_ref, xq, x_scale, qweight, w_scale, sg, bias, gs, out_dtype=dtype)
+    assert_close(y, expected.to(dtype), dtype)
+
+
+@SLOW
+@given(n=st.integers(1, 64), k=st.integers(1, 200), data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_w4a8_quantize_weight_grid(n, k, data, seed):
+    """Every weight within half a step of its grid point; sg in 1..15, |q * sg| <= 127, codes in 0..15."""
+    gs = data.draw(st.one_of(st.none(), st.sampled_from(divisors(k))))
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.empty(n, 1).uniform_(0.01, 10, generator=g)
+    qweight, w_scale, sg = w4a8_quantize_weight(w, group_size=gs)
+    assert qweight.dtype == torch.int32 and qweight.shape == (-(-k // 8), n)
+    assert w_scale.dtype == torch.float32 and w_scale.shape == (n,) and (w_scale > 0).all()
+    q = (unpack_codes(qweight, 4, k) - 8).t().double()  # [N, K]
+    step = w_scale.double()[:, None].expand(n, k)
+    if gs is None:
+        assert sg is None
+    else:
+        assert sg.dtype == torch.int8 and sg.shape == (k // gs, n)
+        assert sg.min() >= 1 and sg.max() <= 15
+        step = step * sg.t().double().repeat_interleave(gs, dim=1)
+        assert (q * sg.t().double().repeat_interleave(gs, dim=1)).abs().max() <= 127
+    assert ((w.double() - q * step).abs() <= step * (0.5 + 1e-5)).all()
+
+
+@needs_backend
+@pytest.mark.parametrize("gs", [None, 16])
+def test_w4a8_approximates_float_linear(gs):
+    """quantize x (per-token int8) and w (int4) and run the kernel against x @ w^T + bias."""
+    g = torch.Generator().manual_seed(3)
+    x, w, bias = torch.randn(17, 160, generator=g), torch.randn(70, 160, generator=g), torch.randn(70, generator=g)
+    xq, x_scale = quantize_activations_ref(x, bits=8)
+    qweight, w_scale, sg = w4a8_quantize_weight(w, group_size=gs)
+    y = call(w4a8_matmul, *(t.to(DEVICE) if t is not None else None for t in (xq, x_scale, qweight, w_scale, sg, bias)),
+             gs, out_dtype=torch.float32)
+    expected = x.double() @ w.double().T + bias.double()
+    err = ((y.cpu().double() - expected).norm() / expected.norm()).item()
+    assert err < 0.15, f"relative error {err:.2e}"
+
+
+@needs_backend
+def test_w4a8_every_gpu_config_is_correct(monkeypatch):
+    """Each CUDA candidate (tile shapes, masks at N, K not multiples of the blocks), run through the launcher."""
+    monkeypatch.setattr(w4a8_gemm, "interpreter_on", lambda: False)
+    gpu_configs = w4a8_gemm.configs(1) + w4a8_gemm.configs(64)
+    assert all(c["BLOCK_K"] % 32 == 0 and c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16 for c in gpu_configs)
+    for gs in (None, 40):
+        xq, x_scale, qweight, w_scale, sg, bias = quantized_inputs(20, 70, 280, gs, seed=2)
+        ref = call(w4a8_matmul_ref, xq, x_scale, qweight, w_scale, sg, bias, gs, out_dtype=torch.float32)
+        for config in {tuple(c.items()): c for c in gpu_configs}.values():
+            y = w4a8_gemm.launch(config, xq, x_scale, qweight, w_scale, sg, gs, bias, torch.float32)
+            assert_close(y, ref, torch.float32)
+
+
+@needs_backend
+def test_w4a8_empty_batch():
+    xq, x_scale, qweight, w_scale, _, _ = quantized_inputs(1, 8, 16, None, seed=0)
+    assert w4a8_matmul(xq[:0], x_scale[:0], qweight, w_scale).shape == (0, 8)
+
+
+def _bad(t, **change):
+    return dict(xq=t[0], x_scale=t[1], qweight=t[2], w_scale=t[3], group_scale=t[4], group_size=8, bias=t[5],
+                out_dtype=torch.float16) | change
+
+
+BAD_INPUTS = {  # M=3, N=8, K=16, group_size=8
+    "xq dtype": (lambda t: _bad(t, xq=t[0].int()), "xq must be a 2-D int8"),
+    "xq not 2-D": (lambda t: _bad(t, xq=t[0][None]), "xq must be a 2-D int8"),
+    "qweight dtype": (lambda t: _bad(t, qweight=t[2].to(torch.int8)), "qweight must be a 2-D int32"),
+    "K mismatch": (lambda t: _bad(t, qweight=t[2][:-1]), r"qweight shape \(1, 8\) does not match.*\[2, N\].*K=16"),
+    "x_scale dtype": (lambda t: _bad(t, x_scale=t[1].half()), "x_scale dtype"),
+    "x_scale shape": (lambda t: _bad(t, x_scale=t[1][:-1]), r"x_scale shape .* expected \(3,\)"),
+    "w_scale shape": (lambda t: _bad(t, w_scale=t[3][:-1]), r"w_scale shape .* expected \(8,\)"),
+    "group_scale dtype": (lambda t: _bad(t, group_scale=t[4].int()), "group_scale dtype"),
+    "group_scale shape": (lambda t: _bad(t, group_scale=t[4][:1]), r"group_scale shape \(1, 8\).*expected \(2, 8\)"),
+    "group_size not dividing K": (lambda t: _bad(t, group_size=6), "group_size=6 must be a positive integer dividing"),
+    "group_size zero": (lambda t: _bad(t, group_size=0), "group_size=0"),
+    "group_size without scale": (lambda t: _bad(t, group_scale=None), "group_scale and group_size go together"),
+    "bias shape": (lambda t: _bad(t, bias=t[5][:-1]), "bias shape"),
+    "bias dtype": (lambda t: _bad(t, bias=t[5].double()), "bias dtype"),
+    "out_dtype": (lambda t: _bad(t, out_dtype=torch.int32), "out_dtype"),
+}
+
+
+@pytest.mark.parametrize("fn", [w4a8_matmul, w4a8_matmul_ref])
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_w4a8_bad_input_raises(fn, case):
+    make, message = BAD_INPUTS[case]
+    args = make(quantized_inputs(3, 8, 16, 8, seed=1, device="cpu"))
+    with pytest.raises(ValueError, match=message):
+        fn(args.pop("xq"), args.pop("x_scale"), args.pop("qweight"), args.pop("w_scale"), **args)
+
+
+def test_w4a8_quantize_weight_bad_group_size_raises():
+    with pytest.raises(ValueError, match="group_size=5 must divide K=16"):
+        w4a8_quantize_weight(torch.randn(4, 16), group_size=5)
+
+
+def test_w4a8_cpu_tensor_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    xq, x_scale, qweight, w_scale, _, _ = quantized_inputs(3, 8, 16, None, seed=1, device="cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        w4a8_matmul(xq, x_scale, qweight, w_scale)

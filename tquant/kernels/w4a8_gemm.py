@@ -1,0 +1,195 @@
+"""W4A8 GEMM (as in QQQ): int8 activations x symmetric int4 weights, int8 tensor-core dots with int32
+accumulation and a dequantizing epilogue.
+
+    y[m, n]  = float32(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]),   acc[m, n] = sum_k xq[m, k] * w8[k, n]
+    w8[k, n] = (c[k, n] - 8) * sg[k // group_size, n]     (per-group)      (c - 8 per-channel: sg = 1)
+    c[k, n]  = (qweight[k // 8, n] >> 4 * (k % 8)) & 15   (tquant/packing.py; q = c - 8 in [-8, 7], zero point 8)
+    xq       int8 [M, K]   (per-token codes, e.g. act_quant.quantize_activations(bits=8))     x_scale fp32 [M]
+    qweight  int32 [ceil(K / 8), N]                   w_scale fp32 [N] (per output channel)
+    sg       int8 [K // group_size, N] in 1..16 (group_scale), group_size dividing K; None: per-channel.
+             The caller guarantees |q * sg| <= 127 for every weight (e.g. q in [-8, 7] and sg <= 15, as
+             w4a8_quantize_weight gives), so w8 is an int8 value; it is not checked (that would sync the GPU).
+    bias     fp16 / bf16 / fp32 [N] or None, added in fp32;    y [M, N] in out_dtype (fp16 / bf16 / fp32)
+acc is exact in int32 (|acc| <= 128 * 127 * K); its conversion to fp32 rounds once past 2^24.
+
+`w4a8_matmul`: program pid owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks K in
+BLOCK_K = 8 * BLOCK_KW steps. Per step: one coalesced load of words as [BLOCK_N, BLOCK_KW]; the codes are
+unpacked in registers by dequant_gemm.codes_tree (zero 8, scale sg per word when group_size % 8 == 0, else sg
+multiplied per code), exact small integers in fp32, converted to int8 w8^T [BLOCK_N, BLOCK_K]; then one int8
+tl.dot(xq tile, w8) into the int32 accumulator (xq is 0 past K, so padding codes add nothing). The launch config
+is tuned per GPU and key by autotune_cache; the interpreter runs one fixed small config.
+`w4a8_matmul_ref` unpacks w8 in torch and runs w8a8_gemm.w8a8_matmul_ref (integer products summed exactly).
+`w4a8_quantize_weight` makes QQQ-style weights from a float [N, K] weight.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..packing import pack_codes, unpack_codes
+from .autotune_cache import tune
+from .dequant_gemm import MAGIC_BITS, codes_tree
+from .runtime import check_device, interpreter_on, next_power_of_2
+from .w8a8_gemm import DTYPES, w8a8_matmul_ref
+
+EPW = 8  # 4-bit codes per int32 word
+ZERO = 8  # implicit zero point: q = c - 8
+
+
+def check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype) -> None:
+    """Raise ValueError naming the first argument whose dtype, shape or value is wrong."""
+    if out_dtype not in DTYPES:
+        raise ValueError(f"out_dtype {out_dtype} is not supported; use one of {DTYPES}")
+    for name, t, dtype in (("xq", xq, torch.int8), ("qweight", qweight, torch.int32)):
+        if t.dim() != 2 or t.dtype != dtype:
+            raise ValueError(f"{name} must be a 2-D {str(dtype).removeprefix('torch.')} tensor; got {t.dtype} "
+                             f"of shape {tuple(t.shape)}")
+    (m, k), n = xq.shape, qweight.shape[1]
+    if qweight.shape[0] != -(-k // EPW):
+        raise ValueError(f"qweight shape {tuple(qweight.shape)} does not match: expected [ceil(K / 8), N] = "
+                         f"[{-(-k // EPW)}, N] for K={k} (xq is {tuple(xq.shape)})")
+    if (group_scale is None) != (group_size is None):
+        raise ValueError("group_scale and group_size go together: give both (per-group) or neither (per-channel)")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1 or k % group_size):
+        raise ValueError(f"group_size={group_size} must be a positive integer dividing K={k}")
+    expected = {
+        "x_scale": (x_scale, (m,), (torch.float32,)),
+        "w_scale": (w_scale, (n,), (torch.float32,)),
+        "group_scale": (group_scale, (k // (group_size or 1), n), (torch.int8,)),
+        "bias": (bias, (n,), DTYPES),
+    }
+    for name, (t, shape, dtypes) in expected.items():
+        if t is None:
+            continue
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} dtype {t.dtype} does not match: expected {' or '.join(map(str, dtypes))}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match: expected {shape} for M={m}, N={n}, "
+                             f"K={k}" + (f", group_size={group_size}" if name == "group_scale" else ""))
+
+
+def w4a8_matmul_ref(xq, x_scale, qweight, w_scale, *, group_scale=None, group_size=None, bias=None,
+                    out_dtype=torch.float16):
+    check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype)
+    w8 = unpack_codes(qweight, 4, xq.shape[1]) - ZERO  # [K, N]
+    if group_scale is not None:
+        w8 = w8 * group_scale.to(torch.int32).repeat_interleave(group_size, dim=0)
+    return w8a8_matmul_ref(xq, x_scale, w8.t().to(torch.int8), w_scale, bias=bias, out_dtype=out_dtype)
+
+
+def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None):
+    """Float w [N, K] -> (qweight int32 [ceil(K / 8), N], w_scale fp32 [N], group_scale int8 [K // gs, N] or None).
+
+    Per-channel: w_scale = max_k |w[n]| / 7, q = clamp(round(w / w_scale), -8, 7).
+    Per-group (QQQ): group scales s_g = max |w| / 7 over each group, then expressed as integer multiples of
+    the per-channel w_scale = max_g s_g / 15: sg = clamp(ceil(s_g / w_scale), 1, 15) (ceil, not round, so that
+    w_scale * sg >= s_g and no weight is clipped), q = clamp(round(w / (w_scale * sg)), -8, 7); |q * sg| <= 120.
+    Every weight is then within half a step w_scale * sg of its grid point q * w_scale * sg."""
+    n, k = w.shape
+    w = w.float()
+    tiny = torch.finfo(torch.float32).tiny
+    if group_size is None:
+        w_scale = w.abs().amax(dim=1).clamp_min(tiny) / 7
+        q = torch.round(w / w_scale[:, None]).clamp(-8, 7)
+        return pack_codes((q + ZERO).to(torch.int32), 4), w_scale, None
+    if k % group_size:
+        raise ValueError(f"group_size={group_size} must divide K={k}")
+    s_g = w.view(n, k // group_size, group_size).abs().amax(dim=2) / 7  # [N, groups]
+    w_scale = s_g.amax(dim=1).clamp_min(tiny) / 15
+    sg = torch.ceil(s_g / w_scale[:, None]).clamp(1, 15)
+    q = torch.round(w / (w_scale[:, None] * sg).repeat_interleave(group_size, dim=1)).clamp(-8, 7)
+    return pack_codes((q + ZERO).to(torch.int32), 4), w_scale, sg.t().to(torch.int8).contiguous()
+
+
+@triton.jit
+def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K, KW, group_size, stride_xm,
+                 stride_qk, stride_sg, stride_ym, magic, GROUPED: tl.constexpr, WORD_GROUPS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    BLOCK_KW: tl.constexpr = BLOCK_K // 8
+    # grouped order: GROUP_M row blocks in a row reuse each weight tile from L2
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    rows = tl.arange(0, BLOCK_KW)
+    slot = tl.arange(0, BLOCK_K)  # slot = word * 8 + j holds code j of that word
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for kw0 in range(0, KW, BLOCK_KW):
+        word_ok = (kw0 + rows) < KW
+        words = tl.load(q_ptr + (kw0 + rows)[None, :] * stride_qk + offs_n[:, None],
+                        mask=word_ok[None, :] & n_ok[:, None], other=0)  # [BLOCK_N, BLOCK_KW]
+        k = kw0 * 8 + slot
+        scale = 1.0
+        if GROUPED and WORD_GROUPS:  # each word lies in one group: sg per word
+            g = ((kw0 + rows) * 8 // group_size)[None, :]
+            scale = tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=word_ok[None, :] & n_ok[:, None],
+                            other=0).to(tl.float32)
+        w = tl.reshape(codes_tree(words, 8.0, scale, magic, 0, 1, 8, 4, False, tl.float32), (BLOCK_N, BLOCK_K))
+        if GROUPED and not WORD_GROUPS:  # groups split words: sg per code
+            g = (tl.minimum(k, K - 1) // group_size)[None, :]
+            w *= tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
+        xa = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
+        acc = tl.dot(xa, tl.trans(w.to(tl.int8)), acc)
+    xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+
+
+def configs(m: int) -> list[dict]:
+    """Candidates for batch m (rounded up to a power of two); the first is the untuned default."""
+    if interpreter_on():
+        return [INTERPRETER_CONFIG]
+    tiles = [(16, 64, 128, 4), (16, 128, 128, 4), (32, 64, 256, 4)] if m <= 32 else \
+        [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 64, 8), (128, 64, 128, 4)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+            for bm, bn, bk, warps in tiles for stages in (3, 4)]
+
+
+def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype) -> torch.Tensor:
+    """One launch with config (inputs checked and contiguous)."""
+    m, k = xq.shape
+    n = qweight.shape[1]
+    y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    grouped = group_scale is not None
+    _w4a8_kernel[grid](
+        xq, x_scale, qweight, w_scale, group_scale if grouped else qweight, bias if bias is not None else y, y,
+        m, n, k, qweight.shape[0], group_size or k, xq.stride(0), qweight.stride(0),
+        group_scale.stride(0) if grouped else 0, y.stride(0), MAGIC_BITS, GROUPED=grouped,
+        WORD_GROUPS=grouped and group_size % EPW == 0, HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"],
+        BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return y
+
+
+def w4a8_matmul(xq, x_scale, qweight, w_scale, *, group_scale=None, group_size=None, bias=None,
+                out_dtype=torch.float16):
+    check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype)
+    check_device(dict(xq=xq, x_scale=x_scale, qweight=qweight, w_scale=w_scale, group_scale=group_scale, bias=bias))
+    m, n = xq.shape[0], qweight.shape[1]
+    if m == 0 or n == 0:
+        return torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    xq, x_scale, qweight, w_scale, group_scale, bias = [
+        t.contiguous() if t is not None else None for t in (xq, x_scale, qweight, w_scale, group_scale, bias)]
+    args = (xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype)
+    key = dict(M=next_power_of_2(m), N=n, K=xq.shape[1], g=group_size or 0, out=str(out_dtype).removeprefix("torch."),
+               bias=int(bias is not None))
+    config = tune("w4a8_matmul", key, configs(key["M"]), lambda c: launch(c, *args), xq.device)
+    return launch(config, *args)
