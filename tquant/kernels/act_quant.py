@@ -52,7 +52,8 @@ def check_inputs(x, bits, smooth) -> None:
 def quantize_activations_ref(x, *, bits=8, smooth=None):
     check_inputs(x, bits, smooth)
     xs = x.float() if smooth is None else x.float() / smooth.float()
-    scale = xs.abs().amax(dim=1) / qmax(bits)
+    # a tensor divisor: on CUDA, torch divides by a Python scalar as a multiply by its reciprocal (not IEEE)
+    scale = xs.abs().amax(dim=1) / torch.tensor(float(qmax(bits)), device=x.device)
     scale = torch.where(scale >= FLT_MIN.value, scale, 1.0)
     codes = torch.round(xs / scale[:, None]).clamp(-qmax(bits), qmax(bits)).to(torch.int32)
     if bits == 4:

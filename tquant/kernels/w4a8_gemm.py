@@ -138,7 +138,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K,
             g = (tl.minimum(k, K - 1) // group_size)[None, :]
             w *= tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
         xa = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
-        acc = tl.dot(xa, tl.trans(w.to(tl.int8)), acc)
+        acc = tl.dot(xa, tl.trans(w.to(tl.int8)), acc, out_dtype=tl.int32)
     xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
     ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * xs[:, None] * ws[None, :]

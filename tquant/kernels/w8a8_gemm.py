@@ -84,7 +84,7 @@ def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_
         k_ok = (k0 + offs_k) < K
         a = tl.load(x_tile + k0, mask=m_ok[:, None] & k_ok[None, :], other=0)
         b = tl.load(w_tile + k0, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6 does not infer int32
     xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
     ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
     y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
