@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .runtime import interpreter_on
+from .tiling import grouped_tile
 
 MAGIC_BITS = 0x4B000000  # float32 2^23; (code | MAGIC_BITS) read as float32 is 2^23 + code. Passed to the
 # kernels as an argument (magic): in a register it lets ptxas fuse the mask and the OR into one LOP3.
@@ -159,13 +160,8 @@ def _dequant_gemm_kernel(
     PRECISION: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = BLOCK_KW * EPW_P2
-    # grouped order: GROUP_M row blocks in a row reuse each weight tile from L2
     pid, pid_k = tl.program_id(0), tl.program_id(1)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

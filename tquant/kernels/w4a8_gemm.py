@@ -31,7 +31,8 @@ from ..packing import pack_codes, unpack_codes
 from .autotune_cache import tune
 from .dequant_gemm import MAGIC_BITS, codes_tree
 from .runtime import check_device, interpreter_on, next_power_of_2
-from .w8a8_gemm import DTYPES, w8a8_matmul_ref
+from .tiling import grouped_tile
+from .w8a8_gemm import DTYPES, store_dequantized, w8a8_matmul_ref
 
 EPW = 8  # 4-bit codes per int32 word
 ZERO = 8  # implicit zero point: q = c - 8
@@ -108,13 +109,8 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
     BLOCK_KW: tl.constexpr = BLOCK_K // 8
-    # grouped order: GROUP_M row blocks in a row reuse each weight tile from L2
     pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -139,13 +135,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K,
             w *= tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
         xa = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
         acc = tl.dot(xa, tl.trans(w.to(tl.int8)), acc, out_dtype=tl.int32)
-    xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    store_dequantized(acc, xs_ptr, ws_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .autotune_cache import tune
 from .runtime import check_device, interpreter_on, next_power_of_2
+from .tiling import grouped_tile
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -62,16 +63,24 @@ def w8a8_matmul_ref(xq, x_scale, wq, w_scale, *, bias=None, out_dtype=torch.floa
 
 
 @triton.jit
+def store_dequantized(acc, xs_ptr, ws_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym,
+                      HAS_BIAS: tl.constexpr):
+    """y[m, n] = float32(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]), stored in y's dtype."""
+    xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
+    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
-    # grouped order: GROUP_M row blocks in a row reuse each weight tile from L2
     pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,13 +94,7 @@ def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_
         a = tl.load(x_tile + k0, mask=m_ok[:, None] & k_ok[None, :], other=0)
         b = tl.load(w_tile + k0, mask=k_ok[:, None] & n_ok[None, :], other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6 does not infer int32
-    xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
-    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    store_dequantized(acc, xs_ptr, ws_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
