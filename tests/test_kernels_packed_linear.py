@@ -3,10 +3,14 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from tquant.kernels.runtime import interpreter_on
 from tquant.modules import PackedLinear
 from tquant.qweight import QuantizedWeight
 
+DEVICE = "cpu" if interpreter_on() else "cuda"  # the interpreter on the CPU, else the GPU
 
+
+@pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs the interpreter or a GPU")
 @settings(max_examples=12, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4, 8]), lead=st.sampled_from([(1,), (3,), (2, 9)]), gs=st.sampled_from([16, 48]),
        perm=st.booleans(), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
@@ -19,13 +23,13 @@ def test_kernels_packed_linear_paths_agree(bits, lead, gs, perm, bias, dtype, se
     if perm:
         qw.perm = torch.randperm(k, generator=g)
     b = torch.randn(n, generator=g) if bias else None
-    module = PackedLinear.from_quantized(qw, b, dtype)
-    x = torch.randn(*lead, k, generator=g).to(dtype)
+    module = PackedLinear.from_quantized(qw, b, dtype).to(DEVICE)
+    x = torch.randn(*lead, k, generator=g).to(DEVICE, dtype)
     module.backend = "triton"
     y_kernel = module(x)
     module.backend = "torch"
     y_ref = module(x)
-    dense = x.float() @ qw.dequantize().t() + (b if bias else 0)
+    dense = (x.float().cpu() @ qw.dequantize().t() + (b if bias else 0)).to(DEVICE)
     assert y_kernel.shape == (*lead, n) and y_kernel.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y_kernel.float(), y_ref.float(), rtol=tol, atol=tol * dense.abs().max().item())
