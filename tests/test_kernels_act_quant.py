@@ -10,13 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tquant.kernels.act_quant import quantize_activations, quantize_activations_ref
-from tquant.kernels.runtime import interpreter_on
+from kernel_device import DEVICE, needs_backend
 
-DEVICE = "cpu" if interpreter_on() else "cuda"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-needs_backend = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                                   reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 
 
 def activations(m, k, dtype, seed, smooth=False, device=DEVICE):

@@ -3,14 +3,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tquant.kernels.runtime import interpreter_on
 from tquant.modules import PackedLinear
 from tquant.qweight import QuantizedWeight
+from kernel_device import DEVICE, needs_backend
 
-DEVICE = "cpu" if interpreter_on() else "cuda"  # the interpreter on the CPU, else the GPU
 
 
-@pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs the interpreter or a GPU")
+@needs_backend
 @settings(max_examples=12, deadline=None)
 @given(bits=st.sampled_from([2, 3, 4, 8]), lead=st.sampled_from([(1,), (3,), (2, 9)]), gs=st.sampled_from([16, 48]),
        perm=st.booleans(), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),

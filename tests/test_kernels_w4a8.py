@@ -11,16 +11,13 @@ from hypothesis import strategies as st
 
 from tquant.kernels import w4a8_gemm
 from tquant.kernels.act_quant import quantize_activations_ref
-from tquant.kernels.runtime import interpreter_on
 from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_matmul_ref, w4a8_quantize_weight
 from tquant.packing import pack_codes, unpack_codes
+from kernel_device import DEVICE, needs_backend
 
-DEVICE = "cpu" if interpreter_on() else "cuda"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-needs_backend = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                                   reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 
 
 def divisors(k):
@@ -152,8 +149,9 @@ def test_w4a8_approximates_float_linear(gs):
 @needs_backend
 def test_w4a8_every_gpu_config_is_correct(monkeypatch):
     """Each CUDA candidate (tile shapes, masks at N, K not multiples of the blocks), run through the launcher."""
-    monkeypatch.setattr(w4a8_gemm, "interpreter_on", lambda: False)
+    monkeypatch.setattr(w4a8_gemm.w8a8_gemm, "interpreter_on", lambda: False)  # the shared candidate builder
     gpu_configs = w4a8_gemm.configs(1) + w4a8_gemm.configs(64)
+    assert len(gpu_configs) == 2 * len(w4a8_gemm.w8a8_gemm.SMALL_M_TILES + w4a8_gemm.LARGE_M_TILES)
     assert all(c["BLOCK_K"] % 32 == 0 and c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16 for c in gpu_configs)
     for gs in (None, 40):
         xq, x_scale, qweight, w_scale, sg, bias = quantized_inputs(20, 70, 280, gs, seed=2)

@@ -11,15 +11,12 @@ from hypothesis import strategies as st
 
 from tquant.kernels import w8a8_gemm
 from tquant.kernels.act_quant import quantize_activations, quantize_activations_ref
-from tquant.kernels.runtime import interpreter_on
 from tquant.kernels.w8a8_gemm import w8a8_matmul, w8a8_matmul_ref
+from kernel_device import DEVICE, needs_backend
 
-DEVICE = "cpu" if interpreter_on() else "cuda"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-needs_backend = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                                   reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 
 
 def float_problem(m, n, k, seed):

@@ -13,17 +13,15 @@ from hypothesis import strategies as st
 
 from tquant.kernels import autotune_cache, dequant_gemm, dequant_gemv
 from tquant.kernels import weight_only_matmul as weight_only_matmul_module
-from tquant.kernels.runtime import device_name, interpreter_on
+from tquant.kernels.runtime import device_name
 from tquant.kernels.weight_only_matmul import DENSE, run_path, weight_only_matmul, weight_only_matmul_ref
 from tquant.packing import pack_codes
 from tquant.quantizer import grouped_qparams, quantize
 from tquant.qweight import QuantizedWeight
+from kernel_device import DEVICE, needs_backend
 
-DEVICE = "cpu" if interpreter_on() else "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 SLOW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-needs_backend = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
-                                   reason="needs TRITON_INTERPRET=1 or a CUDA GPU")
 
 
 @pytest.fixture(autouse=True)

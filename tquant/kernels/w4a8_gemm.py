@@ -30,8 +30,9 @@ import triton.language as tl
 from ..packing import pack_codes, unpack_codes
 from .autotune_cache import tune
 from .dequant_gemm import MAGIC_BITS, codes_tree
-from .runtime import check_device, interpreter_on, next_power_of_2
+from .runtime import check_device, next_power_of_2
 from .tiling import grouped_tile
+from . import w8a8_gemm
 from .w8a8_gemm import DTYPES, store_dequantized, w8a8_matmul_ref
 
 EPW = 8  # 4-bit codes per int32 word
@@ -138,17 +139,13 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K,
     store_dequantized(acc, xs_ptr, ws_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
-INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
+# as W8A8's, but the 128 x 256 tile takes BLOCK_K 64: the int4 unpack needs the registers
+LARGE_M_TILES = [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 64, 8), (128, 64, 128, 4)]
 
 
 def configs(m: int) -> list[dict]:
     """Candidates for batch m (rounded up to a power of two); the first is the untuned default."""
-    if interpreter_on():
-        return [INTERPRETER_CONFIG]
-    tiles = [(16, 64, 128, 4), (16, 128, 128, 4), (32, 64, 256, 4)] if m <= 32 else \
-        [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 64, 8), (128, 64, 128, 4)]
-    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
-            for bm, bn, bk, warps in tiles for stages in (3, 4)]
+    return w8a8_gemm.configs(m, LARGE_M_TILES)
 
 
 def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype) -> torch.Tensor:

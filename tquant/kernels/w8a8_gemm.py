@@ -100,12 +100,16 @@ def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
 
 
-def configs(m: int) -> list[dict]:
-    """Candidates for batch m (rounded up to a power of two); the first is the untuned default."""
+SMALL_M_TILES = [(16, 64, 128, 4), (16, 128, 128, 4), (32, 64, 256, 4)]  # (BLOCK_M, BLOCK_N, BLOCK_K, warps)
+LARGE_M_TILES = [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 128, 8), (128, 64, 128, 4)]
+
+
+def configs(m: int, large_m_tiles=LARGE_M_TILES) -> list[dict]:
+    """Candidates for batch m (rounded up to a power of two); the first is the untuned default.
+    Shared by the int8 GEMMs (w4a8_gemm passes its own large-M tiles)."""
     if interpreter_on():
         return [INTERPRETER_CONFIG]
-    tiles = [(16, 64, 128, 4), (16, 128, 128, 4), (32, 64, 256, 4)] if m <= 32 else \
-        [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 128, 8), (128, 64, 128, 4)]
+    tiles = SMALL_M_TILES if m <= 32 else large_m_tiles
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
             for bm, bn, bk, warps in tiles for stages in (3, 4)]
 
