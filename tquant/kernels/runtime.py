@@ -45,3 +45,16 @@ def _cuda_name(index: int) -> str:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def check_tensors(expected: dict, context: str) -> None:
+    """Raise ValueError naming the first tensor whose dtype or shape is off.
+    expected: {name: (tensor or None to skip, shape, allowed dtypes)}; context says what the shapes follow from."""
+    for name, (t, shape, dtypes) in expected.items():
+        if t is None:
+            continue
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} dtype {t.dtype} does not match: expected {' or '.join(map(str, dtypes))} "
+                             f"for {context}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match: expected {tuple(shape)} for {context}")

@@ -30,7 +30,7 @@ import triton.language as tl
 from ..packing import pack_codes, unpack_codes
 from .autotune_cache import tune
 from .dequant_gemm import MAGIC_BITS, codes_tree
-from .runtime import check_device, next_power_of_2
+from .runtime import check_device, check_tensors, next_power_of_2
 from .tiling import grouped_tile
 from . import w8a8_gemm
 from .w8a8_gemm import DTYPES, store_dequantized, w8a8_matmul_ref
@@ -61,14 +61,7 @@ def check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, o
         "group_scale": (group_scale, (k // (group_size or 1), n), (torch.int8,)),
         "bias": (bias, (n,), DTYPES),
     }
-    for name, (t, shape, dtypes) in expected.items():
-        if t is None:
-            continue
-        if t.dtype not in dtypes:
-            raise ValueError(f"{name} dtype {t.dtype} does not match: expected {' or '.join(map(str, dtypes))}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} does not match: expected {shape} for M={m}, N={n}, "
-                             f"K={k}" + (f", group_size={group_size}" if name == "group_scale" else ""))
+    check_tensors(expected, f"M={m}, N={n}, K={k}" + (f", group_size={group_size}" if group_size else ""))
 
 
 def w4a8_matmul_ref(xq, x_scale, qweight, w_scale, *, group_scale=None, group_size=None, bias=None,

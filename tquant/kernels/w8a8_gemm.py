@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import tune
-from .runtime import check_device, interpreter_on, next_power_of_2
+from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
 from .tiling import grouped_tile
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,13 +44,7 @@ def check_inputs(xq, x_scale, wq, w_scale, bias, out_dtype) -> None:
         "w_scale": (w_scale, (n,), (torch.float32,)),
         "bias": (bias, (n,), DTYPES),
     }
-    for name, (t, shape, dtypes) in expected.items():
-        if t is None:
-            continue
-        if t.dtype not in dtypes:
-            raise ValueError(f"{name} dtype {t.dtype} does not match: expected {' or '.join(map(str, dtypes))}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} does not match: expected {shape} for M={m}, N={n}")
+    check_tensors(expected, f"M={m}, N={n}")
 
 
 def w8a8_matmul_ref(xq, x_scale, wq, w_scale, *, bias=None, out_dtype=torch.float16):

@@ -24,7 +24,7 @@ from ..packing import unpack_codes, values_per_word
 from ..quantizer import check_bits, resolve_group_size
 from . import dequant_gemm, dequant_gemv
 from .autotune_cache import tune
-from .runtime import check_device, interpreter_on, next_power_of_2
+from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DENSE = dict(path="dense")
@@ -48,15 +48,7 @@ def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm,
         "perm": (perm, (in_features,), (torch.int32, torch.int64)),
         "bias": (bias, (n,), (x.dtype,)),
     }
-    for name, (t, shape, dtypes) in expected.items():
-        if t is None:
-            continue
-        if t.dtype not in dtypes:
-            expected_dtypes = " or ".join(map(str, dtypes))
-            raise ValueError(f"{name} dtype {t.dtype} does not match: expected {expected_dtypes} (x is {x.dtype})")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} does not match: expected {shape} "
-                             f"for K={in_features}, bits={bits}, group_size={group_size}")
+    check_tensors(expected, f"x of {x.dtype}, K={in_features}, bits={bits}, group_size={group_size}")
     return group_size
 
 
