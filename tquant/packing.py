@@ -41,3 +41,11 @@ def unpack_codes(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     shifts = torch.arange(epw, device=qweight.device, dtype=torch.int32) * bits
     codes = (qweight.unsqueeze(1) >> shifts.view(1, epw, 1)) & (2**bits - 1)
     return codes.reshape(rows * epw, n)[:k]
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                      k: int) -> torch.Tensor:
+    """Float32 weight [K, N] of a packed one with scales, zeros [K // group_size, N]:
+    w[k, n] = (code(k, n) - zeros[k // group_size, n]) * scales[k // group_size, n]."""
+    g = torch.arange(k, device=qweight.device) // group_size
+    return (unpack_codes(qweight, bits, k).float() - zeros.float()[g]) * scales.float()[g]

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from ..packing import unpack_codes, values_per_word
+from ..packing import dequantize_packed, values_per_word
 from ..quantizer import check_bits, resolve_group_size
 from . import dequant_gemm, dequant_gemv
 from .autotune_cache import tune
@@ -54,8 +54,7 @@ def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm,
 
 def weight_only_matmul_ref(x, qweight, scales, zeros, *, bits, group_size, in_features, perm=None, bias=None):
     group_size = check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias)
-    g = torch.arange(in_features, device=x.device) // group_size
-    w = (unpack_codes(qweight, bits, in_features).float() - zeros.float()[g]) * scales.float()[g]
+    w = dequantize_packed(qweight, scales, zeros, bits, group_size, in_features)
     xs = x.float() if perm is None else x.float()[:, perm.long()]
     y = xs @ w
     if bias is not None:

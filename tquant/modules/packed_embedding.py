@@ -10,31 +10,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..packing import pack_codes, unpack_codes, values_per_word
+from ..packing import dequantize_packed
 from ..qweight import QuantizedWeight
+from .packed_weight import load_packed, register_packed
 
 
 class PackedEmbedding(nn.Module):
     def __init__(self, num_embeddings, embedding_dim, *, bits, group_size, padding_idx=None,
                  dtype=torch.float16, device=None):
         super().__init__()
-        if embedding_dim % group_size:
-            raise ValueError(f"group_size={group_size} does not divide embedding_dim={embedding_dim}")
+        register_packed(self, embedding_dim, num_embeddings, bits=bits, group_size=group_size, dtype=dtype,
+                        device=device, k_name="embedding_dim")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size, self.padding_idx = bits, group_size, padding_idx
-        rows, groups = -(-embedding_dim // values_per_word(bits)), embedding_dim // group_size
-        self.register_buffer("qweight", torch.zeros(rows, num_embeddings, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(groups, num_embeddings, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.zeros(groups, num_embeddings, dtype=dtype, device=device))
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, padding_idx, dtype) -> "PackedEmbedding":
         v, h = qw.codes.shape
         mod = cls(v, h, bits=qw.bits, group_size=qw.group_size, padding_idx=padding_idx, dtype=dtype,
                   device=qw.codes.device)
-        mod.qweight.copy_(pack_codes(qw.codes, qw.bits))
-        mod.scales.copy_(qw.scale.t())
-        mod.zeros.copy_(qw.zero.t())
+        load_packed(mod, qw)
         return mod
 
     def layer_spec(self) -> dict:
@@ -49,10 +44,9 @@ class PackedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         cols = ids.reshape(-1)
-        groups = torch.arange(self.embedding_dim, device=ids.device) // self.group_size
-        codes = unpack_codes(self.qweight[:, cols], self.bits, self.embedding_dim)  # [H, T]
-        table = (codes.to(self.scales.dtype) - self.zeros[:, cols][groups]) * self.scales[:, cols][groups]
-        return table.t().reshape(*ids.shape, self.embedding_dim)
+        rows = dequantize_packed(self.qweight[:, cols], self.scales[:, cols], self.zeros[:, cols], self.bits,
+                                 self.group_size, self.embedding_dim)  # [H, T] in fp32
+        return rows.t().to(self.scales.dtype).reshape(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"

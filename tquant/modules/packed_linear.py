@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..packing import pack_codes, values_per_word
 from ..qweight import QuantizedWeight
+from .packed_weight import load_packed, register_packed
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -24,16 +24,10 @@ class PackedLinear(nn.Module):
     def __init__(self, in_features, out_features, *, bits, group_size, bias=False, has_perm=False,
                  dtype=torch.float16, device=None):
         super().__init__()
-        if in_features % group_size:
-            raise ValueError(f"group_size={group_size} does not divide in_features={in_features}")
+        register_packed(self, in_features, out_features, bits=bits, group_size=group_size, dtype=dtype, device=device)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.backend = "auto"
-        rows = -(-in_features // values_per_word(bits))
-        groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(rows, out_features, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=dtype, device=device))
         self.register_buffer("perm", torch.zeros(in_features, dtype=torch.int32, device=device) if has_perm else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
@@ -43,9 +37,7 @@ class PackedLinear(nn.Module):
         dev = qw.codes.device
         mod = cls(k, n, bits=qw.bits, group_size=qw.group_size, bias=bias is not None,
                   has_perm=qw.perm is not None, dtype=dtype, device=dev)
-        mod.qweight.copy_(pack_codes(qw.codes, qw.bits))
-        mod.scales.copy_(qw.scale.t())
-        mod.zeros.copy_(qw.zero.t())
+        load_packed(mod, qw)
         if qw.perm is not None:
             mod.perm.copy_(qw.perm)
         if bias is not None:
