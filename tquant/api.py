@@ -17,8 +17,8 @@ def quantize(
     model: nn.Module,
     method: str,
     *,
-    bits: int = 4,
-    group_size: int = 128,
+    bits: int | None = None,
+    group_size: int | None = None,
     sym: bool = True,
     calib=None,
     tokenizer=None,
@@ -37,7 +37,8 @@ def quantize(
     """Quantize every nn.Linear in the decoder blocks of `model` in place and return it.
 
     method: a registered name (tquant.methods()); bits: 2, 3, 4 or 8; group_size: input channels per
-    scale (-1 = per output channel); sym: symmetric grid; calib: token ids [n, seqlen] or 1-D, a list of
+    scale (-1 = per output channel); bits and group_size default to the method's own (tquant.methods():
+    4 and 128 for rtn / gptq / qqq, 8 and per-channel for smoothquant / zeroquant); sym: symmetric grid; calib: token ids [n, seqlen] or 1-D, a list of
     strings (with tokenizer=), or a named source "auto" | "pydoc" | "wikitext2" | "c4" | "pile" (with
     tokenizer=; "auto" is wikitext2 when the hub is reachable, else the offline pydoc corpus);
     skip: fnmatch patterns of layer names to leave in full precision. The lm_head and the input
@@ -50,7 +51,8 @@ def quantize(
     unknown = set(method_options) - known
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method!r}; it takes {sorted(known)}")
-    m = cls(bits=bits, group_size=group_size, sym=sym, **method_options)
+    core = {k: v for k, v in dict(bits=bits, group_size=group_size).items() if v is not None}
+    m = cls(sym=sym, **core, **method_options)
     if not any(isinstance(x, nn.Linear) for x in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize")
     ids = None

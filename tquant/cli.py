@@ -57,7 +57,8 @@ def cmd_quantize(a) -> None:
                     tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen, device=a.device, skip=a.skip,
                     lm_head=a.lm_head, embeddings=a.embeddings, **dict(a.option))
     tquant.save(model, a.out, tokenizer=tok)
-    print(f"saved {a.method} {a.bits}-bit model to {a.out}")
+    qc = model.config.quantization_config
+    print(f"saved {a.method} {qc['bits']}-bit model to {a.out}")
 
 
 def cmd_eval(a) -> None:
@@ -119,8 +120,8 @@ def main(argv=None) -> None:
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("--model", default="default", help="HF path or id, or 'default' (offline SmolLM2-135M)")
     q.add_argument("--method", default="gptq")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=128, help="-1 for per-channel")
+    q.add_argument("--bits", type=int, default=None, help="default: the method's (tquant methods)")
+    q.add_argument("--group-size", type=int, default=None, help="-1 for per-channel; default: the method's")
     q.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
     q.add_argument("--calib", default="auto", help="auto (wikitext2, offline: pydoc) | pydoc | wikitext2 | c4 | pile")
     q.add_argument("--n-samples", type=int, default=128)

@@ -2,7 +2,8 @@
 
     {"quant_method": "tquant", "format": "tquant-packed-v1", "method": "gptq",
      "bits": 4, "group_size": 64, "sym": true, "options": {...method options...},
-     "layers": {"model.layers.0.self_attn.q_proj": {module spec from PackedLinear.layer_spec()}, ...}}
+     "layers": {"model.layers.0.self_attn.q_proj": {module spec from PackedLinear.layer_spec()}, ...},
+     "report": {...what the method measured, e.g. LKD errors or QQQ's alphas; only when there is any...}}
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ FORMAT = "tquant-packed-v1"
 def make_quantization_config(method: Method, layers: dict[str, dict]) -> dict:
     fields = dataclasses.asdict(method)
     core = {k: fields.pop(k) for k in ("bits", "group_size", "sym")}
-    return {"quant_method": QUANT_METHOD, "format": FORMAT, "method": method.name, **core,
-            "options": fields, "layers": layers}
+    qc = {"quant_method": QUANT_METHOD, "format": FORMAT, "method": method.name, **core, "options": fields,
+          "layers": layers}
+    report = method.report()
+    return qc | ({"report": report} if report else {})
 
 
 def read_quantization_config(config) -> dict:

@@ -4,12 +4,14 @@
     X_0    = inputs of block 0 on the calibration set (captured by stopping the model at block 0)
     for block i (moved alone to `device`):
         input groups = linears reading the same tensor (q/k/v, gate/up), in the block's call order
+        method.prepare_block(...)               # block-level transforms first (smoothing, LKD)
         for each stage (true-sequential: one input group; else all of them):
             run the block on X_i, stopping once the stage's last linear has run, with hooks that
             collect one statistics state per input group -> method.quantize each linear
-            write the de-quantized weight back so later stages see the quantization error
+            write the de-quantized weight back so later stages see the quantization error (and, for
+            weight-activation methods, fake-quantize the layer's input by method.input_transform)
         X_{i+1} = block(X_i)                    # with quantized weights
-        swap every quantized nn.Linear for a PackedLinear; move the block back
+        swap every quantized nn.Linear for its module (PackedLinear, ActQuantLinear); move the block back
 Data-free methods (RTN) skip the forward passes.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .methods.base import Method
-from .modules import PackedEmbedding, PackedLinear
+from .modules import PackedEmbedding, linear_module
 from .qweight import QuantizedWeight
 from .quantizer import resolve_group_size
 
@@ -179,13 +181,15 @@ def _input_groups(block, linears: dict[str, nn.Linear], args, kwargs) -> list[li
 
 @torch.no_grad()
 def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_sequential: bool, dtype):
-    """Quantize one block's linears in place (swapping in PackedLinear). Returns ({name: spec}, the
+    """Quantize one block's linears in place (swapping in their modules). Returns ({name: spec}, the
     block's outputs on `inputs` with the quantized weights, or None without inputs)."""
     groups = [[n] for n in linears] if inputs is None else _input_groups(block, linears, *inputs[0])
+    if inputs is not None:
+        method.prepare_block(block, linears, groups, inputs, prefix)
     results = {}
     for stage in [[g] for g in groups] if true_sequential else [groups]:
         states = {g[0]: method.new_state(prefix + g[0], linears[g[0]]) for g in stage}
-        if inputs is not None:
+        if inputs is not None and method.needs_layer_stats:
             stats = [linears[g[0]].register_forward_hook(lambda m, i, o, s=states[g[0]]: s.add_batch(i[0])) for g in stage]
             with _hooked(stats + [linears[stage[-1][-1]].register_forward_hook(_stop)]):
                 _run_passes(lambda a=a, k=k: block(*a, **k) for a, k in inputs)
@@ -193,11 +197,14 @@ def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_se
             for n in g:
                 qw = method.quantize(states[g[0]], linears[n], prefix + n)
                 linears[n].weight.data = qw.dequantize().to(linears[n].weight.dtype)
+                transform = method.input_transform(prefix + n)
+                if transform is not None:
+                    linears[n].register_forward_pre_hook(lambda m, a, t=transform: (t(a[0]),) + tuple(a[1:]))
                 results[n] = qw
     outputs = None if inputs is None else [block(*args, **kwargs) for args, kwargs in inputs]
     specs = {}
     for n, qw in results.items():
-        block.set_submodule(n, PackedLinear.from_quantized(qw, linears[n].bias, dtype))
+        block.set_submodule(n, linear_module(qw, linears[n].bias, dtype))
         specs[prefix + n] = block.get_submodule(n).layer_spec()
     return specs, outputs
 
@@ -294,7 +301,7 @@ def _quantize_head(model, blocks_name, blocks, method, calib, final_hidden, tupl
                           head.register_forward_hook(_stop)]):
                 _run_passes(lambda ids=ids: model(input_ids=ids, use_cache=False)
                             for ids in _batches(calib, batch_size, device))
-        packed = PackedLinear.from_quantized(method.quantize(state, head, name), head.bias, dtype)
+        packed = linear_module(method.quantize(state, head, name), head.bias, dtype)
     model.set_submodule(name, packed.to(head.weight.device))
     model.config.tie_word_embeddings = False  # the embedding keeps its float weight
     return {name: packed.layer_spec()}

@@ -75,3 +75,16 @@ def grouped_qparams(w: torch.Tensor, bits: int, group_size: int, sym: bool):
 def expand_groups(t: torch.Tensor, group_size: int) -> torch.Tensor:
     """[N, G] per-group tensor -> [N, G * group_size] per-column."""
     return t.repeat_interleave(group_size, dim=1)
+
+
+def integer_group_scales(group_scale: torch.Tensor, channel_scale: torch.Tensor, max_mult: int = 15) -> torch.Tensor:
+    """QQQ's two-level grid: each per-group scale [N, G] (or [N]) rounded *up* to an integer multiple of its
+    row's channel_scale [N], c * clamp(ceil(s / c), 1, max_mult), so no weight the group scale covered is
+    clipped (unless s > max_mult * c). With 4-bit codes q in [-8, 7] and multiples <= 15, |q * mult| <= 120."""
+    c = channel_scale.to(group_scale.dtype).view(-1, *[1] * (group_scale.dim() - 1))
+    return c * torch.ceil(group_scale / c).clamp(1, max_mult)
+
+
+def channel_scale_for_groups(group_scale: torch.Tensor, max_mult: int = 15) -> torch.Tensor:
+    """The per-channel scale [N] of QQQ's grid: the largest group scale of each row / max_mult."""
+    return group_scale.amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / max_mult

@@ -5,6 +5,13 @@
     zero   float [N, G]  integer-valued
     perm   int64 [K] or None: storage column k holds input channel perm[k], so
            y = x[..., perm] @ dequant(codes, scale, zero).T
+Weight-activation methods (SmoothQuant, ZeroQuant, QQQ) also set:
+    act_bits       8 or 4: activations are quantized per token at run time (None: weight-only, A16)
+    smooth         float32 [K] or None: run-time SmoothQuant divisor, y = Q(x / smooth) @ W^T, where no
+                   preceding op could absorb 1 / smooth (the weight already carries the factor smooth)
+    act_scale      float32 [1] or None: static per-tensor activation scale instead of per-token dynamic
+    channel_scale  float32 [N] or None: per-group scales are integer multiples of it (QQQ's grid,
+                   quantizer.integer_group_scales), which the W4A8 kernel needs
 GPTQ with act_order and non-static groups stores its columns in activation order, which keeps each
 group contiguous in storage order; perm is that order.
 """
@@ -14,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .quantizer import dequantize, expand_groups, grouped_qparams, quantize
+from .packing import pack_codes
+from .quantizer import (channel_scale_for_groups, dequantize, expand_groups, grouped_qparams, integer_group_scales,
+                        quantize)
 
 
 @dataclass
@@ -25,14 +34,24 @@ class QuantizedWeight:
     bits: int
     group_size: int
     perm: torch.Tensor | None = None
+    act_bits: int | None = None
+    smooth: torch.Tensor | None = None
+    act_scale: torch.Tensor | None = None
+    channel_scale: torch.Tensor | None = None
 
     @classmethod
-    def from_rtn(cls, w: torch.Tensor, bits: int, group_size: int, sym: bool) -> "QuantizedWeight":
-        """Round-to-nearest of a [N, K] weight with per-group min-max (or abs-max) ranges."""
+    def from_rtn(cls, w: torch.Tensor, bits: int, group_size: int, sym: bool,
+                 integer_groups: bool = False) -> "QuantizedWeight":
+        """Round-to-nearest of a [N, K] weight with per-group min-max (or abs-max) ranges; integer_groups
+        puts grouped scales on QQQ's grid (integer multiples of a per-channel scale)."""
         w = w.detach().float()
         scale, zero = grouped_qparams(w, bits, group_size, sym)
+        channel = None
+        if integer_groups and group_size != w.shape[1]:
+            channel = channel_scale_for_groups(scale)
+            scale = integer_group_scales(scale, channel)
         codes = quantize(w, expand_groups(scale, group_size), expand_groups(zero, group_size), bits)
-        return cls(codes, scale, zero, bits, group_size)
+        return cls(codes, scale, zero, bits, group_size, channel_scale=channel)
 
     def dequantize(self) -> torch.Tensor:
         """Float32 [N, K] weight in the original input-channel order."""
@@ -42,3 +61,31 @@ class QuantizedWeight:
         out = torch.empty_like(w)
         out[:, self.perm] = w
         return out
+
+    def int8_gemm_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The tensors the int8 tensor-core GEMMs read (w8a8_gemm, w4a8_gemm), from a symmetric weight:
+            8 bits: (wq int8 [N, K] = codes - 128, w_scale fp32 [N], None)              per-channel only
+            4 bits: (qweight int32 [ceil(K / 8), N] = packed codes (q + 8), w_scale fp32 [N],
+                     group_scale int8 [K // group_size, N] = scale / channel_scale, or None per-channel)"""
+        n, k = self.codes.shape
+        if self.bits not in (4, 8):
+            raise ValueError(f"the int8 GEMMs take 4- or 8-bit weights, not {self.bits}-bit")
+        if not torch.all(self.zero == 2 ** (self.bits - 1)):
+            raise ValueError("the int8 GEMMs need symmetric weights (sym=True: zero = 2^(bits-1))")
+        if self.perm is not None:
+            raise ValueError("the int8 GEMMs take weights in input-channel order (no act-order permutation)")
+        if self.group_size == k:
+            w_scale = self.scale[:, 0].float().contiguous()
+            if self.bits == 8:
+                return (self.codes - 128).to(torch.int8).contiguous(), w_scale, None
+            return pack_codes(self.codes, 4), w_scale, None
+        if self.bits == 8:
+            raise ValueError("8-bit weights for the int8 GEMM must be per-channel (group_size=-1)")
+        if self.channel_scale is None:
+            raise ValueError("4-bit grouped weights for the W4A8 GEMM need integer group scales (QQQ's grid: "
+                             "quantize with integer_groups)")
+        mult = torch.round(self.scale / self.channel_scale[:, None])
+        if mult.min() < 1 or mult.max() > 15 or not torch.allclose(mult * self.channel_scale[:, None], self.scale,
+                                                                    rtol=1e-5, atol=0):
+            raise ValueError("group scales are not integer multiples (1..15) of channel_scale")
+        return pack_codes(self.codes, 4), self.channel_scale.float().contiguous(), mult.t().to(torch.int8).contiguous()

@@ -1,10 +1,12 @@
-"""W4A8 GEMM (as in QQQ): int8 activations x symmetric int4 weights, int8 tensor-core dots with int32
-accumulation and a dequantizing epilogue.
+"""W4A8 GEMM (as in QQQ) and W4A4 GEMM: int8 (or packed int4) activations x symmetric int4 weights, int8
+tensor-core dots with int32 accumulation and a dequantizing epilogue.
 
     y[m, n]  = float32(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]),   acc[m, n] = sum_k xq[m, k] * w8[k, n]
     w8[k, n] = (c[k, n] - 8) * sg[k // group_size, n]     (per-group)      (c - 8 per-channel: sg = 1)
     c[k, n]  = (qweight[k // 8, n] >> 4 * (k % 8)) & 15   (tquant/packing.py; q = c - 8 in [-8, 7], zero point 8)
     xq       int8 [M, K]   (per-token codes, e.g. act_quant.quantize_activations(bits=8))     x_scale fp32 [M]
+             act_bits=4 (W4A4): int8 [M, ceil(K / 2)] of two nibbles, low = even k (quantize_activations(bits=4));
+             K = in_features (default 2 * xq.shape[1])
     qweight  int32 [ceil(K / 8), N]                   w_scale fp32 [N] (per output channel)
     sg       int8 [K // group_size, N] in 1..16 (group_scale), group_size dividing K; None: per-channel.
              The caller guarantees |q * sg| <= 127 for every weight (e.g. q in [-8, 7] and sg <= 15, as
@@ -19,7 +21,7 @@ multiplied per code), exact small integers in fp32, converted to int8 w8^T [BLOC
 tl.dot(xq tile, w8) into the int32 accumulator (xq is 0 past K, so padding codes add nothing). The launch config
 is tuned per GPU and key by autotune_cache; the interpreter runs one fixed small config.
 `w4a8_matmul_ref` unpacks w8 in torch and runs w8a8_gemm.w8a8_matmul_ref (integer products summed exactly).
-`w4a8_quantize_weight` makes QQQ-style weights from a float [N, K] weight.
+`w4a8_quantize_weight` makes QQQ-style weights from a float [N, K] weight (round-to-nearest).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..packing import pack_codes, unpack_codes
+from ..packing import unpack_codes
+from ..qweight import QuantizedWeight
 from .autotune_cache import tune
 from .dequant_gemm import MAGIC_BITS, codes_tree
 from .runtime import check_device, check_tensors, next_power_of_2
@@ -39,15 +42,31 @@ EPW = 8  # 4-bit codes per int32 word
 ZERO = 8  # implicit zero point: q = c - 8
 
 
-def check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype) -> None:
+def width(xq, act_bits, k) -> int:
+    """K: xq's width for 8-bit activations; for packed 4-bit ones, k (2 * xq.shape[1] - 1 or 2 * xq.shape[1])."""
+    if act_bits not in (4, 8):
+        raise ValueError(f"act_bits={act_bits} is not supported; use 8 (W4A8) or 4 (W4A4)")
+    if act_bits == 8 or xq.dim() != 2:
+        return xq.shape[-1] if k is None else k
+    if k is None:
+        return 2 * xq.shape[1]
+    if -(-k // 2) != xq.shape[1]:
+        raise ValueError(f"in_features={k} does not match packed 4-bit xq of width {xq.shape[1]} (ceil(K / 2))")
+    return k
+
+
+def check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits=8, k=None) -> None:
     """Raise ValueError naming the first argument whose dtype, shape or value is wrong."""
+    k = width(xq, act_bits, k)
+    if act_bits == 8 and k != xq.shape[-1]:
+        raise ValueError(f"in_features={k} does not match 8-bit xq of width {xq.shape[-1]}")
     if out_dtype not in DTYPES:
         raise ValueError(f"out_dtype {out_dtype} is not supported; use one of {DTYPES}")
     for name, t, dtype in (("xq", xq, torch.int8), ("qweight", qweight, torch.int32)):
         if t.dim() != 2 or t.dtype != dtype:
             raise ValueError(f"{name} must be a 2-D {str(dtype).removeprefix('torch.')} tensor; got {t.dtype} "
                              f"of shape {tuple(t.shape)}")
-    (m, k), n = xq.shape, qweight.shape[1]
+    m, n = xq.shape[0], qweight.shape[1]
     if qweight.shape[0] != -(-k // EPW):
         raise ValueError(f"qweight shape {tuple(qweight.shape)} does not match: expected [ceil(K / 8), N] = "
                          f"[{-(-k // EPW)}, N] for K={k} (xq is {tuple(xq.shape)})")
@@ -64,42 +83,41 @@ def check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, o
     check_tensors(expected, f"M={m}, N={n}, K={k}" + (f", group_size={group_size}" if group_size else ""))
 
 
+def unpack_int4_activations(xq: torch.Tensor, k: int) -> torch.Tensor:
+    """int8 codes [M, K] from packed 4-bit activations [M, ceil(K / 2)] (sign-extended nibbles, low = even k)."""
+    lo, hi = (xq << 4) >> 4, xq >> 4  # int8 arithmetic shifts
+    return torch.stack([lo, hi], dim=-1).reshape(xq.shape[0], -1)[:, :k].contiguous()
+
+
 def w4a8_matmul_ref(xq, x_scale, qweight, w_scale, *, group_scale=None, group_size=None, bias=None,
-                    out_dtype=torch.float16):
-    check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype)
-    w8 = unpack_codes(qweight, 4, xq.shape[1]) - ZERO  # [K, N]
+                    out_dtype=torch.float16, act_bits=8, in_features=None):
+    check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits, in_features)
+    k = width(xq, act_bits, in_features)
+    if act_bits == 4:
+        xq = unpack_int4_activations(xq, k)
+    w8 = unpack_codes(qweight, 4, k) - ZERO  # [K, N]
     if group_scale is not None:
         w8 = w8 * group_scale.to(torch.int32).repeat_interleave(group_size, dim=0)
     return w8a8_matmul_ref(xq, x_scale, w8.t().to(torch.int8), w_scale, bias=bias, out_dtype=out_dtype)
 
 
 def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None):
-    """Float w [N, K] -> (qweight int32 [ceil(K / 8), N], w_scale fp32 [N], group_scale int8 [K // gs, N] or None).
-
-    Per-channel: w_scale = max_k |w[n]| / 7, q = clamp(round(w / w_scale), -8, 7).
-    Per-group (QQQ): group scales s_g = max |w| / 7 over each group, then expressed as integer multiples of
-    the per-channel w_scale = max_g s_g / 15: sg = clamp(ceil(s_g / w_scale), 1, 15) (ceil, not round, so that
-    w_scale * sg >= s_g and no weight is clipped), q = clamp(round(w / (w_scale * sg)), -8, 7); |q * sg| <= 120.
-    Every weight is then within half a step w_scale * sg of its grid point q * w_scale * sg."""
-    n, k = w.shape
-    w = w.float()
-    tiny = torch.finfo(torch.float32).tiny
-    if group_size is None:
-        w_scale = w.abs().amax(dim=1).clamp_min(tiny) / 7
-        q = torch.round(w / w_scale[:, None]).clamp(-8, 7)
-        return pack_codes((q + ZERO).to(torch.int32), 4), w_scale, None
-    if k % group_size:
-        raise ValueError(f"group_size={group_size} must divide K={k}")
-    s_g = w.view(n, k // group_size, group_size).abs().amax(dim=2) / 7  # [N, groups]
-    w_scale = s_g.amax(dim=1).clamp_min(tiny) / 15
-    sg = torch.ceil(s_g / w_scale[:, None]).clamp(1, 15)
-    q = torch.round(w / (w_scale[:, None] * sg).repeat_interleave(group_size, dim=1)).clamp(-8, 7)
-    return pack_codes((q + ZERO).to(torch.int32), 4), w_scale, sg.t().to(torch.int8).contiguous()
+    """Float w [N, K] -> (qweight int32 [ceil(K / 8), N], w_scale fp32 [N], group_scale int8 [K // gs, N] or None):
+    symmetric 4-bit round-to-nearest by tquant's one quantizer (QuantizedWeight.from_rtn), per-group scales on
+    QQQ's integer grid (quantizer.integer_group_scales, multiples 1..15, so |q * sg| <= 120)."""
+    if group_size is not None and w.shape[1] % group_size:
+        raise ValueError(f"group_size={group_size} must divide K={w.shape[1]}")
+    qw = QuantizedWeight.from_rtn(w, 4, group_size or w.shape[1], sym=True, integer_groups=True)
+    qweight, w_scale, group_scale = qw.int8_gemm_weight()
+    if group_size is not None and group_scale is None:  # one group spanning K: per-channel, as multiples of 1
+        group_scale = torch.ones(1, w.shape[0], dtype=torch.int8)
+    return qweight, w_scale, group_scale
 
 
 @triton.jit
 def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K, KW, group_size, stride_xm,
-                 stride_qk, stride_sg, stride_ym, magic, GROUPED: tl.constexpr, WORD_GROUPS: tl.constexpr,
+                 stride_qk, stride_sg, stride_ym, magic, ACT_BITS: tl.constexpr, GROUPED: tl.constexpr,
+                 WORD_GROUPS: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
     BLOCK_KW: tl.constexpr = BLOCK_K // 8
@@ -127,7 +145,13 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K,
         if GROUPED and not WORD_GROUPS:  # groups split words: sg per code
             g = (tl.minimum(k, K - 1) // group_size)[None, :]
             w *= tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.float32)
-        xa = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
+        if ACT_BITS == 8:
+            xa = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
+        else:  # bytes [BLOCK_M, BLOCK_K / 2] -> sign-extended nibbles (low = even k), interleaved back to k order
+            byte = kw0 * 4 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(x_rows + byte[None, :], mask=m_ok[:, None] & (byte < (K + 1) // 2)[None, :], other=0)
+            b = b.to(tl.int32)
+            xa = tl.reshape(tl.join((b << 28) >> 28, b >> 4), (BLOCK_M, BLOCK_K)).to(tl.int8)
         acc = tl.dot(xa, tl.trans(w.to(tl.int8)), acc, out_dtype=tl.int32)
     store_dequantized(acc, xs_ptr, ws_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
 
@@ -141,17 +165,18 @@ def configs(m: int) -> list[dict]:
     return w8a8_gemm.configs(m, LARGE_M_TILES)
 
 
-def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype) -> torch.Tensor:
-    """One launch with config (inputs checked and contiguous)."""
-    m, k = xq.shape
-    n = qweight.shape[1]
+def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits=8,
+           k=None) -> torch.Tensor:
+    """One launch with config (inputs checked and contiguous; k: in_features, needed for act_bits=4)."""
+    m, n = xq.shape[0], qweight.shape[1]
+    k = k or xq.shape[1]
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     grouped = group_scale is not None
     _w4a8_kernel[grid](
         xq, x_scale, qweight, w_scale, group_scale if grouped else qweight, bias if bias is not None else y, y,
         m, n, k, qweight.shape[0], group_size or k, xq.stride(0), qweight.stride(0),
-        group_scale.stride(0) if grouped else 0, y.stride(0), MAGIC_BITS, GROUPED=grouped,
+        group_scale.stride(0) if grouped else 0, y.stride(0), MAGIC_BITS, ACT_BITS=act_bits, GROUPED=grouped,
         WORD_GROUPS=grouped and group_size % EPW == 0, HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -160,16 +185,19 @@ def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias,
 
 
 def w4a8_matmul(xq, x_scale, qweight, w_scale, *, group_scale=None, group_size=None, bias=None,
-                out_dtype=torch.float16):
-    check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype)
+                out_dtype=torch.float16, act_bits=8, in_features=None):
+    """act_bits=4 runs W4A4 (xq packed 4-bit; in_features gives an odd K)."""
+    check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits, in_features)
+    k = width(xq, act_bits, in_features)
     check_device(dict(xq=xq, x_scale=x_scale, qweight=qweight, w_scale=w_scale, group_scale=group_scale, bias=bias))
     m, n = xq.shape[0], qweight.shape[1]
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=out_dtype, device=xq.device)
     xq, x_scale, qweight, w_scale, group_scale, bias = [
         t.contiguous() if t is not None else None for t in (xq, x_scale, qweight, w_scale, group_scale, bias)]
-    args = (xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype)
-    key = dict(M=next_power_of_2(m), N=n, K=xq.shape[1], g=group_size or 0, out=str(out_dtype).removeprefix("torch."),
+    args = (xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits, k)
+    key = dict(M=next_power_of_2(m), N=n, K=k, g=group_size or 0, out=str(out_dtype).removeprefix("torch."),
                bias=int(bias is not None))
-    config = tune("w4a8_matmul", key, configs(key["M"]), lambda c: launch(c, *args), xq.device)
+    name = "w4a8_matmul" if act_bits == 8 else "w4a4_matmul"
+    config = tune(name, key, configs(key["M"]), lambda c: launch(c, *args), xq.device)
     return launch(config, *args)

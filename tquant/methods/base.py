@@ -6,6 +6,10 @@ The driver (tquant.driver) owns the data flow; a method only sees one input stre
                                                  # linears reading the same tensor, e.g. q/k/v) sees
     state.add_batch(x)                           # x: that input [.., K], once per calib batch
     qw = method.quantize(state, linear, name)    # -> QuantizedWeight (codes, scale, zero, perm)
+Two optional hooks for methods that change more than one weight at a time:
+    method.prepare_block(block, linears, groups, inputs, prefix)   # before a block's linears are quantized:
+        may rewrite weights in place (smoothing, distillation); groups = names of linears sharing an input
+    method.input_transform(name) -> fn(x) or None                  # what a quantized layer does to its input
 
 Methods never launch kernels and never replace modules themselves.
 """
@@ -68,6 +72,7 @@ class Method:
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = True
+    needs_layer_stats: ClassVar[bool] = True  # False: quantize() ignores its state (the driver skips the passes)
     state_class: ClassVar[type[LayerState]] = LayerState
 
     bits: int = option(4, "weight bits: 2, 3, 4 or 8")
@@ -92,4 +97,15 @@ class Method:
 
     def quantize(self, state: LayerState, linear: nn.Linear, name: str) -> QuantizedWeight:
         raise NotImplementedError
+
+    def prepare_block(self, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]], inputs,
+                      prefix: str) -> None:
+        """inputs: [(args, kwargs)] of the block, one per calibration batch. Weight-only methods do nothing."""
+
+    def input_transform(self, name: str):
+        return None
+
+    def report(self) -> dict:
+        """JSON-able facts the run measured (e.g. LKD errors, searched alphas), saved in quantization_config."""
+        return {}
 

@@ -8,17 +8,21 @@ For a linear with weight W [N, K] and calibration inputs X [T, K]:
 Group parameters (scale, zero) are taken from the current (already error-updated) weights when the
 first column of a group is reached, or from the original weights up front with static_groups.
 With act_order and non-static groups, columns are stored in activation order (perm) so groups stay
-contiguous for the kernel; otherwise codes are returned in the original order.
+contiguous for the kernel; otherwise codes are returned in the original order. Subclasses that set
+integer_groups (QQQ) round each group scale up to an integer multiple of a per-channel scale taken from
+the original weights (quantizer.integer_group_scales), the grid the W4A8 GEMM reads.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import ClassVar
 
 import torch
 
 from ..qweight import QuantizedWeight
-from ..quantizer import dequantize, grouped_qparams, qparams, quantize
+from ..quantizer import (channel_scale_for_groups, dequantize, grouped_qparams, integer_group_scales, qparams,
+                         quantize)
 from .base import LayerState, Method, option, register
 
 _HESSIAN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -60,6 +64,7 @@ def _one_cpu_thread(device: torch.device):
 @dataclasses.dataclass
 class GPTQ(Method):
     name = "gptq"
+    integer_groups: ClassVar[bool] = False
 
     percdamp: float = option(0.01, "damping added to diag(H), as a fraction of its mean")
     blocksize: int = option(128, "columns per lazy batch update")
@@ -107,8 +112,13 @@ class GPTQ(Method):
         h[dead, dead] = 1
         w[:, dead] = 0
 
+        channel = None
+        if grouped and self.integer_groups:
+            channel = channel_scale_for_groups(qparams(w, self.bits, self.sym)[0][:, None])
         if self.static_groups and grouped:
             static_scale, static_zero = grouped_qparams(w, self.bits, gs, self.sym)
+            if channel is not None:
+                static_scale = integer_group_scales(static_scale, channel)
         perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else None
         if perm is not None:
             w, h = w[:, perm], h[perm][:, perm]
@@ -133,6 +143,8 @@ class GPTQ(Method):
                         elif col % gs == 0:
                             current = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]
                             s, z = qparams(current, self.bits, self.sym)
+                            if channel is not None:
+                                s = integer_group_scales(s, channel)
                             scale[:, col // gs], zero[:, col // gs] = s, z
                     q = quantize(w1[:, i], s, z, self.bits)
                     codes[:, col] = q
@@ -147,4 +159,4 @@ class GPTQ(Method):
             restored = torch.empty_like(codes)
             restored[:, perm] = codes
             codes, perm = restored, None
-        return QuantizedWeight(codes, scale, zero, self.bits, gs, perm)
+        return QuantizedWeight(codes, scale, zero, self.bits, gs, perm, channel_scale=channel)

@@ -1,0 +1,79 @@
+"""Perplexity of the weight-activation methods on the offline SmolLM2-135M (issue 3's quality table).
+
+    python benchmarks/quality_weight_activation.py [--rows NAME,NAME,...] [--json out.json] [--threads N]
+
+Same data as benchmarks/quality_smollm2.py: calibration = 128 random windows x 512 tokens from the first 70 %
+of the pydoc corpus (seed 0); evaluation = the first 40 consecutive 512-token windows of the last 30 %;
+float32 on the CPU, so the layers run the torch references of the int8 GEMMs (the same integer codes the
+kernels compute). Group 128 does not divide SmolLM2's hidden size 576, so grouped rows use 64.
+Each row prints as it finishes; --rows picks a subset (names in ROWS).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+import tquant
+from tquant.eval import perplexity
+from tquant.models import load_model
+
+LKD = dict(lkd=True, lkd_steps=100, lkd_batch=4, lkd_lr=1e-4)
+ROWS = {  # name: (method, options)
+    "rtn-w8a8": ("zeroquant", dict(bits=8)),
+    **{f"smoothquant-w8a8-a{a}": ("smoothquant", dict(alpha=a / 100)) for a in (30, 40, 50, 60, 70, 80)},
+    "smoothquant-w8a8-a50-static": ("smoothquant", dict(alpha=0.5, act_static=True)),
+    "zeroquant-w8a8-lkd": ("zeroquant", dict(bits=8, **LKD)),
+    "zeroquant-w4/8a8": ("zeroquant", dict(bits=8, mlp_bits=4)),
+    "zeroquant-w4/8a8-lkd": ("zeroquant", dict(bits=8, mlp_bits=4, **LKD)),
+    "rtn-w4a8-pc": ("zeroquant", dict(bits=4)),
+    "rtn-w4a8-g64": ("zeroquant", dict(bits=4, group_size=64)),
+    "rtn-w4a4-g64": ("zeroquant", dict(bits=4, group_size=64, act_bits=4)),
+    "qqq-w4a8-pc": ("qqq", dict(group_size=-1)),
+    "qqq-w4a8-g64": ("qqq", dict(group_size=64)),
+    "gptq-w4a16-sym-pc": ("gptq", dict(bits=4, group_size=-1)),
+    "gptq-w4a16-sym-g64": ("gptq", dict(bits=4, group_size=64)),
+}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", default=",".join(["fp32", *ROWS]))
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.set_grad_enabled(False)
+    base, tok = load_model("default", device="cpu")
+    ppl = lambda m: perplexity(m, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows, progress=False)
+    results = {}
+    for row in a.rows.split(","):
+        t = time.time()
+        if row == "fp32":
+            results[row] = {"ppl": ppl(base)}
+        else:
+            method, opts = ROWS[row]
+            model = copy.deepcopy(base)
+            tquant.quantize(model, method, calib="pydoc", tokenizer=tok, n_samples=a.n_samples, seqlen=512,
+                                device="cpu", progress=False, **opts)
+            quantize_s = time.time() - t
+            results[row] = {"method": method, "options": opts, "quantize_s": round(quantize_s),
+                            "ppl": ppl(model)}
+            info = model.config.quantization_config
+            results[row]["runtime_smooth_layers"] = sum(s.get("smooth", False) for s in info["layers"].values())
+            results[row]["report"] = info.get("report", {})
+            del model
+        results[row]["seconds"] = round(time.time() - t)
+        print(row, json.dumps(results[row]), flush=True)
+        if a.json:
+            json.dump(results, open(a.json, "w"), indent=2)
+
+
+if __name__ == "__main__":
+    main()

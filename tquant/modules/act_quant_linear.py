@@ -1,0 +1,105 @@
+"""ActQuantLinear: an nn.Linear replacement that quantizes its input per token and runs an int8 GEMM.
+
+    y = dequant( Q_a(x / smooth) . Q_w(W)^T ) + bias
+    Q_a: per-token dynamic (or static per-tensor, act_scale) symmetric act_bits quantization (act_quant)
+Formats (weight bits / activation bits) and buffers:
+    W8A8: qweight int8 [N, K], w_scale fp32 [N]                                  -> w8a8_gemm.w8a8_matmul
+    W4A8: qweight int32 [ceil(K / 8), N] (codes q + 8), w_scale fp32 [N],
+          group_scale int8 [K // group_size, N] when grouped (QQQ's integer grid)  -> w4a8_gemm.w4a8_matmul
+    W4A4: as W4A8, activations packed two per byte                               -> w4a8_matmul(act_bits=4)
+    smooth fp32 [K] (run-time SmoothQuant divisor) and act_scale fp32 [1] (static scale) only when used.
+forward: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1 with backend="triton"), else the torch
+references, which give the same codes and the exact integer products.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..qweight import QuantizedWeight
+
+BACKENDS = ("auto", "triton", "torch")
+FORMATS = ((8, 8), (4, 8), (4, 4))  # (weight bits, activation bits)
+
+
+class ActQuantLinear(nn.Module):
+    def __init__(self, in_features, out_features, *, bits, act_bits, group_size, bias=False, smooth=False,
+                 static=False, dtype=torch.float16, device=None):
+        super().__init__()
+        if (bits, act_bits) not in FORMATS:
+            raise ValueError(f"W{bits}A{act_bits} has no int8 GEMM; supported: "
+                             f"{', '.join(f'W{w}A{a}' for w, a in FORMATS)}")
+        if in_features % group_size or (bits == 8 and group_size != in_features):
+            raise ValueError(f"group_size={group_size} is not valid for W{bits} with in_features={in_features} "
+                             "(8-bit: per-channel only; 4-bit: a divisor of in_features)")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.act_bits, self.group_size = bits, act_bits, group_size
+        self.backend = "auto"
+        k, n = in_features, out_features
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8, device=device))
+        else:
+            self.register_buffer("qweight", torch.zeros(-(-k // 8), n, dtype=torch.int32, device=device))
+        self.register_buffer("w_scale", torch.zeros(n, dtype=torch.float32, device=device))
+        grouped = group_size != in_features
+        self.register_buffer("group_scale", torch.zeros(k // group_size, n, dtype=torch.int8, device=device)
+                             if grouped else None)
+        self.register_buffer("smooth", torch.ones(k, dtype=torch.float32, device=device) if smooth else None)
+        self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, device=device) if static else None)
+        self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "ActQuantLinear":
+        n, k = qw.codes.shape
+        mod = cls(k, n, bits=qw.bits, act_bits=qw.act_bits, group_size=qw.group_size, bias=bias is not None,
+                  smooth=qw.smooth is not None, static=qw.act_scale is not None, dtype=dtype, device=qw.codes.device)
+        qweight, w_scale, group_scale = qw.int8_gemm_weight()
+        mod.qweight.copy_(qweight)
+        mod.w_scale.copy_(w_scale)
+        for name, value in (("group_scale", group_scale), ("smooth", qw.smooth), ("act_scale", qw.act_scale),
+                            ("bias", bias)):
+            if value is not None:
+                getattr(mod, name).copy_(value.detach().reshape(getattr(mod, name).shape))
+        return mod
+
+    def layer_spec(self) -> dict:
+        """What tquant.load needs to rebuild this module (stored in the saved quantization_config)."""
+        return {"type": "act_quant_linear", "bits": self.bits, "act_bits": self.act_bits,
+                "group_size": self.group_size, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "smooth": self.smooth is not None, "static": self.act_scale is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype) -> "ActQuantLinear":
+        return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], act_bits=spec["act_bits"],
+                   group_size=spec["group_size"], bias=spec["bias"], smooth=spec["smooth"], static=spec["static"],
+                   dtype=dtype, device="meta")
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import act_quant, w4a8_gemm, w8a8_gemm
+
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"ActQuantLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
+        kernel = self._use_kernel(x)
+        x2 = x.reshape(-1, self.in_features)
+        quant = act_quant.quantize_activations if kernel else act_quant.quantize_activations_ref
+        xq, x_scale = quant(x2, bits=self.act_bits, smooth=self.smooth, scale=self.act_scale)
+        out_dtype = x.dtype if x.dtype in w8a8_gemm.DTYPES else torch.float32
+        if self.bits == 8:
+            gemm = w8a8_gemm.w8a8_matmul if kernel else w8a8_gemm.w8a8_matmul_ref
+            y = gemm(xq, x_scale, self.qweight, self.w_scale, bias=self.bias, out_dtype=out_dtype)
+        else:
+            gemm = w4a8_gemm.w4a8_matmul if kernel else w4a8_gemm.w4a8_matmul_ref
+            y = gemm(xq, x_scale, self.qweight, self.w_scale, group_scale=self.group_scale,
+                     group_size=self.group_size if self.group_scale is not None else None, bias=self.bias,
+                     out_dtype=out_dtype, act_bits=self.act_bits, in_features=self.in_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.bits}A{self.act_bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, smooth={self.smooth is not None}, "
+                f"static={self.act_scale is not None}")

@@ -1,0 +1,163 @@
+"""SmoothQuant's migration of activation outliers into the weights (Xiao et al., 2023), used by the
+weight-activation methods (smoothquant, qqq).
+
+For the linears reading one input X [T, K] (an input group: q/k/v, gate/up, o_proj, down_proj):
+    s_j = max_t |X_tj|^alpha / max_{linears, n} |W_nj|^(1 - alpha)
+    X W^T = (X diag(s)^-1) (W diag(s))^T          every W of the group gets its columns times s
+The division by s is folded into the op that produced X where one can absorb it exactly: a norm's weight
+and bias (input_layernorm before q/k/v), or the output rows of a linear whose output reaches X through
+channel-wise homogeneous ops (v_proj before o_proj without GQA, up_proj before down_proj, fc1 before a ReLU).
+Which module absorbs is tested, not assumed from names: on a float32 copy of the block, its channels are
+divided by random factors r, the group's columns multiplied by r, and the block's output must stay the same
+to float32 rounding (a SiLU gate would pass a loose test where its inputs are large, since SiLU is nearly
+homogeneous there). Where no module passes, the division happens at run time in the activation-quantization
+kernel (the layer's `smooth` buffer).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+ABSORB_TOL = 1e-4  # relative change of the float32 block output that counts as exact (absorbers give ~1e-6)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def rows(args, kwargs, index: slice):
+    """The calibration batch (args, kwargs) restricted to sequences `index`: every tensor whose first dim is
+    the batch size is sliced (masks, hidden states); others (shared position tables) are kept."""
+    batch = args[0].shape[0]
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch:
+            return v[index]
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(e) for e in v)
+        return v
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+@torch.no_grad()
+def input_absmax(block: nn.Module, heads: dict[str, nn.Linear], inputs) -> dict[str, torch.Tensor]:
+    """{name: max_t |x_tj| [K] in fp32} of the input of each linear in `heads`, over every calibration batch."""
+    amax = {}
+
+    def record(name):
+        def hook(module, args):
+            m = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0).float()
+            amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+        return hook
+
+    handles = [lin.register_forward_pre_hook(record(n)) for n, lin in heads.items()]
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+def smoothing_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """s [K] = max|X_j|^alpha / max|W_j|^(1 - alpha) over the group's weights [N_i, K] (fp32, >= 1e-5)."""
+    w_max = torch.cat([w.detach().abs().float() for w in weights]).amax(dim=0).clamp_min(1e-5)
+    s = act_max.float().clamp_min(1e-5).pow(alpha) / w_max.pow(1 - alpha)
+    return s.clamp_min(1e-5)
+
+
+def _channel_tensors(module: nn.Module, k: int) -> list[torch.Tensor]:
+    """The tensors of `module` whose dim 0 indexes k output channels: a linear's weight rows and bias, or a
+    norm-like module's 1-D weight and bias. Empty when the module has no such channels."""
+    if isinstance(module, nn.Linear):
+        return [t for t in (module.weight, module.bias) if t is not None] if module.out_features == k else []
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1 and weight.numel() == k:
+        bias = getattr(module, "bias", None)
+        return [weight] + ([bias] if isinstance(bias, torch.Tensor) and bias.shape == weight.shape else [])
+    return []
+
+
+def _scale_channels(tensors, factor: torch.Tensor) -> None:
+    for t in tensors:
+        t.data.mul_(factor.to(t.dtype).view(-1, *[1] * (t.dim() - 1)))
+
+
+@contextlib.contextmanager
+def _restored(tensors):
+    saved = [t.data.clone() for t in tensors]
+    try:
+        yield
+    finally:
+        for t, s in zip(tensors, saved):
+            t.data.copy_(s)
+
+
+def _fp32(v):
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.float()
+    if isinstance(v, (tuple, list)):
+        return type(v)(_fp32(e) for e in v)
+    return v
+
+
+@torch.no_grad()
+def find_absorber(block: nn.Module, group: list[nn.Linear], sample) -> nn.Module | None:
+    """The module of `block` that can take diag(s)^-1 for the input of `group` exactly (the one changing the
+    output least, below ABSORB_TOL), or None. sample: one (args, kwargs) the block runs on."""
+    names = {id(m): n for n, m in block.named_modules()}
+    probe = copy.deepcopy(block).float()
+    group_names = {names[id(lin)] for lin in group}
+    columns = [probe.get_submodule(n).weight for n in group_names]
+    k = group[0].in_features
+    args, kwargs = _fp32(sample)
+    reference = _first(probe(*args, **kwargs))
+    g = torch.Generator().manual_seed(0)
+    r = torch.empty(k).uniform_(0.5, 2.0, generator=g).to(columns[0].device)
+    best, best_err = None, ABSORB_TOL
+    for name, module in probe.named_modules():
+        tensors = _channel_tensors(module, k) if name not in group_names else []
+        if not tensors:
+            continue
+        with _restored(tensors + columns):
+            _scale_channels(tensors, 1 / r)
+            for w in columns:
+                w.data.mul_(r)
+            out = _first(probe(*args, **kwargs))
+        err = ((out - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+        if err < best_err:
+            best, best_err = block.get_submodule(name), err
+    return best
+
+
+class SmoothedGroup:
+    """Applies s to one input group: columns of each linear times s, and 1/s either into `absorber` or as a
+    run-time divisor (a forward pre-hook x -> x / s on each linear, which ActQuantLinear's kernel replaces).
+    undo() restores the weights and removes the hooks (used while searching alpha)."""
+
+    def __init__(self, group: list[nn.Linear], absorber: nn.Module | None, s: torch.Tensor):
+        self.s, self.absorber = s, absorber
+        k = group[0].in_features
+        absorbed = _channel_tensors(absorber, k) if absorber is not None else []
+        self._saved = [(t, t.data.clone()) for t in absorbed + [lin.weight for lin in group]]
+        _scale_channels(absorbed, 1 / s)
+        for lin in group:
+            lin.weight.data.mul_(s.to(lin.weight.dtype))
+        self._hooks = [] if absorber is not None else [
+            lin.register_forward_pre_hook(lambda m, a: (a[0] / s.to(a[0].dtype),) + tuple(a[1:])) for lin in group]
+
+    @property
+    def runtime(self) -> torch.Tensor | None:
+        """The divisor the quantized layers must apply at run time, or None when it was absorbed."""
+        return self.s if self.absorber is None else None
+
+    def undo(self) -> None:
+        for t, saved in self._saved:
+            t.data.copy_(saved)
+        for h in self._hooks:
+            h.remove()
