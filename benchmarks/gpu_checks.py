@@ -1,14 +1,17 @@
-"""Model-level checks on the GPU (issue 2): the driver with device="cuda", PackedLinear's kernel path
-against its torch reference inside a real forward pass, generate(), and a save/load round trip.
+"""Model-level checks on the GPU (issues 2, 3): the driver with device="cuda", the quantized modules' kernel
+path (PackedLinear, ActQuantLinear) against their torch reference inside a real forward pass, generate(),
+and a save/load round trip.
 
-    python benchmarks/gpu_checks.py [--hidden 2048 --layers 4 --inter 5632]
+    python benchmarks/gpu_checks.py [--hidden 2048 --layers 4 --inter 5632] [--method gptq --options '{...}']
 
-A random Llama-shaped model (fp16, kept on the CPU) is quantized with GPTQ W4 g128 act_order on the GPU;
+A random Llama-shaped model (fp16, kept on the CPU) is quantized by --method (default GPTQ W4 g128
+act_order) on the GPU;
 the driver must hold one block at a time there, so peak GPU memory is compared with one block's size.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -19,7 +22,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tquant  # noqa: E402
-from tquant.modules import PackedLinear  # noqa: E402
+from tquant.modules import ActQuantLinear, PackedLinear  # noqa: E402
 
 
 def rel(a, b):
@@ -31,7 +34,10 @@ def main():
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=5632)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--method", default="gptq")
+    p.add_argument("--options", default='{"bits": 4, "group_size": 128, "act_order": true}')
     a = p.parse_args()
+    options = json.loads(a.options)
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=a.hidden, intermediate_size=a.inter,
@@ -50,18 +56,21 @@ def main():
     count = lambda *_: blocks_on_gpu.append(sum(any(t.is_cuda for t in b.state_dict().values()) for b in model.model.layers))
     hooks = [b.register_forward_pre_hook(count) for b in model.model.layers]
     t = time.time()
-    tquant.quantize(model, "gptq", bits=4, group_size=128, calib=ids, device="cuda", act_order=True, progress=False)
+    tquant.quantize(model, a.method, calib=ids, device="cuda", progress=False, **options)
     torch.cuda.synchronize()
     for h in hooks:
         h.remove()
     print(f"blocks on the GPU during quantization: at most {max(blocks_on_gpu)} (over {len(blocks_on_gpu)} block calls)")
-    print(f"GPTQ W4 g128 act_order on {a.layers} blocks ({a.hidden}/{a.inter}), 32 x 512 calib: {time.time() - t:.1f} s")
+    print(f"{a.method} {options} on {a.layers} blocks ({a.hidden}/{a.inter}), 32 x 512 calib: {time.time() - t:.1f} s")
+    report = model.config.quantization_config.get("report")
+    if report:
+        print("report:", json.dumps(report)[:600])
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB; one block {block_bytes / 2**20:.0f} MiB, "
           f"all blocks {a.layers * block_bytes / 2**20:.0f} MiB, non-block modules {rest_bytes / 2**20:.0f} MiB")
     print("model back on", next(model.model.layers[0].parameters()).device)
 
     model.cuda()
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    packed = [m for m in model.modules() if isinstance(m, (PackedLinear, ActQuantLinear))]
     with torch.no_grad():
         out_kernel = model(ids[:4].cuda()).logits.float()
         for m in packed:

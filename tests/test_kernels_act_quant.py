@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tquant.kernels.act_quant import quantize_activations, quantize_activations_ref
+from tquant.kernels.act_quant import fake_quantize_activations, quantize_activations, quantize_activations_ref
 from kernel_device import DEVICE, needs_backend
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -123,3 +123,35 @@ def test_act_quant_cpu_tensor_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
         quantize_activations(torch.randn(3, 8))
+
+
+@needs_backend
+@SLOW
+@given(m=st.sampled_from([1, 4, 33]), k=st.integers(1, 150), bits=st.sampled_from([4, 8]),
+       smooth=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_act_quant_static_scale_matches_reference(m, k, bits, smooth, seed):
+    """Static per-tensor scale (half the dynamic row maxima, so codes clip at +-qmax): kernel == reference."""
+    x, s = activations(m, k, torch.float16, seed, smooth)
+    static = (x.float().abs().max() / (2 ** (bits - 1) - 1) / 2).reshape(1).to(DEVICE)
+    q, scale = quantize_activations(x, bits=bits, smooth=s, scale=static)
+    q_ref, scale_ref = quantize_activations_ref(x, bits=bits, smooth=s, scale=static)
+    assert (scale == static).all() and scale.shape == (m,)
+    torch.testing.assert_close(scale, scale_ref, rtol=0, atol=0)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
+
+
+def test_act_quant_static_scale_clips_and_fake_quant_matches_codes():
+    x = torch.tensor([[1.0, -3.0, 0.26, 10.0]])
+    static = torch.tensor([0.5])
+    q, scale = quantize_activations_ref(x, bits=4, scale=static)
+    assert unpack(q, 4, 4).tolist() == [[2, -6, 1, 7]] and scale.tolist() == [0.5]  # 10 / 0.5 = 20 clips to 7
+    fake = fake_quantize_activations(x, bits=4, scale=static)
+    assert fake.tolist() == [[1.0, -3.0, 0.5, 3.5]]
+    x = torch.randn(2, 3, 40)
+    q, scale = quantize_activations_ref(x.reshape(-1, 40), bits=8)
+    torch.testing.assert_close(fake_quantize_activations(x, bits=8), (q.float() * scale[:, None]).reshape(2, 3, 40))
+
+
+def test_act_quant_static_scale_must_be_one_float32():
+    with pytest.raises(ValueError, match="static scale must be one float32"):
+        quantize_activations_ref(torch.randn(2, 8), scale=torch.ones(2))

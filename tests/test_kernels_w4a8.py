@@ -210,3 +210,55 @@ def test_w4a8_cpu_tensor_without_interpreter_raises(monkeypatch):
     xq, x_scale, qweight, w_scale, _, _ = quantized_inputs(3, 8, 16, None, seed=1, device="cpu")
     with pytest.raises(ValueError, match="CUDA"):
         w4a8_matmul(xq, x_scale, qweight, w_scale)
+
+
+# ---- W4A4: the same kernel with packed 4-bit activations (act_bits=4) ----
+
+def w4a4_inputs(m, n, k, group_size, seed, device=DEVICE):
+    """(xq4 packed [M, ceil(K / 2)], x_scale, qweight, w_scale, group_scale, bias)."""
+    g = torch.Generator().manual_seed(seed)
+    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+    xq, x_scale = quantize_activations_ref(x, bits=4)
+    qweight, w_scale, group_scale = w4a8_quantize_weight(w, group_size=group_size)
+    return [t.to(device) if t is not None else None for t in (xq, x_scale, qweight, w_scale, group_scale, bias)]
+
+
+@needs_backend
+@SLOW
+@given(shape=shapes(), dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_w4a4_kernel_matches_reference(shape, dtype, bias, seed):
+    m, n, k, gs = shape
+    xq, x_scale, qweight, w_scale, sg, b = w4a4_inputs(m, n, k, gs, seed)
+    b = b.to(dtype) if bias else None
+    kw = dict(out_dtype=dtype, act_bits=4, in_features=k)
+    y = call(w4a8_matmul, xq, x_scale, qweight, w_scale, sg, b, gs, **kw)
+    assert_close(y, call(w4a8_matmul_ref, xq, x_scale, qweight, w_scale, sg, b, gs, **kw), dtype)
+
+
+@needs_backend
+@pytest.mark.parametrize("m,n,k,gs", [(1, 1, 1, None), (5, 33, 71, None), (17, 40, 96, 32), (3, 9, 45, 15)])
+@pytest.mark.parametrize("fn", [w4a8_matmul, w4a8_matmul_ref])
+def test_w4a4_int32_accumulation_is_exact(fn, m, n, k, gs):
+    """Unit scales: y is the integer matmul of the unpacked 4-bit codes (-8 and 7 included) and w8."""
+    g = torch.Generator().manual_seed(k)
+    codes_x = torch.randint(-8, 8, (m, k), generator=g)
+    codes_x[0, 0] = -8
+    padded = torch.nn.functional.pad(codes_x, (0, k % 2))
+    xq = ((padded[:, 0::2] & 15) | (padded[:, 1::2] << 4)).to(torch.int8)
+    _, codes, sg = random_codes(m, n, k, gs, seed=k)
+    w8 = (codes - 8).t().long()
+    if sg is not None:
+        w8 = w8 * sg.long().repeat_interleave(gs, dim=0)
+    y = fn(xq.to(DEVICE), torch.ones(m, device=DEVICE), pack_codes(codes, 4).to(DEVICE), torch.ones(n, device=DEVICE),
+           group_scale=sg.to(DEVICE) if sg is not None else None, group_size=gs, out_dtype=torch.float32,
+           act_bits=4, in_features=k)
+    torch.testing.assert_close(y.cpu(), (codes_x.long() @ w8).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fn", [w4a8_matmul, w4a8_matmul_ref])
+def test_w4a4_bad_in_features_and_act_bits_raise(fn):
+    xq, x_scale, qweight, w_scale, _, _ = w4a4_inputs(3, 8, 16, None, seed=1, device="cpu")
+    with pytest.raises(ValueError, match="in_features=13 does not match packed 4-bit xq of width 8"):
+        fn(xq, x_scale, qweight, w_scale, act_bits=4, in_features=13)
+    with pytest.raises(ValueError, match="act_bits=2"):
+        fn(xq, x_scale, qweight, w_scale, act_bits=2)

@@ -287,15 +287,25 @@ def test_kernels_autotune_off_uses_first_config(cache_dirs, monkeypatch):
 
 def test_kernels_shipped_configs_are_current(monkeypatch):
     """Every shipped entry names a config that is still a GPU candidate for its key (else it is dead weight)."""
+    from tquant.kernels import w4a8_gemm, w8a8_gemm
+
     monkeypatch.setattr(weight_only_matmul_module, "interpreter_on", lambda: False)
+    monkeypatch.setattr(w8a8_gemm, "interpreter_on", lambda: False)  # the int8 GEMMs' shared candidate builder
+
+    def weight_only(key):
+        kw = -(-int(key["K"]) // (32 // int(key["bits"])))
+        return weight_only_matmul_module.candidates.__wrapped__(int(key["M"]), int(key["N"]), kw)
+
+    candidates_of = {"w8a8_matmul": lambda key: w8a8_gemm.configs(int(key["M"])),
+                     "w4a8_matmul": lambda key: w4a8_gemm.configs(int(key["M"])),
+                     "w4a4_matmul": lambda key: w4a8_gemm.configs(int(key["M"]))}
     shipped = list(autotune_cache.SHIPPED_DIR.glob("*.json"))
     assert any(p.stem == "NVIDIA_H100_80GB_HBM3" for p in shipped)
     for path in shipped:
         for name, entry in autotune_cache.read_entries(path, path.stem).items():
-            key = dict(item.split("=") for item in name.split("|")[1].split(","))
-            kw = -(-int(key["K"]) // (32 // int(key["bits"])))
-            candidates = weight_only_matmul_module.candidates.__wrapped__(int(key["M"]), int(key["N"]), kw)
-            assert entry["config"] in candidates, name
+            kernel, key = name.split("|")
+            key = dict(item.split("=") for item in key.split(","))
+            assert entry["config"] in candidates_of.get(kernel, weight_only)(key), name
 
 
 def test_kernels_gpu_name_is_file_safe(monkeypatch):

@@ -98,11 +98,14 @@ def _restored(tensors):
             t.data.copy_(s)
 
 
-def _fp32(v):
+def fp32(v):
+    """v with every floating tensor in it (nested in tuples / lists / dicts) as float32."""
     if isinstance(v, torch.Tensor) and v.is_floating_point():
         return v.float()
     if isinstance(v, (tuple, list)):
-        return type(v)(_fp32(e) for e in v)
+        return type(v)(fp32(e) for e in v)
+    if isinstance(v, dict):
+        return {k: fp32(e) for k, e in v.items()}
     return v
 
 
@@ -115,7 +118,7 @@ def find_absorber(block: nn.Module, group: list[nn.Linear], sample) -> nn.Module
     group_names = {names[id(lin)] for lin in group}
     columns = [probe.get_submodule(n).weight for n in group_names]
     k = group[0].in_features
-    args, kwargs = _fp32(sample)
+    args, kwargs = fp32(sample)
     reference = _first(probe(*args, **kwargs))
     g = torch.Generator().manual_seed(0)
     r = torch.empty(k).uniform_(0.5, 2.0, generator=g).to(columns[0].device)

@@ -157,7 +157,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K,
 
 
 # as W8A8's, but the 128 x 256 tile takes BLOCK_K 64: the int4 unpack needs the registers
-LARGE_M_TILES = [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 64, 8), (128, 64, 128, 4)]
+LARGE_M_TILES = [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 64, 8), (128, 64, 128, 4), (256, 128, 64, 8)]
 
 
 def configs(m: int) -> list[dict]:

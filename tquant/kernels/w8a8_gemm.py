@@ -95,7 +95,8 @@ INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_war
 
 
 SMALL_M_TILES = [(16, 64, 128, 4), (16, 128, 128, 4), (32, 64, 256, 4)]  # (BLOCK_M, BLOCK_N, BLOCK_K, warps)
-LARGE_M_TILES = [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 128, 8), (128, 64, 128, 4)]
+LARGE_M_TILES = [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 128, 8), (128, 64, 128, 4), (256, 128, 64, 8),
+                 (128, 128, 128, 8)]
 
 
 def configs(m: int, large_m_tiles=LARGE_M_TILES) -> list[dict]:

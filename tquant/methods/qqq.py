@@ -41,9 +41,9 @@ class QQQ(WeightActivationMethod, GPTQ):
     search_samples: int = option(8, "calibration sequences the alpha search runs on")
 
     def __post_init__(self):
-        super().__post_init__()
         if self.bits != 4:
             raise ValueError(f"qqq quantizes weights to 4 bits; got bits={self.bits}")
+        super().__post_init__()
         if self.act_order and not self.static_groups and self.group_size not in (-1, 0, None):
             raise ValueError("qqq with act_order and groups needs static_groups=True: the W4A8 GEMM reads "
                              "input channels in order")

@@ -4,7 +4,8 @@ layer-by-layer knowledge distillation (LKD).
 Weights: symmetric round-to-nearest, 8-bit per output channel (ZeroQuant's row-wise groups at their finest)
 or 4-bit per channel / per K-group (QQQ's integer grid); bits=8, mlp_bits=4 is the paper's W4/8 (4-bit MLP,
 8-bit attention). Activations: per token, act_bits.
-LKD, per block, before its weights are quantized: the float block is the teacher; the student is the same
+LKD, per block, before its weights are quantized (in float32, whatever the model's dtype): the float block is
+the teacher; the student is the same
 block simulating its quantized layers (RTN weights and per-token activations, straight-through gradients).
 With X the block's calibration inputs (outputs of the already quantized blocks before it),
     min_W  mean || student_W(X) - teacher(X) ||^2       (Adam, lkd_steps steps of lkd_batch sequences)
@@ -18,7 +19,7 @@ import fnmatch
 
 import torch
 
-from ..smoothing import rows
+from ..smoothing import fp32, rows
 from .base import option, register
 from .weight_activation import WeightActivationMethod, simulated
 
@@ -69,7 +70,10 @@ class ZeroQuant(WeightActivationMethod):
         trained = {n: lin for n, lin in linears.items() if any(fnmatch.fnmatch(prefix + n, p) for p in patterns)}
         if not trained:
             return
-        teacher = [_first(block(*a, **k)).detach() for a, k in inputs]
+        teacher = [_first(block(*a, **k)).float() for a, k in inputs]
+        dtype = next(block.parameters()).dtype
+        block.float()  # fp32 master weights: Adam's moments underflow in fp16
+        inputs = [fp32(i) for i in inputs]
         params = [lin.weight for lin in trained.values()]
         grad_before = {p: p.requires_grad for p in block.parameters()}
         for p in block.parameters():
@@ -87,8 +91,7 @@ class ZeroQuant(WeightActivationMethod):
                     start = int(torch.randint(max(1, n - self.lkd_batch + 1), (1,), generator=g))
                     index = slice(start, start + self.lkd_batch)
                     args, kwargs = rows(*inputs[b], index)
-                    out = _first(block(*args, **kwargs))
-                    loss = torch.nn.functional.mse_loss(out.float(), teacher[b][index].float())
+                    loss = torch.nn.functional.mse_loss(_first(block(*args, **kwargs)), teacher[b][index])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -96,11 +99,12 @@ class ZeroQuant(WeightActivationMethod):
         finally:
             for p, flag in grad_before.items():
                 p.requires_grad_(flag)
+            block.to(dtype)
         self.lkd_log[prefix.rstrip(".")] = (before, after)
 
     @staticmethod
     @torch.no_grad()
     def _mse(block, inputs, teacher) -> float:
-        total = sum(torch.nn.functional.mse_loss(_first(block(*a, **k)).float(), t.float(), reduction="sum").item()
+        total = sum(torch.nn.functional.mse_loss(_first(block(*a, **k)).float(), t, reduction="sum").item()
                     for (a, k), t in zip(inputs, teacher))
         return total / sum(t.numel() for t in teacher)
