@@ -9,8 +9,9 @@ the teacher; the student is the same
 block simulating its quantized layers (RTN weights and per-token activations, straight-through gradients).
 With X the block's calibration inputs (outputs of the already quantized blocks before it),
     min_W  mean || student_W(X) - teacher(X) ||^2       (Adam, lkd_steps steps of lkd_batch sequences)
-over the weights of the linears matching lkd_layers; the trained float weights are then quantized.
-lkd_log[block] = (MSE before, MSE after) on all calibration inputs.
+over the weights of the linears matching lkd_layers. The error on all calibration inputs is checked every
+lkd_steps / 4 steps and the best weights so far are kept (the start included, so LKD never raises the
+error it optimizes); they are then quantized. lkd_log[block] = (MSE before, MSE after).
 """
 from __future__ import annotations
 
@@ -83,9 +84,11 @@ class ZeroQuant(WeightActivationMethod):
                 for p in params:
                     p.requires_grad_(True)
                 before = self._mse(block, inputs, teacher)
+                best = (before, [p.detach().clone() for p in params])
                 opt = torch.optim.Adam(params, lr=self.lkd_lr)
                 g = torch.Generator().manual_seed(0)
-                for step in range(self.lkd_steps):
+                every = max(1, self.lkd_steps // 4)
+                for step in range(1, self.lkd_steps + 1):
                     b = int(torch.randint(len(inputs), (1,), generator=g))
                     n = inputs[b][0][0].shape[0]
                     start = int(torch.randint(max(1, n - self.lkd_batch + 1), (1,), generator=g))
@@ -95,7 +98,13 @@ class ZeroQuant(WeightActivationMethod):
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                after = self._mse(block, inputs, teacher)
+                    if step % every == 0 or step == self.lkd_steps:  # keep the best checkpoint (early stopping)
+                        error = self._mse(block, inputs, teacher)
+                        if error < best[0]:
+                            best = (error, [p.detach().clone() for p in params])
+                after = best[0]
+                for p, saved in zip(params, best[1]):
+                    p.data.copy_(saved)
         finally:
             for p, flag in grad_before.items():
                 p.requires_grad_(flag)
