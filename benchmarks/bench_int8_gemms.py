@@ -6,7 +6,9 @@ cuBLAS int8 and gemlite A8W8 / A8W4, all measured in the same run.
 Per shape K->N (21760 -> 8192 is QQQ's) and batch M, fp16 activations with outlier channels:
     tquant W8A8      quantize_activations (per-token int8) + w8a8_matmul
     tquant W4A8      quantize_activations + w4a8_matmul, per-channel ("pc") and group 128 ("g128", QQQ's grid)
-    tquant W4A4      quantize_activations(bits=4) + w4a8_matmul(act_bits=4), per-channel
+    tquant W4A4      quantize_activations(bits=4, pack=False) + w4a8_matmul: 4-bit codes held in int8 (what
+                     ActQuantLinear runs; Hopper has no int4 MMA), per-channel
+    W4A4 packed      quantize_activations(bits=4) + w4a8_matmul(act_bits=4): nibbles unpacked in the GEMM
                      (each tquant time includes the activation-quantization kernel)
     cublas_fp16      x @ w^T
     cublas_int8      torch._int_mm(xq, wq^T) on pre-quantized activations, int32 out (M padded to 32 below 17);
@@ -103,8 +105,10 @@ def main():
                                                                    group_size=gs),
                     lambda qw=qw, ws=ws, sg=sg, gs=gs: w4a8_matmul_ref(xq, xs, qw, ws, group_scale=sg, group_size=gs))
             qw, ws, _ = w4["pc"]
-            calls["W4A4 pc"] = (lambda: w4a8_matmul(*quantize_activations(x, bits=4), qw, ws, act_bits=4),
+            calls["W4A4 pc"] = (lambda: w4a8_matmul(*quantize_activations(x, bits=4, pack=False), qw, ws),
                                 lambda: w4a8_matmul_ref(xq4, xs4, qw, ws, act_bits=4))
+            calls["W4A4 packed"] = (lambda: w4a8_matmul(*quantize_activations(x, bits=4), qw, ws, act_bits=4),
+                                    lambda: w4a8_matmul_ref(xq4, xs4, qw, ws, act_bits=4))
             row = {"shape": f"{k}->{n}", "M": m}
             for name, (fn, ref) in calls.items():
                 err = rel(fn(), ref())
@@ -124,7 +128,7 @@ def main():
                     print(f"{name} failed at M={m}: {type(e).__name__}: {e}")
             rows.append(row)
             print(json.dumps(row), f"({time.time() - t0:.0f} s)", flush=True)
-    names = ["W8A8", "W4A8 pc", "W4A8 g128", "W4A4 pc", "cuBLAS fp16", "cuBLAS int8", "gemlite A8W8",
+    names = ["W8A8", "W4A8 pc", "W4A8 g128", "W4A4 pc", "W4A4 packed", "cuBLAS fp16", "cuBLAS int8", "gemlite A8W8",
              "gemlite A8W4 pc", "gemlite A8W4 g128"]
     print("\nGraph-timed medians in us (eager in parentheses); tquant columns include activation quantization.\n")
     print("| K->N | M | " + " | ".join(names) + " |")

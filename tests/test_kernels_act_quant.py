@@ -155,3 +155,14 @@ def test_act_quant_static_scale_clips_and_fake_quant_matches_codes():
 def test_act_quant_static_scale_must_be_one_float32():
     with pytest.raises(ValueError, match="static scale must be one float32"):
         quantize_activations_ref(torch.randn(2, 8), scale=torch.ones(2))
+
+
+@needs_backend
+@pytest.mark.parametrize("fn", [quantize_activations, quantize_activations_ref])
+def test_act_quant_unpacked_4bit_codes_are_the_packed_ones(fn):
+    x, _ = activations(5, 37, torch.float16, seed=4)
+    packed, scale = fn(x, bits=4)
+    codes, scale_unpacked = fn(x, bits=4, pack=False)
+    assert codes.dtype == torch.int8 and codes.shape == (5, 37) and codes.abs().max() <= 7
+    torch.testing.assert_close(codes.cpu().int(), unpack(packed.cpu(), 4, 37), rtol=0, atol=0)
+    torch.testing.assert_close(scale_unpacked, scale, rtol=0, atol=0)

@@ -6,7 +6,8 @@
     code[m,k] = clamp(round(xs[m, k] / scale[m]), -qmax, qmax)      round: half to even (as torch.round)
     x         [M, K] fp16 / bf16 / fp32      smooth [K] fp16 / bf16 / fp32 or None
     q         int8 [M, K] for bits=8; bits=4: int8 [M, ceil(K / 2)], byte j = code(2j) & 15 | code(2j+1) << 4
-              (low nibble = even k, two's-complement nibbles; a missing code past an odd K is 0)
+              (low nibble = even k, two's-complement nibbles; a missing code past an odd K is 0), or with
+              pack=False int8 [M, K] codes in [-7, 7] (what an int8 GEMM reads: Hopper has no int4 MMA)
     scale     fp32 [M]
 A row whose scale would fall below the smallest normal fp32 (all zeros, or max |xs| < 1.5e-36) gets
 scale 1 and codes 0, so dividing by the scale never makes inf or NaN. Every step is one correctly
@@ -72,10 +73,10 @@ def fake_quantize_activations(x, *, bits=8, smooth=None, scale=None):
     return (codes.float() * s[:, None]).reshape(x.shape)
 
 
-def quantize_activations_ref(x, *, bits=8, smooth=None, scale=None):
+def quantize_activations_ref(x, *, bits=8, smooth=None, scale=None, pack=True):
     check_inputs(x, bits, smooth, scale)
     codes, scale = _codes_ref(x, bits, smooth, scale)
-    if bits == 4:
+    if bits == 4 and pack:
         codes = torch.nn.functional.pad(codes, (0, x.shape[1] % 2))
         codes = (codes[:, 0::2] & 15) | (codes[:, 1::2] << 4)
     return codes.to(torch.int8), scale
@@ -123,12 +124,13 @@ def _act_quant_kernel(x_ptr, s_ptr, static_ptr, q_ptr, scale_ptr, K, KB, stride_
         tl.store(q_ptr + row.to(tl.int64) * stride_qm + j, q.to(tl.int8), mask=j < KB)
 
 
-def quantize_activations(x, *, bits=8, smooth=None, scale=None):
-    """Per-token dynamic quantization of x [M, K], or static per-tensor with scale (fp32, one value)."""
+def quantize_activations(x, *, bits=8, smooth=None, scale=None, pack=True):
+    """Per-token dynamic quantization of x [M, K], or static per-tensor with scale (fp32, one value);
+    pack=False keeps 4-bit codes one per int8."""
     check_inputs(x, bits, smooth, scale)
     check_device(dict(x=x, smooth=smooth, scale=scale))
     m, k = x.shape
-    pack = 8 // bits
+    pack = 8 // bits if pack else 1
     kb = -(-k // pack)
     q = torch.empty(m, kb, dtype=torch.int8, device=x.device)
     static = scale

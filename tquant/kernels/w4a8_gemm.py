@@ -19,9 +19,9 @@ BLOCK_K = 8 * BLOCK_KW steps. Per step: one coalesced load of words as [BLOCK_N,
 unpacked in registers by int4_codes in integer ops (XOR 0x88888888 once per word, then shift left and
 arithmetic shift right per code; sg multiplied per word when group_size % 8 == 0, else per code), converted to
 int8 w8^T [BLOCK_N, BLOCK_K]; then one int8 tl.dot(xq tile, w8) into the int32 accumulator (xq is 0 past K,
-so padding codes add nothing). W4A4 splits the step by parity of k instead: low nibbles (even k) dot the
-even codes, high nibbles (odd k) the odd codes. The launch config is tuned per GPU and key by
-autotune_cache; the interpreter runs one fixed small config.
+so padding codes add nothing); packed 4-bit activations (act_bits=4) are unpacked the same way and interleaved
+back to k order. When a K step lies in one group, sg is loaded once per column. The launch config is tuned
+per GPU and key by autotune_cache; the interpreter runs one fixed small config.
 `w4a8_matmul_ref` unpacks w8 in torch and runs w8a8_gemm.w8a8_matmul_ref (integer products summed exactly).
 `w4a8_quantize_weight` makes QQQ-style weights from a float [N, K] weight (round-to-nearest).
 """
@@ -117,31 +117,21 @@ def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None):
 
 
 @triton.jit
-def int4_codes(words, scale, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr):
-    """q * scale (int32) for codes J, J + STRIDE, ... (COUNT, a power of two) of every word, where `words` has
-    been XOR-ed with 0x88888888 so each nibble holds q = c - 8 in two's complement: q = (w << 28 - 4J) >> 28,
-    two integer ops. Stacked on trailing dims of size 2 (tl.join) with the lowest stride last: flattened,
+def int4_codes(words, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr):
+    """q (int32) for codes J, J + STRIDE, ... (COUNT, a power of two) of every word, where `words` has been
+    XOR-ed with 0x88888888 so each nibble holds q = c - 8 in two's complement: q = (w << 28 - 4J) >> 28, two
+    integer ops. Stacked on trailing dims of size 2 (tl.join) with the lowest stride last: flattened,
     trailing index i holds code J + STRIDE * i (as dequant_gemm.codes_tree)."""
     if COUNT == 1:
-        return ((words << (28 - 4 * J)) >> 28) * scale
+        return (words << (28 - 4 * J)) >> 28
     else:
-        return tl.join(int4_codes(words, scale, J, 2 * STRIDE, COUNT // 2),
-                       int4_codes(words, scale, J + STRIDE, 2 * STRIDE, COUNT // 2))
-
-
-@triton.jit
-def _grouped(w, k, sg_ptr, offs_n, n_ok, K, group_size, stride_sg, PER_CODE: tl.constexpr):
-    """w [BLOCK_N, len(k)] times sg of each code's group when groups split words (else w as it is)."""
-    if PER_CODE:
-        g = (tl.minimum(k, K - 1) // group_size)[None, :]
-        w *= tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.int32)
-    return w
+        return tl.join(int4_codes(words, J, 2 * STRIDE, COUNT // 2), int4_codes(words, J + STRIDE, 2 * STRIDE, COUNT // 2))
 
 
 @triton.jit
 def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K, KW, group_size, stride_xm,
                  stride_qk, stride_sg, stride_ym, ACT_BITS: tl.constexpr, GROUPED: tl.constexpr,
-                 WORD_GROUPS: tl.constexpr,
+                 WORD_GROUPS: tl.constexpr, STEP_GROUPS: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
     BLOCK_KW: tl.constexpr = BLOCK_K // 8
@@ -153,7 +143,6 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K,
     m_ok, n_ok = offs_m < M, offs_n < N
     rows = tl.arange(0, BLOCK_KW)
     slot = tl.arange(0, BLOCK_K)  # slot = word * 8 + j holds code j of that word
-    half = tl.arange(0, BLOCK_K // 2)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for kw0 in range(0, KW, BLOCK_KW):
@@ -161,27 +150,26 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K,
         words = tl.load(q_ptr + (kw0 + rows)[None, :] * stride_qk + offs_n[:, None],
                         mask=word_ok[None, :] & n_ok[:, None], other=0)  # [BLOCK_N, BLOCK_KW]
         scale = 1
-        if GROUPED and WORD_GROUPS:  # each word lies in one group: sg per word
+        if GROUPED and STEP_GROUPS:  # the whole K step lies in one group: one sg per column
+            scale = tl.load(sg_ptr + (kw0 * 8 // group_size) * stride_sg + offs_n, mask=n_ok, other=0)
+            scale = scale.to(tl.int32)[:, None, None, None, None]
+        elif GROUPED and WORD_GROUPS:  # each word lies in one group: sg per word
             g = ((kw0 + rows) * 8 // group_size)[None, :]
             scale = tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=word_ok[None, :] & n_ok[:, None],
-                            other=0).to(tl.int32)
-        words = words ^ XOR8
+                            other=0).to(tl.int32)[:, :, None, None, None]
+        k = kw0 * 8 + slot
+        w = tl.reshape(int4_codes(words ^ XOR8, 0, 1, 8) * scale, (BLOCK_N, BLOCK_K))
+        if GROUPED and not WORD_GROUPS:  # groups split words: sg per code
+            g = (tl.minimum(k, K - 1) // group_size)[None, :]
+            w *= tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.int32)
         if ACT_BITS == 8:
-            k = kw0 * 8 + slot
-            w = _grouped(tl.reshape(int4_codes(words, scale, 0, 1, 8), (BLOCK_N, BLOCK_K)), k, sg_ptr, offs_n,
-                         n_ok, K, group_size, stride_sg, GROUPED and not WORD_GROUPS)
             xa = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
-            acc = tl.dot(xa, tl.trans(w.to(tl.int8)), acc, out_dtype=tl.int32)
-        else:  # byte j = kw0 * 4 + i holds k = 2j (low nibble) and 2j + 1: two dots, even and odd k, no interleave
-            k = kw0 * 8 + 2 * half
-            b = tl.load(x_rows + (kw0 * 4 + half)[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
+        else:  # bytes [BLOCK_M, BLOCK_K / 2] -> sign-extended nibbles (low = even k), interleaved back to k order
+            byte = kw0 * 4 + tl.arange(0, BLOCK_K // 2)
+            b = tl.load(x_rows + byte[None, :], mask=m_ok[:, None] & (byte < (K + 1) // 2)[None, :], other=0)
             b = b.to(tl.int32)
-            w = _grouped(tl.reshape(int4_codes(words, scale, 0, 2, 4), (BLOCK_N, BLOCK_K // 2)), k, sg_ptr, offs_n,
-                         n_ok, K, group_size, stride_sg, GROUPED and not WORD_GROUPS)
-            acc = tl.dot(((b << 28) >> 28).to(tl.int8), tl.trans(w.to(tl.int8)), acc, out_dtype=tl.int32)
-            w = _grouped(tl.reshape(int4_codes(words, scale, 1, 2, 4), (BLOCK_N, BLOCK_K // 2)), k + 1, sg_ptr,
-                         offs_n, n_ok, K, group_size, stride_sg, GROUPED and not WORD_GROUPS)
-            acc = tl.dot((b >> 4).to(tl.int8), tl.trans(w.to(tl.int8)), acc, out_dtype=tl.int32)
+            xa = tl.reshape(tl.join((b << 28) >> 28, b >> 4), (BLOCK_M, BLOCK_K)).to(tl.int8)
+        acc = tl.dot(xa, tl.trans(w.to(tl.int8)), acc, out_dtype=tl.int32)
     store_dequantized(acc, xs_ptr, ws_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
@@ -206,7 +194,7 @@ def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias,
         xq, x_scale, qweight, w_scale, group_scale if grouped else qweight, bias if bias is not None else y, y,
         m, n, k, qweight.shape[0], group_size or k, xq.stride(0), qweight.stride(0),
         group_scale.stride(0) if grouped else 0, y.stride(0), ACT_BITS=act_bits, GROUPED=grouped,
-        WORD_GROUPS=grouped and group_size % EPW == 0, HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"],
+        WORD_GROUPS=grouped and group_size % EPW == 0, STEP_GROUPS=grouped and group_size % config["BLOCK_K"] == 0, HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
