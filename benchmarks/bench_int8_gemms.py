@@ -52,7 +52,6 @@ def rel(a, b):
 def gemlite_layers(w):
     """{name: callable x -> y} for gemlite's A8W8 and A8W4 (pc, g128) on w [N, K] fp16, or {} without gemlite."""
     try:
-        import gemlite
         from gemlite.helper import A8W4_HQQ_INT_dynamic, A8W8_int8_dynamic
     except ImportError as e:
         print("gemlite not available:", e)

@@ -33,11 +33,12 @@ def shapes(draw):
     return m, n, k, group_size
 
 
-def quantized_inputs(m, n, k, group_size, seed, device=DEVICE):
-    """(xq, x_scale, qweight, w_scale, group_scale, bias) from random float x [M, K], w [N, K], bias [N]."""
+def quantized_inputs(m, n, k, group_size, seed, device=DEVICE, act_bits=8):
+    """(xq, x_scale, qweight, w_scale, group_scale, bias) from random float x [M, K], w [N, K], bias [N]
+    (act_bits=4: xq packed [M, ceil(K / 2)])."""
     g = torch.Generator().manual_seed(seed)
     x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
-    xq, x_scale = quantize_activations_ref(x, bits=8)
+    xq, x_scale = quantize_activations_ref(x, bits=act_bits)
     qweight, w_scale, group_scale = w4a8_quantize_weight(w, group_size=group_size)
     return [t.to(device) if t is not None else None for t in (xq, x_scale, qweight, w_scale, group_scale, bias)]
 
@@ -214,21 +215,12 @@ def test_w4a8_cpu_tensor_without_interpreter_raises(monkeypatch):
 
 # ---- W4A4: the same kernel with packed 4-bit activations (act_bits=4) ----
 
-def w4a4_inputs(m, n, k, group_size, seed, device=DEVICE):
-    """(xq4 packed [M, ceil(K / 2)], x_scale, qweight, w_scale, group_scale, bias)."""
-    g = torch.Generator().manual_seed(seed)
-    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
-    xq, x_scale = quantize_activations_ref(x, bits=4)
-    qweight, w_scale, group_scale = w4a8_quantize_weight(w, group_size=group_size)
-    return [t.to(device) if t is not None else None for t in (xq, x_scale, qweight, w_scale, group_scale, bias)]
-
-
 @needs_backend
 @SLOW
 @given(shape=shapes(), dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_w4a4_kernel_matches_reference(shape, dtype, bias, seed):
     m, n, k, gs = shape
-    xq, x_scale, qweight, w_scale, sg, b = w4a4_inputs(m, n, k, gs, seed)
+    xq, x_scale, qweight, w_scale, sg, b = quantized_inputs(m, n, k, gs, seed, act_bits=4)
     b = b.to(dtype) if bias else None
     kw = dict(out_dtype=dtype, act_bits=4, in_features=k)
     y = call(w4a8_matmul, xq, x_scale, qweight, w_scale, sg, b, gs, **kw)
@@ -257,7 +249,7 @@ def test_w4a4_int32_accumulation_is_exact(fn, m, n, k, gs):
 
 @pytest.mark.parametrize("fn", [w4a8_matmul, w4a8_matmul_ref])
 def test_w4a4_bad_in_features_and_act_bits_raise(fn):
-    xq, x_scale, qweight, w_scale, _, _ = w4a4_inputs(3, 8, 16, None, seed=1, device="cpu")
+    xq, x_scale, qweight, w_scale, _, _ = quantized_inputs(3, 8, 16, None, seed=1, device="cpu", act_bits=4)
     with pytest.raises(ValueError, match="in_features=13 does not match packed 4-bit xq of width 8"):
         fn(xq, x_scale, qweight, w_scale, act_bits=4, in_features=13)
     with pytest.raises(ValueError, match="act_bits=2"):

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..qweight import QuantizedWeight
+from .backend import use_kernel
 
-BACKENDS = ("auto", "triton", "torch")
 FORMATS = ((8, 8), (4, 8), (4, 4))  # (weight bits, activation bits)
 
 
@@ -76,17 +76,10 @@ class ActQuantLinear(nn.Module):
                    group_size=spec["group_size"], bias=spec["bias"], smooth=spec["smooth"], static=spec["static"],
                    dtype=dtype, device="meta")
 
-    def _use_kernel(self, x: torch.Tensor) -> bool:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import act_quant, w4a8_gemm, w8a8_gemm
 
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"ActQuantLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
-        kernel = self._use_kernel(x)
+        kernel = use_kernel(self, x)
         x2 = x.reshape(-1, self.in_features)
         quant = act_quant.quantize_activations if kernel else act_quant.quantize_activations_ref
         xq, x_scale = quant(x2, bits=self.act_bits, smooth=self.smooth, scale=self.act_scale, pack=False)

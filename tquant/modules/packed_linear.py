@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..qweight import QuantizedWeight
+from .backend import use_kernel
 from .packed_weight import load_packed, register_packed
 
-BACKENDS = ("auto", "triton", "torch")
 
 
 class PackedLinear(nn.Module):
@@ -55,17 +55,10 @@ class PackedLinear(nn.Module):
         return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], group_size=spec["group_size"],
                    bias=spec["bias"], has_perm=spec["has_perm"], dtype=dtype, device="meta")
 
-    def _use_kernel(self, x: torch.Tensor) -> bool:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        return self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels.weight_only_matmul import weight_only_matmul, weight_only_matmul_ref
 
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"PackedLinear expects last dim {self.in_features}, got {tuple(x.shape)}")
-        fn = weight_only_matmul if self._use_kernel(x) else weight_only_matmul_ref
+        fn = weight_only_matmul if use_kernel(self, x) else weight_only_matmul_ref
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != self.scales.dtype:
             x2 = x2.to(self.scales.dtype)
