@@ -21,7 +21,7 @@ import tquant
 from tquant.eval import perplexity
 from tquant.models import load_model
 
-LKD = dict(lkd=True, lkd_steps=100, lkd_batch=4, lkd_lr=1e-4)
+LKD = dict(lkd=True, lkd_steps=40, lkd_batch=4, lkd_lr=1e-4)
 ROWS = {  # name: (method, options)
     "rtn-w8a8": ("zeroquant", dict(bits=8)),
     **{f"smoothquant-w8a8-a{a}": ("smoothquant", dict(alpha=a / 100)) for a in (30, 40, 50, 60, 70, 80)},

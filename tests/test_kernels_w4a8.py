@@ -151,9 +151,12 @@ def test_w4a8_approximates_float_linear(gs):
 def test_w4a8_every_gpu_config_is_correct(monkeypatch):
     """Each CUDA candidate (tile shapes, masks at N, K not multiples of the blocks), run through the launcher."""
     monkeypatch.setattr(w4a8_gemm.w8a8_gemm, "interpreter_on", lambda: False)  # the shared candidate builder
-    gpu_configs = w4a8_gemm.configs(1) + w4a8_gemm.configs(64)
-    assert len(gpu_configs) == 2 * len(w4a8_gemm.w8a8_gemm.SMALL_M_TILES + w4a8_gemm.LARGE_M_TILES)
-    assert all(c["BLOCK_K"] % 32 == 0 and c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16 for c in gpu_configs)
+    monkeypatch.setattr(w4a8_gemm, "interpreter_on", lambda: False)
+    monkeypatch.setenv("TQUANT_AUTOTUNE", "0")  # the dense path's inner W8A8 call takes its default config
+    gpu_configs = w4a8_gemm.configs(1) + w4a8_gemm.configs(256)
+    assert len(gpu_configs) == 2 * len(w4a8_gemm.w8a8_gemm.SMALL_M_TILES + w4a8_gemm.LARGE_M_TILES) + 1
+    assert gpu_configs[-1] == w4a8_gemm.DENSE and w4a8_gemm.DENSE not in w4a8_gemm.configs(256, act_bits=4)
+    assert all(c["BLOCK_K"] % 32 == 0 and c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16 for c in gpu_configs[:-1])
     for gs in (None, 40):
         xq, x_scale, qweight, w_scale, sg, bias = quantized_inputs(20, 70, 280, gs, seed=2)
         ref = call(w4a8_matmul_ref, xq, x_scale, qweight, w_scale, sg, bias, gs, out_dtype=torch.float32)

@@ -19,7 +19,8 @@ BLOCK_K = 8 * BLOCK_KW steps. Per step: one coalesced load of words as [BLOCK_N,
 unpacked in registers by int4_codes in integer ops (XOR 0x88888888 once per word, then shift left and
 arithmetic shift right per code; sg multiplied per word when group_size % 8 == 0, else per code), converted to
 int8 w8^T [BLOCK_N, BLOCK_K]; then one int8 tl.dot(xq tile, w8) into the int32 accumulator (xq is 0 past K,
-so padding codes add nothing); packed 4-bit activations (act_bits=4) are unpacked the same way and interleaved
+so padding codes add nothing). From M=256 the tuner may pick "dense" instead: one Triton pass unpacks
+w8 = q * sg to int8 [N, K], then w8a8_gemm runs (as the weight-only GEMM's dense path). Packed 4-bit activations (act_bits=4) are unpacked the same way and interleaved
 back to k order. When a K step lies in one group, sg is loaded once per column. The launch config is tuned
 per GPU and key by autotune_cache; the interpreter runs one fixed small config.
 `w4a8_matmul_ref` unpacks w8 in torch and runs w8a8_gemm.w8a8_matmul_ref (integer products summed exactly).
@@ -34,7 +35,7 @@ import triton.language as tl
 from ..packing import unpack_codes
 from ..qweight import QuantizedWeight
 from .autotune_cache import tune
-from .runtime import check_device, check_tensors, next_power_of_2
+from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
 from .tiling import grouped_tile
 from . import w8a8_gemm
 from .w8a8_gemm import DTYPES, store_dequantized, w8a8_matmul_ref
@@ -177,9 +178,47 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K,
 LARGE_M_TILES = [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 64, 8), (128, 64, 128, 4), (256, 128, 64, 8)]
 
 
-def configs(m: int) -> list[dict]:
-    """Candidates for batch m (rounded up to a power of two); the first is the untuned default."""
-    return w8a8_gemm.configs(m, LARGE_M_TILES)
+DENSE = dict(path="dense")
+DENSE_FROM_M = 256
+
+
+def configs(m: int, act_bits: int = 8) -> list[dict]:
+    """Candidates for batch m (rounded up to a power of two); the first is the untuned default. From
+    M=256 on (8-bit activations), also "dense": unpack w8 = q * sg to an int8 [N, K] buffer (one Triton
+    pass), then the W8A8 GEMM (per-group costs the same as per-channel there)."""
+    tiles = w8a8_gemm.configs(m, LARGE_M_TILES)
+    return tiles + ([DENSE] if m >= DENSE_FROM_M and act_bits == 8 and not interpreter_on() else [])
+
+
+@triton.jit
+def _unpack_kernel(q_ptr, sg_ptr, out_ptr, N, K, KW, group_size, stride_qk, stride_sg, stride_on,
+                   GROUPED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """out[n, k] = (c[k, n] - 8) * sg[k // group_size, n] as int8, one [BLOCK_N, 8 * BLOCK_KW] tile."""
+    BLOCK_K: tl.constexpr = BLOCK_KW * 8
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    n_ok = offs_n < N
+    words = tl.load(q_ptr + rows[None, :] * stride_qk + offs_n[:, None], mask=(rows < KW)[None, :] & n_ok[:, None],
+                    other=0)
+    w = tl.reshape(int4_codes(words ^ XOR8, 0, 1, 8), (BLOCK_N, BLOCK_K))
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    if GROUPED:
+        g = (tl.minimum(k, K - 1) // group_size)[None, :]
+        w *= tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.int32)
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + k[None, :], w.to(tl.int8),
+             mask=n_ok[:, None] & (k < K)[None, :])
+
+
+def unpack_int8(qweight, group_scale, group_size, k) -> torch.Tensor:
+    """w8 int8 [N, K] = (c - 8) * sg (sg = 1 per-channel): the W8A8 GEMM's weight layout."""
+    kw, n = qweight.shape
+    out = torch.empty(n, k, dtype=torch.int8, device=qweight.device)
+    grouped = group_scale is not None
+    grid = (triton.cdiv(n, 64), triton.cdiv(kw, 16))
+    _unpack_kernel[grid](qweight, group_scale if grouped else qweight, out, n, k, kw, group_size or k,
+                         qweight.stride(0), group_scale.stride(0) if grouped else 0, out.stride(0), GROUPED=grouped,
+                         BLOCK_N=64, BLOCK_KW=16, num_warps=4)
+    return out
 
 
 def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits=8,
@@ -187,6 +226,9 @@ def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias,
     """One launch with config (inputs checked and contiguous; k: in_features, needed for act_bits=4)."""
     m, n = xq.shape[0], qweight.shape[1]
     k = k or xq.shape[1]
+    if config.get("path") == "dense":
+        w8 = unpack_int8(qweight, group_scale, group_size, k)
+        return w8a8_gemm.w8a8_matmul(xq, x_scale, w8, w_scale, bias=bias, out_dtype=out_dtype)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     grouped = group_scale is not None
@@ -194,8 +236,8 @@ def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias,
         xq, x_scale, qweight, w_scale, group_scale if grouped else qweight, bias if bias is not None else y, y,
         m, n, k, qweight.shape[0], group_size or k, xq.stride(0), qweight.stride(0),
         group_scale.stride(0) if grouped else 0, y.stride(0), ACT_BITS=act_bits, GROUPED=grouped,
-        WORD_GROUPS=grouped and group_size % EPW == 0, STEP_GROUPS=grouped and group_size % config["BLOCK_K"] == 0, HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"],
-        BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
+        WORD_GROUPS=grouped and group_size % EPW == 0, STEP_GROUPS=grouped and group_size % config["BLOCK_K"] == 0,
+        HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return y
@@ -216,5 +258,5 @@ def w4a8_matmul(xq, x_scale, qweight, w_scale, *, group_scale=None, group_size=N
     key = dict(M=next_power_of_2(m), N=n, K=k, g=group_size or 0, out=str(out_dtype).removeprefix("torch."),
                bias=int(bias is not None))
     name = "w4a8_matmul" if act_bits == 8 else "w4a4_matmul"
-    config = tune(name, key, configs(key["M"]), lambda c: launch(c, *args), xq.device)
+    config = tune(name, key, configs(key["M"], act_bits), lambda c: launch(c, *args), xq.device)
     return launch(config, *args)
