@@ -291,6 +291,7 @@ def test_kernels_shipped_configs_are_current(monkeypatch):
 
     monkeypatch.setattr(weight_only_matmul_module, "interpreter_on", lambda: False)
     monkeypatch.setattr(w8a8_gemm, "interpreter_on", lambda: False)  # the int8 GEMMs' shared candidate builder
+    monkeypatch.setattr(w4a8_gemm, "interpreter_on", lambda: False)
 
     def weight_only(key):
         kw = -(-int(key["K"]) // (32 // int(key["bits"])))
@@ -298,7 +299,7 @@ def test_kernels_shipped_configs_are_current(monkeypatch):
 
     candidates_of = {"w8a8_matmul": lambda key: w8a8_gemm.configs(int(key["M"])),
                      "w4a8_matmul": lambda key: w4a8_gemm.configs(int(key["M"])),
-                     "w4a4_matmul": lambda key: w4a8_gemm.configs(int(key["M"]))}
+                     "w4a4_matmul": lambda key: w4a8_gemm.configs(int(key["M"]), act_bits=4)}
     shipped = list(autotune_cache.SHIPPED_DIR.glob("*.json"))
     assert any(p.stem == "NVIDIA_H100_80GB_HBM3" for p in shipped)
     for path in shipped:
