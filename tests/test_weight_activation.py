@@ -4,6 +4,7 @@ import torch
 
 import tquant
 from tquant import driver, smoothing
+from tquant.block_io import rows
 from tquant.modules import ActQuantLinear
 from tiny_models import tiny_model, token_batch
 
@@ -39,7 +40,7 @@ def smooth_block(block, inputs, alpha=0.5):
     chosen = {}
     for g in groups:
         group = [linears[n] for n in g]
-        absorber = smoothing.find_absorber(block, group, smoothing.rows(*inputs[0], slice(0, 1)))
+        absorber = smoothing.find_absorber(block, group, rows(*inputs[0], slice(0, 1)))
         smoothing.SmoothedGroup(group, absorber, smoothing.smoothing_scales(amax[g[0]], [l.weight for l in group], alpha))
         chosen[g[0]] = names.get(id(absorber))
     return chosen

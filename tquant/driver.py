@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .block_io import hidden
 from .methods.base import Method
 from .modules import PackedEmbedding, linear_module
 from .qweight import QuantizedWeight
@@ -96,10 +97,6 @@ def _linears(block: nn.Module) -> dict[str, nn.Linear]:
                 lin.bias.data = mod.bias.data
             block.set_submodule(name, lin)
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @contextlib.contextmanager
@@ -262,7 +259,7 @@ def quantize_blocks(
         specs.update(block_specs)
         if outputs is not None:
             tuple_out = isinstance(outputs[0], (tuple, list))
-            inputs = [((_first(o),) + tuple(args[1:]), kwargs) for o, (args, kwargs) in zip(outputs, inputs)]
+            inputs = [((hidden(o),) + tuple(args[1:]), kwargs) for o, (args, kwargs) in zip(outputs, inputs)]
         block.to(home)
     if embeddings:
         specs.update(_quantize_embedding(model, method, dtype))

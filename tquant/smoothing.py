@@ -21,26 +21,9 @@ import copy
 import torch
 from torch import nn
 
+from .block_io import fp32, hidden
+
 ABSORB_TOL = 1e-4  # relative change of the float32 block output that counts as exact (absorbers give ~1e-6)
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def rows(args, kwargs, index: slice):
-    """The calibration batch (args, kwargs) restricted to sequences `index`: every tensor whose first dim is
-    the batch size is sliced (masks, hidden states); others (shared position tables) are kept."""
-    batch = args[0].shape[0]
-
-    def cut(v):
-        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch:
-            return v[index]
-        if isinstance(v, (tuple, list)):
-            return type(v)(cut(e) for e in v)
-        return v
-
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
 
 
 @torch.no_grad()
@@ -98,17 +81,6 @@ def _restored(tensors):
             t.data.copy_(s)
 
 
-def fp32(v):
-    """v with every floating tensor in it (nested in tuples / lists / dicts) as float32."""
-    if isinstance(v, torch.Tensor) and v.is_floating_point():
-        return v.float()
-    if isinstance(v, (tuple, list)):
-        return type(v)(fp32(e) for e in v)
-    if isinstance(v, dict):
-        return {k: fp32(e) for k, e in v.items()}
-    return v
-
-
 @torch.no_grad()
 def find_absorber(block: nn.Module, group: list[nn.Linear], sample) -> nn.Module | None:
     """The module of `block` that can take diag(s)^-1 for the input of `group` exactly (the one changing the
@@ -119,7 +91,7 @@ def find_absorber(block: nn.Module, group: list[nn.Linear], sample) -> nn.Module
     columns = [probe.get_submodule(n).weight for n in group_names]
     k = group[0].in_features
     args, kwargs = fp32(sample)
-    reference = _first(probe(*args, **kwargs))
+    reference = hidden(probe(*args, **kwargs))
     g = torch.Generator().manual_seed(0)
     r = torch.empty(k).uniform_(0.5, 2.0, generator=g).to(columns[0].device)
     best, best_err = None, ABSORB_TOL
@@ -131,7 +103,7 @@ def find_absorber(block: nn.Module, group: list[nn.Linear], sample) -> nn.Module
             _scale_channels(tensors, 1 / r)
             for w in columns:
                 w.data.mul_(r)
-            out = _first(probe(*args, **kwargs))
+            out = hidden(probe(*args, **kwargs))
         err = ((out - reference).norm() / reference.norm().clamp_min(1e-30)).item()
         if err < best_err:
             best, best_err = block.get_submodule(name), err

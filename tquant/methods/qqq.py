@@ -16,14 +16,11 @@ import dataclasses
 
 import torch
 
-from ..smoothing import SmoothedGroup, find_absorber, input_absmax, rows, smoothing_scales
+from ..block_io import hidden, rows
+from ..smoothing import SmoothedGroup, find_absorber, input_absmax, smoothing_scales
 from .base import option, register
 from .gptq import GPTQ
 from .weight_activation import WeightActivationMethod, simulated
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @register
@@ -70,7 +67,7 @@ class QQQ(WeightActivationMethod, GPTQ):
     @torch.no_grad()
     def _error(self, block, group_linears, prefix, search, teacher) -> float:
         with simulated(self, group_linears, prefix):
-            return sum(torch.nn.functional.mse_loss(_first(block(*a, **k)).float(), t).item()
+            return sum(torch.nn.functional.mse_loss(hidden(block(*a, **k)).float(), t).item()
                        for (a, k), t in zip(search, teacher))
 
     def prepare_block(self, block, linears, groups, inputs, prefix):
@@ -78,7 +75,7 @@ class QQQ(WeightActivationMethod, GPTQ):
             return
         amax = input_absmax(block, {g[0]: linears[g[0]] for g in groups}, inputs)
         search = self._search_inputs(inputs)
-        teacher = [_first(block(*a, **k)).float() for a, k in search]
+        teacher = [hidden(block(*a, **k)).float() for a, k in search]
         for g in groups:
             group = {n: linears[n] for n in g}
             absorber = find_absorber(block, list(group.values()), rows(*inputs[0], slice(0, 1)))

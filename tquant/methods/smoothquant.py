@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..smoothing import SmoothedGroup, find_absorber, input_absmax, rows, smoothing_scales
+from ..block_io import rows
+from ..smoothing import SmoothedGroup, find_absorber, input_absmax, smoothing_scales
 from .base import register, option
 from .weight_activation import WeightActivationMethod
 

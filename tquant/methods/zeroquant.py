@@ -20,15 +20,11 @@ import fnmatch
 
 import torch
 
-from ..smoothing import fp32, rows
+from ..block_io import fp32, hidden, rows
 from .base import option, register
 from .weight_activation import WeightActivationMethod, simulated
 
 MLP_PATTERNS = ("*mlp*", "*fc1", "*fc2", "*ffn*", "*feed_forward*")
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @register
@@ -71,7 +67,7 @@ class ZeroQuant(WeightActivationMethod):
         trained = {n: lin for n, lin in linears.items() if any(fnmatch.fnmatch(prefix + n, p) for p in patterns)}
         if not trained:
             return
-        teacher = [_first(block(*a, **k)).float() for a, k in inputs]
+        teacher = [hidden(block(*a, **k)).float() for a, k in inputs]
         dtype = next(block.parameters()).dtype
         block.float()  # fp32 master weights: Adam's moments underflow in fp16
         inputs = [fp32(i) for i in inputs]
@@ -94,7 +90,7 @@ class ZeroQuant(WeightActivationMethod):
                     start = int(torch.randint(max(1, n - self.lkd_batch + 1), (1,), generator=g))
                     index = slice(start, start + self.lkd_batch)
                     args, kwargs = rows(*inputs[b], index)
-                    loss = torch.nn.functional.mse_loss(_first(block(*args, **kwargs)), teacher[b][index])
+                    loss = torch.nn.functional.mse_loss(hidden(block(*args, **kwargs)), teacher[b][index])
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -114,6 +110,6 @@ class ZeroQuant(WeightActivationMethod):
     @staticmethod
     @torch.no_grad()
     def _mse(block, inputs, teacher) -> float:
-        total = sum(torch.nn.functional.mse_loss(_first(block(*a, **k)).float(), t, reduction="sum").item()
+        total = sum(torch.nn.functional.mse_loss(hidden(block(*a, **k)).float(), t, reduction="sum").item()
                     for (a, k), t in zip(inputs, teacher))
         return total / sum(t.numel() for t in teacher)

@@ -1,0 +1,40 @@
+"""What a decoder block takes and gives during quantization.
+
+The driver calls each block as block(*args, **kwargs), one (args, kwargs) per calibration batch (args[0]:
+hidden states [B, T, D]; kwargs: masks, position tables, ...). Blocks return a tensor or a tuple whose
+first element is the new hidden states.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def hidden(out):
+    """The hidden states a block returned (its first output)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def rows(args, kwargs, index: slice):
+    """The calibration batch (args, kwargs) restricted to sequences `index`: every tensor whose first dim is
+    the batch size is sliced (masks, hidden states); others (shared position tables) are kept."""
+    batch = args[0].shape[0]
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch:
+            return v[index]
+        if isinstance(v, (tuple, list)):
+            return type(v)(cut(e) for e in v)
+        return v
+
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def fp32(v):
+    """v with every floating tensor in it (nested in tuples / lists / dicts) as float32."""
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.float()
+    if isinstance(v, (tuple, list)):
+        return type(v)(fp32(e) for e in v)
+    if isinstance(v, dict):
+        return {k: fp32(e) for k, e in v.items()}
+    return v
