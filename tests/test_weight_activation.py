@@ -179,3 +179,11 @@ def test_weight_activation_save_load_is_bit_identical(tmp_path, method, options)
 def test_weight_activation_bad_options_raise(method, options, message):
     with pytest.raises(ValueError, match=message):
         tquant.quantize(tiny_model("llama"), method, calib=CALIB, device="cpu", progress=False, **options)
+
+
+def test_zeroquant_without_lkd_is_data_free():
+    model = tiny_model("llama")
+    tquant.quantize(model, "zeroquant", device="cpu", progress=False)  # no calib=
+    assert len(layers(model)) == 14
+    with pytest.raises(ValueError, match="needs calibration data"):
+        tquant.quantize(tiny_model("llama"), "zeroquant", lkd=True, device="cpu", progress=False)

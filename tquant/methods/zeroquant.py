@@ -46,6 +46,11 @@ class ZeroQuant(WeightActivationMethod):
             raise ValueError("LKD needs lkd_steps >= 1, lkd_batch >= 1 and lkd_lr > 0")
         self.lkd_log: dict[str, tuple[float, float]] = {}
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Round-to-nearest alone is data-free; only LKD needs the calibration set."""
+        return self.lkd
+
     def all_weight_bits(self):
         return {self.bits, self.mlp_bits or self.bits}
 
