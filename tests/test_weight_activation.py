@@ -4,7 +4,6 @@ import torch
 
 import tquant
 from tquant import driver, smoothing
-from tquant.block_io import rows
 from tquant.modules import ActQuantLinear
 from tiny_models import tiny_model, token_batch
 
@@ -40,8 +39,8 @@ def smooth_block(block, inputs, alpha=0.5):
     chosen = {}
     for g in groups:
         group = [linears[n] for n in g]
-        absorber = smoothing.find_absorber(block, group, rows(*inputs[0], slice(0, 1)))
-        smoothing.SmoothedGroup(group, absorber, smoothing.smoothing_scales(amax[g[0]], [l.weight for l in group], alpha))
+        absorber = smoothing.find_absorber(block, group, inputs)
+        smoothing.SmoothedGroup(group, absorber, amax[g[0]], alpha)
         chosen[g[0]] = names.get(id(absorber))
     return chosen
 

@@ -6,6 +6,8 @@ first element is the new hidden states.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -38,3 +40,27 @@ def fp32(v):
     if isinstance(v, dict):
         return {k: fp32(e) for k, e in v.items()}
     return v
+
+
+@contextlib.contextmanager
+def hooked(handles):
+    """Keep hook handles registered for the duration of the block."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def outputs(block, inputs) -> list[torch.Tensor]:
+    """The block's hidden-state outputs on each (args, kwargs), in float32 (a teacher to compare against)."""
+    return [hidden(block(*a, **k)).float() for a, k in inputs]
+
+
+@torch.no_grad()
+def output_mse(block, inputs, teacher) -> float:
+    """Mean squared error of the block's outputs on `inputs` against `teacher`, over all their elements."""
+    total = sum(torch.nn.functional.mse_loss(hidden(block(*a, **k)).float(), t, reduction="sum").item()
+                for (a, k), t in zip(inputs, teacher))
+    return total / sum(t.numel() for t in teacher)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .block_io import hidden
+from .block_io import hidden, hooked
 from .methods.base import Method
 from .modules import PackedEmbedding, linear_module
 from .qweight import QuantizedWeight
@@ -139,16 +139,6 @@ def capture_block_inputs(model, blocks_name, blocks, calib: torch.Tensor, device
     return captured
 
 
-@contextlib.contextmanager
-def _hooked(handles):
-    """Keep hook handles registered for the duration of the block."""
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _run_passes(passes) -> None:
     """Call each pass; a hook raising _StageDone ends that pass early."""
     for run in passes:
@@ -162,7 +152,7 @@ def _run_passes(passes) -> None:
 def _input_groups(block, linears: dict[str, nn.Linear], args, kwargs) -> list[list[str]]:
     """Linears grouped by the input tensor they read, in the order the block calls them."""
     calls = []
-    with _hooked([m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, i[0]))) for n, m in linears.items()]):
+    with hooked([m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, i[0]))) for n, m in linears.items()]):
         block(*args, **kwargs)
     groups, prev = [], None
     for name, inp in calls:
@@ -188,7 +178,7 @@ def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_se
         states = {g[0]: method.new_state(prefix + g[0], linears[g[0]]) for g in stage}
         if inputs is not None and method.needs_layer_stats:
             stats = [linears[g[0]].register_forward_hook(lambda m, i, o, s=states[g[0]]: s.add_batch(i[0])) for g in stage]
-            with _hooked(stats + [linears[stage[-1][-1]].register_forward_hook(_stop)]):
+            with hooked(stats + [linears[stage[-1][-1]].register_forward_hook(_stop)]):
                 _run_passes(lambda a=a, k=k: block(*a, **k) for a, k in inputs)
         for g in stage:
             for n in g:
@@ -294,7 +284,7 @@ def _quantize_head(model, blocks_name, blocks, method, calib, final_hidden, tupl
     with _without_blocks(model, blocks_name, stand_in, device):
         state = method.new_state(name, head)
         if final_hidden is not None:
-            with _hooked([head.register_forward_hook(lambda m, i, o: state.add_batch(i[0])),
+            with hooked([head.register_forward_hook(lambda m, i, o: state.add_batch(i[0])),
                           head.register_forward_hook(_stop)]):
                 _run_passes(lambda ids=ids: model(input_ids=ids, use_cache=False)
                             for ids in _batches(calib, batch_size, device))

@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import nn
 
-from .block_io import fp32, hidden
+from .block_io import fp32, hidden, hooked, rows
 
 ABSORB_TOL = 1e-4  # relative change of the float32 block output that counts as exact (absorbers give ~1e-6)
 
@@ -37,13 +37,9 @@ def input_absmax(block: nn.Module, heads: dict[str, nn.Linear], inputs) -> dict[
             amax[name] = m if name not in amax else torch.maximum(amax[name], m)
         return hook
 
-    handles = [lin.register_forward_pre_hook(record(n)) for n, lin in heads.items()]
-    try:
+    with hooked([lin.register_forward_pre_hook(record(n)) for n, lin in heads.items()]):
         for args, kwargs in inputs:
             block(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
     return amax
 
 
@@ -71,26 +67,31 @@ def _scale_channels(tensors, factor: torch.Tensor) -> None:
         t.data.mul_(factor.to(t.dtype).view(-1, *[1] * (t.dim() - 1)))
 
 
+def _snapshot(tensors):
+    """A function that puts the tensors' current values back."""
+    saved = [(t, t.data.clone()) for t in tensors]
+    return lambda: [t.data.copy_(v) for t, v in saved]
+
+
 @contextlib.contextmanager
 def _restored(tensors):
-    saved = [t.data.clone() for t in tensors]
+    restore = _snapshot(tensors)
     try:
         yield
     finally:
-        for t, s in zip(tensors, saved):
-            t.data.copy_(s)
+        restore()
 
 
 @torch.no_grad()
-def find_absorber(block: nn.Module, group: list[nn.Linear], sample) -> nn.Module | None:
+def find_absorber(block: nn.Module, group: list[nn.Linear], inputs) -> nn.Module | None:
     """The module of `block` that can take diag(s)^-1 for the input of `group` exactly (the one changing the
-    output least, below ABSORB_TOL), or None. sample: one (args, kwargs) the block runs on."""
+    output least, below ABSORB_TOL), or None; tested on the first calibration sequence of `inputs`."""
     names = {id(m): n for n, m in block.named_modules()}
     probe = copy.deepcopy(block).float()
     group_names = {names[id(lin)] for lin in group}
     columns = [probe.get_submodule(n).weight for n in group_names]
     k = group[0].in_features
-    args, kwargs = fp32(sample)
+    args, kwargs = fp32(rows(*inputs[0], slice(0, 1)))
     reference = hidden(probe(*args, **kwargs))
     g = torch.Generator().manual_seed(0)
     r = torch.empty(k).uniform_(0.5, 2.0, generator=g).to(columns[0].device)
@@ -111,15 +112,17 @@ def find_absorber(block: nn.Module, group: list[nn.Linear], sample) -> nn.Module
 
 
 class SmoothedGroup:
-    """Applies s to one input group: columns of each linear times s, and 1/s either into `absorber` or as a
-    run-time divisor (a forward pre-hook x -> x / s on each linear, which ActQuantLinear's kernel replaces).
-    undo() restores the weights and removes the hooks (used while searching alpha)."""
+    """Applies s = smoothing_scales(act_max, group's weights, alpha) to one input group: columns of each
+    linear times s, and 1/s either into `absorber` or as a run-time divisor (a forward pre-hook x -> x / s
+    on each linear, which ActQuantLinear's kernel replaces). undo() restores the weights and removes the
+    hooks (used while searching alpha)."""
 
-    def __init__(self, group: list[nn.Linear], absorber: nn.Module | None, s: torch.Tensor):
-        self.s, self.absorber = s, absorber
+    def __init__(self, group: list[nn.Linear], absorber: nn.Module | None, act_max: torch.Tensor, alpha: float):
+        self.s = s = smoothing_scales(act_max, [lin.weight for lin in group], alpha)
+        self.absorber = absorber
         k = group[0].in_features
         absorbed = _channel_tensors(absorber, k) if absorber is not None else []
-        self._saved = [(t, t.data.clone()) for t in absorbed + [lin.weight for lin in group]]
+        self._restore = _snapshot(absorbed + [lin.weight for lin in group])
         _scale_channels(absorbed, 1 / s)
         for lin in group:
             lin.weight.data.mul_(s.to(lin.weight.dtype))
@@ -132,7 +135,6 @@ class SmoothedGroup:
         return self.s if self.absorber is None else None
 
     def undo(self) -> None:
-        for t, saved in self._saved:
-            t.data.copy_(saved)
+        self._restore()
         for h in self._hooks:
             h.remove()

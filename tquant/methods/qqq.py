@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 
-from ..block_io import hidden, rows
-from ..smoothing import SmoothedGroup, find_absorber, input_absmax, smoothing_scales
+from ..block_io import output_mse, outputs, rows
+from ..smoothing import SmoothedGroup, find_absorber, input_absmax
 from .base import option, register
 from .gptq import GPTQ
 from .weight_activation import WeightActivationMethod, simulated
@@ -64,34 +63,27 @@ class QQQ(WeightActivationMethod, GPTQ):
                 break
         return chosen
 
-    @torch.no_grad()
     def _error(self, block, group_linears, prefix, search, teacher) -> float:
         with simulated(self, group_linears, prefix):
-            return sum(torch.nn.functional.mse_loss(hidden(block(*a, **k)).float(), t).item()
-                       for (a, k), t in zip(search, teacher))
+            return output_mse(block, search, teacher)
 
     def prepare_block(self, block, linears, groups, inputs, prefix):
         if not self.smooth_grid:
             return
         amax = input_absmax(block, {g[0]: linears[g[0]] for g in groups}, inputs)
         search = self._search_inputs(inputs)
-        teacher = [hidden(block(*a, **k)).float() for a, k in search]
+        teacher = outputs(block, search)
         for g in groups:
             group = {n: linears[n] for n in g}
-            absorber = find_absorber(block, list(group.values()), rows(*inputs[0], slice(0, 1)))
+            absorber = find_absorber(block, list(group.values()), inputs)
             best = (self._error(block, group, prefix, search, teacher), None)  # alpha None: no smoothing
             for i in range(self.smooth_grid):
                 alpha = i / self.smooth_grid
-                s = smoothing_scales(amax[g[0]], [lin.weight for lin in group.values()], alpha)
-                smoothed = SmoothedGroup(list(group.values()), absorber, s)
+                smoothed = SmoothedGroup(list(group.values()), absorber, amax[g[0]], alpha)
                 best = min(best, (self._error(block, group, prefix, search, teacher), alpha), key=lambda e: e[0])
                 smoothed.undo()
             alpha = best[1]
             for n in g:
                 self.qqq_alpha[prefix + n] = alpha
             if alpha is not None:
-                s = smoothing_scales(amax[g[0]], [lin.weight for lin in group.values()], alpha)
-                smoothed = SmoothedGroup(list(group.values()), absorber, s)
-                for n in g:
-                    if smoothed.runtime is not None:
-                        self.runtime_smooth[prefix + n] = smoothed.runtime.float()
+                self.keep_smoothing(SmoothedGroup(list(group.values()), absorber, amax[g[0]], alpha), g, prefix)

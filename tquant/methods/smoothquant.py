@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..block_io import rows
-from ..smoothing import SmoothedGroup, find_absorber, input_absmax, smoothing_scales
+from ..smoothing import SmoothedGroup, find_absorber, input_absmax
 from .base import register, option
 from .weight_activation import WeightActivationMethod
 
@@ -31,16 +30,13 @@ class SmoothQuant(WeightActivationMethod):
 
     def prepare_block(self, block, linears, groups, inputs, prefix):
         amax = input_absmax(block, {g[0]: linears[g[0]] for g in groups}, inputs)
-        sample = rows(*inputs[0], slice(0, 1))
         for g in groups:
             group = [linears[n] for n in g]
-            s = smoothing_scales(amax[g[0]], [lin.weight for lin in group], self.alpha)
-            smoothed = SmoothedGroup(group, find_absorber(block, group, sample), s)
-            for n in g:
-                if smoothed.runtime is not None:
-                    self.runtime_smooth[prefix + n] = smoothed.runtime.float()
-                if self.act_static:
-                    self.static_scale[prefix + n] = self.static_scale_of(amax[g[0]] / s)
+            smoothed = SmoothedGroup(group, find_absorber(block, group, inputs), amax[g[0]], self.alpha)
+            self.keep_smoothing(smoothed, g, prefix)
+            if self.act_static:
+                for n in g:
+                    self.static_scale[prefix + n] = self.static_scale_of(amax[g[0]] / smoothed.s)
 
     def quantize(self, state, linear, name):
         return self.finish(self.rtn(linear.weight, linear, name), name)

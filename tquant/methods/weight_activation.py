@@ -19,6 +19,7 @@ from torch import nn
 
 from ..kernels.act_quant import fake_quantize_activations, qmax
 from ..qweight import QuantizedWeight
+from ..smoothing import SmoothedGroup
 from .base import Method, option
 
 ACT_BITS = (8, 4)
@@ -66,12 +67,18 @@ class WeightActivationMethod(Method):
                                         integer_groups=True)
 
     def finish(self, qw: QuantizedWeight, name: str) -> QuantizedWeight:
-        """Attach the activation format to a weight quantized on this method's grid, and check it fits a GEMM."""
+        """Attach the activation format to a weight quantized on this method's grid (ActQuantLinear checks
+        that it fits a GEMM when the driver builds the layer)."""
         qw.act_bits = self.act_bits
         qw.smooth = self.runtime_smooth.get(name)
         qw.act_scale = self.static_scale.get(name)
-        qw.int8_gemm_weight()
         return qw
+
+    def keep_smoothing(self, smoothed: SmoothedGroup, names: list[str], prefix: str) -> None:
+        """Remember the run-time divisor of a smoothed group's layers, where no op absorbed it."""
+        if smoothed.runtime is not None:
+            for n in names:
+                self.runtime_smooth[prefix + n] = smoothed.runtime.float()
 
     def input_transform(self, name: str):
         scale = self.static_scale.get(name)

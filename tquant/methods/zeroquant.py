@@ -20,7 +20,7 @@ import fnmatch
 
 import torch
 
-from ..block_io import fp32, hidden, rows
+from ..block_io import fp32, hidden, output_mse, outputs, rows
 from .base import option, register
 from .weight_activation import WeightActivationMethod, simulated
 
@@ -72,7 +72,7 @@ class ZeroQuant(WeightActivationMethod):
         trained = {n: lin for n, lin in linears.items() if any(fnmatch.fnmatch(prefix + n, p) for p in patterns)}
         if not trained:
             return
-        teacher = [hidden(block(*a, **k)).float() for a, k in inputs]
+        teacher = outputs(block, inputs)
         dtype = next(block.parameters()).dtype
         block.float()  # fp32 master weights: Adam's moments underflow in fp16
         inputs = [fp32(i) for i in inputs]
@@ -84,7 +84,7 @@ class ZeroQuant(WeightActivationMethod):
             with torch.enable_grad(), simulated(self, linears, prefix, ste=True):
                 for p in params:
                     p.requires_grad_(True)
-                before = self._mse(block, inputs, teacher)
+                before = output_mse(block, inputs, teacher)
                 best = (before, [p.detach().clone() for p in params])
                 opt = torch.optim.Adam(params, lr=self.lkd_lr)
                 g = torch.Generator().manual_seed(0)
@@ -100,7 +100,7 @@ class ZeroQuant(WeightActivationMethod):
                     loss.backward()
                     opt.step()
                     if step % every == 0 or step == self.lkd_steps:  # keep the best checkpoint (early stopping)
-                        error = self._mse(block, inputs, teacher)
+                        error = output_mse(block, inputs, teacher)
                         if error < best[0]:
                             best = (error, [p.detach().clone() for p in params])
                 after = best[0]
@@ -111,10 +111,3 @@ class ZeroQuant(WeightActivationMethod):
                 p.requires_grad_(flag)
             block.to(dtype)
         self.lkd_log[prefix.rstrip(".")] = (before, after)
-
-    @staticmethod
-    @torch.no_grad()
-    def _mse(block, inputs, teacher) -> float:
-        total = sum(torch.nn.functional.mse_loss(hidden(block(*a, **k)).float(), t, reduction="sum").item()
-                    for (a, k), t in zip(inputs, teacher))
-        return total / sum(t.numel() for t in teacher)
