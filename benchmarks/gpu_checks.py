@@ -1,5 +1,5 @@
-"""Model-level checks on the GPU (issues 2, 3): the driver with device="cuda", the quantized modules' kernel
-path (PackedLinear, ActQuantLinear) against their torch reference inside a real forward pass, generate(),
+"""Model-level checks on the GPU (issues 2-4): the driver with device="cuda", the quantized modules' kernel
+path (PackedLinear, ActQuantLinear, QuipLinear) against their torch reference inside a real forward pass, generate(),
 and a save/load round trip.
 
     python benchmarks/gpu_checks.py [--hidden 2048 --layers 4 --inter 5632] [--method gptq --options '{...}']
@@ -22,7 +22,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tquant  # noqa: E402
-from tquant.modules import ActQuantLinear, PackedLinear  # noqa: E402
+from tquant.modules import ActQuantLinear, PackedLinear, QuipLinear  # noqa: E402
 
 
 def rel(a, b):
@@ -70,7 +70,7 @@ def main():
     print("model back on", next(model.model.layers[0].parameters()).device)
 
     model.cuda()
-    packed = [m for m in model.modules() if isinstance(m, (PackedLinear, ActQuantLinear))]
+    packed = [m for m in model.modules() if isinstance(m, (PackedLinear, ActQuantLinear, QuipLinear))]
     with torch.no_grad():
         out_kernel = model(ids[:4].cuda()).logits.float()
         for m in packed:

@@ -10,6 +10,7 @@
             collect one statistics state per input group -> method.quantize each linear
             write the de-quantized weight back so later stages see the quantization error (and, for
             weight-activation methods, fake-quantize the layer's input by method.input_transform)
+        method.finish_block(...)                # block-level tuning of the results (QuIP# fine-tuning)
         X_{i+1} = block(X_i)                    # with quantized weights
         swap every quantized nn.Linear for its module (PackedLinear, ActQuantLinear); move the block back
 Data-free methods (RTN) skip the forward passes.
@@ -188,6 +189,8 @@ def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_se
                 if transform is not None:
                     linears[n].register_forward_pre_hook(lambda m, a, t=transform: (t(a[0]),) + tuple(a[1:]))
                 results[n] = qw
+    if inputs is not None:
+        method.finish_block(block, linears, results, inputs, prefix)
     outputs = None if inputs is None else [block(*args, **kwargs) for args, kwargs in inputs]
     specs = {}
     for n, qw in results.items():
@@ -219,7 +222,7 @@ def quantize_blocks(
     for i, block in enumerate(blocks):
         lin = {n: m for n, m in _linears(block).items() if not skip(f"{blocks_name}.{i}.{n}")}
         for n, m in lin.items():
-            resolve_group_size(method.group_size, m.in_features, f"{blocks_name}.{i}.{n}")
+            method.check_layer(m, f"{blocks_name}.{i}.{n}")
         targets.append(lin)
     if not any(targets):
         raise ValueError("no nn.Linear layer is left to quantize (all were skipped)")
@@ -227,7 +230,7 @@ def quantize_blocks(
         head = model.get_output_embeddings()
         if not isinstance(head, nn.Linear):
             raise ValueError(f"lm_head=True needs an nn.Linear output embedding, found {type(head).__name__}")
-        resolve_group_size(method.group_size, head.in_features, "lm_head")
+        method.check_layer(head, "lm_head")
     if embeddings:
         emb = model.get_input_embeddings()
         if not isinstance(emb, nn.Embedding):

@@ -89,3 +89,35 @@ class QuantizedWeight:
                                                                     rtol=1e-5, atol=0):
             raise ValueError("group scales are not integer multiples (1..15) of channel_scale")
         return pack_codes(self.codes, 4), self.channel_scale.float().contiguous(), mult.t().to(torch.int8).contiguous()
+
+
+@dataclass
+class LatticeWeight:
+    """What QuIP# hands to its module (QuipLinear): E8P codes of the weight in the randomized-Hadamard basis.
+
+        codes  int64 [N, K // 8, stages]  RVQ indices (tquant.e8p_codebook): stage 0 E8P12; stage 1, 3 bits:
+                                          E81B, 4 bits: E8P12; codes[n, b] holds W_r[n, 8b .. 8b + 7]
+        su     float32 [K]                input signs (+-1; real-valued after fine-tuning)
+        sv     float32 [N]                output signs times the layer's weight scale
+    With H_n the orthonormal Hadamard matrix of tquant.hadamard and D = rvq_decode(codes) as [N, K]:
+        W = diag(sv) H_N^T D H_K diag(su),     y = x W^T = ((((x * su) H_K^T) D^T) H_N) * sv
+    """
+
+    codes: torch.Tensor
+    su: torch.Tensor
+    sv: torch.Tensor
+    bits: int
+    act_bits = None
+
+    def decoded(self) -> torch.Tensor:
+        """D: float32 [N, K], the codebook values in the rotated basis (before the scale in sv)."""
+        from .e8p_codebook import rvq_decode
+
+        n, blocks, _ = self.codes.shape
+        return rvq_decode(self.codes, self.bits).reshape(n, blocks * 8)
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 [N, K] weight in the original basis."""
+        from .incoherence import unrotate_weight
+
+        return unrotate_weight(self.decoded(), self.su, self.sv)

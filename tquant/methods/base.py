@@ -10,6 +10,10 @@ Two optional hooks for methods that change more than one weight at a time:
     method.prepare_block(block, linears, groups, inputs, prefix)   # before a block's linears are quantized:
         may rewrite weights in place (smoothing, distillation); groups = names of linears sharing an input
     method.input_transform(name) -> fn(x) or None                  # what a quantized layer does to its input
+    method.finish_block(block, linears, results, inputs, prefix)   # after a block's linears are quantized (and
+        their de-quantized weights written back): may tune the results and the block's other parameters
+method.check_layer(linear, name) raises a ValueError naming a layer the method cannot quantize; the driver
+calls it for every target before any work starts.
 
 Methods never launch kernels and never replace modules themselves.
 """
@@ -28,7 +32,8 @@ _REGISTRY: dict[str, type["Method"]] = {}
 
 
 def register(cls: type["Method"]) -> type["Method"]:
-    _REGISTRY[cls.name] = cls
+    for name in (cls.name, *cls.aliases):
+        _REGISTRY[name] = cls
     return cls
 
 
@@ -40,7 +45,7 @@ def get_method(name: str) -> type["Method"]:
 
 def available_methods() -> dict[str, dict[str, str]]:
     """{method name: {option: description with default}}."""
-    return {name: cls.describe_options() for name, cls in sorted(_REGISTRY.items())}
+    return {name: cls.describe_options() for name, cls in sorted(_REGISTRY.items()) if name == cls.name}
 
 
 class LayerState:
@@ -71,6 +76,7 @@ class Method:
     """Base of weight-only methods. Options are dataclass fields: their metadata 'help' documents them."""
 
     name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()  # other names get_method accepts
     needs_calibration: ClassVar[bool] = True
     needs_layer_stats: ClassVar[bool] = True  # False: quantize() ignores its state (the driver skips the passes)
     state_class: ClassVar[type[LayerState]] = LayerState
@@ -92,6 +98,9 @@ class Method:
     def new_state(self, name: str, linear: nn.Linear) -> LayerState:
         return self.state_class(name, linear)
 
+    def check_layer(self, linear: nn.Linear, name: str) -> None:
+        self.layer_group_size(linear, name)
+
     def layer_group_size(self, linear: nn.Linear, name: str) -> int:
         return resolve_group_size(self.group_size, linear.in_features, name)
 
@@ -101,6 +110,10 @@ class Method:
     def prepare_block(self, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]], inputs,
                       prefix: str) -> None:
         """inputs: [(args, kwargs)] of the block, one per calibration batch. Weight-only methods do nothing."""
+
+    def finish_block(self, block: nn.Module, linears: dict[str, nn.Linear], results: dict, inputs,
+                     prefix: str) -> None:
+        """results: {linear name: its quantized weight}. Weight-only methods do nothing."""
 
     def input_transform(self, name: str):
         return None

@@ -4,23 +4,19 @@ layer-by-layer knowledge distillation (LKD).
 Weights: symmetric round-to-nearest, 8-bit per output channel (ZeroQuant's row-wise groups at their finest)
 or 4-bit per channel / per K-group (QQQ's integer grid); bits=8, mlp_bits=4 is the paper's W4/8 (4-bit MLP,
 8-bit attention). Activations: per token, act_bits.
-LKD, per block, before its weights are quantized (in float32, whatever the model's dtype): the float block is
-the teacher; the student is the same
-block simulating its quantized layers (RTN weights and per-token activations, straight-through gradients).
-With X the block's calibration inputs (outputs of the already quantized blocks before it),
-    min_W  mean || student_W(X) - teacher(X) ||^2       (Adam, lkd_steps steps of lkd_batch sequences)
-over the weights of the linears matching lkd_layers. The error on all calibration inputs is checked every
-lkd_steps / 4 steps and the best weights so far are kept (the start included, so LKD never raises the
-error it optimizes); they are then quantized. lkd_log[block] = (MSE before, MSE after).
+LKD, per block, before its weights are quantized (tquant.block_tuning, in float32): the float block is the
+teacher; the student is the same block simulating its quantized layers (RTN weights and per-token
+activations, straight-through gradients), trained on the weights of the linears matching lkd_layers
+(Adam, lkd_steps steps of lkd_batch sequences; the best of four checkpoints is kept); they are then
+quantized. lkd_log[block] = (MSE before, MSE after).
 """
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 
-import torch
-
-from ..block_io import fp32, hidden, output_mse, outputs, rows
+from ..block_io import outputs
+from ..block_tuning import distill, float32_training
 from .base import option, register
 from .weight_activation import WeightActivationMethod, simulated
 
@@ -73,41 +69,8 @@ class ZeroQuant(WeightActivationMethod):
         if not trained:
             return
         teacher = outputs(block, inputs)
-        dtype = next(block.parameters()).dtype
-        block.float()  # fp32 master weights: Adam's moments underflow in fp16
-        inputs = [fp32(i) for i in inputs]
         params = [lin.weight for lin in trained.values()]
-        grad_before = {p: p.requires_grad for p in block.parameters()}
-        for p in block.parameters():
-            p.requires_grad_(False)
-        try:
-            with torch.enable_grad(), simulated(self, linears, prefix, ste=True):
-                for p in params:
-                    p.requires_grad_(True)
-                before = output_mse(block, inputs, teacher)
-                best = (before, [p.detach().clone() for p in params])
-                opt = torch.optim.Adam(params, lr=self.lkd_lr)
-                g = torch.Generator().manual_seed(0)
-                every = max(1, self.lkd_steps // 4)
-                for step in range(1, self.lkd_steps + 1):
-                    b = int(torch.randint(len(inputs), (1,), generator=g))
-                    n = inputs[b][0][0].shape[0]
-                    start = int(torch.randint(max(1, n - self.lkd_batch + 1), (1,), generator=g))
-                    index = slice(start, start + self.lkd_batch)
-                    args, kwargs = rows(*inputs[b], index)
-                    loss = torch.nn.functional.mse_loss(hidden(block(*args, **kwargs)), teacher[b][index])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if step % every == 0 or step == self.lkd_steps:  # keep the best checkpoint (early stopping)
-                        error = output_mse(block, inputs, teacher)
-                        if error < best[0]:
-                            best = (error, [p.detach().clone() for p in params])
-                after = best[0]
-                for p, saved in zip(params, best[1]):
-                    p.data.copy_(saved)
-        finally:
-            for p, flag in grad_before.items():
-                p.requires_grad_(flag)
-            block.to(dtype)
+        with float32_training(block, params), simulated(self, linears, prefix, ste=True):
+            before, after = distill(block, [{"params": params, "lr": self.lkd_lr}], inputs, teacher,
+                                    steps=self.lkd_steps, batch=self.lkd_batch)
         self.lkd_log[prefix.rstrip(".")] = (before, after)

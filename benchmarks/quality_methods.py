@@ -1,11 +1,11 @@
-"""Perplexity of the weight-activation methods on the offline SmolLM2-135M (issue 3's quality table).
+"""Perplexity rows of the methods on the offline SmolLM2-135M (the weight-activation and QuIP# tables).
 
-    python benchmarks/quality_weight_activation.py [--rows NAME,NAME,...] [--json out.json] [--threads N]
+    python benchmarks/quality_methods.py [--rows NAME,NAME,...] [--json out.json] [--threads N]
 
 Same data as benchmarks/quality_smollm2.py: calibration = 128 random windows x 512 tokens from the first 70 %
 of the pydoc corpus (seed 0); evaluation = the first 40 consecutive 512-token windows of the last 30 %;
-float32 on the CPU, so the layers run the torch references of the int8 GEMMs (the same integer codes the
-kernels compute). Group 128 does not divide SmolLM2's hidden size 576, so grouped rows use 64.
+float32 on the CPU, so the layers run the torch references of their kernels (the same integer / lattice
+codes the kernels compute). Group 128 does not divide SmolLM2's hidden size 576, so grouped rows use 64.
 Each row prints as it finishes; --rows picks a subset (names in ROWS).
 """
 from __future__ import annotations
@@ -36,6 +36,8 @@ ROWS = {  # name: (method, options)
     "qqq-w4a8-g64": ("qqq", dict(group_size=64)),
     "gptq-w4a16-sym-pc": ("gptq", dict(bits=4, group_size=-1)),
     "gptq-w4a16-sym-g64": ("gptq", dict(bits=4, group_size=64)),
+    **{f"quip#-{b}": ("quip#", dict(bits=b)) for b in (2, 3, 4)},
+    **{f"quip#-{b}-ft": ("quip#", dict(bits=b, ft_epochs=2)) for b in (2, 3, 4)},
 }
 
 

@@ -1,0 +1,79 @@
+"""The whole QuIP# layer on the GPU: input RHT + E8P decode-matmul + output RHT (QuipLinear), fp16.
+
+    python benchmarks/bench_quip_linear.py [--shapes 4096x14336,14336x4096] [--ms 1,16] [--bits 2,4]
+
+Per shape and M: QuipLinear (CUDA graph and eager) and its three parts alone, cuBLAS fp16 (x @ W^T) and
+tquant's W4A16 g128 PackedLinear, in µs; the module's output is checked against its torch reference first.
+Random codes and signs (speed does not depend on the values).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from tquant.kernels.e8p_matmul import e8p_matmul
+from tquant.kernels.hadamard import hadamard_transform
+from tquant.modules import PackedLinear, QuipLinear
+from tquant.qweight import QuantizedWeight
+
+
+def random_quip(k, n, bits):
+    mod = QuipLinear(k, n, bits=bits, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mod.codes.copy_(torch.randint(-(1 << 15), 1 << 15, mod.codes.shape, device="cuda", generator=g))
+    if mod.codes2 is not None:
+        hi = 256 if bits == 3 else 1 << 15
+        lo = 0 if bits == 3 else -(1 << 15)
+        mod.codes2.copy_(torch.randint(lo, hi, mod.codes2.shape, device="cuda", generator=g))
+    mod.su.copy_(torch.randint(0, 2, (k,), device="cuda", generator=g) * 2.0 - 1)
+    mod.sv.copy_((torch.randint(0, 2, (n,), device="cuda", generator=g) * 2.0 - 1) * 0.01)
+    return mod
+
+
+def timed(fn):
+    return triton.testing.do_bench_cudagraph(fn), triton.testing.do_bench(fn)
+
+
+def run(shapes=((4096, 14336), (14336, 4096)), ms=(1, 16), bits_list=(2, 4), print_fn=print):
+    print_fn(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print_fn("| K->N | M | bits | QuipLinear graph (eager) | RHT in | E8P matmul | RHT out | cuBLAS fp16 | W4A16 g128 |")
+    print_fn("|---|---|---|---|---|---|---|---|---|")
+    for k, n in shapes:
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        w4 = PackedLinear.from_quantized(QuantizedWeight.from_rtn(w, 4, 128, False), None, torch.float16)
+        for bits in bits_list:
+            mod = random_quip(k, n, bits)
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                y = mod(x)
+                mod.backend = "torch"
+                ref = mod(x)
+                mod.backend = "auto"
+                err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+                assert err < 1e-2, f"QuipLinear kernel vs reference: rel err {err:.2e}"
+                xr = hadamard_transform(x)
+                yr = e8p_matmul(xr, mod.codes, mod.codes2, bits=bits)
+                full = timed(lambda: mod(x))
+                parts = [timed(lambda: hadamard_transform(x))[0],
+                         timed(lambda: e8p_matmul(xr, mod.codes, mod.codes2, bits=bits))[0],
+                         timed(lambda: hadamard_transform(yr, transpose=True))[0]]
+                cublas = timed(lambda: x @ w.t())[0]
+                packed = timed(lambda: w4(x))[0]
+                print_fn(f"| {k}->{n} | {m} | {bits} | {full[0]:.1f} ({full[1]:.1f}) | {parts[0]:.1f} | {parts[1]:.1f} | "
+                         f"{parts[2]:.1f} | {cublas:.1f} | {packed:.1f} |")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="4096x14336,14336x4096")
+    p.add_argument("--ms", default="1,16")
+    p.add_argument("--bits", default="2,4")
+    a = p.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    run(shapes, [int(m) for m in a.ms.split(",")], [int(b) for b in a.bits.split(",")])
+
+
+if __name__ == "__main__":
+    main()

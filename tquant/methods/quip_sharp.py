@@ -1,0 +1,207 @@
+"""QuIP# (Tseng et al., 2024): randomized Hadamard incoherence, BlockLDLQ with E8P lattice codebooks, RVQ.
+
+Per linear W [N, K] with the Hessian H = 2/T X^T X of its inputs (tquant.methods.gptq.HessianState):
+    H   <- H / mean(diag H) + sigma_reg I
+    su, sv = random signs (seeded per layer)         W_r, H_r = rotate(W, H)   (tquant.incoherence)
+    scale s = RMS(W_r) / c, c from scale_grid: the c whose BlockLDLQ on scale_rows sampled rows gives the
+              least proxy error tr(dW_r H_r dW_r^T) (c = QuIP#'s opt scale of the codebook if the grid is empty)
+    H_r = L D L^T with L unit lower block-triangular (8 x 8 blocks)
+    BlockLDLQ, blocks of 8 columns from the last to the first:
+        W'_r[:, b] = Q( W_r[:, b] / s + (W_r / s - W'_r)[:, later] L[later, b] )
+    Q = E8P12 (2 bits), E8P12 + E81B residual (3 bits), E8P12 + E8P12 residual (4 bits)  (tquant.e8p_codebook)
+The result is a LatticeWeight (codes, su, sv * s). Fine-tuning (ft_epochs > 0), per block after its
+linears are quantized: the sign vectors su, sv of every quantized linear become real-valued and are
+tuned with the block's unquantized parameters (norms, biases) against the float block's outputs
+(tquant.block_tuning; the codes stay fixed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+
+import torch
+from torch import nn
+
+from .. import e8p_codebook
+from ..block_io import outputs
+from ..block_tuning import distill, float32_training
+from ..hadamard import hadamard_factors, random_signs
+from ..incoherence import rotate_hessian, rotate_weight, unrotate_weight
+from ..qweight import LatticeWeight
+from .base import Method, option, register
+from .gptq import HessianState
+
+BUFFER = 128  # columns per lazy update of BlockLDLQ
+
+
+def block_ldl(h: torch.Tensor, block: int = 8) -> torch.Tensor:
+    """L with H = L D L^T, L unit lower block-triangular (identity blocks on the diagonal); raises
+    torch.linalg.LinAlgError when H is not positive definite."""
+    k = h.shape[0]
+    chol = torch.linalg.cholesky(h)
+    diag = torch.stack([chol[i : i + block, i : i + block] for i in range(0, k, block)])
+    inv = torch.linalg.inv(diag)  # [k / block, block, block]
+    return torch.einsum("rjb,jbc->rjc", chol.reshape(k, k // block, block), inv).reshape(k, k)
+
+
+def block_ldlq(w: torch.Tensor, lower: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BlockLDLQ of w [R, K] (already divided by its scale) with H = L D L^T: (w' [R, K], codes [R, K/8, stages])."""
+    rows, k = w.shape
+    hat = torch.zeros_like(w)
+    stages = 1 if bits == 2 else 2
+    codes = torch.zeros(rows, k // 8, stages, dtype=torch.int64, device=w.device)
+    carried = torch.zeros_like(w)  # (w - w') of finished buffers times L, for the columns still to come
+    for end in range(k, 0, -BUFFER):
+        start = max(0, end - BUFFER)
+        for i in range(end - 8, start - 1, -8):
+            target = w[:, i : i + 8] + carried[:, i : i + 8]
+            if i + 8 < end:
+                target = target + (w[:, i + 8 : end] - hat[:, i + 8 : end]) @ lower[i + 8 : end, i : i + 8]
+            hat[:, i : i + 8], codes[:, i // 8] = e8p_codebook.rvq_quantize(target, bits)
+        if start:
+            carried[:, :start] += (w[:, start:end] - hat[:, start:end]) @ lower[start:end, :start]
+    return hat, codes
+
+
+def proxy_error(delta: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(delta H delta^T)."""
+    return float(((delta @ h) * delta).sum())
+
+
+@register
+@dataclasses.dataclass
+class QuipSharp(Method):
+    name = "quip#"
+    aliases = ("quip_sharp",)
+
+    bits: int = option(2, "bits per weight: 2 (E8P12), 3 (E8P12 + E81B RVQ) or 4 (E8P12 + E8P12 RVQ)")
+    group_size: int = option(-1, "not used: one scale per layer (-1)")
+    sigma_reg: float = option(1e-2, "added to diag(H) after dividing H by its mean diagonal")
+    seed: int = option(0, "seed of the random Hadamard sign vectors (combined with each layer's name)")
+    scale_grid: str = option("0.8,0.85,0.9,0.95,1.0,1.05", "comma-separated c to search per layer, weight "
+                                                          "scale = RMS(W_r) / c; '' = the codebook's own c")
+    scale_rows: int = option(128, "rows of W_r the scale search runs BlockLDLQ on")
+    ft_epochs: int = option(0, "fine-tuning epochs per block over the calibration set (0 = off)")
+    ft_lr: float = option(5e-5, "Adam learning rate of the block's unquantized parameters (norms, biases)")
+    ft_susv_lr: float = option(5e-4, "Adam learning rate of the sign vectors su, sv")
+    ft_batch: int = option(4, "sequences per fine-tuning step")
+
+    def __post_init__(self):
+        e8p_codebook.check_bits(self.bits)
+        if self.group_size not in (-1, 0):
+            raise ValueError(f"quip# has no groups (one scale per layer); got group_size={self.group_size}")
+        if not self.sym:
+            raise ValueError("quip#'s lattice codebooks are symmetric; sym=False does not apply")
+        self.scales = [float(c) for c in self.scale_grid.split(",") if c.strip()]
+        if any(c <= 0 for c in self.scales):
+            raise ValueError(f"scale_grid values must be positive, got {self.scale_grid!r}")
+        if self.sigma_reg < 0 or self.scale_rows < 1 or self.ft_epochs < 0 or self.ft_batch < 1:
+            raise ValueError("quip# needs sigma_reg >= 0, scale_rows >= 1, ft_epochs >= 0 and ft_batch >= 1")
+        self.ft_log: dict[str, tuple[float, float]] = {}
+        self.scale_log: dict[str, float] = {}
+
+    def new_state(self, name, linear):
+        return HessianState(name, linear)
+
+    def check_layer(self, linear: nn.Linear, name: str) -> None:
+        n, k = linear.weight.shape
+        if k % 8:
+            raise ValueError(f"quip# quantizes 8 input channels at a time: layer {name!r} has in_features={k}")
+        for dim, size in (("in_features", k), ("out_features", n)):
+            try:
+                hadamard_factors(size)
+            except ValueError as e:
+                raise ValueError(f"quip# cannot rotate layer {name!r} ({dim}={size}): {e}") from None
+
+    def report(self) -> dict:
+        out = {"scale_c": self.scale_log}
+        if self.ft_log:
+            out["ft_mse_before_after"] = {b: list(e) for b, e in self.ft_log.items()}
+        return out
+
+    def _signs(self, size: int, name: str, side: str) -> torch.Tensor:
+        return random_signs(size, self.seed * 1_000_003 + zlib.crc32(f"{name}:{side}".encode()))
+
+    def quantize(self, state: HessianState, linear, name) -> LatticeWeight:
+        if state.tokens == 0:
+            raise ValueError(f"quip#: layer {name!r} saw no calibration data")
+        n, k = linear.weight.shape
+        dev = linear.weight.device
+        h = state.hessian.double()
+        h = h / h.diagonal().mean().clamp_min(1e-12)
+        h.diagonal().add_(self.sigma_reg)
+        su, sv = self._signs(k, name, "in").to(dev), self._signs(n, name, "out").to(dev)
+        wr = rotate_weight(linear.weight.detach().double(), su.double(), sv.double())
+        hr = rotate_hessian(h, su.double())
+        try:
+            lower = block_ldl(hr).float()
+        except torch.linalg.LinAlgError:
+            raise ValueError(f"quip#: the Hessian of layer {name!r} is not positive definite even with "
+                             f"sigma_reg={self.sigma_reg}; raise sigma_reg or use more calibration data") from None
+        wr, hr = wr.float(), hr.float()
+        rms = wr.square().mean().sqrt().clamp_min(1e-12)
+        c = self._search_scale(wr, hr, lower, rms, name)
+        scale = rms / c
+        _, codes = block_ldlq(wr / scale, lower, self.bits)
+        self.scale_log[name] = c
+        return LatticeWeight(codes, su.float(), (sv * scale).float(), self.bits)
+
+    def _search_scale(self, wr, hr, lower, rms, name) -> float:
+        if len(self.scales) <= 1:
+            return self.scales[0] if self.scales else e8p_codebook.OPT_SCALE[self.bits]
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        pick = torch.randperm(wr.shape[0], generator=g)[: self.scale_rows].to(wr.device)
+        sample = wr[pick]
+        errors = []
+        for c in self.scales:
+            hat, _ = block_ldlq(sample / (rms / c), lower, self.bits)
+            errors.append(proxy_error(sample - hat * (rms / c), hr))
+        return self.scales[min(range(len(errors)), key=errors.__getitem__)]
+
+    def prepare_block(self, block, linears, groups, inputs, prefix):
+        self._teacher = outputs(block, inputs) if self.ft_epochs else None
+
+    def finish_block(self, block, linears, results, inputs, prefix):
+        if not self.ft_epochs:
+            return
+        tuned = {n: _SignTuned(linears[n], qw) for n, qw in results.items()}
+        for n, mod in tuned.items():
+            block.set_submodule(n, mod)
+        signs = [p for mod in tuned.values() for p in (mod.su, mod.sv)]
+        fixed = {id(p) for p in signs} | {id(lin.weight) for lin in linears.values()}
+        others = [p for p in block.parameters() if id(p) not in fixed and p.is_floating_point()]
+        batches = sum(a[0].shape[0] for a, _ in inputs)
+        steps = self.ft_epochs * math.ceil(batches / self.ft_batch)
+        groups = [{"params": signs, "lr": self.ft_susv_lr}] + ([{"params": others, "lr": self.ft_lr}] if others else [])
+        try:
+            with float32_training(block, signs + others):
+                self.ft_log[prefix.rstrip(".")] = distill(block, groups, inputs, self._teacher, steps=steps,
+                                                          batch=self.ft_batch, checks=self.ft_epochs)
+        finally:
+            for n, mod in tuned.items():
+                block.set_submodule(n, linears[n])
+        for n, mod in tuned.items():
+            qw = results[n]
+            qw.su, qw.sv = mod.su.detach().float().to(qw.su.device), mod.sv.detach().float().to(qw.sv.device)
+            linears[n].weight.data = qw.dequantize().to(linears[n].weight.dtype)
+        self._teacher = None
+
+
+class _SignTuned(nn.Module):
+    """A quantized linear during fine-tuning: y = ((x * su) @ A^T) * sv + bias with A = H_N^T D H_K fixed
+    (the decoded codes, rotated back) and su, sv trainable."""
+
+    def __init__(self, linear: nn.Linear, qw: LatticeWeight):
+        super().__init__()
+        ones_k = torch.ones(linear.in_features, dtype=torch.float64, device=qw.codes.device)
+        ones_n = torch.ones(linear.out_features, dtype=torch.float64, device=qw.codes.device)
+        fixed = unrotate_weight(qw.decoded().double(), ones_k, ones_n)
+        self.register_buffer("a", fixed.to(linear.weight.device, linear.weight.dtype))
+        self.su = nn.Parameter(qw.su.to(linear.weight.device, linear.weight.dtype).clone())
+        self.sv = nn.Parameter(qw.sv.to(linear.weight.device, linear.weight.dtype).clone())
+        self.bias = linear.bias  # shared: tuned with the block's other unquantized parameters
+
+    def forward(self, x):
+        y = torch.nn.functional.linear(x * self.su, self.a) * self.sv
+        return y if self.bias is None else y + self.bias

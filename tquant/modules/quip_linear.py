@@ -1,0 +1,84 @@
+"""QuipLinear: an nn.Linear replacement holding QuIP#'s E8P lattice codes (tquant.qweight.LatticeWeight).
+
+Buffers:
+    su     float32 [K]          input sign vector         sv    float32 [N]  output signs times the layer scale
+    codes  int16 [K / 8, N]     E8P12 index of W_r[n, 8b .. 8b + 7] at codes[b, n]
+    codes2 uint8 [K / 8, N] (3 bits, E81B) | int16 [K / 8, N] (4 bits, E8P12) | absent (2 bits): RVQ residual
+    bias   [N] (optional)
+forward, with H_n the orthonormal Hadamard transform (tquant.kernels.hadamard) and D the decoded codes:
+    y = (hadamard((x * su) along K) @ D^T, then hadamard^T along N) * sv + bias
+Triton kernels (hadamard_transform, e8p_matmul) on CUDA, their torch references on the CPU.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..qweight import LatticeWeight
+from .backend import use_kernel
+
+
+def _int16(codes: torch.Tensor) -> torch.Tensor:
+    """16-bit indices (int64 in [0, 2^16)) as int16 [K / 8, N]."""
+    c = codes.t() & 0xFFFF
+    return torch.where(c >= 1 << 15, c - (1 << 16), c).to(torch.int16).contiguous()
+
+
+class QuipLinear(nn.Module):
+    def __init__(self, in_features, out_features, *, bits, bias=False, dtype=torch.float16, device=None):
+        super().__init__()
+        if bits not in (2, 3, 4) or in_features % 8:
+            raise ValueError(f"QuipLinear takes 2, 3 or 4 bits and in_features divisible by 8; got bits={bits}, "
+                             f"in_features={in_features}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.backend = "auto"
+        blocks = in_features // 8
+        self.register_buffer("su", torch.ones(in_features, dtype=torch.float32, device=device))
+        self.register_buffer("sv", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("codes", torch.zeros(blocks, out_features, dtype=torch.int16, device=device))
+        second = {2: None, 3: torch.uint8, 4: torch.int16}[bits]
+        self.register_buffer("codes2", None if second is None else
+                             torch.zeros(blocks, out_features, dtype=second, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, qw: LatticeWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuipLinear":
+        n, blocks, _ = qw.codes.shape
+        mod = cls(blocks * 8, n, bits=qw.bits, bias=bias is not None, dtype=dtype, device=qw.codes.device)
+        mod.su.copy_(qw.su)
+        mod.sv.copy_(qw.sv)
+        mod.codes.copy_(_int16(qw.codes[..., 0]))
+        if qw.bits == 3:
+            mod.codes2.copy_(qw.codes[..., 1].t().to(torch.uint8))
+        elif qw.bits == 4:
+            mod.codes2.copy_(_int16(qw.codes[..., 1]))
+        if bias is not None:
+            mod.bias.copy_(bias.detach())
+        return mod
+
+    def layer_spec(self) -> dict:
+        return {"type": "quip_linear", "bits": self.bits, "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype) -> "QuipLinear":
+        return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], bias=spec["bias"], dtype=dtype,
+                   device="meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels.e8p_matmul import e8p_matmul, e8p_matmul_ref
+        from ..kernels.hadamard import hadamard_transform, hadamard_transform_ref
+
+        kernel = use_kernel(self, x)
+        had = hadamard_transform if kernel else hadamard_transform_ref
+        matmul = e8p_matmul if kernel else e8p_matmul_ref
+        x2 = (x.reshape(-1, self.in_features).float() * self.su).to(x.dtype)
+        y = matmul(had(x2), self.codes, self.codes2, bits=self.bits)
+        y = had(y, transpose=True).float() * self.sv
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"bias={self.bias is not None}")
