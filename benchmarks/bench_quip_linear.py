@@ -3,8 +3,9 @@
     python benchmarks/bench_quip_linear.py [--shapes 4096x14336,14336x4096] [--ms 1,16] [--bits 2,4]
 
 Per shape and M: QuipLinear (CUDA graph and eager) and its three parts alone, cuBLAS fp16 (x @ W^T) and
-tquant's W4A16 g128 PackedLinear, in µs; the module's output is checked against its torch reference first.
-Random codes and signs (speed does not depend on the values).
+tquant's W4A16 g128 PackedLinear, medians in µs over calls that rotate through enough weight copies that the
+weights come from HBM (bench_e8p.time_rotating); the module's output is checked against its torch reference
+first. Random codes and signs (speed does not depend on the values).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 
 import torch
 import triton
+from bench_e8p import copies_for, time_rotating
 
 from tquant.kernels.e8p_matmul import e8p_matmul
 from tquant.kernels.hadamard import hadamard_transform
@@ -32,19 +34,19 @@ def random_quip(k, n, bits):
     return mod
 
 
-def timed(fn):
-    return triton.testing.do_bench_cudagraph(fn), triton.testing.do_bench(fn)
-
-
 def run(shapes=((4096, 14336), (14336, 4096)), ms=(1, 16), bits_list=(2, 4), print_fn=print):
     print_fn(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print_fn("| K->N | M | bits | QuipLinear graph (eager) | RHT in | E8P matmul | RHT out | cuBLAS fp16 | W4A16 g128 |")
     print_fn("|---|---|---|---|---|---|---|---|---|")
     for k, n in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
+        ws = [w.clone() for _ in range(copies_for(w.numel() * 2))]
         w4 = PackedLinear.from_quantized(QuantizedWeight.from_rtn(w, 4, 128, False), None, torch.float16)
+        w4s = [w4] + [PackedLinear.from_quantized(QuantizedWeight.from_rtn(w, 4, 128, False), None, torch.float16)
+                      for _ in range(copies_for(w4.qweight.numel() * 4) - 1)]
         for bits in bits_list:
             mod = random_quip(k, n, bits)
+            mods = [mod] + [random_quip(k, n, bits) for _ in range(copies_for(mod.codes.numel() * 2 * (1 + (bits > 2))) - 1)]
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
                 y = mod(x)
@@ -55,12 +57,12 @@ def run(shapes=((4096, 14336), (14336, 4096)), ms=(1, 16), bits_list=(2, 4), pri
                 assert err < 1e-2, f"QuipLinear kernel vs reference: rel err {err:.2e}"
                 xr = hadamard_transform(x)
                 yr = e8p_matmul(xr, mod.codes, mod.codes2, bits=bits)
-                full = timed(lambda: mod(x))
-                parts = [timed(lambda: hadamard_transform(x))[0],
-                         timed(lambda: e8p_matmul(xr, mod.codes, mod.codes2, bits=bits))[0],
-                         timed(lambda: hadamard_transform(yr, transpose=True))[0]]
-                cublas = timed(lambda: x @ w.t())[0]
-                packed = timed(lambda: w4(x))[0]
+                full = time_rotating([lambda q=q: q(x) for q in mods])
+                parts = [time_rotating([lambda: hadamard_transform(x)])[0],
+                         time_rotating([lambda q=q: e8p_matmul(xr, q.codes, q.codes2, bits=bits) for q in mods])[0],
+                         time_rotating([lambda: hadamard_transform(yr, transpose=True)])[0]]
+                cublas = time_rotating([lambda v=v: x @ v.t() for v in ws])[0]
+                packed = time_rotating([lambda q=q: q(x) for q in w4s])[0]
                 print_fn(f"| {k}->{n} | {m} | {bits} | {full[0]:.1f} ({full[1]:.1f}) | {parts[0]:.1f} | {parts[1]:.1f} | "
                          f"{parts[2]:.1f} | {cublas:.1f} | {packed:.1f} |")
 

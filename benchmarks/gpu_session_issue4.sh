@@ -1,7 +1,7 @@
 #!/bin/bash
 # Every GPU check and benchmark of issue 4 (QuIP#), in two calls of the device tool:
 #   bash benchmarks/gpu_session_issue4.sh checks   # kernel tests on the GPU + model-level checks of quip#
-#   bash benchmarks/gpu_session_issue4.sh bench    # Hadamard, E8P matmul and whole-layer benchmarks
+#   bash benchmarks/gpu_session_issue4.sh bench [bench_hadamard,bench_e8p,bench_quip_linear]   # benchmarks
 # Output goes to $OUT (device tool) or ./gpu_out; tuned configs to $OUT/autotune (merged into autotune_cache/).
 set -x
 OUT=${OUT:-gpu_out}; mkdir -p $OUT
@@ -13,10 +13,9 @@ if [ "$1" = checks ]; then
     timeout 200 python benchmarks/gpu_checks.py --layers 2 --inter 6144 --method quip# --options "$spec" 2>&1 | grep -v Warning
   done | tee $OUT/gpu_checks.txt
 else
-  python - <<'PY' 2>&1 | tee $OUT/bench.txt
-import sys; sys.path.insert(0, "benchmarks")
-import bench_hadamard, bench_e8p, bench_quip_linear
-for mod in (bench_hadamard, bench_e8p, bench_quip_linear):
+  BENCHES=${2:-bench_hadamard,bench_e8p,bench_quip_linear} python - <<'PY' 2>&1 | tee $OUT/bench.txt
+import importlib, os, sys; sys.path.insert(0, "benchmarks")
+for mod in [importlib.import_module(name) for name in os.environ["BENCHES"].split(",")]:
     print(f"## {mod.__name__}", flush=True)
     try:
         mod.run()
