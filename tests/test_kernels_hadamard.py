@@ -88,7 +88,7 @@ def test_hadamard_kernel_leading_dims_and_inverse(n, dtype):
     assert_transform(y, x, transpose=False)
     back = hadamard_transform(y, transpose=True)
     assert back.shape == x.shape
-    assert rel_err(back, x.double()) < (1e-6 if dtype == torch.float32 else 4 * rel_err(x.float().to(dtype), x.double())
+    assert rel_err(back, x.double()) < (4e-6 if dtype == torch.float32 else 4 * rel_err(x.float().to(dtype), x.double())
                                         + 2 * torch.finfo(dtype).eps)
 
 
