@@ -29,6 +29,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_weight_only import copies_for, make_weight, rel_err, time_rotating  # noqa: E402
 from tquant.kernels import autotune_cache
 from tquant.kernels.e8p_matmul import (
     CODES2_DTYPE,
@@ -40,36 +41,9 @@ from tquant.kernels.e8p_matmul import (
 )
 from tquant.kernels.runtime import next_power_of_2
 from tquant.kernels.weight_only_matmul import weight_only_matmul, weight_only_matmul_ref
-from tquant.packing import pack_codes
 
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM
-L2_BYTES = 50 * 2**20
 TOL = 5e-3  # relative error (norm) against the fp32 reference, fp16 output
-
-
-def rel_err(y, ref):
-    if not torch.isfinite(y).all():
-        return float("inf")
-    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def copies_for(nbytes):
-    return max(2, -(-3 * L2_BYTES // nbytes))
-
-
-def time_rotating(fns):
-    """(graph us, eager us): medians over calls that rotate through fns (each on its own weight copy)."""
-    i = [0]
-
-    def step():
-        fns[i[0] % len(fns)]()
-        i[0] += 1
-
-    step()
-    torch.cuda.synchronize()
-    graph = triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median") * 1e3
-    eager = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median") * 1e3
-    return graph, eager
 
 
 def e8p_weight(k, n, bits, gen):
@@ -86,14 +60,6 @@ def e8p_weight(k, n, bits, gen):
 def e8p_bytes(k, n, bits):
     per_code = {2: 2, 3: 3, 4: 4}[bits]
     return k // 8 * n * per_code + table_words().numel() * 4
-
-
-def w4a16_weight(k, n, gen, group_size=128):
-    codes = torch.randint(0, 16, (n, k), generator=gen, device="cuda")
-    g = k // group_size
-    scales = (torch.rand(g, n, generator=gen, device="cuda") * 0.02 + 0.002).half()
-    zeros = torch.randint(0, 16, (g, n), generator=gen, device="cuda").half()
-    return pack_codes(codes, 4), scales, zeros
 
 
 def check_candidates(x, codes, codes2, bits, print_fn):
@@ -132,7 +98,8 @@ def bench_shape(k, n, ms, bits_list, gen, tuned, print_fn):
     rows = []
     dense = torch.randn(n, k, generator=gen, device="cuda").half() * 0.02
     dcopies = [dense] + [dense.clone() for _ in range(copies_for(dense.numel() * 2) - 1)]
-    q = w4a16_weight(k, n, gen)
+    w = make_weight(n, k, 4, 128, torch.float16, False, gen)
+    q = w["qweight"], w["scales"], w["zeros"]
     w4_bytes = q[0].numel() * 4 + 2 * q[1].numel() * 2
     qcopies = [q] + [tuple(t.clone() for t in q) for _ in range(copies_for(w4_bytes) - 1)]
     weights = {bits: e8p_weight(k, n, bits, gen) for bits in bits_list}

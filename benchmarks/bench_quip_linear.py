@@ -4,7 +4,7 @@
 
 Per shape and M: QuipLinear (CUDA graph and eager) and its three parts alone, cuBLAS fp16 (x @ W^T) and
 tquant's W4A16 g128 PackedLinear, medians in µs over calls that rotate through enough weight copies that the
-weights come from HBM (bench_e8p.time_rotating); the module's output is checked against its torch reference
+weights come from HBM (bench_weight_only.time_rotating); the module's output is checked against its torch reference
 first. Random codes and signs (speed does not depend on the values).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 
 import torch
 import triton
-from bench_e8p import copies_for, time_rotating
+from bench_weight_only import copies_for, time_rotating
 
 from tquant.kernels.e8p_matmul import e8p_matmul
 from tquant.kernels.hadamard import hadamard_transform

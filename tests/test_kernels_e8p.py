@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_device import DEVICE, needs_backend
+from kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401  (autouse fixture)
 
 from tquant.e8p_codebook import E81B_GRID, e8p_decode, e81b_decode
 from tquant.kernels import dequant_gemm
@@ -27,19 +27,6 @@ from tquant.kernels.e8p_matmul import (
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SLOW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Kernel outputs and split-K workspaces start as NaN, so unwritten elements show."""
-    real_output, real_split = dequant_gemm.output_buffer, dequant_gemm.split_k_buffers
-
-    def poisoned_split(*args):
-        ws, counters = real_split(*args)
-        return ws.fill_(float("nan")), counters
-
-    monkeypatch.setattr(dequant_gemm, "output_buffer", lambda *args: real_output(*args).fill_(float("nan")))
-    monkeypatch.setattr(dequant_gemm, "split_k_buffers", poisoned_split)
 
 
 def random_codes(kb, n, bits, g):

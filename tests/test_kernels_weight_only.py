@@ -18,23 +18,10 @@ from tquant.kernels.weight_only_matmul import DENSE, run_path, weight_only_matmu
 from tquant.packing import pack_codes
 from tquant.quantizer import grouped_qparams, quantize
 from tquant.qweight import QuantizedWeight
-from kernel_device import DEVICE, needs_backend
+from kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401  (autouse fixture)
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 SLOW = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Kernel outputs and split-K workspaces start as NaN, so unwritten elements show."""
-    real_output, real_split = dequant_gemm.output_buffer, dequant_gemm.split_k_buffers
-
-    def poisoned_split(*args):
-        ws, counters = real_split(*args)
-        return ws.fill_(float("nan")), counters
-
-    monkeypatch.setattr(dequant_gemm, "output_buffer", lambda *args: real_output(*args).fill_(float("nan")))
-    monkeypatch.setattr(dequant_gemm, "split_k_buffers", poisoned_split)
 
 
 def make_inputs(m, n, k, bits, group_size, dtype, perm, bias, seed, device=DEVICE):

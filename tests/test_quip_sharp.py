@@ -4,7 +4,8 @@ import torch
 
 import tquant
 from tquant import e8p_codebook
-from tquant.incoherence import rotate_hessian, rotate_weight, transform, unrotate_weight
+from tquant.hadamard import transform
+from tquant.incoherence import rotate_hessian, rotate_weight, unrotate_weight
 from tquant.methods.quip_sharp import block_ldl, block_ldlq, proxy_error
 from tquant.modules import QuipLinear
 from tiny_models import tiny_model, token_batch

@@ -54,6 +54,24 @@ def hadamard_dense(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.kron(_matrix(m).to(dtype), _matrix(p).to(dtype)) * (1.0 / math.sqrt(n))
 
 
+def transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """x @ H_n^T along the last dim (or x @ H_n with transpose), in x's dtype (float32 or float64): Sylvester
+    butterflies for H_p, then H_m on the [m, p] view; no n x n matrix is formed."""
+    n = x.shape[-1]
+    m, p = hadamard_factors(n)
+    y = x.reshape(-1, m, p)
+    h = 1
+    while h < p:  # Sylvester H_p: butterflies (a, b) -> (a + b, a - b) at distance h
+        y = y.reshape(-1, m, p // (2 * h), 2, h)
+        y = torch.stack((y[:, :, :, 0] + y[:, :, :, 1], y[:, :, :, 0] - y[:, :, :, 1]), dim=3)
+        h *= 2
+    y = y.reshape(-1, m, p)
+    if m > 1:
+        hm = _matrix(m).to(x.device, x.dtype)
+        y = (hm.T if transpose else hm) @ y
+    return (y * (1.0 / math.sqrt(n))).reshape(x.shape)
+
+
 def random_signs(n: int, seed: int) -> torch.Tensor:
     """float32 [n] of ±1, the same for the same (n, seed) on every machine (torch.Generator().manual_seed)."""
     if not isinstance(n, int) or n < 0:

@@ -1,8 +1,8 @@
 """Randomized Hadamard incoherence processing (QuIP#), in plain torch for methods and references.
 
-H_n = (H_m ⊗ H_p) / sqrt(n), the orthonormal Hadamard matrix of tquant.hadamard (n = m * 2^k), applied
-through its Kronecker factors: a row v viewed as V [m, p] maps to H_m V H_p^T (no n x n matrix is formed).
-With sign vectors su [K] (inputs) and sv [N] (outputs) of a weight W [N, K] and its Hessian H [K, K]:
+H_n = (H_m ⊗ H_p) / sqrt(n) is the orthonormal Hadamard matrix of tquant.hadamard (tquant.hadamard.transform
+applies it along the last dim). With sign vectors su [K] (inputs) and sv [N] (outputs) of a weight W [N, K]
+and its Hessian H [K, K]:
     W_r = H_N diag(sv) W diag(su) H_K^T          H_r = H_K diag(su) H diag(su) H_K^T
 so tr((W - W') H (W - W')^T) = tr((W_r - W'_r) H_r (W_r - W'_r)^T): quantizing W_r against H_r is the
 same problem, with the weight's outliers spread over all coordinates.
@@ -11,21 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .hadamard import hadamard_factors, hadamard_matrix
-
-
-def transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """x @ H_n^T along the last dim (each row v -> H_n v), or x @ H_n (v -> H_n^T v) with transpose; in
-    x's dtype (float32 or float64 for exactness)."""
-    n = x.shape[-1]
-    m, p = hadamard_factors(n)
-    hm = hadamard_matrix(m).to(x.device, x.dtype)
-    hp = hadamard_matrix(p).to(x.device, x.dtype)
-    if transpose:
-        hm, hp = hm.t(), hp.t()
-    v = x.reshape(-1, m, p)
-    y = torch.matmul(torch.matmul(hm, v), hp.t())
-    return (y / n**0.5).reshape(x.shape)
+from .hadamard import transform
 
 
 def rotate_weight(w: torch.Tensor, su: torch.Tensor, sv: torch.Tensor) -> torch.Tensor:

@@ -107,7 +107,6 @@ class LatticeWeight:
     su: torch.Tensor
     sv: torch.Tensor
     bits: int
-    act_bits = None
 
     def decoded(self) -> torch.Tensor:
         """D: float32 [N, K], the codebook values in the rotated basis (before the scale in sv)."""

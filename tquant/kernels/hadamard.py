@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hadamard import hadamard_factors, hadamard_matrix
+from ..hadamard import hadamard_factors, hadamard_matrix, transform
 from .autotune_cache import tune
 from .runtime import check_device, interpreter_on, next_power_of_2
 
@@ -61,19 +61,7 @@ def check_inputs(x, out=None) -> None:
 def hadamard_transform_ref(x, transpose=False):
     """x @ H_n^T (or x @ H_n with transpose=True) along the last dim, computed in fp32, in x's dtype."""
     check_inputs(x)
-    n = x.shape[-1]
-    m, p = hadamard_factors(n)
-    y = x.float().reshape(-1, m, p)
-    h = 1
-    while h < p:  # Sylvester H_p: butterflies (a, b) -> (a + b, a - b) at distance h
-        y = y.reshape(-1, m, p // (2 * h), 2, h)
-        y = torch.stack((y[:, :, :, 0] + y[:, :, :, 1], y[:, :, :, 0] - y[:, :, :, 1]), dim=3)
-        h *= 2
-    y = y.reshape(-1, m, p)
-    if m > 1:
-        hm = hadamard_matrix(m).to(x.device)
-        y = (hm.T if transpose else hm) @ y
-    return (y * (1.0 / math.sqrt(n))).reshape(x.shape).to(x.dtype)
+    return transform(x.float(), transpose).to(x.dtype)
 
 
 @triton.jit
