@@ -29,7 +29,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_weight_only import copies_for, make_weight, rel_err, time_rotating  # noqa: E402
+from bench_weight_only import copies_for, make_weight, record_tuning, rel_err, time_rotating  # noqa: E402
 from tquant.kernels import autotune_cache
 from tquant.kernels.e8p_matmul import (
     CODES2_DTYPE,
@@ -76,22 +76,6 @@ def check_candidates(x, codes, codes2, bits, print_fn):
             print_fn(f"  TOO LARGE {err:.2e}: {config}")
         worst[config["path"]] = max(worst.get(config["path"], 0.0), err)
     return worst
-
-
-def record_tuning(tuned, print_fn):
-    """Wrap the tuner's benchmark to print the 5 fastest configs of every key it tunes."""
-    real = autotune_cache.benchmark
-
-    def recording(configs, run):
-        timed = real(configs, run)
-        print_fn(f"  tuned {len(configs)} candidates ({len(timed)} ran); fastest:")
-        for us, config in timed[:5]:
-            print_fn(f"    {us:9.2f} us  {config}")
-        tuned["last"] = timed[0][1]
-        return timed
-
-    autotune_cache.benchmark = recording
-    return real
 
 
 def bench_shape(k, n, ms, bits_list, gen, tuned, print_fn):

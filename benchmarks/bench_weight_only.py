@@ -182,19 +182,20 @@ def bench_shape(k, n, ms, gen, peers, tuned):
     return rows
 
 
-def record_tuning(tuned):
-    """Wrap the tuner's benchmark to print the 5 fastest configs of every key it tunes."""
+def record_tuning(tuned, print_fn=log):
+    """Wrap the tuner's benchmark to print the 5 fastest configs of every key it tunes; returns the original."""
     real = autotune_cache.benchmark
 
     def recording(configs, run):
         timed = real(configs, run)
-        log(f"  tuned {len(configs)} candidates ({len(timed)} ran); fastest:")
+        print_fn(f"  tuned {len(configs)} candidates ({len(timed)} ran); fastest:")
         for us, config in timed[:5]:
-            log(f"    {us:9.2f} us  {config}")
+            print_fn(f"    {us:9.2f} us  {config}")
         tuned["last"] = timed[0][1]
         return timed
 
     autotune_cache.benchmark = recording
+    return real
 
 
 def main():
