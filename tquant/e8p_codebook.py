@@ -19,6 +19,8 @@ RMS / OPT_SCALE before rounding).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 CODE_DIM = 8
@@ -64,72 +66,74 @@ E81B_GRID = _e81b_grid()
 _BITS = 1 << torch.arange(CODE_DIM)
 
 
+@functools.lru_cache(maxsize=8)
+def _tables(device: torch.device) -> dict[str, torch.Tensor]:
+    """The codebook tensors on a device, copied there once (a copy per call would synchronize the GPU)."""
+    grid = ABS_GRID.to(device)
+    return {"grid": grid, "grid_norm": grid.square().sum(-1), "odd": ODD.to(device), "e81b": E81B_GRID.to(device),
+            "e81b_norm": E81B_GRID.square().sum(-1).to(device), "bits": _BITS.to(device),
+            "lanes": torch.arange(CODE_DIM, device=device), "shifts": torch.tensor([0.25, -0.25], device=device)}
+
+
 def _sign_bits(index: torch.Tensor) -> torch.Tensor:
     """[..., 8] bool, True where the point's coordinate is negative (parity rule fills in coordinate 7)."""
+    t = _tables(index.device)
     a = (index >> 8) & 255
     low = (index >> 1) & 127
-    neg = ((low[..., None] >> torch.arange(7, device=index.device)) & 1).bool()
-    last = (neg.sum(-1) + ODD.to(index.device)[a]) % 2 == 1
+    neg = ((low[..., None] >> t["lanes"][:7]) & 1).bool()
+    last = (neg.sum(-1) + t["odd"][a]) % 2 == 1
     return torch.cat([neg, last[..., None]], dim=-1)
 
 
 def e8p_decode(codes: torch.Tensor) -> torch.Tensor:
     """int16/int32/int64 E8P12 indices [...] -> float32 points [..., 8]."""
     index = codes.to(torch.int64) & 0xFFFF
-    a = (index >> 8) & 255
-    vals = ABS_GRID.to(codes.device)[a]
+    vals = _tables(codes.device)["grid"][(index >> 8) & 255]
     vals = torch.where(_sign_bits(index), -vals, vals)
     return vals + torch.where(index & 1 == 1, -0.25, 0.25)[..., None]
 
 
-def e8p_quantize(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def e8p_quantize(x: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest E8P12 point to each row of x [..., 8] (exact): (points float32 [..., 8], indices int64 [...]).
 
     For a shift t: y = x - t/4 and each absolute vector a, the best signs are sign(y) (distance
     || |y| - a ||^2); if their parity is wrong for a, one sign must flip, cheapest where |y_j| a_j is
-    least (cost 4 |y_j| a_j). The minimum over (t, a) is the nearest point."""
+    least (cost 4 |y_j| a_j). The minimum over (t, a) (both shifts in one pass, ties to t = +1/4 and the
+    lower a) is the nearest point."""
     shape = x.shape
     flat = x.reshape(-1, CODE_DIM).float()
-    grid, odd = ABS_GRID.to(x.device), ODD.to(x.device)
-    grid_norm = grid.square().sum(-1)
+    t = _tables(x.device)
+    grid = t["grid"]
     points = torch.empty_like(flat)
     index = torch.empty(flat.shape[0], dtype=torch.int64, device=x.device)
     for s in range(0, flat.shape[0], chunk):
-        xb = flat[s : s + chunk]
-        best = None
-        for t_bit, t in ((0, 0.25), (1, -0.25)):
-            y = xb - t
-            ay = y.abs()
-            neg = y < 0
-            flip_cost = ay[:, None, :] * grid[None]  # [B, 256, 8]
-            cost_min, flip_at = flip_cost.min(-1)
-            wrong = (neg.sum(-1, keepdim=True) + odd[None]) % 2 == 1  # [B, 256]
-            dist = ay.square().sum(-1, keepdim=True) + grid_norm[None] - 2 * ay @ grid.t() + wrong * 4 * cost_min
-            d, a = dist.min(-1)
-            cand = (d, a, torch.full_like(a, t_bit), neg, wrong.gather(1, a[:, None])[:, 0],
-                    flip_at.gather(1, a[:, None])[:, 0])
-            if best is not None:
-                take = d < best[0]
-                cand = tuple(torch.where(take.view(-1, *([1] * (c.dim() - 1))), c, b) for c, b in zip(cand, best))
-            best = cand
-        _, a, t_bit, neg, wrong, flip_at = best
-        neg = neg ^ (wrong[:, None] & (torch.arange(CODE_DIM, device=x.device)[None] == flip_at[:, None]))
-        idx = (a << 8) | ((neg[:, :7].long() * _BITS[:7].to(x.device)).sum(-1) << 1) | t_bit
-        index[s : s + chunk] = idx
-        points[s : s + chunk] = e8p_decode(idx)
+        y = flat[None, s : s + chunk] - t["shifts"][:, None, None]  # [2, B, 8]
+        rows = torch.arange(y.shape[1], device=x.device)
+        ay, neg = y.abs(), y < 0
+        flip_cost = (ay[:, :, None, :] * grid).amin(-1)  # [2, B, 256]
+        wrong = (neg.sum(-1, keepdim=True) + t["odd"]) % 2 == 1
+        dist = ay.square().sum(-1, keepdim=True) + t["grid_norm"] - 2 * ay @ grid.t() + wrong * 4 * flip_cost
+        best = dist.transpose(0, 1).reshape(-1, 2 * 256).argmin(-1)  # [B] over (shift, a)
+        t_bit, a = best // 256, best % 256
+        ay, neg, wrong = ay[t_bit, rows], neg[t_bit, rows], wrong[t_bit, rows, a]
+        flip_at = (ay * grid[a]).argmin(-1)
+        neg = neg ^ (wrong[:, None] & (t["lanes"] == flip_at[:, None]))
+        index[s : s + chunk] = (a << 8) | ((neg[:, :7].long() * t["bits"][:7]).sum(-1) << 1) | t_bit
+        points[s : s + chunk] = torch.where(neg, -grid[a], grid[a]) + t["shifts"][t_bit][:, None]
     return points.reshape(shape), index.reshape(shape[:-1])
 
 
 def e81b_decode(codes: torch.Tensor) -> torch.Tensor:
     """uint8/int E81B indices [...] -> float32 points [..., 8]."""
-    return E81B_GRID.to(codes.device)[codes.to(torch.int64) & 255]
+    return _tables(codes.device)["e81b"][codes.to(torch.int64) & 255]
 
 
 def e81b_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest E81B point (brute force over 256): (points float32 [..., 8], indices int64 [...])."""
-    grid = E81B_GRID.to(x.device)
+    t = _tables(x.device)
+    grid = t["e81b"]
     flat = x.reshape(-1, CODE_DIM).float()
-    idx = (2 * flat @ grid.t() - grid.square().sum(-1)).argmax(-1)
+    idx = (2 * flat @ grid.t() - t["e81b_norm"]).argmax(-1)
     return grid[idx].reshape(x.shape), idx.reshape(x.shape[:-1])
 
 

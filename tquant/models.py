@@ -3,6 +3,7 @@ any Hugging Face model path / id."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -19,12 +20,14 @@ def _smollm2_dir() -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer). name is "default" (offline SmolLM2-135M) or an HF path / hub id."""
+    """(model, tokenizer). name is "default" (offline SmolLM2-135M), a local .gguf file, or an HF path / hub id."""
     import transformers
 
     kwargs = {}
     if name == DEFAULT_MODEL:
         name, kwargs = _smollm2_dir(), {"gguf_file": SMOLLM2_GGUF}
+    elif name.endswith(".gguf"):
+        name, kwargs = os.path.dirname(os.path.abspath(name)), {"gguf_file": os.path.basename(name)}
     tok = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
     model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
     # a GGUF source leaves its own quantization_config behind; the model is de-quantized float now

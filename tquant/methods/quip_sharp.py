@@ -64,9 +64,9 @@ def block_ldlq(w: torch.Tensor, lower: torch.Tensor, bits: int) -> tuple[torch.T
     return hat, codes
 
 
-def proxy_error(delta: torch.Tensor, h: torch.Tensor) -> float:
-    """tr(delta H delta^T)."""
-    return float(((delta @ h) * delta).sum())
+def proxy_error(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """tr(delta H delta^T) of each delta [..., R, K] (a tensor of the leading dims)."""
+    return ((delta @ h) * delta).sum((-2, -1))
 
 
 @register
@@ -148,16 +148,17 @@ class QuipSharp(Method):
         return LatticeWeight(codes, su.float(), (sv * scale).float(), self.bits)
 
     def _search_scale(self, wr, hr, lower, rms, name) -> float:
+        """The grid's c with the least proxy error of BlockLDLQ on scale_rows sampled rows (rows are
+        independent, so every c runs in one BlockLDLQ pass over the stacked, differently scaled samples)."""
         if len(self.scales) <= 1:
             return self.scales[0] if self.scales else e8p_codebook.OPT_SCALE[self.bits]
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
         pick = torch.randperm(wr.shape[0], generator=g)[: self.scale_rows].to(wr.device)
         sample = wr[pick]
-        errors = []
-        for c in self.scales:
-            hat, _ = block_ldlq(sample / (rms / c), lower, self.bits)
-            errors.append(proxy_error(sample - hat * (rms / c), hr))
-        return self.scales[min(range(len(errors)), key=errors.__getitem__)]
+        steps = (rms / torch.tensor(self.scales, device=wr.device))[:, None, None]  # weight scale per c
+        hat, _ = block_ldlq((sample / steps).reshape(-1, sample.shape[1]), lower, self.bits)
+        delta = sample - hat.reshape(len(self.scales), *sample.shape) * steps
+        return self.scales[int(proxy_error(delta, hr).argmin())]
 
     def prepare_block(self, block, linears, groups, inputs, prefix):
         self._teacher = outputs(block, inputs) if self.ft_epochs else None
