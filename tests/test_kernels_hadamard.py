@@ -64,6 +64,38 @@ def assert_transform(y, x, transpose):
         assert err <= 1.1 * rounded + 1e-6, f"relative error {err:.2e}, rounding alone {rounded:.2e}"
 
 
+def fused_vectors(n, dtype, seed, device=DEVICE):
+    """Random in_scale, out_scale (real values of both signs, as after QuIP#'s fine-tuning) and bias (x's dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    in_scale = torch.randn(n, generator=g) + 0.5 * torch.randn(n, generator=g).sign()
+    out_scale = torch.randn(n, generator=g) * 0.1
+    return in_scale.to(device), out_scale.to(device), torch.randn(n, generator=g).to(device, dtype)
+
+
+def assert_fused(y, x, transpose, in_scale, out_scale, bias):
+    """y = ((x * in_scale rounded to x's dtype) @ H^T) * out_scale + bias, exact up to y's one rounding."""
+    xs = (x.float() * in_scale).to(x.dtype)
+    expected = dense(xs, transpose) * out_scale.double() + bias.double()
+    assert y.dtype == x.dtype and y.shape == x.shape and y.isfinite().all()
+    err = rel_err(y, expected)
+    bound = 1e-6 if x.dtype == torch.float32 else 1.1 * rel_err(expected.to(x.dtype), expected) + 1e-6
+    assert err <= bound, f"relative error {err:.2e}, bound {bound:.2e}"
+
+
+@needs_backend
+@SLOW
+@given(n=st.sampled_from(SIZES), rows=st.integers(1, 9), dtype=st.sampled_from(DTYPES), transpose=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_hadamard_kernel_fused_scales_and_bias_match_dense(n, rows, dtype, transpose, seed):
+    x = rows_of((rows, n), dtype, seed)
+    vectors = fused_vectors(n, dtype, seed)
+    y = torch.full_like(x, float("nan"))
+    hadamard_transform(x, transpose=transpose, out=y, in_scale=vectors[0], out_scale=vectors[1], bias=vectors[2])
+    assert_fused(y, x, transpose, *vectors)
+    ref = hadamard_transform_ref(x.cpu(), transpose, *(v.cpu() for v in vectors))
+    assert_fused(ref, x.cpu(), transpose, *(v.cpu() for v in vectors))
+
+
 @needs_backend
 @SLOW
 @given(n=st.sampled_from(SIZES), rows=st.integers(1, 9), dtype=st.sampled_from(DTYPES), transpose=st.booleans(),
@@ -157,6 +189,9 @@ def test_hadamard_every_plan_is_correct(n):
         y = torch.empty_like(x)
         hadamard_kernels.launch(config, x, y, transpose)
         assert_transform(y, x, transpose)
+        vectors = fused_vectors(n, dtype, seed=i)  # the fused vectors in this plan's layout of the output
+        hadamard_kernels.launch(config, x, y, transpose, *vectors)
+        assert_fused(y, x, transpose, *vectors)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -195,6 +230,11 @@ def test_hadamard_too_long_or_bad_out_raises():
     x = torch.ones(4, 64)
     with pytest.raises(ValueError, match="out must be viewable"):
         hadamard_transform(x, out=torch.ones(64, 4).T)
+    for name in ("in_scale", "out_scale", "bias"):
+        with pytest.raises(ValueError, match=rf"{name} must be a float tensor of shape \(64,\)"):
+            hadamard_transform(x, **{name: torch.ones(32)})
+        with pytest.raises(ValueError, match=rf"{name} must be a float tensor"):
+            hadamard_transform_ref(x, **{name: torch.ones(64, dtype=torch.int32)})
 
 
 def test_hadamard_cpu_tensor_without_interpreter_raises(monkeypatch):

@@ -1,6 +1,9 @@
 """Fast Walsh-Hadamard transform along the last dim (QuIP#-style incoherence): Triton kernel and torch reference.
 
     y = x @ H_n^T   (transpose=False: each row v -> H_n v)      y = x @ H_n   (transpose=True: v -> H_n^T v)
+    optionally fused (QuIP#'s sign vectors around the transform, QuipLinear's bias):
+    y = ((x * in_scale) @ H_n^T) * out_scale + bias,   in_scale, out_scale, bias [n]; x * in_scale is rounded to
+    x's dtype before the transform (as an unfused multiply in x's dtype would), the rest stays fp32 to one rounding
     H_n = (H_m ⊗ H_p) / sqrt(n), n = m * p, p = 2^k, m in tquant.hadamard.KNOWN_ORDERS (orthonormal, so
     transpose=True inverts transpose=False; only H_m differs between the two, H_p is symmetric)
     x, y  [..., n] fp16 / bf16 / fp32 (leading dims flattened to rows; y has x's dtype and shape)
@@ -58,10 +61,30 @@ def check_inputs(x, out=None) -> None:
         raise ValueError(f"out ({out.dtype}, {tuple(out.shape)}) does not match x ({x.dtype}, {tuple(x.shape)})")
 
 
-def hadamard_transform_ref(x, transpose=False):
-    """x @ H_n^T (or x @ H_n with transpose=True) along the last dim, computed in fp32, in x's dtype."""
+def check_vectors(x, **vectors) -> None:
+    """Raise ValueError unless each given vector (in_scale, out_scale, bias) is a float tensor [n]."""
+    n = x.shape[-1]
+    for name, v in vectors.items():
+        if v is None:
+            continue
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != (n,) or not v.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor of shape ({n},); got "
+                             f"{getattr(v, 'dtype', type(v))} {tuple(getattr(v, 'shape', ()))}")
+
+
+def hadamard_transform_ref(x, transpose=False, in_scale=None, out_scale=None, bias=None):
+    """((x * in_scale) @ H_n^T) * out_scale + bias (H_n with transpose=True; each extra optional) along the last
+    dim, computed in fp32, in x's dtype."""
     check_inputs(x)
-    return transform(x.float(), transpose).to(x.dtype)
+    check_vectors(x, in_scale=in_scale, out_scale=out_scale, bias=bias)
+    if in_scale is not None:
+        x = (x.float() * in_scale.float()).to(x.dtype)
+    y = transform(x.float(), transpose)
+    if out_scale is not None:
+        y = y * out_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 @triton.jit
@@ -102,10 +125,11 @@ def _load_square(h_ptr, F: tl.constexpr):
 
 
 @triton.jit
-def _transform_rows(x_ptr, y_ptr, h0_ptr, h0, h1, h2, row0, rows, stride_x, stride_y, scale,
+def _transform_rows(x_ptr, y_ptr, h0_ptr, in_ptr, os_ptr, b_ptr, h0, h1, h2, row0, rows, stride_x, stride_y, scale,
                     N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
                     F2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, X_PARTS: tl.constexpr,
-                    Z_PARTS: tl.constexpr, INTERPRETER: tl.constexpr):
+                    Z_PARTS: tl.constexpr, HAS_IN_SCALE: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr):
     """y = x @ H^T / sqrt(n) for rows row0 .. row0 + BLOCK_R - 1 (h0: H0 if it is one BLOCK_K slice, else read
     here). All tiles are 2-D; a tile index splits into (row, i0, i1, i2) digits by constexpr powers of two."""
     Q: tl.constexpr = N1 * N2  # memory step of axis 0
@@ -121,7 +145,14 @@ def _transform_rows(x_ptr, y_ptr, h0_ptr, h0, h1, h2, row0, rows, stride_x, stri
     acc = tl.zeros([F0, NB], dtype=tl.float32)
     for k0 in tl.static_range(0, N0, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        xk = tl.load(x_ptr + (k * Q)[:, None] + col[None, :], mask=(k < N0)[:, None] & col_ok[None, :], other=0.0)
+        xk_ok = (k < N0)[:, None] & col_ok[None, :]
+        xk = tl.load(x_ptr + (k * Q)[:, None] + col[None, :], mask=xk_ok, other=0.0)
+        if HAS_IN_SCALE:  # x * in_scale, rounded to x's dtype
+            s = tl.load(in_ptr + (k * Q)[:, None] + (c_i1 * N2 + c_i2)[None, :], mask=xk_ok, other=0.0)
+            xs = xk.to(tl.float32) * s
+            if INTERPRETER and xk.dtype == tl.bfloat16:
+                xs = _round_to_bf16(xs)  # the interpreter truncates fp32 -> bf16; CUDA rounds to nearest even
+            xk = xs.to(xk.dtype)
         if BLOCK_K < F0:
             h0 = tl.load(h0_ptr + tl.arange(0, F0)[:, None] * F0 + k[None, :])
         acc = _mul(xk, h0, acc, X_PARTS, False, INTERPRETER)
@@ -134,7 +165,15 @@ def _transform_rows(x_ptr, y_ptr, h0_ptr, h0, h1, h2, row0, rows, stride_x, stri
         out = tl.zeros([F2 * F0 * BLOCK_R, F1], dtype=tl.float32)
         out = _mul(tl.reshape(z, [F2 * F0 * BLOCK_R, F1]), h1, out, Z_PARTS, True, INTERPRETER)
         # back to memory order, in y's dtype: [(i0, r, i1), i2], i2 (contiguous in memory) the fastest axis
-        out = tl.trans(tl.reshape(_scaled(out, scale, y_ptr, INTERPRETER), [F2, F0 * BLOCK_R * F1]))
+        # (the fused vectors are applied before the transpose, in this layout: element [(i2, i0, r), i1])
+        u = tl.arange(0, F2 * F0 * BLOCK_R)
+        u_i0 = (u // BLOCK_R) % F0
+        u_i2 = u // (BLOCK_R * F0)
+        i1 = tl.arange(0, F1)
+        v_col = (u_i0 * Q + u_i2)[:, None] + (i1 * N2)[None, :]
+        v_ok = ((u_i0 < N0) & (u_i2 < N2))[:, None] & (i1 < N1)[None, :]
+        out = _scaled(out, scale, y_ptr, os_ptr, b_ptr, v_col, v_ok, HAS_OUT_SCALE, HAS_BIAS, INTERPRETER)
+        out = tl.trans(tl.reshape(out, [F2, F0 * BLOCK_R * F1]))
         t = tl.arange(0, F0 * BLOCK_R * F1)
         t_i1 = t % F1
         t_row = row0 + (t // F1) % BLOCK_R
@@ -146,36 +185,44 @@ def _transform_rows(x_ptr, y_ptr, h0_ptr, h0, h1, h2, row0, rows, stride_x, stri
         # stage 2 on the last axis: y[(i0, r), i2] = (acc viewed [(i0, r), i2]) @ H2^T (H2 symmetric)
         out = tl.zeros([F0 * BLOCK_R, F2], dtype=tl.float32)
         out = _mul(tl.reshape(acc, [F0 * BLOCK_R, F2]), h2, out, Z_PARTS, True, INTERPRETER)
-        out = _scaled(out, scale, y_ptr, INTERPRETER)
         t = tl.arange(0, F0 * BLOCK_R)
         t_i0 = t // BLOCK_R
         t_row = row0 + t % BLOCK_R
         i2 = tl.arange(0, F2)
+        out = _scaled(out, scale, y_ptr, os_ptr, b_ptr, (t_i0 * Q)[:, None] + i2[None, :],
+                      (t_i0 < N0)[:, None] & (i2 < N2)[None, :], HAS_OUT_SCALE, HAS_BIAS, INTERPRETER)
         offs = (t_row.to(tl.int64) * stride_y + t_i0 * Q)[:, None] + i2[None, :]
         ok = ((t_row < rows) & (t_i0 < N0))[:, None] & (i2 < N2)[None, :]
     else:
-        out = _scaled(acc, scale, y_ptr, INTERPRETER)  # y[i0, r]
-        i0 = tl.arange(0, F0)
+        i0 = tl.arange(0, F0)  # acc is y[i0, r]
         r = row0 + tl.arange(0, BLOCK_R)
+        out = _scaled(acc, scale, y_ptr, os_ptr, b_ptr, (i0 * Q)[:, None] + 0 * r[None, :],
+                      (i0 < N0)[:, None] & (r >= 0)[None, :], HAS_OUT_SCALE, HAS_BIAS, INTERPRETER)
         offs = (i0 * Q)[:, None] + (r.to(tl.int64) * stride_y)[None, :]
         ok = (i0 < N0)[:, None] & (r < rows)[None, :]
     tl.store(y_ptr + offs, out, mask=ok)
 
 
 @triton.jit
-def _scaled(out, scale, y_ptr, INTERPRETER: tl.constexpr):
-    """out * scale in y's dtype."""
+def _scaled(out, scale, y_ptr, os_ptr, b_ptr, col, ok, HAS_OUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+            INTERPRETER: tl.constexpr):
+    """out * scale (* out_scale[col]) (+ bias[col]) in y's dtype; col: each element's column in the row."""
     out = out * scale
+    if HAS_OUT_SCALE:
+        out = out * tl.load(os_ptr + col, mask=ok, other=0.0)
+    if HAS_BIAS:
+        out = out + tl.load(b_ptr + col, mask=ok, other=0.0).to(tl.float32)
     if INTERPRETER and y_ptr.dtype.element_ty == tl.bfloat16:
         out = _round_to_bf16(out)  # the interpreter truncates fp32 -> bf16; CUDA rounds to nearest even
     return out.to(y_ptr.dtype.element_ty)
 
 
 @triton.jit
-def _hadamard_kernel(x_ptr, y_ptr, h0_ptr, h1_ptr, h2_ptr, rows, stride_x, stride_y, scale,
+def _hadamard_kernel(x_ptr, y_ptr, h0_ptr, h1_ptr, h2_ptr, in_ptr, os_ptr, b_ptr, rows, stride_x, stride_y, scale,
                      N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, F0: tl.constexpr, F1: tl.constexpr,
                      F2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr,
-                     X_PARTS: tl.constexpr, Z_PARTS: tl.constexpr, INTERPRETER: tl.constexpr):
+                     X_PARTS: tl.constexpr, Z_PARTS: tl.constexpr, HAS_IN_SCALE: tl.constexpr,
+                     HAS_OUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETER: tl.constexpr):
     """Program pid transforms GROUPS groups of BLOCK_R rows, one after the other (the next group's loads can be
     issued while this one computes); the H matrices are read once per program."""
     h0 = tl.zeros([1], dtype=tl.float32)  # placeholders for matrices read elsewhere or not needed
@@ -189,8 +236,9 @@ def _hadamard_kernel(x_ptr, y_ptr, h0_ptr, h1_ptr, h2_ptr, rows, stride_x, strid
         h2 = _load_square(h2_ptr, F2)
     for g in range(GROUPS):
         row0 = (tl.program_id(0) * GROUPS + g) * BLOCK_R
-        _transform_rows(x_ptr, y_ptr, h0_ptr, h0, h1, h2, row0, rows, stride_x, stride_y, scale, N0, N1, N2, F0, F1,
-                        F2, BLOCK_R, BLOCK_K, X_PARTS, Z_PARTS, INTERPRETER)
+        _transform_rows(x_ptr, y_ptr, h0_ptr, in_ptr, os_ptr, b_ptr, h0, h1, h2, row0, rows, stride_x, stride_y,
+                        scale, N0, N1, N2, F0, F1, F2, BLOCK_R, BLOCK_K, X_PARTS, Z_PARTS, HAS_IN_SCALE,
+                        HAS_OUT_SCALE, HAS_BIAS, INTERPRETER)
 
 
 def padded(plan: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -279,8 +327,9 @@ def _operand(m: int, a: int, pad: int, transpose: bool, dtype: torch.dtype, devi
     return out.to(device)
 
 
-def launch(config, x, y, transpose) -> None:
-    """One launch with config: x, y [rows, n] with unit column stride."""
+def launch(config, x, y, transpose, in_scale=None, out_scale=None, bias=None) -> None:
+    """One launch with config: x, y [rows, n] with unit column stride; in_scale, out_scale fp32 [n] and bias [n]
+    contiguous, or None."""
     n0, n1, n2 = config["N0"], config["N1"], config["N2"]
     f0, f1, f2 = padded((n0, n1, n2))
     rows, n = x.shape
@@ -292,9 +341,11 @@ def launch(config, x, y, transpose) -> None:
     h2 = _operand(1, n2, f2, False, torch.bfloat16, x.device) if f2 > 1 else h0
     grid = (triton.cdiv(rows, config["BLOCK_R"] * config["GROUPS"]),)
     _hadamard_kernel[grid](
-        x, y, h0, h1, h2, rows, x.stride(0), y.stride(0), 1.0 / math.sqrt(n), N0=n0, N1=n1, N2=n2, F0=f0,
-        F1=f1, F2=f2, BLOCK_R=config["BLOCK_R"], BLOCK_K=config["BLOCK_K"], GROUPS=config["GROUPS"],
+        x, y, h0, h1, h2, x if in_scale is None else in_scale, x if out_scale is None else out_scale,
+        x if bias is None else bias, rows, x.stride(0), y.stride(0), 1.0 / math.sqrt(n), N0=n0, N1=n1, N2=n2,
+        F0=f0, F1=f1, F2=f2, BLOCK_R=config["BLOCK_R"], BLOCK_K=config["BLOCK_K"], GROUPS=config["GROUPS"],
         X_PARTS=3 if x.dtype == torch.float32 else 1, Z_PARTS=3 if x.dtype == torch.float32 else 2,
+        HAS_IN_SCALE=in_scale is not None, HAS_OUT_SCALE=out_scale is not None, HAS_BIAS=bias is not None,
         INTERPRETER=interpreter_on(), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
@@ -311,12 +362,13 @@ def _rows_view(t, name):
     return view
 
 
-def hadamard_transform(x, transpose=False, out=None):
-    """y = x @ H_n^T (transpose=True: x @ H_n) along the last dim of x [..., n], in x's dtype and shape.
-    out: where to write y (x's shape and dtype, last dim contiguous); out=x transforms x in place (any other out
-    must not overlap x). Returns out, or a new tensor when out is None."""
+def hadamard_transform(x, transpose=False, out=None, in_scale=None, out_scale=None, bias=None):
+    """y = ((x * in_scale) @ H_n^T) * out_scale + bias (transpose=True: H_n; each extra optional) along the last
+    dim of x [..., n], in x's dtype and shape. out: where to write y (x's shape and dtype, last dim contiguous);
+    out=x transforms x in place (any other out must not overlap x). Returns out, or a new tensor when out is None."""
     check_inputs(x, out)
-    check_device({"x": x, "out": out})
+    check_vectors(x, in_scale=in_scale, out_scale=out_scale, bias=bias)
+    check_device({"x": x, "out": out, "in_scale": in_scale, "out_scale": out_scale, "bias": bias})
     n = x.shape[-1]
     plans(n)  # raises for rows too long for the kernel
     if out is None:
@@ -327,7 +379,8 @@ def hadamard_transform(x, transpose=False, out=None):
         xr = xr.contiguous()
     if xr.shape[0] == 0:
         return out
-    launch(tuned_config(xr), xr, y, transpose)
+    scales = [None if v is None else v.to(torch.float32).contiguous() for v in (in_scale, out_scale)]
+    launch(tuned_config(xr), xr, y, transpose, *scales, None if bias is None else bias.contiguous())
     return out
 
 

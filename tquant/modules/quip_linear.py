@@ -7,7 +7,8 @@ Buffers:
     bias   [N] (optional)
 forward, with H_n the orthonormal Hadamard transform (tquant.kernels.hadamard) and D the decoded codes:
     y = (hadamard((x * su) along K) @ D^T, then hadamard^T along N) * sv + bias
-Triton kernels (hadamard_transform, e8p_matmul) on CUDA, their torch references on the CPU.
+three launches on CUDA (Triton kernels: su fused into the input transform, sv and bias into the output
+transform's epilogue), their torch references on the CPU.
 """
 from __future__ import annotations
 
@@ -72,12 +73,9 @@ class QuipLinear(nn.Module):
         kernel = use_kernel(self, x)
         had = hadamard_transform if kernel else hadamard_transform_ref
         matmul = e8p_matmul if kernel else e8p_matmul_ref
-        x2 = (x.reshape(-1, self.in_features).float() * self.su).to(x.dtype)
-        y = matmul(had(x2), self.codes, self.codes2, bits=self.bits)
-        y = had(y, transpose=True).float() * self.sv
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        y = matmul(had(x.reshape(-1, self.in_features), in_scale=self.su), self.codes, self.codes2, bits=self.bits)
+        y = had(y, transpose=True, out_scale=self.sv, bias=self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
