@@ -2,8 +2,9 @@
 
     python benchmarks/bench_quip_linear.py [--shapes 4096x14336,14336x4096] [--ms 1,16] [--bits 2,4]
 
-Per shape and M: QuipLinear (CUDA graph and eager) and its three parts alone, cuBLAS fp16 (x @ W^T) and
-tquant's W4A16 g128 PackedLinear, medians in µs over calls that rotate through enough weight copies that the
+Per shape and M: QuipLinear (CUDA graph and eager), the same layer unfused (separate multiplies and casts around
+the transforms), its three launches alone (input RHT with su fused, E8P matmul, output RHT with sv fused), cuBLAS
+fp16 (x @ W^T) and tquant's W4A16 g128 PackedLinear, medians in µs over calls that rotate through enough weight copies that the
 weights come from HBM (bench_weight_only.time_rotating); the module's output is checked against its torch reference
 first. Random codes and signs (speed does not depend on the values).
 """
@@ -34,10 +35,19 @@ def random_quip(k, n, bits):
     return mod
 
 
+def unfused_forward(mod, x):
+    """The layer as separate launches (the module before su, sv and the bias moved into the transforms): the
+    baseline that the fused module is measured against."""
+    x2 = (x.float() * mod.su).to(x.dtype)
+    y = e8p_matmul(hadamard_transform(x2), mod.codes, mod.codes2, bits=mod.bits)
+    return (hadamard_transform(y, transpose=True).float() * mod.sv).to(x.dtype)
+
+
 def run(shapes=((4096, 14336), (14336, 4096)), ms=(1, 16), bits_list=(2, 4), print_fn=print):
     print_fn(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    print_fn("| K->N | M | bits | QuipLinear graph (eager) | RHT in | E8P matmul | RHT out | cuBLAS fp16 | W4A16 g128 |")
-    print_fn("|---|---|---|---|---|---|---|---|---|")
+    print_fn("| K->N | M | bits | QuipLinear graph (eager) | unfused graph | RHT in | E8P matmul | RHT out | cuBLAS fp16 "
+             "| W4A16 g128 |")
+    print_fn("|---|---|---|---|---|---|---|---|---|---|")
     for k, n in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02
         ws = [w.clone() for _ in range(copies_for(w.numel() * 2))]
@@ -55,16 +65,17 @@ def run(shapes=((4096, 14336), (14336, 4096)), ms=(1, 16), bits_list=(2, 4), pri
                 mod.backend = "auto"
                 err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
                 assert err < 1e-2, f"QuipLinear kernel vs reference: rel err {err:.2e}"
-                xr = hadamard_transform(x)
+                xr = hadamard_transform(x, in_scale=mod.su)
                 yr = e8p_matmul(xr, mod.codes, mod.codes2, bits=bits)
                 full = time_rotating([lambda q=q: q(x) for q in mods])
-                parts = [time_rotating([lambda: hadamard_transform(x)])[0],
+                parts = [time_rotating([lambda: hadamard_transform(x, in_scale=mod.su)])[0],
                          time_rotating([lambda q=q: e8p_matmul(xr, q.codes, q.codes2, bits=bits) for q in mods])[0],
-                         time_rotating([lambda: hadamard_transform(yr, transpose=True)])[0]]
+                         time_rotating([lambda: hadamard_transform(yr, transpose=True, out_scale=mod.sv)])[0]]
+                unfused = time_rotating([lambda q=q: unfused_forward(q, x) for q in mods])[0]
                 cublas = time_rotating([lambda v=v: x @ v.t() for v in ws])[0]
                 packed = time_rotating([lambda q=q: q(x) for q in w4s])[0]
-                print_fn(f"| {k}->{n} | {m} | {bits} | {full[0]:.1f} ({full[1]:.1f}) | {parts[0]:.1f} | {parts[1]:.1f} | "
-                         f"{parts[2]:.1f} | {cublas:.1f} | {packed:.1f} |")
+                print_fn(f"| {k}->{n} | {m} | {bits} | {full[0]:.1f} ({full[1]:.1f}) | {unfused:.1f} | {parts[0]:.1f} | "
+                         f"{parts[1]:.1f} | {parts[2]:.1f} | {cublas:.1f} | {packed:.1f} |")
 
 
 def main():

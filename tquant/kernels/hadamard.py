@@ -379,20 +379,26 @@ def hadamard_transform(x, transpose=False, out=None, in_scale=None, out_scale=No
         xr = xr.contiguous()
     if xr.shape[0] == 0:
         return out
-    scales = [None if v is None else v.to(torch.float32).contiguous() for v in (in_scale, out_scale)]
-    launch(tuned_config(xr), xr, y, transpose, *scales, None if bias is None else bias.contiguous())
+    vectors = [None if v is None else v.to(torch.float32).contiguous() for v in (in_scale, out_scale)]
+    vectors.append(None if bias is None else bias.contiguous())
+    launch(tuned_config(xr, vectors), xr, y, transpose, *vectors)
     return out
 
 
-def tuned_config(x) -> dict:
-    """The launch config for rows x [rows, n] (checked, unit column stride): tuned once per GPU and key."""
+def tuned_config(x, vectors=(None, None, None)) -> dict:
+    """The launch config for rows x [rows, n] (checked, unit column stride) and the fused vectors (in_scale,
+    out_scale, bias; None where absent): tuned once per GPU and key, with the same vectors fused (they cost
+    registers and shared memory, so a plain transform's best config need not even launch with them)."""
     rows, n = x.shape
     key = {"N": n, "M": min(next_power_of_2(rows), 8192), "dtype": str(x.dtype).removeprefix("torch.")}
+    fused = "+".join(name for name, v in zip(("in_scale", "out_scale", "bias"), vectors) if v is not None)
+    if fused:
+        key["fused"] = fused
     scratch = []
 
     def run(config):  # tuning writes to a scratch tensor, so that out=x is not transformed repeatedly
         if not scratch:
             scratch.append(torch.empty_like(x))
-        launch(config, x, scratch[0], False)
+        launch(config, x, scratch[0], False, *vectors)
 
     return tune("hadamard_transform", key, configs(n, key["M"]), run, x.device)
