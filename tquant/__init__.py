@@ -4,11 +4,13 @@
     qmodel = tquant.quantize(model, "gptq", bits=4, group_size=64, calib="pydoc", tokenizer=tok)
     tquant.save(qmodel, "out/")
     qmodel = tquant.load("out/")
+    tquant.quantize(qmodel, "kivi", kv_bits=2)   # and a 2-bit KV cache in generate()
 """
 __version__ = "0.1.0"
 
 from .api import quantize  # noqa: E402
+from .kv import kv_cache  # noqa: E402
 from .methods import available_methods as methods  # noqa: E402
 from .serialization import load, save  # noqa: E402
 
-__all__ = ["quantize", "methods", "save", "load"]
+__all__ = ["quantize", "kv_cache", "methods", "save", "load"]

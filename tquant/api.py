@@ -10,7 +10,8 @@ from torch import nn
 from .calibration import calibration_data
 from .config import make_quantization_config
 from .driver import quantize_blocks
-from .methods import get_method
+from .kv import attach, tquant_config
+from .methods import KVCacheMethod, get_method
 
 
 def quantize(
@@ -44,13 +45,19 @@ def quantize(
     skip: fnmatch patterns of layer names to leave in full precision. The lm_head and the input
     embedding stay in full precision unless lm_head=True (quantized by the method from its inputs) or
     embeddings=True (round-to-nearest per row group); untying a tied pair keeps the other one float.
-    Extra keyword arguments are method options.
+    Extra keyword arguments are method options. A KV-cache method ("kivi") quantizes no weights: it sets up
+    the model's quantized KV cache (tquant.kv), which generate() then uses; apply it before or after a weight
+    method to combine the two.
     """
     cls = get_method(method)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(method_options) - known
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for method {method!r}; it takes {sorted(known)}")
+    if issubclass(cls, KVCacheMethod):
+        if bits is not None:
+            raise ValueError(f"{method!r} quantizes the KV cache, not weights: give kv_bits= instead of bits=")
+        return attach(model, cls(**({} if group_size is None else {"group_size": group_size}), **method_options))
     core = {k: v for k, v in dict(bits=bits, group_size=group_size).items() if v is not None}
     m = cls(sym=sym, **core, **method_options)
     if not any(isinstance(x, nn.Linear) for x in model.modules()):
@@ -66,5 +73,6 @@ def quantize(
         skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), lm_head=lm_head,
         embeddings=embeddings, progress=progress,
     )
-    model.config.quantization_config = make_quantization_config(m, layers)
+    kv = (tquant_config(model) or {}).get("kv_cache")  # a KV-cache method applied before stays
+    model.config.quantization_config = make_quantization_config(m, layers) | ({"kv_cache": kv} if kv else {})
     return model

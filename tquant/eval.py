@@ -30,6 +30,7 @@ def perplexity(
     batch_size: int = 1,
     device=None,
     progress: bool = True,
+    decode_from: int | None = None,
 ) -> float:
     """Perplexity of a causal LM on consecutive, non-overlapping windows of held-out tokens.
 
@@ -42,6 +43,11 @@ def perplexity(
     i.e. exp of the mean of the per-window losses. The model runs in eval mode (its mode is restored
     afterwards) under no_grad with use_cache=False, batch_size windows at a time; NLL accumulates in
     float64. Inputs go to `device` if given, else to the device of the model's first parameter.
+
+    decode_from=P runs each window as generation does, through a KV cache (the model's quantized cache,
+    tquant.kv_cache, when it has one; else transformers' DynamicCache): tokens [0, P) in one forward (the
+    prefill), then one token a forward, so every later prediction reads the cached (quantized) keys and values.
+    The predictions and the formula are the same.
     """
     if seqlen < 2:
         raise ValueError(f"seqlen must be at least 2 (one next-token prediction), got {seqlen}")
@@ -62,6 +68,8 @@ def perplexity(
     else:
         raise ValueError(f"source must be one of {NAMED_SOURCES} or a 1-D tensor of token ids, got {type(source).__name__}")
 
+    if decode_from is not None and not 1 <= decode_from < seqlen:
+        raise ValueError(f"decode_from must be in [1, seqlen={seqlen}), got {decode_from}")
     n_full = ids.numel() // seqlen
     if n_full == 0:
         raise ValueError(f"need at least seqlen={seqlen} tokens for one window, got {ids.numel()}")
@@ -79,12 +87,28 @@ def perplexity(
         with torch.no_grad():
             for start in tqdm(range(0, n_full, batch_size), desc="perplexity", unit="batch", disable=not progress):
                 batch = windows[start : start + batch_size].to(dev)
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                if decode_from is None:
+                    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                else:
+                    logits = _decoded_logits(model, batch, decode_from)[:, :-1].float()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
                 nll += loss.double().cpu()
     finally:
         model.train(was_training)
     return math.exp(nll.item() / (n_full * (seqlen - 1)))
+
+
+def _decoded_logits(model, batch, prefill: int) -> torch.Tensor:
+    """Logits [B, T, V] of batch [B, T]: a prefill of `prefill` tokens, then one token a forward, one cache."""
+    from transformers import DynamicCache
+
+    from .kv import kv_cache, tquant_config
+
+    cache = kv_cache(model) if "kv_cache" in (tquant_config(model) or {}) else DynamicCache()
+    out = [model(input_ids=batch[:, :prefill], past_key_values=cache, use_cache=True).logits]
+    for t in range(prefill, batch.shape[1]):
+        out.append(model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(out, dim=1)
 
 
 @contextlib.contextmanager

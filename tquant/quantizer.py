@@ -9,6 +9,11 @@ consecutive input channels of one output row; per-channel quantization is group_
 
 Symmetric: zero = 2^(bits-1), scale = 2 max|w| / (2^bits - 1)  (GPTQ's convention).
 Asymmetric: scale = (max(w, 0) - min(w, 0)) / (2^bits - 1), zero = round(-min(w, 0) / scale).
+
+Cache tensors (KIVI's convention: the range need not hold 0, the offset is a float, not an integer zero):
+    q, scale, mn = minmax_quantize(x, bits, dim)  # over `dim`: scale = (max - min) / (2^bits - 1), mn = min,
+                                                  # q = clamp(round((x - mn) / scale), 0, 2^bits - 1)
+    x_hat = q * scale + mn                        # minmax_dequantize
 """
 from __future__ import annotations
 
@@ -64,6 +69,21 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return (q.float() - zero) * scale
+
+
+def minmax_quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes int32 like x, scale, mn with `dim` kept as size 1, float32): min-max over `dim`, no zero forced
+    into the range (a constant slice gets scale 1, so its codes are 0 and it comes back exactly)."""
+    x = x.float()
+    mn = x.amin(dim=dim, keepdim=True)
+    scale = (x.amax(dim=dim, keepdim=True) - mn) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((x - mn) / scale).clamp_(0, 2**bits - 1).to(torch.int32)
+    return q, scale, mn
+
+
+def minmax_dequantize(q: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float() + mn.float()
 
 
 def grouped_qparams(w: torch.Tensor, bits: int, group_size: int, sym: bool):

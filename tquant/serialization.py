@@ -22,6 +22,7 @@ from torch import nn
 
 from . import __version__
 from .config import read_quantization_config
+from .kv import hook_generate
 from .modules import MODULE_TYPES
 
 WEIGHTS = "model.safetensors"
@@ -111,4 +112,6 @@ def load(path: str, device=None) -> nn.Module:
     _assign(model, tensors)
     if os.path.isfile(os.path.join(path, "generation_config.json")):
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
+    if "kv_cache" in qc:
+        hook_generate(model)
     return model.to(device or "cpu").eval()

@@ -1,6 +1,7 @@
 """nn.Module replacements that hold packed tensors and call kernels."""
 from ..qweight import LatticeWeight
 from .act_quant_linear import ActQuantLinear
+from .kv_cache import QuantizedKVCache
 from .packed_embedding import PackedEmbedding
 from .packed_linear import PackedLinear
 from .quip_linear import QuipLinear
@@ -18,4 +19,4 @@ def linear_module(qw, bias, dtype):
     return cls.from_quantized(qw, bias, dtype)
 
 
-__all__ = ["ActQuantLinear", "PackedEmbedding", "PackedLinear", "QuipLinear", "MODULE_TYPES", "linear_module"]
+__all__ = ["ActQuantLinear", "PackedEmbedding", "PackedLinear", "QuantizedKVCache", "QuipLinear", "MODULE_TYPES", "linear_module"]

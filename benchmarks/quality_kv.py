@@ -1,0 +1,76 @@
+"""Perplexity of the offline SmolLM2-135M with a quantized KV cache (issue 5): KIVI at 4 and 2 bits, with and
+without prefill_with_quant, against the same protocol with transformers' float cache.
+
+    python benchmarks/quality_kv.py [--rows NAME,...] [--windows 40] [--decode-from 256] [--json out.json]
+
+Evaluation windows as in the other quality tables (the first 40 consecutive 512-token windows of the last 30 %
+of the pydoc corpus), float32 on the CPU, but each window runs as generation does (tquant.eval.perplexity with
+decode_from): its first 256 tokens in one forward (the prefill), then one token a forward through the cache,
+so every prediction after the prefill reads the cached keys / values, quantized beyond the residual window.
+No calibration (KIVI is data-free). Each row prints as it finishes, with the cache's bytes per token at a
+4096-token fp16 context.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import tquant
+from tquant.eval import perplexity
+from tquant.models import load_model
+
+ROWS = {  # name: kivi options (None: transformers' float cache)
+    "fp-cache": None,
+    **{f"kivi-{b}{'-pwq' if pwq else ''}": dict(kv_bits=b, prefill_with_quant=pwq) for b in (4, 2) for pwq in (False, True)},
+}
+
+
+def bytes_per_token(model, options, n_tokens=4096) -> float:
+    """Cache bytes per token, all layers, K and V, in fp16 (the usual serving dtype) after n_tokens tokens:
+    random fp16 keys / values of the model's shape go through the cache's own update (the bytes do not
+    depend on the values; the model's outputs are not needed). Includes the fp16 residual window."""
+    from tquant.methods.kv_base import head_dim
+
+    cfg = model.config
+    shape = (1, cfg.num_key_value_heads, n_tokens, head_dim(cfg))
+    if options is None:
+        return cfg.num_hidden_layers * 2 * shape[1] * shape[3] * 2
+    cache = tquant.kv_cache(model)
+    for i in range(cfg.num_hidden_layers):
+        cache.update(torch.randn(shape, dtype=torch.float16), torch.randn(shape, dtype=torch.float16), i)
+    return cache.nbytes() / n_tokens
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--decode-from", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch", type=int, default=8, help="windows decoded together")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.set_grad_enabled(False)
+    results = {}
+    for row in a.rows.split(","):
+        t = time.time()
+        model, tok = load_model("default")
+        options = ROWS[row]
+        if options is not None:
+            tquant.quantize(model, "kivi", **options)
+        ppl = perplexity(model, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows, progress=False,
+                         decode_from=a.decode_from, batch_size=a.batch)
+        results[row] = {"options": options, "ppl": ppl, "cache_bytes_per_token_fp16_4k": bytes_per_token(model, options),
+                        "seconds": round(time.time() - t)}
+        print(row, json.dumps(results[row]), flush=True)
+        if a.json:
+            json.dump(results, open(a.json, "w"), indent=2)
+
+
+if __name__ == "__main__":
+    main()

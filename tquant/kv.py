@@ -1,0 +1,57 @@
+"""The quantized KV cache of a model: its spec in quantization_config["kv_cache"], the cache built from it,
+and generate() using it.
+
+    tquant.quantize(model, "kivi", kv_bits=2)       # writes the spec, hooks generate
+    model.generate(ids, ...)                         # a fresh tquant.kv_cache(model) per call
+    model(ids, past_key_values=tquant.kv_cache(model), use_cache=True)   # the same cache, by hand
+The hook is an attribute of the model object (not of its class): it passes past_key_values=kv_cache(model)
+unless the call gives its own; tquant.load hooks a reloaded model the same way.
+"""
+from __future__ import annotations
+
+import functools
+
+from .config import FORMAT, QUANT_METHOD
+from .methods.kv_base import KVCacheMethod
+from .modules.kv_cache import QuantizedKVCache
+
+
+def tquant_config(model) -> dict | None:
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict()
+    return qc if qc and qc.get("quant_method") == QUANT_METHOD else None
+
+
+def attach(model, method: KVCacheMethod):
+    """Record method's spec in the model's quantization_config (keeping a weight method's entries) and hook
+    generate; returns the model."""
+    method.check_model(model.config)
+    qc = tquant_config(model) or {"quant_method": QUANT_METHOD, "format": FORMAT, "method": None, "layers": {}}
+    model.config.quantization_config = {**qc, "kv_cache": method.spec()}
+    hook_generate(model)
+    return model
+
+
+def kv_cache(model) -> QuantizedKVCache:
+    """A new, empty quantized cache for one generate / forward sequence of `model`."""
+    spec = (tquant_config(model) or {}).get("kv_cache")
+    if spec is None:
+        raise ValueError("this model has no quantized KV cache: run tquant.quantize(model, 'kivi', kv_bits=...)")
+    return QuantizedKVCache(model.config.num_hidden_layers, bits=spec["kv_bits"], group=spec["group_size"],
+                            residual=spec["residual"], prefill_with_quant=spec["prefill_with_quant"])
+
+
+def hook_generate(model) -> None:
+    if getattr(model.generate, "_tquant_kv", False):
+        return
+    original = model.generate
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+            kwargs["past_key_values"] = kv_cache(model)
+        return original(*args, **kwargs)
+
+    generate._tquant_kv = True
+    model.generate = generate
