@@ -5,7 +5,9 @@ and generate() using it.
     model.generate(ids, ...)                         # a fresh tquant.kv_cache(model) per call
     model(ids, past_key_values=tquant.kv_cache(model), use_cache=True)   # the same cache, by hand
 The hook is an attribute of the model object (not of its class): it passes past_key_values=kv_cache(model)
-unless the call gives its own; tquant.load hooks a reloaded model the same way.
+unless the call gives its own; tquant.load hooks a reloaded model the same way. The model's attention
+implementation becomes "tquant_kv" (tquant.modules.kv_cache): on CUDA a decode step runs the decode-attention
+kernel on the packed cache, everything else runs SDPA.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import functools
 
 from .config import FORMAT, QUANT_METHOD
 from .methods.kv_base import KVCacheMethod
-from .modules.kv_cache import QuantizedKVCache
+from .modules.kv_cache import ATTENTION, QuantizedKVCache
 
 
 def tquant_config(model) -> dict | None:
@@ -38,11 +40,15 @@ def kv_cache(model) -> QuantizedKVCache:
     spec = (tquant_config(model) or {}).get("kv_cache")
     if spec is None:
         raise ValueError("this model has no quantized KV cache: run tquant.quantize(model, 'kivi', kv_bits=...)")
+    kernel = None if model.config._attn_implementation == ATTENTION else False
     return QuantizedKVCache(model.config.num_hidden_layers, bits=spec["kv_bits"], group=spec["group_size"],
-                            residual=spec["residual"], prefill_with_quant=spec["prefill_with_quant"])
+                            residual=spec["residual"], prefill_with_quant=spec["prefill_with_quant"], kernel=kernel)
 
 
 def hook_generate(model) -> None:
+    """generate() gets a fresh quantized cache per call, and attention the "tquant_kv" function (the decode
+    kernel on CUDA, SDPA elsewhere)."""
+    model.set_attn_implementation(ATTENTION)
     if getattr(model.generate, "_tquant_kv", False):
         return
     original = model.generate

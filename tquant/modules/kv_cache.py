@@ -12,12 +12,22 @@ Per layer (KiviLayer), for K, V [B, H_kv, t, D] handed to update() (keys after R
               token as stored (quantized where it was flushed).
 Memory: nbytes() counts the packed codes, the fp16 scales and minima and the residual window (the cache's
 format). The torch path also keeps each flushed group decoded once (the packed codes never change), so a decode
-step does not decode the whole store again; a decode-attention kernel reads the packed store instead.
+step does not decode the whole store again.
+
+Kernel path (kernel=True; the default on CUDA): a one-token update returns only the residual window, and the
+model's attention function "tquant_kv" (registered here; tquant.kv sets it on the model) runs
+tquant.kernels.kv_attention on the packed store and the window of the layer updated last. Every other call
+(prefills, the torch path) goes through SDPA on the K / V that update returned.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
+import transformers
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from ..kv_quant import PackedKV, concat, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
@@ -26,15 +36,19 @@ class KiviLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, bits: int, group: int, residual: int, prefill_with_quant: bool):
+    def __init__(self, bits: int, group: int, residual: int, prefill_with_quant: bool, kernel: bool | None = None):
         super().__init__()
         self.bits, self.group, self.residual, self.prefill_with_quant = bits, group, residual, prefill_with_quant
+        self.kernel = kernel  # None: on CUDA tensors
+        self.kernel_step = False  # the last update returned only the residual window, for the kernel
         self.packed_keys: PackedKV | None = None
         self.packed_values: PackedKV | None = None
         self._dequantized: tuple[torch.Tensor, torch.Tensor] | None = None  # the torch path's decoded store
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.kernel is None:
+            self.kernel = key_states.is_cuda
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
         self.is_initialized = True
@@ -51,10 +65,15 @@ class KiviLayer(CacheLayerMixin):
             self.packed_keys = k if self.packed_keys is None else concat([self.packed_keys, k], dim=-2)
             self.packed_values = v if self.packed_values is None else concat([self.packed_values, v], dim=-2)
             self.keys, self.values = self.keys[..., flush:, :], self.values[..., flush:, :]
-            k = dequantize_keys(k, self.bits, self.group).to(self.dtype)
-            v = dequantize_values(v, self.bits, self.group).to(self.dtype)
-            self._dequantized = (k, v) if self._dequantized is None else \
-                tuple(torch.cat([old, new], dim=-2) for old, new in zip(self._dequantized, (k, v)))
+            if not self.kernel:
+                k = dequantize_keys(k, self.bits, self.group).to(self.dtype)
+                v = dequantize_values(v, self.bits, self.group).to(self.dtype)
+                self._dequantized = (k, v) if self._dequantized is None else \
+                    tuple(torch.cat([old, new], dim=-2) for old, new in zip(self._dequantized, (k, v)))
+        _last.layer = self
+        self.kernel_step = bool(self.kernel) and key_states.shape[-2] == 1 and self.packed_keys is not None
+        if self.kernel_step:
+            return self.keys, self.values
         keys, values = self.stored()
         if not self.prefill_with_quant:
             t = key_states.shape[-2]
@@ -64,9 +83,10 @@ class KiviLayer(CacheLayerMixin):
 
     def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every cached token as the cache holds it: [dequantized packed store ; residual], model dtype."""
-        if self._dequantized is None:
+        if self.packed_keys is None:
             return self.keys, self.values
-        k, v = self._dequantized
+        k, v = self._dequantized or (dequantize_keys(self.packed_keys, self.bits, self.group).to(self.dtype),
+                                     dequantize_values(self.packed_values, self.bits, self.group).to(self.dtype))
         return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
 
     def quantized_length(self) -> int:
@@ -95,10 +115,45 @@ class KiviLayer(CacheLayerMixin):
 
 
 class QuantizedKVCache(Cache):
-    """One KiviLayer per decoder layer; pass it to model(..., past_key_values=) or model.generate(...)."""
+    """One KiviLayer per decoder layer; pass it to model(..., past_key_values=) or model.generate(...).
+    kernel: decode steps through the kernel (needs the model's attention implementation "tquant_kv");
+    None = on CUDA tensors when the model runs "tquant_kv"."""
 
-    def __init__(self, num_layers: int, *, bits: int, group: int, residual: int, prefill_with_quant: bool):
-        super().__init__(layers=[KiviLayer(bits, group, residual, prefill_with_quant) for _ in range(num_layers)])
+    def __init__(self, num_layers: int, *, bits: int, group: int, residual: int, prefill_with_quant: bool,
+                 kernel: bool | None = None):
+        super().__init__(layers=[KiviLayer(bits, group, residual, prefill_with_quant, kernel)
+                                 for _ in range(num_layers)])
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+
+_last = threading.local()  # the KiviLayer updated last in this thread: the attention call that follows reads it
+ATTENTION = "tquant_kv"
+
+
+def kv_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function "tquant_kv": the decode-attention kernel when the layer updated last
+    returned only its residual window (a one-token step on the kernel path), else SDPA."""
+    layer = getattr(_last, "layer", None)
+    if layer is None or not layer.kernel_step or key is not layer.keys:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    from ..kernels.kv_attention import kivi_decode_attention
+
+    layer.kernel_step = False
+    start = None
+    if attention_mask is not None:  # [B, 1, 1, T] (bool: True attends; or additive): a left-padded batch
+        allowed = attention_mask[:, 0, -1, :]
+        allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+        start = (allowed.shape[-1] - allowed.sum(-1)).to(torch.int32)
+        positions = torch.arange(allowed.shape[-1], device=allowed.device)
+        if not torch.equal(allowed, positions[None, :] >= start[:, None]):
+            raise ValueError("the tquant_kv decode kernel takes left padding only (a contiguous run of tokens)")
+    out = kivi_decode_attention(query[:, :, 0], layer.packed_keys, layer.packed_values, key, value, bits=layer.bits,
+                                group=layer.group, sm_scale=scaling, start=start)
+    return out[:, None], None
+
+
+transformers.AttentionInterface.register(ATTENTION, kv_attention_forward)
+transformers.AttentionMaskInterface.register(ATTENTION, sdpa_mask)

@@ -1,0 +1,114 @@
+"""Decode attention over a KIVI-quantized cache: the Triton kernel against its torch reference (fp32 through the
+format's decoders) on fresh random caches: GQA, ragged (left-padded) batches, empty packed store or residual,
+every bit width, several group sizes and splits; and the input checks."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_device import DEVICE, needs_backend
+
+from tquant import kv_quant
+from tquant.kernels.kv_attention import kivi_decode_attention, kivi_decode_attention_ref
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def random_cache(b, hkv, d, tq, tr, bits, group, dtype, seed):
+    """A packed store of tq tokens quantized from K/V-like data (per-channel offsets) and a residual of tr."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, hkv, tq + tr, d, generator=g) * 2 + torch.randn(d, generator=g) * 3
+    v = torch.randn(b, hkv, tq + tr, d, generator=g)
+    pk = kv_quant.quantize_keys(k[..., :tq, :], bits, group)
+    pv = kv_quant.quantize_values(v[..., :tq, :], bits, group)
+    move = lambda p: kv_quant.PackedKV(*(t.to(DEVICE) for t in p))  # noqa: E731
+    return move(pk), move(pv), k[..., tq:, :].to(DEVICE, dtype), v[..., tq:, :].to(DEVICE, dtype)
+
+
+@needs_backend
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), hkv=st.integers(1, 2), rep=st.sampled_from([1, 3, 4]), d=st.sampled_from([16, 32, 64]),
+       bits=st.sampled_from(kv_quant.KV_BITS), group=st.sampled_from([8, 16]), groups=st.integers(0, 4),
+       tr=st.integers(0, 21), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       ragged=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_kernels_kivi_attention_matches_reference(b, hkv, rep, d, bits, group, groups, tr, dtype, ragged, seed):
+    tq = groups * group
+    if tq + tr == 0:
+        tr = 1
+    pk, pv, rk, rv = random_cache(b, hkv, d, tq, tr, bits, group, dtype, seed)
+    q = torch.randn(b, hkv * rep, d, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    start = None
+    if ragged:  # left padding: sequence i starts at start[i] (at least one token left)
+        start = torch.randint(0, tq + tr, (b,), generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE)
+    out = kivi_decode_attention(q, pk, pv, rk, rv, bits=bits, group=group, start=start)
+    ref = kivi_decode_attention_ref(q, pk, pv, rk, rv, bits=bits, group=group, sm_scale=d**-0.5, start=start)
+    assert out.shape == q.shape and out.dtype == dtype and out.isfinite().all()
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < TOL[dtype], err
+
+
+@needs_backend
+def test_kernels_kivi_attention_masked_tokens_do_not_count():
+    """Tokens before start[b] change nothing: the output equals that of the cache without them."""
+    pk, pv, rk, rv = random_cache(1, 1, 32, 32, 5, 4, 16, torch.float32, seed=7)
+    q = torch.randn(1, 2, 32).to(DEVICE)
+    start = torch.tensor([16], device=DEVICE)
+    out = kivi_decode_attention(q, pk, pv, rk, rv, bits=4, group=16, start=start)
+    wpg = kv_quant.words_per_group(4, 16)  # the first key group: its code words and its parameter row
+    pk2 = kv_quant.PackedKV(pk.codes[:, :, wpg:], pk.scale[:, :, 1:], pk.mn[:, :, 1:])
+    pv2 = kv_quant.PackedKV(*(t[:, :, 16:, :] for t in pv))
+    ref = kivi_decode_attention(q, pk2, pv2, rk, rv, bits=4, group=16)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_backend
+def test_kernels_kivi_attention_bad_input_raises():
+    pk, pv, rk, rv = random_cache(1, 2, 32, 16, 3, 2, 16, torch.float16, seed=1)
+    q = torch.randn(1, 4, 32).to(DEVICE, torch.float16)
+    cases = {
+        "query heads are not a multiple": dict(q=torch.randn(1, 3, 32).to(DEVICE, torch.float16)),
+        "res_v must be in q's dtype|res_v shape": dict(res_v=rv.float()),
+        "keys.codes shape": dict(packed_k=kv_quant.PackedKV(pk.codes[..., :16], pk.scale, pk.mn)),
+        "kv_bits=5": dict(bits=5),
+        "start must be an integer tensor": dict(start=torch.zeros(2, dtype=torch.int32, device=DEVICE)),
+    }
+    for message, change in cases.items():
+        args = dict(q=q, packed_k=pk, packed_v=pv, res_k=rk, res_v=rv, bits=2, group=16) | change
+        with pytest.raises(ValueError, match=message):
+            kivi_decode_attention(args.pop("q"), args.pop("packed_k"), args.pop("packed_v"), args.pop("res_k"),
+                                  args.pop("res_v"), **args)
+
+
+@needs_backend
+def test_kernels_kivi_decode_inside_the_model(monkeypatch):
+    """A GQA Llama decoding through the kernel path (one-token steps read the packed cache in the kernel) gives
+    the torch path's logits, with and without left padding."""
+    import tquant
+    from tiny_models import tiny_model
+    from tquant.kernels import kv_attention
+
+    calls = []
+    monkeypatch.setattr(kv_attention, "kivi_decode_attention",
+                        lambda *a, **k: calls.append(1) or kivi_decode_attention(*a, **k))
+
+    model = tiny_model("llama").to(DEVICE)  # head size 16, 6 query heads on 2 KV heads
+    tquant.quantize(model, "kivi", kv_bits=4, group_size=8, residual=8)
+    ids = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # sequence 1 is left-padded by 5 tokens
+    for attention_mask in (None, mask):
+        logits = {}
+        for kernel in (True, False):
+            cache = tquant.kv_cache(model)
+            for layer in cache.layers:
+                layer.kernel = kernel
+            with torch.no_grad():
+                out = [model(ids[:, :20], attention_mask=None if attention_mask is None else attention_mask[:, :20],
+                             past_key_values=cache, use_cache=True).logits]
+                for t in range(20, 40):
+                    out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True,
+                                     attention_mask=None if attention_mask is None else attention_mask[:, : t + 1]).logits)
+            assert cache.layers[0].quantized_length() > 0
+            assert len(calls) == (20 * 2 if kernel else 0)  # every decode step of both layers, on the kernel path
+            calls.clear()
+            logits[kernel] = torch.cat(out, dim=1)
+        torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,240 @@
+"""Decode attention over a KIVI-quantized KV cache (flash-decoding): Triton kernels and the torch reference.
+
+One new query token per sequence attends to every cached token:
+    o[b, h] = softmax(sm_scale * q[b, h] K_b^T + mask) V_b,     K_b = [dequant(packed K) ; residual K]  (same for V)
+    q      [B, Hq, D] fp16 / bf16 / fp32; Hq = rep * Hkv (GQA: query head h reads KV head h // rep)
+    packed keys    tquant.kv_quant.PackedKV: codes int32 [B, Hkv, Tq / G * wpg, D], scale, mn fp16 [B, Hkv, Tq / G, D]
+    packed values  PackedKV: codes int32 [B, Hkv, Tq, D / G * wpg], scale, mn fp16 [B, Hkv, Tq, D / G]
+    res_k, res_v   [B, Hkv, Tr, D] in q's dtype (the full-precision window), Tr >= 0
+    start  int32 [B] or None: tokens before start[b] are masked (a left-padded batch; ragged lengths)
+    o      [B, Hq, D] in q's dtype; fp32 softmax and accumulation
+Kernel: grid (B * Hkv, SPLITS). A program takes one KV head and all its rep query heads (K and V are read
+once for them; the rep rows are padded to 16 for tl.dot) over one contiguous share of the T = Tq + Tr tokens,
+BLOCK_T at a time: key codes are gathered as [BLOCK_T, D] words, shifted and masked to codes in registers and
+scaled (code * scale + mn, fp32) by their token group's parameters; tokens past Tq read the residual instead.
+Scores, the running max / sum and the rep x D accumulator stay in fp32 (online softmax). Each split writes its
+(max, sum, accumulator) to a workspace; `_combine_kernel` merges the splits: o = sum_s e^(m_s - M) acc_s /
+sum_s e^(m_s - M) l_s. A fully masked split contributes nothing (its max is -inf).
+`kivi_decode_attention_ref` is plain torch in fp32 from tquant.kv_quant's decoders.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..kv_quant import PackedKV, check_kv_bits, dequantize_keys, dequantize_values, words_per_group
+from ..packing import values_per_word
+from .autotune_cache import tune
+from .runtime import check_device, interpreter_on, next_power_of_2
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REP_PAD = 16  # tl.dot needs M >= 16: the rep query heads of one KV head are padded to this many rows
+
+
+def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
+                              sm_scale: float, start=None) -> torch.Tensor:
+    """The same attention in fp32 through dequantize_keys / dequantize_values, in q's dtype."""
+    b, hq, d = q.shape
+    k = torch.cat([dequantize_keys(packed_k, bits, group), res_k.float()], dim=-2)
+    v = torch.cat([dequantize_values(packed_v, bits, group), res_v.float()], dim=-2)
+    rep = hq // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, T, D]
+    scores = torch.einsum("bhd,bhtd->bht", q.float(), k) * sm_scale
+    if start is not None:
+        masked = torch.arange(k.shape[2], device=q.device)[None, :] < start.to(q.device)[:, None]
+        scores = scores.masked_fill(masked[:, None, :], float("-inf"))
+    return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), v).to(q.dtype)
+
+
+@triton.jit
+def _dequant_tile(codes_ptr, scale_ptr, mn_ptr, tok, chan, ok, CODE_ROW: tl.constexpr, PARAM_ROW: tl.constexpr,
+                  ALONG_TOKENS: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
+                  WPG: tl.constexpr):
+    """fp32 values of tokens tok [T, 1] x channels chan [1, D] of a packed store (keys: codes packed along tokens
+    within each group, parameters per (token group, channel); values: along channels, per (token, channel
+    group)). CODE_ROW / PARAM_ROW: elements per token row of the codes / parameters of one (b, head)."""
+    if ALONG_TOKENS:
+        i = tok % G
+        word = ((tok // G) * WPG + i // EPW) * CODE_ROW + chan
+        param = (tok // G) * PARAM_ROW + chan
+    else:
+        i = chan % G
+        word = tok * CODE_ROW + (chan // G) * WPG + i // EPW
+        param = tok * PARAM_ROW + chan // G
+    w = tl.load(codes_ptr + word, mask=ok, other=0)
+    code = (w >> ((i % EPW) * BITS)) & ((1 << BITS) - 1)
+    scale = tl.load(scale_ptr + param, mask=ok, other=0.0).to(tl.float32)
+    mn = tl.load(mn_ptr + param, mask=ok, other=0.0).to(tl.float32)
+    return code.to(tl.float32) * scale + mn
+
+
+@triton.jit
+def _kivi_attention_kernel(
+    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, rk_ptr, rv_ptr, start_ptr, m_ptr, l_ptr, acc_ptr,
+    HKV, TQ, TR, tokens_per_split, sm_scale,
+    D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
+    WPG: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b = bh // HKV
+    splits = tl.num_programs(1)
+    rows = tl.arange(0, 16)
+    chan = tl.arange(0, D)
+    row_ok = rows < REP
+    q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
+    q = (q.to(tl.float32) * sm_scale).to(DOT_DTYPE)
+    # per (b, kv head) bases of the packed store and of the residual window
+    kc = kc_ptr + bh.to(tl.int64) * (TQ // G * WPG * D)
+    ks, km = ks_ptr + bh.to(tl.int64) * (TQ // G * D), km_ptr + bh.to(tl.int64) * (TQ // G * D)
+    vc = vc_ptr + bh.to(tl.int64) * (TQ * (D // G * WPG))
+    vs, vm = vs_ptr + bh.to(tl.int64) * (TQ * (D // G)), vm_ptr + bh.to(tl.int64) * (TQ * (D // G))
+    rk, rv = rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D)
+    first = 0
+    if HAS_START:
+        first = tl.load(start_ptr + b)
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, TQ + TR)
+    m = tl.full([16], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([16], dtype=tl.float32)
+    acc = tl.zeros([16, D], dtype=tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        tok = t0 + tl.arange(0, BLOCK_T)
+        live = (tok < hi) & (tok >= first)
+        quant = live & (tok < TQ)
+        resid = live & (tok >= TQ)
+        tq = tok[:, None]
+        k = _dequant_tile(kc, ks, km, tq, chan[None, :], quant[:, None], D, D, True, BITS, G, EPW, WPG)
+        k += tl.load(rk + (tq - TQ) * D + chan[None, :], mask=resid[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)  # [16, BLOCK_T]
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with every token masked so far
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        v = _dequant_tile(vc, vs, vm, tq, chan[None, :], quant[:, None], D // G * WPG, D // G, False, BITS, G, EPW,
+                          WPG)
+        v += tl.load(rv + (tq - TQ) * D + chan[None, :], mask=resid[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    out = (bh * REP + rows) * splits + split
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(l_ptr + out, l, mask=row_ok)
+    tl.store(acc_ptr + out[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr):
+    """o[row] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the SPLITS partials of one query row."""
+    row = tl.program_id(0)
+    s = tl.arange(0, SPLITS_PAD)
+    ok = s < SPLITS
+    m = tl.load(m_ptr + row * SPLITS + s, mask=ok, other=float("-inf"))
+    l = tl.load(l_ptr + row * SPLITS + s, mask=ok, other=0.0)
+    big = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - big))
+    chan = tl.arange(0, D)
+    acc = tl.load(acc_ptr + (row * SPLITS + s)[:, None] * D + chan[None, :], mask=ok[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(o_ptr + row * D + chan, o.to(o_ptr.dtype.element_ty))
+
+
+def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start) -> None:
+    """Raise ValueError naming the first input whose dtype or shape does not fit the layouts above."""
+    check_kv_bits(bits)
+    if q.dim() != 3 or q.dtype not in DTYPES:
+        raise ValueError(f"q must be [B, Hq, D] fp16 / bf16 / fp32; got {q.dtype} {tuple(q.shape)}")
+    b, hq, d = q.shape
+    if res_k.dim() != 4 or res_k.shape[0] != b or res_k.shape[-1] != d:
+        raise ValueError(f"res_k must be [B={b}, Hkv, Tr, D={d}]; got {tuple(res_k.shape)}")
+    hkv, tr = res_k.shape[1], res_k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if hq // hkv > REP_PAD:
+        raise ValueError(f"at most {REP_PAD} query heads per KV head; got {hq // hkv}")
+    if d % group or d & (d - 1) or d < 16:
+        raise ValueError(f"head size {d} must be a power of two >= 16 and a multiple of group={group}")
+    tq = packed_v.codes.shape[2]
+    wpg = words_per_group(bits, group)
+    shapes = {"res_v": (res_v, (b, hkv, tr, d)), "keys.codes": (packed_k.codes, (b, hkv, tq // group * wpg, d)),
+              "keys.scale": (packed_k.scale, (b, hkv, tq // group, d)), "keys.mn": (packed_k.mn, (b, hkv, tq // group, d)),
+              "values.codes": (packed_v.codes, (b, hkv, tq, d // group * wpg)),
+              "values.scale": (packed_v.scale, (b, hkv, tq, d // group)), "values.mn": (packed_v.mn, (b, hkv, tq, d // group))}
+    if tq % group:
+        raise ValueError(f"the packed store holds {tq} tokens, not whole groups of {group}")
+    for name, (t, shape) in shapes.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match: expected {shape}")
+    if res_v.dtype != q.dtype or res_k.dtype != q.dtype:
+        raise ValueError(f"res_k / res_v must be in q's dtype {q.dtype}; got {res_k.dtype}, {res_v.dtype}")
+    if packed_k.codes.dtype != torch.int32 or packed_v.codes.dtype != torch.int32:
+        raise ValueError("packed codes must be int32")
+    if start is not None and (start.shape != (b,) or start.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"start must be an integer tensor [B={b}]; got {start.dtype} {tuple(start.shape)}")
+
+
+INTERPRETER_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "num_warps": 4}
+
+
+def configs(tokens: int) -> list[dict]:
+    """Candidates for a context of `tokens` (rounded up to a power of two): BLOCK_T 32 / 64, and splits that
+    give the grid about 1-4 programs per SM (132 on an H100) for B * Hkv = 8 and 64 (a split is at least
+    256 tokens); the first is the default."""
+    if interpreter_on():
+        return [INTERPRETER_CONFIG]
+    out = []
+    for splits in sorted({max(1, min(64, tokens // 256 // f)) for f in (1, 2, 4, 8)}, reverse=True):
+        for block_t in (64, 32):
+            for warps in (4, 8):
+                out.append({"BLOCK_T": block_t, "SPLITS": splits, "num_warps": warps})
+    return out
+
+
+def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start) -> torch.Tensor:
+    b, hq, d = q.shape
+    hkv, tr = res_k.shape[1], res_k.shape[2]
+    tq = packed_v.codes.shape[2]
+    total = tq + tr
+    per_split = max(config["BLOCK_T"], triton.cdiv(triton.cdiv(total, config["SPLITS"]), config["BLOCK_T"])
+                    * config["BLOCK_T"])
+    splits = max(1, triton.cdiv(total, per_split))
+    m = torch.empty(b * hq * splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
+    tensors = [t.contiguous() for t in (q, *packed_k, *packed_v, res_k, res_v)]
+    # the interpreter multiplies bf16 bit patterns as integers in tl.dot: it takes bf16 models' tiles in fp32
+    dot_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
+                 torch.bfloat16: tl.float32 if interpreter_on() else tl.bfloat16}[q.dtype]
+    _kivi_attention_kernel[(b * hkv, splits)](
+        *tensors, start if start is not None else m, m, l, acc, hkv, tq, tr, per_split, sm_scale,
+        D=d, REP=hq // hkv, BITS=bits, G=group, EPW=values_per_word(bits), WPG=words_per_group(bits, group),
+        BLOCK_T=config["BLOCK_T"], HAS_START=start is not None, DOT_DTYPE=dot_dtype,
+        PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", num_warps=config["num_warps"],
+    )
+    o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    _combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
+    return o
+
+
+def kivi_decode_attention(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
+                          sm_scale: float | None = None, start=None) -> torch.Tensor:
+    """o [B, Hq, D] = softmax(sm_scale q K^T) V over the packed store and the residual window (module docstring);
+    sm_scale defaults to 1 / sqrt(D)."""
+    check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start)
+    check_device({"q": q, "keys": packed_k.codes, "values": packed_v.codes, "res_k": res_k, "start": start})
+    sm_scale = 1 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    total = packed_v.codes.shape[2] + res_k.shape[2]
+    if total == 0:
+        raise ValueError("the cache is empty: nothing to attend to")
+    key = {"T": next_power_of_2(total), "B": q.shape[0], "Hq": q.shape[1], "Hkv": res_k.shape[1], "D": q.shape[2],
+           "bits": bits, "group": group, "dtype": str(q.dtype).removeprefix("torch.")}
+    args = (q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start)
+    config = tune("kivi_decode_attention", key, configs(key["T"]), lambda c: launch(c, *args), q.device)
+    return launch(config, *args)
+
+
+__all__ = ["kivi_decode_attention", "kivi_decode_attention_ref"]
