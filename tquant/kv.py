@@ -55,7 +55,8 @@ def hook_generate(model) -> None:
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+        given = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None  # newer name
+        if not given and kwargs.get("use_cache", True):
             kwargs["past_key_values"] = kv_cache(model)
         return original(*args, **kwargs)
 
