@@ -55,10 +55,8 @@ def _quantize_groups(x: torch.Tensor, bits: int, group: int) -> PackedKV:
         return PackedKV(empty(n // group * wpg, torch.int32), empty(n // group, torch.float16),
                         empty(n // group, torch.float16))
     g = x.float().reshape(-1, n // group, group)
-    _, scale, mn = minmax_quantize(g, bits, dim=-1)
-    scale, mn = scale.half(), mn.half()  # the stored parameters; codes are chosen against them
-    q = torch.round((g - mn.float()) / scale.float()).clamp_(0, 2**bits - 1)
-    words = pack_codes(q.reshape(-1, group).to(torch.int32), bits)  # [wpg, rows * n / group]
+    q, scale, mn = minmax_quantize(g, bits, dim=-1, param_dtype=torch.float16)
+    words = pack_codes(q.reshape(-1, group), bits)  # [wpg, rows * n / group]
     codes = words.t().reshape(*lead, n // group * words.shape[0])
     return PackedKV(codes.contiguous(), scale.reshape(*lead, n // group), mn.reshape(*lead, n // group))
 

@@ -71,14 +71,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (q.float() - zero) * scale
 
 
-def minmax_quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes int32 like x, scale, mn with `dim` kept as size 1, float32): min-max over `dim`, no zero forced
-    into the range (a constant slice gets scale 1, so its codes are 0 and it comes back exactly)."""
+def minmax_quantize(x: torch.Tensor, bits: int, dim: int, param_dtype: torch.dtype = torch.float32
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes int32 like x, scale, mn with `dim` kept as size 1, in param_dtype): min-max over `dim`, no zero
+    forced into the range (a constant slice gets scale 1, so its codes are 0 and it comes back exactly). scale
+    and mn are rounded to param_dtype first (the stored parameters) and the codes chosen against them."""
     x = x.float()
     mn = x.amin(dim=dim, keepdim=True)
     scale = (x.amax(dim=dim, keepdim=True) - mn) / (2**bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round((x - mn) / scale).clamp_(0, 2**bits - 1).to(torch.int32)
+    scale, mn = scale.to(param_dtype), mn.to(param_dtype)
+    q = torch.round((x - mn.float()) / scale.float()).clamp_(0, 2**bits - 1).to(torch.int32)
     return q, scale, mn
 
 
