@@ -28,7 +28,7 @@ import triton.language as tl
 from ..kv_quant import PackedKV, check_kv_bits, dequantize_keys, dequantize_values, words_per_group
 from ..packing import values_per_word
 from .autotune_cache import tune
-from .runtime import check_device, interpreter_on, next_power_of_2
+from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REP_PAD = 16  # tl.dot needs M >= 16: the rep query heads of one KV head are padded to this many rows
@@ -77,12 +77,12 @@ def _kivi_attention_kernel(
     HKV, TQ, TR, tokens_per_split, sm_scale,
     D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
     WPG: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, R: tl.constexpr,
 ):
     bh, split = tl.program_id(0), tl.program_id(1)
     b = bh // HKV
     splits = tl.num_programs(1)
-    rows = tl.arange(0, 16)
+    rows = tl.arange(0, R)  # the rep query heads, padded to R = REP_PAD rows
     chan = tl.arange(0, D)
     row_ok = rows < REP
     q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
@@ -98,9 +98,9 @@ def _kivi_attention_kernel(
         first = tl.load(start_ptr + b)
     lo = split * tokens_per_split
     hi = tl.minimum(lo + tokens_per_split, TQ + TR)
-    m = tl.full([16], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([16], dtype=tl.float32)
-    acc = tl.zeros([16, D], dtype=tl.float32)
+    m = tl.full([R], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([R], dtype=tl.float32)
+    acc = tl.zeros([R, D], dtype=tl.float32)
     for t0 in range(lo, hi, BLOCK_T):
         tok = t0 + tl.arange(0, BLOCK_T)
         live = (tok < hi) & (tok >= first)
@@ -109,7 +109,7 @@ def _kivi_attention_kernel(
         tq = tok[:, None]
         k = _dequant_tile(kc, ks, km, tq, chan[None, :], quant[:, None], D, D, True, BITS, G, EPW, WPG)
         k += tl.load(rk + (tq - TQ) * D + chan[None, :], mask=resid[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)  # [16, BLOCK_T]
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)  # [R, BLOCK_T]
         s = tl.where(live[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with every token masked so far
@@ -159,20 +159,19 @@ def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start) -> Non
     if d % group or d & (d - 1) or d < 16:
         raise ValueError(f"head size {d} must be a power of two >= 16 and a multiple of group={group}")
     tq = packed_v.codes.shape[2]
-    wpg = words_per_group(bits, group)
-    shapes = {"res_v": (res_v, (b, hkv, tr, d)), "keys.codes": (packed_k.codes, (b, hkv, tq // group * wpg, d)),
-              "keys.scale": (packed_k.scale, (b, hkv, tq // group, d)), "keys.mn": (packed_k.mn, (b, hkv, tq // group, d)),
-              "values.codes": (packed_v.codes, (b, hkv, tq, d // group * wpg)),
-              "values.scale": (packed_v.scale, (b, hkv, tq, d // group)), "values.mn": (packed_v.mn, (b, hkv, tq, d // group))}
     if tq % group:
         raise ValueError(f"the packed store holds {tq} tokens, not whole groups of {group}")
-    for name, (t, shape) in shapes.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} does not match: expected {shape}")
     if res_v.dtype != q.dtype or res_k.dtype != q.dtype:
         raise ValueError(f"res_k / res_v must be in q's dtype {q.dtype}; got {res_k.dtype}, {res_v.dtype}")
-    if packed_k.codes.dtype != torch.int32 or packed_v.codes.dtype != torch.int32:
-        raise ValueError("packed codes must be int32")
+    wpg = words_per_group(bits, group)
+    check_tensors({"res_v": (res_v, (b, hkv, tr, d), (q.dtype,)),
+                   "keys.codes": (packed_k.codes, (b, hkv, tq // group * wpg, d), (torch.int32,)),
+                   "keys.scale": (packed_k.scale, (b, hkv, tq // group, d), DTYPES),
+                   "keys.mn": (packed_k.mn, (b, hkv, tq // group, d), DTYPES),
+                   "values.codes": (packed_v.codes, (b, hkv, tq, d // group * wpg), (torch.int32,)),
+                   "values.scale": (packed_v.scale, (b, hkv, tq, d // group), DTYPES),
+                   "values.mn": (packed_v.mn, (b, hkv, tq, d // group), DTYPES)},
+                  f"q {tuple(q.shape)}, {tq} packed and {tr} residual tokens, {bits} bits, group {group}")
     if start is not None and (start.shape != (b,) or start.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"start must be an integer tensor [B={b}]; got {start.dtype} {tuple(start.shape)}")
 
@@ -213,7 +212,7 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
         *tensors, start if start is not None else m, m, l, acc, hkv, tq, tr, per_split, sm_scale,
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=values_per_word(bits), WPG=words_per_group(bits, group),
         BLOCK_T=config["BLOCK_T"], HAS_START=start is not None, DOT_DTYPE=dot_dtype,
-        PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", num_warps=config["num_warps"],
+        PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", R=REP_PAD, num_warps=config["num_warps"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     _combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
