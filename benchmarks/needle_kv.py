@@ -17,6 +17,7 @@ import random
 import time
 
 import torch
+from transformers import DynamicCache
 
 import tquant
 from tquant.calibration import source_tokens
@@ -61,9 +62,9 @@ def main():
             t, hits, answers = time.time(), 0, []
             for trial in range(a.trials):
                 ids, code = prompt_ids(tok, filler, length, trial)
-                cache = tquant.kv_cache(model) if options is not None else None
+                cache = tquant.kv_cache(model) if options is not None else DynamicCache()
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                     past_key_values=cache or __import__("transformers").DynamicCache())
+                                     past_key_values=cache)
                 answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
                 hits += code in answer
                 answers.append(answer.strip())
