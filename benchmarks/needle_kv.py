@@ -37,7 +37,7 @@ def prompt_ids(tok, filler: torch.Tensor, length: int, trial: int) -> tuple[torc
     text = tok.decode(hay[:cut]) + f" The secret code is {code}. " + tok.decode(hay[cut:])
     chat = [{"role": "user", "content": text + "\n\n" + QUESTION}]
     ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
-    return (ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids), code
+    return (ids["input_ids"] if hasattr(ids, "keys") else ids), code  # a BatchEncoding in newer transformers
 
 
 def main():

@@ -149,10 +149,7 @@ def _transform_rows(x_ptr, y_ptr, h0_ptr, in_ptr, os_ptr, b_ptr, h0, h1, h2, row
         xk = tl.load(x_ptr + (k * Q)[:, None] + col[None, :], mask=xk_ok, other=0.0)
         if HAS_IN_SCALE:  # x * in_scale, rounded to x's dtype
             s = tl.load(in_ptr + (k * Q)[:, None] + (c_i1 * N2 + c_i2)[None, :], mask=xk_ok, other=0.0)
-            xs = xk.to(tl.float32) * s
-            if INTERPRETER and xk.dtype == tl.bfloat16:
-                xs = _round_to_bf16(xs)  # the interpreter truncates fp32 -> bf16; CUDA rounds to nearest even
-            xk = xs.to(xk.dtype)
+            xk = _cast(xk.to(tl.float32) * s, xk.dtype, INTERPRETER)
         if BLOCK_K < F0:
             h0 = tl.load(h0_ptr + tl.arange(0, F0)[:, None] * F0 + k[None, :])
         acc = _mul(xk, h0, acc, X_PARTS, False, INTERPRETER)
@@ -212,9 +209,15 @@ def _scaled(out, scale, y_ptr, os_ptr, b_ptr, col, ok, HAS_OUT_SCALE: tl.constex
         out = out * tl.load(os_ptr + col, mask=ok, other=0.0)
     if HAS_BIAS:
         out = out + tl.load(b_ptr + col, mask=ok, other=0.0).to(tl.float32)
-    if INTERPRETER and y_ptr.dtype.element_ty == tl.bfloat16:
-        out = _round_to_bf16(out)  # the interpreter truncates fp32 -> bf16; CUDA rounds to nearest even
-    return out.to(y_ptr.dtype.element_ty)
+    return _cast(out, y_ptr.dtype.element_ty, INTERPRETER)
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """fp32 v in dtype, rounded to nearest even (the interpreter truncates fp32 -> bf16: rounded first here)."""
+    if INTERPRETER and dtype == tl.bfloat16:
+        v = _round_to_bf16(v)
+    return v.to(dtype)
 
 
 @triton.jit
