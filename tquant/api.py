@@ -45,9 +45,9 @@ def quantize(
     skip: fnmatch patterns of layer names to leave in full precision. The lm_head and the input
     embedding stay in full precision unless lm_head=True (quantized by the method from its inputs) or
     embeddings=True (round-to-nearest per row group); untying a tied pair keeps the other one float.
-    Extra keyword arguments are method options. A KV-cache method ("kivi") quantizes no weights: it sets up
-    the model's quantized KV cache (tquant.kv), which generate() then uses; apply it before or after a weight
-    method to combine the two.
+    Extra keyword arguments are method options. A KV-cache method ("kivi", "kvquant", "qoq_kv4") quantizes no
+    weights: it sets up the model's quantized KV cache (tquant.kv), which generate() then uses (calibrated on
+    calib= where the method needs data); apply it before or after a weight method to combine the two.
     """
     cls = get_method(method)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -57,7 +57,14 @@ def quantize(
     if issubclass(cls, KVCacheMethod):
         if bits is not None:
             raise ValueError(f"{method!r} quantizes the KV cache, not weights: give kv_bits= instead of bits=")
-        return attach(model, cls(**({} if group_size is None else {"group_size": group_size}), **method_options))
+        kv_method = cls(**({} if group_size is None else {"group_size": group_size}), **method_options)
+        kv_method.check_model(model.config)
+        if kv_method.needs_calibration:
+            if calib is None:
+                raise ValueError(f"method {method!r} needs calibration data: pass calib= (token ids, texts or 'pydoc')")
+            ids = calibration_data(calib, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
+            kv_method.calibrate(model, ids, batch_size=batch_size)
+        return attach(model, kv_method)
     core = {k: v for k, v in dict(bits=bits, group_size=group_size).items() if v is not None}
     m = cls(sym=sym, **core, **method_options)
     if not any(isinstance(x, nn.Linear) for x in model.modules()):

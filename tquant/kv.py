@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 from .config import FORMAT, QUANT_METHOD
+from .methods import get_method
 from .methods.kv_base import KVCacheMethod
 from .modules.kv_cache import ATTENTION, QuantizedKVCache
 
@@ -41,8 +42,8 @@ def kv_cache(model) -> QuantizedKVCache:
     if spec is None:
         raise ValueError("this model has no quantized KV cache: run tquant.quantize(model, 'kivi', kv_bits=...)")
     kernel = None if model.config._attn_implementation == ATTENTION else False
-    return QuantizedKVCache(model.config.num_hidden_layers, bits=spec["kv_bits"], group=spec["group_size"],
-                            residual=spec["residual"], prefill_with_quant=spec["prefill_with_quant"], kernel=kernel)
+    method = get_method(spec["method"]).from_spec(spec)
+    return QuantizedKVCache([method.make_layer(i, kernel) for i in range(model.config.num_hidden_layers)])
 
 
 def hook_generate(model) -> None:

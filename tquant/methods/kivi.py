@@ -28,6 +28,11 @@ class Kivi(KVCacheMethod):
         if self.group_size < 1 or self.residual < 0:
             raise ValueError(f"kivi needs group_size >= 1 and residual >= 0; got {self.group_size}, {self.residual}")
 
+    def make_layer(self, layer_idx: int, kernel: bool | None):
+        from ..modules.kv_cache import KiviLayer
+
+        return KiviLayer(self.kv_bits, self.group_size, self.residual, self.prefill_with_quant, kernel)
+
     def check_model(self, config) -> None:
         d = head_dim(config)
         if d % self.group_size:

@@ -115,14 +115,11 @@ class KiviLayer(CacheLayerMixin):
 
 
 class QuantizedKVCache(Cache):
-    """One KiviLayer per decoder layer; pass it to model(..., past_key_values=) or model.generate(...).
-    kernel: decode steps through the kernel (needs the model's attention implementation "tquant_kv");
-    None = on CUDA tensors when the model runs "tquant_kv"."""
+    """One quantized cache layer per decoder layer (KiviLayer, or another method's: KVCacheMethod.make_layer);
+    pass it to model(..., past_key_values=) or model.generate(...). tquant.kv_cache(model) builds it."""
 
-    def __init__(self, num_layers: int, *, bits: int, group: int, residual: int, prefill_with_quant: bool,
-                 kernel: bool | None = None):
-        super().__init__(layers=[KiviLayer(bits, group, residual, prefill_with_quant, kernel)
-                                 for _ in range(num_layers)])
+    def __init__(self, layers: list[CacheLayerMixin]):
+        super().__init__(layers=layers)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

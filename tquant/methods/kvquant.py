@@ -1,0 +1,1 @@
+"""KVQuant (Hooper et al., 2024): under construction."""
