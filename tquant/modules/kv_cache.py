@@ -36,9 +36,14 @@ class KiviLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, bits: int, group: int, residual: int, prefill_with_quant: bool, kernel: bool | None = None):
+    def __init__(self, bits: int, group: int, residual: int, prefill_with_quant: bool, kernel: bool | None = None,
+                 key_axis: str = "channel"):
         super().__init__()
+        if key_axis not in ("channel", "token"):
+            raise ValueError(f"key_axis must be 'channel' (KIVI) or 'token'; got {key_axis!r}")
         self.bits, self.group, self.residual, self.prefill_with_quant = bits, group, residual, prefill_with_quant
+        self.key_axis = key_axis
+        self.flush_tokens = group if key_axis == "channel" else 1
         self.kernel = kernel  # None: on CUDA tensors
         self.kernel_step = False  # the last update returned only the residual window, for the kernel
         self.packed_keys: PackedKV | None = None
@@ -58,15 +63,15 @@ class KiviLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        flush = max(0, self.keys.shape[-2] - self.residual) // self.group * self.group
+        flush = max(0, self.keys.shape[-2] - self.residual) // self.flush_tokens * self.flush_tokens
         if flush:
-            k, v = quantize_keys(self.keys[..., :flush, :], self.bits, self.group), \
+            k, v = self._quantize_keys(self.keys[..., :flush, :]), \
                 quantize_values(self.values[..., :flush, :], self.bits, self.group)
             self.packed_keys = k if self.packed_keys is None else concat([self.packed_keys, k], dim=-2)
             self.packed_values = v if self.packed_values is None else concat([self.packed_values, v], dim=-2)
             self.keys, self.values = self.keys[..., flush:, :], self.values[..., flush:, :]
             if not self.kernel:
-                k = dequantize_keys(k, self.bits, self.group).to(self.dtype)
+                k = self._dequantize_keys(k).to(self.dtype)
                 v = dequantize_values(v, self.bits, self.group).to(self.dtype)
                 self._dequantized = (k, v) if self._dequantized is None else \
                     tuple(torch.cat([old, new], dim=-2) for old, new in zip(self._dequantized, (k, v)))
@@ -85,9 +90,15 @@ class KiviLayer(CacheLayerMixin):
         """Every cached token as the cache holds it: [dequantized packed store ; residual], model dtype."""
         if self.packed_keys is None:
             return self.keys, self.values
-        k, v = self._dequantized or (dequantize_keys(self.packed_keys, self.bits, self.group).to(self.dtype),
+        k, v = self._dequantized or (self._dequantize_keys(self.packed_keys).to(self.dtype),
                                      dequantize_values(self.packed_values, self.bits, self.group).to(self.dtype))
         return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+
+    def _quantize_keys(self, k: torch.Tensor) -> PackedKV:
+        return (quantize_keys if self.key_axis == "channel" else quantize_values)(k, self.bits, self.group)
+
+    def _dequantize_keys(self, p: PackedKV) -> torch.Tensor:
+        return (dequantize_keys if self.key_axis == "channel" else dequantize_values)(p, self.bits, self.group)
 
     def quantized_length(self) -> int:
         return 0 if self.packed_values is None else self.packed_values.codes.shape[-2]
