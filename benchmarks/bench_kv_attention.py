@@ -1,6 +1,7 @@
 """Decode attention over a KIVI-quantized KV cache on the GPU (issue 5) against torch SDPA on an fp16 cache.
 
     python benchmarks/bench_kv_attention.py [--batches 1,16] [--contexts 4096,32768,131072] [--bits 4,2]
+    ncu ... python benchmarks/bench_kv_attention.py --profile 1,32768,4   # one launch (B, context, bits) to profile
 
 Shape of the issue: 32 query heads, 8 KV heads, head size 128, one query token a sequence, fp16. Per batch and
 context: the kernel (tquant.kernels.kv_attention.kivi_decode_attention; KIVI group 32, residual window 128
@@ -67,12 +68,27 @@ def run(batches=(1, 16), contexts=(4096, 32768, 131072), bits_list=(4, 2), print
             print_fn(f"| {b} | {t} | " + " | ".join(cells) + " |")
 
 
+def profile(b, t, bits):
+    """Tune (or read the tuned config), then launch the kernel once more: the launch a profiler looks at."""
+    q = torch.randn(b, HQ, D, device="cuda", dtype=torch.float16)
+    cache = random_cache(b, t, bits)[0]
+    kivi_decode_attention(q, *cache, bits=bits, group=GROUP)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    kivi_decode_attention(q, *cache, bits=bits, group=GROUP)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batches", default="1,16")
     p.add_argument("--contexts", default="4096,32768,131072")
     p.add_argument("--bits", default="4,2")
+    p.add_argument("--profile", default=None, help="B,context,bits: one launch for a profiler")
     a = p.parse_args()
+    if a.profile:
+        return profile(*(int(v) for v in a.profile.split(",")))
     run([int(v) for v in a.batches.split(",")], [int(v) for v in a.contexts.split(",")],
         [int(v) for v in a.bits.split(",")])
 

@@ -1,6 +1,7 @@
-"""Decode attention over a KIVI-quantized cache: the Triton kernel against its torch reference (fp32 through the
-format's decoders) on fresh random caches: GQA, ragged (left-padded) batches, empty packed store or residual,
-every bit width, several group sizes and splits; and the input checks."""
+"""Decode attention over a quantized cache: the Triton kernel against its torch reference (fp32 through the
+format's decoders) on fresh random caches: keys per channel (KIVI) or per token (QoQ's KV4), GQA, ragged
+(left-padded) batches, empty packed store or residual, every bit width, several group sizes and splits; and the
+input checks."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,12 +14,13 @@ from tquant.kernels.kv_attention import kivi_decode_attention, kivi_decode_atten
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def random_cache(b, hkv, d, tq, tr, bits, group, dtype, seed):
+def random_cache(b, hkv, d, tq, tr, bits, group, dtype, seed, key_axis="channel"):
     """A packed store of tq tokens quantized from K/V-like data (per-channel offsets) and a residual of tr."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, hkv, tq + tr, d, generator=g) * 2 + torch.randn(d, generator=g) * 3
     v = torch.randn(b, hkv, tq + tr, d, generator=g)
-    pk = kv_quant.quantize_keys(k[..., :tq, :], bits, group)
+    quantize_keys = kv_quant.quantize_keys if key_axis == "channel" else kv_quant.quantize_values
+    pk = quantize_keys(k[..., :tq, :], bits, group)
     pv = kv_quant.quantize_values(v[..., :tq, :], bits, group)
     move = lambda p: kv_quant.PackedKV(*(t.to(DEVICE) for t in p))  # noqa: E731
     return move(pk), move(pv), k[..., tq:, :].to(DEVICE, dtype), v[..., tq:, :].to(DEVICE, dtype)
@@ -29,18 +31,21 @@ def random_cache(b, hkv, d, tq, tr, bits, group, dtype, seed):
 @given(b=st.integers(1, 3), hkv=st.integers(1, 2), rep=st.sampled_from([1, 3, 4]), d=st.sampled_from([16, 32, 64]),
        bits=st.sampled_from(kv_quant.KV_BITS), group=st.sampled_from([8, 16]), groups=st.integers(0, 4),
        tr=st.integers(0, 21), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
-       ragged=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_kernels_kivi_attention_matches_reference(b, hkv, rep, d, bits, group, groups, tr, dtype, ragged, seed):
-    tq = groups * group
+       ragged=st.booleans(), key_axis=st.sampled_from(["channel", "token"]), extra=st.integers(0, 7),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_kivi_attention_matches_reference(b, hkv, rep, d, bits, group, groups, tr, dtype, ragged, key_axis,
+                                                  extra, seed):
+    tq = groups * group + (extra if key_axis == "token" else 0)  # per-token stores hold any number of tokens
     if tq + tr == 0:
         tr = 1
-    pk, pv, rk, rv = random_cache(b, hkv, d, tq, tr, bits, group, dtype, seed)
+    pk, pv, rk, rv = random_cache(b, hkv, d, tq, tr, bits, group, dtype, seed, key_axis)
     q = torch.randn(b, hkv * rep, d, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
     start = None
     if ragged:  # left padding: sequence i starts at start[i] (at least one token left)
         start = torch.randint(0, tq + tr, (b,), generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE)
-    out = kivi_decode_attention(q, pk, pv, rk, rv, bits=bits, group=group, start=start)
-    ref = kivi_decode_attention_ref(q, pk, pv, rk, rv, bits=bits, group=group, sm_scale=d**-0.5, start=start)
+    out = kivi_decode_attention(q, pk, pv, rk, rv, bits=bits, group=group, start=start, key_axis=key_axis)
+    ref = kivi_decode_attention_ref(q, pk, pv, rk, rv, bits=bits, group=group, sm_scale=d**-0.5, start=start,
+                                    key_axis=key_axis)
     assert out.shape == q.shape and out.dtype == dtype and out.isfinite().all()
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < TOL[dtype], err
@@ -69,6 +74,8 @@ def test_kernels_kivi_attention_bad_input_raises():
         "res_v must be in q's dtype|res_v shape": dict(res_v=rv.float()),
         "keys.codes shape": dict(packed_k=kv_quant.PackedKV(pk.codes[..., :16], pk.scale, pk.mn)),
         "kv_bits=5": dict(bits=5),
+        "key_axis must be": dict(key_axis="head"),
+        "keys.codes shape .* keys per token": dict(key_axis="token"),  # per-channel keys read as per-token ones
         "start must be an integer tensor": dict(start=torch.zeros(2, dtype=torch.int32, device=DEVICE)),
     }
     for message, change in cases.items():

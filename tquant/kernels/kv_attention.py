@@ -1,20 +1,23 @@
-"""Decode attention over a KIVI-quantized KV cache (flash-decoding): Triton kernels and the torch reference.
+"""Decode attention over a quantized KV cache (KIVI's formats; flash-decoding): Triton kernels and the torch
+reference.
 
 One new query token per sequence attends to every cached token:
     o[b, h] = softmax(sm_scale * q[b, h] K_b^T + mask) V_b,     K_b = [dequant(packed K) ; residual K]  (same for V)
     q      [B, Hq, D] fp16 / bf16 / fp32; Hq = rep * Hkv (GQA: query head h reads KV head h // rep)
-    packed keys    tquant.kv_quant.PackedKV: codes int32 [B, Hkv, Tq / G * wpg, D], scale, mn fp16 [B, Hkv, Tq / G, D]
+    packed keys    tquant.kv_quant.PackedKV, per channel (KIVI, key_axis="channel"): codes int32
+                   [B, Hkv, Tq / G * wpg, D], scale, mn fp16 [B, Hkv, Tq / G, D]; or per token (key_axis="token",
+                   QoQ's KV4) in the values' layout
     packed values  PackedKV: codes int32 [B, Hkv, Tq, D / G * wpg], scale, mn fp16 [B, Hkv, Tq, D / G]
     res_k, res_v   [B, Hkv, Tr, D] in q's dtype (the full-precision window), Tr >= 0
     start  int32 [B] or None: tokens before start[b] are masked (a left-padded batch; ragged lengths)
     o      [B, Hq, D] in q's dtype; fp32 softmax and accumulation
-Kernel: grid (B * Hkv, SPLITS). A program takes one KV head and all its rep query heads (K and V are read
-once for them; the rep rows are padded to 16 for tl.dot) over one contiguous share of the T = Tq + Tr tokens,
-BLOCK_T at a time: key codes are gathered as [BLOCK_T, D] words, shifted and masked to codes in registers and
-scaled (code * scale + mn, fp32) by their token group's parameters; tokens past Tq read the residual instead.
-Scores, the running max / sum and the rep x D accumulator stay in fp32 (online softmax). Each split writes its
-(max, sum, accumulator) to a workspace; `_combine_kernel` merges the splits: o = sum_s e^(m_s - M) acc_s /
-sum_s e^(m_s - M) l_s. A fully masked split contributes nothing (its max is -inf).
+Kernel: grid (B * Hkv, SPLITS + 1). A program takes one KV head and all its rep query heads (K and V are read
+once for them; the rep rows are padded to 16 for tl.dot). Programs 0 ... SPLITS - 1 each take one contiguous
+share of the Tq packed tokens, BLOCK_T at a time: contiguous tiles of code words and parameters are loaded,
+the codes shifted out of the words in registers and scaled (code * scale + mn; _tile, _dequant); the last program
+takes the Tr residual tokens. Scores, the running max / sum and the rep x D accumulator stay in fp32 (online
+softmax). Each program writes its (max, sum, accumulator) to a workspace; `_combine_kernel` merges them:
+o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. A fully masked share contributes nothing (its max is -inf).
 `kivi_decode_attention_ref` is plain torch in fp32 from tquant.kv_quant's decoders.
 """
 from __future__ import annotations
@@ -35,10 +38,11 @@ REP_PAD = 16  # tl.dot needs M >= 16: the rep query heads of one KV head are pad
 
 
 def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
-                              sm_scale: float, start=None) -> torch.Tensor:
+                              sm_scale: float, start=None, key_axis: str = "channel") -> torch.Tensor:
     """The same attention in fp32 through dequantize_keys / dequantize_values, in q's dtype."""
     b, hq, d = q.shape
-    k = torch.cat([dequantize_keys(packed_k, bits, group), res_k.float()], dim=-2)
+    keys = (dequantize_keys if key_axis == "channel" else dequantize_values)(packed_k, bits, group)
+    k = torch.cat([keys, res_k.float()], dim=-2)
     v = torch.cat([dequantize_values(packed_v, bits, group), res_v.float()], dim=-2)
     rep = hq // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, T, D]
@@ -50,13 +54,30 @@ def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, 
 
 
 @triton.jit
-def _dequant_tile(codes_ptr, scale_ptr, mn_ptr, tok, chan, ok, CODE_ROW: tl.constexpr, PARAM_ROW: tl.constexpr,
-                  ALONG_TOKENS: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
-                  WPG: tl.constexpr):
-    """fp32 values of tokens tok [T, 1] x channels chan [1, D] of a packed store (keys: codes packed along tokens
-    within each group, parameters per (token group, channel); values: along channels, per (token, channel
-    group)). CODE_ROW / PARAM_ROW: elements per token row of the codes / parameters of one (b, head)."""
-    if ALONG_TOKENS:
+def _dequant(code, scale, mn, OUT: tl.constexpr):
+    """code * scale + mn in OUT (the dot's dtype) for int32 codes in [0, 256), with no int-to-float conversion
+    (a quarter-rate instruction): the code is or-ed into the mantissa of a float whose exponent makes it land
+    on an integer (fp16 0x6400 = 1024: 1024 + code; fp32 0x4B000000 = 2^23: 2^23 + code), and the offset is
+    subtracted exactly. fp16 caches compute in fp16 (one rounding, as the cast of an fp32 result would round);
+    bf16 / fp32 in fp32, cast last."""
+    if OUT == tl.float16:
+        c = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+        return c * scale.to(tl.float16) + mn.to(tl.float16)
+    else:
+        c = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return (c * scale.to(tl.float32) + mn.to(tl.float32)).to(OUT)
+
+
+@triton.jit
+def _gathered_tile(codes_ptr, scale_ptr, mn_ptr, tok, chan, ok, CODE_ROW: tl.constexpr, PARAM_ROW: tl.constexpr,
+                   PER_CHANNEL: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
+                   WPG: tl.constexpr, OUT: tl.constexpr):
+    """Values (in OUT) of tokens tok [T, 1] x channels chan [1, D], each code word gathered by its own address
+    (any layout; the path of 3-bit codes, whose EPW * WPG slots do not fill a group exactly). PER_CHANNEL: codes
+    packed along tokens within each group, parameters per (token group, channel); else along channels, per
+    (token, channel group). CODE_ROW / PARAM_ROW: elements per token row of the codes / parameters of one
+    (b, head)."""
+    if PER_CHANNEL:
         i = tok % G
         word = ((tok // G) * WPG + i // EPW) * CODE_ROW + chan
         param = (tok // G) * PARAM_ROW + chan
@@ -65,19 +86,74 @@ def _dequant_tile(codes_ptr, scale_ptr, mn_ptr, tok, chan, ok, CODE_ROW: tl.cons
         word = tok * CODE_ROW + (chan // G) * WPG + i // EPW
         param = tok * PARAM_ROW + chan // G
     w = tl.load(codes_ptr + word, mask=ok, other=0)
-    code = (w >> ((i % EPW) * BITS)) & ((1 << BITS) - 1)
-    scale = tl.load(scale_ptr + param, mask=ok, other=0.0).to(tl.float32)
-    mn = tl.load(mn_ptr + param, mask=ok, other=0.0).to(tl.float32)
-    return code.to(tl.float32) * scale + mn
+    scale = tl.load(scale_ptr + param, mask=ok, other=0.0)
+    mn = tl.load(mn_ptr + param, mask=ok, other=0.0)
+    return _dequant((w >> ((i % EPW) * BITS)) & ((1 << BITS) - 1), scale, mn, OUT)
 
 
 @triton.jit
-def _kivi_attention_kernel(
+def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
+          D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr, WPG: tl.constexpr,
+          OUT: tl.constexpr):
+    """[BLOCK_T, D] values (in OUT) of tokens t0 ... t0 + BLOCK_T - 1 of a packed store of TQ tokens (zero past
+    TQ). Where a group's words hold exactly its G codes (2, 4, 8 bits), every load is a contiguous tile: per
+    channel (keys), word row r holds tokens r EPW ... r EPW + EPW - 1 of every channel ([BLOCK_T / EPW, D]
+    words); per token, a token's D / EPW words hold its channels in order ([BLOCK_T, D / EPW] words); the codes
+    come out of the words by shifts in registers, and the parameters ([BLOCK_T / G, D] per channel,
+    [BLOCK_T, D / G] per token) are broadcast over their groups. 3-bit codes take _gathered_tile."""
+    tok = t0 + tl.arange(0, BLOCK_T)
+    ok = tok < TQ
+    if EPW * WPG != G:
+        out = _gathered_tile(codes_ptr, scale_ptr, mn_ptr, tok[:, None], chan[None, :], ok[:, None],
+                             D if PER_CHANNEL else D // G * WPG, D if PER_CHANNEL else D // G, PER_CHANNEL, BITS,
+                             G, EPW, WPG, OUT)
+    else:
+        shifts = tl.arange(0, EPW) * BITS
+        if PER_CHANNEL:
+            r = t0 // EPW + tl.arange(0, BLOCK_T // EPW)
+            w = tl.load(codes_ptr + r[:, None] * D + chan[None, :], mask=(r < TQ // EPW)[:, None], other=0)
+            code = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1), [BLOCK_T, D])
+            if BLOCK_T >= G:
+                g = t0 // G + tl.arange(0, BLOCK_T // G)
+                g_ok = (g < TQ // G)[:, None]
+                scale = tl.load(scale_ptr + g[:, None] * D + chan[None, :], mask=g_ok, other=0.0)
+                mn = tl.load(mn_ptr + g[:, None] * D + chan[None, :], mask=g_ok, other=0.0)
+                scale = tl.reshape(tl.broadcast_to(scale[:, None, :], [BLOCK_T // G, G, D]), [BLOCK_T, D])
+                mn = tl.reshape(tl.broadcast_to(mn[:, None, :], [BLOCK_T // G, G, D]), [BLOCK_T, D])
+            else:  # the whole tile lies in one group
+                scale = tl.load(scale_ptr + (t0 // G) * D + chan, mask=t0 < TQ, other=0.0)[None, :]
+                mn = tl.load(mn_ptr + (t0 // G) * D + chan, mask=t0 < TQ, other=0.0)[None, :]
+        else:
+            c = tl.arange(0, D // EPW)
+            w = tl.load(codes_ptr + tok[:, None] * (D // EPW) + c[None, :], mask=ok[:, None], other=0)
+            code = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), [BLOCK_T, D])
+            p = tl.arange(0, D // G)
+            scale = tl.load(scale_ptr + tok[:, None] * (D // G) + p[None, :], mask=ok[:, None], other=0.0)
+            mn = tl.load(mn_ptr + tok[:, None] * (D // G) + p[None, :], mask=ok[:, None], other=0.0)
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_T, D // G, G]), [BLOCK_T, D])
+            mn = tl.reshape(tl.broadcast_to(mn[:, :, None], [BLOCK_T, D // G, G]), [BLOCK_T, D])
+        out = _dequant(code, scale, mn, OUT)
+    return out
+
+
+@triton.jit
+def _scores(q, k, live, m, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax, first half: (p, new running max, rescale factor) for the BLOCK_T keys k [BLOCK_T, D]
+    (live [BLOCK_T]: the tokens that attend)."""
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)  # [R, BLOCK_T]
+    s = tl.where(live[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every token masked so far
+    return tl.exp(s - m_safe[:, None]), m_new, tl.exp(m - m_safe)
+
+
+@triton.jit
+def _kv_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, rk_ptr, rv_ptr, start_ptr, m_ptr, l_ptr, acc_ptr,
     HKV, TQ, TR, tokens_per_split, sm_scale,
     D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
-    WPG: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, R: tl.constexpr,
+    WPG: tl.constexpr, KEYS_PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
 ):
     bh, split = tl.program_id(0), tl.program_id(1)
     b = bh // HKV
@@ -87,40 +163,37 @@ def _kivi_attention_kernel(
     row_ok = rows < REP
     q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
     q = (q.to(tl.float32) * sm_scale).to(DOT_DTYPE)
-    # per (b, kv head) bases of the packed store and of the residual window
-    kc = kc_ptr + bh.to(tl.int64) * (TQ // G * WPG * D)
-    ks, km = ks_ptr + bh.to(tl.int64) * (TQ // G * D), km_ptr + bh.to(tl.int64) * (TQ // G * D)
-    vc = vc_ptr + bh.to(tl.int64) * (TQ * (D // G * WPG))
-    vs, vm = vs_ptr + bh.to(tl.int64) * (TQ * (D // G)), vm_ptr + bh.to(tl.int64) * (TQ * (D // G))
-    rk, rv = rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D)
     first = 0
     if HAS_START:
         first = tl.load(start_ptr + b)
-    lo = split * tokens_per_split
-    hi = tl.minimum(lo + tokens_per_split, TQ + TR)
     m = tl.full([R], float("-inf"), dtype=tl.float32)
     l = tl.zeros([R], dtype=tl.float32)
     acc = tl.zeros([R, D], dtype=tl.float32)
-    for t0 in range(lo, hi, BLOCK_T):
-        tok = t0 + tl.arange(0, BLOCK_T)
-        live = (tok < hi) & (tok >= first)
-        quant = live & (tok < TQ)
-        resid = live & (tok >= TQ)
-        tq = tok[:, None]
-        k = _dequant_tile(kc, ks, km, tq, chan[None, :], quant[:, None], D, D, True, BITS, G, EPW, WPG)
-        k += tl.load(rk + (tq - TQ) * D + chan[None, :], mask=resid[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)  # [R, BLOCK_T]
-        s = tl.where(live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with every token masked so far
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m - m_safe)
-        v = _dequant_tile(vc, vs, vm, tq, chan[None, :], quant[:, None], D // G * WPG, D // G, False, BITS, G, EPW,
-                          WPG)
-        v += tl.load(rv + (tq - TQ) * D + chan[None, :], mask=resid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
+    if split < splits - 1:  # a share of the packed store
+        k_params = TQ // G * D if KEYS_PER_CHANNEL else TQ * (D // G)
+        kc = kc_ptr + bh.to(tl.int64) * (TQ // G * WPG * D if KEYS_PER_CHANNEL else TQ * (D // G * WPG))
+        ks, km = ks_ptr + bh.to(tl.int64) * k_params, km_ptr + bh.to(tl.int64) * k_params
+        vc = vc_ptr + bh.to(tl.int64) * (TQ * (D // G * WPG))
+        vs, vm = vs_ptr + bh.to(tl.int64) * (TQ * (D // G)), vm_ptr + bh.to(tl.int64) * (TQ * (D // G))
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, TQ)
+        for t0 in range(lo, hi, BLOCK_T):
+            tok = t0 + tl.arange(0, BLOCK_T)
+            k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
+            p, m, alpha = _scores(q, k, (tok < hi) & (tok >= first), m, DOT_DTYPE, PRECISION)
+            v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, axis=1)
+    else:  # the last program of each (b, kv head): the full-precision residual window
+        rk, rv = rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D)
+        for t0 in range(0, TR, BLOCK_T):
+            tok = t0 + tl.arange(0, BLOCK_T)
+            ok = (tok < TR)[:, None]
+            k = tl.load(rk + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
+            p, m, alpha = _scores(q, k, (tok < TR) & (TQ + tok >= first), m, DOT_DTYPE, PRECISION)
+            v = tl.load(rv + tok[:, None] * D + chan[None, :], mask=ok, other=0.0).to(DOT_DTYPE)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, axis=1)
     out = (bh * REP + rows) * splits + split
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(l_ptr + out, l, mask=row_ok)
@@ -143,9 +216,11 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS: tl.constexpr, SPLITS_P
     tl.store(o_ptr + row * D + chan, o.to(o_ptr.dtype.element_ty))
 
 
-def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start) -> None:
+def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis) -> None:
     """Raise ValueError naming the first input whose dtype or shape does not fit the layouts above."""
     check_kv_bits(bits)
+    if key_axis not in ("channel", "token"):
+        raise ValueError(f"key_axis must be 'channel' (KIVI) or 'token'; got {key_axis!r}")
     if q.dim() != 3 or q.dtype not in DTYPES:
         raise ValueError(f"q must be [B, Hq, D] fp16 / bf16 / fp32; got {q.dtype} {tuple(q.shape)}")
     b, hq, d = q.shape
@@ -159,19 +234,23 @@ def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start) -> Non
     if d % group or d & (d - 1) or d < 16:
         raise ValueError(f"head size {d} must be a power of two >= 16 and a multiple of group={group}")
     tq = packed_v.codes.shape[2]
-    if tq % group:
+    if key_axis == "channel" and tq % group:
         raise ValueError(f"the packed store holds {tq} tokens, not whole groups of {group}")
     if res_v.dtype != q.dtype or res_k.dtype != q.dtype:
         raise ValueError(f"res_k / res_v must be in q's dtype {q.dtype}; got {res_k.dtype}, {res_v.dtype}")
     wpg = words_per_group(bits, group)
+    per_token = (b, hkv, tq, d // group * wpg), (b, hkv, tq, d // group)  # codes, parameters
+    k_codes, k_params = ((b, hkv, tq // group * wpg, d), (b, hkv, tq // group, d)) if key_axis == "channel" \
+        else per_token
     check_tensors({"res_v": (res_v, (b, hkv, tr, d), (q.dtype,)),
-                   "keys.codes": (packed_k.codes, (b, hkv, tq // group * wpg, d), (torch.int32,)),
-                   "keys.scale": (packed_k.scale, (b, hkv, tq // group, d), DTYPES),
-                   "keys.mn": (packed_k.mn, (b, hkv, tq // group, d), DTYPES),
-                   "values.codes": (packed_v.codes, (b, hkv, tq, d // group * wpg), (torch.int32,)),
-                   "values.scale": (packed_v.scale, (b, hkv, tq, d // group), DTYPES),
-                   "values.mn": (packed_v.mn, (b, hkv, tq, d // group), DTYPES)},
-                  f"q {tuple(q.shape)}, {tq} packed and {tr} residual tokens, {bits} bits, group {group}")
+                   "keys.codes": (packed_k.codes, k_codes, (torch.int32,)),
+                   "keys.scale": (packed_k.scale, k_params, DTYPES),
+                   "keys.mn": (packed_k.mn, k_params, DTYPES),
+                   "values.codes": (packed_v.codes, per_token[0], (torch.int32,)),
+                   "values.scale": (packed_v.scale, per_token[1], DTYPES),
+                   "values.mn": (packed_v.mn, per_token[1], DTYPES)},
+                  f"q {tuple(q.shape)}, {tq} packed and {tr} residual tokens, {bits} bits, group {group}, "
+                  f"keys per {key_axis}")
     if start is not None and (start.shape != (b,) or start.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"start must be an integer tensor [B={b}]; got {start.dtype} {tuple(start.shape)}")
 
@@ -180,27 +259,26 @@ INTERPRETER_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "num_warps": 4}
 
 
 def configs(tokens: int) -> list[dict]:
-    """Candidates for a context of `tokens` (rounded up to a power of two): BLOCK_T 32 / 64, and splits that
-    give the grid about 1-4 programs per SM (132 on an H100) for B * Hkv = 8 and 64 (a split is at least
-    256 tokens); the first is the default."""
+    """Candidates for a packed store of `tokens` (rounded up to a power of two): BLOCK_T 32 / 64 / 128, 4 or 8
+    warps, and splits that give the grid about 1-4 programs per SM (132 on an H100) for B * Hkv = 8 and 64 (a
+    split is at least 256 tokens); the first is the default."""
     if interpreter_on():
         return [INTERPRETER_CONFIG]
     out = []
     for splits in sorted({max(1, min(64, tokens // 256 // f)) for f in (1, 2, 4, 8)}, reverse=True):
-        for block_t in (64, 32):
+        for block_t in (64, 128, 32):
             for warps in (4, 8):
                 out.append({"BLOCK_T": block_t, "SPLITS": splits, "num_warps": warps})
     return out
 
 
-def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start) -> torch.Tensor:
+def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis) -> torch.Tensor:
     b, hq, d = q.shape
     hkv, tr = res_k.shape[1], res_k.shape[2]
     tq = packed_v.codes.shape[2]
-    total = tq + tr
-    per_split = max(config["BLOCK_T"], triton.cdiv(triton.cdiv(total, config["SPLITS"]), config["BLOCK_T"])
-                    * config["BLOCK_T"])
-    splits = max(1, triton.cdiv(total, per_split))
+    block_t = config["BLOCK_T"]
+    per_split = max(block_t, triton.cdiv(triton.cdiv(tq, config["SPLITS"]), block_t) * block_t)
+    splits = triton.cdiv(tq, per_split) + 1  # shares of the packed store, then the residual window's program
     m = torch.empty(b * hq * splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
@@ -208,10 +286,10 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
     # the interpreter multiplies bf16 bit patterns as integers in tl.dot: it takes bf16 models' tiles in fp32
     dot_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
                  torch.bfloat16: tl.float32 if interpreter_on() else tl.bfloat16}[q.dtype]
-    _kivi_attention_kernel[(b * hkv, splits)](
+    _kv_attention_kernel[(b * hkv, splits)](
         *tensors, start if start is not None else m, m, l, acc, hkv, tq, tr, per_split, sm_scale,
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=values_per_word(bits), WPG=words_per_group(bits, group),
-        BLOCK_T=config["BLOCK_T"], HAS_START=start is not None, DOT_DTYPE=dot_dtype,
+        KEYS_PER_CHANNEL=key_axis == "channel", BLOCK_T=block_t, HAS_START=start is not None, DOT_DTYPE=dot_dtype,
         PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", R=REP_PAD, num_warps=config["num_warps"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
@@ -220,19 +298,19 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
 
 
 def kivi_decode_attention(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
-                          sm_scale: float | None = None, start=None) -> torch.Tensor:
+                          sm_scale: float | None = None, start=None, key_axis: str = "channel") -> torch.Tensor:
     """o [B, Hq, D] = softmax(sm_scale q K^T) V over the packed store and the residual window (module docstring);
-    sm_scale defaults to 1 / sqrt(D)."""
-    check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start)
+    sm_scale defaults to 1 / sqrt(D). key_axis "token": keys in the values' per-token layout (QoQ's KV4)."""
+    check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis)
     check_device({"q": q, "keys": packed_k.codes, "values": packed_v.codes, "res_k": res_k, "start": start})
     sm_scale = 1 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
-    total = packed_v.codes.shape[2] + res_k.shape[2]
-    if total == 0:
+    tq = packed_v.codes.shape[2]
+    if tq + res_k.shape[2] == 0:
         raise ValueError("the cache is empty: nothing to attend to")
-    key = {"T": next_power_of_2(total), "B": q.shape[0], "Hq": q.shape[1], "Hkv": res_k.shape[1], "D": q.shape[2],
-           "bits": bits, "group": group, "dtype": str(q.dtype).removeprefix("torch.")}
-    args = (q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start)
-    config = tune("kivi_decode_attention", key, configs(key["T"]), lambda c: launch(c, *args), q.device)
+    key = {"T": next_power_of_2(tq), "B": q.shape[0], "Hq": q.shape[1], "Hkv": res_k.shape[1], "D": q.shape[2],
+           "bits": bits, "group": group, "keys": key_axis, "dtype": str(q.dtype).removeprefix("torch.")}
+    args = (q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis)
+    config = tune("kv_decode_attention", key, configs(key["T"]), lambda c: launch(c, *args), q.device)
     return launch(config, *args)
 
 

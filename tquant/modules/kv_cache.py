@@ -159,7 +159,7 @@ def kv_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
         if not torch.equal(allowed, positions[None, :] >= start[:, None]):
             raise ValueError("the tquant_kv decode kernel takes left padding only (a contiguous run of tokens)")
     out = kivi_decode_attention(query[:, :, 0], layer.packed_keys, layer.packed_values, key, value, bits=layer.bits,
-                                group=layer.group, sm_scale=scaling, start=start)
+                                group=layer.group, sm_scale=scaling, start=start, key_axis=layer.key_axis)
     return out[:, None], None
 
 
