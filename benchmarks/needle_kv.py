@@ -12,6 +12,7 @@ the code appears in the answer. Same codes, depths and haystacks for every row (
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import time
@@ -54,10 +55,11 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
-    filler = source_tokens("pydoc", load_model(a.model)[1], "eval")
+    base, tok = load_model(a.model, device=a.device)
+    filler = source_tokens("pydoc", tok, "eval")
     results = {}
     for row in a.rows.split(","):
-        model, tok = load_model(a.model, device=a.device)  # a fresh model a row (calibrating methods change weights)
+        model = copy.deepcopy(base)  # a fresh float model a row (SmoothAttention changes weights)
         with torch.enable_grad():
             apply(model, tok, {"fp": "fp-cache"}.get(row, row))
         for length in (int(v) for v in a.lengths.split(",")):

@@ -57,6 +57,8 @@ def quantize(
     if issubclass(cls, KVCacheMethod):
         if bits is not None:
             raise ValueError(f"{method!r} quantizes the KV cache, not weights: give kv_bits= instead of bits=")
+        if group_size is not None and "group_size" not in known:
+            raise ValueError(f"{method!r} takes no group_size (it sets its own groups); its options: {sorted(known)}")
         kv_method = cls(**({} if group_size is None else {"group_size": group_size}), **method_options)
         kv_method.check_model(model.config)
         if kv_method.needs_calibration:
