@@ -14,19 +14,28 @@ with the cache's bytes per token at a 4096-token fp16 context.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
 import torch
+from transformers import DynamicCache
 
 import tquant
+from tquant.calibration import source_tokens
 from tquant.eval import perplexity
+from tquant.methods.kv_base import head_dim
 from tquant.models import load_model
 
 ROWS = {  # name: (KV method, its options); None: transformers' float cache
     "fp-cache": None,
     **{f"kivi-{b}{'-pwq' if pwq else ''}": ("kivi", dict(kv_bits=b, prefill_with_quant=pwq))
        for b in (4, 2) for pwq in (False, True)},
+    **{f"qoq-kv4{'' if alpha else '-nosmooth'}{'-pwq' if pwq else ''}":
+       ("qoq_kv4", dict(smooth_alpha=alpha, prefill_with_quant=pwq)) for alpha in (0.5, 0) for pwq in (False, True)},
+    **{f"kvquant-{b}{'-pwq' if pwq else ''}": ("kvquant", dict(kv_bits=b, outliers=0.01, prefill_with_quant=pwq))
+       for b in (4, 3, 2) for pwq in (False, True)},
+    "kvquant-3-dense": ("kvquant", dict(kv_bits=3, outliers=0.0)),
 }
 CALIB = dict(calib="pydoc", n_samples=16, seqlen=512)  # for the methods that calibrate
 
@@ -38,23 +47,21 @@ def apply(model, tok, row) -> None:
         tquant.quantize(model, method, tokenizer=tok, **CALIB, **options)
 
 
-def bytes_per_token(model, quantized: bool, n_tokens=4096) -> float:
-    """Cache bytes per token, all layers, K and V, in fp16 (the usual serving dtype) after n_tokens tokens:
-    random fp16 keys / values of the model's shape go through the cache's own update (the bytes do not
-    depend on the values; the model's outputs are not needed). Includes the fp16 residual window."""
-    from tquant.methods.kv_base import head_dim
-
+def bytes_per_token(model, tok, quantized: bool, n_tokens=4096) -> float:
+    """Cache bytes per token, all layers, K and V, in fp16 (the usual serving dtype) after n_tokens tokens of real
+    text (the first n_tokens of the evaluation split; a calibrated cache's sparse outliers depend on the data):
+    the model's own keys / values of that prefill (transformers' cache records them), cast to fp16, go through
+    the quantized cache's update with their positions. Includes the fp16 residual window and sink."""
     cfg = model.config
-    shape = (1, cfg.num_key_value_heads, n_tokens, head_dim(cfg))
     if not quantized:
-        return cfg.num_hidden_layers * 2 * shape[1] * shape[3] * 2
+        return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim(cfg) * 2
+    ids = source_tokens("pydoc", tok, "eval")[None, :n_tokens].to(model.device)
+    fp = DynamicCache()
+    model(ids, past_key_values=fp, use_cache=True)
     cache = tquant.kv_cache(model)
-    device = model.device
-    rope = model.model.rotary_emb(torch.zeros(1, device=device), torch.arange(n_tokens, device=device)[None])
-    for i in range(cfg.num_hidden_layers):  # cos / sin as the attention layers pass them (pre-RoPE caches use them)
-        cache.update(torch.randn(shape, dtype=torch.float16, device=device),
-                     torch.randn(shape, dtype=torch.float16, device=device), i,
-                     {"cos": rope[0].half(), "sin": rope[1].half(), "cache_position": torch.arange(n_tokens)})
+    positions = {"position_ids": torch.arange(n_tokens, device=model.device)[None]}
+    for i, layer in enumerate(fp.layers):
+        cache.update(layer.keys.half(), layer.values.half(), i, positions)
     return cache.nbytes() / n_tokens
 
 
@@ -73,15 +80,16 @@ def main():
         torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     results = {}
+    base, tok = load_model(a.model, device=a.device)
     for row in a.rows.split(","):
         t = time.time()
-        model, tok = load_model(a.model, device=a.device)
+        model = copy.deepcopy(base)  # a fresh float model a row (SmoothAttention changes weights)
         with torch.enable_grad():  # methods that calibrate may take gradients (KVQuant's sensitivities)
             apply(model, tok, row)
         ppl = perplexity(model, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows, progress=False,
                          decode_from=a.decode_from, batch_size=a.batch)
         results[row] = {"method": ROWS[row], "ppl": ppl,
-                        "cache_bytes_per_token_fp16_4k": bytes_per_token(model, ROWS[row] is not None),
+                        "cache_bytes_per_token_fp16_4k": bytes_per_token(model, tok, ROWS[row] is not None),
                         "seconds": round(time.time() - t)}
         print(row, json.dumps(results[row]), flush=True)
         if a.json:
