@@ -1,9 +1,9 @@
 #!/bin/bash
 # GPU checks and benchmarks of issue 5 (KV cache), plus the Hadamard kernel tests left open by issue 4, for the
 # device tool (output to $OUT, else ./gpu_out; tuned configs to $OUT/autotune, merged into autotune_cache/):
-#   bash benchmarks/gpu_session_issue5.sh tests    # kernel tests on the GPU: Hadamard, KV attention (full logs)
+#   bash benchmarks/gpu_session_issue5.sh tests [hadamard kv]   # kernel tests on the GPU (full logs)
 #   bash benchmarks/gpu_session_issue5.sh bench [--contexts 4096,32768,131072 ...]   # bench_kv_attention.py
-#   bash benchmarks/gpu_session_issue5.sh profile B,context,bits   # Nsight Compute on one tuned kernel launch
+#   bash benchmarks/gpu_session_issue5.sh profile B,context,format   # Nsight Compute on one tuned kernel launch
 # The KV quality tables of the real model on the GPU, float32 (the model file travels in two carries, as in
 # benchmarks/gpu_session_issue4.sh: run its `prepare` here once, then two calls back to back on one warm machine):
 #   bash benchmarks/gpu_session_issue4.sh stage                            # carry .gguf_a
@@ -12,7 +12,7 @@ OUT=${OUT:-gpu_out}; mkdir -p $OUT
 export PYTHONUNBUFFERED=1 TQUANT_AUTOTUNE_DIR=$OUT/autotune
 nvidia-smi -L
 if [ "$1" = tests ]; then
-  for k in hadamard kv; do
+  shift; for k in ${@:-hadamard kv}; do
     TRITON_INTERPRET=0 TQUANT_AUTOTUNE=0 timeout 240 python -m pytest -q -p no:cacheprovider -rfE --tb=long \
       -k "kernels and $k" tests > $OUT/tests_$k.txt 2>&1
     echo "tests $k: rc $?"; tail -4 $OUT/tests_$k.txt
