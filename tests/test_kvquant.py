@@ -144,7 +144,7 @@ def test_unrotated_cache_keys_are_the_models_pre_rope_keys_in_a_left_padded_gene
     assert len(seen) == 3
     for (k, args, kwargs), pre in zip(seen, projected):
         b, h, t, d = k.shape
-        cos, sin = call_cos_sin(args, kwargs, rope, k.dtype)
+        cos, sin = call_cos_sin(args, kwargs, rope, k.dtype, 0, k.shape[-2], k.device)
         assert cos.shape[0] == 2  # per-row positions
         assert torch.allclose(fmt.unrotate(k, cos, sin), pre.view(b, t, h, d).transpose(1, 2), atol=1e-5)
 
@@ -196,7 +196,7 @@ def test_fisher_weights_come_from_lm_loss_gradients_of_the_pre_rope_keys_and_val
     for h in hooks:
         h.remove()
     want_k, want_v = (o.grad.view(2, 12, 2, 16).transpose(1, 2) for o in outs)
-    cos, sin = call_cos_sin(args, kwargs, (model.model.rotary_emb.inv_freq, 1.0), k.dtype)
+    cos, sin = call_cos_sin(args, kwargs, (model.model.rotary_emb.inv_freq, 1.0), k.dtype, 0, k.shape[-2], k.device)
     assert torch.allclose(fmt.unrotate(gk, cos, sin), want_k, rtol=1e-4, atol=1e-9)
     assert torch.allclose(gv, want_v, rtol=1e-4, atol=1e-9) and want_v.abs().max() > 1e-6
 
@@ -385,7 +385,14 @@ def test_kvquant_errors():
         get_method("kvquant").from_spec({**spec, "kv_bits": 4})
     layer = tquant.kv_cache(model).layers[0]
     k = torch.randn(1, 2, 4, 16)
-    with pytest.raises(ValueError, match="got neither cos / sin nor position_ids; pass pre_rope=False"):
-        layer.update(k, k)
+    # an update given no positions (transformers 5.17's attention passes none) takes its tokens to follow the cached
+    # ones: the same as the explicit positions
+    told = tquant.kv_cache(model).layers[0]
+    for t0, t in ((0, 4), (4, 1), (5, 3)):
+        x = torch.randn(1, 2, t, 16)
+        out = layer.update(x, x)
+        ref = told.update(x, x, {"position_ids": torch.arange(t0, t0 + t)[None]})
+        assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    layer = tquant.kv_cache(model).layers[0]
     with pytest.raises(ValueError, match="calibrated for keys of \\(2, 16\\) heads x channels"):
         tquant.kv_cache(model).layers[0].update(torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16))

@@ -116,7 +116,7 @@ class KVQuant(KVCacheMethod):
             for batch in ids.to(device).split(batch_size):
                 for i, (k, v, gk, gv, args, kwargs) in enumerate(_record(model, batch, grads)):
                     if rope is not None:
-                        cos, sin = call_cos_sin(args, kwargs, rope, k.dtype)
+                        cos, sin = call_cos_sin(args, kwargs, rope, k.dtype, 0, k.shape[-2], k.device)
                         k, gk = fmt.unrotate(k, cos, sin), None if gk is None else fmt.unrotate(gk, cos, sin)
                     k, v = k[..., self.sink:, :].float(), v[..., self.sink:, :].float()
                     keys[i].append(k.permute(1, 3, 0, 2).flatten(2))  # [H, D, tokens]

@@ -13,8 +13,10 @@ Per layer, for K, V [B, H_kv, t, D] handed to update() (keys after RoPE, as the 
 RoPE of a call (call_cos_sin): cos / sin of a cache_kwargs dict when the caller gives them (transformers 4.x),
 else computed from the call's position_ids [B or 1, t] with the calibrated inv_freq and attention scaling, as the
 model's rotary embedding does: transformers 5.x Llama-style attention calls cache.update(k, v, layer_idx,
-kwargs={"position_ids": ..., "use_cache": ...}) and passes no cos / sin. A left-padded batch has per-row positions,
-so per-row cos / sin.
+kwargs={"position_ids": ..., "use_cache": ...}) and passes no cos / sin; others (transformers 5.17) pass nothing:
+then the tokens are taken to follow the cached ones (positions start ... start + t - 1 for every row). A left-padded
+batch has per-row positions, so per-row cos / sin; without them, a padded row is quantized in a frame rotated by
+its padding (un-rotation and re-rotation use the same positions, so what attention reads stays consistent).
 Memory: nbytes() counts the codes, the values' fp16 scales / offsets, the sparse part, the sink and the layer's
 calibrated constants. The torch path also keeps the store decoded (model dtype; its codes never change), so a
 decode step decodes only its own token.
@@ -27,8 +29,10 @@ from transformers.cache_utils import CacheLayerMixin
 from .. import kvquant_format as fmt
 
 
-def call_cos_sin(args, kwargs, rope: tuple[torch.Tensor, float], dtype: torch.dtype):
-    """cos, sin [B or 1, t, D] of the tokens of one cache update (see the module docstring)."""
+def call_cos_sin(args, kwargs, rope: tuple[torch.Tensor, float], dtype: torch.dtype, start: int, t: int,
+                 device: torch.device):
+    """cos, sin [B or 1, t, D] of the t tokens of one cache update that follow `start` cached ones (see the module
+    docstring)."""
     given = [d for d in (*args, *kwargs.values(), kwargs) if isinstance(d, dict)]
     for d in given:
         if d.get("cos") is not None and d.get("sin") is not None:
@@ -36,8 +40,7 @@ def call_cos_sin(args, kwargs, rope: tuple[torch.Tensor, float], dtype: torch.dt
     for d in given:
         if d.get("position_ids") is not None:
             return fmt.rope_cos_sin(d["position_ids"], *rope, dtype)
-    raise ValueError("kvquant (pre_rope=True) needs the positions of the cached tokens: its cache update got neither "
-                     "cos / sin nor position_ids; pass pre_rope=False to quantize the keys after RoPE")
+    return fmt.rope_cos_sin(torch.arange(start, start + t, device=device)[None], *rope, dtype)
 
 
 class KVQuantLayer(CacheLayerMixin):
@@ -74,7 +77,8 @@ class KVQuantLayer(CacheLayerMixin):
         t = key_states.shape[-2]
         s = min(t, self.sink - self.keys.shape[-2])  # tokens of this call that join the sink
         if self.rope is not None and s < t:
-            cos, sin = call_cos_sin(args, kwargs, self.rope, key_states.dtype)
+            cos, sin = call_cos_sin(args, kwargs, self.rope, key_states.dtype, self.get_seq_length(), t,
+                                    key_states.device)
             if cos.shape[-1] != self.head_dim:
                 raise ValueError(f"kvquant: RoPE covers {cos.shape[-1]} of the {self.head_dim} key channels (partial "
                                  f"rotary is not supported); pass pre_rope=False")
