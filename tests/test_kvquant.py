@@ -72,17 +72,19 @@ def test_format_round_trip_is_the_nearest_centroid(bits, heads, tokens, d, outli
     want = nearest_distance(vn, p.value_codebook) * pv.scale.float()[..., None]
     assert torch.allclose((back - v).abs()[~out], want[~out], atol=1e-4, rtol=1e-4)
     assert torch.equal(back[out], v[out].half().float())
-    for part in (pk.sparse, pv.sparse):
-        if outliers:
-            assert part.row_ptr.dtype == torch.int32 and part.row_ptr.shape == (tokens * 2 + 1,)
-            assert part.index.dtype == torch.int16 and part.value.dtype == torch.float16
-        else:
-            assert part is None
+    if outliers:
+        assert pk.sparse.row_ptr.dtype == torch.int32 and pk.sparse.row_ptr.shape == (tokens * 2 * heads + 1,)
+        assert pk.sparse.index.dtype == torch.int16 and pk.sparse.value.dtype == torch.float16
+        assert pv.sparse.channel.dtype == torch.int16 and pv.sparse.value.dtype == torch.float16
+        assert pv.sparse.channel.shape == pv.sparse.value.shape == (2, heads, tokens, n_out)
+    else:
+        assert pk.sparse is None and pv.sparse is None
 
 
-def test_sparse_part_is_csr_by_token_and_the_dense_range_excludes_it():
-    """Row r = t * B + b lists its outliers by ascending column h * D + d; a value vector's fp16 range is that of
-    its entries without the outliers, which sit far outside it; keys outside the calibrated range are the outliers."""
+def test_outliers_layout_and_the_dense_range_excludes_them():
+    """Value outliers: each vector's n channels ascending, with their fp16 entries; its fp16 range is that of its
+    entries without the outliers, which sit far outside it. Keys outside the calibrated range are the outliers, in
+    CSR rows r = (t * B + b) * H + h by ascending channel."""
     b, h, t, d = 2, 3, 5, 16
     v = heavy((b, h, t, d), 7)
     v[1, 2, 3, 5], v[0, 1, 0, 9] = 500.0, -400.0
@@ -93,19 +95,16 @@ def test_sparse_part_is_csr_by_token_and_the_dense_range_excludes_it():
     assert torch.allclose(top, v.masked_fill(out, -1e9).amax(-1), rtol=2e-3, atol=2e-3)
     assert torch.allclose(bottom, v.masked_fill(out, 1e9).amin(-1), rtol=2e-3, atol=2e-3)
     assert top[1, 2, 3] < 100 and bottom[0, 1, 0] > -100
-    sp = pv.sparse
-    for tt in range(t):
-        for bb in range(b):
-            lo, hi = sp.row_ptr[tt * b + bb].item(), sp.row_ptr[tt * b + bb + 1].item()
-            columns = out[bb, :, tt].flatten().nonzero()[:, 0]
-            assert hi - lo == 2 * h and torch.equal(sp.index[lo:hi].long(), columns)
-            assert torch.equal(sp.value[lo:hi], v[bb, :, tt].flatten()[columns].half())
+    channels = out.nonzero()[:, -1].view(b, h, t, 2)
+    assert torch.equal(pv.sparse.channel.long(), channels) and channels.diff(dim=-1).gt(0).all()
+    assert torch.equal(pv.sparse.value, v.gather(-1, channels).half())
     p = fmt.LayerParams(torch.zeros(h, d), torch.ones(h, d), fmt.uniform_codebook(3), fmt.uniform_codebook(3))
     k = torch.rand(b, h, t, d) * 1.8 - 0.9
-    k[0, 0, 2, 4], k[1, 2, 4, 15] = 1.5, -7.25
+    k[0, 0, 2, 4], k[1, 2, 4, 15], k[1, 2, 4, 3] = 1.5, -7.25, 2.0
     pk = fmt.quantize_keys(k, p, 3, outliers=True)
-    assert pk.sparse.index.tolist() == [0 * d + 4, 2 * d + 15] and pk.sparse.value.tolist() == [1.5, -7.25]
-    assert pk.sparse.row_ptr.diff().nonzero()[:, 0].tolist() == [2 * b + 0, 4 * b + 1]
+    assert pk.sparse.index.tolist() == [4, 3, 15] and pk.sparse.value.tolist() == [1.5, 2.0, -7.25]
+    rows = pk.sparse.row_ptr.diff()
+    assert rows.nonzero()[:, 0].tolist() == [(2 * b + 0) * h + 0, (4 * b + 1) * h + 2] and rows.max() == 2
 
 
 @settings(max_examples=20, deadline=None)

@@ -18,11 +18,15 @@ Values, per token, scaling computed online for each (b, h, t) vector:
     outliers: the n_outliers = ceil(outliers * D) entries of each vector farthest from the vector's median
 Codes (keys and values): int32 [B, H, T, W], W = ceil(D / epw): one vector's D codes packed along its channels by
     tquant.packing (channel d: word d // epw, bits (d % epw) * bits), so codes[b, h, t0:t1] is a [tokens, W] tile.
-Sparse part (outliers; None when the layer keeps none): CSR by token, one row per (t, b) over the token's H * D
-    entries, rows r = t * B + b (tokens outermost, so appending tokens appends rows):
-    row_ptr  int32 [T * B + 1]  row r's outliers are entries row_ptr[r] : row_ptr[r + 1]
-    index    int16 [nnz]        their column c = h * D + d, ascending within a row (so head by head)
-    value    fp16  [nnz]        the entries themselves; each replaces the dense decode at (b, h, t, d)
+Outliers (None when the layer keeps none); each replaces the dense decode at its position:
+    keys (a variable number per token): Sparse, CSR with one row per (t, b, h) vector, rows r = (t * B + b) * H + h
+    (tokens outermost, so appending tokens appends rows; a (b, h) decode program reads rows t * B * H + b * H + h):
+        row_ptr  int32 [T * B * H + 1]  row r's outliers are entries row_ptr[r] : row_ptr[r + 1]
+        index    int16 [nnz]            their channel d in [0, D), ascending within a row
+        value    fp16  [nnz]            the key entries themselves (pre-RoPE keys unless pre_rope=False)
+    values (exactly n_outliers per vector): Outliers, dense, no row pointers
+        channel  int16 [B, H, T, n_outliers]  ascending channels d of each vector's outliers
+        value    fp16  [B, H, T, n_outliers]  the entries themselves
 Pre-RoPE keys: the model caches k_rot = k * cos + rotate_half(k) * sin (cos, sin [B or 1, T, D] of each token's
 position, a * cos(angle) with a the RoPE attention scaling); unrotate() gives back
 k = (k_rot * cos - rotate_half(k_rot) * sin) / (cos^2 + sin^2) and apply_rope() re-applies each token's own.
@@ -54,6 +58,11 @@ class Sparse(NamedTuple):
     value: torch.Tensor
 
 
+class Outliers(NamedTuple):
+    channel: torch.Tensor
+    value: torch.Tensor
+
+
 class PackedKeys(NamedTuple):
     codes: torch.Tensor
     sparse: Sparse | None
@@ -63,7 +72,7 @@ class PackedValues(NamedTuple):
     codes: torch.Tensor
     scale: torch.Tensor
     offset: torch.Tensor
-    sparse: Sparse | None
+    sparse: Outliers | None
 
 
 def nbytes(part) -> int:
@@ -102,25 +111,30 @@ def _decode(codes: torch.Tensor, codebook: torch.Tensor, bits: int, d: int) -> t
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """[B, H, T, D] -> [T * B, H * D]: the sparse part's rows and columns."""
-    b, h, t, d = x.shape
-    return x.permute(2, 0, 1, 3).reshape(t * b, h * d)
+    """[B, H, T, D] -> [T * B * H, D]: the key CSR's rows."""
+    return x.permute(2, 0, 1, 3).reshape(-1, x.shape[-1])
 
 
 def _sparse(x: torch.Tensor, mask: torch.Tensor) -> Sparse:
-    """The entries of x [B, H, T, D] where mask, as CSR by token."""
+    """The entries of x [B, H, T, D] where mask, as CSR by (t, b, h) vector."""
     xr, mr = _rows(x), _rows(mask)
     row_ptr = F.pad(mr.sum(-1).cumsum(0), (1, 0)).to(torch.int32)
     return Sparse(row_ptr, mr.nonzero()[:, 1].to(torch.int16), xr[mr].to(torch.float16))
 
 
 def _scatter(x: torch.Tensor, sp: Sparse) -> torch.Tensor:
-    """x [B, H, T, D] float32 with the sparse entries written in."""
+    """x [B, H, T, D] float32 with the CSR entries written in."""
     b, h, t, d = x.shape
     rows = _rows(x).clone()
     which = torch.repeat_interleave(torch.arange(rows.shape[0], device=x.device), sp.row_ptr.diff())
     rows[which, sp.index.long()] = sp.value.float()
     return rows.view(t, b, h, d).permute(1, 2, 0, 3).contiguous()
+
+
+def _outliers(x: torch.Tensor, mask: torch.Tensor, n: int) -> Outliers:
+    """The n entries of each vector of x [B, H, T, D] where mask (exactly n per vector), channels ascending."""
+    channel = mask.nonzero()[:, -1].view(*x.shape[:-1], n)
+    return Outliers(channel.to(torch.int16), x.gather(-1, channel).to(torch.float16))
 
 
 def concat(a, b):
@@ -131,7 +145,9 @@ def concat(a, b):
         if isinstance(x, Sparse):
             return Sparse(torch.cat([x.row_ptr, y.row_ptr[1:] + x.row_ptr[-1]]), torch.cat([x.index, y.index]),
                           torch.cat([x.value, y.value]))
-        return torch.cat([x, y], dim=2)  # tokens: dim 2 of codes [B, H, T, W] and of scale / offset [B, H, T]
+        if isinstance(x, Outliers):
+            return Outliers(*(cat(a, b) for a, b in zip(x, y)))
+        return torch.cat([x, y], dim=2)  # tokens: dim 2 of codes [B, H, T, W], scale / offset [B, H, T], outliers
 
     return type(a)(*(cat(x, y) for x, y in zip(a, b)))
 
@@ -160,15 +176,16 @@ def value_ranges(v: torch.Tensor, n_outliers: int) -> tuple[torch.Tensor, torch.
 
 
 def quantize_values(v: torch.Tensor, codebook: torch.Tensor, bits: int, n_outliers: int) -> PackedValues:
-    """Values [B, H, T, D] -> codes and fp16 scale / offset per vector, and the n_outliers per vector (sparse)."""
+    """Values [B, H, T, D] -> codes and fp16 scale / offset per vector, and the n_outliers per vector (Outliers)."""
     offset, scale, mask = value_ranges(v, n_outliers)
     vn = (v.float() - offset.float()[..., None]) / scale.float()[..., None]
-    return PackedValues(_encode(vn, codebook, bits), scale, offset, _sparse(v, mask) if n_outliers else None)
+    return PackedValues(_encode(vn, codebook, bits), scale, offset, _outliers(v, mask, n_outliers) if n_outliers
+                        else None)
 
 
 def dequantize_values(pv: PackedValues, codebook: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     v = _decode(pv.codes, codebook, bits, head_dim) * pv.scale.float()[..., None] + pv.offset.float()[..., None]
-    return v if pv.sparse is None else _scatter(v, pv.sparse)
+    return v if pv.sparse is None else v.scatter(-1, pv.sparse.channel.long(), pv.sparse.value.float())
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype):

@@ -40,11 +40,16 @@ REP_PAD = 16  # tl.dot needs M >= 16: the rep query heads of one KV head are pad
 def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
                               sm_scale: float, start=None, key_axis: str = "channel") -> torch.Tensor:
     """The same attention in fp32 through dequantize_keys / dequantize_values, in q's dtype."""
-    b, hq, d = q.shape
     keys = (dequantize_keys if key_axis == "channel" else dequantize_values)(packed_k, bits, group)
     k = torch.cat([keys, res_k.float()], dim=-2)
     v = torch.cat([dequantize_values(packed_v, bits, group), res_v.float()], dim=-2)
-    rep = hq // k.shape[1]
+    return reference_attention(q, k, v, sm_scale, start)
+
+
+def reference_attention(q, k, v, sm_scale: float, start=None) -> torch.Tensor:
+    """softmax(sm_scale q K^T + mask) V in fp32 for q [B, Hq, D] and float32 k, v [B, Hkv, T, D] (GQA), tokens
+    before start[b] masked; in q's dtype."""
+    rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, T, D]
     scores = torch.einsum("bhd,bhtd->bht", q.float(), k) * sm_scale
     if start is not None:
@@ -140,11 +145,33 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
 def _scores(q, k, live, m, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax, first half: (p, new running max, rescale factor) for the BLOCK_T keys k [BLOCK_T, D]
     (live [BLOCK_T]: the tokens that attend)."""
-    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)  # [R, BLOCK_T]
+    return _softmax_step(tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION), live, m)
+
+
+@triton.jit
+def _softmax_step(s, live, m):
+    """Online softmax, first half, from the scores s [R, BLOCK_T] of a tile (live [BLOCK_T]: the tokens that
+    attend): (p, new running max, rescale factor)."""
     s = tl.where(live[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every token masked so far
     return tl.exp(s - m_safe[:, None]), m_new, tl.exp(m - m_safe)
+
+
+@triton.jit
+def _dense_tokens(q, k_ptr, v_ptr, n, pos0, first, m, l, acc, chan, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over n full-precision tokens, keys / values [n, D] at k_ptr / v_ptr, at cache positions
+    pos0 ... pos0 + n - 1 (those before `first` masked): the updated (m, l, acc)."""
+    for t0 in range(0, n, BLOCK_T):
+        tok = t0 + tl.arange(0, BLOCK_T)
+        ok = (tok < n)[:, None]
+        k = tl.load(k_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
+        p, m, alpha = _scores(q, k, (tok < n) & (pos0 + tok >= first), m, DOT_DTYPE, PRECISION)
+        v = tl.load(v_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0).to(DOT_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, axis=1)
+    return m, l, acc
 
 
 @triton.jit
@@ -185,15 +212,8 @@ def _kv_attention_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
     else:  # the last program of each (b, kv head): the full-precision residual window
-        rk, rv = rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D)
-        for t0 in range(0, TR, BLOCK_T):
-            tok = t0 + tl.arange(0, BLOCK_T)
-            ok = (tok < TR)[:, None]
-            k = tl.load(rk + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
-            p, m, alpha = _scores(q, k, (tok < TR) & (TQ + tok >= first), m, DOT_DTYPE, PRECISION)
-            v = tl.load(rv + tok[:, None] * D + chan[None, :], mask=ok, other=0.0).to(DOT_DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
-            l = l * alpha + tl.sum(p, axis=1)
+        m, l, acc = _dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
+                                  TQ, first, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION)
     out = (bh * REP + rows) * splits + split
     tl.store(m_ptr + out, m, mask=row_ok)
     tl.store(l_ptr + out, l, mask=row_ok)
@@ -255,6 +275,14 @@ def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_ax
         raise ValueError(f"start must be an integer tensor [B={b}]; got {start.dtype} {tuple(start.shape)}")
 
 
+def dot_types(dtype: torch.dtype):
+    """(DOT_DTYPE, PRECISION) of the kernels' tl.dot for q of `dtype`: q's own type (fp32 in "ieee" precision). The
+    interpreter multiplies bf16 bit patterns as integers in tl.dot: it takes bf16 models' tiles in fp32."""
+    dot = {torch.float32: tl.float32, torch.float16: tl.float16,
+           torch.bfloat16: tl.float32 if interpreter_on() else tl.bfloat16}[dtype]
+    return dot, "ieee" if dot == tl.float32 else "tf32"
+
+
 INTERPRETER_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "num_warps": 4}
 
 
@@ -283,14 +311,12 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
     l = torch.empty_like(m)
     acc = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
     tensors = [t.contiguous() for t in (q, *packed_k, *packed_v, res_k, res_v)]
-    # the interpreter multiplies bf16 bit patterns as integers in tl.dot: it takes bf16 models' tiles in fp32
-    dot_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
-                 torch.bfloat16: tl.float32 if interpreter_on() else tl.bfloat16}[q.dtype]
+    dot_dtype, precision = dot_types(q.dtype)
     _kv_attention_kernel[(b * hkv, splits)](
         *tensors, start if start is not None else m, m, l, acc, hkv, tq, tr, per_split, sm_scale,
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=values_per_word(bits), WPG=words_per_group(bits, group),
         KEYS_PER_CHANNEL=key_axis == "channel", BLOCK_T=block_t, HAS_START=start is not None, DOT_DTYPE=dot_dtype,
-        PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", R=REP_PAD, num_warps=config["num_warps"],
+        PRECISION=precision, R=REP_PAD, num_warps=config["num_warps"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     _combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)

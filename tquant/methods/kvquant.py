@@ -91,13 +91,12 @@ class KVQuant(KVCacheMethod):
                                  f"{shape}")
 
     def make_layer(self, layer_idx: int, kernel: bool | None):
-        """The torch path whatever `kernel` says (no KVQuant decode kernel yet)."""
         if not self.calibrated():
             raise ValueError("kvquant is not calibrated: run tquant.quantize(model, 'kvquant', calib=...) first")
         params = fmt.LayerParams(*(torch.tensor(getattr(self, f)[layer_idx], dtype=torch.float32)
                                    for f in CALIBRATED))
         rope = (torch.tensor(self.rope_inv_freq, dtype=torch.float32), self.rope_scaling) if self.pre_rope else None
-        return KVQuantLayer(params, self.kv_bits, self.sink, self.outliers, self.prefill_with_quant, rope)
+        return KVQuantLayer(params, self.kv_bits, self.sink, self.outliers, self.prefill_with_quant, rope, kernel)
 
     def calibrate(self, model, ids, batch_size: int = 8) -> None:
         if ids.shape[1] <= self.sink:

@@ -15,9 +15,10 @@ format). The torch path also keeps each flushed group decoded once (the packed c
 step does not decode the whole store again.
 
 Kernel path (kernel=True; the default on CUDA): a one-token update returns only the residual window, and the
-model's attention function "tquant_kv" (registered here; tquant.kv sets it on the model) runs
-tquant.kernels.kv_attention on the packed store and the window of the layer updated last. Every other call
-(prefills, the torch path) goes through SDPA on the K / V that update returned.
+model's attention function "tquant_kv" (registered here; tquant.kv sets it on the model) calls decode_attention of
+the layer updated last: KiviLayer's runs tquant.kernels.kv_attention on the packed store and the window (other
+layers, e.g. KVQuantLayer, bring their own kernel and set _last.layer and kernel_step the same way). Every other
+call (prefills, the torch path) goes through SDPA on the K / V that update returned.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class KiviLayer(CacheLayerMixin):
         self.key_axis = key_axis
         self.flush_tokens = group if key_axis == "channel" else 1
         self.kernel = kernel  # None: on CUDA tensors
-        self.kernel_step = False  # the last update returned only the residual window, for the kernel
+        self.kernel_step = None  # the keys the last update returned for the kernel (its residual window), or None
         self.packed_keys: PackedKV | None = None
         self.packed_values: PackedKV | None = None
         self._dequantized: tuple[torch.Tensor, torch.Tensor] | None = None  # the torch path's decoded store
@@ -76,8 +77,9 @@ class KiviLayer(CacheLayerMixin):
                 self._dequantized = (k, v) if self._dequantized is None else \
                     tuple(torch.cat([old, new], dim=-2) for old, new in zip(self._dequantized, (k, v)))
         _last.layer = self
-        self.kernel_step = bool(self.kernel) and key_states.shape[-2] == 1 and self.packed_keys is not None
-        if self.kernel_step:
+        kernel_step = bool(self.kernel) and key_states.shape[-2] == 1 and self.packed_keys is not None
+        self.kernel_step = self.keys if kernel_step else None
+        if kernel_step:
             return self.keys, self.values
         keys, values = self.stored()
         if not self.prefill_with_quant:
@@ -93,6 +95,14 @@ class KiviLayer(CacheLayerMixin):
         k, v = self._dequantized or (self._dequantize_keys(self.packed_keys).to(self.dtype),
                                      dequantize_values(self.packed_values, self.bits, self.group).to(self.dtype))
         return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+
+    def decode_attention(self, q, keys, values, sm_scale: float | None, start) -> torch.Tensor:
+        """The kernel path's attention of one query token per row, q [B, Hq, D], over the packed store and the
+        window keys, values (what the kernel step's update returned)."""
+        from ..kernels.kv_attention import kivi_decode_attention
+
+        return kivi_decode_attention(q, self.packed_keys, self.packed_values, keys, values, bits=self.bits,
+                                     group=self.group, sm_scale=sm_scale, start=start, key_axis=self.key_axis)
 
     def _quantize_keys(self, k: torch.Tensor) -> PackedKV:
         return (quantize_keys if self.key_axis == "channel" else quantize_values)(k, self.bits, self.group)
@@ -136,20 +146,19 @@ class QuantizedKVCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-_last = threading.local()  # the KiviLayer updated last in this thread: the attention call that follows reads it
+_last = threading.local()  # the cache layer updated last in this thread: the attention call that follows reads it
 ATTENTION = "tquant_kv"
 
 
 def kv_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function "tquant_kv": the decode-attention kernel when the layer updated last
-    returned only its residual window (a one-token step on the kernel path), else SDPA."""
+    """transformers attention function "tquant_kv": the layer's decode-attention kernel (layer.decode_attention) when
+    `key` is what the layer updated last returned for its kernel (kernel_step: a one-token step on the kernel path,
+    the full-precision tokens the kernel reads beside its packed store), else SDPA."""
     layer = getattr(_last, "layer", None)
-    if layer is None or not layer.kernel_step or key is not layer.keys:
+    if layer is None or layer.kernel_step is None or key is not layer.kernel_step:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    from ..kernels.kv_attention import kivi_decode_attention
-
-    layer.kernel_step = False
+    layer.kernel_step = None
     start = None
     if attention_mask is not None:  # [B, 1, 1, T] (bool: True attends; or additive): a left-padded batch
         allowed = attention_mask[:, 0, -1, :]
@@ -158,9 +167,7 @@ def kv_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
         positions = torch.arange(allowed.shape[-1], device=allowed.device)
         if not torch.equal(allowed, positions[None, :] >= start[:, None]):
             raise ValueError("the tquant_kv decode kernel takes left padding only (a contiguous run of tokens)")
-    out = kivi_decode_attention(query[:, :, 0], layer.packed_keys, layer.packed_values, key, value, bits=layer.bits,
-                                group=layer.group, sm_scale=scaling, start=start, key_axis=layer.key_axis)
-    return out[:, None], None
+    return layer.decode_attention(query[:, :, 0], key, value, scaling, start)[:, None], None
 
 
 transformers.AttentionInterface.register(ATTENTION, kv_attention_forward)
