@@ -23,3 +23,32 @@ def poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(dequant_gemm, "output_buffer", lambda *args: real_output(*args).fill_(float("nan")))
     monkeypatch.setattr(dequant_gemm, "split_k_buffers", poisoned_split)
+
+
+def decode_both_paths(model, ids, prefill, kernel_fn):
+    """For attention masks None and left padding (row 1 padded by 5 tokens): a prefill of `prefill` tokens then one
+    token a forward through tquant.kv_cache(model), on the kernel path and on the torch path. kernel_fn is a
+    patched kernel's call list: every decode step of every layer must reach it on the kernel path and never on
+    the torch path. Yields (kernel logits, torch logits, the kernel path's cache, the torch path's cache)."""
+    import tquant
+
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    steps = ids.shape[1] - prefill
+    for attention_mask in (None, mask):
+        upto = lambda t: None if attention_mask is None else attention_mask[:, :t]  # noqa: E731
+        logits, caches = {}, {}
+        for kernel in (True, False):
+            cache = tquant.kv_cache(model)
+            for layer in cache.layers:
+                layer.kernel = kernel
+            with torch.no_grad():
+                out = [model(ids[:, :prefill], attention_mask=upto(prefill), past_key_values=cache,
+                             use_cache=True).logits]
+                for t in range(prefill, ids.shape[1]):
+                    out.append(model(ids[:, t : t + 1], attention_mask=upto(t + 1), past_key_values=cache,
+                                     use_cache=True).logits)
+            assert len(kernel_fn) == (steps * len(cache.layers) if kernel else 0)
+            kernel_fn.clear()
+            logits[kernel], caches[kernel] = torch.cat(out, dim=1), cache
+        yield logits[True], logits[False], caches[True], caches[False]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_device import DEVICE, needs_backend
+from kernel_device import DEVICE, decode_both_paths, needs_backend
 
 from tquant import kv_quant
 from tquant.kernels.kv_attention import kivi_decode_attention, kivi_decode_attention_ref
@@ -100,22 +100,6 @@ def test_kernels_kivi_decode_inside_the_model(monkeypatch):
     model = tiny_model("llama").to(DEVICE)  # head size 16, 6 query heads on 2 KV heads
     tquant.quantize(model, "kivi", kv_bits=4, group_size=8, residual=8)
     ids = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0  # sequence 1 is left-padded by 5 tokens
-    for attention_mask in (None, mask):
-        logits = {}
-        for kernel in (True, False):
-            cache = tquant.kv_cache(model)
-            for layer in cache.layers:
-                layer.kernel = kernel
-            with torch.no_grad():
-                out = [model(ids[:, :20], attention_mask=None if attention_mask is None else attention_mask[:, :20],
-                             past_key_values=cache, use_cache=True).logits]
-                for t in range(20, 40):
-                    out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True,
-                                     attention_mask=None if attention_mask is None else attention_mask[:, : t + 1]).logits)
-            assert cache.layers[0].quantized_length() > 0
-            assert len(calls) == (20 * 2 if kernel else 0)  # every decode step of both layers, on the kernel path
-            calls.clear()
-            logits[kernel] = torch.cat(out, dim=1)
-        torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+    for kernel_logits, torch_logits, cache, _ in decode_both_paths(model, ids, 20, calls):
+        assert cache.layers[0].quantized_length() > 0
+        torch.testing.assert_close(kernel_logits, torch_logits, rtol=1e-4, atol=1e-4)

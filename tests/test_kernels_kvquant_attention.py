@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_device import DEVICE, needs_backend
+from kernel_device import DEVICE, decode_both_paths, needs_backend
 
 from tquant import kvquant_format as fmt
 from tquant.kernels.kvquant_attention import kvquant_decode_attention, kvquant_decode_attention_ref
@@ -142,24 +142,9 @@ def test_kernels_kvquant_decode_inside_the_model(monkeypatch, bits, pre_rope):
     tquant.quantize(model, "kvquant", kv_bits=bits, calib=token_batch(2, 40), pre_rope=pre_rope, sink=2,
                     outliers=0.05)
     ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0  # sequence 1 is left-padded by 5 tokens
-    for attention_mask in (None, mask):
-        logits = {}
-        for kernel in (True, False):
-            cache = tquant.kv_cache(model)
-            for layer in cache.layers:
-                layer.kernel = kernel
-            upto = lambda t: None if attention_mask is None else attention_mask[:, :t]  # noqa: E731
-            with torch.no_grad():
-                out = [model(ids[:, :12], attention_mask=upto(12), past_key_values=cache, use_cache=True).logits]
-                for t in range(12, 24):
-                    out.append(model(ids[:, t : t + 1], attention_mask=upto(t + 1), past_key_values=cache,
-                                     use_cache=True).logits)
+    for kernel_logits, torch_logits, kernel_cache, torch_cache in decode_both_paths(model, ids, 12, calls):
+        for cache, kernel in ((kernel_cache, True), (torch_cache, False)):
             layer = cache.layers[0]
             assert layer.packed_keys.sparse is not None and layer.packed_values.sparse is not None
             assert (layer.positions is not None) == (kernel and pre_rope)
-            assert len(calls) == (12 * 2 if kernel else 0)  # every decode step of both layers, on the kernel path
-            calls.clear()
-            logits[kernel] = torch.cat(out, dim=1)
-        torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(kernel_logits, torch_logits, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_kv_cache import decoded_logits, rel
 from tiny_models import tiny_model, token_batch
 from transformers import DynamicCache
 
@@ -266,17 +267,6 @@ def test_sink_tokens_come_back_exactly():
         assert torch.equal(keys[..., :sink, :], k[..., :sink, :])
         assert torch.equal(values[..., :sink, :], v[..., :sink, :])
         assert not torch.isclose(keys[..., sink:, :], k[..., sink:, :]).all(-1).any()
-
-
-def decoded_logits(model, ids, prefill, cache):
-    out = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
-    for t in range(prefill, ids.shape[1]):
-        out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-    return torch.cat(out, dim=1)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_kvquant_calibrates_and_decodes_in_a_tiny_llama():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers.cache_utils import CacheLayerMixin
 
 
 def hidden(out):
@@ -64,3 +65,29 @@ def output_mse(block, inputs, teacher) -> float:
     total = sum(torch.nn.functional.mse_loss(hidden(block(*a, **k)).float(), t, reduction="sum").item()
                 for (a, k), t in zip(inputs, teacher))
     return total / sum(t.numel() for t in teacher)
+
+
+class PrefillProbe(CacheLayerMixin):
+    """A cache layer for calibration forwards, each call a fresh prefill: it stores nothing, hands each call's K, V
+    back unchanged, and shows them to observe(keys, values, args, kwargs) (what a subclass records)."""
+    is_compileable = False
+    is_sliding = False
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.observe(key_states, value_states, args, kwargs)
+        return key_states, value_states
+
+    def observe(self, keys: torch.Tensor, values: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        raise NotImplementedError
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1

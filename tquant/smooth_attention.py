@@ -28,41 +28,25 @@ import copy
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
-from .block_io import fp32, hidden, hooked
+from .block_io import PrefillProbe, fp32, hidden, hooked
 from .methods.kv_base import head_dim
 from .smoothing import ABSORB_TOL
 
 CHECK_TOKENS = 64  # tokens of the first calibration sequence the fold check runs on
 
 
-class KeyRange(CacheLayerMixin):
-    """A cache layer for single prefills that keeps only absmax: max over batches and tokens of |K|, fp32
-    [Hkv, D]. update() returns the call's own K, V."""
-
-    is_sliding = False
+class KeyRange(PrefillProbe):
+    """Keeps only absmax: max over batches and tokens of |K|, fp32 [Hkv, D]."""
 
     def __init__(self):
         super().__init__()
         self.absmax: torch.Tensor | None = None
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        m = key_states.detach().abs().amax(dim=(0, 2)).float()
+    def observe(self, keys, values, args, kwargs) -> None:
+        m = keys.detach().abs().amax(dim=(0, 2)).float()
         self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
-        return key_states, value_states
-
-    def get_seq_length(self) -> int:
-        return 0
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -236,21 +236,28 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS: tl.constexpr, SPLITS_P
     tl.store(o_ptr + row * D + chan, o.to(o_ptr.dtype.element_ty))
 
 
+def check_heads(q, kv, name: str) -> tuple[int, int, int, int, int]:
+    """(B, Hq, D, Hkv, T) of a query q [B, Hq, D] and a full-precision part kv [B, Hkv, T, D] named `name`; raise
+    ValueError naming the problem (dtype, shapes, GQA grouping)."""
+    if q.dim() != 3 or q.dtype not in DTYPES:
+        raise ValueError(f"q must be [B, Hq, D] fp16 / bf16 / fp32; got {q.dtype} {tuple(q.shape)}")
+    b, hq, d = q.shape
+    if kv.dim() != 4 or kv.shape[0] != b or kv.shape[-1] != d:
+        raise ValueError(f"{name} must be [B={b}, Hkv, T, D={d}]; got {tuple(kv.shape)}")
+    hkv = kv.shape[1]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if hq // hkv > REP_PAD:
+        raise ValueError(f"at most {REP_PAD} query heads per KV head; got {hq // hkv}")
+    return b, hq, d, hkv, kv.shape[2]
+
+
 def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis) -> None:
     """Raise ValueError naming the first input whose dtype or shape does not fit the layouts above."""
     check_kv_bits(bits)
     if key_axis not in ("channel", "token"):
         raise ValueError(f"key_axis must be 'channel' (KIVI) or 'token'; got {key_axis!r}")
-    if q.dim() != 3 or q.dtype not in DTYPES:
-        raise ValueError(f"q must be [B, Hq, D] fp16 / bf16 / fp32; got {q.dtype} {tuple(q.shape)}")
-    b, hq, d = q.shape
-    if res_k.dim() != 4 or res_k.shape[0] != b or res_k.shape[-1] != d:
-        raise ValueError(f"res_k must be [B={b}, Hkv, Tr, D={d}]; got {tuple(res_k.shape)}")
-    hkv, tr = res_k.shape[1], res_k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
-    if hq // hkv > REP_PAD:
-        raise ValueError(f"at most {REP_PAD} query heads per KV head; got {hq // hkv}")
+    b, hq, d, hkv, tr = check_heads(q, res_k, "res_k")
     if d % group or d & (d - 1) or d < 16:
         raise ValueError(f"head size {d} must be a power of two >= 16 and a multiple of group={group}")
     tq = packed_v.codes.shape[2]

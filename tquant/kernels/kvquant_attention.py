@@ -52,8 +52,8 @@ import triton.language as tl
 
 from .. import kvquant_format as fmt
 from .autotune_cache import tune
-from .kv_attention import (DTYPES, REP_PAD, _combine_kernel, _dense_tokens, _softmax_step, configs, dot_types,
-                           reference_attention)
+from .kv_attention import (DTYPES, REP_PAD, _combine_kernel, _dense_tokens, _softmax_step, check_heads, configs,
+                           dot_types, reference_attention)
 from .runtime import check_device, check_tensors, next_power_of_2
 
 
@@ -187,16 +187,7 @@ def _kvquant_attention_kernel(
 def check_inputs(q, keys, values, params, sink_k, sink_v, res_k, res_v, bits, rope, positions, start) -> None:
     """Raise ValueError naming the first input whose dtype or shape does not fit the layouts above."""
     fmt.check_bits(bits)
-    if q.dim() != 3 or q.dtype not in DTYPES:
-        raise ValueError(f"q must be [B, Hq, D] fp16 / bf16 / fp32; got {q.dtype} {tuple(q.shape)}")
-    b, hq, d = q.shape
-    if sink_k.dim() != 4 or sink_k.shape[0] != b or sink_k.shape[-1] != d:
-        raise ValueError(f"sink_k must be [B={b}, Hkv, S, D={d}]; got {tuple(sink_k.shape)}")
-    hkv, s = sink_k.shape[1], sink_k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
-    if hq // hkv > REP_PAD:
-        raise ValueError(f"at most {REP_PAD} query heads per KV head; got {hq // hkv}")
+    b, hq, d, hkv, s = check_heads(q, sink_k, "sink_k")
     if d & (d - 1) or d < 16:
         raise ValueError(f"head size {d} must be a power of two >= 16")
     if any(x.dtype != q.dtype for x in (sink_k, sink_v, res_k, res_v)):

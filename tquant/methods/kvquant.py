@@ -21,9 +21,10 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from .. import kvquant_format as fmt
+from ..block_io import PrefillProbe
 from ..modules.kvquant_cache import KVQuantLayer, call_cos_sin
 from ..nuq import WeightedHistogram
 from .base import option, register
@@ -154,26 +155,11 @@ class KVQuant(KVCacheMethod):
         return offset, scale, hist
 
 
-class _Recorder(CacheLayerMixin):
-    """A cache layer that keeps what one forward hands it (each call a fresh prefill) and returns it unchanged."""
-    is_compileable = False
-    is_sliding = False
+class _Recorder(PrefillProbe):
+    """Keeps what one forward hands it (K, V and the update's args, kwargs)."""
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.keys, self.values, self.args, self.kwargs = key_states, value_states, args, kwargs
-        return key_states, value_states
-
-    def get_seq_length(self) -> int:
-        return 0
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
+    def observe(self, keys, values, args, kwargs) -> None:
+        self.keys, self.values, self.args, self.kwargs = keys, values, args, kwargs
 
 
 def _record(model, batch: torch.Tensor, grads: bool):

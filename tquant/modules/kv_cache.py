@@ -33,9 +33,26 @@ from transformers.masking_utils import sdpa_mask
 from ..kv_quant import PackedKV, concat, dequantize_keys, dequantize_values, quantize_keys, quantize_values
 
 
-class KiviLayer(CacheLayerMixin):
+class QuantizedLayer(CacheLayerMixin):
+    """What every quantized cache layer shares: a packed store (packed_values: codes [B, H, T, ...]) followed by
+    full-precision tokens (keys [B, H, t, D]: a residual window or a sink); no fixed maximum length."""
     is_compileable = False
     is_sliding = False
+
+    def quantized_length(self) -> int:
+        return 0 if self.packed_values is None else self.packed_values.codes.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.quantized_length() + (self.keys.shape[-2] if self.is_initialized else 0)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class KiviLayer(QuantizedLayer):
 
     def __init__(self, bits: int, group: int, residual: int, prefill_with_quant: bool, kernel: bool | None = None,
                  key_axis: str = "channel"):
@@ -109,18 +126,6 @@ class KiviLayer(CacheLayerMixin):
 
     def _dequantize_keys(self, p: PackedKV) -> torch.Tensor:
         return (dequantize_keys if self.key_axis == "channel" else dequantize_values)(p, self.bits, self.group)
-
-    def quantized_length(self) -> int:
-        return 0 if self.packed_values is None else self.packed_values.codes.shape[-2]
-
-    def get_seq_length(self) -> int:
-        return self.quantized_length() + (self.keys.shape[-2] if self.is_initialized else 0)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
     def nbytes(self) -> int:
         """Bytes held: packed codes, fp16 scales and minima, and the full-precision residual window."""

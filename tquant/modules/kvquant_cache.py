@@ -33,10 +33,9 @@ path). The store is not kept decoded; a multi-token update (a prefill) decodes i
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from .. import kvquant_format as fmt
-from .kv_cache import _last
+from .kv_cache import QuantizedLayer, _last
 
 
 def _given(args, kwargs) -> list[dict]:
@@ -62,9 +61,7 @@ def call_cos_sin(args, kwargs, rope: tuple[torch.Tensor, float], dtype: torch.dt
     return fmt.rope_cos_sin(call_positions(args, kwargs, start, t, device), *rope, dtype)
 
 
-class KVQuantLayer(CacheLayerMixin):
-    is_compileable = False
-    is_sliding = False
+class KVQuantLayer(QuantizedLayer):
 
     def __init__(self, params: fmt.LayerParams, bits: int, sink: int, outliers: float, prefill_with_quant: bool,
                  rope: tuple[torch.Tensor, float] | None, kernel: bool | None = None):
@@ -165,18 +162,6 @@ class KVQuantLayer(CacheLayerMixin):
         return kvquant_decode_attention(q, self.packed_keys, self.packed_values, self.params, self.keys, self.values,
                                         keys, values, bits=self.bits, sm_scale=sm_scale, rope=self.rope,
                                         positions=self.positions, start=start)
-
-    def quantized_length(self) -> int:
-        return 0 if self.packed_values is None else self.packed_values.codes.shape[-2]
-
-    def get_seq_length(self) -> int:
-        return self.quantized_length() + (self.keys.shape[-2] if self.is_initialized else 0)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
     def nbytes(self) -> int:
         """Bytes held: codes, value scales / offsets, the outliers, the sink, the layer's calibrated constants and
