@@ -60,8 +60,7 @@ def main():
     results = {}
     for row in a.rows.split(","):
         model = copy.deepcopy(base)  # a fresh float model a row (SmoothAttention changes weights)
-        with torch.enable_grad():
-            apply(model, tok, {"fp": "fp-cache"}.get(row, row))
+        apply(model, tok, {"fp": "fp-cache"}.get(row, row))
         for length in (int(v) for v in a.lengths.split(",")):
             t, hits, answers = time.time(), 0, []
             for trial in range(a.trials):

@@ -84,8 +84,7 @@ def main():
     for row in a.rows.split(","):
         t = time.time()
         model = copy.deepcopy(base)  # a fresh float model a row (SmoothAttention changes weights)
-        with torch.enable_grad():  # methods that calibrate may take gradients (KVQuant's sensitivities)
-            apply(model, tok, row)
+        apply(model, tok, row)  # (KVQuant turns gradients on for its own sensitivities)
         ppl = perplexity(model, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows, progress=False,
                          decode_from=a.decode_from, batch_size=a.batch)
         results[row] = {"method": ROWS[row], "ppl": ppl,

@@ -35,6 +35,16 @@ def test_quantize_writes_a_loadable_checkpoint(quantized_dir):
     assert "model.layers.1.mlp.down_proj" in config["layers"]
 
 
+def test_quantize_with_a_calibrated_kv_method(hf_dir, tmp_path, capsys):
+    """A KV-cache method from the command line: calibrated, saved with its cache spec, said as a KV cache."""
+    out = str(tmp_path / "kv")
+    main(["quantize", "--model", hf_dir, "--method", "kvquant", "--option", "kv_bits=3", "--calib", "pydoc",
+          "--n-samples", "2", "--seqlen", "32", "--out", out])
+    assert "saved kvquant (3-bit KV cache) model to" in capsys.readouterr().out
+    spec = json.load(open(f"{out}/config.json"))["quantization_config"]["kv_cache"]
+    assert spec["method"] == "kvquant" and spec["kv_bits"] == 3 and len(spec["key_codebook"]) == 2
+
+
 def test_eval_prints_perplexity(quantized_dir, capsys):
     main(["eval", quantized_dir, "--ppl", "pydoc", "--seqlen", "32", "--windows", "2"])
     result = json.loads(capsys.readouterr().out)

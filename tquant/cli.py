@@ -58,7 +58,8 @@ def cmd_quantize(a) -> None:
                     lm_head=a.lm_head, embeddings=a.embeddings, **dict(a.option))
     tquant.save(model, a.out, tokenizer=tok)
     qc = model.config.quantization_config
-    print(f"saved {a.method} {qc['bits']}-bit model to {a.out}")
+    what = f"{qc['bits']}-bit weights" if qc.get("bits") else f"{qc['kv_cache']['kv_bits']}-bit KV cache"
+    print(f"saved {a.method} ({what}) model to {a.out}")
 
 
 def cmd_eval(a) -> None:
