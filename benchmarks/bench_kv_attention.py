@@ -37,7 +37,7 @@ def random_cache(b, t, fmt):
     tq = t - f["residual"]
     if f["key_axis"] == "channel":
         tq = tq // f["group"] * f["group"]
-    quantize_keys = kv_quant.quantize_keys if f["key_axis"] == "channel" else kv_quant.quantize_values
+    quantize_keys = kv_quant.key_format(f["key_axis"])[0]
     k = torch.randn(b, HKV, t, D, device="cuda", dtype=torch.float16)
     v = torch.randn(b, HKV, t, D, device="cuda", dtype=torch.float16)
     pk, pv = quantize_keys(k[..., :tq, :], f["bits"], f["group"]), kv_quant.quantize_values(v[..., :tq, :], f["bits"], f["group"])

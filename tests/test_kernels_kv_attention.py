@@ -19,8 +19,7 @@ def random_cache(b, hkv, d, tq, tr, bits, group, dtype, seed, key_axis="channel"
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(b, hkv, tq + tr, d, generator=g) * 2 + torch.randn(d, generator=g) * 3
     v = torch.randn(b, hkv, tq + tr, d, generator=g)
-    quantize_keys = kv_quant.quantize_keys if key_axis == "channel" else kv_quant.quantize_values
-    pk = quantize_keys(k[..., :tq, :], bits, group)
+    pk = kv_quant.key_format(key_axis)[0](k[..., :tq, :], bits, group)
     pv = kv_quant.quantize_values(v[..., :tq, :], bits, group)
     move = lambda p: kv_quant.PackedKV(*(t.to(DEVICE) for t in p))  # noqa: E731
     return move(pk), move(pv), k[..., tq:, :].to(DEVICE, dtype), v[..., tq:, :].to(DEVICE, dtype)

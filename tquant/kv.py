@@ -43,7 +43,7 @@ def kv_cache(model) -> QuantizedKVCache:
         raise ValueError("this model has no quantized KV cache: run tquant.quantize(model, 'kivi', kv_bits=...)")
     kernel = None if model.config._attn_implementation == ATTENTION else False
     method = get_method(spec["method"]).from_spec(spec)
-    return QuantizedKVCache([method.make_layer(i, kernel) for i in range(model.config.num_hidden_layers)])
+    return QuantizedKVCache(layers=[method.make_layer(i, kernel) for i in range(model.config.num_hidden_layers)])
 
 
 def hook_generate(model) -> None:

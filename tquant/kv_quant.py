@@ -98,6 +98,21 @@ def dequantize_values(p: PackedKV, bits: int, group: int) -> torch.Tensor:
     return _dequantize_groups(p, bits, group)
 
 
+KEY_AXES = ("channel", "token")
+
+
+def check_key_axis(key_axis: str) -> None:
+    if key_axis not in KEY_AXES:
+        raise ValueError(f"key_axis must be 'channel' (KIVI) or 'token'; got {key_axis!r}")
+
+
+def key_format(key_axis: str):
+    """(quantize, dequantize) of keys stored per channel over groups of tokens (KIVI: quantize_keys /
+    dequantize_keys) or per token over groups of channels (key_axis="token", QoQ's KV4: the values' layout)."""
+    check_key_axis(key_axis)
+    return (quantize_keys, dequantize_keys) if key_axis == "channel" else (quantize_values, dequantize_values)
+
+
 def concat(parts: list[PackedKV], dim: int) -> PackedKV:
     """Packed groups appended along tokens (dim -2 for keys and values alike)."""
     return PackedKV(*(torch.cat(ts, dim=dim) for ts in zip(*parts)))

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kv_quant import PackedKV, check_kv_bits, dequantize_keys, dequantize_values, words_per_group
+from ..kv_quant import PackedKV, check_key_axis, check_kv_bits, dequantize_values, key_format, words_per_group
 from ..packing import values_per_word
 from .autotune_cache import tune
 from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
@@ -39,8 +39,8 @@ REP_PAD = 16  # tl.dot needs M >= 16: the rep query heads of one KV head are pad
 
 def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
                               sm_scale: float, start=None, key_axis: str = "channel") -> torch.Tensor:
-    """The same attention in fp32 through dequantize_keys / dequantize_values, in q's dtype."""
-    keys = (dequantize_keys if key_axis == "channel" else dequantize_values)(packed_k, bits, group)
+    """The same attention in fp32 through tquant.kv_quant's decoders, in q's dtype."""
+    keys = key_format(key_axis)[1](packed_k, bits, group)
     k = torch.cat([keys, res_k.float()], dim=-2)
     v = torch.cat([dequantize_values(packed_v, bits, group), res_v.float()], dim=-2)
     return reference_attention(q, k, v, sm_scale, start)
@@ -159,6 +159,36 @@ def _softmax_step(s, live, m):
 
 
 @triton.jit
+def _initial_state(start_ptr, b, HAS_START: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    """(first attended cache position of row b: start[b] or 0, and the empty online softmax: running max -inf,
+    sum 0, accumulator [R, D] 0)."""
+    first = 0
+    if HAS_START:
+        first = tl.load(start_ptr + b)
+    return first, tl.full([R], float("-inf"), dtype=tl.float32), tl.zeros([R], dtype=tl.float32), \
+        tl.zeros([R, D], dtype=tl.float32)
+
+
+@triton.jit
+def _accumulate(p, v, alpha, l, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax, second half: (l, acc) rescaled by alpha and with the tile's p [R, BLOCK_T] and values
+    v [BLOCK_T, D] added."""
+    return l * alpha + tl.sum(p, axis=1), \
+        acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+
+
+@triton.jit
+def _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, first_row, rows, row_ok, chan, split, splits,
+                   D: tl.constexpr):
+    """One program's (max, sum, accumulator) of query rows first_row + rows into the workspaces (row-major over
+    (query row, split)), which _combine_kernel merges."""
+    out = (first_row + rows) * splits + split
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(l_ptr + out, l, mask=row_ok)
+    tl.store(acc_ptr + out[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
 def _dense_tokens(q, k_ptr, v_ptr, n, pos0, first, m, l, acc, chan, D: tl.constexpr, BLOCK_T: tl.constexpr,
                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over n full-precision tokens, keys / values [n, D] at k_ptr / v_ptr, at cache positions
@@ -168,9 +198,8 @@ def _dense_tokens(q, k_ptr, v_ptr, n, pos0, first, m, l, acc, chan, D: tl.conste
         ok = (tok < n)[:, None]
         k = tl.load(k_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
         p, m, alpha = _scores(q, k, (tok < n) & (pos0 + tok >= first), m, DOT_DTYPE, PRECISION)
-        v = tl.load(v_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0).to(DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
-        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
+        l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     return m, l, acc
 
 
@@ -190,12 +219,7 @@ def _kv_attention_kernel(
     row_ok = rows < REP
     q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
     q = (q.to(tl.float32) * sm_scale).to(DOT_DTYPE)
-    first = 0
-    if HAS_START:
-        first = tl.load(start_ptr + b)
-    m = tl.full([R], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([R], dtype=tl.float32)
-    acc = tl.zeros([R, D], dtype=tl.float32)
+    first, m, l, acc = _initial_state(start_ptr, b, HAS_START, R, D)
     if split < splits - 1:  # a share of the packed store
         k_params = TQ // G * D if KEYS_PER_CHANNEL else TQ * (D // G)
         kc = kc_ptr + bh.to(tl.int64) * (TQ // G * WPG * D if KEYS_PER_CHANNEL else TQ * (D // G * WPG))
@@ -209,15 +233,11 @@ def _kv_attention_kernel(
             k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
             p, m, alpha = _scores(q, k, (tok < hi) & (tok >= first), m, DOT_DTYPE, PRECISION)
             v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=PRECISION)
-            l = l * alpha + tl.sum(p, axis=1)
+            l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     else:  # the last program of each (b, kv head): the full-precision residual window
         m, l, acc = _dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
                                   TQ, first, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION)
-    out = (bh * REP + rows) * splits + split
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(l_ptr + out, l, mask=row_ok)
-    tl.store(acc_ptr + out[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
+    _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
 
 
 @triton.jit
@@ -255,8 +275,7 @@ def check_heads(q, kv, name: str) -> tuple[int, int, int, int, int]:
 def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis) -> None:
     """Raise ValueError naming the first input whose dtype or shape does not fit the layouts above."""
     check_kv_bits(bits)
-    if key_axis not in ("channel", "token"):
-        raise ValueError(f"key_axis must be 'channel' (KIVI) or 'token'; got {key_axis!r}")
+    check_key_axis(key_axis)
     b, hq, d, hkv, tr = check_heads(q, res_k, "res_k")
     if d % group or d & (d - 1) or d < 16:
         raise ValueError(f"head size {d} must be a power of two >= 16 and a multiple of group={group}")

@@ -52,8 +52,8 @@ import triton.language as tl
 
 from .. import kvquant_format as fmt
 from .autotune_cache import tune
-from .kv_attention import (DTYPES, REP_PAD, _combine_kernel, _dense_tokens, _softmax_step, check_heads, configs,
-                           dot_types, reference_attention)
+from .kv_attention import (DTYPES, REP_PAD, _accumulate, _combine_kernel, _dense_tokens, _initial_state,
+                           _softmax_step, _store_partial, check_heads, configs, dot_types, reference_attention)
 from .runtime import check_device, check_tensors, next_power_of_2
 
 
@@ -128,12 +128,7 @@ def _kvquant_attention_kernel(
     row_ok = rows < REP
     chan = tl.arange(0, D)
     q_row = q_ptr + (bh * REP + rows)[:, None] * D
-    first = 0
-    if HAS_START:
-        first = tl.load(start_ptr + b)
-    m = tl.full([R], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([R], dtype=tl.float32)
-    acc = tl.zeros([R, D], dtype=tl.float32)
+    first, m, l, acc = _initial_state(start_ptr, b, HAS_START, R, D)
     if split < splits - 1:  # a share of the quantized store
         half = tl.arange(0, HALF)
         q1 = (tl.load(q_row + half[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT_DTYPE)
@@ -170,18 +165,14 @@ def _kvquant_attention_kernel(
             if N_OUT > 0:
                 v = _write_outliers(v, chan, v_chan_ptr, v_val_ptr, (bh.to(tl.int64) * T + tok) * N_OUT,
                                     tl.where(ok, N_OUT, 0))
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
-            l = l * alpha + tl.sum(p, axis=1)
+            l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     else:  # the last program of each (b, kv head): the sink (cache tokens 0 ... S - 1) and the exact store tokens
         q = (tl.load(q_row + chan[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT_DTYPE)
         m, l, acc = _dense_tokens(q, sk_ptr + bh.to(tl.int64) * (S * D), sv_ptr + bh.to(tl.int64) * (S * D), S, 0,
                                   first, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION)
         m, l, acc = _dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
                                   S + TQ, first, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION)
-    out = (bh * REP + rows) * splits + split
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(l_ptr + out, l, mask=row_ok)
-    tl.store(acc_ptr + out[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
+    _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
 
 
 def check_inputs(q, keys, values, params, sink_k, sink_v, res_k, res_v, bits, rope, positions, start) -> None:

@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from ..kv_quant import PackedKV, concat, dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from ..kv_quant import PackedKV, concat, dequantize_values, key_format, quantize_values
 
 
 class QuantizedLayer(CacheLayerMixin):
@@ -57,10 +57,9 @@ class KiviLayer(QuantizedLayer):
     def __init__(self, bits: int, group: int, residual: int, prefill_with_quant: bool, kernel: bool | None = None,
                  key_axis: str = "channel"):
         super().__init__()
-        if key_axis not in ("channel", "token"):
-            raise ValueError(f"key_axis must be 'channel' (KIVI) or 'token'; got {key_axis!r}")
         self.bits, self.group, self.residual, self.prefill_with_quant = bits, group, residual, prefill_with_quant
         self.key_axis = key_axis
+        self._quantize_keys, self._dequantize_keys = key_format(key_axis)
         self.flush_tokens = group if key_axis == "channel" else 1
         self.kernel = kernel  # None: on CUDA tensors
         self.kernel_step = None  # the keys the last update returned for the kernel (its residual window), or None
@@ -83,13 +82,13 @@ class KiviLayer(QuantizedLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         flush = max(0, self.keys.shape[-2] - self.residual) // self.flush_tokens * self.flush_tokens
         if flush:
-            k, v = self._quantize_keys(self.keys[..., :flush, :]), \
+            k, v = self._quantize_keys(self.keys[..., :flush, :], self.bits, self.group), \
                 quantize_values(self.values[..., :flush, :], self.bits, self.group)
             self.packed_keys = k if self.packed_keys is None else concat([self.packed_keys, k], dim=-2)
             self.packed_values = v if self.packed_values is None else concat([self.packed_values, v], dim=-2)
             self.keys, self.values = self.keys[..., flush:, :], self.values[..., flush:, :]
             if not self.kernel:
-                k = self._dequantize_keys(k).to(self.dtype)
+                k = self._dequantize_keys(k, self.bits, self.group).to(self.dtype)
                 v = dequantize_values(v, self.bits, self.group).to(self.dtype)
                 self._dequantized = (k, v) if self._dequantized is None else \
                     tuple(torch.cat([old, new], dim=-2) for old, new in zip(self._dequantized, (k, v)))
@@ -109,7 +108,7 @@ class KiviLayer(QuantizedLayer):
         """Every cached token as the cache holds it: [dequantized packed store ; residual], model dtype."""
         if self.packed_keys is None:
             return self.keys, self.values
-        k, v = self._dequantized or (self._dequantize_keys(self.packed_keys).to(self.dtype),
+        k, v = self._dequantized or (self._dequantize_keys(self.packed_keys, self.bits, self.group).to(self.dtype),
                                      dequantize_values(self.packed_values, self.bits, self.group).to(self.dtype))
         return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
 
@@ -120,12 +119,6 @@ class KiviLayer(QuantizedLayer):
 
         return kivi_decode_attention(q, self.packed_keys, self.packed_values, keys, values, bits=self.bits,
                                      group=self.group, sm_scale=sm_scale, start=start, key_axis=self.key_axis)
-
-    def _quantize_keys(self, k: torch.Tensor) -> PackedKV:
-        return (quantize_keys if self.key_axis == "channel" else quantize_values)(k, self.bits, self.group)
-
-    def _dequantize_keys(self, p: PackedKV) -> torch.Tensor:
-        return (dequantize_keys if self.key_axis == "channel" else dequantize_values)(p, self.bits, self.group)
 
     def nbytes(self) -> int:
         """Bytes held: packed codes, fp16 scales and minima, and the full-precision residual window."""
@@ -142,10 +135,8 @@ class KiviLayer(QuantizedLayer):
 
 class QuantizedKVCache(Cache):
     """One quantized cache layer per decoder layer (KiviLayer, or another method's: KVCacheMethod.make_layer);
-    pass it to model(..., past_key_values=) or model.generate(...). tquant.kv_cache(model) builds it."""
-
-    def __init__(self, layers: list[CacheLayerMixin]):
-        super().__init__(layers=layers)
+    pass it to model(..., past_key_values=) or model.generate(...). tquant.kv_cache(model) builds it:
+    QuantizedKVCache(layers=[...])."""
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
