@@ -175,10 +175,15 @@ def value_ranges(v: torch.Tensor, n_outliers: int) -> tuple[torch.Tensor, torch.
     return ((mx + mn) / 2).half(), torch.where(scale > 0, scale, torch.ones_like(scale)), mask
 
 
+def normalize_values(v: torch.Tensor, n_outliers: int):
+    """(vn = (v - offset) / scale float32 [B, H, T, D], offset, scale, outlier mask): value_ranges applied."""
+    offset, scale, mask = value_ranges(v, n_outliers)
+    return (v.float() - offset.float()[..., None]) / scale.float()[..., None], offset, scale, mask
+
+
 def quantize_values(v: torch.Tensor, codebook: torch.Tensor, bits: int, n_outliers: int) -> PackedValues:
     """Values [B, H, T, D] -> codes and fp16 scale / offset per vector, and the n_outliers per vector (Outliers)."""
-    offset, scale, mask = value_ranges(v, n_outliers)
-    vn = (v.float() - offset.float()[..., None]) / scale.float()[..., None]
+    vn, offset, scale, mask = normalize_values(v, n_outliers)
     return PackedValues(_encode(vn, codebook, bits), scale, offset, _outliers(v, mask, n_outliers) if n_outliers
                         else None)
 

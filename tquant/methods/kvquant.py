@@ -123,8 +123,7 @@ class KVQuant(KVCacheMethod):
                     if grads:
                         gk, gv = gk[..., self.sink:, :].float() ** 2, gv[..., self.sink:, :].float() ** 2
                         key_w[i].append(gk.permute(1, 3, 0, 2).flatten(2))
-                    offset, scale, mask = fmt.value_ranges(v, fmt.value_outliers(self.outliers, v.shape[-1]))
-                    vn = (v - offset.float()[..., None]) / scale.float()[..., None]
+                    vn, _, _, mask = fmt.normalize_values(v, fmt.value_outliers(self.outliers, v.shape[-1]))
                     value_hist[i].add(vn[~mask], gv[~mask] if grads else None)
         finally:
             model.train(was_training)
