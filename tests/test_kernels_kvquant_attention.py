@@ -77,15 +77,15 @@ def test_kernels_kvquant_attention_outliers_change_the_output_as_the_reference_s
     cache = random_cache(1, 2, 32, 24, 1, 3, torch.float32, False, True, seed=3)
     p = cache["params"]
     g = torch.Generator().manual_seed(4)
-    k = p.key_offset[:, None] + p.key_scale[:, None] * (torch.rand(1, 2, 24, 32, generator=g) * 1.8 - 0.9)
+    k = p.key_offset[:, None] + p.key_scale[:, None] * (torch.rand(1, 2, 24, 32, generator=g) * 1.8 - 0.9).to(DEVICE)
     k[0, 1, 7, 20] = p.key_offset[1, 20] + 9 * p.key_scale[1, 20]
-    v = torch.randn(1, 2, 24, 32, generator=g)
+    v = torch.randn(1, 2, 24, 32, generator=g).to(DEVICE)
     v[0, 1, 7, 5] = 40.0
     keys = fmt.quantize_keys(k, p, 3, outliers=True)
     values = fmt.quantize_values(v, p.value_codebook, 3, n_outliers=1)
     assert keys.sparse.index.tolist() == [20] and keys.sparse.row_ptr.diff().nonzero().tolist() == [[7 * 2 + 1]]
     assert values.sparse.channel[0, 1, 7].tolist() == [5]
-    q = torch.randn(1, 6, 32, generator=g) * 3
+    q = torch.randn(1, 6, 32, generator=g).to(DEVICE) * 3
     full = run_both(q, cache | dict(keys=keys, values=values))
     for without, heads in ((dict(keys=keys._replace(sparse=None), values=values), slice(3, 6)),
                            (dict(keys=keys, values=values._replace(sparse=None)), slice(0, 6))):

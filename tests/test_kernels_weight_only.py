@@ -289,7 +289,8 @@ def test_kernels_shipped_configs_are_current(monkeypatch):
                      "e8p_matmul": lambda key: e8p_matmul.candidates.__wrapped__(int(key["M"]), int(key["N"]),
                                                                                  int(key["K"]) // 8),
                      "hadamard_transform": lambda key: hadamard.configs(int(key["N"]), int(key["M"])),
-                     "kv_decode_attention": lambda key: kv_attention.configs(int(key["T"]))}
+                     "kv_decode_attention": lambda key: kv_attention.configs(int(key["T"])),
+                     "kvquant_decode_attention": lambda key: kv_attention.configs(int(key["T"]))}
     shipped = list(autotune_cache.SHIPPED_DIR.glob("*.json"))
     assert any(p.stem == "NVIDIA_H100_80GB_HBM3" for p in shipped)
     for path in shipped:

@@ -97,6 +97,24 @@ def _gathered_tile(codes_ptr, scale_ptr, mn_ptr, tok, chan, ok, CODE_ROW: tl.con
 
 
 @triton.jit
+def _unpack(w, BITS: tl.constexpr):
+    """int32 codes [M, N * 32 / BITS] of words w [M, N] (BITS 2, 4, 8, 16: code j of word i at bits j * BITS ->
+    column i * 32 / BITS + j). Each step splits every field in two halves and tl.interleave's them, so both
+    halves stay in one thread's registers (a reshape of shifted copies spreads the codes over lanes, and every
+    tl.dot operand then goes through shared memory one 16-bit element at a time)."""
+    x = w
+    if BITS <= 16:
+        x = tl.interleave(x & 0xFFFF, (x >> 16) & 0xFFFF)
+    if BITS <= 8:
+        x = tl.interleave(x & 0xFF, (x >> 8) & 0xFF)
+    if BITS <= 4:
+        x = tl.interleave(x & 0xF, (x >> 4) & 0xF)
+    if BITS <= 2:
+        x = tl.interleave(x & 0x3, (x >> 2) & 0x3)
+    return x
+
+
+@triton.jit
 def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
           D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr, WPG: tl.constexpr,
           OUT: tl.constexpr):
@@ -104,7 +122,7 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
     TQ). Where a group's words hold exactly its G codes (2, 4, 8 bits), every load is a contiguous tile: per
     channel (keys), word row r holds tokens r EPW ... r EPW + EPW - 1 of every channel ([BLOCK_T / EPW, D]
     words); per token, a token's D / EPW words hold its channels in order ([BLOCK_T, D / EPW] words); the codes
-    come out of the words by shifts in registers, and the parameters ([BLOCK_T / G, D] per channel,
+    come out of the words in registers (_unpack), and the parameters ([BLOCK_T / G, D] per channel,
     [BLOCK_T, D / G] per token) are broadcast over their groups. 3-bit codes take _gathered_tile."""
     tok = t0 + tl.arange(0, BLOCK_T)
     ok = tok < TQ
@@ -113,11 +131,10 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
                              D if PER_CHANNEL else D // G * WPG, D if PER_CHANNEL else D // G, PER_CHANNEL, BITS,
                              G, EPW, WPG, OUT)
     else:
-        shifts = tl.arange(0, EPW) * BITS
         if PER_CHANNEL:
             r = t0 // EPW + tl.arange(0, BLOCK_T // EPW)
             w = tl.load(codes_ptr + r[:, None] * D + chan[None, :], mask=(r < TQ // EPW)[:, None], other=0)
-            code = tl.reshape((w[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1), [BLOCK_T, D])
+            code = tl.trans(_unpack(tl.trans(w), BITS))
             if BLOCK_T >= G:
                 g = t0 // G + tl.arange(0, BLOCK_T // G)
                 g_ok = (g < TQ // G)[:, None]
@@ -131,7 +148,7 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
         else:
             c = tl.arange(0, D // EPW)
             w = tl.load(codes_ptr + tok[:, None] * (D // EPW) + c[None, :], mask=ok[:, None], other=0)
-            code = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), [BLOCK_T, D])
+            code = _unpack(w, BITS)
             p = tl.arange(0, D // G)
             scale = tl.load(scale_ptr + tok[:, None] * (D // G) + p[None, :], mask=ok[:, None], other=0.0)
             mn = tl.load(mn_ptr + tok[:, None] * (D // G) + p[None, :], mask=ok[:, None], other=0.0)
@@ -309,20 +326,22 @@ def dot_types(dtype: torch.dtype):
     return dot, "ieee" if dot == tl.float32 else "tf32"
 
 
-INTERPRETER_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "num_warps": 4}
+INTERPRETER_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "num_warps": 4, "num_stages": 1}
 
 
 def configs(tokens: int) -> list[dict]:
-    """Candidates for a packed store of `tokens` (rounded up to a power of two): BLOCK_T 32 / 64 / 128, 4 or 8
-    warps, and splits that give the grid about 1-4 programs per SM (132 on an H100) for B * Hkv = 8 and 64 (a
-    split is at least 256 tokens); the first is the default."""
+    """Candidates for a packed store of `tokens` (rounded up to a power of two): BLOCK_T 64 / 128, 4 or 8 warps,
+    1 or 2 pipeline stages (more stages hold more tiles in shared memory and cut the programs an SM runs), and
+    splits that give the grid about 1-4 programs per SM (132 on an H100) for B * Hkv = 8 and 64 (a split is at
+    least 256 tokens); the first is the default."""
     if interpreter_on():
         return [INTERPRETER_CONFIG]
     out = []
     for splits in sorted({max(1, min(64, tokens // 256 // f)) for f in (1, 2, 4, 8)}, reverse=True):
-        for block_t in (64, 128, 32):
+        for block_t in (64, 128):
             for warps in (4, 8):
-                out.append({"BLOCK_T": block_t, "SPLITS": splits, "num_warps": warps})
+                for stages in (1, 2):
+                    out.append({"BLOCK_T": block_t, "SPLITS": splits, "num_warps": warps, "num_stages": stages})
     return out
 
 
@@ -342,7 +361,7 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
         *tensors, start if start is not None else m, m, l, acc, hkv, tq, tr, per_split, sm_scale,
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=values_per_word(bits), WPG=words_per_group(bits, group),
         KEYS_PER_CHANNEL=key_axis == "channel", BLOCK_T=block_t, HAS_START=start is not None, DOT_DTYPE=dot_dtype,
-        PRECISION=precision, R=REP_PAD, num_warps=config["num_warps"],
+        PRECISION=precision, R=REP_PAD, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     _combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)

@@ -23,9 +23,10 @@ Kernel: grid (B * Hkv, SPLITS + 1), kv_attention's launch pattern. A program tak
 heads (padded to REP_PAD rows). Programs 0 ... SPLITS - 1 each take a contiguous share of the T stored tokens,
 BLOCK_T at a time, of its first T - R tokens; the last takes the S sink tokens and the R exact ones (kv_attention's
 _dense_tokens); _combine_kernel merges the (max, sum, accumulator) partials. Per store tile:
-    codes     the tile's code words [BLOCK_T, N / epw] are loaded contiguously and the codes shifted out in registers
-              when a half-vector's N channels fill whole words (2 and 4 bits, N >= epw); else (3 bits: 10 codes a
-              word) each channel's word is gathered (an L1 hit for all but the first of its channels)
+    codes     the tile's code words [BLOCK_T, N / epw] are loaded contiguously and the codes split out in registers
+              (kv_attention._unpack) when a half-vector's N channels fill whole words (2 and 4 bits, N >= epw);
+              else (3 bits: 10 codes a word) each channel's word is gathered (an L1 hit for all but the first of
+              its channels)
     codebook  centroid = tl.load(codebook + code): a gather from the 2^bits fp32 table (16-64 bytes, L1-resident),
               one load per element. A select chain costs 2^bits compares and selects per element (32 instructions
               at 4 bits), more ALU than a memory-bound decode has to spare; the table load costs one.
@@ -34,8 +35,9 @@ _dense_tokens); _combine_kernel merges the (max, sum, accumulator) partials. Per
     outliers  each replaces the dense decode at its (token, channel): for j < the tile's largest count (computed
               from the row pointers in the kernel: keys tl.max(row_ptr[r + 1] - row_ptr[r]), values n),
               tile = where(channel == entry j's channel, entry j's value, tile), entry j of a token masked when
-              j >= its count
-    RoPE      angle = position * inv_freq [BLOCK_T, D/2] (fp32), cos = cos(angle) * scaling, sin likewise
+              j >= its count. (Adding each key outlier's effect to the scores instead, one [R, BLOCK_T] pass per j,
+              measured 1.8x slower on the H200.)
+    RoPE      angle = position * inv_freq [BLOCK_T, D/2] (fp32), cos = cos(angle) * scaling, sin likewise (_cos_sin)
               (fmt.rope_cos_sin); rotate_half pairs channel i with i + D/2, so on the halves
               k_rot1 = k1 cos - k2 sin,  k_rot2 = k2 cos + k1 sin  (no register shuffles)
     scores    s = q1 . k_rot1 + q2 . k_rot2 (q1, q2: q's halves; post-RoPE caches: the same on k1, k2 unrotated)
@@ -53,8 +55,8 @@ import triton.language as tl
 from .. import kvquant_format as fmt
 from .autotune_cache import tune
 from .kv_attention import (DTYPES, REP_PAD, _accumulate, _combine_kernel, _dense_tokens, _initial_state,
-                           _softmax_step, _store_partial, check_heads, configs, dot_types, reference_attention)
-from .runtime import check_device, check_tensors, next_power_of_2
+                           _softmax_step, _store_partial, _unpack, check_heads, configs, dot_types, reference_attention)
+from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
 
 
 def kvquant_decode_attention_ref(q, keys: fmt.PackedKeys, values: fmt.PackedValues, params: fmt.LayerParams, sink_k,
@@ -72,19 +74,36 @@ def kvquant_decode_attention_ref(q, keys: fmt.PackedKeys, values: fmt.PackedValu
 
 @triton.jit
 def _codes(codes_ptr, tok, ok, C0: tl.constexpr, N: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
-           EPW: tl.constexpr, BLOCK_T: tl.constexpr):
+           EPW: tl.constexpr):
     """int32 codes [BLOCK_T, N] of channels C0 ... C0 + N - 1 of tokens tok [BLOCK_T] (0 where not ok) from one
     (b, head)'s codes [T, W]."""
     if N % EPW == 0:  # whole words: a contiguous [BLOCK_T, N / EPW] tile
         words = C0 // EPW + tl.arange(0, N // EPW)
-        w = tl.load(codes_ptr + tok[:, None] * W + words[None, :], mask=ok[:, None], other=0)
-        shifts = tl.arange(0, EPW) * BITS
-        code = tl.reshape((w[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), [BLOCK_T, N])
+        code = _unpack(tl.load(codes_ptr + tok[:, None] * W + words[None, :], mask=ok[:, None], other=0), BITS)
     else:  # each channel's word gathered
         chan = C0 + tl.arange(0, N)
         w = tl.load(codes_ptr + tok[:, None] * W + (chan // EPW)[None, :], mask=ok[:, None], other=0)
         code = (w >> ((chan % EPW) * BITS)[None, :]) & ((1 << BITS) - 1)
     return code
+
+
+@triton.jit
+def _cos_sin(angle, FAST: tl.constexpr):
+    """(cos, sin) of fp32 angles, reduced to r in [-pi, pi] first with 2 pi = C1 + C2, C1 = 6.28125 (8 significant
+    bits: k C1 is exact for |k| < 2^16, and angle - k C1 by Sterbenz). FAST (CUDA): r goes to the sin / cos units'
+    approximations (abs. error ~5e-7 on [-pi, pi]), ~8 instructions a pair, where tl.cos / tl.sin (libdevice)
+    carry a Payne-Hanek path for huge angles that costs ~40 instructions and local memory an element; else (the
+    interpreter) tl.cos / tl.sin of r."""
+    k = tl.floor(angle * 0.15915494309189535 + 0.5)
+    r = (angle - k * 6.28125) - k * 0.0019353071795864769
+    if FAST:
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        c, s = tl.cos(r), tl.sin(r)
+    return c, s
 
 
 @triton.jit
@@ -117,7 +136,7 @@ def _kvquant_attention_kernel(
     HKV, T, TQ, S, TR, tokens_per_split, sm_scale, rope_scaling,
     D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, EPW: tl.constexpr, KEY_OUTLIERS: tl.constexpr,
     N_OUT: tl.constexpr, ROPE: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     bh, split = tl.program_id(0), tl.program_id(1)
     b, h = bh // HKV, bh % HKV
@@ -143,8 +162,8 @@ def _kvquant_attention_kernel(
         for t0 in range(lo, hi, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
             ok = tok < hi
-            k1 = tl.load(k_cb_ptr + _codes(kc, tok, ok, 0, HALF, W, BITS, EPW, BLOCK_T))
-            k2 = tl.load(k_cb_ptr + _codes(kc, tok, ok, HALF, HALF, W, BITS, EPW, BLOCK_T))
+            k1 = tl.load(k_cb_ptr + _codes(kc, tok, ok, 0, HALF, W, BITS, EPW))
+            k2 = tl.load(k_cb_ptr + _codes(kc, tok, ok, HALF, HALF, W, BITS, EPW))
             k1, k2 = k1 * k_scale1[None, :] + k_off1[None, :], k2 * k_scale2[None, :] + k_off2[None, :]
             if KEY_OUTLIERS:  # CSR rows r = t * B * Hkv + b * Hkv + h
                 r = tok.to(tl.int64) * tl.num_programs(0) + bh
@@ -154,12 +173,12 @@ def _kvquant_attention_kernel(
                 k2 = _write_outliers(k2, HALF + half, k_chan_ptr, k_val_ptr, k_lo, n)
             if ROPE:
                 pos = tl.load(pos_ptr + b.to(tl.int64) * T + tok, mask=ok, other=0).to(tl.float32)
-                angle = pos[:, None] * tl.load(inv_freq_ptr + half)[None, :]
-                cos, sin = tl.cos(angle) * rope_scaling, tl.sin(angle) * rope_scaling
+                cos, sin = _cos_sin(pos[:, None] * tl.load(inv_freq_ptr + half)[None, :], FAST_TRIG)
+                cos, sin = cos * rope_scaling, sin * rope_scaling
                 k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
             s = _qk(q1, k1, DOT_DTYPE, PRECISION) + _qk(q2, k2, DOT_DTYPE, PRECISION)
             p, m, alpha = _softmax_step(s, ok & (S + tok >= first), m)
-            v = tl.load(v_cb_ptr + _codes(vc, tok, ok, 0, D, W, BITS, EPW, BLOCK_T))
+            v = tl.load(v_cb_ptr + _codes(vc, tok, ok, 0, D, W, BITS, EPW))
             v = v * tl.load(v_scale + tok, mask=ok, other=0.0).to(tl.float32)[:, None] \
                 + tl.load(v_off + tok, mask=ok, other=0.0).to(tl.float32)[:, None]
             if N_OUT > 0:
@@ -241,7 +260,7 @@ def launch(config, q, keys, values, params, sink_k, sink_v, res_k, res_v, bits, 
         D=d, REP=hq // hkv, BITS=bits, EPW=32 // bits, KEY_OUTLIERS=keys.sparse is not None,
         N_OUT=0 if values.sparse is None else values.sparse.channel.shape[-1], ROPE=rope is not None,
         BLOCK_T=block_t, HAS_START=start is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, R=REP_PAD,
-        num_warps=config["num_warps"],
+        FAST_TRIG=not interpreter_on(), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     _combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
