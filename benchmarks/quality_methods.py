@@ -1,4 +1,4 @@
-"""Perplexity rows of the methods on the offline SmolLM2-135M (the weight-activation and QuIP# tables).
+"""Perplexity rows of the methods on the offline SmolLM2-135M (the weight-activation, QuIP# and BCQ tables).
 
     python benchmarks/quality_methods.py [--rows NAME,NAME,...] [--json out.json] [--threads N]
                                          [--device cuda] [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
@@ -39,6 +39,9 @@ ROWS = {  # name: (method, options)
     "gptq-w4a16-sym-g64": ("gptq", dict(bits=4, group_size=64)),
     **{f"quip#-{b}": ("quip#", dict(bits=b)) for b in (2, 3, 4)},
     **{f"quip#-{b}-ft": ("quip#", dict(bits=b, ft_epochs=2)) for b in (2, 3, 4)},
+    **{f"bcq-{b}-{g}-{search}": ("bcq", dict(bits=b, group_size=-1 if g == "pc" else 64, rounds=rounds))
+       for b in (4, 3) for g in ("g64", "pc") for search, rounds in (("greedy", 0), ("refined", 1), ("alt30", 30))},
+    **{f"bcq-{b}-g64-rtn": ("bcq", dict(bits=b, group_size=64, grid="rtn")) for b in (4, 3)},
 }
 
 

@@ -1,7 +1,8 @@
-"""The decode-attention kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile):
-a kernel that the interpreter runs but the CUDA compiler rejects fails here, not on a user's first launch. The
-launches are the tuned-config shapes of the issue (32 query heads on 8 KV heads, head size 128) with a default
-config, in a subprocess with the interpreter off; each must compile with no more than 255 registers."""
+"""Kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile): a kernel that the
+interpreter runs but the CUDA compiler rejects fails here, not on a user's first launch. The launches (a default
+config each, in a subprocess with the interpreter off) are the decode-attention kernels at the shapes of issue 5
+(32 query heads on 8 KV heads, head size 128) and the BCQ matmul at batch 1 and 32; each must compile with no more
+than 255 registers."""
 import json
 import os
 import subprocess
@@ -10,7 +11,10 @@ import sys
 import pytest
 
 CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), ("kivi", 4, "token", "float16"),
-         ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16")]
+         ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16"),
+         ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16")]
+KERNELS = {"kivi": ["_kv_attention_kernel", "_combine_kernel"],
+           "kvquant": ["_kvquant_attention_kernel", "_combine_kernel"], "bcq": ["_bcq_matmul_kernel"]}
 
 
 def compile_case(kind, bits, option, dtype):
@@ -19,7 +23,7 @@ def compile_case(kind, bits, option, dtype):
 
     from tquant import kv_quant
     from tquant import kvquant_format as fmt
-    from tquant.kernels import kv_attention, kvquant_attention
+    from tquant.kernels import bcq_matmul, kv_attention, kvquant_attention
     from tquant.kernels.cross_compile import compiling_for
 
     dtype = getattr(torch, dtype)
@@ -27,7 +31,12 @@ def compile_case(kind, bits, option, dtype):
     q = torch.randn(b, hq, d).to(dtype)
     config = kv_attention.configs(4096)[0]
     with compiling_for() as done:
-        if kind == "kivi":
+        if kind == "bcq":  # option: the batch
+            alphas = torch.rand(bits, 4, 256).to(dtype)
+            planes = torch.zeros(bits, 512 // 32, 256, dtype=torch.int32)
+            bcq_matmul.launch(bcq_matmul.configs(option, 128)[0], torch.randn(option, 512).to(dtype), planes, alphas,
+                              torch.zeros(4, 256).to(dtype))
+        elif kind == "kivi":
             group = 32 if option == "channel" else d
             k, v = torch.randn(2, b, hkv, t, d).to(dtype)
             pk = kv_quant.key_format(option)[0](k, bits, group)
@@ -49,7 +58,7 @@ def compile_case(kind, bits, option, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_kernels_decode_attention_compiles_for_hopper(case):
+def test_kernels_compile_for_hopper(case):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tquant importable without an install
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
@@ -57,7 +66,7 @@ def test_kernels_decode_attention_compiles_for_hopper(case):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = json.loads(run.stdout.strip().splitlines()[-1])
-    assert [name for name, _, _ in compiled][-1] == "_combine_kernel" and len(compiled) == 2, compiled
+    assert [name for name, _, _ in compiled] == KERNELS[case[0]], compiled
     assert all(0 < regs <= 255 for _, regs, _ in compiled), compiled
 
 

@@ -1,7 +1,8 @@
 """The one packer: integer codes <-> int32 words, packed along the input dimension K.
 
 Layout ("K-packed", shared by every weight-only module and kernel):
-    epw = 32 // bits                     values per int32 word (2->16, 3->10, 4->8, 8->4)
+    epw = 32 // bits                     values per int32 word (1->32, 2->16, 3->10, 4->8, 8->4; 1 bit: BCQ's
+                                         binary planes, one packed array each)
     qweight: int32 [ceil(K / epw), N]
     code(k, n) = (qweight[k // epw, n] >> ((k % epw) * bits)) & (2^bits - 1)
 Rows past K are padded with code 0. Words are contiguous along N so a tile of words for a block of
@@ -15,7 +16,8 @@ from .quantizer import check_bits
 
 
 def values_per_word(bits: int) -> int:
-    check_bits(bits)
+    if bits != 1:
+        check_bits(bits)
     return 32 // bits
 
 

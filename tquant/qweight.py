@@ -120,3 +120,48 @@ class LatticeWeight:
         from .incoherence import unrotate_weight
 
         return unrotate_weight(self.decoded(), self.su, self.sv)
+
+
+@dataclass
+class BCQWeight:
+    """What BCQ (and uniform grids converted to BCQ form) hand to their module (BCQLinear), tquant.bcq's format:
+
+        alphas  float32 [N, G, q]  per output row, group of K / G input channels and binary plane
+        bits    uint8 [q, N, K]    1 where plane i's sign is +1
+        offset  float32 [N, G] or None (uniform grids: s ((2^q - 1) / 2 - z))
+        perm    int64 [K] or None: storage column k holds input channel perm[k] (GPTQ's act order)
+        W[n, k] = sum_i alphas[n, k // (K / G), i] (2 bits[i, n, k] - 1) + offset[n, k // (K / G)]
+    """
+
+    alphas: torch.Tensor
+    bits: torch.Tensor
+    offset: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+
+    @property
+    def planes(self) -> int:
+        return self.bits.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        return self.bits.shape[2] // self.alphas.shape[1]
+
+    @classmethod
+    def from_uniform(cls, qw: QuantizedWeight) -> "BCQWeight":
+        """The same weight, exactly, from a uniform grid (RTN, GPTQ): tquant.bcq.from_uniform."""
+        from .bcq import from_uniform
+
+        if qw.act_bits is not None:
+            raise ValueError("BCQ form is for weight-only grids; this weight also quantizes activations")
+        return cls(*from_uniform(qw.codes, qw.scale, qw.zero, qw.bits), perm=qw.perm)
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 [N, K] weight in the original input-channel order."""
+        from .bcq import dequantize
+
+        w = dequantize(self.alphas, self.bits, self.offset)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out

@@ -32,6 +32,7 @@ from ..kv_quant import PackedKV, check_key_axis, check_kv_bits, dequantize_value
 from ..packing import values_per_word
 from .autotune_cache import tune
 from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
+from .tiling import unpack_words
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REP_PAD = 16  # tl.dot needs M >= 16: the rep query heads of one KV head are padded to this many rows
@@ -97,24 +98,6 @@ def _gathered_tile(codes_ptr, scale_ptr, mn_ptr, tok, chan, ok, CODE_ROW: tl.con
 
 
 @triton.jit
-def _unpack(w, BITS: tl.constexpr):
-    """int32 codes [M, N * 32 / BITS] of words w [M, N] (BITS 2, 4, 8, 16: code j of word i at bits j * BITS ->
-    column i * 32 / BITS + j). Each step splits every field in two halves and tl.interleave's them, so both
-    halves stay in one thread's registers (a reshape of shifted copies spreads the codes over lanes, and every
-    tl.dot operand then goes through shared memory one 16-bit element at a time)."""
-    x = w
-    if BITS <= 16:
-        x = tl.interleave(x & 0xFFFF, (x >> 16) & 0xFFFF)
-    if BITS <= 8:
-        x = tl.interleave(x & 0xFF, (x >> 8) & 0xFF)
-    if BITS <= 4:
-        x = tl.interleave(x & 0xF, (x >> 4) & 0xF)
-    if BITS <= 2:
-        x = tl.interleave(x & 0x3, (x >> 2) & 0x3)
-    return x
-
-
-@triton.jit
 def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
           D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr, WPG: tl.constexpr,
           OUT: tl.constexpr):
@@ -122,7 +105,7 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
     TQ). Where a group's words hold exactly its G codes (2, 4, 8 bits), every load is a contiguous tile: per
     channel (keys), word row r holds tokens r EPW ... r EPW + EPW - 1 of every channel ([BLOCK_T / EPW, D]
     words); per token, a token's D / EPW words hold its channels in order ([BLOCK_T, D / EPW] words); the codes
-    come out of the words in registers (_unpack), and the parameters ([BLOCK_T / G, D] per channel,
+    come out of the words in registers (tiling.unpack_words), and the parameters ([BLOCK_T / G, D] per channel,
     [BLOCK_T, D / G] per token) are broadcast over their groups. 3-bit codes take _gathered_tile."""
     tok = t0 + tl.arange(0, BLOCK_T)
     ok = tok < TQ
@@ -134,7 +117,7 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
         if PER_CHANNEL:
             r = t0 // EPW + tl.arange(0, BLOCK_T // EPW)
             w = tl.load(codes_ptr + r[:, None] * D + chan[None, :], mask=(r < TQ // EPW)[:, None], other=0)
-            code = tl.trans(_unpack(tl.trans(w), BITS))
+            code = tl.trans(unpack_words(tl.trans(w), BITS))
             if BLOCK_T >= G:
                 g = t0 // G + tl.arange(0, BLOCK_T // G)
                 g_ok = (g < TQ // G)[:, None]
@@ -148,7 +131,7 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
         else:
             c = tl.arange(0, D // EPW)
             w = tl.load(codes_ptr + tok[:, None] * (D // EPW) + c[None, :], mask=ok[:, None], other=0)
-            code = _unpack(w, BITS)
+            code = unpack_words(w, BITS)
             p = tl.arange(0, D // G)
             scale = tl.load(scale_ptr + tok[:, None] * (D // G) + p[None, :], mask=ok[:, None], other=0.0)
             mn = tl.load(mn_ptr + tok[:, None] * (D // G) + p[None, :], mask=ok[:, None], other=0.0)

@@ -24,7 +24,7 @@ heads (padded to REP_PAD rows). Programs 0 ... SPLITS - 1 each take a contiguous
 BLOCK_T at a time, of its first T - R tokens; the last takes the S sink tokens and the R exact ones (kv_attention's
 _dense_tokens); _combine_kernel merges the (max, sum, accumulator) partials. Per store tile:
     codes     the tile's code words [BLOCK_T, N / epw] are loaded contiguously and the codes split out in registers
-              (kv_attention._unpack) when a half-vector's N channels fill whole words (2 and 4 bits, N >= epw);
+              (tiling.unpack_words) when a half-vector's N channels fill whole words (2 and 4 bits, N >= epw);
               else (3 bits: 10 codes a word) each channel's word is gathered (an L1 hit for all but the first of
               its channels)
     codebook  centroid = tl.load(codebook + code): a gather from the 2^bits fp32 table (16-64 bytes, L1-resident),
@@ -55,8 +55,9 @@ import triton.language as tl
 from .. import kvquant_format as fmt
 from .autotune_cache import tune
 from .kv_attention import (DTYPES, REP_PAD, _accumulate, _combine_kernel, _dense_tokens, _initial_state,
-                           _softmax_step, _store_partial, _unpack, check_heads, configs, dot_types, reference_attention)
+                           _softmax_step, _store_partial, check_heads, configs, dot_types, reference_attention)
 from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
+from .tiling import unpack_words
 
 
 def kvquant_decode_attention_ref(q, keys: fmt.PackedKeys, values: fmt.PackedValues, params: fmt.LayerParams, sink_k,
@@ -79,7 +80,7 @@ def _codes(codes_ptr, tok, ok, C0: tl.constexpr, N: tl.constexpr, W: tl.constexp
     (b, head)'s codes [T, W]."""
     if N % EPW == 0:  # whole words: a contiguous [BLOCK_T, N / EPW] tile
         words = C0 // EPW + tl.arange(0, N // EPW)
-        code = _unpack(tl.load(codes_ptr + tok[:, None] * W + words[None, :], mask=ok[:, None], other=0), BITS)
+        code = unpack_words(tl.load(codes_ptr + tok[:, None] * W + words[None, :], mask=ok[:, None], other=0), BITS)
     else:  # each channel's word gathered
         chan = C0 + tl.arange(0, N)
         w = tl.load(codes_ptr + tok[:, None] * W + (chan // EPW)[None, :], mask=ok[:, None], other=0)

@@ -1,4 +1,4 @@
-"""Tile helpers shared by the GEMM kernels."""
+"""Tile helpers shared by the kernels."""
 import triton
 import triton.language as tl
 
@@ -11,3 +11,24 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     first_m = (pid // (GROUP_M * grid_n)) * GROUP_M
     size_m = tl.minimum(grid_m - first_m, GROUP_M)
     return first_m + (pid % (GROUP_M * grid_n)) % size_m, (pid % (GROUP_M * grid_n)) // size_m
+
+
+@triton.jit
+def unpack_words(w, BITS: tl.constexpr):
+    """int32 codes [M, N * 32 / BITS] of words w [M, N] (BITS 1, 2, 4, 8, 16: code j of word i at bits j * BITS ->
+    column i * 32 / BITS + j). Each step splits every field in two halves and tl.interleave's them, so both
+    halves stay in one thread's registers (a reshape of shifted copies spreads the codes over lanes, and a
+    tl.dot operand made from them then goes through shared memory one 16-bit element at a time). Along rows:
+    tl.trans(unpack_words(tl.trans(w), BITS))."""
+    x = w
+    if BITS <= 16:
+        x = tl.interleave(x & 0xFFFF, (x >> 16) & 0xFFFF)
+    if BITS <= 8:
+        x = tl.interleave(x & 0xFF, (x >> 8) & 0xFF)
+    if BITS <= 4:
+        x = tl.interleave(x & 0xF, (x >> 4) & 0xF)
+    if BITS <= 2:
+        x = tl.interleave(x & 0x3, (x >> 2) & 0x3)
+    if BITS <= 1:
+        x = tl.interleave(x & 0x1, (x >> 1) & 0x1)
+    return x
