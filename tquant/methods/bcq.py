@@ -1,7 +1,8 @@
-"""BCQ (binary-coding quantization, LUT-GEMM's format), data-free: W ~= sum_i alpha_i B_i per output row and group
-(tquant.bcq). grid="bcq" searches alphas and signs (rounds 0 greedy, 1 refined greedy, >= 2 alternating);
-grid="rtn" takes the round-to-nearest uniform grid and converts it exactly (alphas s 2^(i-1) plus an offset), so
-the same kernel runs uniform weights (GPTQ's too: tquant.qweight.BCQWeight.from_uniform)."""
+"""BCQ (binary-coding quantization, LUT-GEMM's format): W ~= sum_i alpha_i B_i per output row and group (tquant.bcq).
+grid="bcq" (data-free) searches alphas and signs (rounds 0 greedy, 1 refined greedy, >= 2 alternating);
+grid="rtn" (data-free) and grid="gptq" (calibrated: GPTQ with its defaults, act order, asymmetric) take a uniform
+grid and convert it exactly (alphas s 2^(i-1) plus an offset; tquant.qweight.BCQWeight.from_uniform), so BCQ's
+kernel runs uniform weights too."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,20 +10,19 @@ import dataclasses
 from ..bcq import check_bcq_bits, search
 from ..qweight import BCQWeight, QuantizedWeight
 from .base import Method, option, register
+from .gptq import GPTQ
 
-GRIDS = ("bcq", "rtn")
+GRIDS = ("bcq", "rtn", "gptq")
 
 
 @register
 @dataclasses.dataclass
 class BCQ(Method):
     name = "bcq"
-    needs_calibration = False
-    needs_layer_stats = False
 
     bits: int = option(4, "binary planes q: 1, 2, 3 or 4")
     rounds: int = option(30, "search rounds: 0 greedy, 1 refined greedy (least-squares alphas), >= 2 alternating")
-    grid: str = option("bcq", "'bcq': BCQ's search; 'rtn': the min-max uniform grid, converted exactly")
+    grid: str = option("bcq", "'bcq': BCQ's search; 'rtn' / 'gptq': that uniform grid (asymmetric), converted exactly")
 
     def __post_init__(self):
         check_bcq_bits(self.bits)
@@ -30,8 +30,22 @@ class BCQ(Method):
             raise ValueError(f"grid must be one of {GRIDS}; got {self.grid!r}")
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0; got {self.rounds}")
-        if self.grid == "rtn" and self.bits == 1:
-            raise ValueError("grid='rtn' needs bits 2, 3 or 4")
+        if self.grid != "bcq" and self.bits == 1:
+            raise ValueError(f"grid={self.grid!r} needs bits 2, 3 or 4")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.grid == "gptq"
+
+    @property
+    def needs_layer_stats(self) -> bool:
+        return self.grid == "gptq"
+
+    def _gptq(self) -> GPTQ:
+        return GPTQ(bits=self.bits, group_size=self.group_size, sym=False)
+
+    def new_state(self, name, linear):
+        return self._gptq().new_state(name, linear) if self.grid == "gptq" else super().new_state(name, linear)
 
     def check_layer(self, linear, name) -> None:
         group = self.layer_group_size(linear, name)
@@ -41,6 +55,8 @@ class BCQ(Method):
 
     def quantize(self, state, linear, name) -> BCQWeight:
         group = self.layer_group_size(linear, name)
+        if self.grid == "gptq":
+            return BCQWeight.from_uniform(self._gptq().quantize(state, linear, name))
         if self.grid == "rtn":
             return BCQWeight.from_uniform(QuantizedWeight.from_rtn(linear.weight, self.bits, group, sym=False))
         return BCQWeight(*search(linear.weight, self.bits, group, self.rounds))

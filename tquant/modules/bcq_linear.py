@@ -43,12 +43,10 @@ class BCQLinear(nn.Module):
                   bias=bias is not None, dtype=dtype, device=qw.bits.device)
         mod.planes.copy_(torch.stack([pack_codes(qw.bits[i], 1) for i in range(q)]))
         mod.alphas.copy_(qw.alphas.permute(2, 1, 0))
-        if qw.offset is not None:
-            mod.offset.copy_(qw.offset.t())
-        if qw.perm is not None:
-            mod.perm.copy_(qw.perm)
-        if bias is not None:
-            mod.bias.copy_(bias.detach())
+        for name, value in (("offset", None if qw.offset is None else qw.offset.t()), ("perm", qw.perm),
+                            ("bias", bias)):
+            if value is not None:
+                getattr(mod, name).copy_(value.detach())
         return mod
 
     def layer_spec(self) -> dict:
