@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from tquant.packing import pack_codes, unpack_codes, values_per_word
-from tquant.quantizer import dequantize, grouped_qparams, qparams, quantize, resolve_group_size, expand_groups
+from tquant.quantizer import check_bits, dequantize, expand_groups, grouped_qparams, qparams, quantize, resolve_group_size
 
 
 @settings(max_examples=40, deadline=None)
@@ -67,7 +67,16 @@ def test_group_size_errors_name_the_layer():
         resolve_group_size(128, 576, "blk.q")
 
 
-@pytest.mark.parametrize("bits", [0, 1, 5, 9, 16])
+@pytest.mark.parametrize("bits", [0, 5, 9, 16])
 def test_unsupported_bits(bits):
     with pytest.raises(ValueError, match=f"bits={bits} is not supported"):
         values_per_word(bits)
+
+
+def test_one_bit_planes_pack_32_to_a_word():
+    """1 bit: BCQ's binary planes (not a weight width: check_bits still refuses it)."""
+    codes = torch.randint(0, 2, (3, 70), generator=torch.Generator().manual_seed(0))
+    assert values_per_word(1) == 32 and pack_codes(codes, 1).shape == (3, 3)
+    assert torch.equal(unpack_codes(pack_codes(codes, 1), 1, 70).t(), codes.int())
+    with pytest.raises(ValueError, match="bits=1 is not supported"):
+        check_bits(1)

@@ -32,9 +32,12 @@ def _signs(q: int, device) -> torch.Tensor:
 
 
 def _refit(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Least-squares alphas [R, q] of groups w [R, g] on fixed signs b [R, g, q] (pseudo-inverse: planes that came
-    out equal share their weight)."""
-    return (torch.linalg.pinv(b.transpose(1, 2) @ b) @ (b.transpose(1, 2) @ w[..., None]))[..., 0]
+    """Least-squares alphas [R, q] of groups w [R, g] on fixed signs b [R, g, q]: the normal equations
+    (B^T B + eps I) a = B^T w with eps = 1e-6 g, so that planes that came out equal share their weight (a batched
+    Cholesky solve; a pseudo-inverse takes one SVD a group, 50x slower)."""
+    gram = b.transpose(1, 2) @ b
+    gram.diagonal(dim1=1, dim2=2).add_(1e-6 * b.shape[1])
+    return torch.cholesky_solve(b.transpose(1, 2) @ w[..., None], torch.linalg.cholesky(gram))[..., 0]
 
 
 def _nearest_signs(w: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
