@@ -42,6 +42,8 @@ ROWS = {  # name: (method, options)
     **{f"bcq-{b}-{g}-{search}": ("bcq", dict(bits=b, group_size=-1 if g == "pc" else 64, rounds=rounds))
        for b in (4, 3) for g in ("g64", "pc") for search, rounds in (("greedy", 0), ("refined", 1), ("alt30", 30))},
     **{f"bcq-{b}-g64-rtn": ("bcq", dict(bits=b, group_size=64, grid="rtn")) for b in (4, 3)},
+    **{f"bcq-{b}-{g}-alt30-offset": ("bcq", dict(bits=b, group_size=-1 if g == "pc" else 64, rounds=30, offset=True))
+       for b in (4, 3) for g in ("g64", "pc")},
 }
 
 

@@ -37,7 +37,8 @@ def test_each_search_step_lowers_the_error(bits, group, seed):
 
 def test_greedy_is_sign_and_mean_absolute_value():
     w = weights(1)
-    alphas, bits = bcq.search(w, 1, 32, 0)
+    alphas, bits, offset = bcq.search(w, 1, 32, 0)
+    assert offset is None
     groups = w.reshape(24, 4, 32)
     torch.testing.assert_close(alphas[..., 0], groups.abs().mean(-1))
     assert torch.equal(bits[0].bool(), w >= 0)
@@ -45,16 +46,30 @@ def test_greedy_is_sign_and_mean_absolute_value():
 
 def test_refined_alphas_are_least_squares_and_alternating_codes_are_nearest():
     w = weights(2)
-    alphas, bits = bcq.search(w, 3, 32, 1)
+    alphas, bits, _ = bcq.search(w, 3, 32, 1)
     b = (bits.float() * 2 - 1).permute(1, 2, 0).reshape(24, 4, 32, 3)  # [N, G, g, q]
     residual = w.reshape(24, 4, 32, 1) - (b * alphas[:, :, None, :]).sum(-1, keepdim=True)
     assert (b * residual).sum(2).abs().max() < 1e-4  # normal equations: B^T (w - B a) = 0
     groups = w.reshape(-1, 32)
     a = torch.rand(groups.shape[0], 3, generator=torch.Generator().manual_seed(5)) * torch.tensor([1.0, -0.5, 0.2])
-    signs = bcq._nearest_signs(groups, a)  # [R, g, q]
+    signs = bcq._nearest_signs(groups, a, None)  # [R, g, q]
     candidates = a @ bcq._signs(3, "cpu").T  # [R, 8]: every value of each group
     best = (groups[..., None] - candidates[:, None, :]).abs().min(-1).values
     torch.testing.assert_close((groups - (signs * a[:, None, :]).sum(-1)).abs(), best, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_offset_search_fits_asymmetric_groups(bits):
+    """Groups shifted off zero: the searched offset (least squares with an all-ones plane, so its residual sums to
+    zero over every group) beats plain BCQ, whose 2^q values are symmetric about 0."""
+    w = weights(7).abs() + 0.3
+    plain = rel_err(bcq.dequantize(*bcq.search(w, bits, 32, 10)), w)
+    alphas, planes, offset = bcq.search(w, bits, 32, 10, offset=True)
+    assert offset.shape == (24, 4)
+    shifted = rel_err(bcq.dequantize(alphas, planes, offset), w)
+    assert shifted < 0.7 * plain, (shifted, plain)
+    greedy = bcq.search(w, bits, 32, 0, offset=True)
+    torch.testing.assert_close(greedy[2], w.reshape(24, 4, 32).mean(-1))  # greedy: the group mean
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -139,6 +154,7 @@ def test_bcq_model_saves_and_reloads_bit_identically(tmp_path):
     (dict(grid="lut"), "grid must be one of"),
     (dict(rounds=-1), "rounds must be >= 0"),
     (dict(bits=1, grid="rtn"), "bits 2, 3 or 4"),
+    (dict(grid="rtn", offset=True), "offset=True is for grid='bcq'"),
 ])
 def test_bad_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):

@@ -16,7 +16,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 def packed_weight(n, k, q, group, offset, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    alphas, bits = bcq.search(torch.randn(n, k, generator=g), q, group, 2)
+    alphas, bits, _ = bcq.search(torch.randn(n, k, generator=g), q, group, 2)
     planes = torch.stack([pack_codes(bits[i], 1) for i in range(q)]).to(DEVICE)
     off = torch.randn(k // group, n, generator=g).to(DEVICE, dtype) if offset else None
     return planes, alphas.permute(2, 1, 0).contiguous().to(DEVICE, dtype), off

@@ -3,12 +3,14 @@ decoder.
 
 A weight W [N, K] is split into groups of g input channels (g = K: per output channel). Each group w [g] of an
 output row is approximated by q binary vectors b_i in {-1, +1}^g and scales alpha_i:
-    w ~= sum_{i < q} alpha_i b_i + offset          (offset 0 for BCQ's own search)
+    w ~= sum_{i < q} alpha_i b_i + offset          (offset: LUT-GEMM's extension; 0 in plain BCQ)
 Search (Xu et al. 2018, LUT-GEMM's reference search), all groups at once:
-    greedy       (rounds = 0): r = w; for each i: b_i = sign(r), alpha_i = mean |r|, r -= alpha_i b_i
-    refined      (rounds = 1): greedy, then the alphas refit by least squares on the fixed b_i (B^T B a = B^T w)
+    greedy       (rounds = 0): r = w (- offset = mean w); for each i: b_i = sign(r), alpha_i = mean |r|,
+                 r -= alpha_i b_i
+    refined      (rounds = 1): greedy, then the alphas (and offset) refit by least squares on the fixed b_i
     alternating  (rounds >= 2): refined, then rounds - 1 times: every weight takes the nearest of the 2^q values
-                 sum_i +-alpha_i (its b_i), then the alphas are refit by least squares
+                 sum_i +-alpha_i (+ offset) (its b_i), then the alphas (and offset) are refit by least squares
+The 2^q values of plain BCQ are symmetric about 0; the offset lets a group's levels follow an asymmetric range.
 Uniform grids convert exactly: w = s (c - z) with c = sum_i 2^i u_i, u_i in {0, 1}; b_i = 2 u_i - 1 gives
     alpha_i = s 2^(i - 1),   offset = s ((2^q - 1) / 2 - z)
 Tensors: alphas float32 [N, G, q], bits uint8 [q, N, K] (u_i: 1 where b_i = +1), offset float32 [N, G] or None.
@@ -40,17 +42,23 @@ def _refit(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(b.transpose(1, 2) @ w[..., None], torch.linalg.cholesky(gram))[..., 0]
 
 
-def _nearest_signs(w: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """Signs [R, g, q] giving each weight of w [R, g] the nearest of its group's 2^q values sum_i +-alpha_i."""
+def _nearest_signs(w: torch.Tensor, alphas: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """Signs [R, g, q] giving each weight of w [R, g] the nearest of its group's 2^q values sum_i +-alpha_i
+    (+ offset [R])."""
     patterns = _signs(alphas.shape[1], w.device)
-    values, order = torch.sort(alphas @ patterns.T, dim=1)  # [R, 2^q]
+    values = alphas @ patterns.T  # [R, 2^q]
+    if offset is not None:
+        values = values + offset[:, None]
+    values, order = torch.sort(values, dim=1)
     mid = (values[:, 1:] + values[:, :-1]) / 2
     idx = torch.searchsorted(mid.contiguous(), w.contiguous()).clamp_(max=values.shape[1] - 1)
     return patterns[torch.gather(order, 1, idx)]
 
 
-def search(w: torch.Tensor, bits: int, group_size: int, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alphas float32 [N, G, q], bits uint8 [q, N, K]) of w [N, K] by the search above; rounds >= 0."""
+def search(w: torch.Tensor, bits: int, group_size: int, rounds: int, offset: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(alphas float32 [N, G, q], bits uint8 [q, N, K], offset float32 [N, G] or None) of w [N, K] by the search
+    above; rounds >= 0; offset: search one per group too."""
     check_bcq_bits(bits)
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0 (0 greedy, 1 refined greedy, >= 2 alternating); got {rounds}")
@@ -58,7 +66,8 @@ def search(w: torch.Tensor, bits: int, group_size: int, rounds: int) -> tuple[to
     if k % group_size:
         raise ValueError(f"group_size={group_size} does not divide K={k}")
     groups = w.detach().float().reshape(-1, group_size)  # [R = N * G, g]
-    r, planes, alphas = groups.clone(), [], []
+    z = groups.mean(dim=1) if offset else None
+    r, planes, alphas = groups - (0 if z is None else z[:, None]), [], []
     for _ in range(bits):
         b = torch.where(r >= 0, 1.0, -1.0)
         a = r.abs().mean(dim=1, keepdim=True)
@@ -68,9 +77,14 @@ def search(w: torch.Tensor, bits: int, group_size: int, rounds: int) -> tuple[to
     b, a = torch.stack(planes, dim=-1), torch.stack(alphas, dim=-1)  # [R, g, q], [R, q]
     for i in range(rounds):
         if i > 0:
-            b = _nearest_signs(groups, a)
-        a = _refit(groups, b)
-    return a.reshape(n, k // group_size, bits), (b > 0).permute(2, 0, 1).reshape(bits, n, k).to(torch.uint8)
+            b = _nearest_signs(groups, a, z)
+        if z is None:
+            a = _refit(groups, b)
+        else:  # the offset is the weight of an all-ones plane
+            a = _refit(groups, torch.cat([b, torch.ones_like(b[..., :1])], dim=-1))
+            a, z = a[:, :-1], a[:, -1]
+    bits_ = (b > 0).permute(2, 0, 1).reshape(bits, n, k).to(torch.uint8)
+    return a.reshape(n, k // group_size, bits), bits_, None if z is None else z.reshape(n, k // group_size)
 
 
 def from_uniform(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int

@@ -1,5 +1,6 @@
 """BCQ (binary-coding quantization, LUT-GEMM's format): W ~= sum_i alpha_i B_i per output row and group (tquant.bcq).
-grid="bcq" (data-free) searches alphas and signs (rounds 0 greedy, 1 refined greedy, >= 2 alternating);
+grid="bcq" (data-free) searches alphas and signs (rounds 0 greedy, 1 refined greedy, >= 2 alternating), with
+offset=True an offset per group too;
 grid="rtn" (data-free) and grid="gptq" (calibrated: GPTQ with its defaults, act order, asymmetric) take a uniform
 grid and convert it exactly (alphas s 2^(i-1) plus an offset; tquant.qweight.BCQWeight.from_uniform), so BCQ's
 kernel runs uniform weights too."""
@@ -23,6 +24,7 @@ class BCQ(Method):
     bits: int = option(4, "binary planes q: 1, 2, 3 or 4")
     rounds: int = option(30, "search rounds: 0 greedy, 1 refined greedy (least-squares alphas), >= 2 alternating")
     grid: str = option("bcq", "'bcq': BCQ's search; 'rtn' / 'gptq': that uniform grid (asymmetric), converted exactly")
+    offset: bool = option(False, "grid 'bcq': search an offset per group too (W ~= sum_i alpha_i B_i + z)")
 
     def __post_init__(self):
         check_bcq_bits(self.bits)
@@ -30,6 +32,8 @@ class BCQ(Method):
             raise ValueError(f"grid must be one of {GRIDS}; got {self.grid!r}")
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0; got {self.rounds}")
+        if self.grid != "bcq" and self.offset:
+            raise ValueError(f"offset=True is for grid='bcq' (grid {self.grid!r} brings its own offset)")
         if self.grid != "bcq" and self.bits == 1:
             raise ValueError(f"grid={self.grid!r} needs bits 2, 3 or 4")
 
@@ -59,4 +63,4 @@ class BCQ(Method):
             return BCQWeight.from_uniform(self._gptq().quantize(state, linear, name))
         if self.grid == "rtn":
             return BCQWeight.from_uniform(QuantizedWeight.from_rtn(linear.weight, self.bits, group, sym=False))
-        return BCQWeight(*search(linear.weight, self.bits, group, self.rounds))
+        return BCQWeight(*search(linear.weight, self.bits, group, self.rounds, self.offset))
