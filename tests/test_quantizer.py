@@ -4,7 +4,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from tquant.packing import pack_codes, unpack_codes, values_per_word
-from tquant.quantizer import check_bits, dequantize, expand_groups, grouped_qparams, qparams, quantize, resolve_group_size
+from tquant.quantizer import (check_bits, dequantize, expand_groups, grouped_qparams, qparams, quantize,
+                              resolve_group_size)
 
 
 @settings(max_examples=40, deadline=None)

@@ -32,7 +32,8 @@ class BCQLinear(nn.Module):
         self.register_buffer("planes", torch.zeros(planes, in_features // 32, out_features, dtype=torch.int32,
                                                    device=device))
         self.register_buffer("alphas", torch.zeros(planes, groups, out_features, dtype=dtype, device=device))
-        self.register_buffer("offset", torch.zeros(groups, out_features, dtype=dtype, device=device) if offset else None)
+        self.register_buffer("offset", torch.zeros(groups, out_features, dtype=dtype, device=device) if offset
+                             else None)
         self.register_buffer("perm", torch.zeros(in_features, dtype=torch.int32, device=device) if has_perm else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
