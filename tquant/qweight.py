@@ -26,6 +26,15 @@ from .quantizer import (channel_scale_for_groups, dequantize, expand_groups, gro
                         quantize)
 
 
+def in_input_order(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """w [N, K] with storage column k moved to input channel perm[k] (None: already in input order)."""
+    if perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, perm] = w
+    return out
+
+
 @dataclass
 class QuantizedWeight:
     codes: torch.Tensor
@@ -55,12 +64,8 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """Float32 [N, K] weight in the original input-channel order."""
-        w = dequantize(self.codes, expand_groups(self.scale, self.group_size), expand_groups(self.zero, self.group_size))
-        if self.perm is None:
-            return w
-        out = torch.empty_like(w)
-        out[:, self.perm] = w
-        return out
+        return in_input_order(dequantize(self.codes, expand_groups(self.scale, self.group_size),
+                                         expand_groups(self.zero, self.group_size)), self.perm)
 
     def int8_gemm_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The tensors the int8 tensor-core GEMMs read (w8a8_gemm, w4a8_gemm), from a symmetric weight:
@@ -139,10 +144,6 @@ class BCQWeight:
     perm: torch.Tensor | None = None
 
     @property
-    def planes(self) -> int:
-        return self.bits.shape[0]
-
-    @property
     def group_size(self) -> int:
         return self.bits.shape[2] // self.alphas.shape[1]
 
@@ -159,9 +160,4 @@ class BCQWeight:
         """Float32 [N, K] weight in the original input-channel order."""
         from .bcq import dequantize
 
-        w = dequantize(self.alphas, self.bits, self.offset)
-        if self.perm is None:
-            return w
-        out = torch.empty_like(w)
-        out[:, self.perm] = w
-        return out
+        return in_input_order(dequantize(self.alphas, self.bits, self.offset), self.perm)

@@ -23,7 +23,7 @@ import triton.language as tl
 from .. import bcq
 from ..packing import unpack_codes
 from .autotune_cache import tune
-from .runtime import check_device, check_tensors, interpreter_on
+from .runtime import check_device, check_tensors, dot_types, interpreter_on
 from .tiling import unpack_words
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -114,14 +114,12 @@ def launch(config, x, planes, alphas, offset) -> torch.Tensor:
     per_split = triton.cdiv(tiles, config["SPLIT_K"])
     splits = triton.cdiv(tiles, per_split)
     partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[x.dtype]
-    if interpreter_on() and x.dtype == torch.bfloat16:
-        dot_dtype = tl.float32  # the interpreter multiplies bf16 bit patterns as integers in tl.dot
+    dot_dtype, precision = dot_types(x.dtype)
     _bcq_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]), splits)](
         x.contiguous(), planes.contiguous(), alphas.contiguous(), alphas if offset is None else offset.contiguous(),
         partial, m, n, k, groups, per_split, Q=q, GROUP=k // groups, HAS_OFFSET=offset is not None, BLOCK_M=block_m,
         BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], DOT_DTYPE=dot_dtype,
-        PRECISION="ieee" if dot_dtype == tl.float32 else "tf32", num_warps=config["num_warps"])
+        PRECISION=precision, num_warps=config["num_warps"])
     return (partial[0] if splits == 1 else partial.sum(0)).to(x.dtype)
 
 

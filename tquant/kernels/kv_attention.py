@@ -31,7 +31,7 @@ import triton.language as tl
 from ..kv_quant import PackedKV, check_key_axis, check_kv_bits, dequantize_values, key_format, words_per_group
 from ..packing import values_per_word
 from .autotune_cache import tune
-from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
+from .runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
 from .tiling import unpack_words
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -299,14 +299,6 @@ def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_ax
                   f"keys per {key_axis}")
     if start is not None and (start.shape != (b,) or start.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"start must be an integer tensor [B={b}]; got {start.dtype} {tuple(start.shape)}")
-
-
-def dot_types(dtype: torch.dtype):
-    """(DOT_DTYPE, PRECISION) of the kernels' tl.dot for q of `dtype`: q's own type (fp32 in "ieee" precision). The
-    interpreter multiplies bf16 bit patterns as integers in tl.dot: it takes bf16 models' tiles in fp32."""
-    dot = {torch.float32: tl.float32, torch.float16: tl.float16,
-           torch.bfloat16: tl.float32 if interpreter_on() else tl.bfloat16}[dtype]
-    return dot, "ieee" if dot == tl.float32 else "tf32"
 
 
 INTERPRETER_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "num_warps": 4, "num_stages": 1}

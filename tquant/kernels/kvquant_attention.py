@@ -55,8 +55,8 @@ import triton.language as tl
 from .. import kvquant_format as fmt
 from .autotune_cache import tune
 from .kv_attention import (DTYPES, REP_PAD, _accumulate, _combine_kernel, _dense_tokens, _initial_state,
-                           _softmax_step, _store_partial, check_heads, configs, dot_types, reference_attention)
-from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
+                           _softmax_step, _store_partial, check_heads, configs, reference_attention)
+from .runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
 from .tiling import unpack_words
 
 

@@ -10,10 +10,20 @@ import os
 import re
 
 import torch
+import triton.language as tl
 
 
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+
+def dot_types(dtype: torch.dtype):
+    """(DOT_DTYPE, PRECISION) of a kernel's tl.dot for inputs of `dtype`: their own type (fp32 in "ieee"
+    precision). The interpreter multiplies bf16 bit patterns as integers in tl.dot: it takes bf16 tiles in fp32."""
+    dot = {torch.float32: tl.float32, torch.float16: tl.float16,
+           torch.bfloat16: tl.float32 if interpreter_on() else tl.bfloat16}[dtype]
+    return dot, "ieee" if dot == tl.float32 else "tf32"
 
 
 def check_device(tensors: dict[str, torch.Tensor | None]) -> None:
