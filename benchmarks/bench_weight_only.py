@@ -154,7 +154,7 @@ def bench_shape(k, n, ms, gen, peers, tuned):
         except Exception as err:  # noqa: BLE001
             log(f"gemlite unavailable: {type(err).__name__}: {err}")
     deq = time_rotating([lambda q=q: dequant_gemm.dequantize(q[0], q[1], q[2], None, bits=bits, group_size=group_size,
-                                                              in_features=k) for q in qcopies])
+                                                              in_features=k, dtype=torch.float16) for q in qcopies])
     log(f"dequantize to fp16 alone (graph/eager us): {deq[0]:.1f}/{deq[1]:.1f}")
     rows = []
     for m in ms:

@@ -44,7 +44,27 @@ ROWS = {  # name: (method, options)
     **{f"bcq-{b}-g64-rtn": ("bcq", dict(bits=b, group_size=64, grid="rtn")) for b in (4, 3)},
     **{f"bcq-{b}-{g}-alt30-offset": ("bcq", dict(bits=b, group_size=-1 if g == "pc" else 64, rounds=30, offset=True))
        for b in (4, 3) for g in ("g64", "pc")},
+    **{f"gptq-w{b}a16-asym-{g}": ("gptq", dict(bits=b, group_size=-1 if g == "pc" else 64, sym=False))
+       for b in (4, 3) for g in ("g64", "pc")},
+    **{f"spqr-w{b}-g{g}-s{s}": ("spqr", dict(bits=b, group_size=g, scale_bits=s))
+       for b, g, s in ((3, 16, 3), (4, 16, 3), (3, 32, 3), (3, 64, 4), (4, 64, 4), (2, 16, 3), (4, 32, 4))},
+    "spqr-w3-g16-s3-no-outliers": ("spqr", dict(bits=3, group_size=16, outlier_relative_threshold=float("inf"))),
+    "spqr-w3-g16-s3-damp0.01": ("spqr", dict(bits=3, group_size=16, percdamp=0.01)),
 }
+
+
+def stored_bits(model) -> float:
+    """Bits a weight of the quantized linears take in an fp16 checkpoint: every buffer but the bias (float
+    buffers counted at 16 bits), over the weights they hold."""
+    from tquant.modules import PackedLinear, SpQRLinear
+
+    bits = params = 0
+    for mod in model.modules():
+        if isinstance(mod, (PackedLinear, SpQRLinear)):
+            bits += sum(b.numel() * (16 if b.is_floating_point() else b.element_size() * 8)
+                        for name, b in mod.named_buffers() if name != "bias")
+            params += mod.in_features * mod.out_features
+    return bits / params if params else None
 
 
 def main():
@@ -83,6 +103,7 @@ def main():
             info = model.config.quantization_config
             results[row]["runtime_smooth_layers"] = sum(s.get("smooth", False) for s in info["layers"].values())
             results[row]["report"] = info.get("report", {})
+            results[row]["stored_bits"] = stored_bits(model)
             del model
         results[row]["seconds"] = round(time.time() - t)
         if row != "fp32" and suffix:

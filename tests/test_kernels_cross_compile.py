@@ -1,8 +1,9 @@
 """Kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile): a kernel that the
 interpreter runs but the CUDA compiler rejects fails here, not on a user's first launch. The launches (a default
 config each, in a subprocess with the interpreter off) are the decode-attention kernels at the shapes of issue 5
-(32 query heads on 8 KV heads, head size 128) and the BCQ matmul at batch 1 and 32; each must compile with no more
-than 255 registers."""
+(32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32, and SpQR's (the weight-only GEMV /
+GEMM decoding bilevel stats, then the outlier kernel) at batch 1 and 16; each must compile with no more than 255
+registers."""
 import json
 import os
 import subprocess
@@ -12,9 +13,10 @@ import pytest
 
 CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), ("kivi", 4, "token", "float16"),
          ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16"),
-         ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16")]
+         ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16"), ("spqr", 3, 1, "float16"), ("spqr", 4, 16, "float16")]
 KERNELS = {"kivi": ["_kv_attention_kernel", "_combine_kernel"],
            "kvquant": ["_kvquant_attention_kernel", "_combine_kernel"], "bcq": ["_bcq_matmul_kernel"]}
+SPQR_KERNELS = {1: "_dequant_gemv_kernel", 16: "_dequant_gemm_kernel"}
 
 
 def compile_case(kind, bits, option, dtype):
@@ -23,7 +25,7 @@ def compile_case(kind, bits, option, dtype):
 
     from tquant import kv_quant
     from tquant import kvquant_format as fmt
-    from tquant.kernels import bcq_matmul, kv_attention, kvquant_attention
+    from tquant.kernels import bcq_matmul, kv_attention, kvquant_attention, spqr_matmul, weight_only_matmul
     from tquant.kernels.cross_compile import compiling_for
 
     dtype = getattr(torch, dtype)
@@ -31,7 +33,17 @@ def compile_case(kind, bits, option, dtype):
     q = torch.randn(b, hq, d).to(dtype)
     config = kv_attention.configs(4096)[0]
     with compiling_for() as done:
-        if kind == "bcq":  # option: the batch
+        if kind == "spqr":  # option: the batch; beta1 16 (3-bit words span groups), 64 (4-bit)
+            group, n, k = (16 if bits == 3 else 64), 256, 512
+            x = torch.randn(option, k).to(dtype)
+            stats, meta = torch.zeros(k // group, n, dtype=torch.uint8), torch.ones(2, k // group, n // 16).half()
+            config = weight_only_matmul.candidates(option, n, k // 10 + 1)[0]
+            weight_only_matmul.run_path(config, x, torch.zeros(-(-k // (32 // bits)), n, dtype=torch.int32), stats,
+                                        meta, torch.arange(k, dtype=torch.int32), None, bits=bits,
+                                        group_size=group, in_features=k, bilevel=(8 - bits, 16))
+            spqr_matmul.outlier_add(torch.zeros(option, n).to(dtype), x, torch.arange(n + 1, dtype=torch.int32),
+                                    torch.zeros(n, dtype=torch.int16), torch.ones(n).half())
+        elif kind == "bcq":  # option: the batch
             alphas = torch.rand(bits, 4, 256).to(dtype)
             planes = torch.zeros(bits, 512 // 32, 256, dtype=torch.int32)
             bcq_matmul.launch(bcq_matmul.configs(option, 128)[0], torch.randn(option, 512).to(dtype), planes, alphas,
@@ -66,7 +78,8 @@ def test_kernels_compile_for_hopper(case):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = json.loads(run.stdout.strip().splitlines()[-1])
-    assert [name for name, _, _ in compiled] == KERNELS[case[0]], compiled
+    expected = KERNELS[case[0]] if case[0] != "spqr" else [SPQR_KERNELS[case[2]], "_outlier_add_kernel"]
+    assert [name for name, _, _ in compiled] == expected, compiled
     assert all(0 < regs <= 255 for _, regs, _ in compiled), compiled
 
 

@@ -125,7 +125,8 @@ def test_kernels_asm_dequant_matches_portable(monkeypatch, dtype, bits, perm):
 @needs_backend
 def test_kernels_dequantize_writes_permuted_rows():
     t = make_inputs(1, 33, 90, 3, 30, torch.float32, True, False, seed=7)
-    w = dequant_gemm.dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], bits=3, group_size=30, in_features=90)
+    w = dequant_gemm.dequantize(t["qweight"], t["scales"], t["zeros"], t["perm"], bits=3, group_size=30, in_features=90,
+                                dtype=torch.float32)
     eye = torch.eye(90, device=DEVICE)
     ref = weight_only_matmul_ref(eye, t["qweight"], t["scales"], t["zeros"], bits=3, group_size=30, in_features=90,
                                  perm=t["perm"])  # row i = w[i] in input-channel order

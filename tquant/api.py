@@ -20,7 +20,7 @@ def quantize(
     *,
     bits: int | None = None,
     group_size: int | None = None,
-    sym: bool = True,
+    sym: bool | None = None,
     calib=None,
     tokenizer=None,
     n_samples: int = 128,
@@ -39,7 +39,8 @@ def quantize(
 
     method: a registered name (tquant.methods()); bits: 2, 3, 4 or 8; group_size: input channels per
     scale (-1 = per output channel); bits and group_size default to the method's own (tquant.methods():
-    4 and 128 for rtn / gptq / qqq, 8 and per-channel for smoothquant / zeroquant); sym: symmetric grid; calib: token ids [n, seqlen] or 1-D, a list of
+    4 and 128 for rtn / gptq / qqq, 8 and per-channel for smoothquant / zeroquant); sym: symmetric grid (default:
+    the method's, True for most, False for spqr); calib: token ids [n, seqlen] or 1-D, a list of
     strings (with tokenizer=), or a named source "auto" | "pydoc" | "wikitext2" | "c4" | "pile" (with
     tokenizer=; "auto" is wikitext2 when the hub is reachable, else the offline pydoc corpus);
     skip: fnmatch patterns of layer names to leave in full precision. The lm_head and the input
@@ -67,8 +68,8 @@ def quantize(
             ids = calibration_data(calib, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
             kv_method.calibrate(model, ids, batch_size=batch_size)
         return attach(model, kv_method)
-    core = {k: v for k, v in dict(bits=bits, group_size=group_size).items() if v is not None}
-    m = cls(sym=sym, **core, **method_options)
+    core = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
+    m = cls(**core, **method_options)
     if not any(isinstance(x, nn.Linear) for x in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize")
     ids = None

@@ -53,7 +53,7 @@ def cmd_quantize(a) -> None:
     from tquant.models import load_model
 
     model, tok = load_model(a.model, device="cpu")
-    tquant.quantize(model, a.method, bits=a.bits, group_size=a.group_size, sym=not a.asym, calib=a.calib,
+    tquant.quantize(model, a.method, bits=a.bits, group_size=a.group_size, sym=False if a.asym else None, calib=a.calib,
                     tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen, device=a.device, skip=a.skip,
                     lm_head=a.lm_head, embeddings=a.embeddings, **dict(a.option))
     tquant.save(model, a.out, tokenizer=tok)
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     q.add_argument("--method", default="gptq")
     q.add_argument("--bits", type=int, default=None, help="default: the method's (tquant methods)")
     q.add_argument("--group-size", type=int, default=None, help="-1 for per-channel; default: the method's")
-    q.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
+    q.add_argument("--asym", action="store_true", help="asymmetric grid (default: the method's, symmetric for most)")
     q.add_argument("--calib", default="auto", help="auto (wikitext2, offline: pydoc) | pydoc | wikitext2 | c4 | pile")
     q.add_argument("--n-samples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)

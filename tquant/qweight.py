@@ -161,3 +161,59 @@ class BCQWeight:
         from .bcq import dequantize
 
         return in_input_order(dequantize(self.alphas, self.bits, self.offset), self.perm)
+
+
+@dataclass
+class SpQRWeight:
+    """What SpQR hands to its module (SpQRLinear), tquant.spqr's format (storage order of K as in QuantizedWeight):
+
+        codes        int32 [N, K]       b-bit codes of the dense part
+        scale_codes  int32 [N, G]       scale_bits-bit codes of the group scales, G = K / group_size
+        zero         int32 [N, G]       integer zeros in [0, 2^bits)
+        step, low    fp16 [N / stat_group, G]   second level: s_hat = scale_codes * step + low
+        perm         int64 [K] or None  storage column k holds input channel perm[k]
+        row_ptr      int64 [N + 1], cols int64 [nnz] (input order), vals fp16 [nnz]: the outliers S (CSR)
+        W = in_input_order((codes - zero) s_hat) + S
+    """
+
+    codes: torch.Tensor
+    scale_codes: torch.Tensor
+    zero: torch.Tensor
+    step: torch.Tensor
+    low: torch.Tensor
+    bits: int
+    group_size: int
+    scale_bits: int
+    stat_group: int
+    row_ptr: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+    perm: torch.Tensor | None = None
+
+    def scale(self) -> torch.Tensor:
+        """s_hat float32 [N, G]."""
+        from .spqr import decode_scales
+
+        return decode_scales(self.scale_codes, self.step, self.low, self.stat_group)
+
+    def dense(self) -> QuantizedWeight:
+        """The dense part as a grouped integer grid."""
+        return QuantizedWeight(self.codes, self.scale(), self.zero.float(), self.bits, self.group_size, self.perm)
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 [N, K] weight in the original input-channel order: dense part plus outliers."""
+        from .spqr import csr_to_dense
+
+        return self.dense().dequantize() + csr_to_dense(self.row_ptr, self.cols, self.vals, self.codes.shape)
+
+    def storage_bits(self) -> dict[str, int]:
+        """Bits of every tensor SpQRLinear stores for this weight (bias aside), by part: weights (b-bit codes in
+        int32 words of 32 // b), stats (one byte a group: scale code and zero), second_level (fp16 step and low),
+        outliers (fp16 value and 16-bit column each, int32 row pointers), perm (int32)."""
+        from .packing import values_per_word
+
+        n, k = self.codes.shape
+        g = self.scale_codes.shape[1]
+        return {"weights": -(-k // values_per_word(self.bits)) * n * 32, "stats": n * g * 8,
+                "second_level": 2 * (n // self.stat_group) * g * 16,
+                "outliers": self.vals.numel() * 32 + (n + 1) * 32, "perm": 0 if self.perm is None else k * 32}

@@ -111,18 +111,39 @@ def dequant_pair_asm(words, J: tl.constexpr, zero, scale, magic, BITS: tl.conste
 
 
 @triton.jit
-def load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW: tl.constexpr, group_size, stride_sg,
-                      GROUPS: tl.constexpr, J: tl.constexpr):
-    """scale and zero (fp32) for words kw0 + rows, shaped to broadcast over [rows, offs_n]:
+def group_params(s_ptr, z_ptr, g, n, n_ok, N, K, group_size, stride_sg, SCALE_BITS: tl.constexpr,
+                 STAT_GROUP: tl.constexpr):
+    """scale and zero (fp32) of groups g at output columns n (broadcastable against each other).
+    SCALE_BITS == 0: s_ptr, z_ptr are the scales and zeros [G, N]. Else SpQR's bilevel grid (tquant.spqr):
+    s_ptr holds a byte a group, scale code | zero << SCALE_BITS, [G, N]; z_ptr the fp16 second level
+    [2, G, N / STAT_GROUP] (step, low): scale = code * step + low of column block n // STAT_GROUP."""
+    off = g * stride_sg + n
+    if SCALE_BITS == 0:
+        s = tl.load(s_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + off, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        stats = tl.load(s_ptr + off, mask=n_ok, other=0).to(tl.int32)
+        blocks = N // STAT_GROUP
+        m = g * blocks + n // STAT_GROUP
+        step = tl.load(z_ptr + m, mask=n_ok, other=0.0).to(tl.float32)
+        low = tl.load(z_ptr + (K // group_size) * blocks + m, mask=n_ok, other=0.0).to(tl.float32)
+        s = (stats & ((1 << SCALE_BITS) - 1)).to(tl.float32) * step + low
+        z = (stats >> SCALE_BITS).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW: tl.constexpr, group_size, stride_sg,
+                      GROUPS: tl.constexpr, J: tl.constexpr, SCALE_BITS: tl.constexpr, STAT_GROUP: tl.constexpr):
+    """scale and zero (fp32, group_params) for words kw0 + rows, shaped to broadcast over [rows, offs_n]:
     GROUPS == 0: the tile lies in one group -> [1, BLOCK_N]; 1: each word lies in one group ->
     [BLOCK_KW, BLOCK_N]; 2: per code k = word * EPW + J -> [BLOCK_KW, BLOCK_N]."""
     if GROUPS == 0:
-        sz = (kw0 * EPW // group_size) * stride_sg + offs_n[None, :]
+        g = kw0 * EPW // group_size
     else:
-        sz = (tl.minimum((kw0 + rows) * EPW + J, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
-    s = tl.load(s_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
-    return s, z
+        g = (tl.minimum((kw0 + rows) * EPW + J, K - 1) // group_size)[:, None]
+    return group_params(s_ptr, z_ptr, g, offs_n[None, :], n_ok[None, :], N, K, group_size, stride_sg, SCALE_BITS,
+                        STAT_GROUP)
 
 
 @triton.jit
@@ -157,7 +178,7 @@ def _dequant_gemm_kernel(
     magic, BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr, GROUPS: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SCALE_BITS: tl.constexpr, STAT_GROUP: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = BLOCK_KW * EPW_P2
     pid, pid_k = tl.program_id(0), tl.program_id(1)
@@ -183,15 +204,16 @@ def _dequant_gemm_kernel(
             k = (kw0 + slot // EPW_P2) * EPW + slot % EPW_P2
             k_ok = (slot % EPW_P2 < EPW) & (k < K)
         if GROUPS < 2:
-            s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, GROUPS, 0)
+            s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, GROUPS, 0,
+                                     SCALE_BITS, STAT_GROUP)
             w = tl.reshape(codes_tree(words, tl.trans(z), tl.trans(s), magic, 0, 1, EPW_P2, BITS, ASM, DOT_DTYPE),
                            (BLOCK_N, BLOCK_K))
         else:  # per-code groups: codes first, then zero and scale per slot
             w = tl.reshape(codes_tree(words, 0.0, 1.0, magic, 0, 1, EPW_P2, BITS, False, tl.float32),
                            (BLOCK_N, BLOCK_K))
-            sz = (tl.minimum(k, K - 1) // group_size)[None, :] * stride_sg + offs_n[:, None]
-            w = (w - tl.load(z_ptr + sz, mask=n_ok[:, None], other=0.0).to(tl.float32)) * \
-                tl.load(s_ptr + sz, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            s, z = group_params(s_ptr, z_ptr, (tl.minimum(k, K - 1) // group_size)[None, :], offs_n[:, None],
+                                n_ok[:, None], N, K, group_size, stride_sg, SCALE_BITS, STAT_GROUP)
+            w = (w - z) * s
         col = k
         if HAS_PERM:
             col = tl.load(perm_ptr + k, mask=k_ok, other=0)
@@ -209,7 +231,7 @@ def _dequant_gemm_kernel(
 @triton.jit
 def _dequantize_kernel(q_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KW, group_size, stride_qk, stride_sg, stride_wk,
                        magic, BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_KW: tl.constexpr, BLOCK_N: tl.constexpr,
-                       HAS_PERM: tl.constexpr):
+                       HAS_PERM: tl.constexpr, SCALE_BITS: tl.constexpr, STAT_GROUP: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_KW + tl.arange(0, BLOCK_KW)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -218,9 +240,8 @@ def _dequantize_kernel(q_ptr, s_ptr, z_ptr, perm_ptr, w_ptr, N, K, KW, group_siz
     for j in tl.static_range(EPW):
         k = rows * EPW + j
         k_ok = k < K
-        sz = (tl.minimum(k, K - 1) // group_size)[:, None] * stride_sg + offs_n[None, :]
-        s = tl.load(s_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sz, mask=n_ok[None, :], other=0.0).to(tl.float32)
+        s, z = group_params(s_ptr, z_ptr, (tl.minimum(k, K - 1) // group_size)[:, None], offs_n[None, :],
+                            n_ok[None, :], N, K, group_size, stride_sg, SCALE_BITS, STAT_GROUP)
         w = code_minus_zero(words, j, z, magic, BITS) * (s / code_scale(j, BITS))
         dst = k
         if HAS_PERM:
@@ -279,8 +300,15 @@ def group_mode(block_kw: int, epw: int, group_size: int, k: int) -> int:
     return 1 if group_size % epw == 0 else 2
 
 
-def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, config: dict) -> torch.Tensor:
-    """y = x[:, perm] @ dequant(qweight) (+ bias) for x [M, K] with x.stride(1) == 1."""
+def stat_args(bilevel: tuple[int, int] | None) -> dict:
+    """group_params' constexprs: bilevel = (scale_bits, stat_group) of SpQR's grid, or None (plain scales, zeros)."""
+    scale_bits, stat_group = bilevel or (0, 1)
+    return dict(SCALE_BITS=scale_bits, STAT_GROUP=stat_group)
+
+
+def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, config: dict,
+         bilevel: tuple[int, int] | None = None) -> torch.Tensor:
+    """y = x[:, perm] @ dequant(qweight) (+ bias) for x [M, K] with x.stride(1) == 1 (bilevel: stat_args)."""
     m, k = x.shape
     n = qweight.shape[1]
     epw = 32 // bits
@@ -300,23 +328,25 @@ def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
         per_split, splits, ASM_MAGIC[x.dtype] if asm else MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=epw_p2,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw, GROUP_M=config["GROUP_M"],
         GROUPS=groups, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, ASM=asm,
-        **dot_args(x.dtype), num_warps=config["num_warps"],
+        **dot_args(x.dtype), **stat_args(bilevel), num_warps=config["num_warps"],
         num_stages=config["num_stages"] if groups < 2 else 1,  # pipelining per-code scale loads costs too much smem
     )
     return y
 
 
-def dequantize(qweight, scales, zeros, perm, *, bits: int, group_size: int, in_features: int) -> torch.Tensor:
-    """w [K, N] in scales' dtype in input-channel order: w[perm[k]] = dequant row k (w[k] without perm)."""
+def dequantize(qweight, scales, zeros, perm, *, bits: int, group_size: int, in_features: int, dtype: torch.dtype,
+               bilevel: tuple[int, int] | None = None) -> torch.Tensor:
+    """w [K, N] in dtype in input-channel order: w[perm[k]] = dequant row k (w[k] without perm)."""
     k, n = in_features, qweight.shape[1]
     epw = 32 // bits
-    w = output_buffer(k, n, scales.dtype, qweight.device)
+    w = output_buffer(k, n, dtype, qweight.device)
     block_kw, block_n = (4, 32) if interpreter_on() else (8, 128)
     grid = (triton.cdiv(qweight.shape[0], block_kw), triton.cdiv(n, block_n))
     _dequantize_kernel[grid](
         qweight, scales, zeros, perm if perm is not None else qweight, w, n, k, qweight.shape[0], group_size,
         qweight.stride(0), scales.stride(0), w.stride(0), MAGIC_BITS,
-        BITS=bits, EPW=epw, BLOCK_KW=block_kw, BLOCK_N=block_n, HAS_PERM=perm is not None, num_warps=4,
+        BITS=bits, EPW=epw, BLOCK_KW=block_kw, BLOCK_N=block_n, HAS_PERM=perm is not None, **stat_args(bilevel),
+        num_warps=4,
     )
     return w
 

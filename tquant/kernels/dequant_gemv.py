@@ -44,7 +44,7 @@ def _dequant_gemv_kernel(
     N, K, KW, group_size, stride_qk, stride_sg, kw_per_split, splits, magic,
     BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     GROUPS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SCALE_BITS: tl.constexpr, STAT_GROUP: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,11 +64,13 @@ def _dequant_gemv_kernel(
             col = tl.load(perm_ptr + k, mask=k_ok, other=0)
         xw = tl.load(x_ptr + col, mask=k_ok, other=0.0).to(tl.float32)
         if GROUPS < 2:
-            s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, GROUPS, 0)
+            s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, GROUPS, 0,
+                                     SCALE_BITS, STAT_GROUP)
             acc += accumulate_codes(tl.zeros_like(acc), words, xw, z, 1.0, magic, 0, 1, EPW_P2, BITS) * s
         else:  # per-code groups (3-bit): codes one by one, each with its own zero and scale
             for jj in tl.static_range(EPW):
-                s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, K, EPW, group_size, stride_sg, 2, jj)
+                s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, 2, jj,
+                                         SCALE_BITS, STAT_GROUP)
                 xj = tl.sum(tl.where(j[None, :] == jj, xw, 0.0), axis=1)[:, None]
                 acc = accumulate_codes(acc, words, xj, z, s, magic, jj, 1, 1, BITS)
     out = tl.sum(acc, axis=0)[None, :]
@@ -76,8 +78,9 @@ def _dequant_gemv_kernel(
                  HAS_BIAS, SPLIT)
 
 
-def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, config: dict):
-    """y = x[:, perm] @ dequant(qweight) (+ bias) for x [1, K] with x.stride(1) == 1."""
+def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, config: dict,
+         bilevel: tuple[int, int] | None = None):
+    """y = x[:, perm] @ dequant(qweight) (+ bias) for x [1, K] with x.stride(1) == 1 (bilevel: stat_args)."""
     k = x.shape[1]
     n = qweight.shape[1]
     epw = 32 // bits
@@ -91,7 +94,7 @@ def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
         MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=triton.next_power_of_2(epw), BLOCK_N=config["BLOCK_N"],
         BLOCK_KW=config["BLOCK_KW"], GROUPS=group_mode(config["BLOCK_KW"], epw, group_size, k),
         HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, NUM_STAGES=config["num_stages"],
-        num_warps=config["num_warps"],
+        **dequant_gemm.stat_args(bilevel), num_warps=config["num_warps"],
     )
     return y
 

@@ -6,6 +6,9 @@
     perm    int32/int64 [K] or None               bias    [N] in x's dtype or None
     y       [M, N] in x's dtype, accumulated in fp32
 code(k, n) is defined by tquant/packing.py. group_size <= 0 means per-channel (group_size = K).
+bilevel=(scale_bits, stat_group) takes SpQR's grid instead (tquant.spqr): scales is uint8 [G, N] holding each
+group's scale code | zero << scale_bits, zeros the fp16 second level [2, G, N / stat_group] (step, low), and
+scales[g, n] = code * step[g, n // stat_group] + low[g, n // stat_group] (decode_bilevel); the kernels decode it.
 
 `weight_only_matmul` runs the Triton kernels. The path and its launch config are tuned once per GPU and
 key (M rounded up to a power of two, N, K, bits, group_size, dtype, perm) by autotune_cache:
@@ -30,7 +33,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DENSE = dict(path="dense")
 
 
-def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias) -> int:
+def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias, bilevel=None) -> int:
     """Raise ValueError on inconsistent inputs; return the concrete group size."""
     check_bits(bits)
     if x.dim() != 2:
@@ -41,10 +44,19 @@ def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm,
         raise ValueError(f"x has K={x.shape[1]} columns but in_features={in_features}")
     group_size = resolve_group_size(group_size, in_features)
     n = qweight.shape[-1]
+    groups = in_features // group_size
+    if bilevel is None:
+        params = {"scales": (scales, (groups, n), (x.dtype,)), "zeros": (zeros, (groups, n), (x.dtype,))}
+    else:
+        scale_bits, stat_group = bilevel
+        if not 1 <= scale_bits <= 8 - bits or stat_group < 1 or n % stat_group:
+            raise ValueError(f"bilevel=(scale_bits={scale_bits}, stat_group={stat_group}) does not fit {bits}-bit "
+                             f"zeros in a byte or N={n} in whole stat groups")
+        params = {"scales": (scales, (groups, n), (torch.uint8,)),
+                  "zeros": (zeros, (2, groups, n // stat_group), (torch.float16,))}
     expected = {
         "qweight": (qweight, (-(-in_features // values_per_word(bits)), n), (torch.int32,)),
-        "scales": (scales, (in_features // group_size, n), (x.dtype,)),
-        "zeros": (zeros, (in_features // group_size, n), (x.dtype,)),
+        **params,
         "perm": (perm, (in_features,), (torch.int32, torch.int64)),
         "bias": (bias, (n,), (x.dtype,)),
     }
@@ -52,8 +64,20 @@ def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm,
     return group_size
 
 
-def weight_only_matmul_ref(x, qweight, scales, zeros, *, bits, group_size, in_features, perm=None, bias=None):
-    group_size = check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias)
+def decode_bilevel(scales, zeros, scale_bits: int, stat_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 scales and zeros [G, N] of SpQR's packed grid (module docstring)."""
+    from ..spqr import decode_scales
+
+    stats = scales.to(torch.int32)
+    scale = decode_scales((stats & (2**scale_bits - 1)).t(), zeros[0].t(), zeros[1].t(), stat_group).t()
+    return scale, (stats >> scale_bits).float()
+
+
+def weight_only_matmul_ref(x, qweight, scales, zeros, *, bits, group_size, in_features, perm=None, bias=None,
+                           bilevel=None):
+    group_size = check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias, bilevel)
+    if bilevel is not None:
+        scales, zeros = decode_bilevel(scales, zeros, *bilevel)
     w = dequantize_packed(qweight, scales, zeros, bits, group_size, in_features)
     xs = x.float() if perm is None else x.float()[:, perm.long()]
     y = xs @ w
@@ -73,26 +97,29 @@ def candidates(m: int, n: int, kw: int) -> list[dict]:
     return dequant_gemm.configs(m, n, kw) + ([DENSE] if m >= 128 else [])
 
 
-def run_path(config, x, qweight, scales, zeros, perm, bias, *, bits, group_size, in_features):
+def run_path(config, x, qweight, scales, zeros, perm, bias, *, bits, group_size, in_features, bilevel=None):
     """One launch of the path that config names (inputs already checked and contiguous)."""
     if config["path"] == "dense":
         w = dequant_gemm.dequantize(qweight, scales, zeros, perm, bits=bits, group_size=group_size,
-                                    in_features=in_features)
+                                    in_features=in_features, dtype=x.dtype, bilevel=bilevel)
         return x @ w if bias is None else torch.addmm(bias, x, w)
     kernel = dequant_gemv.gemv if config["path"] == "gemv" else dequant_gemm.gemm
-    return kernel(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, config=config)
+    return kernel(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, config=config,
+                  bilevel=bilevel)
 
 
-def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_features, perm=None, bias=None):
-    group_size = check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias)
+def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_features, perm=None, bias=None,
+                       bilevel=None):
+    group_size = check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias, bilevel)
     check_device(dict(x=x, qweight=qweight, scales=scales, zeros=zeros, perm=perm, bias=bias))
     m, n = x.shape[0], qweight.shape[1]
     if m == 0:
         return x.new_empty(0, n)
     args = [t.contiguous() if t is not None else None for t in (x, qweight, scales, zeros, perm, bias)]
-    kw = dict(bits=bits, group_size=group_size, in_features=in_features)
+    kw = dict(bits=bits, group_size=group_size, in_features=in_features, bilevel=bilevel)
     key = dict(M=next_power_of_2(m), N=n, K=in_features, bits=bits, group=group_size,
-               dtype=str(x.dtype).removeprefix("torch."), perm=int(perm is not None))
+               dtype=str(x.dtype).removeprefix("torch."), perm=int(perm is not None),
+               **({} if bilevel is None else {"bilevel": "{}/{}".format(*bilevel)}))
     configs = candidates(key["M"], n, qweight.shape[0])
     config = tune("weight_only_matmul", key, configs, lambda c: run_path(c, *args, **kw), x.device)
     return run_path(config, *args, **kw)

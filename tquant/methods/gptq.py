@@ -76,8 +76,8 @@ class GPTQ(Method):
         super().__post_init__()
         if self.hessian_dtype not in _HESSIAN_DTYPES:
             raise ValueError(f"hessian_dtype must be one of {list(_HESSIAN_DTYPES)}, got {self.hessian_dtype!r}")
-        if not 0 <= self.percdamp < 1:
-            raise ValueError(f"percdamp must be in [0, 1), got {self.percdamp}")
+        if not 0 <= self.percdamp < float("inf"):
+            raise ValueError(f"percdamp must be a finite number >= 0, got {self.percdamp}")
         if self.blocksize < 1:
             raise ValueError(f"blocksize must be positive, got {self.blocksize}")
 

@@ -1,25 +1,30 @@
 """nn.Module replacements that hold packed tensors and call kernels."""
-from ..qweight import BCQWeight, LatticeWeight
+from ..qweight import BCQWeight, LatticeWeight, SpQRWeight
 from .act_quant_linear import ActQuantLinear
 from .bcq_linear import BCQLinear
 from .kv_cache import QuantizedKVCache
 from .packed_embedding import PackedEmbedding
 from .packed_linear import PackedLinear
 from .quip_linear import QuipLinear
+from .spqr_linear import SpQRLinear
 
 MODULE_TYPES = {"packed_linear": PackedLinear, "packed_embedding": PackedEmbedding,
-                "act_quant_linear": ActQuantLinear, "quip_linear": QuipLinear, "bcq_linear": BCQLinear}
+                "act_quant_linear": ActQuantLinear, "quip_linear": QuipLinear, "bcq_linear": BCQLinear,
+                "spqr_linear": SpQRLinear}
 
 
 def linear_module(qw, bias, dtype):
     """The module storing a method's weight: QuipLinear for lattice codes (LatticeWeight), BCQLinear for binary
-    codes (BCQWeight), ActQuantLinear when it quantizes activations, else PackedLinear (weight-only)."""
+    codes (BCQWeight), SpQRLinear for SpQR's (SpQRWeight), ActQuantLinear when it quantizes activations, else
+    PackedLinear (weight-only)."""
     if isinstance(qw, LatticeWeight):
         return QuipLinear.from_quantized(qw, bias, dtype)
     if isinstance(qw, BCQWeight):
         return BCQLinear.from_quantized(qw, bias, dtype)
+    if isinstance(qw, SpQRWeight):
+        return SpQRLinear.from_quantized(qw, bias, dtype)
     cls = PackedLinear if qw.act_bits is None else ActQuantLinear
     return cls.from_quantized(qw, bias, dtype)
 
 
-__all__ = ["ActQuantLinear", "BCQLinear", "PackedEmbedding", "PackedLinear", "QuantizedKVCache", "QuipLinear", "MODULE_TYPES", "linear_module"]
+__all__ = ["ActQuantLinear", "BCQLinear", "PackedEmbedding", "PackedLinear", "QuantizedKVCache", "QuipLinear", "SpQRLinear", "MODULE_TYPES", "linear_module"]
