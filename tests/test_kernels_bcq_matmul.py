@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from kernel_device import DEVICE, needs_backend
 
 from tquant import bcq
+from tquant.kernels import bcq_matmul as bcq_matmul_module
 from tquant.kernels.bcq_matmul import bcq_matmul, bcq_matmul_ref
+from tquant.kernels.runtime import interpreter_on
 from tquant.packing import pack_codes
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -33,6 +35,32 @@ def test_kernels_bcq_matmul_matches_reference(m, n, kw, q, group, offset, dtype,
     planes, alphas, off = packed_weight(n, k, q, group, offset, dtype, seed)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
     out, ref = bcq_matmul(x, planes, alphas, off), bcq_matmul_ref(x, planes, alphas, off)
+    assert out.shape == (m, n) and out.dtype == dtype and out.isfinite().all()
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < TOL[dtype], err
+
+
+def path_config(path, m, group):
+    if interpreter_on():
+        return bcq_matmul_module.INTERPRETER_CONFIGS[path]
+    return next(c for c in bcq_matmul_module.configs(m, group) if c["path"] == path)
+
+
+@needs_backend
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, bcq_matmul_module.LUT_MAX_M), n=st.integers(1, 70), kw=st.integers(1, 4), q=st.integers(1, 4),
+       group=st.sampled_from([32, 64, -1]), offset=st.booleans(),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), seed=st.integers(0, 2**31 - 1))
+def test_kernels_bcq_lut_path_matches_reference(m, n, kw, q, group, offset, dtype, seed):
+    """The table path (256 partial sums of every 8 activations, indexed by the plane bytes through tl.gather)."""
+    k = 64 * kw if group == 64 else 32 * kw
+    group = k if group == -1 else group
+    planes, alphas, off = packed_weight(n, k, q, group, offset, dtype, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
+    config = path_config("lut", m, group)
+    if group % config["BLOCK_K"]:
+        config = {**config, "BLOCK_K": 32}
+    out, ref = bcq_matmul_module.launch(config, x, planes, alphas, off), bcq_matmul_ref(x, planes, alphas, off)
     assert out.shape == (m, n) and out.dtype == dtype and out.isfinite().all()
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < TOL[dtype], err

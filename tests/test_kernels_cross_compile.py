@@ -1,7 +1,7 @@
 """Kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile): a kernel that the
 interpreter runs but the CUDA compiler rejects fails here, not on a user's first launch. The launches (a default
 config each, in a subprocess with the interpreter off) are the decode-attention kernels at the shapes of issue 5
-(32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32, and SpQR's (the weight-only GEMV /
+(32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32 (and its table path at batch 1), and SpQR's (the weight-only GEMV /
 GEMM decoding bilevel stats, then the outlier kernel) at batch 1 and 16; each must compile with no more than 255
 registers."""
 import json
@@ -13,9 +13,11 @@ import pytest
 
 CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), ("kivi", 4, "token", "float16"),
          ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16"),
-         ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16"), ("spqr", 3, 1, "float16"), ("spqr", 4, 16, "float16")]
+         ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16"), ("spqr", 3, 1, "float16"), ("spqr", 4, 16, "float16"),
+         ("bcq_lut", 3, 1, "float16")]
 KERNELS = {"kivi": ["_kv_attention_kernel", "_combine_kernel"],
-           "kvquant": ["_kvquant_attention_kernel", "_combine_kernel"], "bcq": ["_bcq_matmul_kernel"]}
+           "kvquant": ["_kvquant_attention_kernel", "_combine_kernel"], "bcq": ["_bcq_matmul_kernel"],
+           "bcq_lut": ["_bcq_table_kernel", "_bcq_lut_kernel"]}
 SPQR_KERNELS = {1: "_dequant_gemv_kernel", 16: "_dequant_gemm_kernel"}
 
 
@@ -43,11 +45,12 @@ def compile_case(kind, bits, option, dtype):
                                         group_size=group, in_features=k, bilevel=(8 - bits, 16))
             spqr_matmul.outlier_add(torch.zeros(option, n).to(dtype), x, torch.arange(n + 1, dtype=torch.int32),
                                     torch.zeros(n, dtype=torch.int16), torch.ones(n).half())
-        elif kind == "bcq":  # option: the batch
+        elif kind.startswith("bcq"):  # option: the batch
             alphas = torch.rand(bits, 4, 256).to(dtype)
             planes = torch.zeros(bits, 512 // 32, 256, dtype=torch.int32)
-            bcq_matmul.launch(bcq_matmul.configs(option, 128)[0], torch.randn(option, 512).to(dtype), planes, alphas,
-                              torch.zeros(4, 256).to(dtype))
+            path = "lut" if kind == "bcq_lut" else "dot"
+            config = next(c for c in bcq_matmul.configs(option, 128) if c["path"] == path)
+            bcq_matmul.launch(config, torch.randn(option, 512).to(dtype), planes, alphas, torch.zeros(4, 256).to(dtype))
         elif kind == "kivi":
             group = 32 if option == "channel" else d
             k, v = torch.randn(2, b, hkv, t, d).to(dtype)
