@@ -85,7 +85,7 @@ PATHS = {
 @needs_backend
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("k,group_size", [(96, 32), (93, 93)])
+@pytest.mark.parametrize("k,group_size", [(96, 32), (96, 8), (93, 93)])
 def test_kernels_every_path(path, bits, k, group_size):
     m, config = PATHS[path]
     t = make_inputs(m, 40, k, bits, group_size, torch.float16, True, True, seed=bits * 1000 + k)

@@ -8,8 +8,9 @@ it loads the x values of its words as [BLOCK_KW, EPW_P2] (one vector a word; per
 them into columns (accumulate_codes) and multiply-adds x_j * (code_j - zero) for every code j, dequantized
 in registers (code_minus_zero: one LOP3 and one FADD a code), into a [BLOCK_KW, BLOCK_N] fp32
 accumulator that is reduced over rows once at the end. Unless a word spans groups (3-bit only), scale
-is applied once a tile: sum_k x_k (c_k - z) s = s * sum_k x_k (c_k - z). 3-bit words take 16 slots,
-6 of them with x = 0. SPLIT_K > 1: the last split of each N tile sums the fp32 partials (store_output).
+is applied once a tile: sum_k x_k (c_k - z) s = s * sum_k x_k (c_k - z). A word spanning two groups runs that
+twice, with x zeroed outside the group (GROUPS 2, bilevel stats), else code by code (GROUPS 3).
+3-bit words take 16 slots, 6 of them with x = 0. SPLIT_K > 1: the last split of each N tile sums the fp32 partials (store_output).
 The packed half2 dequantization of the GEMM (dequant_pair_asm) is not used here: products with x and their
 sums would have to be half2 as well to save instructions, which loses precision and can overflow fp16.
 """
@@ -27,15 +28,18 @@ from .dequant_gemm import (MAGIC_BITS, code_minus_zero, code_scale, group_mode, 
 
 @triton.jit
 def accumulate_codes(tile, words, xw, zero, scale, magic, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr,
-                     BITS: tl.constexpr):
+                     BITS: tl.constexpr, EPW: tl.constexpr):
     """tile + sum_i xw[:, i] * (code_{J + STRIDE i} - zero) * scale over the COUNT (a power of two) codes
-    whose x values xw [BLOCK_KW, COUNT] holds; xw is split in halves (even, odd i) down to single columns."""
+    whose x values xw [BLOCK_KW, COUNT] holds; xw is split in halves (even, odd i) down to single columns.
+    Slots J >= EPW (3-bit words' 6 empty ones) are skipped."""
     if COUNT == 1:
-        return tile + (xw / code_scale(J, BITS)) * code_minus_zero(words, J, zero, magic, BITS) * scale
+        if J < EPW:
+            tile += (xw / code_scale(J, BITS)) * code_minus_zero(words, J, zero, magic, BITS) * scale
+        return tile
     else:
         even, odd = tl.split(tl.reshape(xw, (xw.shape[0], COUNT // 2, 2)))
-        tile = accumulate_codes(tile, words, even, zero, scale, magic, J, 2 * STRIDE, COUNT // 2, BITS)
-        return accumulate_codes(tile, words, odd, zero, scale, magic, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS)
+        tile = accumulate_codes(tile, words, even, zero, scale, magic, J, 2 * STRIDE, COUNT // 2, BITS, EPW)
+        return accumulate_codes(tile, words, odd, zero, scale, magic, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS, EPW)
 
 
 @triton.jit
@@ -66,13 +70,22 @@ def _dequant_gemv_kernel(
         if GROUPS < 2:
             s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, GROUPS, 0,
                                      SCALE_BITS, STAT_GROUP)
-            acc += accumulate_codes(tl.zeros_like(acc), words, xw, z, 1.0, magic, 0, 1, EPW_P2, BITS) * s
-        else:  # per-code groups (3-bit): codes one by one, each with its own zero and scale
+            acc += accumulate_codes(tl.zeros_like(acc), words, xw, z, 1.0, magic, 0, 1, EPW_P2, BITS, EPW) * s
+        elif GROUPS == 2:  # a word spans two groups (3-bit): the codes of each, with that group's zero and scale
+            s0, z0 = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, 2, 0,
+                                       SCALE_BITS, STAT_GROUP)
+            s1, z1 = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, 2,
+                                       EPW - 1, SCALE_BITS, STAT_GROUP)
+            first = (k // group_size) == ((kw0 + rows) * EPW // group_size)[:, None]
+            x0 = tl.where(first, xw, 0.0)
+            acc += accumulate_codes(tl.zeros_like(acc), words, x0, z0, 1.0, magic, 0, 1, EPW_P2, BITS, EPW) * s0
+            acc += accumulate_codes(tl.zeros_like(acc), words, xw - x0, z1, 1.0, magic, 0, 1, EPW_P2, BITS, EPW) * s1
+        else:  # groups smaller than a word: codes one by one, each with its own zero and scale
             for jj in tl.static_range(EPW):
                 s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, 2, jj,
                                          SCALE_BITS, STAT_GROUP)
                 xj = tl.sum(tl.where(j[None, :] == jj, xw, 0.0), axis=1)[:, None]
-                acc = accumulate_codes(acc, words, xj, z, s, magic, jj, 1, 1, BITS)
+                acc = accumulate_codes(acc, words, xj, z, s, magic, jj, 1, 1, BITS, EPW)
     out = tl.sum(acc, axis=0)[None, :]
     store_output(y_ptr, out, tl.arange(0, 1), offs_n, 1, N, 0, bias_ptr, ws_ptr, count_ptr, pid_n, pid_k, splits,
                  HAS_BIAS, SPLIT)
@@ -92,7 +105,7 @@ def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
         x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y, ws,
         counters, n, k, qweight.shape[0], group_size, qweight.stride(0), scales.stride(0), per_split, splits,
         MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=triton.next_power_of_2(epw), BLOCK_N=config["BLOCK_N"],
-        BLOCK_KW=config["BLOCK_KW"], GROUPS=group_mode(config["BLOCK_KW"], epw, group_size, k),
+        BLOCK_KW=config["BLOCK_KW"], GROUPS=group_mode(config["BLOCK_KW"], epw, group_size, k, bilevel is not None),
         HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, NUM_STAGES=config["num_stages"],
         **dequant_gemm.stat_args(bilevel), num_warps=config["num_warps"],
     )
