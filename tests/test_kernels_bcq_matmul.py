@@ -24,43 +24,27 @@ def packed_weight(n, k, q, group, offset, dtype, seed):
     return planes, alphas.permute(2, 1, 0).contiguous().to(DEVICE, dtype), off
 
 
-@needs_backend
-@settings(max_examples=20, deadline=None)
-@given(m=st.integers(1, 20), n=st.integers(1, 70), kw=st.integers(1, 4), q=st.integers(1, 4),
-       group=st.sampled_from([32, 64, -1]), offset=st.booleans(),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), seed=st.integers(0, 2**31 - 1))
-def test_kernels_bcq_matmul_matches_reference(m, n, kw, q, group, offset, dtype, seed):
-    k = 64 * kw if group == 64 else 32 * kw
-    group = k if group == -1 else group
-    planes, alphas, off = packed_weight(n, k, q, group, offset, dtype, seed)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    out, ref = bcq_matmul(x, planes, alphas, off), bcq_matmul_ref(x, planes, alphas, off)
-    assert out.shape == (m, n) and out.dtype == dtype and out.isfinite().all()
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    assert err < TOL[dtype], err
-
-
 def path_config(path, m, group):
+    """The interpreter's config of a path, or on a GPU the path's first candidate with a BLOCK_K dividing the group."""
     if interpreter_on():
         return bcq_matmul_module.INTERPRETER_CONFIGS[path]
     return next(c for c in bcq_matmul_module.configs(m, group) if c["path"] == path)
 
 
 @needs_backend
-@settings(max_examples=15, deadline=None)
-@given(m=st.integers(1, bcq_matmul_module.LUT_MAX_M), n=st.integers(1, 70), kw=st.integers(1, 4), q=st.integers(1, 4),
-       group=st.sampled_from([32, 64, -1]), offset=st.booleans(),
+@settings(max_examples=30, deadline=None)
+@given(path=st.sampled_from(["dot", "lut"]), m=st.integers(1, 20), n=st.integers(1, 70), kw=st.integers(1, 4),
+       q=st.integers(1, 4), group=st.sampled_from([32, 64, -1]), offset=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), seed=st.integers(0, 2**31 - 1))
-def test_kernels_bcq_lut_path_matches_reference(m, n, kw, q, group, offset, dtype, seed):
-    """The table path (256 partial sums of every 8 activations, indexed by the plane bytes through tl.gather)."""
+def test_kernels_bcq_matmul_matches_reference(path, m, n, kw, q, group, offset, dtype, seed):
+    """Both paths: in-register tl.dot, and the tables (256 partial sums of every 8 activations, batch <= 8)."""
+    m = min(m, bcq_matmul_module.LUT_MAX_M) if path == "lut" else m
     k = 64 * kw if group == 64 else 32 * kw
     group = k if group == -1 else group
     planes, alphas, off = packed_weight(n, k, q, group, offset, dtype, seed)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    config = path_config("lut", m, group)
-    if group % config["BLOCK_K"]:
-        config = {**config, "BLOCK_K": 32}
-    out, ref = bcq_matmul_module.launch(config, x, planes, alphas, off), bcq_matmul_ref(x, planes, alphas, off)
+    out = bcq_matmul_module.launch(path_config(path, m, group), x, planes, alphas, off)
+    ref = bcq_matmul_ref(x, planes, alphas, off)
     assert out.shape == (m, n) and out.dtype == dtype and out.isfinite().all()
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < TOL[dtype], err
