@@ -43,8 +43,9 @@ def compile_case(kind, bits, option, dtype):
             weight_only_matmul.run_path(config, x, torch.zeros(-(-k // (32 // bits)), n, dtype=torch.int32), stats,
                                         meta, torch.arange(k, dtype=torch.int32), None, bits=bits,
                                         group_size=group, in_features=k, bilevel=(8 - bits, 16))
-            spqr_matmul.outlier_add(torch.zeros(option, n).to(dtype), x, torch.arange(n + 1, dtype=torch.int32),
-                                    torch.zeros(n, dtype=torch.int16), torch.ones(n).half())
+            spqr_matmul.outlier_launch(spqr_matmul.outlier_configs(option)[0], torch.zeros(option, n).to(dtype), x,
+                                       torch.arange(n + 1, dtype=torch.int32), torch.zeros(n, dtype=torch.int16),
+                                       torch.ones(n).half())
         elif kind.startswith("bcq"):  # option: the batch
             alphas = torch.rand(bits, 4, 256).to(dtype)
             planes = torch.zeros(bits, 512 // 32, 256, dtype=torch.int32)

@@ -7,8 +7,8 @@
              K <= 65536), vals fp16 [nnz]
 Launch sequence: weight_only_matmul (dequant GEMV / GEMM decoding the bilevel stats in registers, split-K
 reduced in the launch, bias added) writes y; `_outlier_add_kernel` then adds x @ S^T into it: program (row block,
-batch block) walks the outliers of BLOCK_R output rows BLOCK_J at a time, gathers x at their columns and
-reduces [BLOCK_M, BLOCK_R, BLOCK_J] products in fp32 (y is rounded to x's dtype twice: after the dense part and
+batch block) walks the outliers of BLOCK_R output rows BLOCK_J at a time (both tuned), gathers x at their columns
+and reduces [BLOCK_M, BLOCK_R, BLOCK_J] products in fp32 (y is rounded to x's dtype twice: after the dense part and
 after the outliers).
 `spqr_matmul_ref`: W_dense + S in fp32, one matmul, rounded once.
 """
@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ..packing import dequantize_packed
 from ..spqr import csr_to_dense
+from .autotune_cache import tune
 from .runtime import check_device, check_tensors, interpreter_on
 from .weight_only_matmul import check_inputs, decode_bilevel, weight_only_matmul
 
@@ -47,17 +48,37 @@ def _outlier_add_kernel(x_ptr, rp_ptr, c_ptr, v_ptr, y_ptr, M, N, stride_xm, str
     tl.store(out, (tl.load(out, mask=mask, other=0.0).to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+INTERPRETER_CONFIG = {"BLOCK_M": 4, "BLOCK_R": 16, "BLOCK_J": 8, "num_warps": 4}
+
+
+def outlier_configs(m: int) -> list[dict]:
+    """Rows a program (BLOCK_R) x outliers a step (BLOCK_J): the first is the default; fewer rows and longer steps put
+    more independent gathers in flight. BLOCK_M covers the batch (up to 16 a program)."""
+    if interpreter_on():
+        return [INTERPRETER_CONFIG]
+    block_m = min(triton.next_power_of_2(m), 16)
+    return [{"BLOCK_M": block_m, "BLOCK_R": r, "BLOCK_J": j, "num_warps": 4}
+            for r, j in ((32, 16), (8, 64), (4, 128), (16, 32), (2, 256)) if block_m * r * j <= 16384]
+
+
+def outlier_launch(config, y, x, row_ptr, cols, vals) -> torch.Tensor:
+    m, n = y.shape
+    _outlier_add_kernel[(triton.cdiv(n, config["BLOCK_R"]), triton.cdiv(m, config["BLOCK_M"]))](
+        x, row_ptr, cols, vals, y, m, n, x.stride(0), y.stride(0), BLOCK_M=config["BLOCK_M"], BLOCK_R=config["BLOCK_R"],
+        BLOCK_J=config["BLOCK_J"], num_warps=config["num_warps"])
+    return y
+
+
 def outlier_add(y: torch.Tensor, x: torch.Tensor, row_ptr, cols, vals) -> torch.Tensor:
-    """y += x @ S^T in place (S in CSR as above), y [M, N] and x [M, K] with unit column strides."""
+    """y += x @ S^T in place (S in CSR as above), y [M, N] and x [M, K] with unit column strides; the launch config
+    tuned per (M, N, K, outlier count) on copies of y."""
     m, n = y.shape
     if vals.numel() == 0 or m == 0:
         return y
-    block_m = min(triton.next_power_of_2(m), 4 if interpreter_on() else 16)
-    block_r, block_j = (16, 8) if interpreter_on() else (32, 16)
-    _outlier_add_kernel[(triton.cdiv(n, block_r), triton.cdiv(m, block_m))](
-        x, row_ptr, cols, vals, y, m, n, x.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_R=block_r,
-        BLOCK_J=block_j, num_warps=4)
-    return y
+    key = {"M": triton.next_power_of_2(m), "N": n, "K": x.shape[1], "nnz": triton.next_power_of_2(vals.numel())}
+    config = tune("spqr_outliers", key, outlier_configs(m), lambda c: outlier_launch(c, y.clone(), x, row_ptr, cols,
+                                                                                        vals), y.device)
+    return outlier_launch(config, y, x, row_ptr, cols, vals)
 
 
 def check_outliers(x, n, row_ptr, cols, vals) -> None:
