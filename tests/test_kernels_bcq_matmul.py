@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_device import DEVICE, needs_backend
+from kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401  (autouse fixture)
 
 from tquant import bcq
 from tquant.kernels import bcq_matmul as bcq_matmul_module
@@ -34,17 +34,22 @@ def path_config(path, m, group):
 @needs_backend
 @settings(max_examples=30, deadline=None)
 @given(path=st.sampled_from(["dot", "lut"]), m=st.integers(1, 20), n=st.integers(1, 70), kw=st.integers(1, 4),
-       q=st.integers(1, 4), group=st.sampled_from([32, 64, -1]), offset=st.booleans(),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), seed=st.integers(0, 2**31 - 1))
-def test_kernels_bcq_matmul_matches_reference(path, m, n, kw, q, group, offset, dtype, seed):
-    """Both paths: in-register tl.dot, and the tables (256 partial sums of every 8 activations, batch <= 8)."""
+       q=st.integers(1, 4), group=st.sampled_from([32, 64, -1]), offset=st.booleans(), perm=st.booleans(),
+       bias=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_bcq_matmul_matches_reference(path, m, n, kw, q, group, offset, perm, bias, dtype, seed):
+    """Both paths: in-register tl.dot, and the tables (256 partial sums of every 8 activations, batch <= 8), with
+    act-order perm gathered in the loads, bias and split-K summed in the launch."""
     m = min(m, bcq_matmul_module.LUT_MAX_M) if path == "lut" else m
     k = 64 * kw if group == 64 else 32 * kw
     group = k if group == -1 else group
     planes, alphas, off = packed_weight(n, k, q, group, offset, dtype, seed)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    out = bcq_matmul_module.launch(path_config(path, m, group), x, planes, alphas, off)
-    ref = bcq_matmul_ref(x, planes, alphas, off)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    p = torch.randperm(k, generator=gen).to(DEVICE, torch.int32) if perm else None
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
+    out = bcq_matmul_module.launch(path_config(path, m, group), x, planes, alphas, off, p, b)
+    ref = bcq_matmul_ref(x, planes, alphas, off, p, b)
     assert out.shape == (m, n) and out.dtype == dtype and out.isfinite().all()
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < TOL[dtype], err
@@ -75,6 +80,8 @@ def test_kernels_bcq_matmul_one_flipped_bit_moves_one_column():
     (dict(alphas=torch.zeros(2, 3, 16)), "group size must divide K"),
     (dict(alphas=torch.zeros(2, 2, 16, dtype=torch.float16)), "alphas"),
     (dict(offset=torch.zeros(1, 16)), "offset"),
+    (dict(perm=torch.arange(60, dtype=torch.int32)), "perm shape"),
+    (dict(bias=torch.zeros(16, dtype=torch.float16)), "bias dtype"),
 ])
 def test_kernels_bcq_matmul_bad_input_raises(change, match):
     planes, alphas, _ = packed_weight(16, 64, 2, 32, False, torch.float32, 9)

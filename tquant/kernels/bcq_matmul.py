@@ -1,9 +1,10 @@
 """Matmul with a BCQ weight (tquant.bcq: W = sum_i alpha_i B_i + offset, B_i in {-1, +1}): the Triton kernel and
 the torch reference.
 
-    y [M, N] = x [M, K] @ W^T,   W[n, k] = sum_{i < q} alphas[i, g, n] (2 u_i(k, n) - 1) + offset[g, n],  g = k // group
+    y [M, N] = x[:, perm] @ W^T + bias,   W[n, k] = sum_{i < q} alphas[i, g, n] (2 u_i(k, n) - 1) + offset[g, n],  g = k // group
     planes  int32 [q, K / 32, N]   plane i's bits u_i packed along K (tquant.packing, 1 bit: bit k % 32 of word k // 32)
-    alphas  [q, G, N], offset [G, N] or None, in x's dtype (fp16 / bf16 / fp32); K a multiple of 32 and of group
+    alphas  [q, G, N], offset [G, N] or None, bias [N] or None, in x's dtype (fp16 / bf16 / fp32); perm int32 [K] or
+    None; K a multiple of 32 and of group
 Two paths, chosen per shape by the autotuner (configs: path "dot" always, "lut" for M <= LUT_MAX_M):
 "dot" (in-register): program (m, n, split) owns a [BLOCK_M, BLOCK_N] tile of y and walks its share of K in BLOCK_K
 steps (BLOCK_K divides the group, so a step has one alpha per plane and column): each plane's [BLOCK_K / 32, BLOCK_N]
@@ -17,7 +18,8 @@ words, splits them into bytes (one byte = the signs of 8 weights) and gathers S_
 sum_k x_k (2 u_k - 1) = 2 sum_k x_k u_k - X. The table stays in global memory: Triton has no shared-memory
 gather, and tl.gather on a register table compiles (Triton 3.6-3.9) to warp shuffles, ~7 instructions a weight
 against ~1.3 for the global table and ~4.3 for "dot" (sm_90 SASS of the loops, q = 3, 128 x 128 tiles).
-Both write fp32 partials [SPLIT_K, M, N] that the launcher sums.
+Both gather x through perm (act order) in their loads and finish with dequant_gemm.store_output: split-K partials
+summed by the last split to arrive, the bias added, y written in x's dtype, one launch.
 `bcq_matmul_ref` decodes W with tquant.bcq.dequantize and multiplies in fp32.
 """
 from __future__ import annotations
@@ -29,6 +31,8 @@ import triton.language as tl
 from .. import bcq
 from ..packing import unpack_codes
 from .autotune_cache import tune
+from . import dequant_gemm
+from .dequant_gemm import store_output
 from .runtime import check_device, check_tensors, dot_types, interpreter_on
 from .tiling import unpack_words
 
@@ -40,16 +44,19 @@ def unpack_planes(planes: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([unpack_codes(p, 1, k).t() for p in planes]).to(torch.uint8)
 
 
-def bcq_matmul_ref(x, planes, alphas, offset=None) -> torch.Tensor:
-    """x @ W^T in fp32 through tquant.bcq.dequantize, in x's dtype."""
+def bcq_matmul_ref(x, planes, alphas, offset=None, perm=None, bias=None) -> torch.Tensor:
+    """x[:, perm] @ W^T (+ bias) in fp32 through tquant.bcq.dequantize, in x's dtype."""
+    check_inputs(x, planes, alphas, offset, perm, bias)
     w = bcq.dequantize(alphas.float().permute(2, 1, 0), unpack_planes(planes, x.shape[-1]),
                        None if offset is None else offset.float().t())
-    return (x.float() @ w.t()).to(x.dtype)
+    y = (x.float() if perm is None else x.float()[:, perm.long()]) @ w.t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
 @triton.jit
-def _bcq_matmul_kernel(x_ptr, p_ptr, a_ptr, o_ptr, y_ptr, M, N, K, GROUPS, tiles_per_split,
-                       Q: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_M: tl.constexpr,
+def _bcq_matmul_kernel(x_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, GROUPS,
+                       tiles_per_split, splits, Q: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                       HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
                        PRECISION: tl.constexpr):
     pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -62,6 +69,8 @@ def _bcq_matmul_kernel(x_ptr, p_ptr, a_ptr, o_ptr, y_ptr, M, N, K, GROUPS, tiles
     for t in range(first, tl.minimum(first + tiles_per_split, K // BLOCK_K)):
         k0 = t * BLOCK_K
         rk = k0 + tl.arange(0, BLOCK_K)
+        if HAS_PERM:
+            rk = tl.load(perm_ptr + rk)
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=m_ok[:, None], other=0.0)
         g = k0 // GROUP
         rw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
@@ -75,18 +84,20 @@ def _bcq_matmul_kernel(x_ptr, p_ptr, a_ptr, o_ptr, y_ptr, M, N, K, GROUPS, tiles
         if HAS_OFFSET:
             w += tl.load(o_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc += tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=PRECISION)
-    tl.store(y_ptr + (split * M + rm)[:, None].to(tl.int64) * N + rn[None, :], acc,
-             mask=m_ok[:, None] & n_ok[None, :])
+    store_output(y_ptr, acc, rm, rn, M, N, N, bias_ptr, ws_ptr, count_ptr, pid_m * tl.num_programs(1) + pid_n, split,
+                 splits, HAS_BIAS, SPLIT)
 
 
 @triton.jit
-def _bcq_table_kernel(x_ptr, t_ptr, K, BLOCK_C: tl.constexpr):
-    """LUT-GEMM's tables of row m of x: t[m, c, j] = sum_b x[m, 8c + b] bit_b(j), j < 256, in x's dtype, each entry
+def _bcq_table_kernel(x_ptr, perm_ptr, t_ptr, K, HAS_PERM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """LUT-GEMM's tables of row m of x (x[:, perm]): t[m, c, j] = sum_b x[m, 8c + b] bit_b(j), j < 256, in x's dtype, each entry
     the sum of a 16-entry table of x[8c + 4 ..] (bits 4-7 of j) and one of x[8c ..] (bits 0-3)."""
     m, rc = tl.program_id(0), tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < K // 8
-    x8 = tl.load(x_ptr + m.to(tl.int64) * K + rc[:, None] * 8 + tl.arange(0, 8)[None, :], mask=c_ok[:, None],
-                 other=0.0).to(tl.float32)[:, :, None]
+    col = rc[:, None] * 8 + tl.arange(0, 8)[None, :]
+    if HAS_PERM:
+        col = tl.load(perm_ptr + col, mask=c_ok[:, None], other=0)
+    x8 = tl.load(x_ptr + m.to(tl.int64) * K + col, mask=c_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
     b = tl.arange(0, 8)[:, None]
     j = tl.arange(0, 16)[None, :]
     lo = tl.sum(x8 * tl.where(b < 4, (j >> b) & 1, 0).to(tl.float32)[None], axis=1)  # [BLOCK_C, 16]
@@ -97,8 +108,10 @@ def _bcq_table_kernel(x_ptr, t_ptr, K, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _bcq_lut_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, y_ptr, M, N, K, GROUPS, tiles_per_split, Q: tl.constexpr,
-                    GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _bcq_lut_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, GROUPS,
+                    tiles_per_split, splits, Q: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     """Row m of y from the tables: a tile adds sum_i alpha_i (2 S_i - X) (+ offset X), X the sum of the tile's x and
     S_i[n] = sum_c t[m, c, byte c of plane i's words at n], one gather (L1 / L2) per 8 weights and plane."""
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -110,7 +123,10 @@ def _bcq_lut_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, y_ptr, M, N, K, GROUPS, t
     first = split * tiles_per_split
     for t in range(first, tl.minimum(first + tiles_per_split, K // BLOCK_K)):
         k0 = t * BLOCK_K
-        total = tl.sum(tl.load(x_ptr + m.to(tl.int64) * K + k0 + tl.arange(0, BLOCK_K)).to(tl.float32), axis=0)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if HAS_PERM:
+            rk = tl.load(perm_ptr + rk)
+        total = tl.sum(tl.load(x_ptr + m.to(tl.int64) * K + rk).to(tl.float32), axis=0)
         rows = (m.to(tl.int64) * (K // 8) + k0 // 8 + tl.arange(0, C))[:, None] * 256
         g = k0 // GROUP
         for i in tl.static_range(Q):
@@ -122,10 +138,11 @@ def _bcq_lut_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, y_ptr, M, N, K, GROUPS, t
             acc += alpha * (2.0 * partial - total)
         if HAS_OFFSET:
             acc += tl.load(o_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32) * total
-    tl.store(y_ptr + (split * M + m).to(tl.int64) * N + rn, acc, mask=n_ok)
+    store_output(y_ptr, acc[None, :], m + tl.arange(0, 1), rn, M, N, N, bias_ptr, ws_ptr, count_ptr,
+                 m * tl.num_programs(1) + pid_n, split, splits, HAS_BIAS, SPLIT)
 
 
-def check_inputs(x, planes, alphas, offset) -> None:
+def check_inputs(x, planes, alphas, offset, perm=None, bias=None) -> None:
     """Raise ValueError naming the first input whose dtype or shape does not fit the layouts above."""
     if x.dim() != 2 or x.dtype not in DTYPES:
         raise ValueError(f"x must be [M, K] fp16 / bf16 / fp32; got {x.dtype} {tuple(x.shape)}")
@@ -139,9 +156,9 @@ def check_inputs(x, planes, alphas, offset) -> None:
     bcq.check_bcq_bits(q)
     if groups < 1 or k % groups or (k // groups) % 32:
         raise ValueError(f"{groups} groups of K={k}: the group size must divide K and be a multiple of 32")
-    expected = {"planes": (planes, (q, k // 32, n), (torch.int32,)), "alphas": (alphas, (q, groups, n), (x.dtype,))}
-    if offset is not None:
-        expected["offset"] = (offset, (groups, n), (x.dtype,))
+    expected = {"planes": (planes, (q, k // 32, n), (torch.int32,)), "alphas": (alphas, (q, groups, n), (x.dtype,)),
+                "offset": (offset, (groups, n), (x.dtype,)), "perm": (perm, (k,), (torch.int32, torch.int64)),
+                "bias": (bias, (n,), (x.dtype,))}
     check_tensors(expected, f"x {tuple(x.shape)}, {q} planes, {groups} groups")
 
 
@@ -164,7 +181,7 @@ def configs(m: int, group: int) -> list[dict]:
     return dot + (lut if m <= LUT_MAX_M else [])
 
 
-def launch(config, x, planes, alphas, offset) -> torch.Tensor:
+def launch(config, x, planes, alphas, offset=None, perm=None, bias=None) -> torch.Tensor:
     m, k = x.shape
     q, _, n = planes.shape
     groups = alphas.shape[1]
@@ -172,35 +189,39 @@ def launch(config, x, planes, alphas, offset) -> torch.Tensor:
     tiles = k // config["BLOCK_K"]
     per_split = triton.cdiv(tiles, config["SPLIT_K"])
     splits = triton.cdiv(tiles, per_split)
-    partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    if config["path"] == "lut":
-        x = x.contiguous()
+    lut = config["path"] == "lut"
+    grid = (m if lut else triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]), splits)
+    y = dequant_gemm.output_buffer(m, n, x.dtype, x.device)
+    ws, counters = dequant_gemm.split_k_buffers(splits, m, n, grid[0] * grid[1], x.device) if splits > 1 else (y, y)
+    x = x.contiguous()
+    common = dict(Q=q, GROUP=k // groups, HAS_OFFSET=offset is not None, HAS_PERM=perm is not None,
+                  HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+                  num_warps=config["num_warps"])
+    tensors = (planes.contiguous(), alphas.contiguous(), alphas if offset is None else offset.contiguous(),
+               x if perm is None else perm.contiguous(), y if bias is None else bias.contiguous(), y, ws, counters)
+    if lut:
         table = torch.empty(m, k // 8, 256, dtype=x.dtype, device=x.device)
-        _bcq_table_kernel[(m, triton.cdiv(k // 8, 32))](x, table, k, BLOCK_C=32, num_warps=4)
-        _bcq_lut_kernel[(m, triton.cdiv(n, config["BLOCK_N"]), splits)](
-            x, table, planes.contiguous(), alphas.contiguous(), alphas if offset is None else offset.contiguous(),
-            partial, m, n, k, groups, per_split, Q=q, GROUP=k // groups, HAS_OFFSET=offset is not None,
-            BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], num_warps=config["num_warps"])
-        return (partial[0] if splits == 1 else partial.sum(0)).to(x.dtype)
-    dot_dtype, precision = dot_types(x.dtype)
-    _bcq_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]), splits)](
-        x.contiguous(), planes.contiguous(), alphas.contiguous(), alphas if offset is None else offset.contiguous(),
-        partial, m, n, k, groups, per_split, Q=q, GROUP=k // groups, HAS_OFFSET=offset is not None, BLOCK_M=block_m,
-        BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], DOT_DTYPE=dot_dtype,
-        PRECISION=precision, num_warps=config["num_warps"])
-    return (partial[0] if splits == 1 else partial.sum(0)).to(x.dtype)
+        _bcq_table_kernel[(m, triton.cdiv(k // 8, 32))](x, tensors[3], table, k, HAS_PERM=perm is not None,
+                                                        BLOCK_C=32, num_warps=4)
+        _bcq_lut_kernel[grid](x, table, *tensors, m, n, k, groups, per_split, splits, **common)
+    else:
+        dot_dtype, precision = dot_types(x.dtype)
+        _bcq_matmul_kernel[grid](x, *tensors, m, n, k, groups, per_split, splits, BLOCK_M=block_m,
+                                 DOT_DTYPE=dot_dtype, PRECISION=precision, **common)
+    return y
 
 
-def bcq_matmul(x, planes, alphas, offset=None) -> torch.Tensor:
-    """y [M, N] = x @ W^T for a BCQ weight in the packed layout above (module docstring)."""
-    check_inputs(x, planes, alphas, offset)
-    check_device({"x": x, "planes": planes, "alphas": alphas, "offset": offset})
+def bcq_matmul(x, planes, alphas, offset=None, perm=None, bias=None) -> torch.Tensor:
+    """y [M, N] = x[:, perm] @ W^T (+ bias) for a BCQ weight in the packed layout above (module docstring)."""
+    check_inputs(x, planes, alphas, offset, perm, bias)
+    check_device({"x": x, "planes": planes, "alphas": alphas, "offset": offset, "perm": perm, "bias": bias})
     m, k = x.shape
     group = k // alphas.shape[1]
     key = {"M": triton.next_power_of_2(m), "N": planes.shape[2], "K": k, "q": planes.shape[0], "group": group,
-           "offset": int(offset is not None), "dtype": str(x.dtype).removeprefix("torch.")}
-    config = tune("bcq_matmul", key, configs(m, group), lambda c: launch(c, x, planes, alphas, offset), x.device)
-    return launch(config, x, planes, alphas, offset)
+           "offset": int(offset is not None), "dtype": str(x.dtype).removeprefix("torch."), "perm": int(perm is not None)}
+    config = tune("bcq_matmul", key, configs(m, group), lambda c: launch(c, x, planes, alphas, offset, perm, bias),
+                  x.device)
+    return launch(config, x, planes, alphas, offset, perm, bias)
 
 
 __all__ = ["bcq_matmul", "bcq_matmul_ref", "unpack_planes"]

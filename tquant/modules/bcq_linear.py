@@ -4,7 +4,7 @@ Buffers (tquant.kernels.bcq_matmul's layout):
     planes  int32 [q, K / 32, N]   binary plane i, bit k % 32 of word k // 32: 1 where B_i[n, k] = +1
     alphas  [q, G, N]              in the model's dtype
     offset  [G, N] or absent       (uniform grids converted to BCQ form)
-    perm    int32 [K] or absent    (GPTQ act-order storage): y = x[..., perm] @ W^T
+    perm    int32 [K] or absent    (GPTQ act-order storage): y = x[..., perm] @ W^T (gathered in the kernel's loads)
     bias    [N] or absent
 forward: y = x @ W^T + bias, W[n, k] = sum_i alphas[i, g, n] (2 bit - 1) + offset[g, n]; the Triton kernel on CUDA
 (bcq_matmul), its torch reference on the CPU.
@@ -64,13 +64,9 @@ class BCQLinear(nn.Module):
         from ..kernels.bcq_matmul import bcq_matmul, bcq_matmul_ref
 
         matmul = bcq_matmul if use_kernel(self, x) else bcq_matmul_ref
-        x2 = x.reshape(-1, self.in_features)
-        if self.perm is not None:
-            x2 = x2[:, self.perm]
-        alphas, offset = self.alphas.to(x.dtype), None if self.offset is None else self.offset.to(x.dtype)
-        y = matmul(x2, self.planes, alphas, offset)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731
+        y = matmul(x.reshape(-1, self.in_features), self.planes, cast(self.alphas), cast(self.offset), self.perm,
+                   cast(self.bias))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
