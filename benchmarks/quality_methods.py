@@ -44,8 +44,8 @@ ROWS = {  # name: (method, options)
     **{f"bcq-{b}-g64-rtn": ("bcq", dict(bits=b, group_size=64, grid="rtn")) for b in (4, 3)},
     **{f"bcq-{b}-{g}-alt30-offset": ("bcq", dict(bits=b, group_size=-1 if g == "pc" else 64, rounds=30, offset=True))
        for b in (4, 3) for g in ("g64", "pc")},
-    **{f"gptq-w{b}a16-asym-{g}": ("gptq", dict(bits=b, group_size=-1 if g == "pc" else 64, sym=False))
-       for b in (4, 3) for g in ("g64", "pc")},
+    **{f"{m}-w{b}a16-asym-{g}": (m, dict(bits=b, group_size=-1 if g == "pc" else 64, sym=False))
+       for m in ("rtn", "gptq") for b in (4, 3) for g in ("g64", "pc")},
     **{f"spqr-w{b}-g{g}-s{s}": ("spqr", dict(bits=b, group_size=g, scale_bits=s))
        for b, g, s in ((3, 16, 3), (4, 16, 3), (3, 32, 3), (3, 64, 4), (4, 64, 4), (2, 16, 3), (4, 32, 4))},
     "spqr-w3-g16-s3-no-outliers": ("spqr", dict(bits=3, group_size=16, outlier_relative_threshold=float("inf"))),
