@@ -54,6 +54,22 @@ def bcq_matmul_ref(x, planes, alphas, offset=None, perm=None, bias=None) -> torc
 
 
 @triton.jit
+def input_columns(perm_ptr, k0, BLOCK_K: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Columns of x read for storage columns k0 .. k0 + BLOCK_K - 1 (perm[k] with act order)."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    if HAS_PERM:
+        rk = tl.load(perm_ptr + rk)
+    return rk
+
+
+@triton.jit
+def plane_words(p_ptr, i, k0, rn, n_ok, N, K, BLOCK_K: tl.constexpr):
+    """Plane i's words [BLOCK_K / 32, BLOCK_N] of storage columns k0 .. k0 + BLOCK_K - 1, output columns rn."""
+    rw = i * (K // 32) + k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    return tl.load(p_ptr + rw[:, None].to(tl.int64) * N + rn[None, :], mask=n_ok[None, :], other=0)
+
+
+@triton.jit
 def _bcq_matmul_kernel(x_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, GROUPS,
                        tiles_per_split, splits, Q: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -63,22 +79,16 @@ def _bcq_matmul_kernel(x_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr, ws
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
-    kw = K // 32
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     first = split * tiles_per_split
     for t in range(first, tl.minimum(first + tiles_per_split, K // BLOCK_K)):
         k0 = t * BLOCK_K
-        rk = k0 + tl.arange(0, BLOCK_K)
-        if HAS_PERM:
-            rk = tl.load(perm_ptr + rk)
+        rk = input_columns(perm_ptr, k0, BLOCK_K, HAS_PERM)
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=m_ok[:, None], other=0.0)
         g = k0 // GROUP
-        rw = k0 // 32 + tl.arange(0, BLOCK_K // 32)
         w = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         for i in tl.static_range(Q):
-            words = tl.load(p_ptr + (i * kw + rw)[:, None].to(tl.int64) * N + rn[None, :], mask=n_ok[None, :],
-                            other=0)
-            u = tl.trans(unpack_words(tl.trans(words), 1))
+            u = tl.trans(unpack_words(tl.trans(plane_words(p_ptr, i, k0, rn, n_ok, N, K, BLOCK_K)), 1))
             alpha = tl.load(a_ptr + (i * GROUPS + g) * N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             w += tl.where(u != 0, alpha, -alpha)
         if HAS_OFFSET:
@@ -118,20 +128,16 @@ def _bcq_lut_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     C: tl.constexpr = BLOCK_K // 8
-    kw = K // 32
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     first = split * tiles_per_split
     for t in range(first, tl.minimum(first + tiles_per_split, K // BLOCK_K)):
         k0 = t * BLOCK_K
-        rk = k0 + tl.arange(0, BLOCK_K)
-        if HAS_PERM:
-            rk = tl.load(perm_ptr + rk)
+        rk = input_columns(perm_ptr, k0, BLOCK_K, HAS_PERM)
         total = tl.sum(tl.load(x_ptr + m.to(tl.int64) * K + rk).to(tl.float32), axis=0)
         rows = (m.to(tl.int64) * (K // 8) + k0 // 8 + tl.arange(0, C))[:, None] * 256
         g = k0 // GROUP
         for i in tl.static_range(Q):
-            words = tl.load(p_ptr + (i * kw + k0 // 32 + tl.arange(0, BLOCK_K // 32))[:, None].to(tl.int64) * N
-                            + rn[None, :], mask=n_ok[None, :], other=0)
+            words = plane_words(p_ptr, i, k0, rn, n_ok, N, K, BLOCK_K)
             index = tl.trans(unpack_words(tl.trans(words), 8))  # [C, BLOCK_N]: byte c % 4 of word c // 4
             partial = tl.sum(tl.load(t_ptr + rows + index).to(tl.float32), axis=0)
             alpha = tl.load(a_ptr + (i * GROUPS + g) * N + rn, mask=n_ok, other=0.0).to(tl.float32)
