@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from ..qweight import QuantizedWeight
+from ..qweight import QuantizedWeight, in_input_order
 from ..quantizer import (channel_scale_for_groups, dequantize, grouped_qparams, integer_group_scales, qparams,
                          quantize)
 from .base import LayerState, Method, option, register
@@ -98,65 +98,75 @@ class GPTQ(Method):
                 "raise percdamp or use more calibration data"
             ) from e
 
-    def quantize(self, state: HessianState, linear, name) -> QuantizedWeight:
+    def prepared(self, state: HessianState, linear, name) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(w, perm, U) for the column loop: the weight in H's dtype with dead input channels (diag H = 0) zeroed,
+        its columns in act order (perm; None without act_order), and U = chol(H^-1)^T in the same order."""
         if state.tokens == 0:
-            raise ValueError(f"GPTQ: layer {name!r} saw no calibration data")
-        dtype = state.dtype
-        w = linear.weight.detach().to(dtype).clone()
+            raise ValueError(f"{type(self).__name__}: layer {name!r} saw no calibration data")
+        w = linear.weight.detach().to(state.dtype).clone()
         h = state.hessian.clone()
-        n, k = w.shape
-        gs = self.layer_group_size(linear, name)
-        grouped = gs != k
-
         dead = h.diagonal() == 0
         h[dead, dead] = 1
         w[:, dead] = 0
+        perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else None
+        if perm is not None:
+            w, h = w[:, perm], h[perm][:, perm]
+        return w, perm, self._inverse_cholesky(h, name)
+
+    def quantize(self, state: HessianState, linear, name) -> QuantizedWeight:
+        w, perm, u = self.prepared(state, linear, name)
+        n, k = w.shape
+        gs = self.layer_group_size(linear, name)
+        grouped = gs != k
 
         channel = None
         if grouped and self.integer_groups:
             channel = channel_scale_for_groups(qparams(w, self.bits, self.sym)[0][:, None])
         if self.static_groups and grouped:
-            static_scale, static_zero = grouped_qparams(w, self.bits, gs, self.sym)
+            static_scale, static_zero = grouped_qparams(in_input_order(w, perm), self.bits, gs, self.sym)
             if channel is not None:
                 static_scale = integer_group_scales(static_scale, channel)
-        perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else None
-        if perm is not None:
-            w, h = w[:, perm], h[perm][:, perm]
-        u = self._inverse_cholesky(h, name)
 
         codes = torch.empty(n, k, dtype=torch.int32, device=w.device)
         scale = torch.empty(n, k // gs, dtype=torch.float32, device=w.device)
         zero = torch.empty_like(scale)
+        grid = {}
         if not grouped:
-            s, z = qparams(w, self.bits, self.sym)
-            scale[:, 0], zero[:, 0] = s, z
-        for i1 in range(0, k, self.blocksize):
-            i2 = min(i1 + self.blocksize, k)
-            w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=dtype, device=w.device), u[i1:i2, i1:i2]
-            with _one_cpu_thread(w.device):
-                for i in range(i2 - i1):
-                    col = i1 + i
-                    if grouped:
-                        if self.static_groups:
-                            g = (int(perm[col]) if perm is not None else col) // gs
-                            s, z = static_scale[:, g], static_zero[:, g]
-                        elif col % gs == 0:
-                            current = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :gs]
-                            s, z = qparams(current, self.bits, self.sym)
-                            if channel is not None:
-                                s = integer_group_scales(s, channel)
-                            scale[:, col // gs], zero[:, col // gs] = s, z
-                    q = quantize(w1[:, i], s, z, self.bits)
-                    codes[:, col] = q
-                    e = (w1[:, i] - dequantize(q, s, z).to(dtype)) / u1[i, i]
-                    w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-                    err1[:, i] = e
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            grid["s"], grid["z"] = scale[:, 0], zero[:, 0] = qparams(w, self.bits, self.sym)
 
+        def column(col, current, upcoming):
+            if grouped and self.static_groups:
+                g = (int(perm[col]) if perm is not None else col) // gs
+                grid["s"], grid["z"] = static_scale[:, g], static_zero[:, g]
+            elif grouped and col % gs == 0:
+                s, z = qparams(upcoming(gs), self.bits, self.sym)
+                if channel is not None:
+                    s = integer_group_scales(s, channel)
+                grid["s"], grid["z"] = scale[:, col // gs], zero[:, col // gs] = s, z
+            q = quantize(current, grid["s"], grid["z"], self.bits)
+            codes[:, col] = q
+            return dequantize(q, grid["s"], grid["z"]).to(w.dtype)
+
+        error_feedback(w, u, self.blocksize, column)
         if self.static_groups and grouped:
             scale, zero = static_scale.float(), static_zero.float()
         if perm is not None and (self.static_groups or not grouped):
-            restored = torch.empty_like(codes)
-            restored[:, perm] = codes
-            codes, perm = restored, None
+            codes, perm = in_input_order(codes, perm), None
         return QuantizedWeight(codes, scale, zero, self.bits, gs, perm, channel_scale=channel)
+
+
+def error_feedback(w: torch.Tensor, u: torch.Tensor, blocksize: int, column) -> None:
+    """GPTQ's column loop over w [N, K] (in place), lazy batches of `blocksize` columns: for each column k,
+    w_hat = column(k, w[:, k], upcoming) with upcoming(width) the current (error-updated) w[:, k : k + width];
+    e = (w[:, k] - w_hat) / U_kk, w[:, k + 1:] -= e U_k,k+1: (within the batch at once, beyond it after the batch)."""
+    n, k = w.shape
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device), u[i1:i2, i1:i2]
+        with _one_cpu_thread(w.device):
+            for i in range(i2 - i1):
+                w_hat = column(i1 + i, w1[:, i], lambda width, i=i: torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :width])
+                e = (w1[:, i] - w_hat) / u1[i, i]
+                w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+                err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]

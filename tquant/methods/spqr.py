@@ -21,7 +21,7 @@ from ..qweight import SpQRWeight
 from ..quantizer import dequantize, quantize
 from ..spqr import bilevel_qparams, check_spqr_options, csr_of_mask, outlier_gain
 from .base import option, register
-from .gptq import GPTQ, _one_cpu_thread
+from .gptq import GPTQ, error_feedback
 
 
 @register
@@ -61,19 +61,9 @@ class SpQR(GPTQ):
                              f"{linear.in_features} > 65536")
 
     def quantize(self, state, linear, name) -> SpQRWeight:
-        if state.tokens == 0:
-            raise ValueError(f"SpQR: layer {name!r} saw no calibration data")
-        w = linear.weight.detach().to(state.dtype).clone()
-        h = state.hessian.clone()
+        w, perm, u = self.prepared(state, linear, name)
         n, k = w.shape
         gs = self.layer_group_size(linear, name)
-        dead = h.diagonal() == 0
-        h[dead, dead] = 1
-        w[:, dead] = 0
-        perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else None
-        if perm is not None:
-            w, h = w[:, perm], h[perm][:, perm]
-        u = self._inverse_cholesky(h, name)
         d = u.diagonal()
         tau = self.outlier_relative_threshold * (w.var(dim=0) / d**2).mean().item()
         find = math.isfinite(tau)
@@ -84,38 +74,30 @@ class SpQR(GPTQ):
         step, low = (torch.empty(n // self.stat_group, groups, dtype=torch.float16, device=w.device) for _ in range(2))
         outlier = torch.zeros(n, k, dtype=torch.bool, device=w.device)
         residual = torch.zeros(n, k, dtype=w.dtype, device=w.device)
-        block = max(self.blocksize // gs, 1) * gs  # groups never straddle a lazy block
-        for i1 in range(0, k, block):
-            i2 = min(i1 + block, k)
-            w1, err1, u1 = w[:, i1:i2], torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device), u[i1:i2, i1:i2]
-            with _one_cpu_thread(w.device):
-                for i in range(i2 - i1):
-                    col = i1 + i
-                    if col % gs == 0:
-                        group = w1[:, i:i + gs]
-                        if find and not self.simplified_outliers:
-                            likely = outlier_gain(group, d[col:col + gs], self.bits) > tau
-                            keep = (~likely).to(group.dtype)
-                            mean = (group * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
-                            group = torch.where(likely, mean, group)
-                        g = col // gs
-                        s, z, scale_codes[:, g], step[:, g], low[:, g] = bilevel_qparams(
-                            group, self.bits, self.scale_bits, self.stat_group)
-                        zero[:, g] = z.to(torch.int32)
-                    q = quantize(w1[:, i], s, z, self.bits)
-                    codes[:, col] = q
-                    w_hat = dequantize(q, s, z).to(w.dtype)
-                    if find:
-                        out = ((w1[:, i] - w_hat) / d[col]) ** 2 > tau
-                        outlier[:, col] = out
-                        res = torch.where(out, w1[:, i] - w_hat, 0).half().to(w.dtype)
-                        residual[:, col] = res
-                        w_hat = w_hat + res
-                    e = (w1[:, i] - w_hat) / u1[i, i]
-                    w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-                    err1[:, i] = e
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        grid = {}
 
+        def column(col, current, upcoming):
+            if col % gs == 0:
+                group = upcoming(gs)
+                if find and not self.simplified_outliers:
+                    likely = outlier_gain(group, d[col:col + gs], self.bits) > tau
+                    keep = (~likely).to(group.dtype)
+                    mean = (group * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+                    group = torch.where(likely, mean, group)
+                g = col // gs
+                grid["s"], z, scale_codes[:, g], step[:, g], low[:, g] = bilevel_qparams(
+                    group, self.bits, self.scale_bits, self.stat_group)
+                grid["z"] = zero[:, g] = z
+            q = quantize(current, grid["s"], grid["z"], self.bits)
+            codes[:, col] = q
+            w_hat = dequantize(q, grid["s"], grid["z"]).to(w.dtype)
+            if find:
+                outlier[:, col] = out = ((current - w_hat) / d[col]) ** 2 > tau
+                residual[:, col] = torch.where(out, current - w_hat, 0).half().to(w.dtype)
+                w_hat = w_hat + residual[:, col]
+            return w_hat
+
+        error_feedback(w, u, max(self.blocksize // gs, 1) * gs, column)  # groups never straddle a lazy batch
         row_ptr, cols, vals = csr_of_mask(residual, outlier, perm)
         qw = SpQRWeight(codes, scale_codes, zero, step, low, self.bits, gs, self.scale_bits, self.stat_group, row_ptr,
                         cols, vals, perm)
