@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizer import dequantize, minmax_quantize, qparams, quantize
+from .quantizer import dequantize, minmax_dequantize, minmax_quantize, qparams, quantize
 
 SPQR_BITS = (2, 3, 4)
 
@@ -43,7 +43,7 @@ def bilevel_qparams(w: torch.Tensor, bits: int, scale_bits: int, stat_group: int
     scale, _ = qparams(w, bits, sym=False)
     scale = scale.clamp_min(2.0**-23)  # stays positive through the fp16 second level
     codes, step, low = minmax_quantize(scale.view(-1, stat_group), scale_bits, dim=1, param_dtype=torch.float16)
-    s_hat = (codes.float() * step.float() + low.float()).view(-1)
+    s_hat = minmax_dequantize(codes, step, low).view(-1)
     zero = torch.round(-w.float().amin(dim=-1).clamp(max=0) / s_hat).clamp_(0, maxq)
     return s_hat, zero, codes.view(-1), step.view(-1), low.view(-1)
 
@@ -71,15 +71,9 @@ def outlier_gain(w: torch.Tensor, d: torch.Tensor, bits: int) -> torch.Tensor:
     return gain
 
 
-def dequantize_dense(codes, scale, zero, group_size: int) -> torch.Tensor:
-    """(codes - zero) s_hat [N, K] of codes [N, K] and per-group s_hat, zero [N, G]."""
-    return dequantize(codes, scale.repeat_interleave(group_size, 1), zero.repeat_interleave(group_size, 1))
-
-
 def decode_scales(scale_codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor, stat_group: int) -> torch.Tensor:
     """s_hat [N, G] of scale codes [N, G] and the second level step, low [N / stat_group, G]."""
-    return scale_codes.float() * step.float().repeat_interleave(stat_group, 0) + \
-        low.float().repeat_interleave(stat_group, 0)
+    return minmax_dequantize(scale_codes, step.repeat_interleave(stat_group, 0), low.repeat_interleave(stat_group, 0))
 
 
 def csr_of_mask(values: torch.Tensor, mask: torch.Tensor, perm: torch.Tensor | None):

@@ -10,7 +10,7 @@ reduced in the launch, bias added) writes y; `_outlier_add_kernel` then adds x @
 batch block) walks the outliers of BLOCK_R output rows BLOCK_J at a time (both tuned), gathers x at their columns
 and reduces [BLOCK_M, BLOCK_R, BLOCK_J] products in fp32 (y is rounded to x's dtype twice: after the dense part and
 after the outliers).
-`spqr_matmul_ref`: W_dense + S in fp32, one matmul, rounded once.
+`spqr_matmul_ref`: weight_only_matmul_ref of the dense part plus x @ S^T, both in fp32, rounded once.
 """
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..packing import dequantize_packed
 from ..spqr import csr_to_dense
 from .autotune_cache import tune
 from .runtime import check_device, check_tensors, interpreter_on
-from .weight_only_matmul import check_inputs, decode_bilevel, weight_only_matmul
+from .weight_only_matmul import check_inputs, weight_only_matmul, weight_only_matmul_ref
 
 
 @triton.jit
@@ -102,19 +101,14 @@ def spqr_matmul(x, qweight, stats, meta, row_ptr, cols, vals, *, bits, group_siz
 
 def spqr_matmul_ref(x, qweight, stats, meta, row_ptr, cols, vals, *, bits, group_size, scale_bits, stat_group,
                     perm=None, bias=None) -> torch.Tensor:
-    """The same in fp32 torch, rounded once to x's dtype."""
+    """The same in fp32 torch (weight_only_matmul_ref of the dense part plus x @ S^T), rounded once to x's dtype."""
     check_outliers(x, qweight.shape[1], row_ptr, cols, vals)
-    k, n = x.shape[1], qweight.shape[1]
-    check_inputs(x, qweight, stats, meta, bits, group_size, k, perm, bias, (scale_bits, stat_group))
-    scales, zeros = decode_bilevel(stats, meta, scale_bits, stat_group)
-    w = dequantize_packed(qweight, scales, zeros, bits, group_size, k)  # [K, N], storage order
-    if perm is not None:
-        w = torch.empty_like(w).index_copy_(0, perm.long(), w)
-    w = w + csr_to_dense(row_ptr.long(), cols.to(torch.int32) & 0xFFFF, vals, (n, k)).t()
-    y = x.float() @ w
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype)
+    check_inputs(x, qweight, stats, meta, bits, group_size, x.shape[1], perm, bias, (scale_bits, stat_group))
+    y = weight_only_matmul_ref(x.float(), qweight, stats, meta, bits=bits, group_size=group_size,
+                               in_features=x.shape[1], perm=perm, bias=None if bias is None else bias.float(),
+                               bilevel=(scale_bits, stat_group))
+    sparse = csr_to_dense(row_ptr.long(), cols.to(torch.int32) & 0xFFFF, vals, (qweight.shape[1], x.shape[1]))
+    return (y + x.float() @ sparse.t()).to(x.dtype)
 
 
 __all__ = ["outlier_add", "spqr_matmul", "spqr_matmul_ref"]
