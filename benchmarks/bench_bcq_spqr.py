@@ -9,6 +9,7 @@ Shapes are N x K (output x input features), LUT-GEMM's from 512 x 2048 to 12288 
     tinygemm   torch.ops.aten._weight_int4pack_mm, 4-bit, group 128
     bcq-qQ     tquant bcq_matmul, q binary planes, group 128 (-off: with LUT-GEMM's offset)
     spqr-...   tquant spqr_matmul: bilevel dense part (bits, beta1, scale bits; beta2 = 16) + 1 % outliers in CSR
+               (-dense: the dense part alone, weight_only_matmul with the bilevel stats)
 Timings are medians in us of triton.testing.do_bench_cudagraph (graph) and triton.testing.do_bench (eager), each
 rotating through enough weight copies to overflow L2 (bench_weight_only.time_rotating). Before timing, every kernel's
 output at that shape is checked against its torch reference (relative error printed).
@@ -104,6 +105,8 @@ def bench_shape(n, k, m, gen, results):
             if n * k <= 2**26 else None
         copies_w = [args] + [[a.clone() for a in args] for _ in range(copies_for(weight_bytes(args)) - 1)]
         row[name] = time_rotating([lambda c=c: spqr_matmul(x, *c, **skw) for c in copies_w])
+        dense_kw = dict(bits=bits, group_size=group, in_features=k, perm=skw["perm"], bilevel=(sb, skw["stat_group"]))
+        row[name + "-dense"] = time_rotating([lambda c=c: weight_only_matmul(x, *c[:3], **dense_kw) for c in copies_w])
         del copies_w, args
     results.append(row)
     log(json.dumps(row) + f"  [{time.time() - T0:.0f} s]")
@@ -122,7 +125,7 @@ def main():
     log(f"GPU {torch.cuda.get_device_name()} ({device_name(torch.device('cuda'))}), torch {torch.__version__}, "
         f"triton {triton.__version__}")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    record_tuning({}, print_fn=lambda *args: None)
+    record_tuning({}, label=lambda c: f"{c.get('path', '')}{c.get('LOOKUP', '')}")
     runs = [(s, int(m)) for s in a.shapes.split(",") for m in a.ms.split(",")]
     runs += [(s, int(m)) for m, s in (item.split("@") for item in filter(None, a.extra_m.split(",")))]
     results = []

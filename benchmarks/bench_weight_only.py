@@ -182,14 +182,17 @@ def bench_shape(k, n, ms, gen, peers, tuned):
     return rows
 
 
-def record_tuning(tuned, print_fn=log):
-    """Wrap the tuner's benchmark to print the 5 fastest configs of every key it tunes; returns the original."""
+def record_tuning(tuned, print_fn=log, label=None):
+    """Wrap the tuner's benchmark to print the 5 fastest configs of every key it tunes (with label(config), the
+    fastest of each label instead); returns the original."""
     real = autotune_cache.benchmark
 
     def recording(configs, run):
         timed = real(configs, run)
-        print_fn(f"  tuned {len(configs)} candidates ({len(timed)} ran); fastest:")
-        for us, config in timed[:5]:
+        print_fn(f"  tuned {len(configs)} candidates ({len(timed)} ran); fastest" + (" of each kind:" if label else ":"))
+        shown = timed[:5] if label is None else [next(t for t in timed if label(t[1]) == name)
+                                                 for name in dict.fromkeys(label(c) for _, c in timed)]
+        for us, config in shown:
             print_fn(f"    {us:9.2f} us  {config}")
         tuned["last"] = timed[0][1]
         return timed
