@@ -1,6 +1,7 @@
 """Batch-1 (and small-batch) latency of the BCQ and SpQR matmuls against cuBLAS fp16, tquant's W4A16 and tinygemm.
 
-    python benchmarks/bench_bcq_spqr.py [--shapes 512x2048,...] [--ms 1] [--extra-m 8@8192x32768] [--out DIR]
+    python benchmarks/bench_bcq_spqr.py [--shapes 512x2048,...] [--ms 1] [--extra-m 8@8192x32768] [--kinds bcq,spqr]
+                                        [--out DIR]
 
 Shapes are N x K (output x input features), LUT-GEMM's from 512 x 2048 to 12288 x 49152; activations fp16
 (tinygemm: bf16, as its op requires). Per shape and batch M it times
@@ -70,7 +71,7 @@ def weight_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def bench_shape(n, k, m, gen, results):
+def bench_shape(n, k, m, gen, results, kinds):
     x = torch.randn(m, k, generator=gen, device="cuda").half()
     row = {"N": n, "K": k, "M": m}
     dense = torch.randn(k, n, generator=gen, device="cuda").half() * 0.02
@@ -89,7 +90,7 @@ def bench_shape(n, k, m, gen, results):
     except Exception as err:  # noqa: BLE001
         log(f"tinygemm unavailable: {type(err).__name__}: {err}")
     del w, qs
-    for q, offset in BCQ:
+    for q, offset in BCQ if "bcq" in kinds else []:
         name = f"bcq-q{q}" + ("-off" if offset else "")
         planes, alphas, off = bcq_weight(n, k, q, offset, gen)
         row[f"err_{name}"] = rel_err(bcq_matmul(x, planes, alphas, off), bcq_matmul_ref(x, planes, alphas, off)) \
@@ -98,7 +99,7 @@ def bench_shape(n, k, m, gen, results):
             copies_for(weight_bytes([planes, alphas, off])) - 1)]
         row[name] = time_rotating([lambda c=c: bcq_matmul(x, *c) for c in copies_w])
         del copies_w, planes
-    for bits, group, sb in SPQR:
+    for bits, group, sb in SPQR if "spqr" in kinds else []:
         name = f"spqr-w{bits}-g{group}-s{sb}"
         args, skw = spqr_weight(n, k, bits, group, sb, gen)
         row[f"err_{name}"] = rel_err(spqr_matmul(x, *args, **skw), spqr_matmul_ref(x, *args, **skw)) \
@@ -120,19 +121,20 @@ def main():
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--ms", default="1")
     ap.add_argument("--extra-m", default="8@8192x32768", help="M@NxK pairs timed besides --ms")
+    ap.add_argument("--kinds", default="bcq,spqr", help="which of bcq, spqr to time (fp16 and the peers always)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     log(f"GPU {torch.cuda.get_device_name()} ({device_name(torch.device('cuda'))}), torch {torch.__version__}, "
         f"triton {triton.__version__}")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    record_tuning({}, label=lambda c: f"{c.get('path', '')}{c.get('LOOKUP', '')}")
+    record_tuning({}, label=lambda c: c.get("path", ""))
     runs = [(s, int(m)) for s in a.shapes.split(",") for m in a.ms.split(",")]
     runs += [(s, int(m)) for m, s in (item.split("@") for item in filter(None, a.extra_m.split(",")))]
     results = []
     for shape, m in runs:
         n, k = map(int, shape.split("x"))
         try:
-            bench_shape(n, k, m, gen, results)
+            bench_shape(n, k, m, gen, results, a.kinds.split(","))
         except Exception as err:  # noqa: BLE001  (keep the other shapes' numbers)
             log(f"{shape} M={m} failed: {type(err).__name__}: {err}")
         torch.cuda.empty_cache()
@@ -140,7 +142,7 @@ def main():
     (Path(a.out) / "bench_bcq_spqr.json").write_text(json.dumps(
         dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, results=results),
         indent=1))
-    names = [k for k in results[0] if isinstance(results[0][k], list)] if results else []
+    names = list(dict.fromkeys(k for r in results for k in r if isinstance(r[k], list)))
     log("\nN x K, M | " + " | ".join(names) + "   (graph us; x = fp16 time / this)")
     for r in results:
         cells = [f"{r[k][0]:7.1f} ({r['fp16'][0] / r[k][0]:4.2f}x)" if k in r else "n/a" for k in names]

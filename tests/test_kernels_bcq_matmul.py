@@ -24,14 +24,11 @@ def packed_weight(n, k, q, group, offset, dtype, seed):
     return planes, alphas.permute(2, 1, 0).contiguous().to(DEVICE, dtype), off
 
 
-def path_config(name, m, group):
-    """The interpreter's config `name` ("dot", "lut8", "lut4", "lut1"), or on a GPU the first candidate of its path
-    and lookup width with a BLOCK_K dividing the group."""
-    small = bcq_matmul_module.INTERPRETER_CONFIGS[name]
+def path_config(path, m, group):
+    """The interpreter's config of a path, or on a GPU the path's first candidate with a BLOCK_K dividing the group."""
     if interpreter_on():
-        return small
-    return next(c for c in bcq_matmul_module.configs(m, group)
-                if c["path"] == small["path"] and c.get("LOOKUP") == small.get("LOOKUP"))
+        return bcq_matmul_module.INTERPRETER_CONFIGS[path]
+    return next(c for c in bcq_matmul_module.configs(m, group) if c["path"] == path)
 
 
 def error_of(out, ref, x, planes, alphas, offset, perm, bias):
@@ -51,8 +48,8 @@ def error_of(out, ref, x, planes, alphas, offset, perm, bias):
        bias=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
        seed=st.integers(0, 2**31 - 1))
 def test_kernels_bcq_matmul_matches_reference(path, m, n, kw, q, group, offset, perm, bias, dtype, seed):
-    """Every path: in-register tl.dot, and the tables (partial sums of every 8 / 4 activations;
-    batch <= 8), with act-order perm gathered in the loads, bias and split-K summed in the launch."""
+    """Both paths: in-register tl.dot, and the tables (signed partial sums of every 8 activations, batch <= 8), with
+    act-order perm gathered in the loads, bias and split-K summed in the launch."""
     m = min(m, bcq_matmul_module.LUT_MAX_M) if path != "dot" else m
     k = 64 * kw if group == 64 else 32 * kw
     group = k if group == -1 else group

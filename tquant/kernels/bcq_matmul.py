@@ -11,16 +11,19 @@ steps (BLOCK_K divides the group, so a step has one alpha per plane and column):
 words are loaded as one coalesced tile, their bits split out in registers (tiling.unpack_words), and W's tile is
 summed as where(u, alpha_i, -alpha_i) over the planes (one select and one add a plane and weight), then
 acc += tl.dot(x tile, W tile) in fp32.
-"lut" (LUT-GEMM's tables, batch <= LUT_MAX_M): with L = LOOKUP (8 or 4) activations a lookup, _bcq_table_kernel
-writes, for every row of x and every L activations, the 2^L partial sums t[c, j] = sum_b x[Lc + b] bit_b(j) (fp32
-[M, K / L, 2^L], so that 2 S_i - X below does not cancel a rounded entry); _bcq_lut_kernel then reads plane i's
-words as [BLOCK_N] rows, splits each into 32 / L fields (the signs of L weights) and gathers S_i = sum_c t[c, field]
-through L1 / L2, one load per L weights and plane; y += sum_i alpha_i (2 S_i - X) (+ offset X), X the sum of the
-step's activations, since sum_k x_k (2 u_k - 1) = 2 sum_k x_k u_k - X. L = 8 is LUT-GEMM's 256-entry table, L = 4 a
-16-entry (64-byte) one. The table stays in global memory: Triton has no shared-memory gather, and tl.gather on a
-register table compiles (Triton 3.6-3.9) to warp shuffles. sm_90 SASS of the loops, q = 3: "dot" 13 instructions a
-weight (128 x 128 tiles), L = 8 2.8, L = 4 5.1 (256 x 128 tiles, 1-D loads; a 2-D tile of fields was 4.5, its
-addresses converted to the gather's layout through shared memory).
+"lut" (LUT-GEMM's tables, batch <= LUT_MAX_M): _bcq_table_kernel writes, for every row of x and every 8 activations
+(chunk c), the signed partial sums t[c, j] = sum_{b < 8} x[8c + b] (2 bit_b(j) - 1) for j < 128 (in x's dtype,
+[M, K / 8, 128]): the other half is t[c, ~j] = -t[c, j], so LUT-GEMM's 256 entries are 128, 256 bytes in fp16.
+_bcq_lut_kernel reads plane i's words as [BLOCK_N] rows; each byte holds the signs of 8 weights: if its top bit is
+set, it gathers t at the complement of the low 7 bits and flips the entry's sign bit (the complements of a word's 4
+bytes taken at once), through L1 / L2, one load per 8 weights and plane: S_i = sum_k x_k (2 u_ik - 1),
+y += sum_i alpha_i S_i (+ offset X, X the sum of the step's activations). The tables stay in global memory: Triton
+has no shared-memory gather, and tl.gather on a register table compiles (Triton 3.6-3.9) to warp shuffles.
+Measured on an H200 (benchmarks/RESULTS.md): at batch 1 "lut" beats "dot" 2-3x from 2048 x 8192 up (dot wins below,
+and at batch 8, where "lut" reads the weights once per row of x); tables of 4 activations (16 entries) were 1.3-1.5x
+slower than 8, fp32 tables of 256 entries about as fast (more sectors a gather, fewer instructions). sm_90 SASS of the
+loops, q = 3: "dot" 13 instructions a weight (128 x 128 tiles), "lut" ~4.3 (256 x 128; a 2-D tile of fields instead of
+1-D rows had its addresses converted to the gather's layout through shared memory).
 Both gather x through perm (act order) in their loads and finish with dequant_gemm.store_output: split-K partials
 summed by the last split to arrive, the bias added, y written in x's dtype, one launch.
 `bcq_matmul_ref` decodes W with tquant.bcq.dequantize and multiplies in fp32.
@@ -102,45 +105,38 @@ def _bcq_matmul_kernel(x_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr, ws
 
 
 @triton.jit
-def _bcq_table_kernel(x_ptr, perm_ptr, t_ptr, K, LOOKUP: tl.constexpr, HAS_PERM: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The tables of row m of x (x[:, perm]): t[m, c, j] = sum_{b < L} x[m, Lc + b] bit_b(j), j < 2^L, L = LOOKUP 4 or 8,
-    in fp32; for L = 8 each entry is the sum of a 16-entry table of x[8c + 4 ..] (bits 4-7 of j) and one of
-    x[8c ..] (bits 0-3)."""
+def _bcq_table_kernel(x_ptr, perm_ptr, t_ptr, K, HAS_PERM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The signed tables of row m of x (x[:, perm]): t[m, c, j] = sum_{b < 8} x[m, 8c + b] (2 bit_b(j) - 1) for
+    j < 128, summed in fp32 and stored in t's dtype; program (m, block) writes BLOCK_C chunks."""
     m, rc = tl.program_id(0), tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = rc < K // LOOKUP
-    col = rc[:, None] * LOOKUP + tl.arange(0, LOOKUP)[None, :]
+    c_ok = rc < K // 8
+    col = rc[:, None] * 8 + tl.arange(0, 8)[None, :]
     if HAS_PERM:
         col = tl.load(perm_ptr + col, mask=c_ok[:, None], other=0)
-    xl = tl.load(x_ptr + m.to(tl.int64) * K + col, mask=c_ok[:, None], other=0.0).to(tl.float32)[:, :, None]
-    b = tl.arange(0, LOOKUP)[:, None]
-    j = tl.arange(0, 16)[None, :]
-    table = tl.sum(xl * tl.where(b < 4, (j >> b) & 1, 0).to(tl.float32)[None], axis=1)  # [BLOCK_C, 16]: bits 0-3
-    if LOOKUP == 8:
-        hi = tl.sum(xl * tl.where(b >= 4, (j >> (b - 4)) & 1, 0).to(tl.float32)[None], axis=1)
-        table = tl.reshape(hi[:, :, None] + table[:, None, :], (BLOCK_C, 256))  # entry 16 hi + lo
-    tl.store(t_ptr + (m.to(tl.int64) * (K // LOOKUP) + rc)[:, None] * (1 << LOOKUP) + tl.arange(0, 1 << LOOKUP)[None, :],
-             table, mask=c_ok[:, None])
+    xl = tl.load(x_ptr + m.to(tl.int64) * K + col, mask=c_ok[:, None], other=0.0).to(tl.float32)
+    j = tl.arange(0, 128)[None, :]
+    sign = (2 * ((j >> tl.arange(0, 8)[:, None]) & 1) - 1).to(tl.float32)  # [8, 128]
+    table = tl.sum(xl[:, :, None] * sign[None, :, :], axis=1)
+    tl.store(t_ptr + (m.to(tl.int64) * (K // 8) + rc)[:, None] * 128 + j, table.to(t_ptr.dtype.element_ty),
+             mask=c_ok[:, None])
 
 
 @triton.jit
 def _bcq_lut_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, GROUPS,
                     tiles_per_split, splits, Q: tl.constexpr, GROUP: tl.constexpr, HAS_OFFSET: tl.constexpr,
                     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, LOOKUP: tl.constexpr):
-    """Row m of y from the tables: a tile adds sum_i alpha_i (2 S_i - X) (+ offset X), X the sum of the tile's x and
-    S_i[n] = sum_c t[m, c, field c of plane i's words at n] (L-bit fields, one gather per L weights and plane)."""
+                    BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Row m of y from the tables: a tile adds sum_i alpha_i S_i (+ offset X), X the sum of the tile's x and
+    S_i[n] = sum_c t[m, c, byte c of plane i's words at n], t[c, j] = -t[c, ~j] for the upper half."""
     m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    ENTRIES: tl.constexpr = 1 << LOOKUP
-    FIELDS: tl.constexpr = 32 // LOOKUP  # fields of a word
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     x_row = x_ptr + m.to(tl.int64) * K
     first = split * tiles_per_split
-    for t in range(first, tl.minimum(first + tiles_per_split, K // BLOCK_K)):
+    for t in tl.range(first, tl.minimum(first + tiles_per_split, K // BLOCK_K), num_stages=NUM_STAGES):
         k0 = t * BLOCK_K
-        total = tl.sum(tl.load(x_row + input_columns(perm_ptr, k0, BLOCK_K, HAS_PERM)).to(tl.float32), axis=0)
-        table = t_ptr + (m.to(tl.int64) * (K // LOOKUP) + k0 // LOOKUP) * ENTRIES  # the tile's first chunk
+        table = t_ptr + (m.to(tl.int64) * (K // 8) + k0 // 8) * 128  # the tile's first chunk
         g = k0 // GROUP
         for i in tl.static_range(Q):
             # 1-D loads and gathers of [BLOCK_N] in one layout (a 2-D tile of fields would be converted to the
@@ -148,11 +144,15 @@ def _bcq_lut_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr
             partial = tl.zeros([BLOCK_N], dtype=tl.float32)
             for w in tl.static_range(BLOCK_K // 32):
                 word = tl.load(p_ptr + (i * (K // 32) + k0 // 32 + w).to(tl.int64) * N + rn, mask=n_ok, other=0)
-                for f in tl.static_range(FIELDS):
-                    partial += tl.load(table + (w * FIELDS + f) * ENTRIES + ((word >> (f * LOOKUP)) & (ENTRIES - 1)))
+                folded = word ^ (((word >> 7) & 0x01010101) * 0x7F)  # a byte with its top bit set: low 7 complemented
+                for f in tl.static_range(4):
+                    entry = tl.load(table + (4 * w + f) * 128 + ((folded >> (8 * f)) & 0x7F))
+                    sign = (word << (24 - 8 * f)) & -2147483648  # byte f's top bit as bit 31
+                    partial += (entry.to(tl.float32).to(tl.int32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)
             alpha = tl.load(a_ptr + (i * GROUPS + g) * N + rn, mask=n_ok, other=0.0).to(tl.float32)
-            acc += alpha * (2.0 * partial - total)
+            acc += alpha * partial
         if HAS_OFFSET:
+            total = tl.sum(tl.load(x_row + input_columns(perm_ptr, k0, BLOCK_K, HAS_PERM)).to(tl.float32), axis=0)
             acc += tl.load(o_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32) * total
     store_output(y_ptr, acc[None, :], m + tl.arange(0, 1), rn, M, N, N, bias_ptr, ws_ptr, count_ptr,
                  m * tl.num_programs(1) + pid_n, split, splits, HAS_BIAS, SPLIT)
@@ -178,16 +178,16 @@ def check_inputs(x, planes, alphas, offset, perm=None, bias=None) -> None:
     check_tensors(expected, f"x {tuple(x.shape)}, {q} planes, {groups} groups")
 
 
-INTERPRETER_CONFIGS = {"dot": {"path": "dot", "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4}} | {
-    f"lut{lookup}": {"path": "lut", "LOOKUP": lookup, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4}
-    for lookup in (8, 4)}
+INTERPRETER_CONFIGS = {"dot": {"path": "dot", "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4},
+                       "lut": {"path": "lut", "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}}
 LUT_MAX_M = 8  # the table path builds a table per row of x
 
 
 def configs(m: int, group: int) -> list[dict]:
     """Path "dot": BLOCK_N 64 / 128, BLOCK_K 32-128 dividing the group, split-K 1-16, 4 warps (the first is the default);
-    for m <= LUT_MAX_M also path "lut" with lookups of 8 / 4 activations: BLOCK_N 128 (4 warps) / 256 (4, 8),
-    BLOCK_K 64 / 128 (32 for groups of 32), split-K 8 / 16. The interpreter runs the small "dot" config (tests launch
+    for m <= LUT_MAX_M also path "lut": BLOCK_N 256 (8 warps) / 128 (4), BLOCK_K the
+    largest of 128 / 64 / 32 dividing the group, split-K 16-64 (batch 1 needs many programs in flight), the words
+    loaded 3 tiles ahead (tl.range stages) or not. The interpreter runs the small "dot" config (tests launch
     the other INTERPRETER_CONFIGS themselves)."""
     if interpreter_on():
         return [INTERPRETER_CONFIGS["dot"]]
@@ -195,9 +195,9 @@ def configs(m: int, group: int) -> list[dict]:
     dot = [{"path": "dot", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "num_warps": 4}
            for s in ((8, 4) if small else (8, 16, 4, 1) if m <= 16 else (1, 2))
            for bn in (64, 128) for bk in (128, 64, 32) if group % bk == 0 and (bk >= 64 or not small or group == 32)]
-    lut = [{"path": "lut", "LOOKUP": lookup, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "num_warps": w}
-           for lookup in (8, 4) for s in (8, 16) for bn, w in ((128, 4), (256, 4), (256, 8))
-           for bk in ((128, 64) if group % 64 == 0 else (32,)) if group % bk == 0]
+    lut = [{"path": "lut", "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "num_warps": w, "num_stages": stages}
+           for s in (16, 32, 64) for bn, w in ((256, 8), (128, 4))
+           for bk in ((128,) if group % 128 == 0 else (64,) if group % 64 == 0 else (32,)) for stages in (3, 1)]
     return dot + (lut if small else [])
 
 
@@ -220,11 +220,11 @@ def launch(config, x, planes, alphas, offset=None, perm=None, bias=None) -> torc
     tensors = (planes.contiguous(), alphas.contiguous(), alphas if offset is None else offset.contiguous(),
                x if perm is None else perm.contiguous(), y if bias is None else bias.contiguous(), y, ws, counters)
     if lut:
-        lookup = config["LOOKUP"]
-        table = torch.empty(m, k // lookup, 1 << lookup, dtype=torch.float32, device=x.device)
-        _bcq_table_kernel[(m, triton.cdiv(k // lookup, 32))](x, tensors[3], table, k, LOOKUP=lookup,
-                                                             HAS_PERM=perm is not None, BLOCK_C=32, num_warps=4)
-        _bcq_lut_kernel[grid](x, table, *tensors, m, n, k, groups, per_split, splits, LOOKUP=lookup, **common)
+        table = torch.empty(m, k // 8, 128, dtype=x.dtype, device=x.device)
+        _bcq_table_kernel[(m, triton.cdiv(k // 8, 8))](x, tensors[3], table, k, HAS_PERM=perm is not None, BLOCK_C=8,
+                                                        num_warps=4)  # 8 chunks (1024 entries) a program
+        _bcq_lut_kernel[grid](x, table, *tensors, m, n, k, groups, per_split, splits,
+                              NUM_STAGES=config["num_stages"], **common)
     else:
         dot_dtype, precision = dot_types(x.dtype)
         _bcq_matmul_kernel[grid](x, *tensors, m, n, k, groups, per_split, splits, BLOCK_M=block_m,
