@@ -1,5 +1,6 @@
 """ActQuantLinear: its Triton path against its torch path for every format (W8A8, W4A8 per-channel and
-per-group, W4A4, run-time smoothing, static scales), both against the float math, and bad formats refused."""
+per-group, W4A8 with QoQ's zero points per group and per channel, W4A4, run-time smoothing, static scales), both
+against the float math, and bad formats refused."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -9,12 +10,14 @@ from tquant.modules import ActQuantLinear
 from tquant.qweight import QuantizedWeight
 from kernel_device import DEVICE, needs_backend
 
-FORMATS = [(8, 8, 96), (4, 8, 96), (4, 8, 32), (4, 4, 96), (4, 4, 48)]  # (bits, act_bits, group_size)
+FORMATS = [(8, 8, 96, "qqq"), (4, 8, 96, "qqq"), (4, 8, 32, "qqq"), (4, 4, 96, "qqq"), (4, 4, 48, "qqq"),
+           (4, 8, 32, "qoq"), (4, 8, 96, "qoq")]  # (bits, act_bits, group_size, grid)
 
 
-def quantized(bits, act_bits, gs, smooth, static, g, n=40, k=96):
+def quantized(bits, act_bits, gs, grid, smooth, static, g, n=40, k=96):
     w = torch.randn(n, k, generator=g)
-    qw = QuantizedWeight.from_rtn(w, bits, gs, sym=True, integer_groups=True)
+    qw = QuantizedWeight.from_progressive(w, gs) if grid == "qoq" else \
+        QuantizedWeight.from_rtn(w, bits, gs, sym=True, integer_groups=True)
     qw.act_bits = act_bits
     qw.smooth = 10 ** (torch.rand(k, generator=g) - 0.5) if smooth else None
     qw.act_scale = torch.tensor([0.05]) if static else None
@@ -22,16 +25,17 @@ def quantized(bits, act_bits, gs, smooth, static, g, n=40, k=96):
 
 
 @needs_backend
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(fmt=st.sampled_from(FORMATS), lead=st.sampled_from([(1,), (3,), (2, 9)]), smooth=st.booleans(),
        static=st.booleans(), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]),
        seed=st.integers(0, 2**31 - 1))
 def test_kernels_act_quant_linear_paths_agree(fmt, lead, smooth, static, bias, dtype, seed):
-    bits, act_bits, gs = fmt
+    bits, act_bits, gs, grid = fmt
     g = torch.Generator().manual_seed(seed)
-    qw = quantized(bits, act_bits, gs, smooth, static, g)
+    qw = quantized(bits, act_bits, gs, grid, smooth, static, g)
     b = torch.randn(40, generator=g) if bias else None
     module = ActQuantLinear.from_quantized(qw, b, dtype).to(DEVICE)
+    assert (module.group_zero is not None) == (grid == "qoq")
     x = torch.randn(*lead, 96, generator=g).to(dtype)
     module.backend = "triton"
     y_kernel = module(x.to(DEVICE))
@@ -49,9 +53,14 @@ def test_kernels_act_quant_linear_paths_agree(fmt, lead, smooth, static, bias, d
 
 def test_kernels_act_quant_linear_refuses_bad_formats():
     w = torch.randn(8, 32)
-    qw = QuantizedWeight.from_rtn(w, 4, 32, sym=False)
+    qw = QuantizedWeight.from_rtn(w, 8, 32, sym=False)
     qw.act_bits = 8
     with pytest.raises(ValueError, match="symmetric"):
+        ActQuantLinear.from_quantized(qw, None, torch.float32)
+    w[0, :16] = torch.linspace(-1, 1, 16) * 127  # a group spanning [-127, 127]: beyond the protective range
+    qw = QuantizedWeight.from_progressive(w, 16, protect=127)
+    qw.act_bits = 8
+    with pytest.raises(ValueError, match="outside int8"):
         ActQuantLinear.from_quantized(qw, None, torch.float32)
     qw = QuantizedWeight.from_rtn(w, 4, 16, sym=True)  # plain float group scales, not QQQ's grid
     qw.act_bits = 8

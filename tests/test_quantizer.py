@@ -81,3 +81,44 @@ def test_one_bit_planes_pack_32_to_a_word():
     assert torch.equal(unpack_codes(pack_codes(codes, 1), 1, 70).t(), codes.int())
     with pytest.raises(ValueError, match="bits=1 is not supported"):
         check_bits(1)
+
+
+def test_protective_range_is_qoqs_119_and_120_overflows():
+    """Every int8 group in [-119, 119] dequantizes within int8 on the progressive grid; some group in [-120, 120]
+    does not (lo = -120 with a small positive max: the rounded-up step times the zero reaches past -128)."""
+    from tquant.quantizer import level_one, protective_range
+
+    assert protective_range() == 119
+
+    def worst(p):
+        lo, hi = torch.meshgrid(torch.arange(-p, 1.0), torch.arange(0, p + 1.0), indexing="ij")
+        s2, z = level_one(torch.stack([lo, hi], dim=-1))
+        deq = torch.stack([(torch.round(v / s2) + z).clamp(0, 15) - z for v in (lo, hi)]) * s2
+        return deq.min().item(), deq.max().item()
+
+    assert -128 <= worst(119)[0] and worst(119)[1] <= 127
+    assert worst(120)[0] < -128 or worst(120)[1] > 127
+
+
+def test_progressive_quantize_levels_and_clip():
+    """Codes and zeros in 0..15, scale / channel_scale an integer >= 1, (c - z) * s2 in int8, the reconstruction
+    about as close as plain asymmetric RTN, and a clip ratio below 1 shrinking the groups' steps."""
+    from tquant.quantizer import progressive_quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g) * 3
+    w[:, 7] *= 25
+    codes, scale, zero, channel = progressive_quantize(w, 64)
+    s2 = scale / channel[:, None]
+    assert torch.allclose(s2, s2.round()) and s2.min() >= 1
+    assert codes.min() >= 0 and codes.max() <= 15 and zero.min() >= 0 and zero.max() <= 15
+    w8 = (codes - zero.repeat_interleave(64, 1)) * s2.round().repeat_interleave(64, 1)
+    assert w8.min() >= -128 and w8.max() <= 127
+    deq = (codes - zero.repeat_interleave(64, 1)) * scale.repeat_interleave(64, 1)
+    rtn_scale, rtn_zero = grouped_qparams(w, 4, 64, sym=False)
+    rtn = dequantize(quantize(w, expand_groups(rtn_scale, 64), expand_groups(rtn_zero, 64), 4),
+                     expand_groups(rtn_scale, 64), expand_groups(rtn_zero, 64))
+    assert (deq - w).norm() < 1.2 * (rtn - w).norm()
+    _, clipped, _, _ = progressive_quantize(w, 64, clip=0.6)
+    wide = s2 >= 4  # groups whose step can shrink by 40 % in whole int8 units
+    assert (clipped <= scale).all() and wide.any() and (clipped / scale)[wide].max() <= 0.8

@@ -77,6 +77,12 @@ def quantize(
         if calib is None:
             raise ValueError(f"method {method!r} needs calibration data: pass calib= (token ids, texts or 'pydoc')")
         ids = calibration_data(calib, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
+    kv_method = m.kv_cache_method()  # a weight method's own KV cache (qoq): calibrated and folded in first
+    if kv_method is not None:
+        kv_method.check_model(model.config)
+        if kv_method.needs_calibration:
+            kv_method.calibrate(model, ids, batch_size=batch_size)
+        attach(model, kv_method)
     patterns = list(skip)
     layers = quantize_blocks(
         model, m, ids, device=device, true_sequential=true_sequential, batch_size=batch_size,

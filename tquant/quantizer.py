@@ -14,8 +14,19 @@ Cache tensors (KIVI's convention: the range need not hold 0, the offset is a flo
     q, scale, mn = minmax_quantize(x, bits, dim)  # over `dim`: scale = (max - min) / (2^bits - 1), mn = min,
                                                   # q = clamp(round((x - mn) / scale), 0, 2^bits - 1)
     x_hat = q * scale + mn                        # minmax_dequantize
+
+Progressive (QoQ's two levels, for the W4A8 GEMM's int8 main loop): per output channel to int8 within the
+protective range [-p, p], then per group to uint4 with integer scale s2 and zero z (progressive_quantize):
+    w8 = clamp(round(w / s1), -p, p),   s1 = max|w_row| / p
+    c = clamp(round(w8 / s2) + z, 0, 15),   s2 = max(1, ceil((max(w8, 0) - min(w8, 0)) / 15)),
+    z = clamp(round(-min(w8, 0) / s2), 0, 15),   w_hat = (c - z) * s2 * s1
+p = protective_range() = 119 is the largest bound for which every (c - z) * s2 is an int8 value (as in QoQ).
+s2 is rounded up, so no weight of a group is clipped (QServe rounds to nearest, which clips a small group's extremes
+by up to 7 int8 steps); clipping is left to the ratio (QoQ's weight clipping search) applied to the range.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -93,6 +104,44 @@ def grouped_qparams(w: torch.Tensor, bits: int, group_size: int, sym: bool):
     """qparams per group of a [N, K] weight: scale, zero of shape [N, K // group_size]."""
     n, k = w.shape
     return qparams(w.reshape(n, k // group_size, group_size), bits, sym)
+
+
+def level_one(w8: torch.Tensor, bits: int = 4, clip=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """QoQ's second level of integer-valued w8 [..., n], reducing over the last dim: integer scale s2 >= 1 and
+    zero z in [0, 2^bits - 1] (float tensors holding integers) of the range clip * [min(w8, 0), max(w8, 0)]
+    (clip: a ratio <= 1, scalar or one per reduced row)."""
+    maxq = 2**bits - 1
+    lo, hi = w8.amin(dim=-1).clamp(max=0) * clip, w8.amax(dim=-1).clamp(min=0) * clip
+    s2 = torch.ceil((hi - lo) / maxq - 1e-6).clamp_(min=1)
+    return s2, torch.round(-lo / s2).clamp_(0, maxq)
+
+
+@functools.cache
+def protective_range(bits: int = 4) -> int:
+    """The largest p such that every group of int8 values in [-p, p], quantized by level_one, dequantizes to
+    (c - z) * s2 within [-128, 127] (brute force over the groups' extremes; deq is monotone in w8)."""
+    for p in range(127, 0, -1):
+        lo, hi = torch.meshgrid(torch.arange(-p, 1.0), torch.arange(0, p + 1.0), indexing="ij")
+        s2, z = level_one(torch.stack([lo, hi], dim=-1), bits)
+        deq = torch.stack([(torch.round(v / s2) + z).clamp(0, 2**bits - 1) - z for v in (lo, hi)]) * s2
+        if deq.min() >= -128 and deq.max() <= 127:
+            return p
+    raise AssertionError("no protective range")
+
+
+def progressive_quantize(w: torch.Tensor, group_size: int, protect: int | None = None, bits: int = 4, clip=1.0):
+    """QoQ's progressive quantization of a [N, K] weight (module docstring): codes int32 [N, K] in [0, 2^bits),
+    scale = s1 * s2 [N, G], zero [N, G] (integer-valued floats), channel_scale s1 [N]; scale / channel_scale is
+    the integer s2, so the W4A8 GEMM runs (c - z) * s2 on int8 tensor cores. clip (scalar or [N, G], <= 1)
+    shrinks each group's second-level range (QoQ's weight clipping)."""
+    protect = protective_range(bits) if protect is None else protect
+    n, k = w.shape
+    w = w.float()
+    s1 = (w.abs().amax(dim=1) / protect).clamp_min(torch.finfo(torch.float32).tiny)
+    w8 = torch.round(w / s1[:, None]).clamp_(-protect, protect).reshape(n, k // group_size, group_size)
+    s2, z = level_one(w8, bits, clip)
+    codes = (torch.round(w8 / s2[..., None]) + z[..., None]).clamp_(0, 2**bits - 1)
+    return codes.reshape(n, k).to(torch.int32), s2 * s1[:, None], z, s1
 
 
 def expand_groups(t: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ Weight-activation methods (SmoothQuant, ZeroQuant, QQQ) also set:
                    preceding op could absorb 1 / smooth (the weight already carries the factor smooth)
     act_scale      float32 [1] or None: static per-tensor activation scale instead of per-token dynamic
     channel_scale  float32 [N] or None: per-group scales are integer multiples of it (QQQ's grid,
-                   quantizer.integer_group_scales), which the W4A8 kernel needs
+                   quantizer.integer_group_scales, zero 8; or QoQ's progressive grid, quantizer.progressive_quantize,
+                   integer zeros 0..15), which the W4A8 kernel needs
 GPTQ with act_order and non-static groups stores its columns in activation order, which keeps each
 group contiguous in storage order; perm is that order.
 """
@@ -23,7 +24,7 @@ import torch
 
 from .packing import pack_codes
 from .quantizer import (channel_scale_for_groups, dequantize, expand_groups, grouped_qparams, integer_group_scales,
-                        quantize)
+                        progressive_quantize, quantize)
 
 
 def in_input_order(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
@@ -62,38 +63,58 @@ class QuantizedWeight:
         codes = quantize(w, expand_groups(scale, group_size), expand_groups(zero, group_size), bits)
         return cls(codes, scale, zero, bits, group_size, channel_scale=channel)
 
+    @classmethod
+    def from_progressive(cls, w: torch.Tensor, group_size: int, protect: int | None = None,
+                         clip=1.0) -> "QuantizedWeight":
+        """QoQ's progressive 4-bit grid of a [N, K] weight (quantizer.progressive_quantize): per-channel int8 in
+        the protective range, then uint4 per group with integer scale and zero (group ranges times clip)."""
+        codes, scale, zero, channel = progressive_quantize(w.detach(), group_size, protect, clip=clip)
+        return cls(codes, scale, zero, 4, group_size, channel_scale=channel)
+
     def dequantize(self) -> torch.Tensor:
         """Float32 [N, K] weight in the original input-channel order."""
         return in_input_order(dequantize(self.codes, expand_groups(self.scale, self.group_size),
                                          expand_groups(self.zero, self.group_size)), self.perm)
 
-    def int8_gemm_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The tensors the int8 tensor-core GEMMs read (w8a8_gemm, w4a8_gemm), from a symmetric weight:
-            8 bits: (wq int8 [N, K] = codes - 128, w_scale fp32 [N], None)              per-channel only
-            4 bits: (qweight int32 [ceil(K / 8), N] = packed codes (q + 8), w_scale fp32 [N],
-                     group_scale int8 [K // group_size, N] = scale / channel_scale, or None per-channel)"""
+    def int8_gemm_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The tensors the int8 tensor-core GEMMs read (w8a8_gemm, w4a8_gemm):
+            8 bits: (wq int8 [N, K] = codes - 128, w_scale fp32 [N], None, None)     symmetric, per-channel only
+            4 bits: (qweight int32 [ceil(K / 8), N] = packed codes, w_scale fp32 [N],
+                     group_scale int8 [G, N] = scale / channel_scale (or None: per-channel, symmetric),
+                     group_zero int8 [G, N] = zero (or None: zero 8, QQQ's symmetric grid))
+        with (code - zero) * group_scale an int8 value for every weight (checked here)."""
         n, k = self.codes.shape
         if self.bits not in (4, 8):
             raise ValueError(f"the int8 GEMMs take 4- or 8-bit weights, not {self.bits}-bit")
-        if not torch.all(self.zero == 2 ** (self.bits - 1)):
-            raise ValueError("the int8 GEMMs need symmetric weights (sym=True: zero = 2^(bits-1))")
         if self.perm is not None:
             raise ValueError("the int8 GEMMs take weights in input-channel order (no act-order permutation)")
-        if self.group_size == k:
-            w_scale = self.scale[:, 0].float().contiguous()
-            if self.bits == 8:
-                return (self.codes - 128).to(torch.int8).contiguous(), w_scale, None
-            return pack_codes(self.codes, 4), w_scale, None
+        sym = bool(torch.all(self.zero == 2 ** (self.bits - 1)))
         if self.bits == 8:
-            raise ValueError("8-bit weights for the int8 GEMM must be per-channel (group_size=-1)")
+            if not sym or self.group_size != k:
+                raise ValueError("8-bit weights for the int8 GEMM must be symmetric (sym=True) and per-channel "
+                                 "(group_size=-1)")
+            return (self.codes - 128).to(torch.int8).contiguous(), self.scale[:, 0].float().contiguous(), None, None
+        qweight = pack_codes(self.codes, 4)
+        if self.group_size == k and sym:
+            return qweight, self.scale[:, 0].float().contiguous(), None, None
         if self.channel_scale is None:
-            raise ValueError("4-bit grouped weights for the W4A8 GEMM need integer group scales (QQQ's grid: "
-                             "quantize with integer_groups)")
-        mult = torch.round(self.scale / self.channel_scale[:, None])
-        if mult.min() < 1 or mult.max() > 15 or not torch.allclose(mult * self.channel_scale[:, None], self.scale,
-                                                                    rtol=1e-5, atol=0):
-            raise ValueError("group scales are not integer multiples (1..15) of channel_scale")
-        return pack_codes(self.codes, 4), self.channel_scale.float().contiguous(), mult.t().to(torch.int8).contiguous()
+            if self.group_size == k:  # per-channel with zeros: group scale 1 over one group
+                channel, mult = self.scale[:, 0], torch.ones_like(self.scale)
+            else:
+                raise ValueError("4-bit grouped weights for the W4A8 GEMM need integer group scales (QQQ's grid: "
+                                 "quantize with integer_groups; QoQ's: progressive)")
+        else:
+            channel = self.channel_scale
+            mult = torch.round(self.scale / channel[:, None])
+            if mult.min() < 1 or mult.max() > 127 or not torch.allclose(mult * channel[:, None], self.scale,
+                                                                         rtol=1e-5, atol=0):
+                raise ValueError("group scales are not integer multiples of channel_scale")
+        w8 = (self.codes - expand_groups(self.zero, self.group_size)) * expand_groups(mult, self.group_size)
+        if w8.min() < -128 or w8.max() > 127:
+            raise ValueError(f"(code - zero) * group scale reaches {int(w8.min())} .. {int(w8.max())}, outside int8: "
+                             "the W4A8 GEMM's main loop would overflow (QoQ: quantize within the protective range)")
+        return (qweight, channel.float().contiguous(), mult.t().to(torch.int8).contiguous(),
+                None if sym else self.zero.t().to(torch.int8).contiguous())
 
 
 @dataclass
@@ -155,6 +176,14 @@ class BCQWeight:
         if qw.act_bits is not None:
             raise ValueError("BCQ form is for weight-only grids; this weight also quantizes activations")
         return cls(*from_uniform(qw.codes, qw.scale, qw.zero, qw.bits), perm=qw.perm)
+
+    @classmethod
+    def from_progressive(cls, w: torch.Tensor, group_size: int, protect: int | None = None,
+                         clip=1.0) -> "QuantizedWeight":
+        """QoQ's progressive 4-bit grid of a [N, K] weight (quantizer.progressive_quantize): per-channel int8 in
+        the protective range, then uint4 per group with integer scale and zero (group ranges times clip)."""
+        codes, scale, zero, channel = progressive_quantize(w.detach(), group_size, protect, clip=clip)
+        return cls(codes, scale, zero, 4, group_size, channel_scale=channel)
 
     def dequantize(self) -> torch.Tensor:
         """Float32 [N, K] weight in the original input-channel order."""

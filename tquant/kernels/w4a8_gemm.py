@@ -2,29 +2,33 @@
 tensor-core dots with int32 accumulation and a dequantizing epilogue.
 
     y[m, n]  = float32(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]),   acc[m, n] = sum_k xq[m, k] * w8[k, n]
-    w8[k, n] = (c[k, n] - 8) * sg[k // group_size, n]     (per-group)      (c - 8 per-channel: sg = 1)
+    w8[k, n] = (c[k, n] - z[k // group_size, n]) * sg[k // group_size, n]   (per-group; z = 8 without group_zero)
+                                                          (c - 8 per-channel: no sg, no z)
     c[k, n]  = (qweight[k // 8, n] >> 4 * (k % 8)) & 15   (tquant/packing.py; q = c - 8 in [-8, 7], zero point 8)
     xq       int8 [M, K]   (per-token codes, e.g. act_quant.quantize_activations(bits=8))     x_scale fp32 [M]
              act_bits=4 (W4A4): int8 [M, ceil(K / 2)] of two nibbles, low = even k (quantize_activations(bits=4));
              K = in_features (default 2 * xq.shape[1])
     qweight  int32 [ceil(K / 8), N]                   w_scale fp32 [N] (per output channel)
-    sg       int8 [K // group_size, N] in 1..16 (group_scale), group_size dividing K; None: per-channel.
-             The caller guarantees |q * sg| <= 127 for every weight (e.g. q in [-8, 7] and sg <= 15, as
-             w4a8_quantize_weight gives), so w8 is an int8 value; it is not checked (that would sync the GPU).
+    sg       int8 [K // group_size, N] >= 1 (group_scale), group_size dividing K; None: per-channel.
+    z        int8 [K // group_size, N] in 0..15 (group_zero, QoQ's progressive grid) or None (z = 8, QQQ's grid).
+             The caller guarantees |(c - z) * sg| <= 127 for every weight (QQQ: q in [-8, 7] and sg <= 15;
+             QoQ: the protective range; QuantizedWeight.int8_gemm_weight checks it), so w8 is an int8 value; the
+             kernel does not check it (that would sync the GPU).
     bias     fp16 / bf16 / fp32 [N] or None, added in fp32;    y [M, N] in out_dtype (fp16 / bf16 / fp32)
 acc is exact in int32 (|acc| <= 128 * 127 * K); its conversion to fp32 rounds once past 2^24.
 
 `w4a8_matmul`: program pid owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks K in
 BLOCK_K = 8 * BLOCK_KW steps. Per step: one coalesced load of words as [BLOCK_N, BLOCK_KW]; the codes are
 unpacked in registers by int4_codes in integer ops (XOR 0x88888888 once per word, then shift left and
-arithmetic shift right per code; sg multiplied per word when group_size % 8 == 0, else per code), converted to
+arithmetic shift right per code, q = c - 8; with zeros, 8 - z added, so q + 8 - z = c - z; sg multiplied per word
+when group_size % 8 == 0, else per code), converted to
 int8 w8^T [BLOCK_N, BLOCK_K]; then one int8 tl.dot(xq tile, w8) into the int32 accumulator (xq is 0 past K,
 so padding codes add nothing). From M=256 the tuner may pick "dense" instead: one Triton pass unpacks
 w8 = q * sg to int8 [N, K], then w8a8_gemm runs (as the weight-only GEMM's dense path). Packed 4-bit activations (act_bits=4) are unpacked the same way and interleaved
 back to k order. When a K step lies in one group, sg is loaded once per column. The launch config is tuned
 per GPU and key by autotune_cache; the interpreter runs one fixed small config.
 `w4a8_matmul_ref` unpacks w8 in torch and runs w8a8_gemm.w8a8_matmul_ref (integer products summed exactly).
-`w4a8_quantize_weight` makes QQQ-style weights from a float [N, K] weight (round-to-nearest).
+`w4a8_quantize_weight` makes QQQ-style weights (or QoQ's, zero_point=True) from a float [N, K] weight (round-to-nearest).
 """
 from __future__ import annotations
 
@@ -58,7 +62,8 @@ def width(xq, act_bits, k) -> int:
     return k
 
 
-def check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits=8, k=None) -> None:
+def check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits=8, k=None,
+                 group_zero=None) -> None:
     """Raise ValueError naming the first argument whose dtype, shape or value is wrong."""
     k = width(xq, act_bits, k)
     if act_bits == 8 and k != xq.shape[-1]:
@@ -75,12 +80,15 @@ def check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, o
                          f"[{-(-k // EPW)}, N] for K={k} (xq is {tuple(xq.shape)})")
     if (group_scale is None) != (group_size is None):
         raise ValueError("group_scale and group_size go together: give both (per-group) or neither (per-channel)")
+    if group_zero is not None and group_scale is None:
+        raise ValueError("group_zero needs group_scale and group_size (zero points are per group)")
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1 or k % group_size):
         raise ValueError(f"group_size={group_size} must be a positive integer dividing K={k}")
     expected = {
         "x_scale": (x_scale, (m,), (torch.float32,)),
         "w_scale": (w_scale, (n,), (torch.float32,)),
         "group_scale": (group_scale, (k // (group_size or 1), n), (torch.int8,)),
+        "group_zero": (group_zero, (k // (group_size or 1), n), (torch.int8,)),
         "bias": (bias, (n,), DTYPES),
     }
     check_tensors(expected, f"M={m}, N={n}, K={k}" + (f", group_size={group_size}" if group_size else ""))
@@ -92,29 +100,36 @@ def unpack_int4_activations(xq: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(xq.shape[0], -1)[:, :k].contiguous()
 
 
-def w4a8_matmul_ref(xq, x_scale, qweight, w_scale, *, group_scale=None, group_size=None, bias=None,
+def w4a8_matmul_ref(xq, x_scale, qweight, w_scale, *, group_scale=None, group_zero=None, group_size=None, bias=None,
                     out_dtype=torch.float16, act_bits=8, in_features=None):
-    check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits, in_features)
+    check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits, in_features,
+                 group_zero)
     k = width(xq, act_bits, in_features)
     if act_bits == 4:
         xq = unpack_int4_activations(xq, k)
-    w8 = unpack_codes(qweight, 4, k) - ZERO  # [K, N]
+    zero = ZERO if group_zero is None else group_zero.to(torch.int32).repeat_interleave(group_size, dim=0)
+    w8 = unpack_codes(qweight, 4, k) - zero  # [K, N]
     if group_scale is not None:
         w8 = w8 * group_scale.to(torch.int32).repeat_interleave(group_size, dim=0)
     return w8a8_matmul_ref(xq, x_scale, w8.t().to(torch.int8), w_scale, bias=bias, out_dtype=out_dtype)
 
 
-def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None):
-    """Float w [N, K] -> (qweight int32 [ceil(K / 8), N], w_scale fp32 [N], group_scale int8 [K // gs, N] or None):
-    symmetric 4-bit round-to-nearest by tquant's one quantizer (QuantizedWeight.from_rtn), per-group scales on
-    QQQ's integer grid (quantizer.integer_group_scales, multiples 1..15, so |q * sg| <= 120)."""
+def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None, zero_point: bool = False):
+    """Float w [N, K] -> (qweight int32 [ceil(K / 8), N], w_scale fp32 [N], group_scale int8 [K // gs, N] or None,
+    group_zero int8 [K // gs, N] or None), round-to-nearest by tquant's one quantizer: symmetric with per-group
+    scales on QQQ's integer grid (QuantizedWeight.from_rtn, multiples 1..15, so |q * sg| <= 120), or with
+    zero_point=True QoQ's progressive grid (QuantizedWeight.from_progressive; needs group_size)."""
     if group_size is not None and w.shape[1] % group_size:
         raise ValueError(f"group_size={group_size} must divide K={w.shape[1]}")
+    if zero_point:
+        if group_size is None:
+            raise ValueError("zero_point=True (QoQ's grid) needs a group_size (K: one group per channel)")
+        return QuantizedWeight.from_progressive(w, group_size).int8_gemm_weight()
     qw = QuantizedWeight.from_rtn(w, 4, group_size or w.shape[1], sym=True, integer_groups=True)
-    qweight, w_scale, group_scale = qw.int8_gemm_weight()
+    qweight, w_scale, group_scale, _ = qw.int8_gemm_weight()
     if group_size is not None and group_scale is None:  # one group spanning K: per-channel, as multiples of 1
         group_scale = torch.ones(1, w.shape[0], dtype=torch.int8)
-    return qweight, w_scale, group_scale
+    return qweight, w_scale, group_scale, None
 
 
 @triton.jit
@@ -130,9 +145,9 @@ def int4_codes(words, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr
 
 
 @triton.jit
-def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K, KW, group_size, stride_xm,
+def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, sz_ptr, bias_ptr, y_ptr, M, N, K, KW, group_size, stride_xm,
                  stride_qk, stride_sg, stride_ym, ACT_BITS: tl.constexpr, GROUPED: tl.constexpr,
-                 WORD_GROUPS: tl.constexpr, STEP_GROUPS: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, WORD_GROUPS: tl.constexpr, STEP_GROUPS: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
     BLOCK_KW: tl.constexpr = BLOCK_K // 8
@@ -151,18 +166,26 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, bias_ptr, y_ptr, M, N, K,
         words = tl.load(q_ptr + (kw0 + rows)[None, :] * stride_qk + offs_n[:, None],
                         mask=word_ok[None, :] & n_ok[:, None], other=0)  # [BLOCK_N, BLOCK_KW]
         scale = 1
-        if GROUPED and STEP_GROUPS:  # the whole K step lies in one group: one sg per column
-            scale = tl.load(sg_ptr + (kw0 * 8 // group_size) * stride_sg + offs_n, mask=n_ok, other=0)
-            scale = scale.to(tl.int32)[:, None, None, None, None]
-        elif GROUPED and WORD_GROUPS:  # each word lies in one group: sg per word
+        shift = 0  # 8 - z: q = c - 8 becomes c - z
+        if GROUPED and STEP_GROUPS:  # the whole K step lies in one group: one sg (and z) per column
+            at = (kw0 * 8 // group_size) * stride_sg + offs_n
+            scale = tl.load(sg_ptr + at, mask=n_ok, other=0).to(tl.int32)[:, None, None, None, None]
+            if HAS_ZERO:
+                shift = 8 - tl.load(sz_ptr + at, mask=n_ok, other=8).to(tl.int32)[:, None, None, None, None]
+        elif GROUPED and WORD_GROUPS:  # each word lies in one group: sg (and z) per word
             g = ((kw0 + rows) * 8 // group_size)[None, :]
-            scale = tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=word_ok[None, :] & n_ok[:, None],
-                            other=0).to(tl.int32)[:, :, None, None, None]
+            at = g * stride_sg + offs_n[:, None]
+            ok = word_ok[None, :] & n_ok[:, None]
+            scale = tl.load(sg_ptr + at, mask=ok, other=0).to(tl.int32)[:, :, None, None, None]
+            if HAS_ZERO:
+                shift = 8 - tl.load(sz_ptr + at, mask=ok, other=8).to(tl.int32)[:, :, None, None, None]
         k = kw0 * 8 + slot
-        w = tl.reshape(int4_codes(words ^ XOR8, 0, 1, 8) * scale, (BLOCK_N, BLOCK_K))
-        if GROUPED and not WORD_GROUPS:  # groups split words: sg per code
-            g = (tl.minimum(k, K - 1) // group_size)[None, :]
-            w *= tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.int32)
+        w = tl.reshape((int4_codes(words ^ XOR8, 0, 1, 8) + shift) * scale, (BLOCK_N, BLOCK_K))
+        if GROUPED and not WORD_GROUPS:  # groups split words: sg (and z) per code
+            at = (tl.minimum(k, K - 1) // group_size)[None, :] * stride_sg + offs_n[:, None]
+            if HAS_ZERO:
+                w += 8 - tl.load(sz_ptr + at, mask=n_ok[:, None], other=8).to(tl.int32)
+            w *= tl.load(sg_ptr + at, mask=n_ok[:, None], other=0).to(tl.int32)
         if ACT_BITS == 8:
             xa = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)
         else:  # bytes [BLOCK_M, BLOCK_K / 2] -> sign-extended nibbles (low = even k), interleaved back to k order
@@ -191,9 +214,10 @@ def configs(m: int, act_bits: int = 8) -> list[dict]:
 
 
 @triton.jit
-def _unpack_kernel(q_ptr, sg_ptr, out_ptr, N, K, KW, group_size, stride_qk, stride_sg, stride_on,
-                   GROUPED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """out[n, k] = (c[k, n] - 8) * sg[k // group_size, n] as int8, one [BLOCK_N, 8 * BLOCK_KW] tile."""
+def _unpack_kernel(q_ptr, sg_ptr, sz_ptr, out_ptr, N, K, KW, group_size, stride_qk, stride_sg, stride_on,
+                   GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """out[n, k] = (c[k, n] - z) * sg[k // group_size, n] as int8 (z = 8, or z[k // group_size, n] with zeros), one
+    [BLOCK_N, 8 * BLOCK_KW] tile."""
     BLOCK_K: tl.constexpr = BLOCK_KW * 8
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
@@ -203,39 +227,44 @@ def _unpack_kernel(q_ptr, sg_ptr, out_ptr, N, K, KW, group_size, stride_qk, stri
     w = tl.reshape(int4_codes(words ^ XOR8, 0, 1, 8), (BLOCK_N, BLOCK_K))
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     if GROUPED:
-        g = (tl.minimum(k, K - 1) // group_size)[None, :]
-        w *= tl.load(sg_ptr + g * stride_sg + offs_n[:, None], mask=n_ok[:, None], other=0).to(tl.int32)
+        at = (tl.minimum(k, K - 1) // group_size)[None, :] * stride_sg + offs_n[:, None]
+        if HAS_ZERO:
+            w += 8 - tl.load(sz_ptr + at, mask=n_ok[:, None], other=8).to(tl.int32)
+        w *= tl.load(sg_ptr + at, mask=n_ok[:, None], other=0).to(tl.int32)
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + k[None, :], w.to(tl.int8),
              mask=n_ok[:, None] & (k < K)[None, :])
 
 
-def unpack_int8(qweight, group_scale, group_size, k) -> torch.Tensor:
-    """w8 int8 [N, K] = (c - 8) * sg (sg = 1 per-channel): the W8A8 GEMM's weight layout."""
+def unpack_int8(qweight, group_scale, group_size, k, group_zero=None) -> torch.Tensor:
+    """w8 int8 [N, K] = (c - z) * sg (z = 8 without zeros, sg = 1 per-channel): the W8A8 GEMM's weight layout."""
     kw, n = qweight.shape
     out = torch.empty(n, k, dtype=torch.int8, device=qweight.device)
     grouped = group_scale is not None
     grid = (triton.cdiv(n, 64), triton.cdiv(kw, 16))
-    _unpack_kernel[grid](qweight, group_scale if grouped else qweight, out, n, k, kw, group_size or k,
+    _unpack_kernel[grid](qweight, group_scale if grouped else qweight,
+                         group_zero if group_zero is not None else qweight, out, n, k, kw, group_size or k,
                          qweight.stride(0), group_scale.stride(0) if grouped else 0, out.stride(0), GROUPED=grouped,
-                         BLOCK_N=64, BLOCK_KW=16, num_warps=4)
+                         HAS_ZERO=group_zero is not None, BLOCK_N=64, BLOCK_KW=16, num_warps=4)
     return out
 
 
 def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits=8,
-           k=None) -> torch.Tensor:
+           k=None, group_zero=None) -> torch.Tensor:
     """One launch with config (inputs checked and contiguous; k: in_features, needed for act_bits=4)."""
     m, n = xq.shape[0], qweight.shape[1]
     k = k or xq.shape[1]
     if config.get("path") == "dense":
-        w8 = unpack_int8(qweight, group_scale, group_size, k)
+        w8 = unpack_int8(qweight, group_scale, group_size, k, group_zero)
         return w8a8_gemm.w8a8_matmul(xq, x_scale, w8, w_scale, bias=bias, out_dtype=out_dtype)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     grouped = group_scale is not None
     _w4a8_kernel[grid](
-        xq, x_scale, qweight, w_scale, group_scale if grouped else qweight, bias if bias is not None else y, y,
+        xq, x_scale, qweight, w_scale, group_scale if grouped else qweight,
+        group_zero if group_zero is not None else qweight, bias if bias is not None else y, y,
         m, n, k, qweight.shape[0], group_size or k, xq.stride(0), qweight.stride(0),
         group_scale.stride(0) if grouped else 0, y.stride(0), ACT_BITS=act_bits, GROUPED=grouped,
+        HAS_ZERO=group_zero is not None,
         WORD_GROUPS=grouped and group_size % EPW == 0, STEP_GROUPS=grouped and group_size % config["BLOCK_K"] == 0,
         HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -243,20 +272,23 @@ def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias,
     return y
 
 
-def w4a8_matmul(xq, x_scale, qweight, w_scale, *, group_scale=None, group_size=None, bias=None,
+def w4a8_matmul(xq, x_scale, qweight, w_scale, *, group_scale=None, group_zero=None, group_size=None, bias=None,
                 out_dtype=torch.float16, act_bits=8, in_features=None):
-    """act_bits=4 runs W4A4 (xq packed 4-bit; in_features gives an odd K)."""
-    check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits, in_features)
+    """act_bits=4 runs W4A4 (xq packed 4-bit; in_features gives an odd K); group_zero: QoQ's zero points."""
+    check_inputs(xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits, in_features,
+                 group_zero)
     k = width(xq, act_bits, in_features)
-    check_device(dict(xq=xq, x_scale=x_scale, qweight=qweight, w_scale=w_scale, group_scale=group_scale, bias=bias))
+    check_device(dict(xq=xq, x_scale=x_scale, qweight=qweight, w_scale=w_scale, group_scale=group_scale,
+                      group_zero=group_zero, bias=bias))
     m, n = xq.shape[0], qweight.shape[1]
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    xq, x_scale, qweight, w_scale, group_scale, bias = [
-        t.contiguous() if t is not None else None for t in (xq, x_scale, qweight, w_scale, group_scale, bias)]
-    args = (xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits, k)
+    xq, x_scale, qweight, w_scale, group_scale, group_zero, bias = [
+        t.contiguous() if t is not None else None
+        for t in (xq, x_scale, qweight, w_scale, group_scale, group_zero, bias)]
+    args = (xq, x_scale, qweight, w_scale, group_scale, group_size, bias, out_dtype, act_bits, k, group_zero)
     key = dict(M=next_power_of_2(m), N=n, K=k, g=group_size or 0, out=str(out_dtype).removeprefix("torch."),
-               bias=int(bias is not None))
+               bias=int(bias is not None)) | ({"zero": 1} if group_zero is not None else {})
     name = "w4a8_matmul" if act_bits == 8 else "w4a4_matmul"
     config = tune(name, key, configs(key["M"], act_bits), lambda c: launch(c, *args), xq.device)
     return launch(config, *args)

@@ -118,6 +118,10 @@ class Method:
     def input_transform(self, name: str):
         return None
 
+    def kv_cache_method(self):
+        """A KV-cache method this weight method brings (QoQ's KV4), applied before its weights; None here."""
+        return None
+
     def report(self) -> dict:
         """JSON-able facts the run measured (e.g. LKD errors, searched alphas), saved in quantization_config."""
         return {}

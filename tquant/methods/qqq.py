@@ -15,11 +15,9 @@ from __future__ import annotations
 import dataclasses
 
 
-from ..block_io import output_mse, outputs, rows
-from ..smoothing import SmoothedGroup, find_absorber, input_absmax
 from .base import option, register
 from .gptq import GPTQ
-from .weight_activation import WeightActivationMethod, simulated
+from .weight_activation import WeightActivationMethod
 
 
 @register
@@ -53,37 +51,7 @@ class QQQ(WeightActivationMethod, GPTQ):
     def quantize(self, state, linear, name):
         return self.finish(GPTQ.quantize(self, state, linear, name), name)
 
-    def _search_inputs(self, inputs):
-        chosen, left = [], self.search_samples
-        for args, kwargs in inputs:
-            n = min(left, args[0].shape[0])
-            chosen.append(rows(args, kwargs, slice(0, n)))
-            left -= n
-            if not left:
-                break
-        return chosen
-
-    def _error(self, block, group_linears, prefix, search, teacher) -> float:
-        with simulated(self, group_linears, prefix):
-            return output_mse(block, search, teacher)
-
     def prepare_block(self, block, linears, groups, inputs, prefix):
-        if not self.smooth_grid:
-            return
-        amax = input_absmax(block, {g[0]: linears[g[0]] for g in groups}, inputs)
-        search = self._search_inputs(inputs)
-        teacher = outputs(block, search)
-        for g in groups:
-            group = {n: linears[n] for n in g}
-            absorber = find_absorber(block, list(group.values()), inputs)
-            best = (self._error(block, group, prefix, search, teacher), None)  # alpha None: no smoothing
-            for i in range(self.smooth_grid):
-                alpha = i / self.smooth_grid
-                smoothed = SmoothedGroup(list(group.values()), absorber, amax[g[0]], alpha)
-                best = min(best, (self._error(block, group, prefix, search, teacher), alpha), key=lambda e: e[0])
-                smoothed.undo()
-            alpha = best[1]
-            for n in g:
-                self.qqq_alpha[prefix + n] = alpha
-            if alpha is not None:
-                self.keep_smoothing(SmoothedGroup(list(group.values()), absorber, amax[g[0]], alpha), g, prefix)
+        if self.smooth_grid:
+            self.search_smoothing(block, linears, groups, inputs, prefix, self.smooth_grid, self.search_samples,
+                                  self.qqq_alpha)

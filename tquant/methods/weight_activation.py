@@ -17,9 +17,10 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..block_io import output_mse, outputs, rows
 from ..kernels.act_quant import fake_quantize_activations, qmax
 from ..qweight import QuantizedWeight
-from ..smoothing import SmoothedGroup
+from ..smoothing import SmoothedGroup, find_absorber, input_absmax
 from .base import Method, option
 
 ACT_BITS = (8, 4)
@@ -79,6 +80,41 @@ class WeightActivationMethod(Method):
         if smoothed.runtime is not None:
             for n in names:
                 self.runtime_smooth[prefix + n] = smoothed.runtime.float()
+
+    def search_smoothing(self, block, linears, groups, inputs, prefix, grid: int, samples: int, record: dict,
+                         only=None) -> None:
+        """QQQ's adaptive smoothing: for each input group (those whose absorber passes `only`, if given), the
+        alpha in None (no smoothing), 0, 1/grid, ..., (grid-1)/grid whose smoothing gives the lowest block output
+        MSE with the group's layers simulated (this method's weight grid, fake-quantized inputs) on `samples`
+        calibration sequences; the best is kept and record[layer] = alpha."""
+        amax = input_absmax(block, {g[0]: linears[g[0]] for g in groups}, inputs)
+        search, left = [], samples
+        for args, kwargs in inputs:
+            n = min(left, args[0].shape[0])
+            search.append(rows(args, kwargs, slice(0, n)))
+            left -= n
+            if not left:
+                break
+        teacher = outputs(block, search)
+        for g in groups:
+            group = {n: linears[n] for n in g}
+            absorber = find_absorber(block, list(group.values()), inputs)
+            if only is not None and not only(absorber):
+                continue
+
+            def error():
+                with simulated(self, group, prefix):
+                    return output_mse(block, search, teacher)
+
+            best = (error(), None)
+            for i in range(grid):
+                smoothed = SmoothedGroup(list(group.values()), absorber, amax[g[0]], i / grid)
+                best = min(best, (error(), i / grid), key=lambda e: e[0])
+                smoothed.undo()
+            for n in g:
+                record[prefix + n] = best[1]
+            if best[1] is not None:
+                self.keep_smoothing(SmoothedGroup(list(group.values()), absorber, amax[g[0]], best[1]), g, prefix)
 
     def input_transform(self, name: str):
         scale = self.static_scale.get(name)

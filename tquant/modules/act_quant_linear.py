@@ -4,8 +4,10 @@
     Q_a: per-token dynamic (or static per-tensor, act_scale) symmetric act_bits quantization (act_quant)
 Formats (weight bits / activation bits) and buffers:
     W8A8: qweight int8 [N, K], w_scale fp32 [N]                                  -> w8a8_gemm.w8a8_matmul
-    W4A8: qweight int32 [ceil(K / 8), N] (codes q + 8), w_scale fp32 [N],
+    W4A8: qweight int32 [ceil(K / 8), N] (codes c), w_scale fp32 [N],
           group_scale int8 [K // group_size, N] when grouped (QQQ's integer grid)  -> w4a8_gemm.w4a8_matmul
+          and group_zero int8 [K // group_size, N] with zero points (QoQ's progressive grid, per group or
+          one group per channel): w8 = (c - zero) * group_scale; without it zero = 8
     W4A4: as W4A8, with 4-bit activation codes held one per int8                   -> w4a8_matmul
           (Hopper has no int4 MMA: unpacking packed nibbles in the GEMM measured 2.7x slower on the H100
           than reading int8-held codes, so the packed w4a8_matmul(act_bits=4) path is not used here)
@@ -26,7 +28,7 @@ FORMATS = ((8, 8), (4, 8), (4, 4))  # (weight bits, activation bits)
 
 class ActQuantLinear(nn.Module):
     def __init__(self, in_features, out_features, *, bits, act_bits, group_size, bias=False, smooth=False,
-                 static=False, dtype=torch.float16, device=None):
+                 static=False, zero=False, dtype=torch.float16, device=None):
         super().__init__()
         if (bits, act_bits) not in FORMATS:
             raise ValueError(f"W{bits}A{act_bits} has no int8 GEMM; supported: "
@@ -43,9 +45,13 @@ class ActQuantLinear(nn.Module):
         else:
             self.register_buffer("qweight", torch.zeros(-(-k // 8), n, dtype=torch.int32, device=device))
         self.register_buffer("w_scale", torch.zeros(n, dtype=torch.float32, device=device))
-        grouped = group_size != in_features
+        if zero and bits != 4:
+            raise ValueError(f"zero points are for 4-bit weights (QoQ's W4A8), not W{bits}")
+        grouped = group_size != in_features or zero
         self.register_buffer("group_scale", torch.zeros(k // group_size, n, dtype=torch.int8, device=device)
                              if grouped else None)
+        self.register_buffer("group_zero", torch.zeros(k // group_size, n, dtype=torch.int8, device=device)
+                             if zero else None)
         self.register_buffer("smooth", torch.ones(k, dtype=torch.float32, device=device) if smooth else None)
         self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, device=device) if static else None)
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
@@ -53,13 +59,14 @@ class ActQuantLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "ActQuantLinear":
         n, k = qw.codes.shape
+        qweight, w_scale, group_scale, group_zero = qw.int8_gemm_weight()
         mod = cls(k, n, bits=qw.bits, act_bits=qw.act_bits, group_size=qw.group_size, bias=bias is not None,
-                  smooth=qw.smooth is not None, static=qw.act_scale is not None, dtype=dtype, device=qw.codes.device)
-        qweight, w_scale, group_scale = qw.int8_gemm_weight()
+                  smooth=qw.smooth is not None, static=qw.act_scale is not None, zero=group_zero is not None,
+                  dtype=dtype, device=qw.codes.device)
         mod.qweight.copy_(qweight)
         mod.w_scale.copy_(w_scale)
-        for name, value in (("group_scale", group_scale), ("smooth", qw.smooth), ("act_scale", qw.act_scale),
-                            ("bias", bias)):
+        for name, value in (("group_scale", group_scale), ("group_zero", group_zero), ("smooth", qw.smooth),
+                            ("act_scale", qw.act_scale), ("bias", bias)):
             if value is not None:
                 getattr(mod, name).copy_(value.detach().reshape(getattr(mod, name).shape))
         return mod
@@ -68,13 +75,14 @@ class ActQuantLinear(nn.Module):
         """What tquant.load needs to rebuild this module (stored in the saved quantization_config)."""
         return {"type": "act_quant_linear", "bits": self.bits, "act_bits": self.act_bits,
                 "group_size": self.group_size, "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, "smooth": self.smooth is not None, "static": self.act_scale is not None}
+                "bias": self.bias is not None, "smooth": self.smooth is not None, "static": self.act_scale is not None,
+                "zero": self.group_zero is not None}
 
     @classmethod
     def from_spec(cls, spec: dict, dtype: torch.dtype) -> "ActQuantLinear":
         return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], act_bits=spec["act_bits"],
                    group_size=spec["group_size"], bias=spec["bias"], smooth=spec["smooth"], static=spec["static"],
-                   dtype=dtype, device="meta")
+                   zero=spec.get("zero", False), dtype=dtype, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import act_quant, w4a8_gemm, w8a8_gemm
@@ -90,11 +98,11 @@ class ActQuantLinear(nn.Module):
         else:
             gemm = w4a8_gemm.w4a8_matmul if kernel else w4a8_gemm.w4a8_matmul_ref
             y = gemm(xq, x_scale, self.qweight, self.w_scale, group_scale=self.group_scale,
-                     group_size=self.group_size if self.group_scale is not None else None, bias=self.bias,
-                     out_dtype=out_dtype)
+                     group_zero=self.group_zero, group_size=self.group_size if self.group_scale is not None else None,
+                     bias=self.bias, out_dtype=out_dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.bits}A{self.act_bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, smooth={self.smooth is not None}, "
-                f"static={self.act_scale is not None}")
+                f"static={self.act_scale is not None}, zero={self.group_zero is not None}")

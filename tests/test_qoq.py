@@ -1,0 +1,77 @@
+"""QoQ (W4A8KV4): the method on tiny random models, its weight clipping search, and its options."""
+import pytest
+import torch
+
+import tquant
+from tquant.methods.qoq import clip_ratios
+from tquant.modules import ActQuantLinear
+from tquant.qweight import QuantizedWeight
+from test_weight_activation import CALIB, layers, quantized, rel_err
+from tiny_models import tiny_model
+
+OFF = dict(kv_bits=16, smooth_attention=0, smooth_xw=False, calib_range=False)
+
+
+def test_clip_ratios_pick_each_groups_best_ratio_on_the_output_error():
+    """Per row and group, the chosen ratio's ||X_g (w_g - q_g)||^2 is the least over the grid (H = 2/T X^T X)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g) * torch.rand(64, generator=g) * 3
+    w = torch.randn(8, 64, generator=g)
+    w[:, 5] *= 8
+    grid = 10
+    chosen = clip_ratios(w, 2 / 256 * x.t() @ x, 16, grid)
+    assert chosen.shape == (8, 4) and (chosen < 1).any()
+
+    def group_errors(ratio):
+        delta = w - QuantizedWeight.from_progressive(w, 16, clip=ratio).dequantize()
+        return torch.stack([((x[:, i * 16:(i + 1) * 16] @ delta[:, i * 16:(i + 1) * 16].t()) ** 2).sum(0)
+                            for i in range(4)], dim=1)  # [N, G]
+
+    every = torch.stack([group_errors(1 - 0.5 * i / grid) for i in range(grid)])  # [grid, N, G]
+    picked = torch.stack([every[round((1 - r.item()) * 2 * grid), n, j] for (n, j), r in
+                          zip([(n, j) for n in range(8) for j in range(4)], chosen.flatten())]).reshape(8, 4)
+    torch.testing.assert_close(picked, every.amin(0), rtol=1e-4, atol=1e-6)
+
+
+def test_qoq_builds_w4a8_zero_point_layers_and_the_kv4_cache():
+    model, reference = quantized("llama", "qoq", group_size=32, smooth_grid=4, clip_grid=5)
+    mods = layers(model)
+    assert len(mods) == 14
+    for m in mods.values():
+        assert m.bits == 4 and m.act_bits == 8 and m.group_zero is not None and m.group_scale.min() >= 1
+    qc = model.config.quantization_config
+    assert qc["method"] == "qoq" and qc["kv_cache"]["method"] == "qoq_kv4" and qc["kv_cache"]["kv_bits"] == 4
+    assert len(qc["kv_cache"]["smooth_scales"]) == 2  # SmoothAttention folded into both layers' q / k_proj
+    report = qc["report"]
+    assert len(report["clip_ratio"]) == 14 and all(0.5 < r <= 1 for r in report["clip_ratio"].values())
+    assert set(report["alpha"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}  # the output module
+    assert rel_err(model, reference) < 0.5
+
+
+def test_qoq_steps_lower_the_error_of_plain_progressive_rtn():
+    plain, reference = quantized("llama", "qoq", group_size=32, **OFF)
+    full, _ = quantized("llama", "qoq", group_size=32, kv_bits=16, smooth_attention=0, smooth_grid=4, clip_grid=10)
+    assert rel_err(full, reference) < rel_err(plain, reference)
+    assert "kv_cache" not in plain.config.quantization_config
+
+
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_qoq_save_load_is_bit_identical(tmp_path, group_size):
+    model, _ = quantized("llama", "qoq", group_size=group_size, smooth_grid=2, clip_grid=3)
+    tquant.save(model, tmp_path)
+    loaded = tquant.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(CALIB).logits, model(CALIB).logits)
+    assert all(isinstance(m, ActQuantLinear) and m.group_zero is not None for m in layers(loaded).values())
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(bits=8), "4 bits"),
+    (dict(act_bits=4), "8-bit activations"),
+    (dict(kv_bits=3), "kv_bits=3"),
+    (dict(kv_bits=16), "smooth_attention=0 with kv_bits=16"),
+    (dict(clip_grid=0), "clip_grid"),
+])
+def test_qoq_bad_options_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        tquant.quantize(tiny_model("llama"), "qoq", calib=CALIB, device="cpu", progress=False, **options)
