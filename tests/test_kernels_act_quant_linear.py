@@ -11,13 +11,15 @@ from tquant.qweight import QuantizedWeight
 from kernel_device import DEVICE, needs_backend
 
 FORMATS = [(8, 8, 96, "qqq"), (4, 8, 96, "qqq"), (4, 8, 32, "qqq"), (4, 4, 96, "qqq"), (4, 4, 48, "qqq"),
-           (4, 8, 32, "qoq"), (4, 8, 96, "qoq")]  # (bits, act_bits, group_size, grid)
+           (4, 8, 32, "qoq"), (4, 8, 96, "qoq"), (4, 8, 32, "qoq-perm")]  # (bits, act_bits, group_size, grid)
 
 
 def quantized(bits, act_bits, gs, grid, smooth, static, g, n=40, k=96):
     w = torch.randn(n, k, generator=g)
-    qw = QuantizedWeight.from_progressive(w, gs) if grid == "qoq" else \
+    perm = torch.randperm(k, generator=g) if grid == "qoq-perm" else None  # QoQ's reordering: columns x[..., perm]
+    qw = QuantizedWeight.from_progressive(w if perm is None else w[:, perm], gs) if grid.startswith("qoq") else \
         QuantizedWeight.from_rtn(w, bits, gs, sym=True, integer_groups=True)
+    qw.perm = perm
     qw.act_bits = act_bits
     qw.smooth = 10 ** (torch.rand(k, generator=g) - 0.5) if smooth else None
     qw.act_scale = torch.tensor([0.05]) if static else None
@@ -35,7 +37,8 @@ def test_kernels_act_quant_linear_paths_agree(fmt, lead, smooth, static, bias, d
     qw = quantized(bits, act_bits, gs, grid, smooth, static, g)
     b = torch.randn(40, generator=g) if bias else None
     module = ActQuantLinear.from_quantized(qw, b, dtype).to(DEVICE)
-    assert (module.group_zero is not None) == (grid == "qoq")
+    assert (module.group_zero is not None) == grid.startswith("qoq")
+    assert (module.perm is not None) == (grid == "qoq-perm")
     x = torch.randn(*lead, 96, generator=g).to(dtype)
     module.backend = "triton"
     y_kernel = module(x.to(DEVICE))
@@ -65,10 +68,6 @@ def test_kernels_act_quant_linear_refuses_bad_formats():
     qw = QuantizedWeight.from_rtn(w, 4, 16, sym=True)  # plain float group scales, not QQQ's grid
     qw.act_bits = 8
     with pytest.raises(ValueError, match="integer group scales"):
-        ActQuantLinear.from_quantized(qw, None, torch.float32)
-    qw = QuantizedWeight.from_rtn(w, 4, 32, sym=True)
-    qw.act_bits, qw.perm = 8, torch.randperm(32)
-    with pytest.raises(ValueError, match="permutation"):
         ActQuantLinear.from_quantized(qw, None, torch.float32)
     with pytest.raises(ValueError, match="W8A4 has no int8 GEMM"):
         ActQuantLinear(32, 8, bits=8, act_bits=4, group_size=32)

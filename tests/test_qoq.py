@@ -9,7 +9,7 @@ from tquant.qweight import QuantizedWeight
 from test_weight_activation import CALIB, layers, quantized, rel_err
 from tiny_models import tiny_model
 
-OFF = dict(kv_bits=16, smooth_attention=0, smooth_xw=False, calib_range=False)
+OFF = dict(kv_bits=16, smooth_attention=0, smooth_xw=False, reorder=False, calib_range=False)
 
 
 def test_clip_ratios_pick_each_groups_best_ratio_on_the_output_error():
@@ -45,12 +45,15 @@ def test_qoq_builds_w4a8_zero_point_layers_and_the_kv4_cache():
     report = qc["report"]
     assert len(report["clip_ratio"]) == 14 and all(0.5 < r <= 1 for r in report["clip_ratio"].values())
     assert set(report["alpha"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}  # the output module
-    assert rel_err(model, reference) < 0.5
+    rtn, _ = quantized("llama", "zeroquant", bits=4, group_size=32)  # W4A8 round-to-nearest on QQQ's grid
+    assert rel_err(model, reference) < rel_err(rtn, reference)
+    assert all(m.perm is not None and sorted(m.perm.tolist()) == list(range(m.in_features)) for m in mods.values())
 
 
 def test_qoq_steps_lower_the_error_of_plain_progressive_rtn():
     plain, reference = quantized("llama", "qoq", group_size=32, **OFF)
-    full, _ = quantized("llama", "qoq", group_size=32, kv_bits=16, smooth_attention=0, smooth_grid=4, clip_grid=10)
+    full, _ = quantized("llama", "qoq", group_size=32, kv_bits=16, smooth_attention=0, smooth_grid=4, clip_grid=10,
+                        reorder=False)
     assert rel_err(full, reference) < rel_err(plain, reference)
     assert "kv_cache" not in plain.config.quantization_config
 
@@ -75,3 +78,21 @@ def test_qoq_save_load_is_bit_identical(tmp_path, group_size):
 def test_qoq_bad_options_raise(options, message):
     with pytest.raises(ValueError, match=message):
         tquant.quantize(tiny_model("llama"), "qoq", calib=CALIB, device="cpu", progress=False, **options)
+
+
+def test_qoq_reorder_sorts_channels_by_activation_salience():
+    """With reorder, storage column k holds the input channel of k-th largest mean square (diag H), and the layer
+    computes x[..., perm] against the reordered grid: its dequantized weight is back in input order."""
+    from tquant.methods import get_method
+    from tquant.methods.gptq import HessianState
+
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 8, bias=False)
+    x = torch.randn(128, 64, generator=g) * torch.rand(64, generator=g) * 4
+    method = get_method("qoq")(group_size=16, clip_grid=4)
+    state = HessianState("layer", linear)
+    state.add_batch(x)
+    qw = method.quantize(state, linear, "layer")
+    assert torch.equal(qw.perm, torch.argsort((x ** 2).mean(0), descending=True, stable=True))
+    err = (qw.dequantize() - linear.weight).norm() / linear.weight.norm()
+    assert err < 0.2 and qw.act_bits == 8

@@ -82,12 +82,11 @@ class QuantizedWeight:
             4 bits: (qweight int32 [ceil(K / 8), N] = packed codes, w_scale fp32 [N],
                      group_scale int8 [G, N] = scale / channel_scale (or None: per-channel, symmetric),
                      group_zero int8 [G, N] = zero (or None: zero 8, QQQ's symmetric grid))
-        with (code - zero) * group_scale an int8 value for every weight (checked here)."""
+        with (code - zero) * group_scale an int8 value for every weight (checked here). Columns are in storage
+        order: with a perm, the layer multiplies x[..., perm] (ActQuantLinear's perm buffer)."""
         n, k = self.codes.shape
         if self.bits not in (4, 8):
             raise ValueError(f"the int8 GEMMs take 4- or 8-bit weights, not {self.bits}-bit")
-        if self.perm is not None:
-            raise ValueError("the int8 GEMMs take weights in input-channel order (no act-order permutation)")
         sym = bool(torch.all(self.zero == 2 ** (self.bits - 1)))
         if self.bits == 8:
             if not sym or self.group_size != k:

@@ -10,6 +10,9 @@ Steps, each an option (the seed's config names in brackets):
     smooth_xw [smooth.xw]         output-module smoothing: the inputs of the layers whose smoothing divisor folds
                                   into a preceding linear (o_proj <- v_proj, down_proj <- up_proj) smoothed with
                                   the alpha of a grid search on the block output error (QQQ's search)
+    reorder [reorder]             activation-aware channel reordering: a layer's input channels sorted by their
+                                  mean square on calibration data (diag H), largest first, so each group holds
+                                  channels of like salience; the layer quantizes x[..., perm] (ActQuantLinear)
     calib_range [wgts.calib_range]  weight clipping: per output row and group, the ratio r of the second-level
                                   range (1, 1 - 0.5 / n, ..., 0.5 + 0.5 / n; n = clip_grid) minimizing
                                   (w - q_r) H_gg (w - q_r)^T, H_gg the group's block of the layer's input Gram
@@ -41,6 +44,7 @@ class QoQ(WeightActivationMethod):
     smooth_xw: bool = option(True, "smooth the output modules' inputs (alpha searched on the block output error)")
     smooth_grid: int = option(20, "alphas the output-module smoothing tries: 0, 1/n, ..., (n-1)/n")
     search_samples: int = option(8, "calibration sequences the smoothing search runs on")
+    reorder: bool = option(True, "group input channels by activation salience (per-group grids only)")
     calib_range: bool = option(True, "search a clipping ratio per output row and group on the output error")
     clip_grid: int = option(20, "clipping ratios tried: 1, 1 - 0.5/n, ..., 0.5 + 0.5/n")
 
@@ -62,7 +66,7 @@ class QoQ(WeightActivationMethod):
 
     @property
     def needs_layer_stats(self) -> bool:
-        return self.calib_range
+        return self.calib_range or self.reorder
 
     def kv_cache_method(self):
         """The KV-cache method applied (and calibrated) before the weights: qoq_kv4, or None for kv_bits=16."""
@@ -87,11 +91,18 @@ class QoQ(WeightActivationMethod):
     def quantize(self, state, linear, name):
         w = linear.weight.detach().float()
         group = self.layer_group_size(linear, name)
+        h = state.hessian.float() if self.needs_layer_stats else None
+        perm = None
+        if self.reorder and group != w.shape[1]:
+            perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+            w, h = w[:, perm], h[perm][:, perm]
         clip = 1.0
         if self.calib_range:
-            clip = clip_ratios(w, state.hessian.float(), group, self.clip_grid)
+            clip = clip_ratios(w, h, group, self.clip_grid)
             self.clip_ratio[name] = round(clip.mean().item(), 4)
-        return self.finish(QuantizedWeight.from_progressive(w, group, clip=clip), name)
+        qw = QuantizedWeight.from_progressive(w, group, clip=clip)
+        qw.perm = perm
+        return self.finish(qw, name)
 
 
 def clip_ratios(w: torch.Tensor, h: torch.Tensor, group: int, grid: int) -> torch.Tensor:

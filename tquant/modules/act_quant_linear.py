@@ -11,7 +11,8 @@ Formats (weight bits / activation bits) and buffers:
     W4A4: as W4A8, with 4-bit activation codes held one per int8                   -> w4a8_matmul
           (Hopper has no int4 MMA: unpacking packed nibbles in the GEMM measured 2.7x slower on the H100
           than reading int8-held codes, so the packed w4a8_matmul(act_bits=4) path is not used here)
-    smooth fp32 [K] (run-time SmoothQuant divisor) and act_scale fp32 [1] (static scale) only when used.
+    smooth fp32 [K] (run-time SmoothQuant divisor), act_scale fp32 [1] (static scale) and perm int64 [K] (QoQ's
+    channel reordering: storage column k holds input channel perm[k], so x[..., perm] is quantized) only when used.
 forward: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1 with backend="triton"), else the torch
 references, which give the same codes and the exact integer products.
 """
@@ -28,7 +29,7 @@ FORMATS = ((8, 8), (4, 8), (4, 4))  # (weight bits, activation bits)
 
 class ActQuantLinear(nn.Module):
     def __init__(self, in_features, out_features, *, bits, act_bits, group_size, bias=False, smooth=False,
-                 static=False, zero=False, dtype=torch.float16, device=None):
+                 static=False, zero=False, perm=False, dtype=torch.float16, device=None):
         super().__init__()
         if (bits, act_bits) not in FORMATS:
             raise ValueError(f"W{bits}A{act_bits} has no int8 GEMM; supported: "
@@ -54,6 +55,7 @@ class ActQuantLinear(nn.Module):
                              if zero else None)
         self.register_buffer("smooth", torch.ones(k, dtype=torch.float32, device=device) if smooth else None)
         self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, device=device) if static else None)
+        self.register_buffer("perm", torch.arange(k, device=device) if perm else None)
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -62,11 +64,12 @@ class ActQuantLinear(nn.Module):
         qweight, w_scale, group_scale, group_zero = qw.int8_gemm_weight()
         mod = cls(k, n, bits=qw.bits, act_bits=qw.act_bits, group_size=qw.group_size, bias=bias is not None,
                   smooth=qw.smooth is not None, static=qw.act_scale is not None, zero=group_zero is not None,
-                  dtype=dtype, device=qw.codes.device)
+                  perm=qw.perm is not None, dtype=dtype, device=qw.codes.device)
         mod.qweight.copy_(qweight)
         mod.w_scale.copy_(w_scale)
-        for name, value in (("group_scale", group_scale), ("group_zero", group_zero), ("smooth", qw.smooth),
-                            ("act_scale", qw.act_scale), ("bias", bias)):
+        smooth = qw.smooth if qw.smooth is None or qw.perm is None else qw.smooth[qw.perm]  # on x[..., perm]
+        for name, value in (("group_scale", group_scale), ("group_zero", group_zero), ("smooth", smooth),
+                            ("act_scale", qw.act_scale), ("perm", qw.perm), ("bias", bias)):
             if value is not None:
                 getattr(mod, name).copy_(value.detach().reshape(getattr(mod, name).shape))
         return mod
@@ -76,19 +79,21 @@ class ActQuantLinear(nn.Module):
         return {"type": "act_quant_linear", "bits": self.bits, "act_bits": self.act_bits,
                 "group_size": self.group_size, "in_features": self.in_features, "out_features": self.out_features,
                 "bias": self.bias is not None, "smooth": self.smooth is not None, "static": self.act_scale is not None,
-                "zero": self.group_zero is not None}
+                "zero": self.group_zero is not None, "perm": self.perm is not None}
 
     @classmethod
     def from_spec(cls, spec: dict, dtype: torch.dtype) -> "ActQuantLinear":
         return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], act_bits=spec["act_bits"],
                    group_size=spec["group_size"], bias=spec["bias"], smooth=spec["smooth"], static=spec["static"],
-                   zero=spec.get("zero", False), dtype=dtype, device="meta")
+                   zero=spec.get("zero", False), perm=spec.get("perm", False), dtype=dtype, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import act_quant, w4a8_gemm, w8a8_gemm
 
         kernel = use_kernel(self, x)
         x2 = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x2 = x2[:, self.perm]
         quant = act_quant.quantize_activations if kernel else act_quant.quantize_activations_ref
         xq, x_scale = quant(x2, bits=self.act_bits, smooth=self.smooth, scale=self.act_scale, pack=False)
         out_dtype = x.dtype if x.dtype in w8a8_gemm.DTYPES else torch.float32
@@ -105,4 +110,4 @@ class ActQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.bits}A{self.act_bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, smooth={self.smooth is not None}, "
-                f"static={self.act_scale is not None}, zero={self.group_zero is not None}")
+                f"static={self.act_scale is not None}, zero={self.group_zero is not None}, perm={self.perm is not None}")
