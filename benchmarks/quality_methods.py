@@ -48,12 +48,14 @@ ROWS = {  # name: (method, options)
        for b in (4, 3) for g in ("g64", "pc")},
     **{f"{m}-w{b}a16-asym-{g}": (m, dict(bits=b, group_size=-1 if g == "pc" else 64, sym=False))
        for m in ("rtn", "gptq") for b in (4, 3) for g in ("g64", "pc")},
-    # QoQ's ablation (group 64): W4A8KV4 on the progressive grid, then each step added (qoq-g64: all of them)
-    **{f"qoq-{name}-g64": ("qoq", dict(group_size=64, **steps)) for name, steps in (
-        ("rtn", dict(smooth_attention=0, smooth_xw=False, reorder=False, calib_range=False)),
-        ("yx", dict(smooth_xw=False, reorder=False, calib_range=False)),
-        ("yx-xw", dict(reorder=False, calib_range=False)),
-        ("yx-xw-clip", dict(reorder=False)))},
+    # QoQ's ablation (group 64): W4A8KV4 on the progressive grid, then each step added in the order it runs
+    # (qoq-g64: all of them); qoq-w4a8-g64: every weight step, float KV cache
+    **{f"qoq-{name}-g64": ("qoq", dict(group_size=64, **dict.fromkeys(off, False), **({"smooth_attention": 0} if name == "rtn" else {}))) for name, off in (
+        ("rtn", ("rotate", "smooth_xw", "reorder", "calib_range")),
+        ("yx", ("rotate", "smooth_xw", "reorder", "calib_range")),
+        ("yx-rot", ("smooth_xw", "reorder", "calib_range")),
+        ("yx-rot-xw", ("reorder", "calib_range")),
+        ("yx-rot-xw-reorder", ("calib_range",)))},
     "qoq-g64": ("qoq", dict(group_size=64)),
     "qoq-w4a8-g64": ("qoq", dict(group_size=64, kv_bits=16, smooth_attention=0)),
     **{f"spqr-w{b}-g{g}-s{s}": ("spqr", dict(bits=b, group_size=g, scale_bits=s))

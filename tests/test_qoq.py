@@ -9,7 +9,7 @@ from tquant.qweight import QuantizedWeight
 from test_weight_activation import CALIB, layers, quantized, rel_err
 from tiny_models import tiny_model
 
-OFF = dict(kv_bits=16, smooth_attention=0, smooth_xw=False, reorder=False, calib_range=False)
+OFF = dict(kv_bits=16, smooth_attention=0, rotate=False, smooth_xw=False, reorder=False, calib_range=False)
 
 
 def test_clip_ratios_pick_each_groups_best_ratio_on_the_output_error():
@@ -52,8 +52,7 @@ def test_qoq_builds_w4a8_zero_point_layers_and_the_kv4_cache():
 
 def test_qoq_steps_lower_the_error_of_plain_progressive_rtn():
     plain, reference = quantized("llama", "qoq", group_size=32, **OFF)
-    full, _ = quantized("llama", "qoq", group_size=32, kv_bits=16, smooth_attention=0, smooth_grid=4, clip_grid=10,
-                        reorder=False)
+    full, _ = quantized("llama", "qoq", group_size=32, kv_bits=16, smooth_attention=0, smooth_grid=4, clip_grid=10)
     assert rel_err(full, reference) < rel_err(plain, reference)
     assert "kv_cache" not in plain.config.quantization_config
 
@@ -96,3 +95,40 @@ def test_qoq_reorder_sorts_channels_by_activation_salience():
     assert torch.equal(qw.perm, torch.argsort((x ** 2).mean(0), descending=True, stable=True))
     err = (qw.dequantize() - linear.weight).norm() / linear.weight.norm()
     assert err < 0.2 and qw.act_bits == 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rotation_keeps_the_float_model_and_removes_input_outliers(arch):
+    """rotate_residual: the logits stay within 1e-5, the norms' weights become 1, a tied lm_head is untied, and
+    q_proj's input (RMSNorm output with outlier channels from its weight) has its largest channel far closer to
+    the mean channel (the Hadamard spreads outliers over all channels)."""
+    from test_weight_activation import with_outliers
+    from tquant.rotation import rotate_residual
+
+    model = with_outliers(tiny_model(arch))
+
+    def q_input_peak():
+        seen = []
+        hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        logits = model(CALIB).logits
+        hook.remove()
+        channel = seen[0].abs().amax((0, 1))
+        return logits, (channel.max() / channel.mean()).item()
+
+    with torch.no_grad():
+        reference, before = q_input_peak()
+        rotate_residual(model)
+        logits, after = q_input_peak()
+    assert ((logits - reference).norm() / reference.norm()).item() < 1e-5
+    assert all(torch.all(b.input_layernorm.weight == 1) for b in model.model.layers)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert before > 4 and after < before / 3
+
+
+def test_rotation_refuses_models_it_cannot_fold():
+    from tquant.rotation import rotate_residual
+
+    with pytest.raises(ValueError, match="Llama-style model"):
+        rotate_residual(tiny_model("opt"))
+    with pytest.raises(ValueError, match="no Hadamard matrix"):
+        rotate_residual(tiny_model("llama", hidden_size=100, intermediate_size=160))

@@ -77,7 +77,8 @@ def quantize(
         if calib is None:
             raise ValueError(f"method {method!r} needs calibration data: pass calib= (token ids, texts or 'pydoc')")
         ids = calibration_data(calib, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
-    kv_method = m.kv_cache_method()  # a weight method's own KV cache (qoq): calibrated and folded in first
+    m.prepare_model(model)  # a whole-model transform folded into the weights first (qoq's rotation)
+    kv_method = m.kv_cache_method()  # a weight method's own KV cache (qoq): calibrated and folded in next
     if kv_method is not None:
         kv_method.check_model(model.config)
         if kv_method.needs_calibration:

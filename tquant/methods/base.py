@@ -118,6 +118,9 @@ class Method:
     def input_transform(self, name: str):
         return None
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """Change the float model before anything is calibrated or quantized (QoQ's rotation); nothing here."""
+
     def kv_cache_method(self):
         """A KV-cache method this weight method brings (QoQ's KV4), applied before its weights; None here."""
         return None

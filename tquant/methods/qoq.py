@@ -4,7 +4,10 @@ Weights: 4-bit on the progressive grid (quantizer.progressive_quantize): per out
 protective range [-119, 119], then uint4 per group (or per channel) with an integer scale and zero, so the W4A8
 GEMM dequantizes (c - z) * s2 to int8 and keeps its main loop on int8 tensor cores. Activations: int8 per token.
 KV cache: qoq_kv4 (4-bit per token and head), on by default (kv_bits=16: the cache stays in full precision).
-Steps, each an option (the seed's config names in brackets):
+Steps, each an option (the seed's config names in brackets), in the order they run:
+    rotate [rotation]             input-module rotation: the residual stream turned by a randomized Hadamard
+                                  matrix, the RMSNorm weights folded into the linears they feed (tquant.rotation),
+                                  so q/k/v_proj and gate/up_proj see inputs without outlier channels
     smooth_attention [smooth.yx]  SmoothAttention: λ = max|K|^alpha per key channel divided out of k_proj and
                                   into q_proj (qoq_kv4's calibration, before any weight is quantized)
     smooth_xw [smooth.xw]         output-module smoothing: the inputs of the layers whose smoothing divisor folds
@@ -40,6 +43,7 @@ class QoQ(WeightActivationMethod):
     bits: int = option(4, "weight bits: 4")
     group_size: int = option(128, "input channels per second-level group; -1 = per output channel")
     kv_bits: int = option(4, "KV cache bits (qoq_kv4): 4 or 8; 16 = no KV cache quantization")
+    rotate: bool = option(True, "rotate the residual stream by a randomized Hadamard matrix (Llama-style models)")
     smooth_attention: float = option(0.5, "SmoothAttention strength alpha on the keys (0 = off); needs kv_bits < 16")
     smooth_xw: bool = option(True, "smooth the output modules' inputs (alpha searched on the block output error)")
     smooth_grid: int = option(20, "alphas the output-module smoothing tries: 0, 1/n, ..., (n-1)/n")
@@ -67,6 +71,12 @@ class QoQ(WeightActivationMethod):
     @property
     def needs_layer_stats(self) -> bool:
         return self.calib_range or self.reorder
+
+    def prepare_model(self, model):
+        if self.rotate:
+            from ..rotation import rotate_residual
+
+            rotate_residual(model)
 
     def kv_cache_method(self):
         """The KV-cache method applied (and calibrated) before the weights: qoq_kv4, or None for kv_bits=16."""
