@@ -49,14 +49,16 @@ ROWS = {  # name: (method, options)
     **{f"{m}-w{b}a16-asym-{g}": (m, dict(bits=b, group_size=-1 if g == "pc" else 64, sym=False))
        for m in ("rtn", "gptq") for b in (4, 3) for g in ("g64", "pc")},
     # QoQ's ablation (group 64): W4A8KV4 on the progressive grid, then each step added in the order it runs
-    # (qoq-g64: all of them); qoq-w4a8-g64: every weight step, float KV cache
-    **{f"qoq-{name}-g64": ("qoq", dict(group_size=64, **dict.fromkeys(off, False), **({"smooth_attention": 0} if name == "rtn" else {}))) for name, off in (
+    # (qoq-g64: all of them); qoq-w4a8-g64: every weight step, float KV cache. prefill_with_quant: each window's
+    # one forward attends to its keys / values through the 4-bit cache, as decoding reads them
+    **{f"qoq-{name}-g64": ("qoq", dict(group_size=64, prefill_with_quant=True, **dict.fromkeys(off, False),
+                                        **({"smooth_attention": 0} if name == "rtn" else {}))) for name, off in (
         ("rtn", ("rotate", "smooth_xw", "reorder", "calib_range")),
         ("yx", ("rotate", "smooth_xw", "reorder", "calib_range")),
         ("yx-rot", ("smooth_xw", "reorder", "calib_range")),
         ("yx-rot-xw", ("reorder", "calib_range")),
         ("yx-rot-xw-reorder", ("calib_range",)))},
-    "qoq-g64": ("qoq", dict(group_size=64)),
+    "qoq-g64": ("qoq", dict(group_size=64, prefill_with_quant=True)),
     "qoq-w4a8-g64": ("qoq", dict(group_size=64, kv_bits=16, smooth_attention=0)),
     **{f"spqr-w{b}-g{g}-s{s}": ("spqr", dict(bits=b, group_size=g, scale_bits=s))
        for b, g, s in ((3, 16, 3), (4, 16, 3), (3, 32, 3), (3, 64, 4), (4, 64, 4), (2, 16, 3), (4, 32, 4))},

@@ -44,6 +44,8 @@ class QoQ(WeightActivationMethod):
     group_size: int = option(128, "input channels per second-level group; -1 = per output channel")
     kv_bits: int = option(4, "KV cache bits (qoq_kv4): 4 or 8; 16 = no KV cache quantization")
     rotate: bool = option(True, "rotate the residual stream by a randomized Hadamard matrix (Llama-style models)")
+    prefill_with_quant: bool = option(False, "a prefill attends to its own keys / values as quantized (qoq_kv4's "
+                                             "option: True makes one forward see the KV4 cache as decoding does)")
     smooth_attention: float = option(0.5, "SmoothAttention strength alpha on the keys (0 = off); needs kv_bits < 16")
     smooth_xw: bool = option(True, "smooth the output modules' inputs (alpha searched on the block output error)")
     smooth_grid: int = option(20, "alphas the output-module smoothing tries: 0, 1/n, ..., (n-1)/n")
@@ -84,7 +86,8 @@ class QoQ(WeightActivationMethod):
             return None
         from .qoq_kv import QoQKV4
 
-        return QoQKV4(kv_bits=self.kv_bits, smooth_alpha=self.smooth_attention)
+        return QoQKV4(kv_bits=self.kv_bits, smooth_alpha=self.smooth_attention,
+                      prefill_with_quant=self.prefill_with_quant)
 
     def report(self):
         return {"alpha": dict(self.qoq_alpha), "clip_ratio": dict(self.clip_ratio)}
