@@ -5,7 +5,8 @@ cuBLAS int8 and gemlite A8W8 / A8W4, all measured in the same run.
 
 Per shape K->N (21760 -> 8192 is QQQ's) and batch M, fp16 activations with outlier channels:
     tquant W8A8      quantize_activations (per-token int8) + w8a8_matmul
-    tquant W4A8      quantize_activations + w4a8_matmul, per-channel ("pc") and group 128 ("g128", QQQ's grid)
+    tquant W4A8      quantize_activations + w4a8_matmul, per-channel ("pc") and group 128 ("g128", QQQ's grid;
+                     "qoq g128": QoQ's progressive grid, zero points per group)
     tquant W4A4      quantize_activations(bits=4, pack=False) + w4a8_matmul: 4-bit codes held in int8 (what
                      ActQuantLinear runs; Hopper has no int4 MMA), per-channel
     W4A4 packed      quantize_activations(bits=4) + w4a8_matmul(act_bits=4): nibbles unpacked in the GEMM
@@ -84,7 +85,8 @@ def main():
         w_scale = w.float().abs().amax(dim=1) / 127
         wq8 = torch.round(w.float() / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
         w4 = {"pc": w4a8_quantize_weight(w.float().cpu()),
-              "g128": w4a8_quantize_weight(w.float().cpu(), group_size=128)}
+              "g128": w4a8_quantize_weight(w.float().cpu(), group_size=128),
+              "qoq g128": w4a8_quantize_weight(w.float().cpu(), group_size=128, zero_point=True)}
         w4 = {key: [t.cuda() if t is not None else None for t in v] for key, v in w4.items()}
         peers = gemlite_layers(w)
         for m in map(int, a.ms.split(",")):
@@ -97,13 +99,14 @@ def main():
                 "W8A8": (lambda: w8a8_matmul(*quantize_activations(x), wq8, w_scale),
                          lambda: w8a8_matmul_ref(xq, xs, wq8, w_scale)),
             }
-            for key, (qw, ws, sg) in w4.items():
+            for key, (qw, ws, sg, sz) in w4.items():
                 gs = 128 if sg is not None else None
                 calls[f"W4A8 {key}"] = (
-                    lambda qw=qw, ws=ws, sg=sg, gs=gs: w4a8_matmul(*quantize_activations(x), qw, ws, group_scale=sg,
-                                                                   group_size=gs),
-                    lambda qw=qw, ws=ws, sg=sg, gs=gs: w4a8_matmul_ref(xq, xs, qw, ws, group_scale=sg, group_size=gs))
-            qw, ws, _ = w4["pc"]
+                    lambda qw=qw, ws=ws, sg=sg, sz=sz, gs=gs: w4a8_matmul(*quantize_activations(x), qw, ws,
+                                                                          group_scale=sg, group_zero=sz, group_size=gs),
+                    lambda qw=qw, ws=ws, sg=sg, sz=sz, gs=gs: w4a8_matmul_ref(xq, xs, qw, ws, group_scale=sg,
+                                                                              group_zero=sz, group_size=gs))
+            qw, ws, _, _ = w4["pc"]
             calls["W4A4 pc"] = (lambda: w4a8_matmul(*quantize_activations(x, bits=4, pack=False), qw, ws),
                                 lambda: w4a8_matmul_ref(xq4, xs4, qw, ws, act_bits=4))
             calls["W4A4 packed"] = (lambda: w4a8_matmul(*quantize_activations(x, bits=4), qw, ws, act_bits=4),
