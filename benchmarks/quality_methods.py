@@ -69,12 +69,12 @@ ROWS = {  # name: (method, options)
 
 def stored_bits(model) -> float:
     """Bits a weight of the quantized linears take in an fp16 checkpoint: every buffer but the bias (float
-    buffers counted at 16 bits), over the weights they hold."""
-    from tquant.modules import PackedLinear, SpQRLinear
+    buffers counted at 16 bits, so ActQuantLinear's fp32 w_scale too), over the weights they hold."""
+    from tquant.modules import ActQuantLinear, PackedLinear, SpQRLinear
 
     bits = params = 0
     for mod in model.modules():
-        if isinstance(mod, (PackedLinear, SpQRLinear)):
+        if isinstance(mod, (PackedLinear, SpQRLinear, ActQuantLinear)):
             bits += sum(b.numel() * (16 if b.is_floating_point() else b.element_size() * 8)
                         for name, b in mod.named_buffers() if name != "bias")
             params += mod.in_features * mod.out_features

@@ -132,3 +132,12 @@ def test_rotation_refuses_models_it_cannot_fold():
         rotate_residual(tiny_model("opt"))
     with pytest.raises(ValueError, match="no Hadamard matrix"):
         rotate_residual(tiny_model("llama", hidden_size=100, intermediate_size=160))
+
+
+def test_qoq_without_calibrated_steps_is_data_free():
+    model = tiny_model("llama")
+    tquant.quantize(model, "qoq", group_size=32, smooth_attention=0, smooth_xw=False, reorder=False,
+                    calib_range=False, device="cpu", progress=False)  # rotation + progressive grid + KV4: no calib=
+    assert len(layers(model)) == 14 and model.config.quantization_config["kv_cache"]["smooth_scales"] is None
+    with pytest.raises(ValueError, match="needs calibration data"):
+        tquant.quantize(tiny_model("llama"), "qoq", device="cpu", progress=False)

@@ -71,6 +71,11 @@ class QoQ(WeightActivationMethod):
         self.clip_ratio: dict[str, float] = {}  # layer -> mean chosen ratio (report)
 
     @property
+    def needs_calibration(self) -> bool:
+        """Rotation and the progressive grid are data-free; every other step calibrates."""
+        return bool(self.smooth_attention or self.smooth_xw or self.reorder or self.calib_range)
+
+    @property
     def needs_layer_stats(self) -> bool:
         return self.calib_range or self.reorder
 

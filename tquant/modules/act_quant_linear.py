@@ -11,7 +11,7 @@ Formats (weight bits / activation bits) and buffers:
     W4A4: as W4A8, with 4-bit activation codes held one per int8                   -> w4a8_matmul
           (Hopper has no int4 MMA: unpacking packed nibbles in the GEMM measured 2.7x slower on the H100
           than reading int8-held codes, so the packed w4a8_matmul(act_bits=4) path is not used here)
-    smooth fp32 [K] (run-time SmoothQuant divisor), act_scale fp32 [1] (static scale) and perm int64 [K] (QoQ's
+    smooth fp32 [K] (run-time SmoothQuant divisor), act_scale fp32 [1] (static scale) and perm int32 [K] (QoQ's
     channel reordering: storage column k holds input channel perm[k], so x[..., perm] is quantized) only when used.
 forward: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1 with backend="triton"), else the torch
 references, which give the same codes and the exact integer products.
@@ -55,7 +55,7 @@ class ActQuantLinear(nn.Module):
                              if zero else None)
         self.register_buffer("smooth", torch.ones(k, dtype=torch.float32, device=device) if smooth else None)
         self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, device=device) if static else None)
-        self.register_buffer("perm", torch.arange(k, device=device) if perm else None)
+        self.register_buffer("perm", torch.arange(k, dtype=torch.int32, device=device) if perm else None)
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
 
     @classmethod
