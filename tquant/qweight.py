@@ -176,14 +176,6 @@ class BCQWeight:
             raise ValueError("BCQ form is for weight-only grids; this weight also quantizes activations")
         return cls(*from_uniform(qw.codes, qw.scale, qw.zero, qw.bits), perm=qw.perm)
 
-    @classmethod
-    def from_progressive(cls, w: torch.Tensor, group_size: int, protect: int | None = None,
-                         clip=1.0) -> "QuantizedWeight":
-        """QoQ's progressive 4-bit grid of a [N, K] weight (quantizer.progressive_quantize): per-channel int8 in
-        the protective range, then uint4 per group with integer scale and zero (group ranges times clip)."""
-        codes, scale, zero, channel = progressive_quantize(w.detach(), group_size, protect, clip=clip)
-        return cls(codes, scale, zero, 4, group_size, channel_scale=channel)
-
     def dequantize(self) -> torch.Tensor:
         """Float32 [N, K] weight in the original input-channel order."""
         from .bcq import dequantize
