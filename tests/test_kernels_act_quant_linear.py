@@ -69,6 +69,10 @@ def test_kernels_act_quant_linear_refuses_bad_formats():
     qw.act_bits = 8
     with pytest.raises(ValueError, match="integer group scales"):
         ActQuantLinear.from_quantized(qw, None, torch.float32)
+    qw = QuantizedWeight.from_rtn(w, 4, 32, sym=False)  # zero points on a float scale: no integer grid
+    qw.act_bits = 8
+    with pytest.raises(ValueError, match="integer group scales"):
+        ActQuantLinear.from_quantized(qw, None, torch.float32)
     with pytest.raises(ValueError, match="W8A4 has no int8 GEMM"):
         ActQuantLinear(32, 8, bits=8, act_bits=4, group_size=32)
     with pytest.raises(ValueError, match="8-bit: per-channel only"):

@@ -97,17 +97,13 @@ class QuantizedWeight:
         if self.group_size == k and sym:
             return qweight, self.scale[:, 0].float().contiguous(), None, None
         if self.channel_scale is None:
-            if self.group_size == k:  # per-channel with zeros: group scale 1 over one group
-                channel, mult = self.scale[:, 0], torch.ones_like(self.scale)
-            else:
-                raise ValueError("4-bit grouped weights for the W4A8 GEMM need integer group scales (QQQ's grid: "
-                                 "quantize with integer_groups; QoQ's: progressive)")
-        else:
-            channel = self.channel_scale
-            mult = torch.round(self.scale / channel[:, None])
-            if mult.min() < 1 or mult.max() > 127 or not torch.allclose(mult * channel[:, None], self.scale,
-                                                                         rtol=1e-5, atol=0):
-                raise ValueError("group scales are not integer multiples of channel_scale")
+            raise ValueError("4-bit grouped or zero-point weights for the W4A8 GEMM need integer group scales (QQQ's "
+                             "grid: quantize with integer_groups; QoQ's: from_progressive)")
+        channel = self.channel_scale
+        mult = torch.round(self.scale / channel[:, None])
+        if mult.min() < 1 or mult.max() > 127 or not torch.allclose(mult * channel[:, None], self.scale,
+                                                                     rtol=1e-5, atol=0):
+            raise ValueError("group scales are not integer multiples of channel_scale")
         w8 = (self.codes - expand_groups(self.zero, self.group_size)) * expand_groups(mult, self.group_size)
         if w8.min() < -128 or w8.max() > 127:
             raise ValueError(f"(code - zero) * group scale reaches {int(w8.min())} .. {int(w8.max())}, outside int8: "
