@@ -57,7 +57,11 @@ ROWS = {  # name: (method, options)
         ("yx", ("rotate", "smooth_xw", "reorder", "calib_range")),
         ("yx-rot", ("smooth_xw", "reorder", "calib_range")),
         ("yx-rot-xw", ("reorder", "calib_range")),
-        ("yx-rot-xw-reorder", ("calib_range",)))},
+        ("yx-rot-xw-reorder", ("calib_range",)),
+        # the same steps without rotation (it hurt at its step on this model)
+        ("yx-xw", ("rotate", "reorder", "calib_range")),
+        ("yx-xw-reorder", ("rotate", "calib_range")),
+        ("yx-xw-reorder-clip", ("rotate",)))},
     "qoq-g64": ("qoq", dict(group_size=64, prefill_with_quant=True)),
     "qoq-w4a8-g64": ("qoq", dict(group_size=64, kv_bits=16, smooth_attention=0)),
     **{f"spqr-w{b}-g{g}-s{s}": ("spqr", dict(bits=b, group_size=g, scale_bits=s))
