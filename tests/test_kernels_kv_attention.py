@@ -51,6 +51,28 @@ def test_kernels_kivi_attention_matches_reference(b, hkv, rep, d, bits, group, g
 
 
 @needs_backend
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 3), rep=st.sampled_from([1, 4]), d=st.sampled_from([16, 64]), bits=st.sampled_from([4, 8]),
+       tq=st.integers(1, 70), tr=st.integers(0, 5), ragged=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_kernels_kivi_attention_static_length(b, rep, d, bits, tq, tr, ragged, seed):
+    """A static per-token store (QoQ's KV4, tquant.decode) allocated for tq tokens and filled up to length[b]:
+    the kernel matches the reference with the unread tokens masked, and garbage past length changes nothing."""
+    pk, pv, rk, rv = random_cache(b, 2, d, tq, tr, bits, d, torch.float16, seed, key_axis="token")
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(b, 2 * rep, d, generator=g).to(DEVICE, torch.float16)
+    length = torch.randint(1, tq + 1, (b,), generator=g, dtype=torch.int32).to(DEVICE)
+    start = torch.randint(0, 2, (b,), generator=g).to(DEVICE) * (length.long() - 1) if ragged else None
+    args = dict(bits=bits, group=d, key_axis="token", start=start, length=length)
+    out = kivi_decode_attention(q, pk, pv, rk, rv, **args)
+    ref = kivi_decode_attention_ref(q, pk, pv, rk, rv, sm_scale=d**-0.5, **args)
+    assert out.isfinite().all()
+    assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < TOL[torch.float16]
+    unread = torch.arange(tq, device=DEVICE)[None, :] >= length[:, None].long()  # [B, tq]
+    noisy = kv_quant.PackedKV(*(torch.where(unread[:, None, :, None], t.flip(2), t) for t in pk))
+    torch.testing.assert_close(kivi_decode_attention(q, noisy, pv, rk, rv, **args), out, rtol=0, atol=0)
+
+
+@needs_backend
 def test_kernels_kivi_attention_masked_tokens_do_not_count():
     """Tokens before start[b] change nothing: the output equals that of the cache without them."""
     pk, pv, rk, rv = random_cache(1, 1, 32, 32, 5, 4, 16, torch.float32, seed=7)

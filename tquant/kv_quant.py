@@ -56,7 +56,7 @@ def _quantize_groups(x: torch.Tensor, bits: int, group: int) -> PackedKV:
                         empty(n // group, torch.float16))
     g = x.float().reshape(-1, n // group, group)
     q, scale, mn = minmax_quantize(g, bits, dim=-1, param_dtype=torch.float16)
-    words = pack_codes(q.reshape(-1, group), bits)  # [wpg, rows * n / group]
+    words = pack_codes(q.reshape(-1, group), bits, checked=False)  # [wpg, rows * n / group]; clamped codes
     codes = words.t().reshape(*lead, n // group * words.shape[0])
     return PackedKV(codes.contiguous(), scale.reshape(*lead, n // group), mn.reshape(*lead, n // group))
 

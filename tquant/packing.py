@@ -21,11 +21,13 @@ def values_per_word(bits: int) -> int:
     return 32 // bits
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes: integer [N, K] in [0, 2^bits) -> qweight int32 [ceil(K/epw), N]."""
+def pack_codes(codes: torch.Tensor, bits: int, checked: bool = True) -> torch.Tensor:
+    """codes: integer [N, K] in [0, 2^bits) -> qweight int32 [ceil(K/epw), N]. checked=False skips the range
+    check, for codes clamped by construction (the check reads the codes back to the host, which a CUDA graph
+    capture cannot)."""
     epw = values_per_word(bits)
     n, k = codes.shape
-    if codes.min() < 0 or codes.max() >= 2**bits:
+    if checked and (codes.min() < 0 or codes.max() >= 2**bits):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     rows = -(-k // epw)
     padded = torch.zeros(n, rows * epw, dtype=torch.int64, device=codes.device)

@@ -10,6 +10,8 @@ One new query token per sequence attends to every cached token:
     packed values  PackedKV: codes int32 [B, Hkv, Tq, D / G * wpg], scale, mn fp16 [B, Hkv, Tq, D / G]
     res_k, res_v   [B, Hkv, Tr, D] in q's dtype (the full-precision window), Tr >= 0
     start  int32 [B] or None: tokens before start[b] are masked (a left-padded batch; ragged lengths)
+    length int32 [B] or None: packed tokens at or past length[b] are masked and not read (a static cache whose
+           store is allocated for Tq tokens and filled up to length[b]; tquant.decode)
     o      [B, Hq, D] in q's dtype; fp32 softmax and accumulation
 Kernel: grid (B * Hkv, SPLITS + 1). A program takes one KV head and all its rep query heads (K and V are read
 once for them; the rep rows are padded to 16 for tl.dot). Programs 0 ... SPLITS - 1 each take one contiguous
@@ -39,22 +41,29 @@ REP_PAD = 16  # tl.dot needs M >= 16: the rep query heads of one KV head are pad
 
 
 def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
-                              sm_scale: float, start=None, key_axis: str = "channel") -> torch.Tensor:
+                              sm_scale: float, start=None, key_axis: str = "channel", length=None) -> torch.Tensor:
     """The same attention in fp32 through tquant.kv_quant's decoders, in q's dtype."""
     keys = key_format(key_axis)[1](packed_k, bits, group)
     k = torch.cat([keys, res_k.float()], dim=-2)
     v = torch.cat([dequantize_values(packed_v, bits, group), res_v.float()], dim=-2)
-    return reference_attention(q, k, v, sm_scale, start)
+    unread = None
+    if length is not None:  # packed positions >= length[b]; the residual window after them is read
+        pos = torch.arange(k.shape[2], device=q.device)[None, :]
+        unread = (pos >= length.to(q.device)[:, None]) & (pos < keys.shape[2])
+    return reference_attention(q, k, v, sm_scale, start, unread)
 
 
-def reference_attention(q, k, v, sm_scale: float, start=None) -> torch.Tensor:
+def reference_attention(q, k, v, sm_scale: float, start=None, unread=None) -> torch.Tensor:
     """softmax(sm_scale q K^T + mask) V in fp32 for q [B, Hq, D] and float32 k, v [B, Hkv, T, D] (GQA), tokens
-    before start[b] masked; in q's dtype."""
+    before start[b] and where unread [B, T] is True masked; in q's dtype."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, T, D]
     scores = torch.einsum("bhd,bhtd->bht", q.float(), k) * sm_scale
+    masked = unread
     if start is not None:
-        masked = torch.arange(k.shape[2], device=q.device)[None, :] < start.to(q.device)[:, None]
+        before = torch.arange(k.shape[2], device=q.device)[None, :] < start.to(q.device)[:, None]
+        masked = before if masked is None else masked | before
+    if masked is not None:
         scores = scores.masked_fill(masked[:, None, :], float("-inf"))
     return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), v).to(q.dtype)
 
@@ -205,11 +214,11 @@ def _dense_tokens(q, k_ptr, v_ptr, n, pos0, first, m, l, acc, chan, D: tl.conste
 
 @triton.jit
 def _kv_attention_kernel(
-    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, rk_ptr, rv_ptr, start_ptr, m_ptr, l_ptr, acc_ptr,
-    HKV, TQ, TR, tokens_per_split, sm_scale,
+    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, rk_ptr, rv_ptr, start_ptr, length_ptr, m_ptr, l_ptr,
+    acc_ptr, HKV, TQ, TR, tokens_per_split, sm_scale,
     D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
     WPG: tl.constexpr, KEYS_PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
+    HAS_LENGTH: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
 ):
     bh, split = tl.program_id(0), tl.program_id(1)
     b = bh // HKV
@@ -228,6 +237,8 @@ def _kv_attention_kernel(
         vs, vm = vs_ptr + bh.to(tl.int64) * (TQ * (D // G)), vm_ptr + bh.to(tl.int64) * (TQ * (D // G))
         lo = split * tokens_per_split
         hi = tl.minimum(lo + tokens_per_split, TQ)
+        if HAS_LENGTH:  # a static store: tokens past length[b] are not read
+            hi = tl.minimum(hi, tl.load(length_ptr + b))
         for t0 in range(lo, hi, BLOCK_T):
             tok = t0 + tl.arange(0, BLOCK_T)
             k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
@@ -272,7 +283,7 @@ def check_heads(q, kv, name: str) -> tuple[int, int, int, int, int]:
     return b, hq, d, hkv, kv.shape[2]
 
 
-def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis) -> None:
+def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length=None) -> None:
     """Raise ValueError naming the first input whose dtype or shape does not fit the layouts above."""
     check_kv_bits(bits)
     check_key_axis(key_axis)
@@ -297,8 +308,9 @@ def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_ax
                    "values.mn": (packed_v.mn, per_token[1], DTYPES)},
                   f"q {tuple(q.shape)}, {tq} packed and {tr} residual tokens, {bits} bits, group {group}, "
                   f"keys per {key_axis}")
-    if start is not None and (start.shape != (b,) or start.dtype not in (torch.int32, torch.int64)):
-        raise ValueError(f"start must be an integer tensor [B={b}]; got {start.dtype} {tuple(start.shape)}")
+    for name, t in (("start", start), ("length", length)):
+        if t is not None and (t.shape != (b,) or t.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"{name} must be an integer tensor [B={b}]; got {t.dtype} {tuple(t.shape)}")
 
 
 INTERPRETER_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "num_warps": 4, "num_stages": 1}
@@ -320,7 +332,8 @@ def configs(tokens: int) -> list[dict]:
     return out
 
 
-def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis) -> torch.Tensor:
+def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length=None
+           ) -> torch.Tensor:
     b, hq, d = q.shape
     hkv, tr = res_k.shape[1], res_k.shape[2]
     tq = packed_v.codes.shape[2]
@@ -333,9 +346,11 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
     tensors = [t.contiguous() for t in (q, *packed_k, *packed_v, res_k, res_v)]
     dot_dtype, precision = dot_types(q.dtype)
     _kv_attention_kernel[(b * hkv, splits)](
-        *tensors, start if start is not None else m, m, l, acc, hkv, tq, tr, per_split, sm_scale,
+        *tensors, start if start is not None else m, length if length is not None else m, m, l, acc, hkv, tq, tr,
+        per_split, sm_scale,
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=values_per_word(bits), WPG=words_per_group(bits, group),
-        KEYS_PER_CHANNEL=key_axis == "channel", BLOCK_T=block_t, HAS_START=start is not None, DOT_DTYPE=dot_dtype,
+        KEYS_PER_CHANNEL=key_axis == "channel", BLOCK_T=block_t, HAS_START=start is not None,
+        HAS_LENGTH=length is not None, DOT_DTYPE=dot_dtype,
         PRECISION=precision, R=REP_PAD, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
@@ -344,18 +359,21 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
 
 
 def kivi_decode_attention(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
-                          sm_scale: float | None = None, start=None, key_axis: str = "channel") -> torch.Tensor:
+                          sm_scale: float | None = None, start=None, key_axis: str = "channel", length=None
+                          ) -> torch.Tensor:
     """o [B, Hq, D] = softmax(sm_scale q K^T) V over the packed store and the residual window (module docstring);
-    sm_scale defaults to 1 / sqrt(D). key_axis "token": keys in the values' per-token layout (QoQ's KV4)."""
-    check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis)
-    check_device({"q": q, "keys": packed_k.codes, "values": packed_v.codes, "res_k": res_k, "start": start})
+    sm_scale defaults to 1 / sqrt(D). key_axis "token": keys in the values' per-token layout (QoQ's KV4).
+    length: the filled part of a static store (no host read of it, so a CUDA graph can replay the call)."""
+    check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length)
+    check_device({"q": q, "keys": packed_k.codes, "values": packed_v.codes, "res_k": res_k, "start": start,
+                  "length": length})
     sm_scale = 1 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     tq = packed_v.codes.shape[2]
     if tq + res_k.shape[2] == 0:
         raise ValueError("the cache is empty: nothing to attend to")
     key = {"T": next_power_of_2(tq), "B": q.shape[0], "Hq": q.shape[1], "Hkv": res_k.shape[1], "D": q.shape[2],
            "bits": bits, "group": group, "keys": key_axis, "dtype": str(q.dtype).removeprefix("torch.")}
-    args = (q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis)
+    args = (q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length)
     config = tune("kv_decode_attention", key, configs(key["T"]), lambda c: launch(c, *args), q.device)
     return launch(config, *args)
 
