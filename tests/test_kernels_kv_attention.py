@@ -107,7 +107,12 @@ def test_kernels_kivi_attention_bad_input_raises():
 
 
 @needs_backend
-def test_kernels_kivi_decode_inside_the_model(monkeypatch):
+@pytest.mark.parametrize("method, options", [
+    ("kivi", dict(kv_bits=4, group_size=8, residual=8)),
+    ("qoq_kv4", dict(smooth_alpha=0)),  # no window: each step's exact token beside its skipped stored copy
+    ("qoq_kv4", dict(smooth_alpha=0, prefill_with_quant=True)),  # no window: every token read as stored
+])
+def test_kernels_kivi_decode_inside_the_model(monkeypatch, method, options):
     """A GQA Llama decoding through the kernel path (one-token steps read the packed cache in the kernel) gives
     the torch path's logits, with and without left padding."""
     import tquant
@@ -119,8 +124,11 @@ def test_kernels_kivi_decode_inside_the_model(monkeypatch):
                         lambda *a, **k: calls.append(1) or kivi_decode_attention(*a, **k))
 
     model = tiny_model("llama").to(DEVICE)  # head size 16, 6 query heads on 2 KV heads
-    tquant.quantize(model, "kivi", kv_bits=4, group_size=8, residual=8)
+    tquant.quantize(model, method, **options)
     ids = torch.randint(0, 250, (2, 40), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     for kernel_logits, torch_logits, cache, _ in decode_both_paths(model, ids, 20, calls):
         assert cache.layers[0].quantized_length() > 0
-        torch.testing.assert_close(kernel_logits, torch_logits, rtol=1e-4, atol=1e-4)
+        # fp32 summation order, and the rare code it flips in a later layer's cache; a token missed or counted
+        # twice costs about 1e-2
+        err = ((kernel_logits - torch_logits).norm() / torch_logits.norm()).item()
+        assert err < 1e-4, err

@@ -14,8 +14,9 @@ Memory: nbytes() counts the packed codes, the fp16 scales and minima and the res
 format). The torch path also keeps each flushed group decoded once (the packed codes never change), so a decode
 step does not decode the whole store again.
 
-Kernel path (kernel=True; the default on CUDA): a one-token update returns only the residual window, and the
-model's attention function "tquant_kv" (registered here; tquant.kv sets it on the model) calls decode_attention of
+Kernel path (kernel=True; the default on CUDA): a one-token update returns only the residual window (with no
+window, residual 0 and prefill_with_quant=False: the step's exact token, whose stored copy the kernel skips, so
+both paths attend to a call's own tokens as given), and the model's attention function "tquant_kv" (registered here; tquant.kv sets it on the model) calls decode_attention of
 the layer updated last: KiviLayer's runs tquant.kernels.kv_attention on the packed store and the window (other
 layers, e.g. KVQuantLayer, bring their own kernel and set _last.layer and kernel_step the same way). Every other
 call (prefills, the torch path) goes through SDPA on the K / V that update returned.
@@ -63,6 +64,7 @@ class KiviLayer(QuantizedLayer):
         self.flush_tokens = group if key_axis == "channel" else 1
         self.kernel = kernel  # None: on CUDA tensors
         self.kernel_step = None  # the keys the last update returned for the kernel (its residual window), or None
+        self._unread = 0  # newest stored tokens the kernel step skips (they are in its window exactly)
         self.packed_keys: PackedKV | None = None
         self.packed_values: PackedKV | None = None
         self._dequantized: tuple[torch.Tensor, torch.Tensor] | None = None  # the torch path's decoded store
@@ -94,7 +96,12 @@ class KiviLayer(QuantizedLayer):
                     tuple(torch.cat([old, new], dim=-2) for old, new in zip(self._dequantized, (k, v)))
         _last.layer = self
         kernel_step = bool(self.kernel) and key_states.shape[-2] == 1 and self.packed_keys is not None
-        self.kernel_step = self.keys if kernel_step else None
+        self.kernel_step, self._unread = (self.keys if kernel_step else None), 0
+        if kernel_step and self.keys.shape[-2] == 0 and not self.prefill_with_quant:
+            # no window (residual 0): the step's token went to the store; as on the torch path it attends to
+            # itself exactly, so the kernel reads the store but its last token, and the exact token as the window
+            self.kernel_step, self._unread = key_states, 1
+            return key_states, value_states
         if kernel_step:
             return self.keys, self.values
         keys, values = self.stored()
@@ -117,8 +124,13 @@ class KiviLayer(QuantizedLayer):
         window keys, values (what the kernel step's update returned)."""
         from ..kernels.kv_attention import kivi_decode_attention
 
+        length = None
+        if self._unread:
+            length = torch.full((q.shape[0],), self.quantized_length() - self._unread, dtype=torch.int32,
+                                device=q.device)
         return kivi_decode_attention(q, self.packed_keys, self.packed_values, keys, values, bits=self.bits,
-                                     group=self.group, sm_scale=sm_scale, start=start, key_axis=self.key_axis)
+                                     group=self.group, sm_scale=sm_scale, start=start, key_axis=self.key_axis,
+                                     length=length)
 
     def nbytes(self) -> int:
         """Bytes held: packed codes, fp16 scales and minima, and the full-precision residual window."""

@@ -1,0 +1,124 @@
+"""StaticDecoder: prefill + decode steps through the static cache give the model's own logits (float cache: its
+full forward; qoq_kv4: its dynamic KV4 cache, token by token), with quantized weights too; greedy generate
+matches HF generate; the cache's bytes per token; every refusal. The CUDA-graph replay against the eager step
+runs on a GPU only."""
+import pytest
+import torch
+import transformers
+from test_kv_cache import decoded_logits, rel
+from tiny_models import ARCHS, VOCAB, tiny_model, token_batch
+
+import tquant
+from tquant.decode import StaticDecoder
+
+ARCHS_HERE = {**ARCHS, "qwen3": lambda: transformers.Qwen3Config(  # q / k norms per head
+    vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256)}
+PREFILL, TOTAL = 12, 20
+
+
+def static_logits(model, ids, max_len=32, graphs=False):
+    """Logits [B, T - PREFILL + 1, V] of positions PREFILL - 1 ... T - 1: the prefill's last, then one a step."""
+    dec = StaticDecoder(model, batch=ids.shape[0], max_len=max_len, graphs=graphs)
+    out = [dec.prefill(ids[:, :PREFILL])]
+    for t in range(PREFILL, ids.shape[1]):
+        out.append(dec.step(ids[:, t]).clone())
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_float_cache_gives_the_models_logits(monkeypatch, arch):
+    monkeypatch.setitem(ARCHS, "qwen3", ARCHS_HERE["qwen3"])
+    model = tiny_model(arch)
+    ids = token_batch(2, TOTAL, seed=3)
+    with torch.no_grad():
+        ref = model(ids).logits[:, PREFILL - 1:]
+    assert rel(static_logits(model, ids), ref) < 1e-5
+
+
+@pytest.mark.parametrize("prefill_with_quant", [False, True])
+def test_kv4_cache_gives_the_dynamic_kv4_caches_logits(prefill_with_quant):
+    """Same codes as tquant.kv_cache(model)'s per-token KV4 layers (no window), so the same logits; and far from
+    the float cache's (the test sees the quantization)."""
+    model = tiny_model("llama")
+    ids = token_batch(2, TOTAL, seed=4)
+    with torch.no_grad():
+        exact = model(ids).logits[:, PREFILL - 1:]
+        tquant.quantize(model, "qoq_kv4", calib=token_batch(4, 32, seed=5), prefill_with_quant=prefill_with_quant)
+        ref = decoded_logits(model, ids, PREFILL, tquant.kv_cache(model))[:, PREFILL - 1:]
+    out = static_logits(model, ids)
+    assert rel(out, ref) < 1e-5
+    assert rel(out, exact) > 1e-3
+
+
+def test_quantized_weights_and_kv4():
+    """QoQ's data-free W4A8KV4 (rotation, progressive grid, KV4): the decoder runs the model's ActQuantLinear
+    modules and its cache as the model's own forward does."""
+    model = tiny_model("llama")
+    tquant.quantize(model, "qoq", group_size=32, smooth_attention=0, smooth_xw=False, reorder=False,
+                    calib_range=False, device="cpu", progress=False)
+    ids = token_batch(1, TOTAL, seed=6)
+    with torch.no_grad():
+        ref = decoded_logits(model, ids, PREFILL, tquant.kv_cache(model))[:, PREFILL - 1:]
+    assert rel(static_logits(model, ids), ref) < 1e-5
+
+
+def test_generate_is_hf_greedy():
+    model = tiny_model("llama")
+    ids = token_batch(2, 7, seed=8)
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=9, min_new_tokens=9, do_sample=False)
+    out = StaticDecoder(model, batch=2, max_len=16).generate(ids, max_new_tokens=9)
+    assert torch.equal(out, ref)
+
+
+def test_bytes_per_token():
+    """2 layers x (K, V) x 2 KV heads x 16 channels: fp32 4 bytes each; KV4 8 bytes of codes + fp16 scale, min."""
+    model = tiny_model("llama")
+    assert StaticDecoder(model, 1, 8).cache.bytes_per_token() == 2 * 2 * 2 * 16 * 4
+    tquant.quantize(model, "qoq_kv4", smooth_alpha=0)
+    assert StaticDecoder(model, 1, 8).cache.bytes_per_token() == 2 * 2 * 2 * (8 + 2 + 2)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("gpt2", "Llama-style decoders.*got model_type 'gpt2'"),
+    ("mistral", "no sliding-window attention"),
+    ("kivi", "KV cache is 'kivi'"),
+    ("residual", "residual must be 0"),
+    ("graphs on cpu", "CUDA graphs need the model on a CUDA device"),
+    ("step first", r"call prefill\(ids\) first"),
+    ("long prompt", "a prompt of 8 tokens leaves no room in a cache of max_len=8"),
+    ("batch", r"takes token ids \[batch=2, t\]; got \(3, 4\)"),
+    ("full", "the cache is full: 8 tokens"),
+    ("generate too long", "4 \\+ 5 tokens exceed max_len=8"),
+])
+def test_refusals(case, match):
+    model = tiny_model(case if case in ("gpt2", "mistral") else "llama")
+    if case == "kivi":
+        tquant.quantize(model, "kivi", kv_bits=2, group_size=16, residual=16)
+    if case == "residual":
+        tquant.quantize(model, "qoq_kv4", smooth_alpha=0, residual=4)
+    with pytest.raises(ValueError, match=match):
+        dec = StaticDecoder(model, batch=2, max_len=8, graphs=True if case == "graphs on cpu" else None)
+        ids = token_batch(2, 4, seed=1)
+        if case == "step first":
+            dec.step(ids[:, 0])
+        dec.prefill({"long prompt": token_batch(2, 8), "batch": token_batch(3, 4)}.get(case, ids))
+        if case == "generate too long":
+            dec.generate(ids, max_new_tokens=5)
+        for t in range(5):
+            dec.step(ids[:, 0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kv", ["float", "kv4"])
+def test_kernels_static_decoder_graph_replay_matches_eager(kv):
+    """On the GPU (fp16): each replayed step gives the eager step's logits, and generation the same tokens."""
+    model = tiny_model("llama", dtype=torch.float16).cuda()
+    if kv == "kv4":
+        tquant.quantize(model, "qoq_kv4", smooth_alpha=0)
+    ids = token_batch(2, TOTAL, seed=9).cuda()
+    eager, graphed = static_logits(model, ids, graphs=False), static_logits(model, ids, graphs=True)
+    assert rel(graphed.float(), eager.float()) < 1e-3
+    outs = [StaticDecoder(model, 2, 32, graphs=g).generate(ids[:, :PREFILL], 10) for g in (False, True)]
+    assert torch.equal(*outs)

@@ -1,0 +1,284 @@
+"""Static-cache decoding of a Llama-style model, each decode step one CUDA-graph replay.
+
+    dec = tquant.StaticDecoder(model, batch=16, max_len=1152)
+    tokens = dec.generate(ids, max_new_tokens=128)           # greedy; ids [batch, t], every row t tokens
+    logits = dec.prefill(ids); logits = dec.step(next_ids)   # by hand: logits [batch, vocab] of the last token
+
+HF generate grows its cache by concatenation and launches every small op from Python, so batch-1 decoding is
+bound by launches. Here the cache (StaticKVCache) is allocated once, and a decode step reads its position from
+a device tensor: embedding, then per layer the model's own modules (norms, q / k / v / o projections and MLP,
+quantized or not), RoPE, the cache write at position p and attention over positions 0 ... p; final norm and
+lm_head. Nothing in the step reads the device from the host, so on CUDA it is captured once (after a warm-up that
+fills the kernels' autotune entries) and replayed for every token. The prefill runs eagerly; it attends to its own
+exact keys / values (or to them as stored, with the KV method's prefill_with_quant) and writes them into the
+cache. Rows of a batch share one position: the prompts are all t tokens long (no padding).
+The model's KV method (quantization_config["kv_cache"]) decides the cache: none -> float; qoq_kv4 -> per-token
+4 / 8-bit codes read by tquant.kernels.kv_attention. KIVI / KVQuant caches (windows, token groups, outliers) have
+no static form yet and are refused.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .kv import tquant_config
+from .kv_quant import PackedKV, dequantize_values, quantize_values
+from .methods.kv_base import head_dim
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # embed -> [norm, attention, norm, MLP] x L -> norm -> head
+
+
+class StaticKVCache:
+    """Keys / values (after RoPE) of every layer for `batch` sequences of up to max_len tokens, allocated once.
+
+    bits None: k, v [L, B, Hkv, T, D] in the model's dtype
+    bits 4 / 8 (qoq_kv4): per-token asymmetric codes with one fp16 (scale, minimum) per token and KV head (the
+        per-token layout of tquant.kv_quant, group = D): codes int32 [L, B, Hkv, T, D * bits / 32],
+        scale, mn fp16 [L, B, Hkv, T, 1], for keys and for values
+    write(layer, k, v, pos) stores k, v [B, Hkv, t, D] at positions pos (int64 [t]); attend(layer, q, length,
+    ...) is one query token per row, q [B, Hq, D], over positions 0 ... length[b] - 1 (length int32 [B]) and an
+    optional exact window. A decode step of a quantized cache without prefill_with_quant attends to its own token
+    exactly (as tquant.kv_cache's layers do: a call's own tokens come as given) and to the earlier ones as stored.
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_size: int, max_len: int, dtype: torch.dtype,
+                 device, bits: int | None = None, prefill_with_quant: bool = False):
+        self.bits, self.dtype, self.prefill_with_quant = bits, dtype, prefill_with_quant
+        self.kernel = torch.device(device).type == "cuda"
+        shape = (layers, batch, kv_heads, max_len)
+        if bits is None:
+            self.k = torch.zeros(*shape, head_size, dtype=dtype, device=device)
+            self.v = torch.zeros_like(self.k)
+        else:
+            def store():
+                return PackedKV(torch.zeros(*shape, head_size * bits // 32, dtype=torch.int32, device=device),
+                                torch.ones(*shape, 1, dtype=torch.float16, device=device),
+                                torch.zeros(*shape, 1, dtype=torch.float16, device=device))
+            self.k, self.v = store(), store()
+            self._window = torch.zeros(batch, kv_heads, 0, head_size, dtype=dtype, device=device)  # no fp window
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int) -> "StaticKVCache":
+        """The cache the model's KV method asks for (float without one); ValueError for methods with no static
+        form."""
+        cfg = model.config
+        spec = (tquant_config(model) or {}).get("kv_cache")
+        bits, prefill_with_quant = None, False
+        if spec is not None:
+            if spec["method"] != "qoq_kv4":
+                raise ValueError(f"static decoding supports the float cache and qoq_kv4's per-token codes; this model's "
+                                 f"KV cache is {spec['method']!r} (use model.generate, which builds its dynamic cache)")
+            if spec["residual"]:
+                raise ValueError("static decoding keeps no full-precision window: qoq_kv4's residual must be 0")
+            bits, prefill_with_quant = spec["kv_bits"], spec["prefill_with_quant"]
+        dtype = model.get_input_embeddings().weight.dtype
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            dtype = torch.float16
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return cls(cfg.num_hidden_layers, batch, kv_heads, head_dim(cfg), max_len, dtype,
+                   model.get_input_embeddings().weight.device, bits, prefill_with_quant)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        if self.bits is None:
+            self.k[layer].index_copy_(2, pos, k.to(self.dtype))
+            self.v[layer].index_copy_(2, pos, v.to(self.dtype))
+            return
+        d = k.shape[-1]
+        for store, x in ((self.k, k), (self.v, v)):
+            for part, new in zip(store, quantize_values(x, self.bits, d)):
+                part[layer].index_copy_(2, pos, new)
+
+    def stored(self, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0 ... t - 1 of one layer as the cache holds them, in the model's dtype."""
+        if self.bits is None:
+            return self.k[layer][:, :, :t], self.v[layer][:, :, :t]
+        d = self._window.shape[-1]
+        return tuple(dequantize_values(PackedKV(*(p[layer][:, :, :t] for p in store)), self.bits, d).to(self.dtype)
+                     for store in (self.k, self.v))
+
+    def attend(self, layer: int, q: torch.Tensor, length: torch.Tensor, sm_scale: float, k_new=None, v_new=None
+               ) -> torch.Tensor:
+        """o [B, Hq, D]: softmax(sm_scale q K^T) V over the first length[b] cached tokens of each row and, if
+        given, the exact k_new, v_new [B, Hkv, 1, D] after them."""
+        window = () if k_new is None else (k_new.to(self.dtype), v_new.to(self.dtype))
+        if self.bits is not None and self.kernel:
+            from .kernels.kv_attention import kivi_decode_attention
+
+            return kivi_decode_attention(q, PackedKV(*(p[layer] for p in self.k)),
+                                         PackedKV(*(p[layer] for p in self.v)), *(window or (self._window,) * 2),
+                                         bits=self.bits, group=q.shape[-1], sm_scale=sm_scale, key_axis="token",
+                                         length=length)
+        k, v = self.stored(layer, self.max_len)
+        live = torch.arange(self.max_len, device=q.device)[None, :] < length[:, None]  # [B, T]
+        if window:
+            k, v = torch.cat([k, window[0]], dim=2), torch.cat([v, window[1]], dim=2)
+            live = F.pad(live, (0, 1), value=True)
+        # the rep query heads of KV head j (heads j rep ... j rep + rep - 1, as HF's repeat_kv) as rep query rows
+        # of one attention: no repeated K / V, and a masked SDPA kernel takes it
+        b, hq, d = q.shape
+        o = F.scaled_dot_product_attention(q.view(b, k.shape[1], hq // k.shape[1], d), k.to(q.dtype), v.to(q.dtype),
+                                           attn_mask=live[:, None, None], scale=sm_scale)
+        return o.reshape(b, hq, d)
+
+    @property
+    def max_len(self) -> int:
+        return (self.k if self.bits is None else self.k.codes).shape[3]
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token of one sequence takes, all layers (keys and values)."""
+        parts = (self.k, self.v) if self.bits is None else (*self.k, *self.v)
+        return sum(p.element_size() * p[:, 0, :, 0].numel() for p in parts)
+
+
+def check_model(model) -> None:
+    """ValueError naming what keeps a model from the static decoder (its type, or a missing module)."""
+    cfg = model.config
+    if cfg.model_type not in MODEL_TYPES:
+        raise ValueError(f"StaticDecoder runs Llama-style decoders ({', '.join(MODEL_TYPES)}); got model_type "
+                         f"{cfg.model_type!r}")
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False \
+            and cfg.model_type == "mistral":
+        raise ValueError("StaticDecoder has no sliding-window attention: this Mistral config sets sliding_window")
+    body = getattr(model, "model", None)
+    for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(body, name):
+            raise ValueError(f"StaticDecoder needs model.model.{name}, which this {type(model).__name__} lacks")
+    for part in ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn.q_proj", "self_attn.k_proj",
+                 "self_attn.v_proj", "self_attn.o_proj"):
+        try:
+            body.layers[0].get_submodule(part)
+        except AttributeError:
+            raise ValueError(f"StaticDecoder needs {part} in every decoder layer; layer 0 has none") from None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class StaticDecoder:
+    """Greedy generation for `batch` sequences of up to max_len tokens with a static cache (module docstring).
+    graphs: capture the decode step as a CUDA graph (default: on CUDA)."""
+
+    def __init__(self, model, batch: int, max_len: int, graphs: bool | None = None):
+        check_model(model)
+        if batch < 1 or max_len < 2:
+            raise ValueError(f"batch must be >= 1 and max_len >= 2; got {batch}, {max_len}")
+        self.model, self.batch = model, batch
+        self.cache = StaticKVCache.for_model(model, batch, max_len)
+        device = model.get_input_embeddings().weight.device
+        self.graphs = device.type == "cuda" if graphs is None else graphs
+        if self.graphs and device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        cfg = model.config
+        self.heads, self.head_size = cfg.num_attention_heads, head_dim(cfg)
+        self.sm_scale = getattr(model.model.layers[0].self_attn, "scaling", 1 / math.sqrt(self.head_size))
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position the next step writes
+        self.length = 0  # its host copy (bounds checks only)
+        self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self._graph = self._logits = None
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def _attention(self, i: int, layer, x: torch.Tensor, pos: torch.Tensor, cos, sin) -> torch.Tensor:
+        """The attention of decoder layer i for hidden states x [B, t, H] at positions pos (int64 [t]): t > 1 is
+        the prefill (positions 0 ... t - 1, causal over itself), t == 1 a decode step (over the cache)."""
+        attn, (b, t, _) = layer.self_attn, x.shape
+        shape = (b, t, -1, self.head_size)
+        q, k, v = (proj(x).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm per head before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, t, D]
+        cos, sin = cos[:, None], sin[:, None]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        self.cache.write(i, k, v, pos)
+        if t == 1:
+            exact = self.cache.bits is not None and not self.cache.prefill_with_quant  # its own token as given
+            length = (pos + (0 if exact else 1)).to(torch.int32).expand(b)
+            o = self.cache.attend(i, q[:, :, 0], length, self.sm_scale, *((k, v) if exact else ()))[:, :, None]
+        else:
+            if self.cache.prefill_with_quant:
+                k, v = self.cache.stored(i, t)
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=self.sm_scale,
+                                               enable_gqa=True)
+        return attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of the last of the tokens ids [B, t] at positions pos (int64 [t])."""
+        body = self.model.model
+        h = body.embed_tokens(ids)
+        cos, sin = body.rotary_emb(h, pos[None].expand(ids.shape[0], -1))
+        for i, layer in enumerate(body.layers):
+            h = h + self._attention(i, layer, layer.input_layernorm(h), pos, cos, sin)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(body.norm(h[:, -1]))
+
+    def _check_ids(self, ids: torch.Tensor, what: str) -> torch.Tensor:
+        if ids.dim() != 2 or ids.shape[0] != self.batch:
+            raise ValueError(f"{what} takes token ids [batch={self.batch}, t]; got {tuple(ids.shape)}")
+        return ids.to(self._ids.device)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Start new sequences from the prompts ids [batch, t] (t >= 1): the cache is overwritten from position
+        0; returns the logits [batch, vocab] of each prompt's last token."""
+        ids = self._check_ids(ids, "prefill")
+        t = ids.shape[1]
+        if not 1 <= t < self.max_len:
+            raise ValueError(f"a prompt of {t} tokens leaves no room in a cache of max_len={self.max_len}")
+        logits = self._forward(ids, torch.arange(t, device=ids.device))
+        self.pos.fill_(t)
+        self.length = t
+        return logits
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """One token per row, ids [batch] or [batch, 1], at the next position: its logits [batch, vocab]. The
+        returned tensor is the graph's output buffer, overwritten by the next step."""
+        if self.length == 0:
+            raise ValueError("step() continues a sequence: call prefill(ids) first")
+        if self.length >= self.max_len:
+            raise ValueError(f"the cache is full: {self.max_len} tokens (max_len)")
+        self._ids.copy_(self._check_ids(ids.reshape(-1, 1), "step"))
+        if not self.graphs:
+            logits = self._forward(self._ids, self.pos)
+        else:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+            logits = self._logits
+        self.pos += 1
+        self.length += 1
+        return logits
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (autotuning, lazy allocations; writes only at the position the first real
+        step overwrites), then record one decode step."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(self._ids, self.pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._logits = self._forward(self._ids, self.pos)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy continuation: [batch, t + max_new_tokens] token ids (prompt included)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+        if ids.shape[-1] + max_new_tokens > self.max_len:
+            raise ValueError(f"{ids.shape[-1]} + {max_new_tokens} tokens exceed max_len={self.max_len}")
+        out = [self._check_ids(ids, "generate")]
+        nxt = self.prefill(ids).argmax(-1)
+        for _ in range(max_new_tokens - 1):
+            out.append(nxt[:, None])
+            nxt = self.step(nxt).argmax(-1)
+        out.append(nxt[:, None])
+        return torch.cat(out, dim=1)
