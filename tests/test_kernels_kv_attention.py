@@ -70,6 +70,10 @@ def test_kernels_kivi_attention_static_length(b, rep, d, bits, tq, tr, ragged, s
     unread = torch.arange(tq, device=DEVICE)[None, :] >= length[:, None].long()  # [B, tq]
     noisy = kv_quant.PackedKV(*(torch.where(unread[:, None, :, None], t.flip(2), t) for t in pk))
     torch.testing.assert_close(kivi_decode_attention(q, noisy, pv, rk, rv, **args), out, rtol=0, atol=0)
+    one = dict(args, length=length[:1].expand(b))  # one length for every row, as a stride-0 view
+    torch.testing.assert_close(kivi_decode_attention(q, pk, pv, rk, rv, **one),
+                               kivi_decode_attention(q, pk, pv, rk, rv, **dict(one, length=one["length"].clone())),
+                               rtol=0, atol=0)
 
 
 @needs_backend

@@ -346,7 +346,7 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
     tensors = [t.contiguous() for t in (q, *packed_k, *packed_v, res_k, res_v)]
     dot_dtype, precision = dot_types(q.dtype)
     _kv_attention_kernel[(b * hkv, splits)](
-        *tensors, start if start is not None else m, length if length is not None else m, m, l, acc, hkv, tq, tr,
+        *tensors, *(m if t is None else t.contiguous() for t in (start, length)), m, l, acc, hkv, tq, tr,
         per_split, sm_scale,
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=values_per_word(bits), WPG=words_per_group(bits, group),
         KEYS_PER_CHANNEL=key_axis == "channel", BLOCK_T=block_t, HAS_START=start is not None,

@@ -257,7 +257,8 @@ def launch(config, q, keys, values, params, sink_k, sink_v, res_k, res_v, bits, 
                                         res_v)]
     dot_dtype, precision = dot_types(q.dtype)
     _kvquant_attention_kernel[(b * hkv, splits)](
-        *tensors, start if start is not None else m, m, l, acc, hkv, t, t - tr, s, tr, per_split, sm_scale, scaling,
+        *tensors, start.contiguous() if start is not None else m, m, l, acc, hkv, t, t - tr, s, tr, per_split,
+        sm_scale, scaling,
         D=d, REP=hq // hkv, BITS=bits, EPW=32 // bits, KEY_OUTLIERS=keys.sparse is not None,
         N_OUT=0 if values.sparse is None else values.sparse.channel.shape[-1], ROPE=rope is not None,
         BLOCK_T=block_t, HAS_START=start is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, R=REP_PAD,
