@@ -62,6 +62,10 @@ ROWS = {  # name: (method, options)
         ("yx-xw", ("rotate", "reorder", "calib_range")),
         ("yx-xw-reorder", ("rotate", "calib_range")),
         ("yx-xw-reorder-clip", ("rotate",)))},
+    # per channel (no groups to align with the GGUF file's 32-weight blocks): rotation with and without
+    **{f"qoq-{name}-pc": ("qoq", dict(group_size=-1, prefill_with_quant=True, **dict.fromkeys(off, False)))
+       for name, off in (("yx", ("rotate", "smooth_xw", "calib_range")), ("yx-rot", ("smooth_xw", "calib_range")),
+                         ("yx-xw-clip", ("rotate",)), ("all", ()))},
     "qoq-g64": ("qoq", dict(group_size=64, prefill_with_quant=True)),
     "qoq-w4a8-g64": ("qoq", dict(group_size=64, kv_bits=16, smooth_attention=0)),
     **{f"spqr-w{b}-g{g}-s{s}": ("spqr", dict(bits=b, group_size=g, scale_bits=s))
