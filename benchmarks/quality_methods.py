@@ -50,8 +50,10 @@ ROWS = {  # name: (method, options)
        for m in ("rtn", "gptq") for b in (4, 3) for g in ("g64", "pc")},
     # QoQ's ablation (group 64): W4A8KV4 on the progressive grid, then each step added in the order it runs
     # (qoq-g64: all of them); qoq-w4a8-g64: every weight step, float KV cache. prefill_with_quant: each window's
-    # one forward attends to its keys / values through the 4-bit cache, as decoding reads them
-    **{f"qoq-{name}-g64": ("qoq", dict(group_size=64, prefill_with_quant=True, **dict.fromkeys(off, False),
+    # one forward attends to its keys / values through the 4-bit cache, as decoding reads them. These rows were
+    # measured before o_proj's smoothing under GQA existed (gqa_o_proj=False); the "-gqa" rows turn it on
+    **{f"qoq-{name}-g64": ("qoq", dict(group_size=64, prefill_with_quant=True, gqa_o_proj=False,
+                                        **dict.fromkeys(off, False),
                                         **({"smooth_attention": 0} if name == "rtn" else {}))) for name, off in (
         ("rtn", ("rotate", "smooth_xw", "reorder", "calib_range")),
         ("yx", ("rotate", "smooth_xw", "reorder", "calib_range")),
@@ -63,11 +65,15 @@ ROWS = {  # name: (method, options)
         ("yx-xw-reorder", ("rotate", "calib_range")),
         ("yx-xw-reorder-clip", ("rotate",)))},
     # per channel (no groups to align with the GGUF file's 32-weight blocks): rotation with and without
-    **{f"qoq-{name}-pc": ("qoq", dict(group_size=-1, prefill_with_quant=True, **dict.fromkeys(off, False)))
+    **{f"qoq-{name}-pc": ("qoq", dict(group_size=-1, prefill_with_quant=True, gqa_o_proj=False,
+                                       **dict.fromkeys(off, False)))
        for name, off in (("yx", ("rotate", "smooth_xw", "calib_range")), ("yx-rot", ("smooth_xw", "calib_range")),
                          ("yx-xw-clip", ("rotate",)), ("all", ()))},
-    "qoq-g64": ("qoq", dict(group_size=64, prefill_with_quant=True)),
-    "qoq-w4a8-g64": ("qoq", dict(group_size=64, kv_bits=16, smooth_attention=0)),
+    "qoq-g64": ("qoq", dict(group_size=64, prefill_with_quant=True, gqa_o_proj=False)),
+    "qoq-w4a8-g64": ("qoq", dict(group_size=64, kv_bits=16, smooth_attention=0, gqa_o_proj=False)),
+    "qoq-g64-gqa": ("qoq", dict(group_size=64, prefill_with_quant=True)),
+    "qoq-norot-g64-gqa": ("qoq", dict(group_size=64, prefill_with_quant=True, rotate=False)),
+    "qoq-w4a8-norot-g64-gqa": ("qoq", dict(group_size=64, kv_bits=16, smooth_attention=0, rotate=False)),
     **{f"spqr-w{b}-g{g}-s{s}": ("spqr", dict(bits=b, group_size=g, scale_bits=s))
        for b, g, s in ((3, 16, 3), (4, 16, 3), (3, 32, 3), (3, 64, 4), (4, 64, 4), (2, 16, 3), (4, 32, 4))},
     "spqr-w3-g16-s3-no-outliers": ("spqr", dict(bits=3, group_size=16, outlier_relative_threshold=float("inf"))),

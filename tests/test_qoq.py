@@ -44,7 +44,9 @@ def test_qoq_builds_w4a8_zero_point_layers_and_the_kv4_cache():
     assert len(qc["kv_cache"]["smooth_scales"]) == 2  # SmoothAttention folded into both layers' q / k_proj
     report = qc["report"]
     assert len(report["clip_ratio"]) == 14 and all(0.5 < r <= 1 for r in report["clip_ratio"].values())
-    assert set(report["alpha"]) == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}  # the output module
+    # the output modules: down_proj <- up_proj, and o_proj <- v_proj with the scale tied under GQA
+    assert set(report["alpha"]) == {f"model.layers.{i}.{m}" for i in range(2) for m in ("mlp.down_proj",
+                                                                                     "self_attn.o_proj")}
     rtn, _ = quantized("llama", "zeroquant", bits=4, group_size=32)  # W4A8 round-to-nearest on QQQ's grid
     assert rel_err(model, reference) < rel_err(rtn, reference)
     assert all(m.perm is not None and sorted(m.perm.tolist()) == list(range(m.in_features)) for m in mods.values())
@@ -55,6 +57,18 @@ def test_qoq_steps_lower_the_error_of_plain_progressive_rtn():
     full, _ = quantized("llama", "qoq", group_size=32, kv_bits=16, smooth_attention=0, smooth_grid=4, clip_grid=10)
     assert rel_err(full, reference) < rel_err(plain, reference)
     assert "kv_cache" not in plain.config.quantization_config
+
+
+def test_qoq_gqa_o_proj_switch():
+    """gqa_o_proj=False leaves o_proj unsmoothed under GQA (down_proj only); the tied smoothing lowers the error."""
+    off, reference = quantized("llama", "qoq", group_size=32, kv_bits=16, smooth_attention=0, smooth_grid=4,
+                               reorder=False, calib_range=False, rotate=False, gqa_o_proj=False)
+    on, _ = quantized("llama", "qoq", group_size=32, kv_bits=16, smooth_attention=0, smooth_grid=4, reorder=False,
+                      calib_range=False, rotate=False)
+    assert set(off.config.quantization_config["report"]["alpha"]) == {f"model.layers.{i}.mlp.down_proj"
+                                                                        for i in range(2)}
+    assert len(on.config.quantization_config["report"]["alpha"]) == 4
+    assert rel_err(on, reference) <= rel_err(off, reference)
 
 
 @pytest.mark.parametrize("group_size", [-1, 32])

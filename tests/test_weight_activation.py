@@ -30,7 +30,7 @@ def block_inputs(model):
     return blocks, driver.capture_block_inputs(model, name, blocks, CALIB, "cpu", 8)
 
 
-def smooth_block(block, inputs, alpha=0.5):
+def smooth_block(block, inputs, alpha=0.5, tied=False):
     """Apply SmoothQuant's smoothing to every input group of block; {first linear: absorber name or None}."""
     linears = driver._linears(block)
     groups = driver._input_groups(block, linears, *inputs[0])
@@ -39,9 +39,9 @@ def smooth_block(block, inputs, alpha=0.5):
     chosen = {}
     for g in groups:
         group = [linears[n] for n in g]
-        absorber = smoothing.find_absorber(block, group, inputs)
+        absorber = smoothing.find_absorber(block, group, inputs, tied=tied)
         smoothing.SmoothedGroup(group, absorber, amax[g[0]], alpha)
-        chosen[g[0]] = names.get(id(absorber))
+        chosen[g[0]] = None if absorber is None else names[id(absorber.module)]
     return chosen
 
 
@@ -62,6 +62,25 @@ def test_smoothing_keeps_the_float_model_exact(arch):
         "gpt2": {"attn.c_attn": "ln_1", "attn.c_proj": None, "mlp.c_fc": "ln_2", "mlp.c_proj": None},
     }[arch]
     assert chosen == expected
+
+
+def test_gqa_v_proj_absorbs_o_projs_tied_scale():
+    """tied=True (QoQ's output-module smoothing): under GQA (6 query heads on 2 KV heads) v_proj takes o_proj's
+    divisor, one per KV-head channel, and the float model stays exact; the scales are tied as they must be."""
+    model = with_outliers(tiny_model("llama"))
+    with torch.no_grad():
+        reference = model(CALIB).logits
+        blocks, inputs = block_inputs(model)
+        v_before = blocks[0].self_attn.v_proj.weight.clone()
+        chosen = smooth_block(blocks[0], inputs, tied=True)
+    assert chosen["self_attn.o_proj"] == "self_attn.v_proj"
+    assert rel_err(model, reference) < 1e-5
+    ratio = (v_before / blocks[0].self_attn.v_proj.weight)[:, 0]  # s per v_proj channel
+    assert ratio.std() > 1e-3  # really scaled, not by one factor
+    index = smoothing._gqa_index(96, 32, 16)
+    assert index.tolist()[:20] == [*range(16), *range(4)] and index[48].item() == 16  # heads 0-2 -> 0, 3-5 -> 1
+    s = smoothing.smoothing_scales(torch.rand(96) + 0.1, [torch.randn(8, 96)], 0.5, index)
+    assert torch.equal(s[:16], s[16:32]) and torch.equal(s[:16], s[32:48]) and not torch.equal(s[:16], s[48:64])
 
 
 def test_absorber_is_not_fooled_by_a_saturated_silu_gate():

@@ -11,8 +11,9 @@ Steps, each an option (the seed's config names in brackets), in the order they r
     smooth_attention [smooth.yx]  SmoothAttention: λ = max|K|^alpha per key channel divided out of k_proj and
                                   into q_proj (qoq_kv4's calibration, before any weight is quantized)
     smooth_xw [smooth.xw]         output-module smoothing: the inputs of the layers whose smoothing divisor folds
-                                  into a preceding linear (o_proj <- v_proj, down_proj <- up_proj) smoothed with
-                                  the alpha of a grid search on the block output error (QQQ's search)
+                                  into a preceding linear (o_proj <- v_proj, under GQA with the scale tied over
+                                  the query heads of a KV head; down_proj <- up_proj) smoothed with the alpha of a
+                                  grid search on the block output error (QQQ's search)
     reorder [reorder]             activation-aware channel reordering: a layer's input channels sorted by their
                                   mean square on calibration data (diag H), largest first, so each group holds
                                   channels of like salience; the layer quantizes x[..., perm] (ActQuantLinear)
@@ -48,6 +49,8 @@ class QoQ(WeightActivationMethod):
                                              "option: True makes one forward see the KV4 cache as decoding does)")
     smooth_attention: float = option(0.5, "SmoothAttention strength alpha on the keys (0 = off); needs kv_bits < 16")
     smooth_xw: bool = option(True, "smooth the output modules' inputs (alpha searched on the block output error)")
+    gqa_o_proj: bool = option(True, "smooth_xw under GQA too: o_proj through v_proj, the scale tied over the query "
+                                    "heads of each KV head (False: o_proj left out where v_proj is smaller)")
     smooth_grid: int = option(20, "alphas the output-module smoothing tries: 0, 1/n, ..., (n-1)/n")
     search_samples: int = option(8, "calibration sequences the smoothing search runs on")
     reorder: bool = option(True, "group input channels by activation salience (per-group grids only)")
@@ -102,9 +105,12 @@ class QoQ(WeightActivationMethod):
         return QuantizedWeight.from_progressive(weight, self.layer_group_size(linear, name))
 
     def prepare_block(self, block, linears, groups, inputs, prefix):
-        if self.smooth_xw:
+        if self.smooth_xw:  # the output modules: those whose divisor a linear absorbs (QServe has no run-time one)
+            def output_module(absorber):
+                return absorber is not None and isinstance(absorber.module, nn.Linear)
+
             self.search_smoothing(block, linears, groups, inputs, prefix, self.smooth_grid, self.search_samples,
-                                  self.qoq_alpha, only=lambda absorber: isinstance(absorber, nn.Linear))
+                                  self.qoq_alpha, only=output_module, tied=self.gqa_o_proj)
 
     def quantize(self, state, linear, name):
         w = linear.weight.detach().float()

@@ -82,11 +82,13 @@ class WeightActivationMethod(Method):
                 self.runtime_smooth[prefix + n] = smoothed.runtime.float()
 
     def search_smoothing(self, block, linears, groups, inputs, prefix, grid: int, samples: int, record: dict,
-                         only=None) -> None:
-        """QQQ's adaptive smoothing: for each input group (those whose absorber passes `only`, if given), the
-        alpha in None (no smoothing), 0, 1/grid, ..., (grid-1)/grid whose smoothing gives the lowest block output
-        MSE with the group's layers simulated (this method's weight grid, fake-quantized inputs) on `samples`
-        calibration sequences; the best is kept and record[layer] = alpha."""
+                         only=None, tied: bool = False) -> None:
+        """QQQ's adaptive smoothing: for each input group (those whose absorber, a smoothing.Absorber or None,
+        passes `only`, if given), the alpha in None (no smoothing), 0, 1/grid, ..., (grid-1)/grid whose smoothing
+        gives the lowest block output MSE with the group's layers simulated (this method's weight grid,
+        fake-quantized inputs) on `samples` calibration sequences; the best is kept and record[layer] = alpha.
+        tied: GQA's v_proj may absorb o_proj's scale, tied over the query heads of a KV head
+        (smoothing.find_absorber)."""
         amax = input_absmax(block, {g[0]: linears[g[0]] for g in groups}, inputs)
         search, left = [], samples
         for args, kwargs in inputs:
@@ -98,7 +100,7 @@ class WeightActivationMethod(Method):
         teacher = outputs(block, search)
         for g in groups:
             group = {n: linears[n] for n in g}
-            absorber = find_absorber(block, list(group.values()), inputs)
+            absorber = find_absorber(block, list(group.values()), inputs, tied=tied)
             if only is not None and not only(absorber):
                 continue
 
