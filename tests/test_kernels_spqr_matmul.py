@@ -11,7 +11,7 @@ from tquant.kernels.weight_only_matmul import run_path
 from tquant.modules import SpQRLinear
 from tquant.qweight import SpQRWeight
 from kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401  (autouse fixture)
-from test_kernels_weight_only import PATHS, assert_close
+from test_kernels_weight_only import PATHS, TOL, assert_close
 
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -65,7 +65,13 @@ def test_kernels_spqr_matmul_matches_reference(layer, m, perm, bias, density, dt
     args, kw = packed(qw, b, dtype)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEVICE)
     y = spqr_matmul(x, *args, **kw)
-    assert_close(y, spqr_matmul_ref(x, *args, **kw), dtype)
+    ref = spqr_matmul_ref(x, *args, **kw)
+    assert y.dtype == ref.dtype and y.shape == ref.shape and not y.isnan().any()
+    # against |x| @ |W|^T + |bias|, the scale of rounding errors: a norm of ref alone can cancel to near 0 when the
+    # outputs are few (N = 1, M = 1 gave 7.9e-3 of a near-zero output in fp16)
+    scale = x.double().abs().cpu() @ qw.dequantize().double().abs().t() + (0 if b is None else b.double().abs())
+    err = ((y.double() - ref.double()).norm() / scale.norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
 
 
 @needs_backend
