@@ -1,0 +1,466 @@
+"""Bit-plane GEMM (ABQ-LLM's arbitrary-bit WpAq, issue 8): both kernel variants ("rebuild": codes rebuilt from the
+planes, one int8 dot a step; "planes": one int8 dot per plane) against the torch reference on fresh quantized
+inputs (p, q in 2..8, per-channel and per-group, K and N not multiples of 32 or of the block), the int32
+accumulation and zero-point corrections exact, the reference against plain float math, pack_planes, the A16 path,
+every GPU config, the input checks, and the kernels compiling for Hopper.
+
+Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1, set by conftest.py) with one fixed small config per
+variant (launched directly); with TRITON_INTERPRET=0 on a GPU it runs the same checks there.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tquant.kernels import bitplane_gemm as bp
+from tquant.kernels.bitplane_gemm import (bitplane_matmul, bitplane_matmul_a16, bitplane_matmul_a16_ref,
+                                          bitplane_matmul_ref, pack_planes, quantize_activations_asym_ref,
+                                          quantize_weight_ref, unpack_codes_from_planes)
+from tquant.kernels.runtime import interpreter_on, next_power_of_2
+from tquant.packing import pack_codes, unpack_codes
+from kernel_device import DEVICE, needs_backend
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# normwise relative; bf16: two roundings of up to 2^-7 each (the interpreter truncates fp32 to bf16, torch rounds)
+TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
+SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ISSUE = [(8, 8), (4, 8), (6, 6), (4, 6), (4, 4), (3, 8), (3, 6), (2, 8), (2, 6)]  # (bits, act_bits) of issue 8
+
+
+@st.composite
+def shapes(draw):
+    """(m, n, k, group_size): per channel (group_size = K, any K in 1..150) or groups of 32 / 64 (K = 1-3 groups)."""
+    m = draw(st.sampled_from([1, 3, 16, 17]))
+    n = draw(st.integers(1, 150))
+    group = draw(st.sampled_from(["channel", 32, 64]))
+    k = draw(st.integers(1, 150)) if group == "channel" else group * draw(st.integers(1, 3))
+    return m, n, k, (k if group == "channel" else group)
+
+
+def float_inputs(m, n, k, seed):
+    """Random x [M, K] with outlier channels and all-positive rows (zero point 0), w [N, K] with outlier rows and
+    shifted rows (asymmetric ranges), bias [N]."""
+    g = torch.Generator().manual_seed(seed)
+    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+    x[:, ::5] *= 10
+    x[1::2] = x[1::2].abs()
+    w[::7] *= 20
+    w[1::3] += 0.1
+    return x, w, bias
+
+
+def quantized_inputs(m, n, k, group_size, bits, act_bits, seed, device=DEVICE):
+    """(xq, x_scale, x_zero, planes, w_scale, w_zero, bias, x, w) through tquant.quantizer (the module's helpers)."""
+    x, w, bias = float_inputs(m, n, k, seed)
+    xq, x_scale, x_zero = quantize_activations_asym_ref(x, act_bits)
+    planes, w_scale, w_zero = quantize_weight_ref(w, bits, group_size)
+    return [t.to(device) for t in (xq, x_scale, x_zero, planes, w_scale, w_zero, bias)] + [x, w]
+
+
+def variant_config(variant, m, k, group_size):
+    """The interpreter's config of a variant, or on a GPU the variant's first candidate."""
+    if interpreter_on():
+        return bp.INTERPRETER_CONFIGS[variant]
+    return next(c for c in bp.configs(next_power_of_2(m), k, group_size) if c["variant"] == variant)
+
+
+def run_variant(variant, xq, x_scale, x_zero, planes, w_scale, w_zero, bias, *, bits, act_bits, group_size,
+                out_dtype):
+    config = variant_config(variant, xq.shape[0], xq.shape[1], group_size)
+    return bp.launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, bits, act_bits, group_size, bias,
+                     out_dtype)
+
+
+def assert_close(y, ref, dtype, tol=None):
+    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
+    assert y.isfinite().all()
+    err = ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+    assert err < (tol or TOL[dtype]), f"relative error {err:.2e}"
+
+
+@needs_backend
+@SLOW
+@given(shape=shapes(), bits=st.integers(2, 8), act_bits=st.integers(2, 8), variant=st.sampled_from(bp.VARIANTS),
+       dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_kernels_bitplane_matmul_matches_reference(shape, bits, act_bits, variant, dtype, bias, seed):
+    m, n, k, gs = shape
+    xq, xs, xz, planes, ws, wz, b, _, _ = quantized_inputs(m, n, k, gs, bits, act_bits, seed)
+    b = b.to(dtype) if bias else None
+    kw = dict(bits=bits, act_bits=act_bits, group_size=gs, out_dtype=dtype)
+    y = run_variant(variant, xq, xs, xz, planes, ws, wz, b, **kw)
+    assert_close(y, bitplane_matmul_ref(xq, xs, xz, planes, ws, wz, bias=b, **kw), dtype)
+
+
+@needs_backend
+@pytest.mark.parametrize("bits,act_bits", ISSUE, ids=[f"W{p}A{q}" for p, q in ISSUE])
+def test_kernels_bitplane_issue_combinations(bits, act_bits):
+    """Issue 8's combinations at one shape (groups of 32, N and M not multiples of the block): the public launcher
+    (tuned; the interpreter's "rebuild" config) and the "planes" variant against the reference in fp32, and the
+    quantized layer near the float one (x @ w^T + bias), closer with more bits."""
+    m, n, k, gs = 5, 40, 96, 32
+    xq, xs, xz, planes, ws, wz, b, x, w = quantized_inputs(m, n, k, gs, bits, act_bits, seed=bits * 10 + act_bits)
+    kw = dict(bits=bits, act_bits=act_bits, group_size=gs, out_dtype=torch.float32)
+    ref = bitplane_matmul_ref(xq, xs, xz, planes, ws, wz, bias=b, **kw)
+    assert_close(bitplane_matmul(xq, xs, xz, planes, ws, wz, bias=b, **kw), ref, torch.float32)
+    assert_close(run_variant("planes", xq, xs, xz, planes, ws, wz, b, **kw), ref, torch.float32)
+    expected = x.double() @ w.double().T + b.cpu().double()
+    err = ((ref.cpu().double() - expected).norm() / expected.norm()).item()
+    assert err < 2.0 ** (2 - min(bits, act_bits)), f"relative error {err:.2e} to the float layer"
+
+
+def random_codes(m, n, k, gs, bits, act_bits, seed):
+    """xq [M, K] (a' extremes -2^(q-1) and 2^(q-1) - 1 included), codes [N, K] (0 and 2^p - 1 included), x_zero [M]
+    and w_zero [G, N] over their whole ranges (both ends included)."""
+    g = torch.Generator().manual_seed(seed)
+    half = 2 ** (act_bits - 1)
+    xq = torch.randint(-half, half, (m, k), generator=g, dtype=torch.int8)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    x_zero = torch.randint(0, 2**act_bits, (m,), generator=g, dtype=torch.int32)
+    w_zero = torch.randint(0, 2**bits, (k // gs, n), generator=g, dtype=torch.int32)
+    xq[0, 0], xq[-1, -1], codes[0, 0], codes[-1, -1] = -half, half - 1, 0, 2**bits - 1
+    x_zero[0], x_zero[-1], w_zero[0, 0], w_zero[-1, -1] = 2**act_bits - 1, 0, 2**bits - 1, 0
+    return xq, codes, x_zero, w_zero
+
+
+def integer_product(xq, codes, x_zero, w_zero, gs, act_bits):
+    """sum_k (a - x_zero) (c - w_zero) in int64 ([M, N]; unit scales sum the groups)."""
+    a = xq.long() + 2 ** (act_bits - 1) - x_zero.long()[:, None]
+    c = codes.long() - w_zero.long().t().repeat_interleave(gs, dim=1)
+    return a @ c.t()
+
+
+EXACT = [(1, 1, 1, 1, 8, 8), (5, 33, 70, 70, 8, 8), (17, 40, 96, 32, 3, 5), (3, 20, 192, 64, 7, 2),
+         (2, 9, 45, 45, 2, 8), (16, 17, 128, 128, 5, 3)]  # (m, n, k, group_size, bits, act_bits)
+
+
+@needs_backend
+@pytest.mark.parametrize("m,n,k,gs,bits,act_bits", EXACT)
+@pytest.mark.parametrize("fn", ["rebuild", "planes", "ref"])
+def test_kernels_bitplane_int32_accumulation_is_exact(fn, m, n, k, gs, bits, act_bits):
+    """Unit scales and fp32 out: y is the integer sum of (a - x_zero)(c - w_zero) (|y| < 2^24 here), so every
+    zero-point correction term (and the centring of padded codes past K) must be exact."""
+    xq, codes, x_zero, w_zero = random_codes(m, n, k, gs, bits, act_bits, seed=m * n * k + bits)
+    args = [t.to(DEVICE) for t in (xq, torch.ones(m), x_zero, pack_planes(codes, bits), torch.ones(k // gs, n),
+                                   w_zero)]
+    kw = dict(bits=bits, act_bits=act_bits, group_size=gs, out_dtype=torch.float32)
+    y = bitplane_matmul_ref(*args, **kw) if fn == "ref" else run_variant(fn, *args, None, **kw)
+    torch.testing.assert_close(y.cpu(), integer_product(xq, codes, x_zero, w_zero, gs, act_bits).float(), rtol=0,
+                               atol=0)
+
+
+@needs_backend
+@pytest.mark.parametrize("k,gs", [(150, 150), (256, 128)])
+@pytest.mark.parametrize("variant", bp.VARIANTS)
+def test_kernels_bitplane_long_groups_walk_spans(monkeypatch, variant, k, gs):
+    """A group longer than MAX_SPAN (16384 k, the int32 bound) is summed in spans, each converted on its own: with
+    MAX_SPAN 64, K=150 per channel takes spans of 64, 64, 22 and groups of 128 two spans each, still exact."""
+    monkeypatch.setattr(bp, "MAX_SPAN", 64)
+    xq, codes, x_zero, w_zero = random_codes(3, 20, k, gs, 8, 8, seed=k)
+    args = [t.to(DEVICE) for t in (xq, torch.ones(3), x_zero, pack_planes(codes, 8), torch.ones(k // gs, 20),
+                                   w_zero)]
+    y = run_variant(variant, *args, None, bits=8, act_bits=8, group_size=gs, out_dtype=torch.float32)
+    torch.testing.assert_close(y.cpu(), integer_product(xq, codes, x_zero, w_zero, gs, 8).float(), rtol=0, atol=0)
+
+
+@SLOW
+@given(shape=shapes(), bits=st.integers(2, 8), act_bits=st.integers(2, 8), dtype=st.sampled_from(DTYPES),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_bitplane_reference_matches_float_math(shape, bits, act_bits, dtype, seed):
+    """The reference against (x_scale (a - x_zero)) @ (w_scale (c - w_zero))^T + bias in fp64, from codes made
+    directly (not read back from the planes)."""
+    m, n, k, gs = shape
+    xq, codes, x_zero, w_zero = random_codes(m, n, k, gs, bits, act_bits, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x_scale, w_scale = (torch.rand(m, generator=g) + 0.1) / 100, (torch.rand(k // gs, n, generator=g) + 0.1) / 100
+    bias = torch.randn(n, generator=g).to(dtype)
+    xf = x_scale.double()[:, None] * (xq.double() + 2 ** (act_bits - 1) - x_zero.double()[:, None])
+    wf = w_scale.double()[:, None] * (codes.double().t().reshape(k // gs, gs, n) - w_zero.double()[:, None])
+    wf = wf.reshape(k, n)
+    expected = xf @ wf + bias.double()
+    y = bitplane_matmul_ref(xq, x_scale, x_zero, pack_planes(codes, bits), w_scale, w_zero, bits=bits,
+                            act_bits=act_bits, group_size=gs, bias=bias, out_dtype=dtype)
+    assert_close(y, expected.to(dtype), dtype, tol=1e-12 if dtype == torch.float32 else None)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 40), k=st.integers(1, 100), bits=st.integers(2, 8), seed=st.integers(0, 2**31 - 1))
+def test_kernels_bitplane_pack_planes_round_trip(n, k, bits, seed):
+    """planes int32 [bits, ceil(K / 32), N], plane i = pack_codes(bit i, 1) with zero bits past K, and back."""
+    codes = torch.randint(0, 2**bits, (n, k), generator=torch.Generator().manual_seed(seed))
+    codes[0, 0] = 2**bits - 1
+    planes = pack_planes(codes, bits)
+    kw = -(-k // 32)
+    assert planes.dtype == torch.int32 and planes.shape == (bits, kw, n)
+    for i in range(bits):
+        assert torch.equal(planes[i], pack_codes((codes >> i) & 1, 1))
+        assert not unpack_codes(planes[i], 1, 32 * kw)[k:].any()
+    assert torch.equal(unpack_codes_from_planes(planes, k), codes.int())
+
+
+@needs_backend
+@pytest.mark.parametrize("variant", bp.VARIANTS + ("a16",))
+def test_kernels_bitplane_padding_bits_past_k_are_ignored(variant):
+    """Set bits past K (45: 19 in each plane's last word) change nothing: the kernels mask them (the format has them
+    0, but a padded code's centred value is not 0)."""
+    m, n, k, bits = 3, 20, 45, 4
+    xq, xs, xz, planes, ws, wz, _, x, _ = quantized_inputs(m, n, k, k, bits, 6, seed=5)
+    dirty = planes.clone()
+    dirty[:, -1] |= -(1 << (k % 32))  # bits 13..31 of the last word
+    if variant == "a16":
+        x = x.to(DEVICE)
+        outs = [bitplane_matmul_a16(x, p, ws, wz, bits=bits, group_size=k) for p in (planes, dirty)]
+    else:
+        outs = [run_variant(variant, xq, xs, xz, p, ws, wz, None, bits=bits, act_bits=6, group_size=k,
+                            out_dtype=torch.float32) for p in (planes, dirty)]
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_backend
+@SLOW
+@given(shape=shapes(), bits=st.sampled_from([2, 3, 4]), dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_bitplane_a16_matches_reference(shape, bits, dtype, bias, seed):
+    m, n, k, gs = shape
+    _, _, _, planes, ws, wz, b, x, _ = quantized_inputs(m, n, k, gs, bits, 8, seed)
+    x, b = x.to(DEVICE, dtype), (b.to(dtype) if bias else None)
+    y = bitplane_matmul_a16(x, planes, ws, wz, bits=bits, group_size=gs, bias=b)
+    assert_close(y, bitplane_matmul_a16_ref(x, planes, ws, wz, bits=bits, group_size=gs, bias=b), dtype)
+
+
+@needs_backend
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k,gs", [(128, 32), (192, 64), (70, 70)])
+def test_kernels_bitplane_a16_each_bit_width(bits, k, gs):
+    """W2A16 / W3A16 / W4A16 with groups of 32 and 64 and per channel (K=70), fp16, bias; the reference against fp64
+    float math on the dequantized weight, and the quantized layer near the float one."""
+    _, _, _, planes, ws, wz, b, x, w = quantized_inputs(17, 33, k, gs, bits, 8, seed=bits * k)
+    x, b = x.to(DEVICE, torch.float16), b.to(torch.float16)
+    ref = bitplane_matmul_a16_ref(x, planes, ws, wz, bits=bits, group_size=gs, bias=b)
+    assert_close(bitplane_matmul_a16(x, planes, ws, wz, bits=bits, group_size=gs, bias=b), ref, torch.float16)
+    codes = unpack_codes_from_planes(planes, k).cpu().double()  # [N, K]
+    g = torch.arange(k) // gs
+    w16 = ((codes - wz.cpu().double().t()[:, g]) * ws.cpu().double().t()[:, g]).half().double()
+    assert_close(ref, (x.cpu().double() @ w16.t() + b.cpu().double()).half(), torch.float16)
+    expected = x.cpu().double() @ w.double().t() + b.cpu().double()
+    assert ((ref.cpu().double() - expected).norm() / expected.norm()).item() < 2.4 * 2.0**-bits  # RTN's error
+
+
+@needs_backend
+def test_kernels_bitplane_every_gpu_config_is_correct(monkeypatch):
+    """Each CUDA candidate of both paths (tile shapes, both variants, masks at M, N, K not multiples of the blocks),
+    through the launchers; under the interpreter each distinct tile once (warps and stages do not matter there)."""
+    monkeypatch.setattr(bp, "interpreter_on", lambda: False)
+    for m, k, gs in ((20, 150, 150), (40, 128, 64)):
+        gpu, a16 = bp.configs(m, k, gs), bp.a16_configs(m, k, gs)
+        assert {c["variant"] for c in gpu} == set(bp.VARIANTS) and gpu[0]["variant"] == "rebuild"
+        assert all(c["BLOCK_K"] % 32 == 0 and (gs == k or gs % c["BLOCK_K"] == 0) for c in gpu + a16)
+        if interpreter_on():
+            tile = lambda c: tuple(c.get(key) for key in ("variant", "BLOCK_M", "BLOCK_N", "BLOCK_K"))  # noqa: E731
+            gpu, a16 = ({tile(c): c for c in cs}.values() for cs in (gpu, a16))
+        xq, xs, xz, planes, ws, wz, b, x, _ = quantized_inputs(m, 70, k, gs, 5, 7, seed=m)
+        kw = dict(bits=5, act_bits=7, group_size=gs, out_dtype=torch.float32)
+        ref = bitplane_matmul_ref(xq, xs, xz, planes, ws, wz, bias=b, **kw)
+        for config in gpu:
+            assert_close(bp.launch(config, xq, xs, xz, planes, ws, wz, 5, 7, gs, b, torch.float32), ref,
+                         torch.float32)
+        x = x.to(DEVICE)
+        ref = bitplane_matmul_a16_ref(x, planes, ws, wz, bits=5, group_size=gs, bias=b)
+        for config in a16:
+            assert_close(bp.launch_a16(config, x, planes, ws, wz, 5, gs, b), ref, torch.float32, tol=1e-5)
+
+
+def test_kernels_bitplane_config_must_fit_the_groups():
+    xq, xs, xz, planes, ws, wz, _, _, _ = quantized_inputs(2, 8, 64, 32, 4, 8, seed=0, device="cpu")
+    with pytest.raises(ValueError, match="BLOCK_K=64 must be a multiple of 32 dividing group_size=32"):
+        bp.launch(dict(bp.INTERPRETER_CONFIGS["rebuild"], BLOCK_K=64), xq, xs, xz, planes, ws, wz, 4, 8, 32, None,
+                  torch.float16)
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 8), k=st.integers(1, 100), bits=st.integers(2, 8), seed=st.integers(0, 2**31 - 1))
+def test_kernels_bitplane_quantize_helpers_grid(m, k, bits, seed):
+    """quantize_activations_asym_ref: centred int8 codes, zero in [0, 2^q), every x within one step of its
+    dequantized value (min-max with a rounded zero can clip the extreme by up to a step); quantize_weight_ref alike
+    per group (here per channel, and groups of 32 where they divide K)."""
+    x, w, _ = float_inputs(m, m + 3, k, seed)
+    xq, x_scale, x_zero = quantize_activations_asym_ref(x, bits)
+    half = 2 ** (bits - 1)
+    assert xq.dtype == torch.int8 and xq.shape == (m, k) and xq.int().min() >= -half and xq.int().max() < half
+    assert x_scale.dtype == torch.float32 and x_zero.dtype == torch.int32 and x_scale.shape == x_zero.shape == (m,)
+    assert x_zero.min() >= 0 and x_zero.max() < 2**bits
+    x_hat = x_scale[:, None] * (xq.float() + half - x_zero[:, None])
+    assert ((x - x_hat).abs() <= x_scale[:, None] * (1 + 1e-4)).all()
+    for gs in {k, 32} if k % 32 == 0 else {k}:
+        planes, w_scale, w_zero = quantize_weight_ref(w, bits, gs)
+        assert planes.shape == (bits, -(-k // 32), m + 3) and w_scale.shape == w_zero.shape == (k // gs, m + 3)
+        assert w_zero.dtype == torch.int32 and w_zero.min() >= 0 and w_zero.max() < 2**bits
+        g = torch.arange(k) // gs
+        w_hat = w_scale.t()[:, g] * (unpack_codes_from_planes(planes, k) - w_zero.t()[:, g])
+        assert ((w - w_hat).abs() <= w_scale.t()[:, g] * (1 + 1e-4)).all()
+
+
+@needs_backend
+def test_kernels_bitplane_empty_batch():
+    xq, xs, xz, planes, ws, wz, _, x, _ = quantized_inputs(1, 8, 32, 32, 4, 8, seed=0)
+    kw = dict(bits=4, act_bits=8, group_size=32)
+    assert bitplane_matmul(xq[:0], xs[:0], xz[:0], planes, ws, wz, **kw).shape == (0, 8)
+    assert bitplane_matmul_a16(x[:0].to(DEVICE), planes, ws, wz, bits=4, group_size=32).shape == (0, 8)
+
+
+def test_kernels_bitplane_cpu_tensor_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    xq, xs, xz, planes, ws, wz, _, x, _ = quantized_inputs(3, 8, 32, 32, 4, 8, seed=1, device="cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        bitplane_matmul(xq, xs, xz, planes, ws, wz, bits=4, act_bits=8, group_size=32)
+    with pytest.raises(ValueError, match="CUDA"):
+        bitplane_matmul_a16(x, planes, ws, wz, bits=4, group_size=32)
+
+
+def _bad(t, **change):
+    names = ("xq", "x_scale", "x_zero", "planes", "w_scale", "w_zero", "bias")
+    return dict(zip(names, t[:7]), bits=4, act_bits=6, group_size=32, out_dtype=torch.float16) | change
+
+
+BAD_INPUTS = {  # M=3, N=8, K=64, bits=4, act_bits=6, group_size=32
+    "bits too small": (lambda t: _bad(t, bits=1), "bits=1 is not supported"),
+    "bits too large": (lambda t: _bad(t, bits=9), "bits=9 is not supported"),
+    "act_bits too small": (lambda t: _bad(t, act_bits=1), "act_bits=1 is not supported"),
+    "act_bits too large": (lambda t: _bad(t, act_bits=9), "act_bits=9 is not supported"),
+    "planes count": (lambda t: _bad(t, bits=5), r"planes holds 4 planes but bits=5"),
+    "planes dtype": (lambda t: _bad(t, planes=t[3].long()), "planes must be a 3-D int32"),
+    "planes not 3-D": (lambda t: _bad(t, planes=t[3][0]), "planes must be a 3-D int32"),
+    "planes K": (lambda t: _bad(t, planes=t[3][:, :1]), r"planes shape \(4, 1, 8\) does not match.*\[4, 2, N\].*K=64"),
+    "xq dtype": (lambda t: _bad(t, xq=t[0].int()), "xq must be a 2-D int8"),
+    "xq not 2-D": (lambda t: _bad(t, xq=t[0][None]), "xq must be a 2-D int8"),
+    "xq empty K": (lambda t: _bad(t, xq=t[0][:, :0], planes=t[3][:, :0]), r"xq must have at least one column"),
+    "group_size not dividing K": (lambda t: _bad(t, group_size=48), "group_size=48 must be a positive integer divid"),
+    "group_size zero": (lambda t: _bad(t, group_size=0), "group_size=0 must be a positive integer"),
+    "group_size not a multiple of 32": (lambda t: _bad(t, group_size=16), "group_size=16 must be a multiple of 32"),
+    "x_scale dtype": (lambda t: _bad(t, x_scale=t[1].half()), "x_scale dtype"),
+    "x_scale shape": (lambda t: _bad(t, x_scale=t[1][:-1]), r"x_scale shape .* expected \(3,\)"),
+    "x_zero dtype": (lambda t: _bad(t, x_zero=t[2].long()), "x_zero dtype"),
+    "x_zero shape": (lambda t: _bad(t, x_zero=t[2][:-1]), r"x_zero shape .* expected \(3,\)"),
+    "w_scale dtype": (lambda t: _bad(t, w_scale=t[4].half()), "w_scale dtype"),
+    "w_scale shape": (lambda t: _bad(t, w_scale=t[4][:1]), r"w_scale shape \(1, 8\).*expected \(2, 8\)"),
+    "w_zero dtype": (lambda t: _bad(t, w_zero=t[5].to(torch.int8)), "w_zero dtype"),
+    "w_zero shape": (lambda t: _bad(t, w_zero=t[5][:, :-1]), r"w_zero shape \(2, 7\).*expected \(2, 8\)"),
+    "bias shape": (lambda t: _bad(t, bias=t[6][:-1]), "bias shape"),
+    "bias dtype": (lambda t: _bad(t, bias=t[6].double()), "bias dtype"),
+    "out_dtype": (lambda t: _bad(t, out_dtype=torch.int32), "out_dtype"),
+}
+
+
+def call(fn, args):
+    args = dict(args)
+    tensors = [args.pop(name) for name in ("xq", "x_scale", "x_zero", "planes", "w_scale", "w_zero")]
+    return fn(*tensors, **args)
+
+
+@pytest.mark.parametrize("fn", [bitplane_matmul, bitplane_matmul_ref], ids=["kernel", "ref"])
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_kernels_bitplane_bad_input_raises(fn, case):
+    make, message = BAD_INPUTS[case]
+    args = make(quantized_inputs(3, 8, 64, 32, 4, 6, seed=1, device="cpu"))
+    with pytest.raises(ValueError, match=message):
+        call(fn, args)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(xq=32), r"xq out of range: expected values in \[-32, 32\)"),
+    (dict(x_zero=64), r"x_zero out of range: expected values in \[0, 64\)"),
+    (dict(w_zero=-1), r"w_zero out of range: expected values in \[0, 16\)"),
+])
+def test_kernels_bitplane_reference_checks_code_ranges(change, message):
+    """The reference (not the kernel: that would sync the GPU) rejects codes outside the format's ranges
+    (act_bits=6: xq in [-32, 32), x_zero in [0, 64); bits=4: w_zero in [0, 16))."""
+    args = _bad(quantized_inputs(3, 8, 64, 32, 4, 6, seed=1, device="cpu"))
+    (name, value), = change.items()
+    args[name] = args[name].clone()
+    args[name].view(-1)[0] = value
+    with pytest.raises(ValueError, match=message):
+        call(bitplane_matmul_ref, args)
+
+
+A16_BAD = {  # x [3, 64], bits=4, group_size=32
+    "x dtype": (dict(x=torch.zeros(3, 64, dtype=torch.int8)), "x must be a 2-D fp16 / bf16 / fp32"),
+    "bits": (dict(bits=9), "bits=9 is not supported"),
+    "planes count": (dict(bits=3), "planes holds 4 planes but bits=3"),
+    "group_size": (dict(group_size=20), "group_size=20 must be a positive integer dividing K=64"),
+    "w_scale shape": (dict(w_scale=torch.ones(1, 8)), "w_scale shape"),
+    "w_zero dtype": (dict(w_zero=torch.zeros(2, 8)), "w_zero dtype"),
+    "bias dtype": (dict(bias=torch.zeros(8, dtype=torch.float16)), "bias dtype"),
+}
+
+
+@pytest.mark.parametrize("fn", [bitplane_matmul_a16, bitplane_matmul_a16_ref], ids=["kernel", "ref"])
+@pytest.mark.parametrize("case", A16_BAD)
+def test_kernels_bitplane_a16_bad_input_raises(fn, case):
+    _, _, _, planes, ws, wz, _, x, _ = quantized_inputs(3, 8, 64, 32, 4, 8, seed=2, device="cpu")
+    change, message = A16_BAD[case]
+    args = dict(x=x, planes=planes, w_scale=ws, w_zero=wz, bits=4, group_size=32, bias=None) | change
+    with pytest.raises(ValueError, match=message):
+        fn(args.pop("x"), args.pop("planes"), args.pop("w_scale"), args.pop("w_zero"), **args)
+
+
+def test_kernels_bitplane_helpers_bad_input_raises():
+    with pytest.raises(ValueError, match=r"codes out of range for 3-bit planes"):
+        pack_planes(torch.full((2, 5), 8), 3)
+    with pytest.raises(ValueError, match=r"codes out of range for 3-bit planes"):
+        pack_planes(torch.full((2, 5), -1), 3)
+    with pytest.raises(ValueError, match="codes must be a 2-D integer tensor"):
+        pack_planes(torch.zeros(2, 5), 3)
+    with pytest.raises(ValueError, match="bits=1 is not supported"):
+        pack_planes(torch.zeros(2, 5, dtype=torch.int32), 1)
+    with pytest.raises(ValueError, match="bits=9 is not supported"):
+        quantize_activations_asym_ref(torch.randn(2, 5), 9)
+    with pytest.raises(ValueError, match="x must be a 2-D"):
+        quantize_activations_asym_ref(torch.randn(5), 8)
+    with pytest.raises(ValueError, match="group_size=16 must be a multiple of 32 or equal K=48"):
+        quantize_weight_ref(torch.randn(4, 48), 4, 16)
+
+
+# ---- the kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile) ----
+
+def compile_default_configs():
+    """[(kernel name, variant, registers, spilled bytes)] of both WpAq variants (W8A8, groups of 128) and the A16
+    kernel (W4, fp16), each at its first GPU candidate for batch 16, compiled for sm_90."""
+    from unittest import mock
+
+    from tquant.kernels.cross_compile import compiling_for
+
+    m, n, k, gs = 16, 256, 512, 128
+    planes, ws = torch.zeros(8, k // 32, n, dtype=torch.int32), torch.ones(k // gs, n)
+    wz = torch.zeros(k // gs, n, dtype=torch.int32)
+    xq, xs, xz = torch.zeros(m, k, dtype=torch.int8), torch.ones(m), torch.zeros(m, dtype=torch.int32)
+    with mock.patch.object(bp, "interpreter_on", lambda: False):
+        gpu, a16 = bp.configs(m, k, gs), bp.a16_configs(m, k, gs)
+    out = []
+    for variant in bp.VARIANTS:
+        with compiling_for() as done:
+            bp.launch(next(c for c in gpu if c["variant"] == variant), xq, xs, xz, planes, ws, wz, 8, 8, gs, None,
+                      torch.float16)
+        out += [(c.name, variant, c.registers, c.spill_bytes) for c in done]
+    with compiling_for() as done:
+        bp.launch_a16(a16[0], torch.zeros(m, k, dtype=torch.float16), planes[:4], ws, wz, 4, gs, None)
+    return out + [(c.name, "a16", c.registers, c.spill_bytes) for c in done]
+
+
+def test_kernels_bitplane_compile_for_hopper():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tquant importable without an install
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [(name, variant) for name, variant, _, _ in compiled] == [
+        ("_bitplane_kernel", "rebuild"), ("_bitplane_kernel", "planes"), ("_bitplane_a16_kernel", "a16")], compiled
+    assert all(0 < regs <= 255 for _, _, regs, _ in compiled), compiled
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_default_configs()))
