@@ -130,7 +130,7 @@ def main():
                     print(f"{name} failed at M={m}: {type(e).__name__}: {e}")
             rows.append(row)
             print(json.dumps(row), f"({time.time() - t0:.0f} s)", flush=True)
-    names = ["W8A8", "W4A8 pc", "W4A8 g128", "W4A4 pc", "W4A4 packed", "cuBLAS fp16", "cuBLAS int8", "gemlite A8W8",
+    names = ["W8A8", "W4A8 pc", "W4A8 g128", "W4A8 qoq g128", "W4A4 pc", "W4A4 packed", "cuBLAS fp16", "cuBLAS int8", "gemlite A8W8",
              "gemlite A8W4 pc", "gemlite A8W4 g128"]
     print("\nGraph-timed medians in us (eager in parentheses); tquant columns include activation quantization.\n")
     print("| K->N | M | " + " | ".join(names) + " |")

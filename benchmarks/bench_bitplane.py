@@ -1,0 +1,87 @@
+"""Bit-plane WpAq GEMM (issue 8, tquant.kernels.bitplane_gemm) on the GPU against cuBLAS fp16, cuBLAS int8 and the
+W4A8 kernel of issue 3, all in the same run.
+
+    python benchmarks/bench_bitplane.py [--ms 1,16,64,256,1024,4096] [--shapes 4096x14336] [--json out.json]
+
+Per shape K->N and batch M: W2A8, W3A8, W4A4, W4A8, W8A8 per channel (and W2A8 g128), asymmetric weights and
+per-token asymmetric activations (bitplane_gemm.quantize_weight_ref / quantize_activations_asym_ref, quantized once
+before timing: these columns time the GEMM alone), tuned per key on first call (both variants, "rebuild" and
+"planes"; the chosen one is printed). Peers: cuBLAS fp16 (x @ w^T), cuBLAS int8 (torch._int_mm on pre-quantized
+activations, M padded to 32 below 17), tquant W4A8 per channel (w4a8_matmul on pre-quantized activations).
+Every tquant output is checked against its torch reference. Medians in us: do_bench_cudagraph (eager do_bench in
+parentheses).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_int8_gemms import bench, rel  # noqa: E402
+from tquant.kernels import autotune_cache  # noqa: E402
+from tquant.kernels.act_quant import quantize_activations  # noqa: E402
+from tquant.kernels.bitplane_gemm import (bitplane_matmul, bitplane_matmul_ref,  # noqa: E402
+                                          quantize_activations_asym_ref, quantize_weight_ref)
+from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_quantize_weight  # noqa: E402
+
+COMBOS = [(2, 8, None), (2, 8, 128), (3, 8, None), (4, 4, None), (4, 8, None), (8, 8, None)]  # (p, q, group)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--ms", default="1,16,64,256,1024,4096")
+    p.add_argument("--shapes", default="4096x14336")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    rows = []
+    for shape in a.shapes.split(","):
+        k, n = map(int, shape.split("x"))
+        g = torch.Generator(device="cuda").manual_seed(0)
+        w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+        weights = {(bits, group): [t.cuda() for t in quantize_weight_ref(w.cpu(), bits, group or k)]
+                   for bits, _, group in COMBOS}
+        w4 = [t.cuda() if t is not None else None for t in w4a8_quantize_weight(w.cpu())]
+        wq8 = torch.round(w / (w.abs().amax(1, keepdim=True) / 127)).to(torch.int8)
+        for m in map(int, a.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", generator=g).half()
+            x[:, :: max(1, k // 64)] *= 20  # outlier channels
+            row = {"shape": f"{k}->{n}", "M": m}
+            for bits, act_bits, group in COMBOS:
+                xq, xs, xz = [t.cuda() for t in quantize_activations_asym_ref(x.float().cpu(), act_bits)]
+                planes, ws, wz = weights[bits, group]
+                args = (xq, xs, xz, planes, ws, wz)
+                kw = dict(bits=bits, act_bits=act_bits, group_size=group or k)
+                name = f"W{bits}A{act_bits}" + (f" g{group}" if group else "")
+                row[name + " err"] = rel(bitplane_matmul(*args, **kw), bitplane_matmul_ref(*args, **kw))
+                row[name] = bench(lambda: bitplane_matmul(*args, **kw))
+                chosen = [v["config"] for key, v in autotune_cache._entries(autotune_cache.device_name(x.device)).items()
+                          if key.startswith("bitplane_matmul|") and f"M={triton.next_power_of_2(m)}," in key
+                          and f",p={bits},q={act_bits},g={group or k}," in key]
+                row[name + " config"] = chosen[0] if chosen else None
+            xq8, xs8 = quantize_activations(x)
+            row["W4A8 (issue 3)"] = bench(lambda: w4a8_matmul(xq8, xs8, w4[0], w4[1]))
+            row["cuBLAS fp16"] = bench(lambda: x @ w.half().t())
+            xq32 = torch.nn.functional.pad(xq8, (0, 0, 0, max(0, 32 - m))) if m < 17 else xq8
+            wt = wq8.t()
+            row["cuBLAS int8"] = bench(lambda: torch._int_mm(xq32, wt))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    names = [f"W{b}A{q}" + (f" g{gr}" if gr else "") for b, q, gr in COMBOS] + ["W4A8 (issue 3)", "cuBLAS fp16",
+                                                                              "cuBLAS int8"]
+    print("\n| K->N | M | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for r in rows:
+        print(f"| {r['shape']} | {r['M']} | " + " | ".join(f"{r[nm][0]:.1f} ({r[nm][1]:.0f})" for nm in names) + " |")
+    if a.json:
+        json.dump(rows, open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
