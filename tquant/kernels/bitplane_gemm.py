@@ -64,7 +64,7 @@ from ..quantizer import grouped_qparams, qparams, quantize
 from .autotune_cache import tune
 from .bcq_matmul import unpack_planes
 from .runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
-from .tiling import grouped_tile, unpack_words
+from .tiling import grouped_tile, store_output, unpack_words
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS = range(2, 9)  # weight bits p and activation bits q
@@ -283,11 +283,8 @@ def _bitplane_kernel(x_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_ptr, bias_ptr, y_p
             s = (dot + dw[None, :] * sum_a[:, None] + dx[:, None] * (sum_c - CENTER * count)[None, :]
                  + count * (dx[:, None] * dw[None, :]))
             acc += s.to(tl.float32) * ws[None, :]
-    y = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    store_output(acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None], bias_ptr, y_ptr, offs_m, offs_n,
+                 m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -313,10 +310,7 @@ def _bitplane_a16_kernel(x_ptr, p_ptr, ws_ptr, wz_ptr, bias_ptr, y_ptr, M, N, K,
         s = tl.load(ws_ptr + at, mask=n_ok, other=0.0)
         w = ((c - z[:, None]).to(tl.float32) * s[:, None]).to(x_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_K]
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    store_output(acc, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
 # ---- configs and launchers ----

@@ -32,3 +32,12 @@ def unpack_words(w, BITS: tl.constexpr):
     if BITS <= 1:
         x = tl.interleave(x & 0x1, (x >> 1) & 0x1)
     return x
+
+
+@triton.jit
+def store_output(y, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS: tl.constexpr):
+    """A GEMM tile's epilogue: y [BLOCK_M, BLOCK_N] fp32 (+ bias[n], loaded in fp32) stored in y's dtype."""
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])

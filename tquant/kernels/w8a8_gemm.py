@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .autotune_cache import tune
 from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
-from .tiling import grouped_tile
+from .tiling import grouped_tile, store_output
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -62,11 +62,8 @@ def store_dequantized(acc, xs_ptr, ws_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_ok
     """y[m, n] = float32(acc[m, n]) * x_scale[m] * w_scale[n] (+ bias[n]), stored in y's dtype."""
     xs = tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)
     ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    store_output(acc.to(tl.float32) * xs[:, None] * ws[None, :], bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok,
+                 stride_ym, HAS_BIAS)
 
 
 @triton.jit
