@@ -4,8 +4,8 @@ W4A8 kernel of issue 3, all in the same run.
     python benchmarks/bench_bitplane.py [--ms 1,16,64,256,1024,4096] [--shapes 4096x14336] [--json out.json]
 
 Per shape K->N and batch M: W2A8, W3A8, W4A4, W4A8, W8A8 per channel (and W2A8 g128), asymmetric weights and
-per-token asymmetric activations (bitplane_gemm.quantize_weight_ref / quantize_activations_asym_ref, quantized once
-before timing: these columns time the GEMM alone), tuned per key on first call (both variants, "rebuild" and
+per-token asymmetric activations (bitplane_gemm.quantize_weight_ref; act_quant.quantize_activations(zero_point=True),
+quantized once before timing: these columns time the GEMM alone; the activation kernel is timed in its own column), tuned per key on first call (both variants, "rebuild" and
 "planes"; the chosen one is printed). Peers: cuBLAS fp16 (x @ w^T), cuBLAS int8 (torch._int_mm on pre-quantized
 activations, M padded to 32 below 17), tquant W4A8 per channel (w4a8_matmul on pre-quantized activations).
 Every tquant output is checked against its torch reference. Medians in us: do_bench_cudagraph (eager do_bench in
@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_int8_gemms import bench, rel  # noqa: E402
 from tquant.kernels import autotune_cache  # noqa: E402
 from tquant.kernels.act_quant import quantize_activations  # noqa: E402
-from tquant.kernels.bitplane_gemm import (bitplane_matmul, bitplane_matmul_ref,  # noqa: E402
-                                          quantize_activations_asym_ref, quantize_weight_ref)
+from tquant.kernels.bitplane_gemm import bitplane_matmul, bitplane_matmul_ref, quantize_weight_ref  # noqa: E402
 from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_quantize_weight  # noqa: E402
 
 COMBOS = [(2, 8, None), (2, 8, 128), (3, 8, None), (4, 4, None), (4, 8, None), (8, 8, None)]  # (p, q, group)
@@ -54,7 +53,7 @@ def main():
             x[:, :: max(1, k // 64)] *= 20  # outlier channels
             row = {"shape": f"{k}->{n}", "M": m}
             for bits, act_bits, group in COMBOS:
-                xq, xs, xz = [t.cuda() for t in quantize_activations_asym_ref(x.float().cpu(), act_bits)]
+                xq, xs, xz = quantize_activations(x, bits=act_bits, zero_point=True)
                 planes, ws, wz = weights[bits, group]
                 args = (xq, xs, xz, planes, ws, wz)
                 kw = dict(bits=bits, act_bits=act_bits, group_size=group or k)
@@ -65,6 +64,7 @@ def main():
                           if key.startswith("bitplane_matmul|") and f"M={triton.next_power_of_2(m)}," in key
                           and f",p={bits},q={act_bits},g={group or k}," in key]
                 row[name + " config"] = chosen[0] if chosen else None
+            row["act quant A8 asym"] = bench(lambda: quantize_activations(x, bits=8, zero_point=True))
             xq8, xs8 = quantize_activations(x)
             row["W4A8 (issue 3)"] = bench(lambda: w4a8_matmul(xq8, xs8, w4[0], w4[1]))
             row["cuBLAS fp16"] = bench(lambda: x @ w.half().t())

@@ -166,3 +166,43 @@ def test_act_quant_unpacked_4bit_codes_are_the_packed_ones(fn):
     assert codes.dtype == torch.int8 and codes.shape == (5, 37) and codes.abs().max() <= 7
     torch.testing.assert_close(codes.cpu().int(), unpack(packed.cpu(), 4, 37), rtol=0, atol=0)
     torch.testing.assert_close(scale_unpacked, scale, rtol=0, atol=0)
+
+
+@needs_backend
+@SLOW
+@given(m=st.sampled_from([1, 2, 5]), k=st.integers(1, 150), bits=st.integers(2, 8), dtype=st.sampled_from(DTYPES),
+       smooth=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_act_quant_asymmetric_kernel_matches_reference(m, k, bits, dtype, smooth, seed):
+    """zero_point=True (ABQ-LLM's per-token activations, bits 2..8): identical centred codes, scales and zeros; a row
+    of zeros and a constant row included."""
+    x, s = activations(m, k, dtype, seed, smooth)
+    x[0] = 0
+    if m > 1:
+        x[1] = 3.0
+    out = quantize_activations(x, bits=bits, smooth=s, zero_point=True)
+    ref = quantize_activations_ref(x, bits=bits, smooth=s, zero_point=True)
+    for a, b in zip(out, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@given(m=st.sampled_from([1, 3]), k=st.integers(1, 150), bits=st.integers(2, 8), seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=25, deadline=None)
+def test_act_quant_asymmetric_reference_is_the_quantizers_grid(m, k, bits, seed):
+    """The reference gives tquant.quantizer's asymmetric min-max codes (qparams(sym=False), quantize) per row."""
+    from tquant.quantizer import qparams, quantize
+
+    x, _ = activations(m, k, torch.float32, seed, device="cpu")
+    q, scale, zero = quantize_activations_ref(x, bits=bits, zero_point=True)
+    s_ref, z_ref = qparams(x, bits, sym=False)
+    assert torch.equal(scale, s_ref) and torch.equal(zero, z_ref.to(torch.int32))
+    assert torch.equal(q.int() + 2 ** (bits - 1), quantize(x, s_ref[:, None], z_ref[:, None], bits))
+
+
+def test_act_quant_asymmetric_bad_input_raises():
+    x = torch.randn(2, 8).to(DEVICE)
+    with pytest.raises(ValueError, match=r"bits=9 is not supported; use one of \(2, 3, 4, 5, 6, 7, 8\)"):
+        quantize_activations_ref(x, bits=9, zero_point=True)
+    with pytest.raises(ValueError, match=r"bits=3 is not supported; use one of \(4, 8\) \(2..8 with zero_point"):
+        quantize_activations_ref(x, bits=3)
+    with pytest.raises(ValueError, match="a static scale is not supported"):
+        quantize_activations_ref(x, bits=8, zero_point=True, scale=torch.ones(1))

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from tquant.kernels import bitplane_gemm as bp
 from tquant.kernels.bitplane_gemm import (bitplane_matmul, bitplane_matmul_a16, bitplane_matmul_a16_ref,
-                                          bitplane_matmul_ref, pack_planes, quantize_activations_asym_ref,
-                                          quantize_weight_ref, unpack_codes_from_planes)
+                                          bitplane_matmul_ref, pack_planes, quantize_weight_ref,
+                                          unpack_codes_from_planes)
+from tquant.kernels.act_quant import quantize_activations_ref
 from tquant.kernels.runtime import interpreter_on, next_power_of_2
 from tquant.packing import pack_codes, unpack_codes
 from kernel_device import DEVICE, needs_backend
@@ -57,7 +58,7 @@ def float_inputs(m, n, k, seed):
 def quantized_inputs(m, n, k, group_size, bits, act_bits, seed, device=DEVICE):
     """(xq, x_scale, x_zero, planes, w_scale, w_zero, bias, x, w) through tquant.quantizer (the module's helpers)."""
     x, w, bias = float_inputs(m, n, k, seed)
-    xq, x_scale, x_zero = quantize_activations_asym_ref(x, act_bits)
+    xq, x_scale, x_zero = quantize_activations_ref(x, bits=act_bits, zero_point=True)
     planes, w_scale, w_zero = quantize_weight_ref(w, bits, group_size)
     return [t.to(device) for t in (xq, x_scale, x_zero, planes, w_scale, w_zero, bias)] + [x, w]
 
@@ -284,11 +285,11 @@ def test_kernels_bitplane_config_must_fit_the_groups():
 @settings(max_examples=15, deadline=None)
 @given(m=st.integers(1, 8), k=st.integers(1, 100), bits=st.integers(2, 8), seed=st.integers(0, 2**31 - 1))
 def test_kernels_bitplane_quantize_helpers_grid(m, k, bits, seed):
-    """quantize_activations_asym_ref: centred int8 codes, zero in [0, 2^q), every x within one step of its
+    """act_quant's asymmetric per-token grid: centred int8 codes, zero in [0, 2^q), every x within one step of its
     dequantized value (min-max with a rounded zero can clip the extreme by up to a step); quantize_weight_ref alike
     per group (here per channel, and groups of 32 where they divide K)."""
     x, w, _ = float_inputs(m, m + 3, k, seed)
-    xq, x_scale, x_zero = quantize_activations_asym_ref(x, bits)
+    xq, x_scale, x_zero = quantize_activations_ref(x, bits=bits, zero_point=True)
     half = 2 ** (bits - 1)
     assert xq.dtype == torch.int8 and xq.shape == (m, k) and xq.int().min() >= -half and xq.int().max() < half
     assert x_scale.dtype == torch.float32 and x_zero.dtype == torch.int32 and x_scale.shape == x_zero.shape == (m,)
@@ -416,10 +417,6 @@ def test_kernels_bitplane_helpers_bad_input_raises():
         pack_planes(torch.zeros(2, 5), 3)
     with pytest.raises(ValueError, match="bits=1 is not supported"):
         pack_planes(torch.zeros(2, 5, dtype=torch.int32), 1)
-    with pytest.raises(ValueError, match="bits=9 is not supported"):
-        quantize_activations_asym_ref(torch.randn(2, 5), 9)
-    with pytest.raises(ValueError, match="x must be a 2-D"):
-        quantize_activations_asym_ref(torch.randn(5), 8)
     with pytest.raises(ValueError, match="group_size=16 must be a multiple of 32 or equal K=48"):
         quantize_weight_ref(torch.randn(4, 48), 4, 16)
 

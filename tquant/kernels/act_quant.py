@@ -13,6 +13,14 @@ A row whose scale would fall below the smallest normal fp32 (all zeros, or max |
 scale 1 and codes 0, so dividing by the scale never makes inf or NaN. Every step is one correctly
 rounded fp32 operation, in the same order in kernel and reference, so both give identical q and scale.
 
+Asymmetric (zero_point=True, bits 2..8; ABQ-LLM / OmniQuant's per-token activations; the grid of
+tquant.quantizer.qparams(sym=False) with every division IEEE-rounded):
+    lo[m] = min(min_k xs[m, k], 0),  hi[m] = max(max_k xs[m, k], 0)    (a row with hi - lo < 2^bits * FLT_MIN:
+                                                                       lo, hi = -1, 1)
+    scale[m] = (hi - lo) / (2^bits - 1),   zero[m] = round(-lo / scale[m])
+    a[m, k] = clamp(round(xs[m, k] / scale[m]) + zero[m], 0, 2^bits - 1),   x ~= scale * (a - zero)
+    q int8 [M, K] = a - 2^(bits-1) (centred: every bits <= 8 fits int8),  scale fp32 [M],  zero int32 [M]
+
 `quantize_activations` runs one program per row (K walked twice in BLOCK_K steps: max, then codes).
 `quantize_activations_ref` is plain torch; `fake_quantize_activations` is Q(xs) * scale as a float tensor
 (what the GEMM epilogue multiplies back), used by methods to simulate the quantized layer.
@@ -27,6 +35,7 @@ from .runtime import check_device, interpreter_on
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS = (4, 8)
+ASYM_BITS = tuple(range(2, 9))
 FLT_MIN = tl.constexpr(torch.finfo(torch.float32).tiny)  # smallest normal fp32
 RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + RNE) - RNE is y rounded half to even for |y| < 2^22
 
@@ -35,9 +44,12 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def check_inputs(x, bits, smooth, scale=None) -> None:
-    if bits not in BITS:
-        raise ValueError(f"bits={bits} is not supported; use one of {BITS}")
+def check_inputs(x, bits, smooth, scale=None, zero_point=False) -> None:
+    if bits not in (ASYM_BITS if zero_point else BITS):
+        raise ValueError(f"bits={bits} is not supported; use one of {ASYM_BITS if zero_point else BITS}"
+                         + ("" if zero_point else " (2..8 with zero_point=True)"))
+    if zero_point and scale is not None:
+        raise ValueError("zero_point=True quantizes per token: a static scale is not supported")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [M, K] (flatten leading dims first); got shape {tuple(x.shape)}")
     if x.dtype not in DTYPES:
@@ -66,6 +78,19 @@ def _codes_ref(x, bits, smooth, scale):
     return torch.round(xs / scale[:, None]).clamp(-qmax(bits), qmax(bits)).to(torch.int32), scale
 
 
+def _asym_codes_ref(x, bits, smooth):
+    """(a int32 [M, K] in [0, 2^bits), scale fp32 [M], zero int32 [M]) of the asymmetric grid above."""
+    xs = x.float() if smooth is None else x.float() / smooth.float()
+    maxq = torch.tensor(float(2**bits - 1), device=x.device)  # a tensor divisor: IEEE on CUDA too
+    lo, hi = xs.amin(dim=1).clamp(max=0), xs.amax(dim=1).clamp(min=0)
+    flat = (hi - lo) < FLT_MIN.value * 2**bits
+    lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
+    scale = (hi - lo) / maxq
+    zero = torch.round(-lo / scale)
+    a = (torch.round(xs / scale[:, None]) + zero[:, None]).clamp(0, 2**bits - 1)
+    return a.to(torch.int32), scale, zero.to(torch.int32)
+
+
 def fake_quantize_activations(x, *, bits=8, smooth=None, scale=None):
     """codes * scale [..., K] in fp32: the activation the quantized GEMM sees (x / smooth, quantized)."""
     check_inputs(x.reshape(-1, x.shape[-1]), bits, smooth, scale)
@@ -73,8 +98,11 @@ def fake_quantize_activations(x, *, bits=8, smooth=None, scale=None):
     return (codes.float() * s[:, None]).reshape(x.shape)
 
 
-def quantize_activations_ref(x, *, bits=8, smooth=None, scale=None, pack=True):
-    check_inputs(x, bits, smooth, scale)
+def quantize_activations_ref(x, *, bits=8, smooth=None, scale=None, pack=True, zero_point=False):
+    check_inputs(x, bits, smooth, scale, zero_point)
+    if zero_point:
+        a, scale, zero = _asym_codes_ref(x, bits, smooth)
+        return (a - 2 ** (bits - 1)).to(torch.int8), scale, zero
     codes, scale = _codes_ref(x, bits, smooth, scale)
     if bits == 4 and pack:
         codes = torch.nn.functional.pad(codes, (0, x.shape[1] % 2))
@@ -101,48 +129,78 @@ def _code(x_row, s_ptr, k, K, scale, QMAX: tl.constexpr, HAS_SMOOTH: tl.constexp
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, s_ptr, static_ptr, q_ptr, scale_ptr, K, KB, stride_xm, stride_qm, QMAX: tl.constexpr,
-                      PACK: tl.constexpr, HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr, BLOCK_K: tl.constexpr):
+def _asym_code(x_row, s_ptr, k, K, scale, zero, MAXQ: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+    """clamp(round_half_even(xs[k] / scale) + zero, 0, MAXQ) - (MAXQ + 1) / 2 as int32."""
+    y = (tl.div_rn(_smoothed(x_row, s_ptr, k, K, HAS_SMOOTH), scale) + RNE) - RNE
+    return tl.clamp(y + zero, 0.0, 1.0 * MAXQ).to(tl.int32) - (MAXQ + 1) // 2
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, s_ptr, static_ptr, q_ptr, scale_ptr, zero_ptr, K, KB, stride_xm, stride_qm,
+                      QMAX: tl.constexpr, PACK: tl.constexpr, HAS_SMOOTH: tl.constexpr, STATIC: tl.constexpr,
+                      ASYM: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    if STATIC:
-        scale = tl.load(static_ptr)
-    else:
+    if ASYM:  # QMAX is 2^bits - 1 here
         offs = tl.arange(0, BLOCK_K)
-        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        lo = tl.zeros([BLOCK_K], dtype=tl.float32)  # min(., 0) and max(., 0) from the start (0 past K too)
+        hi = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            amax = tl.maximum(amax, tl.abs(_smoothed(x_row, s_ptr, k0 + offs, K, HAS_SMOOTH)))
-        scale = tl.div_rn(tl.max(amax, axis=0), 1.0 * QMAX)
-        scale = tl.where(scale >= FLT_MIN, scale, 1.0)
-    tl.store(scale_ptr + row, scale)
-    byte = tl.arange(0, BLOCK_K // PACK)
-    for b0 in range(0, KB, BLOCK_K // PACK):
-        j = b0 + byte
-        q = _code(x_row, s_ptr, j * PACK, K, scale, QMAX, HAS_SMOOTH)
-        if PACK == 2:  # low nibble = even k; hi << 4 keeps the sign, so the byte is in [-128, 127]
-            q = (q & 15) | (_code(x_row, s_ptr, j * 2 + 1, K, scale, QMAX, HAS_SMOOTH) << 4)
-        tl.store(q_ptr + row.to(tl.int64) * stride_qm + j, q.to(tl.int8), mask=j < KB)
+            xs = _smoothed(x_row, s_ptr, k0 + offs, K, HAS_SMOOTH)
+            lo, hi = tl.minimum(lo, xs), tl.maximum(hi, xs)
+        lo, hi = tl.min(lo, axis=0), tl.max(hi, axis=0)
+        flat = (hi - lo) < FLT_MIN * (QMAX + 1)
+        lo, hi = tl.where(flat, -1.0, lo), tl.where(flat, 1.0, hi)
+        scale = tl.div_rn(hi - lo, 1.0 * QMAX)
+        zero = (tl.div_rn(-lo, scale) + RNE) - RNE
+        tl.store(scale_ptr + row, scale)
+        tl.store(zero_ptr + row, zero.to(tl.int32))
+        for j0 in range(0, K, BLOCK_K):
+            j = j0 + offs
+            q = _asym_code(x_row, s_ptr, j, K, scale, zero, QMAX, HAS_SMOOTH)
+            tl.store(q_ptr + row.to(tl.int64) * stride_qm + j, q.to(tl.int8), mask=j < K)
+    else:
+        if STATIC:
+            scale = tl.load(static_ptr)
+        else:
+            offs = tl.arange(0, BLOCK_K)
+            amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                amax = tl.maximum(amax, tl.abs(_smoothed(x_row, s_ptr, k0 + offs, K, HAS_SMOOTH)))
+            scale = tl.div_rn(tl.max(amax, axis=0), 1.0 * QMAX)
+            scale = tl.where(scale >= FLT_MIN, scale, 1.0)
+        tl.store(scale_ptr + row, scale)
+        byte = tl.arange(0, BLOCK_K // PACK)
+        for b0 in range(0, KB, BLOCK_K // PACK):
+            j = b0 + byte
+            q = _code(x_row, s_ptr, j * PACK, K, scale, QMAX, HAS_SMOOTH)
+            if PACK == 2:  # low nibble = even k; hi << 4 keeps the sign, so the byte is in [-128, 127]
+                q = (q & 15) | (_code(x_row, s_ptr, j * 2 + 1, K, scale, QMAX, HAS_SMOOTH) << 4)
+            tl.store(q_ptr + row.to(tl.int64) * stride_qm + j, q.to(tl.int8), mask=j < KB)
 
 
-def quantize_activations(x, *, bits=8, smooth=None, scale=None, pack=True):
+def quantize_activations(x, *, bits=8, smooth=None, scale=None, pack=True, zero_point=False):
     """Per-token dynamic quantization of x [M, K], or static per-tensor with scale (fp32, one value);
-    pack=False keeps 4-bit codes one per int8."""
-    check_inputs(x, bits, smooth, scale)
+    pack=False keeps 4-bit codes one per int8. zero_point=True: the asymmetric per-token grid (bits 2..8), returning
+    (q, scale, zero)."""
+    check_inputs(x, bits, smooth, scale, zero_point)
     check_device(dict(x=x, smooth=smooth, scale=scale))
     m, k = x.shape
-    pack = 8 // bits if pack else 1
+    pack = 8 // bits if pack and not zero_point else 1
     kb = -(-k // pack)
     q = torch.empty(m, kb, dtype=torch.int8, device=x.device)
     static = scale
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    zero = torch.empty(m if zero_point else 0, dtype=torch.int32, device=x.device)
     if m == 0:
-        return q, scale
+        return (q, scale, zero) if zero_point else (q, scale)
     x = x.contiguous()
     smooth = smooth.contiguous() if smooth is not None else None
     block_k = 32 if interpreter_on() else min(max(triton.next_power_of_2(k), 128), 4096)
     _act_quant_kernel[(m,)](
-        x, smooth if smooth is not None else x, static if static is not None else scale, q, scale, k, kb,
-        x.stride(0), q.stride(0), QMAX=qmax(bits), PACK=pack, HAS_SMOOTH=smooth is not None,
-        STATIC=static is not None, BLOCK_K=block_k, num_warps=4 if block_k <= 1024 else 8,
+        x, smooth if smooth is not None else x, static if static is not None else scale, q, scale,
+        zero if zero_point else scale, k, kb, x.stride(0), q.stride(0),
+        QMAX=2**bits - 1 if zero_point else qmax(bits), PACK=pack, HAS_SMOOTH=smooth is not None,
+        STATIC=static is not None, ASYM=zero_point, BLOCK_K=block_k, num_warps=4 if block_k <= 1024 else 8,
     )
-    return q, scale
+    return (q, scale, zero) if zero_point else (q, scale)

@@ -43,8 +43,9 @@ The variant and tile are tuned per GPU and key (M rounded up to a power of two, 
 bias) by autotune_cache; the interpreter runs one fixed small config (INTERPRETER_CONFIGS holds one per variant).
 The kernel does not check the codes' ranges (that would sync the GPU); bitplane_matmul_ref does.
 `bitplane_matmul_ref` is plain torch: S summed exactly in fp64 (integers below 2^53) per group, then the epilogue in
-fp64. `quantize_activations_asym_ref` makes (xq, x_scale, x_zero) per token, `quantize_weight_ref` (planes,
-w_scale, w_zero) per group, both through tquant.quantizer (asymmetric min-max with an integer zero).
+fp64. The activations come from tquant.kernels.act_quant.quantize_activations(x, bits=q, zero_point=True) (or its
+_ref); `quantize_weight_ref` makes (planes, w_scale, w_zero) per group through tquant.quantizer (asymmetric min-max
+with an integer zero), the same grid.
 
 A16 (WpA16, e.g. W2A16 / W3A16 / W4A16 with groups), the same planes, w_scale and w_zero:
     y[m, n] = sum_k x[m, k] * w16[n, k] (+ bias[n]),  w16[n, k] = dtype(w_scale[g, n] * (c[n, k] - w_zero[g, n]))
@@ -60,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ..packing import pack_codes
-from ..quantizer import grouped_qparams, qparams, quantize
+from ..quantizer import grouped_qparams, quantize
 from .autotune_cache import tune
 from .bcq_matmul import unpack_planes
 from .runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
@@ -97,17 +98,6 @@ def unpack_codes_from_planes(planes: torch.Tensor, k: int) -> torch.Tensor:
     bits = unpack_planes(planes, k).to(torch.int32)  # [p, N, K]
     shifts = torch.arange(planes.shape[0], dtype=torch.int32, device=planes.device)[:, None, None]
     return (bits << shifts).sum(dim=0, dtype=torch.int32)
-
-
-def quantize_activations_asym_ref(x: torch.Tensor, bits: int):
-    """Per-token asymmetric min-max codes of x [M, K] (tquant.quantizer, sym=False, over the last dim):
-    (xq int8 [M, K] = a - 2^(bits-1), x_scale fp32 [M], x_zero int32 [M]) with x ~= x_scale * (a - x_zero)."""
-    check_bits("bits", bits)
-    if x.dim() != 2 or x.dtype not in DTYPES:
-        raise ValueError(f"x must be a 2-D fp16 / bf16 / fp32 tensor [M, K]; got {x.dtype} of shape {tuple(x.shape)}")
-    scale, zero = qparams(x, bits, sym=False)
-    a = quantize(x, scale[:, None], zero[:, None], bits)
-    return (a - 2 ** (bits - 1)).to(torch.int8), scale.float(), zero.to(torch.int32)
 
 
 def quantize_weight_ref(w: torch.Tensor, bits: int, group_size: int):
@@ -422,4 +412,4 @@ def bitplane_matmul_a16(x, planes, w_scale, w_zero, *, bits, group_size, bias=No
 
 
 __all__ = ["bitplane_matmul", "bitplane_matmul_ref", "bitplane_matmul_a16", "bitplane_matmul_a16_ref", "pack_planes",
-           "unpack_codes_from_planes", "quantize_activations_asym_ref", "quantize_weight_ref"]
+           "unpack_codes_from_planes", "quantize_weight_ref"]
