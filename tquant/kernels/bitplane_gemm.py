@@ -65,7 +65,7 @@ from ..quantizer import grouped_qparams, quantize
 from .autotune_cache import tune
 from .bcq_matmul import unpack_planes
 from .runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
-from .tiling import grouped_tile, store_output, unpack_words
+from .tiling import store_output, tile_offsets, unpack_words
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS = range(2, 9)  # weight bits p and activation bits q
@@ -239,11 +239,8 @@ def _bitplane_kernel(x_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_ptr, bias_ptr, y_p
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     BLOCK_KW: tl.constexpr = BLOCK_K // 32
     pid = tl.program_id(0)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok, n_ok = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     dx = (1 << (Q - 1)) - tl.load(xz_ptr + offs_m, mask=m_ok, other=0)  # [BLOCK_M] int32
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -284,11 +281,8 @@ def _bitplane_a16_kernel(x_ptr, p_ptr, ws_ptr, wz_ptr, bias_ptr, y_ptr, M, N, K,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     BLOCK_KW: tl.constexpr = BLOCK_K // 32
     pid = tl.program_id(0)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok, n_ok = offs_m < M, offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # a step lies in one group (BLOCK_K divides group_size, or one group)

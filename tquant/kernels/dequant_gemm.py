@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .runtime import interpreter_on
-from .tiling import grouped_tile
+from .tiling import tile_offsets
 
 MAGIC_BITS = 0x4B000000  # float32 2^23; (code | MAGIC_BITS) read as float32 is 2^23 + code. Passed to the
 # kernels as an argument (magic): in a register it lets ptxas fuse the mask and the OR into one LOP3.
@@ -182,11 +182,7 @@ def _dequant_gemm_kernel(
 ):
     BLOCK_K: tl.constexpr = BLOCK_KW * EPW_P2
     pid, pid_k = tl.program_id(0), tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tl.arange(0, BLOCK_KW)
     slot = tl.arange(0, BLOCK_K)  # slot = word * EPW_P2 + j holds code j of that word
     kw_start = pid_k * kw_per_split

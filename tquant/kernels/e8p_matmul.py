@@ -54,7 +54,7 @@ from . import dequant_gemm
 from .autotune_cache import tune
 from .dequant_gemm import MAGIC_BITS, dot_args, split_k_grid, store_output
 from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
-from .tiling import grouped_tile
+from .tiling import tile_offsets
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CODES2_DTYPE = {3: torch.uint8, 4: torch.int16}
@@ -256,10 +256,7 @@ def _e8p_gemm_kernel(
 ):
     BLOCK_K: tl.constexpr = 8 * BLOCK_KB
     pid, pid_k = tl.program_id(0), tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tl.arange(0, BLOCK_KB)
     cols = tl.arange(0, BLOCK_K)
     kb_start = pid_k * kb_per_split

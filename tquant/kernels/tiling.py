@@ -14,6 +14,15 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def tile_offsets(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(offs_m [BLOCK_M], offs_n [BLOCK_N], m_ok, n_ok) of program pid's output tile in grouped order."""
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def unpack_words(w, BITS: tl.constexpr):
     """int32 codes [M, N * 32 / BITS] of words w [M, N] (BITS 1, 2, 4, 8, 16: code j of word i at bits j * BITS ->
     column i * 32 / BITS + j). Each step splits every field in two halves and tl.interleave's them, so both

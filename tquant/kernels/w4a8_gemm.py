@@ -40,7 +40,7 @@ from ..packing import unpack_codes
 from ..qweight import QuantizedWeight
 from .autotune_cache import tune
 from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
-from .tiling import grouped_tile
+from .tiling import tile_offsets
 from . import w8a8_gemm
 from .w8a8_gemm import DTYPES, store_dequantized, w8a8_matmul_ref
 
@@ -152,11 +152,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, sz_ptr, bias_ptr, y_ptr, 
                  GROUP_M: tl.constexpr):
     BLOCK_KW: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tl.arange(0, BLOCK_KW)
     slot = tl.arange(0, BLOCK_K)  # slot = word * 8 + j holds code j of that word
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
