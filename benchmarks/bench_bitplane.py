@@ -5,9 +5,10 @@ W4A8 kernel of issue 3, all in the same run.
 
 Per shape K->N and batch M: W2A8, W3A8, W4A4, W4A8, W8A8 per channel (and W2A8 g128), asymmetric weights and
 per-token asymmetric activations (bitplane_gemm.quantize_weight_ref; act_quant.quantize_activations(zero_point=True),
-quantized once before timing: these columns time the GEMM alone; the activation kernel is timed in its own column), tuned per key on first call (both variants, "rebuild" and
-"planes"; the chosen one is printed). Peers: cuBLAS fp16 (x @ w^T), cuBLAS int8 (torch._int_mm on pre-quantized
-activations, M padded to 32 below 17), tquant W4A8 per channel (w4a8_matmul on pre-quantized activations).
+quantized once before timing: these columns time the GEMM alone; the activation kernel is timed in its own column),
+tuned per key on first call (both variants, "rebuild" and "planes"; the chosen one is printed). Peers: cuBLAS
+fp16 (x @ w^T), cuBLAS int8 (torch._int_mm on pre-quantized activations, M padded to 32 below 17), tquant W4A8 per
+channel (w4a8_matmul on pre-quantized activations).
 Every tquant output is checked against its torch reference. Medians in us: do_bench_cudagraph (eager do_bench in
 parentheses).
 """
@@ -60,7 +61,8 @@ def main():
                 name = f"W{bits}A{act_bits}" + (f" g{group}" if group else "")
                 row[name + " err"] = rel(bitplane_matmul(*args, **kw), bitplane_matmul_ref(*args, **kw))
                 row[name] = bench(lambda: bitplane_matmul(*args, **kw))
-                chosen = [v["config"] for key, v in autotune_cache._entries(autotune_cache.device_name(x.device)).items()
+                entries = autotune_cache._entries(autotune_cache.device_name(x.device))
+                chosen = [v["config"] for key, v in entries.items()
                           if key.startswith("bitplane_matmul|") and f"M={triton.next_power_of_2(m)}," in key
                           and f",p={bits},q={act_bits},g={group or k}," in key]
                 row[name + " config"] = chosen[0] if chosen else None

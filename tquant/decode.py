@@ -22,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
 
 from .kv import tquant_config
 from .kv_quant import PackedKV, dequantize_values, quantize_values
@@ -68,8 +69,9 @@ class StaticKVCache:
         bits, prefill_with_quant = None, False
         if spec is not None:
             if spec["method"] != "qoq_kv4":
-                raise ValueError(f"static decoding supports the float cache and qoq_kv4's per-token codes; this model's "
-                                 f"KV cache is {spec['method']!r} (use model.generate, which builds its dynamic cache)")
+                raise ValueError(f"static decoding supports the float cache and qoq_kv4's per-token codes; this "
+                                 f"model's KV cache is {spec['method']!r} (use model.generate, which builds its "
+                                 f"dynamic cache)")
             if spec["residual"]:
                 raise ValueError("static decoding keeps no full-precision window: qoq_kv4's residual must be 0")
             bits, prefill_with_quant = spec["kv_bits"], spec["prefill_with_quant"]
@@ -153,11 +155,6 @@ def check_model(model) -> None:
             raise ValueError(f"StaticDecoder needs {part} in every decoder layer; layer 0 has none") from None
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 class StaticDecoder:
     """Greedy generation for `batch` sequences of up to max_len tokens with a static cache (module docstring).
     graphs: capture the decode step as a CUDA graph (default: on CUDA)."""
@@ -172,8 +169,7 @@ class StaticDecoder:
         self.graphs = device.type == "cuda" if graphs is None else graphs
         if self.graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
-        cfg = model.config
-        self.heads, self.head_size = cfg.num_attention_heads, head_dim(cfg)
+        self.head_size = head_dim(model.config)
         self.sm_scale = getattr(model.model.layers[0].self_attn, "scaling", 1 / math.sqrt(self.head_size))
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position the next step writes
         self.length = 0  # its host copy (bounds checks only)

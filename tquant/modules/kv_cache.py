@@ -16,10 +16,11 @@ step does not decode the whole store again.
 
 Kernel path (kernel=True; the default on CUDA): a one-token update returns only the residual window (with no
 window, residual 0 and prefill_with_quant=False: the step's exact token, whose stored copy the kernel skips, so
-both paths attend to a call's own tokens as given), and the model's attention function "tquant_kv" (registered here; tquant.kv sets it on the model) calls decode_attention of
-the layer updated last: KiviLayer's runs tquant.kernels.kv_attention on the packed store and the window (other
-layers, e.g. KVQuantLayer, bring their own kernel and set _last.layer and kernel_step the same way). Every other
-call (prefills, the torch path) goes through SDPA on the K / V that update returned.
+both paths attend to a call's own tokens as given), and the model's attention function "tquant_kv" (registered
+here; tquant.kv sets it on the model) calls decode_attention of the layer updated last: KiviLayer's runs
+tquant.kernels.kv_attention on the packed store and the window (other layers, e.g. KVQuantLayer, bring their own
+kernel and set _last.layer and kernel_step the same way). Every other call (prefills, the torch path) goes through
+SDPA on the K / V that update returned.
 """
 from __future__ import annotations
 
