@@ -78,17 +78,24 @@ ROWS = {  # name: (method, options)
        for b, g, s in ((3, 16, 3), (4, 16, 3), (3, 32, 3), (3, 64, 4), (4, 64, 4), (2, 16, 3), (4, 32, 4))},
     "spqr-w3-g16-s3-no-outliers": ("spqr", dict(bits=3, group_size=16, outlier_relative_threshold=float("inf"))),
     "spqr-w3-g16-s3-damp0.01": ("spqr", dict(bits=3, group_size=16, percdamp=0.01)),
+    # ABQ-LLM (issue 8): its WpAq settings, per channel unless "-g64"; "abq-rtn-...": the same grid, no training
+    **{f"abq{kind}-w{w}a{a}" + ("-g64" if g else ""): ("abq", dict(wbits=w, abits=a, group_size=64 if g else -1,
+                                                                   **({"epochs": 0} if kind else {})))
+       for kind in ("", "-rtn") for w, a, g in ((4, 16, 0), (3, 16, 0), (2, 16, 1), (8, 8, 0), (4, 8, 0), (6, 6, 0),
+                                                (4, 4, 0), (2, 8, 0))},
+    "abq-w2a16-g64-balance": ("abq", dict(wbits=2, abits=16, group_size=64, bit_balance=True)),
+    "abq-w4a4-omniquant": ("abq", dict(wbits=4, abits=4, dlc=False, compensation=False)),
 }
 
 
 def stored_bits(model) -> float:
     """Bits a weight of the quantized linears take in an fp16 checkpoint: every buffer but the bias (float
     buffers counted at 16 bits, so ActQuantLinear's fp32 w_scale too), over the weights they hold."""
-    from tquant.modules import ActQuantLinear, PackedLinear, SpQRLinear
+    from tquant.modules import ActQuantLinear, BitPlaneLinear, PackedLinear, SpQRLinear
 
     bits = params = 0
     for mod in model.modules():
-        if isinstance(mod, (PackedLinear, SpQRLinear, ActQuantLinear)):
+        if isinstance(mod, (PackedLinear, SpQRLinear, ActQuantLinear, BitPlaneLinear)):
             bits += sum(b.numel() * (16 if b.is_floating_point() else b.element_size() * 8)
                         for name, b in mod.named_buffers() if name != "bias")
             params += mod.in_features * mod.out_features

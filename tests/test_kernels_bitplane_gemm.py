@@ -1,11 +1,12 @@
-"""Bit-plane GEMM (ABQ-LLM's arbitrary-bit WpAq, issue 8): both kernel variants ("rebuild": codes rebuilt from the
-planes, one int8 dot a step; "planes": one int8 dot per plane) against the torch reference on fresh quantized
-inputs (p, q in 2..8, per-channel and per-group, K and N not multiples of 32 or of the block), the int32
-accumulation and zero-point corrections exact, the reference against plain float math, pack_planes, the A16 path,
-every GPU config, the input checks, and the kernels compiling for Hopper.
+"""Bit-plane GEMM (ABQ-LLM's arbitrary-bit WpAq, issue 8): both kernel variants ("rebuild": codes decoded from the
+planes by byte-SWAR, one int8 dot a step; "planes": one int8 dot per plane) against the torch reference on fresh
+quantized inputs (p, q in 2..8, per-channel and per-group, K and N not multiples of 32 or of the block), the int32
+accumulation and zero-point corrections exact (also over spans of long groups), the reference against plain float
+math, the plane layout and w_sum, the A16 path, every GPU config, the input checks, and the kernels compiling for
+Hopper without spills.
 
-Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1, set by conftest.py) with one fixed small config per
-variant (launched directly); with TRITON_INTERPRET=0 on a GPU it runs the same checks there.
+Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1, set by conftest.py) with bitplane_gemm's interpreter
+tile per variant (launched directly); with TRITON_INTERPRET=0 on a GPU it runs the same checks there.
 """
 import json
 import os
@@ -19,17 +20,16 @@ from hypothesis import strategies as st
 
 from tquant.kernels import bitplane_gemm as bp
 from tquant.kernels.bitplane_gemm import (bitplane_matmul, bitplane_matmul_a16, bitplane_matmul_a16_ref,
-                                          bitplane_matmul_ref, pack_planes, quantize_weight_ref,
-                                          unpack_codes_from_planes)
+                                          bitplane_matmul_ref, code_sums, quantize_weight_ref)
 from tquant.kernels.act_quant import quantize_activations_ref
 from tquant.kernels.runtime import interpreter_on, next_power_of_2
-from tquant.packing import pack_codes, unpack_codes
+from tquant.packing import PLANE_K, pack_planes, unpack_planes
 from kernel_device import DEVICE, needs_backend
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # normwise relative; bf16: two roundings of up to 2^-7 each (the interpreter truncates fp32 to bf16, torch rounds)
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
-SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ISSUE = [(8, 8), (4, 8), (6, 6), (4, 6), (4, 4), (3, 8), (3, 6), (2, 8), (2, 6)]  # (bits, act_bits) of issue 8
 
 
@@ -56,29 +56,30 @@ def float_inputs(m, n, k, seed):
 
 
 def quantized_inputs(m, n, k, group_size, bits, act_bits, seed, device=DEVICE):
-    """(xq, x_scale, x_zero, planes, w_scale, w_zero, bias, x, w) through tquant.quantizer (the module's helpers)."""
+    """(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bias, x, w) through tquant.quantizer (the module's
+    helpers)."""
     x, w, bias = float_inputs(m, n, k, seed)
     xq, x_scale, x_zero = quantize_activations_ref(x, bits=act_bits, zero_point=True)
-    planes, w_scale, w_zero = quantize_weight_ref(w, bits, group_size)
-    return [t.to(device) for t in (xq, x_scale, x_zero, planes, w_scale, w_zero, bias)] + [x, w]
+    weight = quantize_weight_ref(w, bits, group_size)
+    return [t.to(device) for t in (xq, x_scale, x_zero, *weight, bias)] + [x, w]
 
 
 def variant_config(variant, m, k, group_size):
-    """The interpreter's config of a variant, or on a GPU the variant's first candidate."""
+    """The interpreter's tile for a variant, or on a GPU the variant's first candidate."""
     if interpreter_on():
-        return bp.INTERPRETER_CONFIGS[variant]
+        return dict(variant=variant, **bp.interpreter_tile(k, group_size))
     return next(c for c in bp.configs(next_power_of_2(m), k, group_size) if c["variant"] == variant)
 
 
-def run_variant(variant, xq, x_scale, x_zero, planes, w_scale, w_zero, bias, *, bits, act_bits, group_size,
-                out_dtype):
-    config = variant_config(variant, xq.shape[0], xq.shape[1], group_size)
-    return bp.launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, bits, act_bits, group_size, bias,
+def run_variant(variant, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bias, *, bits, act_bits, group_size,
+                out_dtype, config=None):
+    config = config or variant_config(variant, xq.shape[0], xq.shape[1], group_size)
+    return bp.launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, act_bits, group_size, bias,
                      out_dtype)
 
 
 def assert_close(y, ref, dtype, tol=None):
-    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
+    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape and y.device == ref.device
     assert y.isfinite().all()
     err = ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
     assert err < (tol or TOL[dtype]), f"relative error {err:.2e}"
@@ -90,11 +91,11 @@ def assert_close(y, ref, dtype, tol=None):
        dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_kernels_bitplane_matmul_matches_reference(shape, bits, act_bits, variant, dtype, bias, seed):
     m, n, k, gs = shape
-    xq, xs, xz, planes, ws, wz, b, _, _ = quantized_inputs(m, n, k, gs, bits, act_bits, seed)
+    *weights, b, _, _ = quantized_inputs(m, n, k, gs, bits, act_bits, seed)
     b = b.to(dtype) if bias else None
     kw = dict(bits=bits, act_bits=act_bits, group_size=gs, out_dtype=dtype)
-    y = run_variant(variant, xq, xs, xz, planes, ws, wz, b, **kw)
-    assert_close(y, bitplane_matmul_ref(xq, xs, xz, planes, ws, wz, bias=b, **kw), dtype)
+    y = run_variant(variant, *weights, b, **kw)
+    assert_close(y, bitplane_matmul_ref(*weights, bias=b, **kw), dtype)
 
 
 @needs_backend
@@ -104,11 +105,11 @@ def test_kernels_bitplane_issue_combinations(bits, act_bits):
     (tuned; the interpreter's "rebuild" config) and the "planes" variant against the reference in fp32, and the
     quantized layer near the float one (x @ w^T + bias), closer with more bits."""
     m, n, k, gs = 5, 40, 96, 32
-    xq, xs, xz, planes, ws, wz, b, x, w = quantized_inputs(m, n, k, gs, bits, act_bits, seed=bits * 10 + act_bits)
+    *weights, b, x, w = quantized_inputs(m, n, k, gs, bits, act_bits, seed=bits * 10 + act_bits)
     kw = dict(bits=bits, act_bits=act_bits, group_size=gs, out_dtype=torch.float32)
-    ref = bitplane_matmul_ref(xq, xs, xz, planes, ws, wz, bias=b, **kw)
-    assert_close(bitplane_matmul(xq, xs, xz, planes, ws, wz, bias=b, **kw), ref, torch.float32)
-    assert_close(run_variant("planes", xq, xs, xz, planes, ws, wz, b, **kw), ref, torch.float32)
+    ref = bitplane_matmul_ref(*weights, bias=b, **kw)
+    assert_close(bitplane_matmul(*weights, bias=b, **kw), ref, torch.float32)
+    assert_close(run_variant("planes", *weights, b, **kw), ref, torch.float32)
     expected = x.double() @ w.double().T + b.cpu().double()
     err = ((ref.cpu().double() - expected).norm() / expected.norm()).item()
     assert err < 2.0 ** (2 - min(bits, act_bits)), f"relative error {err:.2e} to the float layer"
@@ -128,6 +129,14 @@ def random_codes(m, n, k, gs, bits, act_bits, seed):
     return xq, codes, x_zero, w_zero
 
 
+def unit_scale_args(xq, codes, x_zero, w_zero, gs, bits):
+    """The kernels' tensor arguments with unit scales (on DEVICE): y is then the integer sum itself."""
+    (m, k), n = xq.shape, codes.shape[0]
+    planes = pack_planes(codes, bits)
+    return [t.to(DEVICE) for t in (xq, torch.ones(m), x_zero, planes, torch.ones(k // gs, n), w_zero,
+                                   code_sums(planes, k, gs))]
+
+
 def integer_product(xq, codes, x_zero, w_zero, gs, act_bits):
     """sum_k (a - x_zero) (c - w_zero) in int64 ([M, N]; unit scales sum the groups)."""
     a = xq.long() + 2 ** (act_bits - 1) - x_zero.long()[:, None]
@@ -135,37 +144,42 @@ def integer_product(xq, codes, x_zero, w_zero, gs, act_bits):
     return a @ c.t()
 
 
+def assert_exact(y, expected):
+    assert expected.abs().max() < 2**24  # every partial sum an fp32 integer: the kernels' result is exact
+    torch.testing.assert_close(y.cpu(), expected.float(), rtol=0, atol=0)
+
+
 EXACT = [(1, 1, 1, 1, 8, 8), (5, 33, 70, 70, 8, 8), (17, 40, 96, 32, 3, 5), (3, 20, 192, 64, 7, 2),
-         (2, 9, 45, 45, 2, 8), (16, 17, 128, 128, 5, 3)]  # (m, n, k, group_size, bits, act_bits)
+         (2, 9, 45, 45, 2, 8), (16, 17, 128, 128, 5, 3), (4, 70, 160, 32, 6, 7)]  # (m, n, k, group_size, p, q)
 
 
 @needs_backend
 @pytest.mark.parametrize("m,n,k,gs,bits,act_bits", EXACT)
 @pytest.mark.parametrize("fn", ["rebuild", "planes", "ref"])
 def test_kernels_bitplane_int32_accumulation_is_exact(fn, m, n, k, gs, bits, act_bits):
-    """Unit scales and fp32 out: y is the integer sum of (a - x_zero)(c - w_zero) (|y| < 2^24 here), so every
-    zero-point correction term (and the centring of padded codes past K) must be exact."""
+    """Unit scales and fp32 out: y is the integer sum of (a - x_zero)(c - w_zero), so the byte-SWAR decode (every
+    centre: w_zero for p <= 7, 128 for p = 8, 0 for "planes") and every zero-point correction must be exact."""
     xq, codes, x_zero, w_zero = random_codes(m, n, k, gs, bits, act_bits, seed=m * n * k + bits)
-    args = [t.to(DEVICE) for t in (xq, torch.ones(m), x_zero, pack_planes(codes, bits), torch.ones(k // gs, n),
-                                   w_zero)]
+    args = unit_scale_args(xq, codes, x_zero, w_zero, gs, bits)
     kw = dict(bits=bits, act_bits=act_bits, group_size=gs, out_dtype=torch.float32)
     y = bitplane_matmul_ref(*args, **kw) if fn == "ref" else run_variant(fn, *args, None, **kw)
-    torch.testing.assert_close(y.cpu(), integer_product(xq, codes, x_zero, w_zero, gs, act_bits).float(), rtol=0,
-                               atol=0)
+    assert_exact(y, integer_product(xq, codes, x_zero, w_zero, gs, act_bits))
 
 
 @needs_backend
-@pytest.mark.parametrize("k,gs", [(150, 150), (256, 128)])
+@pytest.mark.parametrize("k,gs", [(300, 300), (512, 256)], ids=["channel", "groups"])
+@pytest.mark.parametrize("bits", [8, 5])
 @pytest.mark.parametrize("variant", bp.VARIANTS)
-def test_kernels_bitplane_long_groups_walk_spans(monkeypatch, variant, k, gs):
+def test_kernels_bitplane_long_groups_walk_spans(monkeypatch, variant, bits, k, gs):
     """A group longer than MAX_SPAN (16384 k, the int32 bound) is summed in spans, each converted on its own: with
-    MAX_SPAN 64, K=150 per channel takes spans of 64, 64, 22 and groups of 128 two spans each, still exact."""
-    monkeypatch.setattr(bp, "MAX_SPAN", 64)
-    xq, codes, x_zero, w_zero = random_codes(3, 20, k, gs, 8, 8, seed=k)
-    args = [t.to(DEVICE) for t in (xq, torch.ones(3), x_zero, pack_planes(codes, 8), torch.ones(k // gs, 20),
-                                   w_zero)]
-    y = run_variant(variant, *args, None, bits=8, act_bits=8, group_size=gs, out_dtype=torch.float32)
-    torch.testing.assert_close(y.cpu(), integer_product(xq, codes, x_zero, w_zero, gs, 8).float(), rtol=0, atol=0)
+    MAX_SPAN 128 (a multiple of every BLOCK_K), K=300 per channel takes spans of 128, 128, 44 and groups of 256 two
+    spans each, BLOCK_K 64 under the interpreter (two steps a span); still exact, with and without row sums."""
+    monkeypatch.setattr(bp, "MAX_SPAN", 128)
+    xq, codes, x_zero, w_zero = random_codes(3, 20, k, gs, bits, 8, seed=k + bits)
+    config = dict(variant_config(variant, 3, k, gs), **({"BLOCK_K": 64} if interpreter_on() else {}))
+    y = run_variant(variant, *unit_scale_args(xq, codes, x_zero, w_zero, gs, bits), None, bits=bits, act_bits=8,
+                    group_size=gs, out_dtype=torch.float32, config=config)
+    assert_exact(y, integer_product(xq, codes, x_zero, w_zero, gs, 8))
 
 
 @SLOW
@@ -183,103 +197,123 @@ def test_kernels_bitplane_reference_matches_float_math(shape, bits, act_bits, dt
     wf = w_scale.double()[:, None] * (codes.double().t().reshape(k // gs, gs, n) - w_zero.double()[:, None])
     wf = wf.reshape(k, n)
     expected = xf @ wf + bias.double()
-    y = bitplane_matmul_ref(xq, x_scale, x_zero, pack_planes(codes, bits), w_scale, w_zero, bits=bits,
+    w_sum = codes.view(n, k // gs, gs).sum(dim=-1, dtype=torch.int32).t().contiguous()
+    y = bitplane_matmul_ref(xq, x_scale, x_zero, pack_planes(codes, bits), w_scale, w_zero, w_sum, bits=bits,
                             act_bits=act_bits, group_size=gs, bias=bias, out_dtype=dtype)
     assert_close(y, expected.to(dtype), dtype, tol=1e-12 if dtype == torch.float32 else None)
 
 
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(1, 40), k=st.integers(1, 100), bits=st.integers(2, 8), seed=st.integers(0, 2**31 - 1))
-def test_kernels_bitplane_pack_planes_round_trip(n, k, bits, seed):
-    """planes int32 [bits, ceil(K / 32), N], plane i = pack_codes(bit i, 1) with zero bits past K, and back."""
+def test_kernels_bitplane_plane_layout_and_code_sums(n, k, bits, seed):
+    """planes int32 [bits, ceil(K / 32), N] in byte-SWAR order (bit j of word w of plane i: bit i of the code of
+    k = 32 w + 4 (j % 8) + j // 8, so (word >> s) & 0x01010101 holds k = 32 w + 4 s + 0..3 in bytes 0..3), zero
+    bits past K; unpack_planes inverts it, and code_sums (w_sum) sums the codes per group."""
     codes = torch.randint(0, 2**bits, (n, k), generator=torch.Generator().manual_seed(seed))
     codes[0, 0] = 2**bits - 1
     planes = pack_planes(codes, bits)
     kw = -(-k // 32)
     assert planes.dtype == torch.int32 and planes.shape == (bits, kw, n)
+    padded = torch.nn.functional.pad(codes, (0, 32 * kw - k)).view(n, kw, 32)
+    j = torch.arange(32)
+    assert PLANE_K == (4 * (j % 8) + j // 8).tolist()
+    bit = (planes.long()[..., None] >> j) & 1  # [bits, KW, N, 32]: bit j of each word
     for i in range(bits):
-        assert torch.equal(planes[i], pack_codes((codes >> i) & 1, 1))
-        assert not unpack_codes(planes[i], 1, 32 * kw)[k:].any()
-    assert torch.equal(unpack_codes_from_planes(planes, k), codes.int())
+        assert torch.equal(bit[i].permute(1, 0, 2), (padded[:, :, PLANE_K] >> i) & 1)
+    assert torch.equal(unpack_planes(planes, k), codes.int())
+    for gs in {k, 32} if k % 32 == 0 else {k}:
+        w_sum = code_sums(planes, k, gs)
+        assert w_sum.dtype == torch.int32 and torch.equal(w_sum, codes.view(n, k // gs, gs).sum(-1).t().int())
 
 
 @needs_backend
 @pytest.mark.parametrize("variant", bp.VARIANTS + ("a16",))
 def test_kernels_bitplane_padding_bits_past_k_are_ignored(variant):
-    """Set bits past K (45: 19 in each plane's last word) change nothing: the kernels mask them (the format has them
-    0, but a padded code's centred value is not 0)."""
+    """Set bits past K (45: 19 in each plane's last word, bits j with 32 + PLANE_K[j] >= 45) change nothing: the
+    kernels never mask the codes there, but xq (x) is 0 past K and w_sum gives the codes' sums (the format has those
+    bits 0)."""
     m, n, k, bits = 3, 20, 45, 4
-    xq, xs, xz, planes, ws, wz, _, x, _ = quantized_inputs(m, n, k, k, bits, 6, seed=5)
+    xq, xs, xz, planes, ws, wz, w_sum, _, x, _ = quantized_inputs(m, n, k, k, bits, 6, seed=5)
+    past_k = sum(1 << j for j in range(32) if PLANE_K[j] >= k % 32)
     dirty = planes.clone()
-    dirty[:, -1] |= -(1 << (k % 32))  # bits 13..31 of the last word
+    dirty[:, -1] |= past_k - (1 << 32 if past_k >= 1 << 31 else 0)  # as an int32
+    codes = unpack_planes(dirty.cpu(), 64)
+    assert torch.equal(codes[:, :k], unpack_planes(planes.cpu(), k)) and (codes[:, k:] == 2**bits - 1).all()
     if variant == "a16":
         x = x.to(DEVICE)
         outs = [bitplane_matmul_a16(x, p, ws, wz, bits=bits, group_size=k) for p in (planes, dirty)]
     else:
-        outs = [run_variant(variant, xq, xs, xz, p, ws, wz, None, bits=bits, act_bits=6, group_size=k,
+        outs = [run_variant(variant, xq, xs, xz, p, ws, wz, w_sum, None, bits=bits, act_bits=6, group_size=k,
                             out_dtype=torch.float32) for p in (planes, dirty)]
     assert torch.equal(outs[0], outs[1])
 
 
 @needs_backend
 @SLOW
-@given(shape=shapes(), bits=st.sampled_from([2, 3, 4]), dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+@given(shape=shapes(), bits=st.sampled_from([2, 3, 4, 8]), dtype=st.sampled_from(DTYPES), bias=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_kernels_bitplane_a16_matches_reference(shape, bits, dtype, bias, seed):
+    """W2 / W3 / W4 A16 (centre w_zero) and W8A16 (centre 128, then + 128 - w_zero) against the reference."""
     m, n, k, gs = shape
-    _, _, _, planes, ws, wz, b, x, _ = quantized_inputs(m, n, k, gs, bits, 8, seed)
+    _, _, _, planes, ws, wz, _, b, x, _ = quantized_inputs(m, n, k, gs, bits, 8, seed)
     x, b = x.to(DEVICE, dtype), (b.to(dtype) if bias else None)
     y = bitplane_matmul_a16(x, planes, ws, wz, bits=bits, group_size=gs, bias=b)
     assert_close(y, bitplane_matmul_a16_ref(x, planes, ws, wz, bits=bits, group_size=gs, bias=b), dtype)
 
 
 @needs_backend
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("k,gs", [(128, 32), (192, 64), (70, 70)])
 def test_kernels_bitplane_a16_each_bit_width(bits, k, gs):
-    """W2A16 / W3A16 / W4A16 with groups of 32 and 64 and per channel (K=70), fp16, bias; the reference against fp64
-    float math on the dequantized weight, and the quantized layer near the float one."""
-    _, _, _, planes, ws, wz, b, x, w = quantized_inputs(17, 33, k, gs, bits, 8, seed=bits * k)
+    """W2A16 / W3A16 / W4A16 (and W8A16) with groups of 32 and 64 and per channel (K=70), fp16, bias; the reference
+    against fp64 float math on the dequantized weight, and the quantized layer near the float one."""
+    _, _, _, planes, ws, wz, _, b, x, w = quantized_inputs(17, 33, k, gs, bits, 8, seed=bits * k)
     x, b = x.to(DEVICE, torch.float16), b.to(torch.float16)
     ref = bitplane_matmul_a16_ref(x, planes, ws, wz, bits=bits, group_size=gs, bias=b)
     assert_close(bitplane_matmul_a16(x, planes, ws, wz, bits=bits, group_size=gs, bias=b), ref, torch.float16)
-    codes = unpack_codes_from_planes(planes, k).cpu().double()  # [N, K]
+    codes = unpack_planes(planes.cpu(), k).double()  # [N, K]
     g = torch.arange(k) // gs
     w16 = ((codes - wz.cpu().double().t()[:, g]) * ws.cpu().double().t()[:, g]).half().double()
+    ref = ref.cpu()
     assert_close(ref, (x.cpu().double() @ w16.t() + b.cpu().double()).half(), torch.float16)
     expected = x.cpu().double() @ w.double().t() + b.cpu().double()
-    assert ((ref.cpu().double() - expected).norm() / expected.norm()).item() < 2.4 * 2.0**-bits  # RTN's error
+    assert ((ref.double() - expected).norm() / expected.norm()).item() < 2.4 * 2.0**-bits  # RTN's error
 
 
 @needs_backend
 def test_kernels_bitplane_every_gpu_config_is_correct(monkeypatch):
     """Each CUDA candidate of both paths (tile shapes, both variants, masks at M, N, K not multiples of the blocks),
-    through the launchers; under the interpreter each distinct tile once (warps and stages do not matter there)."""
+    through the launchers; under the interpreter each distinct tile once (warps and stages do not matter there). At
+    most 10 candidates a key (the tuner's time), "rebuild" first."""
     monkeypatch.setattr(bp, "interpreter_on", lambda: False)
-    for m, k, gs in ((20, 150, 150), (40, 128, 64)):
-        gpu, a16 = bp.configs(m, k, gs), bp.a16_configs(m, k, gs)
+    for m, k, gs, bits in ((20, 150, 150, 5), (40, 128, 64, 8), (256, 96, 32, 3)):
+        gpu, a16 = bp.configs(next_power_of_2(m), k, gs), bp.a16_configs(next_power_of_2(m), k, gs)
         assert {c["variant"] for c in gpu} == set(bp.VARIANTS) and gpu[0]["variant"] == "rebuild"
+        assert len(gpu) <= 10 and len(a16) <= 10
         assert all(c["BLOCK_K"] % 32 == 0 and (gs == k or gs % c["BLOCK_K"] == 0) for c in gpu + a16)
         if interpreter_on():
             tile = lambda c: tuple(c.get(key) for key in ("variant", "BLOCK_M", "BLOCK_N", "BLOCK_K"))  # noqa: E731
             gpu, a16 = ({tile(c): c for c in cs}.values() for cs in (gpu, a16))
-        xq, xs, xz, planes, ws, wz, b, x, _ = quantized_inputs(m, 70, k, gs, 5, 7, seed=m)
-        kw = dict(bits=5, act_bits=7, group_size=gs, out_dtype=torch.float32)
-        ref = bitplane_matmul_ref(xq, xs, xz, planes, ws, wz, bias=b, **kw)
+        *weights, b, x, _ = quantized_inputs(m, 70, k, gs, bits, 7, seed=m)
+        ref = bitplane_matmul_ref(*weights, bits=bits, act_bits=7, group_size=gs, bias=b, out_dtype=torch.float32)
         for config in gpu:
-            assert_close(bp.launch(config, xq, xs, xz, planes, ws, wz, 5, 7, gs, b, torch.float32), ref,
-                         torch.float32)
+            assert_close(bp.launch(config, *weights, bits, 7, gs, b, torch.float32), ref, torch.float32)
         x = x.to(DEVICE)
-        ref = bitplane_matmul_a16_ref(x, planes, ws, wz, bits=5, group_size=gs, bias=b)
+        planes, ws, wz = weights[3:6]
+        ref = bitplane_matmul_a16_ref(x, planes, ws, wz, bits=bits, group_size=gs, bias=b)
         for config in a16:
-            assert_close(bp.launch_a16(config, x, planes, ws, wz, 5, gs, b), ref, torch.float32, tol=1e-5)
+            assert_close(bp.launch_a16(config, x, planes, ws, wz, bits, gs, b), ref, torch.float32, tol=1e-5)
 
 
-def test_kernels_bitplane_config_must_fit_the_groups():
-    xq, xs, xz, planes, ws, wz, _, _, _ = quantized_inputs(2, 8, 64, 32, 4, 8, seed=0, device="cpu")
+def test_kernels_bitplane_config_must_fit_the_groups_and_spans(monkeypatch):
+    """BLOCK_K divides group_size (several groups) and MAX_SPAN, so no K step straddles a group or a span."""
+    *weights, _, _, _ = quantized_inputs(2, 8, 64, 32, 4, 8, seed=0, device="cpu")
+    config = dict(variant="rebuild", **bp.interpreter_tile(64, 32))
     with pytest.raises(ValueError, match="BLOCK_K=64 must be a multiple of 32 dividing group_size=32"):
-        bp.launch(dict(bp.INTERPRETER_CONFIGS["rebuild"], BLOCK_K=64), xq, xs, xz, planes, ws, wz, 4, 8, 32, None,
-                  torch.float16)
+        bp.launch(dict(config, BLOCK_K=64), *weights, 4, 8, 32, None, torch.float16)
+    monkeypatch.setattr(bp, "MAX_SPAN", 96)
+    with pytest.raises(ValueError, match="BLOCK_K=64 must .* and MAX_SPAN=96"):
+        bp.launch(dict(config, BLOCK_K=64), *weights, 4, 8, 64, None, torch.float16)
 
 
 @settings(max_examples=15, deadline=None)
@@ -287,7 +321,7 @@ def test_kernels_bitplane_config_must_fit_the_groups():
 def test_kernels_bitplane_quantize_helpers_grid(m, k, bits, seed):
     """act_quant's asymmetric per-token grid: centred int8 codes, zero in [0, 2^q), every x within one step of its
     dequantized value (min-max with a rounded zero can clip the extreme by up to a step); quantize_weight_ref alike
-    per group (here per channel, and groups of 32 where they divide K)."""
+    per group (here per channel, and groups of 32 where they divide K), with w_sum the codes' sums (code_sums)."""
     x, w, _ = float_inputs(m, m + 3, k, seed)
     xq, x_scale, x_zero = quantize_activations_ref(x, bits=bits, zero_point=True)
     half = 2 ** (bits - 1)
@@ -297,34 +331,38 @@ def test_kernels_bitplane_quantize_helpers_grid(m, k, bits, seed):
     x_hat = x_scale[:, None] * (xq.float() + half - x_zero[:, None])
     assert ((x - x_hat).abs() <= x_scale[:, None] * (1 + 1e-4)).all()
     for gs in {k, 32} if k % 32 == 0 else {k}:
-        planes, w_scale, w_zero = quantize_weight_ref(w, bits, gs)
-        assert planes.shape == (bits, -(-k // 32), m + 3) and w_scale.shape == w_zero.shape == (k // gs, m + 3)
-        assert w_zero.dtype == torch.int32 and w_zero.min() >= 0 and w_zero.max() < 2**bits
+        planes, w_scale, w_zero, w_sum = quantize_weight_ref(w, bits, gs)
+        g_shape = (k // gs, m + 3)
+        assert planes.shape == (bits, -(-k // 32), m + 3) and w_scale.shape == w_zero.shape == w_sum.shape == g_shape
+        assert w_zero.dtype == w_sum.dtype == torch.int32 and w_zero.min() >= 0 and w_zero.max() < 2**bits
+        assert torch.equal(w_sum, code_sums(planes, k, gs))
         g = torch.arange(k) // gs
-        w_hat = w_scale.t()[:, g] * (unpack_codes_from_planes(planes, k) - w_zero.t()[:, g])
+        w_hat = w_scale.t()[:, g] * (unpack_planes(planes, k) - w_zero.t()[:, g])
         assert ((w - w_hat).abs() <= w_scale.t()[:, g] * (1 + 1e-4)).all()
 
 
 @needs_backend
 def test_kernels_bitplane_empty_batch():
-    xq, xs, xz, planes, ws, wz, _, x, _ = quantized_inputs(1, 8, 32, 32, 4, 8, seed=0)
+    xq, xs, xz, planes, ws, wz, w_sum, _, x, _ = quantized_inputs(1, 8, 32, 32, 4, 8, seed=0)
     kw = dict(bits=4, act_bits=8, group_size=32)
-    assert bitplane_matmul(xq[:0], xs[:0], xz[:0], planes, ws, wz, **kw).shape == (0, 8)
+    assert bitplane_matmul(xq[:0], xs[:0], xz[:0], planes, ws, wz, w_sum, **kw).shape == (0, 8)
     assert bitplane_matmul_a16(x[:0].to(DEVICE), planes, ws, wz, bits=4, group_size=32).shape == (0, 8)
 
 
 def test_kernels_bitplane_cpu_tensor_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    xq, xs, xz, planes, ws, wz, _, x, _ = quantized_inputs(3, 8, 32, 32, 4, 8, seed=1, device="cpu")
+    *weights, _, x, _ = quantized_inputs(3, 8, 32, 32, 4, 8, seed=1, device="cpu")
     with pytest.raises(ValueError, match="CUDA"):
-        bitplane_matmul(xq, xs, xz, planes, ws, wz, bits=4, act_bits=8, group_size=32)
+        bitplane_matmul(*weights, bits=4, act_bits=8, group_size=32)
     with pytest.raises(ValueError, match="CUDA"):
-        bitplane_matmul_a16(x, planes, ws, wz, bits=4, group_size=32)
+        bitplane_matmul_a16(x, *weights[3:6], bits=4, group_size=32)
+
+
+NAMES = ("xq", "x_scale", "x_zero", "planes", "w_scale", "w_zero", "w_sum", "bias")
 
 
 def _bad(t, **change):
-    names = ("xq", "x_scale", "x_zero", "planes", "w_scale", "w_zero", "bias")
-    return dict(zip(names, t[:7]), bits=4, act_bits=6, group_size=32, out_dtype=torch.float16) | change
+    return dict(zip(NAMES, t[:8]), bits=4, act_bits=6, group_size=32, out_dtype=torch.float16) | change
 
 
 BAD_INPUTS = {  # M=3, N=8, K=64, bits=4, act_bits=6, group_size=32
@@ -350,16 +388,18 @@ BAD_INPUTS = {  # M=3, N=8, K=64, bits=4, act_bits=6, group_size=32
     "w_scale shape": (lambda t: _bad(t, w_scale=t[4][:1]), r"w_scale shape \(1, 8\).*expected \(2, 8\)"),
     "w_zero dtype": (lambda t: _bad(t, w_zero=t[5].to(torch.int8)), "w_zero dtype"),
     "w_zero shape": (lambda t: _bad(t, w_zero=t[5][:, :-1]), r"w_zero shape \(2, 7\).*expected \(2, 8\)"),
-    "bias shape": (lambda t: _bad(t, bias=t[6][:-1]), "bias shape"),
-    "bias dtype": (lambda t: _bad(t, bias=t[6].double()), "bias dtype"),
+    "w_sum missing": (lambda t: _bad(t, w_sum=None), "w_sum is required"),
+    "w_sum dtype": (lambda t: _bad(t, w_sum=t[6].long()), "w_sum dtype"),
+    "w_sum shape": (lambda t: _bad(t, w_sum=t[6][:1]), r"w_sum shape \(1, 8\).*expected \(2, 8\)"),
+    "bias shape": (lambda t: _bad(t, bias=t[7][:-1]), "bias shape"),
+    "bias dtype": (lambda t: _bad(t, bias=t[7].double()), "bias dtype"),
     "out_dtype": (lambda t: _bad(t, out_dtype=torch.int32), "out_dtype"),
 }
 
 
 def call(fn, args):
     args = dict(args)
-    tensors = [args.pop(name) for name in ("xq", "x_scale", "x_zero", "planes", "w_scale", "w_zero")]
-    return fn(*tensors, **args)
+    return fn(*[args.pop(name) for name in NAMES[:7]], **args)
 
 
 @pytest.mark.parametrize("fn", [bitplane_matmul, bitplane_matmul_ref], ids=["kernel", "ref"])
@@ -371,37 +411,40 @@ def test_kernels_bitplane_bad_input_raises(fn, case):
         call(fn, args)
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(xq=32), r"xq out of range: expected values in \[-32, 32\)"),
-    (dict(x_zero=64), r"x_zero out of range: expected values in \[0, 64\)"),
-    (dict(w_zero=-1), r"w_zero out of range: expected values in \[0, 16\)"),
-])
-def test_kernels_bitplane_reference_checks_code_ranges(change, message):
-    """The reference (not the kernel: that would sync the GPU) rejects codes outside the format's ranges
-    (act_bits=6: xq in [-32, 32), x_zero in [0, 64); bits=4: w_zero in [0, 16))."""
+@pytest.mark.parametrize("name,change,message", [
+    ("xq", lambda v: 32, r"xq out of range: expected values in \[-32, 32\)"),
+    ("x_zero", lambda v: 64, r"x_zero out of range: expected values in \[0, 64\)"),
+    ("w_zero", lambda v: -1, r"w_zero out of range: expected values in \[0, 16\)"),
+    ("w_sum", lambda v: v + 1, r"w_sum does not match the planes"),
+], ids=["xq", "x_zero", "w_zero", "w_sum"])
+def test_kernels_bitplane_reference_checks_values(name, change, message):
+    """The reference (not the launcher: that would sync the GPU) rejects codes outside the format's ranges
+    (act_bits=6: xq in [-32, 32), x_zero in [0, 64); bits=4: w_zero in [0, 16)) and a w_sum that is not the codes'
+    sums (one group's sum off by one); the launcher runs (its shapes and dtypes are right)."""
     args = _bad(quantized_inputs(3, 8, 64, 32, 4, 6, seed=1, device="cpu"))
-    (name, value), = change.items()
     args[name] = args[name].clone()
-    args[name].view(-1)[0] = value
+    args[name].view(-1)[0] = change(args[name].view(-1)[0])
     with pytest.raises(ValueError, match=message):
         call(bitplane_matmul_ref, args)
+    if name == "w_sum" and DEVICE == "cpu":
+        assert call(bitplane_matmul, args).shape == (3, 8)
 
 
 A16_BAD = {  # x [3, 64], bits=4, group_size=32
-    "x dtype": (dict(x=torch.zeros(3, 64, dtype=torch.int8)), "x must be a 2-D fp16 / bf16 / fp32"),
+    "x dtype": (dict(x=torch.ones(3, 64, dtype=torch.int8)), "x must be a 2-D fp16 / bf16 / fp32"),
     "bits": (dict(bits=9), "bits=9 is not supported"),
     "planes count": (dict(bits=3), "planes holds 4 planes but bits=3"),
     "group_size": (dict(group_size=20), "group_size=20 must be a positive integer dividing K=64"),
     "w_scale shape": (dict(w_scale=torch.ones(1, 8)), "w_scale shape"),
-    "w_zero dtype": (dict(w_zero=torch.zeros(2, 8)), "w_zero dtype"),
-    "bias dtype": (dict(bias=torch.zeros(8, dtype=torch.float16)), "bias dtype"),
+    "w_zero dtype": (dict(w_zero=torch.ones(2, 8)), "w_zero dtype"),
+    "bias dtype": (dict(bias=torch.ones(8, dtype=torch.float16)), "bias dtype"),
 }
 
 
 @pytest.mark.parametrize("fn", [bitplane_matmul_a16, bitplane_matmul_a16_ref], ids=["kernel", "ref"])
 @pytest.mark.parametrize("case", A16_BAD)
 def test_kernels_bitplane_a16_bad_input_raises(fn, case):
-    _, _, _, planes, ws, wz, _, x, _ = quantized_inputs(3, 8, 64, 32, 4, 8, seed=2, device="cpu")
+    _, _, _, planes, ws, wz, _, _, x, _ = quantized_inputs(3, 8, 64, 32, 4, 8, seed=2, device="cpu")
     change, message = A16_BAD[case]
     args = dict(x=x, planes=planes, w_scale=ws, w_zero=wz, bits=4, group_size=32, bias=None) | change
     with pytest.raises(ValueError, match=message):
@@ -414,50 +457,62 @@ def test_kernels_bitplane_helpers_bad_input_raises():
     with pytest.raises(ValueError, match=r"codes out of range for 3-bit planes"):
         pack_planes(torch.full((2, 5), -1), 3)
     with pytest.raises(ValueError, match="codes must be a 2-D integer tensor"):
-        pack_planes(torch.zeros(2, 5), 3)
-    with pytest.raises(ValueError, match="bits=1 is not supported"):
-        pack_planes(torch.zeros(2, 5, dtype=torch.int32), 1)
+        pack_planes(torch.ones(2, 5), 3)
+    with pytest.raises(ValueError, match="bits=9 is not supported for bit planes"):
+        pack_planes(torch.ones(2, 5, dtype=torch.int32), 9)
     with pytest.raises(ValueError, match="group_size=16 must be a multiple of 32 or equal K=48"):
         quantize_weight_ref(torch.randn(4, 48), 4, 16)
+    with pytest.raises(ValueError, match="bits=1 is not supported; use an integer in 2..8"):
+        quantize_weight_ref(torch.randn(4, 48), 1, 48)
 
 
 # ---- the kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile) ----
 
-def compile_default_configs():
-    """[(kernel name, variant, registers, spilled bytes)] of both WpAq variants (W8A8, groups of 128) and the A16
-    kernel (W4, fp16), each at its first GPU candidate for batch 16, compiled for sm_90."""
+# (kernel, variant, p, batch, group_size): small and large tiles, p = 2, 4 (groups of 128) and 8, each at its first
+# GPU candidate, K=4096 -> N=14336
+COMPILED = [("_bitplane_kernel", "rebuild", 2, 16, None), ("_bitplane_kernel", "rebuild", 4, 16, 128),
+            ("_bitplane_kernel", "rebuild", 8, 16, None), ("_bitplane_kernel", "rebuild", 2, 1024, None),
+            ("_bitplane_kernel", "rebuild", 4, 1024, 128), ("_bitplane_kernel", "rebuild", 8, 1024, None),
+            ("_bitplane_kernel", "planes", 4, 16, None), ("_bitplane_kernel", "planes", 8, 1024, None),
+            ("_bitplane_a16_kernel", "a16", 4, 16, 128), ("_bitplane_a16_kernel", "a16", 8, 1024, None)]
+
+
+def compile_configs():
+    """[(kernel name, variant, p, batch, registers, spilled bytes)] of the COMPILED cases, compiled for sm_90."""
     from unittest import mock
 
     from tquant.kernels.cross_compile import compiling_for
 
-    m, n, k, gs = 16, 256, 512, 128
-    planes, ws = torch.zeros(8, k // 32, n, dtype=torch.int32), torch.ones(k // gs, n)
-    wz = torch.zeros(k // gs, n, dtype=torch.int32)
-    xq, xs, xz = torch.zeros(m, k, dtype=torch.int8), torch.ones(m), torch.zeros(m, dtype=torch.int32)
-    with mock.patch.object(bp, "interpreter_on", lambda: False):
-        gpu, a16 = bp.configs(m, k, gs), bp.a16_configs(m, k, gs)
+    k, n = 4096, 14336
     out = []
-    for variant in bp.VARIANTS:
+    for _, variant, bits, m, gs in COMPILED:
+        gs = gs or k
+        planes, ws = torch.ones(bits, k // 32, n, dtype=torch.int32), torch.ones(k // gs, n)
+        wz = w_sum = torch.ones(k // gs, n, dtype=torch.int32)
+        with mock.patch.object(bp, "interpreter_on", lambda: False):
+            gpu, a16 = bp.configs(m, k, gs), bp.a16_configs(m, k, gs)
         with compiling_for() as done:
-            bp.launch(next(c for c in gpu if c["variant"] == variant), xq, xs, xz, planes, ws, wz, 8, 8, gs, None,
-                      torch.float16)
-        out += [(c.name, variant, c.registers, c.spill_bytes) for c in done]
-    with compiling_for() as done:
-        bp.launch_a16(a16[0], torch.zeros(m, k, dtype=torch.float16), planes[:4], ws, wz, 4, gs, None)
-    return out + [(c.name, "a16", c.registers, c.spill_bytes) for c in done]
+            if variant == "a16":
+                bp.launch_a16(a16[0], torch.ones(m, k, dtype=torch.float16), planes, ws, wz, bits, gs, None)
+            else:
+                bp.launch(next(c for c in gpu if c["variant"] == variant), torch.ones(m, k, dtype=torch.int8),
+                          torch.ones(m), torch.ones(m, dtype=torch.int32), planes, ws, wz, w_sum, bits, 8, gs, None,
+                          torch.float16)
+        out += [(c.name, variant, bits, m, c.registers, c.spill_bytes) for c in done]
+    return out
 
 
 def test_kernels_bitplane_compile_for_hopper():
+    """Each COMPILED case compiles for sm_90 within 255 registers and without spilling."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tquant importable without an install
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = json.loads(run.stdout.strip().splitlines()[-1])
-    assert [(name, variant) for name, variant, _, _ in compiled] == [
-        ("_bitplane_kernel", "rebuild"), ("_bitplane_kernel", "planes"), ("_bitplane_a16_kernel", "a16")], compiled
-    assert all(0 < regs <= 255 for _, _, regs, _ in compiled), compiled
+    assert [(name, variant, bits, m) for name, variant, bits, m, _, _ in compiled] == [c[:4] for c in COMPILED]
+    assert all(0 < regs <= 255 and spills == 0 for *_, regs, spills in compiled), compiled
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_default_configs()))
+    print(json.dumps(compile_configs()))

@@ -1,6 +1,7 @@
 """Tune some parameters of one block against its float self (ZeroQuant's LKD, QuIP#'s fine-tuning).
 
     min_P  mean || block_P(X) - teacher(X) ||^2      Adam over random slices of `batch` sequences
+(distill; `optimize` is the loop for any loss, e.g. ABQ-LLM's).
 X are the block's calibration inputs, teacher its float outputs on them. The error on every input is
 checked `checks` times, evenly spread, and the best parameters so far are kept (the start included), so
 tuning never raises the error it optimizes.
@@ -34,32 +35,53 @@ def float32_training(block, params):
         block.to(dtype)
 
 
-def distill(block, param_groups: list[dict], inputs, teacher, *, steps: int, batch: int, checks: int = 4,
-            seed: int = 0) -> tuple[float, float]:
-    """Run inside float32_training. param_groups: torch.optim param groups ({"params": [...], "lr": ...}).
-    Returns (error before, error after)."""
-    inputs = [fp32(i) for i in inputs]
+def optimize(param_groups: list[dict], step_loss, error, *, steps: int, checks: int = 4,
+             seed: int = 0) -> tuple[float, float]:
+    """Adam over param_groups (torch.optim groups) for `steps` steps of step_loss(generator), a loss on one random
+    mini-batch drawn with the generator. error() (no grad) is measured at the start and `checks` times, evenly
+    spread; the best parameters seen are restored at the end. Returns (error before, best error)."""
     params = [p for g in param_groups for p in g["params"]]
-    before = output_mse(block, inputs, teacher)
+    with torch.no_grad():
+        before = error()
     best = (before, [p.detach().clone() for p in params])
     opt = torch.optim.Adam(param_groups)
     g = torch.Generator().manual_seed(seed)
     every = max(1, steps // checks)
     for step in range(1, steps + 1):
-        b = int(torch.randint(len(inputs), (1,), generator=g))
-        n = inputs[b][0][0].shape[0]
-        start = int(torch.randint(max(1, n - batch + 1), (1,), generator=g))
-        index = slice(start, start + batch)
-        args, kwargs = rows(*inputs[b], index)
-        loss = torch.nn.functional.mse_loss(hidden(block(*args, **kwargs)), teacher[b][index])
+        loss = step_loss(g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % every == 0 or step == steps:
-            error = output_mse(block, inputs, teacher)
-            if error < best[0]:
-                best = (error, [p.detach().clone() for p in params])
+            with torch.no_grad():
+                err = error()
+            if err < best[0]:
+                best = (err, [p.detach().clone() for p in params])
     with torch.no_grad():
         for p, saved in zip(params, best[1]):
             p.copy_(saved)
     return before, best[0]
+
+
+def random_rows(inputs, batch: int, g: torch.Generator):
+    """(batch index b, sequence slice, (args, kwargs) of those rows): `batch` consecutive sequences of a random
+    calibration batch."""
+    b = int(torch.randint(len(inputs), (1,), generator=g))
+    n = inputs[b][0][0].shape[0]
+    start = int(torch.randint(max(1, n - batch + 1), (1,), generator=g))
+    index = slice(start, start + batch)
+    return b, index, rows(*inputs[b], index)
+
+
+def distill(block, param_groups: list[dict], inputs, teacher, *, steps: int, batch: int, checks: int = 4,
+            seed: int = 0) -> tuple[float, float]:
+    """Run inside float32_training. param_groups: torch.optim param groups ({"params": [...], "lr": ...}).
+    Returns (error before, error after)."""
+    inputs = [fp32(i) for i in inputs]
+
+    def step_loss(g):
+        b, index, (args, kwargs) = random_rows(inputs, batch, g)
+        return torch.nn.functional.mse_loss(hidden(block(*args, **kwargs)), teacher[b][index])
+
+    return optimize(param_groups, step_loss, lambda: output_mse(block, inputs, teacher), steps=steps, checks=checks,
+                    seed=seed)

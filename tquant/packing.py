@@ -53,3 +53,42 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     w[k, n] = (code(k, n) - zeros[k // group_size, n]) * scales[k // group_size, n]."""
     g = torch.arange(k, device=qweight.device) // group_size
     return (unpack_codes(qweight, bits, k).float() - zeros.float()[g]) * scales.float()[g]
+
+
+# ---- bit planes in byte-SWAR order (the WpAq bit-plane kernels, ABQ-LLM) ----
+# A p-bit code tensor [N, K] is stored as p binary planes int32 [p, ceil(K / 32), N], plane i holding bit i of every
+# code. Within a word, bit j holds k = 32 * word + 4 * (j % 8) + j // 8 (bits past K are 0). So (word >> s) &
+# 0x01010101 puts the bits of k = 32 * word + 4 s + 0, 1, 2, 3 in bytes 0, 1, 2, 3: a kernel ORs p planes shifted by
+# i into four byte-wide codes per int32 (one shift, and, shift, or per plane and 4 codes) instead of splitting each
+# plane bit by bit. The order is one fixed permutation of K inside each 32-k word (PLANE_K), applied before
+# pack_codes' 1-bit packing, so any two operands packed this way (weights, activation planes) line up bit for bit.
+PLANE_K = [4 * (j % 8) + j // 8 for j in range(32)]  # bit j of a plane word -> k within the word
+
+
+def pack_planes(codes: torch.Tensor, bits: int, checked: bool = True) -> torch.Tensor:
+    """codes: integer [N, K] in [0, 2^bits), bits 1..8 -> planes int32 [bits, ceil(K / 32), N] in the order above.
+    checked=False skips the range check (it reads the codes back to the host, which a CUDA graph capture cannot)."""
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits} is not supported for bit planes; use an integer in 1..8")
+    if codes.dim() != 2 or codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be a 2-D integer tensor [N, K]; got {codes.dtype} of shape {tuple(codes.shape)}")
+    if checked and codes.numel() and (codes.min() < 0 or codes.max() >= 2**bits):
+        raise ValueError(f"codes out of range for {bits}-bit planes: expected values in [0, {2**bits})")
+    n, k = codes.shape
+    words = -(-k // 32)
+    padded = torch.zeros(n, words * 32, dtype=torch.int32, device=codes.device)
+    padded[:, :k] = codes.to(torch.int32)
+    order = torch.tensor(PLANE_K, device=codes.device)
+    ordered = padded.view(n, words, 32)[:, :, order].reshape(n, words * 32)  # column 32 w + j: k of bit j
+    return torch.stack([pack_codes((ordered >> i) & 1, 1, checked=False) for i in range(bits)])
+
+
+def unpack_planes(planes: torch.Tensor, k: int) -> torch.Tensor:
+    """codes int32 [N, K] = sum_i bit_i << i of planes int32 [p, ceil(K / 32), N] (pack_planes' inverse)."""
+    p, words, n = planes.shape
+    shifts = torch.arange(32, dtype=torch.int32, device=planes.device)
+    codes = torch.zeros(words, n, 32, dtype=torch.int32, device=planes.device)  # [word, n, bit j]
+    for i in range(p):
+        codes |= ((planes[i].unsqueeze(-1) >> shifts) & 1) << i
+    inverse = torch.argsort(torch.tensor(PLANE_K, device=planes.device))  # k within the word -> its bit
+    return codes[:, :, inverse].permute(1, 0, 2).reshape(n, words * 32)[:, :k].contiguous()

@@ -113,6 +113,22 @@ class QuantizedWeight:
 
 
 @dataclass
+class BitPlaneWeight(QuantizedWeight):
+    """What ABQ-LLM hands to its module (BitPlaneLinear): QuantizedWeight's asymmetric per-group codes at any
+    `bits` in 2..8 (codes [N, K] in [0, levels), scale float [N, G], integer zero [N, G], no perm), read by the
+    bit-plane kernels (tquant.kernels.bitplane_gemm) as `bits` binary planes; act_bits 2..8: per-token
+    asymmetric activations (WpAq), None: A16. levels is 2^bits, or fewer for a grid that uses part of its planes
+    (ABQ-LLM's bit balance: 5 levels, 0..4, stored in 3 planes)."""
+
+    def __post_init__(self):
+        if self.perm is not None or self.smooth is not None or self.act_scale is not None:
+            raise ValueError("BitPlaneWeight takes no perm, run-time smoothing or static activation scale")
+        if self.bits not in range(2, 9) or (self.act_bits is not None and self.act_bits not in range(2, 9)):
+            raise ValueError(f"bit-plane weights take bits and act_bits in 2..8 (or act_bits None); got W{self.bits}"
+                             f"A{self.act_bits or 16}")
+
+
+@dataclass
 class LatticeWeight:
     """What QuIP# hands to its module (QuipLinear): E8P codes of the weight in the randomized-Hadamard basis.
 

@@ -1,0 +1,92 @@
+"""BitPlaneLinear: an nn.Linear replacement holding p-bit weights as p binary planes (ABQ-LLM's WpAq, any p, q in
+2..8, and WpA16).
+
+    y = x_scale * sum_g w_scale[g] * ((a - x_zero) . (c - w_zero[g])^T) + bias      (WpAq: act_bits = q)
+    y = x @ (w_scale * (c - w_zero))^T + bias                                         (WpA16: act_bits None)
+Buffers (tquant.kernels.bitplane_gemm's format, G = K // group_size):
+    planes  int32 [p, ceil(K / 32), N]  (tquant.packing.pack_planes)
+    w_scale fp32 [G, N]    w_zero int32 [G, N]    w_sum int32 [G, N] (the codes' sums per group)
+    bias    [N] in the model's dtype, or None
+Activations (WpAq) are quantized per token, asymmetric, by act_quant.quantize_activations(zero_point=True).
+forward: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1 with backend="triton"), else the torch
+references (the same codes; WpAq's integer products exact).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..packing import pack_planes
+from ..qweight import BitPlaneWeight
+from .backend import use_kernel
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class BitPlaneLinear(nn.Module):
+    def __init__(self, in_features, out_features, *, bits, act_bits, group_size, bias=False, dtype=torch.float16,
+                 device=None):
+        super().__init__()
+        if bits not in range(2, 9) or (act_bits is not None and act_bits not in range(2, 9)):
+            raise ValueError(f"BitPlaneLinear takes bits and act_bits in 2..8 (act_bits None: A16), got "
+                             f"W{bits}A{act_bits or 16}")
+        if in_features % group_size or (group_size != in_features and group_size % 32):
+            raise ValueError(f"group_size={group_size} must divide in_features={in_features} and be a multiple of "
+                             "32 (or equal in_features)")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.act_bits, self.group_size = bits, act_bits, group_size
+        self.backend = "auto"
+        k, n, g = in_features, out_features, in_features // group_size
+        self.register_buffer("planes", torch.zeros(bits, -(-k // 32), n, dtype=torch.int32, device=device))
+        self.register_buffer("w_scale", torch.zeros(g, n, dtype=torch.float32, device=device))
+        self.register_buffer("w_zero", torch.zeros(g, n, dtype=torch.int32, device=device))
+        self.register_buffer("w_sum", torch.zeros(g, n, dtype=torch.int32, device=device))
+        self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, qw: BitPlaneWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "BitPlaneLinear":
+        n, k = qw.codes.shape
+        mod = cls(k, n, bits=qw.bits, act_bits=qw.act_bits, group_size=qw.group_size, bias=bias is not None,
+                  dtype=dtype, device=qw.codes.device)
+        codes = qw.codes.to(torch.int32)
+        mod.planes.copy_(pack_planes(codes, qw.bits))
+        mod.w_scale.copy_(qw.scale.t())
+        mod.w_zero.copy_(qw.zero.t().round().to(torch.int32))
+        mod.w_sum.copy_(codes.view(n, k // qw.group_size, qw.group_size).sum(dim=-1, dtype=torch.int32).t())
+        if bias is not None:
+            mod.bias.copy_(bias.detach())
+        return mod
+
+    def layer_spec(self) -> dict:
+        """What tquant.load needs to rebuild this module (stored in the saved quantization_config)."""
+        return {"type": "bitplane_linear", "bits": self.bits, "act_bits": self.act_bits, "group_size": self.group_size,
+                "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype) -> "BitPlaneLinear":
+        return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], act_bits=spec["act_bits"],
+                   group_size=spec["group_size"], bias=spec["bias"], dtype=dtype, device="meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import act_quant, bitplane_gemm
+
+        kernel = use_kernel(self, x)
+        if x.dtype not in DTYPES:
+            raise ValueError(f"BitPlaneLinear takes fp16 / bf16 / fp32 inputs, got {x.dtype}")
+        x2 = x.reshape(-1, self.in_features)
+        weight = (self.planes, self.w_scale, self.w_zero)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.act_bits is None:
+            gemm = bitplane_gemm.bitplane_matmul_a16 if kernel else bitplane_gemm.bitplane_matmul_a16_ref
+            y = gemm(x2.contiguous(), *weight, bits=self.bits, group_size=self.group_size, bias=bias)
+        else:
+            quant = act_quant.quantize_activations if kernel else act_quant.quantize_activations_ref
+            xq, x_scale, x_zero = quant(x2, bits=self.act_bits, zero_point=True)
+            gemm = bitplane_gemm.bitplane_matmul if kernel else bitplane_gemm.bitplane_matmul_ref
+            y = gemm(xq, x_scale, x_zero, *weight, self.w_sum, bits=self.bits, act_bits=self.act_bits,
+                     group_size=self.group_size, bias=bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.bits}A{self.act_bits or 16}"
+                f", group_size={self.group_size}, bias={self.bias is not None}")
