@@ -1,8 +1,9 @@
 #!/bin/bash
 # GPU checks and benchmarks of issue 8 (ABQ-LLM's bit-plane WpAq GEMM) and issue 7's last kernel shape, for the
 # device tool (output to $OUT, else ./gpu_out; tuned configs to $OUT/autotune, merged into autotune_cache/):
-#   bash benchmarks/gpu_session_issue8.sh run [ARGS]   # carry .whl: the bit-plane kernel tests on the GPU, then
-#                                                      # bench_bitplane.py --precompile 16 ARGS
+#   bash benchmarks/gpu_session_issue8.sh run [ARGS]   # carry .whl (and .gguf_a to stage the model for a
+#                                                      # gpu_session_issue4.sh quality call next): the bit-plane
+#                                                      # kernel tests on the GPU, then bench_bitplane.py ARGS
 #   bash benchmarks/gpu_session_issue8.sh qoq          # carry .whl: bench_int8_gemms.py on 21760 -> 8192 (QQQ's
 #                                                      # shape, QoQ's grid beside QQQ's), the shape issue 7 lacks
 OUT=${OUT:-gpu_out}; mkdir -p $OUT
@@ -15,9 +16,14 @@ if [ "$1" = qoq ]; then
     tee $OUT/bench_int8_gemms.txt | grep -v "^{"
   exit
 fi
-TRITON_INTERPRET=0 TQUANT_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider -rfE \
-  --tb=short tests/test_kernels_bitplane_gemm.py > $OUT/kernel_tests.txt 2>&1
+# with .gguf_a carried, the model's first half is staged for a following gpu_session_issue4.sh quality call
+[ -d .gguf_a ] && mkdir -p /tmp/tquant_model && cp .gguf_a/part /tmp/tquant_model/part_a
+# the GPU run of the kernel tests: every fixed case, each config, the A16 paths and the module (hypothesis's random
+# shapes compile a kernel each and ran past the time on the GPU; they run in CI under the interpreter)
+TRITON_INTERPRET=0 TQUANT_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-90} python -m pytest -q -p no:cacheprovider -rfE \
+  --tb=short tests/test_kernels_bitplane_gemm.py tests/test_kernels_bitplane_gemv.py tests/test_abq.py \
+  -k "kernels and (every_gpu_config or issue or long_groups or padding or a16_each or linear_triton or int32 or pack_activations_kernel or popcount)" > $OUT/kernel_tests.txt 2>&1
 echo "kernel tests: rc $?"; grep -E "passed|failed|FAILED|Error" $OUT/kernel_tests.txt | tail -15
 shift
-timeout ${BENCH_TIMEOUT:-350} python benchmarks/bench_bitplane.py --precompile 16 --json $OUT/bench_bitplane.json "$@" 2>&1 |
+timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_bitplane.py --precompile 16 --json $OUT/bench_bitplane.json "$@" 2>&1 |
   tee $OUT/bench_bitplane.txt | grep -v "^{"
