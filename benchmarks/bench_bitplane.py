@@ -6,7 +6,8 @@ W4A8 kernel of issue 3, all in the same run.
 Per shape K->N and batch M: W2A8, W3A8, W4A4, W4A8, W8A8 per channel (and W2A8 g128), asymmetric weights and
 per-token asymmetric activations (bitplane_gemm.quantize_weight_ref; act_quant.quantize_activations(zero_point=True),
 quantized once before timing: these columns time the GEMM alone; the activation kernel is timed in its own column),
-tuned per key on first call (both variants, "rebuild" and "planes"; the chosen one is printed). Tuning compiles
+tuned per key on first call (both variants, "rebuild" and "planes"; the chosen one is printed); up to M = 16 also
+the popcount GEMV (bitplane_gemv, ABQ-LLM's binary AND + popc path on the same planes). Tuning compiles
 every candidate of every key; --precompile P first compiles them all in P processes into the shared Triton cache
 (each launch in a worker only compiles: its output and time are not used), so the tuning itself reads compiled
 kernels. Peers: cuBLAS
@@ -35,9 +36,11 @@ from tquant.kernels import autotune_cache  # noqa: E402
 from tquant.kernels.act_quant import quantize_activations  # noqa: E402
 from tquant.kernels import bitplane_gemm  # noqa: E402
 from tquant.kernels.bitplane_gemm import bitplane_matmul, bitplane_matmul_ref, quantize_weight_ref  # noqa: E402
+from tquant.kernels.bitplane_gemv import bitplane_gemv  # noqa: E402
 from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_quantize_weight  # noqa: E402
 
 COMBOS = [(2, 8, None), (2, 8, 128), (3, 8, None), (4, 4, None), (4, 8, None), (8, 8, None)]  # (p, q, group)
+GEMV_MAX_M = 16  # the popcount GEMV (bitplane_gemv) is timed up to this batch
 
 
 def compile_all(job):
@@ -107,6 +110,9 @@ def main():
                           if key.startswith("bitplane_matmul|") and f"M={triton.next_power_of_2(m)}," in key
                           and f",p={bits},q={act_bits},g={group or k}," in key]
                 row[name + " config"] = chosen[0] if chosen else None
+                if m <= GEMV_MAX_M:
+                    row[name + " gemv err"] = rel(bitplane_gemv(*args, **kw), bitplane_matmul_ref(*args, **kw))
+                    row[name + " gemv"] = bench(lambda: bitplane_gemv(*args, **kw))
             row["act quant A8 asym"] = bench(lambda: quantize_activations(x, bits=8, zero_point=True))
             xq8, xs8 = quantize_activations(x)
             row["W4A8 (issue 3)"] = bench(lambda: w4a8_matmul(xq8, xs8, w4[0], w4[1]))
@@ -118,10 +124,12 @@ def main():
             print(json.dumps(row), flush=True)
     names = [f"W{b}A{q}" + (f" g{gr}" if gr else "") for b, q, gr in COMBOS] + ["W4A8 (issue 3)", "cuBLAS fp16",
                                                                               "cuBLAS int8"]
-    print("\n| K->N | M | " + " | ".join(names) + " |")
-    print("|---|---|" + "---|" * len(names))
+    gemv = [f"W{b}A{q}" + (f" g{gr}" if gr else "") + " gemv" for b, q, gr in COMBOS]
+    print("\n| K->N | M | " + " | ".join(names + gemv) + " |")
+    print("|---|---|" + "---|" * len(names + gemv))
     for r in rows:
-        print(f"| {r['shape']} | {r['M']} | " + " | ".join(f"{r[nm][0]:.1f} ({r[nm][1]:.0f})" for nm in names) + " |")
+        print(f"| {r['shape']} | {r['M']} | " + " | ".join(
+            f"{r[nm][0]:.1f} ({r[nm][1]:.0f})" if nm in r else "" for nm in names + gemv) + " |")
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
 

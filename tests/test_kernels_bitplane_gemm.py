@@ -516,3 +516,21 @@ def test_kernels_bitplane_compile_for_hopper():
 
 if __name__ == "__main__":
     print(json.dumps(compile_configs()))
+
+
+def test_kernels_bitplane_gemv_joins_the_tuning_at_small_batches(monkeypatch):
+    """Up to GEMV_MAX_M the tuner also times the popcount GEMV ({"path": "gemv"}, first candidate still the tensor-core
+    kernel's default); run_wpaq launches the path a config names, and both give the reference."""
+    from tquant.kernels import bitplane_gemv
+
+    monkeypatch.setattr(bp, "interpreter_on", lambda: False)
+    paths = {m: [c.get("path") for c in bp.wpaq_candidates(m, 300, 256, 128, 2, 8)] for m in (1, 8, 16)}
+    assert paths[1][0] is None and "gemv" in paths[1] and "gemv" in paths[8] and "gemv" not in paths[16]
+    monkeypatch.undo()
+    xq, xs, xz, planes, ws, wz, wsum, bias, *_ = quantized_inputs(3, 40, 128, 64, 3, 6, seed=5)
+    args = (xq, xs, xz, planes, ws, wz, wsum, 3, 6, 64, bias, torch.float32)
+    ref = bitplane_matmul_ref(*args[:7], bits=3, act_bits=6, group_size=64, bias=bias, out_dtype=torch.float32)
+    gemv = dict(path="gemv", **bitplane_gemv.configs(4, 40, 128, 64, 3, 6)[0])
+    mma = bp.configs(4, 128, 64)[0]
+    for config in (gemv, mma):
+        assert_close(bp.run_wpaq(config, *args).cpu(), ref.cpu(), torch.float32)

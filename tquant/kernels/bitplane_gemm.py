@@ -387,6 +387,30 @@ def configs(m: int, k: int, group_size: int) -> list[dict]:
             + [dict(variant="planes", **c) for c in planes])
 
 
+GEMV_MAX_M = 8  # batches (rounded up to a power of two) at which bitplane_gemv's candidates join the tuning
+
+
+def wpaq_candidates(m: int, n: int, k: int, group_size: int, bits: int, act_bits: int) -> list[dict]:
+    """What bitplane_matmul tunes over: configs(m, k, group_size), and up to GEMV_MAX_M on a GPU the popcount GEMV's
+    candidates as {"path": "gemv", ...} (tquant.kernels.bitplane_gemv; on the H200 it won at M = 1 for W2A8, W3A8 and
+    W4A4, the tensor cores at M = 16), so the tuner picks the path per key."""
+    candidates = configs(m, k, group_size)
+    if m <= GEMV_MAX_M and not interpreter_on():
+        from . import bitplane_gemv
+
+        candidates += [dict(path="gemv", **c) for c in bitplane_gemv.configs(m, n, k, group_size, bits, act_bits)]
+    return candidates
+
+
+def run_wpaq(config, *args) -> torch.Tensor:
+    """One launch of the path config names (launch's arguments): the GEMV for {"path": "gemv", ...}, else launch."""
+    if config.get("path") == "gemv":
+        from . import bitplane_gemv
+
+        return bitplane_gemv.launch({key: v for key, v in config.items() if key != "path"}, *args)
+    return launch(config, *args)
+
+
 def a16_configs(m: int, k: int, group_size: int) -> list[dict]:
     return [interpreter_tile(k, group_size)] if interpreter_on() else tiles(tile_shapes(m), k, group_size)
 
@@ -418,23 +442,35 @@ def launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, ac
     return y
 
 
-def bitplane_matmul(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, *, bits, act_bits, group_size, bias=None,
-                    out_dtype=torch.float16):
-    """y [M, N] of the module docstring: WpAq with p = bits, q = act_bits, on the Triton kernel (w_sum's shape and
-    dtype checked, its values not: bitplane_matmul_ref does)."""
+def wpaq_arguments(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, act_bits, group_size, bias, out_dtype):
+    """The checks of a WpAq launcher (check_inputs, one device; no value checks: they would sync the GPU) and
+    (launch's arguments after the config, the tuning key with M unrounded), or (None, key) for an empty result."""
     check_inputs(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, act_bits, group_size, bias, out_dtype)
     check_device(dict(xq=xq, x_scale=x_scale, x_zero=x_zero, planes=planes, w_scale=w_scale, w_zero=w_zero,
                       w_sum=w_sum, bias=bias))
     (m, k), n = xq.shape, planes.shape[2]
+    key = dict(M=m, N=n, K=k, p=bits, q=act_bits, g=group_size, out=str(out_dtype).removeprefix("torch."),
+               bias=int(bias is not None))
     if m == 0 or n == 0:
-        return torch.empty(m, n, dtype=out_dtype, device=xq.device)
+        return None, key
     tensors = [t.contiguous() if t is not None else None
                for t in (xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bias)]
-    args = (*tensors[:7], bits, act_bits, group_size, tensors[7], out_dtype)
-    key = dict(M=next_power_of_2(m), N=n, K=k, p=bits, q=act_bits, g=group_size,
-               out=str(out_dtype).removeprefix("torch."), bias=int(bias is not None))
-    config = tune("bitplane_matmul", key, configs(key["M"], k, group_size), lambda c: launch(c, *args), xq.device)
-    return launch(config, *args)
+    return (*tensors[:7], bits, act_bits, group_size, tensors[7], out_dtype), key
+
+
+def bitplane_matmul(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, *, bits, act_bits, group_size, bias=None,
+                    out_dtype=torch.float16):
+    """y [M, N] of the module docstring: WpAq with p = bits, q = act_bits, on the Triton kernel (w_sum's shape and
+    dtype checked, its values not: bitplane_matmul_ref does)."""
+    args, key = wpaq_arguments(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, act_bits, group_size, bias,
+                               out_dtype)
+    if args is None:
+        return torch.empty(key["M"], key["N"], dtype=out_dtype, device=xq.device)
+    key["M"] = next_power_of_2(key["M"])
+    m, n, k = key["M"], key["N"], key["K"]
+    candidates = wpaq_candidates(m, n, k, group_size, bits, act_bits)
+    config = tune("bitplane_matmul", key, candidates, lambda c: run_wpaq(c, *args), xq.device)
+    return run_wpaq(config, *args)
 
 
 def launch_a16(config, x, planes, w_scale, w_zero, bits, group_size, bias) -> torch.Tensor:
