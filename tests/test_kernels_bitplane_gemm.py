@@ -22,6 +22,7 @@ from tquant.kernels import bitplane_gemm as bp
 from tquant.kernels.bitplane_gemm import (bitplane_matmul, bitplane_matmul_a16, bitplane_matmul_a16_ref,
                                           bitplane_matmul_ref, code_sums, quantize_weight_ref)
 from tquant.kernels.act_quant import quantize_activations_ref
+from tquant.kernels.bitplane_gemv import bitplane_gemv
 from tquant.kernels.runtime import interpreter_on, next_power_of_2
 from tquant.packing import PLANE_K, pack_planes, unpack_planes
 from kernel_device import DEVICE, needs_backend
@@ -368,6 +369,7 @@ def _bad(t, **change):
 BAD_INPUTS = {  # M=3, N=8, K=64, bits=4, act_bits=6, group_size=32
     "bits too small": (lambda t: _bad(t, bits=1), "bits=1 is not supported"),
     "bits too large": (lambda t: _bad(t, bits=9), "bits=9 is not supported"),
+    "bits not an int": (lambda t: _bad(t, bits=4.0), "bits=4.0 is not supported"),
     "act_bits too small": (lambda t: _bad(t, act_bits=1), "act_bits=1 is not supported"),
     "act_bits too large": (lambda t: _bad(t, act_bits=9), "act_bits=9 is not supported"),
     "planes count": (lambda t: _bad(t, bits=5), r"planes holds 4 planes but bits=5"),
@@ -402,9 +404,10 @@ def call(fn, args):
     return fn(*[args.pop(name) for name in NAMES[:7]], **args)
 
 
-@pytest.mark.parametrize("fn", [bitplane_matmul, bitplane_matmul_ref], ids=["kernel", "ref"])
+@pytest.mark.parametrize("fn", [bitplane_matmul, bitplane_matmul_ref, bitplane_gemv], ids=["kernel", "ref", "gemv"])
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_kernels_bitplane_bad_input_raises(fn, case):
+    """Every WpAq entry point (the tensor-core kernel, the GEMV, the reference) names the first bad argument."""
     make, message = BAD_INPUTS[case]
     args = make(quantized_inputs(3, 8, 64, 32, 4, 6, seed=1, device="cpu"))
     with pytest.raises(ValueError, match=message):
