@@ -25,13 +25,10 @@ from tquant.kernels.act_quant import quantize_activations_ref
 from tquant.kernels.bitplane_gemv import bitplane_gemv
 from tquant.kernels.runtime import interpreter_on, next_power_of_2
 from tquant.packing import PLANE_K, pack_planes, unpack_planes
+from bitplane_cases import DTYPES, ISSUE, TOL, assert_close, float_inputs, quantized_inputs  # noqa: F401
 from kernel_device import DEVICE, needs_backend
 
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-# normwise relative; bf16: two roundings of up to 2^-7 each (the interpreter truncates fp32 to bf16, torch rounds)
-TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ISSUE = [(8, 8), (4, 8), (6, 6), (4, 6), (4, 4), (3, 8), (3, 6), (2, 8), (2, 6)]  # (bits, act_bits) of issue 8
 
 
 @st.composite
@@ -42,27 +39,6 @@ def shapes(draw):
     group = draw(st.sampled_from(["channel", 32, 64]))
     k = draw(st.integers(1, 150)) if group == "channel" else group * draw(st.integers(1, 3))
     return m, n, k, (k if group == "channel" else group)
-
-
-def float_inputs(m, n, k, seed):
-    """Random x [M, K] with outlier channels and all-positive rows (zero point 0), w [N, K] with outlier rows and
-    shifted rows (asymmetric ranges), bias [N]."""
-    g = torch.Generator().manual_seed(seed)
-    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
-    x[:, ::5] *= 10
-    x[1::2] = x[1::2].abs()
-    w[::7] *= 20
-    w[1::3] += 0.1
-    return x, w, bias
-
-
-def quantized_inputs(m, n, k, group_size, bits, act_bits, seed, device=DEVICE):
-    """(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bias, x, w) through tquant.quantizer (the module's
-    helpers)."""
-    x, w, bias = float_inputs(m, n, k, seed)
-    xq, x_scale, x_zero = quantize_activations_ref(x, bits=act_bits, zero_point=True)
-    weight = quantize_weight_ref(w, bits, group_size)
-    return [t.to(device) for t in (xq, x_scale, x_zero, *weight, bias)] + [x, w]
 
 
 def variant_config(variant, m, k, group_size):
@@ -77,13 +53,6 @@ def run_variant(variant, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bi
     config = config or variant_config(variant, xq.shape[0], xq.shape[1], group_size)
     return bp.launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, act_bits, group_size, bias,
                      out_dtype)
-
-
-def assert_close(y, ref, dtype, tol=None):
-    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape and y.device == ref.device
-    assert y.isfinite().all()
-    err = ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
-    assert err < (tol or TOL[dtype]), f"relative error {err:.2e}"
 
 
 @needs_backend

@@ -20,17 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tquant.kernels import bitplane_gemv as bg
-from tquant.kernels.act_quant import quantize_activations_ref
-from tquant.kernels.bitplane_gemm import bitplane_matmul_ref, code_sums, quantize_weight_ref
+from tquant.kernels.bitplane_gemm import bitplane_matmul_ref, code_sums
 from tquant.kernels.bitplane_gemv import bitplane_gemv, pack_activations, pack_activations_ref
 from tquant.kernels.runtime import interpreter_on
 from tquant.packing import PLANE_K, pack_planes
+from bitplane_cases import DTYPES, ISSUE, TOL, assert_close, float_inputs, quantized_inputs  # noqa: F401
 from kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401 (autouse: NaN-filled outputs)
 
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}  # normwise relative
 SLOW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ISSUE = [(8, 8), (4, 8), (6, 6), (4, 6), (4, 4), (3, 8), (3, 6), (2, 8), (2, 6)]  # (bits, act_bits) of issue 8
 
 
 @st.composite
@@ -40,33 +37,6 @@ def shapes(draw):
     group = draw(st.sampled_from(["channel", 32, 64]))
     k = draw(st.integers(1, 150)) if group == "channel" else group * draw(st.integers(1, 3))
     return m, n, k, (k if group == "channel" else group)
-
-
-def float_inputs(m, n, k, seed):
-    """x [M, K] with outlier channels and all-positive rows (zero point 0), w [N, K] with outlier and shifted rows
-    (asymmetric ranges), bias [N]."""
-    g = torch.Generator().manual_seed(seed)
-    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
-    x[:, ::5] *= 10
-    x[1::2] = x[1::2].abs()
-    w[::7] *= 20
-    w[1::3] += 0.1
-    return x, w, bias
-
-
-def quantized_inputs(m, n, k, group_size, bits, act_bits, seed, device=DEVICE):
-    """[xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bias] on device, then the float x and w."""
-    x, w, bias = float_inputs(m, n, k, seed)
-    xq, x_scale, x_zero = quantize_activations_ref(x, bits=act_bits, zero_point=True)
-    weight = quantize_weight_ref(w, bits, group_size)
-    return [t.to(device) for t in (xq, x_scale, x_zero, *weight, bias)] + [x, w]
-
-
-def assert_close(y, ref, dtype, tol=None):
-    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
-    assert y.isfinite().all()
-    err = ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
-    assert err < (tol or TOL[dtype]), f"relative error {err:.2e}"
 
 
 def both(args, bias=None, **kw):

@@ -1,0 +1,40 @@
+"""Inputs and checks shared by the bit-plane kernel tests (test_kernels_bitplane_gemm.py, ..._gemv.py): random
+float layers with outliers and asymmetric ranges, quantized on the WpAq grid, and the normwise comparison."""
+import torch
+
+from tquant.kernels.act_quant import quantize_activations_ref
+from tquant.kernels.bitplane_gemm import quantize_weight_ref
+from kernel_device import DEVICE
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# normwise relative; bf16: two roundings of up to 2^-7 each (the interpreter truncates fp32 to bf16, torch rounds)
+TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
+ISSUE = [(8, 8), (4, 8), (6, 6), (4, 6), (4, 4), (3, 8), (3, 6), (2, 8), (2, 6)]  # (bits, act_bits) of issue 8
+
+
+def float_inputs(m, n, k, seed):
+    """Random x [M, K] with outlier channels and all-positive rows (zero point 0), w [N, K] with outlier rows and
+    shifted rows (asymmetric ranges), bias [N]."""
+    g = torch.Generator().manual_seed(seed)
+    x, w, bias = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05, torch.randn(n, generator=g)
+    x[:, ::5] *= 10
+    x[1::2] = x[1::2].abs()
+    w[::7] *= 20
+    w[1::3] += 0.1
+    return x, w, bias
+
+
+def quantized_inputs(m, n, k, group_size, bits, act_bits, seed, device=DEVICE):
+    """[xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bias] on device (tquant's quantizers), then the float
+    x and w."""
+    x, w, bias = float_inputs(m, n, k, seed)
+    xq, x_scale, x_zero = quantize_activations_ref(x, bits=act_bits, zero_point=True)
+    weight = quantize_weight_ref(w, bits, group_size)
+    return [t.to(device) for t in (xq, x_scale, x_zero, *weight, bias)] + [x, w]
+
+
+def assert_close(y, ref, dtype, tol=None):
+    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
+    assert y.isfinite().all()
+    err = ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+    assert err < (tol or TOL[dtype]), f"relative error {err:.2e}"
