@@ -8,8 +8,9 @@ Buffers (tquant.kernels.bitplane_gemm's format, G = K // group_size):
     w_scale fp32 [G, N]    w_zero int32 [G, N]    w_sum int32 [G, N] (the codes' sums per group)
     bias    [N] in the model's dtype, or None
 Activations (WpAq) are quantized per token, asymmetric, by act_quant.quantize_activations(zero_point=True).
-forward: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1 with backend="triton"), else the torch
-references (the same codes; WpAq's integer products exact).
+forward: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1 with backend="triton"; WpAq through
+bitplane_matmul, whose tuner also tries the popcount GEMV up to batch 8), else the torch references (the same codes;
+WpAq's integer products exact).
 """
 from __future__ import annotations
 
