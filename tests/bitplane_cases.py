@@ -38,3 +38,19 @@ def assert_close(y, ref, dtype, tol=None):
     assert y.isfinite().all()
     err = ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
     assert err < (tol or TOL[dtype]), f"relative error {err:.2e}"
+
+
+def compiled_in_subprocess(path: str) -> list:
+    """Run the test file at `path` as a script with the interpreter off (it cross-compiles its cases for sm_90 and
+    prints them as JSON on its last line) and return what it printed; tquant importable without an install."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

@@ -9,9 +9,6 @@ Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1, set by conftest.py
 tile per variant (launched directly); with TRITON_INTERPRET=0 on a GPU it runs the same checks there.
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,7 +22,8 @@ from tquant.kernels.act_quant import quantize_activations_ref
 from tquant.kernels.bitplane_gemv import bitplane_gemv
 from tquant.kernels.runtime import interpreter_on, next_power_of_2
 from tquant.packing import PLANE_K, pack_planes, unpack_planes
-from bitplane_cases import DTYPES, ISSUE, TOL, assert_close, float_inputs, quantized_inputs  # noqa: F401
+from bitplane_cases import (DTYPES, ISSUE, TOL, assert_close, compiled_in_subprocess, float_inputs,  # noqa: F401
+                            quantized_inputs)
 from kernel_device import DEVICE, needs_backend
 
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -476,12 +474,7 @@ def compile_configs():
 
 def test_kernels_bitplane_compile_for_hopper():
     """Each COMPILED case compiles for sm_90 within 255 registers and without spilling."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tquant importable without an install
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    compiled = json.loads(run.stdout.strip().splitlines()[-1])
+    compiled = compiled_in_subprocess(__file__)
     assert [(name, variant, bits, m) for name, variant, bits, m, _, _ in compiled] == [c[:4] for c in COMPILED]
     assert all(0 < regs <= 255 and spills == 0 for *_, regs, spills in compiled), compiled
 

@@ -8,9 +8,6 @@ Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1, set by conftest.py
 TRITON_INTERPRET=0 on a GPU it runs the same checks there (libdevice popc).
 """
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,7 +21,8 @@ from tquant.kernels.bitplane_gemm import bitplane_matmul_ref, code_sums
 from tquant.kernels.bitplane_gemv import bitplane_gemv, pack_activations, pack_activations_ref
 from tquant.kernels.runtime import interpreter_on
 from tquant.packing import PLANE_K, pack_planes
-from bitplane_cases import DTYPES, ISSUE, TOL, assert_close, float_inputs, quantized_inputs  # noqa: F401
+from bitplane_cases import (DTYPES, ISSUE, TOL, assert_close, compiled_in_subprocess, float_inputs,  # noqa: F401
+                            quantized_inputs)
 from kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401 (autouse: NaN-filled outputs)
 
 SLOW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -310,12 +308,7 @@ def compile_default_configs():
 
 
 def test_kernels_bitplane_gemv_compile_for_hopper():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tquant importable without an install
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    compiled = json.loads(run.stdout.strip().splitlines()[-1])
+    compiled = compiled_in_subprocess(__file__)
     assert [name for name, _, _ in compiled] == ["_pack_activations_kernel", "_bitplane_gemv_kernel"] * len(
         HOPPER_CASES), compiled
     assert all(0 < regs <= 255 and spills == 0 for _, regs, spills in compiled), compiled
