@@ -33,6 +33,20 @@ def quantized_inputs(m, n, k, group_size, bits, act_bits, seed, device=DEVICE):
     return [t.to(device) for t in (xq, x_scale, x_zero, *weight, bias)] + [x, w]
 
 
+def random_codes(m, n, k, gs, bits, act_bits, seed):
+    """xq [M, K] (a' extremes -2^(q-1) and 2^(q-1) - 1 included), codes [N, K] (0 and 2^p - 1 included), x_zero [M]
+    and w_zero [G, N] over their whole ranges (both ends included)."""
+    g = torch.Generator().manual_seed(seed)
+    half = 2 ** (act_bits - 1)
+    xq = torch.randint(-half, half, (m, k), generator=g, dtype=torch.int8)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    x_zero = torch.randint(0, 2**act_bits, (m,), generator=g, dtype=torch.int32)
+    w_zero = torch.randint(0, 2**bits, (k // gs, n), generator=g, dtype=torch.int32)
+    xq[0, 0], xq[-1, -1], codes[0, 0], codes[-1, -1] = -half, half - 1, 0, 2**bits - 1
+    x_zero[0], x_zero[-1], w_zero[0, 0], w_zero[-1, -1] = 2**act_bits - 1, 0, 2**bits - 1, 0
+    return xq, codes, x_zero, w_zero
+
+
 def assert_close(y, ref, dtype, tol=None):
     assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
     assert y.isfinite().all()

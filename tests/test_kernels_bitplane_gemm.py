@@ -23,7 +23,7 @@ from tquant.kernels.bitplane_gemv import bitplane_gemv
 from tquant.kernels.runtime import interpreter_on, next_power_of_2
 from tquant.packing import PLANE_K, pack_planes, unpack_planes
 from bitplane_cases import (DTYPES, ISSUE, TOL, assert_close, compiled_in_subprocess, float_inputs,  # noqa: F401
-                            quantized_inputs)
+                            quantized_inputs, random_codes)
 from kernel_device import DEVICE, needs_backend
 
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -81,20 +81,6 @@ def test_kernels_bitplane_issue_combinations(bits, act_bits):
     expected = x.double() @ w.double().T + b.cpu().double()
     err = ((ref.cpu().double() - expected).norm() / expected.norm()).item()
     assert err < 2.0 ** (2 - min(bits, act_bits)), f"relative error {err:.2e} to the float layer"
-
-
-def random_codes(m, n, k, gs, bits, act_bits, seed):
-    """xq [M, K] (a' extremes -2^(q-1) and 2^(q-1) - 1 included), codes [N, K] (0 and 2^p - 1 included), x_zero [M]
-    and w_zero [G, N] over their whole ranges (both ends included)."""
-    g = torch.Generator().manual_seed(seed)
-    half = 2 ** (act_bits - 1)
-    xq = torch.randint(-half, half, (m, k), generator=g, dtype=torch.int8)
-    codes = torch.randint(0, 2**bits, (n, k), generator=g)
-    x_zero = torch.randint(0, 2**act_bits, (m,), generator=g, dtype=torch.int32)
-    w_zero = torch.randint(0, 2**bits, (k // gs, n), generator=g, dtype=torch.int32)
-    xq[0, 0], xq[-1, -1], codes[0, 0], codes[-1, -1] = -half, half - 1, 0, 2**bits - 1
-    x_zero[0], x_zero[-1], w_zero[0, 0], w_zero[-1, -1] = 2**act_bits - 1, 0, 2**bits - 1, 0
-    return xq, codes, x_zero, w_zero
 
 
 def unit_scale_args(xq, codes, x_zero, w_zero, gs, bits):

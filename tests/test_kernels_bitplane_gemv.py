@@ -22,7 +22,7 @@ from tquant.kernels.bitplane_gemv import bitplane_gemv, pack_activations, pack_a
 from tquant.kernels.runtime import interpreter_on
 from tquant.packing import PLANE_K, pack_planes
 from bitplane_cases import (DTYPES, ISSUE, TOL, assert_close, compiled_in_subprocess, float_inputs,  # noqa: F401
-                            quantized_inputs)
+                            quantized_inputs, random_codes)
 from kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401 (autouse: NaN-filled outputs)
 
 SLOW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -86,19 +86,6 @@ def test_kernels_bitplane_gemv_row_blocks(m, bits, act_bits, blocks):
     *args, b, _, _ = quantized_inputs(m, 24, 64, 32, bits, act_bits, seed=m)
     y, ref = both(args, b, bits=bits, act_bits=act_bits, group_size=32, out_dtype=torch.float32)
     assert_close(y, ref, torch.float32)
-
-
-def random_codes(m, n, k, gs, bits, act_bits, seed):
-    """xq [M, K], codes [N, K], x_zero [M], w_zero [G, N] over their whole ranges (both ends included)."""
-    g = torch.Generator().manual_seed(seed)
-    half = 2 ** (act_bits - 1)
-    xq = torch.randint(-half, half, (m, k), generator=g, dtype=torch.int8)
-    codes = torch.randint(0, 2**bits, (n, k), generator=g)
-    x_zero = torch.randint(0, 2**act_bits, (m,), generator=g, dtype=torch.int32)
-    w_zero = torch.randint(0, 2**bits, (k // gs, n), generator=g, dtype=torch.int32)
-    xq[0, 0], xq[-1, -1], codes[0, 0], codes[-1, -1] = -half, half - 1, 0, 2**bits - 1
-    x_zero[0], x_zero[-1], w_zero[0, 0], w_zero[-1, -1] = 2**act_bits - 1, 0, 2**bits - 1, 0
-    return xq, codes, x_zero, w_zero
 
 
 def exact_inputs(m, n, k, gs, bits, act_bits, seed):
