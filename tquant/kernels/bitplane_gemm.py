@@ -99,23 +99,34 @@ def check_bits(name: str, bits) -> None:
         raise ValueError(f"{name}={bits} is not supported; use an integer in 2..8")
 
 
+def group_sums(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w_sum int32 [G, N]: sum over k in each group of the (uncentred) codes [N, K]."""
+    n, k = codes.shape
+    return codes.view(n, k // group_size, group_size).sum(dim=-1, dtype=torch.int32).t().contiguous()
+
+
 def code_sums(planes: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
-    """w_sum int32 [G, N]: sum over k in each group of the (uncentred) codes c[n, k] of planes [p, ceil(K / 32), N]."""
-    codes = unpack_planes(planes, k)  # [N, K]
-    return codes.view(codes.shape[0], k // group_size, group_size).sum(dim=-1, dtype=torch.int32).t().contiguous()
+    """group_sums of the codes held by planes [p, ceil(K / 32), N]."""
+    return group_sums(unpack_planes(planes, k), group_size)
+
+
+def weight_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int):
+    """This format of asymmetric codes [N, K] with scale and integer zero [N, G] (the quantizer's layout):
+    (planes int32 [bits, ceil(K / 32), N], w_scale fp32 [G, N], w_zero int32 [G, N], w_sum int32 [G, N])."""
+    codes = codes.to(torch.int32)
+    return (pack_planes(codes, bits), scale.t().float().contiguous(), zero.t().round().to(torch.int32).contiguous(),
+            group_sums(codes, group_size))
 
 
 def quantize_weight_ref(w: torch.Tensor, bits: int, group_size: int):
-    """Per-group asymmetric min-max codes of a float weight w [N, K] (tquant.quantizer, sym=False), in this format:
-    (planes int32 [bits, ceil(K / 32), N], w_scale fp32 [G, N], w_zero int32 [G, N], w_sum int32 [G, N])."""
+    """Per-group asymmetric min-max codes of a float weight w [N, K] (tquant.quantizer, sym=False), in this format
+    (weight_tensors)."""
     check_bits("bits", bits)
     n, k = w.shape
     check_group_size(group_size, k)
     scale, zero = grouped_qparams(w, bits, group_size, sym=False)  # [N, G]
     codes = quantize(w.reshape(n, k // group_size, group_size), scale[..., None], zero[..., None], bits)
-    planes = pack_planes(codes.reshape(n, k), bits)
-    return (planes, scale.t().contiguous().float(), zero.t().to(torch.int32).contiguous(),
-            codes.sum(dim=-1, dtype=torch.int32).t().contiguous())
+    return weight_tensors(codes.reshape(n, k), scale, zero, bits, group_size)
 
 
 # ---- input checks ----
@@ -194,7 +205,7 @@ def bitplane_matmul_ref(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, *, 
     groups = k // group_size
     a = (xq.double() + 2 ** (act_bits - 1) - x_zero.double()[:, None]).reshape(m, groups, group_size)
     codes = unpack_planes(planes, k)
-    if not torch.equal(w_sum, codes.view(n, groups, group_size).sum(dim=-1, dtype=torch.int32).t()):
+    if not torch.equal(w_sum, group_sums(codes, group_size)):
         raise ValueError("w_sum does not match the planes: expected the codes' sums per group (code_sums)")
     c = codes.double().reshape(n, groups, group_size) - w_zero.double().t()[..., None]
     s = torch.einsum("mgk,ngk->mgn", a, c)  # [M, G, N], exact: |S| < 2^16 K

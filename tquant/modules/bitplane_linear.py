@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..packing import pack_planes
+from ..kernels.bitplane_gemm import weight_tensors
 from ..qweight import BitPlaneWeight
 from .backend import use_kernel
 
@@ -49,11 +49,9 @@ class BitPlaneLinear(nn.Module):
         n, k = qw.codes.shape
         mod = cls(k, n, bits=qw.bits, act_bits=qw.act_bits, group_size=qw.group_size, bias=bias is not None,
                   dtype=dtype, device=qw.codes.device)
-        codes = qw.codes.to(torch.int32)
-        mod.planes.copy_(pack_planes(codes, qw.bits))
-        mod.w_scale.copy_(qw.scale.t())
-        mod.w_zero.copy_(qw.zero.t().round().to(torch.int32))
-        mod.w_sum.copy_(codes.view(n, k // qw.group_size, qw.group_size).sum(dim=-1, dtype=torch.int32).t())
+        for buf, value in zip((mod.planes, mod.w_scale, mod.w_zero, mod.w_sum),
+                              weight_tensors(qw.codes, qw.scale, qw.zero, qw.bits, qw.group_size)):
+            buf.copy_(value)
         if bias is not None:
             mod.bias.copy_(bias.detach())
         return mod
