@@ -47,10 +47,13 @@ def random_codes(m, n, k, gs, bits, act_bits, seed):
     return xq, codes, x_zero, w_zero
 
 
-def assert_close(y, ref, dtype, tol=None):
+def assert_close(y, ref, dtype, tol=None, magnitude=None):
+    """Relative error of y against ref, over ref's norm or, for sums that may cancel, over the norm of magnitude (the
+    same sums of absolute values, e.g. |x| @ |w|^T: float rounding scales with it, not with the result)."""
     assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
     assert y.isfinite().all()
-    err = ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+    scale = (magnitude if magnitude is not None else ref).double().norm().clamp_min(1e-12)
+    err = ((y.double() - ref.double()).norm() / scale).item()
     assert err < (tol or TOL[dtype]), f"relative error {err:.2e}"
 
 
