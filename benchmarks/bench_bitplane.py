@@ -6,13 +6,14 @@ W4A8 kernel of issue 3, all in the same run.
 Per shape K->N and batch M: W2A8, W3A8, W4A4, W4A8, W8A8 per channel (and W2A8 g128), asymmetric weights and
 per-token asymmetric activations (bitplane_gemm.quantize_weight_ref; act_quant.quantize_activations(zero_point=True),
 quantized once before timing: these columns time the GEMM alone; the activation kernel is timed in its own column),
-tuned per key on first call (both variants, "rebuild" and "planes"; the chosen one is printed); up to M = 16 also
+tuned per key on first call (every variant: "rebuild", "planes", and "dense" from M = 256; the chosen one is
+printed; run with TQUANT_AUTOTUNE=retune to tune past the shipped entries); up to M = 16 also
 the popcount GEMV (bitplane_gemv, ABQ-LLM's binary AND + popc path on the same planes). Tuning compiles
 every candidate of every key; --precompile P first compiles them all in P processes into the shared Triton cache
 (each launch in a worker only compiles: its output and time are not used), so the tuning itself reads compiled
 kernels. Peers: cuBLAS
-fp16 (x @ w^T), cuBLAS int8 (torch._int_mm on pre-quantized activations, M padded to 32 below 17), tquant W4A8 per
-channel (w4a8_matmul on pre-quantized activations).
+fp16 (x @ w^T), cuBLAS int8 (torch._int_mm on pre-quantized activations, M padded to 32 below 17), tquant W4A8 and
+W8A8 per channel (w4a8_matmul, w8a8_matmul on pre-quantized activations).
 Every tquant output is checked against its torch reference. Medians in us: do_bench_cudagraph (eager do_bench in
 parentheses).
 """
@@ -38,6 +39,7 @@ from tquant.kernels import bitplane_gemm  # noqa: E402
 from tquant.kernels.bitplane_gemm import bitplane_matmul, bitplane_matmul_ref, quantize_weight_ref  # noqa: E402
 from tquant.kernels.bitplane_gemv import bitplane_gemv  # noqa: E402
 from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_quantize_weight  # noqa: E402
+from tquant.kernels.w8a8_gemm import w8a8_matmul  # noqa: E402
 
 COMBOS = [(2, 8, None), (2, 8, 128), (3, 8, None), (4, 4, None), (4, 8, None), (8, 8, None)]  # (p, q, group)
 GEMV_MAX_M = 16  # the popcount GEMV (bitplane_gemv) is timed up to this batch
@@ -93,7 +95,8 @@ def main():
         weights = {(bits, group): [t.cuda() for t in quantize_weight_ref(w.cpu(), bits, group or k)]
                    for bits, _, group in COMBOS}
         w4 = [t.cuda() if t is not None else None for t in w4a8_quantize_weight(w.cpu())]
-        wq8 = torch.round(w / (w.abs().amax(1, keepdim=True) / 127)).to(torch.int8)
+        ws8 = (w.abs().amax(1) / 127).float()
+        wq8 = torch.round(w / ws8[:, None]).to(torch.int8)
         for m in map(int, a.ms.split(",")):
             x = torch.randn(m, k, device="cuda", generator=g).half()
             x[:, :: max(1, k // 64)] *= 20  # outlier channels
@@ -116,14 +119,15 @@ def main():
             row["act quant A8 asym"] = bench(lambda: quantize_activations(x, bits=8, zero_point=True))
             xq8, xs8 = quantize_activations(x)
             row["W4A8 (issue 3)"] = bench(lambda: w4a8_matmul(xq8, xs8, w4[0], w4[1]))
+            row["W8A8 (issue 3)"] = bench(lambda: w8a8_matmul(xq8, xs8, wq8, ws8))
             row["cuBLAS fp16"] = bench(lambda: x @ wh.t())
             xq32 = torch.nn.functional.pad(xq8, (0, 0, 0, max(0, 32 - m))) if m < 17 else xq8
             wt = wq8.t()
             row["cuBLAS int8"] = bench(lambda: torch._int_mm(xq32, wt))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    names = [f"W{b}A{q}" + (f" g{gr}" if gr else "") for b, q, gr in COMBOS] + ["W4A8 (issue 3)", "cuBLAS fp16",
-                                                                              "cuBLAS int8"]
+    names = [f"W{b}A{q}" + (f" g{gr}" if gr else "") for b, q, gr in COMBOS] + [
+        "W4A8 (issue 3)", "W8A8 (issue 3)", "cuBLAS fp16", "cuBLAS int8"]
     gemv = [f"W{b}A{q}" + (f" g{gr}" if gr else "") + " gemv" for b, q, gr in COMBOS]
     print("\n| K->N | M | " + " | ".join(names + gemv) + " |")
     print("|---|---|" + "---|" * len(names + gemv))

@@ -8,7 +8,8 @@
 # tables: other Pythons ship other text) and .whl the gguf wheel:
 #   bash benchmarks/gpu_session_issue4.sh prepare    # here, once: makes .gguf_a, .gguf_b, .whl (git-ignored)
 #   bash benchmarks/gpu_session_issue4.sh stage                                   # carry .gguf_a
-#   bash benchmarks/gpu_session_issue4.sh quality ROW,ROW [--set key=value ...]   # carry .gguf_b .whl
+#   bash benchmarks/gpu_session_issue4.sh quality ROW,ROW+ROW [--set key=value ...]   # carry .gguf_b .whl
+#   (one process per comma-separated entry, rows joined by + share one: the model is loaded once for them)
 # Output goes to $OUT (device tool) or ./gpu_out; tuned configs to $OUT/autotune (merged into autotune_cache/).
 set -x
 OUT=${OUT:-gpu_out}; mkdir -p $OUT
@@ -31,9 +32,9 @@ elif [ "$1" = quality ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=$PWD/.gguf_b:$PWD:/tmp/site TQUANT_AUTOTUNE=0  # default kernel configs: no tuning time
   rows=$2; shift 2
-  for row in ${rows//,/ }; do  # one process a row, so that a slow row leaves the others their time
+  for row in ${rows//,/ }; do  # one process an entry, so that a slow one leaves the others their time
     timeout ${ROW_TIMEOUT:-600} python benchmarks/quality_methods.py --device cuda --model $MODEL/smollm2.gguf \
-      --rows "$row" --json "$OUT/quality_${row//[^a-z0-9-]/_}.json" "$@" 2>&1 | grep --line-buffered -v -i "warn\|it/s\]"
+      --rows "${row//+/,}" --json "$OUT/quality_${row//[^a-z0-9-]/_}.json" "$@" 2>&1 | grep --line-buffered -v -i "warn\|it/s\]"
   done | tee $OUT/quality.txt
 elif [ "$1" = checks ]; then
   TRITON_INTERPRET=0 TQUANT_AUTOTUNE=0 timeout 300 python -m pytest -q -x -p no:cacheprovider \

@@ -44,7 +44,8 @@ def variant_config(variant, m, k, group_size):
     """The interpreter's tile for a variant, or on a GPU the variant's first candidate."""
     if interpreter_on():
         return dict(variant=variant, **bp.interpreter_tile(k, group_size))
-    return next(c for c in bp.configs(next_power_of_2(m), k, group_size) if c["variant"] == variant)
+    m = max(next_power_of_2(m), bp.DENSE_MIN_M if variant == "dense" else 1)
+    return next(c for c in bp.configs(m, k, group_size) if c["variant"] == variant)
 
 
 def run_variant(variant, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bias, *, bits, act_bits, group_size,
@@ -110,10 +111,11 @@ EXACT = [(1, 1, 1, 1, 8, 8), (5, 33, 70, 70, 8, 8), (17, 40, 96, 32, 3, 5), (3, 
 
 @needs_backend
 @pytest.mark.parametrize("m,n,k,gs,bits,act_bits", EXACT)
-@pytest.mark.parametrize("fn", ["rebuild", "planes", "ref"])
+@pytest.mark.parametrize("fn", bp.VARIANTS + ("ref",))
 def test_kernels_bitplane_int32_accumulation_is_exact(fn, m, n, k, gs, bits, act_bits):
     """Unit scales and fp32 out: y is the integer sum of (a - x_zero)(c - w_zero), so the byte-SWAR decode (every
-    centre: w_zero for p <= 7, 128 for p = 8, 0 for "planes") and every zero-point correction must be exact."""
+    centre: w_zero for p <= 7, 128 for p = 8, 0 for "planes"; "dense" through decode_codes) and every zero-point
+    correction must be exact."""
     xq, codes, x_zero, w_zero = random_codes(m, n, k, gs, bits, act_bits, seed=m * n * k + bits)
     args = unit_scale_args(xq, codes, x_zero, w_zero, gs, bits)
     kw = dict(bits=bits, act_bits=act_bits, group_size=gs, out_dtype=torch.float32)
@@ -240,14 +242,17 @@ def test_kernels_bitplane_a16_each_bit_width(bits, k, gs):
 
 @needs_backend
 def test_kernels_bitplane_every_gpu_config_is_correct(monkeypatch):
-    """Each CUDA candidate of both paths (tile shapes, both variants, masks at M, N, K not multiples of the blocks),
+    """Each CUDA candidate of both paths (tile shapes, every variant, masks at M, N, K not multiples of the blocks),
     through the launchers; under the interpreter each distinct tile once (warps and stages do not matter there). At
-    most 10 candidates a key (the tuner's time), "rebuild" first."""
+    most 14 candidates a key (the tuner's time), "rebuild" first, "dense" from DENSE_MIN_M, deep K steps where the
+    groups allow them."""
     monkeypatch.setattr(bp, "interpreter_on", lambda: False)
-    for m, k, gs, bits in ((20, 150, 150, 5), (40, 128, 64, 8), (256, 96, 32, 3)):
+    for m, k, gs, bits in ((20, 300, 300, 5), (40, 128, 64, 8), (256, 96, 32, 3), (300, 512, 256, 8)):
         gpu, a16 = bp.configs(next_power_of_2(m), k, gs), bp.a16_configs(next_power_of_2(m), k, gs)
-        assert {c["variant"] for c in gpu} == set(bp.VARIANTS) and gpu[0]["variant"] == "rebuild"
-        assert len(gpu) <= 10 and len(a16) <= 10
+        variants = set(bp.VARIANTS) - (set() if m >= bp.DENSE_MIN_M else {"dense"})
+        assert {c["variant"] for c in gpu} == variants and gpu[0]["variant"] == "rebuild"
+        assert any(c["BLOCK_K"] == bp.DEEP_K for c in gpu) == (m <= 64 and (gs == k or gs % bp.DEEP_K == 0))
+        assert len(gpu) <= 14 and len(a16) <= 10
         assert all(c["BLOCK_K"] % 32 == 0 and (gs == k or gs % c["BLOCK_K"] == 0) for c in gpu + a16)
         if interpreter_on():
             tile = lambda c: tuple(c.get(key) for key in ("variant", "BLOCK_M", "BLOCK_N", "BLOCK_K"))  # noqa: E731
@@ -261,6 +266,23 @@ def test_kernels_bitplane_every_gpu_config_is_correct(monkeypatch):
         ref = bitplane_matmul_a16_ref(x, planes, ws, wz, bits=bits, group_size=gs, bias=b)
         for config in a16:
             assert_close(bp.launch_a16(config, x, planes, ws, wz, bits, gs, b), ref, torch.float32, tol=1e-5)
+
+
+@needs_backend
+@SLOW
+@given(n=st.integers(1, 150), bits=st.integers(2, 8), group=st.sampled_from(["channel", 32, 64]),
+       k_channel=st.integers(1, 150), groups=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_kernels_bitplane_decode_codes_matches_reference(n, bits, group, k_channel, groups, seed):
+    """The dense variant's decode writes c - w_zero (p <= 7) or c - 128 (p = 8) as int8 [N, K], nothing past K."""
+    k, gs = (k_channel, k_channel) if group == "channel" else (group * groups, group)
+    _, codes, _, w_zero = random_codes(1, n, k, gs, bits, 8, seed)
+    planes = pack_planes(codes, bits).to(DEVICE)
+    w_zero = w_zero.to(DEVICE)
+    w8 = bp.decode_codes(planes, w_zero, bits, gs, k)
+    ref = bp.decode_codes_ref(planes, w_zero, bits, gs, k)
+    assert w8.dtype == ref.dtype == torch.int8 and w8.shape == (n, k)
+    assert torch.equal(w8.cpu(), ref.cpu())
+    assert torch.equal(ref.cpu().int() + (w_zero.cpu().t()[:, torch.arange(k) // gs] if bits < 8 else 128), codes)
 
 
 def test_kernels_bitplane_config_must_fit_the_groups_and_spans(monkeypatch):
@@ -428,13 +450,14 @@ def test_kernels_bitplane_helpers_bad_input_raises():
 
 # ---- the kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile) ----
 
-# (kernel, variant, p, batch, group_size): small and large tiles, p = 2, 4 (groups of 128) and 8, each at its first
-# GPU candidate, K=4096 -> N=14336
-COMPILED = [("_bitplane_kernel", "rebuild", 2, 16, None), ("_bitplane_kernel", "rebuild", 4, 16, 128),
-            ("_bitplane_kernel", "rebuild", 8, 16, None), ("_bitplane_kernel", "rebuild", 2, 1024, None),
-            ("_bitplane_kernel", "rebuild", 4, 1024, 128), ("_bitplane_kernel", "rebuild", 8, 1024, None),
-            ("_bitplane_kernel", "planes", 4, 16, None), ("_bitplane_kernel", "planes", 8, 1024, None),
-            ("_bitplane_a16_kernel", "a16", 4, 16, 128), ("_bitplane_a16_kernel", "a16", 8, 1024, None)]
+# (variant, p, batch, group_size, BLOCK_K): small and large tiles, p = 2, 4 (groups of 128) and 8, each at the first
+# GPU candidate of its variant (and BLOCK_K, where given), K=4096 -> N=14336
+COMPILED = [("rebuild", 2, 16, None, None), ("rebuild", 4, 16, 128, None), ("rebuild", 8, 16, None, None),
+            ("rebuild", 2, 16, None, 256), ("rebuild", 8, 64, None, 256), ("rebuild", 2, 1024, None, None),
+            ("rebuild", 4, 1024, 128, None), ("rebuild", 8, 1024, None, None), ("planes", 4, 16, None, None),
+            ("planes", 8, 1024, None, None), ("dense", 2, 1024, None, None), ("dense", 8, 4096, 128, 64),
+            ("a16", 4, 16, 128, None), ("a16", 8, 1024, None, None)]
+KERNELS = {"a16": ["_bitplane_a16_kernel"], "dense": ["_decode_kernel", "_bitplane_kernel"]}  # what a case compiles
 
 
 def compile_configs():
@@ -445,7 +468,7 @@ def compile_configs():
 
     k, n = 4096, 14336
     out = []
-    for _, variant, bits, m, gs in COMPILED:
+    for variant, bits, m, gs, block_k in COMPILED:
         gs = gs or k
         planes, ws = torch.ones(bits, k // 32, n, dtype=torch.int32), torch.ones(k // gs, n)
         wz = w_sum = torch.ones(k // gs, n, dtype=torch.int32)
@@ -455,7 +478,8 @@ def compile_configs():
             if variant == "a16":
                 bp.launch_a16(a16[0], torch.ones(m, k, dtype=torch.float16), planes, ws, wz, bits, gs, None)
             else:
-                bp.launch(next(c for c in gpu if c["variant"] == variant), torch.ones(m, k, dtype=torch.int8),
+                config = next(c for c in gpu if c["variant"] == variant and block_k in (None, c["BLOCK_K"]))
+                bp.launch(config, torch.ones(m, k, dtype=torch.int8),
                           torch.ones(m), torch.ones(m, dtype=torch.int32), planes, ws, wz, w_sum, bits, 8, gs, None,
                           torch.float16)
         out += [(c.name, variant, bits, m, c.registers, c.spill_bytes) for c in done]
@@ -465,7 +489,8 @@ def compile_configs():
 def test_kernels_bitplane_compile_for_hopper():
     """Each COMPILED case compiles for sm_90 within 255 registers and without spilling."""
     compiled = compiled_in_subprocess(__file__)
-    assert [(name, variant, bits, m) for name, variant, bits, m, _, _ in compiled] == [c[:4] for c in COMPILED]
+    expected = [(name, v, bits, m) for v, bits, m, _, _ in COMPILED for name in KERNELS.get(v, ["_bitplane_kernel"])]
+    assert [(name, variant, bits, m) for name, variant, bits, m, _, _ in compiled] == expected
     assert all(0 < regs <= 255 and spills == 0 for *_, regs, spills in compiled), compiled
 
 

@@ -244,6 +244,15 @@ def test_kernels_autotune_uses_shipped_file(cache_dirs):
     assert tune() == dict(BLOCK=64) and not calls
 
 
+def test_kernels_autotune_retune_skips_the_files(cache_dirs, monkeypatch):
+    user_file, shipped_file, calls = cache_dirs
+    autotune_cache.write_entry(shipped_file, "interpreter", "kern|M=1,N=8", dict(config=dict(BLOCK=64), us=1.0))
+    monkeypatch.setenv("TQUANT_AUTOTUNE", "retune")
+    assert tune() == dict(BLOCK=32) and len(calls) == 1
+    assert tune() == dict(BLOCK=32) and len(calls) == 1  # once a process
+    assert json.loads(user_file.read_text())["entries"]["kern|M=1,N=8"]["config"] == dict(BLOCK=32)
+
+
 def _cache_file(gpu="interpreter", fmt=1, config=None, entry=None):
     entry = entry if entry is not None else {"config": config or {"BLOCK": 64}}
     return json.dumps({"format": fmt, "gpu": gpu, "entries": {"kern|M=1,N=8": entry}})

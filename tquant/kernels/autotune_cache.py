@@ -12,7 +12,8 @@ skipped), keeps the fastest and adds it to the user file.
 A file for another GPU, a malformed file, or an entry whose config is not among the current candidates
 (stale after a code change) is ignored, and the key is tuned again.
 Without benchmarking (one candidate, TQUANT_AUTOTUNE=0, or inside CUDA-graph capture) an uncached key
-gets configs[0], so list the safest default first.
+gets configs[0], so list the safest default first. TQUANT_AUTOTUNE=retune skips both files (each key is tuned again
+on its first use in the process and the user file rewritten): after new candidates join a kernel, or to re-measure.
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def tune(kernel: str, key: dict[str, Any], configs: list[dict], run: Callable[[d
     config = _chosen.get((gpu, name))
     if config is not None:
         return config
-    config = cached_config(gpu, name, configs)
+    config = cached_config(gpu, name, configs) if os.environ.get("TQUANT_AUTOTUNE") != "retune" else None
     if config is not None:
         _chosen[gpu, name] = config
         return config

@@ -49,8 +49,10 @@ c - Z + 128 is in [1, 256)) and XORs 0x80808080, so byte b is c - Z as an int8; 
 (ptxas fuses the rest), add and XOR, the byte packing: on sm_90 the whole K loop (loads, decode, shared-memory
 staging of the dot operand, mma) is 2.7 / 4.1 / 6.7 instructions a weight for p = 2 / 4 / 8 at 16 x 64 x 128 (the
 bit-by-bit unpack it replaces: 11.9 / 16.8 / 25.9; w4a8_gemm's int4 unpack: 3.9). "planes" takes plane i alone
-(bytes 0 / 1, no centring). xq is loaded as 0 past K, so the codes there (whatever the bits past K) add nothing to
-D or A, and W comes from w_sum: no bit masks.
+(bytes 0 / 1, no centring). "dense" decodes once per call instead: _decode_kernel writes c' (rebuild's centre) as int8
+[N, K] (decode_codes; a transient copy of N K bytes), and the K loop loads its [BLOCK_K, BLOCK_N] tiles as w8a8_gemm
+loads its weight, so no row tile redoes the decode (the tuner offers it from M = DENSE_MIN_M). xq is loaded as 0
+past K, so the codes there (whatever the bits past K) add nothing to D or A, and W comes from w_sum: no bit masks.
 
 `bitplane_matmul`: program pid owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks the groups;
 each group in spans, each span in BLOCK_K steps (BLOCK_K divides group_size when there are several groups, and
@@ -89,7 +91,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS = range(2, 9)  # weight bits p and activation bits q
 MAX_SPAN = 16384  # k summed in int32 before a conversion to fp32 (module docstring: no int32 overflow)
 XOR80 = tl.constexpr(0x80808080 - 2**32)  # as an int32: flips bit 7 of every byte
-VARIANTS = ("rebuild", "planes")
+VARIANTS = ("rebuild", "planes", "dense")
+DENSE_MIN_M = 256  # batches (rounded up to a power of two) from which "dense" joins the candidates
 
 
 # ---- format helpers (plain torch) ----
@@ -282,8 +285,10 @@ def group_terms(ws_ptr, wz_ptr, wsum_ptr, g, N, offs_n, n_ok, group_size):
 
 @triton.jit
 def span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, s0, s_end, K, KW, N, stride_p, P: tl.constexpr,
-             PLANES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """D + dw A (int32 [BLOCK_M, BLOCK_N], exact) over k in [s0, s_end) (one group's span), in BLOCK_K steps."""
+             PLANES: tl.constexpr, DENSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """D + dw A (int32 [BLOCK_M, BLOCK_N], exact) over k in [s0, s_end) (one group's span), in BLOCK_K steps; DENSE:
+    p_ptr is decode_codes' int8 c' [N, K] (row stride stride_p), loaded as a [BLOCK_K, BLOCK_N] tile of c'^T."""
     ROW_SUMS: tl.constexpr = PLANES or P == 8  # dw != 0
     d = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.int32)  # A
@@ -292,12 +297,17 @@ def span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, s0, s_end, K, KW, N, strid
         a = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0)  # a', 0 past K
         if ROW_SUMS:
             row_sum += tl.sum(a.to(tl.int32), axis=1)
-        words, ok = word_tile(p_ptr, k0 // 32, offs_n, n_ok, KW, N, BLOCK_K // 32)
-        if PLANES:
+        if DENSE:
+            b = tl.load(p_ptr + offs_n.to(tl.int64)[None, :] * stride_p + k[:, None],
+                        mask=(k < K)[:, None] & n_ok[None, :], other=0)
+            d = tl.dot(a, b, d, out_dtype=tl.int32)
+        elif PLANES:
+            words, ok = word_tile(p_ptr, k0 // 32, offs_n, n_ok, KW, N, BLOCK_K // 32)
             for i in tl.static_range(P):
                 u = byte_tile(spread_bits(tl.load(words + i * stride_p, mask=ok, other=0)), BLOCK_N, BLOCK_K)
                 d += tl.dot(a, tl.trans(u), out_dtype=tl.int32) << i
         else:
+            words, ok = word_tile(p_ptr, k0 // 32, offs_n, n_ok, KW, N, BLOCK_K // 32)
             d = tl.dot(a, tl.trans(centred_codes(words, ok, stride_p, zero, P, BLOCK_N, BLOCK_K)), d,
                        out_dtype=tl.int32)
     if ROW_SUMS:
@@ -308,15 +318,15 @@ def span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, s0, s_end, K, KW, N, strid
 @triton.jit
 def _bitplane_kernel(x_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_ptr, wsum_ptr, bias_ptr, y_ptr, M, N, K, KW, GROUPS,
                      group_size, span, stride_xm, stride_p, stride_ym, P: tl.constexpr, Q: tl.constexpr,
-                     PLANES: tl.constexpr, ONE_SPAN: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     PLANES: tl.constexpr, DENSE: tl.constexpr, ONE_SPAN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if ONE_SPAN:  # one group of at most MAX_SPAN k: the int32 sum is the only accumulator in the K loop
         zero, ws, col = group_terms(ws_ptr, wz_ptr, wsum_ptr, 0, N, offs_n, n_ok, group_size)
-        acc = span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, 0, K, K, KW, N, stride_p, P, PLANES, BLOCK_M,
-                       BLOCK_N, BLOCK_K).to(tl.float32) * ws[None, :]
+        acc = span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, 0, K, K, KW, N, stride_p, P, PLANES, DENSE,
+                       BLOCK_M, BLOCK_N, BLOCK_K).to(tl.float32) * ws[None, :]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # sum_g w_scale (D + dw A)
         col = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_g w_scale W
@@ -326,11 +336,26 @@ def _bitplane_kernel(x_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_ptr, wsum_ptr, bia
             g_end = (g + 1) * group_size
             for s0 in range(g * group_size, g_end, span):
                 d = span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, s0, tl.minimum(s0 + span, g_end), K, KW, N,
-                             stride_p, P, PLANES, BLOCK_M, BLOCK_N, BLOCK_K)
+                             stride_p, P, PLANES, DENSE, BLOCK_M, BLOCK_N, BLOCK_K)
                 acc += d.to(tl.float32) * ws[None, :]
     dx = ((1 << (Q - 1)) - tl.load(xz_ptr + offs_m, mask=m_ok, other=0)).to(tl.float32)
     y = (acc + dx[:, None] * col[None, :]) * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
     store_output(y, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _decode_kernel(p_ptr, wz_ptr, w8_ptr, N, K, KW, group_size, stride_p, P: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """w8[n, k] = c' (centred_codes: c - w_zero of k's group for P <= 7, c - 128 for P = 8), int8 [N, K]; program
+    (pid_n, pid_k) writes one [BLOCK_N, BLOCK_K] tile (BLOCK_K within one group)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_ok = offs_n < N
+    zero = tl.load(wz_ptr + (k0 // group_size) * N + offs_n, mask=n_ok, other=0)
+    words, ok = word_tile(p_ptr, k0 // 32, offs_n, n_ok, KW, N, BLOCK_K // 32)
+    k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(w8_ptr + offs_n.to(tl.int64)[:, None] * K + k[None, :],
+             centred_codes(words, ok, stride_p, zero, P, BLOCK_N, BLOCK_K), mask=n_ok[:, None] & (k < K)[None, :])
 
 
 @triton.jit
@@ -362,6 +387,9 @@ def _bitplane_a16_kernel(x_ptr, p_ptr, ws_ptr, wz_ptr, bias_ptr, y_ptr, M, N, K,
 # (BLOCK_M, BLOCK_N, warps) by batch, from the H200's first tuning (4096 -> 14336, p 2..8): BLOCK_M 16 up to 32 rows,
 # 64 x 64 / 64 x 128 at 64, 128 x 128 beyond
 TILES = {32: [(16, 64, 4), (16, 128, 4)], 64: [(64, 64, 4), (64, 128, 8)], None: [(128, 128, 8), (64, 128, 8)]}
+# "dense": w8a8_gemm's large-M tiles (128 x 128 x 128 won there on the H200; 256 x 128 spills with this epilogue)
+DENSE_TILES = [(128, 128, 8), (64, 128, 4)]
+DEEP_K = 256  # small batches also try K steps this long (more bytes in flight a step; the planes are thin)
 
 
 def block_ks(k: int, group_size: int) -> list[int]:
@@ -386,16 +414,20 @@ def interpreter_tile(k: int, group_size: int) -> dict:
 
 
 def configs(m: int, k: int, group_size: int) -> list[dict]:
-    """Candidates for batch m (rounded up to a power of two), K = k and group_size, at most 10; the first is the
-    untuned default. "rebuild" at every tile of TILES, "planes" (which won one key of 36 on the H200; p dots a step
-    need more registers) at the smaller tile with 3 stages. The interpreter runs "rebuild" at interpreter_tile (tests
-    launch "planes" themselves)."""
+    """Candidates for batch m (rounded up to a power of two), K = k and group_size, at most 14; the first is the
+    untuned default. "rebuild" at every tile of TILES (up to M = 64 also with K steps of DEEP_K where the groups allow),
+    "planes" (which won one key of 36 on the H200; p dots a step need more registers) at the smaller tile with 3
+    stages, and from M = DENSE_MIN_M "dense" at DENSE_TILES (one decode of the weight pays off once the GEMM is
+    compute-bound). The interpreter runs "rebuild" at interpreter_tile (tests launch the others themselves)."""
     if interpreter_on():
         return [dict(variant="rebuild", **interpreter_tile(k, group_size))]
     shapes = tile_shapes(m)
     planes = tiles([min(shapes, key=lambda t: t[0] * t[1])], k, group_size, stages=(3,))
-    return ([dict(variant="rebuild", **c) for c in tiles(shapes, k, group_size)]
-            + [dict(variant="planes", **c) for c in planes])
+    deep = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=DEEP_K, GROUP_M=8, num_warps=warps, num_stages=3)
+            for bm, bn, warps in shapes if m <= 64 and (group_size == k or group_size % DEEP_K == 0)]
+    dense = tiles(DENSE_TILES, k, group_size, stages=(3,)) if m >= DENSE_MIN_M else []
+    return ([dict(variant="rebuild", **c) for c in tiles(shapes, k, group_size) + deep]
+            + [dict(variant="planes", **c) for c in planes] + [dict(variant="dense", **c) for c in dense])
 
 
 GEMV_MAX_M = 8  # batches (rounded up to a power of two) at which bitplane_gemv's candidates join the tuning
@@ -435,17 +467,41 @@ def check_config(config, k: int, group_size: int) -> None:
                          f"several groups) and MAX_SPAN={MAX_SPAN}")
 
 
+DECODE_BLOCK_N = 64
+
+
+def decode_codes(planes, w_zero, bits: int, group_size: int, k: int) -> torch.Tensor:
+    """c' int8 [N, K] of the planes (the "dense" variant's operand, _decode_kernel; one launch, not tuned)."""
+    n = planes.shape[2]
+    w8 = torch.empty(n, k, dtype=torch.int8, device=planes.device)
+    block_k = block_ks(k, group_size)[0]
+    grid = (triton.cdiv(n, DECODE_BLOCK_N), triton.cdiv(k, block_k))
+    _decode_kernel[grid](planes, w_zero, w8, n, k, planes.shape[1], group_size, planes.stride(0), P=bits,
+                         BLOCK_N=DECODE_BLOCK_N, BLOCK_K=block_k, num_warps=4)
+    return w8
+
+
+def decode_codes_ref(planes, w_zero, bits: int, group_size: int, k: int) -> torch.Tensor:
+    """decode_codes in torch: c - w_zero of each k's group (bits <= 7) or c - 128 (bits = 8), as int8 [N, K]."""
+    codes = unpack_planes(planes, k)
+    centre = w_zero.t()[:, torch.arange(k, device=planes.device) // group_size] if bits < 8 else 128
+    return (codes - centre).to(torch.int8)
+
+
 def launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, act_bits, group_size, bias,
            out_dtype) -> torch.Tensor:
-    """One launch of the WpAq kernel with config (inputs checked and contiguous)."""
+    """One launch of the WpAq kernel with config (inputs checked and contiguous); "dense" decodes the weight first."""
     (m, k), n = xq.shape, planes.shape[2]
     check_config(config, k, group_size)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    dense = config["variant"] == "dense"
+    weights = decode_codes(planes, w_zero, bits, group_size, k) if dense else planes
     _bitplane_kernel[grid](
-        xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bias if bias is not None else y, y, m, n, k,
-        planes.shape[1], k // group_size, group_size, min(group_size, MAX_SPAN), xq.stride(0), planes.stride(0),
-        y.stride(0), P=bits, Q=act_bits, PLANES=config["variant"] == "planes", ONE_SPAN=group_size == k <= MAX_SPAN,
+        xq, x_scale, x_zero, weights, w_scale, w_zero, w_sum, bias if bias is not None else y, y, m, n, k,
+        planes.shape[1], k // group_size, group_size, min(group_size, MAX_SPAN), xq.stride(0), weights.stride(0),
+        y.stride(0), P=bits, Q=act_bits, PLANES=config["variant"] == "planes", DENSE=dense,
+        ONE_SPAN=group_size == k <= MAX_SPAN,
         HAS_BIAS=bias is not None,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -517,4 +573,4 @@ def bitplane_matmul_a16(x, planes, w_scale, w_zero, *, bits, group_size, bias=No
 
 
 __all__ = ["bitplane_matmul", "bitplane_matmul_ref", "bitplane_matmul_a16", "bitplane_matmul_a16_ref", "code_sums",
-           "quantize_weight_ref"]
+           "decode_codes", "decode_codes_ref", "quantize_weight_ref"]
