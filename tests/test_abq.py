@@ -1,12 +1,14 @@
 """ABQ-LLM (method "abq") and its module BitPlaneLinear on tiny random models: the LWC grid against the quantizer,
-LET folding exact, training lowering the block loss for each option, the quantized layer matching what training
-simulated, BitPlaneLinear against float math (A16 and WpAq), save / load, and the input errors."""
+LET folding exact (q/k LET too, through RoPE and GQA), training lowering the block loss for each option, the quantized
+layer matching what training simulated, qkv_bits' per-head output quantization in the model, BitPlaneLinear against
+float math (A16 and WpAq), save / load, and the input errors."""
 import pytest
 import torch
+import transformers
 
 import tquant
 from tquant import driver
-from tquant.methods.abq import ABQ, fake_activations, lwc_quantize
+from tquant.methods.abq import ABQ, QKGroup, fake_activations, lwc_quantize
 from tquant.modules import BitPlaneLinear
 from tquant.qweight import BitPlaneWeight, QuantizedWeight
 from tiny_models import tiny_model, token_batch
@@ -56,8 +58,8 @@ def test_fake_activations_are_act_quants_grid():
     assert torch.equal(codes.int() - 8, xq.int())
 
 
-def block_setup(arch="llama"):
-    model = with_outliers(tiny_model(arch))
+def block_setup(arch="llama", **overrides):
+    model = with_outliers(tiny_model(arch, **overrides))
     name, blocks = driver.find_blocks(model)
     inputs = driver.capture_block_inputs(model, name, blocks, CALIB, "cpu", 8)
     block = blocks[0]
@@ -85,11 +87,114 @@ def test_let_groups_fold_exactly(arch):
     assert rel(after, before) < 1e-5
 
 
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("llama", {"num_key_value_heads": 6}), ("qwen2", {})])
+def test_qk_let_folds_exactly_through_rope_and_gqa(arch, overrides):
+    """With qkv_bits, let_groups adds a QKGroup (theta [KV heads, head_dim / 2]); random thetas of every group folded
+    into the float block (Qwen2: q / k biases too) leave its output unchanged."""
+    model, block, linears, groups, inputs = block_setup(arch, **overrides)
+    method = ABQ(wbits=4, abits=4, qkv_bits=4)
+    method.prepare_model(model)
+    let = method.let_groups(block, linears, groups, inputs, {id(m): n for n, m in block.named_modules()})
+    qk = [g for g in let if isinstance(g, QKGroup)]
+    assert len(qk) == 1 and qk[0].theta.shape == (overrides.get("num_key_value_heads", 2), 8)
+    g = torch.Generator().manual_seed(0)
+    for group in let:
+        group.theta = group.theta + torch.empty_like(group.theta).uniform_(-1, 1, generator=g)
+    before = driver.hidden(block(*inputs[0][0], **inputs[0][1]))
+    with torch.no_grad():
+        method.fold(block, linears, let, {})
+    assert rel(driver.hidden(block(*inputs[0][0], **inputs[0][1])), before) < 1e-5
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_qk_scales_untied_over_rope_pairs_change_the_output(rope):
+    """Why QKGroup ties channel i to i + head_dim / 2: per-channel scales (q / s, k * s) leave q . k unchanged, but
+    RoPE mixes each pair, so untied scales change the block's output; with RoPE off (cos 1, sin 0) they do not."""
+    model, block, linears, groups, inputs = block_setup()
+    args, kwargs = inputs[0]
+    if not rope:
+        cos, sin = kwargs["position_embeddings"]
+        kwargs = kwargs | {"position_embeddings": (torch.ones_like(cos), torch.zeros_like(sin))}
+    before = driver.hidden(block(*args, **kwargs))
+    s = torch.exp(torch.empty(2, 16).uniform_(-1, 1, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        block.self_attn.q_proj.weight.div_(s.repeat_interleave(3, dim=0).reshape(-1, 1))
+        block.self_attn.k_proj.weight.mul_(s.reshape(-1, 1))
+    err = rel(driver.hidden(block(*args, **kwargs)), before)
+    assert err > 1e-3 if rope else err < 1e-5
+
+
+def test_qk_let_trains_through_the_output_quantizer():
+    """effective() puts the q/k scales into q_proj / k_proj before LWC, so with the per-head output quantizer on,
+    the block loss has a gradient in QKGroup's theta."""
+    model, block, linears, groups, inputs = block_setup()
+    method = ABQ(wbits=4, abits=4, qkv_bits=4)
+    method.prepare_model(model)
+    let = method.let_groups(block, linears, groups, inputs, {id(m): n for n, m in block.named_modules()})
+    qk = next(g for g in let if isinstance(g, QKGroup))
+    qk.theta.requires_grad_(True)
+    hooks = [block.get_submodule(f"self_attn.{p}_proj").register_forward_hook(method.quantized_output) for p in "qkv"]
+    out = torch.func.functional_call(block, method.effective(block, linears, let, {}, {}), inputs[0][0], inputs[0][1])
+    driver.hidden(out).square().mean().backward()
+    for h in hooks:
+        h.remove()
+    assert qk.theta.grad is not None and qk.theta.grad.abs().sum() > 0
+
+
+def test_per_head_output_quant_is_a_per_token_per_group_min_max_grid():
+    """fake_activations(y, bits, group): each token's groups of `group` channels on their own asymmetric grid
+    (range widened to hold 0), against plain torch; error within half a step, a second pass a no-op."""
+    y = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+    yg = y.reshape(-1, 16)
+    lo, hi = yg.amin(1, keepdim=True).clamp(max=0), yg.amax(1, keepdim=True).clamp(min=0)
+    scale = (hi - lo) / 15
+    zero = torch.round(-lo / scale)
+    ref = ((torch.clamp(torch.round(yg / scale) + zero, 0, 15) - zero) * scale).reshape(y.shape)
+    out = fake_activations(y, 4, 16)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert ((out - y).reshape(-1, 16).abs() <= scale / 2 + 1e-6).all()
+    torch.testing.assert_close(fake_activations(out, 4, 16), out, rtol=0, atol=1e-5)
+    assert not torch.equal(out, fake_activations(y, 4))  # per token over all 48 channels: another grid
+
+
+def test_qkv_bits_quantize_the_models_attention_inputs_and_survive_save_load(tmp_path):
+    """RTN (data-free) with qkv_bits=4: q / k / v_proj carry out_bits 4 per head of 16, o_proj none; the logits are
+    the qkv_bits=16 model's with its q / k / v outputs passed through fake_activations(y, 4, 16), and reload equal."""
+    opts = dict(wbits=4, abits=8, epochs=0, progress=False)
+    plain = tquant.quantize(tiny_model("llama"), "abq", **opts)
+    model = tquant.quantize(tiny_model("llama"), "abq", qkv_bits=4, **opts)
+    attn = model.model.layers[1].self_attn
+    assert (attn.q_proj.out_bits, attn.v_proj.out_group, attn.o_proj.out_bits) == (4, 16, None)
+    with torch.no_grad():
+        logits = model(CALIB).logits
+        hooks = [m.register_forward_hook(lambda m, a, y: fake_activations(y, 4, 16).to(y.dtype))
+                 for n, m in plain.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj"))]
+        reference = plain(CALIB).logits
+        for h in hooks:
+            h.remove()
+        assert torch.equal(logits, reference) and rel(plain(CALIB).logits, logits) > 1e-3
+    tquant.save(model, tmp_path / "m")
+    loaded = tquant.load(tmp_path / "m")
+    assert loaded.model.layers[0].self_attn.k_proj.out_bits == 4
+    with torch.no_grad():
+        assert torch.equal(loaded(CALIB).logits, logits)
+
+
+def test_qkv_bits_need_llama_style_attention():
+    with pytest.raises(ValueError, match="Llama-style attention"):
+        tquant.quantize(tiny_model("gpt2"), "abq", qkv_bits=4, epochs=0, progress=False)
+    qwen3 = transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    with pytest.raises(ValueError, match="q_norm"):
+        ABQ(qkv_bits=4).prepare_model(transformers.AutoModelForCausalLM.from_config(qwen3))
+
+
 @pytest.mark.parametrize("opts,beats_rtn", [
     (dict(wbits=4, abits=4), True), (dict(wbits=3, abits=16, group_size=32), True),
     (dict(wbits=2, abits=8, group_size=32, bit_balance=True), True),
     # LWC alone with OmniQuant's loss lowers both blocks' losses but not the logits' error of this random model
-    (dict(wbits=4, abits=6, dlc=False, compensation=False, let=False), False)])
+    (dict(wbits=4, abits=6, dlc=False, compensation=False, let=False), False),
+    (dict(wbits=4, abits=4, qkv_bits=6), True)])
 def test_training_lowers_each_block_loss_and_beats_rtn(opts, beats_rtn):
     model = with_outliers(tiny_model("llama"))
     with torch.no_grad():
@@ -174,7 +279,8 @@ def test_save_load_round_trip(tmp_path):
 @pytest.mark.parametrize("opts,message", [
     (dict(wbits=9), "wbits=9"), (dict(wbits=1), "wbits=1"), (dict(abits=1), "abits=1"), (dict(abits=12), "abits=12"),
     (dict(sym=True), "asymmetric"), (dict(wbits=3, bit_balance=True), "bit_balance"),
-    (dict(bits=3, wbits=2), "disagree"), (dict(epochs=-1), "epochs"),
+    (dict(bits=3, wbits=2), "disagree"), (dict(epochs=-1), "epochs"), (dict(qkv_bits=1), "qkv_bits=1"),
+    (dict(qkv_bits=12), "qkv_bits=12"),
 ])
 def test_bad_options_are_named(opts, message):
     with pytest.raises(ValueError, match=message):

@@ -118,7 +118,12 @@ class BitPlaneWeight(QuantizedWeight):
     `bits` in 2..8 (codes [N, K] in [0, levels), scale float [N, G], integer zero [N, G], no perm), read by the
     bit-plane kernels (tquant.kernels.bitplane_gemm) as `bits` binary planes; act_bits 2..8: per-token
     asymmetric activations (WpAq), None: A16. levels is 2^bits, or fewer for a grid that uses part of its planes
-    (ABQ-LLM's bit balance: 5 levels, 0..4, stored in 3 planes)."""
+    (ABQ-LLM's bit balance: 5 levels, 0..4, stored in 3 planes). out_bits 2..8: the layer's output is fake-quantized
+    on act_quant's per-token asymmetric grid per group of out_group output channels (ABQ's qkv_bits: one attention
+    head of queries, keys or values), None: not."""
+
+    out_bits: int | None = None
+    out_group: int | None = None
 
     def __post_init__(self):
         if self.perm is not None or self.smooth is not None or self.act_scale is not None:
@@ -126,6 +131,10 @@ class BitPlaneWeight(QuantizedWeight):
         if self.bits not in range(2, 9) or (self.act_bits is not None and self.act_bits not in range(2, 9)):
             raise ValueError(f"bit-plane weights take bits and act_bits in 2..8 (or act_bits None); got W{self.bits}"
                              f"A{self.act_bits or 16}")
+        if self.out_bits is not None and (self.out_bits not in range(2, 9) or not self.out_group
+                                          or self.codes.shape[0] % self.out_group):
+            raise ValueError(f"out_bits={self.out_bits} needs 2..8 and an out_group dividing the "
+                             f"{self.codes.shape[0]} output channels (got {self.out_group})")
 
 
 @dataclass

@@ -3,6 +3,12 @@
 
 Grid: weights asymmetric per output row and group, wbits in 2..8 (codes 0 .. maxq = 2^wbits - 1, integer zero);
 activations (abits 2..8) per token, asymmetric (act_quant's zero_point grid); abits=16: weight-only.
+qkv_bits 2..8 (OmniQuant's and ABQ-LLM's weight-activation settings quantize the inputs of QK^T and PV too; the
+softmax output stays 16-bit): the outputs of q_proj, k_proj and v_proj on the same grid per token and head (groups of
+head_dim output channels; bias included), straight-through in training, BitPlaneLinear's out_bits in the quantized
+model. Queries and keys are taken before RoPE, at the projections' outputs: a simulation of quantized attention
+inputs as OmniQuant evaluates them; no kernel reads these codes. Needs Llama / Mistral / Qwen2-style attention
+(self_attn.q_proj / k_proj / v_proj, self_attn.head_dim, no q_norm / k_norm); qkv_bits=16: off.
 Each block, before its linears are quantized, is trained against the float model (float32, Adam,
 tquant.block_tuning.optimize, `epochs` passes over the calibration sequences, the best of five checks kept):
     LWC  per row and group of each linear: lo = sigmoid(g_lo) min(w, 0), hi = sigmoid(g_hi) max(w, 0) (g starts at
@@ -11,7 +17,11 @@ tquant.block_tuning.optimize, `epochs` passes over the calibration sequences, th
     LET  for each input group whose producer absorbs a per-channel scale exactly (smoothing.find_absorber: the norm
          before q/k/v and before gate/up, v_proj before o_proj (tied over GQA's query heads), up_proj before
          down_proj): s = exp(theta), the group's weight columns times s, the absorber's channels divided by s;
-         theta starts at SmoothQuant's log(max|X|^alpha / max|W|^(1 - alpha))
+         theta starts at SmoothQuant's log(max|X|^alpha / max|W|^(1 - alpha));
+         with qkv_bits also between q and k (OmniQuant's qkt_smooth_scale): q_proj's rows and bias / s, k_proj's * s,
+         which leaves QK^T unchanged; s is tied over the channel pairs (i, i + head_dim / 2) RoPE's rotate_half rotates
+         together and over the query heads of each KV head (theta [kv_heads, head_dim / 2], starting at 0), so it
+         stays exact through RoPE and GQA; it composes with the input-column scales of the norm's LET
     the inputs of every linear fake-quantized per token (straight-through)
 ABQ-LLM's additions to OmniQuant (from its paper and code), each an option:
     dlc           its distribution-correction loss against two targets, t1 = the float model's block output on the
@@ -21,9 +31,7 @@ ABQ-LLM's additions to OmniQuant (from its paper and code), each an option:
     compensation  a trained rank-1 term W + l r^T (l = 0, r = 1 at the start, lr 1e-2) on down_proj of the first
                   3 and last 4 blocks, folded into the weight before it is quantized
     bit_balance   2-bit weights on 5 levels (0..4, scale = range / 4) instead of 4: stored in 3 bit planes
-Not done: its attention-map KL term (it needs the block's attention probabilities, which SDPA does not return) and
-LET between q and k (it changes nothing unless queries and keys are quantized; this library quantizes the KV cache
-with its own methods).
+Not done: its attention-map KL term (it needs the block's attention probabilities, which SDPA does not return).
 After training, LET is folded in place (exact), the compensation into down_proj, and each linear quantized with its
 trained clip factors -> BitPlaneWeight -> BitPlaneLinear. With lwc, let and compensation off (or epochs=0) it is
 round-to-nearest on the same grid and needs no data.
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,7 +49,7 @@ from torch.func import functional_call
 from ..block_io import fp32, hidden, outputs
 from ..driver import find_blocks
 from ..block_tuning import float32_training, optimize, random_rows
-from ..kernels.act_quant import quantize_activations_ref
+from ..modules.bitplane_linear import fake_activations
 from ..qweight import BitPlaneWeight
 from ..quantizer import resolve_group_size
 from ..smoothing import find_absorber, input_absmax, smoothing_scales
@@ -48,6 +57,7 @@ from .base import Method, option, register
 
 LWC_INIT = 4.0  # sigmoid(4) = 0.982
 COMPENSATION_LR = 1e-2
+Q, K, V = (f"self_attn.{p}_proj" for p in "qkv")
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -75,11 +85,37 @@ def lwc_quantize(w: torch.Tensor, maxq: int, group_size: int, clip=None) -> torc
     return ((q - zero) * scale).reshape(n, k)
 
 
-def fake_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """x on its per-token asymmetric bits grid (act_quant.quantize_activations_ref's codes), in float32."""
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    xq, scale, zero = quantize_activations_ref(x2, bits=bits, zero_point=True)
-    return (scale[:, None] * (xq.float() + 2 ** (bits - 1) - zero[:, None])).reshape(x.shape)
+def channels_divided(module: nn.Module, d: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"weight": weight / d, "bias": bias / d} of module's tensors, d over their first dim (a linear's rows)."""
+    return {attr: t / d.view(-1, *[1] * (t.dim() - 1)) for attr in ("weight", "bias")
+            if isinstance(t := getattr(module, attr, None), torch.Tensor)}
+
+
+class AttentionHeads(NamedTuple):
+    head_dim: int
+    kv_heads: int
+    groups: int  # query heads per KV head
+
+
+def attention_heads(block: nn.Module) -> AttentionHeads:
+    """The head layout of a Llama / Mistral / Qwen2-style block (self_attn.q_proj / k_proj / v_proj linears,
+    self_attn.head_dim); ValueError naming what is missing otherwise."""
+    attn = getattr(block, "self_attn", None)
+    q, k, v = (getattr(attn, f"{p}_proj", None) for p in "qkv")
+    head_dim = getattr(attn, "head_dim", None)
+    if not all(isinstance(m, nn.Linear) for m in (q, k, v)) or not isinstance(head_dim, int):
+        raise ValueError(f"abq's qkv_bits needs Llama-style attention (self_attn.q_proj / k_proj / v_proj linears and "
+                         f"self_attn.head_dim); {type(block).__name__} has not")
+    if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+        raise ValueError(f"abq's qkv_bits: {type(attn).__name__} normalizes queries and keys after q_proj / k_proj "
+                         "(q_norm / k_norm), so the projections' outputs are not the attention inputs")
+    heads, kv = q.out_features // head_dim, k.out_features // head_dim
+    if head_dim % 2 or q.out_features % head_dim or k.out_features % head_dim or v.out_features != k.out_features \
+            or heads % kv:
+        raise ValueError(f"abq's qkv_bits: q / k / v_proj outputs {q.out_features} / {k.out_features} / "
+                         f"{v.out_features} are not whole heads of head_dim={head_dim} (even), query heads a "
+                         "multiple of KV heads")
+    return AttentionHeads(head_dim, kv, heads // kv)
 
 
 @dataclasses.dataclass
@@ -91,10 +127,31 @@ class LETGroup:
     absorber: str
     index: torch.Tensor | None
 
-    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s over the group's K input columns, the absorber's own m channel scales)."""
+    def columns(self) -> dict[str, torch.Tensor]:
+        """{linear: s [K], the factor of its input columns}."""
         own = torch.exp(self.theta)
-        return (own if self.index is None else own[self.index]), own
+        return dict.fromkeys(self.names, own if self.index is None else own[self.index])
+
+    def divisors(self) -> dict[str, torch.Tensor]:
+        """{absorber: its own m channel scales, the divisor of its output channels}."""
+        return {self.absorber: torch.exp(self.theta)}
+
+
+@dataclasses.dataclass
+class QKGroup:
+    """q/k LET while training: theta [kv_heads, head_dim / 2]; s = exp(theta) on channels i and i + head_dim / 2 of
+    KV head j (the pair RoPE's rotate_half rotates by one angle) and of every query head reading KV head j (GQA).
+    q_proj's rows and bias / s, k_proj's * s: each q . k, before and after RoPE, is unchanged."""
+    theta: torch.Tensor
+    groups: int
+
+    def columns(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def divisors(self) -> dict[str, torch.Tensor]:
+        """{q_proj: s over its output channels, k_proj: 1 / s over its}."""
+        s = torch.exp(self.theta).repeat(1, 2)
+        return {Q: s.repeat_interleave(self.groups, dim=0).flatten(), K: 1 / s.flatten()}
 
 
 @register
@@ -120,6 +177,8 @@ class ABQ(Method):
     dlc: bool = option(True, "ABQ-LLM's two-target MSE + cosine loss (False: OmniQuant's MSE to the float model)")
     compensation: bool = option(True, "rank-1 compensation of down_proj in the first 3 and last 4 blocks")
     bit_balance: bool = option(False, "2-bit weights on 5 levels (0..4), stored in 3 bit planes")
+    qkv_bits: int = option(16, "queries, keys and values (q / k / v_proj outputs) per token and head, asymmetric, "
+                               "2..8 (with let: q/k LET too); 16 = not quantized")
 
     def __post_init__(self):
         if self.bits is not None:
@@ -130,6 +189,8 @@ class ABQ(Method):
             raise ValueError(f"wbits={self.wbits} is not supported; use 2..8")
         if self.abits != 16 and self.abits not in range(2, 9):
             raise ValueError(f"abits={self.abits} is not supported; use 2..8 or 16 (weight-only)")
+        if self.qkv_bits != 16 and self.qkv_bits not in range(2, 9):
+            raise ValueError(f"qkv_bits={self.qkv_bits} is not supported; use 2..8 or 16 (not quantized)")
         if self.sym:
             raise ValueError("abq: ABQ-LLM's weight grid is asymmetric; drop sym=True")
         if self.bit_balance and self.wbits != 2:
@@ -142,6 +203,7 @@ class ABQ(Method):
         self._clip: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fp_hidden: list[torch.Tensor] | None = None  # the float model's inputs of the next block
         self._blocks: int | None = None
+        self._heads: AttentionHeads | None = None
         self.log: dict[str, dict] = {}
 
     @property
@@ -153,12 +215,17 @@ class ABQ(Method):
         if gs != linear.in_features and gs % 32:
             raise ValueError(f"layer {name!r}: group_size={gs} must be a multiple of 32 for the bit-plane kernels "
                              "(or -1: per channel)")
+        if self.qkv_bits != 16 and self._heads is None:
+            raise ValueError("abq's qkv_bits needs the model's attention heads: quantize through tquant.quantize")
 
     def report(self) -> dict:
         return {"training": self.log} if self.log else {}
 
     def prepare_model(self, model: nn.Module) -> None:
-        self._blocks = len(find_blocks(model)[1])
+        blocks = find_blocks(model)[1]
+        self._blocks = len(blocks)
+        if self.qkv_bits != 16:
+            self._heads = attention_heads(blocks[0])
 
     def input_transform(self, name: str):
         if self.abits == 16:
@@ -173,8 +240,15 @@ class ABQ(Method):
             n, k = w.shape
             codes = torch.clamp(torch.round(w.reshape(n, k // gs, gs) / scale[..., None]) + zero[..., None], 0,
                                 self.maxq).to(torch.int32).reshape(n, k)
+        heads = self.qkv_bits != 16 and name.endswith((Q, K, V))
         return BitPlaneWeight(codes, scale, zero, self.stored_bits, gs,
-                              act_bits=None if self.abits == 16 else self.abits)
+                              act_bits=None if self.abits == 16 else self.abits,
+                              out_bits=self.qkv_bits if heads else None,
+                              out_group=self._heads.head_dim if heads else None)
+
+    def quantized_output(self, module, args, y: torch.Tensor) -> torch.Tensor:
+        """Forward hook: y on its per-token, per-head qkv_bits grid (straight-through)."""
+        return y + (fake_activations(y, self.qkv_bits, self._heads.head_dim).to(y.dtype) - y).detach()
 
     # ---- block training ----
 
@@ -190,6 +264,10 @@ class ABQ(Method):
         t2 = outputs(block, inputs) if self.dlc else None
         names = {id(m): n for n, m in block.named_modules()}
         let = self.let_groups(block, linears, groups, inputs, names) if self.let else []
+        if self.qkv_bits != 16:  # kept on the float linears until the driver swaps in BitPlaneLinear's out_bits
+            for n in (Q, K, V):
+                if n in linears:
+                    linears[n].register_forward_hook(self.quantized_output)
         clip = {n: (torch.full(self.clip_shape(lin, prefix + n), LWC_INIT, device=lin.weight.device),
                     torch.full(self.clip_shape(lin, prefix + n), LWC_INIT, device=lin.weight.device))
                 for n, lin in linears.items()} if self.lwc else {}
@@ -248,8 +326,9 @@ class ABQ(Method):
             total = total + torch.nn.functional.mse_loss(y, t) - torch.log(cos)
         return total
 
-    def let_groups(self, block, linears, groups, inputs, names) -> list[LETGroup]:
-        """A LETGroup for every input group with an exact absorber, theta at SmoothQuant's scales."""
+    def let_groups(self, block, linears, groups, inputs, names) -> list[LETGroup | QKGroup]:
+        """A LETGroup for every input group with an exact absorber, theta at SmoothQuant's scales; with qkv_bits
+        a QKGroup too, theta 0 (OmniQuant's start)."""
         amax = input_absmax(block, {g[0]: linears[g[0]] for g in groups}, inputs)
         out = []
         for g in groups:
@@ -260,32 +339,25 @@ class ABQ(Method):
             s = smoothing_scales(amax[g[0]], [linears[n].weight for n in g], self.alpha, index)
             own = s if index is None else s.new_zeros(int(index.max()) + 1).scatter_(0, index, s)
             out.append(LETGroup(list(g), torch.log(own).float(), names[id(absorber.module)], index))
+        if self.qkv_bits != 16 and Q in linears and K in linears:
+            h = self._heads
+            out.append(QKGroup(torch.zeros(h.kv_heads, h.head_dim // 2, device=linears[Q].weight.device), h.groups))
         return out
 
     def effective(self, block, linears, let, clip, comp) -> dict[str, torch.Tensor]:
         """{parameter name: its value in the quantized, transformed block} (differentiable in the trained tensors):
-        LET's column and absorber scales, the compensation, then each linear's weight on its LWC grid."""
+        LET's output-channel divisors (absorbers; q_proj / k_proj rows for q/k LET) and input-column scales, the
+        compensation, then each linear's weight on its LWC grid: W <- LWC(diag(1 / d) W diag(s) + l r^T)."""
         col, row, eff = {}, {}, {}
         for g in let:
-            s, own = g.scales()
-            for n in g.names:
-                col[n] = s
-            if g.absorber in linears:
-                row[g.absorber] = own
-            else:
-                module = block.get_submodule(g.absorber)
-                for attr in ("weight", "bias"):
-                    t = getattr(module, attr, None)
-                    if isinstance(t, torch.Tensor):
-                        eff[f"{g.absorber}.{attr}"] = t / own.view(-1, *[1] * (t.dim() - 1))
+            col.update(g.columns())
+            row.update(g.divisors())
+        for name, d in row.items():
+            eff.update({f"{name}.{a}": t for a, t in channels_divided(block.get_submodule(name), d).items()})
         for n, lin in linears.items():
-            w = lin.weight
+            w = eff.get(f"{n}.weight", lin.weight)
             if n in col:
                 w = w * col[n][None, :]
-            if n in row:
-                w = w / row[n][:, None]
-                if lin.bias is not None:
-                    eff[f"{n}.bias"] = lin.bias / row[n]
             if n in comp:
                 w = w + comp[n][0] @ comp[n][1]
             eff[f"{n}.weight"] = lwc_quantize(w, self.maxq, self.layer_group_size(lin, n), clip.get(n))
@@ -295,13 +367,11 @@ class ABQ(Method):
         """LET and the compensation into the float weights, in place (the same transform effective() applies
         before quantizing)."""
         for g in let:
-            s, own = g.scales()
-            for n in g.names:
+            for n, s in g.columns().items():
                 linears[n].weight.mul_(s[None, :])
-            module = block.get_submodule(g.absorber)
-            for attr in ("weight", "bias"):
-                t = getattr(module, attr, None)
-                if isinstance(t, torch.Tensor):
-                    t.div_(own.view(-1, *[1] * (t.dim() - 1)))
+            for name, d in g.divisors().items():
+                module = block.get_submodule(name)
+                for attr, t in channels_divided(module, d).items():
+                    getattr(module, attr).copy_(t)
         for n, (left, right) in comp.items():
             linears[n].weight.add_(left @ right)

@@ -8,6 +8,9 @@ Buffers (tquant.kernels.bitplane_gemm's format, G = K // group_size):
     w_scale fp32 [G, N]    w_zero int32 [G, N]    w_sum int32 [G, N] (the codes' sums per group)
     bias    [N] in the model's dtype, or None
 Activations (WpAq) are quantized per token, asymmetric, by act_quant.quantize_activations(zero_point=True).
+out_bits (ABQ's qkv_bits on q_proj / k_proj / v_proj): y, bias included, fake-quantized on the same grid per token and
+group of out_group output channels (one attention head), y <- fake_activations(y, out_bits, out_group), in torch on
+every path: a simulation of quantized attention inputs, which no kernel reads as codes.
 forward: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1 with backend="triton"; WpAq through
 bitplane_matmul, whose tuner also tries the popcount GEMV up to batch 8), else the torch references (the same codes;
 WpAq's integer products exact).
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels.act_quant import quantize_activations_ref
 from ..kernels.bitplane_gemm import weight_tensors
 from ..qweight import BitPlaneWeight
 from .backend import use_kernel
@@ -24,18 +28,31 @@ from .backend import use_kernel
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def fake_activations(x: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
+    """x [..., C] on act_quant's asymmetric bits grid per token and group of `group` consecutive channels (None: all
+    C), in float32: scale (a - zero) with (a - 2^(bits-1), scale, zero) = quantize_activations_ref(zero_point=True),
+    scale = (max(x, 0) - min(x, 0)) / (2^bits - 1) over the group, zero = round(-min(x, 0) / scale)."""
+    x2 = x.reshape(-1, group or x.shape[-1]).float()
+    xq, scale, zero = quantize_activations_ref(x2, bits=bits, zero_point=True)
+    return (scale[:, None] * (xq.float() + 2 ** (bits - 1) - zero[:, None])).reshape(x.shape)
+
+
 class BitPlaneLinear(nn.Module):
     def __init__(self, in_features, out_features, *, bits, act_bits, group_size, bias=False, dtype=torch.float16,
-                 device=None):
+                 device=None, out_bits=None, out_group=None):
         super().__init__()
         if bits not in range(2, 9) or (act_bits is not None and act_bits not in range(2, 9)):
             raise ValueError(f"BitPlaneLinear takes bits and act_bits in 2..8 (act_bits None: A16), got "
                              f"W{bits}A{act_bits or 16}")
+        if out_bits is not None and (out_bits not in range(2, 9) or not out_group or out_features % out_group):
+            raise ValueError(f"out_bits={out_bits} needs 2..8 and an out_group dividing out_features={out_features} "
+                             f"(got {out_group})")
         if in_features % group_size or (group_size != in_features and group_size % 32):
             raise ValueError(f"group_size={group_size} must divide in_features={in_features} and be a multiple of "
                              "32 (or equal in_features)")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.act_bits, self.group_size = bits, act_bits, group_size
+        self.out_bits, self.out_group = out_bits, out_group
         self.backend = "auto"
         k, n, g = in_features, out_features, in_features // group_size
         self.register_buffer("planes", torch.zeros(bits, -(-k // 32), n, dtype=torch.int32, device=device))
@@ -48,7 +65,7 @@ class BitPlaneLinear(nn.Module):
     def from_quantized(cls, qw: BitPlaneWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "BitPlaneLinear":
         n, k = qw.codes.shape
         mod = cls(k, n, bits=qw.bits, act_bits=qw.act_bits, group_size=qw.group_size, bias=bias is not None,
-                  dtype=dtype, device=qw.codes.device)
+                  dtype=dtype, device=qw.codes.device, out_bits=qw.out_bits, out_group=qw.out_group)
         for buf, value in zip((mod.planes, mod.w_scale, mod.w_zero, mod.w_sum),
                               weight_tensors(qw.codes, qw.scale, qw.zero, qw.bits, qw.group_size)):
             buf.copy_(value)
@@ -59,12 +76,14 @@ class BitPlaneLinear(nn.Module):
     def layer_spec(self) -> dict:
         """What tquant.load needs to rebuild this module (stored in the saved quantization_config)."""
         return {"type": "bitplane_linear", "bits": self.bits, "act_bits": self.act_bits, "group_size": self.group_size,
-                "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
+                "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "out_bits": self.out_bits, "out_group": self.out_group}
 
     @classmethod
     def from_spec(cls, spec: dict, dtype: torch.dtype) -> "BitPlaneLinear":
         return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], act_bits=spec["act_bits"],
-                   group_size=spec["group_size"], bias=spec["bias"], dtype=dtype, device="meta")
+                   group_size=spec["group_size"], bias=spec["bias"], dtype=dtype, device="meta",
+                   out_bits=spec.get("out_bits"), out_group=spec.get("out_group"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import act_quant, bitplane_gemm
@@ -84,8 +103,11 @@ class BitPlaneLinear(nn.Module):
             gemm = bitplane_gemm.bitplane_matmul if kernel else bitplane_gemm.bitplane_matmul_ref
             y = gemm(xq, x_scale, x_zero, *weight, self.w_sum, bits=self.bits, act_bits=self.act_bits,
                      group_size=self.group_size, bias=bias, out_dtype=x.dtype)
+        if self.out_bits is not None:
+            y = fake_activations(y, self.out_bits, self.out_group).to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.bits}A{self.act_bits or 16}"
-                f", group_size={self.group_size}, bias={self.bias is not None}")
+                f", group_size={self.group_size}, bias={self.bias is not None}"
+                + ("" if self.out_bits is None else f", out_bits={self.out_bits}, out_group={self.out_group}"))
