@@ -41,7 +41,7 @@ def random_codes(m, n, k, gs, bits, act_bits, seed):
     xq = torch.randint(-half, half, (m, k), generator=g, dtype=torch.int8)
     codes = torch.randint(0, 2**bits, (n, k), generator=g)
     x_zero = torch.randint(0, 2**act_bits, (m,), generator=g, dtype=torch.int32)
-    w_zero = torch.randint(0, 2**bits, (k // gs, n), generator=g, dtype=torch.int32)
+    w_zero = torch.randint(0, 2**bits, (k // gs, n), generator=g, dtype=torch.int32).to(torch.uint8)
     xq[0, 0], xq[-1, -1], codes[0, 0], codes[-1, -1] = -half, half - 1, 0, 2**bits - 1
     x_zero[0], x_zero[-1], w_zero[0, 0], w_zero[-1, -1] = 2**act_bits - 1, 0, 2**bits - 1, 0
     return xq, codes, x_zero, w_zero

@@ -286,7 +286,7 @@ def compile_default_configs():
             config = bg.configs(m, n, k, gs, bits, act_bits)[0]
         g, kw = k // gs, -(-k // 32)
         args = [torch.zeros(m, k, dtype=torch.int8), torch.ones(m), torch.zeros(m, dtype=torch.int32),
-                torch.zeros(bits, kw, n, dtype=torch.int32), torch.ones(g, n), torch.zeros(g, n, dtype=torch.int32),
+                torch.zeros(bits, kw, n, dtype=torch.int32), torch.ones(g, n), torch.zeros(g, n, dtype=torch.uint8),
                 torch.zeros(g, n, dtype=torch.int32)]
         with compiling_for() as done:
             bg.launch(config, *args, bits, act_bits, gs, None, torch.float16)

@@ -8,7 +8,7 @@ Format (p = bits in 2..8, q = act_bits in 2..8, G = K // group_size, g = k // gr
                  (group_size divides K and is a multiple of 32, or equals K: one group per channel)
     planes       int32 [p, ceil(K / 32), N]: plane i holds bit i of every code in tquant.packing.pack_planes' byte-SWAR
                  order: bit j of planes[i, w, n] = (c[n, 32 w + 4 (j % 8) + j // 8] >> i) & 1; bits past K are 0
-    w_scale      fp32 [G, N]        w_zero int32 [G, N] in [0, 2^p)
+    w_scale      fp32 [G, N]        w_zero uint8 [G, N] in [0, 2^p)
     w_sum        int32 [G, N]: sum_{k in g} c[n, k] (code_sums), stored with the weight so no kernel reduces codes
     activations  per-token asymmetric codes a[m, k] in [0, 2^q): x[m, k] ~= x_scale[m] * (a[m, k] - x_zero[m])
     xq           int8 [M, K] holding a' = a - 2^(q-1) (centered, so every q <= 8 fits int8)
@@ -115,9 +115,9 @@ def code_sums(planes: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
 
 def weight_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int):
     """This format of asymmetric codes [N, K] with scale and integer zero [N, G] (the quantizer's layout):
-    (planes int32 [bits, ceil(K / 32), N], w_scale fp32 [G, N], w_zero int32 [G, N], w_sum int32 [G, N])."""
+    (planes int32 [bits, ceil(K / 32), N], w_scale fp32 [G, N], w_zero uint8 [G, N], w_sum int32 [G, N])."""
     codes = codes.to(torch.int32)
-    return (pack_planes(codes, bits), scale.t().float().contiguous(), zero.t().round().to(torch.int32).contiguous(),
+    return (pack_planes(codes, bits), scale.t().float().contiguous(), zero.t().round().to(torch.uint8).contiguous(),
             group_sums(codes, group_size))
 
 
@@ -157,7 +157,7 @@ def check_weight(planes, w_scale, w_zero, bits, group_size, k, n_context: str, w
                          f"[{bits}, {-(-k // 32)}, N] for K={k}")
     n = planes.shape[2]
     expected = {"w_scale": (w_scale, (k // group_size, n), (torch.float32,)),
-                "w_zero": (w_zero, (k // group_size, n), (torch.int32,))}
+                "w_zero": (w_zero, (k // group_size, n), (torch.uint8,))}
     if w_sum is not None:
         expected["w_sum"] = (w_sum, (k // group_size, n), (torch.int32,))
     check_tensors(expected, f"N={n}, K={k}, group_size={group_size}")
@@ -278,7 +278,7 @@ def centred_codes(words, ok, stride_p, zero, P: tl.constexpr, BLOCK_N: tl.conste
 def group_terms(ws_ptr, wz_ptr, wsum_ptr, g, N, offs_n, n_ok, group_size):
     """(w_zero, w_scale, w_scale * W) [BLOCK_N] of group g (W = w_sum - group_size * w_zero, module docstring)."""
     at = g * N + offs_n
-    zero = tl.load(wz_ptr + at, mask=n_ok, other=0)
+    zero = tl.load(wz_ptr + at, mask=n_ok, other=0).to(tl.int32)
     ws = tl.load(ws_ptr + at, mask=n_ok, other=0.0)
     return zero, ws, ws * (tl.load(wsum_ptr + at, mask=n_ok, other=0) - zero * group_size).to(tl.float32)
 
@@ -351,7 +351,7 @@ def _decode_kernel(p_ptr, wz_ptr, w8_ptr, N, K, KW, group_size, stride_p, P: tl.
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     n_ok = offs_n < N
-    zero = tl.load(wz_ptr + (k0 // group_size) * N + offs_n, mask=n_ok, other=0)
+    zero = tl.load(wz_ptr + (k0 // group_size) * N + offs_n, mask=n_ok, other=0).to(tl.int32)
     words, ok = word_tile(p_ptr, k0 // 32, offs_n, n_ok, KW, N, BLOCK_K // 32)
     k = k0 + tl.arange(0, BLOCK_K)
     tl.store(w8_ptr + offs_n.to(tl.int64)[:, None] * K + k[None, :],
@@ -372,7 +372,7 @@ def _bitplane_a16_kernel(x_ptr, p_ptr, ws_ptr, wz_ptr, bias_ptr, y_ptr, M, N, K,
         k = k0 + offs_k
         x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)  # 0 past K
         at = (k0 // group_size) * N + offs_n
-        zero = tl.load(wz_ptr + at, mask=n_ok, other=0)
+        zero = tl.load(wz_ptr + at, mask=n_ok, other=0).to(tl.int32)
         words, ok = word_tile(p_ptr, k0 // 32, offs_n, n_ok, KW, N, BLOCK_K // 32)
         w = centred_codes(words, ok, stride_p, zero, P, BLOCK_N, BLOCK_K).to(tl.float32)
         if P == 8:  # Z = 128: c - w_zero = c' + 128 - w_zero

@@ -224,7 +224,7 @@ def _bitplane_gemv_kernel(xp_ptr, xsum_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_pt
         if (done == GW) | (done % span == 0) | (e == kw_end):  # the span ends: S into acc
             at = g * N + offs_n
             n_ok = offs_n < N
-            wz = tl.load(wz_ptr + at, mask=n_ok, other=0)
+            wz = tl.load(wz_ptr + at, mask=n_ok, other=0).to(tl.int32)
             ws = tl.load(ws_ptr + at, mask=n_ok, other=0.0)
             if CODE_SUMS:
                 c = sum_c

@@ -5,7 +5,8 @@
     y = x @ (w_scale * (c - w_zero))^T + bias                                         (WpA16: act_bits None)
 Buffers (tquant.kernels.bitplane_gemm's format, G = K // group_size):
     planes  int32 [p, ceil(K / 32), N]  (tquant.packing.pack_planes)
-    w_scale fp32 [G, N]    w_zero int32 [G, N]    w_sum int32 [G, N] (the codes' sums per group)
+    w_scale fp32 [G, N]    w_zero uint8 [G, N]    w_sum int32 [G, N] (the codes' sums per group; WpAq only: A16
+    reads none)
     bias    [N] in the model's dtype, or None
 Activations (WpAq) are quantized per token, asymmetric, by act_quant.quantize_activations(zero_point=True).
 out_bits (ABQ's qkv_bits on q_proj / k_proj / v_proj): y, bias included, fake-quantized on the same grid per token and
@@ -57,8 +58,8 @@ class BitPlaneLinear(nn.Module):
         k, n, g = in_features, out_features, in_features // group_size
         self.register_buffer("planes", torch.zeros(bits, -(-k // 32), n, dtype=torch.int32, device=device))
         self.register_buffer("w_scale", torch.zeros(g, n, dtype=torch.float32, device=device))
-        self.register_buffer("w_zero", torch.zeros(g, n, dtype=torch.int32, device=device))
-        self.register_buffer("w_sum", torch.zeros(g, n, dtype=torch.int32, device=device))
+        self.register_buffer("w_zero", torch.zeros(g, n, dtype=torch.uint8, device=device))
+        self.register_buffer("w_sum", None if act_bits is None else torch.zeros(g, n, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -68,7 +69,8 @@ class BitPlaneLinear(nn.Module):
                   dtype=dtype, device=qw.codes.device, out_bits=qw.out_bits, out_group=qw.out_group)
         for buf, value in zip((mod.planes, mod.w_scale, mod.w_zero, mod.w_sum),
                               weight_tensors(qw.codes, qw.scale, qw.zero, qw.bits, qw.group_size)):
-            buf.copy_(value)
+            if buf is not None:
+                buf.copy_(value)
         if bias is not None:
             mod.bias.copy_(bias.detach())
         return mod
