@@ -9,6 +9,7 @@ import transformers
 import tquant
 from tquant import driver
 from tquant.methods.abq import ABQ, QKGroup, fake_activations, lwc_quantize
+from tquant.methods import abq as abq_method
 from tquant.modules import BitPlaneLinear
 from tquant.qweight import BitPlaneWeight, QuantizedWeight
 from tiny_models import tiny_model, token_batch
@@ -194,7 +195,7 @@ def test_qkv_bits_need_llama_style_attention():
     (dict(wbits=2, abits=8, group_size=32, bit_balance=True), True),
     # LWC alone with OmniQuant's loss lowers both blocks' losses but not the logits' error of this random model
     (dict(wbits=4, abits=6, dlc=False, compensation=False, let=False), False),
-    (dict(wbits=4, abits=4, qkv_bits=6), True)])
+    (dict(wbits=4, abits=4, qkv_bits=6), True), (dict(wbits=4, abits=4, attn_kl=1.0), True)])
 def test_training_lowers_each_block_loss_and_beats_rtn(opts, beats_rtn):
     model = with_outliers(tiny_model("llama"))
     with torch.no_grad():
@@ -294,3 +295,42 @@ def test_group_size_the_bitplane_gemm_cannot_take_is_refused():
 
 def test_bits_is_an_alias_of_wbits():
     assert ABQ(bits=3).wbits == 3 and ABQ(wbits=6).bits == 6
+
+
+def test_attention_kl_is_the_mean_row_kl():
+    """attention_kl against KL(p || q) summed over keys, averaged over query rows, on random attention maps; 0 for
+    q = p and positive otherwise."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(2, 3, 5, 5, generator=g), dim=-1)
+    q = torch.softmax(torch.randn(2, 3, 5, 5, generator=g), dim=-1)
+    expected = sum((p[i, h, t] * (p[i, h, t] / q[i, h, t]).log()).sum() for i in range(2) for h in range(3)
+                   for t in range(5)) / 30
+    assert torch.allclose(abq_method.attention_kl(p, q), expected, atol=1e-6)
+    assert abq_method.attention_kl(p, p).abs() < 1e-7 and abq_method.attention_kl(p, q) > 0.01
+
+
+def test_attention_kl_compares_float_and_quantized_maps(monkeypatch):
+    """With attn_kl the loss gets the KL term of the float block's attention probabilities (the teacher: no fake
+    quantization, its own weights) against the quantized block's; the model's attention implementation is restored."""
+    model = with_outliers(tiny_model("llama"))
+    terms = []
+    original = abq_method.attention_kl
+
+    def spy(p, q):
+        terms.append((p.detach().clone(), q.detach().clone(), original(p, q).item()))
+        return original(p, q)
+
+    monkeypatch.setattr(abq_method, "attention_kl", spy)
+    implementation = model.config._attn_implementation
+    tquant.quantize(model, "abq", wbits=2, abits=4, calib=CALIB, epochs=1, attn_kl=1.0, progress=False)
+    assert terms and model.config._attn_implementation == implementation
+    p, q, kl = terms[0]
+    assert p.shape == q.shape and p.shape[-1] == p.shape[-2] == CALIB.shape[1]
+    assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5) and kl > 0 and not torch.equal(p, q)
+
+
+def test_attention_kl_needs_hugging_face_attention():
+    with pytest.raises(ValueError, match="attn_kl"):
+        ABQ(attn_kl=-1.0)
+    with pytest.raises(ValueError, match="attn_kl needs"):
+        ABQ(attn_kl=1.0).prepare_model(torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Linear(4, 4)])))

@@ -31,13 +31,16 @@ ABQ-LLM's additions to OmniQuant (from its paper and code), each an option:
     compensation  a trained rank-1 term W + l r^T (l = 0, r = 1 at the start, lr 1e-2) on down_proj of the first
                   3 and last 4 blocks, folded into the weight before it is quantized
     bit_balance   2-bit weights on 5 levels (0..4, scale = range / 4) instead of 4: stored in 3 bit planes
-Not done: its attention-map KL term (it needs the block's attention probabilities, which SDPA does not return).
+    attn_kl       its attention-map term: + attn_kl * mean over query rows of KL(P_fp || P_q), P the block's attention
+                  probabilities (HF's eager attention while the block trains: SDPA returns none), P_fp from the float
+                  block (its own weights, no fake quantization) on the float model's inputs; off by default (0)
 After training, LET is folded in place (exact), the compensation into down_proj, and each linear quantized with its
 trained clip factors -> BitPlaneWeight -> BitPlaneLinear. With lwc, let and compensation off (or epochs=0) it is
 round-to-nearest on the same grid and needs no data.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import NamedTuple
@@ -118,6 +121,29 @@ def attention_heads(block: nn.Module) -> AttentionHeads:
     return AttentionHeads(head_dim, kv, heads // kv)
 
 
+def attention_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Mean over query rows of KL(p || q) = sum_j p_j (log p_j - log q_j) of attention probabilities [..., T, T]
+    (p the float block's target, q the quantized block's)."""
+    p, q = p.reshape(-1, p.shape[-1]), q.reshape(-1, q.shape[-1])
+    return (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(dim=-1).mean()
+
+
+@contextlib.contextmanager
+def eager_attention(block: nn.Module, on: bool):
+    """With on, the block's attention runs Hugging Face's eager implementation, which returns its probabilities as
+    self_attn's second output (SDPA returns None); the config's own choice is restored afterwards."""
+    if not on:
+        yield
+        return
+    config = block.self_attn.config
+    saved = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
 @dataclasses.dataclass
 class LETGroup:
     """One smoothed input group while training: names of its linears, theta [m] (s = exp(theta)[index]), and the
@@ -177,6 +203,8 @@ class ABQ(Method):
     dlc: bool = option(True, "ABQ-LLM's two-target MSE + cosine loss (False: OmniQuant's MSE to the float model)")
     compensation: bool = option(True, "rank-1 compensation of down_proj in the first 3 and last 4 blocks")
     bit_balance: bool = option(False, "2-bit weights on 5 levels (0..4), stored in 3 bit planes")
+    attn_kl: float = option(0.0, "weight of ABQ-LLM's attention-map term: KL(fp block's attention probabilities || "
+                                 "the quantized block's), added to the loss; 0 = off")
     qkv_bits: int = option(16, "queries, keys and values (q / k / v_proj outputs) per token and head, asymmetric, "
                                "2..8 (with let: q/k LET too); 16 = not quantized")
 
@@ -193,6 +221,8 @@ class ABQ(Method):
             raise ValueError(f"qkv_bits={self.qkv_bits} is not supported; use 2..8 or 16 (not quantized)")
         if self.sym:
             raise ValueError("abq: ABQ-LLM's weight grid is asymmetric; drop sym=True")
+        if self.attn_kl < 0:
+            raise ValueError(f"attn_kl={self.attn_kl} must be >= 0 (the weight of the attention-map KL term)")
         if self.bit_balance and self.wbits != 2:
             raise ValueError(f"bit_balance is ABQ-LLM's 2-bit grid (5 levels); wbits={self.wbits}")
         if self.epochs < 0 or self.batch < 1 or self.lwc_lr <= 0 or self.let_lr <= 0:
@@ -204,6 +234,7 @@ class ABQ(Method):
         self._fp_hidden: list[torch.Tensor] | None = None  # the float model's inputs of the next block
         self._blocks: int | None = None
         self._heads: AttentionHeads | None = None
+        self._teacher = False  # True while the float block runs for attention-map targets: no fake quantization
         self.log: dict[str, dict] = {}
 
     @property
@@ -226,6 +257,9 @@ class ABQ(Method):
         self._blocks = len(blocks)
         if self.qkv_bits != 16:
             self._heads = attention_heads(blocks[0])
+        if self.attn_kl and not hasattr(getattr(blocks[0], "self_attn", None), "config"):
+            raise ValueError(f"abq's attn_kl needs a Hugging Face self_attn module in each block (it reads the "
+                             f"attention probabilities); {type(blocks[0]).__name__} has none: pass attn_kl=0")
 
     def input_transform(self, name: str):
         if self.abits == 16:
@@ -246,9 +280,18 @@ class ABQ(Method):
                               out_bits=self.qkv_bits if heads else None,
                               out_group=self._heads.head_dim if heads else None)
 
-    def quantized_output(self, module, args, y: torch.Tensor) -> torch.Tensor:
-        """Forward hook: y on its per-token, per-head qkv_bits grid (straight-through)."""
+    def quantized_output(self, module, args, y: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook: y on its per-token, per-head qkv_bits grid (straight-through); None (y kept) for the
+        float teacher."""
+        if self._teacher:
+            return None
         return y + (fake_activations(y, self.qkv_bits, self._heads.head_dim).to(y.dtype) - y).detach()
+
+    def quantized_input(self, module, args) -> tuple | None:
+        """Forward pre-hook: the linear's input on its per-token abits grid (straight-through); None for the teacher."""
+        if self._teacher:
+            return None
+        return (args[0] + (fake_activations(args[0], self.abits) - args[0]).detach(),) + tuple(args[1:])
 
     # ---- block training ----
 
@@ -283,26 +326,35 @@ class ABQ(Method):
                                  {"params": [t for c in clip.values() for t in c], "lr": self.lwc_lr},
                                  {"params": [t for c in comp.values() for t in c], "lr": COMPENSATION_LR}) if g["params"]]
         inputs32 = [fp32(i) for i in inputs]
-        hooks = [] if self.abits == 16 else [
-            lin.register_forward_pre_hook(lambda m, a: (a[0] + (fake_activations(a[0], self.abits) - a[0]).detach(),)
-                                          + tuple(a[1:])) for lin in linears.values()]
+        hooks = [] if self.abits == 16 else [lin.register_forward_pre_hook(self.quantized_input)
+                                             for lin in linears.values()]
+        maps = []  # attention probabilities of the last block runs (attn_kl), filled by the self_attn hook
+        if self.attn_kl:
+            hooks.append(block.self_attn.register_forward_hook(lambda m, a, out: maps.append(out[1])))
+        fp_in32 = [h.float() for h in fp_in]
 
-        def run(effective, args, kwargs):
-            return hidden(functional_call(block, effective, args, kwargs))
+        def objective(effective, b, rows_, args, kwargs):
+            y = hidden(functional_call(block, effective, args, kwargs))
+            loss = self.loss(y, t1[b][rows_], None if t2 is None else t2[b][rows_])
+            if self.attn_kl:
+                with torch.no_grad(), self.teacher():
+                    block(fp_in32[b][rows_], *args[1:], **kwargs)
+                target, student = maps.pop(), maps.pop()  # the teacher ran last
+                loss = loss + self.attn_kl * attention_kl(target, student)
+            return loss
 
         def step_loss(g):
             b, rows_, (args, kwargs) = random_rows(inputs32, self.batch, g)
-            return self.loss(run(self.effective(block, linears, let, clip, comp), args, kwargs), t1[b][rows_],
-                             None if t2 is None else t2[b][rows_])
+            return objective(self.effective(block, linears, let, clip, comp), b, rows_, args, kwargs)
 
         def error():
             effective = self.effective(block, linears, let, clip, comp)
-            return sum(self.loss(run(effective, args, kwargs), t1[b], None if t2 is None else t2[b]).item()
+            return sum(objective(effective, b, slice(None), args, kwargs).item()
                        for b, (args, kwargs) in enumerate(inputs32)) / len(inputs32)
 
         steps = max(1, self.epochs * sum(a[0].shape[0] for a, _ in inputs) // self.batch)
         try:
-            with float32_training(block, params):
+            with float32_training(block, params), eager_attention(block, self.attn_kl > 0):
                 before, after = optimize(groups_lr, step_loss, error, steps=steps)
                 with torch.no_grad():
                     self.fold(block, linears, let, comp)
@@ -313,6 +365,15 @@ class ABQ(Method):
             self._clip[prefix + n] = tuple(t.detach() for t in c)
         self.log[prefix.rstrip(".")] = {"loss_before": before, "loss_after": after, "steps": steps,
                                         "seconds": round(time.time() - start, 1)}
+
+    @contextlib.contextmanager
+    def teacher(self):
+        """The float block: the fake-quantization hooks pass their tensors through."""
+        self._teacher = True
+        try:
+            yield
+        finally:
+            self._teacher = False
 
     def clip_shape(self, linear: nn.Linear, name: str) -> tuple[int, int]:
         return linear.out_features, linear.in_features // self.layer_group_size(linear, name)
