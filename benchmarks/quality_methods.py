@@ -21,6 +21,7 @@ import time
 import torch
 
 import tquant
+from tquant.compare import stored_bits
 from tquant.eval import perplexity
 from tquant.models import load_model
 
@@ -90,20 +91,6 @@ ROWS = {  # name: (method, options)
     **{f"abq{kind}-w{b}a{b}-qkv{b}": ("abq", dict(wbits=b, abits=b, qkv_bits=b, **({"epochs": 0} if kind else {})))
        for kind in ("", "-rtn") for b in (4, 6)},
 }
-
-
-def stored_bits(model) -> float:
-    """Bits a weight of the quantized linears take in an fp16 checkpoint: every buffer but the bias (float
-    buffers counted at 16 bits, so ActQuantLinear's fp32 w_scale too), over the weights they hold."""
-    from tquant.modules import ActQuantLinear, BitPlaneLinear, PackedLinear, SpQRLinear
-
-    bits = params = 0
-    for mod in model.modules():
-        if isinstance(mod, (PackedLinear, SpQRLinear, ActQuantLinear, BitPlaneLinear)):
-            bits += sum(b.numel() * (16 if b.is_floating_point() else b.element_size() * 8)
-                        for name, b in mod.named_buffers() if name != "bias")
-            params += mod.in_features * mod.out_features
-    return bits / params if params else None
 
 
 def main():

@@ -1,5 +1,4 @@
 """tquant.analyze: statistics against direct torch formulas, output distances, JSON, plots and the CLI path."""
-import argparse
 import copy
 import json
 
@@ -7,7 +6,8 @@ import pytest
 import torch
 
 import tquant
-from tquant.analyze import add_parser, analyze, float_weight, plot, tensor_stats, write_json
+from tquant.analyze import analyze, float_weight, plot, tensor_stats, write_json
+from tquant.cli import main
 from tquant.modules import PackedLinear
 from tquant.qweight import QuantizedWeight
 from tiny_models import byte_tokenizer, tiny_model, token_batch
@@ -126,11 +126,8 @@ def test_cli_runs_end_to_end(fp, tmp_path, capsys):
     fp.save_pretrained(hf_dir)
     byte_tokenizer().save_pretrained(hf_dir)  # load_model reads the fp model's tokenizer too
     tquant.save(_rtn(fp, 4), str(q_dir), tokenizer=byte_tokenizer())
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="cmd"))
-    args = parser.parse_args(["analyze", str(q_dir), "--model", str(hf_dir), "--n-samples", "2", "--seqlen", "32",
-                              "--batch-size", "2", "--out", str(out)])
-    args.fn(args)
+    main(["analyze", str(q_dir), "--model", str(hf_dir), "--n-samples", "2", "--seqlen", "32", "--batch-size", "2",
+          "--out", str(out)])
     printed = capsys.readouterr().out
     assert "out err" in printed and "model.layers.1.mlp.down_proj" in printed
     report = json.loads((out / "analysis.json").read_text())

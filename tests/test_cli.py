@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from tquant.cli import main
+from tquant.speed import dir_bytes
 from tiny_models import byte_tokenizer, tiny_model
 
 
@@ -45,10 +46,27 @@ def test_quantize_with_a_calibrated_kv_method(hf_dir, tmp_path, capsys):
     assert spec["method"] == "kvquant" and spec["kv_bits"] == 3 and len(spec["key_codebook"]) == 2
 
 
-def test_eval_prints_perplexity(quantized_dir, capsys):
-    main(["eval", quantized_dir, "--ppl", "pydoc", "--seqlen", "32", "--windows", "2"])
-    result = json.loads(capsys.readouterr().out)
-    assert 1 < result["ppl_pydoc"] < 1e4
+def test_eval_table_and_json_side_by_side(quantized_dir, hf_dir, tmp_path, capsys, monkeypatch):
+    """Two --ppl sources (offline, auto is pydoc), the speed report, the float --base next to the quantized model."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = tmp_path / "eval.json"
+    main(["eval", quantized_dir, "--ppl", "pydoc,auto", "--seqlen", "32", "--windows", "2", "--speed",
+          "--prompt-len", "8", "--new-tokens", "3", "--speed-batch", "2", "--base", hf_dir, "--json", str(out)])
+    result = json.loads(out.read_text())
+    base, quant = result["base"], result["quantized"]
+    assert (base["model"], quant["model"]) == (hf_dir, quantized_dir)
+    for r in (base, quant):
+        assert set(r["ppl"]) == {"pydoc", "auto"} and r["ppl"]["pydoc"] == r["ppl"]["auto"]
+        assert 1 < r["ppl"]["pydoc"] < 1e4
+        assert r["speed"]["generated_tokens"] == 2 * 3 and r["speed"]["decode_tokens_per_s"] > 0
+        assert r["speed"]["disk_bytes"] == dir_bytes(r["model"])
+    assert base["ppl"]["pydoc"] != quant["ppl"]["pydoc"]
+    assert quant["speed"]["model_bytes"] < 0.6 * base["speed"]["model_bytes"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [c.strip() for c in lines[0].split("|")] == ["", "base", "quantized"]
+    row = dict((cells[0], cells[1:]) for cells in ([c.strip() for c in line.split("|")] for line in lines[2:-1]))
+    assert float(row["ppl pydoc"][1]) == pytest.approx(quant["ppl"]["pydoc"], abs=0.01)
+    assert row["decoder"] == ["HF generate", "HF generate"] and "decode tok/s" in row and "disk MiB" in row
 
 
 def test_chat_answers_from_argv_and_stdin(quantized_dir, capsys, monkeypatch):
@@ -62,11 +80,29 @@ def test_chat_answers_from_argv_and_stdin(quantized_dir, capsys, monkeypatch):
         main(["chat", quantized_dir])
 
 
-def test_bad_input_exits_with_the_reason(hf_dir, tmp_path):
+def test_chat_interactive(quantized_dir, capsys, monkeypatch):
+    """-i chats with piped stdin: two turns, each streamed; /exit ends it. Its first reply is the one-shot answer."""
+    main(["chat", quantized_dir, "hello", "--max-new-tokens", "4"])
+    one_shot = capsys.readouterr().out.strip()
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\nand more\n/exit\n"))
+    main(["chat", quantized_dir, "-i", "--max-new-tokens", "4", "--system", "x"])
+    out = capsys.readouterr().out
+    assert out.startswith("commands: /reset") and out.count("> ") >= 3
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n"))
+    main(["chat", quantized_dir, "-i", "--max-new-tokens", "4"])
+    assert one_shot in capsys.readouterr().out
+
+
+def test_bad_input_exits_with_the_reason(hf_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="group_size=64 does not divide in_features=96"):
         main(["quantize", "--model", hf_dir, "--method", "rtn", "--group-size", "64", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="not a tquant checkpoint"):
         main(["eval", hf_dir, "--ppl", "pydoc"])
+    with pytest.raises(SystemExit, match="nothing to evaluate: give --ppl"):
+        main(["eval", hf_dir])
+    with pytest.raises(SystemExit):  # before any model is loaded
+        main(["eval", str(tmp_path), "--ppl", "pydoc,wiki"])
+    assert "argument --ppl: unknown text source(s) ['wiki']; named sources are" in capsys.readouterr().err
 
 
 def test_methods_entry_point():

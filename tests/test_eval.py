@@ -7,8 +7,11 @@ import sys
 import pytest
 import torch
 
+import tquant
+from tquant import eval as tq_eval
 from tquant.calibration import source_tokens
-from tquant.eval import lm_eval, perplexity
+from tquant.cli import main
+from tquant.eval import evaluate, format_table, lm_eval, perplexity, result_rows, zero_shot_average
 from tiny_models import byte_tokenizer, tiny_model
 
 TASK = "tquant_tiny_facts"
@@ -84,6 +87,59 @@ def test_perplexity_errors(model, tokenizer, source, kwargs, match):
     kwargs = {"tokenizer": tokenizer} | kwargs
     with pytest.raises(ValueError, match=match):
         perplexity(model, source, progress=False, **kwargs)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """No hub: the offline switches set (in datasets / huggingface_hub too, if imported already), sockets blocked."""
+    import datasets
+    import huggingface_hub
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+        monkeypatch.setattr(datasets.config, var, True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+
+
+@pytest.fixture(scope="module")
+def saved_dir(tmp_path_factory):
+    """A tiny 8-bit RTN checkpoint, as `tquant quantize` writes it."""
+    path = str(tmp_path_factory.mktemp("rtn8"))
+    tquant.save(tquant.quantize(tiny_model("llama"), "rtn", bits=8, group_size=32, progress=False), path,
+                tokenizer=byte_tokenizer())
+    return path
+
+
+@pytest.mark.parametrize("source", ["wikitext2", "c4"])
+def test_unreachable_hub_source_says_what_to_do(model, tokenizer, offline_hub, source, saved_dir):
+    with pytest.raises(ConnectionError, match=f"text source '{source}' needs the Hugging Face dataset hub.*'pydoc'"):
+        perplexity(model, source, tokenizer=tokenizer, progress=False)
+    with pytest.raises(SystemExit, match=r"tquant eval: .* Use the offline corpus instead .*--ppl pydoc"):
+        main(["eval", saved_dir, "--ppl", source])
+
+
+def test_evaluate_several_sources(model, tokenizer, offline_hub):
+    got = evaluate(model, tokenizer, ppl=("pydoc", "auto"), seqlen=64, n_windows=3, progress=False)
+    pydoc = perplexity(model, "pydoc", tokenizer=tokenizer, seqlen=64, n_windows=3, progress=False)
+    assert got == {"ppl": {"pydoc": pytest.approx(pydoc), "auto": pytest.approx(pydoc)}}  # offline, auto is pydoc
+    with pytest.raises(ValueError, match=r"unknown text source\(s\) \['wiki'\]"):
+        evaluate(model, tokenizer, ppl=("pydoc", "wiki"))
+
+
+def test_rows_and_table():
+    tasks = {"a": {"acc": 0.5, "acc_stderr": 0.1}, "b": {"acc": 0.75, "acc_norm": 0.7}, "c": {"f1": 0.2}}
+    assert zero_shot_average(tasks, ["a", "b", "c"]) == 0.625 and zero_shot_average(tasks, ["c"]) is None
+    rows = result_rows({"ppl": {"pydoc": 12.3456}, "tasks": tasks, "zero_shot_avg": 0.625})
+    assert rows == {"ppl pydoc": 12.3456, "a acc": 0.5, "b acc": 0.75, "b acc_norm": 0.7, "c f1": 0.2,
+                    "zero-shot avg acc": 0.625}
+    assert format_table(["", "x", "y"], [["ppl pydoc", 12.3456, None], ["a acc", 0.5, 3]]).splitlines() == [
+        "          |      x | y",
+        "----------+--------+--",
+        "ppl pydoc |  12.35 | -",
+        "a acc     | 0.5000 | 3",
+    ]
 
 
 @pytest.mark.slow
@@ -180,3 +236,28 @@ def test_lm_eval_without_harness(model, tokenizer, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match="pip install lm-eval"):
         lm_eval(model, ["arc_easy"], tokenizer=tokenizer)
+
+
+def test_cli_eval_tasks_with_batch_size_and_max_length(saved_dir, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    write_task(tmp_path)
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return lm_eval(*args, **kwargs)
+
+    monkeypatch.setattr(tq_eval, "lm_eval", spy)
+    out = tmp_path / "eval.json"
+    main(["eval", saved_dir, "--tasks", TASK, "--include-path", str(tmp_path), "--batch-size", "2",
+          "--max-length", "64", "--json", str(out)])
+    assert calls[0]["batch_size"] == 2 and calls[0]["max_length"] == 64
+    result = json.loads(out.read_text())["quantized"]
+    assert 0 <= result["tasks"][TASK]["acc"] <= 1 and result["zero_shot_avg"] == result["tasks"][TASK]["acc"]
+    table = capsys.readouterr().out
+    assert f"{TASK} acc" in table and "zero-shot avg acc" in table
+    # in memory too: lm-eval takes the tquant checkpoint's model, whose quantization_config it leaves in place
+    model = tquant.load(saved_dir)
+    config = dict(model.config.quantization_config)
+    assert lm_eval(model, [TASK], tokenizer=byte_tokenizer(), include_path=tmp_path) == result["tasks"]
+    assert model.config.quantization_config == config

@@ -1,8 +1,14 @@
 """The `tquant` command line.
 
     tquant quantize --model PATH|default --method gptq --bits 4 --group-size 64 --out DIR
-    tquant eval DIR --ppl pydoc [--seqlen 512 --windows 40] [--tasks t1,t2 --include-path TASKDIR]
-    tquant chat DIR "prompt"        (or the prompt on stdin; greedy)
+    tquant eval DIR [--ppl pydoc,wikitext2,c4] [--seqlen 512 --windows 40] [--tasks t1,t2 --include-path TASKDIR
+                    --batch-size 8 --max-length 2048] [--speed [--base default]] [--json out.json]
+    tquant compare --model default --configs "rtn:bits=4,group_size=64" "gptq:bits=4" [--ppl pydoc --windows 8]
+                   [--tasks t1,t2] [--speed] [--json out.json]
+    tquant chat DIR                 (interactive, streamed; /reset, /exit)
+    tquant chat DIR "prompt"        (one-shot: the prompt as arguments or on stdin)
+    tquant analyze DIR --model default [--calib pydoc --n-samples 8 --out DIR/analysis]
+                                    (per-layer statistics and error against the fp model: JSON + PNG)
     tquant methods                  (methods and their options)
     tquant demo                     (quantize the offline default model and show before/after)
 """
@@ -10,20 +16,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
-import torch
+from tquant.analyze import add_parser as add_analyze_parser
+from tquant.chat import answer as greedy_answer  # the demo's; the quickstart notebook imports it from here
 
 
 def _option(text: str):
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--option wants key=value, got {text!r}")
+    from tquant.compare import parse_option
+
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+        return parse_option(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _sources(text: str) -> list[str]:
+    from tquant.eval import check_sources
+
+    try:
+        check_sources(_names(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return _names(text)
 
 
 def _load_saved(path: str, device: str):
@@ -34,18 +55,18 @@ def _load_saved(path: str, device: str):
     return tquant.load(path, device=device), transformers.AutoTokenizer.from_pretrained(path)
 
 
-def greedy_answer(model, tok, prompt: str, max_new_tokens: int = 48) -> str:
-    """Greedy reply to one user message, through the chat template when the tokenizer has one."""
-    device = next(model.parameters()).device
-    if getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tok(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+def _eval_options(a, saved_dir=None) -> dict:
+    """tquant.eval.evaluate's keyword arguments from the options of _add_eval_options."""
+    speed = dict(prompt_len=a.prompt_len, new_tokens=a.new_tokens, batch=a.speed_batch, saved_dir=saved_dir)
+    return dict(ppl=a.ppl, seqlen=a.seqlen, n_windows=a.windows, tasks=a.tasks, batch_size=a.batch_size,
+                max_length=a.max_length, limit=a.limit, include_path=a.include_path, speed=speed if a.speed else None)
+
+
+def _write_json(path, results) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {path}")
 
 
 def cmd_quantize(a) -> None:
@@ -63,24 +84,48 @@ def cmd_quantize(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from tquant import eval as tq_eval
+    from tquant.eval import evaluate, format_table, result_rows
+    from tquant.models import load_model
 
-    model, tok = _load_saved(a.dir, a.device)
+    if not (a.ppl or a.tasks or a.speed):
+        raise ValueError("nothing to evaluate: give --ppl SOURCES, --tasks TASKS and / or --speed")
+    loaders = {"quantized": (a.dir, lambda: _load_saved(a.dir, a.device))}
+    if a.base:
+        loaders = {"base": (a.base, lambda: load_model(a.base, device=a.device))} | loaders
     results = {}
-    if a.ppl:
-        results[f"ppl_{a.ppl}"] = tq_eval.perplexity(model, a.ppl, tokenizer=tok, seqlen=a.seqlen, n_windows=a.windows)
-    if a.tasks:
-        results.update(tq_eval.lm_eval(model, a.tasks.split(","), tokenizer=tok, include_path=a.include_path,
-                                       limit=a.limit))
-    print(json.dumps(results, indent=2))
+    for name, (path, load) in loaders.items():
+        model, tok = load()
+        results[name] = {"model": path, **evaluate(model, tok, **_eval_options(a, path if os.path.isdir(path) else None))}
+        del model
+    rows = {name: result_rows(r) for name, r in results.items()}
+    labels = dict.fromkeys(label for r in rows.values() for label in r)
+    print(format_table(["", *rows], [[label, *(r.get(label) for r in rows.values())] for label in labels]))
+    _write_json(a.json, results)
+
+
+def cmd_compare(a) -> None:
+    from tquant.compare import compare, compare_table
+
+    rows = compare(a.model, a.configs, baseline=not a.no_baseline, calib=a.calib, n_samples=a.n_samples,
+                   calib_seqlen=a.calib_seqlen, device=a.device, **_eval_options(a))
+    print(compare_table(rows))
+    _write_json(a.json, rows)
 
 
 def cmd_chat(a) -> None:
-    prompt = " ".join(a.prompt) if a.prompt else sys.stdin.read().strip()
-    if not prompt:
-        raise SystemExit("tquant chat: give a prompt as arguments or on stdin")
+    from tquant.chat import answer, chat_loop
+
+    interactive = a.interactive or (not a.prompt and sys.stdin.isatty())
+    if not interactive:
+        prompt = " ".join(a.prompt) if a.prompt else sys.stdin.read().strip()
+        if not prompt:
+            raise SystemExit("tquant chat: give a prompt as arguments or on stdin, or chat with --interactive")
     model, tok = _load_saved(a.dir, a.device)
-    print(greedy_answer(model, tok, prompt, a.max_new_tokens))
+    options = dict(system=a.system, temperature=a.temperature, top_p=a.top_p)
+    if interactive:
+        chat_loop(model, tok, sys.stdin, sys.stdout, max_new_tokens=a.max_new_tokens or 256, **options)
+    else:
+        print(answer(model, tok, prompt, a.max_new_tokens or 64, **options))
 
 
 def cmd_methods(a) -> None:
@@ -114,6 +159,24 @@ def cmd_demo(a) -> None:
         print(f"{name:10} {r['ppl']:10.2f} {r['MiB']:9.1f}  {r['answer']}")
 
 
+def _add_eval_options(p, ppl) -> None:
+    p.add_argument("--ppl", type=_sources, default=_names(ppl or ""),
+                   help="comma-separated text sources: pydoc (offline) | wikitext2 | c4 | pile" +
+                        (f" (default {ppl})" if ppl else ""))
+    p.add_argument("--seqlen", type=int, default=512, help="perplexity window")
+    p.add_argument("--windows", type=int, default=None, help="perplexity windows (default: all)")
+    p.add_argument("--tasks", type=_names, default=[], help="comma-separated lm-eval tasks")
+    p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (< 1: a fraction)")
+    p.add_argument("--batch-size", type=int, default=1, help="lm-eval requests / perplexity windows per forward")
+    p.add_argument("--max-length", type=int, default=None, help="lm-eval context length (default: the model's)")
+    p.add_argument("--speed", action="store_true", help="also measure generation speed and memory")
+    p.add_argument("--prompt-len", type=int, default=128, help="--speed: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=64, help="--speed: generated tokens")
+    p.add_argument("--speed-batch", type=int, default=1, help="--speed: sequences at a time")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="tquant", description="Triton-first LLM quantization")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -135,24 +198,37 @@ def main(argv=None) -> None:
     q.add_argument("--out", required=True)
     q.set_defaults(fn=cmd_quantize)
 
-    e = sub.add_parser("eval", help="evaluate a saved model")
+    e = sub.add_parser("eval", help="evaluate a saved model: perplexity, lm-eval tasks, speed")
     e.add_argument("dir")
-    e.add_argument("--ppl", default=None, help="pydoc | wikitext2 | c4 | pile")
-    e.add_argument("--seqlen", type=int, default=512)
-    e.add_argument("--windows", type=int, default=None)
-    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks")
-    e.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
-    e.add_argument("--limit", type=int, default=None)
+    _add_eval_options(e, ppl=None)
+    e.add_argument("--base", default=None, help="also evaluate this float model, side by side (e.g. 'default')")
     e.add_argument("--device", default="cpu")
     e.set_defaults(fn=cmd_eval)
 
-    c = sub.add_parser("chat", help="greedy answer from a saved model")
+    m = sub.add_parser("compare", help="several methods / configs on one model, as one table")
+    m.add_argument("--model", default="default", help="HF path or id, or 'default' (offline SmolLM2-135M)")
+    m.add_argument("--configs", nargs="+", required=True, metavar="METHOD:K=V,...",
+                   help='e.g. "rtn:bits=4,group_size=64" "gptq:bits=4" (options as for tquant quantize)')
+    m.add_argument("--no-baseline", action="store_true", help="leave out the unquantized model's row")
+    m.add_argument("--calib", default="pydoc", help="calibration source (pydoc | wikitext2 | c4 | pile | auto)")
+    m.add_argument("--n-samples", type=int, default=128)
+    m.add_argument("--calib-seqlen", type=int, default=512)
+    _add_eval_options(m, ppl="pydoc")
+    m.add_argument("--device", default=None)
+    m.set_defaults(fn=cmd_compare)
+
+    c = sub.add_parser("chat", help="chat with a saved model (one-shot with a prompt or piped stdin)")
     c.add_argument("dir")
     c.add_argument("prompt", nargs="*")
-    c.add_argument("--max-new-tokens", type=int, default=64)
+    c.add_argument("-i", "--interactive", action="store_true", help="chat even with stdin piped")
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 one-shot, 256 a turn interactively")
+    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0 samples")
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
     c.add_argument("--device", default="cpu")
     c.set_defaults(fn=cmd_chat)
 
+    add_analyze_parser(sub)
     sub.add_parser("methods", help="list methods and options").set_defaults(fn=cmd_methods)
 
     d = sub.add_parser("demo", help="GPTQ on the offline SmolLM2-135M: perplexity, size, answer before/after")
@@ -165,8 +241,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     try:
         a.fn(a)
-    except ValueError as err:
-        raise SystemExit(f"tquant {a.cmd}: {err}")
+    except (ValueError, OSError, ImportError) as err:  # each says what to do: another source, a path, a package
+        raise SystemExit(f"tquant {a.cmd}: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"tquant {a.cmd}: interrupted") from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Evaluating a (quantized) model: perplexity on held-out text and EleutherAI lm-eval-harness tasks."""
+"""Evaluating a (quantized) model: perplexity on held-out text and EleutherAI lm-eval-harness tasks.
+
+evaluate() runs any of them (and tquant.speed's report) in one call; result_rows and format_table print it."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +20,20 @@ def _input_device(model, device) -> torch.device:
     if device is not None:
         return torch.device(device)
     return next(model.parameters()).device
+
+
+def eval_tokens(source: str, tokenizer) -> torch.Tensor:
+    """The "eval" split of a named source; a hub source that cannot be reached raises ConnectionError saying
+    what to do instead."""
+    try:
+        return source_tokens(source, tokenizer, "eval")
+    except OSError as err:  # datasets' ConnectionError, a missing cache entry offline, a failed download
+        raise ConnectionError(
+            f"text source {source!r} needs the Hugging Face dataset hub, which could not be reached "
+            f"({type(err).__name__}: {err}). Use the offline corpus instead (source 'pydoc', --ppl pydoc), or "
+            "connect to the hub (unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or fill the datasets cache "
+            "(HF_DATASETS_CACHE) on a machine that can"
+        ) from err
 
 
 def perplexity(
@@ -58,7 +74,7 @@ def perplexity(
             raise ValueError(f"unknown text source {source!r}; named sources are {NAMED_SOURCES}")
         if tokenizer is None:
             raise ValueError(f"source={source!r} is a named source and needs tokenizer=")
-        ids = source_tokens(source, tokenizer, "eval")
+        ids = eval_tokens(source, tokenizer)
     elif isinstance(source, torch.Tensor):
         if source.dim() != 1 or source.dtype not in (torch.int32, torch.int64):
             raise ValueError(
@@ -112,14 +128,20 @@ def _decoded_logits(model, batch, prefill: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _no_retie(model):
-    """HFLM calls model.tie_weights(), which re-ties an lm_head that quantization untied from the
-    embedding back to the float embedding, silently undoing its quantization; disable it meanwhile."""
+def _hflm_safe(model):
+    """While HFLM wraps the model: its model.tie_weights() call would re-tie an lm_head that quantization untied
+    from the embedding back to the float embedding, silently undoing its quantization, and it reads a config's
+    quantization_config as a transformers quantizer's (tquant's is none); disable the one, hide the other."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None:
+        del model.config.quantization_config
     model.tie_weights = lambda *args, **kwargs: None
     try:
         yield
     finally:
         del model.tie_weights
+        if qc is not None:
+            model.config.quantization_config = qc
 
 
 def _metrics(task_results: dict) -> dict:
@@ -181,7 +203,7 @@ def lm_eval(
             "Custom task YAMLs go in a folder passed as include_path="
         )
 
-    with _no_retie(model):
+    with _hflm_safe(model):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     if device is not None:
         lm._device = torch.device(device)  # HFLM takes the device of a pre-built model from model.device
@@ -190,3 +212,83 @@ def lm_eval(
     )
     metrics = {task: _metrics(res) for task, res in raw["results"].items()}
     return (metrics, raw) if return_raw else metrics
+
+
+def zero_shot_average(metrics: dict, tasks) -> float | None:
+    """Mean "acc" over the requested tasks that report one (lm_eval's metrics; None when none does)."""
+    accs = [metrics[t]["acc"] for t in tasks if "acc" in metrics.get(t, {})]
+    return sum(accs) / len(accs) if accs else None
+
+
+def check_sources(names) -> None:
+    """ValueError naming the entries of names that are no named text source."""
+    unknown = [s for s in names if s not in NAMED_SOURCES]
+    if unknown:
+        raise ValueError(f"unknown text source(s) {unknown}; named sources are {NAMED_SOURCES}")
+
+
+def evaluate(
+    model,
+    tokenizer,
+    *,
+    ppl=(),
+    seqlen: int = 512,
+    n_windows: int | None = None,
+    tasks=(),
+    batch_size: int = 1,
+    max_length: int | None = None,
+    limit: int | float | None = None,
+    include_path=None,
+    speed: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Perplexity on each named source in ppl, lm-eval tasks (batch_size also batches the perplexity windows) and,
+    with speed= (tquant.speed.speed_report's keyword arguments; {} for its defaults), a speed report:
+    {"ppl": {source: ppl}, "tasks": {task: metrics}, "zero_shot_avg": mean acc, "speed": report}, the parts asked for.
+    """
+    check_sources(ppl)
+    out = {}
+    if ppl:
+        out["ppl"] = {s: perplexity(model, s, tokenizer=tokenizer, seqlen=seqlen, n_windows=n_windows,
+                                    batch_size=batch_size, progress=progress) for s in ppl}
+    if tasks:
+        out["tasks"] = lm_eval(model, tasks, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                               limit=limit, include_path=include_path)
+        out["zero_shot_avg"] = zero_shot_average(out["tasks"], tasks)
+    if speed is not None:
+        from .speed import speed_report
+
+        out["speed"] = speed_report(model, tokenizer, progress=progress, **speed)
+    return out
+
+
+def result_rows(result: dict) -> dict:
+    """evaluate()'s result as {table label: value}: "ppl SOURCE", "TASK METRIC" (stderrs left out),
+    "zero-shot avg acc" and the speed report's summary."""
+    from .speed import speed_summary
+
+    rows = {f"ppl {s}": v for s, v in result.get("ppl", {}).items()}
+    for task, metrics in result.get("tasks", {}).items():
+        rows |= {f"{task} {m}": v for m, v in metrics.items() if "stderr" not in m and isinstance(v, (int, float))}
+    if "tasks" in result:
+        rows["zero-shot avg acc"] = result["zero_shot_avg"]
+    if "speed" in result:
+        rows |= speed_summary(result["speed"])
+    return rows
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+    return str(value)
+
+
+def format_table(header, rows) -> str:
+    """Rows (lists of cells: numbers, strings or None) under header, in aligned columns, the first left-aligned."""
+    cells = [list(map(str, header))] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Chatting with a (quantized) model: one-shot answers and an interactive multi-turn loop that streams its replies.
+
+    print(answer(model, tok, "What is the capital of France?"))        # greedy, one user message
+    chat_loop(model, tok, sys.stdin, sys.stdout, system="Be brief.")   # /reset clears the history, /exit ends
+
+Prompts go through the tokenizer's chat template; a tokenizer without one gets a plain "role: text" transcript.
+temperature 0 is greedy decoding; above 0 samples (with top_p nucleus sampling).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import TextStreamer
+
+HELP = "commands: /reset (forget the conversation), /exit (or end of input)"
+
+
+def _start(system: str | None) -> list[dict]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def prompt_ids(tok, messages: list[dict]) -> torch.Tensor:
+    """Token ids [1, t] of the conversation so far, ending where the assistant's reply begins."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                       return_dict=True)["input_ids"]
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tok(text, return_tensors="pt").input_ids
+
+
+def _sampling(temperature: float, top_p: float) -> dict:
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 (0: greedy) and top_p in (0, 1]; got {temperature}, {top_p}")
+    return {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+
+
+def reply(model, tok, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
+          top_p: float = 1.0, streamer=None) -> str:
+    """The assistant's next message after messages ([{"role", "content"}, ...]); tokens go to streamer as they
+    are generated. ValueError when the conversation and max_new_tokens exceed the model's context."""
+    ids = prompt_ids(tok, messages)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and ids.shape[1] + max_new_tokens > context:
+        raise ValueError(f"the conversation ({ids.shape[1]} tokens) and max_new_tokens={max_new_tokens} exceed the "
+                         f"model's context of {context} tokens: /reset to start over, or lower --max-new-tokens")
+    ids = ids.to(next(model.parameters()).device)
+    pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, streamer=streamer, **_sampling(temperature, top_p))
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def answer(model, tok, prompt: str, max_new_tokens: int = 48, *, system: str | None = None, **sampling) -> str:
+    """The reply to one user message (greedy unless temperature= is given)."""
+    return reply(model, tok, _start(system) + [{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens,
+                 **sampling)
+
+
+class StreamTo(TextStreamer):
+    """A TextStreamer that writes the reply's text to a stream (flushed as it comes), not to stdout."""
+
+    def __init__(self, tok, stream):
+        super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
+        self.stream = stream
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.stream.write(text + ("\n" if stream_end else ""))
+        self.stream.flush()
+
+
+def chat_loop(model, tok, stdin, stdout, *, system: str | None = None, max_new_tokens: int = 256,
+              temperature: float = 0.0, top_p: float = 1.0, prompt: str = "> ") -> list[dict]:
+    """Read user lines from stdin and stream each reply to stdout, the history kept across turns, until /exit
+    or the end of input; returns the conversation (messages)."""
+    _sampling(temperature, top_p)  # a bad option fails before the first turn
+    messages = _start(system)
+    stdout.write(HELP + "\n")
+    while True:
+        stdout.write(prompt)
+        stdout.flush()
+        line = stdin.readline()
+        text = line.strip()
+        if not line or text == "/exit":
+            return messages
+        if text == "/reset":
+            messages = _start(system)
+            stdout.write("(conversation cleared)\n")
+        elif text.startswith("/"):
+            stdout.write(f"unknown command {text!r}; {HELP}\n")
+        elif text:
+            messages.append({"role": "user", "content": text})
+            try:
+                said = reply(model, tok, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, streamer=StreamTo(tok, stdout))
+            except ValueError as err:
+                messages.pop()
+                stdout.write(f"({err})\n")
+            else:
+                messages.append({"role": "assistant", "content": said})
