@@ -21,6 +21,8 @@ def test_notebook_runs(path):
         assert "Paris" in namespace["answer"]
     if "q_ppl" in namespace:
         assert namespace["fp_ppl"] < namespace["q_ppl"] < 2 * namespace["fp_ppl"]
+    if "gptq_ppl" in namespace:  # the comparison notebook
+        assert namespace["fp_ppl"] < namespace["gptq_ppl"] < namespace["rtn_ppl"] < 2 * namespace["fp_ppl"]
 
 
 def test_there_is_a_notebook():
