@@ -78,14 +78,18 @@ def test_let_groups_fold_exactly(arch):
     names = {id(m): n for n, m in block.named_modules()}
     let = method.let_groups(block, linears, groups, inputs, names)
     assert len(let) >= 3 if arch == "llama" else len(let) >= 2
+    assert folded_change(method, block, linears, let, inputs) < 1e-5
+
+
+def folded_change(method, block, linears, let, inputs) -> float:
+    """The block output's relative change after random thetas (uniform +-1 on top of each start) are folded."""
     g = torch.Generator().manual_seed(0)
     for group in let:
         group.theta = group.theta + torch.empty_like(group.theta).uniform_(-1, 1, generator=g)
     before = driver.hidden(block(*inputs[0][0], **inputs[0][1]))
     with torch.no_grad():
         method.fold(block, linears, let, {})
-    after = driver.hidden(block(*inputs[0][0], **inputs[0][1]))
-    assert rel(after, before) < 1e-5
+    return rel(driver.hidden(block(*inputs[0][0], **inputs[0][1])), before)
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("llama", {"num_key_value_heads": 6}), ("qwen2", {})])
@@ -98,13 +102,7 @@ def test_qk_let_folds_exactly_through_rope_and_gqa(arch, overrides):
     let = method.let_groups(block, linears, groups, inputs, {id(m): n for n, m in block.named_modules()})
     qk = [g for g in let if isinstance(g, QKGroup)]
     assert len(qk) == 1 and qk[0].theta.shape == (overrides.get("num_key_value_heads", 2), 8)
-    g = torch.Generator().manual_seed(0)
-    for group in let:
-        group.theta = group.theta + torch.empty_like(group.theta).uniform_(-1, 1, generator=g)
-    before = driver.hidden(block(*inputs[0][0], **inputs[0][1]))
-    with torch.no_grad():
-        method.fold(block, linears, let, {})
-    assert rel(driver.hidden(block(*inputs[0][0], **inputs[0][1])), before) < 1e-5
+    assert folded_change(method, block, linears, let, inputs) < 1e-5
 
 
 @pytest.mark.parametrize("rope", [True, False])
