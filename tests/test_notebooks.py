@@ -27,3 +27,10 @@ def test_notebook_runs(path):
 
 def test_there_is_a_notebook():
     assert NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_outputs_are_stripped(path):
+    """The repository keeps notebooks without outputs or execution counts (CI runs them)."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    assert cells and all(not c.get("outputs") and c.get("execution_count") is None for c in cells)
