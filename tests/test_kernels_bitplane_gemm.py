@@ -314,7 +314,8 @@ def test_kernels_bitplane_quantize_helpers_grid(m, k, bits, seed):
         planes, w_scale, w_zero, w_sum = quantize_weight_ref(w, bits, gs)
         g_shape = (k // gs, m + 3)
         assert planes.shape == (bits, -(-k // 32), m + 3) and w_scale.shape == w_zero.shape == w_sum.shape == g_shape
-        assert w_zero.dtype == torch.uint8 and w_sum.dtype == torch.int32 and w_zero.max() < 2**bits
+        # int(): compared as a uint8 tensor, 2^8 would wrap to 0
+        assert w_zero.dtype == torch.uint8 and w_sum.dtype == torch.int32 and int(w_zero.max()) < 2**bits
         assert torch.equal(w_sum, code_sums(planes, k, gs))
         g = torch.arange(k) // gs
         w_hat = w_scale.t()[:, g] * (unpack_planes(planes, k) - w_zero.t()[:, g])
