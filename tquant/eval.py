@@ -70,8 +70,7 @@ def perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if isinstance(source, str):
-        if source not in NAMED_SOURCES:
-            raise ValueError(f"unknown text source {source!r}; named sources are {NAMED_SOURCES}")
+        check_sources([source])
         if tokenizer is None:
             raise ValueError(f"source={source!r} is a named source and needs tokenizer=")
         ids = eval_tokens(source, tokenizer)

@@ -218,11 +218,15 @@ def bitplane_matmul_ref(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, *, 
     return y.to(out_dtype)
 
 
+def per_column(t: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """A per-group tensor [G, N] spread over the columns of its groups: [N, K]."""
+    return t.t()[:, torch.arange(k, device=t.device) // group_size]
+
+
 def dequantize_a16(planes, w_scale, w_zero, group_size, k, dtype) -> torch.Tensor:
     """w16 [N, K] = dtype(w_scale * (c - w_zero)) (computed in fp32, rounded once to dtype)."""
     c = unpack_planes(planes, k)
-    g = torch.arange(k, device=planes.device) // group_size
-    return ((c - w_zero.t()[:, g]).float() * w_scale.t()[:, g]).to(dtype)
+    return ((c - per_column(w_zero, group_size, k)).float() * per_column(w_scale, group_size, k)).to(dtype)
 
 
 def bitplane_matmul_a16_ref(x, planes, w_scale, w_zero, *, bits, group_size, bias=None):
@@ -484,7 +488,7 @@ def decode_codes(planes, w_zero, bits: int, group_size: int, k: int) -> torch.Te
 def decode_codes_ref(planes, w_zero, bits: int, group_size: int, k: int) -> torch.Tensor:
     """decode_codes in torch: c - w_zero of each k's group (bits <= 7) or c - 128 (bits = 8), as int8 [N, K]."""
     codes = unpack_planes(planes, k)
-    centre = w_zero.t()[:, torch.arange(k, device=planes.device) // group_size] if bits < 8 else 128
+    centre = per_column(w_zero, group_size, k) if bits < 8 else 128
     return (codes - centre).to(torch.int8)
 
 

@@ -331,7 +331,7 @@ class ABQ(Method):
         maps = []  # attention probabilities of the last block runs (attn_kl), filled by the self_attn hook
         if self.attn_kl:
             hooks.append(block.self_attn.register_forward_hook(lambda m, a, out: maps.append(out[1])))
-        fp_in32 = [h.float() for h in fp_in]
+        fp_in32 = [h.float() for h in fp_in] if self.attn_kl else None  # the attention teacher's inputs
 
         def objective(effective, b, rows_, args, kwargs):
             y = hidden(functional_call(block, effective, args, kwargs))
