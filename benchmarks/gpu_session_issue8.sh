@@ -3,7 +3,8 @@
 # device tool (output to $OUT, else ./gpu_out; tuned configs to $OUT/autotune, merged into autotune_cache/):
 #   bash benchmarks/gpu_session_issue8.sh run [ARGS]   # carry .whl (and .gguf_a to stage the model for a
 #                                                      # gpu_session_issue4.sh quality call next): the bit-plane
-#                                                      # kernel tests on the GPU, then bench_bitplane.py ARGS
+#                                                      # kernel tests and the CUDA-only tests of speed and
+#                                                      # decode on the GPU, then bench_bitplane.py ARGS
 #   bash benchmarks/gpu_session_issue8.sh qoq          # carry .whl: bench_int8_gemms.py on 21760 -> 8192 (QQQ's
 #                                                      # shape, QoQ's grid beside QQQ's), the shape issue 7 lacks
 OUT=${OUT:-gpu_out}; mkdir -p $OUT
@@ -24,6 +25,10 @@ TRITON_INTERPRET=0 TQUANT_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-120} python -m pyte
   --tb=short tests/test_kernels_bitplane_gemm.py tests/test_kernels_bitplane_gemv.py tests/test_abq.py \
   -k "kernels and (every_gpu_config or int32 or decode_codes or issue or padding or a16_each or linear_triton or long_groups or pack_activations_kernel or popcount)" > $OUT/kernel_tests.txt 2>&1
 echo "kernel tests: rc $?"; grep -E "passed|failed|FAILED|Error" $OUT/kernel_tests.txt | tail -15
+# the tests the CPU skips: the speed report's CUDA path (issue 9) and the CUDA-graph decoder (issue 7)
+TRITON_INTERPRET=0 TQUANT_AUTOTUNE=0 timeout ${CUDA_TEST_TIMEOUT:-150} python -m pytest -q -p no:cacheprovider -rfE \
+  --tb=short tests/test_speed.py tests/test_decode.py -k "cuda or graph_replay" > $OUT/cuda_tests.txt 2>&1
+echo "CUDA-only tests: rc $?"; grep -E "passed|failed|FAILED|Error" $OUT/cuda_tests.txt | tail -15
 shift
 # retune: the shipped bit-plane entries predate the "dense" and deep-K candidates
 TQUANT_AUTOTUNE=retune timeout ${BENCH_TIMEOUT:-360} python benchmarks/bench_bitplane.py --precompile 16 --json $OUT/bench_bitplane.json "$@" 2>&1 |

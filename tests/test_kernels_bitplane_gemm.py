@@ -48,6 +48,11 @@ def variant_config(variant, m, k, group_size):
     return next(c for c in bp.configs(m, k, group_size) if c["variant"] == variant)
 
 
+def split_config(variant, m, k, group_size, split):
+    """variant_config split over K in `split` (BLOCK_K 32, so that short per-channel K still takes several steps)."""
+    return dict(variant_config(variant, m, k, group_size), BLOCK_K=32, SPLIT_K=split)
+
+
 def run_variant(variant, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bias, *, bits, act_bits, group_size,
                 out_dtype, config=None):
     config = config or variant_config(variant, xq.shape[0], xq.shape[1], group_size)
@@ -58,13 +63,17 @@ def run_variant(variant, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bi
 @needs_backend
 @SLOW
 @given(shape=shapes(), bits=st.integers(2, 8), act_bits=st.integers(2, 8), variant=st.sampled_from(bp.VARIANTS),
-       dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_kernels_bitplane_matmul_matches_reference(shape, bits, act_bits, variant, dtype, bias, seed):
+       split=st.sampled_from([1, 2, 3]), dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_bitplane_matmul_matches_reference(shape, bits, act_bits, variant, split, dtype, bias, seed):
+    """Every variant against the reference; split > 1 splits K over split programs (K steps of 32 per channel, whole
+    groups otherwise), bias and the dx term added once."""
     m, n, k, gs = shape
     *weights, b, _, _ = quantized_inputs(m, n, k, gs, bits, act_bits, seed)
     b = b.to(dtype) if bias else None
     kw = dict(bits=bits, act_bits=act_bits, group_size=gs, out_dtype=dtype)
-    y = run_variant(variant, *weights, b, **kw)
+    config = split_config(variant, m, k, gs, split) if split > 1 else None
+    y = run_variant(variant, *weights, b, **kw, config=config)
     assert_close(y, bitplane_matmul_ref(*weights, bias=b, **kw), dtype)
 
 
@@ -111,16 +120,23 @@ EXACT = [(1, 1, 1, 1, 8, 8), (5, 33, 70, 70, 8, 8), (17, 40, 96, 32, 3, 5), (3, 
 
 @needs_backend
 @pytest.mark.parametrize("m,n,k,gs,bits,act_bits", EXACT)
-@pytest.mark.parametrize("fn", bp.VARIANTS + ("ref",))
+@pytest.mark.parametrize("fn", bp.VARIANTS + ("split", "ref"))
 def test_kernels_bitplane_int32_accumulation_is_exact(fn, m, n, k, gs, bits, act_bits):
     """Unit scales and fp32 out: y is the integer sum of (a - x_zero)(c - w_zero), so the byte-SWAR decode (every
-    centre: w_zero for p <= 7, 128 for p = 8, 0 for "planes"; "dense" through decode_codes) and every zero-point
-    correction must be exact."""
+    centre: w_zero for p <= 7, 128 for p = 8, 0 for "planes"; "dense" through decode_codes), every zero-point
+    correction and the split-K reduction ("rebuild" in 3 splits, twice: the arrival counters are left at zero) must
+    be exact."""
     xq, codes, x_zero, w_zero = random_codes(m, n, k, gs, bits, act_bits, seed=m * n * k + bits)
     args = unit_scale_args(xq, codes, x_zero, w_zero, gs, bits)
     kw = dict(bits=bits, act_bits=act_bits, group_size=gs, out_dtype=torch.float32)
+    expected = integer_product(xq, codes, x_zero, w_zero, gs, act_bits)
+    if fn == "split":
+        for _ in range(2):
+            assert_exact(run_variant("rebuild", *args, None, **kw, config=split_config("rebuild", m, k, gs, 3)),
+                         expected)
+        return
     y = bitplane_matmul_ref(*args, **kw) if fn == "ref" else run_variant(fn, *args, None, **kw)
-    assert_exact(y, integer_product(xq, codes, x_zero, w_zero, gs, act_bits))
+    assert_exact(y, expected)
 
 
 @needs_backend
@@ -245,17 +261,18 @@ def test_kernels_bitplane_every_gpu_config_is_correct(monkeypatch):
     """Each CUDA candidate of both paths (tile shapes, every variant, masks at M, N, K not multiples of the blocks),
     through the launchers; under the interpreter each distinct tile once (warps and stages do not matter there). At
     most 14 candidates a key (the tuner's time), "rebuild" first, "dense" from DENSE_MIN_M, deep K steps where the
-    groups allow them."""
+    groups allow them, split over K up to SPLIT_MAX_M where K holds two steps (or groups) a split."""
     monkeypatch.setattr(bp, "interpreter_on", lambda: False)
-    for m, k, gs, bits in ((20, 300, 300, 5), (40, 128, 64, 8), (256, 96, 32, 3), (300, 512, 256, 8)):
+    for m, k, gs, bits in ((20, 520, 520, 5), (40, 256, 64, 8), (256, 96, 32, 3), (300, 512, 256, 8)):
         gpu, a16 = bp.configs(next_power_of_2(m), k, gs), bp.a16_configs(next_power_of_2(m), k, gs)
         variants = set(bp.VARIANTS) - (set() if m >= bp.DENSE_MIN_M else {"dense"})
         assert {c["variant"] for c in gpu} == variants and gpu[0]["variant"] == "rebuild"
         assert any(c["BLOCK_K"] == bp.DEEP_K for c in gpu) == (m <= 64 and (gs == k or gs % bp.DEEP_K == 0))
-        assert len(gpu) <= 14 and len(a16) <= 10
+        assert {c.get("SPLIT_K", 1) for c in gpu} == ({1, 2} if m <= bp.SPLIT_MAX_M else {1})
+        assert len(gpu) <= 16 and len(a16) <= 10
         assert all(c["BLOCK_K"] % 32 == 0 and (gs == k or gs % c["BLOCK_K"] == 0) for c in gpu + a16)
         if interpreter_on():
-            tile = lambda c: tuple(c.get(key) for key in ("variant", "BLOCK_M", "BLOCK_N", "BLOCK_K"))  # noqa: E731
+            tile = lambda c: tuple(c.get(key) for key in ("variant", "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))  # noqa: E731
             gpu, a16 = ({tile(c): c for c in cs}.values() for cs in (gpu, a16))
         *weights, b, x, _ = quantized_inputs(m, 70, k, gs, bits, 7, seed=m)
         ref = bitplane_matmul_ref(*weights, bits=bits, act_bits=7, group_size=gs, bias=b, out_dtype=torch.float32)
@@ -452,12 +469,13 @@ def test_kernels_bitplane_helpers_bad_input_raises():
 # ---- the kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile) ----
 
 # (variant, p, batch, group_size, BLOCK_K): small and large tiles, p = 2, 4 (groups of 128) and 8, each at the first
-# GPU candidate of its variant (and BLOCK_K, where given), K=4096 -> N=14336
+# GPU candidate of its variant (and with the values of pick, where given), K=4096 -> N=14336
 COMPILED = [("rebuild", 2, 16, None, None), ("rebuild", 4, 16, 128, None), ("rebuild", 8, 16, None, None),
-            ("rebuild", 2, 16, None, 256), ("rebuild", 8, 64, None, 256), ("rebuild", 2, 1024, None, None),
-            ("rebuild", 4, 1024, 128, None), ("rebuild", 8, 1024, None, None), ("planes", 4, 16, None, None),
-            ("planes", 8, 1024, None, None), ("dense", 2, 1024, None, None), ("dense", 8, 4096, 128, 64),
-            ("a16", 4, 16, 128, None), ("a16", 8, 1024, None, None)]
+            ("rebuild", 2, 16, None, {"BLOCK_K": 256}), ("rebuild", 8, 64, None, {"BLOCK_K": 256}),
+            ("rebuild", 2, 16, None, {"SPLIT_K": 4}), ("rebuild", 4, 64, 128, {"SPLIT_K": 8}),
+            ("rebuild", 2, 1024, None, None), ("rebuild", 4, 1024, 128, None), ("rebuild", 8, 1024, None, None),
+            ("planes", 4, 16, None, None), ("planes", 8, 1024, None, None), ("dense", 2, 1024, None, None),
+            ("dense", 8, 4096, 128, {"BLOCK_K": 64}), ("a16", 4, 16, 128, None), ("a16", 8, 1024, None, None)]
 KERNELS = {"a16": ["_bitplane_a16_kernel"], "dense": ["_decode_kernel", "_bitplane_kernel"]}  # what a case compiles
 
 
@@ -469,7 +487,7 @@ def compile_configs():
 
     k, n = 4096, 14336
     out = []
-    for variant, bits, m, gs, block_k in COMPILED:
+    for variant, bits, m, gs, pick in COMPILED:
         gs = gs or k
         planes, ws = torch.ones(bits, k // 32, n, dtype=torch.int32), torch.ones(k // gs, n)
         wz = w_sum = torch.ones(k // gs, n, dtype=torch.int32)
@@ -479,7 +497,8 @@ def compile_configs():
             if variant == "a16":
                 bp.launch_a16(a16[0], torch.ones(m, k, dtype=torch.float16), planes, ws, wz, bits, gs, None)
             else:
-                config = next(c for c in gpu if c["variant"] == variant and block_k in (None, c["BLOCK_K"]))
+                config = next(c for c in gpu if c["variant"] == variant
+                              and all(c.get(key) == v for key, v in (pick or {}).items()))
                 bp.launch(config, torch.ones(m, k, dtype=torch.int8),
                           torch.ones(m), torch.ones(m, dtype=torch.int32), planes, ws, wz, w_sum, bits, 8, gs, None,
                           torch.float16)

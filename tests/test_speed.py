@@ -65,3 +65,22 @@ def test_disk_size_of_a_saved_dir(model, tmp_path):
 def test_bad_lengths(model):
     with pytest.raises(ValueError, match="new_tokens >= 2"):
         speed_report(model, new_tokens=1, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path needs a GPU")
+@pytest.mark.parametrize("method", [None, "rtn"])
+def test_kernels_speed_report_on_cuda(method):
+    """On the GPU (fp16, float and RTN W4 g32 on the Triton kernels): by default the StaticDecoder with CUDA graphs,
+    HF generate when asked; tokens counted as on the CPU, memory from torch.cuda's peak counter (at least the
+    weights, and at most what the process holds)."""
+    import tquant
+
+    model = tiny_model("llama", dtype=torch.float16).cuda()
+    if method:
+        tquant.quantize(model, method, bits=4, group_size=32)
+    for static, decoder in ((None, "StaticDecoder (CUDA graphs)"), (False, "HF generate")):
+        r = speed_report(model, VOCAB, prompt_len=16, new_tokens=8, batch=2, static=static, progress=False)
+        assert r["decoder"] == decoder and r["device"].startswith("cuda") and r["generated_tokens"] == 2 * 8
+        assert r["decode_tokens_per_s"] * r["decode_s"] == pytest.approx(2 * 7)
+        assert r["memory_measure"] == "torch.cuda.max_memory_allocated"
+        assert r["model_bytes"] <= r["peak_memory_bytes"] <= torch.cuda.memory_reserved()

@@ -56,7 +56,10 @@ past K, so the codes there (whatever the bits past K) add nothing to D or A, and
 
 `bitplane_matmul`: program pid owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks the groups;
 each group in spans, each span in BLOCK_K steps (BLOCK_K divides group_size when there are several groups, and
-MAX_SPAN, so a step never straddles groups or spans; K not a multiple of 32 or of BLOCK_K is masked). One group of
+MAX_SPAN, so a step never straddles groups or spans; K not a multiple of 32 or of BLOCK_K is masked). SPLIT_K > 1
+(small batches) splits K over grid axis 1, per channel in BLOCK_K steps (the first split adds the dx term), else in
+whole groups: y is linear in the splits' sums, so each split's epilogue gives a partial y, and dequant_gemm's
+store_output adds them in the same launch (fp32 workspace, the last split to arrive sums and stores). One group of
 at most MAX_SPAN k (per channel, ONE_SPAN) keeps the span's int32 sum as the only accumulator in the K loop (no
 fp32 one beside it: the registers that let 128 x 128 tiles run without spills). The variant and tile are tuned per
 GPU and key (M rounded up to a power of two, N, K, p, q, group_size, out dtype, bias) by autotune_cache; the
@@ -85,6 +88,8 @@ from ..packing import pack_planes, unpack_planes
 from ..quantizer import grouped_qparams, quantize
 from .autotune_cache import tune
 from .runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
+from .dequant_gemm import split_k_buffers, split_k_grid
+from .dequant_gemm import store_output as split_output
 from .tiling import store_output, tile_offsets
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -320,21 +325,24 @@ def span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, s0, s_end, K, KW, N, strid
 
 
 @triton.jit
-def _bitplane_kernel(x_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_ptr, wsum_ptr, bias_ptr, y_ptr, M, N, K, KW, GROUPS,
-                     group_size, span, stride_xm, stride_p, stride_ym, P: tl.constexpr, Q: tl.constexpr,
-                     PLANES: tl.constexpr, DENSE: tl.constexpr, ONE_SPAN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
+def _bitplane_kernel(x_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_ptr, wsum_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N,
+                     K, KW, GROUPS, group_size, span, per_split, splits, stride_xm, stride_p, stride_ym,
+                     P: tl.constexpr, Q: tl.constexpr, PLANES: tl.constexpr, DENSE: tl.constexpr,
+                     ONE_SPAN: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
     offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if ONE_SPAN:  # one group of at most MAX_SPAN k: the int32 sum is the only accumulator in the K loop
         zero, ws, col = group_terms(ws_ptr, wz_ptr, wsum_ptr, 0, N, offs_n, n_ok, group_size)
-        acc = span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, 0, K, K, KW, N, stride_p, P, PLANES, DENSE,
-                       BLOCK_M, BLOCK_N, BLOCK_K).to(tl.float32) * ws[None, :]
+        k0 = pid_k * per_split  # split pid_k sums k in [k0, k0 + per_split); the first one adds the dx term
+        acc = span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, k0, tl.minimum(k0 + per_split, K), K, KW, N,
+                       stride_p, P, PLANES, DENSE, BLOCK_M, BLOCK_N, BLOCK_K).to(tl.float32) * ws[None, :]
+        col = tl.where(pid_k == 0, col, 0.0)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # sum_g w_scale (D + dw A)
         col = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_g w_scale W
-        for g in range(0, GROUPS):
+        for g in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, GROUPS)):  # split pid_k's groups
             zero, ws, wcol = group_terms(ws_ptr, wz_ptr, wsum_ptr, g, N, offs_n, n_ok, group_size)
             col += wcol
             g_end = (g + 1) * group_size
@@ -344,7 +352,11 @@ def _bitplane_kernel(x_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_ptr, wsum_ptr, bia
                 acc += d.to(tl.float32) * ws[None, :]
     dx = ((1 << (Q - 1)) - tl.load(xz_ptr + offs_m, mask=m_ok, other=0)).to(tl.float32)
     y = (acc + dx[:, None] * col[None, :]) * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
-    store_output(y, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
+    if SPLIT:  # y is linear in the splits' sums: dequant_gemm's one-launch reduction adds the partials (and bias)
+        split_output(y_ptr, y, offs_m, offs_n, M, N, stride_ym, bias_ptr, part_ptr, count_ptr, pid, pid_k, splits,
+                     HAS_BIAS, SPLIT)
+    else:
+        store_output(y, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -394,6 +406,7 @@ TILES = {32: [(16, 64, 4), (16, 128, 4)], 64: [(64, 64, 4), (64, 128, 8)], None:
 # "dense": w8a8_gemm's large-M tiles (128 x 128 x 128 won there on the H200; 256 x 128 spills with this epilogue)
 DENSE_TILES = [(128, 128, 8), (64, 128, 4)]
 DEEP_K = 256  # small batches also try K steps this long (more bytes in flight a step; the planes are thin)
+SPLITS, SPLIT_MAX_M = (2, 4, 8), 64  # split-K candidates (split_configs) and the batches that get them
 
 
 def block_ks(k: int, group_size: int) -> list[int]:
@@ -417,20 +430,36 @@ def interpreter_tile(k: int, group_size: int) -> dict:
     return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_ks(k, group_size)[0], GROUP_M=2, num_warps=4, num_stages=1)
 
 
+def split_configs(m: int, k: int, group_size: int, shape) -> list[dict]:
+    """Split-K candidates up to SPLIT_MAX_M: "rebuild" at tile shape with SPLIT_K in SPLITS where K holds at least two
+    BLOCK_K steps (per channel) or two groups a split. At M <= 64 N / BLOCK_N tiles give about one program an SM
+    (4096 -> 14336: 224 at 16 x 64 on 132 SMs), each walking all of K in a serial chain of steps."""
+    if m > SPLIT_MAX_M:
+        return []
+    bm, bn, warps = shape
+    bk = block_ks(k, group_size)[0]
+    units = k // bk if group_size == k <= MAX_SPAN else k // group_size
+    return [dict(variant="rebuild", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, SPLIT_K=split, num_warps=warps,
+                 num_stages=4) for split in SPLITS if units >= 2 * split]
+
+
 def configs(m: int, k: int, group_size: int) -> list[dict]:
-    """Candidates for batch m (rounded up to a power of two), K = k and group_size, at most 14; the first is the
-    untuned default. "rebuild" at every tile of TILES (up to M = 64 also with K steps of DEEP_K where the groups allow),
-    "planes" (which won one key of 36 on the H200; p dots a step need more registers) at the smaller tile with 3
-    stages, and from M = DENSE_MIN_M "dense" at DENSE_TILES (one decode of the weight pays off once the GEMM is
-    compute-bound). The interpreter runs "rebuild" at interpreter_tile (tests launch the others themselves)."""
+    """Candidates for batch m (rounded up to a power of two), K = k and group_size, at most 16; the first is the
+    untuned default. "rebuild" at every tile of TILES (up to M = 64 also with K steps of DEEP_K where the groups allow,
+    and split over K: split_configs), "planes" (which won one key of 36 on the H200; p dots a step need more
+    registers) at the smaller tile with 3 stages, and from M = DENSE_MIN_M "dense" at DENSE_TILES (one decode of the
+    weight pays off once the GEMM is compute-bound). The interpreter runs "rebuild" at interpreter_tile (tests launch
+    the others themselves)."""
     if interpreter_on():
         return [dict(variant="rebuild", **interpreter_tile(k, group_size))]
     shapes = tile_shapes(m)
-    planes = tiles([min(shapes, key=lambda t: t[0] * t[1])], k, group_size, stages=(3,))
+    smallest = min(shapes, key=lambda t: t[0] * t[1])
+    planes = tiles([smallest], k, group_size, stages=(3,))
     deep = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=DEEP_K, GROUP_M=8, num_warps=warps, num_stages=3)
             for bm, bn, warps in shapes if m <= 64 and (group_size == k or group_size % DEEP_K == 0)]
     dense = tiles(DENSE_TILES, k, group_size, stages=(3,)) if m >= DENSE_MIN_M else []
     return ([dict(variant="rebuild", **c) for c in tiles(shapes, k, group_size) + deep]
+            + split_configs(m, k, group_size, smallest)
             + [dict(variant="planes", **c) for c in planes] + [dict(variant="dense", **c) for c in dense])
 
 
@@ -494,19 +523,24 @@ def decode_codes_ref(planes, w_zero, bits: int, group_size: int, k: int) -> torc
 
 def launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, act_bits, group_size, bias,
            out_dtype) -> torch.Tensor:
-    """One launch of the WpAq kernel with config (inputs checked and contiguous); "dense" decodes the weight first."""
+    """One launch of the WpAq kernel with config (inputs checked and contiguous); "dense" decodes the weight first;
+    SPLIT_K (default 1) splits K (in BLOCK_K steps per channel, else in whole groups) over grid axis 1."""
     (m, k), n = xq.shape, planes.shape[2]
     check_config(config, k, group_size)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+    one_span = group_size == k <= MAX_SPAN
+    groups = k // group_size
+    per_split, splits = (split_k_grid(k, config["BLOCK_K"], config.get("SPLIT_K", 1)) if one_span
+                         else split_k_grid(groups, 1, config.get("SPLIT_K", 1)))
+    part, counters = split_k_buffers(splits, m, n, tiles, xq.device) if splits > 1 else (y, y)
     dense = config["variant"] == "dense"
     weights = decode_codes(planes, w_zero, bits, group_size, k) if dense else planes
-    _bitplane_kernel[grid](
-        xq, x_scale, x_zero, weights, w_scale, w_zero, w_sum, bias if bias is not None else y, y, m, n, k,
-        planes.shape[1], k // group_size, group_size, min(group_size, MAX_SPAN), xq.stride(0), weights.stride(0),
-        y.stride(0), P=bits, Q=act_bits, PLANES=config["variant"] == "planes", DENSE=dense,
-        ONE_SPAN=group_size == k <= MAX_SPAN,
-        HAS_BIAS=bias is not None,
+    _bitplane_kernel[(tiles, splits)](
+        xq, x_scale, x_zero, weights, w_scale, w_zero, w_sum, bias if bias is not None else y, y, part, counters, m, n,
+        k, planes.shape[1], groups, group_size, min(group_size, MAX_SPAN), per_split, splits, xq.stride(0),
+        weights.stride(0), y.stride(0), P=bits, Q=act_bits, PLANES=config["variant"] == "planes", DENSE=dense,
+        ONE_SPAN=one_span, HAS_BIAS=bias is not None, SPLIT=splits > 1,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
