@@ -85,6 +85,7 @@ ROWS = {  # name: (method, options)
        for kind in ("", "-rtn") for w, a, g in ((4, 16, 0), (3, 16, 0), (2, 16, 1), (8, 8, 0), (4, 8, 0), (6, 6, 0),
                                                 (4, 4, 0), (2, 8, 0))},
     "abq-w2a16-g64-balance": ("abq", dict(wbits=2, abits=16, group_size=64, bit_balance=True)),
+    "abq-w2a8-balance": ("abq", dict(wbits=2, abits=8, bit_balance=True)),
     "abq-w4a4-omniquant": ("abq", dict(wbits=4, abits=4, dlc=False, compensation=False)),
     "abq-w4a4-attn-kl": ("abq", dict(wbits=4, abits=4, attn_kl=1.0)),
     # ... with queries, keys and values at the activation bits too (OmniQuant's W4A4 / W6A6; trained: q/k LET too)
