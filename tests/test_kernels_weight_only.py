@@ -216,7 +216,8 @@ def cache_dirs(tmp_path, monkeypatch):
     monkeypatch.setattr(autotune_cache, "_chosen", {})
     calls = []
 
-    def fake_benchmark(configs, run):
+    def fake_benchmark(configs, run, desc):
+        assert desc.startswith("autotune kern|M=1,N=8")  # the progress bar names the key being tuned
         calls.append(configs)
         return sorted(((abs(c["BLOCK"] - 32) + 1.0, c) for c in configs), key=lambda t: t[0])
 

@@ -83,7 +83,8 @@ def source_tokens(name: str, tokenizer, split: str) -> torch.Tensor:
 def random_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """n_samples windows of seqlen tokens at seeded random offsets: LongTensor [n_samples, seqlen]."""
     if ids.numel() <= seqlen:
-        raise ValueError(f"need more than seqlen={seqlen} tokens for calibration, got {ids.numel()}")
+        raise ValueError(f"need more than seqlen={seqlen} tokens for calibration, got {ids.numel()}: give more text "
+                         "or a smaller seqlen=")
     rng = random.Random(seed)
     starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(n_samples)]
     return torch.stack([ids[s : s + seqlen] for s in starts])

@@ -31,5 +31,6 @@ def read_quantization_config(config) -> dict:
     if not qc or qc.get("quant_method") != QUANT_METHOD:
         raise ValueError("this model has no tquant quantization_config (was it saved with tquant.save?)")
     if qc.get("format") != FORMAT:
-        raise ValueError(f"unsupported tquant format {qc.get('format')!r}; this version reads {FORMAT!r}")
+        raise ValueError(f"unsupported tquant format {qc.get('format')!r}; this version reads {FORMAT!r} (quantize and "
+                         "save the model again with this version, or install the tquant that wrote it)")
     return qc

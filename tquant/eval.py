@@ -87,7 +87,8 @@ def perplexity(
         raise ValueError(f"decode_from must be in [1, seqlen={seqlen}), got {decode_from}")
     n_full = ids.numel() // seqlen
     if n_full == 0:
-        raise ValueError(f"need at least seqlen={seqlen} tokens for one window, got {ids.numel()}")
+        raise ValueError(f"need at least seqlen={seqlen} tokens for one window, got {ids.numel()}: give more text or "
+                         "a smaller seqlen")
     if n_windows is not None:
         if n_windows < 1:
             raise ValueError(f"n_windows must be at least 1, got {n_windows}")

@@ -27,6 +27,7 @@ from .modules import MODULE_TYPES
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "tquant.json"
+STALE = "was it saved for another model or by another tquant version? Quantize and save it again with this one"
 
 
 def _sha256(path: str) -> str:
@@ -57,17 +58,21 @@ def save(model: nn.Module, path: str, tokenizer=None) -> None:
 def _verified_tensors(path: str) -> dict[str, torch.Tensor]:
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise ValueError(f"{path!r} is not a tquant checkpoint: {MANIFEST} is missing")
+        raise ValueError(f"{path!r} is not a tquant checkpoint: {MANIFEST} is missing (make one with "
+                         f"tquant.save(model, path) or `tquant quantize --out DIR`)")
     with open(manifest_path) as f:
         manifest = json.load(f)
     weights = os.path.join(path, manifest["weights"])
     if not os.path.isfile(weights):
-        raise ValueError(f"checkpoint {path!r} is incomplete: {manifest['weights']} is missing")
+        raise ValueError(f"checkpoint {path!r} is incomplete: {manifest['weights']} is missing (copy the whole "
+                         "folder again, or save the model again)")
     size = os.path.getsize(weights)
     if size != manifest["bytes"]:
-        raise ValueError(f"{weights} is truncated or altered: {size} bytes, the manifest says {manifest['bytes']}")
+        raise ValueError(f"{weights} is truncated or altered: {size} bytes, the manifest says {manifest['bytes']} "
+                         "(copy it again, or save the model again)")
     if _sha256(weights) != manifest["sha256"]:
-        raise ValueError(f"{weights} was modified after saving: its sha256 does not match {MANIFEST}")
+        raise ValueError(f"{weights} was modified after saving: its sha256 does not match {MANIFEST} (copy it again, "
+                         "or save the model again)")
     return load_file(weights)
 
 
@@ -82,18 +87,18 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     filled = set()
     for name, value in tensors.items():
         if name not in by_name:
-            raise ValueError(f"the checkpoint has a tensor {name!r} that the model does not")
+            raise ValueError(f"the checkpoint has a tensor {name!r} that the model does not: {STALE}")
         key = by_name[name]
         _, first_mod, first_leaf, old = places[key][0]
         if old.shape != value.shape:
-            raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(old.shape)}")
+            raise ValueError(f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(old.shape)}: {STALE}")
         new = nn.Parameter(value, requires_grad=False) if first_leaf in first_mod._parameters else value
         for _, mod, leaf, _ in places[key]:
             (mod._parameters if isinstance(new, nn.Parameter) else mod._buffers)[leaf] = new
         filled.add(key)
     missing = [group[0][0] for key, group in places.items() if key not in filled]
     if missing:
-        raise ValueError(f"the checkpoint lacks tensors the model needs: {missing[:5]}")
+        raise ValueError(f"the checkpoint lacks tensors the model needs: {missing[:5]}: {STALE}")
 
 
 def load(path: str, device=None) -> nn.Module:
@@ -107,7 +112,7 @@ def load(path: str, device=None) -> nn.Module:
         model = transformers.AutoModelForCausalLM.from_config(config)
     for name, spec in qc["layers"].items():
         if spec["type"] not in MODULE_TYPES:
-            raise ValueError(f"layer {name!r} has unknown module type {spec['type']!r}")
+            raise ValueError(f"layer {name!r} has unknown module type {spec['type']!r}: {STALE}")
         model.set_submodule(name, MODULE_TYPES[spec["type"]].from_spec(spec, torch.float32))
     _assign(model, tensors)
     if os.path.isfile(os.path.join(path, "generation_config.json")):

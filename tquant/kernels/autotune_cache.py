@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .runtime import device_name
 
@@ -87,24 +88,27 @@ def cached_config(gpu: str, name: str, configs: list[dict]) -> dict | None:
     return next((c for c in configs if c == config), None)
 
 
-def benchmark(configs: list[dict], run: Callable[[dict], Any]) -> list[tuple[float, dict]]:
+def benchmark(configs: list[dict], run: Callable[[dict], Any], desc: str = "autotune") -> list[tuple[float, dict]]:
     """[(median time in us, config)], fastest first; configs that raise are left out. GPU time alone:
     CUDA graphs of reps x (L2 flush, run) minus reps x (L2 flush), so the host's launch overhead (larger
     than microsecond kernels, and what eager timing of them mostly measures) does not decide. The flush
-    reads twice the L2's size (a sum), leaving no dirty lines for the timed call to write back."""
+    reads twice the L2's size (a sum), leaving no dirty lines for the timed call to write back. A progress bar
+    (desc) shows the candidates: compiling each takes seconds, so a first tuning on a new GPU is not silent."""
     flush = torch.empty(torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size // 2,
                         dtype=torch.int32, device="cuda")
     base = _graph_us(flush.sum)
-    timed = []
-    for config in configs:
+    timed, error = [], None
+    for config in tqdm(configs, desc=desc, unit="config", leave=False):
         try:
             run(config)  # compiles; the first split-K call also allocates its counters outside capture
             us = _graph_us(lambda: (flush.sum(), run(config))) - base
-        except Exception:  # a config the GPU cannot run (too much shared memory, too many registers)
+        except Exception as err:  # a config the GPU cannot run (too much shared memory, too many registers)
+            error = err
             continue
         timed.append((us, config))
     if not timed:
-        raise RuntimeError("autotune: no candidate config could be launched")
+        raise RuntimeError(f"{desc}: none of the {len(configs)} candidate configs could be launched on this GPU (last "
+                           f"error: {type(error).__name__}: {error}); this kernel does not support this GPU or shape")
     return sorted(timed, key=lambda t: t[0])
 
 
@@ -140,7 +144,7 @@ def tune(kernel: str, key: dict[str, Any], configs: list[dict], run: Callable[[d
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if len(configs) == 1 or os.environ.get("TQUANT_AUTOTUNE") == "0" or capturing:
         return configs[0]
-    us, config = benchmark(configs, run)[0]
+    us, config = benchmark(configs, run, desc=f"autotune {name} (once per GPU)")[0]
     entry = {"config": config, "us": round(us, 2)}
     _entries(gpu)[name] = entry
     _chosen[gpu, name] = config
