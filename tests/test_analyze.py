@@ -136,6 +136,21 @@ def test_cli_runs_end_to_end(fp, tmp_path, capsys):
                                                          "weights.png"]
 
 
+def test_folded_transforms_are_named(fp, tokens, reports):
+    """The report says which transforms the method folded into the weights (those errors compare other bases)."""
+    from types import SimpleNamespace
+
+    from tquant.analyze import folded_transforms
+
+    assert reports[2]["folded_transforms"] == [] and folded_transforms(fp) == []
+    smoothed = tquant.quantize(copy.deepcopy(fp), "smoothquant", calib=tokens, n_samples=2, seqlen=16, progress=False)
+    assert [t.split(" (")[0] for t in folded_transforms(smoothed)] == ["smoothquant: alpha"]
+    qc = {"method": "qoq", "options": {"rotate": True, "smooth_attention": 0.0, "smooth_xw": True},
+          "kv_cache": {"method": "qoq_kv4", "smooth_alpha": 0.5}}
+    named = folded_transforms(SimpleNamespace(config=SimpleNamespace(quantization_config=qc)))
+    assert [t.split(" (")[0] for t in named] == ["qoq: rotate", "qoq: smooth_xw", "qoq_kv4: smooth_alpha"]
+
+
 def test_bad_inputs_raise(fp, tokens):
     with pytest.raises(ValueError, match="tokens are empty"):
         analyze(fp, fp, tokens[:0])

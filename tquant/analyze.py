@@ -21,10 +21,12 @@ Definitions (x: all entries of a tensor, n of them; channel j: input channel, th
     cosine         mean over tokens of cos(y_q[t], y_fp[t]) along the feature dim
 Methods that transform the model (QoQ's rotation, smoothing folded into norms) change weights and residual-stream
 tensors as well: their weight errors and residual outputs compare different bases, the logits (lm_head) stay
-comparable.
+comparable. The report lists what q_model's quantization_config says was folded ("folded_transforms",
+folded_transforms), and the CLI prints it as a caution above its table.
 
 JSON layout (write_json):
     {"format": "tquant-analysis-v1", "outlier_ratio": 6.0, "batches": 4, "tokens": 1024, "blocks_name": "model.layers",
+     "folded_transforms": ["qoq: rotate (...)", ...] ([] when none),
      "layers": [{"name": "model.layers.0.self_attn.q_proj", "kind": "q_proj", "block": 0, "module": "PackedLinear",
                  "weight": {"fp": STATS, "quantized": STATS | null, "rel_error": float | null},
                  "input": {"fp": STATS, "quantized": STATS},
@@ -177,6 +179,28 @@ def _blocks(fp_model: nn.Module, q_model: nn.Module) -> tuple[str, nn.ModuleList
     return name, fp_blocks, q_blocks
 
 
+# (method, option) -> what a true / nonzero value folds into the weights; None: the method always folds it
+FOLDS = {("qoq", "rotate"): "a Hadamard rotation of the residual stream (norms folded into the linears)",
+         ("qoq", "smooth_attention"): "SmoothAttention scales into q_proj / k_proj",
+         ("qoq", "smooth_xw"): "smoothing scales into the output modules' producers",
+         ("qoq_kv4", "smooth_alpha"): "SmoothAttention scales into q_proj / k_proj",
+         ("smoothquant", "alpha"): "smoothing scales into the norms and producers",
+         ("qqq", "smooth_grid"): "smoothing scales into the norms and producers (where the search chose them)",
+         ("abq", "let"): "LET scales and shifts into the norms and producers"}
+
+
+def folded_transforms(model: nn.Module) -> list[str]:
+    """What model's tquant quantization_config (weight method and KV-cache method) says was folded into its weights:
+    ["method: option (what)"], [] for none or an unquantized model."""
+    qc = getattr(model.config, "quantization_config", None) if hasattr(model, "config") else None
+    if not isinstance(qc, dict):
+        return []
+    specs = [(qc.get("method"), qc.get("options") or {}), *([(qc["kv_cache"]["method"], qc["kv_cache"])]
+                                                           if isinstance(qc.get("kv_cache"), dict) else [])]
+    return [f"{method}: {option} ({what})" for method, options in specs for (m, option), what in FOLDS.items()
+            if m == method and options.get(option)]
+
+
 def _check_tokens(tokens) -> None:
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"tokens must be an integer tensor [B, T], got {getattr(tokens, 'dtype', type(tokens))}")
@@ -259,7 +283,8 @@ def analyze(fp_model: nn.Module, q_model: nn.Module, tokens: torch.Tensor, *, ou
                         "module": type(q).__name__, "weight": _weight_entry(fp, q, outlier_ratio),
                         "input": None if inputs["fp"] is None else inputs, "output": dist.result()})
     return {"format": FORMAT, "outlier_ratio": outlier_ratio, "batches": -(-tokens.shape[0] // batch_size),
-            "tokens": tokens.numel(), "blocks_name": blocks[0], "layers": entries,
+            "tokens": tokens.numel(), "blocks_name": blocks[0], "folded_transforms": folded_transforms(q_model),
+            "layers": entries,
             "blocks": [{"name": f"{blocks[0]}.{i}", "index": i, **(d.result() or {"rel_error": None, "cosine": None})}
                        for i, d in enumerate(block_dist)]}
 
@@ -388,6 +413,10 @@ def cmd_analyze(a) -> None:
     report = analyze(fp_model, q_model, tokens, outlier_ratio=a.outlier_ratio, batch_size=a.batch_size)
     out = Path(a.out or os.path.join(a.dir, "analysis"))
     written = [write_json(report, out / "analysis.json"), *plot(report, out)]
+    if report["folded_transforms"]:
+        print("caution: this model's method folded transforms into its weights, so its weight errors and residual-"
+              "stream outputs (o_proj, down_proj, blocks) compare different bases; the other linears' outputs and the "
+              "lm_head compare like with like:\n  " + "\n  ".join(report["folded_transforms"]))
     print(worst_layers(report, 10))
     print("wrote " + ", ".join(str(p) for p in written))
 
