@@ -134,6 +134,8 @@ def test_cli_runs_end_to_end(fp, tmp_path, capsys):
     assert report["tokens"] == 64 and len(report["blocks"]) == 2
     assert sorted(p.name for p in out.glob("*.png")) == ["activations.png", "block_error.png", "layer_output_error.png",
                                                          "weights.png"]
+    with pytest.raises(SystemExit, match="does not record the fp model .* give it with --model"):
+        main(["analyze", str(q_dir)])  # saved by tquant.save, not `tquant quantize`
 
 
 def test_folded_transforms_are_named(fp, tokens, reports):

@@ -28,12 +28,20 @@ def quantized_dir(hf_dir, tmp_path_factory):
     return out
 
 
-def test_quantize_writes_a_loadable_checkpoint(quantized_dir):
+def test_quantize_writes_a_loadable_checkpoint(quantized_dir, hf_dir):
     config = json.load(open(f"{quantized_dir}/config.json"))["quantization_config"]
     assert config["method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 32
     assert config["options"]["act_order"] is False and config["options"]["percdamp"] == 0.02
     assert "lm_head" in config["layers"] and "model.layers.0.mlp.down_proj" not in config["layers"]
     assert "model.layers.1.mlp.down_proj" in config["layers"]
+    assert config["base_model"] == hf_dir  # what `tquant analyze` compares against by default
+
+
+def test_analyze_finds_the_recorded_base_model(quantized_dir, tmp_path, capsys):
+    main(["analyze", quantized_dir, "--n-samples", "1", "--seqlen", "16", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "analysis.json").read_text())
+    assert report["tokens"] == 16 and all(e["output"]["rel_error"] > 0 for e in report["layers"]
+                                          if e["module"] != "Linear")
 
 
 def test_quantize_with_a_calibrated_kv_method(hf_dir, tmp_path, capsys):

@@ -407,8 +407,12 @@ def cmd_analyze(a) -> None:
     from .models import load_model
 
     q_model = load(a.dir, device=a.device)
+    base = a.model or q_model.config.quantization_config.get("base_model")
+    if base is None:
+        raise ValueError(f"{a.dir} does not record the fp model it came from (saved by tquant.save, not `tquant "
+                         "quantize`): give it with --model (an HF path or id, or 'default')")
     tokenizer = transformers.AutoTokenizer.from_pretrained(a.dir)
-    fp_model, _ = load_model(a.model, device=a.device)
+    fp_model, _ = load_model(base, device=a.device)
     tokens = calibration_data(a.calib, tokenizer, n_samples=a.n_samples, seqlen=a.seqlen)
     report = analyze(fp_model, q_model, tokens, outlier_ratio=a.outlier_ratio, batch_size=a.batch_size)
     out = Path(a.out or os.path.join(a.dir, "analysis"))
@@ -425,7 +429,8 @@ def add_parser(sub):
     """Register `tquant analyze QUANTIZED_DIR --model FP ...` on an argparse subparsers object."""
     p = sub.add_parser("analyze", help="per-layer statistics and output error of a saved model against its fp model")
     p.add_argument("dir", help="a folder written by tquant.save (with its tokenizer)")
-    p.add_argument("--model", required=True, help="the fp model it came from: HF path or id, or 'default'")
+    p.add_argument("--model", default=None, help="the fp model it came from: HF path or id, or 'default' (default: the "
+                                                 "one `tquant quantize` recorded in the checkpoint)")
     p.add_argument("--calib", default="pydoc", help="token source: pydoc (offline) | auto | wikitext2 | c4 | pile")
     p.add_argument("--n-samples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=256)

@@ -77,8 +77,9 @@ def cmd_quantize(a) -> None:
     tquant.quantize(model, a.method, bits=a.bits, group_size=a.group_size, sym=False if a.asym else None, calib=a.calib,
                     tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen, device=a.device, skip=a.skip,
                     lm_head=a.lm_head, embeddings=a.embeddings, **dict(a.option))
-    tquant.save(model, a.out, tokenizer=tok)
     qc = model.config.quantization_config
+    qc["base_model"] = a.model  # what `tquant analyze` compares against when not given --model
+    tquant.save(model, a.out, tokenizer=tok)
     what = f"{qc['bits']}-bit weights" if qc.get("bits") else f"{qc['kv_cache']['kv_bits']}-bit KV cache"
     print(f"saved {a.method} ({what}) model to {a.out}")
 
