@@ -7,8 +7,10 @@
                    [--tasks t1,t2] [--speed] [--json out.json]
     tquant chat DIR                 (interactive, streamed; /reset, /exit)
     tquant chat DIR "prompt"        (one-shot: the prompt as arguments or on stdin)
-    tquant analyze DIR --model default [--calib pydoc --n-samples 8 --out DIR/analysis]
+    tquant analyze DIR [--model default] [--calib pydoc --n-samples 8 --out DIR/analysis]
                                     (per-layer statistics and error against the fp model: JSON + PNG)
+    tquant tune DIR [--batches 1,16,64 --prompt-len 1024 --retune]
+                                    (autotune the model's kernels on this GPU, write the configs file)
     tquant methods                  (methods and their options)
     tquant demo                     (quantize the offline default model and show before/after)
 """
@@ -22,6 +24,7 @@ import time
 
 from tquant.analyze import add_parser as add_analyze_parser
 from tquant.chat import answer as greedy_answer  # the demo's; the quickstart notebook imports it from here
+from tquant.tune import add_parser as add_tune_parser
 
 
 def _option(text: str):
@@ -230,6 +233,7 @@ def main(argv=None) -> None:
     c.set_defaults(fn=cmd_chat)
 
     add_analyze_parser(sub)
+    add_tune_parser(sub)
     sub.add_parser("methods", help="list methods and options").set_defaults(fn=cmd_methods)
 
     d = sub.add_parser("demo", help="GPTQ on the offline SmolLM2-135M: perplexity, size, answer before/after")

@@ -81,6 +81,12 @@ def _entries(gpu: str) -> dict[str, dict]:
     return _memory[gpu]
 
 
+def clear_chosen() -> None:
+    """Forget this process's chosen configs, so that the next call of each key looks up (or, with
+    TQUANT_AUTOTUNE=retune, tunes) again."""
+    _chosen.clear()
+
+
 def cached_config(gpu: str, name: str, configs: list[dict]) -> dict | None:
     """The cached config for an entry if it is one of the current candidates, else None."""
     entry = _entries(gpu).get(name)
