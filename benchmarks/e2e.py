@@ -1,22 +1,30 @@
-"""End-to-end greedy decoding of a Llama-shaped model with random weights on the GPU, through tquant.StaticDecoder
-(static cache, each decode step one CUDA-graph replay), fp16 against its quantized copies in the same run.
+"""End-to-end greedy decoding of a Llama-shaped model with random weights, through tquant.StaticDecoder (static
+cache, each decode step one CUDA-graph replay on the GPU), fp16 against its quantized copies and peers in the same
+run (issue 10).
 
-    python benchmarks/e2e.py [--layers 8] [--batches 1,16,64] [--prompt 1024] [--new 128]
-                             [--variants fp16,w4a16,w8a8,qoq-w4a8,qoq-w4a8kv4] [--json out.json]
+    python benchmarks/e2e.py [--layers 32] [--batches 1,16,64] [--prompt 1024] [--new 128]
+                             [--variants fp16,gptq-w4a16,...] [--json out.json] [--plot out.png] [--tiny]
+    python benchmarks/e2e.py --merge run1.json run2.json ... [--plot out.png]   (runs of the same settings)
 
 Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 query / 8 KV heads of 128, vocab 128256), --layers
-decoder layers, fp16, HF's random init (N(0, 0.02)). Each variant quantizes a copy data-free (speed does not
-depend on the weights' values):
-    fp16          the model as is, fp16 cache (decode attention: masked SDPA over the static cache)
-    w4a16         rtn bits=4 group 128 (PackedLinear: the weight-only kernels)
-    w8a8          zeroquant bits=8 (ActQuantLinear: per-token int8 activations, W8A8 GEMM)
-    qoq-w4a8      qoq's data-free steps (progressive grid, group 128; no rotation: folded, it costs nothing at run
-                  time), fp16 cache
-    qoq-w4a8kv4   the same with its KV4 cache (per-token 4-bit codes, tquant.kernels.kv_attention)
+decoder layers (32: the whole model, 16 GB in fp16), fp16, HF's random init (N(0, 0.02)); --tiny: a 2-layer
+hidden-256 model on whatever device there is (the CPU runs the decoder eagerly: a smoke test of this script, not a
+measurement). Each variant quantizes a copy; methods that need calibration get CALIB random token windows (speed
+does not depend on the weights' values, only on their format):
+    fp16              the model as is, fp16 cache (decode attention: masked SDPA over the static cache)
+    gptq-w4a16        gptq bits=4 group 128, act order with static groups (PackedLinear: the weight-only kernels)
+    qqq-w4a8          qqq per channel, no smoothing search (ActQuantLinear: int8 activations, W4A8 GEMM)
+    qoq-w4a8          qoq's data-free steps (progressive grid, group 128; rotation folded: free at run time)
+    qoq-w4a8kv4       the same with its KV4 cache (per-token 4-bit codes, tquant.kernels.kv_attention)
+    smoothquant-w8a8  smoothquant alpha 0.5 (ActQuantLinear, W8A8 GEMM)
+    quip#-2           quip# 2-bit E8P (QuipLinear: Hadamard transforms + E8P decode-matmul)
+    fp16-kv4          fp16 weights, qoq_kv4's 4-bit cache
+    gemlite-a16w4     peer: every decoder linear replaced by gemlite's A16Wn (4-bit group 128, asymmetric RTN codes)
 Per variant and batch B: the prompt (B x prompt random tokens) is prefilled, then new - 1 greedy steps. Printed:
 time to first token (the prefill, ms), decode ms per step and tokens/s (B tokens a step), the ratio of tokens/s to
 fp16's at the same B, weight bytes and KV-cache bytes per token. fp16 also runs its steps eagerly (no graph) at
-batch 1: what launches cost. Every variant's prefill logits are compared with fp16's (relative error).
+batch 1: what launches cost. Every variant's prefill logits are compared with fp16's (relative error). A variant
+that fails is reported and skipped; --plot draws tokens/s over fp16 per variant and batch (matplotlib PNG).
 """
 from __future__ import annotations
 
@@ -36,26 +44,83 @@ from tquant.decode import StaticDecoder  # noqa: E402
 from tquant.models import model_bytes  # noqa: E402
 
 NO_CALIB = dict(smooth_attention=0, smooth_xw=False, reorder=False, calib_range=False, rotate=False)
-VARIANTS = {
+CALIB = dict(n_samples=4, seqlen=256)  # random windows for the methods that need calibration
+VARIANTS = {  # name: None (fp16), (method, options) or a callable patching a copy (peers)
     "fp16": None,
-    "w4a16": ("rtn", dict(bits=4, group_size=128)),
-    "w8a8": ("zeroquant", dict(bits=8)),
+    "gptq-w4a16": ("gptq", dict(bits=4, group_size=128)),
+    "qqq-w4a8": ("qqq", dict(group_size=-1, smooth_grid=0)),
     "qoq-w4a8": ("qoq", dict(group_size=128, kv_bits=16, **NO_CALIB)),
     "qoq-w4a8kv4": ("qoq", dict(group_size=128, kv_bits=4, **NO_CALIB)),
+    "smoothquant-w8a8": ("smoothquant", dict(alpha=0.5)),
+    "quip#-2": ("quip#", dict(bits=2)),
+    "fp16-kv4": ("qoq_kv4", dict(smooth_alpha=0)),
+    "gemlite-a16w4": "gemlite",
 }
 
 
-def llama8b(layers: int):
-    cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                   num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
-                                   max_position_embeddings=8192, rope_theta=500000.0)
+def model_config(layers: int, tiny: bool) -> transformers.LlamaConfig:
+    if tiny:
+        return transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return transformers.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                    num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                                    max_position_embeddings=8192, rope_theta=500000.0)
+
+
+def build(cfg, device):
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        return transformers.LlamaForCausalLM(cfg).to(torch.float16).eval()
+    with torch.device(device):
+        return transformers.LlamaForCausalLM(cfg).to(torch.float16 if device == "cuda" else torch.float32).eval()
+
+
+class GemliteLinear(torch.nn.Module):
+    """gemlite's A16Wn layer in place of an nn.Linear (x [..., K] -> [..., N])."""
+
+    def __init__(self, linear: torch.nn.Linear, group_size: int = 128):
+        super().__init__()
+        from gemlite.helper import A16Wn
+
+        from tquant.quantizer import grouped_qparams, quantize
+
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        scale, zero = grouped_qparams(w, 4, group_size, sym=False)  # [N, G]
+        codes = quantize(w.view(n, k // group_size, group_size), scale[..., None], zero[..., None], 4).view(n, k)
+        self.layer = A16Wn(device=str(w.device), dtype=torch.float16).from_weights(
+            codes.to(torch.uint8), scale.half().contiguous(), zero.half().contiguous(), W_nbits=4,
+            group_size=group_size)
+        self.out_features = n
+
+    def forward(self, x):
+        return self.layer(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)
+
+
+def patch_gemlite(model):
+    """Every nn.Linear of the decoder blocks becomes a GemliteLinear (lm_head stays fp16, as for tquant's)."""
+    for name, module in list(model.model.layers.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            model.model.layers.set_submodule(name, GemliteLinear(module))
+    return model
+
+
+def make_variant(name: str, base, device: str):
+    spec = VARIANTS[name]
+    if spec is None:
+        return base
+    if spec == "gemlite":
+        return patch_gemlite(copy.deepcopy(base))
+    method, opts = spec
+    calib = torch.randint(0, base.config.vocab_size, (CALIB["n_samples"], CALIB["seqlen"]),
+                          generator=torch.Generator().manual_seed(1))
+    return tquant.quantize(copy.deepcopy(base), method, device=device, progress=False, calib=calib, **CALIB, **opts)
 
 
 def timed(fn):
-    """(result, ms) of fn() in CUDA events."""
+    """(result, ms) of fn(): CUDA events on the GPU, the wall clock elsewhere."""
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - t) * 1e3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     out = fn()
@@ -64,12 +129,14 @@ def timed(fn):
     return out, start.elapsed_time(end)
 
 
-def decode_run(model, batch: int, prompt: int, new: int, graphs: bool = True) -> dict:
+def decode_run(model, batch: int, prompt: int, new: int, graphs: bool | None = None) -> dict:
     dec = StaticDecoder(model, batch, prompt + new, graphs=graphs)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device="cuda",
-                        generator=torch.Generator("cuda").manual_seed(batch))
+    device = model.get_input_embeddings().weight.device
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch))
+    ids = ids.to(device)
     dec.generate(ids, 3)  # warm-up: the prefill's kernels, the graph capture, the decode kernels
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     logits, ttft = timed(lambda: dec.prefill(ids))
     first = logits.float().clone()
     nxt = logits.argmax(-1)
@@ -85,31 +152,119 @@ def decode_run(model, batch: int, prompt: int, new: int, graphs: bool = True) ->
            "tokens_per_s": round(batch * (new - 1) / decode_ms * 1e3, 1),
            "kv_bytes_per_token": dec.cache.bytes_per_token()}
     del dec
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return out, first
 
 
-def main():
+def fp16_rate(results: dict, row: dict) -> float | None:
+    """The fp16 tokens/s a row compares with: its own run's (merged results carry it), else results' fp16 row."""
+    if row.get("fp16_tokens_per_s"):
+        return row["fp16_tokens_per_s"]
+    ref = next((x for x in results.get("fp16", {"rows": []})["rows"] if x["batch"] == row["batch"]), None)
+    return ref["tokens_per_s"] if ref else None
+
+
+def merge(paths: list[str]) -> tuple[dict, dict]:
+    """(results, run info) of several runs' JSON: each variant from the last run that has it, each row holding its
+    own run's fp16 tokens/s at that batch (fp16_tokens_per_s), so a ratio never mixes runs."""
+    results, info = {}, {}
+    for path in paths:
+        data = json.load(open(path))
+        info = {k: v for k, v in data.items() if k != "results"}
+        fp = {r["batch"]: r["tokens_per_s"] for r in data["results"].get("fp16", {"rows": []})["rows"]}
+        for name, r in data["results"].items():
+            for row in r["rows"]:
+                row["fp16_tokens_per_s"] = fp.get(row["batch"])
+            if name not in ("fp16", "fp16-eager") or name not in results:
+                results[name] = r
+    return results, info
+
+
+def table(results: dict, batches: list[int]) -> str:
+    """The markdown table: per variant weight GB, KV bytes a token, and per batch TTFT and tokens/s (x fp16)."""
+    lines = ["| variant | weights GB | KV B/token | " + " | ".join(f"B={b} TTFT ms | B={b} tok/s" for b in batches) + " |",
+             "|---|---|---|" + "---|---|" * len(batches)]
+    for name, r in results.items():
+        cells = []
+        for b in batches:
+            row = next((x for x in r["rows"] if x["batch"] == b), None)
+            if row is None:
+                cells += ["", ""]
+                continue
+            ref = fp16_rate(results, row)
+            ratio = f" ({row['tokens_per_s'] / ref:.2f}x)" if ref else ""
+            cells += [f"{row['ttft_ms']:.1f}", f"{row['tokens_per_s']:.0f}{ratio}"]
+        kv = r["rows"][0]["kv_bytes_per_token"] if r["rows"] else ""
+        gb = f"{r['weight_bytes'] / 1e9:.2f}" if "weight_bytes" in r else ""
+        lines.append(f"| {name} | {gb} | {kv} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, batches: list[int], path: str, title: str) -> None:
+    """Grouped bars: each variant's decode tokens/s over fp16's, per batch (1.0 = fp16)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if n not in ("fp16", "fp16-eager") and results[n]["rows"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    width = 0.8 / len(batches)
+    for i, b in enumerate(batches):
+        ratios = [next((x["tokens_per_s"] / fp16_rate(results, x) for x in results[n]["rows"] if x["batch"] == b), 0)
+                  for n in names]
+        ax.bar([j + i * width for j in range(len(names))], ratios, width, label=f"batch {b}")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + width * (len(batches) - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right")
+    ax.set_ylabel("decode tokens/s / fp16's")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--layers", type=int, default=32)
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--prompt", type=int, default=1024)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--json", default=None)
-    a = p.parse_args()
+    p.add_argument("--plot", default=None, metavar="PNG")
+    p.add_argument("--tiny", action="store_true", help="a small model on any device: a smoke test, not a measurement")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only merge earlier runs' JSON: table, plot")
+    a = p.parse_args(argv)
+    if a.merge:
+        results, info = merge(a.merge)
+        batches = sorted({r["batch"] for v in results.values() for r in v["rows"]})
+        title = f"{info['gpu']}: {info['layers']} layers, prompt {info['prompt']}, {info['new']} new tokens"
+        print(f"{title}; torch {info['torch']}, triton {info['triton']}; tokens/s (x fp16 of the same run)\n"
+              + table(results, batches))
+        if a.plot:
+            plot(results, batches, a.plot, title)
+        return results
+    unknown = set(a.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
     torch.set_grad_enabled(False)
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", __import__("triton").__version__,
-          "transformers", transformers.__version__, flush=True)
-    base = llama8b(a.layers)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(gpu, "torch", torch.__version__, "triton", __import__("triton").__version__, "transformers",
+          transformers.__version__, flush=True)
+    cfg = model_config(a.layers, a.tiny)
+    base = build(cfg, device)
     batches = [int(b) for b in a.batches.split(",")]
     results, fp_logits = {}, {}
     for name in a.variants.split(","):
         t = time.time()
-        model = base
-        if VARIANTS[name] is not None:
-            method, opts = VARIANTS[name]
-            model = tquant.quantize(copy.deepcopy(base), method, device="cuda", progress=False, **opts)
+        try:
+            model = make_variant(name, base, device)
+        except Exception as e:  # keep the other variants' numbers (e.g. gemlite not installed)
+            print(f"{name} failed to build: {type(e).__name__}: {e}", flush=True)
+            continue
+        build_s = round(time.time() - t)
         rows = []
         for b in batches:
             try:
@@ -127,28 +282,22 @@ def main():
             row, _ = decode_run(model, 1, a.prompt, a.new, graphs=False)
             print("fp16 eager (no graph)", json.dumps(row), flush=True)
             results["fp16-eager"] = {"rows": [row]}
-        results[name] = {"weight_bytes": model_bytes(model), "rows": rows, "seconds": round(time.time() - t)}
+        results[name] = {"weight_bytes": model_bytes(model), "rows": rows, "build_seconds": build_s,
+                         "seconds": round(time.time() - t)}
         if model is not base:
             del model
-            torch.cuda.empty_cache()
-    print(f"\n{a.layers} layers of Llama-3-8B shapes, prompt {a.prompt}, {a.new} new tokens; tokens/s (x fp16)")
-    print("| variant | weights GB | KV B/token | " + " | ".join(f"B={b} TTFT ms | B={b} tok/s" for b in batches) + " |")
-    print("|---|---|---|" + "---|---|" * len(batches))
-    for name, r in results.items():
-        cells = []
-        for b in batches:
-            row = next((x for x in r["rows"] if x["batch"] == b), None)
-            ref = next((x for x in results.get("fp16", {"rows": []})["rows"] if x["batch"] == b), None)
-            if row is None:
-                cells += ["", ""]
-                continue
-            ratio = f" ({row['tokens_per_s'] / ref['tokens_per_s']:.2f}x)" if ref else ""
-            cells += [f"{row['ttft_ms']:.1f}", f"{row['tokens_per_s']:.0f}{ratio}"]
-        kv = r["rows"][0]["kv_bytes_per_token"] if r["rows"] else ""
-        gb = f"{r['weight_bytes'] / 1e9:.2f}" if "weight_bytes" in r else ""
-        print(f"| {name} | {gb} | {kv} | " + " | ".join(cells) + " |")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    title = (f"{gpu}: {cfg.num_hidden_layers} layers of " + ("a tiny Llama" if a.tiny else "Llama-3-8B shapes")
+             + f", prompt {a.prompt}, {a.new} new tokens")
+    print(f"\n{title}; tokens/s (x fp16)\n" + table(results, batches))
     if a.json:
-        json.dump(results, open(a.json, "w"), indent=2)
+        json.dump({"gpu": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__,
+                   "layers": cfg.num_hidden_layers, "prompt": a.prompt, "new": a.new, "results": results},
+                  open(a.json, "w"), indent=2)
+    if a.plot and "fp16" in results:
+        plot(results, batches, a.plot, title)
+    return results
 
 
 if __name__ == "__main__":
