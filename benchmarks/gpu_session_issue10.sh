@@ -7,11 +7,7 @@
 #   bash benchmarks/gpu_session_issue10.sh e2e VARIANTS [ARGS]    # benchmarks/e2e.py --variants fp16,VARIANTS
 #       e.g. e2e gptq-w4a16,gemlite-a16w4,fp16-kv4   then   e2e qqq-w4a8,qoq-w4a8,smoothquant-w8a8   then  e2e quip#-2
 # Merge the calls' JSON and draw the plot here: python benchmarks/e2e.py --merge gpu_out/e2e_*.json --plot PNG
-OUT=${OUT:-gpu_out}; mkdir -p $OUT
-export PYTHONUNBUFFERED=1 TQUANT_AUTOTUNE_DIR=$OUT/autotune TRITON_CACHE_DIR=$PWD/out/triton_cache
-nvidia-smi -L
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-  export PYTHONPATH=/tmp/site
+source benchmarks/gpu_env.sh
 if [ "$1" = tests ]; then
   TRITON_INTERPRET=0 timeout ${TEST_TIMEOUT:-300} python -m pytest -q -p no:cacheprovider -rfE --tb=short \
     tests/test_tune.py tests/test_speed.py tests/test_decode.py -k "cuda or graph_replay or tune_model" 2>&1 |

@@ -7,11 +7,7 @@
 #                                                      # decode on the GPU, then bench_bitplane.py ARGS
 #   bash benchmarks/gpu_session_issue8.sh qoq          # carry .whl: bench_int8_gemms.py on 21760 -> 8192 (QQQ's
 #                                                      # shape, QoQ's grid beside QQQ's), the shape issue 7 lacks
-OUT=${OUT:-gpu_out}; mkdir -p $OUT
-export PYTHONUNBUFFERED=1 TQUANT_AUTOTUNE_DIR=$OUT/autotune TRITON_CACHE_DIR=$PWD/out/triton_cache
-nvidia-smi -L
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-  export PYTHONPATH=/tmp/site
+source benchmarks/gpu_env.sh
 if [ "$1" = qoq ]; then
   timeout ${BENCH_TIMEOUT:-550} python benchmarks/bench_int8_gemms.py --shapes 21760x8192 2>&1 |
     tee $OUT/bench_int8_gemms.txt | grep -v "^{"
