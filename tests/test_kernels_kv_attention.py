@@ -77,6 +77,47 @@ def test_kernels_kivi_attention_static_length(b, rep, d, bits, tq, tr, ragged, s
 
 
 @needs_backend
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 3), rep=st.sampled_from([1, 4]), d=st.sampled_from([16, 32]), bits=st.sampled_from([2, 4]),
+       groups=st.integers(0, 4), tr=st.integers(1, 12), ragged=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_kernels_kivi_attention_ring_window(b, rep, d, bits, groups, tr, ragged, seed):
+    """A static KIVI cache (tquant.decode): per-channel key groups filled up to length[b] and a ring window of tr
+    slots holding positions length[b] ... newest[b] at slot p % tr. Kernel and reference equal attention over
+    [the store's first length[b] tokens ; those window positions in order], and the unread slots change nothing."""
+    group = 8
+    tq = (groups + 1) * group  # one spare group, as the static cache allocates
+    g = torch.Generator().manual_seed(seed)
+    length = torch.randint(0, groups + 1, (b,), generator=g, dtype=torch.int32) * group
+    newest = length + torch.randint(0, tr, (b,), generator=g, dtype=torch.int32)  # 1 ... tr window tokens
+    k = torch.randn(b, 2, tq + tr + 8, d, generator=g) * 2 + torch.randn(d, generator=g) * 3
+    v = torch.randn(b, 2, tq + tr + 8, d, generator=g)
+    pk, pv = kv_quant.quantize_keys(k[..., :tq, :], bits, group), kv_quant.quantize_values(v[..., :tq, :], bits, group)
+    ring_k, ring_v = torch.randn(b, 2, tr, d, generator=g), torch.randn(b, 2, tr, d, generator=g)  # garbage
+    for i in range(b):
+        for p in range(int(length[i]), int(newest[i]) + 1):
+            ring_k[i, :, p % tr], ring_v[i, :, p % tr] = k[i, :, p], v[i, :, p]
+    q = torch.randn(b, 2 * rep, d, generator=g)
+    start = (torch.randint(0, 2, (b,), generator=g) * newest).to(torch.int32) if ragged else None  # 0 or newest
+    move = lambda t: t.to(DEVICE)  # noqa: E731
+    args = dict(bits=bits, group=group, key_axis="channel", length=move(length), newest=move(newest),
+                start=None if start is None else move(start))
+    cache = (kv_quant.PackedKV(*map(move, pk)), kv_quant.PackedKV(*map(move, pv)), move(ring_k), move(ring_v))
+    out = kivi_decode_attention(move(q), *cache, **args)
+    ref = kivi_decode_attention_ref(move(q), *cache, sm_scale=d**-0.5, **args)
+    assert out.isfinite().all()
+    assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < TOL[torch.float32]
+    for i in range(b):  # the same attention written out: store tokens < length, then the window in order
+        n = int(length[i])
+        keys = torch.cat([kv_quant.dequantize_keys(pk, bits, group)[i, :, :n], k[i, :, n:int(newest[i]) + 1]], 1)
+        vals = torch.cat([kv_quant.dequantize_values(pv, bits, group)[i, :, :n], v[i, :, n:int(newest[i]) + 1]], 1)
+        if start is not None:  # start is a position (0 or newest): positions before it are masked
+            keys, vals = keys[:, int(start[i]):], vals[:, int(start[i]):]
+        scores = torch.einsum("hrd,htd->hrt", q[i].view(2, rep, d), keys) * d**-0.5
+        expected = torch.einsum("hrt,htd->hrd", scores.softmax(-1), vals).reshape(2 * rep, d)
+        torch.testing.assert_close(ref[i].cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_backend
 def test_kernels_kivi_attention_masked_tokens_do_not_count():
     """Tokens before start[b] change nothing: the output equals that of the cache without them."""
     pk, pv, rk, rv = random_cache(1, 1, 32, 32, 5, 4, 16, torch.float32, seed=7)
@@ -102,6 +143,7 @@ def test_kernels_kivi_attention_bad_input_raises():
         "key_axis must be": dict(key_axis="head"),
         "keys.codes shape .* keys per token": dict(key_axis="token"),  # per-channel keys read as per-token ones
         "start must be an integer tensor": dict(start=torch.zeros(2, dtype=torch.int32, device=DEVICE)),
+        "newest .a ring window. needs length": dict(newest=torch.zeros(1, dtype=torch.int32, device=DEVICE)),
     }
     for message, change in cases.items():
         args = dict(q=q, packed_k=pk, packed_v=pv, res_k=rk, res_v=rv, bits=2, group=16) | change

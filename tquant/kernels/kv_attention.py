@@ -12,6 +12,8 @@ One new query token per sequence attends to every cached token:
     start  int32 [B] or None: tokens before start[b] are masked (a left-padded batch; ragged lengths)
     length int32 [B] or None: packed tokens at or past length[b] are masked and not read (a static cache whose
            store is allocated for Tq tokens and filled up to length[b]; tquant.decode)
+    newest int32 [B] or None (needs length): the window is a ring of Tr slots (a static KIVI cache): slot s holds
+           position newest[b] - ((newest[b] - s) mod Tr), and only positions length[b] ... newest[b] are attended
     o      [B, Hq, D] in q's dtype; fp32 softmax and accumulation
 Kernel: grid (B * Hkv, SPLITS + 1). A program takes one KV head and all its rep query heads (K and V are read
 once for them; the rep rows are padded to 16 for tl.dot). Programs 0 ... SPLITS - 1 each take one contiguous
@@ -41,7 +43,8 @@ REP_PAD = 16  # tl.dot needs M >= 16: the rep query heads of one KV head are pad
 
 
 def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
-                              sm_scale: float, start=None, key_axis: str = "channel", length=None) -> torch.Tensor:
+                              sm_scale: float, start=None, key_axis: str = "channel", length=None,
+                              newest=None) -> torch.Tensor:
     """The same attention in fp32 through tquant.kv_quant's decoders, in q's dtype."""
     keys = key_format(key_axis)[1](packed_k, bits, group)
     k = torch.cat([keys, res_k.float()], dim=-2)
@@ -50,6 +53,15 @@ def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, 
     if length is not None:  # packed positions >= length[b]; the residual window after them is read
         pos = torch.arange(k.shape[2], device=q.device)[None, :]
         unread = (pos >= length.to(q.device)[:, None]) & (pos < keys.shape[2])
+    if newest is not None:  # ring slot s holds position newest - (newest - s) mod Tr, read from length on
+        tr, tq = res_k.shape[2], keys.shape[2]
+        slot = torch.arange(tr, device=q.device)[None, :]
+        held = newest.to(q.device)[:, None] - (newest.to(q.device)[:, None] - slot) % tr
+        unread[:, tq:] = held < length.to(q.device)[:, None]
+        if start is not None:  # the ring's positions are not tq + slot: mask its tokens before start here
+            unread[:, tq:] |= held < start.to(q.device)[:, None]
+            unread[:, :tq] |= torch.arange(tq, device=q.device)[None, :] < start.to(q.device)[:, None]
+            start = None
     return reference_attention(q, k, v, sm_scale, start, unread)
 
 
@@ -198,15 +210,21 @@ def _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, first_row, rows, row_ok, ch
 
 
 @triton.jit
-def _dense_tokens(q, k_ptr, v_ptr, n, pos0, first, m, l, acc, chan, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over n full-precision tokens, keys / values [n, D] at k_ptr / v_ptr, at cache positions
-    pos0 ... pos0 + n - 1 (those before `first` masked): the updated (m, l, acc)."""
+def _dense_tokens(q, k_ptr, v_ptr, n, pos0, first, newest, m, l, acc, chan, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RING: tl.constexpr):
+    """Online softmax over n full-precision tokens, keys / values [n, D] at k_ptr / v_ptr: the updated (m, l, acc).
+    Not RING: at cache positions pos0 ... pos0 + n - 1, those before `first` masked. RING: slot s holds the newest
+    position p <= newest with p % n == s, and only p in [max(first, pos0), newest] is attended."""
     for t0 in range(0, n, BLOCK_T):
         tok = t0 + tl.arange(0, BLOCK_T)
         ok = (tok < n)[:, None]
         k = tl.load(k_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
-        p, m, alpha = _scores(q, k, (tok < n) & (pos0 + tok >= first), m, DOT_DTYPE, PRECISION)
+        if RING:
+            pos = newest - ((newest - tok) % n + n) % n
+            live = (tok < n) & (pos >= first) & (pos >= pos0)
+        else:
+            live = (tok < n) & (pos0 + tok >= first)
+        p, m, alpha = _scores(q, k, live, m, DOT_DTYPE, PRECISION)
         v = tl.load(v_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
         l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     return m, l, acc
@@ -214,11 +232,11 @@ def _dense_tokens(q, k_ptr, v_ptr, n, pos0, first, m, l, acc, chan, D: tl.conste
 
 @triton.jit
 def _kv_attention_kernel(
-    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, rk_ptr, rv_ptr, start_ptr, length_ptr, m_ptr, l_ptr,
-    acc_ptr, HKV, TQ, TR, tokens_per_split, sm_scale,
+    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, rk_ptr, rv_ptr, start_ptr, length_ptr, newest_ptr, m_ptr,
+    l_ptr, acc_ptr, HKV, TQ, TR, tokens_per_split, sm_scale,
     D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
     WPG: tl.constexpr, KEYS_PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr,
-    HAS_LENGTH: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
+    HAS_LENGTH: tl.constexpr, RING: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
 ):
     bh, split = tl.program_id(0), tl.program_id(1)
     b = bh // HKV
@@ -246,8 +264,11 @@ def _kv_attention_kernel(
             v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
             l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     else:  # the last program of each (b, kv head): the full-precision residual window
+        pos0, newest = TQ, 0
+        if RING:  # a static window: positions length[b] ... newest[b] in a ring of TR slots
+            pos0, newest = tl.load(length_ptr + b), tl.load(newest_ptr + b)
         m, l, acc = _dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
-                                  TQ, first, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION)
+                                  pos0, first, newest, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION, RING)
     _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
 
 
@@ -283,7 +304,7 @@ def check_heads(q, kv, name: str) -> tuple[int, int, int, int, int]:
     return b, hq, d, hkv, kv.shape[2]
 
 
-def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length=None) -> None:
+def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length=None, newest=None) -> None:
     """Raise ValueError naming the first input whose dtype or shape does not fit the layouts above."""
     check_kv_bits(bits)
     check_key_axis(key_axis)
@@ -308,9 +329,12 @@ def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_ax
                    "values.mn": (packed_v.mn, per_token[1], DTYPES)},
                   f"q {tuple(q.shape)}, {tq} packed and {tr} residual tokens, {bits} bits, group {group}, "
                   f"keys per {key_axis}")
-    for name, t in (("start", start), ("length", length)):
+    for name, t in (("start", start), ("length", length), ("newest", newest)):
         if t is not None and (t.shape != (b,) or t.dtype not in (torch.int32, torch.int64)):
             raise ValueError(f"{name} must be an integer tensor [B={b}]; got {t.dtype} {tuple(t.shape)}")
+    if newest is not None and (length is None or tr == 0):
+        raise ValueError("newest (a ring window) needs length (where the window's positions start) and a window of "
+                         "at least one slot")
 
 
 INTERPRETER_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "num_warps": 4, "num_stages": 1}
@@ -332,8 +356,8 @@ def configs(tokens: int) -> list[dict]:
     return out
 
 
-def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length=None
-           ) -> torch.Tensor:
+def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length=None,
+           newest=None) -> torch.Tensor:
     b, hq, d = q.shape
     hkv, tr = res_k.shape[1], res_k.shape[2]
     tq = packed_v.codes.shape[2]
@@ -346,11 +370,11 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
     tensors = [t.contiguous() for t in (q, *packed_k, *packed_v, res_k, res_v)]
     dot_dtype, precision = dot_types(q.dtype)
     _kv_attention_kernel[(b * hkv, splits)](
-        *tensors, *(m if t is None else t.contiguous() for t in (start, length)), m, l, acc, hkv, tq, tr,
+        *tensors, *(m if t is None else t.contiguous() for t in (start, length, newest)), m, l, acc, hkv, tq, tr,
         per_split, sm_scale,
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=values_per_word(bits), WPG=words_per_group(bits, group),
         KEYS_PER_CHANNEL=key_axis == "channel", BLOCK_T=block_t, HAS_START=start is not None,
-        HAS_LENGTH=length is not None, DOT_DTYPE=dot_dtype,
+        HAS_LENGTH=length is not None, RING=newest is not None, DOT_DTYPE=dot_dtype,
         PRECISION=precision, R=REP_PAD, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
@@ -359,21 +383,22 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
 
 
 def kivi_decode_attention(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
-                          sm_scale: float | None = None, start=None, key_axis: str = "channel", length=None
-                          ) -> torch.Tensor:
+                          sm_scale: float | None = None, start=None, key_axis: str = "channel", length=None,
+                          newest=None) -> torch.Tensor:
     """o [B, Hq, D] = softmax(sm_scale q K^T) V over the packed store and the residual window (module docstring);
     sm_scale defaults to 1 / sqrt(D). key_axis "token": keys in the values' per-token layout (QoQ's KV4).
-    length: the filled part of a static store (no host read of it, so a CUDA graph can replay the call)."""
-    check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length)
+    length: the filled part of a static store (no host read of it, so a CUDA graph can replay the call).
+    newest (with length): the window is a ring (module docstring), positions length[b] ... newest[b]."""
+    check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length, newest)
     check_device({"q": q, "keys": packed_k.codes, "values": packed_v.codes, "res_k": res_k, "start": start,
-                  "length": length})
+                  "length": length, "newest": newest})
     sm_scale = 1 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
     tq = packed_v.codes.shape[2]
     if tq + res_k.shape[2] == 0:
         raise ValueError("the cache is empty: nothing to attend to")
     key = {"T": next_power_of_2(tq), "B": q.shape[0], "Hq": q.shape[1], "Hkv": res_k.shape[1], "D": q.shape[2],
            "bits": bits, "group": group, "keys": key_axis, "dtype": str(q.dtype).removeprefix("torch.")}
-    args = (q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length)
+    args = (q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length, newest)
     config = tune("kv_decode_attention", key, configs(key["T"]), lambda c: launch(c, *args), q.device)
     return launch(config, *args)
 

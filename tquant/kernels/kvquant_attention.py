@@ -189,9 +189,9 @@ def _kvquant_attention_kernel(
     else:  # the last program of each (b, kv head): the sink (cache tokens 0 ... S - 1) and the exact store tokens
         q = (tl.load(q_row + chan[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT_DTYPE)
         m, l, acc = _dense_tokens(q, sk_ptr + bh.to(tl.int64) * (S * D), sv_ptr + bh.to(tl.int64) * (S * D), S, 0,
-                                  first, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION)
+                                  first, 0, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
         m, l, acc = _dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
-                                  S + TQ, first, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION)
+                                  S + TQ, first, 0, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
     _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
 
 
