@@ -19,6 +19,7 @@ does not depend on the weights' values, only on their format):
     smoothquant-w8a8  smoothquant alpha 0.5 (ActQuantLinear, W8A8 GEMM)
     quip#-2           quip# 2-bit E8P (QuipLinear: Hadamard transforms + E8P decode-matmul)
     fp16-kv4          fp16 weights, qoq_kv4's 4-bit cache
+    fp16-kivi2        fp16 weights, KIVI's 2-bit cache (group 32, the newest 128 tokens in fp16: a static ring)
     gemlite-a16w4     peer: every decoder linear replaced by gemlite's A16Wn (4-bit group 128, asymmetric RTN codes)
 Per variant and batch B: the prompt (B x prompt random tokens) is prefilled, then new - 1 greedy steps. Printed:
 time to first token (the prefill, ms), decode ms per step and tokens/s (B tokens a step), the ratio of tokens/s to
@@ -54,6 +55,7 @@ VARIANTS = {  # name: None (fp16), (method, options) or a callable patching a co
     "smoothquant-w8a8": ("smoothquant", dict(alpha=0.5)),
     "quip#-2": ("quip#", dict(bits=2)),
     "fp16-kv4": ("qoq_kv4", dict(smooth_alpha=0)),
+    "fp16-kivi2": ("kivi", dict(kv_bits=2)),
     "gemlite-a16w4": "gemlite",
 }
 

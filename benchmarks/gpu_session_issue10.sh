@@ -5,7 +5,7 @@
 # call's ratios are against the fp16 of the same run:
 #   bash benchmarks/gpu_session_issue10.sh tests                  # the CUDA-only tests (tune, speed, decoder)
 #   bash benchmarks/gpu_session_issue10.sh e2e VARIANTS [ARGS]    # benchmarks/e2e.py --variants fp16,VARIANTS
-#       e.g. e2e gptq-w4a16,gemlite-a16w4,fp16-kv4   then   e2e qqq-w4a8,qoq-w4a8,smoothquant-w8a8   then  e2e quip#-2
+#       e.g. e2e gptq-w4a16,gemlite-a16w4,fp16-kv4,fp16-kivi2   then   e2e qqq-w4a8,qoq-w4a8,smoothquant-w8a8   then  e2e quip#-2
 # Merge the calls' JSON and draw the plot here: python benchmarks/e2e.py --merge gpu_out/e2e_*.json --plot PNG
 source benchmarks/gpu_env.sh
 if [ "$1" = tests ]; then

@@ -51,6 +51,43 @@ def test_kv4_cache_gives_the_dynamic_kv4_caches_logits(prefill_with_quant):
     assert rel(out, exact) > 1e-3
 
 
+@pytest.mark.parametrize("bits, group, residual, prefill_with_quant", [(2, 4, 5, False), (4, 8, 3, True),
+                                                                        (8, 4, 1, False)])
+def test_kivi_cache_gives_the_dynamic_kivi_caches_logits(bits, group, residual, prefill_with_quant):
+    """StaticKiviCache holds the codes the dynamic KiviLayer holds (the same groups flushed at the same tokens:
+    the prefill's complete groups, then one group whenever the window passes residual + group), and reads the same
+    window, so the logits of every step match; and they are off the float cache's."""
+    model = tiny_model("llama")
+    ids = token_batch(2, TOTAL + 6, seed=4)
+    with torch.no_grad():
+        exact = model(ids).logits[:, PREFILL - 1:]
+        tquant.quantize(model, "kivi", kv_bits=bits, group_size=group, residual=residual,
+                        prefill_with_quant=prefill_with_quant)
+        ref = decoded_logits(model, ids, PREFILL, tquant.kv_cache(model))[:, PREFILL - 1:]
+    out = static_logits(model, ids)
+    assert rel(out, ref) < 1e-5
+    assert rel(out, exact) > (1e-3 if bits < 8 else 1e-6)
+
+
+def test_kernels_static_kivi_kernel_path_matches_the_torch_path(monkeypatch):
+    """The decode-attention kernel reading the static KIVI store and ring (under the interpreter on the CPU, natively
+    on a GPU) gives the torch path's logits, with groups flushed during the steps."""
+    from tquant.kernels import kv_attention
+
+    model = tiny_model("llama")
+    tquant.quantize(model, "kivi", kv_bits=4, group_size=4, residual=3)
+    ids = token_batch(1, TOTAL, seed=7)
+    torch_path = static_logits(model, ids)
+    calls = []
+    kernel = kv_attention.kivi_decode_attention
+    monkeypatch.setattr(kv_attention, "kivi_decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    dec = StaticDecoder(model, batch=1, max_len=32, graphs=False)
+    dec.cache.kernel = True
+    out = [dec.prefill(ids[:, :PREFILL])] + [dec.step(ids[:, t]).clone() for t in range(PREFILL, TOTAL)]
+    assert len(calls) == 2 * (TOTAL - PREFILL)  # every decode step of both layers through the kernel
+    assert rel(torch.stack(out, dim=1), torch_path) < 1e-5
+
+
 def test_quantized_weights_and_kv4():
     """QoQ's data-free W4A8KV4 (rotation, progressive grid, KV4): the decoder runs the model's ActQuantLinear
     modules and its cache as the model's own forward does."""
@@ -78,12 +115,16 @@ def test_bytes_per_token():
     assert StaticDecoder(model, 1, 8).cache.bytes_per_token() == 2 * 2 * 2 * 16 * 4
     tquant.quantize(model, "qoq_kv4", smooth_alpha=0)
     assert StaticDecoder(model, 1, 8).cache.bytes_per_token() == 2 * 2 * 2 * (8 + 2 + 2)
+    model = tiny_model("llama")  # KIVI 2-bit, groups of 8: keys 16 channels x (1 word + fp16 scale, min) per 8
+    tquant.quantize(model, "kivi", kv_bits=2, group_size=8, residual=8)  # tokens; values 2 x (1 word + 2 + 2)
+    assert StaticDecoder(model, 1, 8).cache.bytes_per_token() == 2 * 2 * (16 * (4 + 2 + 2) // 8 + 2 * (4 + 2 + 2))
 
 
 @pytest.mark.parametrize("case, match", [
     ("gpt2", "Llama-style decoders.*got model_type 'gpt2'"),
     ("mistral", "no sliding-window attention"),
-    ("kivi", "KV cache is 'kivi'"),
+    ("kvquant", "KV cache is 'kvquant'"),
+    ("kivi", "static KIVI decoding needs residual >= 1"),
     ("residual", "residual must be 0"),
     ("graphs on cpu", "CUDA graphs need the model on a CUDA device"),
     ("step first", r"call prefill\(ids\) first"),
@@ -94,8 +135,10 @@ def test_bytes_per_token():
 ])
 def test_refusals(case, match):
     model = tiny_model(case if case in ("gpt2", "mistral") else "llama")
+    if case == "kvquant":
+        tquant.quantize(model, "kvquant", kv_bits=4, calib=token_batch(2, 16, seed=5))
     if case == "kivi":
-        tquant.quantize(model, "kivi", kv_bits=2, group_size=16, residual=16)
+        tquant.quantize(model, "kivi", kv_bits=2, group_size=16, residual=0)
     if case == "residual":
         tquant.quantize(model, "qoq_kv4", smooth_alpha=0, residual=4)
     with pytest.raises(ValueError, match=match):
@@ -111,12 +154,15 @@ def test_refusals(case, match):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("kv", ["float", "kv4"])
+@pytest.mark.parametrize("kv", ["float", "kv4", "kivi"])
 def test_kernels_static_decoder_graph_replay_matches_eager(kv):
-    """On the GPU (fp16): each replayed step gives the eager step's logits, and generation the same tokens."""
+    """On the GPU (fp16): each replayed step gives the eager step's logits, and generation the same tokens (KIVI:
+    the ring window and the pending group's quantization inside the graph, groups flushed during the steps)."""
     model = tiny_model("llama", dtype=torch.float16).cuda()
     if kv == "kv4":
         tquant.quantize(model, "qoq_kv4", smooth_alpha=0)
+    if kv == "kivi":
+        tquant.quantize(model, "kivi", kv_bits=2, group_size=4, residual=3)
     ids = token_batch(2, TOTAL, seed=9).cuda()
     eager, graphed = static_logits(model, ids, graphs=False), static_logits(model, ids, graphs=True)
     assert rel(graphed.float(), eager.float()) < 1e-3

@@ -12,9 +12,10 @@ lm_head. Nothing in the step reads the device from the host, so on CUDA it is ca
 fills the kernels' autotune entries) and replayed for every token. The prefill runs eagerly; it attends to its own
 exact keys / values (or to them as stored, with the KV method's prefill_with_quant) and writes them into the
 cache. Rows of a batch share one position: the prompts are all t tokens long (no padding).
-The model's KV method (quantization_config["kv_cache"]) decides the cache: none -> float; qoq_kv4 -> per-token
-4 / 8-bit codes read by tquant.kernels.kv_attention. KIVI / KVQuant caches (windows, token groups, outliers) have
-no static form yet and are refused.
+The model's KV method (quantization_config["kv_cache"]) decides the cache (tquant.static_cache): none -> float;
+qoq_kv4 -> per-token 4 / 8-bit codes; kivi -> per-channel key groups, per-token values and a full-precision ring of
+the newest tokens; both read by tquant.kernels.kv_attention on CUDA. KVQuant's cache has no static form yet and is
+refused.
 """
 from __future__ import annotations
 
@@ -24,114 +25,10 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
-from .kv import tquant_config
-from .kv_quant import PackedKV, dequantize_values, quantize_values
 from .methods.kv_base import head_dim
+from .static_cache import static_cache
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # embed -> [norm, attention, norm, MLP] x L -> norm -> head
-
-
-class StaticKVCache:
-    """Keys / values (after RoPE) of every layer for `batch` sequences of up to max_len tokens, allocated once.
-
-    bits None: k, v [L, B, Hkv, T, D] in the model's dtype
-    bits 4 / 8 (qoq_kv4): per-token asymmetric codes with one fp16 (scale, minimum) per token and KV head (the
-        per-token layout of tquant.kv_quant, group = D): codes int32 [L, B, Hkv, T, D * bits / 32],
-        scale, mn fp16 [L, B, Hkv, T, 1], for keys and for values
-    write(layer, k, v, pos) stores k, v [B, Hkv, t, D] at positions pos (int64 [t]); attend(layer, q, length,
-    ...) is one query token per row, q [B, Hq, D], over positions 0 ... length[b] - 1 (length int32 [B]) and an
-    optional exact window. A decode step of a quantized cache without prefill_with_quant attends to its own token
-    exactly (as tquant.kv_cache's layers do: a call's own tokens come as given) and to the earlier ones as stored.
-    """
-
-    def __init__(self, layers: int, batch: int, kv_heads: int, head_size: int, max_len: int, dtype: torch.dtype,
-                 device, bits: int | None = None, prefill_with_quant: bool = False):
-        self.bits, self.dtype, self.prefill_with_quant = bits, dtype, prefill_with_quant
-        self.kernel = torch.device(device).type == "cuda"
-        shape = (layers, batch, kv_heads, max_len)
-        if bits is None:
-            self.k = torch.zeros(*shape, head_size, dtype=dtype, device=device)
-            self.v = torch.zeros_like(self.k)
-        else:
-            def store():
-                return PackedKV(torch.zeros(*shape, head_size * bits // 32, dtype=torch.int32, device=device),
-                                torch.ones(*shape, 1, dtype=torch.float16, device=device),
-                                torch.zeros(*shape, 1, dtype=torch.float16, device=device))
-            self.k, self.v = store(), store()
-            self._window = torch.zeros(batch, kv_heads, 0, head_size, dtype=dtype, device=device)  # no fp window
-
-    @classmethod
-    def for_model(cls, model, batch: int, max_len: int) -> "StaticKVCache":
-        """The cache the model's KV method asks for (float without one); ValueError for methods with no static
-        form."""
-        cfg = model.config
-        spec = (tquant_config(model) or {}).get("kv_cache")
-        bits, prefill_with_quant = None, False
-        if spec is not None:
-            if spec["method"] != "qoq_kv4":
-                raise ValueError(f"static decoding supports the float cache and qoq_kv4's per-token codes; this "
-                                 f"model's KV cache is {spec['method']!r} (use model.generate, which builds its "
-                                 f"dynamic cache)")
-            if spec["residual"]:
-                raise ValueError("static decoding keeps no full-precision window: qoq_kv4's residual must be 0")
-            bits, prefill_with_quant = spec["kv_bits"], spec["prefill_with_quant"]
-        dtype = model.get_input_embeddings().weight.dtype
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            dtype = torch.float16
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return cls(cfg.num_hidden_layers, batch, kv_heads, head_dim(cfg), max_len, dtype,
-                   model.get_input_embeddings().weight.device, bits, prefill_with_quant)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        if self.bits is None:
-            self.k[layer].index_copy_(2, pos, k.to(self.dtype))
-            self.v[layer].index_copy_(2, pos, v.to(self.dtype))
-            return
-        d = k.shape[-1]
-        for store, x in ((self.k, k), (self.v, v)):
-            for part, new in zip(store, quantize_values(x, self.bits, d)):
-                part[layer].index_copy_(2, pos, new)
-
-    def stored(self, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions 0 ... t - 1 of one layer as the cache holds them, in the model's dtype."""
-        if self.bits is None:
-            return self.k[layer][:, :, :t], self.v[layer][:, :, :t]
-        d = self._window.shape[-1]
-        return tuple(dequantize_values(PackedKV(*(p[layer][:, :, :t] for p in store)), self.bits, d).to(self.dtype)
-                     for store in (self.k, self.v))
-
-    def attend(self, layer: int, q: torch.Tensor, length: torch.Tensor, sm_scale: float, k_new=None, v_new=None
-               ) -> torch.Tensor:
-        """o [B, Hq, D]: softmax(sm_scale q K^T) V over the first length[b] cached tokens of each row and, if
-        given, the exact k_new, v_new [B, Hkv, 1, D] after them."""
-        window = () if k_new is None else (k_new.to(self.dtype), v_new.to(self.dtype))
-        if self.bits is not None and self.kernel:
-            from .kernels.kv_attention import kivi_decode_attention
-
-            return kivi_decode_attention(q, PackedKV(*(p[layer] for p in self.k)),
-                                         PackedKV(*(p[layer] for p in self.v)), *(window or (self._window,) * 2),
-                                         bits=self.bits, group=q.shape[-1], sm_scale=sm_scale, key_axis="token",
-                                         length=length)
-        k, v = self.stored(layer, self.max_len)
-        live = torch.arange(self.max_len, device=q.device)[None, :] < length[:, None]  # [B, T]
-        if window:
-            k, v = torch.cat([k, window[0]], dim=2), torch.cat([v, window[1]], dim=2)
-            live = F.pad(live, (0, 1), value=True)
-        # the rep query heads of KV head j (heads j rep ... j rep + rep - 1, as HF's repeat_kv) as rep query rows
-        # of one attention: no repeated K / V, and a masked SDPA kernel takes it
-        b, hq, d = q.shape
-        o = F.scaled_dot_product_attention(q.view(b, k.shape[1], hq // k.shape[1], d), k.to(q.dtype), v.to(q.dtype),
-                                           attn_mask=live[:, None, None], scale=sm_scale)
-        return o.reshape(b, hq, d)
-
-    @property
-    def max_len(self) -> int:
-        return (self.k if self.bits is None else self.k.codes).shape[3]
-
-    def bytes_per_token(self) -> int:
-        """Cache bytes one token of one sequence takes, all layers (keys and values)."""
-        parts = (self.k, self.v) if self.bits is None else (*self.k, *self.v)
-        return sum(p.element_size() * p[:, 0, :, 0].numel() for p in parts)
 
 
 def check_model(model) -> None:
@@ -164,7 +61,7 @@ class StaticDecoder:
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch must be >= 1 and max_len >= 2; got {batch}, {max_len}")
         self.model, self.batch = model, batch
-        self.cache = StaticKVCache.for_model(model, batch, max_len)
+        self.cache = static_cache(model, batch, max_len)
         device = model.get_input_embeddings().weight.device
         self.graphs = device.type == "cuda" if graphs is None else graphs
         if self.graphs and device.type != "cuda":
@@ -193,9 +90,7 @@ class StaticDecoder:
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         self.cache.write(i, k, v, pos)
         if t == 1:
-            exact = self.cache.bits is not None and not self.cache.prefill_with_quant  # its own token as given
-            length = (pos + (0 if exact else 1)).to(torch.int32).expand(b)
-            o = self.cache.attend(i, q[:, :, 0], length, self.sm_scale, *((k, v) if exact else ()))[:, :, None]
+            o = self.cache.decode_attention(i, q[:, :, 0], k, v, pos, self.sm_scale)[:, :, None]
         else:
             if self.cache.prefill_with_quant:
                 k, v = self.cache.stored(i, t)
