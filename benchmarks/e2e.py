@@ -185,7 +185,8 @@ def merge(paths: list[str]) -> tuple[dict, dict]:
 
 def table(results: dict, batches: list[int]) -> str:
     """The markdown table: per variant weight GB, KV bytes a token, and per batch TTFT and tokens/s (x fp16)."""
-    lines = ["| variant | weights GB | KV B/token | " + " | ".join(f"B={b} TTFT ms | B={b} tok/s" for b in batches) + " |",
+    head = " | ".join(f"B={b} TTFT ms | B={b} tok/s" for b in batches)
+    lines = [f"| variant | weights GB | KV B/token | {head} |",
              "|---|---|---|" + "---|---|" * len(batches)]
     for name, r in results.items():
         cells = []
@@ -236,7 +237,8 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, metavar="PNG")
     p.add_argument("--tiny", action="store_true", help="a small model on any device: a smoke test, not a measurement")
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="only merge earlier runs' JSON: table, plot")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only merge earlier runs' JSON: the table, and the plot with --plot")
     a = p.parse_args(argv)
     if a.merge:
         results, info = merge(a.merge)

@@ -137,8 +137,8 @@ class StaticKiviCache:
         def zeros(*shape, dtype):
             return torch.zeros(*lead, *shape, dtype=dtype, device=device)
 
-        self.k = PackedKV(zeros(groups * wpg, head_size, dtype=torch.int32), zeros(groups, head_size, dtype=torch.float16),
-                          zeros(groups, head_size, dtype=torch.float16))
+        self.k = PackedKV(zeros(groups * wpg, head_size, dtype=torch.int32),
+                          zeros(groups, head_size, dtype=torch.float16), zeros(groups, head_size, dtype=torch.float16))
         self.v = PackedKV(zeros(groups * group, head_size // group * wpg, dtype=torch.int32),
                           zeros(groups * group, head_size // group, dtype=torch.float16),
                           zeros(groups * group, head_size // group, dtype=torch.float16))
@@ -197,9 +197,9 @@ class StaticKiviCache:
         if self.kernel:
             from .kernels.kv_attention import kivi_decode_attention
 
-            return kivi_decode_attention(q, PackedKV(*(p[layer] for p in self.k)), PackedKV(*(p[layer] for p in self.v)),
-                                         self.ring_k[layer], self.ring_v[layer], bits=self.bits, group=self.group,
-                                         sm_scale=sm_scale, key_axis="channel",
+            keys, values = (PackedKV(*(p[layer] for p in store)) for store in (self.k, self.v))
+            return kivi_decode_attention(q, keys, values, self.ring_k[layer], self.ring_v[layer], bits=self.bits,
+                                         group=self.group, sm_scale=sm_scale, key_axis="channel",
                                          length=self._flushed.to(torch.int32).expand(b),
                                          newest=self._newest.to(torch.int32).expand(b))
         live = torch.arange(self.max_len, device=q.device)[None, :] < length[:, None]
