@@ -227,6 +227,7 @@ def plot(results: dict, batches: list[int], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): a test calls main in its own process, which goes on
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=32)
@@ -252,7 +253,6 @@ def main(argv=None):
     unknown = set(a.variants.split(",")) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
-    torch.set_grad_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(gpu, "torch", torch.__version__, "triton", __import__("triton").__version__, "transformers",

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e.py"
 
@@ -36,5 +37,6 @@ def test_e2e_runs_every_row_and_writes_json_and_plot(tmp_path):
     second_fp16 = json.loads(other.read_text())["results"]["fp16"]["rows"][0]["tokens_per_s"]
     assert merged["qoq-w4a8"]["rows"][0]["fp16_tokens_per_s"] == second_fp16
     assert merged["fp16-kv4"]["rows"][0]["fp16_tokens_per_s"] == results["fp16"]["rows"][0]["tokens_per_s"]
+    assert torch.is_grad_enabled()  # main leaves the process's autograd mode as it found it
     with pytest.raises(SystemExit, match="unknown variants"):
         e2e.main(["--tiny", "--variants", "fp16,w9a9"])
