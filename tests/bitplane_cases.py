@@ -5,6 +5,7 @@ import torch
 from tquant.kernels.act_quant import quantize_activations_ref
 from tquant.kernels.bitplane_gemm import quantize_weight_ref
 from kernel_device import DEVICE
+from kernel_device import assert_close as kernel_close
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # normwise relative; bf16: two roundings of up to 2^-7 each (the interpreter truncates fp32 to bf16, torch rounds)
@@ -48,13 +49,8 @@ def random_codes(m, n, k, gs, bits, act_bits, seed):
 
 
 def assert_close(y, ref, dtype, tol=None, magnitude=None):
-    """Relative error of y against ref, over ref's norm or, for sums that may cancel, over the norm of magnitude (the
-    same sums of absolute values, e.g. |x| @ |w|^T: float rounding scales with it, not with the result)."""
-    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
-    assert y.isfinite().all()
-    scale = (magnitude if magnitude is not None else ref).double().norm().clamp_min(1e-12)
-    err = ((y.double() - ref.double()).norm() / scale).item()
-    assert err < (tol or TOL[dtype]), f"relative error {err:.2e}"
+    """kernel_device.assert_close at this file's TOL (or tol)."""
+    kernel_close(y, ref, dtype, tol or TOL[dtype], magnitude)
 
 
 def compiled_in_subprocess(path: str) -> list:

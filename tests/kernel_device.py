@@ -1,6 +1,7 @@
 """Where kernel tests run: the Triton interpreter on the CPU (TRITON_INTERPRET=1, the default set by
-conftest.py), or the GPU with TRITON_INTERPRET=0; and poisoned_outputs, an autouse fixture for the test files
-that import it (kernels sharing dequant_gemm's output and split-K buffers)."""
+conftest.py), or the GPU with TRITON_INTERPRET=0; poisoned_outputs, an autouse fixture for the test files
+that import it (kernels sharing dequant_gemm's output and split-K buffers); and assert_close, the kernels' check
+against their references."""
 import pytest
 import torch
 
@@ -23,6 +24,17 @@ def poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(dequant_gemm, "output_buffer", lambda *args: real_output(*args).fill_(float("nan")))
     monkeypatch.setattr(dequant_gemm, "split_k_buffers", poisoned_split)
+
+
+def assert_close(y, ref, dtype, tol, magnitude=None):
+    """y against its reference: both in dtype and of one shape, every output written and finite (poisoned outputs
+    start as NaN), and a relative error below tol: over ref's norm or, for sums that may cancel, over the norm of
+    magnitude (the same sums of absolute values, e.g. |x| @ |w|^T: float rounding scales with it, not with y)."""
+    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
+    assert y.isfinite().all(), "unwritten (NaN) or non-finite outputs"
+    scale = (magnitude if magnitude is not None else ref).double().norm().clamp_min(1e-12)
+    err = ((y.double() - ref.double()).norm() / scale).item()
+    assert err < tol, f"relative error {err:.2e}"
 
 
 def decode_both_paths(model, ids, prefill, kernel_fn):

@@ -124,12 +124,13 @@ def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None, zero
     if zero_point:
         if group_size is None:
             raise ValueError("zero_point=True (QoQ's grid) needs a group_size (K: one group per channel)")
-        return QuantizedWeight.from_progressive(w, group_size).int8_gemm_weight()
-    qw = QuantizedWeight.from_rtn(w, 4, group_size or w.shape[1], sym=True, integer_groups=True)
-    qweight, w_scale, group_scale, _ = qw.int8_gemm_weight()
-    if group_size is not None and group_scale is None:  # one group spanning K: per-channel, as multiples of 1
-        group_scale = torch.ones(1, w.shape[0], dtype=torch.int8)
-    return qweight, w_scale, group_scale, None
+        qw = QuantizedWeight.from_progressive(w, group_size)
+    else:
+        qw = QuantizedWeight.from_rtn(w, 4, group_size or w.shape[1], sym=True, integer_groups=True)
+    qweight, w_scale, group_scale, group_zero = qw.int8_gemm_weight()
+    if group_size is not None and group_scale is None:  # one group spanning K with every zero 8 (int8_gemm_weight
+        group_scale = torch.ones(1, w.shape[0], dtype=torch.int8)  # calls that per-channel): multiples of 1
+    return qweight, w_scale, group_scale, group_zero
 
 
 @triton.jit
