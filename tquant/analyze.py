@@ -179,7 +179,7 @@ def _blocks(fp_model: nn.Module, q_model: nn.Module) -> tuple[str, nn.ModuleList
     return name, fp_blocks, q_blocks
 
 
-# (method, option) -> what a true / nonzero value folds into the weights; None: the method always folds it
+# (method, option) -> what a true / nonzero value of that option folds into the weights
 FOLDS = {("qoq", "rotate"): "a Hadamard rotation of the residual stream (norms folded into the linears)",
          ("qoq", "smooth_attention"): "SmoothAttention scales into q_proj / k_proj",
          ("qoq", "smooth_xw"): "smoothing scales into the output modules' producers",

@@ -531,8 +531,8 @@ def launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, ac
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
     one_span = group_size == k <= MAX_SPAN
     groups = k // group_size
-    per_split, splits = (split_k_grid(k, config["BLOCK_K"], config.get("SPLIT_K", 1)) if one_span
-                         else split_k_grid(groups, 1, config.get("SPLIT_K", 1)))
+    split_k = config.get("SPLIT_K", 1)
+    per_split, splits = split_k_grid(k, config["BLOCK_K"], split_k) if one_span else split_k_grid(groups, 1, split_k)
     part, counters = split_k_buffers(splits, m, n, tiles, xq.device) if splits > 1 else (y, y)
     dense = config["variant"] == "dense"
     weights = decode_codes(planes, w_zero, bits, group_size, k) if dense else planes
