@@ -17,9 +17,12 @@ ARCHS_HERE = {**ARCHS, "qwen3": lambda: transformers.Qwen3Config(  # q / k norms
 PREFILL, TOTAL = 12, 20
 
 
-def static_logits(model, ids, max_len=32, graphs=False):
-    """Logits [B, T - PREFILL + 1, V] of positions PREFILL - 1 ... T - 1: the prefill's last, then one a step."""
-    dec = StaticDecoder(model, batch=ids.shape[0], max_len=max_len, graphs=graphs)
+def static_logits(model, ids, max_len=32, graphs=False, fused=None, kernel=None):
+    """Logits [B, T - PREFILL + 1, V] of positions PREFILL - 1 ... T - 1: the prefill's last, then one a step.
+    fused: the step's fused kernels; kernel: the cache's decode-attention kernel (both default: on CUDA)."""
+    dec = StaticDecoder(model, batch=ids.shape[0], max_len=max_len, graphs=graphs, fused=fused)
+    if kernel is not None:
+        dec.cache.kernel = kernel
     out = [dec.prefill(ids[:, :PREFILL])]
     for t in range(PREFILL, ids.shape[1]):
         out.append(dec.step(ids[:, t]).clone())
@@ -86,6 +89,40 @@ def test_kernels_static_kivi_kernel_path_matches_the_torch_path(monkeypatch):
     out = [dec.prefill(ids[:, :PREFILL])] + [dec.step(ids[:, t]).clone() for t in range(PREFILL, TOTAL)]
     assert len(calls) == 2 * (TOTAL - PREFILL)  # every decode step of both layers through the kernel
     assert rel(torch.stack(out, dim=1), torch_path) < 1e-5
+
+
+@pytest.mark.parametrize("arch, kv", [("llama", "float"), ("qwen3", "float"), ("llama", "kv4"), ("llama", "kivi")])
+def test_kernels_fused_step_matches_the_torch_step(monkeypatch, arch, kv):
+    """The fused kernels (residual add + RMSNorm, RoPE + cache write, silu * up) and the cache's attention kernel
+    (under the interpreter on the CPU) give the torch step's logits, prefill and decode, for every cache form; each
+    fused kernel runs once a layer a forward (the norm twice, and once more for the final norm)."""
+    from tquant import decode
+
+    monkeypatch.setitem(ARCHS, "qwen3", ARCHS_HERE["qwen3"])
+    model = tiny_model(arch)
+    if kv == "kv4":
+        tquant.quantize(model, "qoq_kv4", calib=token_batch(4, 32, seed=5))
+    if kv == "kivi":
+        tquant.quantize(model, "kivi", kv_bits=4, group_size=4, residual=3)
+    ids = token_batch(2, TOTAL, seed=10)
+    calls = {}
+    for name in ("rms_norm", "rope_qkv", "silu_mul"):
+        fn = getattr(decode, name)
+        monkeypatch.setattr(decode, name, lambda *a, _f=fn, _n=name, **k: calls.setdefault(_n, []).append(1)
+                            or _f(*a, **k))
+    fused = static_logits(model, ids, fused=True, kernel=True)
+    forwards, layers = TOTAL - PREFILL + 1, model.config.num_hidden_layers
+    assert {n: len(c) for n, c in calls.items()} == {"rms_norm": forwards * (2 * layers + 1),
+                                                    "rope_qkv": forwards * layers, "silu_mul": forwards * layers}
+    # fp32 sums in another order: a quantized cache may flip a code now and then
+    assert rel(fused, static_logits(model, ids, fused=False, kernel=False)) < (1e-5 if kv == "float" else 1e-4)
+
+
+def test_fused_step_refuses_other_mlps():
+    model = tiny_model("llama")
+    model.config.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="silu"):
+        StaticDecoder(model, batch=1, max_len=8, fused=True)
 
 
 def test_quantized_weights_and_kv4():
@@ -166,5 +203,7 @@ def test_kernels_static_decoder_graph_replay_matches_eager(kv):
     ids = token_batch(2, TOTAL, seed=9).cuda()
     eager, graphed = static_logits(model, ids, graphs=False), static_logits(model, ids, graphs=True)
     assert rel(graphed.float(), eager.float()) < 1e-3
+    unfused = static_logits(model, ids, graphs=False, fused=False, kernel=False)  # torch ops, masked SDPA
+    assert rel(graphed.float(), unfused.float()) < 3e-3
     outs = [StaticDecoder(model, 2, 32, graphs=g).generate(ids[:, :PREFILL], 10) for g in (False, True)]
     assert torch.equal(*outs)

@@ -9,7 +9,11 @@ bound by launches. Here the cache (StaticKVCache) is allocated once, and a decod
 a device tensor: embedding, then per layer the model's own modules (norms, q / k / v / o projections and MLP,
 quantized or not), RoPE, the cache write at position p and attention over positions 0 ... p; final norm and
 lm_head. Nothing in the step reads the device from the host, so on CUDA it is captured once (after a warm-up that
-fills the kernels' autotune entries) and replayed for every token. The prefill runs eagerly; it attends to its own
+fills the kernels' autotune entries) and replayed for every token. On CUDA (fused=True) the small ops between the
+projections are Triton kernels: residual add + RMSNorm (kernels.rms_norm), RoPE with the keys and values written
+into the float cache's rows (kernels.rope), silu(gate) * up (kernels.swiglu), and the float cache's decode
+attention (kernels.kv_attention.float_decode_attention): an fp16 layer is 13 launches (7 of them projections)
+instead of about 77 torch ops; the cache derives its per-step index tensors once a forward (prepare). The prefill runs eagerly; it attends to its own
 exact keys / values (or to them as stored, with the KV method's prefill_with_quant) and writes them into the
 cache. Rows of a batch share one position: the prompts are all t tokens long (no padding).
 The model's KV method (quantization_config["kv_cache"]) decides the cache (tquant.static_cache): none -> float;
@@ -25,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
+from .kernels.rms_norm import rms_norm
+from .kernels.rope import rope_qkv
+from .kernels.swiglu import silu_mul
 from .methods.kv_base import head_dim
 from .static_cache import static_cache
 
@@ -52,11 +59,31 @@ def check_model(model) -> None:
             raise ValueError(f"StaticDecoder needs {part} in every decoder layer; layer 0 has none") from None
 
 
+def check_fusable(model) -> None:
+    """ValueError naming the first module the fused step kernels (tquant.kernels.rms_norm / rope / swiglu) do not
+    compute as the model does: norms other than RMSNorm, an MLP that is not silu(gate) * up -> down."""
+    body = model.model
+    for i, layer in enumerate(body.layers):
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(layer, name)
+            if "RMSNorm" not in type(norm).__name__ or not hasattr(norm, "variance_epsilon"):
+                raise ValueError(f"fused decoding runs RMSNorm; layer {i}'s {name} is {type(norm).__name__} "
+                                 "(use fused=False)")
+        if not all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")) \
+                or getattr(model.config, "hidden_act", None) not in ("silu", "swish"):
+            raise ValueError(f"fused decoding runs down(silu(gate(x)) * up(x)); layer {i}'s MLP is not that "
+                             "(use fused=False)")
+    if "RMSNorm" not in type(body.norm).__name__:
+        raise ValueError(f"fused decoding runs RMSNorm; the final norm is {type(body.norm).__name__} (use fused=False)")
+
+
 class StaticDecoder:
     """Greedy generation for `batch` sequences of up to max_len tokens with a static cache (module docstring).
-    graphs: capture the decode step as a CUDA graph (default: on CUDA)."""
+    graphs: capture the decode step as a CUDA graph (default: on CUDA). fused: the step's small ops as Triton
+    kernels (default: on CUDA; on the CPU under TRITON_INTERPRET=1 only): residual add + RMSNorm, RoPE + cache
+    write, silu(gate) * up."""
 
-    def __init__(self, model, batch: int, max_len: int, graphs: bool | None = None):
+    def __init__(self, model, batch: int, max_len: int, graphs: bool | None = None, fused: bool | None = None):
         check_model(model)
         if batch < 1 or max_len < 2:
             raise ValueError(f"batch must be >= 1 and max_len >= 2; got {batch}, {max_len}")
@@ -66,6 +93,9 @@ class StaticDecoder:
         self.graphs = device.type == "cuda" if graphs is None else graphs
         if self.graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.fused = device.type == "cuda" if fused is None else fused
+        if self.fused:
+            check_fusable(model)
         self.head_size = head_dim(model.config)
         self.sm_scale = getattr(model.model.layers[0].self_attn, "scaling", 1 / math.sqrt(self.head_size))
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position the next step writes
@@ -77,20 +107,37 @@ class StaticDecoder:
     def max_len(self) -> int:
         return self.cache.max_len
 
-    def _attention(self, i: int, layer, x: torch.Tensor, pos: torch.Tensor, cos, sin) -> torch.Tensor:
-        """The attention of decoder layer i for hidden states x [B, t, H] at positions pos (int64 [t]): t > 1 is
-        the prefill (positions 0 ... t - 1, causal over itself), t == 1 a decode step (over the cache)."""
-        attn, (b, t, _) = layer.self_attn, x.shape
+    def _qkv(self, i: int, attn, x: torch.Tensor, pos: torch.Tensor, cos, sin):
+        """q [B, Hq, t, D], k, v [B, Hkv, t, D] of layer i after RoPE, k and v written into the cache at pos."""
+        b, t, _ = x.shape
         shape = (b, t, -1, self.head_size)
         q, k, v = (proj(x).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm per head before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, t, D]
-        cos, sin = cos[:, None], sin[:, None]
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        self.cache.write(i, k, v, pos)
+        if not self.fused:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, t, D]
+            cos, sin = cos[:, None], sin[:, None]
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            self.cache.write(i, k, v, pos)
+            return q, k, v
+        q_out = torch.empty(b, q.shape[2], t, self.head_size, dtype=q.dtype, device=q.device)
+        if self.cache.float_store:  # RoPE'd keys and values straight into the cache's rows
+            k_cache, v_cache = self.cache.k[i], self.cache.v[i]
+            rope_qkv(q, k, v, cos, sin, q_out, k_cache, v_cache, pos)
+            # a prefill's k, v: rows 0 ... t - 1; a decode step's are not read (the float cache attends its store)
+            return q_out, k_cache[:, :, :t], v_cache[:, :, :t]
+        k_out, v_out = (torch.empty(b, k.shape[2], t, self.head_size, dtype=q.dtype, device=q.device) for _ in "kv")
+        rope_qkv(q, k, v, cos, sin, q_out, k_out, v_out, torch.arange(t, device=q.device))
+        self.cache.write(i, k_out, v_out, pos)
+        return q_out, k_out, v_out
+
+    def _attention(self, i: int, layer, x: torch.Tensor, pos: torch.Tensor, cos, sin) -> torch.Tensor:
+        """The attention of decoder layer i for hidden states x [B, t, H] at positions pos (int64 [t]): t > 1 is
+        the prefill (positions 0 ... t - 1, causal over itself), t == 1 a decode step (over the cache)."""
+        attn, (b, t, _) = layer.self_attn, x.shape
+        q, k, v = self._qkv(i, attn, x, pos, cos, sin)
         if t == 1:
-            o = self.cache.decode_attention(i, q[:, :, 0], k, v, pos, self.sm_scale)[:, :, None]
+            o = self.cache.decode_attention(i, q[:, :, 0], k, v, self.sm_scale)[:, :, None]
         else:
             if self.cache.prefill_with_quant:
                 k, v = self.cache.stored(i, t)
@@ -98,15 +145,31 @@ class StaticDecoder:
                                                enable_gqa=True)
         return attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
+    def _add_norm(self, norm, h: torch.Tensor, delta: torch.Tensor | None):
+        """(norm(h'), h') with h' = h + delta (h itself when delta is None): the residual add and the next norm."""
+        if self.fused:
+            return rms_norm(h, norm.weight, norm.variance_epsilon, delta)
+        h = h if delta is None else h + delta
+        return norm(h), h
+
+    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+        return mlp(x)
+
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of the last of the tokens ids [B, t] at positions pos (int64 [t])."""
         body = self.model.model
-        h = body.embed_tokens(ids)
+        h, delta = body.embed_tokens(ids), None
+        self.cache.prepare(pos)
         cos, sin = body.rotary_emb(h, pos[None].expand(ids.shape[0], -1))
         for i, layer in enumerate(body.layers):
-            h = h + self._attention(i, layer, layer.input_layernorm(h), pos, cos, sin)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(body.norm(h[:, -1]))
+            x, h = self._add_norm(layer.input_layernorm, h, delta)
+            delta = self._attention(i, layer, x, pos, cos, sin)
+            x, h = self._add_norm(layer.post_attention_layernorm, h, delta)
+            delta = self._mlp(layer.mlp, x)
+        x, _ = self._add_norm(body.norm, h[:, -1], delta[:, -1])
+        return self.model.lm_head(x)
 
     def _check_ids(self, ids: torch.Tensor, what: str) -> torch.Tensor:
         if ids.dim() != 2 or ids.shape[0] != self.batch:

@@ -3,7 +3,8 @@ and read at positions held in device tensors, so that a decode step does the sam
 graph can replay it.
 
     cache = static_cache(model, batch, max_len)   # the form the model's KV method asks for
-    cache.write(layer, k, v, pos); o = cache.decode_attention(layer, q, k, v, pos, sm_scale); cache.stored(layer, t)
+    cache.prepare(pos)                              # once a forward: what every layer derives from the positions
+    cache.write(layer, k, v, pos); o = cache.decode_attention(layer, q, k, v, sm_scale); cache.stored(layer, t)
 
 StaticKVCache: the float cache, and qoq_kv4's per-token codes. StaticKiviCache: KIVI's per-channel key groups and
 per-token values, with the newest tokens in a full-precision ring window (its docstring). KVQuant's cache (outliers,
@@ -30,12 +31,12 @@ class StaticKVCache:
     ...) is one query token per row, q [B, Hq, D], over positions 0 ... length[b] - 1 (length int32 [B]) and an
     optional exact window. A decode step of a quantized cache without prefill_with_quant attends to its own token
     exactly (as tquant.kv_cache's layers do: a call's own tokens come as given) and to the earlier ones as stored
-    (decode_attention).
+    (decode_attention, after prepare(pos) of the step's position).
     """
 
     def __init__(self, layers: int, batch: int, kv_heads: int, head_size: int, max_len: int, dtype: torch.dtype,
                  device, bits: int | None = None, prefill_with_quant: bool = False):
-        self.bits, self.dtype, self.prefill_with_quant = bits, dtype, prefill_with_quant
+        self.bits, self.dtype, self.prefill_with_quant, self.batch = bits, dtype, prefill_with_quant, batch
         self.kernel = torch.device(device).type == "cuda"
         shape = (layers, batch, kv_heads, max_len)
         if bits is None:
@@ -72,6 +73,10 @@ class StaticKVCache:
         """o [B, Hq, D]: softmax(sm_scale q K^T) V over the first length[b] cached tokens of each row and, if
         given, the exact k_new, v_new [B, Hkv, 1, D] after them."""
         window = () if k_new is None else (k_new.to(self.dtype), v_new.to(self.dtype))
+        if self.float_store and self.kernel and k_new is None:
+            from .kernels.kv_attention import float_decode_attention
+
+            return float_decode_attention(q, self.k[layer], self.v[layer], length=length, sm_scale=sm_scale)
         if self.bits is not None and self.kernel:
             from .kernels.kv_attention import kivi_decode_attention
 
@@ -86,14 +91,23 @@ class StaticKVCache:
             live = F.pad(live, (0, 1), value=True)
         return masked_attention(q, k, v, live, sm_scale)
 
-    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+    def prepare(self, pos: torch.Tensor) -> None:
+        """Before a forward that writes positions pos (int64 [t]): the stored tokens a decode step attends to
+        (all up to pos, or those before it where its own token comes exact), computed once for every layer."""
+        self._exact = self.bits is not None and not self.prefill_with_quant
+        self._length = (pos[-1:] + (0 if self._exact else 1)).to(torch.int32).expand(self.batch)
+
+    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          sm_scale: float) -> torch.Tensor:
         """o [B, Hq, D] of a decode step's query q [B, Hq, D] whose own k, v [B, Hkv, 1, D] were just written at
-        position pos (int64 [1]): over positions 0 ... pos, its own token exact for a quantized cache without
+        the position prepared: over positions 0 ... pos, its own token exact for a quantized cache without
         prefill_with_quant."""
-        exact = self.bits is not None and not self.prefill_with_quant
-        length = (pos + (0 if exact else 1)).to(torch.int32).expand(q.shape[0])
-        return self.attend(layer, q, length, sm_scale, *((k, v) if exact else ()))
+        return self.attend(layer, q, self._length, sm_scale, *((k, v) if self._exact else ()))
+
+    @property
+    def float_store(self) -> bool:
+        """Keys and values as they are: k, v [L, B, Hkv, T, D] tensors a RoPE kernel may write into."""
+        return self.bits is None
 
     @property
     def max_len(self) -> int:
@@ -126,7 +140,7 @@ class StaticKiviCache:
                  device, bits: int, group: int, residual: int, prefill_with_quant: bool = False):
         if residual < 1:
             raise ValueError("static KIVI decoding needs residual >= 1 (the newest token in the full-precision window)")
-        self.bits, self.group, self.residual, self.dtype = bits, group, residual, dtype
+        self.bits, self.group, self.residual, self.dtype, self._batch = bits, group, residual, dtype, batch
         self.prefill_with_quant, self._max_len = prefill_with_quant, max_len
         self.kernel = torch.device(device).type == "cuda"
         self.slots = residual + group
@@ -149,16 +163,32 @@ class StaticKiviCache:
         self._flushed = torch.zeros(1, dtype=torch.long, device=device)
         self._newest = torch.zeros(1, dtype=torch.long, device=device)
 
+    float_store = False
+
     def _flushed_after(self, n):
         return (n - self.residual).clamp(min=0) // self.group * self.group
 
+    def prepare(self, pos: torch.Tensor) -> None:
+        """Before a forward that writes positions pos (int64 [t], consecutive; a prefill starts at 0): the ring slots
+        of its newest tokens, the newest position, flushed(newest + 1), the pending group's ring slots and store rows,
+        computed once for every layer."""
+        keep = min(len(pos), self.slots)
+        self._slots = pos[-keep:] % self.slots
+        self._newest = pos[-1:]
+        self._flushed = self._flushed_after(self._newest + 1)
+        self._pending = (self._flushed + self._offsets) % self.slots
+        first_group = self._flushed // self.group
+        self._key_rows = (first_group * len(self._word_offsets) + self._word_offsets, first_group, first_group)
+        self._value_rows = self._flushed + self._offsets
+        self._lengths = tuple(n.to(torch.int32).expand(self._batch) for n in (self._flushed, self._newest))
+        self._attended = self._lengths[1] + 1
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """k, v [B, Hkv, t, D] at positions pos (int64 [t], consecutive; a prefill starts at 0)."""
+        """k, v [B, Hkv, t, D] at positions pos (int64 [t], consecutive; a prefill starts at 0), after prepare(pos)."""
         t, g = k.shape[2], self.group
-        keep = min(t, self.slots)
-        slots = pos[-keep:] % self.slots
-        self.ring_k[layer].index_copy_(2, slots, k[:, :, -keep:].to(self.dtype))
-        self.ring_v[layer].index_copy_(2, slots, v[:, :, -keep:].to(self.dtype))
+        keep = len(self._slots)
+        self.ring_k[layer].index_copy_(2, self._slots, k[:, :, -keep:].to(self.dtype))
+        self.ring_v[layer].index_copy_(2, self._slots, v[:, :, -keep:].to(self.dtype))
         if t > 1:  # a prefill of positions 0 ... t - 1: its complete groups go straight to the store
             n0 = max(0, t - self.residual) // g * g
             if n0:
@@ -166,16 +196,11 @@ class StaticKiviCache:
                                    (self.v, quantize_values(v[:, :, :n0], self.bits, g))):
                     for part, x in zip(store, new):
                         part[layer][:, :, :x.shape[2]] = x
-        self._newest = pos[-1:]
-        self._flushed = self._flushed_after(self._newest + 1)
-        tokens = (self._flushed + self._offsets) % self.slots  # the pending group's ring slots
-        group_keys = quantize_keys(self.ring_k[layer].index_select(2, tokens), self.bits, g)
-        first_group = self._flushed // g
-        for part, x, index in zip(self.k, group_keys, (first_group * len(self._word_offsets) + self._word_offsets,
-                                                       first_group, first_group)):
+        group_keys = quantize_keys(self.ring_k[layer].index_select(2, self._pending), self.bits, g)
+        for part, x, index in zip(self.k, group_keys, self._key_rows):
             part[layer].index_copy_(2, index, x)
-        for part, x in zip(self.v, quantize_values(self.ring_v[layer].index_select(2, tokens), self.bits, g)):
-            part[layer].index_copy_(2, self._flushed + self._offsets, x)
+        for part, x in zip(self.v, quantize_values(self.ring_v[layer].index_select(2, self._pending), self.bits, g)):
+            part[layer].index_copy_(2, self._value_rows, x)
 
     def stored(self, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions 0 ... t - 1 of one layer as the cache holds them (the store before flushed, the ring from
@@ -193,22 +218,21 @@ class StaticKiviCache:
 
     def attend(self, layer: int, q: torch.Tensor, length: torch.Tensor, sm_scale: float) -> torch.Tensor:
         """o [B, Hq, D] over positions 0 ... length[b] - 1 (length = the newest written position + 1)."""
-        b = q.shape[0]
         if self.kernel:
             from .kernels.kv_attention import kivi_decode_attention
 
             keys, values = (PackedKV(*(p[layer] for p in store)) for store in (self.k, self.v))
             return kivi_decode_attention(q, keys, values, self.ring_k[layer], self.ring_v[layer], bits=self.bits,
                                          group=self.group, sm_scale=sm_scale, key_axis="channel",
-                                         length=self._flushed.to(torch.int32).expand(b),
-                                         newest=self._newest.to(torch.int32).expand(b))
+                                         length=self._lengths[0], newest=self._lengths[1])
         live = torch.arange(self.max_len, device=q.device)[None, :] < length[:, None]
         return masked_attention(q, *self.stored(layer, self.max_len), live, sm_scale)
 
-    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          sm_scale: float) -> torch.Tensor:
-        """o [B, Hq, D] of a decode step whose k, v were just written at pos: its own token is in the ring."""
-        return self.attend(layer, q, (pos + 1).to(torch.int32).expand(q.shape[0]), sm_scale)
+        """o [B, Hq, D] of a decode step whose k, v were just written at the prepared position: its own token is in
+        the ring."""
+        return self.attend(layer, q, self._attended, sm_scale)
 
     @property
     def max_len(self) -> int:

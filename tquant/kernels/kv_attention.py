@@ -22,7 +22,9 @@ the codes shifted out of the words in registers and scaled (code * scale + mn; _
 takes the Tr residual tokens. Scores, the running max / sum and the rep x D accumulator stay in fp32 (online
 softmax). Each program writes its (max, sum, accumulator) to a workspace; `_combine_kernel` merges them:
 o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. A fully masked share contributes nothing (its max is -inf).
-`kivi_decode_attention_ref` is plain torch in fp32 from tquant.kv_quant's decoders.
+`kivi_decode_attention_ref` is plain torch in fp32 from tquant.kv_quant's decoders. `float_decode_attention` runs
+the same kernel over a float cache [B, Hkv, T, D] (the static decoder's fp16 cache): its store shares load keys
+and values as they are (no codes), its reference is `reference_attention`.
 """
 from __future__ import annotations
 
@@ -237,6 +239,7 @@ def _kv_attention_kernel(
     D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
     WPG: tl.constexpr, KEYS_PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr,
     HAS_LENGTH: tl.constexpr, RING: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
+    FLOAT: tl.constexpr = False,
 ):
     bh, split = tl.program_id(0), tl.program_id(1)
     b = bh // HKV
@@ -247,7 +250,15 @@ def _kv_attention_kernel(
     q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
     q = (q.to(tl.float32) * sm_scale).to(DOT_DTYPE)
     first, m, l, acc = _initial_state(start_ptr, b, HAS_START, R, D)
-    if split < splits - 1:  # a share of the packed store
+    if FLOAT and split < splits - 1:  # a share of a float store: keys kc_ptr, values vc_ptr [B * Hkv, TQ, D]
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, TQ)
+        if HAS_LENGTH:
+            hi = tl.minimum(hi, tl.load(length_ptr + b))
+        m, l, acc = _dense_tokens(q, kc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D,
+                                  vc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D, hi - lo, lo, first, 0, m, l, acc,
+                                  chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
+    elif split < splits - 1:  # a share of the packed store
         k_params = TQ // G * D if KEYS_PER_CHANNEL else TQ * (D // G)
         kc = kc_ptr + bh.to(tl.int64) * (TQ // G * WPG * D if KEYS_PER_CHANNEL else TQ * (D // G * WPG))
         ks, km = ks_ptr + bh.to(tl.int64) * k_params, km_ptr + bh.to(tl.int64) * k_params
@@ -369,13 +380,15 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
     acc = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
     tensors = [t.contiguous() for t in (q, *packed_k, *packed_v, res_k, res_v)]
     dot_dtype, precision = dot_types(q.dtype)
+    store_float = key_axis == "float"  # packed_k / packed_v hold the float keys / values (float_decode_attention)
     _kv_attention_kernel[(b * hkv, splits)](
         *tensors, *(m if t is None else t.contiguous() for t in (start, length, newest)), m, l, acc, hkv, tq, tr,
         per_split, sm_scale,
-        D=d, REP=hq // hkv, BITS=bits, G=group, EPW=values_per_word(bits), WPG=words_per_group(bits, group),
-        KEYS_PER_CHANNEL=key_axis == "channel", BLOCK_T=block_t, HAS_START=start is not None,
-        HAS_LENGTH=length is not None, RING=newest is not None, DOT_DTYPE=dot_dtype,
-        PRECISION=precision, R=REP_PAD, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        D=d, REP=hq // hkv, BITS=bits, G=group, EPW=1 if store_float else values_per_word(bits),
+        WPG=1 if store_float else words_per_group(bits, group), KEYS_PER_CHANNEL=key_axis == "channel",
+        BLOCK_T=block_t, HAS_START=start is not None, HAS_LENGTH=length is not None, RING=newest is not None,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, R=REP_PAD, FLOAT=store_float, num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     _combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
@@ -403,4 +416,26 @@ def kivi_decode_attention(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_
     return launch(config, *args)
 
 
-__all__ = ["kivi_decode_attention", "kivi_decode_attention_ref"]
+def float_decode_attention(q, k, v, *, length, sm_scale: float | None = None) -> torch.Tensor:
+    """o [B, Hq, D] = softmax(sm_scale q K^T) V over the first length[b] tokens of a float cache k, v [B, Hkv, T, D]
+    (a static cache's layer, in q's dtype; length int32 [B], read on the device): the same flash-decoding kernel,
+    its store shares loading keys and values as they are. Reference: reference_attention with positions past
+    length masked."""
+    b, hq, d, hkv, t = check_heads(q, k, "k")
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"head size {d} must be a power of two >= 16")
+    check_tensors({"k": (k, (b, hkv, t, d), (q.dtype,)), "v": (v, (b, hkv, t, d), (q.dtype,)),
+                   "length": (length, (b,), (torch.int32, torch.int64))}, f"q {tuple(q.shape)}, a cache of {t} tokens")
+    check_device({"q": q, "k": k, "v": v, "length": length})
+    if t == 0:
+        raise ValueError("the cache is empty: nothing to attend to")
+    sm_scale = 1 / math.sqrt(d) if sm_scale is None else sm_scale
+    window = k[:, :, :0]
+    key = {"T": next_power_of_2(t), "B": b, "Hq": hq, "Hkv": hkv, "D": d, "bits": 16, "group": d, "keys": "float",
+           "dtype": str(q.dtype).removeprefix("torch.")}
+    args = (q, PackedKV(k, k, k), PackedKV(v, v, v), window, window, 16, d, sm_scale, None, "float", length)
+    config = tune("kv_decode_attention", key, configs(key["T"]), lambda c: launch(c, *args), q.device)
+    return launch(config, *args)
+
+
+__all__ = ["float_decode_attention", "kivi_decode_attention", "kivi_decode_attention_ref"]
