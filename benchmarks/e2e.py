@@ -9,8 +9,10 @@ run (issue 10).
 Model: Llama-3-8B shapes (hidden 4096, intermediate 14336, 32 query / 8 KV heads of 128, vocab 128256), --layers
 decoder layers (32: the whole model, 16 GB in fp16), fp16, HF's random init (N(0, 0.02)); --tiny: a 2-layer
 hidden-256 model on whatever device there is (the CPU runs the decoder eagerly: a smoke test of this script, not a
-measurement). Each variant quantizes a copy; methods that need calibration get CALIB random token windows (speed
-does not depend on the weights' values, only on their format):
+measurement). Each variant quantizes a copy; methods that need calibration get CALIB random token windows. A weight
+method quantizes the first --method-layers decoder layers (default 1; 0: all) and the other layers get copies of
+those layers' quantized linears: the same format and bytes in every layer (decode speed depends on the format, not on
+the values), and an 8B variant builds in seconds instead of the many minutes GPTQ / QuIP# take on 32 layers:
     fp16              the model as is, fp16 cache (decode attention: masked SDPA over the static cache)
     gptq-w4a16        gptq bits=4 group 128, act order with static groups (PackedLinear: the weight-only kernels)
     qqq-w4a8          qqq per channel, no smoothing search (ActQuantLinear: int8 activations, W4A8 GEMM)
@@ -25,13 +27,19 @@ Per variant and batch B: the prompt (B x prompt random tokens) is prefilled, the
 time to first token (the prefill, ms), decode ms per step and tokens/s (B tokens a step), the ratio of tokens/s to
 fp16's at the same B, weight bytes and KV-cache bytes per token. fp16 also runs its steps eagerly (no graph) at
 batch 1: what launches cost. Every variant's prefill logits are compared with fp16's (relative error). A variant
-that fails is reported and skipped; --plot draws tokens/s over fp16 per variant and batch (matplotlib PNG).
+that fails is reported and skipped; --plot draws tokens/s over fp16 per variant and batch (matplotlib PNG);
+--profile prints, per variant, the CUDA kernels of one eager batch-1 decode step (torch.profiler: time and calls by
+kernel name), where a step's time goes. --tune first tunes each variant's decode-step kernels at every batch
+(tquant.tune.tune_model with a one-token prompt: GEMMs at M = batch; keys already in the shipped or user file are
+kept) and then runs with TQUANT_AUTOTUNE=0: prefill GEMMs and the attention over the long cache take shipped
+entries or defaults, untimed tuning stays out of the device budget.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tquant  # noqa: E402
 from tquant.decode import StaticDecoder  # noqa: E402
 from tquant.models import model_bytes  # noqa: E402
+from tquant.tune import tune_model  # noqa: E402
 
 NO_CALIB = dict(smooth_attention=0, smooth_xw=False, reorder=False, calib_range=False, rotate=False)
 CALIB = dict(n_samples=4, seqlen=256)  # random windows for the methods that need calibration
@@ -105,7 +114,19 @@ def patch_gemlite(model):
     return model
 
 
-def make_variant(name: str, base, device: str):
+KV_METHODS = ("qoq_kv4", "kivi")  # methods of the KV cache alone: no linears, quantized in full
+
+
+def copy_quantized_layers(model, method_layers: int) -> None:
+    """Layer i >= method_layers gets copies of the quantized (no longer nn.Linear) linears of layer i % method_layers."""
+    layers = model.model.layers
+    for i in range(method_layers, len(layers)):
+        for name, module in list(layers[i % method_layers].named_modules()):
+            if name and not isinstance(module, torch.nn.Linear) and hasattr(module, "in_features"):
+                layers[i].set_submodule(name, copy.deepcopy(module))
+
+
+def make_variant(name: str, base, device: str, method_layers: int = 0):
     spec = VARIANTS[name]
     if spec is None:
         return base
@@ -114,7 +135,35 @@ def make_variant(name: str, base, device: str):
     method, opts = spec
     calib = torch.randint(0, base.config.vocab_size, (CALIB["n_samples"], CALIB["seqlen"]),
                           generator=torch.Generator().manual_seed(1))
-    return tquant.quantize(copy.deepcopy(base), method, device=device, progress=False, calib=calib, **CALIB, **opts)
+    layers = base.config.num_hidden_layers
+    partial = method not in KV_METHODS and 0 < method_layers < layers
+    skip = [f"model.layers.{i}.*" for i in range(method_layers, layers)] if partial else []
+    model = tquant.quantize(copy.deepcopy(base), method, device=device, progress=False, calib=calib, skip=skip,
+                            **CALIB, **opts)
+    if partial:
+        copy_quantized_layers(model, method_layers)
+    return model
+
+
+def profile_step(model, prompt: int, top: int = 12) -> str:
+    """The CUDA kernels of one eager batch-1 decode step after a prompt of `prompt` tokens, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = StaticDecoder(model, 1, prompt + 4, graphs=False)
+    device = model.get_input_embeddings().weight.device
+    nxt = dec.prefill(torch.randint(0, model.config.vocab_size, (1, prompt), device=device)).argmax(-1)
+    nxt = dec.step(nxt).argmax(-1)  # warm-up: autotune lookups, first launches
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.step(nxt)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    calls = sum(e.count for e in events)
+    lines = [f"  one eager step: {calls} kernels, {total / 1e3:.2f} ms of kernel time"]
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:top]:
+        lines.append(f"  {e.device_time_total / 1e3:8.3f} ms {e.count:5d}x  {e.key[:100]}")
+    return "\n".join(lines)
 
 
 def timed(fn):
@@ -238,6 +287,10 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, metavar="PNG")
     p.add_argument("--tiny", action="store_true", help="a small model on any device: a smoke test, not a measurement")
+    p.add_argument("--method-layers", type=int, default=1,
+                   help="decoder layers a weight method quantizes; the rest get copies (0: all)")
+    p.add_argument("--profile", action="store_true", help="print each variant's kernels of one eager decode step")
+    p.add_argument("--tune", action="store_true", help="tune each variant's decode kernels (M = batch) first")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="only merge earlier runs' JSON: the table, and the plot with --plot")
     a = p.parse_args(argv)
@@ -257,6 +310,8 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(gpu, "torch", torch.__version__, "triton", __import__("triton").__version__, "transformers",
           transformers.__version__, flush=True)
+    if a.tune and device == "cuda":
+        os.environ["TQUANT_AUTOTUNE"] = "0"  # the runs: shipped, user-file or default configs, no timing inside them
     cfg = model_config(a.layers, a.tiny)
     base = build(cfg, device)
     batches = [int(b) for b in a.batches.split(",")]
@@ -264,11 +319,14 @@ def main(argv=None):
     for name in a.variants.split(","):
         t = time.time()
         try:
-            model = make_variant(name, base, device)
+            model = make_variant(name, base, device, a.method_layers)
         except Exception as e:  # keep the other variants' numbers (e.g. gemlite not installed)
             print(f"{name} failed to build: {type(e).__name__}: {e}", flush=True)
             continue
         build_s = round(time.time() - t)
+        if a.tune and device == "cuda":  # tune_model turns tuning on while it runs
+            r = tune_model(model, batches=batches, prompt_len=1, progress=False)
+            print(f"{name}: {r['new']} decode kernel configs tuned in {r['seconds']} s", flush=True)
         rows = []
         for b in batches:
             try:
@@ -286,6 +344,8 @@ def main(argv=None):
             row, _ = decode_run(model, 1, a.prompt, a.new, graphs=False)
             print("fp16 eager (no graph)", json.dumps(row), flush=True)
             results["fp16-eager"] = {"rows": [row]}
+        if a.profile and device == "cuda":
+            print(f"{name} profile (batch 1, eager, prompt {a.prompt}):\n" + profile_step(model, a.prompt), flush=True)
         results[name] = {"weight_bytes": model_bytes(model), "rows": rows, "build_seconds": build_s,
                          "seconds": round(time.time() - t)}
         if model is not base:
@@ -297,7 +357,8 @@ def main(argv=None):
     print(f"\n{title}; tokens/s (x fp16)\n" + table(results, batches))
     if a.json:
         json.dump({"gpu": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__,
-                   "layers": cfg.num_hidden_layers, "prompt": a.prompt, "new": a.new, "results": results},
+                   "layers": cfg.num_hidden_layers, "method_layers": a.method_layers, "prompt": a.prompt,
+                   "new": a.new, "results": results},
                   open(a.json, "w"), indent=2)
     if a.plot and "fp16" in results:
         plot(results, batches, a.plot, title)

@@ -5,6 +5,7 @@ runs on a GPU only."""
 import pytest
 import torch
 import transformers
+from kernel_device import DEVICE
 from test_kv_cache import decoded_logits, rel
 from tiny_models import ARCHS, VOCAB, tiny_model, token_batch
 
@@ -104,7 +105,7 @@ def test_kernels_fused_step_matches_the_torch_step(monkeypatch, arch, kv):
         tquant.quantize(model, "qoq_kv4", calib=token_batch(4, 32, seed=5))
     if kv == "kivi":
         tquant.quantize(model, "kivi", kv_bits=4, group_size=4, residual=3)
-    ids = token_batch(2, TOTAL, seed=10)
+    model, ids = model.to(DEVICE), token_batch(2, TOTAL, seed=10).to(DEVICE)
     calls = {}
     for name in ("rms_norm", "rope_qkv", "silu_mul"):
         fn = getattr(decode, name)

@@ -20,7 +20,7 @@ def test_e2e_runs_every_row_and_writes_json_and_plot(tmp_path):
     e2e = load_e2e()
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
     results = e2e.main(["--tiny", "--prompt", "8", "--new", "3", "--batches", "1,2", "--variants",
-                        "fp16,gptq-w4a16,fp16-kv4", "--json", str(out), "--plot", str(png)])
+                        "fp16,gptq-w4a16,fp16-kv4", "--json", str(out), "--plot", str(png), "--method-layers", "0"])
     assert set(results) == {"fp16", "fp16-eager", "gptq-w4a16", "fp16-kv4"}
     for name in ("fp16", "gptq-w4a16", "fp16-kv4"):
         assert [r["batch"] for r in results[name]["rows"]] == [1, 2]
@@ -40,3 +40,18 @@ def test_e2e_runs_every_row_and_writes_json_and_plot(tmp_path):
     assert torch.is_grad_enabled()  # main leaves the process's autograd mode as it found it
     with pytest.raises(SystemExit, match="unknown variants"):
         e2e.main(["--tiny", "--variants", "fp16,w9a9"])
+
+
+def test_e2e_method_layers_copies_the_quantized_linears():
+    """--method-layers 1: the method quantizes layer 0 only and layer 1 holds copies of its quantized linears (own
+    tensors, same values); 0 quantizes every layer."""
+    e2e = load_e2e()
+    base = e2e.build(e2e.model_config(2, tiny=True), "cpu")
+    one = e2e.make_variant("gptq-w4a16", base, "cpu", method_layers=1)
+    first, second = (layer.self_attn.q_proj for layer in one.model.layers)
+    assert type(first) is type(second) and not isinstance(first, torch.nn.Linear)
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(first.buffers(), second.buffers()))
+    every = e2e.make_variant("gptq-w4a16", base, "cpu", method_layers=0)
+    a, b = (layer.mlp.down_proj for layer in every.model.layers)
+    assert not isinstance(b, torch.nn.Linear) and not torch.equal(next(a.buffers()), next(b.buffers()))
+    assert isinstance(base.model.layers[1].self_attn.q_proj, torch.nn.Linear)  # the base model is left alone
