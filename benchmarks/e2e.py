@@ -348,6 +348,10 @@ def main(argv=None):
             print(f"{name} profile (batch 1, eager, prompt {a.prompt}):\n" + profile_step(model, a.prompt), flush=True)
         results[name] = {"weight_bytes": model_bytes(model), "rows": rows, "build_seconds": build_s,
                          "seconds": round(time.time() - t)}
+        if a.json:  # after every variant: a run cut short keeps what it measured
+            json.dump({"gpu": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__,
+                       "layers": cfg.num_hidden_layers, "method_layers": a.method_layers, "prompt": a.prompt,
+                       "new": a.new, "results": results}, open(a.json, "w"), indent=2)
         if model is not base:
             del model
             if device == "cuda":
@@ -355,11 +359,6 @@ def main(argv=None):
     title = (f"{gpu}: {cfg.num_hidden_layers} layers of " + ("a tiny Llama" if a.tiny else "Llama-3-8B shapes")
              + f", prompt {a.prompt}, {a.new} new tokens")
     print(f"\n{title}; tokens/s (x fp16)\n" + table(results, batches))
-    if a.json:
-        json.dump({"gpu": gpu, "torch": torch.__version__, "triton": __import__("triton").__version__,
-                   "layers": cfg.num_hidden_layers, "method_layers": a.method_layers, "prompt": a.prompt,
-                   "new": a.new, "results": results},
-                  open(a.json, "w"), indent=2)
     if a.plot and "fp16" in results:
         plot(results, batches, a.plot, title)
     return results

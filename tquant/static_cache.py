@@ -95,7 +95,7 @@ class StaticKVCache:
         """Before a forward that writes positions pos (int64 [t]): the stored tokens a decode step attends to
         (all up to pos, or those before it where its own token comes exact), computed once for every layer."""
         self._exact = self.bits is not None and not self.prefill_with_quant
-        self._length = (pos[-1:] + (0 if self._exact else 1)).to(torch.int32).expand(self.batch)
+        self._length = (pos[-1:] + (0 if self._exact else 1)).to(torch.int32).expand(self.batch).contiguous()
 
     def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          sm_scale: float) -> torch.Tensor:
@@ -180,7 +180,7 @@ class StaticKiviCache:
         first_group = self._flushed // self.group
         self._key_rows = (first_group * len(self._word_offsets) + self._word_offsets, first_group, first_group)
         self._value_rows = self._flushed + self._offsets
-        self._lengths = tuple(n.to(torch.int32).expand(self._batch) for n in (self._flushed, self._newest))
+        self._lengths = tuple(n.to(torch.int32).expand(self._batch).contiguous() for n in (self._flushed, self._newest))
         self._attended = self._lengths[1] + 1
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
