@@ -26,7 +26,8 @@ the values), and an 8B variant builds in seconds instead of the many minutes GPT
 Per variant and batch B: the prompt (B x prompt random tokens) is prefilled, then new - 1 greedy steps. Printed:
 time to first token (the prefill, ms), decode ms per step and tokens/s (B tokens a step), the ratio of tokens/s to
 fp16's at the same B, weight bytes and KV-cache bytes per token. fp16 also runs its steps eagerly (no graph) at
-batch 1: what launches cost. Every variant's prefill logits are compared with fp16's (relative error). A variant
+batch 1, what launches cost, and as a graph of the unfused torch step (HF's norm / RoPE / MLP ops and a masked SDPA
+over the cache), what the fused step kernels save. Every variant's prefill logits are compared with fp16's (relative error). A variant
 that fails is reported and skipped; --plot draws tokens/s over fp16 per variant and batch (matplotlib PNG);
 --profile prints, per variant, the CUDA kernels of one eager batch-1 decode step (torch.profiler: time and calls by
 kernel name), where a step's time goes. --tune first tunes each variant's decode-step kernels at every batch
@@ -180,8 +181,10 @@ def timed(fn):
     return out, start.elapsed_time(end)
 
 
-def decode_run(model, batch: int, prompt: int, new: int, graphs: bool | None = None) -> dict:
-    dec = StaticDecoder(model, batch, prompt + new, graphs=graphs)
+def decode_run(model, batch: int, prompt: int, new: int, graphs: bool | None = None, fused: bool | None = None) -> dict:
+    dec = StaticDecoder(model, batch, prompt + new, graphs=graphs, fused=fused)
+    if fused is False:  # the torch step throughout: masked SDPA over the float cache too
+        dec.cache.kernel = False
     device = model.get_input_embeddings().weight.device
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch))
     ids = ids.to(device)
@@ -227,7 +230,7 @@ def merge(paths: list[str]) -> tuple[dict, dict]:
         for name, r in data["results"].items():
             for row in r["rows"]:
                 row["fp16_tokens_per_s"] = fp.get(row["batch"])
-            if name not in ("fp16", "fp16-eager") or name not in results:
+            if name not in ("fp16", "fp16-eager", "fp16-unfused") or name not in results:
                 results[name] = r
     return results, info
 
@@ -260,7 +263,7 @@ def plot(results: dict, batches: list[int], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in results if n not in ("fp16", "fp16-eager") and results[n]["rows"]]
+    names = [n for n in results if n not in ("fp16", "fp16-eager", "fp16-unfused") and results[n]["rows"]]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
     width = 0.8 / len(batches)
     for i, b in enumerate(batches):
@@ -344,6 +347,9 @@ def main(argv=None):
             row, _ = decode_run(model, 1, a.prompt, a.new, graphs=False)
             print("fp16 eager (no graph)", json.dumps(row), flush=True)
             results["fp16-eager"] = {"rows": [row]}
+            row, _ = decode_run(model, 1, a.prompt, a.new, fused=False)
+            print("fp16 unfused (graph of torch ops)", json.dumps(row), flush=True)
+            results["fp16-unfused"] = {"rows": [row]}
         if a.profile and device == "cuda":
             print(f"{name} profile (batch 1, eager, prompt {a.prompt}):\n" + profile_step(model, a.prompt), flush=True)
         results[name] = {"weight_bytes": model_bytes(model), "rows": rows, "build_seconds": build_s,

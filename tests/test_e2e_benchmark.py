@@ -21,7 +21,7 @@ def test_e2e_runs_every_row_and_writes_json_and_plot(tmp_path):
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"
     results = e2e.main(["--tiny", "--prompt", "8", "--new", "3", "--batches", "1,2", "--variants",
                         "fp16,gptq-w4a16,fp16-kv4", "--json", str(out), "--plot", str(png), "--method-layers", "0"])
-    assert set(results) == {"fp16", "fp16-eager", "gptq-w4a16", "fp16-kv4"}
+    assert set(results) == {"fp16", "fp16-eager", "fp16-unfused", "gptq-w4a16", "fp16-kv4"}
     for name in ("fp16", "gptq-w4a16", "fp16-kv4"):
         assert [r["batch"] for r in results[name]["rows"]] == [1, 2]
         assert all(r["tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in results[name]["rows"])
@@ -33,7 +33,7 @@ def test_e2e_runs_every_row_and_writes_json_and_plot(tmp_path):
     e2e.main(["--tiny", "--prompt", "8", "--new", "3", "--batches", "1,2", "--variants", "fp16,qoq-w4a8",
               "--json", str(other)])
     merged = e2e.main(["--merge", str(out), str(other), "--plot", str(png)])
-    assert set(merged) == {"fp16", "fp16-eager", "gptq-w4a16", "fp16-kv4", "qoq-w4a8"}
+    assert set(merged) == {"fp16", "fp16-eager", "fp16-unfused", "gptq-w4a16", "fp16-kv4", "qoq-w4a8"}
     second_fp16 = json.loads(other.read_text())["results"]["fp16"]["rows"][0]["tokens_per_s"]
     assert merged["qoq-w4a8"]["rows"][0]["fp16_tokens_per_s"] == second_fp16
     assert merged["fp16-kv4"]["rows"][0]["fp16_tokens_per_s"] == results["fp16"]["rows"][0]["tokens_per_s"]
