@@ -10,7 +10,7 @@
 # Merge the calls' JSON and draw the plot here: python benchmarks/e2e.py --merge gpu_out/e2e_*.json --plot PNG
 source benchmarks/gpu_env.sh
 if [ "$1" = tests ]; then
-  TRITON_INTERPRET=0 timeout ${TEST_TIMEOUT:-300} python -m pytest -q -p no:cacheprovider -rfE --tb=short \
+  TQUANT_AUTOTUNE=0 TRITON_INTERPRET=0 timeout ${TEST_TIMEOUT:-300} python -m pytest -q -p no:cacheprovider -rfE --tb=short \
     tests/test_kernels_decoder_ops.py tests/test_tune.py tests/test_speed.py tests/test_decode.py \
     -k "decoder_ops or fused or cuda or graph_replay or tune_model" 2>&1 | tail -20 | tee $OUT/cuda_tests.txt
 elif [ "$1" = e2e ]; then

@@ -76,6 +76,8 @@ PATHS = {
     "gemv": (1, dequant_gemv.INTERPRETER_CONFIG),
     "gemm_split_k": (5, dequant_gemm.INTERPRETER_CONFIGS[0]),
     "gemm": (20, dequant_gemm.INTERPRETER_CONFIGS[1]),
+    "gemm_split_k_gather": (5, dict(dequant_gemm.INTERPRETER_CONFIGS[0], gather=True)),  # x[:, perm] first
+    "gemm_gather": (20, dict(dequant_gemm.INTERPRETER_CONFIGS[1], gather=True)),
     "dense": (20, DENSE),
 }
 
@@ -90,6 +92,16 @@ def test_kernels_every_path(path, bits, k, group_size):
     y = run_path(config, t["x"], t["qweight"], t["scales"], t["zeros"], t["perm"], t["bias"], bits=bits,
                  group_size=group_size, in_features=k)
     assert_close(y, call(weight_only_matmul_ref, t, bits, group_size), torch.float16)
+
+
+def test_gpu_candidates_gather_only_with_perm(monkeypatch):
+    """With perm, every GEMM config at M > 1 is also a candidate with x gathered first; never at M = 1 or
+    without perm."""
+    monkeypatch.setattr(weight_only_matmul_module, "interpreter_on", lambda: False)
+    plain = weight_only_matmul_module.candidates.__wrapped__(16, 4096, 512)
+    gathered = weight_only_matmul_module.candidates.__wrapped__(16, 4096, 512, True)
+    assert gathered == plain + [dict(c, gather=True) for c in plain]
+    assert not any(c.get("gather") for c in weight_only_matmul_module.candidates.__wrapped__(1, 4096, 512, True))
 
 
 @needs_backend
@@ -292,7 +304,7 @@ def test_kernels_shipped_configs_are_current(monkeypatch):
 
     def weight_only(key):
         kw = -(-int(key["K"]) // (32 // int(key["bits"])))
-        return weight_only_matmul_module.candidates.__wrapped__(int(key["M"]), int(key["N"]), kw)
+        return weight_only_matmul_module.candidates.__wrapped__(int(key["M"]), int(key["N"]), kw, key["perm"] == "1")
 
     candidates_of = {"w8a8_matmul": lambda key: w8a8_gemm.configs(int(key["M"])),
                      "w4a8_matmul": lambda key: w4a8_gemm.configs(int(key["M"])),

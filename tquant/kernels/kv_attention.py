@@ -250,30 +250,27 @@ def _kv_attention_kernel(
     q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
     q = (q.to(tl.float32) * sm_scale).to(DOT_DTYPE)
     first, m, l, acc = _initial_state(start_ptr, b, HAS_START, R, D)
-    if FLOAT and split < splits - 1:  # a share of a float store: keys kc_ptr, values vc_ptr [B * Hkv, TQ, D]
-        lo = split * tokens_per_split
-        hi = tl.minimum(lo + tokens_per_split, TQ)
-        if HAS_LENGTH:
-            hi = tl.minimum(hi, tl.load(length_ptr + b))
-        m, l, acc = _dense_tokens(q, kc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D,
-                                  vc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D, hi - lo, lo, first, 0, m, l, acc,
-                                  chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
-    elif split < splits - 1:  # a share of the packed store
-        k_params = TQ // G * D if KEYS_PER_CHANNEL else TQ * (D // G)
-        kc = kc_ptr + bh.to(tl.int64) * (TQ // G * WPG * D if KEYS_PER_CHANNEL else TQ * (D // G * WPG))
-        ks, km = ks_ptr + bh.to(tl.int64) * k_params, km_ptr + bh.to(tl.int64) * k_params
-        vc = vc_ptr + bh.to(tl.int64) * (TQ * (D // G * WPG))
-        vs, vm = vs_ptr + bh.to(tl.int64) * (TQ * (D // G)), vm_ptr + bh.to(tl.int64) * (TQ * (D // G))
+    if split < splits - 1:  # a share of the store
         lo = split * tokens_per_split
         hi = tl.minimum(lo + tokens_per_split, TQ)
         if HAS_LENGTH:  # a static store: tokens past length[b] are not read
             hi = tl.minimum(hi, tl.load(length_ptr + b))
-        for t0 in range(lo, hi, BLOCK_T):
-            tok = t0 + tl.arange(0, BLOCK_T)
-            k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
-            p, m, alpha = _scores(q, k, (tok < hi) & (tok >= first), m, DOT_DTYPE, PRECISION)
-            v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
-            l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
+        if FLOAT:  # keys kc_ptr, values vc_ptr [B * Hkv, TQ, D] as they are
+            m, l, acc = _dense_tokens(q, kc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D,
+                                      vc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D, hi - lo, lo, first, 0, m, l, acc,
+                                      chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
+        else:  # packed codes
+            k_params = TQ // G * D if KEYS_PER_CHANNEL else TQ * (D // G)
+            kc = kc_ptr + bh.to(tl.int64) * (TQ // G * WPG * D if KEYS_PER_CHANNEL else TQ * (D // G * WPG))
+            ks, km = ks_ptr + bh.to(tl.int64) * k_params, km_ptr + bh.to(tl.int64) * k_params
+            vc = vc_ptr + bh.to(tl.int64) * (TQ * (D // G * WPG))
+            vs, vm = vs_ptr + bh.to(tl.int64) * (TQ * (D // G)), vm_ptr + bh.to(tl.int64) * (TQ * (D // G))
+            for t0 in range(lo, hi, BLOCK_T):
+                tok = t0 + tl.arange(0, BLOCK_T)
+                k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
+                p, m, alpha = _scores(q, k, (tok < hi) & (tok >= first), m, DOT_DTYPE, PRECISION)
+                v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
+                l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     else:  # the last program of each (b, kv head): the full-precision residual window
         pos0, newest = TQ, 0
         if RING:  # a static window: positions length[b] ... newest[b] in a ring of TR slots

@@ -15,6 +15,9 @@ key (M rounded up to a power of two, N, K, bits, group_size, dtype, perm) by aut
     M == 1      dequant_gemv (no tl.dot), split-K
     M <= 16     dequant_gemm with y^T = w^T x^T (BLOCK_M = 16), split-K
     M > 16      dequant_gemm; from M >= 128 on also "dense": dequantize once (Triton), then cuBLAS (x @ w)
+With perm and M > 1 each GEMM config also comes with gather=True: x[:, perm] is gathered once (one torch
+index_select) and the kernel reads x in storage order, instead of gathering x's K step tiles by perm inside every
+program of the grid (at M = 16 on an H200 that in-kernel gather made GPTQ's act-order GEMMs 2.2x slower).
 `weight_only_matmul_ref` is plain torch in fp32 (for CPU modules and tests).
 """
 from __future__ import annotations
@@ -87,14 +90,16 @@ def weight_only_matmul_ref(x, qweight, scales, zeros, *, bits, group_size, in_fe
 
 
 @functools.lru_cache(maxsize=256)
-def candidates(m: int, n: int, kw: int) -> list[dict]:
+def candidates(m: int, n: int, kw: int, perm: bool = False) -> list[dict]:
     """Launch configs to tune over for batch m (rounded up to a power of two), N = n, kw words along K
-    (the first is the default). Cached: callers must not modify the list."""
+    (the first is the default); with perm and m > 1 every GEMM config also with gather=True. Cached: callers must
+    not modify the list."""
     if interpreter_on():
         return [dequant_gemv.INTERPRETER_CONFIG if m == 1 else dequant_gemm.INTERPRETER_CONFIGS[m > 16]]
     if m == 1:
         return dequant_gemv.configs(n, kw)
-    return dequant_gemm.configs(m, n, kw) + ([DENSE] if m >= 128 else [])
+    gemms = dequant_gemm.configs(m, n, kw)
+    return gemms + ([dict(c, gather=True) for c in gemms] if perm else []) + ([DENSE] if m >= 128 else [])
 
 
 def run_path(config, x, qweight, scales, zeros, perm, bias, *, bits, group_size, in_features, bilevel=None):
@@ -103,6 +108,8 @@ def run_path(config, x, qweight, scales, zeros, perm, bias, *, bits, group_size,
         w = dequant_gemm.dequantize(qweight, scales, zeros, perm, bits=bits, group_size=group_size,
                                     in_features=in_features, dtype=x.dtype, bilevel=bilevel)
         return x @ w if bias is None else torch.addmm(bias, x, w)
+    if config.get("gather") and perm is not None:
+        x, perm = x.index_select(1, perm), None
     kernel = dequant_gemv.gemv if config["path"] == "gemv" else dequant_gemm.gemm
     return kernel(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, config=config,
                   bilevel=bilevel)
@@ -120,6 +127,6 @@ def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_featur
     key = dict(M=next_power_of_2(m), N=n, K=in_features, bits=bits, group=group_size,
                dtype=str(x.dtype).removeprefix("torch."), perm=int(perm is not None),
                **({} if bilevel is None else {"bilevel": "{}/{}".format(*bilevel)}))
-    configs = candidates(key["M"], n, qweight.shape[0])
+    configs = candidates(key["M"], n, qweight.shape[0], perm is not None)
     config = tune("weight_only_matmul", key, configs, lambda c: run_path(c, *args, **kw), x.device)
     return run_path(config, *args, **kw)
