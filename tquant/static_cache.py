@@ -27,7 +27,8 @@ class StaticKVCache:
     bits 4 / 8 (qoq_kv4): per-token asymmetric codes with one fp16 (scale, minimum) per token and KV head (the
         per-token layout of tquant.kv_quant, group = D): codes int32 [L, B, Hkv, T, D * bits / 32],
         scale, mn fp16 [L, B, Hkv, T, 1], for keys and for values
-    write(layer, k, v, pos) stores k, v [B, Hkv, t, D] at positions pos (int64 [t]); attend(layer, q, length,
+    write(layer, k, v, pos) stores k, v [B, Hkv, t, D] at positions pos (int64 [t]; codes: one kernel on CUDA,
+    tquant.kernels.kv_quant_write); attend(layer, q, length,
     ...) is one query token per row, q [B, Hq, D], over positions 0 ... length[b] - 1 (length int32 [B]) and an
     optional exact window. A decode step of a quantized cache without prefill_with_quant attends to its own token
     exactly (as tquant.kv_cache's layers do: a call's own tokens come as given) and to the earlier ones as stored
@@ -55,10 +56,14 @@ class StaticKVCache:
             self.k[layer].index_copy_(2, pos, k.to(self.dtype))
             self.v[layer].index_copy_(2, pos, v.to(self.dtype))
             return
-        d = k.shape[-1]
-        for store, x in ((self.k, k), (self.v, v)):
-            for part, new in zip(store, quantize_values(x, self.bits, d)):
-                part[layer].index_copy_(2, pos, new)
+        stores = [PackedKV(*(p[layer] for p in store)) for store in (self.k, self.v)]
+        if self.kernel:
+            from .kernels.kv_quant_write import kv_quant_write
+
+            return kv_quant_write(k, v, *stores, pos, self.bits)
+        for store, x in zip(stores, (k, v)):
+            for part, new in zip(store, quantize_values(x, self.bits, x.shape[-1])):
+                part.index_copy_(2, pos, new)
 
     def stored(self, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions 0 ... t - 1 of one layer as the cache holds them, in the model's dtype."""
