@@ -287,6 +287,16 @@ def test_kernels_autotune_ignores_bad_entries(cache_dirs, content, warns):
     assert json.loads(user_file.read_text())["entries"]["kern|M=1,N=8"]["config"] == dict(BLOCK=32)
 
 
+def test_autotune_rank_falls_back_to_warm_times_below_the_noise():
+    """Flushed times rank the candidates; when the fastest is <= 0 (a kernel shorter than the flush's noise) the
+    warm-L2 times rank them all instead."""
+    a, b, c = dict(BLOCK=1), dict(BLOCK=2), dict(BLOCK=3)
+    assert autotune_cache.rank([(5.0, a), (3.0, b), (4.0, c)], lambda cfg: 1 / 0) == [(3.0, b), (4.0, c), (5.0, a)]
+    warm = {1: 2.0, 2: 9.0, 3: 1.5}
+    assert autotune_cache.rank([(5.0, a), (-2.5, b), (0.4, c)], lambda cfg: warm[cfg["BLOCK"]]) == \
+        [(1.5, c), (2.0, a), (9.0, b)]
+
+
 def test_kernels_autotune_off_uses_first_config(cache_dirs, monkeypatch):
     _, _, calls = cache_dirs
     monkeypatch.setenv("TQUANT_AUTOTUNE", "0")
