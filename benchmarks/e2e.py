@@ -27,13 +27,13 @@ Per variant and batch B: the prompt (B x prompt random tokens) is prefilled, the
 time to first token (the prefill, ms), decode ms per step and tokens/s (B tokens a step), the ratio of tokens/s to
 fp16's at the same B, weight bytes and KV-cache bytes per token. fp16 also runs its steps eagerly (no graph) at
 batch 1, what launches cost, and as a graph of the unfused torch step (HF's norm / RoPE / MLP ops and a masked SDPA
-over the cache), what the fused step kernels save. Every variant's prefill logits are compared with fp16's (relative error). A variant
-that fails is reported and skipped; --plot draws tokens/s over fp16 per variant and batch (matplotlib PNG);
---profile prints, per variant, the CUDA kernels of one eager batch-1 decode step (torch.profiler: time and calls by
-kernel name), where a step's time goes. --tune first tunes each variant's decode-step kernels at every batch
-(tquant.tune.tune_model with a one-token prompt: GEMMs at M = batch; keys already in the shipped or user file are
-kept) and then runs with TQUANT_AUTOTUNE=0: prefill GEMMs and the attention over the long cache take shipped
-entries or defaults, untimed tuning stays out of the device budget.
+over the cache), what the fused step kernels save. Every variant's prefill logits are compared with fp16's (relative
+error). A variant that fails is reported and skipped; --plot draws tokens/s over fp16 per variant and batch
+(matplotlib PNG); --profile prints, per variant, the CUDA kernels of one eager batch-1 decode step (torch.profiler:
+time and calls by kernel name), where a step's time goes. --tune first tunes each variant's decode-step kernels at
+every batch (tquant.tune.tune_model with a one-token prompt: GEMMs at M = batch; keys already in the shipped or user
+file are kept) and then runs with TQUANT_AUTOTUNE=0: prefill GEMMs and the attention over the long cache take
+shipped entries or defaults, untimed tuning stays out of the device budget.
 """
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ KV_METHODS = ("qoq_kv4", "kivi")  # methods of the KV cache alone: no linears, q
 
 
 def copy_quantized_layers(model, method_layers: int) -> None:
-    """Layer i >= method_layers gets copies of the quantized (no longer nn.Linear) linears of layer i % method_layers."""
+    """Layer i >= method_layers gets copies of the quantized (no longer nn.Linear) linears of layer
+    i % method_layers."""
     layers = model.model.layers
     for i in range(method_layers, len(layers)):
         for name, module in list(layers[i % method_layers].named_modules()):

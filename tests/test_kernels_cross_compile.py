@@ -2,8 +2,9 @@
 interpreter runs but the CUDA compiler rejects fails here, not on a user's first launch. The launches (a default
 config each, in a subprocess with the interpreter off) are the decode-attention kernels at the shapes of issue 5
 (32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32 (and its table path at batch 1), and SpQR's (the weight-only GEMV /
-GEMM decoding bilevel stats, then the outlier kernel) at batch 1 and 16; each must compile with no more than 255
-registers."""
+GEMM decoding bilevel stats, then the outlier kernel) at batch 1 and 16, and the static decoder's fused step kernels
+(RMSNorm, RoPE + cache write, silu * up, float-cache attention, the per-token KV write) at batch 1 and 16; each must
+compile with no more than 255 registers."""
 import json
 import os
 import subprocess
@@ -14,10 +15,12 @@ import pytest
 CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), ("kivi", 4, "token", "float16"),
          ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16"),
          ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16"), ("spqr", 3, 1, "float16"), ("spqr", 4, 16, "float16"),
-         ("bcq_lut", 3, 1, "float16")]
+         ("bcq_lut", 3, 1, "float16"), ("decode", 4, 1, "float16"), ("decode", 8, 16, "bfloat16")]
 KERNELS = {"kivi": ["_kv_attention_kernel", "_combine_kernel"],
            "kvquant": ["_kvquant_attention_kernel", "_combine_kernel"], "bcq": ["_bcq_matmul_kernel"],
-           "bcq_lut": ["_bcq_table_kernel", "_bcq_lut_kernel"]}
+           "bcq_lut": ["_bcq_table_kernel", "_bcq_lut_kernel"],
+           "decode": ["_rms_norm_kernel", "_rope_qkv_kernel", "_silu_mul_kernel", "_kv_attention_kernel",
+                      "_combine_kernel", "_kv_quant_write_kernel"]}
 SPQR_KERNELS = {1: "_dequant_gemv_kernel", 16: "_dequant_gemm_kernel"}
 
 
@@ -35,7 +38,9 @@ def compile_case(kind, bits, option, dtype):
     q = torch.randn(b, hq, d).to(dtype)
     config = kv_attention.configs(4096)[0]
     with compiling_for() as done:
-        if kind == "spqr":  # option: the batch; beta1 16 (3-bit words span groups), 64 (4-bit)
+        if kind == "decode":  # the static decoder's step kernels at Llama-3-8B shapes; option: the batch
+            decode_step(option, bits, dtype)
+        elif kind == "spqr":  # option: the batch; beta1 16 (3-bit words span groups), 64 (4-bit)
             group, n, k = (16 if bits == 3 else 64), 256, 512
             x = torch.randn(option, k).to(dtype)
             stats, meta = torch.zeros(k // group, n, dtype=torch.uint8), torch.ones(2, k // group, n // 16).half()
@@ -71,6 +76,35 @@ def compile_case(kind, bits, option, dtype):
             kvquant_attention.launch(config, q, keys, values, params, exact, exact, exact, exact, bits, d**-0.5, rope,
                                      positions, None)
     return [(c.name, c.registers, c.spill_bytes) for c in done]
+
+
+def decode_step(batch, kv_bits, dtype):
+    """One launch of each fused decode-step kernel (tquant.decode) at hidden 4096, 32 / 8 heads of 128, a cache of
+    1152 tokens; their launchers' device checks are off (CPU tensors) and TQUANT_AUTOTUNE=0 takes default configs."""
+    import torch
+
+    from tquant.kernels import kv_attention, kv_quant_write, rms_norm, rope, swiglu
+    from tquant.kv_quant import PackedKV
+
+    for module in (kv_attention, kv_quant_write, rms_norm, rope, swiglu):
+        module.check_device = lambda tensors: None
+    os.environ["TQUANT_AUTOTUNE"] = "0"
+    hq, hkv, d, t = 32, 8, 128, 1152
+    x = torch.randn(batch, 1, 4096).to(dtype)
+    rms_norm.rms_norm(x, torch.ones(4096).to(dtype), 1e-5, x)
+    qkv = torch.randn(batch, 1, (hq + 2 * hkv) * d).to(dtype)
+    heads = ((0, hq), (hq, hq + hkv), (hq + hkv, hq + 2 * hkv))
+    q, k, v = (qkv[..., a * d:b * d].view(batch, 1, -1, d) for a, b in heads)
+    cos = torch.randn(batch, 1, d).to(dtype)
+    cache = torch.zeros(2, batch, hkv, t, d).to(dtype)
+    q_out = torch.empty(batch, hq, 1, d).to(dtype)
+    rope.rope_qkv(q, k, v, cos, cos, q_out, cache[0], cache[1], torch.tensor([7]))
+    swiglu.silu_mul(*torch.randn(2, batch, 1, 14336).to(dtype))
+    kv_attention.float_decode_attention(q_out[:, :, 0], cache[0], cache[1], length=torch.full((batch,), 8,
+                                        dtype=torch.int32))
+    codes = torch.zeros(batch, hkv, t, d * kv_bits // 32, dtype=torch.int32)
+    store = PackedKV(codes, torch.ones(batch, hkv, t, 1).half(), torch.zeros(batch, hkv, t, 1).half())
+    kv_quant_write.kv_quant_write(cache[0][:, :, :1], cache[1][:, :, :1], store, store, torch.tensor([7]), kv_bits)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))

@@ -4,20 +4,20 @@
     tokens = dec.generate(ids, max_new_tokens=128)           # greedy; ids [batch, t], every row t tokens
     logits = dec.prefill(ids); logits = dec.step(next_ids)   # by hand: logits [batch, vocab] of the last token
 
-HF generate grows its cache by concatenation and launches every small op from Python, so batch-1 decoding is
-bound by launches. Here the cache (StaticKVCache) is allocated once, and a decode step reads its position from
-a device tensor: embedding, then per layer the model's own modules (norms, q / k / v / o projections and MLP,
-quantized or not), RoPE, the cache write at position p and attention over positions 0 ... p; final norm and
-lm_head. Nothing in the step reads the device from the host, so on CUDA it is captured once (after a warm-up that
-fills the kernels' autotune entries) and replayed for every token. On CUDA (fused=True) the small ops between the
-projections are Triton kernels: residual add + RMSNorm (kernels.rms_norm), RoPE with the keys and values written
-into the float cache's rows (kernels.rope), silu(gate) * up (kernels.swiglu), and the float cache's decode
-attention (kernels.kv_attention.float_decode_attention): an fp16 layer is 13 launches (7 of them projections)
-instead of about 77 torch ops; the cache derives its per-step index tensors once a forward (prepare). The prefill runs eagerly; it attends to its own
-exact keys / values (or to them as stored, with the KV method's prefill_with_quant) and writes them into the
-cache. Rows of a batch share one position: the prompts are all t tokens long (no padding).
+HF generate grows its cache by concatenation and launches every small op from Python, so batch-1 decoding is bound
+by launches. Here the cache (StaticKVCache) is allocated once, and a decode step reads its position from a device
+tensor: embedding, then per layer the model's own modules (norms, q / k / v / o projections and MLP, quantized or
+not), RoPE, the cache write at position p and attention over positions 0 ... p; final norm and lm_head. Nothing in
+the step reads the device from the host, so on CUDA it is captured once (after a warm-up that fills the kernels'
+autotune entries) and replayed for every token. On CUDA (fused=True) the small ops between the projections are
+Triton kernels: residual add + RMSNorm (kernels.rms_norm), RoPE with the keys and values written into the float
+cache's rows (kernels.rope), silu(gate) * up (kernels.swiglu), and the float cache's decode attention
+(kernels.kv_attention.float_decode_attention): an fp16 layer is 13 launches (7 of them projections) instead of about
+77 torch ops; the cache derives its per-step index tensors once a forward (prepare). The prefill runs eagerly; it
+attends to its own exact keys / values (or to them as stored, with the KV method's prefill_with_quant) and writes
+them into the cache. Rows of a batch share one position: the prompts are all t tokens long (no padding).
 The model's KV method (quantization_config["kv_cache"]) decides the cache (tquant.static_cache): none -> float;
-qoq_kv4 -> per-token 4 / 8-bit codes; kivi -> per-channel key groups, per-token values and a full-precision ring of
+qoq_kv4 -> per-token 4 / 8-bit codes (written by kernels.kv_quant_write on CUDA); kivi -> per-channel key groups, per-token values and a full-precision ring of
 the newest tokens; both read by tquant.kernels.kv_attention on CUDA. KVQuant's cache has no static form yet and is
 refused.
 """
