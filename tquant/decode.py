@@ -17,9 +17,9 @@ cache's rows (kernels.rope), silu(gate) * up (kernels.swiglu), and the float cac
 attends to its own exact keys / values (or to them as stored, with the KV method's prefill_with_quant) and writes
 them into the cache. Rows of a batch share one position: the prompts are all t tokens long (no padding).
 The model's KV method (quantization_config["kv_cache"]) decides the cache (tquant.static_cache): none -> float;
-qoq_kv4 -> per-token 4 / 8-bit codes (written by kernels.kv_quant_write on CUDA); kivi -> per-channel key groups, per-token values and a full-precision ring of
-the newest tokens; both read by tquant.kernels.kv_attention on CUDA. KVQuant's cache has no static form yet and is
-refused.
+qoq_kv4 -> per-token 4 / 8-bit codes (written by kernels.kv_quant_write on CUDA); kivi -> per-channel key groups,
+per-token values and a full-precision ring of the newest tokens; both read by tquant.kernels.kv_attention on CUDA.
+KVQuant's cache has no static form yet and is refused.
 """
 from __future__ import annotations
 
