@@ -13,8 +13,8 @@ measurement). Each variant quantizes a copy; methods that need calibration get C
 method quantizes the first --method-layers decoder layers (default 1; 0: all) and the other layers get copies of
 those layers' quantized linears: the same format and bytes in every layer (decode speed depends on the format, not on
 the values), and an 8B variant builds in seconds instead of the many minutes GPTQ / QuIP# take on 32 layers:
-    fp16              the model as is, fp16 cache (decode attention: masked SDPA over the static cache)
-    gptq-w4a16        gptq bits=4 group 128, act order with static groups (PackedLinear: the weight-only kernels)
+    fp16              the model as is, fp16 cache (decode attention: kernels.kv_attention over the static cache)
+    gptq-w4a16        gptq bits=4 group 128, act order (PackedLinear with perm: the weight-only kernels)
     qqq-w4a8          qqq per channel, no smoothing search (ActQuantLinear: int8 activations, W4A8 GEMM)
     qoq-w4a8          qoq's data-free steps (progressive grid, group 128; rotation folded: free at run time)
     qoq-w4a8kv4       the same with its KV4 cache (per-token 4-bit codes, tquant.kernels.kv_attention)
@@ -115,6 +115,7 @@ def patch_gemlite(model):
     return model
 
 
+FP16_ROWS = ("fp16", "fp16-eager", "fp16-unfused")  # the baseline's rows: no ratio bars, one run's kept in a merge
 KV_METHODS = ("qoq_kv4", "kivi")  # methods of the KV cache alone: no linears, quantized in full
 
 
@@ -231,7 +232,7 @@ def merge(paths: list[str]) -> tuple[dict, dict]:
         for name, r in data["results"].items():
             for row in r["rows"]:
                 row["fp16_tokens_per_s"] = fp.get(row["batch"])
-            if name not in ("fp16", "fp16-eager", "fp16-unfused") or name not in results:
+            if name not in FP16_ROWS or name not in results:
                 results[name] = r
     return results, info
 
@@ -264,7 +265,7 @@ def plot(results: dict, batches: list[int], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in results if n not in ("fp16", "fp16-eager", "fp16-unfused") and results[n]["rows"]]
+    names = [n for n in results if n not in FP16_ROWS and results[n]["rows"]]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
     width = 0.8 / len(batches)
     for i, b in enumerate(batches):

@@ -38,6 +38,7 @@ class StaticKVCache:
     def __init__(self, layers: int, batch: int, kv_heads: int, head_size: int, max_len: int, dtype: torch.dtype,
                  device, bits: int | None = None, prefill_with_quant: bool = False):
         self.bits, self.dtype, self.prefill_with_quant, self.batch = bits, dtype, prefill_with_quant, batch
+        self._exact = bits is not None and not prefill_with_quant  # a decode step's own token is attended exactly
         self.kernel = torch.device(device).type == "cuda"
         shape = (layers, batch, kv_heads, max_len)
         if bits is None:
@@ -99,7 +100,6 @@ class StaticKVCache:
     def prepare(self, pos: torch.Tensor) -> None:
         """Before a forward that writes positions pos (int64 [t]): the stored tokens a decode step attends to
         (all up to pos, or those before it where its own token comes exact), computed once for every layer."""
-        self._exact = self.bits is not None and not self.prefill_with_quant
         self._length = (pos[-1:] + (0 if self._exact else 1)).to(torch.int32).expand(self.batch).contiguous()
 
     def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -145,7 +145,7 @@ class StaticKiviCache:
                  device, bits: int, group: int, residual: int, prefill_with_quant: bool = False):
         if residual < 1:
             raise ValueError("static KIVI decoding needs residual >= 1 (the newest token in the full-precision window)")
-        self.bits, self.group, self.residual, self.dtype, self._batch = bits, group, residual, dtype, batch
+        self.bits, self.group, self.residual, self.dtype, self.batch = bits, group, residual, dtype, batch
         self.prefill_with_quant, self._max_len = prefill_with_quant, max_len
         self.kernel = torch.device(device).type == "cuda"
         self.slots = residual + group
@@ -185,7 +185,7 @@ class StaticKiviCache:
         first_group = self._flushed // self.group
         self._key_rows = (first_group * len(self._word_offsets) + self._word_offsets, first_group, first_group)
         self._value_rows = self._flushed + self._offsets
-        self._lengths = tuple(n.to(torch.int32).expand(self._batch).contiguous() for n in (self._flushed, self._newest))
+        self._lengths = tuple(n.to(torch.int32).expand(self.batch).contiguous() for n in (self._flushed, self._newest))
         self._attended = self._lengths[1] + 1
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:

@@ -24,7 +24,7 @@ from .kernels.runtime import device_name
 
 
 @contextmanager
-def autotune_mode(value: str | None):
+def _autotune_mode(value: str | None):
     old = os.environ.get("TQUANT_AUTOTUNE")
     if value is None:
         os.environ.pop("TQUANT_AUTOTUNE", None)
@@ -58,7 +58,7 @@ def tune_model(model, *, batches=(1, 16, 64), prompt_len: int = 1024, retune: bo
     g = torch.Generator().manual_seed(0)
     if retune:
         autotune_cache.clear_chosen()
-    with autotune_mode("retune" if retune else None):
+    with _autotune_mode("retune" if retune else None):
         for batch in tqdm(batches, desc="tune batches", disable=not progress):
             ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).to(device)
             try:

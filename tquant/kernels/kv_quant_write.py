@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 
 from ..kv_quant import PackedKV, quantize_values
+from .act_quant import RNE
 from .runtime import check_device
 
 BITS = (4, 8)
-RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + RNE) - RNE is y rounded half to even for |y| < 2^22
 
 
 def kv_quant_write_ref(k, v, k_store: PackedKV, v_store: PackedKV, rows, bits: int) -> None:

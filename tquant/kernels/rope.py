@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rms_norm import DTYPES
 from .runtime import check_device
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rope_ref(x, cos, sin):
