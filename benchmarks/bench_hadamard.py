@@ -26,7 +26,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tquant.hadamard import hadamard_dense
+from tquant.formats.hadamard import hadamard_dense
 from tquant.kernels import hadamard as kernels
 from tquant.kernels.hadamard import (
     hadamard_transform,

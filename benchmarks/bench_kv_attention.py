@@ -4,9 +4,9 @@
     ncu ... python benchmarks/bench_kv_attention.py --profile 1,32768,kivi-4   # one launch (B, context, format)
 
 Shape of the issue: 32 query heads, 8 KV heads, head size 128, one query token a sequence, fp16. Per batch and
-context: each format of FORMATS through its kernel (tquant.kernels.kv_attention.kivi_decode_attention: KIVI-4 /
+context: each format of FORMATS through its kernel (tquant.kv.attention.kivi_decode_attention: KIVI-4 /
 -2, keys per channel, group 32, residual window 128 tokens in fp16; QoQ's KV4, keys and values per token and head,
-no window. tquant.kernels.kvquant_attention.kvquant_decode_attention: KVQuant-4 / -3 / -2, NUQ codebooks, pre-RoPE
+no window. tquant.kv.kvquant_attention.kvquant_decode_attention: KVQuant-4 / -3 / -2, NUQ codebooks, pre-RoPE
 keys rotated in the kernel, about 1 % key outliers (CSR) and one value outlier a vector, a 1-token sink) and
 torch's scaled_dot_product_attention on fp16 K/V of the same length (GQA through enable_gqa), medians in µs: CUDA
 graph (do_bench_cudagraph) and eager. Each kernel's output is checked against its torch reference (rel. error
@@ -24,10 +24,10 @@ import triton
 
 from bench_weight_only import copies_for, time_rotating
 
-from tquant import kv_quant
-from tquant import kvquant_format as kvq
-from tquant.kernels.kv_attention import kivi_decode_attention, kivi_decode_attention_ref
-from tquant.kernels.kvquant_attention import kvquant_decode_attention, kvquant_decode_attention_ref
+from tquant.kv import uniform_format as kv_quant
+from tquant.kv import kvquant_format as kvq
+from tquant.kv.attention import kivi_decode_attention, kivi_decode_attention_ref
+from tquant.kv.kvquant_attention import kvquant_decode_attention, kvquant_decode_attention_ref
 
 HQ, HKV, D = 32, 8, 128
 KIVI = {"kivi-4": dict(bits=4, group=32, key_axis="channel", residual=128),  # what kivi_decode_attention takes,

@@ -19,7 +19,7 @@ from bench_weight_only import copies_for, time_rotating
 from tquant.kernels.e8p_matmul import e8p_matmul
 from tquant.kernels.hadamard import hadamard_transform
 from tquant.modules import PackedLinear, QuipLinear
-from tquant.qweight import QuantizedWeight
+from tquant.formats.weights import QuantizedWeight
 
 
 def random_quip(k, n, bits):

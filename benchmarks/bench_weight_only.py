@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tquant.kernels import autotune_cache, dequant_gemm, dequant_gemv  # noqa: E402
 from tquant.kernels.runtime import device_name  # noqa: E402
 from tquant.kernels.weight_only_matmul import DENSE, run_path, weight_only_matmul, weight_only_matmul_ref  # noqa: E402
-from tquant.packing import pack_codes  # noqa: E402
+from tquant.formats.packing import pack_codes  # noqa: E402
 
 L2_BYTES = 50 * 2**20
 T0 = time.time()

@@ -17,7 +17,7 @@ the values), and an 8B variant builds in seconds instead of the many minutes GPT
     gptq-w4a16        gptq bits=4 group 128, act order (PackedLinear with perm: the weight-only kernels)
     qqq-w4a8          qqq per channel, no smoothing search (ActQuantLinear: int8 activations, W4A8 GEMM)
     qoq-w4a8          qoq's data-free steps (progressive grid, group 128; rotation folded: free at run time)
-    qoq-w4a8kv4       the same with its KV4 cache (per-token 4-bit codes, tquant.kernels.kv_attention)
+    qoq-w4a8kv4       the same with its KV4 cache (per-token 4-bit codes, tquant.kv.attention)
     smoothquant-w8a8  smoothquant alpha 0.5 (ActQuantLinear, W8A8 GEMM)
     quip#-2           quip# 2-bit E8P (QuipLinear: Hadamard transforms + E8P decode-matmul)
     fp16-kv4          fp16 weights, qoq_kv4's 4-bit cache
@@ -31,7 +31,7 @@ over the cache), what the fused step kernels save. Every variant's prefill logit
 error). A variant that fails is reported and skipped; --plot draws tokens/s over fp16 per variant and batch
 (matplotlib PNG); --profile prints, per variant, the CUDA kernels of one eager batch-1 decode step (torch.profiler:
 time and calls by kernel name), where a step's time goes. --tune first tunes each variant's decode-step kernels at
-every batch (tquant.tune.tune_model with a one-token prompt: GEMMs at M = batch; keys already in the shipped or user
+every batch (tquant.tools.tune.tune_model with a one-token prompt: GEMMs at M = batch; keys already in the shipped or user
 file are kept) and then runs with TQUANT_AUTOTUNE=0: prefill GEMMs and the attention over the long cache take
 shipped entries or defaults, untimed tuning stays out of the device budget.
 """
@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tquant  # noqa: E402
 from tquant.decode import StaticDecoder  # noqa: E402
 from tquant.models import model_bytes  # noqa: E402
-from tquant.tune import tune_model  # noqa: E402
+from tquant.tools.tune import tune_model  # noqa: E402
 
 NO_CALIB = dict(smooth_attention=0, smooth_xw=False, reorder=False, calib_range=False, rotate=False)
 CALIB = dict(n_samples=4, seqlen=256)  # random windows for the methods that need calibration
@@ -92,7 +92,7 @@ class GemliteLinear(torch.nn.Module):
         super().__init__()
         from gemlite.helper import A16Wn
 
-        from tquant.quantizer import grouped_qparams, quantize
+        from tquant.formats.quantizer import grouped_qparams, quantize
 
         w = linear.weight.detach().float()
         n, k = w.shape

@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 import tquant
-from tquant.calibration import source_tokens
+from tquant.calib.data import source_tokens
 from tquant.models import load_model
 
 from quality_kv import ROWS as KV_ROWS, apply

@@ -1,5 +1,5 @@
 """Why rotation hurts QoQ on the offline SmolLM2: weight-only RTN W4A16 on the float model as is, after folding the
-RMSNorm weights into the linears that read them (tquant.rotation with Q = I), and after the full rotation
+RMSNorm weights into the linears that read them (tquant.calib.rotation with Q = I), and after the full rotation
 (fold, then the randomized Hadamard Q); group 64 and per channel. 20 evaluation windows (the quality tables' first
 20), float32 CPU, about 10 minutes.
 
@@ -14,8 +14,8 @@ import json
 import torch
 
 import tquant
-import tquant.rotation as rotation
-from tquant.eval import perplexity
+import tquant.calib.rotation as rotation
+from tquant.tools.eval import perplexity
 from tquant.models import load_model
 
 

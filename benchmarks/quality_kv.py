@@ -5,7 +5,7 @@ and its options), against the same protocol with transformers' float cache.
                                     [--device cuda] [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
 
 Evaluation windows as in the other quality tables (the first 40 consecutive 512-token windows of the last 30 %
-of the pydoc corpus), float32 on the CPU, but each window runs as generation does (tquant.eval.perplexity with
+of the pydoc corpus), float32 on the CPU, but each window runs as generation does (tquant.tools.eval.perplexity with
 decode_from): its first 256 tokens in one forward (the prefill), then one token a forward through the cache,
 so every prediction after the prefill reads the cached keys / values, quantized beyond the residual window.
 Methods that calibrate get CALIB (pydoc's calibration split; KIVI is data-free). Each row prints as it finishes,
@@ -22,8 +22,8 @@ import torch
 from transformers import DynamicCache
 
 import tquant
-from tquant.calibration import source_tokens
-from tquant.eval import perplexity
+from tquant.calib.data import source_tokens
+from tquant.tools.eval import perplexity
 from tquant.methods.kv_base import head_dim
 from tquant.models import load_model
 

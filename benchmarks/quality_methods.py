@@ -21,8 +21,8 @@ import time
 import torch
 
 import tquant
-from tquant.compare import stored_bits
-from tquant.eval import perplexity
+from tquant.tools.compare import stored_bits
+from tquant.tools.eval import perplexity
 from tquant.models import load_model
 
 LKD = dict(lkd=True, lkd_steps=40, lkd_batch=4, lkd_lr=1e-4)

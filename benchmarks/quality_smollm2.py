@@ -17,7 +17,7 @@ import time
 import torch
 
 import tquant
-from tquant.eval import perplexity
+from tquant.tools.eval import perplexity
 from tquant.models import load_model
 
 SETTINGS = {  # name: (bits, group_size)

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from tquant.cli import main
-from tquant.speed import dir_bytes
-from tiny_models import byte_tokenizer, tiny_model
+from tquant.tools.speed import dir_bytes
+from tests.tiny_models import byte_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ runs on a GPU only."""
 import pytest
 import torch
 import transformers
-from kernel_device import DEVICE
-from test_kv_cache import decoded_logits, rel
-from tiny_models import ARCHS, VOCAB, tiny_model, token_batch
+from tests.kernel_device import DEVICE
+from tests.kv.test_kv_cache import decoded_logits, rel
+from tests.tiny_models import ARCHS, VOCAB, tiny_model, token_batch
 
 import tquant
 from tquant.decode import StaticDecoder

@@ -6,8 +6,8 @@ from torch import nn
 import tquant
 from tquant.driver import _input_groups, _linears, capture_block_inputs, find_blocks
 from tquant.modules import PackedEmbedding, PackedLinear
-from tquant.qweight import QuantizedWeight
-from tiny_models import ARCHS, tiny_model, token_batch
+from tquant.formats.weights import QuantizedWeight
+from tests.tiny_models import ARCHS, tiny_model, token_batch
 
 STAGES = {
     "llama": [{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, {"self_attn.o_proj"},
@@ -90,7 +90,7 @@ def test_true_sequential_off_and_skip():
 
 
 def test_calibration_as_strings_and_named_source():
-    from tiny_models import byte_tokenizer
+    from tests.tiny_models import byte_tokenizer
     tok = byte_tokenizer()
     model = tiny_model("llama")
     tquant.quantize(model, "gptq", bits=4, group_size=32, calib=["some text to calibrate on", "and another line"],

@@ -7,7 +7,7 @@ import torch
 
 import tquant
 from tquant.modules import PackedLinear
-from tiny_models import tiny_model, token_batch
+from tests.tiny_models import tiny_model, token_batch
 
 
 @pytest.fixture(scope="module", params=[("llama", "gptq", 4, 32, dict(act_order=True)),  # perm + tied embeddings

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from .api import quantize  # noqa: E402
 from .decode import StaticDecoder  # noqa: E402
-from .kv import kv_cache  # noqa: E402
+from .kv.hook import kv_cache  # noqa: E402
 from .methods import available_methods as methods  # noqa: E402
 from .serialization import load, save  # noqa: E402
 

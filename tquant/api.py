@@ -7,10 +7,10 @@ from typing import Iterable
 
 from torch import nn
 
-from .calibration import calibration_data
+from .calib.data import calibration_data
 from .config import make_quantization_config
 from .driver import quantize_blocks
-from .kv import attach, tquant_config
+from .kv.hook import attach, tquant_config
 from .methods import KVCacheMethod, get_method
 
 
@@ -47,7 +47,7 @@ def quantize(
     embedding stay in full precision unless lm_head=True (quantized by the method from its inputs) or
     embeddings=True (round-to-nearest per row group); untying a tied pair keeps the other one float.
     Extra keyword arguments are method options. A KV-cache method ("kivi", "kvquant", "qoq_kv4") quantizes no
-    weights: it sets up the model's quantized KV cache (tquant.kv), which generate() then uses (calibrated on
+    weights: it sets up the model's quantized KV cache (tquant.kv.hook), which generate() then uses (calibrated on
     calib= where the method needs data); apply it before or after a weight method to combine the two.
     """
     cls = get_method(method)

@@ -22,13 +22,13 @@ import os
 import sys
 import time
 
-from tquant.analyze import add_parser as add_analyze_parser
-from tquant.chat import answer as greedy_answer  # the demo's; the quickstart notebook imports it from here
-from tquant.tune import add_parser as add_tune_parser
+from tquant.tools.analyze import add_parser as add_analyze_parser
+from tquant.tools.chat import answer as greedy_answer  # the demo's; the quickstart notebook imports it from here
+from tquant.tools.tune import add_parser as add_tune_parser
 
 
 def _option(text: str):
-    from tquant.compare import parse_option
+    from tquant.tools.compare import parse_option
 
     try:
         return parse_option(text)
@@ -41,7 +41,7 @@ def _names(text: str) -> list[str]:
 
 
 def _sources(text: str) -> list[str]:
-    from tquant.eval import check_sources
+    from tquant.tools.eval import check_sources
 
     try:
         check_sources(_names(text))
@@ -59,7 +59,7 @@ def _load_saved(path: str, device: str):
 
 
 def _eval_options(a, saved_dir=None) -> dict:
-    """tquant.eval.evaluate's keyword arguments from the options of _add_eval_options."""
+    """tquant.tools.eval.evaluate's keyword arguments from the options of _add_eval_options."""
     speed = dict(prompt_len=a.prompt_len, new_tokens=a.new_tokens, batch=a.speed_batch, saved_dir=saved_dir)
     return dict(ppl=a.ppl, seqlen=a.seqlen, n_windows=a.windows, tasks=a.tasks, batch_size=a.batch_size,
                 max_length=a.max_length, limit=a.limit, include_path=a.include_path, speed=speed if a.speed else None)
@@ -88,7 +88,7 @@ def cmd_quantize(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from tquant.eval import evaluate, format_table, result_rows
+    from tquant.tools.eval import evaluate, format_table, result_rows
     from tquant.models import load_model
 
     if not (a.ppl or a.tasks or a.speed):
@@ -108,7 +108,7 @@ def cmd_eval(a) -> None:
 
 
 def cmd_compare(a) -> None:
-    from tquant.compare import compare, compare_table
+    from tquant.tools.compare import compare, compare_table
 
     rows = compare(a.model, a.configs, baseline=not a.no_baseline, calib=a.calib, n_samples=a.n_samples,
                    calib_seqlen=a.calib_seqlen, device=a.device, **_eval_options(a))
@@ -117,7 +117,7 @@ def cmd_compare(a) -> None:
 
 
 def cmd_chat(a) -> None:
-    from tquant.chat import answer, chat_loop
+    from tquant.tools.chat import answer, chat_loop
 
     interactive = a.interactive or (not a.prompt and sys.stdin.isatty())
     if not interactive:

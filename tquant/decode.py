@@ -16,9 +16,9 @@ cache's rows (kernels.rope), silu(gate) * up (kernels.swiglu), and the float cac
 77 torch ops; the cache derives its per-step index tensors once a forward (prepare). The prefill runs eagerly; it
 attends to its own exact keys / values (or to them as stored, with the KV method's prefill_with_quant) and writes
 them into the cache. Rows of a batch share one position: the prompts are all t tokens long (no padding).
-The model's KV method (quantization_config["kv_cache"]) decides the cache (tquant.static_cache): none -> float;
+The model's KV method (quantization_config["kv_cache"]) decides the cache (tquant.kv.static_cache): none -> float;
 qoq_kv4 -> per-token 4 / 8-bit codes (written by kernels.kv_quant_write on CUDA); kivi -> per-channel key groups,
-per-token values and a full-precision ring of the newest tokens; both read by tquant.kernels.kv_attention on CUDA.
+per-token values and a full-precision ring of the newest tokens; both read by tquant.kv.attention on CUDA.
 KVQuant's cache has no static form yet and is refused.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .kernels.rms_norm import rms_norm
 from .kernels.rope import rope_qkv
 from .kernels.swiglu import silu_mul
 from .methods.kv_base import head_dim
-from .static_cache import static_cache
+from .kv.static_cache import static_cache
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # embed -> [norm, attention, norm, MLP] x L -> norm -> head
 

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .block_io import hidden, hooked
+from .calib.block_io import hidden, hooked
 from .methods.base import Method
 from .modules import PackedEmbedding, linear_module
-from .qweight import QuantizedWeight
-from .quantizer import resolve_group_size
+from .formats.weights import QuantizedWeight
+from .formats.quantizer import resolve_group_size
 
 
 class _Captured(Exception):

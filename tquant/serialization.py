@@ -22,7 +22,7 @@ from torch import nn
 
 from . import __version__
 from .config import read_quantization_config
-from .kv import hook_generate
+from .kv.hook import hook_generate
 from .modules import MODULE_TYPES
 
 WEIGHTS = "model.safetensors"

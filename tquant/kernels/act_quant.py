@@ -14,7 +14,7 @@ scale 1 and codes 0, so dividing by the scale never makes inf or NaN. Every step
 rounded fp32 operation, in the same order in kernel and reference, so both give identical q and scale.
 
 Asymmetric (zero_point=True, bits 2..8; ABQ-LLM / OmniQuant's per-token activations; the grid of
-tquant.quantizer.qparams(sym=False) with every division IEEE-rounded):
+tquant.formats.quantizer.qparams(sym=False) with every division IEEE-rounded):
     lo[m] = min(min_k xs[m, k], 0),  hi[m] = max(max_k xs[m, k], 0)    (a row with hi - lo < 2^bits * FLT_MIN:
                                                                        lo, hi = -1, 1)
     scale[m] = (hi - lo) / (2^bits - 1),   zero[m] = round(-lo / scale[m])

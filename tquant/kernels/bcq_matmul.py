@@ -1,8 +1,8 @@
-"""Matmul with a BCQ weight (tquant.bcq: W = sum_i alpha_i B_i + offset, B_i in {-1, +1}): the Triton kernel and
+"""Matmul with a BCQ weight (tquant.formats.bcq: W = sum_i alpha_i B_i + offset, B_i in {-1, +1}): the Triton kernel and
 the torch reference.
 
     y [M, N] = x[:, perm] @ W^T + bias,   W[n, k] = sum_{i < q} alphas[i, g, n] (2 u_i(k, n) - 1) + offset[g, n],  g = k // group
-    planes  int32 [q, K / 32, N]   plane i's bits u_i packed along K (tquant.packing, 1 bit: bit k % 32 of word k // 32)
+    planes  int32 [q, K / 32, N]   plane i's bits u_i packed along K (tquant.formats.packing, 1 bit: bit k % 32 of word k // 32)
     alphas  [q, G, N], offset [G, N] or None, bias [N] or None, in x's dtype (fp16 / bf16 / fp32); perm int32 [K] or
     None; K a multiple of 32 and of group
 Two paths, chosen per shape by the autotuner (configs: path "dot" always, "lut" for M <= LUT_MAX_M):
@@ -26,7 +26,7 @@ loops, q = 3: "dot" 13 instructions a weight (128 x 128 tiles), "lut" ~4.3 (256 
 1-D rows had its addresses converted to the gather's layout through shared memory).
 Both gather x through perm (act order) in their loads and finish with dequant_gemm.store_output: split-K partials
 summed by the last split to arrive, the bias added, y written in x's dtype, one launch.
-`bcq_matmul_ref` decodes W with tquant.bcq.dequantize and multiplies in fp32.
+`bcq_matmul_ref` decodes W with tquant.formats.bcq.dequantize and multiplies in fp32.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import bcq
-from ..packing import unpack_codes
+from ..formats import bcq
+from ..formats.packing import unpack_codes
 from .autotune_cache import tune
 from . import dequant_gemm
 from .dequant_gemm import store_output
@@ -51,7 +51,7 @@ def unpack_planes(planes: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def bcq_matmul_ref(x, planes, alphas, offset=None, perm=None, bias=None) -> torch.Tensor:
-    """x[:, perm] @ W^T (+ bias) in fp32 through tquant.bcq.dequantize, in x's dtype."""
+    """x[:, perm] @ W^T (+ bias) in fp32 through tquant.formats.bcq.dequantize, in x's dtype."""
     check_inputs(x, planes, alphas, offset, perm, bias)
     w = bcq.dequantize(alphas.float().permute(2, 1, 0), unpack_planes(planes, x.shape[-1]),
                        None if offset is None else offset.float().t())

@@ -6,7 +6,7 @@ Format (p = bits in 2..8, q = act_bits in 2..8, G = K // group_size, g = k // gr
     weights      unsigned codes c[n, k] in [0, 2^p), asymmetric with a per-group float scale and integer zero:
                  w[n, k] ~= w_scale[g, n] * (c[n, k] - w_zero[g, n])
                  (group_size divides K and is a multiple of 32, or equals K: one group per channel)
-    planes       int32 [p, ceil(K / 32), N]: plane i holds bit i of every code in tquant.packing.pack_planes' byte-SWAR
+    planes       int32 [p, ceil(K / 32), N]: plane i holds bit i of every code in tquant.formats.packing.pack_planes' byte-SWAR
                  order: bit j of planes[i, w, n] = (c[n, 32 w + 4 (j % 8) + j // 8] >> i) & 1; bits past K are 0
     w_scale      fp32 [G, N]        w_zero uint8 [G, N] in [0, 2^p)
     w_sum        int32 [G, N]: sum_{k in g} c[n, k] (code_sums), stored with the weight so no kernel reduces codes
@@ -67,7 +67,7 @@ interpreter runs interpreter_tile.
 The kernel does not check the codes' ranges or w_sum (that would sync the GPU); bitplane_matmul_ref does.
 `bitplane_matmul_ref` is plain torch: S summed exactly in fp64 (integers below 2^53) per group, then the epilogue in
 fp64. The activations come from tquant.kernels.act_quant.quantize_activations(x, bits=q, zero_point=True) (or its
-_ref); `quantize_weight_ref` makes (planes, w_scale, w_zero, w_sum) per group through tquant.quantizer (asymmetric
+_ref); `quantize_weight_ref` makes (planes, w_scale, w_zero, w_sum) per group through tquant.formats.quantizer (asymmetric
 min-max with an integer zero), the same grid.
 
 A16 (WpA16, e.g. W2A16 / W3A16 / W4A16 with groups), the same planes, w_scale and w_zero (no w_sum):
@@ -84,8 +84,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..packing import pack_planes, unpack_planes
-from ..quantizer import grouped_qparams, quantize
+from ..formats.packing import pack_planes, unpack_planes
+from ..formats.quantizer import grouped_qparams, quantize
 from .autotune_cache import tune
 from .runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
 from .dequant_gemm import split_k_buffers, split_k_grid
@@ -127,7 +127,7 @@ def weight_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 
 def quantize_weight_ref(w: torch.Tensor, bits: int, group_size: int):
-    """Per-group asymmetric min-max codes of a float weight w [N, K] (tquant.quantizer, sym=False), in this format
+    """Per-group asymmetric min-max codes of a float weight w [N, K] (tquant.formats.quantizer, sym=False), in this format
     (weight_tensors)."""
     check_bits("bits", bits)
     n, k = w.shape

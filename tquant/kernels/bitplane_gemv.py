@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from ..packing import pack_planes
+from ..formats.packing import pack_planes
 from . import dequant_gemm
 from .autotune_cache import tune
 from .bitplane_gemm import check_bits, wpaq_arguments

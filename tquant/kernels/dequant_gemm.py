@@ -114,7 +114,7 @@ def dequant_pair_asm(words, J: tl.constexpr, zero, scale, magic, BITS: tl.conste
 def group_params(s_ptr, z_ptr, g, n, n_ok, N, K, group_size, stride_sg, SCALE_BITS: tl.constexpr,
                  STAT_GROUP: tl.constexpr):
     """scale and zero (fp32) of groups g at output columns n (broadcastable against each other).
-    SCALE_BITS == 0: s_ptr, z_ptr are the scales and zeros [G, N]. Else SpQR's bilevel grid (tquant.spqr):
+    SCALE_BITS == 0: s_ptr, z_ptr are the scales and zeros [G, N]. Else SpQR's bilevel grid (tquant.formats.spqr):
     s_ptr holds a byte a group, scale code | zero << SCALE_BITS, [G, N]; z_ptr the fp16 second level
     [2, G, N / STAT_GROUP] (step, low): scale = code * step + low of column block n // STAT_GROUP."""
     off = g * stride_sg + n

@@ -30,7 +30,7 @@ Paths, chosen per (M rounded up to a power of two, N, K, bits, dtype) by autotun
            x's columns; one dot a K step. BLOCK_M <= 16 computes y^T = W x^T (BLOCK_N is the MMA's M side).
     dense  M >= 64: the decode kernel writes W^T [K, N] in x's dtype once, then cuBLAS x @ W^T.
 `e8p_decode_weight` runs the decode kernel alone (bit-exact with `e8p_decode_weight_ref` in fp32).
-`e8p_matmul_ref` / `e8p_decode_weight_ref` are plain torch in fp32 from tquant.e8p_codebook's decoders.
+`e8p_matmul_ref` / `e8p_decode_weight_ref` are plain torch in fp32 from tquant.formats.e8p_codebook's decoders.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..e8p_codebook import (
+from ..formats.e8p_codebook import (
     E81B_GRID,
     ODD,
     PACKED_ABS,

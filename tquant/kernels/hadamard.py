@@ -4,7 +4,7 @@
     optionally fused (QuIP#'s sign vectors around the transform, QuipLinear's bias):
     y = ((x * in_scale) @ H_n^T) * out_scale + bias,   in_scale, out_scale, bias [n]; x * in_scale is rounded to
     x's dtype before the transform (as an unfused multiply in x's dtype would), the rest stays fp32 to one rounding
-    H_n = (H_m ⊗ H_p) / sqrt(n), n = m * p, p = 2^k, m in tquant.hadamard.KNOWN_ORDERS (orthonormal, so
+    H_n = (H_m ⊗ H_p) / sqrt(n), n = m * p, p = 2^k, m in tquant.formats.hadamard.KNOWN_ORDERS (orthonormal, so
     transpose=True inverts transpose=False; only H_m differs between the two, H_p is symmetric)
     x, y  [..., n] fp16 / bf16 / fp32 (leading dims flattened to rows; y has x's dtype and shape)
 
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..hadamard import hadamard_factors, hadamard_matrix, transform
+from ..formats.hadamard import hadamard_factors, hadamard_matrix, transform
 from .autotune_cache import tune
 from .runtime import check_device, interpreter_on, next_power_of_2
 

@@ -1,7 +1,7 @@
-"""Matmul with an SpQR weight (tquant.spqr): the dense bilevel part on the weight-only kernels, then the outliers.
+"""Matmul with an SpQR weight (tquant.formats.spqr): the dense bilevel part on the weight-only kernels, then the outliers.
 
     y [M, N] = x [M, K] @ (W_dense + S)^T + bias
-    W_dense: qweight int32 [ceil(K / epw), N] (tquant.packing), stats uint8 [G, N] (scale code | zero << scale_bits),
+    W_dense: qweight int32 [ceil(K / epw), N] (tquant.formats.packing), stats uint8 [G, N] (scale code | zero << scale_bits),
              meta fp16 [2, G, N / stat_group] (step, low), perm int32 [K] or None: weight_only_matmul's bilevel grid
     S:       CSR over output rows, row_ptr int32 [N + 1], cols int16 [nnz] (input channels; read as unsigned, so
              K <= 65536), vals fp16 [nnz]
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..spqr import csr_to_dense
+from ..formats.spqr import csr_to_dense
 from .autotune_cache import tune
 from .runtime import check_device, check_tensors, interpreter_on
 from .weight_only_matmul import check_inputs, weight_only_matmul, weight_only_matmul_ref

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..packing import unpack_codes
-from ..qweight import QuantizedWeight
+from ..formats.packing import unpack_codes
+from ..formats.weights import QuantizedWeight
 from .autotune_cache import tune
 from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
 from .tiling import tile_offsets

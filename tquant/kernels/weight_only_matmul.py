@@ -6,7 +6,7 @@
     perm    int32/int64 [K] or None               bias    [N] in x's dtype or None
     y       [M, N] in x's dtype, accumulated in fp32
 code(k, n) is defined by tquant/packing.py. group_size <= 0 means per-channel (group_size = K).
-bilevel=(scale_bits, stat_group) takes SpQR's grid instead (tquant.spqr): scales is uint8 [G, N] holding each
+bilevel=(scale_bits, stat_group) takes SpQR's grid instead (tquant.formats.spqr): scales is uint8 [G, N] holding each
 group's scale code | zero << scale_bits, zeros the fp16 second level [2, G, N / stat_group] (step, low), and
 scales[g, n] = code * step[g, n // stat_group] + low[g, n // stat_group] (decode_bilevel); the kernels decode it.
 
@@ -26,9 +26,10 @@ import functools
 
 import torch
 
-from ..packing import dequantize_packed, values_per_word
-from ..quantizer import check_bits, resolve_group_size
-from . import dequant_gemm, dequant_gemv
+from ..formats.packing import dequantize_packed, values_per_word
+from ..formats.quantizer import check_bits, resolve_group_size
+from . import dequant_gemm
+from . import dequant_gemv
 from .autotune_cache import tune
 from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
 
@@ -69,7 +70,7 @@ def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm,
 
 def decode_bilevel(scales, zeros, scale_bits: int, stat_group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 scales and zeros [G, N] of SpQR's packed grid (module docstring)."""
-    from ..spqr import decode_scales
+    from ..formats.spqr import decode_scales
 
     stats = scales.to(torch.int32)
     scale = decode_scales((stats & (2**scale_bits - 1)).t(), zeros[0].t(), zeros[1].t(), stat_group).t()

@@ -10,7 +10,7 @@ model. Queries and keys are taken before RoPE, at the projections' outputs: a si
 inputs as OmniQuant evaluates them; no kernel reads these codes. Needs Llama / Mistral / Qwen2-style attention
 (self_attn.q_proj / k_proj / v_proj, self_attn.head_dim, no q_norm / k_norm); qkv_bits=16: off.
 Each block, before its linears are quantized, is trained against the float model (float32, Adam,
-tquant.block_tuning.optimize, `epochs` passes over the calibration sequences, the best of five checks kept):
+tquant.calib.block_tuning.optimize, `epochs` passes over the calibration sequences, the best of five checks kept):
     LWC  per row and group of each linear: lo = sigmoid(g_lo) min(w, 0), hi = sigmoid(g_hi) max(w, 0) (g starts at
          4: 0.982 of the range), scale = (hi - lo) / maxq, zero = round(-lo / scale),
          w_q = (clamp(round(w / scale) + zero, 0, maxq) - zero) scale, both roundings straight-through
@@ -49,13 +49,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..block_io import fp32, hidden, outputs
+from ..calib.block_io import fp32, hidden, outputs
 from ..driver import find_blocks
-from ..block_tuning import float32_training, optimize, random_rows
+from ..calib.block_tuning import float32_training, optimize, random_rows
 from ..modules.bitplane_linear import fake_activations
-from ..qweight import BitPlaneWeight
-from ..quantizer import resolve_group_size
-from ..smoothing import find_absorber, input_absmax, smoothing_scales
+from ..formats.weights import BitPlaneWeight
+from ..formats.quantizer import resolve_group_size
+from ..calib.smoothing import find_absorber, input_absmax, smoothing_scales
 from .base import Method, option, register
 
 LWC_INIT = 4.0  # sigmoid(4) = 0.982

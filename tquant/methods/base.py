@@ -25,8 +25,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..qweight import QuantizedWeight
-from ..quantizer import check_bits, resolve_group_size
+from ..formats.weights import QuantizedWeight
+from ..formats.quantizer import check_bits, resolve_group_size
 
 _REGISTRY: dict[str, type["Method"]] = {}
 

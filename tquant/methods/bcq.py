@@ -1,15 +1,15 @@
-"""BCQ (binary-coding quantization, LUT-GEMM's format): W ~= sum_i alpha_i B_i per output row and group (tquant.bcq).
+"""BCQ (binary-coding quantization, LUT-GEMM's format): W ~= sum_i alpha_i B_i per output row and group (tquant.formats.bcq).
 grid="bcq" (data-free) searches alphas and signs (rounds 0 greedy, 1 refined greedy, >= 2 alternating), with
 offset=True an offset per group too;
 grid="rtn" (data-free) and grid="gptq" (calibrated: GPTQ with its defaults, act order, asymmetric) take a uniform
-grid and convert it exactly (alphas s 2^(i-1) plus an offset; tquant.qweight.BCQWeight.from_uniform), so BCQ's
+grid and convert it exactly (alphas s 2^(i-1) plus an offset; tquant.formats.weights.BCQWeight.from_uniform), so BCQ's
 kernel runs uniform weights too."""
 from __future__ import annotations
 
 import dataclasses
 
-from ..bcq import check_bcq_bits, search
-from ..qweight import BCQWeight, QuantizedWeight
+from ..formats.bcq import check_bcq_bits, search
+from ..formats.weights import BCQWeight, QuantizedWeight
 from .base import Method, option, register
 from .gptq import GPTQ
 

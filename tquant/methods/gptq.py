@@ -20,8 +20,8 @@ from typing import ClassVar
 
 import torch
 
-from ..qweight import QuantizedWeight, in_input_order
-from ..quantizer import (channel_scale_for_groups, dequantize, grouped_qparams, integer_group_scales, qparams,
+from ..formats.weights import QuantizedWeight, in_input_order
+from ..formats.quantizer import (channel_scale_for_groups, dequantize, grouped_qparams, integer_group_scales, qparams,
                          quantize)
 from .base import LayerState, Method, option, register
 

@@ -1,13 +1,13 @@
 """KIVI (Liu et al., 2024): tuning-free asymmetric 2/4-bit KV cache. Keys per channel (over groups of
 `group_size` tokens), values per token (over groups of `group_size` channels), the newest `residual` tokens
-in full precision and flushed into the quantized store group by group (formats: tquant.kv_quant; cache:
-tquant.modules.kv_cache). Data-free: nothing is calibrated.
+in full precision and flushed into the quantized store group by group (formats: tquant.kv.uniform_format; cache:
+tquant.kv.cache). Data-free: nothing is calibrated.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from ..kv_quant import check_kv_bits
+from ..kv.uniform_format import check_kv_bits
 from .base import option, register
 from .kv_base import KVCacheMethod, head_dim
 
@@ -29,7 +29,7 @@ class Kivi(KVCacheMethod):
             raise ValueError(f"kivi needs group_size >= 1 and residual >= 0; got {self.group_size}, {self.residual}")
 
     def make_layer(self, layer_idx: int, kernel: bool | None):
-        from ..modules.kv_cache import KiviLayer
+        from ..kv.cache import KiviLayer
 
         return KiviLayer(self.kv_bits, self.group_size, self.residual, self.prefill_with_quant, kernel)
 

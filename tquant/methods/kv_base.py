@@ -7,7 +7,7 @@ method by calling quantize twice. Its life:
     method.calibrate(model, ids, batch_size)   # methods with needs_calibration: fit per-layer data (JSON-able
                                                # dataclass fields) from calibration token ids [n, seqlen]
     spec = method.spec()                       # -> quantization_config["kv_cache"] (saved with the model)
-    method = cls.from_spec(spec)               # tquant.kv rebuilds it for every new cache
+    method = cls.from_spec(spec)               # tquant.kv.hook rebuilds it for every new cache
     method.make_layer(layer_idx, kernel)       # one transformers CacheLayerMixin per decoder layer
 """
 from __future__ import annotations

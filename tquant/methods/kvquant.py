@@ -1,7 +1,7 @@
 """KVQuant (Hooper et al., 2024): a calibrated 2/3/4-bit KV cache. Keys quantized before RoPE, per channel with
 ranges calibrated offline (so each new token is quantized at once); values per token with ranges computed online;
 per-layer non-uniform codebooks (NUQ) from sensitivity-weighted k-means; dense-and-sparse outliers in fp16; the
-first `sink` tokens in full precision. Format: tquant.kvquant_format; cache layer: tquant.modules.kvquant_cache.
+first `sink` tokens in full precision. Format: tquant.kv.kvquant_format; cache layer: tquant.kv.kvquant_cache.
 
 Calibration (calibrate), on the model's device, over the calibration ids in batches:
     one forward (and, for Fisher weights, one backward of the LM loss) through a recording cache that sees what
@@ -10,7 +10,7 @@ Calibration (calibrate), on the model's device, over the calibration ids in batc
     left out (they stay exact)
     key ranges per KV head and channel: lo, hi = the (outliers / 2) and (1 - outliers / 2) quantiles over the
     calibration tokens (min and max with outliers=0); entries outside are outliers
-    codebooks per layer, one for K and one for V: k-means (tquant.nuq) of the normalized dense entries weighted
+    codebooks per layer, one for K and one for V: k-means (tquant.formats.nuq) of the normalized dense entries weighted
     by g^2 (Fisher information; fisher=False: unweighted), or the uniform grid (nuq=False)
 Memory: the calibration keys and their weights are kept (float32, on the model's device) until the key ranges
 are known; values stream into histograms.
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from .. import kvquant_format as fmt
-from ..block_io import PrefillProbe
-from ..modules.kvquant_cache import KVQuantLayer, call_cos_sin
-from ..nuq import WeightedHistogram
+from ..kv import kvquant_format as fmt
+from ..calib.block_io import PrefillProbe
+from ..kv.kvquant_cache import KVQuantLayer, call_cos_sin
+from ..formats.nuq import WeightedHistogram
 from .base import option, register
 from .kv_base import KVCacheMethod, head_dim
 

@@ -6,7 +6,7 @@ GEMM dequantizes (c - z) * s2 to int8 and keeps its main loop on int8 tensor cor
 KV cache: qoq_kv4 (4-bit per token and head), on by default (kv_bits=16: the cache stays in full precision).
 Steps, each an option (the seed's config names in brackets), in the order they run:
     rotate [rotation]             input-module rotation: the residual stream turned by a randomized Hadamard
-                                  matrix, the RMSNorm weights folded into the linears they feed (tquant.rotation),
+                                  matrix, the RMSNorm weights folded into the linears they feed (tquant.calib.rotation),
                                   so q/k/v_proj and gate/up_proj see inputs without outlier channels
     smooth_attention [smooth.yx]  SmoothAttention: λ = max|K|^alpha per key channel divided out of k_proj and
                                   into q_proj (qoq_kv4's calibration, before any weight is quantized)
@@ -29,7 +29,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..qweight import QuantizedWeight
+from ..formats.weights import QuantizedWeight
 from .base import option, register
 from .gptq import HessianState
 from .weight_activation import WeightActivationMethod
@@ -84,7 +84,7 @@ class QoQ(WeightActivationMethod):
 
     def prepare_model(self, model):
         if self.rotate:
-            from ..rotation import rotate_residual
+            from ..calib.rotation import rotate_residual
 
             rotate_residual(model)
 

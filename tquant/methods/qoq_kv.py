@@ -1,10 +1,10 @@
 """QoQ's KV4 cache with SmoothAttention (Lin et al., 2024, QServe).
 
 Cache: keys and values alike per token and per KV head: the D = head_dim channels of one token of one head share
-one fp16 (scale, minimum), asymmetric 4-bit (or 8-bit) codes (tquant.kv_quant's per-token layout, group = D:
+one fp16 (scale, minimum), asymmetric 4-bit (or 8-bit) codes (tquant.kv.uniform_format's per-token layout, group = D:
 codes int32 [B, Hkv, T, D / epw], scale, mn fp16 [B, Hkv, T, 1]); KiviLayer with key_axis="token" flushes a
 token at a time, with no full-precision window by default (residual=0, as QServe).
-SmoothAttention (tquant.smooth_attention): per-token keys suffer from outlier channels, so λ = max|K|^alpha per
+SmoothAttention (tquant.calib.smooth_attention): per-token keys suffer from outlier channels, so λ = max|K|^alpha per
 KV head and key channel (post-RoPE calibration keys, tied over RoPE pairs) is divided out of k_proj and
 multiplied into q_proj before anything is cached. The folded weights are ordinary float weights (a weight method
 may quantize them afterwards; tquant.save stores them); λ is recorded in the spec as smooth_scales.
@@ -59,12 +59,12 @@ class QoQKV4(KVCacheMethod):
                              "its quantization_config): apply qoq_kv4 once, to the float model")
 
     def calibrate(self, model, ids, batch_size: int = 8) -> None:
-        from ..smooth_attention import smooth_attention
+        from ..calib.smooth_attention import smooth_attention
 
         lams = smooth_attention(model, ids, self.smooth_alpha, batch_size)
         self.smooth_scales = [lam.tolist() for lam in lams]
 
     def make_layer(self, layer_idx: int, kernel: bool | None):
-        from ..modules.kv_cache import KiviLayer
+        from ..kv.cache import KiviLayer
 
         return KiviLayer(self.kv_bits, self.head_dim, self.residual, self.prefill_with_quant, kernel, key_axis="token")

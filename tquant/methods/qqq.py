@@ -2,7 +2,7 @@
 
 Per block, per input group (q/k/v, o_proj, gate/up, down_proj), in call order:
     for alpha in 0, 1/n, ..., (n-1)/n   (n = smooth_grid):
-        smooth the group by s(alpha) (tquant.smoothing: folded into the producer op, else at run time),
+        smooth the group by s(alpha) (tquant.calib.smoothing: folded into the producer op, else at run time),
         simulate the group's quantized layers (RTN 4-bit weights, per-token activations) and measure
         the block output MSE against the float block on `search_samples` calibration sequences
     keep the alpha with the lowest error (qqq_alpha[layer] records it)

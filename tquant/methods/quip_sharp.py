@@ -2,17 +2,17 @@
 
 Per linear W [N, K] with the Hessian H = 2/T X^T X of its inputs (tquant.methods.gptq.HessianState):
     H   <- H / mean(diag H) + sigma_reg I
-    su, sv = random signs (seeded per layer)         W_r, H_r = rotate(W, H)   (tquant.incoherence)
+    su, sv = random signs (seeded per layer)         W_r, H_r = rotate(W, H)   (tquant.formats.incoherence)
     scale s = RMS(W_r) / c, c from scale_grid: the c whose BlockLDLQ on scale_rows sampled rows gives the
               least proxy error tr(dW_r H_r dW_r^T) (c = QuIP#'s opt scale of the codebook if the grid is empty)
     H_r = L D L^T with L unit lower block-triangular (8 x 8 blocks)
     BlockLDLQ, blocks of 8 columns from the last to the first:
         W'_r[:, b] = Q( W_r[:, b] / s + (W_r / s - W'_r)[:, later] L[later, b] )
-    Q = E8P12 (2 bits), E8P12 + E81B residual (3 bits), E8P12 + E8P12 residual (4 bits)  (tquant.e8p_codebook)
+    Q = E8P12 (2 bits), E8P12 + E81B residual (3 bits), E8P12 + E8P12 residual (4 bits)  (tquant.formats.e8p_codebook)
 The result is a LatticeWeight (codes, su, sv * s). Fine-tuning (ft_epochs > 0), per block after its
 linears are quantized: the sign vectors su, sv of every quantized linear become real-valued and are
 tuned with the block's unquantized parameters (norms, biases) against the float block's outputs
-(tquant.block_tuning; the codes stay fixed).
+(tquant.calib.block_tuning; the codes stay fixed).
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ import zlib
 import torch
 from torch import nn
 
-from .. import e8p_codebook
-from ..block_io import outputs
-from ..block_tuning import distill, float32_training
-from ..hadamard import hadamard_factors, random_signs
-from ..incoherence import rotate_hessian, rotate_weight, unrotate_weight
-from ..qweight import LatticeWeight
+from ..formats import e8p_codebook
+from ..calib.block_io import outputs
+from ..calib.block_tuning import distill, float32_training
+from ..formats.hadamard import hadamard_factors, random_signs
+from ..formats.incoherence import rotate_hessian, rotate_weight, unrotate_weight
+from ..formats.weights import LatticeWeight
 from .base import Method, option, register
 from .gptq import HessianState
 

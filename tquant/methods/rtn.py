@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..qweight import QuantizedWeight
+from ..formats.weights import QuantizedWeight
 from .base import Method, register
 
 

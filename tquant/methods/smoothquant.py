@@ -1,6 +1,6 @@
 """SmoothQuant (Xiao et al., 2023): migrate activation outliers into the weights, then W8A8.
 
-Per block, from calibration: the per-channel maxima of each input group's activations (tquant.smoothing),
+Per block, from calibration: the per-channel maxima of each input group's activations (tquant.calib.smoothing),
 s = max|X|^alpha / max|W|^(1 - alpha), folded into the preceding norm / linear where one absorbs it exactly,
 else applied at run time by the activation-quantization kernel. Weights: symmetric round-to-nearest,
 8-bit per output channel (or 4-bit). Activations: per-token dynamic, or static per-tensor (act_static: the
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..smoothing import SmoothedGroup, find_absorber, input_absmax
+from ..calib.smoothing import SmoothedGroup, find_absorber, input_absmax
 from .base import register, option
 from .weight_activation import WeightActivationMethod
 

@@ -1,10 +1,10 @@
-"""SpQR (Dettmers et al., 2023): GPTQ over small bilevel groups, with Hessian-chosen fp16 outliers (tquant.spqr).
+"""SpQR (Dettmers et al., 2023): GPTQ over small bilevel groups, with Hessian-chosen fp16 outliers (tquant.formats.spqr).
 
 Per linear (H, U = chol(H^-1)^T and the column loop as in GPTQ, act order by default, percdamp 1.0 as in SpQR):
     tau = outlier_relative_threshold * mean_k(var_n(W[:, k]) / U_kk^2)
     at the first column of each group of beta1 (group_size) columns, on the error-updated weights:
-        unless simplified_outliers, weights whose leave-one-out gain (tquant.spqr.outlier_gain) exceeds tau are
-        replaced by their row's mean over the rest, then the bilevel grid is fitted (tquant.spqr.bilevel_qparams)
+        unless simplified_outliers, weights whose leave-one-out gain (tquant.formats.spqr.outlier_gain) exceeds tau are
+        replaced by their row's mean over the rest, then the bilevel grid is fitted (tquant.formats.spqr.bilevel_qparams)
     for each column k: q = Q(w_k); weights with ((w_k - deq q) / U_kk)^2 > tau become outliers (kept exactly,
         stored as w_k - deq q in fp16); e = (w_k - w_hat_k) / U_kk feeds back into the later columns
 outlier_relative_threshold = inf turns outliers off (plain GPTQ on the bilevel grid). report() gives the exact
@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from ..qweight import SpQRWeight
-from ..quantizer import dequantize, quantize
-from ..spqr import bilevel_qparams, check_spqr_options, csr_of_mask, outlier_gain
+from ..formats.weights import SpQRWeight
+from ..formats.quantizer import dequantize, quantize
+from ..formats.spqr import bilevel_qparams, check_spqr_options, csr_of_mask, outlier_gain
 from .base import option, register
 from .gptq import GPTQ, error_feedback
 

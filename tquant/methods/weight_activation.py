@@ -17,10 +17,10 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..block_io import output_mse, outputs, rows
+from ..calib.block_io import output_mse, outputs, rows
 from ..kernels.act_quant import fake_quantize_activations, qmax
-from ..qweight import QuantizedWeight
-from ..smoothing import SmoothedGroup, find_absorber, input_absmax
+from ..formats.weights import QuantizedWeight
+from ..calib.smoothing import SmoothedGroup, find_absorber, input_absmax
 from .base import Method, option
 
 ACT_BITS = (8, 4)

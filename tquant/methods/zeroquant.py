@@ -4,7 +4,7 @@ layer-by-layer knowledge distillation (LKD).
 Weights: symmetric round-to-nearest, 8-bit per output channel (ZeroQuant's row-wise groups at their finest)
 or 4-bit per channel / per K-group (QQQ's integer grid); bits=8, mlp_bits=4 is the paper's W4/8 (4-bit MLP,
 8-bit attention). Activations: per token, act_bits.
-LKD, per block, before its weights are quantized (tquant.block_tuning, in float32): the float block is the
+LKD, per block, before its weights are quantized (tquant.calib.block_tuning, in float32): the float block is the
 teacher; the student is the same block simulating its quantized layers (RTN weights and per-token
 activations, straight-through gradients), trained on the weights of the linears matching lkd_layers
 (Adam, lkd_steps steps of lkd_batch sequences; the best of four checkpoints is kept); they are then
@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
-from ..block_io import outputs
-from ..block_tuning import distill, float32_training
+from ..calib.block_io import outputs
+from ..calib.block_tuning import distill, float32_training
 from .base import option, register
 from .weight_activation import WeightActivationMethod, simulated
 

@@ -1,9 +1,9 @@
 """nn.Module replacements that hold packed tensors and call kernels."""
-from ..qweight import BCQWeight, BitPlaneWeight, LatticeWeight, SpQRWeight
+from ..formats.weights import BCQWeight, BitPlaneWeight, LatticeWeight, SpQRWeight
 from .act_quant_linear import ActQuantLinear
 from .bcq_linear import BCQLinear
 from .bitplane_linear import BitPlaneLinear
-from .kv_cache import QuantizedKVCache
+from ..kv.cache import QuantizedKVCache
 from .packed_embedding import PackedEmbedding
 from .packed_linear import PackedLinear
 from .quip_linear import QuipLinear

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..qweight import QuantizedWeight
+from ..formats.weights import QuantizedWeight
 from .backend import use_kernel
 
 FORMATS = ((8, 8), (4, 8), (4, 4))  # (weight bits, activation bits)
@@ -88,7 +88,9 @@ class ActQuantLinear(nn.Module):
                    zero=spec.get("zero", False), perm=spec.get("perm", False), dtype=dtype, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import act_quant, w4a8_gemm, w8a8_gemm
+        from ..kernels import act_quant
+        from ..kernels import w4a8_gemm
+        from ..kernels import w8a8_gemm
 
         kernel = use_kernel(self, x)
         x2 = x.reshape(-1, self.in_features)

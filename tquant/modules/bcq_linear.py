@@ -1,4 +1,4 @@
-"""BCQLinear: an nn.Linear replacement holding a BCQ weight (tquant.qweight.BCQWeight; tquant.bcq).
+"""BCQLinear: an nn.Linear replacement holding a BCQ weight (tquant.formats.weights.BCQWeight; tquant.formats.bcq).
 
 Buffers (tquant.kernels.bcq_matmul's layout):
     planes  int32 [q, K / 32, N]   binary plane i, bit k % 32 of word k // 32: 1 where B_i[n, k] = +1
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..packing import pack_codes
-from ..qweight import BCQWeight
+from ..formats.packing import pack_codes
+from ..formats.weights import BCQWeight
 from .backend import use_kernel
 
 

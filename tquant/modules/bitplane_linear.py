@@ -4,7 +4,7 @@
     y = x_scale * sum_g w_scale[g] * ((a - x_zero) . (c - w_zero[g])^T) + bias      (WpAq: act_bits = q)
     y = x @ (w_scale * (c - w_zero))^T + bias                                         (WpA16: act_bits None)
 Buffers (tquant.kernels.bitplane_gemm's format, G = K // group_size):
-    planes  int32 [p, ceil(K / 32), N]  (tquant.packing.pack_planes)
+    planes  int32 [p, ceil(K / 32), N]  (tquant.formats.packing.pack_planes)
     w_scale fp32 [G, N]    w_zero uint8 [G, N]    w_sum int32 [G, N] (the codes' sums per group; WpAq only: A16
     reads none)
     bias    [N] in the model's dtype, or None
@@ -23,7 +23,7 @@ from torch import nn
 
 from ..kernels.act_quant import quantize_activations_ref
 from ..kernels.bitplane_gemm import weight_tensors
-from ..qweight import BitPlaneWeight
+from ..formats.weights import BitPlaneWeight
 from .backend import use_kernel
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -88,7 +88,8 @@ class BitPlaneLinear(nn.Module):
                    out_bits=spec.get("out_bits"), out_group=spec.get("out_group"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels import act_quant, bitplane_gemm
+        from ..kernels import act_quant
+        from ..kernels import bitplane_gemm
 
         kernel = use_kernel(self, x)
         if x.dtype not in DTYPES:

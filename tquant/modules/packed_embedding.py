@@ -1,6 +1,6 @@
 """PackedEmbedding: an nn.Embedding replacement with a 2/3/4/8-bit table, quantized per row.
 
-The table E [V, H] is stored like a weight with N = V rows and K = H input channels (tquant.packing):
+The table E [V, H] is stored like a weight with N = V rows and K = H input channels (tquant.formats.packing):
     qweight int32 [ceil(H / (32 // bits)), V], scales [G, V], zeros [G, V], G = H // group_size
     E[v, h] = (code(h, v) - zeros[h // group_size, v]) * scales[h // group_size, v]
 A lookup gathers the ids' columns and de-quantizes only those (plain torch: a gather, not a matmul).
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..packing import dequantize_packed
-from ..qweight import QuantizedWeight
+from ..formats.packing import dequantize_packed
+from ..formats.weights import QuantizedWeight
 from .packed_weight import load_packed, register_packed
 
 

@@ -1,4 +1,4 @@
-"""PackedLinear: an nn.Linear replacement holding a K-packed 2/3/4/8-bit weight (tquant.packing).
+"""PackedLinear: an nn.Linear replacement holding a K-packed 2/3/4/8-bit weight (tquant.formats.packing).
 
 Buffers (the layout every weight-only kernel reads):
     qweight int32 [ceil(K / (32 // bits)), N]     packed codes
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..qweight import QuantizedWeight
+from ..formats.weights import QuantizedWeight
 from .backend import use_kernel
 from .packed_weight import load_packed, register_packed
 

@@ -1,12 +1,12 @@
-"""The packed-weight buffers every weight-only module holds, in tquant.packing's layout:
+"""The packed-weight buffers every weight-only module holds, in tquant.formats.packing's layout:
     qweight int32 [ceil(K / (32 // bits)), N], scales [G, N], zeros [G, N] (float, G = K // group_size)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..packing import pack_codes, values_per_word
-from ..qweight import QuantizedWeight
+from ..formats.packing import pack_codes, values_per_word
+from ..formats.weights import QuantizedWeight
 
 
 def register_packed(module: nn.Module, k: int, n: int, *, bits: int, group_size: int, dtype, device,

@@ -1,4 +1,4 @@
-"""QuipLinear: an nn.Linear replacement holding QuIP#'s E8P lattice codes (tquant.qweight.LatticeWeight).
+"""QuipLinear: an nn.Linear replacement holding QuIP#'s E8P lattice codes (tquant.formats.weights.LatticeWeight).
 
 Buffers:
     su     float32 [K]          input sign vector         sv    float32 [N]  output signs times the layer scale
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..qweight import LatticeWeight
+from ..formats.weights import LatticeWeight
 from .backend import use_kernel
 
 

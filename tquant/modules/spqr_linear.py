@@ -1,7 +1,7 @@
-"""SpQRLinear: an nn.Linear replacement holding an SpQR weight (tquant.qweight.SpQRWeight; tquant.spqr).
+"""SpQRLinear: an nn.Linear replacement holding an SpQR weight (tquant.formats.weights.SpQRWeight; tquant.formats.spqr).
 
 Buffers (tquant.kernels.spqr_matmul's layout):
-    qweight  int32 [ceil(K / (32 // bits)), N]   dense codes, K-packed (tquant.packing), storage order
+    qweight  int32 [ceil(K / (32 // bits)), N]   dense codes, K-packed (tquant.formats.packing), storage order
     stats    uint8 [G, N]                       scale code | zero << scale_bits of each group
     meta     fp16 [2, G, N / stat_group]        second level (step, low): scale = code * step + low
     perm     int32 [K] or absent                (act-order storage): dense part reads x[..., perm]
@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..packing import pack_codes, values_per_word
-from ..qweight import SpQRWeight
+from ..formats.packing import pack_codes, values_per_word
+from ..formats.weights import SpQRWeight
 from .backend import use_kernel
 
 

@@ -1,0 +1,100 @@
+"""The BCQ matmul kernel against its torch reference on fresh random BCQ weights (tquant.formats.bcq's search, packed as
+BCQLinear stores them): 1-4 planes, groups of 32 / 64 / per channel, with and without an offset, batch 1-20
+(over one 16-row tile), N not a multiple of the block, fp16 / bf16 / fp32; and the input checks."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401  (autouse fixture)
+
+from tquant.formats import bcq
+from tquant.kernels import bcq_matmul as bcq_matmul_module
+from tquant.kernels.bcq_matmul import bcq_matmul, bcq_matmul_ref
+from tquant.kernels.runtime import interpreter_on
+from tquant.formats.packing import pack_codes
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def packed_weight(n, k, q, group, offset, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    alphas, bits, _ = bcq.search(torch.randn(n, k, generator=g), q, group, 2)
+    planes = torch.stack([pack_codes(bits[i], 1) for i in range(q)]).to(DEVICE)
+    off = torch.randn(k // group, n, generator=g).to(DEVICE, dtype) if offset else None
+    return planes, alphas.permute(2, 1, 0).contiguous().to(DEVICE, dtype), off
+
+
+def path_config(path, m, group):
+    """The interpreter's config of a path, or on a GPU the path's first candidate with a BLOCK_K dividing the group."""
+    if interpreter_on():
+        return bcq_matmul_module.INTERPRETER_CONFIGS[path]
+    return next(c for c in bcq_matmul_module.configs(m, group) if c["path"] == path)
+
+
+def error_of(out, ref, x, planes, alphas, offset, perm, bias):
+    """||out - ref|| relative to ||(|x| @ |W|^T + |bias|)||, the scale of rounding errors (a norm of ref itself can
+    be near 0 when the terms cancel, e.g. one output of a small K)."""
+    w = bcq.dequantize(alphas.float().permute(2, 1, 0), bcq_matmul_module.unpack_planes(planes, x.shape[1]),
+                       None if offset is None else offset.float().t())
+    xs = x.float() if perm is None else x.float()[:, perm.long()]
+    scale = xs.abs() @ w.abs().t() + (0 if bias is None else bias.float().abs())
+    return ((out.double() - ref.double()).norm() / scale.double().norm()).item()
+
+
+@needs_backend
+@settings(max_examples=40, deadline=None)
+@given(path=st.sampled_from(sorted(bcq_matmul_module.INTERPRETER_CONFIGS)), m=st.integers(1, 20), n=st.integers(1, 70), kw=st.integers(1, 4),
+       q=st.integers(1, 4), group=st.sampled_from([32, 64, -1]), offset=st.booleans(), perm=st.booleans(),
+       bias=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_bcq_matmul_matches_reference(path, m, n, kw, q, group, offset, perm, bias, dtype, seed):
+    """Both paths: in-register tl.dot, and the tables (signed partial sums of every 8 activations, batch <= 8), with
+    act-order perm gathered in the loads, bias and split-K summed in the launch."""
+    m = min(m, bcq_matmul_module.LUT_MAX_M) if path != "dot" else m
+    k = 64 * kw if group == 64 else 32 * kw
+    group = k if group == -1 else group
+    planes, alphas, off = packed_weight(n, k, q, group, offset, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    p = torch.randperm(k, generator=gen).to(DEVICE, torch.int32) if perm else None
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
+    out = bcq_matmul_module.launch(path_config(path, m, group), x, planes, alphas, off, p, b)
+    ref = bcq_matmul_ref(x, planes, alphas, off, p, b)
+    assert out.shape == (m, n) and out.dtype == dtype and out.isfinite().all()
+    assert error_of(out, ref, x, planes, alphas, off, p, b) < TOL[dtype]
+
+
+@needs_backend
+def test_kernels_bcq_matmul_one_flipped_bit_moves_one_column():
+    """Flipping one bit of plane 1 changes output column 5 by 2 alpha x[k] and no other column."""
+    planes, alphas, _ = packed_weight(16, 64, 2, 32, False, torch.float32, 7)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    before = bcq_matmul(x, planes, alphas)
+    flipped = planes.clone()
+    flipped[1, 40 // 32, 5] ^= 1 << (40 % 32)
+    after = bcq_matmul(x, flipped, alphas)
+    was_one = (planes[1, 1, 5] >> 8) & 1
+    expected = (-2 if was_one else 2) * alphas[1, 1, 5] * x[:, 40]
+    torch.testing.assert_close(after[:, 5] - before[:, 5], expected, rtol=1e-4, atol=1e-5)
+    others = torch.ones(16, dtype=torch.bool)
+    others[5] = False
+    assert torch.equal(after[:, others], before[:, others])
+
+
+@needs_backend
+@pytest.mark.parametrize("change,match", [
+    (dict(x=torch.randn(2, 60)), "multiple of 32"),
+    (dict(x=torch.randn(2, 64).to(torch.int32)), "fp16 / bf16 / fp32"),
+    (dict(planes=torch.zeros(5, 2, 16, dtype=torch.int32)), "1-4 binary planes"),
+    (dict(alphas=torch.zeros(2, 3, 16)), "group size must divide K"),
+    (dict(alphas=torch.zeros(2, 2, 16, dtype=torch.float16)), "alphas"),
+    (dict(offset=torch.zeros(1, 16)), "offset"),
+    (dict(perm=torch.arange(60, dtype=torch.int32)), "perm shape"),
+    (dict(bias=torch.zeros(16, dtype=torch.float16)), "bias dtype"),
+])
+def test_kernels_bcq_matmul_bad_input_raises(change, match):
+    planes, alphas, _ = packed_weight(16, 64, 2, 32, False, torch.float32, 9)
+    args = dict(x=torch.randn(2, 64).to(DEVICE), planes=planes, alphas=alphas, offset=None)
+    args |= {key: v.to(DEVICE) for key, v in change.items()}
+    with pytest.raises(ValueError, match=match):
+        bcq_matmul(**args)

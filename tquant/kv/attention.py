@@ -1,0 +1,438 @@
+"""Decode attention over a quantized KV cache (KIVI's formats; flash-decoding): Triton kernels and the torch
+reference.
+
+One new query token per sequence attends to every cached token:
+    o[b, h] = softmax(sm_scale * q[b, h] K_b^T + mask) V_b,     K_b = [dequant(packed K) ; residual K]  (same for V)
+    q      [B, Hq, D] fp16 / bf16 / fp32; Hq = rep * Hkv (GQA: query head h reads KV head h // rep)
+    packed keys    tquant.kv.uniform_format.PackedKV, per channel (KIVI, key_axis="channel"): codes int32
+                   [B, Hkv, Tq / G * wpg, D], scale, mn fp16 [B, Hkv, Tq / G, D]; or per token (key_axis="token",
+                   QoQ's KV4) in the values' layout
+    packed values  PackedKV: codes int32 [B, Hkv, Tq, D / G * wpg], scale, mn fp16 [B, Hkv, Tq, D / G]
+    res_k, res_v   [B, Hkv, Tr, D] in q's dtype (the full-precision window), Tr >= 0
+    start  int32 [B] or None: tokens before start[b] are masked (a left-padded batch; ragged lengths)
+    length int32 [B] or None: packed tokens at or past length[b] are masked and not read (a static cache whose
+           store is allocated for Tq tokens and filled up to length[b]; tquant.decode)
+    newest int32 [B] or None (needs length): the window is a ring of Tr slots (a static KIVI cache): slot s holds
+           position newest[b] - ((newest[b] - s) mod Tr), and only positions length[b] ... newest[b] are attended
+    o      [B, Hq, D] in q's dtype; fp32 softmax and accumulation
+Kernel: grid (B * Hkv, SPLITS + 1). A program takes one KV head and all its rep query heads (K and V are read
+once for them; the rep rows are padded to 16 for tl.dot). Programs 0 ... SPLITS - 1 each take one contiguous
+share of the Tq packed tokens, BLOCK_T at a time: contiguous tiles of code words and parameters are loaded,
+the codes shifted out of the words in registers and scaled (code * scale + mn; _tile, _dequant); the last program
+takes the Tr residual tokens. Scores, the running max / sum and the rep x D accumulator stay in fp32 (online
+softmax). Each program writes its (max, sum, accumulator) to a workspace; `_combine_kernel` merges them:
+o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. A fully masked share contributes nothing (its max is -inf).
+`kivi_decode_attention_ref` is plain torch in fp32 from tquant.kv.uniform_format's decoders. `float_decode_attention` runs
+the same kernel over a float cache [B, Hkv, T, D] (the static decoder's fp16 cache): its store shares load keys
+and values as they are (no codes), its reference is `reference_attention`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .uniform_format import PackedKV, check_key_axis, check_kv_bits, dequantize_values, key_format, words_per_group
+from ..formats.packing import values_per_word
+from ..kernels.autotune_cache import tune
+from ..kernels.runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
+from ..kernels.tiling import unpack_words
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REP_PAD = 16  # tl.dot needs M >= 16: the rep query heads of one KV head are padded to this many rows
+
+
+def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
+                              sm_scale: float, start=None, key_axis: str = "channel", length=None,
+                              newest=None) -> torch.Tensor:
+    """The same attention in fp32 through tquant.kv.uniform_format's decoders, in q's dtype."""
+    keys = key_format(key_axis)[1](packed_k, bits, group)
+    k = torch.cat([keys, res_k.float()], dim=-2)
+    v = torch.cat([dequantize_values(packed_v, bits, group), res_v.float()], dim=-2)
+    unread = None
+    if length is not None:  # packed positions >= length[b]; the residual window after them is read
+        pos = torch.arange(k.shape[2], device=q.device)[None, :]
+        unread = (pos >= length.to(q.device)[:, None]) & (pos < keys.shape[2])
+    if newest is not None:  # ring slot s holds position newest - (newest - s) mod Tr, read from length on
+        tr, tq = res_k.shape[2], keys.shape[2]
+        slot = torch.arange(tr, device=q.device)[None, :]
+        held = newest.to(q.device)[:, None] - (newest.to(q.device)[:, None] - slot) % tr
+        unread[:, tq:] = held < length.to(q.device)[:, None]
+        if start is not None:  # the ring's positions are not tq + slot: mask its tokens before start here
+            unread[:, tq:] |= held < start.to(q.device)[:, None]
+            unread[:, :tq] |= torch.arange(tq, device=q.device)[None, :] < start.to(q.device)[:, None]
+            start = None
+    return reference_attention(q, k, v, sm_scale, start, unread)
+
+
+def reference_attention(q, k, v, sm_scale: float, start=None, unread=None) -> torch.Tensor:
+    """softmax(sm_scale q K^T + mask) V in fp32 for q [B, Hq, D] and float32 k, v [B, Hkv, T, D] (GQA), tokens
+    before start[b] and where unread [B, T] is True masked; in q's dtype."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, T, D]
+    scores = torch.einsum("bhd,bhtd->bht", q.float(), k) * sm_scale
+    masked = unread
+    if start is not None:
+        before = torch.arange(k.shape[2], device=q.device)[None, :] < start.to(q.device)[:, None]
+        masked = before if masked is None else masked | before
+    if masked is not None:
+        scores = scores.masked_fill(masked[:, None, :], float("-inf"))
+    return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), v).to(q.dtype)
+
+
+@triton.jit
+def _dequant(code, scale, mn, OUT: tl.constexpr):
+    """code * scale + mn in OUT (the dot's dtype) for int32 codes in [0, 256), with no int-to-float conversion
+    (a quarter-rate instruction): the code is or-ed into the mantissa of a float whose exponent makes it land
+    on an integer (fp16 0x6400 = 1024: 1024 + code; fp32 0x4B000000 = 2^23: 2^23 + code), and the offset is
+    subtracted exactly. fp16 caches compute in fp16 (one rounding, as the cast of an fp32 result would round);
+    bf16 / fp32 in fp32, cast last."""
+    if OUT == tl.float16:
+        c = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+        return c * scale.to(tl.float16) + mn.to(tl.float16)
+    else:
+        c = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        return (c * scale.to(tl.float32) + mn.to(tl.float32)).to(OUT)
+
+
+@triton.jit
+def _gathered_tile(codes_ptr, scale_ptr, mn_ptr, tok, chan, ok, CODE_ROW: tl.constexpr, PARAM_ROW: tl.constexpr,
+                   PER_CHANNEL: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
+                   WPG: tl.constexpr, OUT: tl.constexpr):
+    """Values (in OUT) of tokens tok [T, 1] x channels chan [1, D], each code word gathered by its own address
+    (any layout; the path of 3-bit codes, whose EPW * WPG slots do not fill a group exactly). PER_CHANNEL: codes
+    packed along tokens within each group, parameters per (token group, channel); else along channels, per
+    (token, channel group). CODE_ROW / PARAM_ROW: elements per token row of the codes / parameters of one
+    (b, head)."""
+    if PER_CHANNEL:
+        i = tok % G
+        word = ((tok // G) * WPG + i // EPW) * CODE_ROW + chan
+        param = (tok // G) * PARAM_ROW + chan
+    else:
+        i = chan % G
+        word = tok * CODE_ROW + (chan // G) * WPG + i // EPW
+        param = tok * PARAM_ROW + chan // G
+    w = tl.load(codes_ptr + word, mask=ok, other=0)
+    scale = tl.load(scale_ptr + param, mask=ok, other=0.0)
+    mn = tl.load(mn_ptr + param, mask=ok, other=0.0)
+    return _dequant((w >> ((i % EPW) * BITS)) & ((1 << BITS) - 1), scale, mn, OUT)
+
+
+@triton.jit
+def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr,
+          D: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr, WPG: tl.constexpr,
+          OUT: tl.constexpr):
+    """[BLOCK_T, D] values (in OUT) of tokens t0 ... t0 + BLOCK_T - 1 of a packed store of TQ tokens (zero past
+    TQ). Where a group's words hold exactly its G codes (2, 4, 8 bits), every load is a contiguous tile: per
+    channel (keys), word row r holds tokens r EPW ... r EPW + EPW - 1 of every channel ([BLOCK_T / EPW, D]
+    words); per token, a token's D / EPW words hold its channels in order ([BLOCK_T, D / EPW] words); the codes
+    come out of the words in registers (tiling.unpack_words), and the parameters ([BLOCK_T / G, D] per channel,
+    [BLOCK_T, D / G] per token) are broadcast over their groups. 3-bit codes take _gathered_tile."""
+    tok = t0 + tl.arange(0, BLOCK_T)
+    ok = tok < TQ
+    if EPW * WPG != G:
+        out = _gathered_tile(codes_ptr, scale_ptr, mn_ptr, tok[:, None], chan[None, :], ok[:, None],
+                             D if PER_CHANNEL else D // G * WPG, D if PER_CHANNEL else D // G, PER_CHANNEL, BITS,
+                             G, EPW, WPG, OUT)
+    else:
+        if PER_CHANNEL:
+            r = t0 // EPW + tl.arange(0, BLOCK_T // EPW)
+            w = tl.load(codes_ptr + r[:, None] * D + chan[None, :], mask=(r < TQ // EPW)[:, None], other=0)
+            code = tl.trans(unpack_words(tl.trans(w), BITS))
+            if BLOCK_T >= G:
+                g = t0 // G + tl.arange(0, BLOCK_T // G)
+                g_ok = (g < TQ // G)[:, None]
+                scale = tl.load(scale_ptr + g[:, None] * D + chan[None, :], mask=g_ok, other=0.0)
+                mn = tl.load(mn_ptr + g[:, None] * D + chan[None, :], mask=g_ok, other=0.0)
+                scale = tl.reshape(tl.broadcast_to(scale[:, None, :], [BLOCK_T // G, G, D]), [BLOCK_T, D])
+                mn = tl.reshape(tl.broadcast_to(mn[:, None, :], [BLOCK_T // G, G, D]), [BLOCK_T, D])
+            else:  # the whole tile lies in one group
+                scale = tl.load(scale_ptr + (t0 // G) * D + chan, mask=t0 < TQ, other=0.0)[None, :]
+                mn = tl.load(mn_ptr + (t0 // G) * D + chan, mask=t0 < TQ, other=0.0)[None, :]
+        else:
+            c = tl.arange(0, D // EPW)
+            w = tl.load(codes_ptr + tok[:, None] * (D // EPW) + c[None, :], mask=ok[:, None], other=0)
+            code = unpack_words(w, BITS)
+            p = tl.arange(0, D // G)
+            scale = tl.load(scale_ptr + tok[:, None] * (D // G) + p[None, :], mask=ok[:, None], other=0.0)
+            mn = tl.load(mn_ptr + tok[:, None] * (D // G) + p[None, :], mask=ok[:, None], other=0.0)
+            scale = tl.reshape(tl.broadcast_to(scale[:, :, None], [BLOCK_T, D // G, G]), [BLOCK_T, D])
+            mn = tl.reshape(tl.broadcast_to(mn[:, :, None], [BLOCK_T, D // G, G]), [BLOCK_T, D])
+        out = _dequant(code, scale, mn, OUT)
+    return out
+
+
+@triton.jit
+def _scores(q, k, live, m, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax, first half: (p, new running max, rescale factor) for the BLOCK_T keys k [BLOCK_T, D]
+    (live [BLOCK_T]: the tokens that attend)."""
+    return _softmax_step(tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION), live, m)
+
+
+@triton.jit
+def _softmax_step(s, live, m):
+    """Online softmax, first half, from the scores s [R, BLOCK_T] of a tile (live [BLOCK_T]: the tokens that
+    attend): (p, new running max, rescale factor)."""
+    s = tl.where(live[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every token masked so far
+    return tl.exp(s - m_safe[:, None]), m_new, tl.exp(m - m_safe)
+
+
+@triton.jit
+def _initial_state(start_ptr, b, HAS_START: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    """(first attended cache position of row b: start[b] or 0, and the empty online softmax: running max -inf,
+    sum 0, accumulator [R, D] 0)."""
+    first = 0
+    if HAS_START:
+        first = tl.load(start_ptr + b)
+    return first, tl.full([R], float("-inf"), dtype=tl.float32), tl.zeros([R], dtype=tl.float32), \
+        tl.zeros([R, D], dtype=tl.float32)
+
+
+@triton.jit
+def _accumulate(p, v, alpha, l, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax, second half: (l, acc) rescaled by alpha and with the tile's p [R, BLOCK_T] and values
+    v [BLOCK_T, D] added."""
+    return l * alpha + tl.sum(p, axis=1), \
+        acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+
+
+@triton.jit
+def _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, first_row, rows, row_ok, chan, split, splits,
+                   D: tl.constexpr):
+    """One program's (max, sum, accumulator) of query rows first_row + rows into the workspaces (row-major over
+    (query row, split)), which _combine_kernel merges."""
+    out = (first_row + rows) * splits + split
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(l_ptr + out, l, mask=row_ok)
+    tl.store(acc_ptr + out[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _dense_tokens(q, k_ptr, v_ptr, n, pos0, first, newest, m, l, acc, chan, D: tl.constexpr, BLOCK_T: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RING: tl.constexpr):
+    """Online softmax over n full-precision tokens, keys / values [n, D] at k_ptr / v_ptr: the updated (m, l, acc).
+    Not RING: at cache positions pos0 ... pos0 + n - 1, those before `first` masked. RING: slot s holds the newest
+    position p <= newest with p % n == s, and only p in [max(first, pos0), newest] is attended."""
+    for t0 in range(0, n, BLOCK_T):
+        tok = t0 + tl.arange(0, BLOCK_T)
+        ok = (tok < n)[:, None]
+        k = tl.load(k_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
+        if RING:
+            pos = newest - ((newest - tok) % n + n) % n
+            live = (tok < n) & (pos >= first) & (pos >= pos0)
+        else:
+            live = (tok < n) & (pos0 + tok >= first)
+        p, m, alpha = _scores(q, k, live, m, DOT_DTYPE, PRECISION)
+        v = tl.load(v_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
+        l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
+    return m, l, acc
+
+
+@triton.jit
+def _kv_attention_kernel(
+    q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, rk_ptr, rv_ptr, start_ptr, length_ptr, newest_ptr, m_ptr,
+    l_ptr, acc_ptr, HKV, TQ, TR, tokens_per_split, sm_scale,
+    D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
+    WPG: tl.constexpr, KEYS_PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr,
+    HAS_LENGTH: tl.constexpr, RING: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
+    FLOAT: tl.constexpr = False,
+):
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b = bh // HKV
+    splits = tl.num_programs(1)
+    rows = tl.arange(0, R)  # the rep query heads, padded to R = REP_PAD rows
+    chan = tl.arange(0, D)
+    row_ok = rows < REP
+    q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
+    q = (q.to(tl.float32) * sm_scale).to(DOT_DTYPE)
+    first, m, l, acc = _initial_state(start_ptr, b, HAS_START, R, D)
+    if split < splits - 1:  # a share of the store
+        lo = split * tokens_per_split
+        hi = tl.minimum(lo + tokens_per_split, TQ)
+        if HAS_LENGTH:  # a static store: tokens past length[b] are not read
+            hi = tl.minimum(hi, tl.load(length_ptr + b))
+        if FLOAT:  # keys kc_ptr, values vc_ptr [B * Hkv, TQ, D] as they are
+            m, l, acc = _dense_tokens(q, kc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D,
+                                      vc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D, hi - lo, lo, first, 0, m, l, acc,
+                                      chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
+        else:  # packed codes
+            k_params = TQ // G * D if KEYS_PER_CHANNEL else TQ * (D // G)
+            kc = kc_ptr + bh.to(tl.int64) * (TQ // G * WPG * D if KEYS_PER_CHANNEL else TQ * (D // G * WPG))
+            ks, km = ks_ptr + bh.to(tl.int64) * k_params, km_ptr + bh.to(tl.int64) * k_params
+            vc = vc_ptr + bh.to(tl.int64) * (TQ * (D // G * WPG))
+            vs, vm = vs_ptr + bh.to(tl.int64) * (TQ * (D // G)), vm_ptr + bh.to(tl.int64) * (TQ * (D // G))
+            for t0 in range(lo, hi, BLOCK_T):
+                tok = t0 + tl.arange(0, BLOCK_T)
+                k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
+                p, m, alpha = _scores(q, k, (tok < hi) & (tok >= first), m, DOT_DTYPE, PRECISION)
+                v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
+                l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
+    else:  # the last program of each (b, kv head): the full-precision residual window
+        pos0, newest = TQ, 0
+        if RING:  # a static window: positions length[b] ... newest[b] in a ring of TR slots
+            pos0, newest = tl.load(length_ptr + b), tl.load(newest_ptr + b)
+        m, l, acc = _dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
+                                  pos0, first, newest, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION, RING)
+    _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
+
+
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr):
+    """o[row] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the SPLITS partials of one query row."""
+    row = tl.program_id(0)
+    s = tl.arange(0, SPLITS_PAD)
+    ok = s < SPLITS
+    m = tl.load(m_ptr + row * SPLITS + s, mask=ok, other=float("-inf"))
+    l = tl.load(l_ptr + row * SPLITS + s, mask=ok, other=0.0)
+    big = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - big))
+    chan = tl.arange(0, D)
+    acc = tl.load(acc_ptr + (row * SPLITS + s)[:, None] * D + chan[None, :], mask=ok[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(o_ptr + row * D + chan, o.to(o_ptr.dtype.element_ty))
+
+
+def check_heads(q, kv, name: str) -> tuple[int, int, int, int, int]:
+    """(B, Hq, D, Hkv, T) of a query q [B, Hq, D] and a full-precision part kv [B, Hkv, T, D] named `name`; raise
+    ValueError naming the problem (dtype, shapes, GQA grouping)."""
+    if q.dim() != 3 or q.dtype not in DTYPES:
+        raise ValueError(f"q must be [B, Hq, D] fp16 / bf16 / fp32; got {q.dtype} {tuple(q.shape)}")
+    b, hq, d = q.shape
+    if kv.dim() != 4 or kv.shape[0] != b or kv.shape[-1] != d:
+        raise ValueError(f"{name} must be [B={b}, Hkv, T, D={d}]; got {tuple(kv.shape)}")
+    hkv = kv.shape[1]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if hq // hkv > REP_PAD:
+        raise ValueError(f"at most {REP_PAD} query heads per KV head; got {hq // hkv}")
+    return b, hq, d, hkv, kv.shape[2]
+
+
+def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length=None, newest=None) -> None:
+    """Raise ValueError naming the first input whose dtype or shape does not fit the layouts above."""
+    check_kv_bits(bits)
+    check_key_axis(key_axis)
+    b, hq, d, hkv, tr = check_heads(q, res_k, "res_k")
+    if d % group or d & (d - 1) or d < 16:
+        raise ValueError(f"head size {d} must be a power of two >= 16 and a multiple of group={group}")
+    tq = packed_v.codes.shape[2]
+    if key_axis == "channel" and tq % group:
+        raise ValueError(f"the packed store holds {tq} tokens, not whole groups of {group}")
+    if res_v.dtype != q.dtype or res_k.dtype != q.dtype:
+        raise ValueError(f"res_k / res_v must be in q's dtype {q.dtype}; got {res_k.dtype}, {res_v.dtype}")
+    wpg = words_per_group(bits, group)
+    per_token = (b, hkv, tq, d // group * wpg), (b, hkv, tq, d // group)  # codes, parameters
+    k_codes, k_params = ((b, hkv, tq // group * wpg, d), (b, hkv, tq // group, d)) if key_axis == "channel" \
+        else per_token
+    check_tensors({"res_v": (res_v, (b, hkv, tr, d), (q.dtype,)),
+                   "keys.codes": (packed_k.codes, k_codes, (torch.int32,)),
+                   "keys.scale": (packed_k.scale, k_params, DTYPES),
+                   "keys.mn": (packed_k.mn, k_params, DTYPES),
+                   "values.codes": (packed_v.codes, per_token[0], (torch.int32,)),
+                   "values.scale": (packed_v.scale, per_token[1], DTYPES),
+                   "values.mn": (packed_v.mn, per_token[1], DTYPES)},
+                  f"q {tuple(q.shape)}, {tq} packed and {tr} residual tokens, {bits} bits, group {group}, "
+                  f"keys per {key_axis}")
+    for name, t in (("start", start), ("length", length), ("newest", newest)):
+        if t is not None and (t.shape != (b,) or t.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"{name} must be an integer tensor [B={b}]; got {t.dtype} {tuple(t.shape)}")
+    if newest is not None and (length is None or tr == 0):
+        raise ValueError("newest (a ring window) needs length (where the window's positions start) and a window of "
+                         "at least one slot")
+
+
+INTERPRETER_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "num_warps": 4, "num_stages": 1}
+
+
+def configs(tokens: int) -> list[dict]:
+    """Candidates for a packed store of `tokens` (rounded up to a power of two): BLOCK_T 64 / 128, 4 or 8 warps,
+    1 or 2 pipeline stages (more stages hold more tiles in shared memory and cut the programs an SM runs), and
+    splits that give the grid about 1-4 programs per SM (132 on an H100) for B * Hkv = 8 and 64 (a split is at
+    least 256 tokens); the first is the default."""
+    if interpreter_on():
+        return [INTERPRETER_CONFIG]
+    out = []
+    for splits in sorted({max(1, min(64, tokens // 256 // f)) for f in (1, 2, 4, 8)}, reverse=True):
+        for block_t in (64, 128):
+            for warps in (4, 8):
+                for stages in (1, 2):
+                    out.append({"BLOCK_T": block_t, "SPLITS": splits, "num_warps": warps, "num_stages": stages})
+    return out
+
+
+def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length=None,
+           newest=None) -> torch.Tensor:
+    b, hq, d = q.shape
+    hkv, tr = res_k.shape[1], res_k.shape[2]
+    tq = packed_v.codes.shape[2]
+    block_t = config["BLOCK_T"]
+    per_split = max(block_t, triton.cdiv(triton.cdiv(tq, config["SPLITS"]), block_t) * block_t)
+    splits = triton.cdiv(tq, per_split) + 1  # shares of the packed store, then the residual window's program
+    m = torch.empty(b * hq * splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
+    tensors = [t.contiguous() for t in (q, *packed_k, *packed_v, res_k, res_v)]
+    dot_dtype, precision = dot_types(q.dtype)
+    store_float = key_axis == "float"  # packed_k / packed_v hold the float keys / values (float_decode_attention)
+    _kv_attention_kernel[(b * hkv, splits)](
+        *tensors, *(m if t is None else t.contiguous() for t in (start, length, newest)), m, l, acc, hkv, tq, tr,
+        per_split, sm_scale,
+        D=d, REP=hq // hkv, BITS=bits, G=group, EPW=1 if store_float else values_per_word(bits),
+        WPG=1 if store_float else words_per_group(bits, group), KEYS_PER_CHANNEL=key_axis == "channel",
+        BLOCK_T=block_t, HAS_START=start is not None, HAS_LENGTH=length is not None, RING=newest is not None,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, R=REP_PAD, FLOAT=store_float, num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    _combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
+    return o
+
+
+def kivi_decode_attention(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
+                          sm_scale: float | None = None, start=None, key_axis: str = "channel", length=None,
+                          newest=None) -> torch.Tensor:
+    """o [B, Hq, D] = softmax(sm_scale q K^T) V over the packed store and the residual window (module docstring);
+    sm_scale defaults to 1 / sqrt(D). key_axis "token": keys in the values' per-token layout (QoQ's KV4).
+    length: the filled part of a static store (no host read of it, so a CUDA graph can replay the call).
+    newest (with length): the window is a ring (module docstring), positions length[b] ... newest[b]."""
+    check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length, newest)
+    check_device({"q": q, "keys": packed_k.codes, "values": packed_v.codes, "res_k": res_k, "start": start,
+                  "length": length, "newest": newest})
+    sm_scale = 1 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    tq = packed_v.codes.shape[2]
+    if tq + res_k.shape[2] == 0:
+        raise ValueError("the cache is empty: nothing to attend to")
+    key = {"T": next_power_of_2(tq), "B": q.shape[0], "Hq": q.shape[1], "Hkv": res_k.shape[1], "D": q.shape[2],
+           "bits": bits, "group": group, "keys": key_axis, "dtype": str(q.dtype).removeprefix("torch.")}
+    args = (q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length, newest)
+    config = tune("kv_decode_attention", key, configs(key["T"]), lambda c: launch(c, *args), q.device)
+    return launch(config, *args)
+
+
+def float_decode_attention(q, k, v, *, length, sm_scale: float | None = None) -> torch.Tensor:
+    """o [B, Hq, D] = softmax(sm_scale q K^T) V over the first length[b] tokens of a float cache k, v [B, Hkv, T, D]
+    (a static cache's layer, in q's dtype; length int32 [B], read on the device): the same flash-decoding kernel,
+    its store shares loading keys and values as they are. Reference: reference_attention with positions past
+    length masked."""
+    b, hq, d, hkv, t = check_heads(q, k, "k")
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"head size {d} must be a power of two >= 16")
+    check_tensors({"k": (k, (b, hkv, t, d), (q.dtype,)), "v": (v, (b, hkv, t, d), (q.dtype,)),
+                   "length": (length, (b,), (torch.int32, torch.int64))}, f"q {tuple(q.shape)}, a cache of {t} tokens")
+    check_device({"q": q, "k": k, "v": v, "length": length})
+    if t == 0:
+        raise ValueError("the cache is empty: nothing to attend to")
+    sm_scale = 1 / math.sqrt(d) if sm_scale is None else sm_scale
+    window = k[:, :, :0]
+    key = {"T": next_power_of_2(t), "B": b, "Hq": hq, "Hkv": hkv, "D": d, "bits": 16, "group": d, "keys": "float",
+           "dtype": str(q.dtype).removeprefix("torch.")}
+    args = (q, PackedKV(k, k, k), PackedKV(v, v, v), window, window, 16, d, sm_scale, None, "float", length)
+    config = tune("kv_decode_attention", key, configs(key["T"]), lambda c: launch(c, *args), q.device)
+    return launch(config, *args)
+
+
+__all__ = ["float_decode_attention", "kivi_decode_attention", "kivi_decode_attention_ref"]

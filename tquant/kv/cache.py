@@ -1,0 +1,183 @@
+"""QuantizedKVCache: a transformers Cache whose layers keep keys and values in KIVI's packed formats
+(tquant.kv.uniform_format), with the most recent tokens in full precision.
+
+Per layer (KiviLayer), for K, V [B, H_kv, t, D] handed to update() (keys after RoPE, as the model caches them):
+    residual  the newest tokens in the model's dtype, kept between `residual` and residual + group - 1 long:
+              once it holds residual + group tokens or more, its oldest whole groups of `group` tokens are
+              quantized and appended to the packed store (K per channel over each group's tokens, V per
+              token over groups of `group` channels), oldest first
+    returns   [dequantized store ; residual] in the model's dtype, the K / V attention reads. With
+              prefill_with_quant=False the t tokens of this call come back exactly as given (a prefill
+              attends to itself in full precision and later tokens see it quantized); True returns every
+              token as stored (quantized where it was flushed).
+Memory: nbytes() counts the packed codes, the fp16 scales and minima and the residual window (the cache's
+format). The torch path also keeps each flushed group decoded once (the packed codes never change), so a decode
+step does not decode the whole store again.
+
+Kernel path (kernel=True; the default on CUDA): a one-token update returns only the residual window (with no
+window, residual 0 and prefill_with_quant=False: the step's exact token, whose stored copy the kernel skips, so
+both paths attend to a call's own tokens as given), and the model's attention function "tquant_kv" (registered
+here; tquant.kv.hook sets it on the model) calls decode_attention of the layer updated last: KiviLayer's runs
+tquant.kv.attention on the packed store and the window (other layers, e.g. KVQuantLayer, bring their own
+kernel and set _last.layer and kernel_step the same way). Every other call (prefills, the torch path) goes through
+SDPA on the K / V that update returned.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import transformers
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from .uniform_format import PackedKV, concat, dequantize_values, key_format, quantize_values
+
+
+class QuantizedLayer(CacheLayerMixin):
+    """What every quantized cache layer shares: a packed store (packed_values: codes [B, H, T, ...]) followed by
+    full-precision tokens (keys [B, H, t, D]: a residual window or a sink); no fixed maximum length."""
+    is_compileable = False
+    is_sliding = False
+
+    def quantized_length(self) -> int:
+        return 0 if self.packed_values is None else self.packed_values.codes.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.quantized_length() + (self.keys.shape[-2] if self.is_initialized else 0)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class KiviLayer(QuantizedLayer):
+
+    def __init__(self, bits: int, group: int, residual: int, prefill_with_quant: bool, kernel: bool | None = None,
+                 key_axis: str = "channel"):
+        super().__init__()
+        self.bits, self.group, self.residual, self.prefill_with_quant = bits, group, residual, prefill_with_quant
+        self.key_axis = key_axis
+        self._quantize_keys, self._dequantize_keys = key_format(key_axis)
+        self.flush_tokens = group if key_axis == "channel" else 1
+        self.kernel = kernel  # None: on CUDA tensors
+        self.kernel_step = None  # the keys the last update returned for the kernel (its residual window), or None
+        self._unread = 0  # newest stored tokens the kernel step skips (they are in its window exactly)
+        self.packed_keys: PackedKV | None = None
+        self.packed_values: PackedKV | None = None
+        self._dequantized: tuple[torch.Tensor, torch.Tensor] | None = None  # the torch path's decoded store
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        if self.kernel is None:
+            self.kernel = key_states.is_cuda
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        flush = max(0, self.keys.shape[-2] - self.residual) // self.flush_tokens * self.flush_tokens
+        if flush:
+            k, v = self._quantize_keys(self.keys[..., :flush, :], self.bits, self.group), \
+                quantize_values(self.values[..., :flush, :], self.bits, self.group)
+            self.packed_keys = k if self.packed_keys is None else concat([self.packed_keys, k], dim=-2)
+            self.packed_values = v if self.packed_values is None else concat([self.packed_values, v], dim=-2)
+            self.keys, self.values = self.keys[..., flush:, :], self.values[..., flush:, :]
+            if not self.kernel:
+                k = self._dequantize_keys(k, self.bits, self.group).to(self.dtype)
+                v = dequantize_values(v, self.bits, self.group).to(self.dtype)
+                self._dequantized = (k, v) if self._dequantized is None else \
+                    tuple(torch.cat([old, new], dim=-2) for old, new in zip(self._dequantized, (k, v)))
+        _last.layer = self
+        kernel_step = bool(self.kernel) and key_states.shape[-2] == 1 and self.packed_keys is not None
+        self.kernel_step, self._unread = (self.keys if kernel_step else None), 0
+        if kernel_step and self.keys.shape[-2] == 0 and not self.prefill_with_quant:
+            # no window (residual 0): the step's token went to the store; as on the torch path it attends to
+            # itself exactly, so the kernel reads the store but its last token, and the exact token as the window
+            self.kernel_step, self._unread = key_states, 1
+            return key_states, value_states
+        if kernel_step:
+            return self.keys, self.values
+        keys, values = self.stored()
+        if not self.prefill_with_quant:
+            t = key_states.shape[-2]
+            keys = torch.cat([keys[..., :-t, :], key_states], dim=-2)
+            values = torch.cat([values[..., :-t, :], value_states], dim=-2)
+        return keys, values
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached token as the cache holds it: [dequantized packed store ; residual], model dtype."""
+        if self.packed_keys is None:
+            return self.keys, self.values
+        k, v = self._dequantized or (self._dequantize_keys(self.packed_keys, self.bits, self.group).to(self.dtype),
+                                     dequantize_values(self.packed_values, self.bits, self.group).to(self.dtype))
+        return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+
+    def decode_attention(self, q, keys, values, sm_scale: float | None, start) -> torch.Tensor:
+        """The kernel path's attention of one query token per row, q [B, Hq, D], over the packed store and the
+        window keys, values (what the kernel step's update returned)."""
+        from .attention import kivi_decode_attention
+
+        length = None
+        if self._unread:
+            length = torch.full((q.shape[0],), self.quantized_length() - self._unread, dtype=torch.int32,
+                                device=q.device)
+        return kivi_decode_attention(q, self.packed_keys, self.packed_values, keys, values, bits=self.bits,
+                                     group=self.group, sm_scale=sm_scale, start=start, key_axis=self.key_axis,
+                                     length=length)
+
+    def nbytes(self) -> int:
+        """Bytes held: packed codes, fp16 scales and minima, and the full-precision residual window."""
+        if not self.is_initialized:
+            return 0
+        packed = sum(p.nbytes() for p in (self.packed_keys, self.packed_values) if p is not None)
+        return packed + sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+
+    def reset(self) -> None:
+        self.packed_keys = self.packed_values = self._dequantized = None
+        self.keys = self.values = None
+        self.is_initialized = False
+
+
+class QuantizedKVCache(Cache):
+    """One quantized cache layer per decoder layer (KiviLayer, or another method's: KVCacheMethod.make_layer);
+    pass it to model(..., past_key_values=) or model.generate(...). tquant.kv_cache(model) builds it:
+    QuantizedKVCache(layers=[...])."""
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+_last = threading.local()  # the cache layer updated last in this thread: the attention call that follows reads it
+ATTENTION = "tquant_kv"
+
+
+def kv_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function "tquant_kv": the layer's decode-attention kernel (layer.decode_attention) when
+    `key` is what the layer updated last returned for its kernel (kernel_step: a one-token step on the kernel path,
+    the full-precision tokens the kernel reads beside its packed store), else SDPA."""
+    layer = getattr(_last, "layer", None)
+    if layer is None or layer.kernel_step is None or key is not layer.kernel_step:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    layer.kernel_step = None
+    start = None
+    if attention_mask is not None:  # [B, 1, 1, T] (bool: True attends; or additive): a left-padded batch
+        allowed = attention_mask[:, 0, -1, :]
+        allowed = allowed if allowed.dtype == torch.bool else allowed == 0
+        start = (allowed.shape[-1] - allowed.sum(-1)).to(torch.int32)
+        positions = torch.arange(allowed.shape[-1], device=allowed.device)
+        if not torch.equal(allowed, positions[None, :] >= start[:, None]):
+            raise ValueError("the tquant_kv decode kernel takes left padding only (a contiguous run of tokens)")
+    return layer.decode_attention(query[:, :, 0], key, value, scaling, start)[:, None], None
+
+
+transformers.AttentionInterface.register(ATTENTION, kv_attention_forward)
+transformers.AttentionMaskInterface.register(ATTENTION, sdpa_mask)

@@ -1,0 +1,285 @@
+"""The static KV caches of tquant.StaticDecoder: allocated once for `batch` sequences of up to max_len tokens, written
+and read at positions held in device tensors, so that a decode step does the same work at every position and a CUDA
+graph can replay it.
+
+    cache = static_cache(model, batch, max_len)   # the form the model's KV method asks for
+    cache.prepare(pos)                              # once a forward: what every layer derives from the positions
+    cache.write(layer, k, v, pos); o = cache.decode_attention(layer, q, k, v, sm_scale); cache.stored(layer, t)
+
+StaticKVCache: the float cache, and qoq_kv4's per-token codes. StaticKiviCache: KIVI's per-channel key groups and
+per-token values, with the newest tokens in a full-precision ring window (its docstring). KVQuant's cache (outliers,
+non-uniform codebooks, a sink) has no static form yet and is refused.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .hook import tquant_config
+from .uniform_format import PackedKV, dequantize_keys, dequantize_values, quantize_keys, quantize_values, words_per_group
+from ..methods.kv_base import head_dim
+
+
+class StaticKVCache:
+    """Keys / values (after RoPE) of every layer for `batch` sequences of up to max_len tokens, allocated once.
+
+    bits None: k, v [L, B, Hkv, T, D] in the model's dtype
+    bits 4 / 8 (qoq_kv4): per-token asymmetric codes with one fp16 (scale, minimum) per token and KV head (the
+        per-token layout of tquant.kv.uniform_format, group = D): codes int32 [L, B, Hkv, T, D * bits / 32],
+        scale, mn fp16 [L, B, Hkv, T, 1], for keys and for values
+    write(layer, k, v, pos) stores k, v [B, Hkv, t, D] at positions pos (int64 [t]; codes: one kernel on CUDA,
+    tquant.kv.write); attend(layer, q, length,
+    ...) is one query token per row, q [B, Hq, D], over positions 0 ... length[b] - 1 (length int32 [B]) and an
+    optional exact window. A decode step of a quantized cache without prefill_with_quant attends to its own token
+    exactly (as tquant.kv_cache's layers do: a call's own tokens come as given) and to the earlier ones as stored
+    (decode_attention, after prepare(pos) of the step's position).
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_size: int, max_len: int, dtype: torch.dtype,
+                 device, bits: int | None = None, prefill_with_quant: bool = False):
+        self.bits, self.dtype, self.prefill_with_quant, self.batch = bits, dtype, prefill_with_quant, batch
+        self._exact = bits is not None and not prefill_with_quant  # a decode step's own token is attended exactly
+        self.kernel = torch.device(device).type == "cuda"
+        shape = (layers, batch, kv_heads, max_len)
+        if bits is None:
+            self.k = torch.zeros(*shape, head_size, dtype=dtype, device=device)
+            self.v = torch.zeros_like(self.k)
+        else:
+            def store():
+                return PackedKV(torch.zeros(*shape, head_size * bits // 32, dtype=torch.int32, device=device),
+                                torch.ones(*shape, 1, dtype=torch.float16, device=device),
+                                torch.zeros(*shape, 1, dtype=torch.float16, device=device))
+            self.k, self.v = store(), store()
+            self._window = torch.zeros(batch, kv_heads, 0, head_size, dtype=dtype, device=device)  # no fp window
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        if self.bits is None:
+            self.k[layer].index_copy_(2, pos, k.to(self.dtype))
+            self.v[layer].index_copy_(2, pos, v.to(self.dtype))
+            return
+        stores = [PackedKV(*(p[layer] for p in store)) for store in (self.k, self.v)]
+        if self.kernel:
+            from .write import kv_quant_write
+
+            return kv_quant_write(k, v, *stores, pos, self.bits)
+        for store, x in zip(stores, (k, v)):
+            for part, new in zip(store, quantize_values(x, self.bits, x.shape[-1])):
+                part.index_copy_(2, pos, new)
+
+    def stored(self, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0 ... t - 1 of one layer as the cache holds them, in the model's dtype."""
+        if self.bits is None:
+            return self.k[layer][:, :, :t], self.v[layer][:, :, :t]
+        d = self._window.shape[-1]
+        return tuple(dequantize_values(PackedKV(*(p[layer][:, :, :t] for p in store)), self.bits, d).to(self.dtype)
+                     for store in (self.k, self.v))
+
+    def attend(self, layer: int, q: torch.Tensor, length: torch.Tensor, sm_scale: float, k_new=None, v_new=None
+               ) -> torch.Tensor:
+        """o [B, Hq, D]: softmax(sm_scale q K^T) V over the first length[b] cached tokens of each row and, if
+        given, the exact k_new, v_new [B, Hkv, 1, D] after them."""
+        window = () if k_new is None else (k_new.to(self.dtype), v_new.to(self.dtype))
+        if self.float_store and self.kernel and k_new is None:
+            from .attention import float_decode_attention
+
+            return float_decode_attention(q, self.k[layer], self.v[layer], length=length, sm_scale=sm_scale)
+        if self.bits is not None and self.kernel:
+            from .attention import kivi_decode_attention
+
+            return kivi_decode_attention(q, PackedKV(*(p[layer] for p in self.k)),
+                                         PackedKV(*(p[layer] for p in self.v)), *(window or (self._window,) * 2),
+                                         bits=self.bits, group=q.shape[-1], sm_scale=sm_scale, key_axis="token",
+                                         length=length)
+        k, v = self.stored(layer, self.max_len)
+        live = torch.arange(self.max_len, device=q.device)[None, :] < length[:, None]  # [B, T]
+        if window:
+            k, v = torch.cat([k, window[0]], dim=2), torch.cat([v, window[1]], dim=2)
+            live = F.pad(live, (0, 1), value=True)
+        return masked_attention(q, k, v, live, sm_scale)
+
+    def prepare(self, pos: torch.Tensor) -> None:
+        """Before a forward that writes positions pos (int64 [t]): the stored tokens a decode step attends to
+        (all up to pos, or those before it where its own token comes exact), computed once for every layer."""
+        self._length = (pos[-1:] + (0 if self._exact else 1)).to(torch.int32).expand(self.batch).contiguous()
+
+    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         sm_scale: float) -> torch.Tensor:
+        """o [B, Hq, D] of a decode step's query q [B, Hq, D] whose own k, v [B, Hkv, 1, D] were just written at
+        the position prepared: over positions 0 ... pos, its own token exact for a quantized cache without
+        prefill_with_quant."""
+        return self.attend(layer, q, self._length, sm_scale, *((k, v) if self._exact else ()))
+
+    @property
+    def float_store(self) -> bool:
+        """Keys and values as they are: k, v [L, B, Hkv, T, D] tensors a RoPE kernel may write into."""
+        return self.bits is None
+
+    @property
+    def max_len(self) -> int:
+        return (self.k if self.bits is None else self.k.codes).shape[3]
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token of one sequence takes, all layers (keys and values)."""
+        parts = (self.k, self.v) if self.bits is None else (*self.k, *self.v)
+        return sum(p.element_size() * p[:, 0, :, 0].numel() for p in parts)
+
+
+class StaticKiviCache:
+    """KIVI's cache (tquant.methods.kivi, formats of tquant.kv.uniform_format) in static form, for every layer.
+
+    G = group_size, R = residual, W = R + G ring slots, NG = ceil(max_len / G) + 1 key groups (one spare: the pending
+    group below always has a home):
+        keys    PackedKV per channel: codes int32 [L, B, Hkv, NG * wpg, D], scale, mn fp16 [L, B, Hkv, NG, D]
+        values  PackedKV per token:   codes int32 [L, B, Hkv, NG * G, D / G * wpg], scale, mn [L, B, Hkv, NG * G, D / G]
+        ring    k, v [L, B, Hkv, W, D] in the model's dtype: position p at slot p % W
+    After n tokens the first flushed(n) = G * floor(max(0, n - R) / G) are read from the packed store and the rest
+    (flushed(n) ... n - 1, between min(n, R) and R + G - 1 of them) from the ring: the dynamic KiviLayer's rule,
+    so both hold the same codes. Each write puts its tokens in the ring and then quantizes the pending group
+    (positions flushed(n) ... flushed(n) + G - 1, read from the ring) into its store slot, which is not read until
+    flushed grows past it; with R >= 1 that group is complete one write before it is. So every write does the
+    same work, whatever the position: no host branch, one CUDA graph. Decode attention reads the store up to
+    flushed and the ring's positions flushed ... pos (kernels.kv_attention's ring window).
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_size: int, max_len: int, dtype: torch.dtype,
+                 device, bits: int, group: int, residual: int, prefill_with_quant: bool = False):
+        if residual < 1:
+            raise ValueError("static KIVI decoding needs residual >= 1 (the newest token in the full-precision window)")
+        self.bits, self.group, self.residual, self.dtype, self.batch = bits, group, residual, dtype, batch
+        self.prefill_with_quant, self._max_len = prefill_with_quant, max_len
+        self.kernel = torch.device(device).type == "cuda"
+        self.slots = residual + group
+        groups = -(-max_len // group) + 1
+        wpg = words_per_group(bits, group)
+        lead = (layers, batch, kv_heads)
+
+        def zeros(*shape, dtype):
+            return torch.zeros(*lead, *shape, dtype=dtype, device=device)
+
+        self.k = PackedKV(zeros(groups * wpg, head_size, dtype=torch.int32),
+                          zeros(groups, head_size, dtype=torch.float16), zeros(groups, head_size, dtype=torch.float16))
+        self.v = PackedKV(zeros(groups * group, head_size // group * wpg, dtype=torch.int32),
+                          zeros(groups * group, head_size // group, dtype=torch.float16),
+                          zeros(groups * group, head_size // group, dtype=torch.float16))
+        self.ring_k = zeros(self.slots, head_size, dtype=dtype)
+        self.ring_v = torch.zeros_like(self.ring_k)
+        self._offsets = torch.arange(group, device=device)
+        self._word_offsets = torch.arange(wpg, device=device)
+        self._flushed = torch.zeros(1, dtype=torch.long, device=device)
+        self._newest = torch.zeros(1, dtype=torch.long, device=device)
+
+    float_store = False
+
+    def _flushed_after(self, n):
+        return (n - self.residual).clamp(min=0) // self.group * self.group
+
+    def prepare(self, pos: torch.Tensor) -> None:
+        """Before a forward that writes positions pos (int64 [t], consecutive; a prefill starts at 0): the ring slots
+        of its newest tokens, the newest position, flushed(newest + 1), the pending group's ring slots and store rows,
+        computed once for every layer."""
+        keep = min(len(pos), self.slots)
+        self._slots = pos[-keep:] % self.slots
+        self._newest = pos[-1:]
+        self._flushed = self._flushed_after(self._newest + 1)
+        self._pending = (self._flushed + self._offsets) % self.slots
+        first_group = self._flushed // self.group
+        self._key_rows = (first_group * len(self._word_offsets) + self._word_offsets, first_group, first_group)
+        self._value_rows = self._flushed + self._offsets
+        self._lengths = tuple(n.to(torch.int32).expand(self.batch).contiguous() for n in (self._flushed, self._newest))
+        self._attended = self._lengths[1] + 1
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """k, v [B, Hkv, t, D] at positions pos (int64 [t], consecutive; a prefill starts at 0), after prepare(pos)."""
+        t, g = k.shape[2], self.group
+        keep = len(self._slots)
+        self.ring_k[layer].index_copy_(2, self._slots, k[:, :, -keep:].to(self.dtype))
+        self.ring_v[layer].index_copy_(2, self._slots, v[:, :, -keep:].to(self.dtype))
+        if t > 1:  # a prefill of positions 0 ... t - 1: its complete groups go straight to the store
+            n0 = max(0, t - self.residual) // g * g
+            if n0:
+                for store, new in ((self.k, quantize_keys(k[:, :, :n0], self.bits, g)),
+                                   (self.v, quantize_values(v[:, :, :n0], self.bits, g))):
+                    for part, x in zip(store, new):
+                        part[layer][:, :, :x.shape[2]] = x
+        group_keys = quantize_keys(self.ring_k[layer].index_select(2, self._pending), self.bits, g)
+        for part, x, index in zip(self.k, group_keys, self._key_rows):
+            part[layer].index_copy_(2, index, x)
+        for part, x in zip(self.v, quantize_values(self.ring_v[layer].index_select(2, self._pending), self.bits, g)):
+            part[layer].index_copy_(2, self._value_rows, x)
+
+    def stored(self, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0 ... t - 1 of one layer as the cache holds them (the store before flushed, the ring from
+        there to the newest written position; later positions hold whatever the store has), model dtype."""
+        out = []
+        slot = torch.arange(self.slots, device=self._newest.device)
+        held = self._newest - (self._newest - slot) % self.slots  # the position in each ring slot
+        for store, ring, decode in ((self.k, self.ring_k, dequantize_keys), (self.v, self.ring_v, dequantize_values)):
+            x = decode(PackedKV(*(p[layer] for p in store)), self.bits, self.group).to(self.dtype)
+            x = F.pad(x, (0, 0, 0, 1))  # a last row for the ring slots read from the store instead
+            dump = x.shape[2] - 1
+            x.index_copy_(2, torch.where(held >= self._flushed, held, dump), ring[layer])
+            out.append(x[:, :, :t])
+        return tuple(out)
+
+    def attend(self, layer: int, q: torch.Tensor, length: torch.Tensor, sm_scale: float) -> torch.Tensor:
+        """o [B, Hq, D] over positions 0 ... length[b] - 1 (length = the newest written position + 1)."""
+        if self.kernel:
+            from .attention import kivi_decode_attention
+
+            keys, values = (PackedKV(*(p[layer] for p in store)) for store in (self.k, self.v))
+            return kivi_decode_attention(q, keys, values, self.ring_k[layer], self.ring_v[layer], bits=self.bits,
+                                         group=self.group, sm_scale=sm_scale, key_axis="channel",
+                                         length=self._lengths[0], newest=self._lengths[1])
+        live = torch.arange(self.max_len, device=q.device)[None, :] < length[:, None]
+        return masked_attention(q, *self.stored(layer, self.max_len), live, sm_scale)
+
+    def decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         sm_scale: float) -> torch.Tensor:
+        """o [B, Hq, D] of a decode step whose k, v were just written at the prepared position: its own token is in
+        the ring."""
+        return self.attend(layer, q, self._attended, sm_scale)
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    def bytes_per_token(self) -> int:
+        """Store bytes one token of one sequence takes, all layers (the ring of R + G full-precision tokens a
+        sequence holds besides is fixed, not per token)."""
+        tokens = self.v.codes.shape[3]
+        return sum(p.element_size() * p[:, 0].numel() for p in (*self.k, *self.v)) // tokens
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, live: torch.Tensor,
+                     sm_scale: float) -> torch.Tensor:
+    """o [B, Hq, D] = softmax(sm_scale q K^T) V over the positions of k, v [B, Hkv, T, D] where live [B, T]: the
+    rep query heads of KV head j (heads j rep ... j rep + rep - 1, as HF's repeat_kv) as rep query rows of one masked
+    SDPA (no repeated K / V)."""
+    b, hq, d = q.shape
+    o = F.scaled_dot_product_attention(q.view(b, k.shape[1], hq // k.shape[1], d), k.to(q.dtype), v.to(q.dtype),
+                                       attn_mask=live[:, None, None], scale=sm_scale)
+    return o.reshape(b, hq, d)
+
+
+def static_cache(model, batch: int, max_len: int):
+    """The static cache the model's KV method asks for: float without one, qoq_kv4's codes, or KIVI's; ValueError
+    for methods with no static form."""
+    cfg = model.config
+    spec = (tquant_config(model) or {}).get("kv_cache")
+    dtype = model.get_input_embeddings().weight.dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        dtype = torch.float16
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    shape = (cfg.num_hidden_layers, batch, kv_heads, head_dim(cfg), max_len, dtype,
+             model.get_input_embeddings().weight.device)
+    if spec is None:
+        return StaticKVCache(*shape)
+    if spec["method"] == "kivi":
+        return StaticKiviCache(*shape, spec["kv_bits"], spec["group_size"], spec["residual"],
+                               spec["prefill_with_quant"])
+    if spec["method"] != "qoq_kv4":
+        raise ValueError(f"static decoding supports the float cache, qoq_kv4's and KIVI's; this model's KV cache is "
+                         f"{spec['method']!r} (use model.generate, which builds its dynamic cache)")
+    if spec["residual"]:
+        raise ValueError("static decoding keeps no full-precision window: qoq_kv4's residual must be 0")
+    return StaticKVCache(*shape, spec["kv_bits"], spec["prefill_with_quant"])

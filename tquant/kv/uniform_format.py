@@ -1,0 +1,118 @@
+"""KIVI's KV-cache formats (Liu et al., 2024) in plain torch: what QuantizedKVCache stores and what a
+decode-attention kernel reads. Asymmetric min-max codes (tquant.formats.quantizer.minmax_quantize) with fp16 scale and
+minimum, packed into int32 words by tquant.formats.packing (epw = 32 // bits codes a word).
+
+Keys, per channel: K [B, H, T, D] with T a multiple of `group`; the `group` consecutive tokens of a group
+share one (scale, mn) per channel (keys have outlier channels, so channels get their own range):
+    codes      int32 [B, H, T / group * wpg, D]   each group's codes packed along its tokens into
+                                                  wpg = ceil(group / epw) words (token i of a group: word
+                                                  i // epw, bits (i % epw) * bits ...)
+    scale, mn  fp16  [B, H, T / group, D]
+Values, per token: V [B, H, T, D] with D a multiple of `group`; `group` consecutive channels of one token
+share one (scale, mn):
+    codes      int32 [B, H, T, D / group * wpg]   packed along channels, group by group
+    scale, mn  fp16  [B, H, T, D / group]
+value = code * scale + mn, computed in fp32 from the stored fp16 scale and mn (the codes are chosen against
+those rounded parameters).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..formats.packing import pack_codes, unpack_codes, values_per_word
+from ..formats.quantizer import minmax_quantize
+
+KV_BITS = (2, 3, 4, 8)
+
+
+class PackedKV(NamedTuple):
+    codes: torch.Tensor
+    scale: torch.Tensor
+    mn: torch.Tensor
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self)
+
+
+def check_kv_bits(bits: int) -> None:
+    if bits not in KV_BITS:
+        raise ValueError(f"kv_bits={bits} is not supported; choose one of {KV_BITS}")
+
+
+def words_per_group(bits: int, group: int) -> int:
+    return -(-group // values_per_word(bits))
+
+
+def _quantize_groups(x: torch.Tensor, bits: int, group: int) -> PackedKV:
+    """x [..., n] with n a multiple of group: codes [..., n / group * wpg] packed along the last dim, group by
+    group; scale, mn fp16 [..., n / group]."""
+    *lead, n = x.shape
+    wpg = words_per_group(bits, group)
+    if x.numel() == 0:
+        empty = lambda size, dtype: x.new_zeros(*lead, size, dtype=dtype)  # noqa: E731
+        return PackedKV(empty(n // group * wpg, torch.int32), empty(n // group, torch.float16),
+                        empty(n // group, torch.float16))
+    g = x.float().reshape(-1, n // group, group)
+    q, scale, mn = minmax_quantize(g, bits, dim=-1, param_dtype=torch.float16)
+    words = pack_codes(q.reshape(-1, group), bits, checked=False)  # [wpg, rows * n / group]; clamped codes
+    codes = words.t().reshape(*lead, n // group * words.shape[0])
+    return PackedKV(codes.contiguous(), scale.reshape(*lead, n // group), mn.reshape(*lead, n // group))
+
+
+def _dequantize_groups(p: PackedKV, bits: int, group: int) -> torch.Tensor:
+    """The inverse layout of _quantize_groups: float32 [..., n]."""
+    *lead, groups = p.scale.shape
+    wpg = words_per_group(bits, group)
+    if p.scale.numel() == 0:
+        return p.scale.new_zeros(*lead, groups * group, dtype=torch.float32)
+    codes = unpack_codes(p.codes.reshape(-1, wpg).t(), bits, group).t()  # [rows * groups, group]
+    x = codes.float().reshape(*lead, groups, group) * p.scale.float()[..., None] + p.mn.float()[..., None]
+    return x.reshape(*lead, groups * group)
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int) -> PackedKV:
+    """K [B, H, T, D], T a multiple of group -> per-channel groups of tokens (layout above)."""
+    check_kv_bits(bits)
+    if k.shape[-2] % group:
+        raise ValueError(f"keys are quantized in whole groups of {group} tokens; got {k.shape[-2]} tokens")
+    p = _quantize_groups(k.transpose(-1, -2), bits, group)  # [B, H, D, T / group * wpg]
+    return PackedKV(*(t.transpose(-1, -2).contiguous() for t in p))
+
+
+def dequantize_keys(p: PackedKV, bits: int, group: int) -> torch.Tensor:
+    return _dequantize_groups(PackedKV(*(t.transpose(-1, -2) for t in p)), bits, group).transpose(-1, -2)
+
+
+def quantize_values(v: torch.Tensor, bits: int, group: int) -> PackedKV:
+    """V [B, H, T, D], D a multiple of group -> per-token groups of channels (layout above)."""
+    check_kv_bits(bits)
+    if v.shape[-1] % group:
+        raise ValueError(f"values are quantized in groups of {group} channels, which must divide head_dim="
+                         f"{v.shape[-1]}")
+    return _quantize_groups(v, bits, group)
+
+
+def dequantize_values(p: PackedKV, bits: int, group: int) -> torch.Tensor:
+    return _dequantize_groups(p, bits, group)
+
+
+KEY_AXES = ("channel", "token")
+
+
+def check_key_axis(key_axis: str) -> None:
+    if key_axis not in KEY_AXES:
+        raise ValueError(f"key_axis must be 'channel' (KIVI) or 'token'; got {key_axis!r}")
+
+
+def key_format(key_axis: str):
+    """(quantize, dequantize) of keys stored per channel over groups of tokens (KIVI: quantize_keys /
+    dequantize_keys) or per token over groups of channels (key_axis="token", QoQ's KV4: the values' layout)."""
+    check_key_axis(key_axis)
+    return (quantize_keys, dequantize_keys) if key_axis == "channel" else (quantize_values, dequantize_values)
+
+
+def concat(parts: list[PackedKV], dim: int) -> PackedKV:
+    """Packed groups appended along tokens (dim -2 for keys and values alike)."""
+    return PackedKV(*(torch.cat(ts, dim=dim) for ts in zip(*parts)))

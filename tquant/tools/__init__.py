@@ -1,0 +1,1 @@
+"""The user-facing commands' code: eval, analyze, compare, tune, speed, chat."""
