@@ -1,5 +1,5 @@
-"""Bit-plane WpAq GEMM (issue 8, tquant.kernels.bitplane_gemm) on the GPU against cuBLAS fp16, cuBLAS int8 and the
-W4A8 kernel of issue 3, all in the same run.
+"""Bit-plane WpAq GEMM (ABQ-LLM, tquant.kernels.bitplane_gemm) on the GPU against cuBLAS fp16, cuBLAS int8 and the
+W4A8 / W8A8 kernels (tquant.kernels.w4a8_gemm, w8a8_gemm), all in the same run.
 
     python benchmarks/bench_bitplane.py [--ms 1,16,64,256,1024,4096] [--shapes 4096x14336] [--json out.json]
 
@@ -118,8 +118,8 @@ def main():
                     row[name + " gemv"] = bench(lambda: bitplane_gemv(*args, **kw))
             row["act quant A8 asym"] = bench(lambda: quantize_activations(x, bits=8, zero_point=True))
             xq8, xs8 = quantize_activations(x)
-            row["W4A8 (issue 3)"] = bench(lambda: w4a8_matmul(xq8, xs8, w4[0], w4[1]))
-            row["W8A8 (issue 3)"] = bench(lambda: w8a8_matmul(xq8, xs8, wq8, ws8))
+            row["W4A8 (w4a8_gemm)"] = bench(lambda: w4a8_matmul(xq8, xs8, w4[0], w4[1]))
+            row["W8A8 (w8a8_gemm)"] = bench(lambda: w8a8_matmul(xq8, xs8, wq8, ws8))
             row["cuBLAS fp16"] = bench(lambda: x @ wh.t())
             xq32 = torch.nn.functional.pad(xq8, (0, 0, 0, max(0, 32 - m))) if m < 17 else xq8
             wt = wq8.t()
@@ -127,7 +127,7 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     names = [f"W{b}A{q}" + (f" g{gr}" if gr else "") for b, q, gr in COMBOS] + [
-        "W4A8 (issue 3)", "W8A8 (issue 3)", "cuBLAS fp16", "cuBLAS int8"]
+        "W4A8 (w4a8_gemm)", "W8A8 (w8a8_gemm)", "cuBLAS fp16", "cuBLAS int8"]
     gemv = [f"W{b}A{q}" + (f" g{gr}" if gr else "") + " gemv" for b, q, gr in COMBOS]
     print("\n| K->N | M | " + " | ".join(names + gemv) + " |")
     print("|---|---|" + "---|" * len(names + gemv))

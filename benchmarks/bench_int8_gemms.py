@@ -1,4 +1,4 @@
-"""Weight-activation GEMMs on the GPU (issue 3): W8A8, W4A8 per-channel / per-group, W4A4, against cuBLAS fp16,
+"""Weight-activation GEMMs on the GPU: W8A8, W4A8 per-channel / per-group, W4A4, against cuBLAS fp16,
 cuBLAS int8 and gemlite A8W8 / A8W4, all measured in the same run.
 
     python benchmarks/bench_int8_gemms.py [--ms 1,16,64,256,1024,4096] [--shapes 4096x14336,14336x4096,21760x8192]

@@ -1,9 +1,9 @@
-"""Decode attention over a quantized KV cache on the GPU (issue 5) against torch SDPA on an fp16 cache.
+"""Decode attention over a quantized KV cache on the GPU against torch SDPA on an fp16 cache.
 
     python benchmarks/bench_kv_attention.py [--batches 1,16] [--contexts 4096,32768,131072] [--formats kivi-4,...]
     ncu ... python benchmarks/bench_kv_attention.py --profile 1,32768,kivi-4   # one launch (B, context, format)
 
-Shape of the issue: 32 query heads, 8 KV heads, head size 128, one query token a sequence, fp16. Per batch and
+Shape (Llama-3-8B's attention): 32 query heads, 8 KV heads, head size 128, one query token a sequence, fp16. Per batch and
 context: each format of FORMATS through its kernel (tquant.kv.attention.kivi_decode_attention: KIVI-4 /
 -2, keys per channel, group 32, residual window 128 tokens in fp16; QoQ's KV4, keys and values per token and head,
 no window. tquant.kv.kvquant_attention.kvquant_decode_attention: KVQuant-4 / -3 / -2, NUQ codebooks, pre-RoPE

@@ -1,6 +1,6 @@
 """End-to-end greedy decoding of a Llama-shaped model with random weights, through tquant.StaticDecoder (static
 cache, each decode step one CUDA-graph replay on the GPU), fp16 against its quantized copies and peers in the same
-run (issue 10).
+run.
 
     python benchmarks/e2e.py [--layers 32] [--batches 1,16,64] [--prompt 1024] [--new 128]
                              [--variants fp16,gptq-w4a16,...] [--json out.json] [--plot out.png] [--tiny]

@@ -1,4 +1,4 @@
-"""Model-level checks on the GPU (issues 2-4): the driver with device="cuda", the quantized modules' kernel
+"""Model-level checks on the GPU: the driver with device="cuda", the quantized modules' kernel
 path (PackedLinear, ActQuantLinear, QuipLinear) against their torch reference inside a real forward pass, generate(),
 and a save/load round trip.
 

@@ -1,4 +1,4 @@
-"""Needle in a haystack with a quantized KV cache (issue 5): can the offline SmolLM2-135M-Instruct still read back
+"""Needle in a haystack with a quantized KV cache: can the offline SmolLM2-135M-Instruct still read back
 a random code from long filler text when its cache is KIVI-quantized?
 
     python benchmarks/needle_kv.py [--lengths 512,1024,2048] [--trials 10] [--rows fp,kivi-4,...] [--json out.json]

@@ -1,4 +1,4 @@
-"""Perplexity of the offline SmolLM2-135M with a quantized KV cache (issue 5): each row of ROWS (a KV method
+"""Perplexity of the offline SmolLM2-135M with a quantized KV cache: each row of ROWS (a KV method
 and its options), against the same protocol with transformers' float cache.
 
     python benchmarks/quality_kv.py [--rows NAME,...] [--windows 40] [--decode-from 256] [--json out.json]

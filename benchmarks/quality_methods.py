@@ -79,7 +79,7 @@ ROWS = {  # name: (method, options)
        for b, g, s in ((3, 16, 3), (4, 16, 3), (3, 32, 3), (3, 64, 4), (4, 64, 4), (2, 16, 3), (4, 32, 4))},
     "spqr-w3-g16-s3-no-outliers": ("spqr", dict(bits=3, group_size=16, outlier_relative_threshold=float("inf"))),
     "spqr-w3-g16-s3-damp0.01": ("spqr", dict(bits=3, group_size=16, percdamp=0.01)),
-    # ABQ-LLM (issue 8): its WpAq settings, per channel unless "-g64"; "abq-rtn-...": the same grid, no training
+    # ABQ-LLM: its WpAq settings, per channel unless "-g64"; "abq-rtn-...": the same grid, no training
     **{f"abq{kind}-w{w}a{a}" + ("-g64" if g else ""): ("abq", dict(wbits=w, abits=a, group_size=64 if g else -1,
                                                                    **({"epochs": 0} if kind else {})))
        for kind in ("", "-rtn") for w, a, g in ((4, 16, 0), (3, 16, 0), (2, 16, 1), (8, 8, 0), (4, 8, 0), (6, 6, 0),

@@ -1,4 +1,4 @@
-"""Perplexity table of fp / RTN / GPTQ on the offline SmolLM2-135M (issue 2's quality check).
+"""Perplexity table of fp / RTN / GPTQ on the offline SmolLM2-135M (README's first quality table).
 
     python benchmarks/quality_smollm2.py [--device cpu|cuda] [--settings w4pc,w4g64,w3g64,w2g32] [--json out.json]
 
