@@ -24,7 +24,7 @@ from transformers import DynamicCache
 import tquant
 from tquant.calib.data import source_tokens
 from tquant.tools.eval import perplexity
-from tquant.methods.kv_base import head_dim
+from tquant.models import head_dim
 from tquant.models import load_model
 
 ROWS = {  # name: (KV method, its options); None: transformers' float cache

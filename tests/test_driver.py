@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 import tquant
-from tquant.driver import _input_groups, _linears, capture_block_inputs, find_blocks
+from tquant.driver import _input_groups, _linears, capture_block_inputs
+from tquant.models import find_blocks
 from tquant.modules import PackedEmbedding, PackedLinear
 from tquant.formats.weights import QuantizedWeight
 from tests.tiny_models import ARCHS, tiny_model, token_batch

@@ -7,12 +7,11 @@
     tquant.quantize(qmodel, "kivi", kv_bits=2)   # and a 2-bit KV cache in generate()
     tquant.StaticDecoder(qmodel, batch=1, max_len=2048).generate(ids, 128)   # static cache, CUDA-graph steps
 """
-__version__ = "0.1.0"
+from .api import quantize
+from .decode import StaticDecoder
+from .kv.hook import kv_cache
+from .methods import available_methods as methods
+from .serialization import load, save
+from .version import __version__
 
-from .api import quantize  # noqa: E402
-from .decode import StaticDecoder  # noqa: E402
-from .kv.hook import kv_cache  # noqa: E402
-from .methods import available_methods as methods  # noqa: E402
-from .serialization import load, save  # noqa: E402
-
-__all__ = ["quantize", "kv_cache", "methods", "save", "load", "StaticDecoder"]
+__all__ = ["__version__", "quantize", "kv_cache", "methods", "save", "load", "StaticDecoder"]

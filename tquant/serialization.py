@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
 from .config import read_quantization_config
 from .kv.hook import hook_generate
 from .modules import MODULE_TYPES
+from .version import __version__
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "tquant.json"

@@ -61,7 +61,7 @@ def compiled_in_subprocess(path: str) -> list:
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))  # the repo
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, path], capture_output=True, text=True, env=env, timeout=600)

@@ -28,8 +28,8 @@ def compile_case(kind, bits, option, dtype):
     """[(kernel name, registers, spilled bytes)] of one launcher call compiled for sm_90."""
     import torch
 
-    from tquant import kv_quant
-    from tquant import kvquant_format as fmt
+    from tquant.kv import uniform_format as kv_quant
+    from tquant.kv import kvquant_format as fmt
     from tquant.kernels import bcq_matmul, kv_attention, kvquant_attention, spqr_matmul, weight_only_matmul
     from tquant.kernels.cross_compile import compiling_for
 
@@ -109,7 +109,7 @@ def decode_step(batch, kv_bits, dtype):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_kernels_compile_for_hopper(case):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tquant importable without an install
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: tquant and tests importable without an install
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, __file__, json.dumps(case)], capture_output=True, text=True, env=env,

@@ -31,7 +31,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .block_io import PrefillProbe, fp32, hidden, hooked
-from ..methods.kv_base import head_dim
+from ..models import head_dim
 from .smoothing import ABSORB_TOL
 
 CHECK_TOKENS = 64  # tokens of the first calibration sequence the fold check runs on

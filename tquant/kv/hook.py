@@ -13,32 +13,24 @@ from __future__ import annotations
 
 import functools
 
-from ..config import FORMAT, QUANT_METHOD
+from ..config import tquant_config, write_kv_config
 from ..methods import get_method
 from ..methods.kv_base import KVCacheMethod
 from .cache import ATTENTION, QuantizedKVCache
-
-
-def tquant_config(model) -> dict | None:
-    qc = getattr(model.config, "quantization_config", None)
-    if qc is not None and not isinstance(qc, dict):
-        qc = qc.to_dict()
-    return qc if qc and qc.get("quant_method") == QUANT_METHOD else None
 
 
 def attach(model, method: KVCacheMethod):
     """Record method's spec in the model's quantization_config (keeping a weight method's entries) and hook
     generate; returns the model."""
     method.check_model(model.config)
-    qc = tquant_config(model) or {"quant_method": QUANT_METHOD, "format": FORMAT, "method": None, "layers": {}}
-    model.config.quantization_config = {**qc, "kv_cache": method.spec()}
+    write_kv_config(model, method.spec())
     hook_generate(model)
     return model
 
 
 def kv_cache(model) -> QuantizedKVCache:
     """A new, empty quantized cache for one generate / forward sequence of `model`."""
-    spec = (tquant_config(model) or {}).get("kv_cache")
+    spec = (tquant_config(model.config) or {}).get("kv_cache")
     if spec is None:
         raise ValueError("this model has no quantized KV cache: run tquant.quantize(model, 'kivi', kv_bits=...)")
     kernel = None if model.config._attn_implementation == ATTENTION else False

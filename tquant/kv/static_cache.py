@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .hook import tquant_config
+from ..config import tquant_config
 from .uniform_format import PackedKV, dequantize_keys, dequantize_values, quantize_keys, quantize_values, words_per_group
-from ..methods.kv_base import head_dim
+from ..models import head_dim
 
 
 class StaticKVCache:
@@ -265,7 +265,7 @@ def static_cache(model, batch: int, max_len: int):
     """The static cache the model's KV method asks for: float without one, qoq_kv4's codes, or KIVI's; ValueError
     for methods with no static form."""
     cfg = model.config
-    spec = (tquant_config(model) or {}).get("kv_cache")
+    spec = (tquant_config(model.config) or {}).get("kv_cache")
     dtype = model.get_input_embeddings().weight.dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         dtype = torch.float16

@@ -50,7 +50,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..calib.block_io import fp32, hidden, outputs
-from ..driver import find_blocks
+from ..models import find_blocks
 from ..calib.block_tuning import float32_training, optimize, random_rows
 from ..modules.bitplane_linear import fake_activations
 from ..formats.weights import BitPlaneWeight

@@ -9,7 +9,8 @@ import dataclasses
 
 from ..kv.uniform_format import check_kv_bits
 from .base import option, register
-from .kv_base import KVCacheMethod, head_dim
+from ..models import head_dim
+from .kv_base import KVCacheMethod
 
 
 @register

@@ -44,8 +44,3 @@ class KVCacheMethod:
         """The cache layer of decoder layer layer_idx. kernel: decode steps through the Triton kernel (True),
         the torch path (False), or on CUDA tensors (None)."""
         raise NotImplementedError
-
-
-def head_dim(config) -> int:
-    """The attention head size of an HF config."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

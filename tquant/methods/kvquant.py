@@ -28,7 +28,8 @@ from ..calib.block_io import PrefillProbe
 from ..kv.kvquant_cache import KVQuantLayer, call_cos_sin
 from ..formats.nuq import WeightedHistogram
 from .base import option, register
-from .kv_base import KVCacheMethod, head_dim
+from ..models import head_dim
+from .kv_base import KVCacheMethod
 
 CALIBRATED = ("key_offset", "key_scale", "key_codebook", "value_codebook")
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 from .base import option, register
-from .kv_base import KVCacheMethod, head_dim
+from ..models import head_dim
+from .kv_base import KVCacheMethod
 
 
 @register

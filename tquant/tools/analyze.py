@@ -46,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib.block_io import hidden, hooked
-from ..driver import _conv1d_type, find_blocks
+from ..models import conv1d_type, find_blocks
 from ..modules import ActQuantLinear, BCQLinear, BitPlaneLinear, PackedLinear, QuipLinear, SpQRLinear
 
 FORMAT = "tquant-analysis-v1"
@@ -125,7 +125,7 @@ def float_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch
     from its outputs on identity rows (in `dtype`) minus its bias; None where that is not exact (see _probe_exact)."""
     if isinstance(module, nn.Linear):
         return module.weight.detach().float()
-    if isinstance(module, _conv1d_type()):
+    if isinstance(module, conv1d_type()):
         return module.weight.detach().t().float()
     if not _probe_exact(module):
         return None
@@ -139,7 +139,7 @@ def float_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch
 
 def _features(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) features of a linear-like module, None for anything else."""
-    if isinstance(module, _conv1d_type()):
+    if isinstance(module, conv1d_type()):
         return module.weight.shape[0], module.nf
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
@@ -149,7 +149,7 @@ def _features(module: nn.Module) -> tuple[int, int] | None:
 def matched_layers(fp_model: nn.Module, q_model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     """(name, fp module, quantized module) of every nn.Linear / Conv1D of fp_model, in model order; ValueError
     when q_model lacks one or it has another shape."""
-    fp_layers = [(n, m) for n, m in fp_model.named_modules() if isinstance(m, (nn.Linear, _conv1d_type()))]
+    fp_layers = [(n, m) for n, m in fp_model.named_modules() if isinstance(m, (nn.Linear, conv1d_type()))]
     if not fp_layers:
         raise ValueError(f"fp_model ({type(fp_model).__name__}) has no nn.Linear layers to compare")
     q_modules = dict(q_model.named_modules())

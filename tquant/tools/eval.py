@@ -118,9 +118,10 @@ def _decoded_logits(model, batch, prefill: int) -> torch.Tensor:
     """Logits [B, T, V] of batch [B, T]: a prefill of `prefill` tokens, then one token a forward, one cache."""
     from transformers import DynamicCache
 
-    from ..kv.hook import kv_cache, tquant_config
+    from ..config import tquant_config
+    from ..kv.hook import kv_cache
 
-    cache = kv_cache(model) if "kv_cache" in (tquant_config(model) or {}) else DynamicCache()
+    cache = kv_cache(model) if "kv_cache" in (tquant_config(model.config) or {}) else DynamicCache()
     out = [model(input_ids=batch[:, :prefill], past_key_values=cache, use_cache=True).logits]
     for t in range(prefill, batch.shape[1]):
         out.append(model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
