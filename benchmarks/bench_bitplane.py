@@ -36,7 +36,8 @@ from bench_int8_gemms import bench, rel  # noqa: E402
 from tquant.kernels import autotune_cache  # noqa: E402
 from tquant.kernels.act_quant import quantize_activations  # noqa: E402
 from tquant.kernels import bitplane_gemm  # noqa: E402
-from tquant.kernels.bitplane_gemm import bitplane_matmul, bitplane_matmul_ref, quantize_weight_ref  # noqa: E402
+from tquant.kernels.bitplane_gemm import bitplane_matmul_ref, quantize_weight_ref  # noqa: E402
+from tquant.kernels.bitplane_matmul import bitplane_matmul  # noqa: E402
 from tquant.kernels.bitplane_gemv import bitplane_gemv  # noqa: E402
 from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_quantize_weight  # noqa: E402
 from tquant.kernels.w8a8_gemm import w8a8_matmul  # noqa: E402

@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tquant.kernels import bitplane_gemm as bp
-from tquant.kernels.bitplane_gemm import (bitplane_matmul, bitplane_matmul_a16, bitplane_matmul_a16_ref,
-                                          bitplane_matmul_ref, code_sums, dequantize_a16,
-                                          quantize_weight_ref)
+from tquant.kernels import bitplane_matmul as bitplane_matmul_module
+from tquant.kernels.bitplane_gemm import (bitplane_matmul_a16, bitplane_matmul_a16_ref, bitplane_matmul_ref,
+                                          code_sums, dequantize_a16, quantize_weight_ref)
+from tquant.kernels.bitplane_matmul import bitplane_matmul
 from tquant.kernels.act_quant import quantize_activations_ref
 from tquant.kernels.bitplane_gemv import bitplane_gemv
 from tquant.kernels.runtime import interpreter_on, next_power_of_2
@@ -526,7 +527,9 @@ def test_kernels_bitplane_gemv_joins_the_tuning_at_small_batches(monkeypatch):
     from tquant.kernels import bitplane_gemv
 
     monkeypatch.setattr(bp, "interpreter_on", lambda: False)
-    paths = {m: [c.get("path") for c in bp.wpaq_candidates(m, 300, 256, 128, 2, 8)] for m in (1, 8, 16)}
+    monkeypatch.setattr(bitplane_matmul_module, "interpreter_on", lambda: False)
+    paths = {m: [c.get("path") for c in bitplane_matmul_module.wpaq_candidates(m, 300, 256, 128, 2, 8)]
+             for m in (1, 8, 16)}
     assert paths[1][0] is None and "gemv" in paths[1] and "gemv" in paths[8] and "gemv" not in paths[16]
     monkeypatch.undo()
     xq, xs, xz, planes, ws, wz, wsum, bias, *_ = quantized_inputs(3, 40, 128, 64, 3, 6, seed=5)
@@ -535,4 +538,4 @@ def test_kernels_bitplane_gemv_joins_the_tuning_at_small_batches(monkeypatch):
     gemv = dict(path="gemv", **bitplane_gemv.configs(4, 40, 128, 64, 3, 6)[0])
     mma = bp.configs(4, 128, 64)[0]
     for config in (gemv, mma):
-        assert_close(bp.run_wpaq(config, *args).cpu(), ref.cpu(), torch.float32)
+        assert_close(bitplane_matmul_module.run_wpaq(config, *args).cpu(), ref.cpu(), torch.float32)

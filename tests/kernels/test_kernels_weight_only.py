@@ -305,11 +305,12 @@ def test_kernels_autotune_off_uses_first_config(cache_dirs, monkeypatch):
 
 def test_kernels_shipped_configs_are_current(monkeypatch):
     """Every shipped entry names a config that is still a GPU candidate for its key (else it is dead weight)."""
-    from tquant.kernels import (bcq_matmul, bitplane_gemm, bitplane_gemv, e8p_matmul, hadamard, kv_attention,
+    from tquant.kernels import (bcq_matmul, bitplane_gemm, bitplane_gemv, bitplane_matmul, e8p_matmul, hadamard,
                                 spqr_matmul, w4a8_gemm, w8a8_gemm)
+    from tquant.kv import attention as kv_attention
 
     for module in (weight_only_matmul_module, w8a8_gemm, w4a8_gemm, e8p_matmul, hadamard, kv_attention, bcq_matmul,
-                   spqr_matmul, bitplane_gemm, bitplane_gemv):
+                   spqr_matmul, bitplane_gemm, bitplane_gemv, bitplane_matmul):
         monkeypatch.setattr(module, "interpreter_on", lambda: False)  # the GPU candidate lists
 
     def weight_only(key):
@@ -326,7 +327,7 @@ def test_kernels_shipped_configs_are_current(monkeypatch):
                      "kvquant_decode_attention": lambda key: kv_attention.configs(int(key["T"])),
                      "bcq_matmul": lambda key: bcq_matmul.configs(int(key["M"]), int(key["group"])),
                      "spqr_outliers": lambda key: spqr_matmul.outlier_configs(int(key["M"])),
-                     "bitplane_matmul": lambda key: bitplane_gemm.wpaq_candidates(
+                     "bitplane_matmul": lambda key: bitplane_matmul.wpaq_candidates(
                          *(int(key[c]) for c in ("M", "N", "K", "g", "p", "q"))),
                      "bitplane_matmul_a16": lambda key: bitplane_gemm.a16_configs(int(key["M"]), int(key["K"]),
                                                                                   int(key["g"])),

@@ -54,7 +54,7 @@ bit-by-bit unpack it replaces: 11.9 / 16.8 / 25.9; w4a8_gemm's int4 unpack: 3.9)
 loads its weight, so no row tile redoes the decode (the tuner offers it from M = DENSE_MIN_M). xq is loaded as 0
 past K, so the codes there (whatever the bits past K) add nothing to D or A, and W comes from w_sum: no bit masks.
 
-`bitplane_matmul`: program pid owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks the groups;
+`launch` (the WpAq kernel; tquant.kernels.bitplane_matmul tunes it against bitplane_gemv): program pid owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks the groups;
 each group in spans, each span in BLOCK_K steps (BLOCK_K divides group_size when there are several groups, and
 MAX_SPAN, so a step never straddles groups or spans; K not a multiple of 32 or of BLOCK_K is masked). SPLIT_K > 1
 (small batches) splits K over grid axis 1, per channel in BLOCK_K steps (the first split adds the dx term), else in
@@ -463,30 +463,6 @@ def configs(m: int, k: int, group_size: int) -> list[dict]:
             + [dict(variant="planes", **c) for c in planes] + [dict(variant="dense", **c) for c in dense])
 
 
-GEMV_MAX_M = 8  # batches (rounded up to a power of two) at which bitplane_gemv's candidates join the tuning
-
-
-def wpaq_candidates(m: int, n: int, k: int, group_size: int, bits: int, act_bits: int) -> list[dict]:
-    """What bitplane_matmul tunes over: configs(m, k, group_size), and up to GEMV_MAX_M on a GPU the popcount GEMV's
-    candidates as {"path": "gemv", ...} (tquant.kernels.bitplane_gemv; on the H200 it won at M = 1 for W2A8, W3A8 and
-    W4A4, the tensor cores at M = 16), so the tuner picks the path per key."""
-    candidates = configs(m, k, group_size)
-    if m <= GEMV_MAX_M and not interpreter_on():
-        from . import bitplane_gemv
-
-        candidates += [dict(path="gemv", **c) for c in bitplane_gemv.configs(m, n, k, group_size, bits, act_bits)]
-    return candidates
-
-
-def run_wpaq(config, *args) -> torch.Tensor:
-    """One launch of the path config names (launch's arguments): the GEMV for {"path": "gemv", ...}, else launch."""
-    if config.get("path") == "gemv":
-        from . import bitplane_gemv
-
-        return bitplane_gemv.launch({key: v for key, v in config.items() if key != "path"}, *args)
-    return launch(config, *args)
-
-
 def a16_configs(m: int, k: int, group_size: int) -> list[dict]:
     return [interpreter_tile(k, group_size)] if interpreter_on() else tiles(tile_shapes(m), k, group_size)
 
@@ -563,21 +539,6 @@ def wpaq_arguments(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, ac
     return (*tensors[:7], bits, act_bits, group_size, tensors[7], out_dtype), key
 
 
-def bitplane_matmul(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, *, bits, act_bits, group_size, bias=None,
-                    out_dtype=torch.float16):
-    """y [M, N] of the module docstring: WpAq with p = bits, q = act_bits, on the Triton kernel (w_sum's shape and
-    dtype checked, its values not: bitplane_matmul_ref does)."""
-    args, key = wpaq_arguments(xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, act_bits, group_size, bias,
-                               out_dtype)
-    if args is None:
-        return torch.empty(key["M"], key["N"], dtype=out_dtype, device=xq.device)
-    key["M"] = next_power_of_2(key["M"])
-    m, n, k = key["M"], key["N"], key["K"]
-    candidates = wpaq_candidates(m, n, k, group_size, bits, act_bits)
-    config = tune("bitplane_matmul", key, candidates, lambda c: run_wpaq(c, *args), xq.device)
-    return run_wpaq(config, *args)
-
-
 def launch_a16(config, x, planes, w_scale, w_zero, bits, group_size, bias) -> torch.Tensor:
     """One launch of the A16 kernel with config (inputs checked and contiguous)."""
     (m, k), n = x.shape, planes.shape[2]
@@ -610,5 +571,5 @@ def bitplane_matmul_a16(x, planes, w_scale, w_zero, *, bits, group_size, bias=No
     return launch_a16(config, *args)
 
 
-__all__ = ["bitplane_matmul", "bitplane_matmul_ref", "bitplane_matmul_a16", "bitplane_matmul_a16_ref", "code_sums",
+__all__ = ["bitplane_matmul_ref", "bitplane_matmul_a16", "bitplane_matmul_a16_ref", "code_sums",
            "decode_codes", "decode_codes_ref", "quantize_weight_ref"]

@@ -89,7 +89,7 @@ class BitPlaneLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import act_quant
-        from ..kernels import bitplane_gemm
+        from ..kernels import bitplane_matmul as kernels
 
         kernel = use_kernel(self, x)
         if x.dtype not in DTYPES:
@@ -98,12 +98,12 @@ class BitPlaneLinear(nn.Module):
         weight = (self.planes, self.w_scale, self.w_zero)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.act_bits is None:
-            gemm = bitplane_gemm.bitplane_matmul_a16 if kernel else bitplane_gemm.bitplane_matmul_a16_ref
+            gemm = kernels.bitplane_matmul_a16 if kernel else kernels.bitplane_matmul_a16_ref
             y = gemm(x2.contiguous(), *weight, bits=self.bits, group_size=self.group_size, bias=bias)
         else:
             quant = act_quant.quantize_activations if kernel else act_quant.quantize_activations_ref
             xq, x_scale, x_zero = quant(x2, bits=self.act_bits, zero_point=True)
-            gemm = bitplane_gemm.bitplane_matmul if kernel else bitplane_gemm.bitplane_matmul_ref
+            gemm = kernels.bitplane_matmul if kernel else kernels.bitplane_matmul_ref
             y = gemm(xq, x_scale, x_zero, *weight, self.w_sum, bits=self.bits, act_bits=self.act_bits,
                      group_size=self.group_size, bias=bias, out_dtype=x.dtype)
         if self.out_bits is not None:
