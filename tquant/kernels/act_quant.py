@@ -31,9 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import check_device, interpreter_on
+from .runtime import DTYPES, check_device, interpreter_on
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS = (4, 8)
 ASYM_BITS = tuple(range(2, 9))
 FLT_MIN = tl.constexpr(torch.finfo(torch.float32).tiny)  # smallest normal fp32

@@ -39,10 +39,9 @@ from ..formats.packing import unpack_codes
 from .autotune_cache import tune
 from . import dequant_gemm
 from .dequant_gemm import store_output
-from .runtime import check_device, check_tensors, dot_types, interpreter_on
+from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on
 from .tiling import unpack_words
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unpack_planes(planes: torch.Tensor, k: int) -> torch.Tensor:
@@ -226,9 +225,8 @@ def launch(config, x, planes, alphas, offset=None, perm=None, bias=None) -> torc
         _bcq_lut_kernel[grid](x, table, *tensors, m, n, k, groups, per_split, splits,
                               NUM_STAGES=config["num_stages"], **common)
     else:
-        dot_dtype, precision = dot_types(x.dtype)
         _bcq_matmul_kernel[grid](x, *tensors, m, n, k, groups, per_split, splits, BLOCK_M=block_m,
-                                 DOT_DTYPE=dot_dtype, PRECISION=precision, **common)
+                                 **dot_args(x.dtype), **common)
     return y
 
 

@@ -75,7 +75,7 @@ A16 (WpA16, e.g. W2A16 / W3A16 / W4A16 with groups), the same planes, w_scale an
     x [M, K] fp16 / bf16 / fp32;  bias [N] in x's dtype or None;  y [M, N] in x's dtype
 `bitplane_matmul_a16` decodes c - Z per [BLOCK_N, BLOCK_K] tile as "rebuild" does (a step lies in one group), adds
 Z - w_zero (p = 8 only) and multiplies by w_scale in fp32, rounds once to x's dtype, then tl.dot in x's dtype
-(runtime.dot_types) with fp32 accumulation; x is 0 past K. `..._a16_ref` dequantizes the same way in torch and
+(runtime.dot_args) with fp32 accumulation; x is 0 past K. `..._a16_ref` dequantizes the same way in torch and
 multiplies in fp32.
 """
 from __future__ import annotations
@@ -87,12 +87,11 @@ import triton.language as tl
 from ..formats.packing import pack_planes, unpack_planes
 from ..formats.quantizer import grouped_qparams, quantize
 from .autotune_cache import tune
-from .runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
+from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
 from .dequant_gemm import split_k_buffers, split_k_grid
 from .dequant_gemm import store_output as split_output
 from .tiling import store_output, tile_offsets
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BITS = range(2, 9)  # weight bits p and activation bits q
 MAX_SPAN = 16384  # k summed in int32 before a conversion to fp32 (module docstring: no int32 overflow)
 XOR80 = tl.constexpr(0x80808080 - 2**32)  # as an int32: flips bit 7 of every byte
@@ -545,12 +544,10 @@ def launch_a16(config, x, planes, w_scale, w_zero, bits, group_size, bias) -> to
     check_config(config, k, group_size)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    dot_dtype, precision = dot_types(x.dtype)
     _bitplane_a16_kernel[grid](
         x, planes, w_scale, w_zero, bias if bias is not None else y, y, m, n, k, planes.shape[1], group_size,
         x.stride(0), planes.stride(0), y.stride(0), P=bits, HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"],
-        BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"], DOT_DTYPE=dot_dtype,
-        PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"], **dot_args(x.dtype), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return y
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import interpreter_on
+from .runtime import dot_args, interpreter_on
 from .tiling import tile_offsets
 
 MAGIC_BITS = 0x4B000000  # float32 2^23; (code | MAGIC_BITS) read as float32 is 2^23 + code. Passed to the
@@ -278,14 +278,6 @@ ASM_BITS = {torch.float16: (2, 4, 8), torch.bfloat16: (2, 4)}  # bf16's 7 mantis
 def use_asm(dtype: torch.dtype, bits: int) -> bool:
     """Whether dequant_pair_asm applies: on CUDA (the interpreter cannot run inline asm), ASM_BITS."""
     return not interpreter_on() and bits in ASM_BITS.get(dtype, ())
-
-
-def dot_args(dtype: torch.dtype) -> dict:
-    """tl.dot operand dtype and fp32 precision for x's dtype. The interpreter (Triton 3.6-3.9) multiplies
-    bf16 dot operands as raw uint16 bits, so there bf16 dots run in fp32."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_on()):
-        return dict(DOT_DTYPE=tl.float32, PRECISION="ieee")
-    return dict(DOT_DTYPE=tl.float16 if dtype == torch.float16 else tl.bfloat16, PRECISION="tf32")
 
 
 def group_mode(block_kw: int, epw: int, group_size: int, k: int, bilevel: bool = False) -> int:

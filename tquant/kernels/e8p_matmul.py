@@ -52,11 +52,10 @@ from ..formats.e8p_codebook import (
 )
 from . import dequant_gemm
 from .autotune_cache import tune
-from .dequant_gemm import MAGIC_BITS, dot_args, split_k_grid, store_output
-from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
+from .dequant_gemm import MAGIC_BITS, split_k_grid, store_output
+from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
 from .tiling import tile_offsets
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CODES2_DTYPE = {3: torch.uint8, 4: torch.int16}
 E8P_OFFSET = 3.75  # point_j = u_j / 2 - E8P_OFFSET
 E81B_OFFSET = 4.0  # point_j = c_j / 2 - E81B_OFFSET

@@ -40,9 +40,8 @@ import triton.language as tl
 
 from ..formats.hadamard import hadamard_factors, hadamard_matrix, transform
 from .autotune_cache import tune
-from .runtime import check_device, interpreter_on, next_power_of_2
+from .runtime import DTYPES, check_device, interpreter_on, next_power_of_2
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_DOT = 16  # tl.dot needs M, N, K >= 16: every axis is padded to at least this
 MAX_AXIS = 128  # largest Sylvester factor of stages 1 and 2 (its matrix, and the dot's K)
 MAX_AXIS0 = 256  # largest padded axis 0 (H0 = H_m ⊗ H_a is read in BLOCK_K column slices)

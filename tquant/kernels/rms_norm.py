@@ -16,9 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import check_device, next_power_of_2
+from .runtime import DTYPES, check_device, next_power_of_2
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rms_norm_ref(x, w, eps: float, residual=None):

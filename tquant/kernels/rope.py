@@ -20,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import DTYPES
-from .runtime import check_device
+from .runtime import DTYPES, check_device
 
 
 def rope_ref(x, cos, sin):

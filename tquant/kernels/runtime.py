@@ -18,12 +18,16 @@ def interpreter_on() -> bool:
 
 
 
-def dot_types(dtype: torch.dtype):
-    """(DOT_DTYPE, PRECISION) of a kernel's tl.dot for inputs of `dtype`: their own type (fp32 in "ieee"
-    precision). The interpreter multiplies bf16 bit patterns as integers in tl.dot: it takes bf16 tiles in fp32."""
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the float dtypes every kernel takes and returns
+
+
+def dot_args(dtype: torch.dtype) -> dict:
+    """A kernel's tl.dot constexprs for inputs of `dtype`: DOT_DTYPE, their own type (fp32 in "ieee" PRECISION,
+    the 16-bit types "tf32", which Triton ignores for them). The interpreter (Triton 3.6-3.9) multiplies bf16 dot
+    operands as raw uint16 bits, so there bf16 tiles are taken in fp32."""
     dot = {torch.float32: tl.float32, torch.float16: tl.float16,
            torch.bfloat16: tl.float32 if interpreter_on() else tl.bfloat16}[dtype]
-    return dot, "ieee" if dot == tl.float32 else "tf32"
+    return dict(DOT_DTYPE=dot, PRECISION="ieee" if dot == tl.float32 else "tf32")
 
 
 def check_device(tensors: dict[str, torch.Tensor | None]) -> None:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .rms_norm import DTYPES, rows_of
-from .runtime import check_device
+from .rms_norm import rows_of
+from .runtime import DTYPES, check_device
 
 BLOCK = 1024
 

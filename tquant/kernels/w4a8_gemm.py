@@ -39,10 +39,10 @@ import triton.language as tl
 from ..formats.packing import unpack_codes
 from ..formats.weights import QuantizedWeight
 from .autotune_cache import tune
-from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
+from .runtime import DTYPES, check_device, check_tensors, interpreter_on, next_power_of_2
 from .tiling import tile_offsets
 from . import w8a8_gemm
-from .w8a8_gemm import DTYPES, store_dequantized, w8a8_matmul_ref
+from .w8a8_gemm import store_dequantized, w8a8_matmul_ref
 
 EPW = 8  # 4-bit codes per int32 word
 ZERO = 8  # implicit zero point: q = c - 8

@@ -22,10 +22,9 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import tune
-from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
+from .runtime import DTYPES, check_device, check_tensors, interpreter_on, next_power_of_2
 from .tiling import store_output, tile_offsets
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_inputs(xq, x_scale, wq, w_scale, bias, out_dtype) -> None:

@@ -28,12 +28,10 @@ import torch
 
 from ..formats.packing import dequantize_packed, values_per_word
 from ..formats.quantizer import check_bits, resolve_group_size
-from . import dequant_gemm
-from . import dequant_gemv
+from . import dequant_gemm, dequant_gemv
 from .autotune_cache import tune
-from .runtime import check_device, check_tensors, interpreter_on, next_power_of_2
+from .runtime import DTYPES, check_device, check_tensors, interpreter_on, next_power_of_2
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DENSE = dict(path="dense")
 
 

@@ -20,7 +20,7 @@ once for them; the rep rows are padded to 16 for tl.dot). Programs 0 ... SPLITS 
 share of the Tq packed tokens, BLOCK_T at a time: contiguous tiles of code words and parameters are loaded,
 the codes shifted out of the words in registers and scaled (code * scale + mn; _tile, _dequant); the last program
 takes the Tr residual tokens. Scores, the running max / sum and the rep x D accumulator stay in fp32 (online
-softmax). Each program writes its (max, sum, accumulator) to a workspace; `_combine_kernel` merges them:
+softmax). Each program writes its (max, sum, accumulator) to a workspace; `combine_kernel` merges them:
 o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. A fully masked share contributes nothing (its max is -inf).
 `kivi_decode_attention_ref` is plain torch in fp32 from tquant.kv.uniform_format's decoders. `float_decode_attention` runs
 the same kernel over a float cache [B, Hkv, T, D] (the static decoder's fp16 cache): its store shares load keys
@@ -37,12 +37,10 @@ import triton.language as tl
 from .uniform_format import PackedKV, check_key_axis, check_kv_bits, dequantize_values, key_format, words_per_group
 from ..formats.packing import values_per_word
 from ..kernels.autotune_cache import tune
-from ..kernels.runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
+from ..kernels.runtime import DTYPES, check_device, check_tensors, dot_args, next_power_of_2
 from ..kernels.tiling import unpack_words
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-REP_PAD = 16  # tl.dot needs M >= 16: the rep query heads of one KV head are padded to this many rows
-
+from .split_kv import (REP_PAD, accumulate, check_heads, combine_kernel, configs, dense_tokens, initial_state,
+                       reference_attention, scores, store_partial)
 
 def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
                               sm_scale: float, start=None, key_axis: str = "channel", length=None,
@@ -65,21 +63,6 @@ def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, 
             unread[:, :tq] |= torch.arange(tq, device=q.device)[None, :] < start.to(q.device)[:, None]
             start = None
     return reference_attention(q, k, v, sm_scale, start, unread)
-
-
-def reference_attention(q, k, v, sm_scale: float, start=None, unread=None) -> torch.Tensor:
-    """softmax(sm_scale q K^T + mask) V in fp32 for q [B, Hq, D] and float32 k, v [B, Hkv, T, D] (GQA), tokens
-    before start[b] and where unread [B, T] is True masked; in q's dtype."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, T, D]
-    scores = torch.einsum("bhd,bhtd->bht", q.float(), k) * sm_scale
-    masked = unread
-    if start is not None:
-        before = torch.arange(k.shape[2], device=q.device)[None, :] < start.to(q.device)[:, None]
-        masked = before if masked is None else masked | before
-    if masked is not None:
-        scores = scores.masked_fill(masked[:, None, :], float("-inf"))
-    return torch.einsum("bht,bhtd->bhd", scores.softmax(-1), v).to(q.dtype)
 
 
 @triton.jit
@@ -165,74 +148,6 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
 
 
 @triton.jit
-def _scores(q, k, live, m, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax, first half: (p, new running max, rescale factor) for the BLOCK_T keys k [BLOCK_T, D]
-    (live [BLOCK_T]: the tokens that attend)."""
-    return _softmax_step(tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION), live, m)
-
-
-@triton.jit
-def _softmax_step(s, live, m):
-    """Online softmax, first half, from the scores s [R, BLOCK_T] of a tile (live [BLOCK_T]: the tokens that
-    attend): (p, new running max, rescale factor)."""
-    s = tl.where(live[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every token masked so far
-    return tl.exp(s - m_safe[:, None]), m_new, tl.exp(m - m_safe)
-
-
-@triton.jit
-def _initial_state(start_ptr, b, HAS_START: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
-    """(first attended cache position of row b: start[b] or 0, and the empty online softmax: running max -inf,
-    sum 0, accumulator [R, D] 0)."""
-    first = 0
-    if HAS_START:
-        first = tl.load(start_ptr + b)
-    return first, tl.full([R], float("-inf"), dtype=tl.float32), tl.zeros([R], dtype=tl.float32), \
-        tl.zeros([R, D], dtype=tl.float32)
-
-
-@triton.jit
-def _accumulate(p, v, alpha, l, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax, second half: (l, acc) rescaled by alpha and with the tile's p [R, BLOCK_T] and values
-    v [BLOCK_T, D] added."""
-    return l * alpha + tl.sum(p, axis=1), \
-        acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
-
-
-@triton.jit
-def _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, first_row, rows, row_ok, chan, split, splits,
-                   D: tl.constexpr):
-    """One program's (max, sum, accumulator) of query rows first_row + rows into the workspaces (row-major over
-    (query row, split)), which _combine_kernel merges."""
-    out = (first_row + rows) * splits + split
-    tl.store(m_ptr + out, m, mask=row_ok)
-    tl.store(l_ptr + out, l, mask=row_ok)
-    tl.store(acc_ptr + out[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
-
-
-@triton.jit
-def _dense_tokens(q, k_ptr, v_ptr, n, pos0, first, newest, m, l, acc, chan, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RING: tl.constexpr):
-    """Online softmax over n full-precision tokens, keys / values [n, D] at k_ptr / v_ptr: the updated (m, l, acc).
-    Not RING: at cache positions pos0 ... pos0 + n - 1, those before `first` masked. RING: slot s holds the newest
-    position p <= newest with p % n == s, and only p in [max(first, pos0), newest] is attended."""
-    for t0 in range(0, n, BLOCK_T):
-        tok = t0 + tl.arange(0, BLOCK_T)
-        ok = (tok < n)[:, None]
-        k = tl.load(k_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
-        if RING:
-            pos = newest - ((newest - tok) % n + n) % n
-            live = (tok < n) & (pos >= first) & (pos >= pos0)
-        else:
-            live = (tok < n) & (pos0 + tok >= first)
-        p, m, alpha = _scores(q, k, live, m, DOT_DTYPE, PRECISION)
-        v = tl.load(v_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
-        l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
-    return m, l, acc
-
-
-@triton.jit
 def _kv_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, rk_ptr, rv_ptr, start_ptr, length_ptr, newest_ptr, m_ptr,
     l_ptr, acc_ptr, HKV, TQ, TR, tokens_per_split, sm_scale,
@@ -249,14 +164,14 @@ def _kv_attention_kernel(
     row_ok = rows < REP
     q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
     q = (q.to(tl.float32) * sm_scale).to(DOT_DTYPE)
-    first, m, l, acc = _initial_state(start_ptr, b, HAS_START, R, D)
+    first, m, l, acc = initial_state(start_ptr, b, HAS_START, R, D)
     if split < splits - 1:  # a share of the store
         lo = split * tokens_per_split
         hi = tl.minimum(lo + tokens_per_split, TQ)
         if HAS_LENGTH:  # a static store: tokens past length[b] are not read
             hi = tl.minimum(hi, tl.load(length_ptr + b))
         if FLOAT:  # keys kc_ptr, values vc_ptr [B * Hkv, TQ, D] as they are
-            m, l, acc = _dense_tokens(q, kc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D,
+            m, l, acc = dense_tokens(q, kc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D,
                                       vc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D, hi - lo, lo, first, 0, m, l, acc,
                                       chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
         else:  # packed codes
@@ -268,48 +183,16 @@ def _kv_attention_kernel(
             for t0 in range(lo, hi, BLOCK_T):
                 tok = t0 + tl.arange(0, BLOCK_T)
                 k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
-                p, m, alpha = _scores(q, k, (tok < hi) & (tok >= first), m, DOT_DTYPE, PRECISION)
+                p, m, alpha = scores(q, k, (tok < hi) & (tok >= first), m, DOT_DTYPE, PRECISION)
                 v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
-                l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
+                l, acc = accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     else:  # the last program of each (b, kv head): the full-precision residual window
         pos0, newest = TQ, 0
         if RING:  # a static window: positions length[b] ... newest[b] in a ring of TR slots
             pos0, newest = tl.load(length_ptr + b), tl.load(newest_ptr + b)
-        m, l, acc = _dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
+        m, l, acc = dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
                                   pos0, first, newest, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION, RING)
-    _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
-
-
-@triton.jit
-def _combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr):
-    """o[row] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the SPLITS partials of one query row."""
-    row = tl.program_id(0)
-    s = tl.arange(0, SPLITS_PAD)
-    ok = s < SPLITS
-    m = tl.load(m_ptr + row * SPLITS + s, mask=ok, other=float("-inf"))
-    l = tl.load(l_ptr + row * SPLITS + s, mask=ok, other=0.0)
-    big = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - big))
-    chan = tl.arange(0, D)
-    acc = tl.load(acc_ptr + (row * SPLITS + s)[:, None] * D + chan[None, :], mask=ok[:, None], other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(o_ptr + row * D + chan, o.to(o_ptr.dtype.element_ty))
-
-
-def check_heads(q, kv, name: str) -> tuple[int, int, int, int, int]:
-    """(B, Hq, D, Hkv, T) of a query q [B, Hq, D] and a full-precision part kv [B, Hkv, T, D] named `name`; raise
-    ValueError naming the problem (dtype, shapes, GQA grouping)."""
-    if q.dim() != 3 or q.dtype not in DTYPES:
-        raise ValueError(f"q must be [B, Hq, D] fp16 / bf16 / fp32; got {q.dtype} {tuple(q.shape)}")
-    b, hq, d = q.shape
-    if kv.dim() != 4 or kv.shape[0] != b or kv.shape[-1] != d:
-        raise ValueError(f"{name} must be [B={b}, Hkv, T, D={d}]; got {tuple(kv.shape)}")
-    hkv = kv.shape[1]
-    if hq % hkv:
-        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
-    if hq // hkv > REP_PAD:
-        raise ValueError(f"at most {REP_PAD} query heads per KV head; got {hq // hkv}")
-    return b, hq, d, hkv, kv.shape[2]
+    store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
 
 
 def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length=None, newest=None) -> None:
@@ -345,25 +228,6 @@ def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_ax
                          "at least one slot")
 
 
-INTERPRETER_CONFIG = {"BLOCK_T": 16, "SPLITS": 3, "num_warps": 4, "num_stages": 1}
-
-
-def configs(tokens: int) -> list[dict]:
-    """Candidates for a packed store of `tokens` (rounded up to a power of two): BLOCK_T 64 / 128, 4 or 8 warps,
-    1 or 2 pipeline stages (more stages hold more tiles in shared memory and cut the programs an SM runs), and
-    splits that give the grid about 1-4 programs per SM (132 on an H100) for B * Hkv = 8 and 64 (a split is at
-    least 256 tokens); the first is the default."""
-    if interpreter_on():
-        return [INTERPRETER_CONFIG]
-    out = []
-    for splits in sorted({max(1, min(64, tokens // 256 // f)) for f in (1, 2, 4, 8)}, reverse=True):
-        for block_t in (64, 128):
-            for warps in (4, 8):
-                for stages in (1, 2):
-                    out.append({"BLOCK_T": block_t, "SPLITS": splits, "num_warps": warps, "num_stages": stages})
-    return out
-
-
 def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length=None,
            newest=None) -> torch.Tensor:
     b, hq, d = q.shape
@@ -376,7 +240,6 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
     l = torch.empty_like(m)
     acc = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
     tensors = [t.contiguous() for t in (q, *packed_k, *packed_v, res_k, res_v)]
-    dot_dtype, precision = dot_types(q.dtype)
     store_float = key_axis == "float"  # packed_k / packed_v hold the float keys / values (float_decode_attention)
     _kv_attention_kernel[(b * hkv, splits)](
         *tensors, *(m if t is None else t.contiguous() for t in (start, length, newest)), m, l, acc, hkv, tq, tr,
@@ -384,11 +247,11 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=1 if store_float else values_per_word(bits),
         WPG=1 if store_float else words_per_group(bits, group), KEYS_PER_CHANNEL=key_axis == "channel",
         BLOCK_T=block_t, HAS_START=start is not None, HAS_LENGTH=length is not None, RING=newest is not None,
-        DOT_DTYPE=dot_dtype, PRECISION=precision, R=REP_PAD, FLOAT=store_float, num_warps=config["num_warps"],
+        **dot_args(q.dtype), R=REP_PAD, FLOAT=store_float, num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    _combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
+    combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
     return o
 
 

@@ -22,7 +22,7 @@ tokens are read exact instead (a decode step's own token, as the cache's torch p
 Kernel: grid (B * Hkv, SPLITS + 1), kv_attention's launch pattern. A program takes one KV head and its rep query
 heads (padded to REP_PAD rows). Programs 0 ... SPLITS - 1 each take a contiguous share of the T stored tokens,
 BLOCK_T at a time, of its first T - R tokens; the last takes the S sink tokens and the R exact ones (kv_attention's
-_dense_tokens); _combine_kernel merges the (max, sum, accumulator) partials. Per store tile:
+dense_tokens); combine_kernel merges the (max, sum, accumulator) partials. Per store tile:
     codes     the tile's code words [BLOCK_T, N / epw] are loaded contiguously and the codes split out in registers
               (tiling.unpack_words) when a half-vector's N channels fill whole words (2 and 4 bits, N >= epw);
               else (3 bits: 10 codes a word) each channel's word is gathered (an L1 hit for all but the first of
@@ -54,9 +54,9 @@ import triton.language as tl
 
 from . import kvquant_format as fmt
 from ..kernels.autotune_cache import tune
-from .attention import (DTYPES, REP_PAD, _accumulate, _combine_kernel, _dense_tokens, _initial_state,
-                           _softmax_step, _store_partial, check_heads, configs, reference_attention)
-from ..kernels.runtime import check_device, check_tensors, dot_types, interpreter_on, next_power_of_2
+from .split_kv import (REP_PAD, accumulate, check_heads, combine_kernel, configs, dense_tokens, initial_state,
+                       reference_attention, softmax_step, store_partial)
+from ..kernels.runtime import check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
 from ..kernels.tiling import unpack_words
 
 
@@ -148,7 +148,7 @@ def _kvquant_attention_kernel(
     row_ok = rows < REP
     chan = tl.arange(0, D)
     q_row = q_ptr + (bh * REP + rows)[:, None] * D
-    first, m, l, acc = _initial_state(start_ptr, b, HAS_START, R, D)
+    first, m, l, acc = initial_state(start_ptr, b, HAS_START, R, D)
     if split < splits - 1:  # a share of the quantized store
         half = tl.arange(0, HALF)
         q1 = (tl.load(q_row + half[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT_DTYPE)
@@ -178,21 +178,21 @@ def _kvquant_attention_kernel(
                 cos, sin = cos * rope_scaling, sin * rope_scaling
                 k1, k2 = k1 * cos - k2 * sin, k2 * cos + k1 * sin
             s = _qk(q1, k1, DOT_DTYPE, PRECISION) + _qk(q2, k2, DOT_DTYPE, PRECISION)
-            p, m, alpha = _softmax_step(s, ok & (S + tok >= first), m)
+            p, m, alpha = softmax_step(s, ok & (S + tok >= first), m)
             v = tl.load(v_cb_ptr + _codes(vc, tok, ok, 0, D, W, BITS, EPW))
             v = v * tl.load(v_scale + tok, mask=ok, other=0.0).to(tl.float32)[:, None] \
                 + tl.load(v_off + tok, mask=ok, other=0.0).to(tl.float32)[:, None]
             if N_OUT > 0:
                 v = _write_outliers(v, chan, v_chan_ptr, v_val_ptr, (bh.to(tl.int64) * T + tok) * N_OUT,
                                     tl.where(ok, N_OUT, 0))
-            l, acc = _accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
+            l, acc = accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     else:  # the last program of each (b, kv head): the sink (cache tokens 0 ... S - 1) and the exact store tokens
         q = (tl.load(q_row + chan[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT_DTYPE)
-        m, l, acc = _dense_tokens(q, sk_ptr + bh.to(tl.int64) * (S * D), sv_ptr + bh.to(tl.int64) * (S * D), S, 0,
+        m, l, acc = dense_tokens(q, sk_ptr + bh.to(tl.int64) * (S * D), sv_ptr + bh.to(tl.int64) * (S * D), S, 0,
                                   first, 0, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
-        m, l, acc = _dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
+        m, l, acc = dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
                                   S + TQ, first, 0, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
-    _store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
+    store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
 
 
 def check_inputs(q, keys, values, params, sink_k, sink_v, res_k, res_v, bits, rope, positions, start) -> None:
@@ -255,17 +255,16 @@ def launch(config, q, keys, values, params, sink_k, sink_v, res_k, res_v, bits, 
                                         *k_sp, values.codes, values.scale, values.offset, params.value_codebook,
                                         *v_sp, m if positions is None else positions, inv_freq, sink_k, sink_v, res_k,
                                         res_v)]
-    dot_dtype, precision = dot_types(q.dtype)
     _kvquant_attention_kernel[(b * hkv, splits)](
         *tensors, start.contiguous() if start is not None else m, m, l, acc, hkv, t, t - tr, s, tr, per_split,
         sm_scale, scaling,
         D=d, REP=hq // hkv, BITS=bits, EPW=32 // bits, KEY_OUTLIERS=keys.sparse is not None,
         N_OUT=0 if values.sparse is None else values.sparse.channel.shape[-1], ROPE=rope is not None,
-        BLOCK_T=block_t, HAS_START=start is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, R=REP_PAD,
+        BLOCK_T=block_t, HAS_START=start is not None, **dot_args(q.dtype), R=REP_PAD,
         FAST_TRIG=not interpreter_on(), num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-    _combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
+    combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
     return o
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..formats.weights import QuantizedWeight
+from ..kernels.runtime import DTYPES
 from .backend import use_kernel
 
 FORMATS = ((8, 8), (4, 8), (4, 4))  # (weight bits, activation bits)
@@ -98,7 +99,7 @@ class ActQuantLinear(nn.Module):
             x2 = x2[:, self.perm]
         quant = act_quant.quantize_activations if kernel else act_quant.quantize_activations_ref
         xq, x_scale = quant(x2, bits=self.act_bits, smooth=self.smooth, scale=self.act_scale, pack=False)
-        out_dtype = x.dtype if x.dtype in w8a8_gemm.DTYPES else torch.float32
+        out_dtype = x.dtype if x.dtype in DTYPES else torch.float32
         if self.bits == 8:
             gemm = w8a8_gemm.w8a8_matmul if kernel else w8a8_gemm.w8a8_matmul_ref
             y = gemm(xq, x_scale, self.qweight, self.w_scale, bias=self.bias, out_dtype=out_dtype)

@@ -24,9 +24,8 @@ from torch import nn
 from ..kernels.act_quant import quantize_activations_ref
 from ..kernels.bitplane_gemm import weight_tensors
 from ..formats.weights import BitPlaneWeight
+from ..kernels.runtime import DTYPES
 from .backend import use_kernel
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def fake_activations(x: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:

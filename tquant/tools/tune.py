@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
