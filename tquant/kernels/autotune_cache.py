@@ -121,7 +121,7 @@ def benchmark(configs: list[dict], run: Callable[[dict], Any], desc: str = "auto
 def rank(timed: list[tuple[float, dict]], warm_us: Callable[[dict], float]) -> list[tuple[float, dict]]:
     """timed [(us with the L2 flushed, minus the flush; config)], fastest first. Where the fastest comes out at or
     below zero the kernel is shorter than the flush's run-to-run noise (its data fits in the L2, e.g. a 4096 x 4096
-    4-bit weight on an H200: two such entries measured -2.5 and -9.7 us), so that order is noise: every config is
+    4-bit weight), so that order is noise: every config is
     ranked by warm_us(config) instead, its time with a warm L2."""
     timed = sorted(timed, key=lambda t: t[0])
     if timed[0][0] <= 0:

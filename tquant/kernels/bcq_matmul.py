@@ -19,9 +19,8 @@ set, it gathers t at the complement of the low 7 bits and flips the entry's sign
 bytes taken at once), through L1 / L2, one load per 8 weights and plane: S_i = sum_k x_k (2 u_ik - 1),
 y += sum_i alpha_i S_i (+ offset X, X the sum of the step's activations). The tables stay in global memory: Triton
 has no shared-memory gather, and tl.gather on a register table compiles (Triton 3.6-3.9) to warp shuffles.
-Measured on an H200 (benchmarks/RESULTS.md): at batch 1 "lut" beats "dot" 2-3x from 2048 x 8192 up (dot wins below,
-and at batch 8, where "lut" reads the weights once per row of x); tables of 4 activations (16 entries) were 1.3-1.5x
-slower than 8, fp32 tables of 256 entries about as fast (more sectors a gather, fewer instructions). sm_90 SASS of the
+The tuner picks "lut" or "dot" per key ("lut" reads the weights once per row of x, so it is a small-batch path);
+the measured trade-offs (table width, fp32 tables) are in benchmarks/RESULTS.md. sm_90 SASS of the
 loops, q = 3: "dot" 13 instructions a weight (128 x 128 tiles), "lut" ~4.3 (256 x 128; a 2-D tile of fields instead of
 1-D rows had its addresses converted to the gather's layout through shared memory).
 Both gather x through perm (act order) in their loads and finish with dequant_gemm.store_output: split-K partials

@@ -399,10 +399,10 @@ def _bitplane_a16_kernel(x_ptr, p_ptr, ws_ptr, wz_ptr, bias_ptr, y_ptr, M, N, K,
 
 # ---- configs and launchers ----
 
-# (BLOCK_M, BLOCK_N, warps) by batch, from the H200's first tuning (4096 -> 14336, p 2..8): BLOCK_M 16 up to 32 rows,
-# 64 x 64 / 64 x 128 at 64, 128 x 128 beyond
+# (BLOCK_M, BLOCK_N, warps) by batch, the tiles a first tuning at 4096 -> 14336, p 2..8, kept: BLOCK_M 16 up to 32
+# rows, 64 x 64 / 64 x 128 at 64, 128 x 128 beyond
 TILES = {32: [(16, 64, 4), (16, 128, 4)], 64: [(64, 64, 4), (64, 128, 8)], None: [(128, 128, 8), (64, 128, 8)]}
-# "dense": w8a8_gemm's large-M tiles (128 x 128 x 128 won there on the H200; 256 x 128 spills with this epilogue)
+# "dense": w8a8_gemm's large-M tiles (256 x 128 spills with this epilogue)
 DENSE_TILES = [(128, 128, 8), (64, 128, 4)]
 DEEP_K = 256  # small batches also try K steps this long (more bytes in flight a step; the planes are thin)
 SPLITS, SPLIT_MAX_M = (2, 4, 8), 64  # split-K candidates (split_configs) and the batches that get them
@@ -445,8 +445,7 @@ def split_configs(m: int, k: int, group_size: int, shape) -> list[dict]:
 def configs(m: int, k: int, group_size: int) -> list[dict]:
     """Candidates for batch m (rounded up to a power of two), K = k and group_size, at most 16; the first is the
     untuned default. "rebuild" at every tile of TILES (up to M = 64 also with K steps of DEEP_K where the groups allow,
-    and split over K: split_configs), "planes" (which won one key of 36 on the H200; p dots a step need more
-    registers) at the smaller tile with 3 stages, and from M = DENSE_MIN_M "dense" at DENSE_TILES (one decode of the
+    and split over K: split_configs), "planes" (p dots a step need more registers; it rarely wins) at the smaller tile with 3 stages, and from M = DENSE_MIN_M "dense" at DENSE_TILES (one decode of the
     weight pays off once the GEMM is compute-bound). The interpreter runs "rebuild" at interpreter_tile (tests launch
     the others themselves)."""
     if interpreter_on():

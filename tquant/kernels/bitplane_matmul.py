@@ -16,9 +16,8 @@ GEMV_MAX_M = 8  # batches (rounded up to a power of two) at which bitplane_gemv'
 
 
 def wpaq_candidates(m: int, n: int, k: int, group_size: int, bits: int, act_bits: int) -> list[dict]:
-    """What bitplane_matmul tunes over: bitplane_gemm.configs(m, k, group_size), and up to GEMV_MAX_M on a GPU the popcount GEMV's
-    candidates as {"path": "gemv", ...} (bitplane_gemv; on the H200 it won at M = 1 for W2A8, W3A8 and
-    W4A4, the tensor cores at M = 16), so the tuner picks the path per key."""
+    """What bitplane_matmul tunes over: bitplane_gemm.configs(m, k, group_size), and up to GEMV_MAX_M on a GPU the
+    popcount GEMV's candidates as {"path": "gemv", ...}, so the tuner picks the path per key."""
     candidates = bitplane_gemm.configs(m, k, group_size)
     if m <= GEMV_MAX_M and not interpreter_on():
         candidates += [dict(path="gemv", **c) for c in bitplane_gemv.configs(m, n, k, group_size, bits, act_bits)]

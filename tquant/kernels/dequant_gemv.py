@@ -117,7 +117,7 @@ INTERPRETER_CONFIG = dict(path="gemv", BLOCK_N=32, BLOCK_KW=4, SPLIT_K=2, num_wa
 
 def configs(n: int, kw: int) -> list[dict]:
     """Candidates for N = n, kw words along K, the default first: the tiles (num_warps, BLOCK_N, BLOCK_KW)
-    that were fastest on an H100, each with the four split-K counts nearest 3 programs per SM."""
+    a first tuning kept, each with the four split-K counts nearest 3 programs per SM."""
     out = []
     for warps, block_n, bkw in ((4, 512, 2), (4, 512, 4), (4, 1024, 2), (8, 1024, 2), (8, 1024, 4), (8, 512, 8)):
         def off_target(sk):  # distance from 400 programs, in octaves

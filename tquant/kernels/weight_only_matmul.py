@@ -17,7 +17,7 @@ key (M rounded up to a power of two, N, K, bits, group_size, dtype, perm) by aut
     M > 16      dequant_gemm; from M >= 128 on also "dense": dequantize once (Triton), then cuBLAS (x @ w)
 With perm and M > 1 each GEMM config also comes with gather=True: x[:, perm] is gathered once (one torch
 index_select) and the kernel reads x in storage order, instead of gathering x's K step tiles by perm inside every
-program of the grid (at M = 16 on an H200 that in-kernel gather made GPTQ's act-order GEMMs 2.2x slower).
+program of the grid (benchmarks/RESULTS.md has what the in-kernel gather cost).
 `weight_only_matmul_ref` is plain torch in fp32 (for CPU modules and tests).
 """
 from __future__ import annotations

@@ -35,8 +35,8 @@ dense_tokens); combine_kernel merges the (max, sum, accumulator) partials. Per s
     outliers  each replaces the dense decode at its (token, channel): for j < the tile's largest count (computed
               from the row pointers in the kernel: keys tl.max(row_ptr[r + 1] - row_ptr[r]), values n),
               tile = where(channel == entry j's channel, entry j's value, tile), entry j of a token masked when
-              j >= its count. (Adding each key outlier's effect to the scores instead, one [R, BLOCK_T] pass per j,
-              measured 1.8x slower on the H200.)
+              j >= its count. (Adding each key outlier's effect to the scores instead takes one [R, BLOCK_T] pass per j:
+              slower, benchmarks/RESULTS.md.)
     RoPE      angle = position * inv_freq [BLOCK_T, D/2] (fp32), cos = cos(angle) * scaling, sin likewise (_cos_sin)
               (fmt.rope_cos_sin); rotate_half pairs channel i with i + D/2, so on the halves
               k_rot1 = k1 cos - k2 sin,  k_rot2 = k2 cos + k1 sin  (no register shuffles)
