@@ -76,7 +76,7 @@ def test_kivi_cache_gives_the_dynamic_kivi_caches_logits(bits, group, residual, 
 def test_kernels_static_kivi_kernel_path_matches_the_torch_path(monkeypatch):
     """The decode-attention kernel reading the static KIVI store and ring (under the interpreter on the CPU, natively
     on a GPU) gives the torch path's logits, with groups flushed during the steps."""
-    from tquant.kernels import kv_attention
+    from tquant.kv import attention as kv_attention
 
     model = tiny_model("llama")
     tquant.quantize(model, "kivi", kv_bits=4, group_size=4, residual=3)

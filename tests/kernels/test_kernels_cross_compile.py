@@ -30,7 +30,9 @@ def compile_case(kind, bits, option, dtype):
 
     from tquant.kv import uniform_format as kv_quant
     from tquant.kv import kvquant_format as fmt
-    from tquant.kernels import bcq_matmul, kv_attention, kvquant_attention, spqr_matmul, weight_only_matmul
+    from tquant.kernels import bcq_matmul, spqr_matmul, weight_only_matmul
+    from tquant.kv import attention as kv_attention
+    from tquant.kv import kvquant_attention
     from tquant.kernels.cross_compile import compiling_for
 
     dtype = getattr(torch, dtype)
@@ -83,7 +85,11 @@ def decode_step(batch, kv_bits, dtype):
     1152 tokens; their launchers' device checks are off (CPU tensors) and TQUANT_AUTOTUNE=0 takes default configs."""
     import torch
 
-    from tquant.kernels import kv_attention, kv_quant_write, rms_norm, rope, swiglu
+    from tquant.kernels import rms_norm, rope, swiglu
+
+    from tquant.kv import attention as kv_attention
+
+    from tquant.kv import write as kv_quant_write
     from tquant.kv.uniform_format import PackedKV
 
     for module in (kv_attention, kv_quant_write, rms_norm, rope, swiglu):

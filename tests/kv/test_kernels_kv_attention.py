@@ -165,7 +165,7 @@ def test_kernels_kivi_decode_inside_the_model(monkeypatch, method, options):
     the torch path's logits, with and without left padding."""
     import tquant
     from tests.tiny_models import tiny_model
-    from tquant.kernels import kv_attention
+    from tquant.kv import attention as kv_attention
 
     calls = []
     monkeypatch.setattr(kv_attention, "kivi_decode_attention",

@@ -133,7 +133,7 @@ def test_kernels_kvquant_decode_inside_the_model(monkeypatch, bits, pre_rope):
     without left padding."""
     import tquant
     from tests.tiny_models import tiny_model, token_batch
-    from tquant.kernels import kvquant_attention
+    from tquant.kv import kvquant_attention
 
     calls = []
     monkeypatch.setattr(kvquant_attention, "kvquant_decode_attention",
