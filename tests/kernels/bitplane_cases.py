@@ -10,7 +10,7 @@ from tests.kernel_device import assert_close as kernel_close
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # normwise relative; bf16: two roundings of up to 2^-7 each (the interpreter truncates fp32 to bf16, torch rounds)
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
-ISSUE = [(8, 8), (4, 8), (6, 6), (4, 6), (4, 4), (3, 8), (3, 6), (2, 8), (2, 6)]  # (bits, act_bits) of issue 8
+PAPER_COMBINATIONS = [(8, 8), (4, 8), (6, 6), (4, 6), (4, 4), (3, 8), (3, 6), (2, 8), (2, 6)]  # (bits, act_bits) ABQ-LLM reports
 
 
 def float_inputs(m, n, k, seed):

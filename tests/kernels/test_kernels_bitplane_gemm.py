@@ -1,4 +1,4 @@
-"""Bit-plane GEMM (ABQ-LLM's arbitrary-bit WpAq, issue 8): both kernel variants ("rebuild": codes decoded from the
+"""Bit-plane GEMM (ABQ-LLM's arbitrary-bit WpAq): both kernel variants ("rebuild": codes decoded from the
 planes by byte-SWAR, one int8 dot a step; "planes": one int8 dot per plane) against the torch reference on fresh
 quantized inputs (p, q in 2..8, per-channel and per-group, K and N not multiples of 32 or of the block), the int32
 accumulation and zero-point corrections exact (also over spans of long groups), the reference against plain float
@@ -24,7 +24,7 @@ from tquant.kernels.act_quant import quantize_activations_ref
 from tquant.kernels.bitplane_gemv import bitplane_gemv
 from tquant.kernels.runtime import interpreter_on, next_power_of_2
 from tquant.formats.packing import PLANE_K, pack_planes, unpack_planes
-from tests.kernels.bitplane_cases import (DTYPES, ISSUE, TOL, assert_close, compiled_in_subprocess, float_inputs,  # noqa: F401
+from tests.kernels.bitplane_cases import (DTYPES, PAPER_COMBINATIONS, TOL, assert_close, compiled_in_subprocess, float_inputs,  # noqa: F401
                             quantized_inputs, random_codes)
 from tests.kernel_device import DEVICE, needs_backend
 
@@ -80,9 +80,9 @@ def test_kernels_bitplane_matmul_matches_reference(shape, bits, act_bits, varian
 
 
 @needs_backend
-@pytest.mark.parametrize("bits,act_bits", ISSUE, ids=[f"W{p}A{q}" for p, q in ISSUE])
-def test_kernels_bitplane_issue_combinations(bits, act_bits):
-    """Issue 8's combinations at one shape (groups of 32, N and M not multiples of the block): the public launcher
+@pytest.mark.parametrize("bits,act_bits", PAPER_COMBINATIONS, ids=[f"W{p}A{q}" for p, q in PAPER_COMBINATIONS])
+def test_kernels_bitplane_paper_combinations(bits, act_bits):
+    """ABQ-LLM's combinations at one shape (groups of 32, N and M not multiples of the block): the public launcher
     (tuned; the interpreter's "rebuild" config) and the "planes" variant against the reference in fp32, and the
     quantized layer near the float one (x @ w^T + bias), closer with more bits."""
     m, n, k, gs = 5, 40, 96, 32

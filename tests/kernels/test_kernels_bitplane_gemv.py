@@ -21,7 +21,7 @@ from tquant.kernels.bitplane_gemm import bitplane_matmul_ref, code_sums
 from tquant.kernels.bitplane_gemv import bitplane_gemv, pack_activations, pack_activations_ref
 from tquant.kernels.runtime import interpreter_on
 from tquant.formats.packing import PLANE_K, pack_planes
-from tests.kernels.bitplane_cases import (DTYPES, ISSUE, TOL, assert_close, compiled_in_subprocess, float_inputs,  # noqa: F401
+from tests.kernels.bitplane_cases import (DTYPES, PAPER_COMBINATIONS, TOL, assert_close, compiled_in_subprocess, float_inputs,  # noqa: F401
                             quantized_inputs, random_codes)
 from tests.kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401 (autouse: NaN-filled outputs)
 
@@ -64,9 +64,9 @@ def test_kernels_bitplane_gemv_every_bit_width(act_bits):
 
 
 @needs_backend
-@pytest.mark.parametrize("bits,act_bits", ISSUE, ids=[f"W{p}A{q}" for p, q in ISSUE])
-def test_kernels_bitplane_gemv_issue_combinations(bits, act_bits):
-    """Issue 8's combinations at batch 1 and 3, per channel (K=100: a partial last word, split K) and groups of 32:
+@pytest.mark.parametrize("bits,act_bits", PAPER_COMBINATIONS, ids=[f"W{p}A{q}" for p, q in PAPER_COMBINATIONS])
+def test_kernels_bitplane_gemv_paper_combinations(bits, act_bits):
+    """ABQ-LLM's combinations at batch 1 and 3, per channel (K=100: a partial last word, split K) and groups of 32:
     the reference in fp32, and the quantized layer near the float one (x @ w^T + bias), closer with more bits."""
     for m, k, gs in ((1, 100, 100), (3, 96, 32)):
         *args, b, x, w = quantized_inputs(m, 40, k, gs, bits, act_bits, seed=bits * 10 + act_bits + m)
@@ -268,7 +268,7 @@ def test_kernels_bitplane_gemv_helpers_bad_input_raises():
 # ---- the kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile) ----
 
 HOPPER_CASES = [  # (m, n, k, group_size, bits, act_bits): the default config of each
-    (1, 4096, 4096, 4096, 2, 8),  # issue 8's W2A8 at batch 1: BLOCK_KW 8 (carry-save), a split per channel
+    (1, 4096, 4096, 4096, 2, 8),  # W2A8 at batch 1: BLOCK_KW 8 (carry-save), a split per channel
     (8, 4096, 4100, 4100, 8, 8),  # the most terms a row: 3 rows a program, CODE_SUMS, a partial last word
     (3, 4096, 4096, 32, 3, 6),  # groups of 32: BLOCK_KW 1, a span a word
     (8, 4096, 4096, 128, 6, 4)]  # 8 rows and MAX_TERMS = 192 terms a word: about 255 registers

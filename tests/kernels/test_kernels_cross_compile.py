@@ -1,6 +1,6 @@
 """Kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile): a kernel that the
 interpreter runs but the CUDA compiler rejects fails here, not on a user's first launch. The launches (a default
-config each, in a subprocess with the interpreter off) are the decode-attention kernels at the shapes of issue 5
+config each, in a subprocess with the interpreter off) are the decode-attention kernels at Llama-3-8B shapes
 (32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32 (and its table path at batch 1), and SpQR's (the weight-only GEMV /
 GEMM decoding bilevel stats, then the outlier kernel) at batch 1 and 16, and the static decoder's fused step kernels
 (RMSNorm, RoPE + cache write, silu * up, float-cache attention, the per-token KV write) at batch 1 and 16; each must
