@@ -39,8 +39,9 @@ from tquant.kernels import bitplane_gemm  # noqa: E402
 from tquant.kernels.bitplane_gemm import bitplane_matmul_ref, quantize_weight_ref  # noqa: E402
 from tquant.kernels.bitplane_matmul import bitplane_matmul  # noqa: E402
 from tquant.kernels.bitplane_gemv import bitplane_gemv  # noqa: E402
-from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_quantize_weight  # noqa: E402
+from tquant.kernels.w4a8_gemm import w4a8_matmul  # noqa: E402
 from tquant.kernels.w8a8_gemm import w8a8_matmul  # noqa: E402
+from tquant.modules.act_quant_linear import w4a8_quantize_weight  # noqa: E402
 
 COMBOS = [(2, 8, None), (2, 8, 128), (3, 8, None), (4, 4, None), (4, 8, None), (8, 8, None)]  # (p, q, group)
 GEMV_MAX_M = 16  # the popcount GEMV (bitplane_gemv) is timed up to this batch

@@ -36,8 +36,9 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tquant.kernels.act_quant import quantize_activations  # noqa: E402
-from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_matmul_ref, w4a8_quantize_weight  # noqa: E402
+from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_matmul_ref  # noqa: E402
 from tquant.kernels.w8a8_gemm import w8a8_matmul, w8a8_matmul_ref  # noqa: E402
+from tquant.modules.act_quant_linear import w4a8_quantize_weight  # noqa: E402
 
 
 def bench(fn):

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from tquant.kernels import w4a8_gemm
 from tquant.kernels.act_quant import quantize_activations_ref
-from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_matmul_ref, w4a8_quantize_weight
+from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_matmul_ref
 from tquant.formats.packing import pack_codes, unpack_codes
+from tquant.modules.act_quant_linear import w4a8_quantize_weight
 from tests.kernel_device import DEVICE, assert_close as kernel_close, needs_backend
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

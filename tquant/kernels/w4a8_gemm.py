@@ -28,7 +28,8 @@ w8 = q * sg to int8 [N, K], then w8a8_gemm runs (as the weight-only GEMM's dense
 back to k order. When a K step lies in one group, sg is loaded once per column. The launch config is tuned
 per GPU and key by autotune_cache; the interpreter runs one fixed small config.
 `w4a8_matmul_ref` unpacks w8 in torch and runs w8a8_gemm.w8a8_matmul_ref (integer products summed exactly).
-`w4a8_quantize_weight` makes QQQ-style weights (or QoQ's, zero_point=True) from a float [N, K] weight (round-to-nearest).
+tquant.modules.act_quant_linear.w4a8_quantize_weight makes QQQ-style weights (or QoQ's, zero_point=True) from a float
+[N, K] weight (round-to-nearest).
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ import triton
 import triton.language as tl
 
 from ..formats.packing import unpack_codes
-from ..formats.weights import QuantizedWeight
 from .autotune_cache import tune
 from .runtime import DTYPES, check_device, check_tensors, interpreter_on, next_power_of_2
 from .tiling import tile_offsets
@@ -112,25 +112,6 @@ def w4a8_matmul_ref(xq, x_scale, qweight, w_scale, *, group_scale=None, group_ze
     if group_scale is not None:
         w8 = w8 * group_scale.to(torch.int32).repeat_interleave(group_size, dim=0)
     return w8a8_matmul_ref(xq, x_scale, w8.t().to(torch.int8), w_scale, bias=bias, out_dtype=out_dtype)
-
-
-def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None, zero_point: bool = False):
-    """Float w [N, K] -> (qweight int32 [ceil(K / 8), N], w_scale fp32 [N], group_scale int8 [K // gs, N] or None,
-    group_zero int8 [K // gs, N] or None), round-to-nearest by tquant's one quantizer: symmetric with per-group
-    scales on QQQ's integer grid (QuantizedWeight.from_rtn, multiples 1..15, so |q * sg| <= 120), or with
-    zero_point=True QoQ's progressive grid (QuantizedWeight.from_progressive; needs group_size)."""
-    if group_size is not None and w.shape[1] % group_size:
-        raise ValueError(f"group_size={group_size} must divide K={w.shape[1]}")
-    if zero_point:
-        if group_size is None:
-            raise ValueError("zero_point=True (QoQ's grid) needs a group_size (K: one group per channel)")
-        qw = QuantizedWeight.from_progressive(w, group_size)
-    else:
-        qw = QuantizedWeight.from_rtn(w, 4, group_size or w.shape[1], sym=True, integer_groups=True)
-    qweight, w_scale, group_scale, group_zero = qw.int8_gemm_weight()
-    if group_size is not None and group_scale is None:  # one group spanning K with every zero 8 (int8_gemm_weight
-        group_scale = torch.ones(1, w.shape[0], dtype=torch.int8)  # calls that per-channel): multiples of 1
-    return qweight, w_scale, group_scale, group_zero
 
 
 @triton.jit

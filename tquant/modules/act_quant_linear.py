@@ -13,6 +13,8 @@ Formats (weight bits / activation bits) and buffers:
           than reading int8-held codes, so the packed w4a8_matmul(act_bits=4) path is not used here)
     smooth fp32 [K] (run-time SmoothQuant divisor), act_scale fp32 [1] (static scale) and perm int32 [K] (QoQ's
     channel reordering: storage column k holds input channel perm[k], so x[..., perm] is quantized) only when used.
+w4a8_quantize_weight makes W4A8 buffers (QQQ's grid, or QoQ's) from a float weight, for the kernels' tests and
+benchmarks.
 forward: Triton kernels on CUDA (or on CPU under TRITON_INTERPRET=1 with backend="triton"), else the torch
 references, which give the same codes and the exact integer products.
 """
@@ -26,6 +28,26 @@ from ..kernels.runtime import DTYPES
 from .backend import use_kernel
 
 FORMATS = ((8, 8), (4, 8), (4, 4))  # (weight bits, activation bits)
+
+
+def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None, zero_point: bool = False):
+    """Float w [N, K] -> (qweight int32 [ceil(K / 8), N], w_scale fp32 [N], group_scale int8 [K // gs, N] or None,
+    group_zero int8 [K // gs, N] or None), tquant.kernels.w4a8_gemm's operands, round-to-nearest by tquant's one
+    quantizer: symmetric with per-group scales on QQQ's integer grid (QuantizedWeight.from_rtn, multiples 1..15, so
+    |q * sg| <= 120), or with zero_point=True QoQ's progressive grid (QuantizedWeight.from_progressive; needs
+    group_size)."""
+    if group_size is not None and w.shape[1] % group_size:
+        raise ValueError(f"group_size={group_size} must divide K={w.shape[1]}")
+    if zero_point:
+        if group_size is None:
+            raise ValueError("zero_point=True (QoQ's grid) needs a group_size (K: one group per channel)")
+        qw = QuantizedWeight.from_progressive(w, group_size)
+    else:
+        qw = QuantizedWeight.from_rtn(w, 4, group_size or w.shape[1], sym=True, integer_groups=True)
+    qweight, w_scale, group_scale, group_zero = qw.int8_gemm_weight()
+    if group_size is not None and group_scale is None:  # one group spanning K with every zero 8 (int8_gemm_weight
+        group_scale = torch.ones(1, w.shape[0], dtype=torch.int8)  # calls that per-channel): multiples of 1
+    return qweight, w_scale, group_scale, group_zero
 
 
 class ActQuantLinear(nn.Module):
