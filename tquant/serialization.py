@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import read_quantization_config
 from .kv.hook import hook_generate
-from .modules import MODULE_TYPES
+from .modules import module_for_spec, spec_types
 from .version import __version__
 
 WEIGHTS = "model.safetensors"
@@ -111,9 +111,9 @@ def load(path: str, device=None) -> nn.Module:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
     for name, spec in qc["layers"].items():
-        if spec["type"] not in MODULE_TYPES:
+        if spec["type"] not in spec_types():
             raise ValueError(f"layer {name!r} has unknown module type {spec['type']!r}: {STALE}")
-        model.set_submodule(name, MODULE_TYPES[spec["type"]].from_spec(spec, torch.float32))
+        model.set_submodule(name, module_for_spec(spec).from_spec(spec, torch.float32))
     _assign(model, tensors)
     if os.path.isfile(os.path.join(path, "generation_config.json")):
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)

@@ -1,5 +1,9 @@
-"""nn.Module replacements that hold packed tensors and call kernels."""
-from ..formats.weights import BCQWeight, BitPlaneWeight, LatticeWeight, SpQRWeight
+"""nn.Module replacements that hold packed tensors and call kernels.
+
+Every quantized linear derives from QuantizedLinear (tquant.modules.base) and registers its spec type and the weight
+class it stores: module_for_weight(qw) picks the module for a method's weight (linear_module builds it),
+module_for_spec(spec) the one that rebuilds a saved layer (PackedEmbedding included)."""
+from .base import QuantizedLinear, linear_module, module_for_spec, module_for_weight, register, spec_types
 from .act_quant_linear import ActQuantLinear
 from .bcq_linear import BCQLinear
 from .bitplane_linear import BitPlaneLinear
@@ -9,25 +13,6 @@ from .packed_linear import PackedLinear
 from .quip_linear import QuipLinear
 from .spqr_linear import SpQRLinear
 
-MODULE_TYPES = {"packed_linear": PackedLinear, "packed_embedding": PackedEmbedding,
-                "act_quant_linear": ActQuantLinear, "quip_linear": QuipLinear, "bcq_linear": BCQLinear,
-                "spqr_linear": SpQRLinear, "bitplane_linear": BitPlaneLinear}
-
-
-def linear_module(qw, bias, dtype):
-    """The module storing a method's weight: QuipLinear for lattice codes (LatticeWeight), BCQLinear for binary
-    codes (BCQWeight), SpQRLinear for SpQR's (SpQRWeight), BitPlaneLinear for bit-plane weights (BitPlaneWeight,
-    ABQ-LLM), ActQuantLinear when it quantizes activations, else PackedLinear (weight-only)."""
-    if isinstance(qw, LatticeWeight):
-        return QuipLinear.from_quantized(qw, bias, dtype)
-    if isinstance(qw, BCQWeight):
-        return BCQLinear.from_quantized(qw, bias, dtype)
-    if isinstance(qw, SpQRWeight):
-        return SpQRLinear.from_quantized(qw, bias, dtype)
-    if isinstance(qw, BitPlaneWeight):
-        return BitPlaneLinear.from_quantized(qw, bias, dtype)
-    cls = PackedLinear if qw.act_bits is None else ActQuantLinear
-    return cls.from_quantized(qw, bias, dtype)
-
-
-__all__ = ["ActQuantLinear", "BCQLinear", "BitPlaneLinear", "PackedEmbedding", "PackedLinear", "QuantizedKVCache", "QuipLinear", "SpQRLinear", "MODULE_TYPES", "linear_module"]
+__all__ = ["ActQuantLinear", "BCQLinear", "BitPlaneLinear", "PackedEmbedding", "PackedLinear", "QuantizedKVCache",
+           "QuantizedLinear", "QuipLinear", "SpQRLinear", "linear_module", "module_for_spec", "module_for_weight",
+           "register", "spec_types"]

@@ -21,11 +21,10 @@ references, which give the same codes and the exact integer products.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..formats.weights import QuantizedWeight
 from ..kernels.runtime import DTYPES
-from .backend import use_kernel
+from .base import QuantizedLinear
 
 FORMATS = ((8, 8), (4, 8), (4, 4))  # (weight bits, activation bits)
 
@@ -50,27 +49,31 @@ def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None, zero
     return qweight, w_scale, group_scale, group_zero
 
 
-class ActQuantLinear(nn.Module):
+class ActQuantLinear(QuantizedLinear, spec_type="act_quant_linear", weight_type=QuantizedWeight):
+    spec_fields = ("bits", "act_bits", "group_size", "in_features", "out_features", "bias", "smooth", "static",
+                   "zero", "perm")
+    spec_defaults = {"zero": False, "perm": False}
+    perm_field = "perm"
+    buffer_flags = {"smooth": "smooth", "static": "act_scale", "zero": "group_zero"}
+
     def __init__(self, in_features, out_features, *, bits, act_bits, group_size, bias=False, smooth=False,
                  static=False, zero=False, perm=False, dtype=torch.float16, device=None):
-        super().__init__()
         if (bits, act_bits) not in FORMATS:
             raise ValueError(f"W{bits}A{act_bits} has no int8 GEMM; supported: "
                              f"{', '.join(f'W{w}A{a}' for w, a in FORMATS)}")
         if in_features % group_size or (bits == 8 and group_size != in_features):
             raise ValueError(f"group_size={group_size} is not valid for W{bits} with in_features={in_features} "
                              "(8-bit: per-channel only; 4-bit: a divisor of in_features)")
-        self.in_features, self.out_features = in_features, out_features
+        if zero and bits != 4:
+            raise ValueError(f"zero points are for 4-bit weights (QoQ's W4A8), not W{bits}")
+        super().__init__(in_features, out_features, bias=bias, perm=perm, dtype=dtype, device=device)
         self.bits, self.act_bits, self.group_size = bits, act_bits, group_size
-        self.backend = "auto"
         k, n = in_features, out_features
         if bits == 8:
             self.register_buffer("qweight", torch.zeros(n, k, dtype=torch.int8, device=device))
         else:
             self.register_buffer("qweight", torch.zeros(-(-k // 8), n, dtype=torch.int32, device=device))
         self.register_buffer("w_scale", torch.zeros(n, dtype=torch.float32, device=device))
-        if zero and bits != 4:
-            raise ValueError(f"zero points are for 4-bit weights (QoQ's W4A8), not W{bits}")
         grouped = group_size != in_features or zero
         self.register_buffer("group_scale", torch.zeros(k // group_size, n, dtype=torch.int8, device=device)
                              if grouped else None)
@@ -78,8 +81,10 @@ class ActQuantLinear(nn.Module):
                              if zero else None)
         self.register_buffer("smooth", torch.ones(k, dtype=torch.float32, device=device) if smooth else None)
         self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, device=device) if static else None)
-        self.register_buffer("perm", torch.arange(k, dtype=torch.int32, device=device) if perm else None)
-        self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def stores(cls, qw: QuantizedWeight) -> bool:
+        return qw.act_bits is not None  # quantizes activations; PackedLinear takes weight-only
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "ActQuantLinear":
@@ -91,48 +96,27 @@ class ActQuantLinear(nn.Module):
         mod.qweight.copy_(qweight)
         mod.w_scale.copy_(w_scale)
         smooth = qw.smooth if qw.smooth is None or qw.perm is None else qw.smooth[qw.perm]  # on x[..., perm]
-        for name, value in (("group_scale", group_scale), ("group_zero", group_zero), ("smooth", smooth),
-                            ("act_scale", qw.act_scale), ("perm", qw.perm), ("bias", bias)):
-            if value is not None:
-                getattr(mod, name).copy_(value.detach().reshape(getattr(mod, name).shape))
+        mod.copy_optional(group_scale=group_scale, group_zero=group_zero, smooth=smooth, act_scale=qw.act_scale,
+                          perm=qw.perm, bias=bias)
         return mod
 
-    def layer_spec(self) -> dict:
-        """What tquant.load needs to rebuild this module (stored in the saved quantization_config)."""
-        return {"type": "act_quant_linear", "bits": self.bits, "act_bits": self.act_bits,
-                "group_size": self.group_size, "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.bias is not None, "smooth": self.smooth is not None, "static": self.act_scale is not None,
-                "zero": self.group_zero is not None, "perm": self.perm is not None}
-
-    @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype) -> "ActQuantLinear":
-        return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], act_bits=spec["act_bits"],
-                   group_size=spec["group_size"], bias=spec["bias"], smooth=spec["smooth"], static=spec["static"],
-                   zero=spec.get("zero", False), perm=spec.get("perm", False), dtype=dtype, device="meta")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels import act_quant
         from ..kernels import w4a8_gemm
         from ..kernels import w8a8_gemm
 
-        kernel = use_kernel(self, x)
-        x2 = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x2 = x2[:, self.perm]
         quant = act_quant.quantize_activations if kernel else act_quant.quantize_activations_ref
         xq, x_scale = quant(x2, bits=self.act_bits, smooth=self.smooth, scale=self.act_scale, pack=False)
-        out_dtype = x.dtype if x.dtype in DTYPES else torch.float32
+        out_dtype = x2.dtype if x2.dtype in DTYPES else torch.float32
         if self.bits == 8:
             gemm = w8a8_gemm.w8a8_matmul if kernel else w8a8_gemm.w8a8_matmul_ref
-            y = gemm(xq, x_scale, self.qweight, self.w_scale, bias=self.bias, out_dtype=out_dtype)
-        else:
-            gemm = w4a8_gemm.w4a8_matmul if kernel else w4a8_gemm.w4a8_matmul_ref
-            y = gemm(xq, x_scale, self.qweight, self.w_scale, group_scale=self.group_scale,
-                     group_zero=self.group_zero, group_size=self.group_size if self.group_scale is not None else None,
-                     bias=self.bias, out_dtype=out_dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            return gemm(xq, x_scale, self.qweight, self.w_scale, bias=self.bias, out_dtype=out_dtype)
+        gemm = w4a8_gemm.w4a8_matmul if kernel else w4a8_gemm.w4a8_matmul_ref
+        return gemm(xq, x_scale, self.qweight, self.w_scale, group_scale=self.group_scale, group_zero=self.group_zero,
+                    group_size=self.group_size if self.group_scale is not None else None, bias=self.bias,
+                    out_dtype=out_dtype)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.bits}A{self.act_bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}, smooth={self.smooth is not None}, "
-                f"static={self.act_scale is not None}, zero={self.group_zero is not None}, perm={self.perm is not None}")
+    def probe_exact(self) -> bool:
+        return self.act_scale is None  # per-token dynamic grids only

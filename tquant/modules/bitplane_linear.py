@@ -19,13 +19,12 @@ WpAq's integer products exact).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from ..formats.weights import BitPlaneWeight
 from ..kernels.act_quant import quantize_activations_ref
 from ..kernels.bitplane_gemm import weight_tensors
-from ..formats.weights import BitPlaneWeight
 from ..kernels.runtime import DTYPES
-from .backend import use_kernel
+from .base import QuantizedLinear
 
 
 def fake_activations(x: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
@@ -37,10 +36,13 @@ def fake_activations(x: torch.Tensor, bits: int, group: int | None = None) -> to
     return (scale[:, None] * (xq.float() + 2 ** (bits - 1) - zero[:, None])).reshape(x.shape)
 
 
-class BitPlaneLinear(nn.Module):
+class BitPlaneLinear(QuantizedLinear, spec_type="bitplane_linear", weight_type=BitPlaneWeight):
+    spec_fields = ("bits", "act_bits", "group_size", "in_features", "out_features", "bias", "out_bits", "out_group")
+    spec_defaults = {"out_bits": None, "out_group": None}
+    perm_field = None
+
     def __init__(self, in_features, out_features, *, bits, act_bits, group_size, bias=False, dtype=torch.float16,
                  device=None, out_bits=None, out_group=None):
-        super().__init__()
         if bits not in range(2, 9) or (act_bits is not None and act_bits not in range(2, 9)):
             raise ValueError(f"BitPlaneLinear takes bits and act_bits in 2..8 (act_bits None: A16), got "
                              f"W{bits}A{act_bits or 16}")
@@ -50,16 +52,14 @@ class BitPlaneLinear(nn.Module):
         if in_features % group_size or (group_size != in_features and group_size % 32):
             raise ValueError(f"group_size={group_size} must divide in_features={in_features} and be a multiple of "
                              "32 (or equal in_features)")
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias=bias, perm=False, dtype=dtype, device=device)
         self.bits, self.act_bits, self.group_size = bits, act_bits, group_size
         self.out_bits, self.out_group = out_bits, out_group
-        self.backend = "auto"
         k, n, g = in_features, out_features, in_features // group_size
         self.register_buffer("planes", torch.zeros(bits, -(-k // 32), n, dtype=torch.int32, device=device))
         self.register_buffer("w_scale", torch.zeros(g, n, dtype=torch.float32, device=device))
         self.register_buffer("w_zero", torch.zeros(g, n, dtype=torch.uint8, device=device))
         self.register_buffer("w_sum", None if act_bits is None else torch.zeros(g, n, dtype=torch.int32, device=device))
-        self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
 
     @classmethod
     def from_quantized(cls, qw: BitPlaneWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "BitPlaneLinear":
@@ -70,32 +70,17 @@ class BitPlaneLinear(nn.Module):
                               weight_tensors(qw.codes, qw.scale, qw.zero, qw.bits, qw.group_size)):
             if buf is not None:
                 buf.copy_(value)
-        if bias is not None:
-            mod.bias.copy_(bias.detach())
+        mod.copy_optional(bias=bias)
         return mod
 
-    def layer_spec(self) -> dict:
-        """What tquant.load needs to rebuild this module (stored in the saved quantization_config)."""
-        return {"type": "bitplane_linear", "bits": self.bits, "act_bits": self.act_bits, "group_size": self.group_size,
-                "in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
-                "out_bits": self.out_bits, "out_group": self.out_group}
-
-    @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype) -> "BitPlaneLinear":
-        return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], act_bits=spec["act_bits"],
-                   group_size=spec["group_size"], bias=spec["bias"], dtype=dtype, device="meta",
-                   out_bits=spec.get("out_bits"), out_group=spec.get("out_group"))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels import act_quant
         from ..kernels import bitplane_matmul as kernels
 
-        kernel = use_kernel(self, x)
-        if x.dtype not in DTYPES:
-            raise ValueError(f"BitPlaneLinear takes fp16 / bf16 / fp32 inputs, got {x.dtype}")
-        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype not in DTYPES:
+            raise ValueError(f"BitPlaneLinear takes fp16 / bf16 / fp32 inputs, got {x2.dtype}")
         weight = (self.planes, self.w_scale, self.w_zero)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self.bias_as(x2.dtype)
         if self.act_bits is None:
             gemm = kernels.bitplane_matmul_a16 if kernel else kernels.bitplane_matmul_a16_ref
             y = gemm(x2.contiguous(), *weight, bits=self.bits, group_size=self.group_size, bias=bias)
@@ -104,12 +89,10 @@ class BitPlaneLinear(nn.Module):
             xq, x_scale, x_zero = quant(x2, bits=self.act_bits, zero_point=True)
             gemm = kernels.bitplane_matmul if kernel else kernels.bitplane_matmul_ref
             y = gemm(xq, x_scale, x_zero, *weight, self.w_sum, bits=self.bits, act_bits=self.act_bits,
-                     group_size=self.group_size, bias=bias, out_dtype=x.dtype)
+                     group_size=self.group_size, bias=bias, out_dtype=x2.dtype)
         if self.out_bits is not None:
             y = fake_activations(y, self.out_bits, self.out_group).to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.bits}A{self.act_bits or 16}"
-                f", group_size={self.group_size}, bias={self.bias is not None}"
-                + ("" if self.out_bits is None else f", out_bits={self.out_bits}, out_group={self.out_group}"))
+    def probe_exact(self) -> bool:
+        return self.out_bits is None  # out_bits fake-quantizes the output

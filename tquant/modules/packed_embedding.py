@@ -12,9 +12,11 @@ from torch import nn
 
 from ..formats.packing import dequantize_packed
 from ..formats.weights import QuantizedWeight
+from .base import register
 from .packed_weight import load_packed, register_packed
 
 
+@register("packed_embedding")  # rebuilt by tquant.load; the driver builds it itself (not a linear)
 class PackedEmbedding(nn.Module):
     def __init__(self, num_embeddings, embedding_dim, *, bits, group_size, padding_idx=None,
                  dtype=torch.float16, device=None):
@@ -33,7 +35,7 @@ class PackedEmbedding(nn.Module):
         return mod
 
     def layer_spec(self) -> dict:
-        return {"type": "packed_embedding", "bits": self.bits, "group_size": self.group_size,
+        return {"type": self.spec_type, "bits": self.bits, "group_size": self.group_size,
                 "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "padding_idx": self.padding_idx}
 

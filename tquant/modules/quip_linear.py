@@ -13,10 +13,9 @@ transform's epilogue), their torch references on the CPU.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..formats.weights import LatticeWeight
-from .backend import use_kernel
+from .base import QuantizedLinear
 
 
 def _int16(codes: torch.Tensor) -> torch.Tensor:
@@ -25,14 +24,16 @@ def _int16(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(c >= 1 << 15, c - (1 << 16), c).to(torch.int16).contiguous()
 
 
-class QuipLinear(nn.Module):
+class QuipLinear(QuantizedLinear, spec_type="quip_linear", weight_type=LatticeWeight):
+    spec_fields = ("bits", "in_features", "out_features", "bias")
+    perm_field = None
+
     def __init__(self, in_features, out_features, *, bits, bias=False, dtype=torch.float16, device=None):
-        super().__init__()
         if bits not in (2, 3, 4) or in_features % 8:
             raise ValueError(f"QuipLinear takes 2, 3 or 4 bits and in_features divisible by 8; got bits={bits}, "
                              f"in_features={in_features}")
-        self.in_features, self.out_features, self.bits = in_features, out_features, bits
-        self.backend = "auto"
+        super().__init__(in_features, out_features, bias=bias, perm=False, dtype=dtype, device=device)
+        self.bits = bits
         blocks = in_features // 8
         self.register_buffer("su", torch.ones(in_features, dtype=torch.float32, device=device))
         self.register_buffer("sv", torch.ones(out_features, dtype=torch.float32, device=device))
@@ -40,7 +41,6 @@ class QuipLinear(nn.Module):
         second = {2: None, 3: torch.uint8, 4: torch.int16}[bits]
         self.register_buffer("codes2", None if second is None else
                              torch.zeros(blocks, out_features, dtype=second, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
     def from_quantized(cls, qw: LatticeWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuipLinear":
@@ -53,30 +53,14 @@ class QuipLinear(nn.Module):
             mod.codes2.copy_(qw.codes[..., 1].t().to(torch.uint8))
         elif qw.bits == 4:
             mod.codes2.copy_(_int16(qw.codes[..., 1]))
-        if bias is not None:
-            mod.bias.copy_(bias.detach())
+        mod.copy_optional(bias=bias)
         return mod
 
-    def layer_spec(self) -> dict:
-        return {"type": "quip_linear", "bits": self.bits, "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None}
-
-    @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype) -> "QuipLinear":
-        return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], bias=spec["bias"], dtype=dtype,
-                   device="meta")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels.e8p_matmul import e8p_matmul, e8p_matmul_ref
         from ..kernels.hadamard import hadamard_transform, hadamard_transform_ref
 
-        kernel = use_kernel(self, x)
         had = hadamard_transform if kernel else hadamard_transform_ref
         matmul = e8p_matmul if kernel else e8p_matmul_ref
-        y = matmul(had(x.reshape(-1, self.in_features), in_scale=self.su), self.codes, self.codes2, bits=self.bits)
-        y = had(y, transpose=True, out_scale=self.sv, bias=self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"bias={self.bias is not None}")
+        y = matmul(had(x2, in_scale=self.su), self.codes, self.codes2, bits=self.bits)
+        return had(y, transpose=True, out_scale=self.sv, bias=self.bias)

@@ -13,24 +13,24 @@ bits_per_parameter() counts every buffer but the bias over N * K.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..formats.packing import pack_codes, values_per_word
 from ..formats.weights import SpQRWeight
-from .backend import use_kernel
+from .base import QuantizedLinear
 
 
-class SpQRLinear(nn.Module):
+class SpQRLinear(QuantizedLinear, spec_type="spqr_linear", weight_type=SpQRWeight):
+    spec_fields = ("bits", "group_size", "scale_bits", "stat_group", "in_features", "out_features", "outliers",
+                   "has_perm", "bias")
+
     def __init__(self, in_features, out_features, *, bits, group_size, scale_bits, stat_group, outliers, has_perm=False,
                  bias=False, dtype=torch.float16, device=None):
-        super().__init__()
         if in_features % group_size or out_features % stat_group or scale_bits + bits > 8:
             raise ValueError(f"SpQRLinear needs group_size dividing in_features, stat_group dividing out_features and "
                              f"scale_bits + bits <= 8; got in={in_features}, out={out_features}, group_size="
                              f"{group_size}, stat_group={stat_group}, bits={bits}, scale_bits={scale_bits}")
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias=bias, perm=has_perm, dtype=dtype, device=device)
         self.bits, self.group_size, self.scale_bits, self.stat_group = bits, group_size, scale_bits, stat_group
-        self.backend = "auto"
         groups = in_features // group_size
         words = -(-in_features // values_per_word(bits))
         for name, shape, dt in (("qweight", (words, out_features), torch.int32), ("stats", (groups, out_features),
@@ -38,8 +38,6 @@ class SpQRLinear(nn.Module):
                                 ("row_ptr", (out_features + 1,), torch.int32), ("cols", (outliers,), torch.int16),
                                 ("vals", (outliers,), torch.float16)):
             self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
-        self.register_buffer("perm", torch.zeros(in_features, dtype=torch.int32, device=device) if has_perm else None)
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
     def from_quantized(cls, qw: SpQRWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "SpQRLinear":
@@ -53,37 +51,20 @@ class SpQRLinear(nn.Module):
         mod.row_ptr.copy_(qw.row_ptr)
         mod.cols.copy_(qw.cols.to(torch.int32).to(torch.int16))  # two's complement: read back as unsigned
         mod.vals.copy_(qw.vals)
-        for name, value in (("perm", qw.perm), ("bias", bias)):
-            if value is not None:
-                getattr(mod, name).copy_(value.detach())
+        mod.copy_optional(perm=qw.perm, bias=bias)
         return mod
 
-    def layer_spec(self) -> dict:
-        return {"type": "spqr_linear", "bits": self.bits, "group_size": self.group_size, "scale_bits": self.scale_bits,
-                "stat_group": self.stat_group, "in_features": self.in_features, "out_features": self.out_features,
-                "outliers": self.vals.numel(), "has_perm": self.perm is not None, "bias": self.bias is not None}
-
-    @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype) -> "SpQRLinear":
-        return cls(spec["in_features"], spec["out_features"], bits=spec["bits"], group_size=spec["group_size"],
-                   scale_bits=spec["scale_bits"], stat_group=spec["stat_group"], outliers=spec["outliers"],
-                   has_perm=spec["has_perm"], bias=spec["bias"], dtype=dtype, device="meta")
+    def spec_value(self, key: str):
+        return self.vals.numel() if key == "outliers" else super().spec_value(key)
 
     def bits_per_parameter(self) -> float:
         stored = sum(b.numel() * b.element_size() * 8 for name, b in self.named_buffers() if name != "bias")
         return stored / (self.in_features * self.out_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels.spqr_matmul import spqr_matmul, spqr_matmul_ref
 
-        matmul = spqr_matmul if use_kernel(self, x) else spqr_matmul_ref
-        x2 = x.reshape(-1, self.in_features)
-        y = matmul(x2, self.qweight, self.stats, self.meta, self.row_ptr, self.cols, self.vals, bits=self.bits,
-                   group_size=self.group_size, scale_bits=self.scale_bits, stat_group=self.stat_group, perm=self.perm,
-                   bias=None if self.bias is None else self.bias.to(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size="
-                f"{self.group_size}, scale_bits={self.scale_bits}, stat_group={self.stat_group}, "
-                f"outliers={self.vals.numel()}, bias={self.bias is not None}")
+        matmul = spqr_matmul if kernel else spqr_matmul_ref
+        return matmul(x2, self.qweight, self.stats, self.meta, self.row_ptr, self.cols, self.vals, bits=self.bits,
+                      group_size=self.group_size, scale_bits=self.scale_bits, stat_group=self.stat_group,
+                      perm=self.perm, bias=self.bias_as(x2.dtype))

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ..calib.block_io import hidden, hooked
 from ..models import conv1d_type, find_blocks
-from ..modules import ActQuantLinear, BCQLinear, BitPlaneLinear, PackedLinear, QuipLinear, SpQRLinear
+from ..modules import QuantizedLinear
 
 FORMAT = "tquant-analysis-v1"
 PROBE_ROWS = 1024  # identity rows per call when reading a quantized module's weight back
@@ -112,11 +112,7 @@ class Distance:
 
 def _probe_exact(module: nn.Module) -> bool:
     """Whether module(I) - bias is the weight it applies (weight-only, or per-token dynamic activation grids)."""
-    if isinstance(module, (PackedLinear, QuipLinear, BCQLinear, SpQRLinear)):
-        return True
-    if isinstance(module, ActQuantLinear):
-        return module.act_scale is None
-    return isinstance(module, BitPlaneLinear) and module.out_bits is None
+    return isinstance(module, QuantizedLinear) and module.probe_exact()
 
 
 @torch.no_grad()

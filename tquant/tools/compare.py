@@ -46,12 +46,11 @@ def parse_config(config) -> tuple[str, str, dict]:
 def stored_bits(model) -> float | None:
     """Bits a weight of the quantized linears takes in an fp16 checkpoint: every buffer of each quantized linear
     module but the bias (float buffers counted at 16 bits), over the weights it holds; None with no such module."""
-    from ..modules import MODULE_TYPES, PackedEmbedding
+    from ..modules import QuantizedLinear
 
-    types = tuple(t for t in MODULE_TYPES.values() if t is not PackedEmbedding)
     bits = params = 0
     for mod in model.modules():
-        if isinstance(mod, types):
+        if isinstance(mod, QuantizedLinear):
             bits += sum(b.numel() * (16 if b.is_floating_point() else b.element_size() * 8)
                         for name, b in mod.named_buffers() if name != "bias")
             params += mod.in_features * mod.out_features
