@@ -12,7 +12,8 @@ scales[g, n] = code * step[g, n // stat_group] + low[g, n // stat_group] (decode
 
 `weight_only_matmul` runs the Triton kernels. The path and its launch config are tuned once per GPU and
 key (M rounded up to a power of two, N, K, bits, group_size, dtype, perm) by autotune_cache:
-    M == 1      dequant_gemv (no tl.dot), split-K
+    M == 1      dequant_gemv (no tl.dot), split-K; for 4-bit fp16/bf16 x with groups of whole words also
+                w4a16_gemv.gemv_h2 (packed half2 dequantization and products), tuned against it (key kernels=h2)
     M <= 16     dequant_gemm with y^T = w^T x^T (BLOCK_M = 16), split-K
     M > 16      dequant_gemm; from M >= 128 on also "dense": dequantize once (Triton), then cuBLAS (x @ w)
 With perm and M > 1 each GEMM config also comes with gather=True: x[:, perm] is gathered once (one torch
@@ -28,11 +29,12 @@ import torch
 
 from ..formats.packing import dequantize_packed, values_per_word
 from ..formats.quantizer import check_bits, resolve_group_size
-from . import dequant_gemm, dequant_gemv
+from . import dequant_gemm, dequant_gemv, w4a16_gemv
 from .autotune_cache import tune
 from .runtime import DTYPES, check_device, check_tensors, interpreter_on, next_power_of_2
 
 DENSE = dict(path="dense")
+USE_H2 = True  # offer w4a16_gemv.gemv_h2 at M = 1 (benchmarks set False to time the path without it)
 
 
 def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias, bilevel=None) -> int:
@@ -109,6 +111,9 @@ def run_path(config, x, qweight, scales, zeros, perm, bias, *, bits, group_size,
         return x @ w if bias is None else torch.addmm(bias, x, w)
     if config.get("gather") and perm is not None:
         x, perm = x.index_select(1, perm), None
+    if config["path"] == "gemv_h2":
+        return w4a16_gemv.gemv_h2(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size,
+                                  config=config, bilevel=bilevel)
     kernel = dequant_gemv.gemv if config["path"] == "gemv" else dequant_gemm.gemm
     return kernel(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, config=config,
                   bilevel=bilevel)
@@ -127,5 +132,8 @@ def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_featur
                dtype=str(x.dtype).removeprefix("torch."), perm=int(perm is not None),
                **({} if bilevel is None else {"bilevel": "{}/{}".format(*bilevel)}))
     configs = candidates(key["M"], n, qweight.shape[0], perm is not None)
+    if m == 1 and USE_H2 and not interpreter_on() and w4a16_gemv.supports(x, bits, group_size, in_features, bilevel):
+        key["kernels"] = "h2"  # new candidates: entries tuned before gemv_h2 existed are not reused
+        configs = w4a16_gemv.configs(n, qweight.shape[0]) + configs
     config = tune("weight_only_matmul", key, configs, lambda c: run_path(c, *args, **kw), x.device)
     return run_path(config, *args, **kw)
