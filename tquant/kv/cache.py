@@ -32,7 +32,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from .uniform_format import PackedKV, concat, dequantize_values, key_format, quantize_values
+from . import growing
+from .uniform_format import PackedKV, dequantize_values, key_format, quantize_values
 
 
 class QuantizedLayer(CacheLayerMixin):
@@ -57,46 +58,83 @@ class QuantizedLayer(CacheLayerMixin):
 class KiviLayer(QuantizedLayer):
 
     def __init__(self, bits: int, group: int, residual: int, prefill_with_quant: bool, kernel: bool | None = None,
-                 key_axis: str = "channel"):
+                 key_axis: str = "channel", write_kernel: bool | None = None):
         super().__init__()
         self.bits, self.group, self.residual, self.prefill_with_quant = bits, group, residual, prefill_with_quant
         self.key_axis = key_axis
         self._quantize_keys, self._dequantize_keys = key_format(key_axis)
         self.flush_tokens = group if key_axis == "channel" else 1
         self.kernel = kernel  # None: on CUDA tensors
+        self.write_kernel = write_kernel  # None: on CUDA tensors, where the format is the write kernel's
         self.kernel_step = None  # the keys the last update returned for the kernel (its residual window), or None
         self._unread = 0  # newest stored tokens the kernel step skips (they are in its window exactly)
-        self.packed_keys: PackedKV | None = None
+        self.packed_keys: PackedKV | None = None  # views of the growing stores' filled parts
         self.packed_values: PackedKV | None = None
-        self._dequantized: tuple[torch.Tensor, torch.Tensor] | None = None  # the torch path's decoded store
+        self._stores = None  # (keys, values): PackedKV of growing.Growing
+        self._full = None  # the torch path's (keys, values) Growing [B, H, T, D]: [decoded store ; residual]
+        self._dirty = None  # (start, keys, values): the stored tokens the last update overwrote with its exact ones
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.kernel is None:
             self.kernel = key_states.is_cuda
+        b, h, _, d = key_states.shape
+        if self.write_kernel is None:
+            from .write import BITS
+
+            self.write_kernel = key_states.is_cuda and self.key_axis == "token" and self.group == d \
+                and self.bits in BITS and d & (d - 1) == 0 and d * self.bits >= 32
         self.keys = key_states[..., :0, :]
         self.values = value_states[..., :0, :]
+        empty = key_states.new_empty(b, h, 0, d, dtype=torch.float32)
+        self._stores = tuple(growing.grow(p) for p in (self._quantize_keys(empty, self.bits, self.group),
+                                                       quantize_values(empty, self.bits, self.group)))
+        if not self.kernel:
+            self._full = tuple(growing.Growing(x[..., :0, :].to(self.dtype)) for x in (key_states, value_states))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Appends the call's tokens in O(t) amortized (growing storage; the store's new groups only are quantized,
+        and on the torch path decoded). On CUDA, keys and values stored per token over all D channels (key_axis
+        "token", group = head_dim, 4 or 8 bits: QoQ's KV4 / KV8) are quantized straight into the store by the
+        Triton write kernel (tquant.kv.write); KIVI's per-channel key groups have no write kernel and are
+        quantized in torch (quantize_keys of the flushed groups), then appended."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._restore()
+        t = key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        if self._full is not None:
+            for g, x in zip(self._full, (key_states, value_states)):
+                g.append(x)
         flush = max(0, self.keys.shape[-2] - self.residual) // self.flush_tokens * self.flush_tokens
         if flush:
-            k, v = self._quantize_keys(self.keys[..., :flush, :], self.bits, self.group), \
-                quantize_values(self.values[..., :flush, :], self.bits, self.group)
-            self.packed_keys = k if self.packed_keys is None else concat([self.packed_keys, k], dim=-2)
-            self.packed_values = v if self.packed_values is None else concat([self.packed_values, v], dim=-2)
+            start = self.quantized_length()
+            if self.write_kernel:
+                from .write import kv_quant_write
+
+                (k_buf, _), (v_buf, _) = (growing.extend(s, flush) for s in self._stores)
+                rows = torch.arange(start, start + flush, device=self.keys.device)
+                kv_quant_write(self.keys[..., :flush, :], self.values[..., :flush, :], k_buf, v_buf, rows, self.bits)
+                k = v = None
+            else:
+                k, v = self._quantize_keys(self.keys[..., :flush, :], self.bits, self.group), \
+                    quantize_values(self.values[..., :flush, :], self.bits, self.group)
+                growing.append(self._stores[0], k)
+                growing.append(self._stores[1], v)
+            self.packed_keys, self.packed_values = (growing.view(s) for s in self._stores)
             self.keys, self.values = self.keys[..., flush:, :], self.values[..., flush:, :]
-            if not self.kernel:
+            if self._full is not None:  # the flushed tokens' stored (decoded) form replaces their exact one
+                if k is None:
+                    k, v = (PackedKV(*(p[..., start:, :] for p in packed))
+                            for packed in (self.packed_keys, self.packed_values))
                 k = self._dequantize_keys(k, self.bits, self.group).to(self.dtype)
                 v = dequantize_values(v, self.bits, self.group).to(self.dtype)
-                self._dequantized = (k, v) if self._dequantized is None else \
-                    tuple(torch.cat([old, new], dim=-2) for old, new in zip(self._dequantized, (k, v)))
+                for g, x in zip(self._full, (k, v)):
+                    g.view[..., start : start + flush, :] = x
         _last.layer = self
-        kernel_step = bool(self.kernel) and key_states.shape[-2] == 1 and self.packed_keys is not None
+        kernel_step = bool(self.kernel) and t == 1 and self.packed_keys is not None
         self.kernel_step, self._unread = (self.keys if kernel_step else None), 0
         if kernel_step and self.keys.shape[-2] == 0 and not self.prefill_with_quant:
             # no window (residual 0): the step's token went to the store; as on the torch path it attends to
@@ -105,20 +143,50 @@ class KiviLayer(QuantizedLayer):
             return key_states, value_states
         if kernel_step:
             return self.keys, self.values
-        keys, values = self.stored()
-        if not self.prefill_with_quant:
-            t = key_states.shape[-2]
-            keys = torch.cat([keys[..., :-t, :], key_states], dim=-2)
-            values = torch.cat([values[..., :-t, :], value_states], dim=-2)
+        if self._full is None:  # the kernel path's prefill: the store decoded on demand
+            keys, values = self.stored()
+            if not self.prefill_with_quant:
+                keys = torch.cat([keys[..., :-t, :], key_states], dim=-2)
+                values = torch.cat([values[..., :-t, :], value_states], dim=-2)
+            return keys, values
+        keys, values = (g.view for g in self._full)
+        end, first = keys.shape[-2], self.quantized_length()
+        start = end - t
+        if not self.prefill_with_quant and start < first:
+            # the call's own tokens come back exact: write them over their stored form, which the next update
+            # (or stored()) puts back
+            self._dirty = (start, keys[..., start:first, :].clone(), values[..., start:first, :].clone())
+            keys[..., start:first, :] = key_states[..., : first - start, :]
+            values[..., start:first, :] = value_states[..., : first - start, :]
         return keys, values
 
+    def _restore(self) -> None:
+        """The stored form back where the last update returned its tokens exact."""
+        if self._dirty is not None:
+            start, k, v = self._dirty
+            for g, x in zip(self._full, (k, v)):
+                g.view[..., start : start + x.shape[-2], :] = x
+            self._dirty = None
+
     def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every cached token as the cache holds it: [dequantized packed store ; residual], model dtype."""
+        """Every cached token as the cache holds it: [dequantized packed store ; residual], model dtype. On the
+        torch path views of its decoded copy (a fresh copy while the last update's exact tokens cover part of it)."""
+        if self._full is not None:
+            keys, values = (g.view for g in self._full)
+            if self._dirty is None:
+                return keys, values
+            start, k, v = self._dirty
+            return tuple(torch.cat([x[..., :start, :], part, x[..., start + part.shape[-2]:, :]], dim=-2)
+                         for x, part in ((keys, k), (values, v)))
         if self.packed_keys is None:
             return self.keys, self.values
-        k, v = self._dequantized or (self._dequantize_keys(self.packed_keys, self.bits, self.group).to(self.dtype),
-                                     dequantize_values(self.packed_values, self.bits, self.group).to(self.dtype))
+        k, v = (self._dequantize_keys(self.packed_keys, self.bits, self.group).to(self.dtype),
+                dequantize_values(self.packed_values, self.bits, self.group).to(self.dtype))
         return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
+
+    def growing(self) -> list:
+        """Every growing.Growing the layer holds (its stores and the torch path's decoded copy)."""
+        return growing._leaves(self._stores) + list(self._full or ())
 
     def decode_attention(self, q, keys, values, sm_scale: float | None, start) -> torch.Tensor:
         """The kernel path's attention of one query token per row, q [B, Hq, D], over the packed store and the
@@ -141,7 +209,7 @@ class KiviLayer(QuantizedLayer):
         return packed + sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
     def reset(self) -> None:
-        self.packed_keys = self.packed_values = self._dequantized = None
+        self.packed_keys = self.packed_values = self._stores = self._full = self._dirty = None
         self.keys = self.values = None
         self.is_initialized = False
 

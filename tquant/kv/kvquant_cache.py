@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from . import growing
 from . import kvquant_format as fmt
 from .cache import QuantizedLayer, _last
 
@@ -71,10 +72,12 @@ class KVQuantLayer(QuantizedLayer):
         self.prefill_with_quant, self.rope = prefill_with_quant, rope
         self.kernel = kernel  # None: on CUDA tensors
         self.kernel_step = None  # the keys the last update returned for the kernel (its exact newest token), or None
-        self.packed_keys: fmt.PackedKeys | None = None
+        self.packed_keys: fmt.PackedKeys | None = None  # views of the growing stores' filled parts
         self.packed_values: fmt.PackedValues | None = None
         self.positions: torch.Tensor | None = None  # kernel path, pre-RoPE: int32 [B, T] of the stored tokens
-        self._decoded: tuple[torch.Tensor, torch.Tensor] | None = None  # the torch path's decoded store
+        self._stores = None  # (keys, values, positions or None): growing stores (tquant.kv.growing)
+        self._full = None  # the torch path's (keys, values) Growing [B, H, T, D]: [sink ; decoded store]
+        self._dirty = None  # (start, keys, values): the stored tokens the last update overwrote with its exact ones
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -89,11 +92,17 @@ class KVQuantLayer(QuantizedLayer):
             self.rope = (self.rope[0].to(self.device, torch.float32), self.rope[1])
         self.n_value_outliers = fmt.value_outliers(self.outliers, self.head_dim)
         self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]  # the sink
+        if not self.kernel:
+            self._full = tuple(growing.Growing(x[..., :0, :].to(self.dtype)) for x in (key_states, value_states))
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Appends the call's tokens in O(t) amortized (growing storage: only the new tokens are quantized, and on
+        the torch path decoded). KVQuant's format (NUQ codes, CSR key outliers, per-vector value outliers) has no
+        Triton write kernel: the new tokens are quantized in torch on every device, then appended."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._restore()
         t = key_states.shape[-2]
         s = min(t, self.sink - self.keys.shape[-2])  # tokens of this call that join the sink
         cos = sin = None
@@ -108,43 +117,79 @@ class KVQuantLayer(QuantizedLayer):
                 raise ValueError(f"kvquant: RoPE covers {cos.shape[-1]} of the {self.head_dim} key channels (partial "
                                  f"rotary is not supported); pass pre_rope=False")
             cos, sin = cos[..., s:, :], sin[..., s:, :]
-        self.keys = torch.cat([self.keys, key_states[..., :s, :]], dim=-2)
-        self.values = torch.cat([self.values, value_states[..., :s, :]], dim=-2)
+        if s:
+            self.keys = torch.cat([self.keys, key_states[..., :s, :]], dim=-2)
+            self.values = torch.cat([self.values, value_states[..., :s, :]], dim=-2)
+            if self._full is not None:
+                for g, x in zip(self._full, (key_states, value_states)):
+                    g.append(x[..., :s, :])
         if s < t:
             k, v = key_states[..., s:, :], value_states[..., s:, :]
             if self.rope is not None:
                 k = fmt.unrotate(k, cos, sin)
             pk = fmt.quantize_keys(k, self.params, self.bits, self.outliers > 0)
             pv = fmt.quantize_values(v, self.params.value_codebook, self.bits, self.n_value_outliers)
-            first = self.packed_keys is None
-            self.packed_keys = pk if first else fmt.concat(self.packed_keys, pk)
-            self.packed_values = pv if first else fmt.concat(self.packed_values, pv)
-            if not self.kernel:
-                decoded = self._decode(pk, pv, cos, sin)
-                self._decoded = decoded if first else \
-                    tuple(torch.cat([old, new], dim=-2) for old, new in zip(self._decoded, decoded))
-            elif self.rope is not None:
+            pos = None
+            if self.kernel and self.rope is not None:
                 pos = positions[..., s:].expand(k.shape[0], -1).to(torch.int32)
-                self.positions = pos if first else torch.cat([self.positions, pos], dim=-1)
+            if self._stores is None:
+                self._stores = tuple(growing.grow(x) for x in (pk, pv, pos))
+            for store, new, old in zip(self._stores, (pk, pv, pos), (self.packed_keys, self.packed_values, None)):
+                growing.append(store, new if old is None else fmt.appendable(new, old))
+            self.packed_keys, self.packed_values, self.positions = (growing.view(x) for x in self._stores)
+            if self._full is not None:
+                for g, x in zip(self._full, self._decode(pk, pv, cos, sin)):
+                    g.append(x)
         _last.layer = self
         self.kernel_step = None
         if self.kernel and t == 1 and self.packed_keys is not None:
             exact = 0 if self.prefill_with_quant else 1
             self.kernel_step = key_states[..., :exact, :]
             return self.kernel_step, value_states[..., :exact, :]
-        keys, values = self.stored()
-        if not self.prefill_with_quant:
-            keys = torch.cat([keys[..., : keys.shape[-2] - t, :], key_states], dim=-2)
-            values = torch.cat([values[..., : values.shape[-2] - t, :], value_states], dim=-2)
+        if self._full is None:  # the kernel path's prefill: the store decoded on demand
+            keys, values = self.stored()
+            if not self.prefill_with_quant:
+                keys = torch.cat([keys[..., : keys.shape[-2] - t, :], key_states], dim=-2)
+                values = torch.cat([values[..., : values.shape[-2] - t, :], value_states], dim=-2)
+            return keys, values
+        keys, values = (g.view for g in self._full)
+        end = keys.shape[-2]
+        start = max(end - t, self.keys.shape[-2])  # the call's tokens in the store (the sink holds them exact)
+        if not self.prefill_with_quant and start < end:
+            # the call's own tokens come back exact: write them over their stored form, which the next update
+            # (or stored()) puts back
+            self._dirty = (start, keys[..., start:, :].clone(), values[..., start:, :].clone())
+            keys[..., start:, :] = key_states[..., start - end:, :]
+            values[..., start:, :] = value_states[..., start - end:, :]
         return keys, values
 
+    def _restore(self) -> None:
+        """The stored form back where the last update returned its tokens exact."""
+        if self._dirty is not None:
+            start, k, v = self._dirty
+            for g, x in zip(self._full, (k, v)):
+                g.view[..., start : start + x.shape[-2], :] = x
+            self._dirty = None
+
     def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every cached token as the cache holds it: [sink ; dequantized store], model dtype."""
+        """Every cached token as the cache holds it: [sink ; dequantized store], model dtype. On the torch path
+        views of its decoded copy (a fresh copy while the last update's exact tokens cover part of it)."""
+        if self._full is not None:
+            keys, values = (g.view for g in self._full)
+            if self._dirty is None:
+                return keys, values
+            start, k, v = self._dirty
+            return tuple(torch.cat([x[..., :start, :], part, x[..., start + part.shape[-2]:, :]], dim=-2)
+                         for x, part in ((keys, k), (values, v)))
         if self.packed_keys is None:
             return self.keys, self.values
-        store = self._decoded or self._decode(self.packed_keys, self.packed_values, *(
+        store = self._decode(self.packed_keys, self.packed_values, *(
             () if self.rope is None else fmt.rope_cos_sin(self.positions, *self.rope, self.dtype)))
         return tuple(torch.cat([sink, part], dim=-2) for sink, part in zip((self.keys, self.values), store))
+
+    def growing(self) -> list:
+        """Every growing.Growing the layer holds (its stores and the torch path's decoded copy)."""
+        return growing._leaves(self._stores) + list(self._full or ())
 
     def _decode(self, pk: fmt.PackedKeys, pv: fmt.PackedValues, cos=None, sin=None):
         """The model-dtype keys (re-rotated by cos, sin unless post-RoPE) and values of packed tokens."""
@@ -172,6 +217,6 @@ class KVQuantLayer(QuantizedLayer):
                                            self.positions))
 
     def reset(self) -> None:
-        self.packed_keys = self.packed_values = self.positions = self._decoded = None
+        self.packed_keys = self.packed_values = self.positions = self._stores = self._full = self._dirty = None
         self.keys = self.values = None
         self.is_initialized = False

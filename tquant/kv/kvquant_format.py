@@ -137,19 +137,29 @@ def _outliers(x: torch.Tensor, mask: torch.Tensor, n: int) -> Outliers:
     return Outliers(channel.to(torch.int16), x.gather(-1, channel).to(torch.float16))
 
 
+def appendable(b, a):
+    """b (PackedKeys or PackedValues) as its parts follow a's in one store: the key CSR's row pointers past a's
+    entries, without their leading 0; every other part as it is (tokens: dim 2 of codes [B, H, T, W], scale / offset
+    [B, H, T], outliers [B, H, T, n]; the CSR's index and value arrays [nnz])."""
+    def part(y, x):
+        if isinstance(y, Sparse):
+            return Sparse(y.row_ptr[1:] + x.row_ptr[-1], y.index, y.value)
+        return y
+
+    return type(b)(*(part(y, x) for y, x in zip(b, a)))
+
+
 def concat(a, b):
-    """b's tokens appended after a's (two PackedKeys or two PackedValues)."""
+    """b's tokens appended after a's (two PackedKeys or two PackedValues); the caches append into growing storage
+    (tquant.kv.growing) with appendable instead."""
     def cat(x, y):
         if x is None:
             return None
-        if isinstance(x, Sparse):
-            return Sparse(torch.cat([x.row_ptr, y.row_ptr[1:] + x.row_ptr[-1]]), torch.cat([x.index, y.index]),
-                          torch.cat([x.value, y.value]))
-        if isinstance(x, Outliers):
-            return Outliers(*(cat(a, b) for a, b in zip(x, y)))
-        return torch.cat([x, y], dim=2)  # tokens: dim 2 of codes [B, H, T, W], scale / offset [B, H, T], outliers
+        if isinstance(x, (Sparse, Outliers)):
+            return type(x)(*(torch.cat(pair) if isinstance(x, Sparse) else cat(*pair) for pair in zip(x, y)))
+        return torch.cat([x, y], dim=2)
 
-    return type(a)(*(cat(x, y) for x, y in zip(a, b)))
+    return type(a)(*(cat(x, y) for x, y in zip(a, appendable(b, a))))
 
 
 def quantize_keys(k: torch.Tensor, p: LayerParams, bits: int, outliers: bool) -> PackedKeys:
