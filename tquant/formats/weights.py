@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import pack_codes
 from .quantizer import (channel_scale_for_groups, dequantize, expand_groups, grouped_qparams, integer_group_scales,
                         progressive_quantize, quantize)
 
@@ -75,41 +74,6 @@ class QuantizedWeight:
         """Float32 [N, K] weight in the original input-channel order."""
         return in_input_order(dequantize(self.codes, expand_groups(self.scale, self.group_size),
                                          expand_groups(self.zero, self.group_size)), self.perm)
-
-    def int8_gemm_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The tensors the int8 tensor-core GEMMs read (w8a8_gemm, w4a8_gemm):
-            8 bits: (wq int8 [N, K] = codes - 128, w_scale fp32 [N], None, None)     symmetric, per-channel only
-            4 bits: (qweight int32 [ceil(K / 8), N] = packed codes, w_scale fp32 [N],
-                     group_scale int8 [G, N] = scale / channel_scale (or None: per-channel, symmetric),
-                     group_zero int8 [G, N] = zero (or None: zero 8, QQQ's symmetric grid))
-        with (code - zero) * group_scale an int8 value for every weight (checked here). Columns are in storage
-        order: with a perm, the layer multiplies x[..., perm] (ActQuantLinear's perm buffer)."""
-        n, k = self.codes.shape
-        if self.bits not in (4, 8):
-            raise ValueError(f"the int8 GEMMs take 4- or 8-bit weights, not {self.bits}-bit")
-        sym = bool(torch.all(self.zero == 2 ** (self.bits - 1)))
-        if self.bits == 8:
-            if not sym or self.group_size != k:
-                raise ValueError("8-bit weights for the int8 GEMM must be symmetric (sym=True) and per-channel "
-                                 "(group_size=-1)")
-            return (self.codes - 128).to(torch.int8).contiguous(), self.scale[:, 0].float().contiguous(), None, None
-        qweight = pack_codes(self.codes, 4)
-        if self.group_size == k and sym:
-            return qweight, self.scale[:, 0].float().contiguous(), None, None
-        if self.channel_scale is None:
-            raise ValueError("4-bit grouped or zero-point weights for the W4A8 GEMM need integer group scales (QQQ's "
-                             "grid: quantize with integer_groups; QoQ's: from_progressive)")
-        channel = self.channel_scale
-        mult = torch.round(self.scale / channel[:, None])
-        if mult.min() < 1 or mult.max() > 127 or not torch.allclose(mult * channel[:, None], self.scale,
-                                                                     rtol=1e-5, atol=0):
-            raise ValueError("group scales are not integer multiples of channel_scale")
-        w8 = (self.codes - expand_groups(self.zero, self.group_size)) * expand_groups(mult, self.group_size)
-        if w8.min() < -128 or w8.max() > 127:
-            raise ValueError(f"(code - zero) * group scale reaches {int(w8.min())} .. {int(w8.max())}, outside int8: "
-                             "the W4A8 GEMM's main loop would overflow (QoQ: quantize within the protective range)")
-        return (qweight, channel.float().contiguous(), mult.t().to(torch.int8).contiguous(),
-                None if sym else self.zero.t().to(torch.int8).contiguous())
 
 
 @dataclass

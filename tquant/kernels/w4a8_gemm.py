@@ -12,7 +12,7 @@ tensor-core dots with int32 accumulation and a dequantizing epilogue.
     sg       int8 [K // group_size, N] >= 1 (group_scale), group_size dividing K; None: per-channel.
     z        int8 [K // group_size, N] in 0..15 (group_zero, QoQ's progressive grid) or None (z = 8, QQQ's grid).
              The caller guarantees |(c - z) * sg| <= 127 for every weight (QQQ: q in [-8, 7] and sg <= 15;
-             QoQ: the protective range; QuantizedWeight.int8_gemm_weight checks it), so w8 is an int8 value; the
+             QoQ: the protective range; modules.act_quant_linear.int8_gemm_weight checks it), so w8 is an int8 value; the
              kernel does not check it (that would sync the GPU).
     bias     fp16 / bf16 / fp32 [N] or None, added in fp32;    y [M, N] in out_dtype (fp16 / bf16 / fp32)
 acc is exact in int32 (|acc| <= 128 * 127 * K); its conversion to fp32 rounds once past 2^24.

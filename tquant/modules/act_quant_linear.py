@@ -22,11 +22,49 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.packing import pack_codes
+from ..formats.quantizer import expand_groups
 from ..formats.weights import QuantizedWeight
 from ..kernels.runtime import DTYPES
 from .base import QuantizedLinear
 
 FORMATS = ((8, 8), (4, 8), (4, 4))  # (weight bits, activation bits)
+
+
+def int8_gemm_weight(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The tensors the int8 tensor-core GEMMs read (w8a8_gemm, w4a8_gemm) from a method's weight qw:
+        8 bits: (wq int8 [N, K] = codes - 128, w_scale fp32 [N], None, None)     symmetric, per-channel only
+        4 bits: (qweight int32 [ceil(K / 8), N] = packed codes, w_scale fp32 [N],
+                 group_scale int8 [G, N] = scale / channel_scale (or None: per-channel, symmetric),
+                 group_zero int8 [G, N] = zero (or None: zero 8, QQQ's symmetric grid))
+    with (code - zero) * group_scale an int8 value for every weight (checked here). Columns are in storage
+    order: with a perm, the layer multiplies x[..., perm] (ActQuantLinear's perm buffer)."""
+    n, k = qw.codes.shape
+    if qw.bits not in (4, 8):
+        raise ValueError(f"the int8 GEMMs take 4- or 8-bit weights, not {qw.bits}-bit")
+    sym = bool(torch.all(qw.zero == 2 ** (qw.bits - 1)))
+    if qw.bits == 8:
+        if not sym or qw.group_size != k:
+            raise ValueError("8-bit weights for the int8 GEMM must be symmetric (sym=True) and per-channel "
+                             "(group_size=-1)")
+        return (qw.codes - 128).to(torch.int8).contiguous(), qw.scale[:, 0].float().contiguous(), None, None
+    qweight = pack_codes(qw.codes, 4)
+    if qw.group_size == k and sym:
+        return qweight, qw.scale[:, 0].float().contiguous(), None, None
+    if qw.channel_scale is None:
+        raise ValueError("4-bit grouped or zero-point weights for the W4A8 GEMM need integer group scales (QQQ's "
+                         "grid: quantize with integer_groups; QoQ's: from_progressive)")
+    channel = qw.channel_scale
+    mult = torch.round(qw.scale / channel[:, None])
+    if mult.min() < 1 or mult.max() > 127 or not torch.allclose(mult * channel[:, None], qw.scale,
+                                                                 rtol=1e-5, atol=0):
+        raise ValueError("group scales are not integer multiples of channel_scale")
+    w8 = (qw.codes - expand_groups(qw.zero, qw.group_size)) * expand_groups(mult, qw.group_size)
+    if w8.min() < -128 or w8.max() > 127:
+        raise ValueError(f"(code - zero) * group scale reaches {int(w8.min())} .. {int(w8.max())}, outside int8: "
+                         "the W4A8 GEMM's main loop would overflow (QoQ: quantize within the protective range)")
+    return (qweight, channel.float().contiguous(), mult.t().to(torch.int8).contiguous(),
+            None if sym else qw.zero.t().to(torch.int8).contiguous())
 
 
 def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None, zero_point: bool = False):
@@ -43,7 +81,7 @@ def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None, zero
         qw = QuantizedWeight.from_progressive(w, group_size)
     else:
         qw = QuantizedWeight.from_rtn(w, 4, group_size or w.shape[1], sym=True, integer_groups=True)
-    qweight, w_scale, group_scale, group_zero = qw.int8_gemm_weight()
+    qweight, w_scale, group_scale, group_zero = int8_gemm_weight(qw)
     if group_size is not None and group_scale is None:  # one group spanning K with every zero 8 (int8_gemm_weight
         group_scale = torch.ones(1, w.shape[0], dtype=torch.int8)  # calls that per-channel): multiples of 1
     return qweight, w_scale, group_scale, group_zero
@@ -89,7 +127,7 @@ class ActQuantLinear(QuantizedLinear, spec_type="act_quant_linear", weight_type=
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "ActQuantLinear":
         n, k = qw.codes.shape
-        qweight, w_scale, group_scale, group_zero = qw.int8_gemm_weight()
+        qweight, w_scale, group_scale, group_zero = int8_gemm_weight(qw)
         mod = cls(k, n, bits=qw.bits, act_bits=qw.act_bits, group_size=qw.group_size, bias=bias is not None,
                   smooth=qw.smooth is not None, static=qw.act_scale is not None, zero=group_zero is not None,
                   perm=qw.perm is not None, dtype=dtype, device=qw.codes.device)
