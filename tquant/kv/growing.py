@@ -32,7 +32,7 @@ def token_dim(x: torch.Tensor) -> int:
 
 
 class Growing:
-    __slots__ = ("dim", "buf", "n")
+    __slots__ = ("buf", "dim", "n")
 
     def __init__(self, template: torch.Tensor, dim: int | None = None):
         self.dim = token_dim(template) if dim is None else dim % template.dim()
