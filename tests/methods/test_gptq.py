@@ -88,3 +88,38 @@ def test_gptq_errors():
         get_method("gptq")(hessian_dtype="float16")
     with pytest.raises(ValueError, match="bits=5 is not supported"):
         get_method("gptq")(bits=5)
+
+
+def _lazy_batch_case():
+    torch.manual_seed(4)
+    linear = nn.Linear(576, 24, bias=False)  # K = 576: a multiple of neither 128 nor (with g48) of every batch
+    return linear, correlated_inputs(576, t=1024, seed=7)
+
+
+@pytest.mark.parametrize("group_size,act_order,static_groups", [
+    (-1, True, False), (64, True, True), (64, True, False), (48, False, False), (48, True, False)])
+def test_blocksize_gives_the_same_codes(group_size, act_order, static_groups):
+    """Lazy batch updates are exact: blocksize 1 (every column updates the rest at once), 32 and 128 give the same
+    codes. The error of a batch must reach the columns past it (w[:, i2:] -= err1 @ u[i1:i2, i2:]), and a group
+    that starts inside a batch and ends past it (g48 with batches of 32 or 128) must see those pending updates."""
+    linear, x = _lazy_batch_case()
+    kw = dict(bits=3, group_size=group_size, act_order=act_order, static_groups=static_groups, hessian_dtype="float64")
+    ref = quantize_layer("gptq", linear, x, blocksize=1, **kw)
+    for blocksize in (32, 128):
+        qw = quantize_layer("gptq", linear, x, blocksize=blocksize, **kw)
+        assert torch.equal(qw.codes, ref.codes), blocksize
+        torch.testing.assert_close(qw.scale, ref.scale)
+        torch.testing.assert_close(qw.zero, ref.zero)
+
+
+def test_damping_is_relative_to_mean_diag_h():
+    """percdamp is a fraction of mean(diag H): scaling the inputs by any factor (H by its square) leaves the codes as
+    they are. An absolute damping (percdamp * I) would swamp a small H (GPTQ -> RTN) and vanish in a large one."""
+    torch.manual_seed(5)
+    linear = nn.Linear(128, 32, bias=False)
+    x = correlated_inputs(128, seed=9)
+    kw = dict(bits=3, group_size=32, percdamp=0.01, hessian_dtype="float64")
+    ref = quantize_layer("gptq", linear, x, **kw)
+    for factor in (1e-3, 1e3):
+        assert torch.equal(quantize_layer("gptq", linear, x * factor, **kw).codes, ref.codes), factor
+

@@ -158,14 +158,23 @@ class GPTQ(Method):
 def error_feedback(w: torch.Tensor, u: torch.Tensor, blocksize: int, column) -> None:
     """GPTQ's column loop over w [N, K] (in place), lazy batches of `blocksize` columns: for each column k,
     w_hat = column(k, w[:, k], upcoming) with upcoming(width) the current (error-updated) w[:, k : k + width];
-    e = (w[:, k] - w_hat) / U_kk, w[:, k + 1:] -= e U_k,k+1: (within the batch at once, beyond it after the batch)."""
+    e = (w[:, k] - w_hat) / U_kk, w[:, k + 1:] -= e U_k,k+1: (within the batch at once, beyond it after the batch).
+    upcoming applies the batch's pending updates to the columns past the batch it returns, so what it sees (and so
+    the codes) does not depend on blocksize, also for a group that straddles two batches."""
     n, k = w.shape
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
         w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device), u[i1:i2, i1:i2]
+
+        def upcoming(width, i):
+            beyond = min(i2 + width - (i2 - i1 - i), k)
+            if beyond <= i2:
+                return w1[:, i:i + width]
+            return torch.cat([w1[:, i:], w[:, i2:beyond] - err1 @ u[i1:i2, i2:beyond]], dim=1)
+
         with _one_cpu_thread(w.device):
             for i in range(i2 - i1):
-                w_hat = column(i1 + i, w1[:, i], lambda width, i=i: torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :width])
+                w_hat = column(i1 + i, w1[:, i], lambda width, i=i: upcoming(width, i))
                 e = (w1[:, i] - w_hat) / u1[i, i]
                 w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
                 err1[:, i] = e
