@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from tquant.tools.chat import answer, chat_loop, prompt_ids
+from tquant.tools.chat import answer, chat_loop, cut_note, prompt_ids
 from tests.tiny_models import VOCAB, byte_tokenizer, tiny_model
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -88,8 +88,9 @@ def test_replies_stream_as_they_are_generated(model, tok):
     finally:
         hook.remove()
     start = [i for i, (text, _) in enumerate(out.writes) if text == "> "]
-    pieces = out.writes[start[0] + 1 : start[1]]
+    *pieces, note = out.writes[start[0] + 1 : start[1]]
     assert "".join(text for text, _ in pieces).strip() == messages[-1]["content"]
+    assert note[0] == cut_note(8) + "\n"  # the letters-only model never ends its answer
     letters = [(text, n) for text, n in pieces if text.strip()]
     assert len(letters) >= 4  # piece by piece
     assert letters[0][1] < letters[-1][1]  # the first piece was out before the last forward ran
@@ -119,3 +120,25 @@ def test_plain_transcript_without_a_chat_template(model):
 def test_bad_sampling_options(model, tok):
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         run(model, tok, ["hi"], temperature=-1)
+
+
+def test_a_reply_cut_at_max_new_tokens_says_so(model, tok):
+    """The letters-only model never ends its answer: every reply is cut, and the loop says so after it."""
+    said = answer(model, tok, "hi", 6)
+    assert said.cut and len(said) == 6
+    messages, out = run(model, tok, ["hi"], max_new_tokens=6)
+    assert out.endswith(f"{messages[-1]['content']}\n{cut_note(6)}\n> ")
+    assert cut_note(6) == "[answer cut at 6 new tokens: --max-new-tokens N for longer]"
+    assert type(messages[-1]["content"]) is str  # the history holds plain text
+
+
+def test_a_reply_that_ends_is_not_cut(tok):
+    """A model that ends at once (its only token is <eos>) gives an uncut, empty reply, and no note."""
+    m = tiny_model("llama")
+    bias = torch.full((VOCAB,), -1e4)
+    bias[VOCAB - 1] = 0
+    m.lm_head.bias = torch.nn.Parameter(bias)
+    said = answer(m, tok, "hi", 6)
+    assert said == "" and not said.cut
+    _, out = run(m, tok, ["hi"], max_new_tokens=6)
+    assert "answer cut" not in out

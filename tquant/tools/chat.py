@@ -4,7 +4,8 @@
     chat_loop(model, tok, sys.stdin, sys.stdout, system="Be brief.")   # /reset clears the history, /exit ends
 
 Prompts go through the tokenizer's chat template; a tokenizer without one gets a plain "role: text" transcript.
-temperature 0 is greedy decoding; above 0 samples (with top_p nucleus sampling).
+temperature 0 is greedy decoding; above 0 samples (with top_p nucleus sampling). A reply is a str whose .cut says
+whether it stopped at max_new_tokens rather than at the end of its answer; chat_loop then says so (cut_note).
 """
 from __future__ import annotations
 
@@ -12,6 +13,23 @@ import torch
 from transformers import TextStreamer
 
 HELP = "commands: /reset (forget the conversation), /exit (or end of input)"
+
+
+class Reply(str):
+    """A reply's text; .cut: it stopped at max_new_tokens, not at an end-of-sequence token."""
+
+    cut: bool = False
+
+
+def cut_note(max_new_tokens: int) -> str:
+    return f"[answer cut at {max_new_tokens} new tokens: --max-new-tokens N for longer]"
+
+
+def _stop_ids(model, tok) -> set[int]:
+    """The token ids that end generation: the generation config's end-of-sequence id(s) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+    return ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
 
 def _start(system: str | None) -> list[dict]:
@@ -34,9 +52,10 @@ def _sampling(temperature: float, top_p: float) -> dict:
 
 
 def reply(model, tok, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-          top_p: float = 1.0, streamer=None) -> str:
+          top_p: float = 1.0, streamer=None) -> Reply:
     """The assistant's next message after messages ([{"role", "content"}, ...]); tokens go to streamer as they
-    are generated. ValueError when the conversation and max_new_tokens exceed the model's context."""
+    are generated; .cut is True when it stopped at max_new_tokens. ValueError when the conversation and
+    max_new_tokens exceed the model's context."""
     ids = prompt_ids(tok, messages)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and ids.shape[1] + max_new_tokens > context:
@@ -47,11 +66,14 @@ def reply(model, tok, messages: list[dict], *, max_new_tokens: int = 256, temper
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              pad_token_id=pad, streamer=streamer, **_sampling(temperature, top_p))
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    new = out[0, ids.shape[1]:]
+    said = Reply(tok.decode(new, skip_special_tokens=True).strip())
+    said.cut = len(new) >= max_new_tokens > 0 and int(new[-1]) not in _stop_ids(model, tok)
+    return said
 
 
-def answer(model, tok, prompt: str, max_new_tokens: int = 48, *, system: str | None = None, **sampling) -> str:
-    """The reply to one user message (greedy unless temperature= is given)."""
+def answer(model, tok, prompt: str, max_new_tokens: int = 48, *, system: str | None = None, **sampling) -> Reply:
+    """The reply to one user message (greedy unless temperature= is given; .cut: it stopped at max_new_tokens)."""
     return reply(model, tok, _start(system) + [{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens,
                  **sampling)
 
@@ -71,7 +93,8 @@ class StreamTo(TextStreamer):
 def chat_loop(model, tok, stdin, stdout, *, system: str | None = None, max_new_tokens: int = 256,
               temperature: float = 0.0, top_p: float = 1.0, prompt: str = "> ") -> list[dict]:
     """Read user lines from stdin and stream each reply to stdout, the history kept across turns, until /exit
-    or the end of input; returns the conversation (messages)."""
+    or the end of input; returns the conversation (messages). A reply cut at max_new_tokens is followed by a
+    line saying so."""
     _sampling(temperature, top_p)  # a bad option fails before the first turn
     messages = _start(system)
     stdout.write(HELP + "\n")
@@ -96,4 +119,6 @@ def chat_loop(model, tok, stdin, stdout, *, system: str | None = None, max_new_t
                 messages.pop()
                 stdout.write(f"({err})\n")
             else:
-                messages.append({"role": "assistant", "content": said})
+                messages.append({"role": "assistant", "content": str(said)})
+                if said.cut:
+                    stdout.write(cut_note(max_new_tokens) + "\n")
