@@ -1,12 +1,15 @@
 """The tquant command line, run in-process on a tiny saved HF model (and the demo on the real one)."""
+import argparse
 import importlib.util
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tquant.cli import main
+import tquant
+from tquant.cli import METHOD_ALIASES, METHODS, main, parser
 from tquant.tools.speed import dir_bytes
 from tests.tiny_models import byte_tokenizer, tiny_model
 
@@ -88,6 +91,13 @@ def test_chat_answers_from_argv_and_stdin(quantized_dir, capsys, monkeypatch):
         main(["chat", quantized_dir])
 
 
+def test_chat_says_when_an_answer_was_cut(quantized_dir, capsys):
+    """The note goes to stderr: the answer on stdout stays the answer alone."""
+    main(["chat", quantized_dir, "hello", "--max-new-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert out.strip() and err.strip() == "[answer cut at 4 new tokens: --max-new-tokens N for longer]"
+
+
 def test_chat_interactive(quantized_dir, capsys, monkeypatch):
     """-i chats with piped stdin: two turns, each streamed; /exit ends it. Its first reply is the one-shot answer."""
     main(["chat", quantized_dir, "hello", "--max-new-tokens", "4"])
@@ -116,6 +126,72 @@ def test_bad_input_exits_with_the_reason(hf_dir, tmp_path, capsys):
 def test_methods_entry_point():
     out = subprocess.run([sys.executable, "-m", "tquant.cli", "methods"], capture_output=True, text=True, check=True).stdout
     assert "gptq" in out and "act_order" in out and "rtn" in out
+
+
+HEAVY = ("torch", "transformers", "triton")
+
+
+def run_cli(*args, code=0):
+    """`python -m tquant.cli ARGS` in a fresh interpreter: (seconds, stdout, stderr)."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "tquant.cli", *args], capture_output=True, text=True)
+    assert done.returncode == code, done.stderr
+    return time.perf_counter() - start, done.stdout, done.stderr
+
+
+def test_help_answers_at_once_without_torch():
+    """--help (0.3 s on 2 CPU cores; 10 s when the package imported torch, transformers and triton first)."""
+    seconds, out, _ = run_cli("--help")
+    assert seconds < 3 and "quantize" in out and "chat" in out
+    seconds, out, _ = run_cli("quantize", "--help")
+    assert seconds < 3 and "(default: gptq)" in out and "(default: 128)" in out and "rtn, smoothquant" in out
+    code = ("import sys; from tquant.cli import main\n"
+            "try: main(sys.argv[1:])\nexcept SystemExit: pass\n"
+            f"print(sorted(set({HEAVY}) & set(sys.modules)))")
+    for args in (["--help"], ["chat", "--help"], ["quantize", "--method", "nope", "--out", "x"]):
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+        assert done.stdout.splitlines()[-1] == "[]", args
+
+
+def test_an_unknown_method_is_refused_at_once_with_the_choices():
+    seconds, _, err = run_cli("quantize", "--method", "nope", "--out", "x", code=2)
+    assert seconds < 3 and "argument --method: invalid choice: 'nope' (choose from 'abq', 'bcq', 'gptq'" in err
+
+
+def test_method_choices_are_the_registry():
+    from tquant.methods.base import _REGISTRY
+
+    assert METHODS == tuple(tquant.methods())
+    assert sorted(METHODS + METHOD_ALIASES) == sorted(_REGISTRY)
+
+
+def test_the_package_names_resolve_lazily():
+    """`import tquant` is light; the public names import on first use, and tquant.methods stays the listing."""
+    import tquant.methods.gptq  # noqa: F401  (loading the subpackage leaves tquant.methods the function)
+    from tquant import StaticDecoder, kv_cache, load, quantize, save
+
+    assert tquant.quantize is quantize and callable(save) and callable(load) and callable(kv_cache)
+    assert StaticDecoder.__name__ == "StaticDecoder" and tquant.__version__ == "0.1.0"
+    assert "gptq" in tquant.methods() and tquant.kernels.__name__ == "tquant.kernels"
+    with pytest.raises(AttributeError):
+        tquant.no_such_name
+    out = subprocess.run([sys.executable, "-c", f"import sys, tquant; print(sorted(set({HEAVY}) & set(sys.modules)))"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_analyze_and_tune_parse_as_their_tools_define():
+    """cli.py defines these two commands' options without importing their modules; they match the modules' own
+    add_parser (kept for callers who embed the commands)."""
+    from tquant.tools import analyze, tune
+
+    def options(subparser):
+        return [(a.option_strings, a.dest, a.default, a.type, a.required, a.nargs, type(a)) for a in subparser._actions]
+
+    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for module, name in ((analyze, "analyze"), (tune, "tune")):
+        own = module.add_parser(argparse.ArgumentParser().add_subparsers())
+        assert options(commands[name]) == options(own), name
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@
     tquant compare --model default --configs "rtn:bits=4,group_size=64" "gptq:bits=4" [--ppl pydoc --windows 8]
                    [--tasks t1,t2] [--speed] [--json out.json]
     tquant chat DIR                 (interactive, streamed; /reset, /exit)
-    tquant chat DIR "prompt"        (one-shot: the prompt as arguments or on stdin)
+    tquant chat DIR "prompt"        (one-shot: the prompt as arguments or on stdin; --max-new-tokens 256)
     tquant analyze DIR [--model default] [--calib pydoc --n-samples 8 --out DIR/analysis]
                                     (per-layer statistics and error against the fp model: JSON + PNG)
     tquant tune DIR [--batches 1,16,64 --prompt-len 1024 --retune]
@@ -22,9 +22,32 @@ import os
 import sys
 import time
 
-from tquant.tools.analyze import add_parser as add_analyze_parser
-from tquant.tools.chat import answer as greedy_answer  # the demo's; the quickstart notebook imports it from here
-from tquant.tools.tune import add_parser as add_tune_parser
+# This module imports only the standard library: torch, transformers, triton and tquant's own modules are
+# imported inside the command functions, so --help and argument errors answer at once.
+
+# the registered quantization methods (tquant.methods()) and their aliases, named here without importing them;
+# tests/test_cli.py checks this against the registry
+METHODS = ("abq", "bcq", "gptq", "kivi", "kvquant", "qoq", "qoq_kv4", "qqq", "quip#", "rtn", "smoothquant", "spqr",
+           "zeroquant")
+METHOD_ALIASES = ("abq-llm", "quip_sharp")
+
+
+def __getattr__(name: str):
+    if name == "greedy_answer":  # the demo's; the quickstart notebook imports it from here
+        from tquant.tools.chat import answer
+
+        return answer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, unless it is None / False / empty (its help says what happens) or the help
+    already names it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == [] or "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _option(text: str):
@@ -117,7 +140,7 @@ def cmd_compare(a) -> None:
 
 
 def cmd_chat(a) -> None:
-    from tquant.tools.chat import answer, chat_loop
+    from tquant.tools.chat import answer, chat_loop, cut_note
 
     interactive = a.interactive or (not a.prompt and sys.stdin.isatty())
     if not interactive:
@@ -125,11 +148,14 @@ def cmd_chat(a) -> None:
         if not prompt:
             raise SystemExit("tquant chat: give a prompt as arguments or on stdin, or chat with --interactive")
     model, tok = _load_saved(a.dir, a.device)
-    options = dict(system=a.system, temperature=a.temperature, top_p=a.top_p)
+    options = dict(system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
     if interactive:
-        chat_loop(model, tok, sys.stdin, sys.stdout, max_new_tokens=a.max_new_tokens or 256, **options)
+        chat_loop(model, tok, sys.stdin, sys.stdout, **options)
     else:
-        print(answer(model, tok, prompt, a.max_new_tokens or 64, **options))
+        said = answer(model, tok, prompt, **options)
+        print(said)
+        if said.cut:  # on stderr: a piped answer stays the answer alone
+            print(cut_note(a.max_new_tokens), file=sys.stderr)
 
 
 def cmd_methods(a) -> None:
@@ -145,6 +171,7 @@ def cmd_demo(a) -> None:
     """Quantize the offline SmolLM2-135M with GPTQ and print perplexity, size and an answer, before and after."""
     import tquant
     from tquant.tools import eval as tq_eval
+    from tquant.tools.chat import answer as greedy_answer
     from tquant.models import load_model, model_bytes
 
     model, tok = load_model("default")
@@ -163,10 +190,22 @@ def cmd_demo(a) -> None:
         print(f"{name:10} {r['ppl']:10.2f} {r['MiB']:9.1f}  {r['answer']}")
 
 
+def cmd_analyze(a) -> None:
+    from tquant.tools.analyze import cmd_analyze as run
+
+    run(a)
+
+
+def cmd_tune(a) -> None:
+    from tquant.tools.tune import cmd_tune as run
+
+    run(a)
+
+
 def _add_eval_options(p, ppl) -> None:
     p.add_argument("--ppl", type=_sources, default=_names(ppl or ""),
                    help="comma-separated text sources: pydoc (offline) | wikitext2 | c4 | pile" +
-                        (f" (default {ppl})" if ppl else ""))
+                        (f" (default: {ppl})" if ppl else ""))
     p.add_argument("--seqlen", type=int, default=512, help="perplexity window")
     p.add_argument("--windows", type=int, default=None, help="perplexity windows (default: all)")
     p.add_argument("--tasks", type=_names, default=[], help="comma-separated lm-eval tasks")
@@ -181,69 +220,95 @@ def _add_eval_options(p, ppl) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="tquant", description="Triton-first LLM quantization")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def parser() -> argparse.ArgumentParser:
+    """The `tquant` command's parser (built from the standard library alone)."""
+    p = argparse.ArgumentParser(prog="tquant", description="Triton-first LLM quantization",
+                                formatter_class=_HelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    q = sub.add_parser("quantize", help="quantize a model and save it")
+    def command(name, help, fn, **kwargs):
+        c = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter, **kwargs)
+        c.set_defaults(fn=fn)
+        return c
+
+    q = command("quantize", "quantize a model and save it", cmd_quantize)
     q.add_argument("--model", default="default", help="HF path or id, or 'default' (offline SmolLM2-135M)")
-    q.add_argument("--method", default="gptq")
+    q.add_argument("--method", default="gptq", choices=METHODS + METHOD_ALIASES, metavar="METHOD",
+                   help=f"one of {', '.join(METHODS)} (`tquant methods` lists their options)")
     q.add_argument("--bits", type=int, default=None, help="default: the method's (tquant methods)")
     q.add_argument("--group-size", type=int, default=None, help="-1 for per-channel; default: the method's")
     q.add_argument("--asym", action="store_true", help="asymmetric grid (default: the method's, symmetric for most)")
     q.add_argument("--calib", default="auto", help="auto (wikitext2, offline: pydoc) | pydoc | wikitext2 | c4 | pile")
-    q.add_argument("--n-samples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=512)
-    q.add_argument("--device", default=None)
+    q.add_argument("--n-samples", type=int, default=128, help="calibration sequences")
+    q.add_argument("--seqlen", type=int, default=512, help="calibration sequence length")
+    q.add_argument("--device", default=None, help="where blocks are quantized (default: cuda if available)")
     q.add_argument("--option", type=_option, action="append", default=[], help="method option key=value")
     q.add_argument("--skip", action="append", default=[], help="layer-name pattern to keep in full precision")
     q.add_argument("--lm-head", action="store_true", help="also quantize the lm_head")
     q.add_argument("--embeddings", action="store_true", help="also quantize the input embedding (RTN)")
-    q.add_argument("--out", required=True)
-    q.set_defaults(fn=cmd_quantize)
+    q.add_argument("--out", required=True, help="output folder")
 
-    e = sub.add_parser("eval", help="evaluate a saved model: perplexity, lm-eval tasks, speed")
-    e.add_argument("dir")
+    e = command("eval", "evaluate a saved model: perplexity, lm-eval tasks, speed", cmd_eval)
+    e.add_argument("dir", help="a folder written by tquant quantize / tquant.save")
     _add_eval_options(e, ppl=None)
     e.add_argument("--base", default=None, help="also evaluate this float model, side by side (e.g. 'default')")
-    e.add_argument("--device", default="cpu")
-    e.set_defaults(fn=cmd_eval)
+    e.add_argument("--device", default="cpu", help="where the models run")
 
-    m = sub.add_parser("compare", help="several methods / configs on one model, as one table")
+    m = command("compare", "several methods / configs on one model, as one table", cmd_compare)
     m.add_argument("--model", default="default", help="HF path or id, or 'default' (offline SmolLM2-135M)")
     m.add_argument("--configs", nargs="+", required=True, metavar="METHOD:K=V,...",
                    help='e.g. "rtn:bits=4,group_size=64" "gptq:bits=4" (options as for tquant quantize)')
     m.add_argument("--no-baseline", action="store_true", help="leave out the unquantized model's row")
     m.add_argument("--calib", default="pydoc", help="calibration source (pydoc | wikitext2 | c4 | pile | auto)")
-    m.add_argument("--n-samples", type=int, default=128)
-    m.add_argument("--calib-seqlen", type=int, default=512)
+    m.add_argument("--n-samples", type=int, default=128, help="calibration sequences")
+    m.add_argument("--calib-seqlen", type=int, default=512, help="calibration sequence length")
     _add_eval_options(m, ppl="pydoc")
-    m.add_argument("--device", default=None)
-    m.set_defaults(fn=cmd_compare)
+    m.add_argument("--device", default=None, help="where blocks are quantized (default: cuda if available)")
 
-    c = sub.add_parser("chat", help="chat with a saved model (one-shot with a prompt or piped stdin)")
-    c.add_argument("dir")
-    c.add_argument("prompt", nargs="*")
+    c = command("chat", "chat with a saved model (one-shot with a prompt or piped stdin)", cmd_chat)
+    c.add_argument("dir", help="a folder written by tquant quantize / tquant.save")
+    c.add_argument("prompt", nargs="*", help="one-shot: the prompt (else stdin; a terminal chats interactively)")
     c.add_argument("-i", "--interactive", action="store_true", help="chat even with stdin piped")
     c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 one-shot, 256 a turn interactively")
-    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0 samples")
+    c.add_argument("--max-new-tokens", type=int, default=256,
+                   help="the longest answer in tokens; a longer one is cut, with a note saying so")
+    c.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0 samples")
     c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
-    c.add_argument("--device", default="cpu")
-    c.set_defaults(fn=cmd_chat)
+    c.add_argument("--device", default="cpu", help="where the model runs")
 
-    add_analyze_parser(sub)
-    add_tune_parser(sub)
-    sub.add_parser("methods", help="list methods and options").set_defaults(fn=cmd_methods)
+    # tquant analyze and tune run tquant.tools.analyze.cmd_analyze / tquant.tools.tune.cmd_tune
+    y = command("analyze", "per-layer statistics and output error of a saved model against its fp model",
+                cmd_analyze)
+    y.add_argument("dir", help="a folder written by tquant.save (with its tokenizer)")
+    y.add_argument("--model", default=None, help="the fp model it came from: HF path or id, or 'default' (default: "
+                                                 "the one `tquant quantize` recorded in the checkpoint)")
+    y.add_argument("--calib", default="pydoc", help="token source: pydoc (offline) | auto | wikitext2 | c4 | pile")
+    y.add_argument("--n-samples", type=int, default=8, help="calibration sequences")
+    y.add_argument("--seqlen", type=int, default=256, help="sequence length")
+    y.add_argument("--batch-size", type=int, default=1, help="rows per forward pass")
+    y.add_argument("--outlier-ratio", type=float, default=6.0, help="outlier: channel absmax > this x median")
+    y.add_argument("--out", default=None, help="output folder (default: DIR/analysis)")
+    y.add_argument("--device", default="cpu", help="where the models run")
 
-    d = sub.add_parser("demo", help="GPTQ on the offline SmolLM2-135M: perplexity, size, answer before/after")
-    d.add_argument("--bits", type=int, default=4)
-    d.add_argument("--group-size", type=int, default=64)
-    d.add_argument("--n-samples", type=int, default=32)
-    d.add_argument("--windows", type=int, default=40)
-    d.set_defaults(fn=cmd_demo)
+    t = command("tune", "autotune a saved model's kernels on this GPU and write the configs file", cmd_tune)
+    t.add_argument("dir", help="a folder written by tquant.save")
+    t.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes to tune (decode M = batch)")
+    t.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (prefill M = batch x this)")
+    t.add_argument("--retune", action="store_true", help="tune every key again, ignoring the shipped / user files")
+    t.add_argument("--device", default="cuda", help="the GPU to tune on")
 
-    a = p.parse_args(argv)
+    command("methods", "list methods and options", cmd_methods)
+
+    d = command("demo", "GPTQ on the offline SmolLM2-135M: perplexity, size, answer before/after", cmd_demo)
+    d.add_argument("--bits", type=int, default=4, help="weight bits")
+    d.add_argument("--group-size", type=int, default=64, help="input channels per scale")
+    d.add_argument("--n-samples", type=int, default=32, help="calibration sequences")
+    d.add_argument("--windows", type=int, default=40, help="perplexity windows")
+    return p
+
+
+def main(argv=None) -> None:
+    a = parser().parse_args(argv)
     try:
         a.fn(a)
     except (ValueError, OSError, ImportError) as err:  # each says what to do: another source, a path, a package
