@@ -1,5 +1,4 @@
 """The tquant command line, run in-process on a tiny saved HF model (and the demo on the real one)."""
-import argparse
 import importlib.util
 import json
 import subprocess
@@ -9,7 +8,7 @@ import time
 import pytest
 
 import tquant
-from tquant.cli import METHOD_ALIASES, METHODS, main, parser
+from tquant.cli import METHOD_ALIASES, METHODS, main
 from tquant.tools.speed import dir_bytes
 from tests.tiny_models import byte_tokenizer, tiny_model
 
@@ -178,20 +177,6 @@ def test_the_package_names_resolve_lazily():
     out = subprocess.run([sys.executable, "-c", f"import sys, tquant; print(sorted(set({HEAVY}) & set(sys.modules)))"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-def test_analyze_and_tune_parse_as_their_tools_define():
-    """cli.py defines these two commands' options without importing their modules; they match the modules' own
-    add_parser (kept for callers who embed the commands)."""
-    from tquant.tools import analyze, tune
-
-    def options(subparser):
-        return [(a.option_strings, a.dest, a.default, a.type, a.required, a.nargs, type(a)) for a in subparser._actions]
-
-    commands = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    for module, name in ((analyze, "analyze"), (tune, "tune")):
-        own = module.add_parser(argparse.ArgumentParser().add_subparsers())
-        assert options(commands[name]) == options(own), name
 
 
 @pytest.mark.slow

@@ -98,14 +98,16 @@ def _write_json(path, results) -> None:
 def cmd_quantize(a) -> None:
     import tquant
     from tquant.models import load_model
+    from tquant.serialization import check_target
 
+    check_target(a.out, a.overwrite)  # before minutes of quantization
     model, tok = load_model(a.model, device="cpu")
     tquant.quantize(model, a.method, bits=a.bits, group_size=a.group_size, sym=False if a.asym else None, calib=a.calib,
                     tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen, device=a.device, skip=a.skip,
                     lm_head=a.lm_head, embeddings=a.embeddings, **dict(a.option))
     qc = model.config.quantization_config
     qc["base_model"] = a.model  # what `tquant analyze` compares against when not given --model
-    tquant.save(model, a.out, tokenizer=tok)
+    tquant.save(model, a.out, tokenizer=tok, overwrite=a.overwrite)
     what = f"{qc['bits']}-bit weights" if qc.get("bits") else f"{qc['kv_cache']['kv_bits']}-bit KV cache"
     print(f"saved {a.method} ({what}) model to {a.out}")
 
@@ -247,6 +249,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--lm-head", action="store_true", help="also quantize the lm_head")
     q.add_argument("--embeddings", action="store_true", help="also quantize the input embedding (RTN)")
     q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
 
     e = command("eval", "evaluate a saved model: perplexity, lm-eval tasks, speed", cmd_eval)
     e.add_argument("dir", help="a folder written by tquant quantize / tquant.save")
@@ -276,7 +279,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
     c.add_argument("--device", default="cpu", help="where the model runs")
 
-    # tquant analyze and tune run tquant.tools.analyze.cmd_analyze / tquant.tools.tune.cmd_tune
+    # tquant analyze and tune run tquant.tools.analyze.cmd_analyze / tquant.tools.tune.cmd_tune; their options are
+    # defined here only, so --help needs no torch
     y = command("analyze", "per-layer statistics and output error of a saved model against its fp model",
                 cmd_analyze)
     y.add_argument("dir", help="a folder written by tquant.save (with its tokenizer)")

@@ -419,20 +419,3 @@ def cmd_analyze(a) -> None:
               "lm_head compare like with like:\n  " + "\n  ".join(report["folded_transforms"]))
     print(worst_layers(report, 10))
     print("wrote " + ", ".join(str(p) for p in written))
-
-
-def add_parser(sub):
-    """Register `tquant analyze QUANTIZED_DIR --model FP ...` on an argparse subparsers object."""
-    p = sub.add_parser("analyze", help="per-layer statistics and output error of a saved model against its fp model")
-    p.add_argument("dir", help="a folder written by tquant.save (with its tokenizer)")
-    p.add_argument("--model", default=None, help="the fp model it came from: HF path or id, or 'default' (default: the "
-                                                 "one `tquant quantize` recorded in the checkpoint)")
-    p.add_argument("--calib", default="pydoc", help="token source: pydoc (offline) | auto | wikitext2 | c4 | pile")
-    p.add_argument("--n-samples", type=int, default=8)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=1, help="rows per forward pass")
-    p.add_argument("--outlier-ratio", type=float, default=6.0, help="outlier: channel absmax > this x median")
-    p.add_argument("--out", default=None, help="output folder (default: DIR/analysis)")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(fn=cmd_analyze)
-    return p

@@ -83,15 +83,3 @@ def cmd_tune(a) -> None:
     r = tune_model(model, batches=batches, prompt_len=a.prompt_len, retune=a.retune)
     print(f"{r['new']} kernel configs tuned on {r['gpu']} in {r['seconds']} s; {r['entries']} entries in {r['path']}")
     print(f"to ship them: cp {r['path']} autotune_cache/ (in a tquant checkout; merge by hand if one is there)")
-
-
-def add_parser(sub):
-    """Register `tquant tune DIR [--batches 1,16,64] [--prompt-len 1024] [--retune]`."""
-    p = sub.add_parser("tune", help="autotune a saved model's kernels on this GPU and write the configs file")
-    p.add_argument("dir", help="a folder written by tquant.save")
-    p.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes to tune (decode M = batch)")
-    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (prefill M = batch x this)")
-    p.add_argument("--retune", action="store_true", help="tune every key again, ignoring the shipped / user files")
-    p.add_argument("--device", default="cuda")
-    p.set_defaults(fn=cmd_tune)
-    return p
