@@ -11,6 +11,8 @@ kernel on the packed cache, everything else runs SDPA.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 
 from ..config import tquant_config, write_kv_config
@@ -26,6 +28,34 @@ def attach(model, method: KVCacheMethod):
     write_kv_config(model, method.spec())
     hook_generate(model)
     return model
+
+
+def check_kv_spec(config, spec) -> None:
+    """A saved quantization_config["kv_cache"] (tquant.load): a registered KV-cache method, no unknown keys, options
+    its constructor takes, fitting the model (check_model) and calibrated tables of the right shapes with finite
+    values (validate); else ValueError naming quantization_config.kv_cache and the problem."""
+    def fail(problem):
+        raise ValueError(f"quantization_config.kv_cache: {problem}: the checkpoint was edited or damaged; quantize "
+                         "and save it again")
+    if not isinstance(spec, dict) or not isinstance(spec.get("method"), str):
+        fail("expected an object with a method name")
+    try:
+        cls = get_method(spec["method"])
+    except ValueError as e:
+        fail(str(e))
+    if not (isinstance(cls, type) and issubclass(cls, KVCacheMethod)):
+        fail(f"{spec['method']!r} is not a KV-cache method")
+    unknown = sorted(set(spec) - {"method"} - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        fail(f"unknown keys {unknown} for {spec['method']}")
+    bare = copy.copy(config)  # check_model on the model as before the spec was recorded (qoq_kv4 refuses twice)
+    bare.quantization_config = None
+    try:
+        method = cls.from_spec(spec)
+        method.check_model(bare)
+        method.validate(bare)
+    except (ValueError, TypeError) as e:
+        fail(str(e))
 
 
 def kv_cache(model) -> QuantizedKVCache:

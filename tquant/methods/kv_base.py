@@ -36,6 +36,10 @@ class KVCacheMethod:
         """JSON-able: the method's name and options (what the cache is built from)."""
         return {"method": self.name, **dataclasses.asdict(self)}
 
+    def validate(self, config) -> None:
+        """Check what a saved spec carries beyond its options (tquant.load; calibrated tables: shapes, finite
+        values) against the model's config; ValueError naming the field."""
+
     @classmethod
     def from_spec(cls, spec: dict) -> "KVCacheMethod":
         return cls(**{k: v for k, v in spec.items() if k != "method"})

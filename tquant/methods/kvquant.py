@@ -18,6 +18,7 @@ are known; values stream into histograms.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,29 @@ class KVQuant(KVCacheMethod):
             raise ValueError(f"kvquant: the calibrated codebooks do not have 2^{self.kv_bits} entries")
         if self.calibrated() and self.pre_rope and self.rope_inv_freq is None:
             raise ValueError("kvquant: a calibrated pre_rope spec needs rope_inv_freq")
+
+    def validate(self, config) -> None:
+        if not self.calibrated():
+            return
+        layers, heads, d = (config.num_hidden_layers, getattr(config, "num_key_value_heads", None)
+                            or config.num_attention_heads, head_dim(config))
+        shapes = {"key_offset": (layers, heads, d), "key_scale": (layers, heads, d),
+                  "key_codebook": (layers, 2**self.kv_bits), "value_codebook": (layers, 2**self.kv_bits)}
+        if self.pre_rope:
+            shapes["rope_inv_freq"] = (d // 2,)
+        for field, shape in shapes.items():
+            try:
+                t = torch.tensor(getattr(self, field), dtype=torch.float32)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"kvquant: {field} is not a table of numbers ({e})") from None
+            if tuple(t.shape) != shape:
+                raise ValueError(f"kvquant: {field} has shape {tuple(t.shape)}, the model needs {shape}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"kvquant: {field} holds non-finite values")
+            if field == "key_scale" and (t <= 0).any():
+                raise ValueError("kvquant: key_scale (a divisor) holds values <= 0")
+        if not (isinstance(self.rope_scaling, (int, float)) and math.isfinite(self.rope_scaling)):
+            raise ValueError(f"kvquant: rope_scaling={self.rope_scaling!r} is not a finite number")
 
     def calibrated(self) -> bool:
         return self.key_codebook is not None

@@ -138,6 +138,14 @@ class ActQuantLinear(QuantizedLinear, spec_type="act_quant_linear", weight_type=
                           perm=qw.perm, bias=bias)
         return mod
 
+    def validate_buffers(self, check) -> None:
+        check("qweight", self.qweight, torch.int8 if self.bits == 8 else torch.int32)
+        check("w_scale", self.w_scale, torch.float32)
+        check("group_scale", self.group_scale, torch.int8, lo=1, hi=127)  # int8_gemm_weight's integer multiples
+        check("group_zero", self.group_zero, torch.int8, lo=0, hi=2**self.bits - 1)
+        check("smooth", self.smooth, torch.float32, positive=True)  # a divisor of x
+        check("act_scale", self.act_scale, torch.float32, positive=True)
+
     def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels import act_quant
         from ..kernels import w4a8_gemm

@@ -49,6 +49,11 @@ class BCQLinear(QuantizedLinear, spec_type="bcq_linear", weight_type=BCQWeight):
     def spec_value(self, key: str):
         return self.planes.shape[0] if key == "planes" else super().spec_value(key)
 
+    def validate_buffers(self, check) -> None:
+        check("planes", self.planes, torch.int32)  # every bit pattern is a sign pattern
+        check("alphas", self.alphas, "model")
+        check("offset", self.offset, "model")
+
     def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels.bcq_matmul import bcq_matmul, bcq_matmul_ref
 

@@ -39,6 +39,7 @@ def fake_activations(x: torch.Tensor, bits: int, group: int | None = None) -> to
 class BitPlaneLinear(QuantizedLinear, spec_type="bitplane_linear", weight_type=BitPlaneWeight):
     spec_fields = ("bits", "act_bits", "group_size", "in_features", "out_features", "bias", "out_bits", "out_group")
     spec_defaults = {"out_bits": None, "out_group": None}
+    spec_optional = ("act_bits",)  # None: A16
     perm_field = None
 
     def __init__(self, in_features, out_features, *, bits, act_bits, group_size, bias=False, dtype=torch.float16,
@@ -72,6 +73,22 @@ class BitPlaneLinear(QuantizedLinear, spec_type="bitplane_linear", weight_type=B
                 buf.copy_(value)
         mod.copy_optional(bias=bias)
         return mod
+
+    def validate_buffers(self, check) -> None:
+        maxq = 2**self.bits - 1
+        check("planes", self.planes, torch.int32)
+        check("w_scale", self.w_scale, torch.float32)
+        check("w_zero", self.w_zero, torch.uint8, hi=maxq)
+        if check("w_sum", self.w_sum, torch.int32) is not None:  # the WpAq GEMMs trust it: the codes' group sums
+            from ..kernels.bitplane_gemm import code_sums
+
+            for n0 in range(0, self.out_features, 4096):  # a slice of columns at a time: codes [n, K] int32
+                sums = code_sums(self.planes[..., n0:n0 + 4096], self.in_features, self.group_size)
+                bad = (sums != self.w_sum[:, n0:n0 + 4096]).nonzero()
+                if bad.numel():
+                    g, n = (int(x) for x in bad[0])
+                    check.fail("w_sum", f"group {g} of column {n0 + n} holds {int(self.w_sum[g, n0 + n])}, its codes "
+                                        f"in planes sum to {int(sums[g, n])}")
 
     def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels import act_quant

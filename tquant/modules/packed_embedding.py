@@ -12,7 +12,7 @@ from torch import nn
 
 from ..formats.packing import dequantize_packed
 from ..formats.weights import QuantizedWeight
-from .base import register
+from .base import DAMAGED, Check, build_checked, check_spec, register
 from .packed_weight import load_packed, register_packed
 
 
@@ -43,6 +43,24 @@ class PackedEmbedding(nn.Module):
     def from_spec(cls, spec: dict, dtype: torch.dtype) -> "PackedEmbedding":
         return cls(spec["num_embeddings"], spec["embedding_dim"], bits=spec["bits"], group_size=spec["group_size"],
                    padding_idx=spec["padding_idx"], dtype=dtype, device="meta")
+
+    @classmethod
+    def check_spec(cls, name: str, spec: dict, dtype: torch.dtype) -> "PackedEmbedding":
+        """from_spec of a saved spec, checked first (tquant.load; QuantizedLinear.check_spec's rules)."""
+        check_spec(name, spec, ("bits", "group_size", "num_embeddings", "embedding_dim", "padding_idx"), {}, (),
+                   optional=("padding_idx",))
+        v, pad = spec["num_embeddings"], spec["padding_idx"]
+        if v < 1 or spec["embedding_dim"] < 1 or (pad is not None and pad >= v):
+            raise ValueError(f"{name}: layer spec num_embeddings={v}, embedding_dim={spec['embedding_dim']}, "
+                             f"padding_idx={pad}: expected sizes >= 1 and padding_idx < num_embeddings: {DAMAGED}")
+        return build_checked(cls, name, spec, dtype)
+
+    def validate(self, name: str) -> None:
+        """The saved tensors' dtypes and finite scales (QuantizedLinear.validate's rules); ValueError naming them."""
+        check = Check(name)
+        check("qweight", self.qweight, torch.int32)
+        check("scales", self.scales, "model")
+        check("zeros", self.zeros, "model")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         cols = ids.reshape(-1)

@@ -40,6 +40,11 @@ class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=Quant
         mod.copy_optional(perm=qw.perm, bias=bias)
         return mod
 
+    def validate_buffers(self, check) -> None:
+        check("qweight", self.qweight, torch.int32)  # every bit pattern is a code in [0, 2^bits)
+        check("scales", self.scales, "model")
+        check("zeros", self.zeros, "model")
+
     def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels.weight_only_matmul import weight_only_matmul, weight_only_matmul_ref
 

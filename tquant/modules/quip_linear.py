@@ -56,6 +56,13 @@ class QuipLinear(QuantizedLinear, spec_type="quip_linear", weight_type=LatticeWe
         mod.copy_optional(bias=bias)
         return mod
 
+    def validate_buffers(self, check) -> None:
+        # every int16 is an E8P12 index (2^16 entries) and every uint8 an E81B one (256): the dtypes are the range
+        check("su", self.su, torch.float32)
+        check("sv", self.sv, torch.float32)
+        check("codes", self.codes, torch.int16)
+        check("codes2", self.codes2, {3: torch.uint8, 4: torch.int16}.get(self.bits))
+
     def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels.e8p_matmul import e8p_matmul, e8p_matmul_ref
         from ..kernels.hadamard import hadamard_transform, hadamard_transform_ref

@@ -57,6 +57,26 @@ class SpQRLinear(QuantizedLinear, spec_type="spqr_linear", weight_type=SpQRWeigh
     def spec_value(self, key: str):
         return self.vals.numel() if key == "outliers" else super().spec_value(key)
 
+    def validate_buffers(self, check) -> None:
+        check("qweight", self.qweight, torch.int32)
+        check("stats", self.stats, torch.uint8, hi=2 ** (self.scale_bits + self.bits) - 1)  # scale code | zero
+        check("meta", self.meta, torch.float16)
+        check("vals", self.vals, torch.float16)
+        nnz, n = self.vals.numel(), self.out_features
+        ptr = check("row_ptr", self.row_ptr, torch.int32).to(torch.int64)
+        if ptr[0] != 0 or ptr[-1] != nnz:
+            check.fail("row_ptr", f"must start at 0 and end at nnz={nnz}, got {int(ptr[0])} .. {int(ptr[-1])}")
+        drop = (ptr[1:] < ptr[:-1]).nonzero()
+        if drop.numel():
+            i = int(drop[0])
+            check.fail("row_ptr", f"not monotone: row {i} ends at {int(ptr[i + 1])} before it starts at {int(ptr[i])} "
+                                  f"(of {n} rows)")
+        cols = check("cols", self.cols, torch.int16).to(torch.int64) & 0xFFFF  # unsigned, as the kernels read them
+        bad = (cols >= self.in_features).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            check.fail("cols", f"column {int(cols[i])} at {i} is outside 0..{self.in_features - 1}")
+
     def bits_per_parameter(self) -> float:
         stored = sum(b.numel() * b.element_size() * 8 for name, b in self.named_buffers() if name != "bias")
         return stored / (self.in_features * self.out_features)
