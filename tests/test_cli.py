@@ -188,3 +188,12 @@ def test_demo_on_the_real_model(capsys):
     assert float(rows["float32"][1]) < float(rows["quantized"][1]) < 2 * float(rows["float32"][1])
     assert float(rows["quantized"][2]) < 0.8 * float(rows["float32"][2])  # smaller
     assert "Paris" in " ".join(rows["float32"][3:])
+
+
+def test_quantize_refuses_an_existing_checkpoint_before_loading_the_model(quantized_dir, tmp_path):
+    before = open(f"{quantized_dir}/model.safetensors", "rb").read()
+    with pytest.raises(SystemExit, match="already holds a checkpoint.*--overwrite"):
+        main(["quantize", "--model", str(tmp_path / "no-such-model"), "--method", "rtn", "--out", quantized_dir])
+    assert open(f"{quantized_dir}/model.safetensors", "rb").read() == before
+    from tquant.cli import parser
+    assert parser().parse_args(["quantize", "--out", quantized_dir, "--overwrite"]).overwrite is True

@@ -90,3 +90,26 @@ def test_foreign_format_is_refused(saved, tmp_path):
 def test_saving_an_unquantized_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no tquant quantization_config"):
         tquant.save(tiny_model("llama"), str(tmp_path))
+
+
+def test_saving_over_a_checkpoint_needs_overwrite(saved, tmp_path):
+    model, _ = saved
+    path = str(tmp_path / "out")
+    tquant.save(model, path)
+    before = open(os.path.join(path, "model.safetensors"), "rb").read()
+    with pytest.raises(ValueError, match="already holds a checkpoint .*overwrite=True"):
+        tquant.save(model, path)
+    assert open(os.path.join(path, "model.safetensors"), "rb").read() == before  # untouched
+    tquant.save(model, path, overwrite=True)
+    assert torch.equal(tquant.load(path)(token_batch(1)).logits, model(token_batch(1)).logits)
+    for lone in ("config.json", "model.safetensors"):  # any part of a checkpoint counts
+        other = tmp_path / lone.replace(".", "_")
+        other.mkdir()
+        (other / lone).write_text("{}")
+        with pytest.raises(ValueError, match=f"already holds a checkpoint \\({lone}\\)"):
+            tquant.save(model, str(other))
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "README.md").write_text("mine")
+    tquant.save(model, str(unrelated))  # a non-empty folder without a checkpoint is fine
+    assert (unrelated / "README.md").read_text() == "mine"
