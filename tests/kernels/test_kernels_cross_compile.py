@@ -16,11 +16,11 @@ CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), 
          ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16"),
          ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16"), ("spqr", 3, 1, "float16"), ("spqr", 4, 16, "float16"),
          ("bcq_lut", 3, 1, "float16"), ("decode", 4, 1, "float16"), ("decode", 8, 16, "bfloat16")]
-KERNELS = {"kivi": ["_kv_attention_kernel", "_combine_kernel"],
-           "kvquant": ["_kvquant_attention_kernel", "_combine_kernel"], "bcq": ["_bcq_matmul_kernel"],
+KERNELS = {"kivi": ["_kv_attention_kernel", "combine_kernel"],
+           "kvquant": ["_kvquant_attention_kernel", "combine_kernel"], "bcq": ["_bcq_matmul_kernel"],
            "bcq_lut": ["_bcq_table_kernel", "_bcq_lut_kernel"],
            "decode": ["_rms_norm_kernel", "_rope_qkv_kernel", "_silu_mul_kernel", "_kv_attention_kernel",
-                      "_combine_kernel", "_kv_quant_write_kernel"]}
+                      "combine_kernel", "_kv_quant_write_kernel"]}
 SPQR_KERNELS = {1: "_dequant_gemv_kernel", 16: "_dequant_gemm_kernel"}
 
 

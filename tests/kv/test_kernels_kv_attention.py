@@ -25,15 +25,26 @@ def random_cache(b, hkv, d, tq, tr, bits, group, dtype, seed, key_axis="channel"
     return move(pk), move(pv), k[..., tq:, :].to(DEVICE, dtype), v[..., tq:, :].to(DEVICE, dtype)
 
 
+def grown(t: torch.Tensor, spare: int) -> torch.Tensor:
+    """t as the kernel sees a growing store's part (tquant.kv.growing): the view of the first rows of a buffer
+    [B, H, rows + spare, W] whose spare rows hold garbage (NaN or random codes) that must not be read."""
+    b, h, rows, w = t.shape
+    buf = (torch.full((b, h, rows + spare, w), float("nan"), dtype=t.dtype, device=t.device) if t.is_floating_point()
+           else torch.randint(-2**31, 2**31 - 1, (b, h, rows + spare, w), dtype=t.dtype, device=t.device))
+    buf[:, :, :rows] = t
+    return buf.narrow(2, 0, rows)
+
+
 @needs_backend
 @settings(max_examples=30, deadline=None)
 @given(b=st.integers(1, 3), hkv=st.integers(1, 2), rep=st.sampled_from([1, 3, 4]), d=st.sampled_from([16, 32, 64]),
        bits=st.sampled_from(kv_quant.KV_BITS), group=st.sampled_from([8, 16]), groups=st.integers(0, 4),
        tr=st.integers(0, 21), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
        ragged=st.booleans(), key_axis=st.sampled_from(["channel", "token"]), extra=st.integers(0, 7),
-       seed=st.integers(0, 2**31 - 1))
+       spare=st.sampled_from([0, 0, 5]), seed=st.integers(0, 2**31 - 1))
 def test_kernels_kivi_attention_matches_reference(b, hkv, rep, d, bits, group, groups, tr, dtype, ragged, key_axis,
-                                                  extra, seed):
+                                                  extra, spare, seed):
+    """spare > 0: every part is a view of a larger buffer (a growing store's), read in place."""
     tq = groups * group + (extra if key_axis == "token" else 0)  # per-token stores hold any number of tokens
     if tq + tr == 0:
         tr = 1
@@ -42,9 +53,12 @@ def test_kernels_kivi_attention_matches_reference(b, hkv, rep, d, bits, group, g
     start = None
     if ragged:  # left padding: sequence i starts at start[i] (at least one token left)
         start = torch.randint(0, tq + tr, (b,), generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE)
-    out = kivi_decode_attention(q, pk, pv, rk, rv, bits=bits, group=group, start=start, key_axis=key_axis)
     ref = kivi_decode_attention_ref(q, pk, pv, rk, rv, bits=bits, group=group, sm_scale=d**-0.5, start=start,
                                     key_axis=key_axis)
+    if spare:
+        pk, pv = (kv_quant.PackedKV(*(grown(t, spare) for t in p)) for p in (pk, pv))
+        rk, rv = grown(rk, spare), grown(rv, spare)
+    out = kivi_decode_attention(q, pk, pv, rk, rv, bits=bits, group=group, start=start, key_axis=key_axis)
     assert out.shape == q.shape and out.dtype == dtype and out.isfinite().all()
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < TOL[dtype], err
@@ -180,3 +194,18 @@ def test_kernels_kivi_decode_inside_the_model(monkeypatch, method, options):
         # twice costs about 1e-2
         err = ((kernel_logits - torch_logits).norm() / torch_logits.norm()).item()
         assert err < 1e-4, err
+
+
+def test_kernels_kivi_attention_reads_growing_views_in_place():
+    """by_heads hands the kernel a growing store's view itself (no per-step copy of the store) with its heads'
+    stride, and copies only a part whose rows are not contiguous."""
+    from tquant.kv.attention import by_heads
+
+    part = grown(torch.randn(2, 3, 5, 4), spare=11)
+    same, stride = by_heads(part)
+    assert same is part and stride == 16 * 4
+    one_head = grown(torch.randn(3, 1, 5, 4), spare=2)
+    assert by_heads(one_head) == (one_head, 7 * 4)
+    transposed = torch.randn(2, 3, 4, 5).transpose(2, 3)
+    copy, stride = by_heads(transposed)
+    assert copy is not transposed and copy.is_contiguous() and stride == 20 and torch.equal(copy, transposed)

@@ -15,6 +15,8 @@ One new query token per sequence attends to every cached token:
     newest int32 [B] or None (needs length): the window is a ring of Tr slots (a static KIVI cache): slot s holds
            position newest[b] - ((newest[b] - s) mod Tr), and only positions length[b] ... newest[b] are attended
     o      [B, Hq, D] in q's dtype; fp32 softmax and accumulation
+Every cache part is read as heads of contiguous rows, head (b, h) at element (b * H + h) * s of the part, s its own
+head stride (by_heads): a growing store's view (its heads `capacity` rows apart) is read in place, not copied.
 Kernel: grid (B * Hkv, SPLITS + 1). A program takes one KV head and all its rep query heads (K and V are read
 once for them; the rep rows are padded to 16 for tl.dot). Programs 0 ... SPLITS - 1 each take one contiguous
 share of the Tq packed tokens, BLOCK_T at a time: contiguous tiles of code words and parameters are loaded,
@@ -150,7 +152,8 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
 @triton.jit
 def _kv_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, rk_ptr, rv_ptr, start_ptr, length_ptr, newest_ptr, m_ptr,
-    l_ptr, acc_ptr, HKV, TQ, TR, tokens_per_split, sm_scale,
+    l_ptr, acc_ptr, kc_head, ks_head, km_head, vc_head, vs_head, vm_head, rk_head, rv_head, HKV, TQ, TR,
+    tokens_per_split, sm_scale,
     D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
     WPG: tl.constexpr, KEYS_PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr,
     HAS_LENGTH: tl.constexpr, RING: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
@@ -171,15 +174,14 @@ def _kv_attention_kernel(
         if HAS_LENGTH:  # a static store: tokens past length[b] are not read
             hi = tl.minimum(hi, tl.load(length_ptr + b))
         if FLOAT:  # keys kc_ptr, values vc_ptr [B * Hkv, TQ, D] as they are
-            m, l, acc = dense_tokens(q, kc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D,
-                                      vc_ptr + bh.to(tl.int64) * (TQ * D) + lo * D, hi - lo, lo, first, 0, m, l, acc,
+            m, l, acc = dense_tokens(q, kc_ptr + bh.to(tl.int64) * kc_head + lo * D,
+                                      vc_ptr + bh.to(tl.int64) * vc_head + lo * D, hi - lo, lo, first, 0, m, l, acc,
                                       chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
         else:  # packed codes
-            k_params = TQ // G * D if KEYS_PER_CHANNEL else TQ * (D // G)
-            kc = kc_ptr + bh.to(tl.int64) * (TQ // G * WPG * D if KEYS_PER_CHANNEL else TQ * (D // G * WPG))
-            ks, km = ks_ptr + bh.to(tl.int64) * k_params, km_ptr + bh.to(tl.int64) * k_params
-            vc = vc_ptr + bh.to(tl.int64) * (TQ * (D // G * WPG))
-            vs, vm = vs_ptr + bh.to(tl.int64) * (TQ * (D // G)), vm_ptr + bh.to(tl.int64) * (TQ * (D // G))
+            kc = kc_ptr + bh.to(tl.int64) * kc_head
+            ks, km = ks_ptr + bh.to(tl.int64) * ks_head, km_ptr + bh.to(tl.int64) * km_head
+            vc = vc_ptr + bh.to(tl.int64) * vc_head
+            vs, vm = vs_ptr + bh.to(tl.int64) * vs_head, vm_ptr + bh.to(tl.int64) * vm_head
             for t0 in range(lo, hi, BLOCK_T):
                 tok = t0 + tl.arange(0, BLOCK_T)
                 k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
@@ -190,7 +192,7 @@ def _kv_attention_kernel(
         pos0, newest = TQ, 0
         if RING:  # a static window: positions length[b] ... newest[b] in a ring of TR slots
             pos0, newest = tl.load(length_ptr + b), tl.load(newest_ptr + b)
-        m, l, acc = dense_tokens(q, rk_ptr + bh.to(tl.int64) * (TR * D), rv_ptr + bh.to(tl.int64) * (TR * D), TR,
+        m, l, acc = dense_tokens(q, rk_ptr + bh.to(tl.int64) * rk_head, rv_ptr + bh.to(tl.int64) * rv_head, TR,
                                   pos0, first, newest, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION, RING)
     store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
 
@@ -228,6 +230,17 @@ def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_ax
                          "at least one slot")
 
 
+def by_heads(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(t, s) for a cache part t [B, H, rows, W] whose head (b, h) starts at element (b * H + h) * s and holds its
+    rows of W contiguous, as the kernel reads it: t itself where it already is (a view of a growing store,
+    tquant.kv.growing, is: its heads are `capacity` rows apart), else a contiguous copy (s = rows * W)."""
+    b, h, rows, w = t.shape
+    s = t.stride(1) if h > 1 else t.stride(0)
+    if t.stride(3) == 1 and (t.stride(2) == w or rows <= 1) and (b == 1 or t.stride(0) == h * s):
+        return t, s
+    return t.contiguous(), rows * w
+
+
 def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length=None,
            newest=None) -> torch.Tensor:
     b, hq, d = q.shape
@@ -239,11 +252,12 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
     m = torch.empty(b * hq * splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
-    tensors = [t.contiguous() for t in (q, *packed_k, *packed_v, res_k, res_v)]
+    parts = [by_heads(t) for t in (*packed_k, *packed_v, res_k, res_v)]
+    tensors = [q.contiguous(), *(t for t, _ in parts)]
     store_float = key_axis == "float"  # packed_k / packed_v hold the float keys / values (float_decode_attention)
     _kv_attention_kernel[(b * hkv, splits)](
-        *tensors, *(m if t is None else t.contiguous() for t in (start, length, newest)), m, l, acc, hkv, tq, tr,
-        per_split, sm_scale,
+        *tensors, *(m if t is None else t.contiguous() for t in (start, length, newest)), m, l, acc,
+        *(stride for _, stride in parts), hkv, tq, tr, per_split, sm_scale,
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=1 if store_float else values_per_word(bits),
         WPG=1 if store_float else words_per_group(bits, group), KEYS_PER_CHANNEL=key_axis == "channel",
         BLOCK_T=block_t, HAS_START=start is not None, HAS_LENGTH=length is not None, RING=newest is not None,
