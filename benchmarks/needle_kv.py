@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 import tquant
 from tquant.calib.data import source_tokens
-from tquant.models import load_model
+from tquant.models import cache_kwarg, load_model
 
 from quality_kv import ROWS as KV_ROWS, apply
 
@@ -68,7 +68,7 @@ def main():
                 ids = ids.to(a.device)
                 cache = tquant.kv_cache(model) if ROWS[row] is not None else DynamicCache()
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                     past_key_values=cache)
+                                     **{cache_kwarg(model): cache})
                 answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
                 hits += code in answer
                 answers.append(answer.strip())

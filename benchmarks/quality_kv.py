@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 import tquant
+from tquant.models import cache_kwarg
 from tquant.calib.data import source_tokens
 from tquant.tools.eval import perplexity
 from tquant.models import head_dim
@@ -57,7 +58,7 @@ def bytes_per_token(model, tok, quantized: bool, n_tokens=4096) -> float:
         return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim(cfg) * 2
     ids = source_tokens("pydoc", tok, "eval")[None, :n_tokens].to(model.device)
     fp = DynamicCache()
-    model(ids, past_key_values=fp, use_cache=True)
+    model(ids, **{cache_kwarg(model): fp}, use_cache=True)
     cache = tquant.kv_cache(model)
     positions = {"position_ids": torch.arange(n_tokens, device=model.device)[None]}
     for i, layer in enumerate(fp.layers):

@@ -7,6 +7,7 @@ import torch
 
 from tquant.kernels import dequant_gemm
 from tquant.kernels.runtime import interpreter_on
+from tquant.models import cache_kwarg
 
 DEVICE = "cpu" if interpreter_on() else "cuda"
 needs_backend = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -55,10 +56,10 @@ def decode_both_paths(model, ids, prefill, kernel_fn):
             for layer in cache.layers:
                 layer.kernel = kernel
             with torch.no_grad():
-                out = [model(ids[:, :prefill], attention_mask=upto(prefill), past_key_values=cache,
+                out = [model(ids[:, :prefill], attention_mask=upto(prefill), **{cache_kwarg(model): cache},
                              use_cache=True).logits]
                 for t in range(prefill, ids.shape[1]):
-                    out.append(model(ids[:, t : t + 1], attention_mask=upto(t + 1), past_key_values=cache,
+                    out.append(model(ids[:, t : t + 1], attention_mask=upto(t + 1), **{cache_kwarg(model): cache},
                                      use_cache=True).logits)
             assert len(kernel_fn) == (steps * len(cache.layers) if kernel else 0)
             kernel_fn.clear()

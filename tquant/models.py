@@ -4,6 +4,7 @@ Imports nothing of tquant, so methods, caches and tools can all read it."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 
 import torch
@@ -26,6 +27,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     import transformers
 
     kwargs = {}
+    if name != DEFAULT_MODEL:
+        _check_local(name)
+        name = os.path.expanduser(name)
     if name == DEFAULT_MODEL:
         name, kwargs = _smollm2_dir(), {"gguf_file": SMOLLM2_GGUF}
     elif name.endswith(".gguf"):
@@ -36,6 +40,29 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
         del model.config.quantization_config
     return model.to(device).eval(), tok
+
+
+def _check_local(name: str) -> None:
+    """ValueError for a name that looks like a local path (starts with '.', '~' or '/', has more than one '/', or
+    its first part is a local folder) but names no folder or .gguf file, and for a folder holding a model tquant
+    already quantized; a hub id (org/name, no folder org here) passes to transformers."""
+    path = os.path.expanduser(name)
+    parts = name.split("/")
+    looks_local = (name.startswith((".", "~", "/")) or os.sep in name.replace("/", "") or len(parts) > 2
+                   or (len(parts) == 2 and os.path.isdir(parts[0])))  # a hub id is org/name, org no local folder
+    if looks_local and not (os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".gguf"))):
+        raise ValueError(f"no model at {name} (not a folder or .gguf file); give a local HF folder, a hub id like "
+                         "org/name, or 'default'")
+    config = os.path.join(path, "config.json")
+    if os.path.isfile(config):
+        import json
+
+        with open(config) as f:
+            qc = json.load(f).get("quantization_config") or {}
+        if qc.get("quant_method") == "tquant":
+            what = qc.get("method") or (qc.get("kv_cache") or {}).get("method")
+            raise ValueError(f"{name} holds a model already quantized with {what} (tquant.load reads it); quantize "
+                             "the float model instead")
 
 
 def model_bytes(model) -> int:
@@ -73,3 +100,9 @@ def _has_linear(block: nn.Module) -> bool:
 def head_dim(config) -> int:
     """The attention head size of an HF config."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword a model's forward (and generate) takes its KV cache by: "cache" in newer transformers,
+    "past_key_values" before it was renamed."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"

@@ -8,6 +8,7 @@ from tests.tiny_models import tiny_model
 from transformers import DynamicCache
 
 import tquant
+from tquant.models import cache_kwarg
 from tquant.kv import uniform_format as kv_quant
 from tquant.tools.eval import perplexity
 from tquant.kv.cache import KiviLayer
@@ -103,9 +104,9 @@ def test_kivi_layer_streams_like_offline_quantization(bits, residual, pwq, chunk
 
 
 def decoded_logits(model, ids, prefill, cache):
-    out = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+    out = [model(ids[:, :prefill], **{cache_kwarg(model): cache}, use_cache=True).logits]
     for t in range(prefill, ids.shape[1]):
-        out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        out.append(model(ids[:, t : t + 1], **{cache_kwarg(model): cache}, use_cache=True).logits)
     return torch.cat(out, dim=1)
 
 
@@ -126,9 +127,9 @@ def test_kivi_inside_a_gqa_model(arch):
             tquant.quantize(model, "kivi", kv_bits=bits, group_size=16, residual=16)
             errors[bits] = rel(decoded_logits(model, ids, 40, tquant.kv_cache(model)), ref)
         assert errors[8] < 1e-2 < errors[2] < 0.5, errors
-        assert torch.equal(model(ids, past_key_values=tquant.kv_cache(model), use_cache=True).logits, ref)
+        assert torch.equal(model(ids, **{cache_kwarg(model): tquant.kv_cache(model)}, use_cache=True).logits, ref)
         tquant.quantize(model, "kivi", kv_bits=2, group_size=16, residual=16, prefill_with_quant=True)
-        assert rel(model(ids, past_key_values=tquant.kv_cache(model), use_cache=True).logits, ref) > 1e-3
+        assert rel(model(ids, **{cache_kwarg(model): tquant.kv_cache(model)}, use_cache=True).logits, ref) > 1e-3
 
 
 def test_generate_uses_the_quantized_cache_unless_given_one():
@@ -138,14 +139,14 @@ def test_generate_uses_the_quantized_cache_unless_given_one():
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40)
         float_cache = model.generate(ids, max_new_tokens=40, do_sample=False, min_new_tokens=40,
-                                     past_key_values=DynamicCache())
+                                     **{cache_kwarg(model): DynamicCache()})
         # the same greedy tokens by hand through a quantized cache
         cache, seq = tquant.kv_cache(model), ids
-        logits = model(seq, past_key_values=cache, use_cache=True).logits
+        logits = model(seq, **{cache_kwarg(model): cache}, use_cache=True).logits
         for _ in range(40):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
-            logits = model(nxt, past_key_values=cache, use_cache=True).logits
+            logits = model(nxt, **{cache_kwarg(model): cache}, use_cache=True).logits
     assert torch.equal(out, seq)
     assert not torch.equal(out, float_cache)  # 2 bits with no residual changes some greedy token of 40
 

@@ -12,6 +12,7 @@ from tests.tiny_models import tiny_model, token_batch
 from transformers import DynamicCache
 
 import tquant
+from tquant.models import cache_kwarg
 from tquant.kv import kvquant_format as fmt
 from tquant.methods import get_method
 from tquant.methods.kvquant import _record
@@ -139,7 +140,7 @@ def test_unrotated_cache_keys_are_the_models_pre_rope_keys_in_a_left_padded_gene
     mask[0, :4] = 0
     rope = (model.model.rotary_emb.inv_freq, float(model.model.rotary_emb.attention_scaling))
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, past_key_values=Spy(), max_new_tokens=3, do_sample=False)
+        model.generate(ids, attention_mask=mask, **{cache_kwarg(model): Spy()}, max_new_tokens=3, do_sample=False)
     hook.remove()
     assert len(seen) == 3
     for (k, args, kwargs), pre in zip(seen, projected):
@@ -283,7 +284,7 @@ def test_kvquant_calibrates_and_decodes_in_a_tiny_llama():
         assert errors[4] < 0.08 and errors[4] < errors[3] < errors[2] < 0.5, errors
         spec = model.config.quantization_config["kv_cache"]
         assert spec["method"] == "kvquant" and len(spec["key_codebook"]) == 2 and len(spec["key_codebook"][0]) == 4
-        assert torch.equal(model(ids, past_key_values=tquant.kv_cache(model), use_cache=True).logits, model(ids).logits)
+        assert torch.equal(model(ids, **{cache_kwarg(model): tquant.kv_cache(model)}, use_cache=True).logits, model(ids).logits)
         out = model.generate(ids[:, :10], max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert out.shape == (2, 22)
 

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import tquant
+from tquant.models import cache_kwarg
 import tquant.kv.hook
 from tquant.kv import uniform_format as kv_quant
 from tquant.methods.qoq_kv import QoQKV4
@@ -33,7 +34,7 @@ def cached_keys(model, ids):
     """The post-RoPE keys [B, Hkv, T, D] each layer hands transformers' float cache on ids."""
     cache = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{cache_kwarg(model): cache}, use_cache=True)
     return [layer.keys for layer in cache.layers]
 
 
@@ -129,7 +130,7 @@ def test_decoding_through_the_cache_stays_close_to_the_float_model():
             model = tiny_model("llama")
             tquant.quantize(model, "qoq_kv4", calib=calib(), kv_bits=bits, prefill_with_quant=pwq)
             errors[bits, pwq] = rel(decoded_logits(model, ids, 40, tquant.kv_cache(model)), ref)
-            prefill = rel(model(ids, past_key_values=tquant.kv_cache(model), use_cache=True).logits, ref)
+            prefill = rel(model(ids, **{cache_kwarg(model): tquant.kv_cache(model)}, use_cache=True).logits, ref)
             assert (prefill > 1e-2) if pwq else (prefill < 3e-6)
     assert errors[8, False] < 1e-2 < errors[4, False] < errors[4, True] < 0.3, errors
 

@@ -31,7 +31,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .block_io import PrefillProbe, fp32, hidden, hooked
-from ..models import head_dim
+from ..models import cache_kwarg, head_dim
 from .smoothing import ABSORB_TOL
 
 CHECK_TOKENS = 64  # tokens of the first calibration sequence the fold check runs on
@@ -119,7 +119,8 @@ def key_absmax(model, ids: torch.Tensor, batch_size: int, n_layers: int) -> list
     cache = Cache(layers=layers)
     device = next(model.parameters()).device
     for start in range(0, ids.shape[0], batch_size):
-        model.base_model(input_ids=ids[start : start + batch_size].to(device), past_key_values=cache, use_cache=True)
+        model.base_model(input_ids=ids[start : start + batch_size].to(device), use_cache=True,
+                         **{cache_kwarg(model.base_model): cache})
     for i, layer in enumerate(layers):
         if layer.absmax is None or not torch.isfinite(layer.absmax).all():
             raise ValueError(f"decoder layer {i} cached no finite keys on the calibration set")

@@ -3,8 +3,9 @@ and generate() using it.
 
     tquant.quantize(model, "kivi", kv_bits=2)       # writes the spec, hooks generate
     model.generate(ids, ...)                         # a fresh tquant.kv_cache(model) per call
-    model(ids, past_key_values=tquant.kv_cache(model), use_cache=True)   # the same cache, by hand
-The hook is an attribute of the model object (not of its class): it passes past_key_values=kv_cache(model)
+    model(ids, cache=tquant.kv_cache(model), use_cache=True)   # the same cache, by hand (past_key_values= before
+                                                               # transformers renamed it)
+The hook is an attribute of the model object (not of its class): it passes cache=kv_cache(model) (past_key_values= on older transformers)
 unless the call gives its own; tquant.load hooks a reloaded model the same way. The model's attention
 implementation becomes "tquant_kv" (tquant.kv.cache): on CUDA a decode step runs the decode-attention
 kernel on the packed cache, everything else runs SDPA.
@@ -16,6 +17,7 @@ import dataclasses
 import functools
 
 from ..config import tquant_config, write_kv_config
+from ..models import cache_kwarg
 from ..methods import get_method
 from ..methods.kv_base import KVCacheMethod
 from .cache import ATTENTION, QuantizedKVCache
@@ -78,9 +80,9 @@ def hook_generate(model) -> None:
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        given = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None  # newer name
+        given = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
         if not given and kwargs.get("use_cache", True):
-            kwargs["past_key_values"] = kv_cache(model)
+            kwargs[cache_kwarg(model)] = kv_cache(model)
         return original(*args, **kwargs)
 
     generate._tquant_kv = True

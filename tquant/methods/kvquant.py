@@ -29,7 +29,7 @@ from ..calib.block_io import PrefillProbe
 from ..kv.kvquant_cache import KVQuantLayer, call_cos_sin
 from ..formats.nuq import WeightedHistogram
 from .base import option, register
-from ..models import head_dim
+from ..models import cache_kwarg, head_dim
 from .kv_base import KVCacheMethod
 
 CALIBRATED = ("key_offset", "key_scale", "key_codebook", "value_codebook")
@@ -192,7 +192,7 @@ def _record(model, batch: torch.Tensor, grads: bool):
     layers = [_Recorder() for _ in range(model.config.num_hidden_layers)]
     with torch.set_grad_enabled(grads):
         embeds = model.get_input_embeddings()(batch).detach().requires_grad_(grads)
-        logits = model(inputs_embeds=embeds, past_key_values=Cache(layers=layers), use_cache=True).logits
+        logits = model(inputs_embeds=embeds, use_cache=True, **{cache_kwarg(model): Cache(layers=layers)}).logits
         missing = [i for i, layer in enumerate(layers) if layer.keys is None]
         if missing:
             raise ValueError(f"kvquant: decoder layers {missing} never updated the KV cache during calibration")
