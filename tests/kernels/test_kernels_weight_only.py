@@ -116,6 +116,41 @@ def test_kernels_split_k_leaves_counters_at_zero(path):
     assert not dequant_gemm.split_k_buffers(2, 1, 1, 1, t["x"].device)[1].any()
 
 
+def test_kernels_split_k_counters_per_stream_and_never_freed(monkeypatch):
+    """Each (device, stream) has its own counters, and a buffer a launch outgrows stays alive (a captured graph may
+    point at it) while the next launch gets a larger, zeroed one."""
+    monkeypatch.setattr(dequant_gemm, "_counters", {})
+    monkeypatch.setattr(dequant_gemm, "_retired", [])
+    stream = [1]
+    monkeypatch.setattr(dequant_gemm, "_stream_id", lambda device: stream[0])
+    first = dequant_gemm.split_k_counters(10, "cpu")
+    assert dequant_gemm.split_k_counters(10, "cpu") is first
+    stream[0] = 2
+    other = dequant_gemm.split_k_counters(10, "cpu")
+    assert other is not first and other.data_ptr() != first.data_ptr()
+    grown = dequant_gemm.split_k_counters(first.numel() + 1, "cpu")
+    assert grown.numel() > first.numel() and not grown.any() and any(t is other for t in dequant_gemm._retired)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_kernels_split_k_graph_survives_counter_growth():
+    """A split-K GEMV captured in a CUDA graph still gives the reference after a later launch outgrew the counter
+    buffer the graph captured (the old buffer is kept, not freed and reused)."""
+    m, config = PATHS["gemv"]
+    t = make_inputs(m, 70, 96, 4, 32, torch.float16, False, True, seed=5)
+    args = (t["x"], t["qweight"], t["scales"], t["zeros"], None, t["bias"])
+    kw = dict(bits=4, group_size=32, in_features=96)
+    ref = weight_only_matmul_ref(*args[:4], perm=None, bias=t["bias"], **kw)
+    run_path(config, *args, **kw)  # compile, allocate outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run_path(config, *args, **kw)
+    dequant_gemm.split_k_counters(max(c.numel() for c in dequant_gemm._counters.values()) * 4, t["x"].device)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y, ref, torch.float16)
+
+
 @pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(), reason="inline asm needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 4, 8])

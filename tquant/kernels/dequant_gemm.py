@@ -257,18 +257,33 @@ def output_buffer(m: int, n: int, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(m, n, dtype=dtype, device=device)
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}  # per (device, stream): launches on one stream run in order
+_retired: list[torch.Tensor] = []  # outgrown counter buffers: a captured CUDA graph may still point at one, so never freed
+
+
+def _stream_id(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def split_k_counters(tiles: int, device) -> torch.Tensor:
+    """int32 arrival counters [>= tiles], all zero, for store_output's one-launch split-K reduction: one buffer per
+    (device, current stream), so launches on concurrent streams never share a counter (each launch leaves its
+    counters at zero, so launches in one stream's order can). A buffer that a launch outgrows is replaced, not freed:
+    a CUDA graph captured with it keeps pointing at live, zeroed memory. A buffer first allocated during graph
+    capture comes from the graph's pool and its zeros are part of the graph (reset at every replay)."""
+    device = torch.device(device)
+    key = (device, _stream_id(device))
+    counters = _counters.get(key)
+    if counters is None or counters.numel() < tiles:
+        if counters is not None:
+            _retired.append(counters)
+        counters = _counters[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return counters
 
 
 def split_k_buffers(splits: int, m: int, n: int, tiles: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 workspace [splits, m, n], int32 arrival counters [>= tiles], all zero) for store_output's
-    one-launch split-K reduction. The counters are allocated once per device and left at zero by every
-    launch, so launches on one device must not run concurrently on several streams. Their first
-    allocation (a torch.zeros) should happen outside CUDA-graph capture (the tuner's eager call does it)."""
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < tiles:
-        counters = _counters[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    return torch.empty(splits, m, n, dtype=torch.float32, device=device), counters
+    """(fp32 workspace [splits, m, n], split_k_counters(tiles)) for store_output's one-launch split-K reduction."""
+    return torch.empty(splits, m, n, dtype=torch.float32, device=device), split_k_counters(tiles, device)
 
 
 ASM_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}  # 1024.0 / 128.0 in both halves
