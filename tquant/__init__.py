@@ -3,7 +3,8 @@
     import tquant
     qmodel = tquant.quantize(model, "gptq", bits=4, group_size=64, calib="pydoc", tokenizer=tok)
     tquant.save(qmodel, "out/")
-    qmodel = tquant.load("out/")
+    qmodel = tquant.load("out/")                 # also compressed-tensors, GPTQ and AWQ checkpoints
+    tquant.export(qmodel, "ct/", format="compressed-tensors")   # or "gptq": for vLLM / SGLang
     tquant.quantize(qmodel, "kivi", kv_bits=2)   # and a 2-bit KV cache in generate()
     tquant.StaticDecoder(qmodel, batch=1, max_len=2048).generate(ids, 128)   # static cache, CUDA-graph steps
 
@@ -25,9 +26,10 @@ _LAZY = {  # public name: (module, attribute)
     "kv_cache": (".kv.hook", "kv_cache"),
     "save": (".serialization", "save"),
     "load": (".serialization", "load"),
+    "export": (".interop", "export"),
 }
 
-__all__ = ["__version__", "quantize", "kv_cache", "methods", "save", "load", "StaticDecoder"]
+__all__ = ["__version__", "quantize", "kv_cache", "methods", "save", "load", "export", "StaticDecoder"]
 
 
 def methods() -> dict[str, dict[str, str]]:

@@ -192,10 +192,30 @@ def _check_replaces(model: nn.Module, name: str, module: nn.Module) -> None:
                          f"model's layer is a {type(old).__name__} of sizes {_sizes(old)}: {DAMAGED}")
 
 
+def _foreign_config(path: str) -> dict | None:
+    """config.json as a dict when its quantization_config names a quant_method other than tquant's, else None."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None  # no readable config: the tquant checks below say what is wrong
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(qc, dict) and qc.get("quant_method") not in (None, "tquant"):
+        return config
+    return None
+
+
 def load(path: str, device=None) -> nn.Module:
-    """Rebuild a model saved by tquant.save, offline. Returns it in eval mode on `device` (default cpu)."""
+    """Rebuild a model saved by tquant.save, offline. Returns it in eval mode on `device` (default cpu).
+    A checkpoint whose config.json names quant_method "compressed-tensors", "gptq" or "awq" is imported by
+    tquant.interop into tquant's modules (any other quant_method: ValueError)."""
     import transformers
 
+    foreign = _foreign_config(path)
+    if foreign is not None:  # another library's checkpoint: its importer (tquant.interop)
+        from .interop.loader import load_foreign
+
+        return load_foreign(path, foreign, device)
     tensors = _verified_tensors(path)
     config = transformers.AutoConfig.from_pretrained(path)
     qc = read_quantization_config(config)

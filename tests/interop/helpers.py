@@ -1,0 +1,57 @@
+"""Shared pieces of the interop tests: tiny quantized models and the dequantized reference weights."""
+from __future__ import annotations
+
+import torch
+
+import tquant
+from tquant.formats.packing import dequantize_packed
+from tquant.modules import PackedLinear
+from tests.tiny_models import tiny_model, token_batch
+
+
+def quantized(method="rtn", bits=4, group_size=32, sym=True, arch="llama", **opts):
+    model = tiny_model(arch)
+    tquant.quantize(model, method, bits=bits, group_size=group_size, sym=sym, calib=token_batch(8), progress=False,
+                    **opts)
+    return model
+
+
+def dequantized(mod: PackedLinear) -> torch.Tensor:
+    """A PackedLinear's weight [N, K] in input order, in its scales' dtype (what a decompressor should give)."""
+    w = dequantize_packed(mod.qweight, mod.scales, mod.zeros, mod.bits, mod.group_size, mod.in_features)  # [K, N]
+    if mod.perm is not None:
+        w = w[torch.argsort(mod.perm.long())]
+    return w.t().to(mod.scales.dtype)
+
+
+def packed_layers(model) -> dict[str, PackedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def logits(model, ids=None):
+    ids = token_batch(2, seed=9) if ids is None else ids
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def give_perm(model, name: str, seed: int = 3) -> PackedLinear:
+    """Replace PackedLinear `name` by one with act-order storage: a random perm, storage column j holding the codes
+    of input channel perm[j], groups j // group_size (what GPTQ's act_order with act-order groups stores; built
+    here directly so the tests do not depend on a method's options). Returns the new module."""
+    from tquant.formats.packing import pack_codes, unpack_codes
+
+    old = model.get_submodule(name)
+    k, n = old.in_features, old.out_features
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed)).to(torch.int32)
+    new = PackedLinear(k, n, bits=old.bits, group_size=old.group_size, bias=old.bias is not None, has_perm=True,
+                       dtype=old.scales.dtype)
+    codes = unpack_codes(old.qweight, old.bits, k)  # [K, N]
+    new.qweight.copy_(pack_codes(codes[perm.long()].t(), old.bits))
+    new.scales.copy_(old.scales)
+    new.zeros.copy_(old.zeros)
+    new.perm.copy_(perm)
+    if old.bias is not None:
+        new.bias.copy_(old.bias)
+    model.set_submodule(name, new)
+    model.config.quantization_config["layers"][name] = new.layer_spec()
+    return new

@@ -1,0 +1,81 @@
+"""Interoperation with the formats serving engines and the hub use (docs/interop.md).
+
+    tquant.export(model_or_dir, out, format="compressed-tensors" | "gptq")   tquant's PackedLinear layers ->
+                                    compressed-tensors pack-quantized (vLLM / SGLang) or GPTQ v1 / v2
+    tquant.load(dir)                also reads compressed-tensors pack-quantized, GPTQ v1 / v2 and AWQ (GEMM)
+                                    checkpoints (tquant.interop.loader), into PackedLinear without dequantizing
+
+One file per outside format (compressed_tensors.py, gptq.py, awq.py), their shared helpers in common.py.
+"""
+from __future__ import annotations
+
+FORMATS = ("compressed-tensors", "gptq")
+
+# the method (quantization_config.method, else the module) -> what to do instead, for layers with no outside format
+_NO_FORMAT = {
+    "quip_linear": "QuIP# (E8P lattice codes in a Hadamard basis)",
+    "bcq_linear": "BCQ (binary-coding planes)",
+    "spqr_linear": "SpQR (outliers in a sparse matrix)",
+    "bitplane_linear": "ABQ-LLM (bit-plane WpAq weights)",
+    "act_quant_linear": "weight-and-activation quantization (ActQuantLinear: W8A8 / W4A8 / W4A4)",
+    "packed_embedding": "quantized embeddings",
+}
+INSTEAD = ("no serving engine reads this layout. Quantize the float model with gptq or rtn (bits 2/3/4/8, "
+           "weight-only) and export that, or serve the float model")
+
+
+def _quantized_layers(model):
+    """{name: PackedLinear} of a tquant model, or ValueError naming the method when a layer has no outside format."""
+    from ..config import read_quantization_config
+    from ..modules.base import QuantizedLinear
+    from ..modules.packed_linear import PackedLinear
+
+    qc = read_quantization_config(model.config)
+    method = qc.get("method")
+    if qc.get("kv_cache"):
+        kv = qc["kv_cache"].get("method")
+        raise ValueError(f"this model carries tquant's {kv!r} KV-cache quantization, which no export format holds "
+                         "(vLLM / SGLang quantize their own cache: --kv-cache-dtype fp8). Export the weight-only "
+                         "model, quantized without the KV method")
+    layers = {}
+    for name, mod in model.named_modules():
+        if type(mod) is PackedLinear:
+            layers[name] = mod
+        elif isinstance(mod, QuantizedLinear) or getattr(mod, "spec_type", None) in _NO_FORMAT:
+            what = _NO_FORMAT.get(getattr(mod, "spec_type", ""), type(mod).__name__)
+            raise ValueError(f"method {method!r} stores {name} as {type(mod).__name__}, {what}: {INSTEAD}"
+                             + (" (W8A8 int-quantized export is not implemented yet)"
+                                if getattr(mod, "spec_type", "") == "act_quant_linear" else ""))
+    if not layers:
+        raise ValueError("the model has no quantized linear layer to export")
+    return layers
+
+
+def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_format: str = "gptq",
+           overwrite: bool = False) -> str:
+    """Write a tquant model (or a tquant checkpoint folder) to folder `out` in `format`: "compressed-tensors"
+    (pack-quantized, for vLLM / SGLang / transformers) or "gptq" (gptq_format "gptq" = v1, "gptq_v2" = v2).
+    Returns out."""
+    import os
+
+    from . import compressed_tensors, gptq
+    from .common import write_checkpoint
+
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    source = None
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        from ..serialization import load
+
+        source = os.fspath(model_or_dir)
+        model = load(source)
+    else:
+        model = model_or_dir
+    layers = _quantized_layers(model)
+    extra = {}
+    if format == "compressed-tensors":
+        config, tensors = compressed_tensors.export(model, layers)
+    else:
+        config, tensors, extra = gptq.export(model, layers, gptq_format)
+    write_checkpoint(out, config, tensors, source, extra, overwrite=overwrite)
+    return out
