@@ -241,6 +241,9 @@ def ncu_case(spec):
 
 
 def main():
+    from tquant.kernels import weight_only_matmul as wom
+
+    wom.USE_H2 = True  # "tquant" times the dispatcher with the half2 GEMV among its M = 1 candidates
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x14336,14336x4096,4096x6144,4096x4096,4096x28672")
     ap.add_argument("--ms", default="1,16,64")

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tquant.kernels import w4a16_gemv
+from tquant.kernels import weight_only_matmul as weight_only_matmul_module
 from tquant.kernels.weight_only_matmul import weight_only_matmul, weight_only_matmul_ref
 from tquant.formats.packing import pack_codes
 from tests.kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401  (autouse fixture)
@@ -116,11 +117,13 @@ def test_w4a16_gemv_h2_asm_close_to_portable(monkeypatch, dtype, perm):
 
 @pytest.mark.skipif(not GPU or not torch.cuda.is_available(), reason="dispatcher tuning needs a CUDA GPU")
 def test_w4a16_gemv_h2_dispatcher_offers_it(monkeypatch):
-    """weight_only_matmul at M=1, 4-bit fp16 tunes over gemv_h2 and gemv, and its output matches the reference."""
+    """With USE_H2 on, weight_only_matmul at M=1, 4-bit fp16 tunes over gemv_h2 and gemv, and its output matches the
+    reference."""
     seen = []
     real = w4a16_gemv.gemv_h2
     monkeypatch.setattr(w4a16_gemv, "gemv_h2", lambda *a, **kw: seen.append(1) or real(*a, **kw))
     monkeypatch.setenv("TQUANT_AUTOTUNE", "0")
+    monkeypatch.setattr(weight_only_matmul_module, "USE_H2", True)
     t = make_inputs(300, 512, 128, torch.float16, False, False, 1.0, seed=9)
     y = weight_only_matmul(t["x"], t["qweight"], t["scales"], t["zeros"], bits=4, group_size=128, in_features=512)
     assert seen, "gemv_h2 is the default candidate at M=1"
