@@ -7,11 +7,12 @@ from typing import Iterable
 
 from torch import nn
 
-from .calib.data import calibration_data
-from .config import write_weight_config
+from .calib.data import calibration_data, check_calibration_size
+from .config import tquant_config, write_weight_config
 from .driver import quantize_blocks
 from .kv.hook import attach
 from .methods import KVCacheMethod, Method, get_method
+from .modules import QuantizedLinear
 
 
 def quantize(
@@ -50,6 +51,31 @@ def quantize(
     weights: it sets up the model's quantized KV cache (tquant.kv.hook), which generate() then uses (calibrated on
     calib= where the method needs data); apply it before or after a weight method to combine the two.
     """
+    chosen = make_method(method, bits=bits, group_size=group_size, sym=sym, **method_options)
+    _check_not_quantized(model, chosen)
+    if isinstance(chosen, KVCacheMethod):
+        chosen.check_model(model.config)
+    elif not any(isinstance(x, nn.Linear) for x in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize")
+    ids = None
+    if chosen.needs_calibration:
+        if calib is None:
+            raise ValueError(f"method {method!r} needs calibration data: pass calib= (token ids, texts or 'pydoc')")
+        ids = calibration_data(calib, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
+        check_calibration_size(ids.numel(), method, _width(model))
+    if isinstance(chosen, KVCacheMethod):
+        return _quantize_kv_cache(model, chosen, ids, batch_size)
+    patterns = list(skip)
+    fit = group_size is None and "group_size" not in method_options  # the method's default: fitted to the model
+    return _quantize_weights(model, chosen, ids, device=device, true_sequential=true_sequential, batch_size=batch_size,
+                             skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), lm_head=lm_head,
+                             embeddings=embeddings, progress=progress, fit_group_size=fit)
+
+
+def make_method(method: str, *, bits: int | None = None, group_size: int | None = None, sym: bool | None = None,
+                **method_options) -> Method | KVCacheMethod:
+    """The method object tquant.quantize runs, its options checked (ValueError: an unknown method or option, bits
+    or another option the method refuses) without a model: the CLI calls it before loading one."""
     cls = get_method(method)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(method_options) - known
@@ -60,24 +86,32 @@ def quantize(
             raise ValueError(f"{method!r} quantizes the KV cache, not weights: give kv_bits= instead of bits=")
         if group_size is not None and "group_size" not in known:
             raise ValueError(f"{method!r} takes no group_size (it sets its own groups); its options: {sorted(known)}")
-        chosen = cls(**({} if group_size is None else {"group_size": group_size}), **method_options)
-        chosen.check_model(model.config)
-    else:
-        core = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
-        chosen = cls(**core, **method_options)
-        if not any(isinstance(x, nn.Linear) for x in model.modules()):
-            raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize")
-    ids = None
-    if chosen.needs_calibration:
-        if calib is None:
-            raise ValueError(f"method {method!r} needs calibration data: pass calib= (token ids, texts or 'pydoc')")
-        ids = calibration_data(calib, tokenizer, n_samples=n_samples, seqlen=seqlen, seed=seed)
-    if isinstance(chosen, KVCacheMethod):
-        return _quantize_kv_cache(model, chosen, ids, batch_size)
-    patterns = list(skip)
-    return _quantize_weights(model, chosen, ids, device=device, true_sequential=true_sequential, batch_size=batch_size,
-                             skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), lm_head=lm_head,
-                             embeddings=embeddings, progress=progress)
+        if sym is not None:
+            raise ValueError(f"{method!r} quantizes the KV cache and sets its own grid: it takes no sym= / --asym")
+        return cls(**({} if group_size is None else {"group_size": group_size}), **method_options)
+    core = {k: v for k, v in dict(bits=bits, group_size=group_size, sym=sym).items() if v is not None}
+    return cls(**core, **method_options)
+
+
+def _check_not_quantized(model: nn.Module, method) -> None:
+    """A weight method on a model whose weights tquant already quantized (or a KV method on one whose KV cache it
+    already quantized) is refused, naming the method that did it."""
+    qc = tquant_config(getattr(model, "config", None)) or {}
+    if isinstance(method, KVCacheMethod):
+        if qc.get("kv_cache"):
+            raise ValueError(f"this model's KV cache is already quantized with {qc['kv_cache'].get('method')!r}; "
+                             "apply a KV-cache method to a model without one")
+        return
+    if qc.get("layers") or any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        raise ValueError(f"this model is already quantized with {qc.get('method') or 'tquant'}; quantize the float "
+                         "model instead")
+
+
+def _width(model: nn.Module) -> int | None:
+    """The model's hidden size (its input embedding's width), or None where it has none."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get is not None else None
+    return getattr(emb, "embedding_dim", None)
 
 
 def _quantize_kv_cache(model: nn.Module, method: KVCacheMethod, ids, batch_size: int) -> nn.Module:

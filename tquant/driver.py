@@ -18,6 +18,7 @@ Data-free methods (RTN) skip the forward passes.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable
 
 import torch
@@ -30,6 +31,8 @@ from .modules import PackedEmbedding, linear_module
 from .formats.weights import QuantizedWeight
 from .formats.quantizer import resolve_group_size
 from .models import conv1d_type, find_blocks
+
+log = logging.getLogger("tquant")
 
 
 class _Captured(Exception):
@@ -188,29 +191,42 @@ def quantize_blocks(
     lm_head: bool = False,
     embeddings: bool = False,
     progress: bool = True,
+    fit_group_size: bool = False,
 ) -> dict[str, dict]:
     """Quantize every nn.Linear inside the decoder blocks (and the lm_head / input embedding if asked) in place.
-    Returns {layer name: module spec}."""
+    Returns {layer name: module spec}. fit_group_size=True (the caller gave no group_size): the method's default
+    group size becomes the largest of 128 / 64 / 32 dividing every quantized layer's in_features
+    (Method.fit_group_size), said in one line on the "tquant" logger."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks_name, blocks = find_blocks(model)
     dtype = next(model.parameters()).dtype
     targets = []
     for i, block in enumerate(blocks):
-        lin = {n: m for n, m in _linears(block).items() if not skip(f"{blocks_name}.{i}.{n}")}
-        for n, m in lin.items():
-            method.check_layer(m, f"{blocks_name}.{i}.{n}")
-        targets.append(lin)
+        targets.append({n: m for n, m in _linears(block).items() if not skip(f"{blocks_name}.{i}.{n}")})
     if not any(targets):
         raise ValueError("no nn.Linear layer is left to quantize (all were skipped)")
+    head = emb = None
     if lm_head:
         head = model.get_output_embeddings()
         if not isinstance(head, nn.Linear):
             raise ValueError(f"lm_head=True needs an nn.Linear output embedding, found {type(head).__name__}")
-        method.check_layer(head, "lm_head")
     if embeddings:
         emb = model.get_input_embeddings()
         if not isinstance(emb, nn.Embedding):
             raise ValueError(f"embeddings=True needs an nn.Embedding input embedding, found {type(emb).__name__}")
+    if fit_group_size:  # the caller gave no group_size: the method's default, fitted to every layer quantized
+        widths = [m.in_features for lin in targets for m in lin.values()]
+        widths += [head.in_features] if head is not None else []
+        widths += [emb.embedding_dim] if emb is not None else []
+        line = method.fit_group_size(widths)
+        if line:
+            log.info(line)
+    for i, lin in enumerate(targets):
+        for n, m in lin.items():
+            method.check_layer(m, f"{blocks_name}.{i}.{n}")
+    if head is not None:
+        method.check_layer(head, "lm_head")
+    if emb is not None:
         resolve_group_size(method.group_size, emb.embedding_dim, "embeddings")
 
     inputs = None

@@ -43,12 +43,13 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
 
 
 def _check_local(name: str) -> None:
-    """ValueError for a name that looks like a local path (starts with '.', '~' or '/', has more than one '/', or
+    """ValueError for a name that looks like a local path (starts with '.', '~' or '/', ends with .gguf, has more
+    than one '/', or
     its first part is a local folder) but names no folder or .gguf file, and for a folder holding a model tquant
     already quantized; a hub id (org/name, no folder org here) passes to transformers."""
     path = os.path.expanduser(name)
     parts = name.split("/")
-    looks_local = (name.startswith((".", "~", "/")) or os.sep in name.replace("/", "") or len(parts) > 2
+    looks_local = (name.startswith((".", "~", "/")) or name.endswith(".gguf") or os.sep in name.replace("/", "") or len(parts) > 2
                    or (len(parts) == 2 and os.path.isdir(parts[0])))  # a hub id is org/name, org no local folder
     if looks_local and not (os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".gguf"))):
         raise ValueError(f"no model at {name} (not a folder or .gguf file); give a local HF folder, a hub id like "

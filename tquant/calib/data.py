@@ -80,6 +80,30 @@ def source_tokens(name: str, tokenizer, split: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids[0]
 
 
+# How much calibration a method gets: fewer than MIN_CALIB_TOKENS tokens is refused (a few tokens give GPTQ a
+# rank-deficient Hessian and a broken model: calib=["hi", "ok"] took SmolLM2-135M's perplexity from 12 to 183),
+# fewer than RECOMMENDED_CALIB_TOKENS warns (every table in docs/methods.md uses 16 x 512 tokens or more). Checked
+# on models at least MIN_CHECKED_WIDTH channels wide, i.e. every real language model (SmolLM2-135M: 576, GPT-2:
+# 768); narrower, test-sized models calibrate on whatever they are given.
+MIN_CALIB_TOKENS = 512
+RECOMMENDED_CALIB_TOKENS = 16 * 512
+MIN_CHECKED_WIDTH = 256
+
+
+def check_calibration_size(n_tokens: int, method: str, width: int | None) -> None:
+    """ValueError below MIN_CALIB_TOKENS calibration tokens, a UserWarning below RECOMMENDED_CALIB_TOKENS, for a
+    model `width` (hidden size) channels wide; nothing for a narrower (test-sized) model or an unknown width."""
+    if width is None or width < MIN_CHECKED_WIDTH or n_tokens >= RECOMMENDED_CALIB_TOKENS:
+        return
+    how = ('calib="pydoc" (offline) or "wikitext2" with the default n_samples=128, seqlen=512 (65536 tokens), or '
+           'more / longer texts')
+    if n_tokens < MIN_CALIB_TOKENS:
+        raise ValueError(f"method {method!r} got {n_tokens} calibration tokens; it needs at least {MIN_CALIB_TOKENS} "
+                         f"({RECOMMENDED_CALIB_TOKENS} or more recommended): give {how}")
+    warnings.warn(f"method {method!r} got only {n_tokens} calibration tokens; {RECOMMENDED_CALIB_TOKENS} or more are "
+                  f"recommended (quality suffers below that): give {how}", stacklevel=3)
+
+
 def random_windows(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """n_samples windows of seqlen tokens at seeded random offsets: LongTensor [n_samples, seqlen]."""
     if ids.numel() <= seqlen:

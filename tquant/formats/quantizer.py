@@ -38,6 +38,27 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits} is not supported for weights; choose one of {SUPPORTED_BITS}")
 
 
+STANDARD_GROUP_SIZES = (128, 64, 32)
+
+
+def fit_group_size(in_features, start: int = STANDARD_GROUP_SIZES[0]) -> tuple[int, str]:
+    """The group size a default becomes on a model whose layers have these in_features: the largest of
+    STANDARD_GROUP_SIZES, not above `start`, dividing every one of them, else -1 (per channel); and the one line
+    saying so ("" when `start` itself divides them all)."""
+    ks = sorted(set(in_features))
+    sizes = [g for g in STANDARD_GROUP_SIZES if g <= start]
+    chosen = next((g for g in sizes if all(k % g == 0 for k in ks)), -1)
+    if chosen == start:
+        return chosen, ""
+    bad = next(k for k in ks if k % start)
+    listed = "/".join(map(str, sizes))
+    if chosen == -1:
+        return -1, (f"group_size -1 (per channel): none of {listed} divides every layer's in_features "
+                    f"({next(k for k in ks if k % sizes[-1])} is not a multiple of {sizes[-1]})")
+    return chosen, (f"group_size {chosen}: the largest of {listed} dividing every layer's in_features ({bad} is not "
+                    f"a multiple of {start})")
+
+
 def resolve_group_size(group_size: int, in_features: int, layer: str = "") -> int:
     """-1 (or 0, None) means per-channel. Returns the concrete group size; the group must divide K."""
     if group_size is None or group_size <= 0:

@@ -13,7 +13,9 @@ Two optional hooks for methods that change more than one weight at a time:
     method.finish_block(block, linears, results, inputs, prefix)   # after a block's linears are quantized (and
         their de-quantized weights written back): may tune the results and the block's other parameters
 method.check_layer(linear, name) raises a ValueError naming a layer the method cannot quantize; the driver
-calls it for every target before any work starts.
+calls it for every target before any work starts. When the caller left group_size at the method's default, the
+driver first calls method.fit_group_size(in_features of every target): a default of 128 becomes the largest of
+128 / 64 / 32 dividing them all (per channel if none), so the defaults work on any model.
 
 Methods never launch kernels and never replace modules themselves.
 """
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from ..formats.weights import QuantizedWeight
-from ..formats.quantizer import check_bits, resolve_group_size
+from ..formats.quantizer import STANDARD_GROUP_SIZES, check_bits, fit_group_size, resolve_group_size
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -97,6 +99,15 @@ class Method:
 
     def new_state(self, name: str, linear: nn.Linear) -> LayerState:
         return self.state_class(name, linear)
+
+    def fit_group_size(self, in_features) -> str:
+        """Called instead of an explicit group_size (the caller gave none): a default among STANDARD_GROUP_SIZES
+        becomes the largest of them, not above it, dividing every in_features (-1, per channel, if none does).
+        Returns the line saying what changed ("" if nothing did); other defaults (per channel, SpQR's 16) stay."""
+        if self.group_size not in STANDARD_GROUP_SIZES:
+            return ""
+        self.group_size, line = fit_group_size(in_features, self.group_size)
+        return line
 
     def check_layer(self, linear: nn.Linear, name: str) -> None:
         self.layer_group_size(linear, name)
