@@ -84,7 +84,7 @@ def _load_saved(path: str, device: str):
 def _eval_options(a, saved_dir=None) -> dict:
     """tquant.tools.eval.evaluate's keyword arguments from the options of _add_eval_options."""
     speed = dict(prompt_len=a.prompt_len, new_tokens=a.new_tokens, batch=a.speed_batch, saved_dir=saved_dir)
-    return dict(ppl=a.ppl, seqlen=a.seqlen, n_windows=a.windows, tasks=a.tasks, batch_size=a.batch_size,
+    return dict(ppl=a.ppl, seqlen=a.seqlen, n_windows=a.windows or None, tasks=a.tasks, batch_size=a.batch_size,
                 max_length=a.max_length, limit=a.limit, include_path=a.include_path, speed=speed if a.speed else None)
 
 
@@ -97,14 +97,26 @@ def _write_json(path, results) -> None:
 
 def cmd_quantize(a) -> None:
     import tquant
+    from tquant.api import make_method
+    from tquant.calib.data import NAMED_SOURCES
     from tquant.models import load_model
     from tquant.serialization import check_target
 
-    check_target(a.out, a.overwrite)  # before minutes of quantization
+    # everything that can be refused without the model is, before loading it: the target, the method and its
+    # options (bits included), the calibration source
+    check_target(a.out, a.overwrite)
+    options = dict(a.option)
+    for key, value in dict(bits=a.bits, group_size=a.group_size, sym=False if a.asym else None).items():
+        if value is not None:
+            if key in options:
+                raise ValueError(f"{key} is given twice, as --{key.replace('_', '-')} and as --option {key}=")
+            options[key] = value
+    if make_method(a.method, **options).needs_calibration and a.calib not in NAMED_SOURCES:
+        raise ValueError(f"unknown calibration source {a.calib!r}; named sources are {NAMED_SOURCES}")
+    print(f"loading {a.model}", file=sys.stderr)
     model, tok = load_model(a.model, device="cpu")
-    tquant.quantize(model, a.method, bits=a.bits, group_size=a.group_size, sym=False if a.asym else None, calib=a.calib,
-                    tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen, device=a.device, skip=a.skip,
-                    lm_head=a.lm_head, embeddings=a.embeddings, **dict(a.option))
+    tquant.quantize(model, a.method, calib=a.calib, tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen,
+                    device=a.device, skip=a.skip, lm_head=a.lm_head, embeddings=a.embeddings, **options)
     qc = model.config.quantization_config
     qc["base_model"] = a.model  # what `tquant analyze` compares against when not given --model
     tquant.save(model, a.out, tokenizer=tok, overwrite=a.overwrite)
@@ -176,15 +188,25 @@ def cmd_demo(a) -> None:
     from tquant.tools.chat import answer as greedy_answer
     from tquant.models import load_model, model_bytes
 
+    def step(text):
+        print(text, file=sys.stderr, flush=True)
+
+    step("loading the offline SmolLM2-135M-Instruct")
     model, tok = load_model("default")
     question = "What is the capital of France?"
-    ppl = lambda m: tq_eval.perplexity(m, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows, progress=False)
-    before = {"ppl": ppl(model), "MiB": model_bytes(model) / 2**20, "answer": greedy_answer(model, tok, question)}
+
+    def measure(name):
+        step(f"{name}: perplexity on {a.windows} x 512 pydoc tokens, then the answer to {question!r}")
+        ppl = tq_eval.perplexity(model, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows)
+        return {"ppl": ppl, "MiB": model_bytes(model) / 2**20, "answer": greedy_answer(model, tok, question)}
+
+    before = measure("float32")
+    step(f"quantizing with GPTQ W{a.bits} g{a.group_size} on {a.n_samples} x 512 calibration tokens (pydoc)")
     t = time.time()
     tquant.quantize(model, "gptq", bits=a.bits, group_size=a.group_size, calib="pydoc", tokenizer=tok,
                     n_samples=a.n_samples, seqlen=512)
     seconds = time.time() - t
-    after = {"ppl": ppl(model), "MiB": model_bytes(model) / 2**20, "answer": greedy_answer(model, tok, question)}
+    after = measure("quantized")
     print(f"\nSmolLM2-135M-Instruct, GPTQ W{a.bits} g{a.group_size}, {a.n_samples} x 512 calibration tokens "
           f"(pydoc), quantized in {seconds:.0f} s; perplexity on {a.windows} x 512 pydoc eval windows")
     print(f"{'':10} {'perplexity':>10} {'size MiB':>9}  answer to {question!r}")
@@ -209,7 +231,8 @@ def _add_eval_options(p, ppl) -> None:
                    help="comma-separated text sources: pydoc (offline) | wikitext2 | c4 | pile" +
                         (f" (default: {ppl})" if ppl else ""))
     p.add_argument("--seqlen", type=int, default=512, help="perplexity window")
-    p.add_argument("--windows", type=int, default=None, help="perplexity windows (default: all)")
+    p.add_argument("--windows", type=int, default=40, help="perplexity windows of --seqlen tokens (0: all); 40 x 512 "
+                   "pydoc tokens is the setting of the README's tables (default 40)")
     p.add_argument("--tasks", type=_names, default=[], help="comma-separated lm-eval tasks")
     p.add_argument("--include-path", default=None, help="folder of local lm-eval task YAMLs")
     p.add_argument("--limit", type=float, default=None, help="examples per task (< 1: a fraction)")
@@ -311,8 +334,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_to_stderr() -> None:
+    """The "tquant" logger's lines (e.g. the group size a default became) on stderr, once."""
+    import logging
+
+    log = logging.getLogger("tquant")
+    if not any(getattr(h, "_tquant_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("tquant: %(message)s"))
+        handler._tquant_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv=None) -> None:
     a = parser().parse_args(argv)
+    _log_to_stderr()
     try:
         a.fn(a)
     except (ValueError, OSError, ImportError) as err:  # each says what to do: another source, a path, a package

@@ -63,7 +63,8 @@ def perplexity(
     decode_from=P runs each window as generation does, through a KV cache (the model's quantized cache,
     tquant.kv_cache, when it has one; else transformers' DynamicCache): tokens [0, P) in one forward (the
     prefill), then one token a forward, so every later prediction reads the cached (quantized) keys and values.
-    The predictions and the formula are the same.
+    The predictions and the formula are the same. progress=True shows a bar over the windows (on stderr);
+    progress=False runs silently.
     """
     if seqlen < 2:
         raise ValueError(f"seqlen must be at least 2 (one next-token prediction), got {seqlen}")
@@ -100,8 +101,8 @@ def perplexity(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for start in tqdm(range(0, n_full, batch_size), desc="perplexity", unit="batch", disable=not progress):
+        with torch.no_grad(), tqdm(total=n_full, desc="perplexity", unit="window", disable=not progress) as bar:
+            for start in range(0, n_full, batch_size):
                 batch = windows[start : start + batch_size].to(dev)
                 if decode_from is None:
                     logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
@@ -109,6 +110,7 @@ def perplexity(
                     logits = _decoded_logits(model, batch, decode_from)[:, :-1].float()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
                 nll += loss.double().cpu()
+                bar.update(batch.shape[0])
     finally:
         model.train(was_training)
     return math.exp(nll.item() / (n_full * (seqlen - 1)))
