@@ -9,7 +9,7 @@ from tquant.modules import PackedLinear
 from tests.tiny_models import tiny_model, token_batch
 
 
-def quantized(method="rtn", bits=4, group_size=32, sym=True, arch="llama", **opts):
+def quantized(method="rtn", bits=4, group_size=32, sym=None, arch="llama", **opts):
     model = tiny_model(arch)
     tquant.quantize(model, method, bits=bits, group_size=group_size, sym=sym, calib=token_batch(8), progress=False,
                     **opts)

@@ -43,9 +43,12 @@ def _quantized_layers(model):
             layers[name] = mod
         elif isinstance(mod, QuantizedLinear) or getattr(mod, "spec_type", None) in _NO_FORMAT:
             what = _NO_FORMAT.get(getattr(mod, "spec_type", ""), type(mod).__name__)
-            raise ValueError(f"method {method!r} stores {name} as {type(mod).__name__}, {what}: {INSTEAD}"
-                             + (" (W8A8 int-quantized export is not implemented yet)"
-                                if getattr(mod, "spec_type", "") == "act_quant_linear" else ""))
+            if getattr(mod, "spec_type", "") == "act_quant_linear":
+                why = ("compressed-tensors int-quantized (W8A8) export is not implemented yet, and GPTQ holds weight-"
+                       "only layers. Quantize the float model with gptq or rtn (weight-only) and export that")
+            else:
+                why = INSTEAD
+            raise ValueError(f"method {method!r} stores {name} as {type(mod).__name__}, {what}: {why}")
     if not layers:
         raise ValueError("the model has no quantized linear layer to export")
     return layers
