@@ -40,7 +40,9 @@ def quantize(
 
     method: a registered name (tquant.methods()); bits: 2, 3, 4 or 8; group_size: input channels per
     scale (-1 = per output channel); bits and group_size default to the method's own (tquant.methods():
-    4 and 128 for rtn / gptq / qqq, 8 and per-channel for smoothquant / zeroquant); sym: symmetric grid (default:
+    4 and 128 for rtn / gptq / qqq, 8 and per-channel for smoothquant / zeroquant; a default group of 128 left
+    unset becomes the largest of 128 / 64 / 32 dividing every quantized layer's in_features, said on the "tquant"
+    logger); sym: symmetric grid (default:
     the method's, True for most, False for spqr); calib: token ids [n, seqlen] or 1-D, a list of
     strings (with tokenizer=), or a named source "auto" | "pydoc" | "wikitext2" | "c4" | "pile" (with
     tokenizer=; "auto" is wikitext2 when the hub is reachable, else the offline pydoc corpus);
