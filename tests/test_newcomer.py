@@ -82,8 +82,8 @@ def test_quantizing_twice_names_the_first_method(tmp_path):
         load_model(str(tmp_path / "q"))
     kv = tquant.quantize(tiny_model("llama"), "kivi", kv_bits=4, group_size=16)
     tquant.quantize(kv, "rtn", bits=4, group_size=32, progress=False)  # weights after a KV method: fine
-    with pytest.raises(ValueError, match="KV cache is already quantized with 'kivi'"):
-        tquant.quantize(kv, "kivi", kv_bits=2)
+    tquant.quantize(kv, "kivi", kv_bits=2, group_size=16)  # a KV method again replaces the cache spec
+    assert kv.config.quantization_config["kv_cache"]["kv_bits"] == 2
 
 
 @pytest.mark.parametrize("name", ["./no-such-model", "~/no-such-model-here", "/tmp/no/such/model", "a/b/c",

@@ -96,13 +96,11 @@ def make_method(method: str, *, bits: int | None = None, group_size: int | None 
 
 
 def _check_not_quantized(model: nn.Module, method) -> None:
-    """A weight method on a model whose weights tquant already quantized (or a KV method on one whose KV cache it
-    already quantized) is refused, naming the method that did it."""
+    """A weight method on a model whose weights tquant already quantized is refused, naming the method that did it.
+    A KV-cache method changes no weight (qoq_kv4's SmoothAttention checks itself), so applying one again replaces the
+    cache spec."""
     qc = tquant_config(getattr(model, "config", None)) or {}
     if isinstance(method, KVCacheMethod):
-        if qc.get("kv_cache"):
-            raise ValueError(f"this model's KV cache is already quantized with {qc['kv_cache'].get('method')!r}; "
-                             "apply a KV-cache method to a model without one")
         return
     if qc.get("layers") or any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError(f"this model is already quantized with {qc.get('method') or 'tquant'}; quantize the float "
