@@ -122,11 +122,12 @@ def _decoded_logits(model, batch, prefill: int) -> torch.Tensor:
 
     from ..config import tquant_config
     from ..kv.hook import kv_cache
+    from ..models import cache_kwarg
 
     cache = kv_cache(model) if "kv_cache" in (tquant_config(model.config) or {}) else DynamicCache()
-    out = [model(input_ids=batch[:, :prefill], past_key_values=cache, use_cache=True).logits]
+    out = [model(input_ids=batch[:, :prefill], use_cache=True, **{cache_kwarg(model): cache}).logits]
     for t in range(prefill, batch.shape[1]):
-        out.append(model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        out.append(model(input_ids=batch[:, t : t + 1], use_cache=True, **{cache_kwarg(model): cache}).logits)
     return torch.cat(out, dim=1)
 
 
