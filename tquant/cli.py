@@ -11,6 +11,9 @@
                                     (per-layer statistics and error against the fp model: JSON + PNG)
     tquant tune DIR [--batches 1,16,64 --prompt-len 1024 --retune]
                                     (autotune the model's kernels on this GPU, write the configs file)
+    tquant export DIR OUT --format compressed-tensors|gptq [--gptq-format v1|v2] [--overwrite]
+                                    (a tquant checkpoint in a format vLLM / SGLang serve; tquant.load reads
+                                    compressed-tensors, GPTQ and AWQ checkpoints directly)
     tquant methods                  (methods and their options)
     tquant demo                     (quantize the offline default model and show before/after)
 """
@@ -172,6 +175,14 @@ def cmd_chat(a) -> None:
             print(cut_note(a.max_new_tokens), file=sys.stderr)
 
 
+def cmd_export(a) -> None:
+    import tquant
+
+    tquant.export(a.dir, a.out, format=a.format, gptq_format={"v1": "gptq", "v2": "gptq_v2"}[a.gptq_format],
+                  overwrite=a.overwrite)
+    print(f"wrote {a.format} checkpoint to {a.out}")
+
+
 def cmd_methods(a) -> None:
     import tquant
 
@@ -323,6 +334,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens (prefill M = batch x this)")
     t.add_argument("--retune", action="store_true", help="tune every key again, ignoring the shipped / user files")
     t.add_argument("--device", default="cuda", help="the GPU to tune on")
+
+    x = command("export", "write a saved model in a format serving engines load (vLLM, SGLang)", cmd_export)
+    x.add_argument("dir", help="a folder written by tquant quantize / tquant.save")
+    x.add_argument("out", help="output folder")
+    x.add_argument("--format", required=True, choices=("compressed-tensors", "gptq"),
+                   help="compressed-tensors (pack-quantized) or gptq")
+    x.add_argument("--gptq-format", default="v1", choices=("v1", "v2"),
+                   help="--format gptq: v1 (checkpoint_format 'gptq', zeros stored minus 1; what most readers take) "
+                        "or v2 ('gptq_v2': any zero point)")
+    x.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
 
     command("methods", "list methods and options", cmd_methods)
 
