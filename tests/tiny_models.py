@@ -36,11 +36,45 @@ ARCHS = {
         eos_token_id=VOCAB - 1),
 }
 
+# issue 28's architectures (tests/test_architectures.py), apart from ARCHS so the tests parametrized over ARCHS keep
+# their set: the sliding window (8) is shorter than the test sequences, and Gemma's layer_types alternate so both
+# attention kinds (each with its own mask and rotary table) run
+MORE_ARCHS = {
+    "llama3": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "qwen3": lambda: transformers.Qwen3Config(  # q_norm / k_norm on each head
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256),
+    "gemma2": lambda: transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16,
+        final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16, final_logit_softcapping=30.0),
+    "phi3": lambda: transformers.Phi3Config(  # fused qkv_proj and gate_up_proj
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=256,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1),
+    "mixtral": lambda: transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_experts=4,
+        num_experts_per_tok=2),
+}
+
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
     """A random model of `arch`; overrides set config fields (e.g. attention_dropout=0.5)."""
     torch.manual_seed(seed)
-    cfg = ARCHS[arch]()
+    cfg = (ARCHS[arch] if arch in ARCHS else MORE_ARCHS[arch])()
     for key, value in overrides.items():
         setattr(cfg, key, value)
     cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = VOCAB - 1

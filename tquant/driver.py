@@ -1,7 +1,8 @@
 """The one layer-by-layer driver every method runs through.
 
     blocks = the decoder layers (found generically: the nn.ModuleList holding the most parameters)
-    X_0    = inputs of block 0 on the calibration set (captured by stopping the model at block 0)
+    X_0    = inputs of block 0 on the calibration set, and each block's own other inputs (masks, rotary tables:
+             they differ between attention kinds), captured in one pass through stand-ins for the blocks
     for block i (moved alone to `device`):
         input groups = linears reading the same tensor (q/k/v, gate/up), in the block's call order
         method.prepare_block(...)               # block-level transforms first (smoothing, LKD)
@@ -30,7 +31,7 @@ from .methods.base import Method
 from .modules import PackedEmbedding, linear_module
 from .formats.weights import QuantizedWeight
 from .formats.quantizer import resolve_group_size
-from .models import conv1d_type, find_blocks
+from .models import check_weights_supported, conv1d_type, find_blocks, model_type
 
 log = logging.getLogger("tquant")
 
@@ -80,15 +81,16 @@ def _linears(block: nn.Module) -> dict[str, nn.Linear]:
 
 
 @contextlib.contextmanager
-def _without_blocks(model, blocks_name: str, stand_in: nn.Module, device):
-    """The model with its block list replaced by [stand_in] and every other module moved to `device`."""
+def _without_blocks(model, blocks_name: str, stand_in, device):
+    """The model with its block list replaced by stand_in (one module or a list of them) and every other module
+    moved to `device`."""
     parent_name, _, attr = blocks_name.rpartition(".")
     parent = model.get_submodule(parent_name)
     blocks = getattr(parent, attr)
     setattr(parent, attr, nn.ModuleList())
     home = next(model.parameters()).device
     model.to(device)
-    setattr(parent, attr, nn.ModuleList([stand_in]))
+    setattr(parent, attr, nn.ModuleList(stand_in if isinstance(stand_in, list) else [stand_in]))
     try:
         yield
     finally:
@@ -105,18 +107,38 @@ def _batches(calib: torch.Tensor, batch_size: int, device):
 @torch.no_grad()
 def capture_block_inputs(model, blocks_name, blocks, calib: torch.Tensor, device, batch_size: int):
     """[(args, kwargs)] of block 0, one entry per calibration batch; only non-block modules go to device."""
+    return capture_all_block_inputs(model, blocks_name, blocks, calib, device, batch_size)[0]
 
-    def catch(args, kwargs):
-        raise _Captured(args, kwargs)
 
-    captured = []
-    with _without_blocks(model, blocks_name, _StandIn(blocks[0], catch), device):
+@torch.no_grad()
+def capture_all_block_inputs(model, blocks_name, blocks, calib: torch.Tensor, device, batch_size: int):
+    """(block 0's [(args, kwargs)] per calibration batch, and for every block i its own [(args[1:], kwargs)] per
+    batch). Each block gets what the model hands that block: models with several attention kinds (Gemma-2/3's
+    alternating sliding / full layers, Qwen's layer_types) pass each layer the mask and rotary table of its
+    kind. One forward per batch through stand-ins that record their call and pass the hidden states on unchanged
+    (the masks and position tables are computed before the first layer, from the ids alone); the last one stops
+    the pass."""
+    calls = [[] for _ in blocks]
+
+    def record(i):
+        def fn(args, kwargs):
+            calls[i].append((args, kwargs))
+            if i == len(blocks) - 1:
+                raise _Captured(args, kwargs)
+            return args[0]
+        return fn
+
+    stand_ins = [_StandIn(b, record(i)) for i, b in enumerate(blocks)]
+    with _without_blocks(model, blocks_name, stand_ins, device):
         for ids in _batches(calib, batch_size, device):
             try:
                 model(input_ids=ids, use_cache=False)
-            except _Captured as c:
-                captured.append((c.args, c.kwargs))
-    return captured
+            except _Captured:
+                pass
+            if any(len(c) != len(calls[0]) for c in calls):
+                raise RuntimeError(f"model type {model_type(model)!r}: the model did not call each of its {len(blocks)} decoder "
+                                   "blocks once per forward; tquant cannot capture the blocks' inputs")
+    return calls[0], [[(args[1:], kwargs) for args, kwargs in c] for c in calls]
 
 
 def _run_passes(passes) -> None:
@@ -199,6 +221,7 @@ def quantize_blocks(
     (Method.fit_group_size), said in one line on the "tquant" logger."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks_name, blocks = find_blocks(model)
+    check_weights_supported(model, blocks_name, blocks)
     dtype = next(model.parameters()).dtype
     targets = []
     for i, block in enumerate(blocks):
@@ -229,27 +252,32 @@ def quantize_blocks(
     if emb is not None:
         resolve_group_size(method.group_size, emb.embedding_dim, "embeddings")
 
-    inputs = None
+    states = per_block = None  # the hidden states entering block i, one per batch; each block's other inputs
     if method.needs_calibration:
         if calib is None or calib.numel() == 0:
             raise ValueError(f"method {method.name!r} needs calibration data (calib=)")
-        inputs = capture_block_inputs(model, blocks_name, blocks, calib, device, batch_size)
+        first, per_block = capture_all_block_inputs(model, blocks_name, blocks, calib, device, batch_size)
+        states = [args[0] for args, _ in first]
 
     specs, tuple_out = {}, False
     for i, block in enumerate(tqdm(blocks, desc=f"{method.name} blocks", disable=not progress)):
         home = next(block.parameters()).device
         block.to(device)
+        inputs = None
+        if states is not None:  # block i's own mask / rotary table (they differ between attention kinds)
+            inputs = [((h,) + tuple(rest), kwargs) for h, (rest, kwargs) in zip(states, per_block[i])]
+            per_block[i] = None
         block_specs, outputs = _quantize_block(block, targets[i], inputs, method, f"{blocks_name}.{i}.",
                                                true_sequential, dtype)
         specs.update(block_specs)
         if outputs is not None:
             tuple_out = isinstance(outputs[0], (tuple, list))
-            inputs = [((hidden(o),) + tuple(args[1:]), kwargs) for o, (args, kwargs) in zip(outputs, inputs)]
+            states = [hidden(o) for o in outputs]
         block.to(home)
     if embeddings:
         specs.update(_quantize_embedding(model, method, dtype))
     if lm_head:
-        final = None if inputs is None else [args[0] for args, _ in inputs]
+        final = states
         specs.update(_quantize_head(model, blocks_name, blocks, method, calib, final, tuple_out, device, batch_size, dtype))
     return specs
 

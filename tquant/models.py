@@ -81,8 +81,28 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if size > best_size:
                 best, best_size = (name, mod), size
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no decoder blocks with nn.Linear layers to quantize")
+        raise ValueError(f"model type {model_type(model)!r} ({type(model).__name__}) is not supported: it has no "
+                         "decoder blocks with nn.Linear layers to quantize")
     return best
+
+
+def model_type(model: nn.Module) -> str:
+    """The HF config's model_type ("llama", "gemma2", ...), else the class name."""
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def check_weights_supported(model: nn.Module, blocks_name: str, blocks: nn.ModuleList) -> None:
+    """ValueError naming the model type where the decoder blocks hold weights tquant's weight methods cannot
+    quantize: mixture-of-experts layers whose experts are fused 3-D parameters [experts, out, in] (transformers 5's
+    Mixtral, Qwen3-MoE, ...), not nn.Linear. Refused rather than left in float behind a reported success."""
+    for i, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            if p.dim() >= 3:
+                raise ValueError(
+                    f"model type {model_type(model)!r} is not supported by tquant's weight methods yet: its "
+                    f"mixture-of-experts experts are fused {p.dim()}-D parameters ({blocks_name}.{i}.{name}, shape "
+                    f"{list(p.shape)}), not nn.Linear layers, and would be left in float. KV-cache methods (kivi, "
+                    "kvquant, qoq_kv4) work on it")
 
 
 def conv1d_type():
