@@ -54,6 +54,36 @@ class QuantizedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def _return_exact(self, keys, values, start: int, key_states, value_states) -> None:
+        """Write the call's own tokens (exact) over their stored form at [start, start + t) of the returned views
+        keys / values of the torch path's decoded copy, keeping the stored form for _restore."""
+        stop = start + key_states.shape[-2]
+        self._dirty = (start, keys[..., start:stop, :].clone(), values[..., start:stop, :].clone())
+        keys[..., start:stop, :] = key_states
+        values[..., start:stop, :] = value_states
+
+    def _restore(self) -> None:
+        """The stored form back where the last update returned its tokens exact."""
+        if self._dirty is not None:
+            start, k, v = self._dirty
+            for g, x in zip(self._full, (k, v)):
+                g.view[..., start : start + x.shape[-2], :] = x
+            self._dirty = None
+
+    def _decoded_copy(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch path's decoded copy as stored: views, or a fresh copy while the last update's exact tokens
+        cover part of it."""
+        keys, values = (g.view for g in self._full)
+        if self._dirty is None:
+            return keys, values
+        start, k, v = self._dirty
+        return tuple(torch.cat([x[..., :start, :], part, x[..., start + part.shape[-2]:, :]], dim=-2)
+                     for x, part in ((keys, k), (values, v)))
+
+    def growing(self) -> list:
+        """Every growing.Growing the layer holds (its stores and the torch path's decoded copy)."""
+        return growing._leaves(self._stores) + list(self._full or ())
+
 
 class KiviLayer(QuantizedLayer):
 
@@ -155,38 +185,20 @@ class KiviLayer(QuantizedLayer):
         if not self.prefill_with_quant and start < first:
             # the call's own tokens come back exact: write them over their stored form, which the next update
             # (or stored()) puts back
-            self._dirty = (start, keys[..., start:first, :].clone(), values[..., start:first, :].clone())
-            keys[..., start:first, :] = key_states[..., : first - start, :]
-            values[..., start:first, :] = value_states[..., : first - start, :]
+            self._return_exact(keys, values, start, key_states[..., : first - start, :],
+                               value_states[..., : first - start, :])
         return keys, values
-
-    def _restore(self) -> None:
-        """The stored form back where the last update returned its tokens exact."""
-        if self._dirty is not None:
-            start, k, v = self._dirty
-            for g, x in zip(self._full, (k, v)):
-                g.view[..., start : start + x.shape[-2], :] = x
-            self._dirty = None
 
     def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every cached token as the cache holds it: [dequantized packed store ; residual], model dtype. On the
         torch path views of its decoded copy (a fresh copy while the last update's exact tokens cover part of it)."""
         if self._full is not None:
-            keys, values = (g.view for g in self._full)
-            if self._dirty is None:
-                return keys, values
-            start, k, v = self._dirty
-            return tuple(torch.cat([x[..., :start, :], part, x[..., start + part.shape[-2]:, :]], dim=-2)
-                         for x, part in ((keys, k), (values, v)))
+            return self._decoded_copy()
         if self.packed_keys is None:
             return self.keys, self.values
         k, v = (self._dequantize_keys(self.packed_keys, self.bits, self.group).to(self.dtype),
                 dequantize_values(self.packed_values, self.bits, self.group).to(self.dtype))
         return torch.cat([k, self.keys], dim=-2), torch.cat([v, self.values], dim=-2)
-
-    def growing(self) -> list:
-        """Every growing.Growing the layer holds (its stores and the torch path's decoded copy)."""
-        return growing._leaves(self._stores) + list(self._full or ())
 
     def decode_attention(self, q, keys, values, sm_scale: float | None, start) -> torch.Tensor:
         """The kernel path's attention of one query token per row, q [B, Hq, D], over the packed store and the

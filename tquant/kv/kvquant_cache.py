@@ -158,38 +158,20 @@ class KVQuantLayer(QuantizedLayer):
         if not self.prefill_with_quant and start < end:
             # the call's own tokens come back exact: write them over their stored form, which the next update
             # (or stored()) puts back
-            self._dirty = (start, keys[..., start:, :].clone(), values[..., start:, :].clone())
-            keys[..., start:, :] = key_states[..., start - end:, :]
-            values[..., start:, :] = value_states[..., start - end:, :]
+            self._return_exact(keys, values, start, key_states[..., start - end:, :],
+                               value_states[..., start - end:, :])
         return keys, values
-
-    def _restore(self) -> None:
-        """The stored form back where the last update returned its tokens exact."""
-        if self._dirty is not None:
-            start, k, v = self._dirty
-            for g, x in zip(self._full, (k, v)):
-                g.view[..., start : start + x.shape[-2], :] = x
-            self._dirty = None
 
     def stored(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every cached token as the cache holds it: [sink ; dequantized store], model dtype. On the torch path
         views of its decoded copy (a fresh copy while the last update's exact tokens cover part of it)."""
         if self._full is not None:
-            keys, values = (g.view for g in self._full)
-            if self._dirty is None:
-                return keys, values
-            start, k, v = self._dirty
-            return tuple(torch.cat([x[..., :start, :], part, x[..., start + part.shape[-2]:, :]], dim=-2)
-                         for x, part in ((keys, k), (values, v)))
+            return self._decoded_copy()
         if self.packed_keys is None:
             return self.keys, self.values
         store = self._decode(self.packed_keys, self.packed_values, *(
             () if self.rope is None else fmt.rope_cos_sin(self.positions, *self.rope, self.dtype)))
         return tuple(torch.cat([sink, part], dim=-2) for sink, part in zip((self.keys, self.values), store))
-
-    def growing(self) -> list:
-        """Every growing.Growing the layer holds (its stores and the torch path's decoded copy)."""
-        return growing._leaves(self._stores) + list(self._full or ())
 
     def _decode(self, pk: fmt.PackedKeys, pv: fmt.PackedValues, cos=None, sin=None):
         """The model-dtype keys (re-rotated by cos, sin unless post-RoPE) and values of packed tokens."""
