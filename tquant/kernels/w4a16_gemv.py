@@ -44,68 +44,54 @@ def pack_half2(lo, hi):
                                      is_pure=True, pack=1)
 
 
+def _word_ptx(word: str, xs: tuple[str, ...], first: bool) -> str:
+    """PTX of one word's 8 codes multiplied into the half2 accumulator `a` (module docstring): the codes of `word`
+    (an operand such as "$1") dequantized two at a time with the 0x6400 magic number, made exact c - z with the
+    placeholders $ZA, $ZB, $C16 (za, zb, 1/16), then multiplied by the half2 x pairs xs; first: `a` starts at the
+    first product."""
+    return (f"lop3.b32 t0, {word}, 0x000f000f, 0x64006400, 0xea;"
+            f"lop3.b32 t1, {word}, 0x00f000f0, 0x64006400, 0xea;"
+            f"shr.u32 w2, {word}, 8;"
+            "lop3.b32 t2, w2, 0x000f000f, 0x64006400, 0xea;"
+            "lop3.b32 t3, w2, 0x00f000f0, 0x64006400, 0xea;"
+            "add.rn.f16x2 t0, t0, $ZA;"
+            "fma.rn.f16x2 t1, t1, $C16, $ZB;"
+            "add.rn.f16x2 t2, t2, $ZA;"
+            "fma.rn.f16x2 t3, t3, $C16, $ZB;"
+            + (f"mul.rn.f16x2 a, t0, {xs[0]};" if first else f"fma.rn.f16x2 a, t0, {xs[0]}, a;")
+            + "".join(f"fma.rn.f16x2 a, t{j}, {xs[j]}, a;" for j in (1, 2, 3)))
+
+
+def _words_ptx(words: int) -> str:
+    """The asm block for `words` words (operands $1 ..), then their x pairs (4 a word), then za, zb, c16: their
+    products summed in one half2 accumulator, returned as fp32 ($0)."""
+    xs = [tuple(f"${words + 1 + 4 * i + j}" for j in range(4)) for i in range(words)]
+    za, zb, c16 = (f"${5 * words + 1 + i}" for i in range(3))
+    body = "".join(_word_ptx(f"${i + 1}", xs[i], i == 0) for i in range(words))
+    return ("{ .reg .b32 t0, t1, t2, t3, w2, a; .reg .b16 l, h; .reg .f32 fl, fh;"
+            + body.replace("$ZA", za).replace("$ZB", zb).replace("$C16", c16)
+            + "mov.b32 {l, h}, a;cvt.f32.f16 fl, l; cvt.f32.f16 fh, h;add.f32 $0, fl, fh; }")
+
+
+WORD_PTX = tl.constexpr(_words_ptx(1))
+WORD_PAIR_PTX = tl.constexpr(_words_ptx(2))
+
+
 @triton.jit
 def word_dot_asm(w, x0, x1, x2, x3, za, zb, c16):
     """sum_j X_j (c_j - z) over one word's 8 codes as fp32 (module docstring); X_j = (xs_j, xs_{j+4}) half2,
     za = -(1024 + z), zb = -(64 + z) as half2 pairs, c16 = 1/16 in both halves."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t0, t1, t2, t3, w2, a; .reg .b16 l, h; .reg .f32 fl, fh;"
-        "lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;"
-        "lop3.b32 t1, $1, 0x00f000f0, 0x64006400, 0xea;"
-        "shr.u32 w2, $1, 8;"
-        "lop3.b32 t2, w2, 0x000f000f, 0x64006400, 0xea;"
-        "lop3.b32 t3, w2, 0x00f000f0, 0x64006400, 0xea;"
-        "add.rn.f16x2 t0, t0, $6;"
-        "fma.rn.f16x2 t1, t1, $8, $7;"
-        "add.rn.f16x2 t2, t2, $6;"
-        "fma.rn.f16x2 t3, t3, $8, $7;"
-        "mul.rn.f16x2 a, t0, $2;"
-        "fma.rn.f16x2 a, t1, $3, a;"
-        "fma.rn.f16x2 a, t2, $4, a;"
-        "fma.rn.f16x2 a, t3, $5, a;"
-        "mov.b32 {l, h}, a;"
-        "cvt.f32.f16 fl, l; cvt.f32.f16 fh, h;"
-        "add.f32 $0, fl, fh; }",
-        "=f,r,r,r,r,r,r,r,r", [w, x0, x1, x2, x3, za, zb, c16], dtype=tl.float32, is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(WORD_PTX, "=f,r,r,r,r,r,r,r,r", [w, x0, x1, x2, x3, za, zb, c16],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
 def word_pair_dot_asm(wa, wb, a0, a1, a2, a3, b0, b1, b2, b3, za, zb, c16):
     """word_dot_asm for two words a, b (same column, same group) into one half2 accumulator: 16 codes, one
     conversion to fp32."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t0, t1, t2, t3, w2, a; .reg .b16 l, h; .reg .f32 fl, fh;"
-        "lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;"
-        "lop3.b32 t1, $1, 0x00f000f0, 0x64006400, 0xea;"
-        "shr.u32 w2, $1, 8;"
-        "lop3.b32 t2, w2, 0x000f000f, 0x64006400, 0xea;"
-        "lop3.b32 t3, w2, 0x00f000f0, 0x64006400, 0xea;"
-        "add.rn.f16x2 t0, t0, $11;"
-        "fma.rn.f16x2 t1, t1, $13, $12;"
-        "add.rn.f16x2 t2, t2, $11;"
-        "fma.rn.f16x2 t3, t3, $13, $12;"
-        "mul.rn.f16x2 a, t0, $3;"
-        "fma.rn.f16x2 a, t1, $4, a;"
-        "fma.rn.f16x2 a, t2, $5, a;"
-        "fma.rn.f16x2 a, t3, $6, a;"
-        "lop3.b32 t0, $2, 0x000f000f, 0x64006400, 0xea;"
-        "lop3.b32 t1, $2, 0x00f000f0, 0x64006400, 0xea;"
-        "shr.u32 w2, $2, 8;"
-        "lop3.b32 t2, w2, 0x000f000f, 0x64006400, 0xea;"
-        "lop3.b32 t3, w2, 0x00f000f0, 0x64006400, 0xea;"
-        "add.rn.f16x2 t0, t0, $11;"
-        "fma.rn.f16x2 t1, t1, $13, $12;"
-        "add.rn.f16x2 t2, t2, $11;"
-        "fma.rn.f16x2 t3, t3, $13, $12;"
-        "fma.rn.f16x2 a, t0, $7, a;"
-        "fma.rn.f16x2 a, t1, $8, a;"
-        "fma.rn.f16x2 a, t2, $9, a;"
-        "fma.rn.f16x2 a, t3, $10, a;"
-        "mov.b32 {l, h}, a;"
-        "cvt.f32.f16 fl, l; cvt.f32.f16 fh, h;"
-        "add.f32 $0, fl, fh; }",
-        "=f" + ",r" * 13, [wa, wb, a0, a1, a2, a3, b0, b1, b2, b3, za, zb, c16], dtype=tl.float32, is_pure=True,
-        pack=1)
+    return tl.inline_asm_elementwise(WORD_PAIR_PTX, "=f" + ",r" * 13,
+                                     [wa, wb, a0, a1, a2, a3, b0, b1, b2, b3, za, zb, c16], dtype=tl.float32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
