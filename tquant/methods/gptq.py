@@ -5,12 +5,17 @@ For a linear with weight W [N, K] and calibration inputs X [T, K]:
     U = chol(H^-1)^T (upper)                     # rows of the inverse Cholesky factor
     for each column k (in act order when act_order): q_k = Q(w_k); e = (w_k - q_k) / U_kk
         W[:, k+1:] -= e * U_k,k+1:               # applied lazily per `blocksize` columns
-Group parameters (scale, zero) are taken from the current (already error-updated) weights when the
-first column of a group is reached, or from the original weights up front with static_groups.
-With act_order and non-static groups, columns are stored in activation order (perm) so groups stay
-contiguous for the kernel; otherwise codes are returned in the original order. Subclasses that set
-integer_groups (QQQ) round each group scale up to an integer multiple of a per-channel scale taken from
-the original weights (quantizer.integer_group_scales), the grid the W4A8 GEMM reads.
+Which columns share a group (with act_order; without it both orders are the input order): group_order="input"
+(default) groups consecutive input channels, so codes stay in input order (no perm); group_order="act" groups
+consecutive columns of the act order and stores the codes in that order (perm), which keeps groups contiguous for the
+kernel. A group's parameters (scale, zero) come from its columns' current (error-updated) weights when GPTQ reaches
+the group's first column (default), or from the original weights up front with static_groups (llm-compressor's
+actorder="static" is group_order="input", static_groups=True). On SmolLM2-135M the act-order grouping was what cost
+(+8 % perplexity at W3 g64): it pools the columns of many attention heads / channels of unlike ranges into a group,
+while the parameters' source mattered little except where GPTQ's updates push a group past its original range (last
+blocks' down_proj: static ranges clip there). benchmarks/RESULTS.md, "GPTQ against llm-compressor", has the numbers.
+Subclasses that set integer_groups (QQQ) round each group scale up to an integer multiple of a per-channel scale taken
+from the original weights (quantizer.integer_group_scales), the grid the W4A8 GEMM reads.
 """
 from __future__ import annotations
 
@@ -69,7 +74,10 @@ class GPTQ(Method):
     percdamp: float = option(0.01, "damping added to diag(H), as a fraction of its mean")
     blocksize: int = option(128, "columns per lazy batch update")
     act_order: bool = option(True, "quantize columns in order of decreasing diag(H)")
-    static_groups: bool = option(False, "fix group scales from the original weights before GPTQ runs")
+    static_groups: bool = option(False, "each group's scale and zero from the original weights before GPTQ runs (else "
+                                        "from the error-updated weights when GPTQ reaches the group's first column)")
+    group_order: str = option("input", "with act_order and groups, which columns share a group: 'input' (consecutive input "
+                                     "channels, codes kept in input order) or 'act' (consecutive in act order, stored with perm)")
     hessian_dtype: str = option("float32", "accumulation and solve dtype of H: float32 or float64")
 
     def __post_init__(self):
@@ -80,6 +88,8 @@ class GPTQ(Method):
             raise ValueError(f"percdamp must be a finite number >= 0, got {self.percdamp}")
         if self.blocksize < 1:
             raise ValueError(f"blocksize must be positive, got {self.blocksize}")
+        if self.group_order not in ("input", "act"):
+            raise ValueError(f"group_order must be 'input' or 'act', got {self.group_order!r}")
 
     def new_state(self, name, linear):
         return HessianState(name, linear, _HESSIAN_DTYPES[self.hessian_dtype])
@@ -118,12 +128,18 @@ class GPTQ(Method):
         n, k = w.shape
         gs = self.layer_group_size(linear, name)
         grouped = gs != k
+        act_groups = grouped and perm is not None and self.group_order == "act"
+        # group of each column in processing order, and each group's columns (positions in processing order)
+        position = torch.arange(k, device=w.device)
+        group_of = position // gs if perm is None or act_groups else perm.to(w.device) // gs
+        members = position.view(-1, gs) if perm is None or act_groups else torch.argsort(perm.to(w.device)).view(-1, gs)
 
         channel = None
         if grouped and self.integer_groups:
             channel = channel_scale_for_groups(qparams(w, self.bits, self.sym)[0][:, None])
         if self.static_groups and grouped:
-            static_scale, static_zero = grouped_qparams(in_input_order(w, perm), self.bits, gs, self.sym)
+            static_scale, static_zero = grouped_qparams(w if act_groups else in_input_order(w, perm), self.bits, gs,
+                                                        self.sym)
             if channel is not None:
                 static_scale = integer_group_scales(static_scale, channel)
 
@@ -133,16 +149,19 @@ class GPTQ(Method):
         grid = {}
         if not grouped:
             grid["s"], grid["z"] = scale[:, 0], zero[:, 0] = qparams(w, self.bits, self.sym)
+        started = torch.zeros(k // gs, dtype=torch.bool)
 
         def column(col, current, upcoming):
-            if grouped and self.static_groups:
-                g = (int(perm[col]) if perm is not None else col) // gs
-                grid["s"], grid["z"] = static_scale[:, g], static_zero[:, g]
-            elif grouped and col % gs == 0:
-                s, z = qparams(upcoming(gs), self.bits, self.sym)
-                if channel is not None:
-                    s = integer_group_scales(s, channel)
-                grid["s"], grid["z"] = scale[:, col // gs], zero[:, col // gs] = s, z
+            if grouped:
+                g = int(group_of[col])
+                if not self.static_groups and not started[g]:  # its first column: all its columns are still ahead
+                    started[g] = True
+                    s, z = qparams(upcoming(members[g]), self.bits, self.sym)
+                    if channel is not None:
+                        s = integer_group_scales(s, channel)
+                    scale[:, g], zero[:, g] = s, z
+                grid["s"], grid["z"] = (static_scale[:, g], static_zero[:, g]) if self.static_groups else (scale[:, g],
+                                                                                                           zero[:, g])
             q = quantize(current, grid["s"], grid["z"], self.bits)
             codes[:, col] = q
             return dequantize(q, grid["s"], grid["z"]).to(w.dtype)
@@ -150,27 +169,35 @@ class GPTQ(Method):
         error_feedback(w, u, self.blocksize, column)
         if self.static_groups and grouped:
             scale, zero = static_scale.float(), static_zero.float()
-        if perm is not None and (self.static_groups or not grouped):
+        if perm is not None and not act_groups:
             codes, perm = in_input_order(codes, perm), None
         return QuantizedWeight(codes, scale, zero, self.bits, gs, perm, channel_scale=channel)
 
 
 def error_feedback(w: torch.Tensor, u: torch.Tensor, blocksize: int, column) -> None:
     """GPTQ's column loop over w [N, K] (in place), lazy batches of `blocksize` columns: for each column k,
-    w_hat = column(k, w[:, k], upcoming) with upcoming(width) the current (error-updated) w[:, k : k + width];
-    e = (w[:, k] - w_hat) / U_kk, w[:, k + 1:] -= e U_k,k+1: (within the batch at once, beyond it after the batch).
-    upcoming applies the batch's pending updates to the columns past the batch it returns, so what it sees (and so
-    the codes) does not depend on blocksize, also for a group that straddles two batches."""
+    w_hat = column(k, w[:, k], upcoming) with upcoming(width) the current (error-updated) w[:, k : k + width], or
+    upcoming(positions) those columns (a LongTensor of positions >= k); e = (w[:, k] - w_hat) / U_kk,
+    w[:, k + 1:] -= e U_k,k+1: (within the batch at once, beyond it after the batch). upcoming applies the batch's
+    pending updates to the columns past the batch it returns, so what it sees (and so the codes) does not depend on
+    blocksize, also for a group that straddles two batches."""
     n, k = w.shape
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
         w1, err1, u1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device), u[i1:i2, i1:i2]
 
-        def upcoming(width, i):
-            beyond = min(i2 + width - (i2 - i1 - i), k)
-            if beyond <= i2:
-                return w1[:, i:i + width]
-            return torch.cat([w1[:, i:], w[:, i2:beyond] - err1 @ u[i1:i2, i2:beyond]], dim=1)
+        def upcoming(cols, i):
+            if isinstance(cols, int):
+                beyond = min(i2 + cols - (i2 - i1 - i), k)
+                if beyond <= i2:
+                    return w1[:, i:i + cols]
+                return torch.cat([w1[:, i:], w[:, i2:beyond] - err1 @ u[i1:i2, i2:beyond]], dim=1)
+            inside = cols < i2
+            out = torch.empty(n, len(cols), dtype=w.dtype, device=w.device)
+            out[:, inside] = w1[:, cols[inside] - i1]
+            past = cols[~inside]
+            out[:, ~inside] = w[:, past] - err1 @ u[i1:i2, past]
+            return out
 
         with _one_cpu_thread(w.device):
             for i in range(i2 - i1):
