@@ -120,7 +120,9 @@ def cmd_quantize(a) -> None:
     model, tok = load_model(a.model, device="cpu")
     tquant.quantize(model, a.method, calib=a.calib, tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen,
                     device=a.device, skip=a.skip, lm_head=a.lm_head, embeddings=a.embeddings, **options)
-    qc = model.config.quantization_config
+    from tquant.config import tquant_config
+
+    qc = tquant_config(model.config)
     qc["base_model"] = a.model  # what `tquant analyze` compares against when not given --model
     tquant.save(model, a.out, tokenizer=tok, overwrite=a.overwrite)
     what = f"{qc['bits']}-bit weights" if qc.get("bits") else f"{qc['kv_cache']['kv_bits']}-bit KV cache"

@@ -30,6 +30,14 @@ def write_weight_config(model, method: "Method", layers: dict[str, dict]) -> dic
     return model.config.quantization_config
 
 
+def write_imported_config(model, layers: dict[str, dict], bits: int | None, source: str) -> dict:
+    """Record a checkpoint imported from another library's format (tquant.interop): no tquant method made it."""
+    model.config.quantization_config = {"quant_method": QUANT_METHOD, "format": FORMAT, "method": None, "bits": bits,
+                                        "group_size": None, "sym": None, "options": {"imported_from": source},
+                                        "layers": layers}
+    return model.config.quantization_config
+
+
 def write_kv_config(model, spec: dict) -> dict:
     """Record a KV-cache method's spec in model.config.quantization_config (a weight method's entries stay)."""
     qc = tquant_config(model.config) or {"quant_method": QUANT_METHOD, "format": FORMAT, "method": None, "layers": {}}

@@ -147,7 +147,7 @@ def test_folded_transforms_are_named(fp, tokens, reports):
     assert reports[2]["folded_transforms"] == [] and folded_transforms(fp) == []
     smoothed = tquant.quantize(copy.deepcopy(fp), "smoothquant", calib=tokens, n_samples=2, seqlen=16, progress=False)
     assert [t.split(" (")[0] for t in folded_transforms(smoothed)] == ["smoothquant: alpha"]
-    qc = {"method": "qoq", "options": {"rotate": True, "smooth_attention": 0.0, "smooth_xw": True},
+    qc = {"quant_method": "tquant", "method": "qoq", "options": {"rotate": True, "smooth_attention": 0.0, "smooth_xw": True},
           "kv_cache": {"method": "qoq_kv4", "smooth_alpha": 0.5}}
     named = folded_transforms(SimpleNamespace(config=SimpleNamespace(quantization_config=qc)))
     assert [t.split(" (")[0] for t in named] == ["qoq: rotate", "qoq: smooth_xw", "qoq_kv4: smooth_alpha"]

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import FORMAT, QUANT_METHOD
+from ..config import write_imported_config
 from ..formats.packing import pack_codes, unpack_codes
 from ..formats.quantizer import SUPPORTED_BITS
 from ..modules.packed_linear import PackedLinear
@@ -241,7 +241,5 @@ def finish(model: nn.Module, modules: dict[str, nn.Module], rest: dict[str, torc
         fail(empty[0], "missing from the checkpoint" + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
     layers = {name: mod.layer_spec() for name, mod in modules.items()}
     bits = sorted({m.bits for m in modules.values()})
-    model.config.quantization_config = {"quant_method": QUANT_METHOD, "format": FORMAT, "method": None,
-                                        "bits": bits[0] if len(bits) == 1 else None, "group_size": None, "sym": None,
-                                        "options": {"imported_from": source}, "layers": layers}
+    write_imported_config(model, layers, bits[0] if len(bits) == 1 else None, source)
     return model.to(device or "cpu").eval()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from .base import option, register
+from ..config import tquant_config
 from ..models import head_dim
 from .kv_base import KVCacheMethod
 
@@ -53,8 +54,7 @@ class QoQKV4(KVCacheMethod):
         if self.head_dim not in (0, d):
             raise ValueError(f"qoq_kv4: head_dim={self.head_dim} is not the model's head size {d}")
         self.head_dim = d
-        qc = getattr(config, "quantization_config", None)
-        previous = qc.get("kv_cache") if isinstance(qc, dict) else None
+        previous = (tquant_config(config) or {}).get("kv_cache")
         if previous and previous["method"] == self.name and previous.get("smooth_scales"):
             raise ValueError("this model's q_proj / k_proj already carry qoq_kv4's SmoothAttention (smooth_scales in "
                              "its quantization_config): apply qoq_kv4 once, to the float model")

@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib.block_io import hidden, hooked
+from ..config import tquant_config
 from ..models import conv1d_type, find_blocks
 from ..modules import QuantizedLinear
 
@@ -188,8 +189,8 @@ FOLDS = {("qoq", "rotate"): "a Hadamard rotation of the residual stream (norms f
 def folded_transforms(model: nn.Module) -> list[str]:
     """What model's tquant quantization_config (weight method and KV-cache method) says was folded into its weights:
     ["method: option (what)"], [] for none or an unquantized model."""
-    qc = getattr(model.config, "quantization_config", None) if hasattr(model, "config") else None
-    if not isinstance(qc, dict):
+    qc = tquant_config(model.config) if hasattr(model, "config") else None
+    if qc is None:
         return []
     specs = [(qc.get("method"), qc.get("options") or {}), *([(qc["kv_cache"]["method"], qc["kv_cache"])]
                                                            if isinstance(qc.get("kv_cache"), dict) else [])]
@@ -403,7 +404,7 @@ def cmd_analyze(a) -> None:
     from ..models import load_model
 
     q_model = load(a.dir, device=a.device)
-    base = a.model or q_model.config.quantization_config.get("base_model")
+    base = a.model or tquant_config(q_model.config).get("base_model")
     if base is None:
         raise ValueError(f"{a.dir} does not record the fp model it came from (saved by tquant.save, not `tquant "
                          "quantize`): give it with --model (an HF path or id, or 'default')")
