@@ -10,7 +10,7 @@ from tquant.modules import PackedLinear
 from tests.tiny_models import tiny_model, token_batch
 
 
-@pytest.fixture(scope="module", params=[("llama", "gptq", 4, 32, dict(act_order=True)),  # perm + tied embeddings
+@pytest.fixture(scope="module", params=[("llama", "gptq", 4, 32, dict(act_order=True, group_order="act")),  # perm + tied embeddings
                                         ("qwen2", "gptq", 3, -1, {}),                   # q/k/v biases
                                         ("opt", "rtn", 8, 32, {}),
                                         ("llama", "gptq", 2, 32, dict(act_order=True, static_groups=True))])

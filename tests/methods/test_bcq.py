@@ -93,14 +93,23 @@ def test_act_order_weight_converts_with_its_permutation():
     torch.testing.assert_close(layer(x), x @ qw.dequantize().t(), rtol=1e-4, atol=1e-5)
 
 
-def test_gptq_grid_in_bcq_form_gives_gptq_model_outputs():
-    """grid="gptq": GPTQ's weights (act order, asymmetric) stored as BCQ run the model as GPTQ's own modules do."""
+@pytest.mark.parametrize("group_order", ["input", "act"])
+def test_gptq_grid_in_bcq_form_gives_gptq_model_outputs(monkeypatch, group_order):
+    """grid="gptq": GPTQ's weights (act order, asymmetric; groups of input channels by default, act-order groups with
+    a stored perm otherwise) stored as BCQ run the model as GPTQ's own modules do."""
+    from tquant.methods import bcq as bcq_method
+    from tquant.methods.gptq import GPTQ
+
     gptq = tiny_model("llama")
-    tquant.quantize(gptq, "gptq", bits=3, group_size=32, sym=False, calib=CALIB, progress=False)
+    tquant.quantize(gptq, "gptq", bits=3, group_size=32, sym=False, group_order=group_order, calib=CALIB,
+                    progress=False)
+    monkeypatch.setattr(bcq_method.BCQ, "_gptq", lambda self: GPTQ(bits=self.bits, group_size=self.group_size,
+                                                                   sym=False, group_order=group_order))
     model = tiny_model("llama")
     tquant.quantize(model, "bcq", bits=3, group_size=32, grid="gptq", calib=CALIB, progress=False)
     layer = model.model.layers[0].self_attn.k_proj
-    assert isinstance(layer, BCQLinear) and layer.perm is not None and layer.offset is not None
+    assert isinstance(layer, BCQLinear) and (layer.perm is not None) == (group_order == "act")
+    assert layer.offset is not None
     with torch.no_grad():
         torch.testing.assert_close(model(CALIB).logits, gptq(CALIB).logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="calib"):
