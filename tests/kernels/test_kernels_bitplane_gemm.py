@@ -258,6 +258,7 @@ def test_kernels_bitplane_a16_each_bit_width(bits, k, gs):
     assert ((ref.double() - expected).norm() / expected.norm()).item() < 2.4 * 2.0**-bits  # RTN's error
 
 
+@pytest.mark.slow
 @needs_backend
 def test_kernels_bitplane_every_gpu_config_is_correct(monkeypatch):
     """Each CUDA candidate of both paths (tile shapes, every variant, masks at M, N, K not multiples of the blocks),

@@ -213,6 +213,7 @@ def test_kernels_bitplane_gemv_popcount_helpers(hw):
         assert mask[w].item() & 0xFFFFFFFF == expected
 
 
+@pytest.mark.slow
 @needs_backend
 def test_kernels_bitplane_gemv_every_gpu_config_is_correct(monkeypatch):
     """Each CUDA candidate (tiles, splits, warps), launched at shapes with M, N, K not multiples of the blocks

@@ -342,9 +342,9 @@ def test_kernels_shipped_configs_are_current(monkeypatch):
     """Every shipped entry names a config that is still a GPU candidate for its key (else it is dead weight)."""
     from tquant.kernels import (bcq_matmul, bitplane_gemm, bitplane_gemv, bitplane_matmul, e8p_matmul, hadamard,
                                 spqr_matmul, w4a8_gemm, w8a8_gemm)
-    from tquant.kv import attention as kv_attention
+    from tquant.kv import split_kv
 
-    for module in (weight_only_matmul_module, w8a8_gemm, w4a8_gemm, e8p_matmul, hadamard, kv_attention, bcq_matmul,
+    for module in (weight_only_matmul_module, w8a8_gemm, w4a8_gemm, e8p_matmul, hadamard, split_kv, bcq_matmul,
                    spqr_matmul, bitplane_gemm, bitplane_gemv, bitplane_matmul):
         monkeypatch.setattr(module, "interpreter_on", lambda: False)  # the GPU candidate lists
 
@@ -358,8 +358,8 @@ def test_kernels_shipped_configs_are_current(monkeypatch):
                      "e8p_matmul": lambda key: e8p_matmul.candidates.__wrapped__(int(key["M"]), int(key["N"]),
                                                                                  int(key["K"]) // 8),
                      "hadamard_transform": lambda key: hadamard.configs(int(key["N"]), int(key["M"])),
-                     "kv_decode_attention": lambda key: kv_attention.configs(int(key["T"])),
-                     "kvquant_decode_attention": lambda key: kv_attention.configs(int(key["T"])),
+                     "kv_decode_attention": lambda key: split_kv.configs(int(key["T"])),
+                     "kvquant_decode_attention": lambda key: split_kv.configs(int(key["T"])),
                      "bcq_matmul": lambda key: bcq_matmul.configs(int(key["M"]), int(key["group"])),
                      "spqr_outliers": lambda key: spqr_matmul.outlier_configs(int(key["M"])),
                      "bitplane_matmul": lambda key: bitplane_matmul.wpaq_candidates(

@@ -171,8 +171,10 @@ def test_kernels_kivi_attention_bad_input_raises():
 @needs_backend
 @pytest.mark.parametrize("method, options", [
     ("kivi", dict(kv_bits=4, group_size=8, residual=8)),
-    ("qoq_kv4", dict(smooth_alpha=0)),  # no window: each step's exact token beside its skipped stored copy
-    ("qoq_kv4", dict(smooth_alpha=0, prefill_with_quant=True)),  # no window: every token read as stored
+    pytest.param("qoq_kv4", dict(smooth_alpha=0), marks=pytest.mark.slow),  # no window: each step's exact token
+    # beside its skipped stored copy
+    pytest.param("qoq_kv4", dict(smooth_alpha=0, prefill_with_quant=True), marks=pytest.mark.slow),  # no window:
+    # every token read as stored
 ])
 def test_kernels_kivi_decode_inside_the_model(monkeypatch, method, options):
     """A GQA Llama decoding through the kernel path (one-token steps read the packed cache in the kernel) gives

@@ -126,7 +126,7 @@ def test_kernels_kvquant_attention_bad_input_raises():
 
 
 @needs_backend
-@pytest.mark.parametrize("bits, pre_rope", [(3, True), (4, False)])
+@pytest.mark.parametrize("bits, pre_rope", [(3, True), pytest.param(4, False, marks=pytest.mark.slow)])
 def test_kernels_kvquant_decode_inside_the_model(monkeypatch, bits, pre_rope):
     """A calibrated GQA Llama decoding through the kernel path (one-token steps read the quantized store, its
     outliers and the sink in the kernel, pre-RoPE keys rotated there) gives the torch path's logits, with and

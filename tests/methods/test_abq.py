@@ -193,7 +193,8 @@ def test_qkv_bits_need_llama_style_attention():
     (dict(wbits=2, abits=8, group_size=32, bit_balance=True), True),
     # LWC alone with OmniQuant's loss lowers both blocks' losses but not the logits' error of this random model
     (dict(wbits=4, abits=6, dlc=False, compensation=False, let=False), False),
-    (dict(wbits=4, abits=4, qkv_bits=6), True), (dict(wbits=4, abits=4, attn_kl=1.0), True)])
+    pytest.param(dict(wbits=4, abits=4, qkv_bits=6), True, marks=pytest.mark.slow),
+    pytest.param(dict(wbits=4, abits=4, attn_kl=1.0), True, marks=pytest.mark.slow)])
 def test_training_lowers_the_block_losses_and_beats_rtn(opts, beats_rtn):
     model = with_outliers(tiny_model("llama"))
     with torch.no_grad():

@@ -100,6 +100,7 @@ def quantized(bits, **options):
     return model, ((out - reference).norm() / reference.norm()).item()
 
 
+@pytest.mark.slow
 def test_quip_sharp_quantizes_a_tiny_llama_better_with_more_bits():
     errors = {}
     for bits in (2, 3, 4):
@@ -123,6 +124,7 @@ def test_quip_linear_computes_the_dequantized_weight():
     assert set(layer.su.unique().tolist()) == {-1.0, 1.0}
 
 
+@pytest.mark.slow
 def test_quip_sharp_beats_rtn_at_two_bits():
     _, quip = quantized(2)
     model = tiny_model("llama")
