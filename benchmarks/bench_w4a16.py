@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tquant.kernels.weight_only_matmul import weight_only_matmul  # noqa: E402
 from tquant.formats.packing import pack_codes  # noqa: E402
 
+from bench_weight_only import graph_us  # noqa: E402
+
 T0 = time.time()
 EXTRA_IMPLS: dict = {}  # name -> maker, filled by register_extra()
 
@@ -66,18 +68,6 @@ def rel_err(y, ref):
     if not torch.isfinite(y).all():
         return float("inf")
     return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
-def time_rotating(fns, rep=100):
-    i = [0]
-
-    def step():
-        fns[i[0] % len(fns)]()
-        i[0] += 1
-
-    step()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(step, rep=rep, return_mode="median") * 1e3
 
 
 def tquant_fns(w, k, n, group, copies):
@@ -200,13 +190,13 @@ def bench(args):
                 row = dict(K=k, N=n, M=m, group=gname, floor_us=round(floor_us, 2))
                 if "cublas" in impls:
                     if m not in cublas_us:
-                        cublas_us[m] = time_rotating([lambda d=d: x @ d for d in dense])
+                        cublas_us[m] = graph_us([lambda d=d: x @ d for d in dense])
                     row["cublas"] = round(cublas_us[m], 2)
                 for name, make in makers.items():
                     try:
                         fns = make(x)
                         row[f"err_{name}"] = float(f"{rel_err(fns[0](), ref):.2e}")
-                        row[name] = round(time_rotating(fns), 2)
+                        row[name] = round(graph_us(fns), 2)
                     except Exception as err:  # noqa: BLE001
                         log(f"{name} failed at {shape} M={m} g{gname}: {type(err).__name__}: {str(err)[:300]}")
                 rows.append(row)

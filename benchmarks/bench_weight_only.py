@@ -97,8 +97,8 @@ def copies_for(nbytes):
     return max(2, -(-3 * L2_BYTES // nbytes))
 
 
-def time_rotating(fns):
-    """(graph us, eager us): medians over calls that rotate through fns (each on its own weight copy)."""
+def rotating(fns):
+    """One call a step, cycling through fns (each on its own weight copy, so the weights come from HBM); called once."""
     i = [0]
 
     def step():
@@ -107,6 +107,17 @@ def time_rotating(fns):
 
     step()
     torch.cuda.synchronize()
+    return step
+
+
+def graph_us(fns, rep=200):
+    """Median us of CUDA-graph replays of the rotating calls (triton.testing.do_bench_cudagraph)."""
+    return triton.testing.do_bench_cudagraph(rotating(fns), rep=rep, return_mode="median") * 1e3
+
+
+def time_rotating(fns):
+    """(graph us, eager us): medians over calls that rotate through fns (each on its own weight copy)."""
+    step = rotating(fns)
     graph = triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median") * 1e3
     eager = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median") * 1e3
     return graph, eager
