@@ -15,7 +15,7 @@ def test_notebook_runs(path):
     cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
     namespace = {}
     for cell in cells:
-        source = "".join(cell["source"]).replace("N_SAMPLES, EVAL_WINDOWS = 32, 8", "N_SAMPLES, EVAL_WINDOWS = 4, 2")
+        source = "".join(cell["source"]).replace("N_SAMPLES, EVAL_WINDOWS = 32, 8", "N_SAMPLES, EVAL_WINDOWS = 32, 2")
         exec(compile(source, f"{path.name}", "exec"), namespace)
     if "answer" in namespace:
         assert "Paris" in namespace["answer"]
