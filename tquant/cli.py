@@ -11,7 +11,7 @@
                                     (per-layer statistics and error against the fp model: JSON + PNG)
     tquant tune DIR [--batches 1,16,64 --prompt-len 1024 --retune]
                                     (autotune the model's kernels on this GPU, write the configs file)
-    tquant export DIR OUT --format compressed-tensors|gptq [--gptq-format v1|v2] [--overwrite]
+    tquant export DIR OUT --format compressed-tensors|gptq [--gptq-format v1|v2] [--overwrite] [--max-shard-size 5GB]
                                     (a tquant checkpoint in a format vLLM / SGLang serve; tquant.load reads
                                     compressed-tensors, GPTQ and AWQ checkpoints directly)
     tquant methods                  (methods and their options)
@@ -103,11 +103,12 @@ def cmd_quantize(a) -> None:
     from tquant.api import make_method
     from tquant.calib.data import NAMED_SOURCES
     from tquant.models import load_model
-    from tquant.serialization import check_target
+    from tquant.serialization import check_target, shard_bytes
 
-    # everything that can be refused without the model is, before loading it: the target, the method and its
-    # options (bits included), the calibration source
+    # everything that can be refused without the model is, before loading it: the target and its shard size, the
+    # method and its options (bits included), the calibration source
     check_target(a.out, a.overwrite)
+    shard_bytes(a.max_shard_size)
     options = dict(a.option)
     for key, value in dict(bits=a.bits, group_size=a.group_size, sym=False if a.asym else None).items():
         if value is not None:
@@ -124,7 +125,7 @@ def cmd_quantize(a) -> None:
 
     qc = tquant_config(model.config)
     qc["base_model"] = a.model  # what `tquant analyze` compares against when not given --model
-    tquant.save(model, a.out, tokenizer=tok, overwrite=a.overwrite)
+    tquant.save(model, a.out, tokenizer=tok, overwrite=a.overwrite, max_shard_size=a.max_shard_size)
     what = f"{qc['bits']}-bit weights" if qc.get("bits") else f"{qc['kv_cache']['kv_bits']}-bit KV cache"
     print(f"saved {a.method} ({what}) model to {a.out}")
 
@@ -181,7 +182,7 @@ def cmd_export(a) -> None:
     import tquant
 
     tquant.export(a.dir, a.out, format=a.format, gptq_format={"v1": "gptq", "v2": "gptq_v2"}[a.gptq_format],
-                  overwrite=a.overwrite)
+                  overwrite=a.overwrite, max_shard_size=a.max_shard_size)
     print(f"wrote {a.format} checkpoint to {a.out}")
 
 
@@ -258,6 +259,11 @@ def _add_eval_options(p, ppl) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
+def _add_shard_option(p) -> None:
+    p.add_argument("--max-shard-size", default="5GB", help="largest weights file: past it, transformers' shards "
+                                                           "model-0000i-of-0000N.safetensors + index (e.g. 5GB, 500MB)")
+
+
 def parser() -> argparse.ArgumentParser:
     """The `tquant` command's parser (built from the standard library alone)."""
     p = argparse.ArgumentParser(prog="tquant", description="Triton-first LLM quantization",
@@ -286,6 +292,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--embeddings", action="store_true", help="also quantize the input embedding (RTN)")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    _add_shard_option(q)
 
     e = command("eval", "evaluate a saved model: perplexity, lm-eval tasks, speed", cmd_eval)
     e.add_argument("dir", help="a folder written by tquant quantize / tquant.save")
@@ -346,6 +353,7 @@ def parser() -> argparse.ArgumentParser:
                    help="--format gptq: v1 (checkpoint_format 'gptq', zeros stored minus 1; what most readers take) "
                         "or v2 ('gptq_v2': any zero point)")
     x.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in OUT")
+    _add_shard_option(x)
 
     command("methods", "list methods and options", cmd_methods)
 

@@ -1,8 +1,14 @@
 """Save and load quantized models: safetensors (no pickle) + config.json + a checksum manifest.
 
     DIR/model.safetensors   every parameter and buffer (non-persistent ones too, e.g. RoPE inv_freq), once
+      or, when they exceed max_shard_size (default 5GB), transformers' sharded layout (what vLLM / SGLang read):
+    DIR/model-00001-of-0000N.safetensors ...          whole tensors (one is never split), in the model's order
+    DIR/model.safetensors.index.json                  {"metadata": {"total_size": bytes of all tensors},
+                                                       "weight_map": {tensor name: shard file}}
     DIR/config.json         the HF model config with its tquant quantization_config (tquant.config)
-    DIR/tquant.json         {"weights": "model.safetensors", "sha256": ..., "bytes": ...}
+    DIR/tquant.json         one file:  {"weights": "model.safetensors", "sha256": ..., "bytes": ..., "tquant_version"}
+                            sharded:   {"weights": "model.safetensors.index.json", "sha256" / "bytes" of the index,
+                                        "tquant_version", "shards": {shard file: {"sha256": ..., "bytes": ...}}}
     DIR/generation_config.json and the tokenizer files, when present
 
 load() builds the architecture on the meta device, swaps in the quantized modules named in the config,
@@ -11,8 +17,11 @@ bit-identical to the model that was saved.
 
 Nothing is trusted before it is checked (an edited file is refused with a ValueError naming the layer / tensor,
 before any kernel can read it):
-    tquant.json    exactly its four keys; the weights file a plain name inside the folder (no '..', no absolute
-                   path, no symlink out), its size and sha256 (damage)
+    tquant.json    exactly its four keys (and "shards" when sharded); every weights file a plain name inside the
+                   folder (no '..', no absolute path, no symlink out), its size and sha256 (damage)
+    index          sharded: the shards it names are exactly the manifest's, each shard holds exactly the tensors
+                   its weight_map gives it, total_size adds up; a model-*-of-*.safetensors file in the folder that
+                   the manifest does not list is refused (a leftover of another save)
     config.json    every layer spec: a registered type, no unknown or missing keys, integer sizes, boolean flags,
                    what the module's constructor accepts, in / out sizes of the layer it replaces; the KV-cache spec
                    (tquant.kv.hook.check_kv_spec)
@@ -26,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import defaultdict
 
 import torch
@@ -40,9 +50,14 @@ from .modules.base import DAMAGED
 from .version import __version__
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+SHARD = "model-{:05d}-of-{:05d}.safetensors"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+DEFAULT_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 MANIFEST = "tquant.json"
 MANIFEST_KEYS = {"weights": str, "sha256": str, "bytes": int, "tquant_version": str}
-CHECKPOINT_FILES = (WEIGHTS, MANIFEST, "config.json")  # a folder holding any of these holds a checkpoint
+FILE_KEYS = {"sha256": str, "bytes": int}  # each entry of a sharded manifest's "shards"
+CHECKPOINT_FILES = (WEIGHTS, INDEX, MANIFEST, "config.json")  # a folder holding any of these holds a checkpoint
 STALE = "was it saved for another model or by another tquant version? Quantize and save it again with this one"
 
 
@@ -66,27 +81,103 @@ def check_target(path, overwrite: bool = False) -> None:
                          "another folder, or pass overwrite=True (tquant quantize --overwrite) to replace it")
 
 
-def save(model: nn.Module, path: str, tokenizer=None, overwrite: bool = False) -> None:
-    """Write model (quantized by tquant) to folder `path`, with its tokenizer when given. A folder that already
-    holds a checkpoint is refused unless overwrite=True."""
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def shard_bytes(max_shard_size) -> int | None:
+    """max_shard_size in bytes: a positive int, or a string read as transformers reads it ("5GB" = 5 * 10^9,
+    "500MiB" = 500 * 2^20); None: never split."""
+    if max_shard_size is None:
+        return None
+    size = None
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        size = max_shard_size
+    elif isinstance(max_shard_size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", max_shard_size.upper())
+        size = int(float(m.group(1)) * _UNITS[m.group(2) or "B"]) if m else None
+    if size is None or size <= 0:
+        raise ValueError(f"max_shard_size={max_shard_size!r}: expected a positive number of bytes or a size such as "
+                         "'5GB', '500MB' or '2GiB' (--max-shard-size 5GB)")
+    return size
+
+
+def split_shards(tensors: dict[str, torch.Tensor], limit: int | None) -> list[dict[str, torch.Tensor]]:
+    """The tensors in order, cut into shards of at most `limit` bytes each (a tensor larger than limit gets a shard
+    of its own; none is split); one shard when limit is None."""
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if limit is not None and shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def remove_weights(folder: str) -> None:
+    """Delete the weight files an earlier save left in folder (model.safetensors, its shards and index), so that
+    overwriting a sharded checkpoint with a smaller one leaves no stale shard behind."""
+    for name in os.listdir(folder):
+        if name in (WEIGHTS, INDEX) or SHARD_NAME.fullmatch(name):
+            os.remove(os.path.join(folder, name))
+
+
+def write_weights(folder: str, tensors: dict[str, torch.Tensor], max_shard_size=DEFAULT_SHARD_SIZE,
+                  metadata: dict | None = None) -> list[str]:
+    """Write tensors (cpu, contiguous) into folder: model.safetensors, or, past max_shard_size, the shards
+    model-0000i-of-0000N.safetensors and model.safetensors.index.json (transformers' layout: metadata.total_size,
+    weight_map). Removes the weight files of an earlier save first. Returns the file names written, the index
+    last."""
+    shards = split_shards(tensors, shard_bytes(max_shard_size))
+    remove_weights(folder)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, WEIGHTS), metadata=metadata)
+        return [WEIGHTS]
+    names = [SHARD.format(i + 1, len(shards)) for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(folder, name), metadata=metadata)
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
+    with open(os.path.join(folder, INDEX), "w") as f:
+        json.dump(index, f, indent=2)
+    return names + [INDEX]
+
+
+def _manifest(folder: str, files: list[str]) -> dict:
+    """tquant.json for the weight files write_weights wrote (layouts in the module docstring)."""
+    def record(name):
+        full = os.path.join(folder, name)
+        return {"sha256": _sha256(full), "bytes": os.path.getsize(full)}
+
+    main = files[-1]
+    shards = {"shards": {name: record(name) for name in files[:-1]}} if main == INDEX else {}
+    return {"weights": main, **record(main), "tquant_version": __version__, **shards}
+
+
+def save(model: nn.Module, path: str, tokenizer=None, overwrite: bool = False,
+         max_shard_size=DEFAULT_SHARD_SIZE) -> None:
+    """Write model (quantized by tquant) to folder `path`, with its tokenizer when given: one model.safetensors,
+    or shards of at most max_shard_size ("5GB", "500MB", bytes; None: one file) with their index. A folder that
+    already holds a checkpoint is refused unless overwrite=True."""
     read_quantization_config(model.config)
+    shard_bytes(max_shard_size)  # a bad size is refused before anything is written
     check_target(path, overwrite)
     os.makedirs(path, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous() for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    weights = os.path.join(path, WEIGHTS)
-    save_file(tensors, weights, metadata={"format": "pt", "producer": f"tquant {__version__}"})
+    files = write_weights(path, tensors, max_shard_size, {"format": "pt", "producer": f"tquant {__version__}"})
     model.config.save_pretrained(path)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    manifest = {"weights": WEIGHTS, "sha256": _sha256(weights), "bytes": os.path.getsize(weights),
-                "tquant_version": __version__}
     with open(os.path.join(path, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
+        json.dump(_manifest(path, files), f, indent=2)
 
 
-def _verified_tensors(path: str) -> dict[str, torch.Tensor]:
+def _read_manifest(path: str) -> dict:
+    """tquant.json of checkpoint `path`, its keys and their types checked (layouts in the module docstring)."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
         raise ValueError(f"{path!r} is not a tquant checkpoint: {MANIFEST} is missing (make one with "
@@ -96,36 +187,121 @@ def _verified_tensors(path: str) -> dict[str, torch.Tensor]:
             manifest = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{manifest_path} is not valid JSON ({e}): {DAMAGED}") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{manifest_path}: expected a JSON object: {DAMAGED}")
-    for key, kind in MANIFEST_KEYS.items():
-        if key not in manifest or not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
-            raise ValueError(f"{manifest_path}: {key!r} is {'missing' if key not in manifest else 'not a ' + kind.__name__}"
+    _check_keys(manifest_path, manifest, MANIFEST_KEYS, optional={"shards"})
+    if "shards" in manifest:
+        shards = manifest["shards"]
+        if manifest["weights"] != INDEX or not isinstance(shards, dict) or not shards:
+            raise ValueError(f"{manifest_path}: 'shards' needs 'weights' = {INDEX!r} and an object of shard files: "
+                             f"{DAMAGED}")
+        for name, record in shards.items():
+            _check_keys(f"{manifest_path}: shard {name!r}", record, FILE_KEYS)
+    return manifest
+
+
+def _check_keys(where: str, record, keys: dict, optional=frozenset()) -> None:
+    """record is a JSON object with exactly `keys` (each of its type; ints not bools) and perhaps `optional`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object: {DAMAGED}")
+    for key, kind in keys.items():
+        if key not in record or not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise ValueError(f"{where}: {key!r} is {'missing' if key not in record else 'not a ' + kind.__name__}"
                              f": {DAMAGED}")
-    unknown = sorted(set(manifest) - set(MANIFEST_KEYS))
+    unknown = sorted(set(record) - set(keys) - set(optional))
     if unknown:
-        raise ValueError(f"{manifest_path}: unknown keys {unknown} (a manifest has {list(MANIFEST_KEYS)}): {DAMAGED}")
-    weights = _inside(path, manifest["weights"])
-    if not os.path.isfile(weights):
-        raise ValueError(f"checkpoint {path!r} is incomplete: {manifest['weights']} is missing (copy the whole "
-                         "folder again, or save the model again)")
-    size = os.path.getsize(weights)
-    if size != manifest["bytes"]:
-        raise ValueError(f"{weights} is truncated or altered: {size} bytes, the manifest says {manifest['bytes']} "
+        raise ValueError(f"{where}: unknown keys {unknown} (a manifest has {list(keys)}): {DAMAGED}")
+
+
+def _checked_file(path: str, name: str, record: dict, what: str = "weights") -> str:
+    """The full path of weights file `name` of checkpoint `path`: inside the folder, present, of the size and
+    sha256 that `record` (the manifest's entry) gives."""
+    full = _inside(path, name, what)
+    if not os.path.isfile(full):
+        raise ValueError(f"checkpoint {path!r} is incomplete: {name} is missing (copy the whole folder again, or "
+                         "save the model again)")
+    size = os.path.getsize(full)
+    if size != record["bytes"]:
+        raise ValueError(f"{full} is truncated or altered: {size} bytes, the manifest says {record['bytes']} "
                          "(copy it again, or save the model again)")
-    if _sha256(weights) != manifest["sha256"]:
-        raise ValueError(f"{weights} was modified after saving: its sha256 does not match {MANIFEST} (copy it again, "
+    if _sha256(full) != record["sha256"]:
+        raise ValueError(f"{full} was modified after saving: its sha256 does not match {MANIFEST} (copy it again, "
                          "or save the model again)")
+    return full
+
+
+def _read_safetensors(full: str) -> dict[str, torch.Tensor]:
     try:
-        return load_file(weights)
+        return load_file(full)
     except (SafetensorError, OSError, ValueError) as e:  # a malformed header
-        raise ValueError(f"{weights} is not a readable safetensors file ({e}): {DAMAGED}") from None
+        raise ValueError(f"{full} is not a readable safetensors file ({e}): {DAMAGED}") from None
 
 
-def _inside(folder: str, name: str) -> str:
-    """The path of the manifest's weights file `name`, refused unless it is a relative path in the checkpoint folder
-    that stays there once resolved (no '..', no absolute path, no symlink pointing out)."""
-    where = f"{os.path.join(folder, MANIFEST)}: weights {name!r}"
+def _read_index(path: str, index: str, shards: dict) -> tuple[dict[str, str], int]:
+    """(weight_map, metadata.total_size) of a sharded checkpoint's checked index file: every file it names inside
+    the folder and listed by the manifest's shards, and every listed shard named."""
+    try:
+        with open(index) as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index} is not valid JSON ({e}): {DAMAGED}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    total = (data.get("metadata") or {}).get("total_size") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()) or \
+            not isinstance(total, int):
+        raise ValueError(f"{index}: expected {{'metadata': {{'total_size': int}}, 'weight_map': {{tensor: file}}}}: "
+                         f"{DAMAGED}")
+    for name in sorted(set(weight_map.values())):
+        _inside(path, name, "shard")
+        if name not in shards:
+            raise ValueError(f"{index} names shard {name!r}, which {MANIFEST} does not list: {DAMAGED}")
+    unnamed = sorted(set(shards) - set(weight_map.values()))
+    if unnamed:
+        raise ValueError(f"{MANIFEST} lists shard {unnamed[0]!r}, which {INDEX} gives no tensor: {DAMAGED}")
+    return weight_map, total
+
+
+def _check_no_strays(path: str, listed) -> None:
+    """No model-*-of-*.safetensors file in the folder beyond the manifest's (a leftover a reader could take)."""
+    stray = sorted(f for f in os.listdir(path) if SHARD_NAME.fullmatch(f) and f not in listed)
+    if stray:
+        raise ValueError(f"{os.path.join(path, stray[0])} is not part of this checkpoint ({MANIFEST} does not list "
+                         "it): a leftover of another save? Remove it, or save the model again")
+
+
+def _sharded_tensors(path: str, manifest: dict, index: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint, each shard checked against the manifest and the index."""
+    weight_map, total_size = _read_index(path, index, manifest["shards"])
+    tensors = {}
+    for name, record in manifest["shards"].items():
+        full = _checked_file(path, name, record, "shard")
+        shard = _read_safetensors(full)
+        expected = {t for t, f in weight_map.items() if f == name}
+        odd = sorted(set(shard) ^ expected)
+        if odd:
+            where = "holds" if odd[0] in shard else "lacks"
+            raise ValueError(f"{full} {where} tensor {odd[0]!r}, against {INDEX}'s weight_map: {DAMAGED}")
+        tensors |= shard
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total_size != total:
+        raise ValueError(f"{index}: metadata.total_size {total_size} does not match the shards' {total} bytes: "
+                         f"{DAMAGED}")
+    return tensors
+
+
+def _verified_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of tquant checkpoint `path`, after the manifest's checks (module docstring)."""
+    manifest = _read_manifest(path)
+    main = _checked_file(path, manifest["weights"], manifest)
+    _check_no_strays(path, manifest.get("shards", ()))
+    if "shards" in manifest:
+        return _sharded_tensors(path, manifest, main)
+    return _read_safetensors(main)
+
+
+def _inside(folder: str, name: str, what: str = "weights") -> str:
+    """The path of the manifest's weights file `name` (what: "weights", or "shard": a file the index names), refused
+    unless it is a relative path in the checkpoint folder that stays there once resolved (no '..', no absolute path,
+    no symlink pointing out)."""
+    where = f"{os.path.join(folder, MANIFEST if what == 'weights' else INDEX)}: {what} {name!r}"
     parts = name.replace("\\", "/").split("/")
     if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or ":" in name:
         raise ValueError(f"{where} is not a file name inside the checkpoint folder (no absolute paths, no '..'): "

@@ -5,7 +5,8 @@
     tquant.load(dir)                also reads compressed-tensors pack-quantized, GPTQ v1 / v2 and AWQ (GEMM)
                                     checkpoints (tquant.interop.loader), into PackedLinear without dequantizing
 
-One file per outside format (compressed_tensors.py, gptq.py, awq.py), their shared helpers in common.py.
+One file per outside format (compressed_tensors.py, gptq.py, awq.py), their shared helpers in common.py, the
+exported folder's writing in writer.py.
 """
 from __future__ import annotations
 
@@ -55,14 +56,15 @@ def _quantized_layers(model):
 
 
 def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_format: str = "gptq",
-           overwrite: bool = False) -> str:
+           overwrite: bool = False, max_shard_size="5GB") -> str:
     """Write a tquant model (or a tquant checkpoint folder) to folder `out` in `format`: "compressed-tensors"
-    (pack-quantized, for vLLM / SGLang / transformers) or "gptq" (gptq_format "gptq" = v1, "gptq_v2" = v2).
-    Returns out."""
+    (pack-quantized, for vLLM / SGLang / transformers) or "gptq" (gptq_format "gptq" = v1, "gptq_v2" = v2), as one
+    model.safetensors or, past max_shard_size ("5GB", "500MB", bytes; None: one file), transformers' shards and
+    index. Returns out."""
     import os
 
     from . import compressed_tensors, gptq
-    from .common import write_checkpoint
+    from .writer import write_checkpoint
 
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -80,5 +82,5 @@ def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_f
         config, tensors = compressed_tensors.export(model, layers)
     else:
         config, tensors, extra = gptq.export(model, layers, gptq_format)
-    write_checkpoint(out, config, tensors, source, extra, overwrite=overwrite)
+    write_checkpoint(out, config, tensors, source, extra, overwrite=overwrite, max_shard_size=max_shard_size)
     return out

@@ -1,5 +1,6 @@
-"""What the exporters and importers of tquant.interop share: dense bit packing, reading and writing HF-style
-checkpoint folders, building a model skeleton and filling it with tquant modules, and the errors they raise.
+"""What the exporters and importers of tquant.interop share: dense bit packing, reading HF-style checkpoint folders
+(writing them: tquant.interop.writer), building a model skeleton and filling it with tquant modules, and the errors
+they raise.
 
 Dense packing (compressed-tensors' pack_to_int32, AutoGPTQ / GPTQModel's 3-bit packing): value i of a row sits at
 bits [i * bits, (i + 1) * bits) of the row's little-endian bit stream of int32 words, crossing word boundaries when
@@ -11,21 +12,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..config import write_imported_config
 from ..formats.packing import pack_codes, unpack_codes
 from ..formats.quantizer import SUPPORTED_BITS
 from ..modules.packed_linear import PackedLinear
-from ..version import __version__
-
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
 
 
 def pack_dense(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -113,29 +108,6 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
             for key in f.keys():
                 tensors[key] = f.get_tensor(key)
     return tensors
-
-
-def write_checkpoint(out: str, config: dict, tensors: dict[str, torch.Tensor], source: str | None,
-                     extra_files: dict[str, dict] = (), overwrite: bool = False) -> None:
-    """Write config.json, model.safetensors (and the extra JSON files) into out; copy the tokenizer and generation
-    config from the source folder when there is one."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"cannot export into {out!r}: it exists and is not a folder")
-    if os.path.isfile(os.path.join(out, "config.json")) and not overwrite:
-        raise ValueError(f"{out!r} already holds a checkpoint (config.json): choose another folder, or pass "
-                         "overwrite=True (tquant export --overwrite)")
-    os.makedirs(out, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(out, "model.safetensors"),
-              metadata={"format": "pt", "producer": f"tquant {__version__}"})
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    for name, data in dict(extra_files).items():
-        with open(os.path.join(out, name), "w") as f:
-            json.dump(data, f, indent=2)
-    if source and os.path.abspath(source) != os.path.abspath(out):
-        for name in SIDE_FILES:
-            if os.path.isfile(os.path.join(source, name)):
-                shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
 
 
 def plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
