@@ -197,3 +197,27 @@ def test_quantize_refuses_an_existing_checkpoint_before_loading_the_model(quanti
     assert open(f"{quantized_dir}/model.safetensors", "rb").read() == before
     from tquant.cli import parser
     assert parser().parse_args(["quantize", "--out", quantized_dir, "--overwrite"]).overwrite is True
+
+
+def test_quantize_in_the_checkpoint_dtype_or_the_one_asked(tmp_path, caplog):
+    """--dtype auto (the default) quantizes a bf16 checkpoint in bf16 and saves it so, saying which dtype in one
+    line; --dtype float32 casts first. The choices are tquant.models.DTYPE_NAMES' and "auto"."""
+    import logging
+
+    import torch
+
+    from tquant.cli import DTYPES
+    from tquant.models import DTYPE_NAMES
+
+    assert DTYPES[0] == "auto" and set(DTYPES[1:]) <= set(DTYPE_NAMES)
+    src = tmp_path / "bf16"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    for dtype, want, why in (("auto", torch.bfloat16, "the checkpoint's own dtype"), ("fp32", torch.float32, "as asked")):
+        out = str(tmp_path / dtype)
+        with caplog.at_level(logging.INFO, logger="tquant"):
+            main(["quantize", "--model", str(src), "--method", "rtn", "--bits", "8", "--dtype", dtype, "--out", out])
+        name = str(want).removeprefix("torch.")
+        assert f"loaded {src} in {name} ({why})" in [r.getMessage() for r in caplog.records]
+        assert {p.dtype for p in tquant.load(out).parameters()} == {want}
+

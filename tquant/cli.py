@@ -1,6 +1,7 @@
 """The `tquant` command line.
 
     tquant quantize --model PATH|default --method gptq --bits 4 --group-size 64 --out DIR
+                    [--dtype auto|float32|bf16|fp16]   (auto: the checkpoint's own dtype)
     tquant eval DIR [--ppl pydoc,wikitext2,c4] [--seqlen 512 --windows 40] [--tasks t1,t2 --include-path TASKDIR
                     --batch-size 8 --max-length 2048] [--speed [--base default]] [--json out.json]
     tquant compare --model default --configs "rtn:bits=4,group_size=64" "gptq:bits=4" [--ppl pydoc --windows 8]
@@ -33,6 +34,8 @@ import time
 METHODS = ("abq", "bcq", "gptq", "kivi", "kvquant", "qoq", "qoq_kv4", "qqq", "quip#", "rtn", "smoothquant", "spqr",
            "zeroquant")
 METHOD_ALIASES = ("abq-llm", "quip_sharp")
+# what --dtype takes (tquant.models.DTYPE_NAMES and "auto"; tests/test_cli.py checks them against it)
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
 
 def __getattr__(name: str):
@@ -118,7 +121,7 @@ def cmd_quantize(a) -> None:
     if make_method(a.method, **options).needs_calibration and a.calib not in NAMED_SOURCES:
         raise ValueError(f"unknown calibration source {a.calib!r}; named sources are {NAMED_SOURCES}")
     print(f"loading {a.model}", file=sys.stderr)
-    model, tok = load_model(a.model, device="cpu")
+    model, tok = load_model(a.model, dtype=a.dtype, device="cpu")
     tquant.quantize(model, a.method, calib=a.calib, tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen,
                     device=a.device, skip=a.skip, lm_head=a.lm_head, embeddings=a.embeddings, **options)
     from tquant.config import tquant_config
@@ -138,7 +141,7 @@ def cmd_eval(a) -> None:
         raise ValueError("nothing to evaluate: give --ppl SOURCES, --tasks TASKS and / or --speed")
     loaders = {"quantized": (a.dir, lambda: _load_saved(a.dir, a.device))}
     if a.base:
-        loaders = {"base": (a.base, lambda: load_model(a.base, device=a.device))} | loaders
+        loaders = {"base": (a.base, lambda: load_model(a.base, dtype=a.dtype, device=a.device))} | loaders
     results = {}
     for name, (path, load) in loaders.items():
         model, tok = load()
@@ -151,9 +154,13 @@ def cmd_eval(a) -> None:
 
 
 def cmd_compare(a) -> None:
+    from tquant.models import load_model
     from tquant.tools.compare import compare, compare_table
 
-    rows = compare(a.model, a.configs, baseline=not a.no_baseline, calib=a.calib, n_samples=a.n_samples,
+    def base():
+        return load_model(a.model, dtype=a.dtype, device=a.device or "cpu")
+
+    rows = compare(base, a.configs, baseline=not a.no_baseline, calib=a.calib, n_samples=a.n_samples,
                    calib_seqlen=a.calib_seqlen, device=a.device, **_eval_options(a))
     print(compare_table(rows))
     _write_json(a.json, rows)
@@ -205,8 +212,8 @@ def cmd_demo(a) -> None:
     def step(text):
         print(text, file=sys.stderr, flush=True)
 
-    step("loading the offline SmolLM2-135M-Instruct")
-    model, tok = load_model("default")
+    step(f"loading the offline SmolLM2-135M-Instruct in {a.dtype}")
+    model, tok = load_model("default", dtype=a.dtype)
     question = "What is the capital of France?"
 
     def measure(name):
@@ -214,7 +221,7 @@ def cmd_demo(a) -> None:
         ppl = tq_eval.perplexity(model, "pydoc", tokenizer=tok, seqlen=512, n_windows=a.windows)
         return {"ppl": ppl, "MiB": model_bytes(model) / 2**20, "answer": greedy_answer(model, tok, question)}
 
-    before = measure("float32")
+    before = measure(a.dtype)
     step(f"quantizing with GPTQ W{a.bits} g{a.group_size} on {a.n_samples} x 512 calibration tokens (pydoc)")
     t = time.time()
     tquant.quantize(model, "gptq", bits=a.bits, group_size=a.group_size, calib="pydoc", tokenizer=tok,
@@ -224,7 +231,7 @@ def cmd_demo(a) -> None:
     print(f"\nSmolLM2-135M-Instruct, GPTQ W{a.bits} g{a.group_size}, {a.n_samples} x 512 calibration tokens "
           f"(pydoc), quantized in {seconds:.0f} s; perplexity on {a.windows} x 512 pydoc eval windows")
     print(f"{'':10} {'perplexity':>10} {'size MiB':>9}  answer to {question!r}")
-    for name, r in (("float32", before), ("quantized", after)):
+    for name, r in ((a.dtype, before), ("quantized", after)):
         print(f"{name:10} {r['ppl']:10.2f} {r['MiB']:9.1f}  {r['answer']}")
 
 
@@ -238,6 +245,12 @@ def cmd_tune(a) -> None:
     from tquant.tools.tune import cmd_tune as run
 
     run(a)
+
+
+def _add_dtype_option(p, default="auto", what="the float model") -> None:
+    p.add_argument("--dtype", default=default, choices=DTYPES, metavar="DTYPE",
+                   help=f"dtype {what} is loaded in: auto (the checkpoint's own: bf16 / fp16 as saved, a .gguf file "
+                        f"float32) | {' | '.join(DTYPES[1:])} (default: {default})")
 
 
 def _add_eval_options(p, ppl) -> None:
@@ -286,6 +299,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--n-samples", type=int, default=128, help="calibration sequences")
     q.add_argument("--seqlen", type=int, default=512, help="calibration sequence length")
     q.add_argument("--device", default=None, help="where blocks are quantized (default: cuda if available)")
+    _add_dtype_option(q)
     q.add_argument("--option", type=_option, action="append", default=[], help="method option key=value")
     q.add_argument("--skip", action="append", default=[], help="layer-name pattern to keep in full precision")
     q.add_argument("--lm-head", action="store_true", help="also quantize the lm_head")
@@ -298,6 +312,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("dir", help="a folder written by tquant quantize / tquant.save")
     _add_eval_options(e, ppl=None)
     e.add_argument("--base", default=None, help="also evaluate this float model, side by side (e.g. 'default')")
+    _add_dtype_option(e, what="--base")
     e.add_argument("--device", default="cpu", help="where the models run")
 
     m = command("compare", "several methods / configs on one model, as one table", cmd_compare)
@@ -310,6 +325,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--calib-seqlen", type=int, default=512, help="calibration sequence length")
     _add_eval_options(m, ppl="pydoc")
     m.add_argument("--device", default=None, help="where blocks are quantized (default: cuda if available)")
+    _add_dtype_option(m)
 
     c = command("chat", "chat with a saved model (one-shot with a prompt or piped stdin)", cmd_chat)
     c.add_argument("dir", help="a folder written by tquant quantize / tquant.save")
@@ -362,6 +378,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--group-size", type=int, default=64, help="input channels per scale")
     d.add_argument("--n-samples", type=int, default=32, help="calibration sequences")
     d.add_argument("--windows", type=int, default=40, help="perplexity windows")
+    _add_dtype_option(d, default="float32", what="the model (float32: the README's numbers)")
     return p
 
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import logging
 import os
 
 import torch
 from torch import nn
 
+log = logging.getLogger("tquant")
+
 DEFAULT_MODEL = "default"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# what load_model(dtype=...) takes besides a torch.dtype and "auto" (the CLI's --dtype choices)
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 def _smollm2_dir() -> str:
@@ -22,10 +28,29 @@ def _smollm2_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer). name is "default" (offline SmolLM2-135M), a local .gguf file, or an HF path / hub id."""
+def resolve_dtype(dtype) -> torch.dtype | str:
+    """A torch float dtype, or "auto", from a torch.dtype, "auto" or a name in DTYPE_NAMES ("bf16", "float32", ...);
+    ValueError otherwise."""
+    if dtype == "auto" or dtype in DTYPE_NAMES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype.lower().removeprefix("torch.")]
+    raise ValueError(f"dtype must be 'auto', a float torch.dtype or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = "auto", device: str = "cpu"):
+    """(model, tokenizer). name is "default" (offline SmolLM2-135M), a local .gguf file, or an HF path / hub id.
+
+    dtype "auto" (default) keeps the checkpoint's own dtype, as transformers' dtype="auto" does: the config's
+    torch_dtype (dtype), else that of the first float weight in the files. A .gguf file (the default model
+    included) records no torch dtype: transformers de-quantizes its tensors to torch's default dtype, float32.
+    A torch.dtype or a name ("float32", "bf16", "fp16", ...) casts to it: the README's quality tables were measured
+    in float32. The dtype chosen is said in one line on the "tquant" logger. Methods compute in float32 only where
+    they need it (Hessians, training), one block at a time."""
     import transformers
 
+    dtype = resolve_dtype(dtype)
+    asked = name
     kwargs = {}
     if name != DEFAULT_MODEL:
         _check_local(name)
@@ -39,6 +64,14 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
     # a GGUF source leaves its own quantization_config behind; the model is de-quantized float now
     if getattr(model.config, "quantization_config", None) is not None and "gguf_file" in kwargs:
         del model.config.quantization_config
+    got = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if dtype != "auto":
+        why = "as asked"
+    elif "gguf_file" in kwargs:
+        why = "a GGUF file records no torch dtype: de-quantized to torch's default"
+    else:
+        why = "the checkpoint's own dtype"
+    log.info(f"loaded {asked} in {got} ({why})")
     return model.to(device).eval(), tok
 
 
