@@ -104,7 +104,12 @@ def test_a_missing_local_path_says_so(name):
     (["--method", "smoothquant", "--bits", "3"], r"bits"),
 ])
 def test_cli_refuses_options_before_loading_the_model(args, message, tmp_path, monkeypatch):
-    monkeypatch.setattr("tquant.models.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    # patched where every load ends, not tquant.models.load_model: a module first imported during this test would
+    # keep the patched function by value (`from ..models import load_model`) for the rest of the worker's tests
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match=message):
         main(["quantize", "--model", "default", *args, "--out", str(tmp_path / "out")])
 
