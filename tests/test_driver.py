@@ -197,3 +197,97 @@ def test_embeddings_on_request(arch, tmp_path):
     assert loaded.get_input_embeddings().padding_idx == emb.padding_idx
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+# issue 28: a bf16 / fp16 checkpoint is quantized in its own dtype (tquant.models.load_model's default); each method's
+# maths runs in float32 where it needs it (GPTQ's Hessian and solve, training, smoothing statistics) one block at a
+# time. Options keep the runs short; 8-bit rows are close to the float32 path's logits, 4-bit rows (where a rounding
+# flips codes and GPTQ's error feedback carries the flips on) as far from the float model as the float32 path is.
+HALF = {
+    "rtn": dict(bits=8),
+    "gptq": dict(bits=8),
+    "gptq-w4": dict(bits=4, group_size=32),
+    "smoothquant": dict(),
+    "qqq": dict(group_size=32, smooth_grid=2, search_samples=2),
+    "qoq": dict(group_size=32, kv_bits=16, smooth_attention=0, smooth_xw=False, reorder=False, calib_range=False),
+    "kivi": dict(kv_bits=8, group_size=16, residual=16, prefill_with_quant=True),
+}
+
+
+@pytest.fixture(scope="module")
+def half_dirs(tmp_path_factory):
+    """{dtype: a tiny random Llama saved in it}, the same weights (rounded) in each."""
+    from tests.tiny_models import byte_tokenizer
+
+    dirs = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        path = tmp_path_factory.mktemp(str(dtype).removeprefix("torch."))
+        tiny_model("llama").to(dtype).save_pretrained(path)
+        byte_tokenizer().save_pretrained(path)
+        dirs[dtype] = str(path)
+    return dirs
+
+
+def _logits(model, ids, kv: bool):
+    from tquant.models import cache_kwarg
+
+    with torch.no_grad():
+        if kv:  # the quantized cache (prefill_with_quant: the prefill reads quantized keys and values too)
+            return model(ids, **{cache_kwarg(model): tquant.kv_cache(model)}, use_cache=True).logits
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("dtype,row", [(torch.bfloat16, r) for r in HALF] + [(torch.float16, "rtn"),
+                                                                              (torch.float16, "smoothquant")],
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_quantize_in_the_checkpoint_dtype(dtype, row, half_dirs, monkeypatch):
+    from tquant.methods.gptq import GPTQ
+    from tquant.models import load_model
+    from tquant.modules import QuantizedLinear
+
+    method, options, kv = row.split("-")[0], HALF[row], row == "kivi"
+    calib, ids = token_batch(8), token_batch(2, seed=5)
+    ref, _ = load_model(half_dirs[dtype], dtype=torch.float32)  # the float32 path, from the same rounded weights
+    ref_float = _logits(ref, ids, kv=False)
+    tquant.quantize(ref, method, calib=calib, progress=False, **options)
+    ref_q = _logits(ref, ids, kv)
+
+    model, _ = load_model(half_dirs[dtype])
+    assert next(model.parameters()).dtype == dtype
+    float_buffers = {n: b.dtype for n, b in model.named_buffers() if b.is_floating_point()}  # rotary: float32
+    half_float = _logits(model, ids, kv=False)
+    solved = []  # (layer weight, GPTQ's Hessian, its weight copy, inverse Cholesky factor) dtypes
+    prepared = GPTQ.prepared
+
+    def spy(self, state, linear, name):
+        w, perm, u = prepared(self, state, linear, name)
+        solved.append((linear.weight.dtype, state.hessian.dtype, w.dtype, u.dtype))
+        return w, perm, u
+
+    monkeypatch.setattr(GPTQ, "prepared", spy)
+    tquant.quantize(model, method, calib=calib, progress=False, **options)
+
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert bool(quantized) == (method != "kivi")
+    outputs = []
+    for m in quantized:
+        m.register_forward_hook(lambda m, i, o: outputs.append(o.dtype))
+    logits = _logits(model, ids, kv)
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    assert set(outputs) <= {dtype} and len(outputs) == len(quantized)
+    assert {p.dtype for p in model.parameters()} == {dtype}  # embeddings, norms, lm_head: outside the quantized
+    for m in quantized:
+        assert m.bias is None or m.bias.dtype == dtype
+    assert {n: b.dtype for n, b in model.named_buffers() if n in float_buffers} == float_buffers
+    if method in ("gptq", "qqq"):
+        assert solved and set(solved) == {(dtype, torch.float32, torch.float32, torch.float32)}
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    floor = rel(half_float, ref_float)  # the half model against the float32 one, unquantized
+    assert floor < 0.02
+    if options.get("bits", 8) == 8 and method not in ("qqq", "qoq"):
+        assert rel(logits, ref_q) < 0.05
+    else:
+        assert rel(logits, ref_float) < 1.15 * rel(ref_q, ref_float) + 2 * floor

@@ -169,3 +169,37 @@ def test_input_groups_beat_act_order_groups_on_unlike_channel_ranges():
     by_input = quantize_layer("gptq", linear, x, **kw)
     by_act = quantize_layer("gptq", linear, x, group_order="act", **kw)
     assert output_error(linear, by_input, x) < 0.8 * output_error(linear, by_act, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_layer_is_solved_in_float32(dtype):
+    """A bf16 / fp16 model's layer (issue 28: quantized in the checkpoint's dtype): its inputs are summed into a
+    float32 H (the default hessian_dtype), within float32 rounding of the float64 sum of the same half values, where
+    the same running sum kept in the half dtype is off by orders of magnitude more; and the whole solve runs in float32,
+    so the codes and scales are exactly those of the float32 copy of the layer on the float32 copy of its inputs."""
+    torch.manual_seed(3)
+    k, t = 64, 4096
+    linear = nn.Linear(k, 32, bias=False).to(dtype)
+    x = correlated_inputs(k, t=t).to(dtype)
+    method = get_method("gptq")(bits=4, group_size=16)
+    state = method.new_state("layer", linear)
+    half_sum, seen = torch.zeros(k, k, dtype=dtype), 0
+    for chunk in x.split(512):
+        state.add_batch(chunk)
+        half_sum *= seen / (seen + len(chunk))  # HessianState's running mean, kept in the half dtype
+        seen += len(chunk)
+        half_sum.addmm_(chunk.t(), chunk, alpha=2.0 / seen)
+    exact = 2.0 / t * x.double().t() @ x.double()
+
+    def rel(a):
+        return ((a.double() - exact).norm() / exact.norm()).item()
+
+    assert state.hessian.dtype == torch.float32 and state.tokens == t
+    assert rel(state.hessian) < 1e-6 and rel(half_sum) > 100 * rel(state.hessian)
+    w, _, u = method.prepared(state, linear, "layer")
+    assert w.dtype == u.dtype == torch.float32
+    qw = method.quantize(state, linear, "layer")
+    ref = nn.Linear(k, 32, bias=False)
+    ref.weight.data = linear.weight.data.float()
+    expected = quantize_layer("gptq", ref, x.float(), bits=4, group_size=16)
+    assert torch.equal(qw.codes, expected.codes) and torch.equal(qw.scale, expected.scale)
