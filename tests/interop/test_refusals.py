@@ -1,4 +1,5 @@
-"""Models with no outside format are refused by tquant.export with the method's name and what to do instead."""
+"""Models with no outside format are refused by tquant.export with the method's name and what to do instead
+(W8A8's refusals: tests/interop/test_int8_compressed_tensors.py)."""
 import os
 
 import pytest
@@ -10,7 +11,6 @@ from tests.interop.helpers import quantized
 @pytest.mark.parametrize("method,opts,what", [
     ("bcq", dict(bits=3, group_size=32), "BCQ"),
     ("spqr", dict(bits=3, group_size=32), "SpQR"),
-    ("smoothquant", dict(bits=8, group_size=-1), "int-quantized \\(W8A8\\) export is not implemented yet"),
 ])
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_methods_without_an_outside_format_are_refused(tmp_path, method, opts, what, fmt):

@@ -1,9 +1,11 @@
 """Interoperation with the formats serving engines and the hub use (docs/interop.md).
 
     tquant.export(model_or_dir, out, format="compressed-tensors" | "gptq")   tquant's PackedLinear layers ->
-                                    compressed-tensors pack-quantized (vLLM / SGLang) or GPTQ v1 / v2
-    tquant.load(dir)                also reads compressed-tensors pack-quantized, GPTQ v1 / v2 and AWQ (GEMM)
-                                    checkpoints (tquant.interop.loader), into PackedLinear without dequantizing
+                                    compressed-tensors pack-quantized (vLLM / SGLang) or GPTQ v1 / v2; W8A8
+                                    ActQuantLinear layers (SmoothQuant, ZeroQuant) -> compressed-tensors int-quantized
+    tquant.load(dir)                also reads compressed-tensors pack-quantized / int-quantized, GPTQ v1 / v2 and AWQ
+                                    (GEMM) checkpoints (tquant.interop.loader), into PackedLinear / ActQuantLinear
+                                    without dequantizing
 
 One file per outside format (compressed_tensors.py, gptq.py, awq.py), their shared helpers in common.py, the
 exported folder's writing in writer.py.
@@ -25,9 +27,11 @@ INSTEAD = ("no serving engine reads this layout. Quantize the float model with g
            "weight-only) and export that, or serve the float model")
 
 
-def _quantized_layers(model):
-    """{name: PackedLinear} of a tquant model, or ValueError naming the method when a layer has no outside format."""
+def _quantized_layers(model, format: str):
+    """{name: PackedLinear, or ActQuantLinear for compressed-tensors (int-quantized W8A8)} of a tquant model, or
+    ValueError naming the method when a layer has no outside format."""
     from ..config import read_quantization_config
+    from ..modules.act_quant_linear import ActQuantLinear
     from ..modules.base import QuantizedLinear
     from ..modules.packed_linear import PackedLinear
 
@@ -40,13 +44,13 @@ def _quantized_layers(model):
                          "model, quantized without the KV method")
     layers = {}
     for name, mod in model.named_modules():
-        if type(mod) is PackedLinear:
+        if type(mod) is PackedLinear or (type(mod) is ActQuantLinear and format == "compressed-tensors"):
             layers[name] = mod
         elif isinstance(mod, QuantizedLinear) or getattr(mod, "spec_type", None) in _NO_FORMAT:
             what = _NO_FORMAT.get(getattr(mod, "spec_type", ""), type(mod).__name__)
             if getattr(mod, "spec_type", "") == "act_quant_linear":
-                why = ("compressed-tensors int-quantized (W8A8) export is not implemented yet, and GPTQ holds weight-"
-                       "only layers. Quantize the float model with gptq or rtn (weight-only) and export that")
+                why = ("GPTQ holds weight-only layers. Export with --format compressed-tensors (int-quantized W8A8), "
+                       "or quantize the float model with gptq or rtn (weight-only) and export that")
             else:
                 why = INSTEAD
             raise ValueError(f"method {method!r} stores {name} as {type(mod).__name__}, {what}: {why}")
@@ -58,7 +62,7 @@ def _quantized_layers(model):
 def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_format: str = "gptq",
            overwrite: bool = False, max_shard_size="5GB") -> str:
     """Write a tquant model (or a tquant checkpoint folder) to folder `out` in `format`: "compressed-tensors"
-    (pack-quantized, for vLLM / SGLang / transformers) or "gptq" (gptq_format "gptq" = v1, "gptq_v2" = v2), as one
+    (pack-quantized W4A16 / W8A16, int-quantized W8A8; for vLLM / SGLang / transformers) or "gptq" (gptq_format "gptq" = v1, "gptq_v2" = v2), as one
     model.safetensors or, past max_shard_size ("5GB", "500MB", bytes; None: one file), transformers' shards and
     index. Returns out."""
     import os
@@ -76,7 +80,7 @@ def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_f
         model = load(source)
     else:
         model = model_or_dir
-    layers = _quantized_layers(model)
+    layers = _quantized_layers(model, format)
     extra = {}
     if format == "compressed-tensors":
         config, tensors = compressed_tensors.export(model, layers)

@@ -1,4 +1,5 @@
-"""compressed-tensors `pack-quantized` (what llm-compressor writes and vLLM / SGLang load natively), both ways.
+"""compressed-tensors `pack-quantized` (W4A16 / W8A16) and `int-quantized` (W8A8), what llm-compressor writes and
+vLLM / SGLang load natively, both ways.
 
 Layout, as the compressed-tensors library (0.20.x) reads it (compressors/pack_quantized, quantization/quant_args):
     config.json quantization_config
@@ -19,6 +20,27 @@ Layout, as the compressed-tensors library (0.20.x) reads it (compressors/pack_qu
 The unsigned packed value q + 2^(bits-1) is tquant's code and zp + 2^(bits-1) its zero, so the export moves codes,
 never rounds: the library's decompression gives exactly tquant's dequantized weight.
 
+int-quantized W8A8 (ActQuantLinear with 8-bit weights and activations: SmoothQuant, ZeroQuant), the layout of the
+library's IntQuantizationCompressor and of vLLM's CompressedTensorsW8A8Int8 scheme:
+    config_groups {"group_0": {"targets": ["Linear"], "format": "int-quantized",
+        "weights": {"num_bits": 8, "type": "int", "symmetric": true, "strategy": "channel", "dynamic": false},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": true, "strategy": "token",
+                              "dynamic": true}}}       (static per-tensor scale: "strategy": "tensor", false)
+    per layer L:
+        L.weight        int8 [N, K]     q in [-128, 127] (tquant's qweight as it is)
+        L.weight_scale  fp32 [N, 1]     tquant's w_scale (vLLM keeps weight scales in fp32)
+        L.input_scale   fp32 [1]        static activations only (tquant's act_scale)
+        L.bias          [N] (optional)
+        y = (round(x / s_x) * s_x) (q * weight_scale)^T + bias, s_x = max_k |x_tk| / 127 per token t (vLLM;
+        the library's own simulation divides by 127.5, so its logits differ from tquant's / vLLM's by rounding)
+Smoothing: SmoothQuant divides x by s and multiplies W's columns by s. When quantizing, it folds 1 / s into the op
+that produces x wherever one absorbs it exactly (tquant.calib.smoothing.find_absorber tests every norm and linear of
+the block: the norm before q/k/v and gate/up, v_proj before o_proj, up_proj before down_proj); the weights exported
+are those of the folded model. A layer that kept a run-time divisor (its `smooth` buffer) had no such op, e.g.
+o_proj under grouped-query attention (v_proj has one channel per KV-head channel, fewer than o_proj's inputs, and
+SmoothQuant's factors differ across the query heads sharing one): no int-quantized reader divides its input, so the
+export refuses it, naming the layer and the method, rather than re-rounding its weights.
+
 Act-order: compressed-tensors 0.20 removed actorder "group" (weight_g_idx); its QuantizationArgs refuses it. A tquant
 layer with a perm and one group per channel is written in input order (actorder "weight", exact); one with a perm
 and smaller groups (GPTQ act_order without static_groups) has no compressed-tensors 0.20 form: the export refuses it
@@ -26,17 +48,24 @@ and names --format gptq (desc_act + g_idx) or quantizing with static_groups=True
 """
 from __future__ import annotations
 
+import json
 import re
 
 import torch
 from torch import nn
 
+from ..config import tquant_config
+from ..modules.act_quant_linear import ActQuantLinear
 from ..modules.packed_linear import PackedLinear
 from .common import (check_kernel_bits, expect, fail, finish, hf_config, linear_names, pack_dense, packed_linear,
                      plain_tensors, skeleton, unpack_dense, unpacked)
 
 QUANT_METHOD = "compressed-tensors"
 PACKED = "pack-quantized"
+INT = "int-quantized"
+MIXED = "mixed-precision"  # the top-level format when config groups differ in theirs
+W8A8_WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
+                "dynamic": False}
 LIBRARY_VERSION = "0.20.1"  # the compressed-tensors version whose reader this layout was checked against
 
 
@@ -49,8 +78,13 @@ def _weights_args(mod: PackedLinear, sym: bool, act_order: bool) -> dict:
     return args
 
 
+def _scheme(weights: dict, input_activations: dict | None, fmt: str) -> dict:
+    """A config group's scheme (without its targets)."""
+    return {"weights": weights, "input_activations": input_activations, "output_activations": None, "format": fmt}
+
+
 def export_layer(name: str, mod: PackedLinear) -> tuple[dict[str, torch.Tensor], dict]:
-    """One PackedLinear's compressed-tensors tensors (names relative to the model) and weights args."""
+    """One PackedLinear's pack-quantized tensors (names relative to the model) and scheme."""
     b, k, n = mod.bits, mod.in_features, mod.out_features
     codes = unpacked(mod)  # [K, N], storage order
     if mod.perm is not None:
@@ -73,22 +107,67 @@ def export_layer(name: str, mod: PackedLinear) -> tuple[dict[str, torch.Tensor],
         out[f"{name}.weight_zero_point"] = pack_dense(zeros.to(torch.int64), b).t().contiguous()
     if mod.bias is not None:
         out[f"{name}.bias"] = mod.bias
-    return out, _weights_args(mod, sym, mod.perm is not None)
+    return out, _scheme(_weights_args(mod, sym, mod.perm is not None), None, PACKED)
 
 
-def export(model: nn.Module, layers: dict[str, PackedLinear]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json dict, tensors) of a tquant model whose quantized layers are all PackedLinear."""
+def _why_unfolded(model: nn.Module, name: str) -> str:
+    """Why no op could take layer `name`'s smoothing factor (SmoothQuant tested them all when quantizing)."""
+    heads = getattr(model.config, "num_attention_heads", None)
+    kv = getattr(model.config, "num_key_value_heads", None)
+    if name.endswith("o_proj") and heads and kv and kv < heads:
+        return (f"its input is attention over v_proj, which under grouped-query attention (num_key_value_heads={kv} "
+                f"< num_attention_heads={heads}) has one channel per KV-head channel, fewer than o_proj's inputs, and "
+                "the factors differ across the query heads sharing one")
+    return ("no norm or linear of its block absorbs it exactly (e.g. an input after a non-homogeneous activation "
+            "such as GELU, or a norm shared with another smoothed group)")
+
+
+def _check_w8a8(name: str, mod: ActQuantLinear, method: str | None, model: nn.Module) -> None:
+    """Refuse an ActQuantLinear that int-quantized W8A8 cannot hold, saying why and what to do instead."""
+    if (mod.bits, mod.act_bits) != (8, 8) or mod.perm is not None:
+        fail(name, f"method {method!r} stores it as W{mod.bits}A{mod.act_bits}" + (" with a channel perm" if
+             mod.perm is not None else "") + ": tquant exports int-quantized W8A8 only (8-bit per-channel weights, "
+             "8-bit per-token activations)", "quantize with smoothquant or zeroquant at bits=8, act_bits=8 (zeroquant "
+             "without mlp_bits=4), or export a weight-only gptq / rtn model")
+    if mod.smooth is not None:
+        fail(name, f"method {method!r} left a smoothing factor on its input that cannot be folded into a preceding op: "
+             f"{_why_unfolded(model, name)}. int-quantized readers (vLLM, SGLang, compressed-tensors) do not divide "
+             "a layer's input, so the export would compute another function",
+             f"quantize with --skip '*.{name.rsplit('.', 1)[-1]}' (kept in float and listed in the export's "
+             "ignore), or with zeroquant (no smoothing); the tquant checkpoint itself runs the factor in its kernel")
+
+
+def export_act_layer(name: str, mod: ActQuantLinear, method: str | None,
+                     model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """One W8A8 ActQuantLinear's int-quantized tensors (layout in the module docstring) and scheme."""
+    _check_w8a8(name, mod, method, model)
+    out = {f"{name}.weight": mod.qweight, f"{name}.weight_scale": mod.w_scale[:, None].contiguous()}
+    static = mod.act_scale is not None
+    if static:
+        out[f"{name}.input_scale"] = mod.act_scale
+    if mod.bias is not None:
+        out[f"{name}.bias"] = mod.bias
+    inputs = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor" if static else "token",
+              "dynamic": not static}
+    return out, _scheme(dict(W8A8_WEIGHTS), inputs, INT)
+
+
+def export(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json dict, tensors) of a tquant model whose quantized layers are PackedLinear (pack-quantized) or
+    W8A8 ActQuantLinear (int-quantized); one config group per distinct scheme."""
+    method = (tquant_config(model.config) or {}).get("method")
     tensors, schemes = {}, {}
     for name, mod in layers.items():
-        t, args = export_layer(name, mod)
+        t, scheme = (export_act_layer(name, mod, method, model) if isinstance(mod, ActQuantLinear)
+                     else export_layer(name, mod))
         tensors |= t
-        schemes.setdefault(tuple(sorted(args.items())), []).append(name)
+        schemes.setdefault(json.dumps(scheme, sort_keys=True), []).append(name)
     float_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    groups = {}
-    for i, (key, names) in enumerate(schemes.items()):
-        groups[f"group_{i}"] = {"targets": ["Linear"] if len(schemes) == 1 else names, "weights": dict(key),
-                                "input_activations": None, "output_activations": None, "format": PACKED}
-    qc = {"quant_method": QUANT_METHOD, "format": PACKED, "quantization_status": "compressed", "config_groups": groups,
+    groups = {f"group_{i}": {"targets": ["Linear"] if len(schemes) == 1 else names, **json.loads(key)}
+              for i, (key, names) in enumerate(schemes.items())}
+    formats = {g["format"] for g in groups.values()}
+    qc = {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else MIXED,
+          "quantization_status": "compressed", "config_groups": groups,
           "ignore": float_linears, "kv_cache_scheme": None, "global_compression_ratio": None,
           "sparsity_config": {}, "transform_config": {}, "version": LIBRARY_VERSION}
     tensors |= plain_tensors(model, set(layers))
@@ -114,14 +193,66 @@ def _scheme_for(name: str, module: nn.Module, qc: dict) -> dict | None:
     return found[0][1] if found else None
 
 
-def _import_layer(name: str, linear: nn.Module, scheme: dict, fmt: str, tensors: dict) -> PackedLinear:
-    w = scheme.get("weights") or {}
+def _import_layer(name: str, linear: nn.Module, scheme: dict, fmt: str, tensors: dict) -> nn.Module:
+    """Layer `name` of the scheme's format: pack-quantized -> PackedLinear, int-quantized W8A8 -> ActQuantLinear."""
     fmt = scheme.get("format") or fmt
-    if fmt != PACKED:
-        fail(f"{name}.weight", f"compressed-tensors format {fmt!r}: tquant imports {PACKED!r} only")
-    if scheme.get("input_activations") is not None:
-        fail(f"{name}.weight", "quantized input activations (W8A8 int-quantized): not imported yet; tquant reads "
-             "weight-only pack-quantized (W4A16 / W8A16)")
+    acts = scheme.get("input_activations") is not None
+    if (fmt, acts) == (INT, True):
+        return _import_int8_layer(name, linear, scheme, tensors)
+    if (fmt, acts) == (PACKED, False):
+        return _import_packed_layer(name, linear, scheme, tensors)
+    fail(f"{name}.weight", f"compressed-tensors format {fmt!r} " + ("with" if acts else "without") + " quantized "
+         f"input activations: tquant imports weight-only {PACKED!r} (W4A16 / W8A16) and {INT!r} W8A8")
+
+
+def _want(name: str, args: dict, key: str, allowed: tuple, default, why: str):
+    """args[key] (or default) when it is one of `allowed`, else ValueError naming the tensor and the option."""
+    value = args.get(key, default)
+    if value not in allowed:
+        fail(name, f"{key}={value!r}: {why}")
+    return value
+
+
+def _import_int8_layer(name: str, linear: nn.Module, scheme: dict, tensors: dict) -> ActQuantLinear:
+    """An int-quantized W8A8 layer (layout in the module docstring) as tquant's ActQuantLinear: the int8 weight as it
+    is, the weight scale per output channel in fp32, activations per token (dynamic) or per tensor (static)."""
+    w, a = scheme.get("weights") or {}, scheme["input_activations"]
+    k, n = linear.in_features, linear.out_features
+    gemm = "tquant's W8A8 GEMM takes symmetric 8-bit integer weights, one scale per output channel (or tensor)"
+    for key, allowed, default in (("num_bits", (8,), None), ("type", ("int",), "int"), ("symmetric", (True,), True),
+                                  ("strategy", ("channel", "tensor"), None)):
+        _want(f"{name}.weight", w, key, allowed, default, gemm)
+    acts = "tquant quantizes activations to symmetric int8, per token (dynamic) or per tensor (static)"
+    for key, allowed, default in (("num_bits", (8,), None), ("type", ("int",), "int"), ("symmetric", (True,), True)):
+        _want(f"{name}.input_activations", a, key, allowed, default, acts)
+    static = not _want(f"{name}.input_activations", a, "dynamic", (True, False), False, acts)
+    _want(f"{name}.input_activations", a, "strategy", ("tensor",) if static else ("token",), None, acts)
+    weight = expect(f"{name}.weight", tensors.pop(f"{name}.weight", None), (n, k), torch.int8)
+    scale = tensors.pop(f"{name}.weight_scale", None)
+    if w["strategy"] == "tensor" and scale is not None and scale.numel() == 1:
+        scale = scale.reshape(1, 1).expand(n, 1).contiguous()
+    scale = expect(f"{name}.weight_scale", scale, (n, 1), "float")
+    for zp in (f"{name}.weight_zero_point", f"{name}.input_zero_point"):
+        if zp in tensors and tensors.pop(zp).any():
+            fail(zp, "non-zero in a symmetric scheme", "is the checkpoint damaged?")
+    bias = tensors.pop(f"{name}.bias", None)
+    mod = ActQuantLinear(k, n, bits=8, act_bits=8, group_size=k, bias=bias is not None, static=static,
+                         dtype=linear.weight.dtype, device="cpu")
+    mod.qweight.copy_(weight)
+    mod.w_scale.copy_(scale[:, 0].float())
+    if static:
+        act_scale = tensors.pop(f"{name}.input_scale", None)
+        mod.act_scale.copy_(expect(f"{name}.input_scale", None if act_scale is None else act_scale.reshape(-1),
+                                   (1,), "float").float())
+    if bias is not None:
+        mod.bias.copy_(bias.to(mod.bias.dtype))
+    mod.validate(name)
+    return mod
+
+
+def _import_packed_layer(name: str, linear: nn.Module, scheme: dict, tensors: dict) -> PackedLinear:
+    """A pack-quantized layer (layout in the module docstring) as tquant's PackedLinear, codes re-packed along K."""
+    w = scheme.get("weights") or {}
     if w.get("type", "int") != "int":
         fail(f"{name}.weight", f"weights of type {w.get('type')!r}: tquant's kernels take integer weights")
     b = check_kernel_bits(f"{name}.weight_packed", w.get("num_bits"))
