@@ -291,3 +291,35 @@ def test_quantize_in_the_checkpoint_dtype(dtype, row, half_dirs, monkeypatch):
         assert rel(logits, ref_q) < 0.05
     else:
         assert rel(logits, ref_float) < 1.15 * rel(ref_q, ref_float) + 2 * floor
+
+
+@pytest.mark.parametrize("method,options", [
+    pytest.param("zeroquant", dict(lkd=True, lkd_steps=4), id="zeroquant-lkd"),
+    pytest.param("abq", dict(epochs=1), id="abq"),
+    pytest.param("quip#", dict(ft_epochs=1), id="quip#-ft", marks=pytest.mark.slow),  # 12-36 s on 2 cores
+])
+def test_training_in_a_half_model_runs_in_float32(method, options, half_dirs, monkeypatch):
+    """ZeroQuant's LKD, ABQ-LLM's training and QuIP#'s fine-tuning step Adam on float32 parameters (the block in hand
+    only: tquant.calib.block_tuning.float32_training) and leave the bf16 model bf16, its quantized layers' outputs
+    bf16 and its logits finite."""
+    from tquant.models import load_model
+    from tquant.modules import QuantizedLinear
+
+    stepped = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        stepped.append({p.dtype for g in self.param_groups for p in g["params"]})
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    model, _ = load_model(half_dirs[torch.bfloat16])
+    tquant.quantize(model, method, calib=token_batch(8), progress=False, **options)
+    assert stepped and all(s == {torch.float32} for s in stepped)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    outputs = []
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.register_forward_hook(lambda m, i, o: outputs.append(o.dtype))
+    logits = _logits(model, token_batch(2, seed=5), kv=False)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all() and set(outputs) == {torch.bfloat16}
