@@ -94,6 +94,14 @@ def test_overwrite_leaves_no_stale_shard(model, sharded, tmp_path):
     tquant.save(model, str(dst), overwrite=True, max_shard_size=LIMIT)
     assert "model.safetensors" not in os.listdir(dst)
     tquant.load(str(dst))
+    for lone in ("model-00002-of-00003.safetensors", INDEX):  # a shard or an index alone is a checkpoint too
+        other = tmp_path / lone
+        other.mkdir()
+        (other / lone).write_text("{}")
+        with pytest.raises(ValueError, match=f"already holds a checkpoint \\({lone}\\)"):
+            tquant.save(model, str(other), max_shard_size=LIMIT)
+        with pytest.raises(ValueError, match=f"already holds a checkpoint \\({lone}\\)"):
+            tquant.export(model, str(other), format="gptq", gptq_format="gptq_v2")
 
 
 def test_a_damaged_shard_is_named(sharded, tmp_path):
@@ -202,3 +210,6 @@ def test_cli_max_shard_size(model, sharded, tmp_path):
         assert torch.allclose(tquant.load(str(tmp_path / "out"))(ids).logits, model(ids).logits, atol=1e-5)
     with pytest.raises(SystemExit, match="max_shard_size='lots'"):
         main(["export", str(sharded), str(tmp_path / "bad"), "--format", "gptq", "--max-shard-size", "lots"])
+    with pytest.raises(SystemExit, match="max_shard_size='lots'"):  # refused before any model is loaded
+        main(["quantize", "--model", str(tmp_path / "no-such-model"), "--method", "rtn", "--out",
+              str(tmp_path / "q"), "--max-shard-size", "lots"])

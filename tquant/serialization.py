@@ -70,12 +70,13 @@ def _sha256(path: str) -> str:
 
 
 def check_target(path, overwrite: bool = False) -> None:
-    """Refuse (ValueError) to save into a folder that already holds a checkpoint (any of CHECKPOINT_FILES) unless
-    overwrite; a path that exists and is not a folder is refused always."""
+    """Refuse (ValueError) to save into a folder that already holds a checkpoint (any of CHECKPOINT_FILES, or a
+    model-*-of-*.safetensors shard) unless overwrite; a path that exists and is not a folder is refused always."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"cannot save into {path!r}: it exists and is not a folder")
     found = [f for f in CHECKPOINT_FILES if os.path.lexists(os.path.join(path, f))]
+    found += sorted(f for f in os.listdir(path) if SHARD_NAME.fullmatch(f))[:1] if os.path.isdir(path) else []
     if found and not overwrite:
         raise ValueError(f"{path!r} already holds a checkpoint ({', '.join(found)}): saving would replace it. Choose "
                          "another folder, or pass overwrite=True (tquant quantize --overwrite) to replace it")

@@ -9,7 +9,7 @@ import shutil
 
 import torch
 
-from ..serialization import DEFAULT_SHARD_SIZE, INDEX, WEIGHTS, shard_bytes, write_weights
+from ..serialization import DEFAULT_SHARD_SIZE, INDEX, SHARD_NAME, WEIGHTS, shard_bytes, write_weights
 from ..version import __version__
 
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -26,6 +26,7 @@ def write_checkpoint(out: str, config: dict, tensors: dict[str, torch.Tensor], s
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"cannot export into {out!r}: it exists and is not a folder")
     found = [f for f in ("config.json", WEIGHTS, INDEX) if os.path.lexists(os.path.join(out, f))]
+    found += sorted(f for f in os.listdir(out) if SHARD_NAME.fullmatch(f))[:1] if os.path.isdir(out) else []
     if found and not overwrite:
         raise ValueError(f"{out!r} already holds a checkpoint ({', '.join(found)}): choose another folder, or pass "
                          "overwrite=True (tquant export --overwrite)")
