@@ -62,9 +62,9 @@ def _quantized_layers(model, format: str):
 def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_format: str = "gptq",
            overwrite: bool = False, max_shard_size="5GB") -> str:
     """Write a tquant model (or a tquant checkpoint folder) to folder `out` in `format`: "compressed-tensors"
-    (pack-quantized W4A16 / W8A16, int-quantized W8A8; for vLLM / SGLang / transformers) or "gptq" (gptq_format "gptq" = v1, "gptq_v2" = v2), as one
-    model.safetensors or, past max_shard_size ("5GB", "500MB", bytes; None: one file), transformers' shards and
-    index. Returns out."""
+    (pack-quantized W4A16 / W8A16, int-quantized W8A8; for vLLM / SGLang / transformers) or "gptq" (gptq_format
+    "gptq" = v1, "gptq_v2" = v2), as one model.safetensors or, past max_shard_size ("5GB", "500MB", bytes; None: one
+    file), transformers' shards and index. Returns out."""
     import os
 
     from . import compressed_tensors, gptq
