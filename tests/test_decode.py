@@ -119,6 +119,26 @@ def test_kernels_fused_step_matches_the_torch_step(monkeypatch, arch, kv):
     assert rel(fused, static_logits(model, ids, fused=False, kernel=False)) < (1e-5 if kv == "float" else 1e-4)
 
 
+@pytest.mark.parametrize("method", ["rtn", "float"])
+def test_kernels_fused_projections_match_the_separate_ones(method):
+    """With fused=True q / k / v and gate / up run as one projection each (float or PackedLinear), the parts
+    becoming views of the fused tensors: the logits are the unfused step's, and the model's own forward after it
+    gives what it gave before."""
+    model = tiny_model("llama")
+    if method == "rtn":
+        tquant.quantize(model, "rtn", bits=4, group_size=16)
+    model, ids = model.to(DEVICE), token_batch(2, TOTAL, seed=11).to(DEVICE)
+    with torch.no_grad():
+        before = model(ids).logits
+    separate = static_logits(model, ids, fused=False, kernel=False)
+    dec = StaticDecoder(model, batch=2, max_len=32, graphs=False, fused=True)
+    assert all(f is not None and len(f.split_sizes) == 3 for f in dec.qkv)
+    assert all(f is not None and len(f.split_sizes) == 2 for f in dec.gate_up)
+    assert rel(static_logits(model, ids, fused=True, kernel=True), separate) < 1e-5
+    with torch.no_grad():
+        assert rel(model(ids).logits, before) < 1e-6
+
+
 def test_fused_step_refuses_other_mlps():
     model = tiny_model("llama")
     model.config.hidden_act = "gelu"

@@ -12,8 +12,10 @@ the step reads the device from the host, so on CUDA it is captured once (after a
 autotune entries) and replayed for every token. On CUDA (fused=True) the small ops between the projections are
 Triton kernels: residual add + RMSNorm (kernels.rms_norm), RoPE with the keys and values written into the float
 cache's rows (kernels.rope), silu(gate) * up (kernels.swiglu), and the float cache's decode attention
-(kernels.kv_attention.float_decode_attention): an fp16 layer is 13 launches (7 of them projections) instead of about
-77 torch ops; the cache derives its per-step index tensors once a forward (prepare). The prefill runs eagerly; it
+(kernels.kv_attention.float_decode_attention), and q / k / v and gate / up each one projection where their formats
+allow (tquant.modules.fuse: the parts' tensors become views of the fused one, so the model's memory and its own
+forward stay as they were): an fp16 layer is 10 launches (4 of them projections) instead of about 77 torch ops; the
+cache derives its per-step index tensors once a forward (prepare). The prefill runs eagerly; it
 attends to its own exact keys / values (or to them as stored, with the KV method's prefill_with_quant) and writes
 them into the cache. Rows of a batch share one position: the prompts are all t tokens long (no padding).
 The model's KV method (quantization_config["kv_cache"]) decides the cache (tquant.kv.static_cache): none -> float;
@@ -33,6 +35,7 @@ from .kernels.rms_norm import rms_norm
 from .kernels.rope import rope_qkv
 from .kernels.swiglu import silu_mul
 from .models import head_dim
+from .modules.fuse import fuse_linears
 from .kv.static_cache import static_cache
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # embed -> [norm, attention, norm, MLP] x L -> norm -> head
@@ -81,7 +84,7 @@ class StaticDecoder:
     """Greedy generation for `batch` sequences of up to max_len tokens with a static cache (module docstring).
     graphs: capture the decode step as a CUDA graph (default: on CUDA). fused: the step's small ops as Triton
     kernels (default: on CUDA; on the CPU under TRITON_INTERPRET=1 only): residual add + RMSNorm, RoPE + cache
-    write, silu(gate) * up."""
+    write, silu(gate) * up; and q / k / v, gate / up fused into one projection each (tquant.modules.fuse)."""
 
     def __init__(self, model, batch: int, max_len: int, graphs: bool | None = None, fused: bool | None = None):
         check_model(model)
@@ -96,6 +99,11 @@ class StaticDecoder:
         self.fused = device.type == "cuda" if fused is None else fused
         if self.fused:
             check_fusable(model)
+        layers = model.model.layers
+        self.qkv = [fuse_linears([a.q_proj, a.k_proj, a.v_proj]) if self.fused else None
+                    for a in (layer.self_attn for layer in layers)]
+        self.gate_up = [fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) if self.fused else None
+                        for layer in layers]
         self.head_size = head_dim(model.config)
         self.sm_scale = getattr(model.model.layers[0].self_attn, "scaling", 1 / math.sqrt(self.head_size))
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position the next step writes
@@ -111,7 +119,10 @@ class StaticDecoder:
         """q [B, Hq, t, D], k, v [B, Hkv, t, D] of layer i after RoPE, k and v written into the cache at pos."""
         b, t, _ = x.shape
         shape = (b, t, -1, self.head_size)
-        q, k, v = (proj(x).view(shape) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        fused = self.qkv[i]
+        qkv = fused(x).split(fused.split_sizes, dim=-1) if fused is not None else \
+            (proj(x) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        q, k, v = (y.view(shape) for y in qkv)
         if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm per head before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         if not self.fused:
@@ -152,10 +163,12 @@ class StaticDecoder:
         h = h if delta is None else h + delta
         return norm(h), h
 
-    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
-        return mlp(x)
+    def _mlp(self, i: int, mlp, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return mlp(x)
+        fused = self.gate_up[i]
+        gate, up = fused(x).split(fused.split_sizes, dim=-1) if fused is not None else (mlp.gate_proj(x), mlp.up_proj(x))
+        return mlp.down_proj(silu_mul(gate, up))
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of the last of the tokens ids [B, t] at positions pos (int64 [t])."""
@@ -167,7 +180,7 @@ class StaticDecoder:
             x, h = self._add_norm(layer.input_layernorm, h, delta)
             delta = self._attention(i, layer, x, pos, cos, sin)
             x, h = self._add_norm(layer.post_attention_layernorm, h, delta)
-            delta = self._mlp(layer.mlp, x)
+            delta = self._mlp(i, layer.mlp, x)
         x, _ = self._add_norm(body.norm, h[:, -1], delta[:, -1])
         return self.model.lm_head(x)
 

@@ -106,7 +106,8 @@ def candidates(m: int, n: int, kw: int, perm: bool = False) -> list[dict]:
 
 
 def run_path(config, x, qweight, scales, zeros, perm, bias, *, bits, group_size, in_features, bilevel=None):
-    """One launch of the path that config names (inputs already checked and contiguous)."""
+    """One launch of the path that config names (inputs already checked; x, perm, bias contiguous, the weight
+    tensors as row_strided gives them)."""
     if config["path"] == "dense":
         w = dequant_gemm.dequantize(qweight, scales, zeros, perm, bits=bits, group_size=group_size,
                                     in_features=in_features, dtype=x.dtype, bilevel=bilevel)
@@ -121,6 +122,16 @@ def run_path(config, x, qweight, scales, zeros, perm, bias, *, bits, group_size,
                   bilevel=bilevel)
 
 
+def row_strided(qweight, scales, zeros):
+    """The weight tensors as the kernels read them: rows of unit column stride at any row stride (the column views of
+    tquant.modules.fuse are read in place), scales and zeros with one layout (the kernels take one stride for both);
+    others copied contiguous."""
+    qweight = qweight if qweight.stride(-1) == 1 else qweight.contiguous()
+    if scales.stride(-1) != 1 or scales.stride() != zeros.stride():
+        scales, zeros = scales.contiguous(), zeros.contiguous()
+    return qweight, scales, zeros
+
+
 def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_features, perm=None, bias=None,
                        bilevel=None):
     group_size = check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias, bilevel)
@@ -128,7 +139,9 @@ def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_featur
     m, n = x.shape[0], qweight.shape[1]
     if m == 0:
         return x.new_empty(0, n)
-    args = [t.contiguous() if t is not None else None for t in (x, qweight, scales, zeros, perm, bias)]
+    qweight, scales, zeros = row_strided(qweight, scales, zeros)
+    args = [t.contiguous() if t is not None else None for t in (x, perm, bias)]
+    args[1:1] = (qweight, scales, zeros)
     kw = dict(bits=bits, group_size=group_size, in_features=in_features, bilevel=bilevel)
     key = dict(M=next_power_of_2(m), N=n, K=in_features, bits=bits, group=group_size,
                dtype=str(x.dtype).removeprefix("torch."), perm=int(perm is not None),
