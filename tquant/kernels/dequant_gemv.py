@@ -115,16 +115,24 @@ def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
 INTERPRETER_CONFIG = dict(path="gemv", BLOCK_N=32, BLOCK_KW=4, SPLIT_K=2, num_warps=4, num_stages=1)
 
 
-def configs(n: int, kw: int) -> list[dict]:
-    """Candidates for N = n, kw words along K, the default first: the tiles (num_warps, BLOCK_N, BLOCK_KW)
-    a first tuning kept, each with the four split-K counts nearest 3 programs per SM."""
+def split_k_candidates(path: str, tiles, n: int, kw: int, programs: int, n_splits: int, stages) -> list[dict]:
+    """GEMV launch configs of `path` for N = n and kw words along K: each tile (num_warps, BLOCK_N, BLOCK_KW) with
+    the n_splits split-K counts whose grid lies nearest `programs` programs (an octave measure), each with every
+    pipeline depth in stages; sorted by that distance, so the first is the default."""
     out = []
-    for warps, block_n, bkw in ((4, 512, 2), (4, 512, 4), (4, 1024, 2), (8, 1024, 2), (8, 1024, 4), (8, 512, 8)):
-        def off_target(sk):  # distance from 400 programs, in octaves
-            return abs(math.log2(-(-n // block_n) * sk / 400))
+    for warps, block_n, bkw in tiles:
+        def off_target(sk):  # distance from `programs` programs, in octaves
+            return abs(math.log2(-(-n // block_n) * sk / programs))
 
         splits = sorted((sk for sk in (1, 2, 4, 8, 16, 32, 64) if sk == 1 or kw >= 2 * sk * bkw), key=off_target)
-        out += [(off_target(sk), dict(path="gemv", BLOCK_N=block_n, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps,
-                                      num_stages=stages)) for sk in splits[:4] for stages in (1, 4)]
+        out += [(off_target(sk), dict(path=path, BLOCK_N=block_n, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps,
+                                      num_stages=st)) for sk in splits[:n_splits] for st in stages]
     out.sort(key=lambda c: c[0])
     return [c for _, c in out]
+
+
+def configs(n: int, kw: int) -> list[dict]:
+    """Candidates for N = n, kw words along K, the default first: the tiles a first tuning kept, each with the four
+    split-K counts nearest 3 programs per SM (400), 1 and 4 pipeline stages."""
+    return split_k_candidates("gemv", ((4, 512, 2), (4, 512, 4), (4, 1024, 2), (8, 1024, 2), (8, 1024, 4),
+                                       (8, 512, 8)), n, kw, 400, 4, (1, 4))

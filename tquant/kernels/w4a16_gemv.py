@@ -24,13 +24,12 @@ SPLIT_K > 1: the last split of each N tile sums the fp32 partials (dequant_gemm.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from . import dequant_gemm
+from .dequant_gemv import split_k_candidates
 from .dequant_gemm import MAGIC_BITS, code_minus_zero, code_scale, split_k_grid, store_output
 from .runtime import interpreter_on
 
@@ -258,15 +257,7 @@ INTERPRETER_CONFIG = dict(path="gemv_h2", BLOCK_N=32, BLOCK_KW=2, SPLIT_K=2, num
 
 def configs(n: int, kw: int) -> list[dict]:
     """Candidates for N = n and kw words along K, the default first: tiles (num_warps, BLOCK_N, BLOCK_KW) with many
-    columns a thread (the x preparation of a tile is shared by them), each with the split-K counts nearest 3-4
-    programs per SM, 1 and 4 pipeline stages."""
-    out = []
-    for warps, block_n, bkw in ((4, 2048, 4), (4, 1024, 4), (4, 2048, 2), (4, 1024, 2), (8, 2048, 4)):
-        def off_target(sk):
-            return abs(math.log2(-(-n // block_n) * sk / 450))
-
-        splits = sorted((sk for sk in (1, 2, 4, 8, 16, 32, 64) if sk == 1 or kw >= 2 * sk * bkw), key=off_target)
-        out += [(off_target(sk), dict(path="gemv_h2", BLOCK_N=block_n, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps,
-                                      num_stages=stages)) for sk in splits[:2] for stages in (3, 2)]
-    out.sort(key=lambda c: c[0])
-    return [c for _, c in out]
+    columns a thread (the x preparation of a tile is shared by them), each with the two split-K counts nearest 3-4
+    programs per SM (450), 3 and 2 pipeline stages."""
+    return split_k_candidates("gemv_h2", ((4, 2048, 4), (4, 1024, 4), (4, 2048, 2), (4, 1024, 2), (8, 2048, 4)),
+                              n, kw, 450, 2, (3, 2))
