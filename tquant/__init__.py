@@ -66,3 +66,62 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+
+# transformers' from_pretrained for tquant checkpoints (tquant.interop.hf_quantizer registers quant_method "tquant").
+# Importing transformers here would cost seconds, so the registration waits for transformers to import its quantizer
+# registry (it does before any from_pretrained): a finder on sys.meta_path that only answers for that module, lets
+# the other finders find it and registers once it has run. Registered at once when transformers came first.
+_HF_REGISTRY = "transformers.quantizers.auto"
+
+
+def _register_with_transformers() -> None:
+    try:
+        importlib.import_module(".interop.hf_quantizer", __name__)
+    except Exception as err:  # never break the import of transformers that brought us here
+        import warnings
+
+        warnings.warn(f"tquant could not register its transformers quantizer ({type(err).__name__}: {err}); load "
+                      "tquant checkpoints with tquant.load", stacklevel=2)
+
+
+class _RegisterAfter:
+    """The loader of transformers.quantizers.auto, registering tquant's quantizer once the module has run."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _register_with_transformers()
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _TransformersHook:
+    """A sys.meta_path finder for transformers.quantizers.auto only (then it leaves sys.meta_path)."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != _HF_REGISTRY:
+            return None
+        if cls in sys.meta_path:
+            sys.meta_path.remove(cls)
+        for finder in list(sys.meta_path):
+            find = getattr(finder, "find_spec", None)
+            spec = find(name, path, target) if find is not None else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _RegisterAfter(spec.loader)
+                return spec
+        return None
+
+
+if _HF_REGISTRY in sys.modules:
+    _register_with_transformers()
+elif _TransformersHook not in sys.meta_path:
+    sys.meta_path.insert(0, _TransformersHook)
