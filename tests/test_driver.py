@@ -119,14 +119,62 @@ def test_quantize_errors(kwargs, message):
         tquant.quantize(tiny_model("llama"), **kwargs, progress=False)
 
 
-def test_nan_activations_are_reported():
+def test_nan_calibration_is_refused_before_any_layer_changes():
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.embed_tokens.weight[5] = float("nan")
-    ids = token_batch(2)
-    ids[0, 3] = 5
-    with pytest.raises(ValueError, match="NaN or Inf in the calibration activations entering layer 'model.layers.0.self_attn.q_proj'"):
-        tquant.quantize(model, "gptq", bits=4, group_size=32, calib=ids, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = token_batch(4)
+    ids[2, 3] = 5  # batch 1 with batch_size 2
+    with pytest.raises(ValueError, match=r"calibration batch 1: 96 non-finite .* entering model.layers.0 .* no layer "
+                                         r"was changed"):
+        tquant.quantize(model, "gptq", bits=4, group_size=32, calib=ids, batch_size=2, progress=False)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_non_finite_states_entering_a_later_block_say_the_model_is_partly_quantized():
+    model = tiny_model("llama")
+    model.model.layers[0].register_forward_hook(lambda m, i, o: (o[0] * float("inf"),) + tuple(o[1:])
+                                                if isinstance(o, tuple) else o * float("inf"))
+    with pytest.raises(ValueError, match=r"block 1 of 2: calibration batch 0: .* entering model.layers.1 .* partly "
+                                         r"quantized \(blocks model.layers.0 .. model.layers.0 hold quantized"):
+        tquant.quantize(model, "gptq", bits=4, group_size=32, calib=token_batch(2), progress=False)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, PackedLinear)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, nn.Linear)
+
+
+def test_singular_hessian_names_block_layer_and_state(monkeypatch):
+    """GPTQ's Cholesky failing on the first layer of block 1 (the real error path, the failure injected into
+    torch.linalg.cholesky): the error names the block and the layer and says block 0 is quantized."""
+    cholesky, calls = torch.linalg.cholesky, []
+
+    def failing(h, *a, **k):
+        calls.append(1)
+        if len(calls) > 2 * 7:  # block 0's 7 layers take two factorizations each
+            raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
+        return cholesky(h, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "cholesky", failing)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"block 1 of 2: .*model.layers.1.self_attn.q_proj.*percdamp.*partly "
+                                         r"quantized \(blocks model.layers.0 .. model.layers.0"):
+        tquant.quantize(model, "gptq", bits=4, group_size=32, calib=token_batch(2), progress=False)
+
+
+def test_out_of_memory_names_the_layer_and_says_what_to_do(monkeypatch):
+    from tquant.methods.rtn import RTN
+
+    def oom(self, state, layer, name):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(RTN, "quantize", oom)
+    with pytest.raises(torch.OutOfMemoryError, match=r"block 0 of 2: layer model.layers.0.self_attn.q_proj: CUDA out "
+                                                     r"of memory.*lower batch_size.*no block was swapped"):
+        tquant.quantize(tiny_model("llama"), "rtn", bits=4, group_size=32, progress=False)
 
 
 def test_model_without_linears():

@@ -15,6 +15,11 @@
         X_{i+1} = block(X_i)                    # with quantized weights
         swap every quantized nn.Linear for its module (PackedLinear, ActQuantLinear); move the block back
 Data-free methods (RTN) skip the forward passes.
+
+Faults: calibration activations entering block 0 that are not finite (NaN / inf) are refused before any layer
+changes; non-finite states entering a later block, and any error while quantizing block i (a singular Hessian, out
+of memory, a method's own refusal), stop the run with an error of the same type naming the block (and the layer,
+where one was being quantized) and saying what state the model is left in (partly_quantized).
 """
 from __future__ import annotations
 
@@ -168,6 +173,41 @@ def _input_groups(block, linears: dict[str, nn.Linear], args, kwargs) -> list[li
     return groups + [[n] for n in linears if not any(n in g for g in groups)]
 
 
+def _with_message(e: BaseException, message: str) -> BaseException:
+    """An exception of e's type (RuntimeError where that type takes other arguments) carrying message."""
+    try:
+        return type(e)(message)
+    except TypeError:
+        return RuntimeError(message)
+
+
+@contextlib.contextmanager
+def _naming(layer: str):
+    """Errors inside name `layer` (unless their message already does)."""
+    try:
+        yield
+    except Exception as e:
+        if layer in str(e):
+            raise
+        raise _with_message(e, f"layer {layer}: {e}") from e
+
+
+def partly_quantized(i: int, blocks_name: str) -> str:
+    """What a failure while quantizing block i leaves behind."""
+    done = "no block was swapped for quantized modules" if i == 0 else \
+        f"blocks {blocks_name}.0 .. {blocks_name}.{i - 1} hold quantized modules"
+    return (f"the model is left partly quantized ({done}; block {i}'s float weights may hold de-quantized values): "
+            "load it again before another try")
+
+
+def check_finite(states: list[torch.Tensor], where: str) -> None:
+    """ValueError naming the first calibration batch whose hidden states `where` hold NaN or inf."""
+    for b, h in enumerate(states):
+        if not torch.isfinite(h).all():
+            bad = int((~torch.isfinite(h)).sum())
+            raise ValueError(f"calibration batch {b}: {bad} non-finite (NaN / inf) activations {where}")
+
+
 @torch.no_grad()
 def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_sequential: bool, dtype):
     """Quantize one block's linears in place (swapping in their modules). Returns ({name: spec}, the
@@ -184,7 +224,8 @@ def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_se
                 _run_passes(lambda a=a, k=k: block(*a, **k) for a, k in inputs)
         for g in stage:
             for n in g:
-                qw = method.quantize(states[g[0]], linears[n], prefix + n)
+                with _naming(prefix + n):
+                    qw = method.quantize(states[g[0]], linears[n], prefix + n)
                 linears[n].weight.data = qw.dequantize().to(linears[n].weight.dtype)
                 transform = method.input_transform(prefix + n)
                 if transform is not None:
@@ -258,6 +299,8 @@ def quantize_blocks(
             raise ValueError(f"method {method.name!r} needs calibration data (calib=)")
         first, per_block = capture_all_block_inputs(model, blocks_name, blocks, calib, device, batch_size)
         states = [args[0] for args, _ in first]
+        check_finite(states, f"entering {blocks_name}.0 (the float model's embeddings): no layer was changed; check "
+                     "the calibration ids and the model's weights (a half dtype that overflows: load it in float32)")
 
     specs, tuple_out = {}, False
     for i, block in enumerate(tqdm(blocks, desc=f"{method.name} blocks", disable=not progress)):
@@ -267,8 +310,17 @@ def quantize_blocks(
         if states is not None:  # block i's own mask / rotary table (they differ between attention kinds)
             inputs = [((h,) + tuple(rest), kwargs) for h, (rest, kwargs) in zip(states, per_block[i])]
             per_block[i] = None
-        block_specs, outputs = _quantize_block(block, targets[i], inputs, method, f"{blocks_name}.{i}.",
-                                               true_sequential, dtype)
+        try:
+            if i > 0 and states is not None:
+                check_finite(states, f"entering {blocks_name}.{i} (the outputs of the blocks quantized before it)")
+            block_specs, outputs = _quantize_block(block, targets[i], inputs, method, f"{blocks_name}.{i}.",
+                                                   true_sequential, dtype)
+        except Exception as e:
+            block.to(home)
+            hint = " (out of memory: lower batch_size, or quantize with device='cpu')" \
+                if isinstance(e, torch.OutOfMemoryError) else ""
+            raise _with_message(e, f"block {i} of {len(blocks)}: {e}{hint}; {partly_quantized(i, blocks_name)}") \
+                from e
         specs.update(block_specs)
         if outputs is not None:
             tuple_out = isinstance(outputs[0], (tuple, list))
