@@ -14,7 +14,8 @@ method quantizes the first --method-layers decoder layers (default 1; 0: all) an
 those layers' quantized linears: the same format and bytes in every layer (decode speed depends on the format, not on
 the values), and an 8B variant builds in seconds instead of the many minutes GPTQ / QuIP# take on 32 layers:
     fp16              the model as is, fp16 cache (decode attention: kernels.kv_attention over the static cache)
-    gptq-w4a16        gptq bits=4 group 128, act order (PackedLinear with perm: the weight-only kernels)
+    gptq-w4a16        gptq bits=4 group 128, its default act-order quantization with input-channel groups
+                      (PackedLinear without perm: the weight-only kernels; q / k / v and gate / up fused)
     qqq-w4a8          qqq per channel, no smoothing search (ActQuantLinear: int8 activations, W4A8 GEMM)
     qoq-w4a8          qoq's data-free steps (progressive grid, group 128; rotation folded: free at run time)
     qoq-w4a8kv4       the same with its KV4 cache (per-token 4-bit codes, tquant.kv.attention)
