@@ -60,18 +60,21 @@ def _quantized_layers(model, format: str):
 
 
 def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_format: str = "gptq",
-           overwrite: bool = False, max_shard_size="5GB") -> str:
+           overwrite: bool = False, max_shard_size="5GB", check_tp=()) -> str:
     """Write a tquant model (or a tquant checkpoint folder) to folder `out` in `format`: "compressed-tensors"
     (pack-quantized W4A16 / W8A16, int-quantized W8A8; for vLLM / SGLang / transformers) or "gptq" (gptq_format
     "gptq" = v1, "gptq_v2" = v2), as one model.safetensors or, past max_shard_size ("5GB", "500MB", bytes; None: one
-    file), transformers' shards and index. Returns out."""
+    file), transformers' shards and index. check_tp=(2, 4, 8) (or "2,4,8"): first check every layer splits over
+    each tensor-parallel degree as vLLM splits it, into shards its kernels take (tquant.interop.tp), else ValueError
+    naming the layer, the degree and the size, and nothing is written. Returns out."""
     import os
 
-    from . import compressed_tensors, gptq
+    from . import compressed_tensors, gptq, tp
     from .writer import write_checkpoint
 
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    degrees = tp.parse_degrees(check_tp) if check_tp else ()
     source = None
     if isinstance(model_or_dir, (str, os.PathLike)):
         from ..serialization import load
@@ -81,6 +84,8 @@ def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_f
     else:
         model = model_or_dir
     layers = _quantized_layers(model, format)
+    if degrees:
+        tp.require(model, layers, degrees, format)
     extra = {}
     if format == "compressed-tensors":
         config, tensors = compressed_tensors.export(model, layers)
