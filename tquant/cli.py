@@ -13,8 +13,10 @@
     tquant tune DIR [--batches 1,16,64 --prompt-len 1024 --retune]
                                     (autotune the model's kernels on this GPU, write the configs file)
     tquant export DIR OUT --format compressed-tensors|gptq [--gptq-format v1|v2] [--overwrite] [--max-shard-size 5GB]
-                                    (a tquant checkpoint in a format vLLM / SGLang serve; tquant.load reads
-                                    compressed-tensors, GPTQ and AWQ checkpoints directly)
+                  [--check-tp 2,4,8]
+                                    (a tquant checkpoint in a format vLLM / SGLang serve, checked to split over those
+                                    tensor-parallel degrees; tquant.load reads compressed-tensors, GPTQ and AWQ
+                                    checkpoints directly)
     tquant methods                  (methods and their options)
     tquant demo                     (quantize the offline default model and show before/after)
 """
@@ -67,6 +69,17 @@ def _option(text: str):
 
 def _names(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _degrees(text: str) -> tuple[int, ...]:
+    """--check-tp's "2,4,8" -> (2, 4, 8)."""
+    try:
+        degrees = tuple(sorted({int(t) for t in _names(text)}))
+    except ValueError:
+        degrees = ()
+    if not degrees or min(degrees) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected tensor-parallel degrees, e.g. 2,4,8")
+    return degrees
 
 
 def _sources(text: str) -> list[str]:
@@ -189,8 +202,9 @@ def cmd_export(a) -> None:
     import tquant
 
     tquant.export(a.dir, a.out, format=a.format, gptq_format={"v1": "gptq", "v2": "gptq_v2"}[a.gptq_format],
-                  overwrite=a.overwrite, max_shard_size=a.max_shard_size)
-    print(f"wrote {a.format} checkpoint to {a.out}")
+                  overwrite=a.overwrite, max_shard_size=a.max_shard_size, check_tp=a.check_tp or ())
+    passed = f" (tensor-parallel check: tp {', '.join(map(str, a.check_tp))} pass)" if a.check_tp else ""
+    print(f"wrote {a.format} checkpoint to {a.out}{passed}")
 
 
 def cmd_methods(a) -> None:
@@ -364,7 +378,16 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("dir", help="a folder written by tquant quantize / tquant.save")
     x.add_argument("out", help="output folder")
     x.add_argument("--format", required=True, choices=("compressed-tensors", "gptq"),
-                   help="compressed-tensors (pack-quantized) or gptq")
+                   help="compressed-tensors: weight-only gptq / rtn layers as pack-quantized (W4A16 / W8A16, sym or "
+                        "asym, group or channel) and SmoothQuant / ZeroQuant W8A8 layers as int-quantized (int8 "
+                        "weights and activations); gptq: weight-only layers only, one bits / group size for the whole "
+                        "model, act-order as g_idx (--gptq-format). Other methods (QuIP#, BCQ, SpQR, ABQ, W4A8, KV "
+                        "caches) are refused, naming what to use instead")
+    x.add_argument("--check-tp", type=_degrees, default=None, metavar="2,4,8",
+                   help="before writing, check every layer splits over these tensor-parallel degrees as vLLM splits "
+                        "it (q/k/v, gate/up by output, o/down by input) into shards its kernels take (group size, "
+                        "int32 packing, Marlin's 64 / 128 tiles, int8 GEMM's 16) and that fused q/k/v and gate/up "
+                        "share one scheme; else nothing is written and the error names the layer, degree and size")
     x.add_argument("--gptq-format", default="v1", choices=("v1", "v2"),
                    help="--format gptq: v1 (checkpoint_format 'gptq', zeros stored minus 1; what most readers take) "
                         "or v2 ('gptq_v2': any zero point)")
