@@ -101,11 +101,15 @@ def main() -> int:
     parser.add_argument("--scores", action="store_true", help="print the table only, run nothing")
     parser.add_argument("--survivors", action="store_true", help="show each surviving mutant's diff, run nothing")
     parser.add_argument("--again", action="store_true", help="forget the cached verdicts (and mutants) first")
+    parser.add_argument("--mutants", nargs="+", default=[], metavar="NAME",
+                        help="(re)run only these mutants of the one file given (names as --survivors prints them)")
     args = parser.parse_args()
     files = args.files or list(TESTS)
     unknown = [f for f in files if f not in TESTS]
     if unknown:
         parser.error(f"no tests are listed for {unknown}; known: {list(TESTS)}")
+    if args.mutants and len(files) != 1:
+        parser.error("--mutants needs exactly one file")
     if shutil.which("mutmut") is None and not args.scores:
         parser.error("mutmut is not installed: pip install -e .[mutation]")
     for path in files:
@@ -118,8 +122,8 @@ def main() -> int:
             if args.again:
                 shutil.rmtree(workdir(path) / "mutants", ignore_errors=True)
             env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TRITON_INTERPRET="1")
-            subprocess.run(["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", "1"],
-                           cwd=prepare(path), env=env, check=False)
+            subprocess.run(["nice", "-n", "10", sys.executable, "-m", "mutmut", "run", "--max-children", "1",
+                            *args.mutants], cwd=prepare(path), env=env, check=False)
     if not args.survivors:
         scores(files)
     return 0

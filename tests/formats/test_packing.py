@@ -135,3 +135,20 @@ def test_pack_planes_errors():
     assert pack_planes(torch.tensor([[1, 4]]), 2, checked=False).shape == (2, 1, 1)
     empty = pack_planes(torch.zeros(3, 0, dtype=torch.int32), 4)
     assert empty.shape == (4, 0, 3) and unpack_planes(empty, 0).shape == (3, 0)
+
+
+def test_the_packer_stays_on_the_inputs_device():
+    """Every buffer is made on the codes' device (meta stands in for CUDA here: mixing it with a CPU tensor raises)."""
+    codes = torch.empty(3, 70, dtype=torch.int32, device="meta")
+    planes = pack_planes(codes, 3, checked=False)
+    assert planes.device.type == "meta" and planes.shape == (3, 3, 3)
+    assert unpack_planes(planes, 70).device.type == "meta"
+    packed = pack_codes(codes, 4, checked=False)
+    assert packed.device.type == "meta" and unpack_codes(packed, 4, 70).device.type == "meta"
+    scales = torch.empty(5, 3, device="meta")
+    assert dequantize_packed(packed, scales, scales, 4, 14, 70).device.type == "meta"
+
+
+def test_plane_range_message_names_the_bound():
+    with pytest.raises(ValueError, match=r"^codes out of range for 3-bit planes: expected values in \[0, 8\)$"):
+        pack_planes(torch.tensor([[8, 1]]), 3)

@@ -251,6 +251,8 @@ def test_fit_group_size_default_start_and_examples():
     assert qz.fit_group_size([576, 1536]) == (64, "group_size 64: the largest of 128/64/32 dividing every layer's "
                                                   "in_features (576 is not a multiple of 128)")
     assert qz.fit_group_size((4096, 11008)) == (128, "")
+    assert qz.fit_group_size([192, 128]) == (64, "group_size 64: the largest of 128/64/32 dividing every layer's "
+                                                 "in_features (192 is not a multiple of 128)")
     assert qz.fit_group_size([1024, 80, 48]) == (-1, "group_size -1 (per channel): none of 128/64/32 divides every "
                                                      "layer's in_features (48 is not a multiple of 32)")
 
@@ -267,3 +269,22 @@ def test_resolve_group_size():
         qz.resolve_group_size(100, 768, "m.proj")
     assert str(e.value) == ("group_size=100 does not divide in_features=768 of layer 'm.proj'; use per-channel (-1) or "
                             "a divisor such as [16, 32, 48, 64, 96, 128, 192, 256]")
+
+
+def test_integer_group_scales_edge_cases():
+    """A zero group scale still gets one multiple of c (the clamp's lower end); the result keeps the group scales'
+    dtype whatever the channel scale's."""
+    out = qz.integer_group_scales(torch.tensor([[0.0, 2.5, 100.0]]), torch.tensor([1.0], dtype=torch.float64))
+    assert out.dtype == torch.float32 and out.tolist() == [[1.0, 3.0, 15.0]]
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_minmax_codes_clamp_when_fp16_parameters_move_the_range(bits):
+    """A large offset with a small spread: the fp16 minimum lies up to half an fp16 step (0.25 at 1000) away from the
+    true one, more than half a quantization step, so unclamped codes would leave [0, 2^bits) at both ends."""
+    g = torch.Generator().manual_seed(bits)
+    x = 1000 + torch.rand(64, 1, generator=g) * 0.5 + torch.rand(64, 16, generator=g) * 0.1
+    q, scale, mn = qz.minmax_quantize(x, bits, dim=-1, param_dtype=torch.float16)
+    raw = torch.round((x - mn.float()) / scale.float())
+    assert raw.min() < 0 and raw.max() > 2**bits - 1  # the case is real, at both ends
+    assert torch.equal(q, raw.clamp(0, 2**bits - 1).int())
