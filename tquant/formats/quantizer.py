@@ -82,10 +82,13 @@ def qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.
     if sym:
         wmax = torch.maximum(wmin.abs(), wmax)
         wmin = -wmax
-    flat = (wmin == 0) & (wmax == 0)
+    # a zero-width range, or one so narrow that its step would be subnormal (inexact) or 0 (a NaN zero): [-1, 1]
+    flat = (wmax - wmin) < torch.finfo(torch.float32).tiny * (maxq + 1)
     wmin = torch.where(flat, -torch.ones_like(wmin), wmin)
     wmax = torch.where(flat, torch.ones_like(wmax), wmax)
     scale = (wmax - wmin) / maxq
+    # a range wider than fp32's largest value (|w| ~ 3e38 of both signs): the same step without the overflowing sum
+    scale = torch.where(scale.isinf(), wmax / maxq - wmin / maxq, scale)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
@@ -110,9 +113,12 @@ def minmax_quantize(x: torch.Tensor, bits: int, dim: int, param_dtype: torch.dty
     and mn are rounded to param_dtype first (the stored parameters) and the codes chosen against them."""
     x = x.float()
     mn = x.amin(dim=dim, keepdim=True)
-    scale = (x.amax(dim=dim, keepdim=True) - mn) / (2**bits - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    mx = x.amax(dim=dim, keepdim=True)
+    scale = (mx - mn) / (2**bits - 1)
+    scale = torch.where(scale.isinf(), mx / (2**bits - 1) - mn / (2**bits - 1), scale)  # a range past fp32's max
     scale, mn = scale.to(param_dtype), mn.to(param_dtype)
+    # a constant slice, or a step that is 0 in param_dtype (a range below its subnormals): scale 1, codes 0 (x = mn)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round((x - mn.float()) / scale.float()).clamp_(0, 2**bits - 1).to(torch.int32)
     return q, scale, mn
 
