@@ -10,6 +10,8 @@ in registers (code_minus_zero: one LOP3 and one FADD a code), into a [BLOCK_KW, 
 accumulator that is reduced over rows once at the end. Unless a word spans groups (3-bit only), scale
 is applied once a tile: sum_k x_k (c_k - z) s = s * sum_k x_k (c_k - z). A word spanning two groups runs that
 twice, with x zeroed outside the group (GROUPS 2, bilevel stats), else code by code (GROUPS 3).
+Range: sum_k x_k (c_k - z) can overflow fp32 where the products x w do not (bf16 x of 3e38, s < 1), so a tile whose
+max |x| is 2^65 or more runs on x * 2^-e (max |x 2^-e| in [2^64, 2^65)) with its scale times 2^e (shrink_factor).
 3-bit words take 16 slots, 6 of them with x = 0. SPLIT_K > 1: the last split of each N tile sums the fp32 partials (store_output).
 The packed half2 dequantization of the GEMM (dequant_pair_asm) is not used here: products with x and their
 sums would have to be half2 as well to save instructions, which loses precision and can overflow fp16.
@@ -43,6 +45,14 @@ def accumulate_codes(tile, words, xw, zero, scale, magic, J: tl.constexpr, STRID
 
 
 @triton.jit
+def shrink_factor(xw, XEXP: tl.constexpr):
+    """(f, 1/f): powers of two with f = 1 unless max |xw| >= 2^(XEXP + 1), else max |xw * f| in [2^XEXP, 2^(XEXP+1))."""
+    amax = tl.max(tl.max(tl.abs(xw), axis=1), axis=0)
+    eb = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, XEXP + 127)  # biased exponent of max |x|, clamped
+    return ((254 + XEXP - eb) << 23).to(tl.float32, bitcast=True), ((eb - XEXP) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dequant_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
     N, K, KW, group_size, stride_qk, stride_sg, kw_per_split, splits, magic,
@@ -67,10 +77,14 @@ def _dequant_gemv_kernel(
         if HAS_PERM:
             col = tl.load(perm_ptr + k, mask=k_ok, other=0)
         xw = tl.load(x_ptr + col, mask=k_ok, other=0.0).to(tl.float32)
+        # sum x (code - zero) is taken before the scale, so a tile of |x| near fp32's max (bf16 3e38) would overflow
+        # where x w does not: such a tile runs on x * 2^-e, and its scale times 2^e (f = 1 for |x| < 2^65)
+        f, inv = shrink_factor(xw, 64)
+        xw = xw * f
         if GROUPS < 2:
             s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, GROUPS, 0,
                                      SCALE_BITS, STAT_GROUP)
-            acc += accumulate_codes(tl.zeros_like(acc), words, xw, z, 1.0, magic, 0, 1, EPW_P2, BITS, EPW) * s
+            acc += accumulate_codes(tl.zeros_like(acc), words, xw, z, 1.0, magic, 0, 1, EPW_P2, BITS, EPW) * (s * inv)
         elif GROUPS == 2:  # a word spans two groups (3-bit): the codes of each, with that group's zero and scale
             s0, z0 = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, 2, 0,
                                        SCALE_BITS, STAT_GROUP)
@@ -78,14 +92,15 @@ def _dequant_gemv_kernel(
                                        EPW - 1, SCALE_BITS, STAT_GROUP)
             first = (k // group_size) == ((kw0 + rows) * EPW // group_size)[:, None]
             x0 = tl.where(first, xw, 0.0)
-            acc += accumulate_codes(tl.zeros_like(acc), words, x0, z0, 1.0, magic, 0, 1, EPW_P2, BITS, EPW) * s0
-            acc += accumulate_codes(tl.zeros_like(acc), words, xw - x0, z1, 1.0, magic, 0, 1, EPW_P2, BITS, EPW) * s1
+            acc += accumulate_codes(tl.zeros_like(acc), words, x0, z0, 1.0, magic, 0, 1, EPW_P2, BITS, EPW) * (s0 * inv)
+            acc += accumulate_codes(tl.zeros_like(acc), words, xw - x0, z1, 1.0, magic, 0, 1, EPW_P2, BITS,
+                                    EPW) * (s1 * inv)
         else:  # groups smaller than a word: codes one by one, each with its own zero and scale
             for jj in tl.static_range(EPW):
                 s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, 2, jj,
                                          SCALE_BITS, STAT_GROUP)
                 xj = tl.sum(tl.where(j[None, :] == jj, xw, 0.0), axis=1)[:, None]
-                acc = accumulate_codes(acc, words, xj, z, s, magic, jj, 1, 1, BITS, EPW)
+                acc = accumulate_codes(acc, words, xj, z, s * inv, magic, jj, 1, 1, BITS, EPW)
     out = tl.sum(acc, axis=0)[None, :]
     store_output(y_ptr, out, tl.arange(0, 1), offs_n, 1, N, 0, bias_ptr, ws_ptr, count_ptr, pid_n, pid_k, splits,
                  HAS_BIAS, SPLIT)
