@@ -182,3 +182,20 @@ def test_registered_when_transformers_came_first():
               "import tquant; print(a.AUTO_QUANTIZER_MAPPING['tquant'].__name__, "
               "a.AUTO_QUANTIZATION_CONFIG_MAPPING['tquant'].__name__)")
     assert out.split() == ["TquantHfQuantizer", "TquantConfig"]
+
+
+def test_pipelines_and_lm_eval_take_the_folder(tmp_path):
+    """What the issue asks the route for: transformers' pipeline and lm-eval's HFLM load a tquant folder by path."""
+    from tests.tiny_models import byte_tokenizer
+
+    path = str(tmp_path / "ckpt")
+    tquant.save(quantized("rtn", bits=4, group_size=32), path, tokenizer=byte_tokenizer())
+    ref = tquant.load(path)
+    pipe = transformers.pipeline("text-generation", model=path, device="cpu")
+    assert type(pipe.model.model.layers[0].mlp.up_proj) is type(ref.model.layers[0].mlp.up_proj)
+    ids = token_batch(1, seqlen=6, seed=5)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=256)
+    assert torch.equal(pipe.model.generate(ids, **kw), ref.generate(ids, **kw))
+    huggingface = pytest.importorskip("lm_eval.models.huggingface")
+    lm = huggingface.HFLM(pretrained=path, device="cpu", batch_size=1)
+    same_model(lm.model, ref)
