@@ -14,7 +14,8 @@ bits 4j): one asm block (word_dot_asm) computes p = sum_j xs_j (c_j - z) in half
     acc2  = sum_j X_j * d_j,  X_j = (xs_j, xs_{j+4}) as half2        HMUL2 + HFMA2s, fp16 products and sums
     p     = float(acc2.lo) + float(acc2.hi)                         2 conversions and 1 FADD, then fp32 onwards
 PAIR (tiles inside one group): two words of one column (rows 2r and 2r + 1) share one half2 accumulator, so the
-conversions are paid once per 16 codes. fp32 accumulates p over the program's words; scale is applied in fp32.
+conversions are paid once per 16 codes. fp32 accumulates p over the program's words; scale is applied in fp32,
+then 2^-e ((p s) 2^-e: p times s 2^-e would overflow for x near fp32's max and a scale above 512).
 Range: xs = x * 2^e per tile, e chosen from the tile's max |x| so that max |xs| lies in [2^XEXP, 2^(XEXP+1))
 (XEXP 8, PAIR 7): a lane sums at most 4 (PAIR 8) products |xs (c - z)| <= 2^(XEXP+1) * 15, below fp16's 65504 for
 any x, and small x keep fp16's full relative precision (the 2^-e goes back into the fp32 scale factor).
@@ -183,7 +184,7 @@ def _w4a16_gemv_kernel(
             if PAIR:
                 pa, pb = tl.split(tl.permute(tl.reshape(p, (R, 2, BLOCK_N)), (0, 2, 1)))
                 p = pa + pb
-        acc += p * (s * inv)
+        acc += (p * s) * inv  # not p * (s * inv): 2^119 (x of 3e38) times a scale above 512 is inf, and 0 * inf NaN
     out = tl.sum(acc, axis=0)[None, :]
     store_output(y_ptr, out, tl.arange(0, 1), offs_n, 1, N, 0, bias_ptr, ws_ptr, count_ptr, pid_n, pid_k, splits,
                  HAS_BIAS, SPLIT)
