@@ -80,6 +80,18 @@ def test_column_parallel_marlin_thread_n_on_the_fused_qkv():
                       "v_proj of model.layers.0.self_attn on one GPU) is not a multiple of Marlin's min_thread_n 64")
 
 
+def test_marlin_rules_only_where_vllm_runs_marlin():
+    """An asymmetric GPTQ checkpoint runs vLLM's plain GPTQ kernel (gptq_marlin takes symmetric 4 / 8-bit only);
+    compressed-tensors runs 4-bit with zero points on Marlin too."""
+    model = tiny_model("llama")  # q+k+v = 160 columns
+    tquant.quantize(model, "rtn", bits=4, group_size=32, sym=False, progress=False)
+    assert has(problems(model, (1,))[1], "min_thread_n 64")
+    assert not has(problems(model, (1,), "gptq")[1], "Marlin")
+    model = tiny_model("llama")
+    tquant.quantize(model, "rtn", bits=8, group_size=32, sym=False, progress=False)
+    assert not has(problems(model, (1,))[1], "Marlin")  # 8-bit with zero points: no Marlin type (uint8 + zp)
+
+
 def test_packing_along_k_and_n():
     model = tiny_model("llama")  # hidden 96, heads 6, KV heads 2 (head_dim 16)
     tquant.quantize(model, "rtn", bits=2, group_size=96, progress=False)  # per channel: no group to split

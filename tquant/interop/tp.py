@@ -16,9 +16,10 @@ The rules, per shard (tp = 1 included: the kernel minimums hold unsplit too), wi
                      N_part_shard % Fraction(32, bits).numerator == 0 (GPTQ; compressed-tensors when asymmetric: zero
                      points packed along N): gptq.py create_weights ("The output size is not aligned ..."), and
                      the fused layer's weight loader divides each part's offset and size by the pack factor
-    Marlin schemes   4 / 8 bits with group -1 / 32 / 64 / 128 (quantization/utils/marlin_utils.py
-                     MARLIN_SUPPORTED_GROUP_SIZES; the kernel vLLM picks for them: gptq_marlin, compressed-tensors
-                     WNA16), verify_marlin_supports_shape: output_size_per_partition (the fused layer's, q+k+v or
+    Marlin schemes   group -1 / 32 / 64 / 128 (quantization/utils/marlin_utils.py MARLIN_SUPPORTED_GROUP_SIZES)
+                     and GPTQ symmetric 4 / 8-bit (gptq_marlin.py GPTQMarlinConfig.TYPE_MAP; an asymmetric GPTQ
+                     checkpoint runs vLLM's plain GPTQ kernel), compressed-tensors symmetric 4 / 8-bit or 4-bit with
+                     zero points (marlin_utils.query_marlin_supported_quant_types), verify_marlin_supports_shape: output_size_per_partition (the fused layer's, q+k+v or
                      gate+up) % GPTQ_MARLIN_MIN_THREAD_N (64), input_size_per_partition % GPTQ_MARLIN_MIN_THREAD_K
                      (128), input_size_per_partition % group_size when group_size < K ("Consider reducing
                      tensor_parallel_size or running with --quantization gptq")
@@ -114,8 +115,17 @@ class _Shards:
 
     def __init__(self, model: nn.Module, layers: dict, tp: int, format: str):
         self.model, self.layers, self.tp, self.format = model, layers, tp, format
+        self.all_sym = all(_sym(m) for m in layers.values() if hasattr(m, "zeros"))
         self.heads, self.kv = _heads(model.config)
         self.problems: list[str] = []
+
+    def on_marlin(self, mod) -> bool:
+        """Whether vLLM runs this weight-only layer on Marlin: GPTQ checkpoints when symmetric 4 / 8-bit (gptq_marlin's
+        TYPE_MAP {(4, True), (8, True)}; "sym" is the checkpoint's, so every layer's), compressed-tensors also 4-bit
+        with zero points (marlin_utils.query_marlin_supported_quant_types: has_zp -> uint4 only)."""
+        if self.format == "gptq":
+            return mod.bits in MARLIN_BITS and self.all_sym
+        return mod.bits in MARLIN_BITS if _sym(mod) else mod.bits == 4
 
     def fail(self, layer: str, text: str) -> None:
         self.problems.append(f"{layer}: {text}")
@@ -206,7 +216,7 @@ class _Shards:
                             f"packing along N at {bits} bits (vLLM: 'The output size is not aligned with the "
                             "quantized weight shape')")
             return
-        if bits in MARLIN_BITS and (-1 if not grouped else group) in MARLIN_GROUP_SIZES:
+        if self.on_marlin(mod) and (-1 if not grouped else group) in MARLIN_GROUP_SIZES:
             if fused_n % MARLIN_MIN_THREAD_N:
                 self.fail(name, f"{kind}: {n_what} is not a multiple of Marlin's min_thread_n "
                                 f"{MARLIN_MIN_THREAD_N} (vLLM verify_marlin_supports_shape)")
