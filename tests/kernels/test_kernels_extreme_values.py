@@ -1,0 +1,470 @@
+"""Every public kernel entry point on extreme values (issue 26, section 4): activations with outliers up to 6e4 in
+fp16 and 1e30 .. 3e38 in bf16 / fp32, rows of x all zero, dead input channels (a column of zeros in x and in the
+weights), groups whose weights are all equal (a zero-width range: the quantizer's scale stays finite and positive) and
+large K sums near and past fp16's overflow. Each kernel is compared with its torch reference, element by element:
+
+    |y - ref| <= tol[dtype] * magnitude + atol      where ref is finite, and y finite there;
+    y == ref (the same inf, or NaN)                 where ref is not (the format cannot hold the result)
+
+magnitude is the same sum over absolute values (|x| @ |W|^T + |bias|, per output element): rounding errors of sums
+that may cancel scale with it, not with |y|, and an element's own bound keeps an outlier column from hiding the error
+of the others (a norm over the whole output would). The tolerances (TOL) are justified where they are defined.
+
+Runs under the Triton interpreter on the CPU (TRITON_INTERPRET=1, conftest.py) with the interpreter's launch configs,
+and with TRITON_INTERPRET=0 on a GPU (the GPU shard) with the tuned paths, gemv_h2's packed-half2 asm branch included
+(forced by calling it directly with a config: the dispatcher does not offer it yet). Shapes stay small (K <= 256,
+N <= 64) and each property runs a few hypothesis examples: the interpreter is slow.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tquant.formats.packing import pack_codes
+from tquant.formats.quantizer import (grouped_qparams, minmax_quantize, progressive_quantize, qparams, quantize,
+                                      dequantize)
+from tquant.kernels import dequant_gemm, dequant_gemv, w4a16_gemv
+from tquant.kernels.weight_only_matmul import DENSE, run_path, weight_only_matmul, weight_only_matmul_ref
+from tests.kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401  (autouse fixture)
+
+GPU = DEVICE == "cuda"
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+DTYPES = [FP16, BF16, FP32]
+
+# Tolerances relative to the magnitude of each output element. Kernel and reference both sum in fp32 (K <= 256
+# terms: at most ~K 2^-24 = 1.5e-5 of the magnitude) and round the result once to the output dtype (half an ulp each,
+# so two roundings differ by at most one ulp of |y| <= magnitude: 2^-10 fp16, 2^-7 bf16, where the interpreter
+# truncates to bf16 and torch rounds). The float-weight paths also round each dequantized weight to x's dtype before
+# tl.dot (one more half ulp of each product: 2^-11 fp16, 2^-8 bf16). Sum: 1.5e-3 fp16, 1.2e-2 bf16, 3e-5 fp32 (fp32
+# tl.dot in "ieee" precision); TOL doubles that for slack without letting a wrong term through (a lost or doubled
+# product moves an element by its own share of the magnitude, far above these).
+TOL = {FP16: 3e-3, BF16: 2.4e-2, FP32: 6e-5}
+# atol: the spacing of each dtype's subnormals, times a few: results below the smallest normal keep only absolute
+# precision (one rounding each side), and fp16 weights may be subnormal before the dot.
+ATOL = {FP16: 4 * 2.0**-24, BF16: 4 * 2.0**-133, FP32: 4 * 2.0**-149}
+BIG = {FP16: (1e3, 6e4), BF16: (1e30, 3e38), FP32: (1e30, 3e38)}  # outlier magnitudes per activation dtype
+FEW = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def check(y, ref, magnitude, dtype, tol=None, atol=None, what=""):
+    """y against ref element by element (module docstring): same dtype and shape; non-finite exactly where ref is
+    and equal there (the same inf, or NaN); elsewhere within tol * magnitude + atol."""
+    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape, (what, y.dtype, ref.dtype, y.shape, ref.shape)
+    y, ref, magnitude = (t.detach().double().cpu() for t in (y, ref, magnitude))
+    finite = ref.isfinite()
+    bad = y.isfinite() != finite
+    assert not bad.any(), f"{what}: finite where the reference is not or the reverse at {bad.nonzero()[:5].tolist()}: " \
+                          f"y {y[bad][:5].tolist()} ref {ref[bad][:5].tolist()}"
+    nonfinite = ~finite
+    assert torch.equal(y[nonfinite].isnan(), ref[nonfinite].isnan()), f"{what}: NaN where the reference has inf"
+    infs = nonfinite & ~ref.isnan()
+    assert torch.equal(y[infs], ref[infs]), f"{what}: inf of the other sign"
+    err = (y - ref).abs()
+    bound = (TOL[dtype] if tol is None else tol) * magnitude + (ATOL[dtype] if atol is None else atol)
+    over = finite & ~(err <= bound)
+    assert not over.any(), (f"{what}: {int(over.sum())} elements off, worst at {over.nonzero()[0].tolist()}: "
+                            f"y {y[over][:3].tolist()} ref {ref[over][:3].tolist()} magnitude "
+                            f"{magnitude[over][:3].tolist()}")
+
+
+def assert_finite_where(y, ref, what=""):
+    assert torch.equal(y.isfinite().cpu(), ref.isfinite().cpu()), what
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# extreme activations and weights
+
+
+@st.composite
+def activation_cases(draw):
+    """What to put in x: outliers (count, magnitude exponent in the dtype's outlier range), zero rows, dead channels,
+    the scale of the ordinary values; never only zeros (at least one row keeps its random values)."""
+    return dict(outliers=draw(st.integers(0, 3)), where=draw(st.sampled_from([0.0, 0.5, 0.95, 1.0, 1.0])), zero_rows=draw(st.booleans()),
+                dead=draw(st.integers(0, 3)), base=draw(st.sampled_from([1.0, 1e-3, 30.0])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def extreme_x(m, k, dtype, case):
+    """x [M, K] (in dtype, on the CPU) and the dead channels: N(0, base^2) values, case["outliers"] entries of
+    magnitude 10^(lo + where (hi - lo)) (the dtype's outlier range), every other row zeroed (keeping row 0), dead
+    channels zeroed in every row."""
+    g = torch.Generator().manual_seed(case["seed"])
+    x = torch.randn(m, k, generator=g) * case["base"]
+    lo, hi = (math.log10(v) for v in BIG[dtype])
+    for _ in range(case["outliers"]):
+        big = min(10 ** (lo + case["where"] * (hi - lo)) * (0.5 + torch.rand(1, generator=g).item()), BIG[dtype][1])
+        r, c = torch.randint(0, m, (1,), generator=g).item(), torch.randint(0, k, (1,), generator=g).item()
+        x[r, c] = big if torch.rand(1, generator=g).item() < 0.5 else -big
+    if case["zero_rows"] and m > 1:
+        x[1::2] = 0
+    dead = torch.randperm(k, generator=g)[: min(case["dead"], k - 1)]
+    x[:, dead] = 0
+    return x.to(dtype), dead
+
+
+@st.composite
+def weight_cases(draw):
+    """What to put in a float weight: groups of one value (zero, a constant, a subnormal), a weight outlier, all-zero
+    output rows."""
+    return dict(equal=draw(st.integers(0, 4)), const=draw(st.sampled_from([0.0, 0.37, -1.5, 1e-30, 3e-41])),
+                outlier=draw(st.sampled_from([0.0, 6e4, -6e4, 300.0])), zero_row=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def extreme_w(n, k, group_size, case, dead=()):
+    """Float weight [N, K] (fp32): N(0, 0.05^2), case["equal"] groups set to one value, one outlier weight, row 0 zero
+    (zero_row), and the dead input channels zero."""
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    w = torch.randn(n, k, generator=g) * 0.05
+    for _ in range(case["equal"]):
+        r, grp = torch.randint(0, n, (1,), generator=g).item(), torch.randint(0, k // group_size, (1,), generator=g).item()
+        w[r, grp * group_size:(grp + 1) * group_size] = case["const"]
+    if case["outlier"]:
+        w[torch.randint(0, n, (1,), generator=g).item(), torch.randint(0, k, (1,), generator=g).item()] = case["outlier"]
+    if case["zero_row"]:
+        w[0] = 0
+    w[:, list(dead)] = 0
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the quantizer on zero-width and extreme ranges
+
+
+GROUP_VALUES = [0.0, 0.37, -1.5, 6e4, -6e4, 1e-30, 3e-41, 1e-45, 3e38, -3e38, 1e38]
+
+
+@FEW
+@given(bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(), values=st.lists(st.sampled_from(GROUP_VALUES), min_size=1,
+       max_size=4), spread=st.sampled_from([0.0, 1.0, 1e-38, 3e38]), seed=st.integers(0, 2**31 - 1))
+def test_kernels_quantizer_zero_width_and_extreme_groups(bits, sym, values, spread, seed):
+    """Groups of one repeated value (zero, constants, subnormals, huge), and groups mixing such values with noise of
+    `spread`: scale finite and > 0, zero an integer in [0, 2^bits - 1], codes in range, and every weight of the
+    range comes back within half a step (scale / 2)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.full((16,), v) for v in values]
+    rows += [torch.tensor(values + [0.0] * (16 - len(values))) + torch.randn(16, generator=g) * spread]
+    w = torch.stack(rows).clamp(-3e38, 3e38)  # fp32 weights: the noise must not make inf itself
+    scale, zero = qparams(w, bits, sym)
+    assert scale.isfinite().all() and (scale > 0).all(), scale
+    assert zero.isfinite().all() and (zero == zero.round()).all() and (zero >= 0).all() and (zero <= 2**bits - 1).all()
+    q = quantize(w, scale[:, None], zero[:, None], bits)
+    assert q.min() >= 0 and q.max() <= 2**bits - 1
+    w_hat = dequantize(q, scale[:, None], zero[:, None])
+    # the grid reaches half a step past the range: where that is past fp32's largest value, w_hat is +-inf (a range
+    # of +-3e38 at 2 bits has a step of 2e38); everywhere else it is finite and within half a step
+    held = (w.double().abs() + scale.double()[:, None]) < torch.finfo(FP32).max
+    assert w_hat[held].isfinite().all()
+    err = (w_hat.double() - w.double()).abs()
+    assert (err <= scale.double()[:, None] * (0.5 + 1e-6) + 1e-45)[held].all(), (err / scale.double()[:, None]).max()
+    # the grouped form and the cache quantizer (KIVI's min-max, no zero forced into the range) on the same rows
+    gs, gz = grouped_qparams(w, bits, 8, sym)
+    assert gs.isfinite().all() and (gs > 0).all() and gz.isfinite().all()
+    codes, s, mn = minmax_quantize(w, bits, dim=-1)
+    assert s.isfinite().all() and (s > 0).all() and mn.isfinite().all()
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+
+
+@pytest.mark.parametrize("const", [0.0, 0.37, -2.0, 1e-40])
+def test_kernels_quantizer_progressive_equal_groups(const):
+    """QoQ's progressive grid on rows of one value and all-zero rows: finite scales, codes in range, exact values."""
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[0] = const
+    w[1, :32] = const
+    w[2] = 0
+    codes, scale, zero, s1 = progressive_quantize(w, 32)
+    assert scale.isfinite().all() and (scale > 0).all() and s1.isfinite().all() and (s1 > 0).all()
+    assert codes.min() >= 0 and codes.max() <= 15 and zero.isfinite().all()
+    w_hat = (codes.float().reshape(4, 2, 32) - zero[..., None]) * scale[..., None]
+    assert torch.equal(w_hat[2], torch.zeros_like(w_hat[2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# weight-only matmul (GEMV at M = 1, GEMM at M > 1, every bit width, groups and per channel, perm)
+
+
+def quantized_layer(w, bits, group_size, sym, dtype):
+    """The packed operands of a float weight [N, K] quantized by tquant's quantizer: qweight, scales, zeros [G, N]
+    in dtype."""
+    n, k = w.shape
+    scale, zero = grouped_qparams(w, bits, group_size, sym)
+    assert scale.isfinite().all() and (scale > 0).all() and zero.isfinite().all()
+    codes = quantize(w.reshape(n, k // group_size, group_size), scale[..., None], zero[..., None], bits)
+    return pack_codes(codes.reshape(n, k), bits), scale.t().contiguous().to(dtype), zero.t().contiguous().to(dtype)
+
+
+def weight_only_magnitude(x, qweight, scales, zeros, bits, group_size, perm, bias):
+    """|x[:, perm]| @ |W| (+ |bias|) per output element, in fp64."""
+    k = x.shape[1]
+    w = weight_only_matmul_ref(torch.eye(k), qweight.cpu(), scales.float().cpu(), zeros.float().cpu(), bits=bits,
+                               group_size=group_size, in_features=k)
+    xs = x.double().abs().cpu()
+    if perm is not None:
+        xs = xs[:, perm.long().cpu()]
+    mag = xs @ w.double().abs()
+    return mag + (0 if bias is None else bias.double().abs().cpu())
+
+
+@needs_backend
+@FEW
+@given(m=st.sampled_from([1, 3, 20]), n=st.integers(1, 64), bits=st.sampled_from([2, 3, 4, 8]),
+       group=st.sampled_from([32, 64, "channel"]), words=st.integers(1, 4), dtype=st.sampled_from(DTYPES),
+       sym=st.booleans(), perm=st.booleans(), bias=st.booleans(), xc=activation_cases(), wc=weight_cases(),
+       dense=st.booleans())
+def test_kernels_weight_only_extreme_values(m, n, bits, group, words, dtype, sym, perm, bias, xc, wc, dense):
+    """weight_only_matmul (M = 1: the GEMV, M = 3: the split-K GEMM, M = 20: the GEMM; dense: the dequantize + matmul
+    path at M > 1) on extreme activations and weights."""
+    k = 64 * words if group == 64 else 32 * words
+    group_size = k if group == "channel" else group
+    x, dead = extreme_x(m, k, dtype, xc)
+    w = extreme_w(n, k, group_size, wc, dead)
+    if dtype == FP16:
+        w = w.clamp(-6e4, 6e4)
+    qweight, scales, zeros = quantized_layer(w, bits, group_size, sym, dtype)
+    g = torch.Generator().manual_seed(xc["seed"] + 2)
+    p = torch.randperm(k, generator=g).to(torch.int32) if perm else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    args = [t.to(DEVICE) if t is not None else None for t in (x, qweight, scales, zeros)]
+    kw = dict(bits=bits, group_size=group_size, in_features=k, perm=p if p is None else p.to(DEVICE),
+              bias=b if b is None else b.to(DEVICE))
+    ref = weight_only_matmul_ref(*args, **kw)
+    if dense and m > 1:
+        y = run_path(DENSE, args[0], *args[1:], kw["perm"], kw["bias"], bits=bits, group_size=group_size,
+                     in_features=k)
+    else:
+        y = weight_only_matmul(*args, **kw)
+    check(y, ref, weight_only_magnitude(x, qweight, scales, zeros, bits, group_size, p, b), dtype,
+          what=f"M={m} N={n} K={k} bits={bits} g={group_size}")
+
+
+@needs_backend
+@pytest.mark.parametrize("m", [1, 3, 20])
+@pytest.mark.parametrize("dtype", [FP16, BF16])
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 1.5, 4.0])
+def test_kernels_weight_only_large_k_sums_near_overflow(m, dtype, ratio):
+    """K = 256 positive products summing to ratio * (the dtype's largest finite value): below it every output is
+    finite and within tolerance, above it the reference's inf (fp16: the sum fits fp32 but not the output; bf16: the
+    sum itself overflows fp32) and the kernel's agree, both signs."""
+    k, n, group_size, bits = 256, 8, 64, 4
+    w = torch.full((n, k), 0.5)
+    w[n // 2:] = -0.5
+    qweight, scales, zeros = quantized_layer(w, bits, group_size, False, dtype)
+    target = ratio * torch.finfo(dtype).max * (1.0 if dtype == FP16 else 1.0)
+    a = target / (k * 0.5)
+    x = torch.full((m, k), a).to(dtype)
+    if m > 1:
+        x[1] = 0  # a zero row beside the overflowing ones
+    args = [t.to(DEVICE) for t in (x, qweight, scales, zeros)]
+    kw = dict(bits=bits, group_size=group_size, in_features=k)
+    ref = weight_only_matmul_ref(*args, **kw)
+    y = weight_only_matmul(*args, **kw)
+    assert ref.isfinite().all() == (ratio < 1)
+    check(y, ref, weight_only_magnitude(x, qweight, scales, zeros, bits, group_size, None, None), dtype)
+
+
+@needs_backend
+@pytest.mark.parametrize("m", [1, 3, 20])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, "channel"])
+def test_kernels_weight_only_bf16_outliers_near_fp32_max(m, bits, group):
+    """bf16 activations of 3e38 (as large as bf16 and fp32 go) times ordinary weights: each product and every output
+    is finite (|w| <= 0.2, so |x w| <= 6e37), and the kernels must not overflow on the way (e.g. by summing
+    x (code - zero) before the group's scale)."""
+    k, n = 64, 16
+    group_size = k if group == "channel" else group
+    g = torch.Generator().manual_seed(bits * 10 + m)
+    w = (torch.rand(n, k, generator=g) - 0.5) * 0.4
+    qweight, scales, zeros = quantized_layer(w, bits, group_size, False, BF16)
+    x = torch.randn(m, k, generator=g)
+    x[:, 5], x[0, 17], x[-1, 40] = 3e38, -3e38, 2e38
+    x = x.to(BF16)
+    args = [t.to(DEVICE) for t in (x, qweight, scales, zeros)]
+    kw = dict(bits=bits, group_size=group_size, in_features=k)
+    ref = weight_only_matmul_ref(*args, **kw)
+    assert ref.isfinite().all()
+    y = weight_only_matmul(*args, **kw)
+    check(y, ref, weight_only_magnitude(x, qweight, scales, zeros, bits, group_size, None, None), BF16)
+
+
+def outlier_weight_layer(dtype, group_size, bits=4, k=64, n=16):
+    """A layer whose group 0 of every column holds one weight outlier of 6e4 (group scale ~4000 at 4 bits, so the
+    group's other weights are codes equal to the zero: exactly 0), x with 3e38 (bf16) / 6e4 (fp16) at inputs that
+    meet those zero weights and ordinary ones, none at the outliers: every product and output is finite."""
+    g = torch.Generator().manual_seed(group_size + bits)
+    w = (torch.rand(n, k, generator=g) - 0.5) * 0.4
+    w[:, 3] = 6e4
+    qweight, scales, zeros = quantized_layer(w, bits, group_size, False, dtype)
+    x = torch.randn(1, k, generator=g)
+    x[0, 1] = x[0, 9] = 3e38 if dtype == BF16 else 6e4
+    x[0, 3] = 0
+    return x.to(dtype), qweight, scales, zeros
+
+
+@needs_backend
+@pytest.mark.parametrize("dtype", [FP16, BF16])
+@pytest.mark.parametrize("group", [32, "channel"])
+def test_kernels_weight_only_huge_x_meets_zero_weights_of_a_large_scale(dtype, group):
+    """x of 3e38 times weights that are exactly 0 in a group of scale ~4000 (the group of a 6e4 weight outlier): 0,
+    not 0 * inf = NaN, on the GEMV and on gemv_h2 (whose per-tile power of two times a large scale must not
+    overflow before it meets the products)."""
+    k = 64
+    group_size = k if group == "channel" else group
+    x, qweight, scales, zeros = outlier_weight_layer(dtype, group_size)
+    args = [t.to(DEVICE) for t in (x, qweight, scales, zeros)]
+    ref = weight_only_matmul_ref(*args, bits=4, group_size=group_size, in_features=k)
+    assert ref.isfinite().all()
+    mag = weight_only_magnitude(x, qweight, scales, zeros, 4, group_size, None, None)
+    check(weight_only_matmul(*args, bits=4, group_size=group_size, in_features=k), ref, mag, dtype, what="gemv")
+    for config in h2_configs(16, qweight.shape[0]):
+        y = w4a16_gemv.gemv_h2(*args, None, None, bits=4, group_size=group_size, config=config)
+        check(y, ref, mag if not GPU else mag + h2_slack(x, None, qweight, scales, zeros, group_size, config),
+              dtype, tol=TOL[dtype] + (4e-3 if GPU else 0), what=str(config))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# w4a16_gemv.gemv_h2, forced (the dispatcher does not pick it yet): the portable branch under the interpreter, the
+# packed-half2 asm branch on a GPU
+
+
+def h2_configs(n, kw):
+    if not GPU:
+        return [w4a16_gemv.INTERPRETER_CONFIG, dict(w4a16_gemv.INTERPRETER_CONFIG, BLOCK_KW=4, SPLIT_K=1)]
+    first = w4a16_gemv.configs(n, kw)[0]
+    return [first, dict(first, BLOCK_KW=2, SPLIT_K=3, num_stages=1), dict(first, pair=False, BLOCK_N=512)]
+
+
+def tile_magnitude(x, perm, w_abs, block_k):
+    """sum over tiles of block_k inputs (x in perm order) of max |x| of the tile times |w|: the scale of the half2
+    branch's rounding, which takes each tile's x times the power of two that brings its largest |x| to 2^8 and
+    rounds the products and their lane sums in fp16 (w4a16_gemv's docstring)."""
+    xs = x.double().abs().cpu()
+    if perm is not None:
+        xs = xs[:, perm.long().cpu()]
+    k = xs.shape[1]
+    pad = -k % block_k
+    tiles = torch.nn.functional.pad(xs, (0, pad)).reshape(xs.shape[0], -1, block_k).amax(dim=-1)
+    return tiles.repeat_interleave(block_k, dim=1)[:, :k] @ w_abs
+
+
+def h2_slack(x, perm, qweight, scales, zeros, group_size, config):
+    """The tile magnitude of gemv_h2's half2 branch (tile_magnitude) for a config, in fp64."""
+    k = x.shape[1]
+    w_abs = weight_only_matmul_ref(torch.eye(k), qweight.cpu(), scales.float().cpu(), zeros.float().cpu(), bits=4,
+                                   group_size=group_size, in_features=k).double().abs()
+    return tile_magnitude(x, perm, w_abs, 8 * config["BLOCK_KW"])
+
+
+@needs_backend
+@FEW
+@given(n=st.integers(1, 64), group=st.sampled_from([32, 64, "channel"]), words=st.integers(1, 4),
+       dtype=st.sampled_from([FP16, BF16]), sym=st.booleans(), perm=st.booleans(), bias=st.booleans(),
+       xc=activation_cases(), wc=weight_cases())
+def test_kernels_gemv_h2_extreme_values(n, group, words, dtype, sym, perm, bias, xc, wc):
+    k = 64 * words if group == 64 else 32 * words
+    group_size = k if group == "channel" else group
+    x, dead = extreme_x(1, k, dtype, xc)
+    w = extreme_w(n, k, group_size, wc, dead)
+    if dtype == FP16:
+        w = w.clamp(-6e4, 6e4)
+    qweight, scales, zeros = quantized_layer(w, 4, group_size, sym, dtype)
+    g = torch.Generator().manual_seed(xc["seed"] + 2)
+    p = torch.randperm(k, generator=g).to(torch.int32) if perm else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    dev = [t.to(DEVICE) if t is not None else None for t in (x, qweight, scales, zeros, p, b)]
+    ref = weight_only_matmul_ref(*dev[:4], bits=4, group_size=group_size, in_features=k, perm=dev[4], bias=dev[5])
+    mag = weight_only_magnitude(x, qweight, scales, zeros, 4, group_size, p, b)
+    for config in h2_configs(n, qweight.shape[0]):
+        y = w4a16_gemv.gemv_h2(*dev, bits=4, group_size=group_size, config=config)
+        if GPU:  # fp16 products and lane sums (at most 8 products of |xs (c - z)| <= 2^9 * 15) relative to the
+            # tile's largest |x|: 8 roundings of 2^-11 each, 4e-3, plus the output's own rounding
+            check(y, ref, mag + h2_slack(x, p, qweight, scales, zeros, group_size, config), dtype,
+                  tol=TOL[dtype] + 4e-3, what=str(config))
+        else:
+            check(y, ref, mag, dtype, what=str(config))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activation quantization and the int8 GEMMs (W8A8, W4A8 per channel / QQQ groups / QoQ zeros, W4A4)
+
+
+from tquant.formats.packing import unpack_codes  # noqa: E402
+from tquant.formats.weights import QuantizedWeight  # noqa: E402
+from tquant.kernels.act_quant import quantize_activations, quantize_activations_ref  # noqa: E402
+from tquant.kernels.w4a8_gemm import w4a8_matmul, w4a8_matmul_ref, unpack_int4_activations  # noqa: E402
+from tquant.kernels.w8a8_gemm import w8a8_matmul, w8a8_matmul_ref  # noqa: E402
+from tquant.modules.act_quant_linear import int8_gemm_weight, w4a8_quantize_weight  # noqa: E402
+
+
+@needs_backend
+@FEW
+@given(m=st.sampled_from([1, 5]), k=st.integers(1, 256), dtype=st.sampled_from(DTYPES),
+       mode=st.sampled_from(["int8", "int4", "int4-unpacked", "static", "asym"]), bits=st.integers(2, 8),
+       smooth=st.booleans(), xc=activation_cases())
+def test_kernels_act_quant_extreme_values(m, k, dtype, mode, bits, smooth, xc):
+    """The kernel gives the reference's codes and scales exactly (every step is one IEEE-rounded fp32 operation in
+    the same order), on outliers up to the dtype's largest values, zero rows (scale 1, codes 0) and dead channels;
+    scales are finite and positive, except where the reference's own range overflows fp32 (an asymmetric row
+    holding both +-3e38), and then the kernel's are the same inf."""
+    x, _ = extreme_x(m, k, dtype, xc)
+    g = torch.Generator().manual_seed(xc["seed"] + 3)
+    s = (1 + 3 * torch.rand(k, generator=g)).to(dtype) if smooth else None  # >= 1: x / s stays within x's range
+    kw = dict(bits=8 if mode in ("int8", "static") else 4, smooth=s, pack=mode != "int4-unpacked")
+    if mode == "static":
+        kw["scale"] = torch.tensor([x.float().abs().max().item() / 127 / 2 + 1e-30])  # half the range: codes clamp
+    if mode == "asym":
+        kw = dict(bits=bits, smooth=s, zero_point=True)
+    ref = quantize_activations_ref(x, **kw)
+    out = quantize_activations(x.to(DEVICE), **{n: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                                                for n, v in kw.items()})
+    for a, b in zip(out, ref):
+        assert torch.equal(a.cpu(), b), (mode, a, b)
+    scale = ref[1]
+    assert (scale.isfinite() & (scale > 0)).all() or mode == "asym"
+    if m > 1 and xc["zero_rows"] and mode != "static":
+        assert (ref[1][1::2] == 1).all() and (ref[0][1::2] == (0 if mode != "asym" else ref[0][1::2])).all()
+
+
+def int_gemm_magnitude(xq_int, x_scale, w8, w_scale, bias):
+    """(|xq| @ |w8|) * x_scale * w_scale (+ |bias|) in fp64: the epilogue's rounding scales with it."""
+    mag = (xq_int.double().abs() @ w8.double().abs()) * x_scale.double()[:, None] * w_scale.double()[None, :]
+    return mag + (0 if bias is None else bias.double().abs())
+
+
+@needs_backend
+@FEW
+@given(m=st.sampled_from([1, 5, 20]), n=st.integers(1, 64), words=st.integers(1, 4), dtype=st.sampled_from(DTYPES),
+       grid=st.sampled_from(["w8a8", "w4a8", "w4a8-g32", "w4a8-zero", "w4a4", "w4a4-g32"]), bias=st.booleans(),
+       xc=activation_cases(), wc=weight_cases())
+def test_kernels_int8_gemms_extreme_values(m, n, words, dtype, grid, bias, xc, wc):
+    """act_quant's codes of extreme activations through the int8 GEMMs, weights quantized by tquant's quantizer from
+    extreme float weights (equal groups, zero rows, dead channels, outliers). The kernel and the reference share the
+    exact int32 sums and the same fp32 epilogue, so only the output rounding (and on a GPU a fused multiply-add of
+    the bias) separates them: within TOL of the magnitude. Where the epilogue overflows (x_scale of 3e38 / 127 times
+    an int32 sum), both give the same inf."""
+    k = 32 * words
+    x, dead = extreme_x(m, k, dtype, xc)
+    w = extreme_w(n, k, 32, wc, dead)
+    group_size = 32 if grid.endswith("g32") or grid == "w4a8-zero" else None
+    act_bits = 4 if grid.startswith("w4a4") else 8
+    b = torch.randn(n, generator=torch.Generator().manual_seed(xc["seed"] + 4)).to(dtype) if bias else None
+    xq, x_scale = quantize_activations_ref(x, bits=act_bits)
+    xq_int = unpack_int4_activations(xq, k) if act_bits == 4 else xq
+    dev = lambda *ts: [t.to(DEVICE) if t is not None else None for t in ts]  # noqa: E731
+    if grid == "w8a8":
+        wq, w_scale, _, _ = int8_gemm_weight(QuantizedWeight.from_rtn(w, 8, k, sym=True))
+        ref = w8a8_matmul_ref(*dev(xq, x_scale, wq, w_scale), bias=dev(b)[0], out_dtype=dtype)
+        y = w8a8_matmul(*dev(xq, x_scale, wq, w_scale), bias=dev(b)[0], out_dtype=dtype)
+        w8 = wq.t()
+    else:
+        qweight, w_scale, sg, sz = w4a8_quantize_weight(w, group_size=group_size, zero_point=grid == "w4a8-zero")
+        kw = dict(group_scale=dev(sg)[0], group_zero=dev(sz)[0], group_size=group_size, bias=dev(b)[0],
+                  out_dtype=dtype, act_bits=act_bits, in_features=k)
+        ref = w4a8_matmul_ref(*dev(xq, x_scale, qweight, w_scale), **kw)
+        y = w4a8_matmul(*dev(xq, x_scale, qweight, w_scale), **kw)
+        zero = 8 if sz is None else sz.to(torch.int32).repeat_interleave(group_size, dim=0)
+        w8 = unpack_codes(qweight, 4, k) - zero
+        if sg is not None:
+            w8 = w8 * sg.to(torch.int32).repeat_interleave(group_size or k, dim=0)
+    check(y, ref, int_gemm_magnitude(xq_int, x_scale, w8, w_scale, b), dtype, what=grid)
