@@ -148,3 +148,19 @@ def test_cli_check_tp(w4g64, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "saved"), str(tmp_path / "bad"), "--format", "gptq", "--check-tp", "two"])
     assert "expected tensor-parallel degrees" in capsys.readouterr().err
+
+
+def test_phi3_fused_projections_and_head_counts():
+    """Phi-3 stores q/k/v as one qkv_proj (6 heads + 2 x 2 KV heads of 16) and gate/up as one gate_up_proj; a head
+    count that does not divide is reported once for the model."""
+    model = tiny_model("phi3")
+    tquant.quantize(model, "rtn", bits=4, group_size=32, progress=False)
+    found = problems(model, (2, 3))
+    assert has(found[2], "model.layers.0.self_attn.qkv_proj: column-parallel: output shard 80 is not a multiple of "
+                         "Marlin's min_thread_n 64")  # (3 + 1 + 1) x 16 on each GPU
+    # gate_up_proj: 2 x 192 / 2 = 192 columns on each GPU, a multiple of 64; its unsplit input 96 is not of 128
+    assert has(found[2], "model.layers.0.mlp.gate_up_proj: column-parallel: input size 96 is not a multiple of "
+                         "Marlin's min_thread_k 128")
+    assert not has(found[2], "gate_up_proj: column-parallel: output")
+    heads = [p for p in found[3] if "num_key_value_heads 2 and tp 3" in p]
+    assert len(heads) == 1 and heads[0].startswith("model.layers.0.self_attn.qkv_proj: ")

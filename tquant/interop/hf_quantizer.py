@@ -90,8 +90,8 @@ class TquantHfQuantizer(HfQuantizer):
             model.set_submodule(name, module)
         if "kv_cache" in qc:
             check_kv_spec(model.config, qc["kv_cache"])
-        self.buffers = _check_tensors(model, saved, layers)
-        self.layers = list(layers)
+        self._saved_buffers = _check_tensors(model, saved, layers)
+        self._layers = list(layers)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from safetensors import safe_open
@@ -99,7 +99,7 @@ class TquantHfQuantizer(HfQuantizer):
         from ..config import tquant_config
         from ..kv.hook import hook_generate
 
-        for name, file in self.buffers.items():  # as saved (e.g. a RoPE table cast with the model), as tquant.load
+        for name, file in self._saved_buffers.items():  # as saved (e.g. a RoPE table cast with the model), as tquant.load
             module, _, leaf = name.rpartition(".")
             owner = model.get_submodule(module)
             with safe_open(file, framework="pt") as f:
@@ -107,7 +107,7 @@ class TquantHfQuantizer(HfQuantizer):
         empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
         if empty:
             raise ValueError(f"tensors were left unloaded: {empty[:5]}: the checkpoint does not fit this model")
-        for name in self.layers:  # every index in range, every float finite, before anything reads them
+        for name in self._layers:  # every index in range, every float finite, before anything reads them
             model.get_submodule(name).validate(name)
         if "kv_cache" in (tquant_config(model.config) or {}):
             hook_generate(model)

@@ -130,20 +130,27 @@ class _Shards:
     def fail(self, layer: str, text: str) -> None:
         self.problems.append(f"{layer}: {text}")
 
+    def heads_problem(self) -> str | None:
+        """Why vLLM's QKVParallelLinear cannot split this model's attention over tp, or None."""
+        tp, heads, kv = self.tp, self.heads, self.kv
+        if not heads:
+            return "the config has no num_attention_heads to split attention by"
+        if heads % tp:
+            return (f"num_attention_heads {heads} does not split over tp {tp} (vLLM's QKVParallelLinear: "
+                    "divide(total_num_heads, tp_size))")
+        if (tp >= kv and tp % kv) or (tp < kv and kv % tp):
+            return (f"num_key_value_heads {kv} and tp {tp}: vLLM splits KV heads over tp or replicates each over "
+                    "tp / num_key_value_heads GPUs (QKVParallelLinear); neither divides")
+        return None
+
     def column_shard(self, layer: str, leaf: str, n: int, quiet: bool = False) -> list[int] | None:
         """The output columns of each part of layer `layer` on one GPU (one part, or q / k / v of a fused qkv);
-        None (with a problem unless quiet) when vLLM cannot split it over tp."""
+        None (with a problem unless quiet) when vLLM cannot split it over tp. Attention's head counts are checked
+        once, by check()."""
         tp, heads, kv = self.tp, self.heads, self.kv
-        fail = (lambda *a: None) if quiet else self.fail
         if leaf in QKV + FUSED_QKV:
-            if not heads:
-                return fail(layer, "the config has no num_attention_heads to split attention by")
-            if heads % tp:
-                return fail(layer, f"num_attention_heads {heads} does not split over tp {tp} (vLLM's "
-                                   "QKVParallelLinear: divide(total_num_heads, tp_size))")
-            if (tp >= kv and tp % kv) or (tp < kv and kv % tp):
-                return fail(layer, f"num_key_value_heads {kv} and tp {tp}: vLLM splits KV heads over tp or "
-                                   "replicates each over tp / num_key_value_heads GPUs; neither divides")
+            if self.heads_problem():
+                return None
             kv_here = max(kv // tp, 1)
             if leaf in FUSED_QKV:
                 head_dim = n // (heads + 2 * kv)
@@ -152,13 +159,19 @@ class _Shards:
             return [(heads // tp if leaf == "q_proj" else kv_here) * head_dim]
         halves = 2 if leaf == "gate_up_proj" else 1
         if (n // halves) % tp:
-            return fail(layer, f"output size {n // halves}" + (" (each half)" if halves == 2 else "") +
-                               f" does not split over tp {tp}")
+            if not quiet:
+                self.fail(layer, f"output size {n // halves}" + (" (each half)" if halves == 2 else "") +
+                                 f" does not split over tp {tp}")
+            return None
         return [n // halves // tp] * halves
 
     def check(self) -> None:
         part_of = {f"{parent}.{p}": (parent, parts) for parent, parts in _fused_groups(self.model).items()
                    for p in parts}
+        attention = [n for n in self.layers if n.rpartition(".")[2] in QKV + FUSED_QKV]
+        if attention and self.heads_problem():  # once for the model, named at its first attention layer
+            self.fail(attention[0], self.heads_problem())
+        fused_seen = set()
         for name, mod in self.layers.items():
             leaf = name.rpartition(".")[2]
             k, n = mod.in_features, mod.out_features
@@ -181,9 +194,14 @@ class _Shards:
                 if any(g is None for g in got):
                     continue  # the sibling's own problem is reported under its name
                 fused, fused_n = f"{' + '.join(siblings)} of {parent}", sum(sum(g) for g in got)
+                if parent in fused_seen:  # the fused layer's own sizes are checked (and named) at its first part
+                    fused_n = None
+                fused_seen.add(parent)
             self.rules(name, mod, k_shard=k, n_parts=parts, fused_n=fused_n, fused=fused)
 
     def rules(self, name, mod, *, k_shard, n_parts, fused_n, fused, row=False) -> None:
+        """Layer `name`'s rules (module docstring) on its shard: K_shard inputs, n_parts output columns per part,
+        fused_n the columns vLLM's kernel sees (the fused layer's; None for a fused layer's later parts)."""
         from ..modules.act_quant_linear import ActQuantLinear
 
         tp, k = self.tp, mod.in_features
@@ -194,7 +212,7 @@ class _Shards:
         else:
             n_what = f"output shard {fused_n}" + (f" (the fused {fused} on one GPU)" if fused else "")
         if isinstance(mod, ActQuantLinear):
-            for what, size in ((k_what, k_shard), (n_what, fused_n)):
+            for what, size in ((k_what, k_shard), (n_what, fused_n)) if fused_n is not None else ():
                 if size % CUTLASS_ALIGN:
                     self.fail(name, f"{kind}: {what} is not a multiple of {CUTLASS_ALIGN}: vLLM's CUTLASS int8 "
                                     "GEMM (cutlass_scaled_mm) needs it, else it runs the slower triton_scaled_mm")
@@ -215,6 +233,8 @@ class _Shards:
             self.fail(name, f"{kind}: output shard {part} is not a multiple of {pack}, the zero points' "
                             f"packing along N at {bits} bits (vLLM: 'The output size is not aligned with the "
                             "quantized weight shape')")
+            return
+        if fused_n is None:  # a later part of a fused layer: its (shared) sizes were checked at the first part
             return
         if self.on_marlin(mod) and (-1 if not grouped else group) in MARLIN_GROUP_SIZES:
             if fused_n % MARLIN_MIN_THREAD_N:
