@@ -96,6 +96,8 @@ class _RegisterAfter:
 
     def exec_module(self, module):
         self._loader.exec_module(module)
+        if _TransformersHook in sys.meta_path:
+            sys.meta_path.remove(_TransformersHook)
         _register_with_transformers()
 
     def __getattr__(self, name):
@@ -103,15 +105,15 @@ class _RegisterAfter:
 
 
 class _TransformersHook:
-    """A sys.meta_path finder for transformers.quantizers.auto only (then it leaves sys.meta_path)."""
+    """A sys.meta_path finder for transformers.quantizers.auto only (it leaves sys.meta_path once that has run)."""
 
     @classmethod
     def find_spec(cls, name, path=None, target=None):
         if name != _HF_REGISTRY:
             return None
-        if cls in sys.meta_path:
-            sys.meta_path.remove(cls)
         for finder in list(sys.meta_path):
+            if finder is cls:
+                continue
             find = getattr(finder, "find_spec", None)
             spec = find(name, path, target) if find is not None else None
             if spec is not None:
