@@ -99,7 +99,7 @@ class TquantHfQuantizer(HfQuantizer):
         from ..config import tquant_config
         from ..kv.hook import hook_generate
 
-        for name, file in self._saved_buffers.items():  # as saved (e.g. a RoPE table cast with the model), as tquant.load
+        for name, file in self._saved_buffers.items():  # as saved (a RoPE table cast with the model), as tquant.load
             module, _, leaf = name.rpartition(".")
             owner = model.get_submodule(module)
             with safe_open(file, framework="pt") as f:
@@ -189,8 +189,8 @@ def _check_tensors(model, saved: dict, layers: dict) -> dict[str, str]:
             raise ValueError(f"{name}: checkpoint shape {shape} != model shape {tuple(old.shape)}: {STALE}")
         if old.is_floating_point() != dtype.is_floating_point or (not old.is_floating_point() and old.dtype != dtype) \
                 or dtype == torch.float64:
-            raise ValueError(f"{name}: checkpoint dtype {dtype}, the model expects "
-                             f"{old.dtype if not old.is_floating_point() else 'float16 / bfloat16 / float32'}: {DAMAGED}")
+            want = old.dtype if not old.is_floating_point() else "float16 / bfloat16 / float32"
+            raise ValueError(f"{name}: checkpoint dtype {dtype}, the model expects {want}: {DAMAGED}")
     persistent = model.state_dict()
     extra = {n: saved[n][2] for n in saved if n not in persistent}  # non-persistent buffers tquant.save also writes
     model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | \

@@ -19,10 +19,11 @@ The rules, per shard (tp = 1 included: the kernel minimums hold unsplit too), wi
     Marlin schemes   group -1 / 32 / 64 / 128 (quantization/utils/marlin_utils.py MARLIN_SUPPORTED_GROUP_SIZES)
                      and GPTQ symmetric 4 / 8-bit (gptq_marlin.py GPTQMarlinConfig.TYPE_MAP; an asymmetric GPTQ
                      checkpoint runs vLLM's plain GPTQ kernel), compressed-tensors symmetric 4 / 8-bit or 4-bit with
-                     zero points (marlin_utils.query_marlin_supported_quant_types), verify_marlin_supports_shape: output_size_per_partition (the fused layer's, q+k+v or
-                     gate+up) % GPTQ_MARLIN_MIN_THREAD_N (64), input_size_per_partition % GPTQ_MARLIN_MIN_THREAD_K
-                     (128), input_size_per_partition % group_size when group_size < K ("Consider reducing
-                     tensor_parallel_size or running with --quantization gptq")
+                     zero points (marlin_utils.query_marlin_supported_quant_types); verify_marlin_supports_shape:
+                     output_size_per_partition (the fused layer's, q+k+v or gate+up) % GPTQ_MARLIN_MIN_THREAD_N (64),
+                     input_size_per_partition % GPTQ_MARLIN_MIN_THREAD_K (128), input_size_per_partition %
+                     group_size when group_size < K ("Consider reducing tensor_parallel_size or running with
+                     --quantization gptq")
     W8A8 int8        K_shard % 16 and N_shard % 16: vllm/_custom_ops.py cutlass_scaled_mm (cutlass_compatible_b;
                      otherwise vLLM runs its slower triton_scaled_mm)
     fused layers     q/k/v and gate/up are one layer in vLLM with one quantization method: every part the same
