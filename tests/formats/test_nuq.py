@@ -111,3 +111,13 @@ def test_two_tight_clusters_get_their_weighted_means():
     c = h.codebook(2)
     torch.testing.assert_close(c[0], torch.tensor(-0.500075), rtol=0, atol=1e-6)
     assert 0.25 < c[1] < 0.2502
+
+
+def test_as_many_points_as_centroids_is_enough():
+    """k filled bins make a k-entry codebook (the points themselves); k - 1 do not."""
+    h = WeightedHistogram(8)
+    h.add(torch.tensor([-0.9, -0.8, 0.1, 0.3, 0.95]), torch.tensor([1.0, 3.0, 2.0, 2.0, 5.0]))  # bins 0, 4, 5, 7
+    assert h.codebook(4).tolist() == torch.tensor([-0.825, 0.1, 0.3, 0.95]).tolist()
+    with pytest.raises(ValueError, match="^too little calibration data for a 5-entry codebook: the data fills 4 of 8 "
+                                         "histogram bins$"):
+        h.codebook(5)

@@ -20,12 +20,14 @@ def lively(shape, seed, *, kinds=True):
     rows = math.prod(shape[:-1])
     mag = 10 ** (torch.rand(rows, 1, generator=g) * 10 - 6)
     x = (torch.randn(rows, shape[-1], generator=g) + torch.randn(rows, 1, generator=g)) * mag
-    if kinds and rows >= 5:
+    if kinds and rows >= 7:
         x[0] = x[0].abs() + mag[0]  # all positive: the range is [0, max]
         x[1] = -x[1].abs() - mag[1]  # all negative: [min, 0]
         x[2] = 0.0  # flat: the [-1, 1] fallback
         x[3] = mag[3] * 3  # constant positive
         x[4] = -mag[4] * 2  # constant negative
+        x[5] = torch.randn(shape[-1], generator=g) * 1e-44  # a subnormal range: flat too
+        x[6] = torch.where(torch.arange(shape[-1]) % 2 == 0, 3e38, -2.9e38)  # max - min past fp32's max
     return x[torch.randperm(rows, generator=g)].reshape(shape)
 
 
@@ -38,9 +40,11 @@ def ref_qparams(w, bits, sym):
         if sym:
             hi = torch.maximum(-lo, hi)
             lo = -hi
-        if lo == 0 and hi == 0:
+        if hi - lo < torch.finfo(torch.float32).tiny * (maxq + 1):  # 0 or subnormal: [-1, 1]
             lo, hi = torch.tensor(-1.0), torch.tensor(1.0)
         scale[i] = (hi - lo) / maxq
+        if scale[i].isinf():  # a range wider than fp32's max: the step without the overflowing difference
+            scale[i] = hi / maxq - lo / maxq
         zero[i] = 2 ** (bits - 1) if sym else torch.round(-lo / scale[i])
     return scale.reshape(w.shape[:-1]), zero.reshape(w.shape[:-1])
 
@@ -49,7 +53,7 @@ def ref_qparams(w, bits, sym):
 @given(bits=BITS, sym=st.booleans(), lead=st.lists(st.integers(1, 5), min_size=1, max_size=2), n=st.integers(1, 40),
        seed=SEED)
 def test_qparams_quantize_dequantize_match_the_formulas(bits, sym, lead, n, seed):
-    w = lively((*lead, 5, n), seed)
+    w = lively((*lead, 7, n), seed)
     scale, zero = qz.qparams(w, bits, sym)
     ref_scale, ref_zero = ref_qparams(w, bits, sym)
     assert scale.shape == zero.shape == w.shape[:-1] and scale.dtype == zero.dtype == torch.float32
@@ -128,16 +132,17 @@ def test_minmax_constant_slices_come_back_exactly():
 
 
 def ref_level_one(w8, bits, clip):
+    """One row at a time, in float32 like the quantizer (a clip ratio of 0.7 is not exact)."""
     maxq = 2**bits - 1
-    rows = w8.reshape(-1, w8.shape[-1]).tolist()
-    clips = torch.as_tensor(clip, dtype=torch.float32).expand(w8.shape[:-1]).reshape(-1).tolist()
-    s2, z = [], []
-    for r, c in zip(rows, clips):
-        lo, hi = min(min(r), 0.0) * c, max(max(r), 0.0) * c
-        s = max(1.0, math.ceil((hi - lo) / maxq - 1e-6))
-        s2.append(s)
-        z.append(min(max(round(-lo / s), 0), maxq))
-    return torch.tensor(s2, dtype=torch.float32).reshape(w8.shape[:-1]), torch.tensor(z, dtype=torch.float32).reshape(w8.shape[:-1])
+    rows = w8.float().reshape(-1, w8.shape[-1])
+    clips = torch.as_tensor(clip, dtype=torch.float32).expand(w8.shape[:-1]).reshape(-1)
+    s2, z = torch.empty(len(rows)), torch.empty(len(rows))
+    for i, (r, c) in enumerate(zip(rows, clips)):
+        lo = torch.minimum(r.min(), torch.tensor(0.0)) * c
+        hi = torch.maximum(r.max(), torch.tensor(0.0)) * c
+        s2[i] = torch.maximum(torch.ceil((hi - lo) / maxq - 1e-6), torch.tensor(1.0))
+        z[i] = torch.round(-lo / s2[i]).clamp(0, maxq)
+    return s2.reshape(w8.shape[:-1]), z.reshape(w8.shape[:-1])
 
 
 @settings(max_examples=30, deadline=None)
@@ -288,3 +293,26 @@ def test_minmax_codes_clamp_when_fp16_parameters_move_the_range(bits):
     raw = torch.round((x - mn.float()) / scale.float())
     assert raw.min() < 0 and raw.max() > 2**bits - 1  # the case is real, at both ends
     assert torch.equal(q, raw.clamp(0, 2**bits - 1).int())
+
+
+def test_extreme_ranges_get_finite_grids():
+    """A range below fp32's normal numbers is flat ([-1, 1]); one wider than fp32's max keeps a finite step; in
+    minmax_quantize a step that is 0 in the parameter dtype becomes 1 (codes 0)."""
+    for bits in qz.SUPPORTED_BITS:
+        maxq = 2**bits - 1
+        for sym in (False, True):
+            tiny = torch.finfo(torch.float32).tiny * (maxq + 1)
+            w = torch.tensor([[1e-45, -1e-45, 0.0], [tiny * 1.01, 0.0, 0.0], [tiny * 0.49, 0.0, 0.0],
+                              [3e38, -3e38, 1.0], [3e38, 1.0, 0.0]])
+            scale, zero = qz.qparams(w, bits, sym)
+            torch.testing.assert_close((scale, zero), ref_qparams(w, bits, sym), rtol=0, atol=0)
+            assert torch.isfinite(scale).all() and (scale > 0).all() and torch.isfinite(zero).all()
+            assert scale[0] == scale[2] == torch.tensor(2.0) / maxq and scale[1] < 1e-30
+            assert scale[3] == torch.tensor(3e38) / maxq * 2 or scale[3] == torch.tensor(3e38) / maxq + torch.tensor(
+                3e38) / maxq
+    x = torch.tensor([[1e-8, 2e-8, 3e-8], [3e38, -3e38, 0.0]])
+    q, scale, mn = qz.minmax_quantize(x, 4, dim=-1, param_dtype=torch.float16)
+    assert scale[0].item() == 1.0 and q[0].tolist() == [0, 0, 0]  # a step of 1.3e-9: 0 in fp16
+    q, scale, mn = qz.minmax_quantize(x, 4, dim=-1)
+    assert torch.isfinite(scale).all() and scale[1].item() == (torch.tensor(3e38) / 15 * 2).item()
+    assert q[1].tolist() == [15, 0, 8]
