@@ -61,13 +61,20 @@ MORE_ARCHS = {
         vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
         num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=256,
         bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, pad_token_id=VOCAB - 1),
+    # mixture of experts: 4 experts, top-2, hidden 64; the experts are fused 3-D weights (gate_up_proj [4, 2I, 64],
+    # down_proj [4, 64, I]) and the router a TopKRouter, not nn.Linear
     "mixtral": lambda: transformers.MixtralConfig(
-        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=96, intermediate_size=192, moe_intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_experts=4,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256, num_experts=4,
         num_experts_per_tok=2),
+    # Qwen2-MoE: routed experts plus a shared expert (nn.Linear MLP) and its sigmoid gate nn.Linear(H, 1)
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+        shared_expert_intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, num_experts=4, num_experts_per_tok=2),
 }
 
 
@@ -82,6 +89,8 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **overri
     with torch.no_grad():  # random init is tiny; make weights and activations lively so quantization matters
         for p in model.parameters():
             if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif p.dim() == 3:  # fused experts [E, out, in]
                 p.normal_(0, 0.08)
     return model
 

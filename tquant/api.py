@@ -34,6 +34,8 @@ def quantize(
     lm_head: bool = False,
     embeddings: bool = False,
     progress: bool = True,
+    moe_calibration: str = "routed",
+    moe_min_tokens: int | None = None,
     **method_options,
 ) -> nn.Module:
     """Quantize every nn.Linear in the decoder blocks of `model` in place and return it.
@@ -52,6 +54,11 @@ def quantize(
     Extra keyword arguments are method options. A KV-cache method ("kivi", "kvquant", "qoq_kv4") quantizes no
     weights: it sets up the model's quantized KV cache (tquant.kv.hook), which generate() then uses (calibrated on
     calib= where the method needs data); apply it before or after a weight method to combine the two.
+    Mixture-of-experts models (Mixtral, Qwen3-MoE: experts as fused 3-D weights): rtn and gptq quantize every expert
+    (tquant.modules.PackedExperts), each from the calibration tokens its router sends it (moe_calibration="routed")
+    or from all tokens ("all", as llm-compressor's calibrate_all_experts); under "routed" an expert with fewer than
+    moe_min_tokens routed tokens (None: 2 x its widest input width) is calibrated on all tokens, logged per layer.
+    Routers stay in float; skip=["*.experts"] leaves the experts in float.
     """
     chosen = make_method(method, bits=bits, group_size=group_size, sym=sym, **method_options)
     _check_not_quantized(model, chosen)
@@ -72,7 +79,8 @@ def quantize(
     fit = group_size is None and "group_size" not in method_options  # the method's default: fitted to the model
     return _quantize_weights(model, chosen, ids, device=device, true_sequential=true_sequential, batch_size=batch_size,
                              skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), lm_head=lm_head,
-                             embeddings=embeddings, progress=progress, fit_group_size=fit)
+                             embeddings=embeddings, progress=progress, fit_group_size=fit,
+                             moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens)
 
 
 def make_method(method: str, *, bits: int | None = None, group_size: int | None = None, sym: bool | None = None,

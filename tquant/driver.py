@@ -16,6 +16,16 @@
         swap every quantized nn.Linear for its module (PackedLinear, ActQuantLinear); move the block back
 Data-free methods (RTN) skip the forward passes.
 
+Mixture of experts (transformers 5 keeps Mixtral's, Qwen3-MoE's, ... experts as fused 3-D weights, not nn.Linear):
+an experts module is a stage of its own, at the place the block calls it. Its pass captures what the block hands it
+(hidden states and the router's top-k choice, tquant.calib.experts); then expert by expert, gate_up and down are each
+quantized by the method through new_state / add_batch / quantize on a stand-in nn.Linear of that expert's weight,
+from the tokens the router sent it (moe_calibration="routed") or from all tokens ("all"), down from act(gate) * up of
+those tokens through the already-quantized gate_up (true-sequential). An expert below moe_min_tokens routed tokens
+is calibrated on all tokens, logged per layer. The module becomes a PackedExperts. Routers (the MoE block's gate,
+Qwen2-MoE's shared_expert_gate) stay in float; shared experts are ordinary linears. Methods with block-level steps or
+other weight types are refused on experts (Method.experts_refusal) unless skip= leaves the experts in float.
+
 Faults: calibration activations entering block 0 that are not finite (NaN / inf) are refused before any layer
 changes; non-finite states entering a later block, and any error while quantizing block i (a singular Hessian, out
 of memory, a method's own refusal), stop the run with an error of the same type naming the block (and the layer,
@@ -31,12 +41,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calib import experts as moe
 from .calib.block_io import hidden, hooked
 from .methods.base import Method
-from .modules import PackedEmbedding, linear_module
+from .modules import PackedEmbedding, PackedExperts, linear_module
 from .formats.weights import QuantizedWeight
 from .formats.quantizer import resolve_group_size
-from .models import check_weights_supported, conv1d_type, find_blocks, model_type
+from .models import activation_name, check_weights_supported, conv1d_type, find_blocks, find_experts, model_type
 
 log = logging.getLogger("tquant")
 
@@ -83,6 +94,28 @@ def _linears(block: nn.Module) -> dict[str, nn.Linear]:
                 lin.bias.data = mod.bias.data
             block.set_submodule(name, lin)
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _routers(block: nn.Module, experts: dict[str, nn.Module]) -> list[str]:
+    """Names of the routers and gates beside each experts module (children of its parent holding a 2-D weight of
+    num_experts or 1 rows: Mixtral's TopKRouter, Qwen2-MoE's shared_expert_gate nn.Linear), which stay in float."""
+    found = []
+    for name, mod in experts.items():
+        parent_name = name.rpartition(".")[0]
+        parent = block.get_submodule(parent_name) if parent_name else block
+        for child_name, child in parent.named_children():
+            w = getattr(child, "weight", None)
+            if child is not mod and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] in (1, mod.gate_up_proj.shape[0]):
+                found.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return found
+
+
+def _expert_linear(param: torch.Tensor, e: int) -> nn.Linear:
+    """A stand-in nn.Linear whose weight is expert e's slice of a fused [E, N, K] parameter (shared, not copied)."""
+    w = param.data[e]
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    return lin
 
 
 @contextlib.contextmanager
@@ -156,21 +189,25 @@ def _run_passes(passes) -> None:
 
 
 @torch.no_grad()
-def _input_groups(block, linears: dict[str, nn.Linear], args, kwargs) -> list[list[str]]:
-    """Linears grouped by the input tensor they read, in the order the block calls them."""
+def _input_groups(block, linears: dict[str, nn.Linear], args, kwargs, experts=None) -> list[list[str]]:
+    """Linears grouped by the input tensor they read, in the order the block calls them; each experts module a
+    group of its own, at its place in that order."""
     calls = []
-    with hooked([m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, i[0]))) for n, m in linears.items()]):
+    experts = experts or {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: calls.append((n, i[0]))) for n, m in linears.items()]
+    hooks += [m.register_forward_pre_hook(lambda m, a, n=n: calls.append((n, None))) for n, m in experts.items()]
+    with hooked(hooks):
         block(*args, **kwargs)
     groups, prev = [], None
     for name, inp in calls:
         if any(name in g for g in groups):
             continue
-        if groups and inp is prev:
+        if groups and inp is not None and inp is prev:
             groups[-1].append(name)
         else:
             groups.append([name])
         prev = inp
-    return groups + [[n] for n in linears if not any(n in g for g in groups)]
+    return groups + [[n] for n in [*linears, *experts] if not any(n in g for g in groups)]
 
 
 def _with_message(e: BaseException, message: str) -> BaseException:
@@ -209,20 +246,32 @@ def check_finite(states: list[torch.Tensor], where: str) -> None:
 
 
 @torch.no_grad()
-def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_sequential: bool, dtype):
-    """Quantize one block's linears in place (swapping in their modules). Returns ({name: spec}, the
-    block's outputs on `inputs` with the quantized weights, or None without inputs)."""
-    groups = [[n] for n in linears] if inputs is None else _input_groups(block, linears, *inputs[0])
+def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_sequential: bool, dtype,
+                    experts=None, moe_options=("routed", None)):
+    """Quantize one block's linears and experts modules in place (swapping in their modules). Returns
+    ({name: spec}, the block's outputs on `inputs` with the quantized weights, or None without inputs).
+    moe_options: (moe_calibration, moe_min_tokens)."""
+    experts = experts or {}
+    groups = [[n] for n in [*linears, *experts]] if inputs is None else _input_groups(block, linears, *inputs[0],
+                                                                                       experts=experts)
     if inputs is not None:
         method.prepare_block(block, linears, groups, inputs, prefix)
-    results = {}
+    results, expert_results = {}, {}
     for stage in [[g] for g in groups] if true_sequential else [groups]:
-        states = {g[0]: method.new_state(prefix + g[0], linears[g[0]]) for g in stage}
+        linear_groups = [g for g in stage if g[0] not in experts]
+        states = {g[0]: method.new_state(prefix + g[0], linears[g[0]]) for g in linear_groups}
+        captured = {g[0]: [] for g in stage if g[0] in experts}
         if inputs is not None and method.needs_layer_stats:
-            stats = [linears[g[0]].register_forward_hook(lambda m, i, o, s=states[g[0]]: s.add_batch(i[0])) for g in stage]
-            with hooked(stats + [linears[stage[-1][-1]].register_forward_hook(_stop)]):
+            last = stage[-1][-1]
+            stats = [linears[g[0]].register_forward_hook(lambda m, i, o, s=states[g[0]]: s.add_batch(i[0]))
+                     for g in linear_groups]
+            stats += [experts[n].register_forward_pre_hook(_capture(store, stop=n == last), with_kwargs=True)
+                      for n, store in captured.items()]
+            if last in linears:
+                stats.append(linears[last].register_forward_hook(_stop))
+            with hooked(stats):
                 _run_passes(lambda a=a, k=k: block(*a, **k) for a, k in inputs)
-        for g in stage:
+        for g in linear_groups:
             for n in g:
                 with _naming(prefix + n):
                     qw = method.quantize(states[g[0]], linears[n], prefix + n)
@@ -231,6 +280,9 @@ def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_se
                 if transform is not None:
                     linears[n].register_forward_pre_hook(lambda m, a, t=transform: (t(a[0]),) + tuple(a[1:]))
                 results[n] = qw
+        for n, store in captured.items():
+            expert_results[n] = _quantize_experts(experts[n], store if inputs is not None and method.needs_layer_stats
+                                                  else None, method, prefix + n, true_sequential, *moe_options)
     if inputs is not None:
         method.finish_block(block, linears, results, inputs, prefix)
     outputs = None if inputs is None else [block(*args, **kwargs) for args, kwargs in inputs]
@@ -238,7 +290,73 @@ def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_se
     for n, qw in results.items():
         block.set_submodule(n, linear_module(qw, linears[n].bias, dtype))
         specs[prefix + n] = block.get_submodule(n).layer_spec()
+    for n, (gate_up, down, calibration) in expert_results.items():
+        packed = PackedExperts.from_quantized(gate_up, down, activation_name(experts[n]), dtype, calibration)
+        block.set_submodule(n, packed)
+        specs[prefix + n] = packed.layer_spec()
     return specs, outputs
+
+
+def _capture(store: list, stop: bool):
+    """A forward pre-hook (with kwargs) of an experts module appending (hidden states [T, H], top-k index [T, k]) of
+    each call to store; stop: then end the pass (the stage's last member)."""
+    def hook(module, args, kwargs):
+        store.append(moe.experts_call(args, kwargs))
+        if stop:
+            raise _StageDone
+    return hook
+
+
+def _check_expert_weight(qw, method: Method, name: str) -> None:
+    if type(qw) is not QuantizedWeight or qw.act_bits is not None or qw.smooth is not None:
+        raise ValueError(f"method {method.name!r} made a {type(qw).__name__} for expert projection {name} "
+                         f"(act_bits={getattr(qw, 'act_bits', None)}): tquant's experts module (PackedExperts) stores "
+                         "weight-only QuantizedWeights only; quantize the experts with rtn or gptq, or skip them")
+
+
+@torch.no_grad()
+def _quantize_experts(experts: nn.Module, captured, method: Method, name: str, true_sequential: bool, mode: str,
+                      min_tokens: int | None):
+    """Quantize every expert of a fused experts module, writing each de-quantized weight back into the float module
+    (so the block's later stages and outputs see the quantization error). captured: [(hidden [T, H], top-k index
+    [T, k])] per calibration batch, None for a data-free method. Returns (gate_up weights, down weights, calibration
+    facts for the layer spec or None)."""
+    n_exp, two_i, h = experts.gate_up_proj.shape
+    i = two_i // 2
+    calibration, fallback = None, set()
+    if captured is not None:
+        counts = moe.routed_counts(captured, n_exp)
+        least = min_tokens or moe.default_min_tokens(h, i)
+        fallback = set(moe.on_all_tokens(counts, mode, least))
+        log.info(moe.summary(name, counts, mode, least, sorted(fallback)))
+        calibration = {"mode": mode, "min_tokens": least, "routed_tokens": counts,
+                       "on_all_tokens": sorted(fallback)}
+    gate_ups, downs = [], []
+    for e in range(n_exp):
+        gu, dn = _expert_linear(experts.gate_up_proj, e), _expert_linear(experts.down_proj, e)
+        gu_name, dn_name = f"{name}.{e}.gate_up_proj", f"{name}.{e}.down_proj"
+        xs = [] if captured is None else moe.expert_tokens(captured, e, e in fallback)
+        # the down projection's inputs: through the float gate_up unless true-sequential (then the quantized one)
+        hs = None if true_sequential else [moe.gated(experts, x, gu.weight) for x in xs]
+        with _naming(gu_name):
+            state = method.new_state(gu_name, gu)
+            for x in xs:
+                state.add_batch(x)
+            qw = method.quantize(state, gu, gu_name)
+            _check_expert_weight(qw, method, gu_name)
+        gu.weight.data.copy_(qw.dequantize().to(gu.weight.dtype))  # writes into experts.gate_up_proj[e]
+        gate_ups.append(qw)
+        if hs is None:
+            hs = [moe.gated(experts, x, gu.weight) for x in xs]
+        with _naming(dn_name):
+            state = method.new_state(dn_name, dn)
+            for x in hs:
+                state.add_batch(x)
+            qw = method.quantize(state, dn, dn_name)
+            _check_expert_weight(qw, method, dn_name)
+        dn.weight.data.copy_(qw.dequantize().to(dn.weight.dtype))
+        downs.append(qw)
+    return gate_ups, downs, calibration
 
 
 @torch.no_grad()
@@ -255,20 +373,36 @@ def quantize_blocks(
     embeddings: bool = False,
     progress: bool = True,
     fit_group_size: bool = False,
+    moe_calibration: str = "routed",
+    moe_min_tokens: int | None = None,
 ) -> dict[str, dict]:
-    """Quantize every nn.Linear inside the decoder blocks (and the lm_head / input embedding if asked) in place.
+    """Quantize every nn.Linear inside the decoder blocks, and every mixture-of-experts experts module (fused 3-D
+    weights -> PackedExperts; routers stay in float), and the lm_head / input embedding if asked, in place.
     Returns {layer name: module spec}. fit_group_size=True (the caller gave no group_size): the method's default
     group size becomes the largest of 128 / 64 / 32 dividing every quantized layer's in_features
-    (Method.fit_group_size), said in one line on the "tquant" logger."""
+    (Method.fit_group_size), said in one line on the "tquant" logger. moe_calibration "routed" (each expert on the
+    tokens its router sends it) or "all" (every token to every expert); moe_min_tokens: under "routed", an expert
+    with fewer routed calibration tokens is calibrated on all tokens (None: 2 x its widest input; tquant.calib.experts)."""
+    moe.check_options(moe_calibration, moe_min_tokens)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks_name, blocks = find_blocks(model)
-    check_weights_supported(model, blocks_name, blocks)
+    check_weights_supported(model, blocks_name, blocks, method.name, method.experts_refusal(), skip)
     dtype = next(model.parameters()).dtype
-    targets = []
+    targets, expert_targets, routers = [], [], []
     for i, block in enumerate(blocks):
-        targets.append({n: m for n, m in _linears(block).items() if not skip(f"{blocks_name}.{i}.{n}")})
-    if not any(targets):
+        experts = find_experts(block)
+        kept = _routers(block, experts)
+        routers += [f"{blocks_name}.{i}.{n}" for n in kept]
+        expert_targets.append({n: m for n, m in experts.items() if not skip(f"{blocks_name}.{i}.{n}")})
+        targets.append({n: m for n, m in _linears(block).items()
+                        if not skip(f"{blocks_name}.{i}.{n}") and n not in kept})
+    if not any(targets) and not any(expert_targets):
         raise ValueError("no nn.Linear layer is left to quantize (all were skipped)")
+    if any(expert_targets):
+        n_exp = next(m for e in expert_targets for m in e.values()).gate_up_proj.shape[0]
+        log.info(f"mixture of experts: {sum(map(len, expert_targets))} experts modules of {n_exp} experts, each "
+                 f"expert quantized by {method.name} (moe_calibration={moe_calibration!r}); routers and gates stay "
+                 f"in float ({', '.join(routers[:2])}{', ...' if len(routers) > 2 else ''})")
     head = emb = None
     if lm_head:
         head = model.get_output_embeddings()
@@ -280,6 +414,8 @@ def quantize_blocks(
             raise ValueError(f"embeddings=True needs an nn.Embedding input embedding, found {type(emb).__name__}")
     if fit_group_size:  # the caller gave no group_size: the method's default, fitted to every layer quantized
         widths = [m.in_features for lin in targets for m in lin.values()]
+        widths += [w for ex in expert_targets for m in ex.values() for w in (m.gate_up_proj.shape[2],
+                                                                            m.down_proj.shape[2])]
         widths += [head.in_features] if head is not None else []
         widths += [emb.embedding_dim] if emb is not None else []
         line = method.fit_group_size(widths)
@@ -288,6 +424,9 @@ def quantize_blocks(
     for i, lin in enumerate(targets):
         for n, m in lin.items():
             method.check_layer(m, f"{blocks_name}.{i}.{n}")
+        for n, m in expert_targets[i].items():
+            for proj in ("gate_up_proj", "down_proj"):
+                method.check_layer(_expert_linear(getattr(m, proj), 0), f"{blocks_name}.{i}.{n}.0.{proj}")
     if head is not None:
         method.check_layer(head, "lm_head")
     if emb is not None:
@@ -314,7 +453,8 @@ def quantize_blocks(
             if i > 0 and states is not None:
                 check_finite(states, f"entering {blocks_name}.{i} (the outputs of the blocks quantized before it)")
             block_specs, outputs = _quantize_block(block, targets[i], inputs, method, f"{blocks_name}.{i}.",
-                                                   true_sequential, dtype)
+                                                   true_sequential, dtype, expert_targets[i],
+                                                   (moe_calibration, moe_min_tokens))
         except Exception as e:
             block.to(home)
             hint = " (out of memory: lower batch_size, or quantize with device='cpu')" \

@@ -124,18 +124,87 @@ def model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
 
 
-def check_weights_supported(model: nn.Module, blocks_name: str, blocks: nn.ModuleList) -> None:
-    """ValueError naming the model type where the decoder blocks hold weights tquant's weight methods cannot
-    quantize: mixture-of-experts layers whose experts are fused 3-D parameters [experts, out, in] (transformers 5's
-    Mixtral, Qwen3-MoE, ...), not nn.Linear. Refused rather than left in float behind a reported success."""
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # transformers 5's fused experts: [E, 2I, H] and [E, H, I]
+
+
+def find_experts(block: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of the block's mixture-of-experts experts modules: those holding a 3-D gate_up_proj or
+    down_proj parameter (transformers 5 keeps Mixtral's, Qwen3-MoE's, ... experts so, not as nn.Linear)."""
+    return {n: m for n, m in block.named_modules()
+            if any(isinstance(getattr(m, p, None), nn.Parameter) and getattr(m, p).dim() == 3 for p in EXPERT_PARAMS)}
+
+
+def activation_name(experts: nn.Module) -> str | None:
+    """The transformers activation name (ACT2FN key) of an experts module's act_fn: its config's hidden_act when
+    ACT2FN builds that same activation class, else None."""
+    from transformers.activations import ACT2FN
+
+    name = getattr(getattr(experts, "config", None), "hidden_act", None)
+    act = getattr(experts, "act_fn", None)
+    if not isinstance(name, str) or name not in ACT2FN or act is None:
+        return None
+    return name if type(ACT2FN[name]) is type(act) else None
+
+
+def experts_problem(experts: nn.Module) -> str | None:
+    """None where tquant quantizes this experts module (tquant.modules.PackedExperts computes what it computes),
+    else what stands in the way. Taken: transformers' experts classes declared through use_experts_implementation
+    with the layout Mixtral / Qwen3-MoE have: gate_up_proj [E, 2I, H] (gate rows, then up rows), down_proj [E, H, I],
+    no biases, act(gate) * up by transformers' default _apply_gate, an activation ACT2FN names."""
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gu, nn.Parameter) and isinstance(down, nn.Parameter) and gu.dim() == 3 and down.dim() == 3):
+        return "hold fused 3-D weights other than gate_up_proj [E, 2I, H] with down_proj [E, H, I]"
+    e, two_i, h = gu.shape
+    if two_i % 2 or tuple(down.shape) != (e, h, two_i // 2):
+        return f"have gate_up_proj {list(gu.shape)} and down_proj {list(down.shape)}, not [E, 2I, H] and [E, H, I]"
+    others = [n for n, _ in experts.named_parameters() if n not in EXPERT_PARAMS]
+    if others:
+        return f"carry other parameters ({', '.join(others)}: biases?) that tquant's experts module does not hold"
+    flags = {"has_gate": True, "is_transposed": False, "is_concatenated": True, "has_bias": False}
+    if any(not hasattr(experts, f) for f in flags):
+        return "do not declare their layout through transformers' use_experts_implementation"
+    wrong = [f"{f}={getattr(experts, f)}" for f, want in flags.items() if getattr(experts, f) != want]
+    if wrong:
+        return f"use a layout tquant's experts module does not compute ({', '.join(wrong)})"
+    gate = getattr(type(experts), "_apply_gate", None)
+    if gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate":
+        return f"gate their projections with their own {type(experts).__name__}._apply_gate"
+    if activation_name(experts) is None:
+        return "use an activation that transformers' ACT2FN does not name"
+    return None
+
+
+def check_weights_supported(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, method: str | None = None,
+                            experts_refusal: str | None = None, skip=lambda name: False) -> None:
+    """ValueError naming the model type where the decoder blocks hold weights the weight method `method` cannot
+    quantize, refused rather than left in float behind a reported success: fused 3-D parameters outside an experts
+    module tquant computes (experts_problem), and experts modules when the method cannot quantize them
+    (experts_refusal: its reason, from Method.experts_refusal). Experts modules whose name `skip` matches stay in
+    float by the caller's choice and pass."""
+    kind = model_type(model)
     for i, block in enumerate(blocks):
+        experts = find_experts(block)
+        owned = {id(p) for m in experts.values() for p in m.parameters()}
+        for name, m in experts.items():
+            full = f"{blocks_name}.{i}.{name}"
+            if skip(full):
+                continue
+            problem = experts_problem(m)
+            if problem:
+                raise ValueError(f"model type {kind!r} is not supported by tquant's weight methods yet: its "
+                                 f"mixture-of-experts experts ({full}, fused 3-D parameters) {problem}; skip them "
+                                 "(skip=['*.experts']) to leave them in float. KV-cache methods (kivi, kvquant, "
+                                 "qoq_kv4) work on it")
+            if experts_refusal:
+                raise ValueError(f"model type {kind!r} is not supported by the weight method {method!r} on its "
+                                 f"mixture-of-experts experts ({full}): {experts_refusal}. rtn and gptq quantize "
+                                 "them; skip=['*.experts'] leaves them in float")
         for name, p in block.named_parameters():
-            if p.dim() >= 3:
+            if p.dim() >= 3 and id(p) not in owned:
                 raise ValueError(
-                    f"model type {model_type(model)!r} is not supported by tquant's weight methods yet: its "
-                    f"mixture-of-experts experts are fused {p.dim()}-D parameters ({blocks_name}.{i}.{name}, shape "
-                    f"{list(p.shape)}), not nn.Linear layers, and would be left in float. KV-cache methods (kivi, "
-                    "kvquant, qoq_kv4) work on it")
+                    f"model type {kind!r} is not supported by tquant's weight methods yet: its fused "
+                    f"{p.dim()}-D parameter {blocks_name}.{i}.{name} (shape {list(p.shape)}) is not an nn.Linear "
+                    "layer and would be left in float. KV-cache methods (kivi, kvquant, qoq_kv4) work on it")
 
 
 def conv1d_type():

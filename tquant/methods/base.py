@@ -12,6 +12,9 @@ Two optional hooks for methods that change more than one weight at a time:
     method.input_transform(name) -> fn(x) or None                  # what a quantized layer does to its input
     method.finish_block(block, linears, results, inputs, prefix)   # after a block's linears are quantized (and
         their de-quantized weights written back): may tune the results and the block's other parameters
+Mixture-of-experts experts (fused 3-D weights, not nn.Linear) go through the same three calls, one expert projection
+at a time: the driver builds a stand-in nn.Linear of expert e's gate_up (or down) weight and a state fed that
+expert's calibration tokens. method.experts_refusal() says why a method cannot take part (None: it can).
 method.check_layer(linear, name) raises a ValueError naming a layer the method cannot quantize; the driver
 calls it for every target before any work starts. When the caller left group_size at the method's default, the
 driver first calls method.fit_group_size(in_features of every target): a default of 128 becomes the largest of
@@ -117,6 +120,30 @@ class Method:
 
     def quantize(self, state: LayerState, linear: nn.Linear, name: str) -> QuantizedWeight:
         raise NotImplementedError
+
+    def experts_refusal(self) -> str | None:
+        """Why this method cannot quantize mixture-of-experts experts, or None where it can. The driver quantizes
+        each expert's projection by new_state / add_batch / quantize on a stand-in nn.Linear, and PackedExperts stores
+        weight-only QuantizedWeights (the uniform packed grid). Refused: methods with block- or model-level steps
+        (prepare_model, prepare_block, finish_block, input_transform, kv_cache_method: smoothing, rotations, training,
+        activation quantization), which act on the block's nn.Linear layers and would miss the experts, and methods
+        whose quantize is annotated to return another weight type (SpQR's, BCQ's, ...). An unannotated method's
+        weights are checked as they come (the driver's ValueError names the method)."""
+        import typing
+
+        steps = [s for s in ("prepare_model", "prepare_block", "finish_block", "input_transform", "kv_cache_method")
+                 if getattr(type(self), s) is not getattr(Method, s)]
+        if steps:
+            return (f"its block- or model-level steps ({', '.join(steps)}) act on the block's nn.Linear layers and "
+                    "do not reach the fused experts")
+        try:
+            returns = typing.get_type_hints(type(self).quantize).get("return")
+        except Exception:  # noqa: BLE001 - an annotation that does not resolve says nothing
+            returns = None
+        if isinstance(returns, type) and returns is not QuantizedWeight:
+            return (f"it makes {returns.__name__} weights, and the experts module (PackedExperts) stores the uniform "
+                    "packed grid (QuantizedWeight) only")
+        return None
 
     def prepare_block(self, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]], inputs,
                       prefix: str) -> None:
