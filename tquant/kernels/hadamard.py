@@ -98,8 +98,8 @@ def _mul(z, h, acc, PARTS: tl.constexpr, Z_LEFT: tl.constexpr, INTERPRETER: tl.c
     rest = z
     for i in tl.static_range(PARTS):
         part = rest.to(piece)
-        if i + 1 < PARTS:
-            rest = rest - part.to(tl.float32)  # exact
+        if i + 1 < PARTS:  # exact; an infinite z (an inf input, as the reference's) leaves 0, not inf - inf = NaN
+            rest = tl.where(rest == part.to(tl.float32), 0.0, rest - part.to(tl.float32))
         if INTERPRETER:
             part = part.to(tl.float32)
         if Z_LEFT:
