@@ -12,12 +12,12 @@ words are loaded as one coalesced tile, their bits split out in registers (tilin
 summed as where(u, alpha_i, -alpha_i) over the planes (one select and one add a plane and weight), then
 acc += tl.dot(x tile, W tile) in fp32.
 "lut" (LUT-GEMM's tables, batch <= LUT_MAX_M): _bcq_table_kernel writes, for every row of x and every 8 activations
-(chunk c), the signed partial sums t[c, j] = sum_{b < 8} x[8c + b] (2 bit_b(j) - 1) for j < 128 (in x's dtype,
+(chunk c), the signed partial sums t[c, j] = sum_{b < 8} x[8c + b] (2 bit_b(j) - 1) / 8 for j < 128 (in x's dtype,
 [M, K / 8, 128]): the other half is t[c, ~j] = -t[c, j], so LUT-GEMM's 256 entries are 128, 256 bytes in fp16.
 _bcq_lut_kernel reads plane i's words as [BLOCK_N] rows; each byte holds the signs of 8 weights: if its top bit is
 set, it gathers t at the complement of the low 7 bits and flips the entry's sign bit (the complements of a word's 4
-bytes taken at once), through L1 / L2, one load per 8 weights and plane: S_i = sum_k x_k (2 u_ik - 1),
-y += sum_i alpha_i S_i (+ offset X, X the sum of the step's activations). The tables stay in global memory: Triton
+bytes taken at once), through L1 / L2, one load per 8 weights and plane: S_i = sum_k x_k (2 u_ik - 1) / 8,
+y += sum_i 8 alpha_i S_i (+ 8 offset X, X the sum of the step's activations / 8). The tables stay in global memory: Triton
 has no shared-memory gather, and tl.gather on a register table compiles (Triton 3.6-3.9) to warp shuffles.
 The tuner picks "lut" or "dot" per key ("lut" reads the weights once per row of x, so it is a small-batch path);
 the measured trade-offs (table width, fp32 tables) are in benchmarks/RESULTS.md. sm_90 SASS of the
@@ -104,14 +104,16 @@ def _bcq_matmul_kernel(x_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr, ws
 
 @triton.jit
 def _bcq_table_kernel(x_ptr, perm_ptr, t_ptr, K, HAS_PERM: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The signed tables of row m of x (x[:, perm]): t[m, c, j] = sum_{b < 8} x[m, 8c + b] (2 bit_b(j) - 1) for
-    j < 128, summed in fp32 and stored in t's dtype; program (m, block) writes BLOCK_C chunks."""
+    """The signed tables of row m of x (x[:, perm]) over 8: t[m, c, j] = sum_{b < 8} x[m, 8c + b] / 8 (2 bit_b(j) - 1)
+    for j < 128, summed in fp32 and stored in t's dtype (the 1/8, exact, keeps a sum of 8 activations of up to the
+    dtype's largest value finite; the LUT kernel multiplies it back with the alphas); program (m, block) writes
+    BLOCK_C chunks."""
     m, rc = tl.program_id(0), tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < K // 8
     col = rc[:, None] * 8 + tl.arange(0, 8)[None, :]
     if HAS_PERM:
         col = tl.load(perm_ptr + col, mask=c_ok[:, None], other=0)
-    xl = tl.load(x_ptr + m.to(tl.int64) * K + col, mask=c_ok[:, None], other=0.0).to(tl.float32)
+    xl = tl.load(x_ptr + m.to(tl.int64) * K + col, mask=c_ok[:, None], other=0.0).to(tl.float32) * 0.125
     j = tl.arange(0, 128)[None, :]
     sign = (2 * ((j >> tl.arange(0, 8)[:, None]) & 1) - 1).to(tl.float32)  # [8, 128]
     table = tl.sum(xl[:, :, None] * sign[None, :, :], axis=1)
@@ -148,10 +150,11 @@ def _bcq_lut_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr
                     sign = (word << (24 - 8 * f)) & -2147483648  # byte f's top bit as bit 31
                     partial += (entry.to(tl.float32).to(tl.int32, bitcast=True) ^ sign).to(tl.float32, bitcast=True)
             alpha = tl.load(a_ptr + (i * GROUPS + g) * N + rn, mask=n_ok, other=0.0).to(tl.float32)
-            acc += alpha * partial
+            acc += (alpha * 8.0) * partial  # the tables hold sums over 8
         if HAS_OFFSET:
-            total = tl.sum(tl.load(x_row + input_columns(perm_ptr, k0, BLOCK_K, HAS_PERM)).to(tl.float32), axis=0)
-            acc += tl.load(o_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32) * total
+            total = tl.sum(tl.load(x_row + input_columns(perm_ptr, k0, BLOCK_K, HAS_PERM)).to(tl.float32) * 0.125,
+                           axis=0)
+            acc += (tl.load(o_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32) * 8.0) * total
     store_output(y_ptr, acc[None, :], m + tl.arange(0, 1), rn, M, N, N, bias_ptr, ws_ptr, count_ptr,
                  m * tl.num_programs(1) + pid_n, split, splits, HAS_BIAS, SPLIT)
 
