@@ -254,3 +254,50 @@ def test_an_unannotated_methods_other_weights_are_refused_at_the_expert(monkeypa
     with pytest.raises(ValueError, match=r"made a QuantizedWeight for expert projection .*experts\.0\.gate_up_proj "
                                          r"\(act_bits=8\)"):
         tquant.quantize(tiny_model("mixtral"), "rtn", bits=4, group_size=32, progress=False)
+
+
+def test_other_fused_experts_layouts_are_refused_naming_the_model_type():
+    """GPT-OSS keeps its experts transposed, interleaved and with biases: not what PackedExperts computes."""
+    import transformers
+
+    from tests.tiny_models import VOCAB
+
+    cfg = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=256,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with pytest.raises(ValueError, match=r"model type 'gpt_oss' is not supported by tquant's weight methods yet: its "
+                                         r"mixture-of-experts experts \(model.layers.0.mlp.experts, fused 3-D "
+                                         r"parameters\) use a layout .*is_transposed=True"):
+        tquant.quantize(model, "rtn", bits=4, group_size=32, progress=False)
+
+
+def test_not_true_sequential_calibrates_down_through_the_float_gate_up():
+    options = dict(bits=4, group_size=32)
+    model, float_gu, float_dn, captured = _quantize_recording("mixtral", "gptq", moe_min_tokens=1,
+                                                              true_sequential=False, **options)
+    method = make_method("gptq", **options)
+    packed = model.model.layers[0].mlp.experts
+    for e in range(packed.num_experts):
+        xs = [x[(idx == e).any(-1)] for x, idx in captured]
+        assert torch.equal(_codes(packed, "gate_up", e), _expected(method, float_gu[e], xs).codes)
+        hs = [gated(packed, x, float_gu[e]) for x in xs]
+        assert torch.equal(_codes(packed, "down", e), _expected(method, float_dn[e], hs).codes)
+
+
+def test_bf16_model_keeps_its_dtype(loads_experts, tmp_path):
+    model = tiny_model("qwen3_moe", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fp = model(IDS).logits.float()
+    tquant.quantize(model, "gptq", bits=8, group_size=32, calib=CALIB, batch_size=4, progress=False)
+    packed = model.model.layers[0].mlp.experts
+    assert packed.gate_up_scales.dtype == packed.down_zeros.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(IDS).logits
+    assert out.dtype == torch.bfloat16 and ((out.float() - fp).norm() / fp.norm()).item() < 0.05
+    tquant.save(model, str(tmp_path / "q"))
+    loaded = tquant.load(str(tmp_path / "q"))
+    assert loaded.model.layers[0].mlp.experts.down_scales.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, out)

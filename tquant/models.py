@@ -154,18 +154,18 @@ def experts_problem(experts: nn.Module) -> str | None:
     gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
     if not (isinstance(gu, nn.Parameter) and isinstance(down, nn.Parameter) and gu.dim() == 3 and down.dim() == 3):
         return "hold fused 3-D weights other than gate_up_proj [E, 2I, H] with down_proj [E, H, I]"
-    e, two_i, h = gu.shape
-    if two_i % 2 or tuple(down.shape) != (e, h, two_i // 2):
-        return f"have gate_up_proj {list(gu.shape)} and down_proj {list(down.shape)}, not [E, 2I, H] and [E, H, I]"
-    others = [n for n, _ in experts.named_parameters() if n not in EXPERT_PARAMS]
-    if others:
-        return f"carry other parameters ({', '.join(others)}: biases?) that tquant's experts module does not hold"
     flags = {"has_gate": True, "is_transposed": False, "is_concatenated": True, "has_bias": False}
     if any(not hasattr(experts, f) for f in flags):
         return "do not declare their layout through transformers' use_experts_implementation"
     wrong = [f"{f}={getattr(experts, f)}" for f, want in flags.items() if getattr(experts, f) != want]
     if wrong:
         return f"use a layout tquant's experts module does not compute ({', '.join(wrong)})"
+    e, two_i, h = gu.shape
+    if two_i % 2 or tuple(down.shape) != (e, h, two_i // 2):
+        return f"have gate_up_proj {list(gu.shape)} and down_proj {list(down.shape)}, not [E, 2I, H] and [E, H, I]"
+    others = [n for n, _ in experts.named_parameters() if n not in EXPERT_PARAMS]
+    if others:
+        return f"carry other parameters ({', '.join(others)}: biases?) that tquant's experts module does not hold"
     gate = getattr(type(experts), "_apply_gate", None)
     if gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate":
         return f"gate their projections with their own {type(experts).__name__}._apply_gate"
