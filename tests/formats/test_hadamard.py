@@ -130,7 +130,8 @@ def test_paley_and_product_constructions_are_the_documented_ones():
     for m, q in hd.PALEY_I.items():
         s = torch.zeros(q + 1, q + 1)
         s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, jacobsthal(q)
-        assert torch.equal(hadamard_matrix(m), torch.eye(q + 1) + s)
+        # called directly: hadamard_matrix caches, so mutmut would not see a test reach paley_i through it
+        assert torch.equal(hd.paley_i(q), torch.eye(q + 1) + s) and torch.equal(hadamard_matrix(m), hd.paley_i(q))
     for m, q in hd.PALEY_II.items():
         c = torch.zeros(q + 1, q + 1)
         c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, jacobsthal(q)
@@ -140,12 +141,12 @@ def test_paley_and_product_constructions_are_the_documented_ones():
                 block = (c[a, b] * torch.tensor([[1.0, 1.0], [1.0, -1.0]])
                          + float(a == b) * torch.tensor([[1.0, -1.0], [-1.0, -1.0]]))
                 h[2 * a:2 * a + 2, 2 * b:2 * b + 2] = block
-        assert torch.equal(hadamard_matrix(m), h)
+        assert torch.equal(hd.paley_ii(q), h) and torch.equal(hadamard_matrix(m), h)
     assert torch.equal(hadamard_matrix(40), torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]]), hadamard_matrix(20)))
     for m in (156, 172):  # the published rows, bit j (LSB first) set means -1
         rows = hd.DATA[m]
-        assert torch.equal(hadamard_matrix(m), torch.tensor([[-1.0 if int(r, 16) >> j & 1 else 1.0 for j in range(m)]
-                                                             for r in rows]))
+        expected = torch.tensor([[-1.0 if int(r, 16) >> j & 1 else 1.0 for j in range(m)] for r in rows])
+        assert torch.equal(hd.from_hex_rows(rows, m), expected) and torch.equal(hadamard_matrix(m), expected)
     assert torch.equal(hd.from_hex_rows(("0", "3", "2"), 3), torch.tensor([[1.0, 1, 1], [-1, -1, 1], [1, -1, 1]]))
 
 
@@ -219,3 +220,10 @@ def test_unknown_order_message():
     with pytest.raises(ValueError, match=r"^no Hadamard matrix construction of order m=24: m must be a power of two or "
                                          r"one of \(12, 20, 28, 36, 40, 52, 60, 108, 140, 156, 172\)$"):
         hd._matrix(24)
+
+
+def test_transform_stays_on_the_inputs_device():
+    """H_m is moved to x's device (meta stands in for CUDA here: a CPU matrix times a meta tensor raises)."""
+    for n in (24, 64):
+        y = hd.transform(torch.empty(3, n, device="meta"), transpose=n == 24)
+        assert y.device.type == "meta" and y.shape == (3, n)
