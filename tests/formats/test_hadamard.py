@@ -223,7 +223,8 @@ def test_unknown_order_message():
 
 
 def test_transform_stays_on_the_inputs_device():
-    """H_m is moved to x's device (meta stands in for CUDA here: a CPU matrix times a meta tensor raises)."""
+    """The result stays on x's device (meta stands in for CUDA). Where H_m itself lives is not seen here: a CPU matrix
+    times a meta tensor gives a meta tensor, where on CUDA it raises."""
     for n in (24, 64):
         y = hd.transform(torch.empty(3, n, device="meta"), transpose=n == 24)
         assert y.device.type == "meta" and y.shape == (3, n)
