@@ -17,6 +17,9 @@ invertible, and a covariance estimated from T samples is off by about sqrt(K / T
 multiple that keeps H full rank with a margin for both projections. It is a judgement, not a measured optimum
 (moe_min_tokens sets it). The fallback takes all-token statistics rather than RTN: the method (its error feedback on a
 full-rank H) is kept, and all tokens reaching the layer are the distribution the router picks the expert's from.
+With many small experts the default asks for many tokens: DeepSeek-V3 (H 7168, 256 experts, top-8) under 128 x 2048
+calibration tokens averages 8192 routed tokens an expert against N = 14336, so most of its experts would be calibrated
+on all tokens (the per-layer lines say so); give more calibration tokens or a lower moe_min_tokens there.
 """
 from __future__ import annotations
 
