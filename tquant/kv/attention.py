@@ -76,7 +76,8 @@ def _dequant(code, scale, mn, OUT: tl.constexpr):
     bf16 / fp32 in fp32, cast last."""
     if OUT == tl.float16:
         c = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
-        return c * scale.to(tl.float16) + mn.to(tl.float16)
+        # one fma: c * scale alone can pass fp16's max where c * scale + mn does not (a range past 65504 at 2 bits)
+        return tl.fma(c, scale.to(tl.float16), mn.to(tl.float16))
     else:
         c = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         return (c * scale.to(tl.float32) + mn.to(tl.float32)).to(OUT)
