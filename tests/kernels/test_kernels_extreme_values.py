@@ -158,7 +158,8 @@ def test_kernels_quantizer_zero_width_and_extreme_groups(bits, sym, values, spre
     held = (w.double().abs() + scale.double()[:, None]) < torch.finfo(FP32).max
     assert w_hat[held].isfinite().all()
     err = (w_hat.double() - w.double()).abs()
-    assert (err <= scale.double()[:, None] * (0.5 + 1e-6) + 1e-45)[held].all(), (err / scale.double()[:, None]).max()
+    bound = scale.double()[:, None] * 0.5 + 2**-20 * w.double().abs() + 1e-45  # half a step, and fp32's roundings
+    assert (err <= bound)[held].all(), (err / scale.double()[:, None]).max()
     # the grouped form and the cache quantizer (KIVI's min-max, no zero forced into the range) on the same rows
     gs, gz = grouped_qparams(w, bits, 8, sym)
     assert gs.isfinite().all() and (gs > 0).all() and gz.isfinite().all()
@@ -422,8 +423,10 @@ def test_kernels_act_quant_extreme_values(m, k, dtype, mode, bits, smooth, xc):
         assert torch.equal(a.cpu(), b), (mode, a, b)
     scale = ref[1]
     assert (scale.isfinite() & (scale > 0)).all() or mode == "asym"
-    if m > 1 and xc["zero_rows"] and mode != "static":
-        assert (ref[1][1::2] == 1).all() and (ref[0][1::2] == (0 if mode != "asym" else ref[0][1::2])).all()
+    if m > 1 and xc["zero_rows"] and mode == "asym":  # the [-1, 1] fallback: codes at the zero point (x = 0)
+        assert ((ref[0][1::2].int() + 2 ** (bits - 1)) == ref[2][1::2, None]).all()
+    elif m > 1 and xc["zero_rows"] and mode != "static":  # scale 1, codes 0
+        assert (ref[1][1::2] == 1).all() and (ref[0][1::2] == 0).all()
 
 
 def int_gemm_magnitude(xq_int, x_scale, w8, w_scale, bias):
@@ -468,3 +471,374 @@ def test_kernels_int8_gemms_extreme_values(m, n, words, dtype, grid, bias, xc, w
         if sg is not None:
             w8 = w8 * sg.to(torch.int32).repeat_interleave(group_size or k, dim=0)
     check(y, ref, int_gemm_magnitude(xq_int, x_scale, w8, w_scale, b), dtype, what=grid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the Hadamard transform, E8P, BCQ, SpQR, bit-plane
+
+
+from tquant.formats import bcq  # noqa: E402
+from tquant.formats.packing import pack_codes as pack_bits  # noqa: E402
+from tquant.kernels import bcq_matmul as bcq_module  # noqa: E402
+from tquant.kernels import e8p_matmul as e8p_module  # noqa: E402
+from tquant.kernels.bitplane_gemm import (bitplane_matmul_a16, bitplane_matmul_a16_ref, bitplane_matmul_ref,  # noqa: E402
+                                          quantize_weight_ref)
+from tquant.kernels.bitplane_matmul import bitplane_matmul  # noqa: E402
+from tquant.kernels.hadamard import hadamard_transform, hadamard_transform_ref  # noqa: E402
+from tquant.kernels.runtime import interpreter_on  # noqa: E402
+from tquant.kernels.spqr_matmul import spqr_matmul, spqr_matmul_ref  # noqa: E402
+from tests.kernels.test_kernels_spqr_matmul import packed, random_weight  # noqa: E402  (SpQR layers, packed)
+
+
+@needs_backend
+@FEW
+@given(rows=st.integers(1, 5), n=st.sampled_from([16, 64, 128, 192, 256]), dtype=st.sampled_from(DTYPES),
+       transpose=st.booleans(), fused=st.booleans(), xc=activation_cases())
+def test_kernels_hadamard_extreme_values(rows, n, dtype, transpose, fused, xc):
+    """y = ((x in_scale) H^T) out_scale + bias on extreme rows: every output's magnitude is sum_k |x_k in_k| / sqrt(n)
+    times |out_scale| (+ |bias|); the kernel is the fp32 transform rounded once (its docstring), as the reference."""
+    x, _ = extreme_x(rows, n, dtype, xc)
+    g = torch.Generator().manual_seed(xc["seed"] + 5)
+    vec = lambda: (torch.rand(n, generator=g) + 0.5).to(dtype) if fused else None  # noqa: E731
+    in_scale, out_scale, bias = vec(), vec(), vec()
+    ref = hadamard_transform_ref(x, transpose, in_scale, out_scale, bias)
+    dev = lambda t: t if t is None else t.to(DEVICE)  # noqa: E731
+    y = hadamard_transform(x.to(DEVICE), transpose, in_scale=dev(in_scale), out_scale=dev(out_scale), bias=dev(bias))
+    xs = x.double() if in_scale is None else (x.float() * in_scale.float()).to(dtype).double()
+    mag = (xs.abs().sum(dim=1, keepdim=True) / math.sqrt(n)).expand(rows, n)
+    if out_scale is not None:
+        mag = mag * out_scale.double()
+    check(y, ref, mag + (0 if bias is None else bias.double()), dtype, what=f"n={n}")
+
+
+@needs_backend
+@pytest.mark.parametrize("dtype", [FP16, BF16])
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 1.5])
+def test_kernels_hadamard_sums_near_overflow(dtype, ratio):
+    """A row of one value a: y_0 = a sqrt(n), the rest 0. fp16: a chosen so that y_0 is ratio times fp16's largest
+    value (an fp32 sum that the output cannot hold past ratio 1). bf16: so that the unnormalized sum a n is ratio times
+    fp32's largest value, which the reference (and the kernel) sum before dividing by sqrt(n): past ratio 1 both give
+    inf although y_0 itself would fit."""
+    n = 64
+    a = ratio * torch.finfo(dtype).max / (math.sqrt(n) if dtype == FP16 else n)
+    x = torch.full((2, n), a).to(dtype)
+    x[1] = 0
+    ref = hadamard_transform_ref(x)
+    y = hadamard_transform(x.to(DEVICE))
+    assert ref[0, 0].isfinite() == (ratio < 1)
+    check(y, ref, (x.double().abs().sum(dim=1, keepdim=True) / math.sqrt(n)).expand(2, n), dtype)
+
+
+@needs_backend
+@pytest.mark.parametrize("dtype", [FP16, BF16, FP32])
+@pytest.mark.parametrize("n", [16, 192])
+def test_kernels_hadamard_inf_from_in_scale(dtype, n):
+    """x * in_scale rounded to x's dtype overflows (6e4 * 2 in fp16; 3e38 * 2 in bf16 / fp32): the reference
+    transforms the inf (+-inf outputs, NaN where infs of both signs meet), and so must the kernel (its fp32
+    intermediates enter the tensor cores as bf16 pieces: an inf piece must not leave inf - inf = NaN behind)."""
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n))
+    x[0, 5] = x[2, 7] = BIG[dtype][1]
+    x[2, 1] = -BIG[dtype][1]
+    x = x.to(dtype)
+    in_scale = torch.full((n,), 2.0).to(dtype)
+    ref = hadamard_transform_ref(x, in_scale=in_scale)
+    assert not ref[0].isfinite().any() and ref[1].isfinite().all()
+    y = hadamard_transform(x.to(DEVICE), in_scale=in_scale.to(DEVICE))
+    xs = (x.float() * 2).to(dtype).double().abs()
+    check(y, ref, (xs.sum(dim=1, keepdim=True) / math.sqrt(n)).expand(3, n), dtype)
+
+
+def e8p_codes(kb, n, bits, g):
+    codes = torch.randint(-2**15, 2**15, (kb, n), generator=g, dtype=torch.int32).to(torch.int16)
+    if bits == 2:
+        return codes, None
+    if bits == 3:
+        return codes, torch.randint(0, 256, (kb, n), generator=g, dtype=torch.int32).to(torch.uint8)
+    return codes, torch.randint(-2**15, 2**15, (kb, n), generator=g, dtype=torch.int32).to(torch.int16)
+
+
+@needs_backend
+@FEW
+@given(m=st.sampled_from([1, 3, 20]), n=st.integers(1, 64), kb=st.integers(1, 16), bits=st.sampled_from([2, 3, 4]),
+       dtype=st.sampled_from(DTYPES), bias=st.booleans(), path=st.sampled_from(["auto", "dense"]),
+       xc=activation_cases())
+def test_kernels_e8p_extreme_values(m, n, kb, bits, dtype, bias, path, xc):
+    """QuIP#'s E8P matmul (the GEMV at M = 1, the GEMMs, the decode + matmul path) on extreme activations (the
+    Hadamard-rotated activations it sees in a layer have the same ranges); |W| <= 4.5."""
+    k = 8 * kb
+    x, _ = extreme_x(m, k, dtype, xc)
+    g = torch.Generator().manual_seed(xc["seed"] + 6)
+    codes, codes2 = e8p_codes(kb, n, bits, g)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    dev = lambda t: t if t is None else t.to(DEVICE)  # noqa: E731
+    ref = e8p_module.e8p_matmul_ref(x, codes, codes2, bits=bits, bias=b)
+    if path == "dense":
+        y = e8p_module.run_path(e8p_module.DENSE, dev(x), dev(codes), dev(codes2), dev(b), bits=bits)
+    else:
+        y = e8p_module.e8p_matmul(dev(x), dev(codes), dev(codes2), bits=bits, bias=dev(b))
+    wt = e8p_module.e8p_decode_weight_ref(codes, codes2, bits=bits, dtype=FP32).double()
+    check(y, ref, x.double().abs() @ wt.abs() + (0 if b is None else b.double().abs()), dtype, what=path)
+
+
+def bcq_path_config(path, m, group):
+    if interpreter_on():
+        return bcq_module.INTERPRETER_CONFIGS[path]
+    return next(c for c in bcq_module.configs(m, group) if c["path"] == path)
+
+
+@needs_backend
+@FEW
+@given(m=st.sampled_from([1, 3, 20]), n=st.integers(1, 64), words=st.integers(1, 4), q=st.integers(1, 4),
+       group=st.sampled_from([32, "channel"]), offset=st.booleans(), perm=st.booleans(), bias=st.booleans(),
+       dtype=st.sampled_from(DTYPES), path=st.sampled_from(["public", "dot", "lut"]), xc=activation_cases(),
+       wc=weight_cases())
+def test_kernels_bcq_extreme_values(m, n, words, q, group, offset, perm, bias, dtype, path, xc, wc):
+    """BCQ's in-register and LUT-GEMM table paths (the tables: signed partial sums of 8 activations) and the public
+    launcher, alphas searched on extreme float weights."""
+    k = 32 * words
+    group_size = k if group == "channel" else group
+    if path == "lut":
+        m = min(m, bcq_module.LUT_MAX_M)
+    x, dead = extreme_x(m, k, dtype, xc)
+    w = extreme_w(n, k, group_size, wc, dead).clamp(-6e4, 6e4)
+    alphas, bits, _ = bcq.search(w, q, group_size, 2)
+    assert alphas.isfinite().all()
+    planes = torch.stack([pack_bits(bits[i], 1) for i in range(q)])
+    alphas = alphas.permute(2, 1, 0).contiguous().to(dtype)
+    g = torch.Generator().manual_seed(xc["seed"] + 7)
+    off = torch.randn(k // group_size, n, generator=g).to(dtype) if offset else None
+    p = torch.randperm(k, generator=g).to(torch.int32) if perm else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    dev = [t if t is None else t.to(DEVICE) for t in (x, planes, alphas, off, p, b)]
+    ref = bcq_module.bcq_matmul_ref(*dev)
+    if path == "public":
+        y = bcq_module.bcq_matmul(*dev)
+    else:
+        y = bcq_module.launch(bcq_path_config(path, m, group_size), *dev)
+    # magnitude: |x| @ (sum_i |alpha_i| + |offset|)^T: the kernels sum each plane's signed activations (the LUT
+    # path in tables of x's dtype) before its alpha, so their rounding scales with the alphas, not with W's entries,
+    # which cancel (alpha_1 - alpha_2 of a weight outlier's group)
+    wsum = alphas.double().abs().sum(dim=0).repeat_interleave(group_size, dim=0)  # [K, N]
+    if off is not None:
+        wsum = wsum + off.double().abs().repeat_interleave(group_size, dim=0)
+    xs = x.double() if p is None else x.double()[:, p.long()]
+    check(y, ref, xs.abs() @ wsum + (0 if b is None else b.double().abs()), dtype, what=path)
+
+
+@needs_backend
+@pytest.mark.parametrize("dtype", [FP16, BF16])
+@pytest.mark.parametrize("path", ["dot", "lut"])
+@pytest.mark.parametrize("offset", [False, True])
+def test_kernels_bcq_outliers_sharing_a_chunk_of_8(dtype, path, offset):
+    """Two activations at the dtype's outlier limit in one chunk of 8 (the LUT path's table entries sum a chunk:
+    6e4 + 6e4 is past fp16's max, 3e38 + 3e38 past fp32's), times alphas of 0.01: every product and output is
+    finite."""
+    m, n, k, q = 2, 16, 64, 3
+    g = torch.Generator().manual_seed(1)
+    alphas = (torch.rand(q, 1, n, generator=g) * 0.01 + 0.001).to(dtype)
+    planes = torch.randint(-2**31, 2**31 - 1, (q, k // 32, n), generator=g, dtype=torch.int32)
+    off = (torch.rand(1, n, generator=g) * 0.01).to(dtype) if offset else None
+    x = torch.randn(m, k, generator=g)
+    x[:, 8] = x[:, 13] = BIG[dtype][1]
+    x[1, 20] = -BIG[dtype][1]
+    x = x.to(dtype)
+    dev = [t if t is None else t.to(DEVICE) for t in (x, planes, alphas, off)]
+    ref = bcq_module.bcq_matmul_ref(*dev)
+    assert ref.isfinite().all()
+    y = bcq_module.launch(bcq_path_config(path, m, k), *dev)
+    wsum = alphas.double().abs().sum(dim=0) + (0 if off is None else off.double().abs())
+    check(y, ref, x.double().abs() @ wsum.expand(k, n), dtype, what=path)
+
+
+@needs_backend
+@FEW
+@given(m=st.sampled_from([1, 3, 20]), bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([16, 32]),
+       stat_group=st.sampled_from([1, 8]), n8=st.integers(1, 8), gk=st.integers(1, 4), perm=st.booleans(),
+       bias=st.booleans(), density=st.sampled_from([0.0, 0.05]), dtype=st.sampled_from(DTYPES), xc=activation_cases())
+def test_kernels_spqr_extreme_values(m, bits, group, stat_group, n8, gk, perm, bias, density, dtype, xc):
+    """SpQR's bilevel dense part (the weight-only kernels) and its CSR outlier kernel on extreme activations."""
+    n, k = 8 * n8, 4 * group * gk if 4 * group * gk <= 256 else group * gk
+    x, _ = extreme_x(m, k, dtype, xc)
+    qw = random_weight(n, k, bits, group, min(2, 8 - bits), stat_group, perm, density, xc["seed"])
+    b = torch.randn(n, generator=torch.Generator().manual_seed(xc["seed"])) if bias else None
+    args, kw = packed(qw, b, dtype)
+    xd = x.to(DEVICE)
+    ref = spqr_matmul_ref(xd, *args, **kw)
+    y = spqr_matmul(xd, *args, **kw)
+    wt = spqr_matmul_ref(torch.eye(k, dtype=FP32, device=DEVICE), *args, **{**kw, "bias": None}).double().cpu()
+    xs = x.double() if kw["perm"] is None else x.double()  # W's rows are in x's order (the reference multiplies x)
+    mag = xs.abs() @ wt.abs() + (0 if kw["bias"] is None else kw["bias"].double().abs().cpu())
+    check(y, ref, mag, dtype)
+
+
+@needs_backend
+@FEW
+@given(m=st.sampled_from([1, 3, 17]), n=st.integers(1, 64), words=st.integers(1, 4), bits=st.integers(2, 8),
+       act_bits=st.integers(2, 8), group=st.sampled_from([32, "channel"]), bias=st.booleans(),
+       dtype=st.sampled_from(DTYPES), xc=activation_cases(), wc=weight_cases())
+def test_kernels_bitplane_extreme_values(m, n, words, bits, act_bits, group, bias, dtype, xc, wc):
+    """ABQ's WpAq (bitplane_matmul, the public entry: tuned over the GEMM and on a GPU the popcount GEMV) on act_quant's
+    asymmetric codes of extreme activations, weights quantized by quantize_weight_ref from extreme float weights;
+    and WpA16 on the float activations."""
+    k = 32 * words
+    group_size = k if group == "channel" else group
+    x, dead = extreme_x(m, k, dtype, xc)
+    w = extreme_w(n, k, group_size, wc, dead)
+    planes, w_scale, w_zero, w_sum = quantize_weight_ref(w, bits, group_size)
+    assert w_scale.isfinite().all() and (w_scale > 0).all()
+    b = torch.randn(n, generator=torch.Generator().manual_seed(xc["seed"] + 8)).to(dtype) if bias else None
+    xq, x_scale, x_zero = quantize_activations_ref(x, bits=act_bits, zero_point=True)
+    wargs = [planes, w_scale, w_zero, w_sum]
+    kw = dict(bits=bits, act_bits=act_bits, group_size=group_size, out_dtype=dtype)
+    dev = lambda ts: [t if t is None else t.to(DEVICE) for t in ts]  # noqa: E731
+    ref = bitplane_matmul_ref(*dev([xq, x_scale, x_zero, *wargs]), bias=dev([b])[0], **kw)
+    y = bitplane_matmul(*dev([xq, x_scale, x_zero, *wargs]), bias=dev([b])[0], **kw)
+    wt = bitplane_matmul_a16_ref(torch.eye(k), planes, w_scale, w_zero, bits=bits, group_size=group_size).double()
+    xhat = (xq.double() + 2 ** (act_bits - 1) - x_zero.double()[:, None]).abs() * x_scale.double()[:, None]
+    # the kernel takes zero points by the row / column-sum identity (bitplane_gemm's docstring) and runs its epilogue
+    # in fp32: its terms x_scale w_scale (D + dw A + dx W) are bounded by x_scale w_scale 2^p (2 sum |a'| + |dx| |g|)
+    # per group, and may cancel to a much smaller y (a weight outlier's group has a large w_scale): a few fp32
+    # roundings of them (2^-20) on top of the output's rounding
+    groups = k // group_size
+    a_sum = xq.double().abs().reshape(m, groups, group_size).sum(dim=-1)
+    dx = (2 ** (act_bits - 1) - x_zero.double()).abs()
+    terms = (x_scale.double()[:, None, None] * (2 * a_sum + dx[:, None] * group_size)[:, :, None] * 2**bits
+             * w_scale.double()[None]).sum(dim=1)
+    check(y, ref, xhat @ wt.abs() + (0 if b is None else b.double().abs()), dtype, atol=ATOL[dtype] + 2**-20 * terms,
+          what="wpaq")
+    ref16 = bitplane_matmul_a16_ref(x, planes, w_scale, w_zero, bits=bits, group_size=group_size, bias=b)
+    y16 = bitplane_matmul_a16(*dev([x, planes, w_scale, w_zero]), bits=bits, group_size=group_size, bias=dev([b])[0])
+    check(y16, ref16, x.double().abs() @ wt.abs() + (0 if b is None else b.double().abs()), dtype, what="a16")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV decode attention (KIVI / QoQ packed caches with a residual window, and the float cache)
+
+
+from tquant.kv import uniform_format as kv_format  # noqa: E402
+from tquant.kv.attention import float_decode_attention, kivi_decode_attention, kivi_decode_attention_ref  # noqa: E402
+
+KV_ULP = {FP16: 2.0**-10, BF16: 2.0**-7, FP32: 2.0**-22}  # relative rounding of a dequantized key / a score term
+
+
+def attention_bound(q, k, v, sm_scale, dtype):
+    """(magnitude [B, Hq, D], tol) for o = softmax(s) V against its fp32 reference, with k, v [B, Hkv, T, D] the
+    fp32 keys and values the reference reads: the kernel's keys, values and probabilities carry roundings of the
+    dot's dtype, so each score is off by at most delta = sm_scale max_t sum_d |q_d k_td| ulp, each probability by a
+    factor within e^(+-2 delta) (plus its own rounding), and o_d by (e^(2 delta) - 1 + 2 ulp) sum_t p_t |v_td|:
+    the magnitude is sum_t p_t |v_td| (p the reference's), tol TOL + 2 (e^(2 delta) - 1)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
+    qd = q.double()
+    p = (torch.einsum("bhd,bhtd->bht", qd, k) * sm_scale).softmax(-1)
+    delta = (torch.einsum("bhd,bhtd->bht", qd.abs(), k.abs()) * sm_scale).max().item() * KV_ULP[dtype]
+    return torch.einsum("bht,bhtd->bhd", p, v.abs()), TOL[dtype] + 2 * math.expm1(2 * delta)
+
+
+def extreme_kv(b, h, t, d, dtype, case, cap):
+    """K or V [B, H, T, D] (fp32, values the dtype holds): N(0, 1) with outliers up to cap (one token's channel, one
+    channel of every token), an all-zero token and an all-zero channel."""
+    g = torch.Generator().manual_seed(case["seed"] + 9)
+    x = torch.randn(b, h, t, d, generator=g)
+    if case["outliers"]:
+        x[..., torch.randint(0, t, (1,), generator=g).item(), 1] = cap
+        x[..., 3] *= cap / 20
+    if case["zero_rows"]:
+        x[..., t // 2, :] = 0
+        x[..., 5] = 0
+    return x.clamp(-cap, cap).to(dtype).float()
+
+
+@needs_backend
+@FEW
+@given(b=st.integers(1, 2), rep=st.sampled_from([1, 4]), d=st.sampled_from([16, 32]), bits=st.sampled_from([2, 3, 4, 8]),
+       groups=st.integers(1, 3), tr=st.integers(0, 9), dtype=st.sampled_from(DTYPES),
+       key_axis=st.sampled_from(["channel", "token"]), xc=activation_cases())
+def test_kernels_kivi_attention_extreme_values(b, rep, d, bits, groups, tr, dtype, key_axis, xc):
+    """Decode attention over a packed KIVI / QoQ store (fp16 scales and minima: the store holds keys and values up
+    to fp16's 6e4 whatever q's dtype) and a residual window in q's dtype (bf16 / fp32: up to 1e30), with outlier
+    channels and tokens, all-zero tokens and channels; q with outliers, scaled so that the largest score stays within
+    +-30 (a larger one makes softmax a one-hot pick that no rounding bound can follow)."""
+    group, hkv = 8, 2
+    tq = groups * group
+    store_cap = 6e4
+    k = extreme_kv(b, hkv, tq + tr, d, FP32, xc, store_cap)
+    v = extreme_kv(b, hkv, tq + tr, d, FP32, dict(xc, seed=xc["seed"] + 1), store_cap)
+    if tr and dtype != FP16:  # the window holds what q's dtype holds
+        v[..., tq:, :] *= 1e25
+    pk = kv_format.key_format(key_axis)[0](k[..., :tq, :], bits, group)
+    pv = kv_format.quantize_values(v[..., :tq, :], bits, group)
+    rk, rv = k[..., tq:, :].to(dtype), v[..., tq:, :].to(dtype)
+    q, _ = extreme_x(b * hkv * rep, d, dtype, xc)
+    sm_scale = d**-0.5
+    keys = torch.cat([kv_format.key_format(key_axis)[1](pk, bits, group), rk.float()], dim=-2)
+    vals = torch.cat([kv_format.dequantize_values(pv, bits, group), rv.float()], dim=-2)
+    top = (q.double().abs().reshape(b, hkv, rep, d) @ keys.double().abs().transpose(-1, -2)).max().item() * sm_scale
+    q = (q.float() * min(1.0, 30 / max(top, 1e-30))).to(dtype).reshape(b, hkv * rep, d)
+    move = lambda p: kv_format.PackedKV(*(t.to(DEVICE) for t in p))  # noqa: E731
+    ref = kivi_decode_attention_ref(q, pk, pv, rk, rv, bits=bits, group=group, sm_scale=sm_scale, key_axis=key_axis)
+    out = kivi_decode_attention(q.to(DEVICE), move(pk), move(pv), rk.to(DEVICE), rv.to(DEVICE), bits=bits,
+                                group=group, key_axis=key_axis)
+    mag, tol = attention_bound(q, keys, vals, sm_scale, dtype)
+    check(out, ref, mag, dtype, tol=tol, what=f"kivi {key_axis} bits={bits}")
+
+
+@needs_backend
+@FEW
+@given(b=st.integers(1, 2), rep=st.sampled_from([1, 4]), d=st.sampled_from([16, 64]), t=st.integers(1, 40),
+       dtype=st.sampled_from(DTYPES), xc=activation_cases())
+def test_kernels_float_attention_extreme_values(b, rep, d, t, dtype, xc):
+    """The static decoder's float cache: keys and values with outliers (6e4 fp16, 1e30 bf16 / fp32 values), zero
+    tokens and channels, filled to random lengths."""
+    hkv = 2
+    cap = 6e4 if dtype == FP16 else 1e30
+    k = extreme_kv(b, hkv, t, d, dtype, xc, 6e4)
+    v = extreme_kv(b, hkv, t, d, dtype, dict(xc, seed=xc["seed"] + 1), cap)
+    q, _ = extreme_x(b * hkv * rep, d, dtype, xc)
+    sm_scale = d**-0.5
+    top = (q.double().abs().reshape(b, hkv, rep, d) @ k.double().abs().transpose(-1, -2)).max().item() * sm_scale
+    q = (q.float() * min(1.0, 30 / max(top, 1e-30))).to(dtype).reshape(b, hkv * rep, d)
+    length = torch.randint(1, t + 1, (b,), generator=torch.Generator().manual_seed(xc["seed"]), dtype=torch.int32)
+    from tquant.kv.split_kv import reference_attention
+    unread = torch.arange(t)[None, :] >= length[:, None]
+    ref = reference_attention(q, k, v, sm_scale, None, unread)
+    out = float_decode_attention(q.to(DEVICE), k.to(dtype).to(DEVICE), v.to(dtype).to(DEVICE), length=length.to(DEVICE))
+    kk, vv = k.clone(), v.clone()
+    kk[unread[:, None, :, None].expand_as(kk)] = 0
+    mag, tol = attention_bound(q, kk, vv * (~unread)[:, None, :, None], sm_scale, dtype)
+    # masked tokens: the bound's softmax must leave them out too
+    mag = torch.einsum("bht,bhtd->bhd", (torch.einsum("bhd,bhtd->bht", q.double(),
+                                                     k.double().repeat_interleave(rep, 1)) * sm_scale)
+                       .masked_fill(unread[:, None, :], float("-inf")).softmax(-1),
+                       v.double().abs().repeat_interleave(rep, 1))
+    check(out, ref, mag, dtype, tol=tol, what="float cache")
+
+
+@needs_backend
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("key_axis", ["channel", "token"])
+def test_kernels_kivi_attention_fp16_range_past_65504(bits, key_axis):
+    """fp16 keys and values spanning -6e4 .. 6e4 in one group: scale (1.2e5 / (2^bits - 1)) and minimum fit fp16,
+    and so does every dequantized value, but code * scale alone does not (3 * 4e4 at 2 bits): the fp16 decode must
+    round once (an fma), not overflow before adding the minimum."""
+    b, hkv, d, group, tq = 1, 2, 16, 8, 16
+    g = torch.Generator().manual_seed(bits)
+    k = torch.randn(b, hkv, tq, d, generator=g)
+    v = torch.randn(b, hkv, tq, d, generator=g)
+    for t in (k, v):
+        t[..., 0, :8] = 6e4  # token 0 (channels 0-7) and channel 0: both layouts get a group of +-6e4
+        t[..., 1, :8] = -6e4
+        t[..., 2:4, 0] = torch.tensor([6e4, -6e4])
+    pk = kv_format.key_format(key_axis)[0](k, bits, group)
+    pv = kv_format.quantize_values(v, bits, group)
+    empty = torch.zeros(b, hkv, 0, d, dtype=FP16)
+    q = (torch.randn(b, hkv, d, generator=g) * 1e-4).to(FP16)  # scores within a few units
+    ref = kivi_decode_attention_ref(q, pk, pv, empty, empty, bits=bits, group=group, sm_scale=d**-0.5,
+                                    key_axis=key_axis)
+    assert ref.isfinite().all()
+    move = lambda p: kv_format.PackedKV(*(t.to(DEVICE) for t in p))  # noqa: E731
+    out = kivi_decode_attention(q.to(DEVICE), move(pk), move(pv), empty.to(DEVICE), empty.to(DEVICE), bits=bits,
+                                group=group, key_axis=key_axis)
+    keys = kv_format.key_format(key_axis)[1](pk, bits, group)
+    mag, tol = attention_bound(q, keys, kv_format.dequantize_values(pv, bits, group), d**-0.5, FP16)
+    check(out, ref, mag, FP16, tol=tol, what=key_axis)
