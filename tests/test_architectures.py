@@ -1,6 +1,6 @@
 """Issue 28's architectures x methods through the public API: quantize on a tiny calibration batch, save, load, the
 same logits bit for bit, generate. Mixtral / Qwen3-MoE under rtn and gptq quantize every expert (tests/test_moe.py
-for the experts themselves); their reload waits on tquant/serialization.py knowing experts modules (xfail until then). Each tiny model is built offline from transformers' own config classes
+for the experts themselves). Each tiny model is built offline from transformers' own config classes
 (tests/tiny_models.py). The default tier runs RTN 8-bit (the cheap check that the driver feeds every block its own
 inputs: an 8-bit model's logits stay close to float's) and GPTQ 4-bit on each architecture; the other methods are
 marked slow. Combinations tquant does not support assert a clear ValueError naming the model type.
@@ -37,16 +37,6 @@ MOE_METHODS = {"rtn", "gptq", "kivi"}  # what works on fused experts (weight met
 CALIB = token_batch(4, 32)
 
 
-def serialization_knows_experts() -> bool:
-    """Whether tquant.load's size check of a replaced layer (tquant/serialization.py's _sizes) knows experts modules;
-    until it does, loading a quantized MoE checkpoint is refused (tests/test_moe.py shows the rest with the change)."""
-    import tquant.serialization
-    from tquant.modules import PackedExperts
-
-    packed = PackedExperts(2, 32, 32, bits=4, gate_up_group_size=32, down_group_size=32, device="meta")
-    return tquant.serialization._sizes(packed) is not None
-
-
 def expected_error(arch: str, method: str) -> str | None:
     """The start of the ValueError a combination gives, or None where it works."""
     if arch in MOE and method not in MOE_METHODS:
@@ -77,11 +67,7 @@ def run(arch: str, method_label: str, tmp_path) -> torch.Tensor:
     return ((out - fp).norm() / fp.norm()).item()
 
 
-LOAD_WAITS = pytest.mark.xfail(not serialization_knows_experts(), strict=True, raises=ValueError,
-                               reason="tquant.load refuses PackedExperts until tquant/serialization.py's _sizes "
-                                      "knows experts modules")
-CASES = [pytest.param(a, m, marks=(() if m in FAST else (pytest.mark.slow,)) +
-                      ((LOAD_WAITS,) if a in MOE and METHODS[m][0] in ("rtn", "gptq") else ()), id=f"{a}-{m}")
+CASES = [pytest.param(a, m, marks=(() if m in FAST else (pytest.mark.slow,)), id=f"{a}-{m}")
          for a in ARCHITECTURES.values() for m in METHODS]
 
 

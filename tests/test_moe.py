@@ -25,30 +25,6 @@ CALIB = token_batch(8, 64)  # 512 tokens: about 256 routed to each of 4 experts 
 IDS = token_batch(2, 24, seed=5)
 
 
-def _serialization_knows_experts() -> bool:
-    """Whether tquant.load's size check of a replaced layer knows experts modules (tquant/serialization.py's _sizes;
-    that file is another worker's: the change is theirs to make)."""
-    packed = PackedExperts(2, 32, 32, bits=4, gate_up_group_size=32, down_group_size=32, device="meta")
-    return tquant.serialization._sizes(packed) is not None
-
-
-def _sizes_with_experts(module):
-    """tquant.serialization._sizes plus experts modules (transformers' and PackedExperts share these attributes):
-    the change tquant/serialization.py needs."""
-    if hasattr(module, "num_experts") and hasattr(module, "intermediate_dim") and hasattr(module, "hidden_dim"):
-        return module.num_experts, module.hidden_dim, module.intermediate_dim
-    return _ORIGINAL_SIZES(module)
-
-
-_ORIGINAL_SIZES = tquant.serialization._sizes
-
-
-@pytest.fixture
-def loads_experts(monkeypatch):
-    if not _serialization_knows_experts():
-        monkeypatch.setattr(tquant.serialization, "_sizes", _sizes_with_experts)
-
-
 def _codes(packed: PackedExperts, proj: str, e: int) -> torch.Tensor:
     k = packed.hidden_dim if proj == "gate_up" else packed.intermediate_dim
     return unpack_codes(getattr(packed, f"{proj}_qweight")[e], packed.bits, k).t()  # [N, K] like QuantizedWeight
@@ -105,7 +81,7 @@ def _check_block0(model, method_name, float_gu, float_dn, captured, all_tokens, 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("method, options, bound", [("rtn", dict(bits=8, group_size=32), 0.02),
                                                     ("gptq", dict(bits=4, group_size=32), 0.35)])
-def test_every_expert_quantized_saved_and_loaded(arch, method, options, bound, tmp_path, loads_experts):
+def test_every_expert_quantized_saved_and_loaded(arch, method, options, bound, tmp_path):
     model = tiny_model(arch)
     with torch.no_grad():
         fp = model(IDS).logits
@@ -135,14 +111,15 @@ def test_every_expert_quantized_saved_and_loaded(arch, method, options, bound, t
     assert gen.shape == (1, 12)
 
 
-@pytest.mark.xfail(not _serialization_knows_experts(), strict=True, raises=ValueError,
-                   reason="tquant/serialization.py's _sizes (the size check of a replaced layer, another worker's "
-                          "file) does not know experts modules yet: tquant.load refuses the layer")
-def test_load_without_the_test_patch(tmp_path):
+def test_export_refuses_experts_by_name(tmp_path):
+    """No engine format holds PackedExperts: the export names the layer and the module instead of writing buffers
+    nobody reads."""
     model = tiny_model("mixtral")
     tquant.quantize(model, "rtn", bits=4, group_size=32, progress=False)
-    tquant.save(model, str(tmp_path / "q"))
-    tquant.load(str(tmp_path / "q"))
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts as PackedExperts, mixture-of-experts"):
+            tquant.export(model, str(tmp_path / fmt), format=fmt)
+        assert not (tmp_path / fmt / "config.json").exists()
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
@@ -286,7 +263,7 @@ def test_not_true_sequential_calibrates_down_through_the_float_gate_up():
         assert torch.equal(_codes(packed, "down", e), _expected(method, float_dn[e], hs).codes)
 
 
-def test_bf16_model_keeps_its_dtype(loads_experts, tmp_path):
+def test_bf16_model_keeps_its_dtype(tmp_path):
     model = tiny_model("qwen3_moe", dtype=torch.bfloat16)
     with torch.no_grad():
         fp = model(IDS).logits.float()

@@ -346,8 +346,11 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"the checkpoint lacks tensors the model needs: {missing[:5]}: {STALE}")
 
 
-def _sizes(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a linear layer (nn.Linear, a quantized one, GPT-2's Conv1D) or (rows, dim) of an embedding."""
+def _sizes(module: nn.Module) -> tuple[int, ...] | None:
+    """(in, out) of a linear layer (nn.Linear, a quantized one, GPT-2's Conv1D), (rows, dim) of an embedding, or
+    (experts, hidden, intermediate) of a mixture-of-experts module (transformers' fused experts, PackedExperts)."""
+    if all(hasattr(module, a) for a in ("num_experts", "hidden_dim", "intermediate_dim")):
+        return module.num_experts, module.hidden_dim, module.intermediate_dim
     if isinstance(module, nn.Embedding) or hasattr(module, "num_embeddings"):
         return module.num_embeddings, module.embedding_dim
     if hasattr(module, "in_features"):

@@ -22,6 +22,7 @@ _NO_FORMAT = {
     "bitplane_linear": "ABQ-LLM (bit-plane WpAq weights)",
     "act_quant_linear": "weight-and-activation quantization (ActQuantLinear: W8A8 / W4A8 / W4A4)",
     "packed_embedding": "quantized embeddings",
+    "packed_experts": "mixture-of-experts weights (PackedExperts: every expert's codes stacked in one tensor)",
 }
 INSTEAD = ("no serving engine reads this layout. Quantize the float model with gptq or rtn (bits 2/3/4/8, "
            "weight-only) and export that, or serve the float model")
