@@ -17,7 +17,8 @@ Asymmetric (zero_point=True, bits 2..8; ABQ-LLM / OmniQuant's per-token activati
 tquant.formats.quantizer.qparams(sym=False) with every division IEEE-rounded):
     lo[m] = min(min_k xs[m, k], 0),  hi[m] = max(max_k xs[m, k], 0)    (a row with hi - lo < 2^bits * FLT_MIN:
                                                                        lo, hi = -1, 1)
-    scale[m] = (hi - lo) / (2^bits - 1),   zero[m] = round(-lo / scale[m])
+    scale[m] = (hi - lo) / (2^bits - 1),   zero[m] = round(-lo / scale[m])     (hi - lo past fp32's max, a row
+                                                                        holding +-3e38: hi / (2^bits-1) - lo / (2^bits-1))
     a[m, k] = clamp(round(xs[m, k] / scale[m]) + zero[m], 0, 2^bits - 1),   x ~= scale * (a - zero)
     q int8 [M, K] = a - 2^(bits-1) (centred: every bits <= 8 fits int8),  scale fp32 [M],  zero int32 [M]
 
@@ -36,6 +37,7 @@ from .runtime import DTYPES, check_device, interpreter_on
 BITS = (4, 8)
 ASYM_BITS = tuple(range(2, 9))
 FLT_MIN = tl.constexpr(torch.finfo(torch.float32).tiny)  # smallest normal fp32
+FLT_MAX = tl.constexpr(torch.finfo(torch.float32).max)
 RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + RNE) - RNE is y rounded half to even for |y| < 2^22
 
 
@@ -85,6 +87,7 @@ def _asym_codes_ref(x, bits, smooth):
     flat = (hi - lo) < FLT_MIN.value * 2**bits
     lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
     scale = (hi - lo) / maxq
+    scale = torch.where(scale.isinf(), hi / maxq - lo / maxq, scale)  # a row holding +-3e38: hi - lo overflows
     zero = torch.round(-lo / scale)
     a = (torch.round(xs / scale[:, None]) + zero[:, None]).clamp(0, 2**bits - 1)
     return a.to(torch.int32), scale, zero.to(torch.int32)
@@ -151,6 +154,7 @@ def _act_quant_kernel(x_ptr, s_ptr, static_ptr, q_ptr, scale_ptr, zero_ptr, K, K
         flat = (hi - lo) < FLT_MIN * (QMAX + 1)
         lo, hi = tl.where(flat, -1.0, lo), tl.where(flat, 1.0, hi)
         scale = tl.div_rn(hi - lo, 1.0 * QMAX)
+        scale = tl.where(scale > FLT_MAX, tl.div_rn(hi, 1.0 * QMAX) - tl.div_rn(lo, 1.0 * QMAX), scale)  # hi - lo inf
         zero = (tl.div_rn(-lo, scale) + RNE) - RNE
         tl.store(scale_ptr + row, scale)
         tl.store(zero_ptr + row, zero.to(tl.int32))
