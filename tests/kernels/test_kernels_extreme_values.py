@@ -405,9 +405,9 @@ from tquant.modules.act_quant_linear import int8_gemm_weight, w4a8_quantize_weig
        smooth=st.booleans(), xc=activation_cases())
 def test_kernels_act_quant_extreme_values(m, k, dtype, mode, bits, smooth, xc):
     """The kernel gives the reference's codes and scales exactly (every step is one IEEE-rounded fp32 operation in
-    the same order), on outliers up to the dtype's largest values, zero rows (scale 1, codes 0) and dead channels;
-    scales are finite and positive, except where the reference's own range overflows fp32 (an asymmetric row
-    holding both +-3e38), and then the kernel's are the same inf."""
+    the same order), on outliers up to the dtype's largest values (an asymmetric row holding both +-3e38 too, whose
+    range overflows fp32), zero rows (scale 1, codes 0; asymmetric: the [-1, 1] fallback) and dead channels; scales
+    are finite and positive."""
     x, _ = extreme_x(m, k, dtype, xc)
     g = torch.Generator().manual_seed(xc["seed"] + 3)
     s = (1 + 3 * torch.rand(k, generator=g)).to(dtype) if smooth else None  # >= 1: x / s stays within x's range
@@ -422,11 +422,30 @@ def test_kernels_act_quant_extreme_values(m, k, dtype, mode, bits, smooth, xc):
     for a, b in zip(out, ref):
         assert torch.equal(a.cpu(), b), (mode, a, b)
     scale = ref[1]
-    assert (scale.isfinite() & (scale > 0)).all() or mode == "asym"
+    assert (scale.isfinite() & (scale > 0)).all()
     if m > 1 and xc["zero_rows"] and mode == "asym":  # the [-1, 1] fallback: codes at the zero point (x = 0)
         assert ((ref[0][1::2].int() + 2 ** (bits - 1)) == ref[2][1::2, None]).all()
     elif m > 1 and xc["zero_rows"] and mode != "static":  # scale 1, codes 0
         assert (ref[1][1::2] == 1).all() and (ref[0][1::2] == 0).all()
+
+
+@needs_backend
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+@pytest.mark.parametrize("bits", [2, 8])
+def test_kernels_act_quant_asym_range_past_fp32_max(dtype, bits):
+    """A row holding 3e38 and -3e38: hi - lo overflows fp32, the asymmetric scale is still finite (hi / maxq -
+    lo / maxq), identical in kernel and reference, and the row comes back within half a step."""
+    x = torch.randn(2, 40, generator=torch.Generator().manual_seed(bits))
+    x[0, 3], x[0, 30] = 3e38, -3e38
+    x = x.to(dtype)
+    ref = quantize_activations_ref(x, bits=bits, zero_point=True)
+    out = quantize_activations(x.to(DEVICE), bits=bits, zero_point=True)
+    for a, b in zip(out, ref):
+        assert torch.equal(a.cpu(), b)
+    q, scale, zero = ref
+    assert scale.isfinite().all() and (scale > 0).all()
+    xhat = (q.double() + 2 ** (bits - 1) - zero.double()[:, None]) * scale.double()[:, None]
+    assert ((xhat - x.double()).abs() <= scale.double()[:, None] * 0.5001).all()
 
 
 def int_gemm_magnitude(xq_int, x_scale, w8, w_scale, bias):
@@ -842,3 +861,25 @@ def test_kernels_kivi_attention_fp16_range_past_65504(bits, key_axis):
     keys = kv_format.key_format(key_axis)[1](pk, bits, group)
     mag, tol = attention_bound(q, keys, kv_format.dequantize_values(pv, bits, group), d**-0.5, FP16)
     check(out, ref, mag, FP16, tol=tol, what=key_axis)
+
+
+@needs_backend
+@pytest.mark.parametrize("m", [1, 3, 20])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+def test_kernels_e8p_activations_near_fp32_max(m, bits, dtype):
+    """x of 6e37 at two inputs (E8P weights are at most 3.75 + 3.75 / RESID_SCALE in magnitude, so every product
+    is below 2.5e38 and every output finite): the GEMV's sums of x u / 2 (u / 2 up to 7.5, the offset 3.75 taken off
+    afterwards) must not overflow where x w does not."""
+    kb, n = 4, 16
+    g = torch.Generator().manual_seed(bits + m)
+    codes, codes2 = e8p_codes(kb, n, bits, g)
+    x = torch.randn(m, 8 * kb, generator=g)
+    x[:, 3], x[-1, 20] = 6e37, -6e37
+    x = x.to(dtype)
+    ref = e8p_module.e8p_matmul_ref(x, codes, codes2, bits=bits)
+    assert ref.isfinite().all()
+    dev = lambda t: t if t is None else t.to(DEVICE)  # noqa: E731
+    y = e8p_module.e8p_matmul(dev(x), dev(codes), dev(codes2), bits=bits)
+    wt = e8p_module.e8p_decode_weight_ref(codes, codes2, bits=bits, dtype=FP32).double()
+    check(y, ref, x.double().abs() @ wt.abs(), dtype)

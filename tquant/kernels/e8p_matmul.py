@@ -21,8 +21,10 @@ Paths, chosen per (M rounded up to a power of two, N, K, bits, dtype) by autotun
     gemv   M == 1, no tl.dot. Grid (N / BLOCK_N, SPLIT_K). A program walks its share of K in [BLOCK_KB,
            BLOCK_N] tiles of codes (coalesced 16-byte loads along N), loads x[8b .. 8b+7] of those rows as
            [BLOCK_KB, 8] and multiply-adds x[8b + j] * u_j / 2 into an fp32 [BLOCK_KB, BLOCK_N] accumulator:
-           three instructions a value (LOP3, FADD, FFMA; 3/4 bits: twice). The offsets of the points are
-           taken off once: y -= (3.75 + offset2 / RESID_SCALE) sum(x). SPLIT_K > 1 sums fp32 partials in
+           three instructions a value (LOP3, FADD, FFMA; 3/4 bits: twice). Each value's FADD also takes off
+           its point's offset (nibble_value's OFFSET; nibble 0 needs a second FADD), so the sums are of x w:
+           sums of x u / 2 (up to 7.5 x) with 3.75 sum(x) taken off once would overflow fp32 for x past 4.5e37
+           where x w does not. SPLIT_K > 1 sums fp32 partials in
            the same launch (dequant_gemm.store_output).
     gemm   M >= 2 (its M = 16 tiles also candidates at M = 1): tl.dot with fp32 accumulation. Codes as
            [BLOCK_N, BLOCK_KB]; each code's 8 values (fp32, exact; 3/4 bits rounded once) are joined next to
@@ -198,16 +200,17 @@ def values_tree(words, words2, magic, rinv, J: tl.constexpr, STRIDE: tl.constexp
 
 
 @triton.jit
-def fma_tree(acc, words, xw, magic, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr):
-    """acc + sum_i xw[:, i] * u_{J + STRIDE i} / 2 over the COUNT (a power of two) nibbles whose x values
+def fma_tree(acc, words, xw, magic, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr,
+             OFFSET: tl.constexpr):
+    """acc + sum_i xw[:, i] * (u_{J + STRIDE i} / 2 - OFFSET) over the COUNT (a power of two) nibbles whose x values
     xw [BLOCK_KB, COUNT] holds; acc and words [BLOCK_KB, BLOCK_N]. xw is split into halves (even, odd i)
     down to single columns [BLOCK_KB, 1] that broadcast over N: one FFMA a value."""
     if COUNT == 1:
-        return acc + xw * nibble_value(words, J, magic, 0.0)
+        return acc + xw * nibble_value(words, J, magic, OFFSET)
     else:
         even, odd = tl.split(tl.reshape(xw, (xw.shape[0], COUNT // 2, 2)))
-        acc = fma_tree(acc, words, even, magic, J, 2 * STRIDE, COUNT // 2)
-        return fma_tree(acc, words, odd, magic, J + STRIDE, 2 * STRIDE, COUNT // 2)
+        acc = fma_tree(acc, words, even, magic, J, 2 * STRIDE, COUNT // 2, OFFSET)
+        return fma_tree(acc, words, odd, magic, J + STRIDE, 2 * STRIDE, COUNT // 2, OFFSET)
 
 
 # ---- kernels ----------------------------------------------------------------------------------------------
@@ -216,7 +219,7 @@ def fma_tree(acc, words, xw, magic, J: tl.constexpr, STRIDE: tl.constexpr, COUNT
 @triton.jit
 def _e8p_gemv_kernel(
     x_ptr, c_ptr, c2_ptr, tab_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
-    N, KB, stride_c, kb_per_split, splits, magic, rinv, offset,
+    N, KB, stride_c, kb_per_split, splits, magic, rinv,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, SIGNS: tl.constexpr,
     GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
@@ -229,18 +232,16 @@ def _e8p_gemv_kernel(
     kb_end = tl.minimum(kb_start + kb_per_split, KB)
     e8p_tab, e81b_tab = load_tables(tab_ptr, BITS, GATHER)
     acc = tl.zeros([BLOCK_KB, BLOCK_N], dtype=tl.float32)
-    xsum = tl.zeros([BLOCK_KB, 8], dtype=tl.float32)
     for kb0 in tl.range(kb_start, kb_end, BLOCK_KB, num_stages=NUM_STAGES):
         r = kb0 + rows
         r_ok = r < KB
         words, words2 = load_words(c_ptr, c2_ptr, tab_ptr, e8p_tab, e81b_tab, r[:, None] * stride_c + offs_n[None, :],
                                    r_ok[:, None] & n_ok[None, :], BITS, SIGNS, GATHER)
         x8 = tl.load(x_ptr + (r * 8)[:, None] + j8[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32)
-        xsum += x8
-        acc = fma_tree(acc, words, x8, magic, 0, 1, 8)
+        acc = fma_tree(acc, words, x8, magic, 0, 1, 8, 3.75)
         if BITS > 2:
-            acc = fma_tree(acc, words2, x8 * rinv, magic, 0, 1, 8)
-    out = (tl.sum(acc, axis=0) - offset * tl.sum(tl.sum(xsum, axis=1), axis=0))[None, :]
+            acc = fma_tree(acc, words2, x8 * rinv, magic, 0, 1, 8, 4.0 if BITS == 3 else 3.75)
+    out = tl.sum(acc, axis=0)[None, :]
     store_output(y_ptr, out, tl.arange(0, 1), offs_n, 1, N, 0, bias_ptr, ws_ptr, count_ptr, pid_n, pid_k, splits,
                  HAS_BIAS, SPLIT)
 
@@ -381,11 +382,6 @@ def _args(codes, codes2, bits):
             1.0 / RESID_SCALE[bits] if bits > 2 else 1.0)
 
 
-def offset_sum(bits: int) -> float:
-    """The constant the gemv subtracts times sum(x): every point's offset (second stage / RESID_SCALE)."""
-    return E8P_OFFSET + {2: 0.0, 3: E81B_OFFSET / RESID_SCALE[3], 4: E8P_OFFSET / RESID_SCALE[4]}[bits]
-
-
 def gemv(x, codes, codes2, bias, *, bits: int, config: dict) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x [1, K] with x.stride(1) == 1, without tl.dot."""
     if x.shape[0] != 1:
@@ -398,7 +394,7 @@ def gemv(x, codes, codes2, bias, *, bits: int, config: dict) -> torch.Tensor:
     ws, counters = dequant_gemm.split_k_buffers(splits, 1, n, tiles, x.device) if splits > 1 else (y, y)
     _e8p_gemv_kernel[(tiles, splits)](
         x, codes, c2, tab, bias if bias is not None else y, y, ws, counters, n, kb, codes.stride(0), per_split,
-        splits, MAGIC_BITS, rinv, offset_sum(bits), BITS=bits, BLOCK_N=config["BLOCK_N"],
+        splits, MAGIC_BITS, rinv, BITS=bits, BLOCK_N=config["BLOCK_N"],
         BLOCK_KB=config["BLOCK_KB"], SIGNS=config["SIGNS"], GATHER=config["GATHER"], HAS_BIAS=bias is not None,
         SPLIT=splits > 1, NUM_STAGES=config["num_stages"], num_warps=config["num_warps"],
     )
