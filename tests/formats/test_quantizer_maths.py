@@ -308,6 +308,9 @@ def test_extreme_ranges_get_finite_grids():
             torch.testing.assert_close((scale, zero), ref_qparams(w, bits, sym), rtol=0, atol=0)
             assert torch.isfinite(scale).all() and (scale > 0).all() and torch.isfinite(zero).all()
             assert scale[0] == scale[2] == torch.tensor(2.0) / maxq and scale[1] < 1e-30
+            # exactly at the bound the step tiny * (maxq + 1) / maxq is still a normal number: not flat
+            edge = torch.tensor([[tiny, 0.0]]) if not sym else torch.tensor([[tiny / 2, 0.0]])
+            assert torch.equal(qz.qparams(edge, bits, sym)[0], torch.tensor([tiny]) / maxq)
             assert scale[3] == torch.tensor(3e38) / maxq * 2 or scale[3] == torch.tensor(3e38) / maxq + torch.tensor(
                 3e38) / maxq
     x = torch.tensor([[1e-8, 2e-8, 3e-8], [3e38, -3e38, 0.0]])
