@@ -21,10 +21,11 @@ Paths, chosen per (M rounded up to a power of two, N, K, bits, dtype) by autotun
     gemv   M == 1, no tl.dot. Grid (N / BLOCK_N, SPLIT_K). A program walks its share of K in [BLOCK_KB,
            BLOCK_N] tiles of codes (coalesced 16-byte loads along N), loads x[8b .. 8b+7] of those rows as
            [BLOCK_KB, 8] and multiply-adds x[8b + j] * u_j / 2 into an fp32 [BLOCK_KB, BLOCK_N] accumulator:
-           three instructions a value (LOP3, FADD, FFMA; 3/4 bits: twice). Each value's FADD also takes off
-           its point's offset (nibble_value's OFFSET; nibble 0 needs a second FADD), so the sums are of x w:
-           sums of x u / 2 (up to 7.5 x) with 3.75 sum(x) taken off once would overflow fp32 for x past 4.5e37
-           where x w does not. SPLIT_K > 1 sums fp32 partials in
+           three instructions a value (LOP3, FADD, FFMA; 3/4 bits: two more, LOP3 and FADD, then an FFMA by
+           1 / RESID_SCALE into the weight). Each value is the weight itself (weight_value, the GEMM's decode:
+           the FADD takes the point's offset off; nibble 0 needs a second FADD), so the sums are of x w: sums of
+           x u / 2 (up to 7.5 x), or of the two stages apart, would overflow fp32 where x w does not (bf16 x past
+           4.5e37). SPLIT_K > 1 sums fp32 partials in
            the same launch (dequant_gemm.store_output).
     gemm   M >= 2 (its M = 16 tiles also candidates at M = 1): tl.dot with fp32 accumulation. Codes as
            [BLOCK_N, BLOCK_KB]; each code's 8 values (fp32, exact; 3/4 bits rounded once) are joined next to
@@ -200,17 +201,18 @@ def values_tree(words, words2, magic, rinv, J: tl.constexpr, STRIDE: tl.constexp
 
 
 @triton.jit
-def fma_tree(acc, words, xw, magic, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr,
-             OFFSET: tl.constexpr):
-    """acc + sum_i xw[:, i] * (u_{J + STRIDE i} / 2 - OFFSET) over the COUNT (a power of two) nibbles whose x values
-    xw [BLOCK_KB, COUNT] holds; acc and words [BLOCK_KB, BLOCK_N]. xw is split into halves (even, odd i)
-    down to single columns [BLOCK_KB, 1] that broadcast over N: one FFMA a value."""
+def fma_tree(acc, words, words2, xw, magic, rinv, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr,
+             BITS: tl.constexpr):
+    """acc + sum_i xw[:, i] * W_{J + STRIDE i} over the COUNT (a power of two) values whose x values xw
+    [BLOCK_KB, COUNT] holds (weight_value: the point, offset taken off, plus the second stage's); acc and words
+    [BLOCK_KB, BLOCK_N]. xw is split into halves (even, odd i) down to single columns [BLOCK_KB, 1] that broadcast
+    over N: one FFMA a value."""
     if COUNT == 1:
-        return acc + xw * nibble_value(words, J, magic, OFFSET)
+        return acc + xw * weight_value(words, words2, J, magic, rinv, BITS)
     else:
         even, odd = tl.split(tl.reshape(xw, (xw.shape[0], COUNT // 2, 2)))
-        acc = fma_tree(acc, words, even, magic, J, 2 * STRIDE, COUNT // 2, OFFSET)
-        return fma_tree(acc, words, odd, magic, J + STRIDE, 2 * STRIDE, COUNT // 2, OFFSET)
+        acc = fma_tree(acc, words, words2, even, magic, rinv, J, 2 * STRIDE, COUNT // 2, BITS)
+        return fma_tree(acc, words, words2, odd, magic, rinv, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS)
 
 
 # ---- kernels ----------------------------------------------------------------------------------------------
@@ -238,9 +240,7 @@ def _e8p_gemv_kernel(
         words, words2 = load_words(c_ptr, c2_ptr, tab_ptr, e8p_tab, e81b_tab, r[:, None] * stride_c + offs_n[None, :],
                                    r_ok[:, None] & n_ok[None, :], BITS, SIGNS, GATHER)
         x8 = tl.load(x_ptr + (r * 8)[:, None] + j8[None, :], mask=r_ok[:, None], other=0.0).to(tl.float32)
-        acc = fma_tree(acc, words, x8, magic, 0, 1, 8, 3.75)
-        if BITS > 2:
-            acc = fma_tree(acc, words2, x8 * rinv, magic, 0, 1, 8, 4.0 if BITS == 3 else 3.75)
+        acc = fma_tree(acc, words, words2, x8, magic, rinv, 0, 1, 8, BITS)
     out = tl.sum(acc, axis=0)[None, :]
     store_output(y_ptr, out, tl.arange(0, 1), offs_n, 1, N, 0, bias_ptr, ws_ptr, count_ptr, pid_n, pid_k, splits,
                  HAS_BIAS, SPLIT)
