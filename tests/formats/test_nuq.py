@@ -121,3 +121,14 @@ def test_as_many_points_as_centroids_is_enough():
     with pytest.raises(ValueError, match="^too little calibration data for a 5-entry codebook: the data fills 4 of 8 "
                                          "histogram bins$"):
         h.codebook(5)
+
+
+def test_start_quantiles_are_float64():
+    """Six equal points and k = 3: the first quantile 1/6 equals the first cumulative fraction exactly in float64,
+    so the start is point 0 (a float32 target, 0.16666667, would start at point 1)."""
+    h = WeightedHistogram(8)
+    xs = [-0.9, -0.6, -0.3, 0.1, 0.4, 0.8]
+    h.add(torch.tensor(xs, dtype=torch.float64))
+    start = h.codebook(3, iters=0)
+    assert start.tolist() == torch.tensor([-0.9, -0.3, 0.4]).tolist()
+    assert start.tolist() == torch.tensor(ref_codebook(xs, [1.0] * 6, 8, 3, iters=0), dtype=torch.float32).tolist()
