@@ -41,8 +41,6 @@ def expected_error(arch: str, method: str) -> str | None:
     """The start of the ValueError a combination gives, or None where it works."""
     if arch in MOE and method not in MOE_METHODS:
         return f"model type '{arch}' is not supported by the weight method '{method}' on its mixture-of-experts experts"
-    if arch == "gemma2" and method == "kivi":  # attention-logit soft-capping
-        return "model type 'gemma2' is not supported by the KV-cache method 'kivi' yet"
     return None
 
 

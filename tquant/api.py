@@ -63,7 +63,6 @@ def quantize(
     chosen = make_method(method, bits=bits, group_size=group_size, sym=sym, **method_options)
     _check_not_quantized(model, chosen)
     if isinstance(chosen, KVCacheMethod):
-        _check_kv_attention(model, chosen)
         chosen.check_model(model.config)
     elif not any(isinstance(x, nn.Linear) for x in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize")
@@ -114,18 +113,6 @@ def _check_not_quantized(model: nn.Module, method) -> None:
     if qc.get("layers") or any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise ValueError(f"this model is already quantized with {qc.get('method') or 'tquant'}; quantize the float "
                          "model instead")
-
-
-def _check_kv_attention(model: nn.Module, method: KVCacheMethod) -> None:
-    """A KV-cache method on a model whose attention the quantized cache's attention function cannot compute is
-    refused, naming the model type: attention-logit soft-capping (Gemma-2) is neither in SDPA nor in tquant's
-    decode kernels."""
-    config = getattr(model, "config", None)
-    cap = getattr(config, "attn_logit_softcapping", None)
-    if cap:
-        raise ValueError(f"model type {getattr(config, 'model_type', type(model).__name__)!r} is not supported by "
-                         f"the KV-cache method {method.name!r} yet: its attention-logit soft-capping "
-                         f"(attn_logit_softcapping={cap}) is not implemented by the quantized cache's attention")
 
 
 def _width(model: nn.Module) -> int | None:

@@ -239,10 +239,35 @@ _last = threading.local()  # the cache layer updated last in this thread: the at
 ATTENTION = "tquant_kv"
 
 
+def softcap_attention(module, query, key, value, attention_mask, scaling: float, softcap: float, dropout=0.0):
+    """Attention with logit soft-capping (Gemma-2), as transformers' eager Gemma-2 attention computes it:
+    s = cap * tanh((q k^T * scaling) / cap), masked, softmax in fp32, times v. query [B, Hq, q, D], key / value
+    [B, Hkv, T, D] (Hq a multiple of Hkv), attention_mask a bool mask (True attends), an additive one, or None (causal,
+    the q queries being the last q of the T positions). Returns ([B, q, Hq, D], None) like every attention function."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.tanh(scores / softcap) * softcap
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None and q_len > 1:
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    if attention_mask is not None:
+        mask = attention_mask[..., :k_len]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
 def kv_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function "tquant_kv": the layer's decode-attention kernel (layer.decode_attention) when
     `key` is what the layer updated last returned for its kernel (kernel_step: a one-token step on the kernel path,
-    the full-precision tokens the kernel reads beside its packed store), else SDPA."""
+    the full-precision tokens the kernel reads beside its packed store), else SDPA; with logit soft-capping (the
+    model passes softcap=, Gemma-2) softcap_attention (tquant.kv.hook keeps such models off the kernel path: the
+    decode kernels have no soft-capping)."""
+    softcap = kwargs.pop("softcap", None)
+    if softcap:
+        return softcap_attention(module, query, key, value, attention_mask, scaling, softcap, dropout)
     layer = getattr(_last, "layer", None)
     if layer is None or layer.kernel_step is None or key is not layer.kernel_step:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

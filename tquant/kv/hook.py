@@ -65,7 +65,9 @@ def kv_cache(model) -> QuantizedKVCache:
     spec = (tquant_config(model.config) or {}).get("kv_cache")
     if spec is None:
         raise ValueError("this model has no quantized KV cache: run tquant.quantize(model, 'kivi', kv_bits=...)")
-    kernel = None if model.config._attn_implementation == ATTENTION else False
+    # the decode kernels have no attention-logit soft-capping (Gemma-2): such models attend in torch
+    softcap = getattr(model.config, "attn_logit_softcapping", None)
+    kernel = None if model.config._attn_implementation == ATTENTION and not softcap else False
     method = get_method(spec["method"]).from_spec(spec)
     return QuantizedKVCache(layers=[method.make_layer(i, kernel) for i in range(model.config.num_hidden_layers)])
 
