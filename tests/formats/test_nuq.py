@@ -132,3 +132,14 @@ def test_start_quantiles_are_float64():
     start = h.codebook(3, iters=0)
     assert start.tolist() == torch.tensor([-0.9, -0.3, 0.4]).tolist()
     assert start.tolist() == torch.tensor(ref_codebook(xs, [1.0] * 6, 8, 3, iters=0), dtype=torch.float32).tolist()
+
+
+@pytest.mark.parametrize("factor", [1e-3, 0.5, 1e3])
+def test_scaling_every_weight_leaves_the_codebook(factor):
+    """k-means of weighted points depends on the weights' ratios only: clusters of total weight below 1 move like any
+    other (no clamp of the weight sum at 1)."""
+    x, w = data(400, 11, True)
+    a, b = WeightedHistogram(256), WeightedHistogram(256)
+    a.add(x, w)
+    b.add(x, w * factor)
+    torch.testing.assert_close(b.codebook(8), a.codebook(8), rtol=0, atol=1e-6)
