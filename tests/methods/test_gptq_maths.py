@@ -233,3 +233,13 @@ def test_option_errors():
     assert str(e.value) == ("GPTQ: the Hessian of layer 'blk.1' is not positive definite even with percdamp=0.0; raise "
                             "percdamp or use more calibration data")
     assert get_method("gptq") is GPTQ and GPTQ.name == "gptq"
+
+
+def test_error_feedback_stays_on_the_weights_device():
+    """Its buffers are made on w's device (meta stands in for CUDA here: writing a meta column into a CPU buffer
+    raises)."""
+    w = torch.empty(3, 10, dtype=torch.float64, device="meta")
+    u = torch.empty(10, 10, dtype=torch.float64, device="meta")
+    seen = []
+    error_feedback(w, u, 4, lambda col, current, upcoming: seen.append(upcoming(3).device.type) or current)
+    assert seen == ["meta"] * 10
