@@ -17,8 +17,8 @@ Asymmetric (zero_point=True, bits 2..8; ABQ-LLM / OmniQuant's per-token activati
 tquant.formats.quantizer.qparams(sym=False) with every division IEEE-rounded):
     lo[m] = min(min_k xs[m, k], 0),  hi[m] = max(max_k xs[m, k], 0)    (a row with hi - lo < 2^bits * FLT_MIN:
                                                                        lo, hi = -1, 1)
-    scale[m] = (hi - lo) / (2^bits - 1),   zero[m] = round(-lo / scale[m])     (hi - lo past fp32's max, a row
-                                                                        holding +-3e38: hi / (2^bits-1) - lo / (2^bits-1))
+    scale[m] = (hi - lo) / (2^bits - 1),   zero[m] = round(-lo / scale[m])
+                (where hi - lo passes fp32's max, a row holding +-3e38: scale = hi / (2^bits-1) - lo / (2^bits-1))
     a[m, k] = clamp(round(xs[m, k] / scale[m]) + zero[m], 0, 2^bits - 1),   x ~= scale * (a - zero)
     q int8 [M, K] = a - 2^(bits-1) (centred: every bits <= 8 fits int8),  scale fp32 [M],  zero int32 [M]
 

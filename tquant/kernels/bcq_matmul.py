@@ -17,8 +17,8 @@ acc += tl.dot(x tile, W tile) in fp32.
 _bcq_lut_kernel reads plane i's words as [BLOCK_N] rows; each byte holds the signs of 8 weights: if its top bit is
 set, it gathers t at the complement of the low 7 bits and flips the entry's sign bit (the complements of a word's 4
 bytes taken at once), through L1 / L2, one load per 8 weights and plane: S_i = sum_k x_k (2 u_ik - 1) / 8,
-y += sum_i 8 alpha_i S_i (+ 8 offset X, X the sum of the step's activations / 8). The tables stay in global memory: Triton
-has no shared-memory gather, and tl.gather on a register table compiles (Triton 3.6-3.9) to warp shuffles.
+y += sum_i 8 alpha_i S_i (+ 8 offset X, X the sum of the step's activations / 8). The tables stay in global memory:
+Triton has no shared-memory gather, and tl.gather on a register table compiles (Triton 3.6-3.9) to warp shuffles.
 The tuner picks "lut" or "dot" per key ("lut" reads the weights once per row of x, so it is a small-batch path);
 the measured trade-offs (table width, fp32 tables) are in benchmarks/RESULTS.md. sm_90 SASS of the
 loops, q = 3: "dot" 13 instructions a weight (128 x 128 tiles), "lut" ~4.3 (256 x 128; a 2-D tile of fields instead of
