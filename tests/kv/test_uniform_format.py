@@ -120,3 +120,16 @@ def test_key_format_and_concat():
         whole = quantize(x, 3, 8)
         parts = uf.concat([quantize(x[:, :, :8], 3, 8), quantize(x[:, :, 8:], 3, 8)], dim=-2)
         assert all(torch.equal(a, b) for a, b in zip(whole, parts))
+
+
+@pytest.mark.parametrize("bits", uf.KV_BITS)
+def test_a_single_group_comes_back(bits):
+    """One token, one group of channels: one (scale, mn) in all (not the empty cache)."""
+    v = lively((1, 1, 1, 8), 3)
+    p = uf.quantize_values(v, bits, 8)
+    assert p.scale.numel() == 1
+    _, scale, mn = ref_quantize(v, bits, 8, -1)
+    back = uf.dequantize_values(p, bits, 8)
+    torch.testing.assert_close(back, torch.round((v - mn.float()) / scale.float()).clamp(0, 2**bits - 1)
+                               * scale.float() + mn.float(), rtol=0, atol=0)
+    assert (back - v).abs().max() <= scale.float() / 2 + 1e-3 * v.abs().max()
