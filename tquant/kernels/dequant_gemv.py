@@ -11,7 +11,8 @@ accumulator that is reduced over rows once at the end. Unless a word spans group
 is applied once a tile: sum_k x_k (c_k - z) s = s * sum_k x_k (c_k - z). A word spanning two groups runs that
 twice, with x zeroed outside the group (GROUPS 2, bilevel stats), else code by code (GROUPS 3).
 Range: sum_k x_k (c_k - z) can overflow fp32 where the products x w do not (bf16 x of 3e38, s < 1), so a tile whose
-max |x| is 2^65 or more runs on x * 2^-e (max |x 2^-e| in [2^64, 2^65)) with its scale times 2^e (shrink_factor).
+max |x| is 2^65 or more runs on x * 2^-e (max |x 2^-e| in [2^64, 2^65)) with its scale times 2^e (shrink_factor;
+bf16 / fp32 x only: fp16 x cannot reach it).
 3-bit words take 16 slots, 6 of them with x = 0. SPLIT_K > 1: the last split of each N tile sums the fp32 partials (store_output).
 The packed half2 dequantization of the GEMM (dequant_pair_asm) is not used here: products with x and their
 sums would have to be half2 as well to save instructions, which loses precision and can overflow fp16.
@@ -78,9 +79,13 @@ def _dequant_gemv_kernel(
             col = tl.load(perm_ptr + k, mask=k_ok, other=0)
         xw = tl.load(x_ptr + col, mask=k_ok, other=0.0).to(tl.float32)
         # sum x (code - zero) is taken before the scale, so a tile of |x| near fp32's max (bf16 3e38) would overflow
-        # where x w does not: such a tile runs on x * 2^-e, and its scale times 2^e (f = 1 for |x| < 2^65)
-        f, inv = shrink_factor(xw, 64)
-        xw = xw * f
+        # where x w does not: such a tile runs on x * 2^-e, and its scale times 2^e (f = 1 for |x| < 2^65). fp16 x
+        # (|x| <= 65504) cannot overflow these sums: its kernels skip the tile's max-reduction
+        if x_ptr.dtype.element_ty == tl.float16:
+            inv = 1.0
+        else:
+            f, inv = shrink_factor(xw, 64)
+            xw = xw * f
         if GROUPS < 2:
             s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, GROUPS, 0,
                                      SCALE_BITS, STAT_GROUP)
