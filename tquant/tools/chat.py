@@ -79,11 +79,23 @@ def answer(model, tok, prompt: str, max_new_tokens: int = 48, *, system: str | N
 
 
 class StreamTo(TextStreamer):
-    """A TextStreamer that writes the reply's text to a stream (flushed as it comes), not to stdout."""
+    """A TextStreamer that writes the reply's text to a stream (flushed as it comes), not to stdout, token by token:
+    transformers' own put() holds text back to the last space (a long word appears only once it ends), here only
+    an incomplete UTF-8 sequence waits for its next bytes."""
 
     def __init__(self, tok, stream):
         super().__init__(tok, skip_prompt=True, skip_special_tokens=True)
         self.stream = stream
+
+    def put(self, value) -> None:
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.token_cache.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        if not text.endswith("\ufffd"):
+            self.on_finalized_text(text[self.print_len:])
+            self.print_len = len(text)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         self.stream.write(text + ("\n" if stream_end else ""))
