@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tquant.formats.weights import BCQWeight, BitPlaneWeight, QuantizedWeight
-from tquant.modules import (ActQuantLinear, BCQLinear, BitPlaneLinear, PackedEmbedding, PackedLinear, QuantizedLinear,
-                            QuipLinear, SpQRLinear, linear_module, module_for_spec, module_for_weight, spec_types)
+from tquant.modules import (ActQuantLinear, BCQLinear, BitPlaneLinear, PackedEmbedding, PackedExperts, PackedLinear,
+                            QuantizedLinear, QuipLinear, SpQRLinear, linear_module, module_for_spec, module_for_weight, spec_types)
 
 
 def weight(act_bits=None):
@@ -29,7 +29,7 @@ def test_module_for_weight_splits_quantized_weight_on_act_bits():
 def test_module_for_spec_knows_every_saved_type():
     expected = {"packed_linear": PackedLinear, "packed_embedding": PackedEmbedding, "act_quant_linear": ActQuantLinear,
                 "quip_linear": QuipLinear, "bcq_linear": BCQLinear, "spqr_linear": SpQRLinear,
-                "bitplane_linear": BitPlaneLinear}
+                "bitplane_linear": BitPlaneLinear, "packed_experts": PackedExperts}
     assert set(spec_types()) == set(expected)
     assert all(module_for_spec({"type": t}) is cls for t, cls in expected.items())
     with pytest.raises(ValueError, match="unknown module type"):
