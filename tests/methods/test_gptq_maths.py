@@ -162,7 +162,7 @@ def test_inverse_cholesky_damps_relative_to_mean_diag_h():
     a = torch.randn(8, 8, generator=g, dtype=torch.float64)
     h = a @ a.t() + torch.diag(torch.rand(8, generator=g, dtype=torch.float64))
     for percdamp in (0.0, 0.01, 0.5):
-        u = GPTQ(percdamp=percdamp)._inverse_cholesky(h, "l")
+        u = GPTQ(percdamp=percdamp)._inverse_cholesky(h.clone(), "l")  # it overwrites its argument
         damped = h + percdamp * h.diagonal().mean() * torch.eye(8, dtype=torch.float64)
         torch.testing.assert_close(u, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-9,
                                    atol=1e-12)

@@ -95,13 +95,18 @@ class GPTQ(Method):
         return HessianState(name, linear, _HESSIAN_DTYPES[self.hessian_dtype])
 
     def _inverse_cholesky(self, h: torch.Tensor, name: str) -> torch.Tensor:
-        h = h.clone()
+        """U = chol(H^-1) (upper) of H damped by percdamp * mean(diag H). h is the caller's own copy and is
+        overwritten: each step runs in place (L into h, L^-1 into the identity it solves, U into L^-T L^-1), so
+        besides h at most two K x K matrices are alive at once."""
         h.diagonal().add_(self.percdamp * h.diagonal().mean())
         try:
-            lower = torch.linalg.cholesky(h)
+            lower = torch.linalg.cholesky(h, out=h)
             # H^-1 = L^-T L^-1 (torch.cholesky_inverse is ~30x slower than this on some CPU builds)
-            lower_inv = torch.linalg.solve_triangular(lower, torch.eye(len(h), dtype=h.dtype, device=h.device), upper=False)
-            return torch.linalg.cholesky(lower_inv.t() @ lower_inv, upper=True)
+            eye = torch.eye(len(h), dtype=h.dtype, device=h.device)
+            lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, out=eye)
+            hinv = lower_inv.t() @ lower_inv
+            del lower_inv, eye
+            return torch.linalg.cholesky(hinv, upper=True, out=hinv)
         except torch.linalg.LinAlgError as e:
             raise ValueError(
                 f"GPTQ: the Hessian of layer {name!r} is not positive definite even with percdamp={self.percdamp}; "
@@ -120,7 +125,7 @@ class GPTQ(Method):
         w[:, dead] = 0
         perm = torch.argsort(h.diagonal(), descending=True) if self.act_order else None
         if perm is not None:
-            w, h = w[:, perm], h[perm][:, perm]
+            w, h = w[:, perm], h.index_select(0, perm).index_select(1, perm)
         return w, perm, self._inverse_cholesky(h, name)
 
     def quantize(self, state: HessianState, linear, name) -> QuantizedWeight:
