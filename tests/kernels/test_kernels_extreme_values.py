@@ -19,7 +19,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import example, HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tquant.formats.packing import pack_codes
@@ -45,7 +45,10 @@ TOL = {FP16: 3e-3, BF16: 2.4e-2, FP32: 6e-5}
 # precision (one rounding each side), and fp16 weights may be subnormal before the dot.
 ATOL = {FP16: 4 * 2.0**-24, BF16: 4 * 2.0**-133, FP32: 4 * 2.0**-149}
 BIG = {FP16: (1e3, 6e4), BF16: (1e30, 3e38), FP32: (1e30, 3e38)}  # outlier magnitudes per activation dtype
-FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# derandomized: CI runs the same examples every time (a random search found the two open bugs pinned below as xfail
+# examples; run with --hypothesis-seed=random to search further)
+FEW = settings(max_examples=12, deadline=None, derandomize=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def check(y, ref, magnitude, dtype, tol=None, atol=None, what=""):
@@ -632,6 +635,11 @@ def bcq_path_config(path, m, group):
        group=st.sampled_from([32, "channel"]), offset=st.booleans(), perm=st.booleans(), bias=st.booleans(),
        dtype=st.sampled_from(DTYPES), path=st.sampled_from(["public", "dot", "lut"]), xc=activation_cases(),
        wc=weight_cases())
+@example(m=1, n=2, words=1, q=1, group=32, offset=True, perm=False, bias=False, dtype=torch.float32, path="lut",
+         xc={"outliers": 1, "where": 1.0, "zero_rows": False, "dead": 0, "base": 1.0, "seed": 1},
+         wc={"equal": 0, "const": 0.0, "outlier": 60000.0, "zero_row": False, "seed": 0}).xfail(
+    raises=AssertionError, reason="open bug: the LUT path gives NaN where the reference overflows to inf (fp32 x "
+                                  "outlier meeting a 6e4 weight outlier)")
 def test_kernels_bcq_extreme_values(m, n, words, q, group, offset, perm, bias, dtype, path, xc, wc):
     """BCQ's in-register and LUT-GEMM table paths (the tables: signed partial sums of 8 activations) and the public
     launcher, alphas searched on extreme float weights."""
@@ -801,6 +809,10 @@ def extreme_kv(b, h, t, d, dtype, case, cap):
        bits=st.sampled_from([2, 3, 4, 8]),
        groups=st.integers(1, 3), tr=st.integers(0, 9), dtype=st.sampled_from(DTYPES),
        key_axis=st.sampled_from(["channel", "token"]), xc=activation_cases())
+@example(b=1, rep=1, d=16, bits=2, groups=1, tr=2, dtype=torch.float16, key_axis="channel",
+         xc={"outliers": 1, "where": 0.0, "zero_rows": True, "dead": 0, "base": 0.001, "seed": 8}).xfail(
+    raises=AssertionError, reason="open bug: fp16 KIVI-2 decode gives -0.0 where the reference is 5.8e-5 (bound "
+                                  "5.3e-6): tiny values lost next to a 6e4 outlier in one key group")
 def test_kernels_kivi_attention_extreme_values(b, rep, d, bits, groups, tr, dtype, key_axis, xc):
     """Decode attention over a packed KIVI / QoQ store (fp16 scales and minima: the store holds keys and values up
     to fp16's 6e4 whatever q's dtype) and a residual window in q's dtype (bf16 / fp32: up to 1e30), with outlier
