@@ -5,6 +5,7 @@ import types
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.kv.test_kv_cache import decoded_logits, rel
@@ -121,6 +122,9 @@ def test_unrotate_inverts_rope_per_row(scaling, seed):
     assert torch.allclose(fmt.unrotate(rotated, cos, sin), x, atol=1e-5)
 
 
+@pytest.mark.xfail(transformers.__version__.startswith("5.17."), strict=True, raises=AssertionError,
+                   reason="open bug: transformers 5.17 hands the cache no position_ids, so a left-padded row's keys "
+                          "are un-rotated at the shared positions 0..t-1 instead of its own (newer versions pass them)")
 def test_unrotated_cache_keys_are_the_models_pre_rope_keys_in_a_left_padded_generate():
     """transformers 5 hands the cache post-RoPE keys and position_ids (no cos / sin); un-rotating them with the
     rotary embedding's frequencies gives k_proj's outputs, per batch row."""
