@@ -314,6 +314,19 @@ def _check_expert_weight(qw, method: Method, name: str) -> None:
                          "weight-only QuantizedWeights only; quantize the experts with rtn or gptq, or skip them")
 
 
+def _quantize_expert_part(method: Method, name: str, linear: nn.Linear, inputs: list[torch.Tensor]):
+    """One expert projection (a stand-in nn.Linear sharing the expert's weight) quantized by the method from its
+    inputs; the de-quantized weight is written back into the experts' tensor. Returns the method's weight."""
+    with _naming(name):
+        state = method.new_state(name, linear)
+        for x in inputs:
+            state.add_batch(x)
+        qw = method.quantize(state, linear, name)
+        _check_expert_weight(qw, method, name)
+    linear.weight.data.copy_(qw.dequantize().to(linear.weight.dtype))
+    return qw
+
+
 @torch.no_grad()
 def _quantize_experts(experts: nn.Module, captured, method: Method, name: str, true_sequential: bool, mode: str,
                       min_tokens: int | None):
@@ -338,24 +351,10 @@ def _quantize_experts(experts: nn.Module, captured, method: Method, name: str, t
         xs = [] if captured is None else moe.expert_tokens(captured, e, e in fallback)
         # the down projection's inputs: through the float gate_up unless true-sequential (then the quantized one)
         hs = None if true_sequential else [moe.gated(experts, x, gu.weight) for x in xs]
-        with _naming(gu_name):
-            state = method.new_state(gu_name, gu)
-            for x in xs:
-                state.add_batch(x)
-            qw = method.quantize(state, gu, gu_name)
-            _check_expert_weight(qw, method, gu_name)
-        gu.weight.data.copy_(qw.dequantize().to(gu.weight.dtype))  # writes into experts.gate_up_proj[e]
-        gate_ups.append(qw)
+        gate_ups.append(_quantize_expert_part(method, gu_name, gu, xs))  # writes into experts.gate_up_proj[e]
         if hs is None:
             hs = [moe.gated(experts, x, gu.weight) for x in xs]
-        with _naming(dn_name):
-            state = method.new_state(dn_name, dn)
-            for x in hs:
-                state.add_batch(x)
-            qw = method.quantize(state, dn, dn_name)
-            _check_expert_weight(qw, method, dn_name)
-        dn.weight.data.copy_(qw.dequantize().to(dn.weight.dtype))
-        downs.append(qw)
+        downs.append(_quantize_expert_part(method, dn_name, dn, hs))
     return gate_ups, downs, calibration
 
 

@@ -346,6 +346,25 @@ def _assign(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"the checkpoint lacks tensors the model needs: {missing[:5]}: {STALE}")
 
 
+def install_layers(model: nn.Module, qc: dict) -> dict:
+    """Swap in the quantized module (buffers on meta) of every layer spec of quantization_config qc, each checked
+    (known type, valid spec, standing in for a layer of the model's sizes), and check its KV-cache spec; returns the
+    layer specs. ValueError naming the layer otherwise."""
+    layers = qc.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"config.json: quantization_config.layers is not an object of layer specs: {DAMAGED}")
+    for name, spec in layers.items():
+        if not isinstance(spec, dict) or spec.get("type") not in spec_types():
+            what = spec.get("type") if isinstance(spec, dict) else spec
+            raise ValueError(f"layer {name!r} has unknown module type {what!r}: {STALE}")
+        module = module_for_spec(spec).check_spec(name, spec, torch.float32)
+        _check_replaces(model, name, module)
+        model.set_submodule(name, module)
+    if "kv_cache" in qc:
+        check_kv_spec(model.config, qc["kv_cache"])
+    return layers
+
+
 def _sizes(module: nn.Module) -> tuple[int, ...] | None:
     """(in, out) of a linear layer (nn.Linear, a quantized one, GPT-2's Conv1D), (rows, dim) of an embedding, or
     (experts, hidden, intermediate) of a mixture-of-experts module (transformers' fused experts, PackedExperts)."""
@@ -401,18 +420,7 @@ def load(path: str, device=None) -> nn.Module:
     qc = read_quantization_config(config)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    layers = qc.get("layers")
-    if not isinstance(layers, dict):
-        raise ValueError(f"config.json: quantization_config.layers is not an object of layer specs: {DAMAGED}")
-    for name, spec in layers.items():
-        if not isinstance(spec, dict) or spec.get("type") not in spec_types():
-            what = spec.get("type") if isinstance(spec, dict) else spec
-            raise ValueError(f"layer {name!r} has unknown module type {what!r}: {STALE}")
-        module = module_for_spec(spec).check_spec(name, spec, torch.float32)
-        _check_replaces(model, name, module)
-        model.set_submodule(name, module)
-    if "kv_cache" in qc:
-        check_kv_spec(config, qc["kv_cache"])
+    layers = install_layers(model, qc)
     _assign(model, tensors)
     for name in layers:  # every index in range, every float finite, before anything reads them
         model.get_submodule(name).validate(name)

@@ -70,26 +70,13 @@ class TquantHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         from ..config import read_quantization_config
-        from ..kv.hook import check_kv_spec
-        from ..modules import module_for_spec, spec_types
-        from ..serialization import DAMAGED, STALE, _check_replaces
+        from ..serialization import install_layers
 
         if not checkpoint_files:
             raise ValueError("tquant checkpoints load from a folder holding model.safetensors (or its shards)")
         saved = _checked_headers(checkpoint_files)
         qc = read_quantization_config(model.config)
-        layers = qc.get("layers")
-        if not isinstance(layers, dict):
-            raise ValueError(f"config.json: quantization_config.layers is not an object of layer specs: {DAMAGED}")
-        for name, spec in layers.items():  # as tquant.serialization.load
-            if not isinstance(spec, dict) or spec.get("type") not in spec_types():
-                what = spec.get("type") if isinstance(spec, dict) else spec
-                raise ValueError(f"layer {name!r} has unknown module type {what!r}: {STALE}")
-            module = module_for_spec(spec).check_spec(name, spec, torch.float32)
-            _check_replaces(model, name, module)
-            model.set_submodule(name, module)
-        if "kv_cache" in qc:
-            check_kv_spec(model.config, qc["kv_cache"])
+        layers = install_layers(model, qc)  # as tquant.load
         self._saved_buffers = _check_tensors(model, saved, layers)
         self._layers = list(layers)
 
