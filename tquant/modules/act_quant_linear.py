@@ -84,8 +84,6 @@ def w4a8_quantize_weight(w: torch.Tensor, *, group_size: int | None = None, zero
     qweight, w_scale, group_scale, group_zero = int8_gemm_weight(qw)
     if group_size is not None and group_scale is None:  # one group spanning K with every zero 8 (int8_gemm_weight
         group_scale = torch.ones(1, w.shape[0], dtype=torch.int8)  # calls that per-channel): multiples of 1
-    if zero_point and group_zero is None:  # QoQ's grid whose zeros all happened to be 8 (int8_gemm_weight's "symmetric")
-        group_zero = qw.zero.t().to(torch.int8).contiguous()
     return qweight, w_scale, group_scale, group_zero
 
 
