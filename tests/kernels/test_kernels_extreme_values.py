@@ -593,13 +593,7 @@ def test_kernels_hadamard_inf_from_in_scale(dtype, n):
     check(y, ref, (xs.sum(dim=1, keepdim=True) / math.sqrt(n)).expand(3, n), dtype)
 
 
-def e8p_codes(kb, n, bits, g):
-    codes = torch.randint(-2**15, 2**15, (kb, n), generator=g, dtype=torch.int32).to(torch.int16)
-    if bits == 2:
-        return codes, None
-    if bits == 3:
-        return codes, torch.randint(0, 256, (kb, n), generator=g, dtype=torch.int32).to(torch.uint8)
-    return codes, torch.randint(-2**15, 2**15, (kb, n), generator=g, dtype=torch.int32).to(torch.int16)
+from tests.kernels.test_kernels_e8p import random_codes as e8p_codes  # noqa: E402  (codes over all indices)
 
 
 @needs_backend
