@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the fast tests (seconds in all) that cover each file; missing files are left out
 _KV_CACHE = "tests/kv/test_kv_cache.py::"
 _KVQUANT = "tests/methods/test_kvquant.py::"
+_WA = "tests/methods/test_weight_activation.py::"
 TESTS = {
     "tquant/formats/quantizer.py": ["tests/formats/test_quantizer.py", "tests/formats/test_quantizer_maths.py"],
     "tquant/formats/packing.py": ["tests/formats/test_quantizer.py", "tests/formats/test_packing.py"],
@@ -39,6 +40,11 @@ TESTS = {
                                     _KV_CACHE + "test_kv_keys_are_grouped_per_channel_values_per_token",
                                     _KV_CACHE + "test_kv_formats_bad_input_raises"],
     "tquant/methods/gptq.py": ["tests/methods/test_gptq.py", "tests/methods/test_gptq_maths.py"],
+    "tquant/calib/smoothing.py": ["tests/calib/test_smoothing.py",
+                                  _WA + "test_smoothing_keeps_the_float_model_exact",
+                                  _WA + "test_gqa_v_proj_absorbs_o_projs_tied_scale",
+                                  _WA + "test_absorber_is_not_fooled_by_a_saturated_silu_gate",
+                                  _WA + "test_smoothquant_static_scales_and_runtime_smoothing"],
 }
 STATUS = {0: "survived", 1: "killed", 3: "killed", 36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout",
           255: "timeout", 5: "no tests", 33: "no tests", None: "not run"}
