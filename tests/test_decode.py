@@ -80,8 +80,8 @@ def test_kernels_static_kivi_kernel_path_matches_the_torch_path(monkeypatch):
 
     model = tiny_model("llama")
     tquant.quantize(model, "kivi", kv_bits=4, group_size=4, residual=3)
-    ids = token_batch(1, TOTAL, seed=7)
-    torch_path = static_logits(model, ids)
+    model, ids = model.to(DEVICE), token_batch(1, TOTAL, seed=7).to(DEVICE)
+    torch_path = static_logits(model, ids, kernel=False)
     calls = []
     kernel = kv_attention.kivi_decode_attention
     monkeypatch.setattr(kv_attention, "kivi_decode_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))

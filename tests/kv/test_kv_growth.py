@@ -13,6 +13,7 @@ from tquant.kv import growing
 from tquant.kv import kvquant_format as fmt
 from tquant.kv.cache import KiviLayer
 from tquant.kv.kvquant_cache import KVQuantLayer
+from tests.kernel_device import DEVICE
 
 B, H, D = 1, 4, 64
 CHUNK = 32  # timed steps are summed in chunks of KIVI's group: each chunk holds one flush of a group
@@ -101,7 +102,7 @@ def test_the_write_kernel_appends_what_torch_appends(bits, residual, pwq, kernel
     (on CUDA by default; forced here) give the same store, the same returns and the same stored tokens as torch's
     quantize-and-append, chunk after chunk (across the store's reallocations)."""
     g = torch.Generator().manual_seed(bits + residual)
-    k_all, v_all = (torch.randn(2, 2, 40, 16, generator=g) * 3 for _ in range(2))
+    k_all, v_all = ((torch.randn(2, 2, 40, 16, generator=g) * 3).to(DEVICE) for _ in range(2))
     layers = [KiviLayer(bits, 16, residual, pwq, kernel=kernel, key_axis="token", write_kernel=w) for w in (False, True)]
     seen = 0
     for t in (5, 1, 1, 3, 1, 7, 1, 1, 20):

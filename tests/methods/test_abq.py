@@ -12,6 +12,7 @@ from tquant.methods.abq import ABQ, QKGroup, fake_activations, lwc_quantize
 from tquant.methods import abq as abq_method
 from tquant.modules import BitPlaneLinear
 from tquant.formats.weights import BitPlaneWeight, QuantizedWeight
+from tests.kernel_device import DEVICE
 from tests.tiny_models import tiny_model, token_batch
 
 CALIB = token_batch(8, 32)
@@ -233,7 +234,8 @@ def test_quantized_layers_compute_what_training_simulated():
         mp.undo()
     qw = next(iter(sim.values()))
     layer = BitPlaneLinear.from_quantized(qw, None, torch.float32)
-    x = torch.randn(5, qw.codes.shape[1]) * 2
+    layer.backend = "torch"
+    x = (torch.randn(5, qw.codes.shape[1]) * 2).to(qw.codes.device)  # the driver quantizes on the GPU if there is one
     expected = fake_activations(x, 8) @ qw.dequantize().t()
     assert rel(layer(x), expected) < 1e-5
 
@@ -259,8 +261,8 @@ def test_kernels_bitplane_linear_triton_path_matches_torch_path():
     for bits, act_bits in ((4, None), (2, 8), (4, 4)):
         rtn = QuantizedWeight.from_rtn(w, bits, 32, sym=False)
         layer = BitPlaneLinear.from_quantized(BitPlaneWeight(rtn.codes, rtn.scale, rtn.zero, bits, 32,
-                                                             act_bits=act_bits), None, torch.float32)
-        x = torch.randn(5, 64, generator=g)
+                                                             act_bits=act_bits), None, torch.float32).to(DEVICE)
+        x = torch.randn(5, 64, generator=g).to(DEVICE)
         layer.backend = "torch"
         ref = layer(x)
         layer.backend = "triton"

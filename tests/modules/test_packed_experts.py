@@ -10,6 +10,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from tquant.formats.weights import QuantizedWeight
 from tquant.modules import PackedExperts, module_for_spec
+from tests.kernel_device import DEVICE
 
 
 def _experts(dtype=torch.float32, seed=0):
@@ -67,9 +68,11 @@ def test_forward_matches_transformers_experts_with_the_dequantized_weights(perm)
 
 def test_triton_path_matches_the_reference():
     packed, _ = _quantized(_experts())
-    x = torch.randn(5, 64)
-    index, weights = _routing(t=5)
+    packed = packed.to(DEVICE)
+    x = torch.randn(5, 64).to(DEVICE)
+    index, weights = (t.to(DEVICE) for t in _routing(t=5))
     with torch.no_grad():
+        packed.backend = "torch"
         ref = packed(x, index, weights)
         packed.backend = "triton"
         got = packed(x, index, weights)

@@ -249,7 +249,9 @@ def _bitplane_gemv_kernel(xp_ptr, xsum_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_pt
     for r in tl.static_range(ROWS):
         xs = tl.load(xs_ptr + row0 + r, mask=row0 + r < M, other=0.0)
         out = tl.where(m_in_tile[:, None] == r, (acc[r] * xs)[None, :], out)
-    store_output(y_ptr, out, row0 + m_in_tile, offs_n, M, N, stride_ym, bias_ptr, part_ptr, count_ptr,
+    # rows ROWS .. BLOCK_M - 1 of the tile belong to the next row block: masked (as row M), not written as zeros
+    rows_out = tl.where(m_in_tile < ROWS, row0 + m_in_tile, M)
+    store_output(y_ptr, out, rows_out, offs_n, M, N, stride_ym, bias_ptr, part_ptr, count_ptr,
                  pid_m * tl.num_programs(0) + pid_n, pid_s, splits, HAS_BIAS, SPLIT)
 
 
