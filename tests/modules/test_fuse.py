@@ -81,14 +81,22 @@ def test_kernels_weight_only_matmul_reads_column_views_in_place():
     assert copied[1].is_contiguous() and copied[2].is_contiguous()
 
 
-@pytest.mark.parametrize("case", ["bits", "group", "bias", "perm", "types", "one"])
+class NoBias(nn.Module):
+    """A linear-like layer of another library without a `bias` attribute (as gemlite's layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(8))
+
+
+@pytest.mark.parametrize("case", ["bits", "group", "bias", "perm", "types", "one", "no bias attribute"])
 def test_parts_that_differ_do_not_fuse(case):
     g = torch.Generator().manual_seed(2)
     a = packed(16, 32, 4, 16, g)
     b = {"bits": lambda: packed(8, 32, 3, 16, g), "group": lambda: packed(8, 32, 4, 32, g),
          "bias": lambda: packed(8, 32, 4, 16, g, bias=True),
          "perm": lambda: packed(8, 32, 4, 16, g, perm=torch.randperm(32, generator=g).to(torch.int32)),
-         "types": lambda: nn.Linear(32, 8).to(DEVICE), "one": lambda: None}[case]()
+         "types": lambda: nn.Linear(32, 8).to(DEVICE), "one": lambda: None, "no bias attribute": NoBias}[case]()
     parts = [a] if b is None else [a, b]
     saved = [{n: t.clone() for n, t in p.state_dict().items()} for p in parts]
     assert fuse_linears(parts) is None

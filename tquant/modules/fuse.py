@@ -75,12 +75,12 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
     """One module computing torch.cat([m(x) for m in mods], -1), with `split_sizes` (each part's N) set on it; the
     parts' tensors become views of its tensors (module docstring). None, leaving the parts untouched, where they do
     not fuse (other module types, differing formats, bias on some parts only)."""
-    if len(mods) < 2 or len({m.bias is None for m in mods}) != 1:
-        return None
-    if all(type(m) is nn.Linear for m in mods) and len({(m.in_features, m.weight.dtype, m.weight.device)
-                                                         for m in mods}) == 1:
+    floats, packed = (all(type(m) is kind for m in mods) for kind in (nn.Linear, PackedLinear))
+    if len(mods) < 2 or not (floats or packed) or len({m.bias is None for m in mods}) != 1:
+        return None  # other module types may have no `bias` at all (gemlite's layers)
+    if floats and len({(m.in_features, m.weight.dtype, m.weight.device) for m in mods}) == 1:
         fused = _fuse_float(mods)
-    elif all(type(m) is PackedLinear for m in mods) and _fusable_packed(mods):
+    elif packed and _fusable_packed(mods):
         fused = _fuse_packed(mods)
     else:
         return None
