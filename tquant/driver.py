@@ -26,6 +26,12 @@ is calibrated on all tokens, logged per layer. The module becomes a PackedExpert
 Qwen2-MoE's shared_expert_gate) stay in float; shared experts are ordinary linears. Methods with block-level steps or
 other weight types are refused on experts (Method.experts_refusal) unless skip= leaves the experts in float.
 
+Where the blocks' weights live: a BlockStore. The default keeps the model in memory (nothing to load or write, every
+run starts at block 0). tquant.streaming's store reads each block from the float checkpoint's safetensors shards just
+before it is quantized (the blocks wait on the meta device), writes it to the output shards and frees it just after,
+and resumes a stopped run at its first block not written. One log line per block says how long it took, the time
+so far and an estimate of the time left (progress=True).
+
 Faults: calibration activations entering block 0 that are not finite (NaN / inf) are refused before any layer
 changes; non-finite states entering a later block, and any error while quantizing block i (a singular Hessian, out
 of memory, a method's own refusal), stop the run with an error of the same type naming the block (and the layer,
@@ -34,12 +40,15 @@ where one was being quantized) and saying what state the model is left in (partl
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
+import time
 from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .calib import experts as moe
 from .calib.block_io import hidden, hooked
@@ -358,6 +367,61 @@ def _quantize_experts(experts: nn.Module, captured, method: Method, name: str, t
     return gate_ups, downs, calibration
 
 
+class BlockStore:
+    """Where the driver finds each block's weights and leaves its results. This one is the model in memory: nothing
+    to load or write, and every run starts at block 0. tquant.streaming.ShardStore reads a block from safetensors
+    shards in load(), writes and frees it in done(), and resumes a stopped run from what begin() finds on disk."""
+
+    def begin(self, method: Method, calib: torch.Tensor | None, n_blocks: int):
+        """Before block 0 (after every check): (first block to quantize, the hidden states entering it or None to
+        capture them, {layer name: spec} of the blocks before it, whether blocks return tuples)."""
+        return 0, None, {}, False
+
+    def load(self, block: nn.Module, prefix: str) -> None:
+        """Put block `prefix`'s float weights in place before it is quantized."""
+
+    def done(self, i: int, block: nn.Module, prefix: str, specs: dict, states, tuple_out: bool,
+             method: Method) -> None:
+        """Block i is quantized (specs: its layer specs; states: the hidden states entering block i + 1)."""
+
+
+def _block_targets(block: nn.Module, prefix: str, skip: Callable[[str], bool]):
+    """({name: nn.Linear} to quantize, {name: experts module} to quantize, [full names of the routers and gates
+    that stay in float]) of one block; GPT-2 style Conv1D become nn.Linear on the way (_linears)."""
+    experts = find_experts(block)
+    kept = _routers(block, experts)
+    linears = {n: m for n, m in _linears(block).items() if not skip(prefix + n) and n not in kept}
+    return linears, {n: m for n, m in experts.items() if not skip(prefix + n)}, [prefix + n for n in kept]
+
+
+def _planned(block: nn.Module) -> nn.Module:
+    """The block the up-front checks look at: itself, or a copy while its weights are not loaded yet (on the meta
+    device, a streaming run): turning a Conv1D into nn.Linear transposes a weight, which must wait for the weight."""
+    return copy.deepcopy(block) if any(p.is_meta for p in block.parameters()) else block
+
+
+def _duration(seconds: float) -> str:
+    """'4.2 s', '42 s', '3 min 05 s', '2 h 07 min'."""
+    s = round(seconds)
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def _progress_line(name: str, i: int, n: int, first: int, started: float, block_started: float) -> str:
+    """The log line after block i of n: its time, the time since block `first` (where this run began: a resumed
+    run counts from its own first block) and the time left at this run's mean pace."""
+    now = time.monotonic()
+    done, elapsed = i + 1 - first, now - started
+    left = elapsed / done * (n - i - 1)
+    return (f"block {i + 1}/{n} ({name}) done in {_duration(now - block_started)}; elapsed {_duration(elapsed)}, "
+            f"ETA {_duration(left)}" + ("" if i + 1 < n else " (all blocks done)"))
+
+
 @torch.no_grad()
 def quantize_blocks(
     model: nn.Module,
@@ -374,6 +438,7 @@ def quantize_blocks(
     fit_group_size: bool = False,
     moe_calibration: str = "routed",
     moe_min_tokens: int | None = None,
+    store: BlockStore | None = None,
 ) -> dict[str, dict]:
     """Quantize every nn.Linear inside the decoder blocks, and every mixture-of-experts experts module (fused 3-D
     weights -> PackedExperts; routers stay in float), and the lm_head / input embedding if asked, in place.
@@ -381,20 +446,20 @@ def quantize_blocks(
     group size becomes the largest of 128 / 64 / 32 dividing every quantized layer's in_features
     (Method.fit_group_size), said in one line on the "tquant" logger. moe_calibration "routed" (each expert on the
     tokens its router sends it) or "all" (every token to every expert); moe_min_tokens: under "routed", an expert
-    with fewer routed calibration tokens is calibrated on all tokens (None: 2 x its widest input; tquant.calib.experts)."""
+    with fewer routed calibration tokens is calibrated on all tokens (None: 2 x its widest input; tquant.calib.experts).
+    store: where the blocks' weights come from and go (BlockStore; None: the model in memory)."""
     moe.check_options(moe_calibration, moe_min_tokens)
+    store = store or BlockStore()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     blocks_name, blocks = find_blocks(model)
     check_weights_supported(model, blocks_name, blocks, method.name, method.experts_refusal(), skip)
     dtype = next(model.parameters()).dtype
     targets, expert_targets, routers = [], [], []
     for i, block in enumerate(blocks):
-        experts = find_experts(block)
-        kept = _routers(block, experts)
-        routers += [f"{blocks_name}.{i}.{n}" for n in kept]
-        expert_targets.append({n: m for n, m in experts.items() if not skip(f"{blocks_name}.{i}.{n}")})
-        targets.append({n: m for n, m in _linears(block).items()
-                        if not skip(f"{blocks_name}.{i}.{n}") and n not in kept})
+        linears, experts, kept = _block_targets(_planned(block), f"{blocks_name}.{i}.", skip)
+        targets.append(linears)
+        expert_targets.append(experts)
+        routers += kept
     if not any(targets) and not any(expert_targets):
         raise ValueError("no nn.Linear layer is left to quantize (all were skipped)")
     if any(expert_targets):
@@ -430,47 +495,70 @@ def quantize_blocks(
         method.check_layer(head, "lm_head")
     if emb is not None:
         resolve_group_size(method.group_size, emb.embedding_dim, "embeddings")
+    del targets, expert_targets  # the planned layers: each block's own are found again once its weights are in
 
-    states = per_block = None  # the hidden states entering block i, one per batch; each block's other inputs
+    if method.needs_calibration and (calib is None or calib.numel() == 0):
+        raise ValueError(f"method {method.name!r} needs calibration data (calib=)")
+    first, states, specs, tuple_out = store.begin(method, calib if method.needs_calibration else None, len(blocks))
+    per_block = None  # each block's own other inputs (masks, rotary tables: they differ between attention kinds)
     if method.needs_calibration:
-        if calib is None or calib.numel() == 0:
-            raise ValueError(f"method {method.name!r} needs calibration data (calib=)")
-        first, per_block = capture_all_block_inputs(model, blocks_name, blocks, calib, device, batch_size)
-        states = [args[0] for args, _ in first]
-        check_finite(states, f"entering {blocks_name}.0 (the float model's embeddings): no layer was changed; check "
-                     "the calibration ids and the model's weights (a half dtype that overflows: load it in float32)")
+        captured, per_block = capture_all_block_inputs(model, blocks_name, blocks, calib, device, batch_size)
+        if states is None:  # the hidden states entering block `first` (0 here; a resumed run's come from begin)
+            states = [args[0] for args, _ in captured]
+            check_finite(states, f"entering {blocks_name}.0 (the float model's embeddings): no layer was changed; "
+                         "check the calibration ids and the model's weights (a half dtype that overflows: load it in "
+                         "float32)")
+        del captured
 
-    specs, tuple_out = {}, False
-    for i, block in enumerate(tqdm(blocks, desc=f"{method.name} blocks", disable=not progress)):
-        home = next(block.parameters()).device
-        block.to(device)
+    started = time.monotonic()
+    for i in tqdm(range(first, len(blocks)), desc=f"{method.name} blocks", initial=first, total=len(blocks),
+                  disable=not progress):
+        block_started, prefix = time.monotonic(), f"{blocks_name}.{i}."
+        store.load(blocks[i], prefix)
         inputs = None
-        if states is not None:  # block i's own mask / rotary table (they differ between attention kinds)
+        if states is not None:  # block i's own mask / rotary table
             inputs = [((h,) + tuple(rest), kwargs) for h, (rest, kwargs) in zip(states, per_block[i])]
             per_block[i] = None
-        try:
-            if i > 0 and states is not None:
-                check_finite(states, f"entering {blocks_name}.{i} (the outputs of the blocks quantized before it)")
-            block_specs, outputs = _quantize_block(block, targets[i], inputs, method, f"{blocks_name}.{i}.",
-                                                   true_sequential, dtype, expert_targets[i],
-                                                   (moe_calibration, moe_min_tokens))
-        except Exception as e:
-            block.to(home)
-            hint = " (out of memory: lower batch_size, or quantize with device='cpu')" \
-                if isinstance(e, torch.OutOfMemoryError) else ""
-            raise _with_message(e, f"block {i} of {len(blocks)}: {e}{hint}; {partly_quantized(i, blocks_name)}") \
-                from e
+        block_specs, outputs = _run_block(blocks[i], i, len(blocks), blocks_name, inputs, method, skip,
+                                          true_sequential, dtype, device, (moe_calibration, moe_min_tokens))
         specs.update(block_specs)
         if outputs is not None:
             tuple_out = isinstance(outputs[0], (tuple, list))
             states = [hidden(o) for o in outputs]
-        block.to(home)
+        del inputs, outputs
+        store.done(i, blocks[i], prefix, block_specs, states, tuple_out, method)
+        if progress:
+            with logging_redirect_tqdm([log]):  # the line above the bar, not through it
+                log.info(f"{method.name}: " + _progress_line(prefix.rstrip("."), i, len(blocks), first, started,
+                                                             block_started))
     if embeddings:
         specs.update(_quantize_embedding(model, method, dtype))
     if lm_head:
-        final = states
-        specs.update(_quantize_head(model, blocks_name, blocks, method, calib, final, tuple_out, device, batch_size, dtype))
+        specs.update(_quantize_head(model, blocks_name, blocks, method, calib, states, tuple_out, device, batch_size,
+                                    dtype))
     return specs
+
+
+def _run_block(block, i: int, n: int, blocks_name: str, inputs, method: Method, skip, true_sequential: bool, dtype,
+               device, moe_options):
+    """Quantize block i (its weights in place) on `device` and move it back: (its specs, its outputs on inputs or
+    None). Every float layer it held is let go on return. A failure names the block and the state it leaves."""
+    prefix = f"{blocks_name}.{i}."
+    linears, experts, _ = _block_targets(block, prefix, skip)
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        if i > 0 and inputs is not None:
+            check_finite([args[0] for args, _ in inputs], f"entering {blocks_name}.{i} (the outputs of the blocks "
+                         "quantized before it)")
+        result = _quantize_block(block, linears, inputs, method, prefix, true_sequential, dtype, experts, moe_options)
+    except Exception as e:
+        block.to(home)
+        hint = " (out of memory: lower batch_size, or quantize with device='cpu')" \
+            if isinstance(e, torch.OutOfMemoryError) else ""
+        raise _with_message(e, f"block {i} of {n}: {e}{hint}; {partly_quantized(i, blocks_name)}") from e
+    block.to(home)
+    return result
 
 
 @torch.no_grad()

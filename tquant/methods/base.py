@@ -131,8 +131,7 @@ class Method:
         weights are checked as they come (the driver's ValueError names the method)."""
         import typing
 
-        steps = [s for s in ("prepare_model", "prepare_block", "finish_block", "input_transform", "kv_cache_method")
-                 if getattr(type(self), s) is not getattr(Method, s)]
+        steps = self.own_steps("prepare_model", "prepare_block", "finish_block", "input_transform", "kv_cache_method")
         if steps:
             return (f"its block- or model-level steps ({', '.join(steps)}) act on the block's nn.Linear layers and "
                     "do not reach the fused experts")
@@ -144,6 +143,10 @@ class Method:
             return (f"it makes {returns.__name__} weights, and the experts module (PackedExperts) stores the uniform "
                     "packed grid (QuantizedWeight) only")
         return None
+
+    def own_steps(self, *steps: str) -> list[str]:
+        """Those of the optional steps named (prepare_model, prepare_block, ...) that this method defines itself."""
+        return [s for s in steps if getattr(type(self), s) is not getattr(Method, s)]
 
     def prepare_block(self, block: nn.Module, linears: dict[str, nn.Linear], groups: list[list[str]], inputs,
                       prefix: str) -> None:
