@@ -58,10 +58,11 @@ MANIFEST = "tquant.json"
 MANIFEST_KEYS = {"weights": str, "sha256": str, "bytes": int, "tquant_version": str}
 FILE_KEYS = {"sha256": str, "bytes": int}  # each entry of a sharded manifest's "shards"
 CHECKPOINT_FILES = (WEIGHTS, INDEX, MANIFEST, "config.json")  # a folder holding any of these holds a checkpoint
+FILE_METADATA = {"format": "pt", "producer": f"tquant {__version__}"}  # in every weights file's header
 STALE = "was it saved for another model or by another tquant version? Quantize and save it again with this one"
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -139,18 +140,22 @@ def write_weights(folder: str, tensors: dict[str, torch.Tensor], max_shard_size=
     names = [SHARD.format(i + 1, len(shards)) for i in range(len(shards))]
     for name, shard in zip(names, shards):
         save_file(shard, os.path.join(folder, name), metadata=metadata)
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
-    with open(os.path.join(folder, INDEX), "w") as f:
-        json.dump(index, f, indent=2)
+    write_index(folder, {t: name for name, shard in zip(names, shards) for t in shard},
+                sum(t.numel() * t.element_size() for t in tensors.values()))
     return names + [INDEX]
+
+
+def write_index(folder: str, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json of a sharded checkpoint: {tensor name: shard file} and the tensors' bytes."""
+    with open(os.path.join(folder, INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)
 
 
 def _manifest(folder: str, files: list[str]) -> dict:
     """tquant.json for the weight files write_weights wrote (layouts in the module docstring)."""
     def record(name):
         full = os.path.join(folder, name)
-        return {"sha256": _sha256(full), "bytes": os.path.getsize(full)}
+        return {"sha256": file_sha256(full), "bytes": os.path.getsize(full)}
 
     main = files[-1]
     shards = {"shards": {name: record(name) for name in files[:-1]}} if main == INDEX else {}
@@ -167,7 +172,13 @@ def save(model: nn.Module, path: str, tokenizer=None, overwrite: bool = False,
     check_target(path, overwrite)
     os.makedirs(path, exist_ok=True)
     tensors = {n: t.detach().cpu().contiguous() for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    files = write_weights(path, tensors, max_shard_size, {"format": "pt", "producer": f"tquant {__version__}"})
+    files = write_weights(path, tensors, max_shard_size, FILE_METADATA)
+    write_checkpoint_files(path, model, files, tokenizer)
+
+
+def write_checkpoint_files(path: str, model: nn.Module, files: list[str], tokenizer=None) -> None:
+    """What a checkpoint holds besides its weight files (`files`, written, the index last when sharded): config.json,
+    generation_config.json, the tokenizer when given, and the manifest tquant.json over the weight files."""
     model.config.save_pretrained(path)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
@@ -223,7 +234,7 @@ def _checked_file(path: str, name: str, record: dict, what: str = "weights") -> 
     if size != record["bytes"]:
         raise ValueError(f"{full} is truncated or altered: {size} bytes, the manifest says {record['bytes']} "
                          "(copy it again, or save the model again)")
-    if _sha256(full) != record["sha256"]:
+    if file_sha256(full) != record["sha256"]:
         raise ValueError(f"{full} was modified after saving: its sha256 does not match {MANIFEST} (copy it again, "
                          "or save the model again)")
     return full
