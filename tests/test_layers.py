@@ -8,8 +8,8 @@ imports one of a higher layer. Lower layers know nothing of the ones above them:
     4  calib                          calibration-time transforms
     5  methods                        one file per algorithm: they produce quantized weights
     6  driver, kv.hook                the block-by-block driver; the generate() hook (it builds a method's cache)
-    7  api, serialization, decode,    the public face; interop: export to / import from other libraries' formats
-       interop
+    7  api, serialization, decode,    the public face; interop: export to / import from other libraries' formats;
+       interop, streaming             streaming: quantize_to_disk, block by block from and to safetensors shards
     8  tools                          eval, analyze, compare, tune, speed, chat
     9  cli, tquant/__init__
 """
@@ -20,7 +20,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = [("tquant.version", 0), ("tquant.config", 0), ("tquant.models", 0), ("tquant.formats", 1),
           ("tquant.kernels", 2), ("tquant.kv.hook", 6), ("tquant.modules", 3), ("tquant.kv", 3), ("tquant.calib", 4),
           ("tquant.methods", 5), ("tquant.driver", 6), ("tquant.api", 7), ("tquant.serialization", 7),
-          ("tquant.interop", 7), ("tquant.decode", 7), ("tquant.tools", 8), ("tquant.cli", 9), ("tquant", 9)]
+          ("tquant.interop", 7), ("tquant.streaming", 7), ("tquant.decode", 7), ("tquant.tools", 8), ("tquant.cli", 9),
+          ("tquant", 9)]
 
 
 def layer(module: str) -> int:

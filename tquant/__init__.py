@@ -3,6 +3,7 @@
     import tquant
     qmodel = tquant.quantize(model, "gptq", bits=4, group_size=64, calib="pydoc", tokenizer=tok)
     tquant.save(qmodel, "out/")
+    tquant.quantize_to_disk("llama-70b/", "out/", "gptq", bits=4, calib=ids)   # block by block from its shards
     qmodel = tquant.load("out/")                 # also compressed-tensors, GPTQ and AWQ checkpoints
     tquant.export(qmodel, "ct/", format="compressed-tensors")   # or "gptq": for vLLM / SGLang
     tquant.quantize(qmodel, "kivi", kv_bits=2)   # and a 2-bit KV cache in generate()
@@ -22,6 +23,7 @@ from .version import __version__
 
 _LAZY = {  # public name: (module, attribute)
     "quantize": (".api", "quantize"),
+    "quantize_to_disk": (".streaming", "quantize_to_disk"),
     "StaticDecoder": (".decode", "StaticDecoder"),
     "kv_cache": (".kv.hook", "kv_cache"),
     "save": (".serialization", "save"),
@@ -29,7 +31,7 @@ _LAZY = {  # public name: (module, attribute)
     "export": (".interop", "export"),
 }
 
-__all__ = ["__version__", "quantize", "kv_cache", "methods", "save", "load", "export", "StaticDecoder"]
+__all__ = ["__version__", "quantize", "quantize_to_disk", "kv_cache", "methods", "save", "load", "export", "StaticDecoder"]
 
 
 def methods() -> dict[str, dict[str, str]]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from .calib.data import calibration_data, check_calibration_size
 from .config import tquant_config, write_weight_config
-from .driver import quantize_blocks
+from .driver import BlockStore, quantize_blocks
 from .kv.hook import attach
 from .methods import KVCacheMethod, Method, get_method
 from .modules import QuantizedLinear
@@ -36,6 +36,7 @@ def quantize(
     progress: bool = True,
     moe_calibration: str = "routed",
     moe_min_tokens: int | None = None,
+    store: BlockStore | None = None,
     **method_options,
 ) -> nn.Module:
     """Quantize every nn.Linear in the decoder blocks of `model` in place and return it.
@@ -59,6 +60,8 @@ def quantize(
     or from all tokens ("all", as llm-compressor's calibrate_all_experts); under "routed" an expert with fewer than
     moe_min_tokens routed tokens (None: 2 x its widest input width) is calibrated on all tokens, logged per layer.
     Routers stay in float; skip=["*.experts"] leaves the experts in float.
+    store: where the blocks' weights come from and go (tquant.driver.BlockStore; None: the model in memory);
+    tquant.quantize_to_disk passes one that streams them from and to safetensors shards.
     """
     chosen = make_method(method, bits=bits, group_size=group_size, sym=sym, **method_options)
     _check_not_quantized(model, chosen)
@@ -79,7 +82,7 @@ def quantize(
     return _quantize_weights(model, chosen, ids, device=device, true_sequential=true_sequential, batch_size=batch_size,
                              skip=lambda name: any(fnmatch.fnmatch(name, p) for p in patterns), lm_head=lm_head,
                              embeddings=embeddings, progress=progress, fit_group_size=fit,
-                             moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens)
+                             moe_calibration=moe_calibration, moe_min_tokens=moe_min_tokens, store=store)
 
 
 def make_method(method: str, *, bits: int | None = None, group_size: int | None = None, sym: bool | None = None,

@@ -2,6 +2,7 @@
 
     tquant quantize --model PATH|default --method gptq --bits 4 --group-size 64 --out DIR
                     [--dtype auto|float32|bf16|fp16]   (auto: the checkpoint's own dtype)
+                    [--streaming [--resume]]           (block by block from a folder of safetensors shards)
     tquant eval DIR [--ppl pydoc,wikitext2,c4] [--seqlen 512 --windows 40] [--tasks t1,t2 --include-path TASKDIR
                     --batch-size 8 --max-length 2048] [--speed [--base default]] [--json out.json]
     tquant compare --model default --configs "rtn:bits=4,group_size=64" "gptq:bits=4" [--ppl pydoc --windows 8]
@@ -133,15 +134,24 @@ def cmd_quantize(a) -> None:
             options[key] = value
     if make_method(a.method, **options).needs_calibration and a.calib not in NAMED_SOURCES:
         raise ValueError(f"unknown calibration source {a.calib!r}; named sources are {NAMED_SOURCES}")
-    print(f"loading {a.model}", file=sys.stderr)
-    model, tok = load_model(a.model, dtype=a.dtype, device="cpu")
-    tquant.quantize(model, a.method, calib=a.calib, tokenizer=tok, n_samples=a.n_samples, seqlen=a.seqlen,
-                    device=a.device, skip=a.skip, lm_head=a.lm_head, embeddings=a.embeddings, **options)
-    from tquant.config import tquant_config
+    if a.resume and not a.streaming:
+        raise ValueError("--resume continues a stopped --streaming run: give --streaming too")
+    run = dict(calib=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, device=a.device, skip=a.skip, lm_head=a.lm_head,
+               embeddings=a.embeddings, **options)
+    if a.streaming:  # block by block from the shards; base_model recorded by quantize_to_disk
+        tquant.quantize_to_disk(a.model, a.out, a.method, dtype=a.dtype, max_shard_size=a.max_shard_size,
+                                resume=a.resume, overwrite=a.overwrite, **run)
+        with open(os.path.join(a.out, "config.json")) as f:
+            qc = json.load(f)["quantization_config"]
+    else:
+        from tquant.config import tquant_config
 
-    qc = tquant_config(model.config)
-    qc["base_model"] = a.model  # what `tquant analyze` compares against when not given --model
-    tquant.save(model, a.out, tokenizer=tok, overwrite=a.overwrite, max_shard_size=a.max_shard_size)
+        print(f"loading {a.model}", file=sys.stderr)
+        model, tok = load_model(a.model, dtype=a.dtype, device="cpu")
+        tquant.quantize(model, a.method, tokenizer=tok, **run)
+        qc = tquant_config(model.config)
+        qc["base_model"] = a.model  # what `tquant analyze` compares against when not given --model
+        tquant.save(model, a.out, tokenizer=tok, overwrite=a.overwrite, max_shard_size=a.max_shard_size)
     what = f"{qc['bits']}-bit weights" if qc.get("bits") else f"{qc['kv_cache']['kv_bits']}-bit KV cache"
     print(f"saved {a.method} ({what}) model to {a.out}")
 
@@ -319,7 +329,15 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--lm-head", action="store_true", help="also quantize the lm_head")
     q.add_argument("--embeddings", action="store_true", help="also quantize the input embedding (RTN)")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    q.add_argument("--overwrite", action="store_true", help="replace a checkpoint (or a stopped --streaming run) "
+                                                            "already in --out")
+    q.add_argument("--streaming", action="store_true",
+                   help="for models larger than memory: read the model (a local folder of safetensors) block by "
+                        "block, write each quantized block to --out as it is done and free it (peak memory about two "
+                        "blocks + the embeddings); progress and ETA per block")
+    q.add_argument("--resume", action="store_true",
+                   help="with --streaming: continue the run stopped in --out at its first block not written (the "
+                        "same model and options, else refused naming the one that differs)")
     _add_shard_option(q)
 
     e = command("eval", "evaluate a saved model: perplexity, lm-eval tasks, speed", cmd_eval)
