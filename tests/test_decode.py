@@ -92,7 +92,8 @@ def test_kernels_static_kivi_kernel_path_matches_the_torch_path(monkeypatch):
     assert rel(torch.stack(out, dim=1), torch_path) < 1e-5
 
 
-@pytest.mark.parametrize("arch, kv", [("llama", "float"), ("qwen3", "float"), ("llama", "kv4"), ("llama", "kivi")])
+@pytest.mark.parametrize("arch, kv", [("llama", "float"), pytest.param("qwen3", "float", marks=pytest.mark.slow),
+                                      pytest.param("llama", "kv4", marks=pytest.mark.slow), ("llama", "kivi")])
 def test_kernels_fused_step_matches_the_torch_step(monkeypatch, arch, kv):
     """The fused kernels (residual add + RMSNorm, RoPE + cache write, silu * up) and the cache's attention kernel
     (under the interpreter on the CPU) give the torch step's logits, prefill and decode, for every cache form; each
@@ -119,7 +120,7 @@ def test_kernels_fused_step_matches_the_torch_step(monkeypatch, arch, kv):
     assert rel(fused, static_logits(model, ids, fused=False, kernel=False)) < (1e-5 if kv == "float" else 1e-4)
 
 
-@pytest.mark.parametrize("method", ["rtn", "float"])
+@pytest.mark.parametrize("method", ["rtn", pytest.param("float", marks=pytest.mark.slow)])
 def test_kernels_fused_projections_match_the_separate_ones(method):
     """With fused=True q / k / v and gate / up run as one projection each (float or PackedLinear), the parts
     becoming views of the fused tensors: the logits are the unfused step's, and the model's own forward after it

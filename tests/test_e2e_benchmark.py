@@ -16,6 +16,7 @@ def load_e2e():
     return module
 
 
+@pytest.mark.slow
 def test_e2e_runs_every_row_and_writes_json_and_plot(tmp_path):
     e2e = load_e2e()
     out, png = tmp_path / "e2e.json", tmp_path / "e2e.png"

@@ -113,7 +113,16 @@ def decode_step(batch, kv_bits, dtype):
     kv_quant_write.kv_quant_write(cache[0][:, :, :1], cache[1][:, :, :1], store, store, torch.tensor([7]), kv_bits)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def tiered(cases):
+    """The first case of each kernel family in the default tier; its other variants (bits, dtypes, batch) in the full
+    tier (slow), which CI runs."""
+    seen = set()
+    for case in cases:
+        yield case if case[0] not in seen else pytest.param(case, marks=pytest.mark.slow)
+        seen.add(case[0])
+
+
+@pytest.mark.parametrize("case", list(tiered(CASES)), ids=lambda c: "-".join(map(str, c)))
 def test_kernels_compile_for_hopper(case):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: tquant and tests importable without an install
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",

@@ -187,6 +187,7 @@ def test_kivi_combines_with_a_weight_method_and_survives_save_load(tmp_path):
     assert tquant.load(str(tmp_path / "kv")).config.quantization_config["kv_cache"]["kv_bits"] == 2
 
 
+@pytest.mark.slow
 def test_perplexity_through_a_cache():
     """decode_from with a float cache gives the ordinary perplexity; with 2-bit KIVI a higher one."""
     model = tiny_model("llama")

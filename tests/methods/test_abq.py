@@ -190,8 +190,8 @@ def test_qkv_bits_need_llama_style_attention():
 
 
 @pytest.mark.parametrize("opts,beats_rtn", [
-    (dict(wbits=4, abits=4), True), (dict(wbits=3, abits=16, group_size=32), True),
-    (dict(wbits=2, abits=8, group_size=32, bit_balance=True), True),
+    pytest.param(dict(wbits=4, abits=4), True, marks=pytest.mark.slow), (dict(wbits=3, abits=16, group_size=32), True),
+    pytest.param(dict(wbits=2, abits=8, group_size=32, bit_balance=True), True, marks=pytest.mark.slow),
     # LWC alone with OmniQuant's loss lowers both blocks' losses but not the logits' error of this random model
     (dict(wbits=4, abits=6, dlc=False, compensation=False, let=False), False),
     pytest.param(dict(wbits=4, abits=4, qkv_bits=6), True, marks=pytest.mark.slow),

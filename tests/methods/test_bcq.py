@@ -126,6 +126,7 @@ def quantized(**options):
     return model, rel_err(out, reference)
 
 
+@pytest.mark.slow
 def test_bcq_quantizes_a_tiny_llama_and_searching_longer_helps():
     greedy_model, greedy = quantized(bits=3, group_size=32, rounds=0)
     model, alternating = quantized(bits=3, group_size=32, rounds=30)

@@ -238,6 +238,7 @@ def test_lm_eval_without_harness(model, tokenizer, monkeypatch):
         lm_eval(model, ["arc_easy"], tokenizer=tokenizer)
 
 
+@pytest.mark.slow
 def test_cli_eval_tasks_with_batch_size_and_max_length(saved_dir, tmp_path, monkeypatch, capsys):
     pytest.importorskip("lm_eval")
     write_task(tmp_path)
