@@ -98,7 +98,7 @@ def gemlite_fns(w, k, n, group, copies):
 
 
 def tquant_old_fns(w, k, n, group, copies):
-    """weight_only_matmul without the gemv_h2 candidates (the path without the half2 GEMV)."""
+    """weight_only_matmul without the gemv_h2 and slot_gemm candidates (the shipped dispatcher's paths)."""
     from tquant.kernels import weight_only_matmul as wom
 
     inner = tquant_fns(w, k, n, group, copies)
@@ -106,11 +106,11 @@ def tquant_old_fns(w, k, n, group, copies):
     def make(x):
         def old(fn):
             def call():
-                wom.USE_H2 = False
+                wom.USE_H2 = wom.USE_SLOTS = False
                 try:
                     return fn()
                 finally:
-                    wom.USE_H2 = True
+                    wom.USE_H2 = wom.USE_SLOTS = True
             return call
         return [old(fn) for fn in inner(x)]
     return make
@@ -134,8 +134,26 @@ def h2_fns(w, k, n, group, copies):
     return make
 
 
+def slots_fns(w, k, n, group, copies):
+    """slot_gemm alone (2 <= M <= 16), its config tuned over its own candidates."""
+    from tquant.kernels import autotune_cache, slot_gemm
+
+    qc = [(w["qweight"].clone(), w["scales"].clone(), w["zeros"].clone()) for _ in range(copies)]
+    kw = dict(bits=4, group_size=group)
+
+    def make(x):
+        if not 1 < x.shape[0] <= 16:
+            raise ValueError("slot_gemm is timed for 2 <= M <= 16")
+        run = lambda c, q=qc[0]: slot_gemm.gemm(x, q[0], q[1], q[2], None, config=c, **kw)  # noqa: E731
+        config = autotune_cache.tune("bench_slot_gemm", dict(M=x.shape[0], N=n, K=k, group=group),
+                                     slot_gemm.configs(n, k // 8), run, x.device)
+        log(f"  slot_gemm {k}->{n} g{group} M={x.shape[0]}: {config}")
+        return [lambda q=q: slot_gemm.gemm(x, q[0], q[1], q[2], None, config=config, **kw) for q in qc]
+    return make
+
+
 def register_extra():
-    EXTRA_IMPLS.update(tquant_old=tquant_old_fns, h2=h2_fns)
+    EXTRA_IMPLS.update(tquant_old=tquant_old_fns, h2=h2_fns, slots=slots_fns)
 
 
 def bench(args):
@@ -233,12 +251,12 @@ def ncu_case(spec):
 def main():
     from tquant.kernels import weight_only_matmul as wom
 
-    wom.USE_H2 = True  # "tquant" times the dispatcher with the half2 GEMV among its M = 1 candidates
+    wom.USE_H2 = wom.USE_SLOTS = True  # "tquant": the dispatcher with the half2 GEMV (M = 1) and slot_gemm (M <= 16)
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x14336,14336x4096,4096x6144,4096x4096,4096x28672")
     ap.add_argument("--ms", default="1,16,64")
     ap.add_argument("--groups", default="128,pc")
-    ap.add_argument("--impls", default="tquant_old,tquant,h2,cublas,tinygemm,gemlite")
+    ap.add_argument("--impls", default="tquant_old,tquant,h2,slots,cublas,tinygemm,gemlite")
     ap.add_argument("--budget-s", type=float, default=330)
     ap.add_argument("--ncu-case", default="")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

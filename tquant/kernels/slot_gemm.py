@@ -1,0 +1,133 @@
+"""Weight-only GEMM for small batches (M <= 16) as one tl.dot per code slot: no layout change of dequantized weights.
+
+    y[M, N] = x[:, perm] @ w (+ bias),   w[k, n] = (code(k, n) - zeros[g, n]) * scales[g, n],  g = k // group_size
+    x       [M, K] fp16 / bf16 / fp32        qweight int32 [K / epw, N] (tquant/packing.py: code j of word r of a
+                                              column is k = r * epw + j at bits j * bits), bits 2, 4 or 8 (epw 16, 8, 4)
+    scales, zeros [K // group_size, N] in x's dtype, zeros integer valued; group_size a multiple of epw (or K)
+    perm    [K] or None (gathered by the caller)          y [M, N] in x's dtype, accumulated in fp32
+
+Why: dequant_gemm's BLOCK_M <= 16 path (y^T = w^T x^T, the dequantized tile as the wgmma operand from registers)
+unpacks each word's codes next to each other along K (tl.join, then a reshape to [BLOCK_N, BLOCK_K]); the MMA's
+register operand wants another distribution of K over the threads, so Triton converts the dequantized fp16 tile
+through shared memory every K step (a convert_layout of BLOCK_N x BLOCK_K in its TTGIR: STS, then LDSM).
+
+Here the K order of the dot is chosen so that no reshape exists. A K step is a [BLOCK_N, BLOCK_KW] tile of words
+(words r = kw0 .. kw0 + BLOCK_KW - 1 of columns n); for each code slot j of a word (j = 0 .. epw - 1),
+    w_j[n, r] = (code j of word (r, n) - zero) * scale        elementwise on the word tile: [BLOCK_N, BLOCK_KW]
+    x_j[m, r] = x[m, r * epw + j]                            the x columns those codes multiply
+    acc[n, m] += sum_r w_j[n, r] x_j[m, r]                   tl.dot(w_j, x_j^T): K = BLOCK_KW of the MMA
+so acc sums every k = r * epw + j once. Every w_j has the word tile's own layout, so Triton loads the words
+straight in the MMA operand's register layout and dequantizes in place; only the small x_j tiles ([16, BLOCK_KW])
+pass through shared memory, as the MMA's B operand must. Groups: a word lies in one group (group_size a multiple of
+epw); WHOLE: every K step in one group (group_size a multiple of BLOCK_KW * epw, or per-channel), one [BLOCK_N] load
+of scale and zero a step, else one per word column.
+Dequantization: dequant_gemm.code_minus_zero (LOP3 + FADD, exact) and one multiply in fp32, then the dot dtype.
+Grid (N / BLOCK_N, SPLIT_K); SPLIT_K > 1: the last split of each N tile sums the fp32 partials
+(dequant_gemm.store_output).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dequant_gemm import (MAGIC_BITS, code_minus_zero, code_scale, output_buffer, split_k_buffers, split_k_grid,
+                           store_output)
+from .runtime import dot_args, interpreter_on
+
+BITS = (2, 4, 8)  # codes a word: a power of two, so a word's codes are whole slots of one K step
+
+
+@triton.jit
+def _slot_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, KW, group_size,
+                      stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split, splits, magic,
+                      BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_KW: tl.constexpr, WHOLE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_KW)
+    n_ok = offs_n < N
+    m_ok = offs_m < M
+    kw_start = pid_k * kw_per_split
+    kw_end = tl.minimum(kw_start + kw_per_split, KW)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for kw0 in tl.range(kw_start, kw_end, BLOCK_KW, num_stages=NUM_STAGES):
+        r = kw0 + cols
+        r_ok = r < kw_end
+        words = tl.load(q_ptr + r[None, :].to(tl.int64) * stride_qk + offs_n[:, None],
+                        mask=n_ok[:, None] & r_ok[None, :], other=0)  # [BLOCK_N, BLOCK_KW]
+        if WHOLE:
+            at = (kw0 * EPW // group_size) * stride_sg + offs_n
+            s = tl.load(s_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        else:
+            g = tl.minimum(r * EPW, K - 1) // group_size
+            at = g[None, :] * stride_sg + offs_n[:, None]
+            s = tl.load(s_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        for j in tl.static_range(EPW):
+            w = code_minus_zero(words, j, z, magic, BITS) * (s / code_scale(j, BITS))
+            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (r * EPW + j)[None, :],
+                         mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_KW]
+            acc = tl.dot(w.to(DOT_DTYPE), tl.trans(xj.to(DOT_DTYPE)), acc, input_precision=PRECISION)
+    store_output(y_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_ym, bias_ptr, ws_ptr, count_ptr, pid_n, pid_k,
+                 splits, HAS_BIAS, SPLIT)
+
+
+def supports(x: torch.Tensor, bits: int, group_size: int, k: int, bilevel=None) -> bool:
+    """Whether slot_gemm takes these inputs: at most 16 rows, 2 / 4 / 8-bit codes filling whole words of K, plain
+    scales and zeros, groups of whole words (or per-channel)."""
+    epw = 32 // bits if bits in BITS else 0
+    return (x.shape[0] <= 16 and epw > 0 and k % epw == 0 and bilevel is None
+            and (group_size == k or group_size % epw == 0))
+
+
+def whole_steps(block_kw: int, epw: int, group_size: int, k: int) -> bool:
+    """Every K step of block_kw words lies in one group."""
+    return group_size == k or group_size % (block_kw * epw) == 0
+
+
+def gemm(x, qweight, scales, zeros, bias, *, bits: int, group_size: int, config: dict) -> torch.Tensor:
+    """y = x @ dequant(qweight) (+ bias) for x [M <= 16, K] with x.stride(1) == 1 (module docstring); x already
+    gathered by perm."""
+    m, k = x.shape
+    if not supports(x, bits, group_size, k):
+        raise ValueError(f"slot_gemm takes M <= 16 rows, bits {BITS}, K a multiple of 32 / bits and groups of whole "
+                         f"words; got M={m}, bits={bits}, K={k}, group_size={group_size}")
+    n, kw, epw = qweight.shape[1], qweight.shape[0], 32 // bits
+    block_kw = config["BLOCK_KW"]
+    per_split, splits = split_k_grid(kw, block_kw, config["SPLIT_K"])
+    y = output_buffer(m, n, x.dtype, x.device)
+    tiles = triton.cdiv(n, config["BLOCK_N"])
+    ws, counters = split_k_buffers(splits, m, n, tiles, x.device) if splits > 1 else (y, y)
+    _slot_gemm_kernel[(tiles, splits)](
+        x, qweight, scales, zeros, bias if bias is not None else y, y, ws, counters, m, n, k, kw, group_size,
+        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split, splits, MAGIC_BITS,
+        BITS=bits, EPW=epw, BLOCK_M=16, BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
+        WHOLE=whole_steps(block_kw, epw, group_size, k), HAS_BIAS=bias is not None, SPLIT=splits > 1,
+        NUM_STAGES=config["num_stages"], **dot_args(x.dtype), num_warps=config["num_warps"],
+    )
+    return y
+
+
+INTERPRETER_CONFIG = dict(path="slots", BLOCK_N=32, BLOCK_KW=16, SPLIT_K=2, num_warps=4, num_stages=1)
+
+
+def configs(n: int, kw: int) -> list[dict]:
+    """GPU candidates (the first is the untuned default): BLOCK_N the MMA's M side (64 or 128), BLOCK_KW 16 or 32
+    words (the MMA's K), split-K counts that leave each split at least two steps and at most 4 waves of programs."""
+    if interpreter_on():
+        return [INTERPRETER_CONFIG]
+    out = []
+    for bn, bkw, warps in ((64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 8)):
+        for sk in (1, 2, 4, 8, 16):
+            if sk > 1 and (kw < 2 * sk * bkw or -(-n // bn) * sk > 4 * 132):
+                continue
+            out += [dict(path="slots", BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps, num_stages=st)
+                    for st in (2, 3)]
+    return out
+
+
+__all__ = ["gemm", "supports", "configs"]
