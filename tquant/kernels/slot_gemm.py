@@ -21,7 +21,9 @@ straight in the MMA operand's register layout and dequantizes in place; only the
 pass through shared memory, as the MMA's B operand must. Groups: a word lies in one group (group_size a multiple of
 epw); WHOLE: every K step in one group (group_size a multiple of BLOCK_KW * epw, or per-channel), one [BLOCK_N] load
 of scale and zero a step, else one per word column.
-Dequantization: dequant_gemm.code_minus_zero (LOP3 + FADD, exact) and one multiply in fp32, then the dot dtype.
+Dequantization: shift, mask, int -> fp32, (c - z) * s (exact but for the one rounding of the product), then the dot
+dtype. Not dequant_gemm.code_minus_zero's float bit trick: Triton (3.6-3.9) does not carry the operand layout back
+through its bitcasts, and the tile would go through shared memory again.
 Grid (N / BLOCK_N, SPLIT_K); SPLIT_K > 1: the last split of each N tile sums the fp32 partials
 (dequant_gemm.store_output).
 """
@@ -31,8 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant_gemm import (MAGIC_BITS, code_minus_zero, code_scale, output_buffer, split_k_buffers, split_k_grid,
-                           store_output)
+from .dequant_gemm import output_buffer, split_k_buffers, split_k_grid, store_output
 from .runtime import dot_args, interpreter_on
 
 BITS = (2, 4, 8)  # codes a word: a power of two, so a word's codes are whole slots of one K step
@@ -40,7 +41,7 @@ BITS = (2, 4, 8)  # codes a word: a power of two, so a word's codes are whole sl
 
 @triton.jit
 def _slot_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, KW, group_size,
-                      stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split, splits, magic,
+                      stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split, splits,
                       BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_KW: tl.constexpr, WHOLE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
@@ -68,7 +69,7 @@ def _slot_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, count
             s = tl.load(s_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
             z = tl.load(z_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
         for j in tl.static_range(EPW):
-            w = code_minus_zero(words, j, z, magic, BITS) * (s / code_scale(j, BITS))
+            w = (((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32) - z) * s
             xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (r * EPW + j)[None, :],
                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_KW]
             acc = tl.dot(w.to(DOT_DTYPE), tl.trans(xj.to(DOT_DTYPE)), acc, input_precision=PRECISION)
@@ -104,7 +105,7 @@ def gemm(x, qweight, scales, zeros, bias, *, bits: int, group_size: int, config:
     ws, counters = split_k_buffers(splits, m, n, tiles, x.device) if splits > 1 else (y, y)
     _slot_gemm_kernel[(tiles, splits)](
         x, qweight, scales, zeros, bias if bias is not None else y, y, ws, counters, m, n, k, kw, group_size,
-        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split, splits, MAGIC_BITS,
+        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split, splits,
         BITS=bits, EPW=epw, BLOCK_M=16, BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
         WHOLE=whole_steps(block_kw, epw, group_size, k), HAS_BIAS=bias is not None, SPLIT=splits > 1,
         NUM_STAGES=config["num_stages"], **dot_args(x.dtype), num_warps=config["num_warps"],
