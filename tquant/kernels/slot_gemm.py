@@ -1,4 +1,4 @@
-"""Weight-only GEMM for small batches (M <= 16) as one tl.dot per code slot: no layout change of dequantized weights.
+"""Weight-only GEMM for small batches (M <= 64) as one tl.dot per code slot: no layout change of dequantized weights.
 
     y[M, N] = x[:, perm] @ w (+ bias),   w[k, n] = (code(k, n) - zeros[g, n]) * scales[g, n],  g = k // group_size
     x       [M, K] fp16 / bf16 / fp32        qweight int32 [K / epw, N] (tquant/packing.py: code j of word r of a
@@ -9,7 +9,9 @@
 Why: dequant_gemm's BLOCK_M <= 16 path (y^T = w^T x^T, the dequantized tile as the wgmma operand from registers)
 unpacks each word's codes next to each other along K (tl.join, then a reshape to [BLOCK_N, BLOCK_K]); the MMA's
 register operand wants another distribution of K over the threads, so Triton converts the dequantized fp16 tile
-through shared memory every K step (a convert_layout of BLOCK_N x BLOCK_K in its TTGIR: STS, then LDSM).
+through shared memory every K step (a convert_layout of BLOCK_N x BLOCK_K in its TTGIR: STS, then LDSM). Its larger
+tiles (x @ w^T) take the dequantized tile as wgmma's B operand, which must be stored to shared memory. Here y^T =
+w^T x^T at every BLOCK_M (16, 32 or 64: wgmma's N side), so the weights are always the operand from registers.
 
 Here the K order of the dot is chosen so that no reshape exists. A K step is a [BLOCK_N, BLOCK_KW] tile of words
 (words r = kw0 .. kw0 + BLOCK_KW - 1 of columns n); for each code slot j of a word (j = 0 .. epw - 1),
@@ -24,7 +26,7 @@ of scale and zero a step, else one per word column.
 Dequantization: shift, mask, int -> fp32, (c - z) * s (exact but for the one rounding of the product), then the dot
 dtype. Not dequant_gemm.code_minus_zero's float bit trick: Triton (3.6-3.9) does not carry the operand layout back
 through its bitcasts, and the tile would go through shared memory again.
-Grid (N / BLOCK_N, SPLIT_K); SPLIT_K > 1: the last split of each N tile sums the fp32 partials
+Grid (N / BLOCK_N, SPLIT_K, M / BLOCK_M); SPLIT_K > 1: the last split of each output tile sums the fp32 partials
 (dequant_gemm.store_output).
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .dequant_gemm import output_buffer, split_k_buffers, split_k_grid, store_ou
 from .runtime import dot_args, interpreter_on
 
 BITS = (2, 4, 8)  # codes a word: a power of two, so a word's codes are whole slots of one K step
+MAX_M = 64  # the batches it is made for (larger ones: dequant_gemm's big tiles, or dequantize + cuBLAS)
 
 
 @triton.jit
@@ -45,9 +48,9 @@ def _slot_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, count
                       BITS: tl.constexpr, EPW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_KW: tl.constexpr, WHOLE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_KW)
     n_ok = offs_n < N
     m_ok = offs_m < M
@@ -73,15 +76,15 @@ def _slot_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, ws_ptr, count
             xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + (r * EPW + j)[None, :],
                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_KW]
             acc = tl.dot(w.to(DOT_DTYPE), tl.trans(xj.to(DOT_DTYPE)), acc, input_precision=PRECISION)
-    store_output(y_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_ym, bias_ptr, ws_ptr, count_ptr, pid_n, pid_k,
-                 splits, HAS_BIAS, SPLIT)
+    store_output(y_ptr, tl.trans(acc), offs_m, offs_n, M, N, stride_ym, bias_ptr, ws_ptr, count_ptr,
+                 pid_m * tl.num_programs(0) + pid_n, pid_k, splits, HAS_BIAS, SPLIT)
 
 
 def supports(x: torch.Tensor, bits: int, group_size: int, k: int, bilevel=None) -> bool:
-    """Whether slot_gemm takes these inputs: at most 16 rows, 2 / 4 / 8-bit codes filling whole words of K, plain
+    """Whether slot_gemm takes these inputs: at most MAX_M rows, 2 / 4 / 8-bit codes filling whole words of K, plain
     scales and zeros, groups of whole words (or per-channel)."""
     epw = 32 // bits if bits in BITS else 0
-    return (x.shape[0] <= 16 and epw > 0 and k % epw == 0 and bilevel is None
+    return (x.shape[0] <= MAX_M and epw > 0 and k % epw == 0 and bilevel is None
             and (group_size == k or group_size % epw == 0))
 
 
@@ -91,43 +94,44 @@ def whole_steps(block_kw: int, epw: int, group_size: int, k: int) -> bool:
 
 
 def gemm(x, qweight, scales, zeros, bias, *, bits: int, group_size: int, config: dict) -> torch.Tensor:
-    """y = x @ dequant(qweight) (+ bias) for x [M <= 16, K] with x.stride(1) == 1 (module docstring); x already
+    """y = x @ dequant(qweight) (+ bias) for x [M <= MAX_M, K] with x.stride(1) == 1 (module docstring); x already
     gathered by perm."""
     m, k = x.shape
     if not supports(x, bits, group_size, k):
-        raise ValueError(f"slot_gemm takes M <= 16 rows, bits {BITS}, K a multiple of 32 / bits and groups of whole "
+        raise ValueError(f"slot_gemm takes M <= {MAX_M} rows, bits {BITS}, K a multiple of 32 / bits and groups of whole "
                          f"words; got M={m}, bits={bits}, K={k}, group_size={group_size}")
     n, kw, epw = qweight.shape[1], qweight.shape[0], 32 // bits
     block_kw = config["BLOCK_KW"]
     per_split, splits = split_k_grid(kw, block_kw, config["SPLIT_K"])
     y = output_buffer(m, n, x.dtype, x.device)
-    tiles = triton.cdiv(n, config["BLOCK_N"])
-    ws, counters = split_k_buffers(splits, m, n, tiles, x.device) if splits > 1 else (y, y)
-    _slot_gemm_kernel[(tiles, splits)](
+    grid = (triton.cdiv(n, config["BLOCK_N"]), splits, triton.cdiv(m, config["BLOCK_M"]))
+    ws, counters = split_k_buffers(splits, m, n, grid[0] * grid[2], x.device) if splits > 1 else (y, y)
+    _slot_gemm_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else y, y, ws, counters, m, n, k, kw, group_size,
         x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), per_split, splits,
-        BITS=bits, EPW=epw, BLOCK_M=16, BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
+        BITS=bits, EPW=epw, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw,
         WHOLE=whole_steps(block_kw, epw, group_size, k), HAS_BIAS=bias is not None, SPLIT=splits > 1,
         NUM_STAGES=config["num_stages"], **dot_args(x.dtype), num_warps=config["num_warps"],
     )
     return y
 
 
-INTERPRETER_CONFIG = dict(path="slots", BLOCK_N=32, BLOCK_KW=16, SPLIT_K=2, num_warps=4, num_stages=1)
+INTERPRETER_CONFIG = dict(path="slots", BLOCK_M=16, BLOCK_N=32, BLOCK_KW=16, SPLIT_K=2, num_warps=4, num_stages=1)
 
 
-def configs(n: int, kw: int) -> list[dict]:
-    """GPU candidates (the first is the untuned default): BLOCK_N the MMA's M side (64 or 128), BLOCK_KW 16 or 32
-    words (the MMA's K), split-K counts that leave each split at least two steps and at most 4 waves of programs."""
+def configs(m: int, n: int, kw: int) -> list[dict]:
+    """GPU candidates for batch m (a power of two, <= MAX_M; the first is the untuned default): BLOCK_M = m (16 at
+    least: wgmma's N side), BLOCK_N the MMA's M side (64 or 128), BLOCK_KW 16 or 32 words (the MMA's K), split-K
+    counts that leave each split at least two steps and at most 4 waves of programs."""
     if interpreter_on():
         return [INTERPRETER_CONFIG]
-    out = []
+    bm, out = max(16, m), []
     for bn, bkw, warps in ((64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 8)):
         for sk in (1, 2, 4, 8, 16):
             if sk > 1 and (kw < 2 * sk * bkw or -(-n // bn) * sk > 4 * 132):
                 continue
-            out += [dict(path="slots", BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps, num_stages=st)
-                    for st in (2, 3)]
+            out += [dict(path="slots", BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, SPLIT_K=sk, num_warps=warps,
+                         num_stages=st) for st in (2, 3)]
     return out
 
 

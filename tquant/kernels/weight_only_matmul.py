@@ -14,10 +14,10 @@ scales[g, n] = code * step[g, n // stat_group] + low[g, n // stat_group] (decode
 key (M rounded up to a power of two, N, K, bits, group_size, dtype, perm) by autotune_cache:
     M == 1      dequant_gemv (no tl.dot), split-K; for 4-bit fp16/bf16 x with groups of whole words also
                 w4a16_gemv.gemv_h2 (packed half2 dequantization and products), tuned against it (key kernels=h2)
-    M <= 16     dequant_gemm with y^T = w^T x^T (BLOCK_M = 16), split-K; for 2 / 4 / 8-bit codes with groups of
-                whole words also slot_gemm (one tl.dot per code slot, no layout change of the dequantized tile), tuned
-                against it (key kernels=slots)
+    M <= 16     dequant_gemm with y^T = w^T x^T (BLOCK_M = 16), split-K
     M > 16      dequant_gemm; from M >= 128 on also "dense": dequantize once (Triton), then cuBLAS (x @ w)
+    1 < M <= 64 for 2 / 4 / 8-bit codes with groups of whole words also slot_gemm (one tl.dot per code slot, the
+                dequantized tile never through shared memory), tuned against the others (key kernels=slots)
 With perm and M > 1 each GEMM config also comes with gather=True: x[:, perm] is gathered once (one torch
 index_select) and the kernel reads x in storage order, instead of gathering x's K step tiles by perm inside every
 program of the grid (benchmarks/RESULTS.md has what the in-kernel gather cost).
@@ -39,7 +39,7 @@ DENSE = dict(path="dense")
 # Offer w4a16_gemv.gemv_h2 at M = 1. Off until its inline-asm branch has passed its tests on a GPU (only its portable
 # branch and its sm_90 compilation are checked so far): the tuner times candidates but does not check their outputs.
 USE_H2 = False
-# Offer slot_gemm at 2 <= M <= 16. Off until it has passed its tests and been timed on a GPU (interpreter tests and
+# Offer slot_gemm at 2 <= M <= 64. Off until it has passed its tests and been timed on a GPU (interpreter tests and
 # its sm_90 compilation only so far).
 USE_SLOTS = False
 
@@ -157,9 +157,9 @@ def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_featur
     if m == 1 and USE_H2 and not interpreter_on() and w4a16_gemv.supports(x, bits, group_size, in_features, bilevel):
         key["kernels"] = "h2"  # new candidates: entries tuned before gemv_h2 existed are not reused
         configs = w4a16_gemv.configs(n, qweight.shape[0]) + configs
-    if 1 < m <= 16 and USE_SLOTS and slot_gemm.supports(x, bits, group_size, in_features, bilevel):
+    if 1 < m and USE_SLOTS and slot_gemm.supports(x, bits, group_size, in_features, bilevel):
         key["kernels"] = "slots"  # as for h2: entries tuned without these candidates are not reused
-        slots = slot_gemm.configs(n, qweight.shape[0])
+        slots = slot_gemm.configs(key["M"], n, qweight.shape[0])
         configs = configs + (slots if perm is None else [dict(c, gather=True) for c in slots])
     config = tune("weight_only_matmul", key, configs, lambda c: run_path(c, *args, **kw), x.device)
     return run_path(config, *args, **kw)
