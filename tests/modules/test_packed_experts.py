@@ -66,11 +66,19 @@ def test_forward_matches_transformers_experts_with_the_dequantized_weights(perm)
     assert packed.gate_up_qweight.shape == (4, 64 // 8, 192) and packed.down_scales.shape == (4, 96 // 32, 64)
 
 
-def test_triton_path_matches_the_reference():
-    packed, _ = _quantized(_experts())
+@pytest.mark.parametrize("perm", [False, True])
+def test_triton_path_matches_the_reference(perm, monkeypatch):
+    """The Triton path (two grouped launches, tquant.kernels.moe_matmul) against the per-expert torch path, with a
+    dropped slot; it never launches the per-expert weight_only_matmul."""
+    from tquant.kernels import weight_only_matmul as wom
+
+    monkeypatch.setattr(wom, "weight_only_matmul", None)
+    packed, _ = _quantized(_experts(), perm=perm)
     packed = packed.to(DEVICE)
     x = torch.randn(5, 64).to(DEVICE)
-    index, weights = (t.to(DEVICE) for t in _routing(t=5))
+    index, weights = _routing(t=5)
+    index[3, 0] = 4  # dropped (transformers' mark: num_experts)
+    index, weights = index.to(DEVICE), weights.to(DEVICE)
     with torch.no_grad():
         packed.backend = "torch"
         ref = packed(x, index, weights)

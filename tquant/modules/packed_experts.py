@@ -12,10 +12,11 @@ forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H
     for each expert e some token picked:  x = hidden_states[its tokens];  g, u = (x W_gu[e]^T).chunk(2)
                                            out[its tokens] += ((act(g) * u) W_down[e]^T) * top_k_weights[token, slot]
     an index equal to num_experts (transformers' mark of a dropped slot) is skipped, as transformers skips it.
-Paths: the torch reference (weight_only_matmul_ref: de-quantize the hit expert's projection, matmul in fp32), or the
-Triton weight_only_matmul (on CUDA inputs, or under TRITON_INTERPRET=1 with backend="triton"), one launch per
-projection per hit expert. Not built yet: a grouped kernel running every selected expert of a step in one launch
-(issue 28's grouped W4A16 MoE kernel); until then a decode step costs two launches per hit expert.
+Paths: the torch reference (weight_only_matmul_ref: de-quantize the hit expert's projection, matmul in fp32, one
+expert at a time), or the Triton path (on CUDA inputs, or under TRITON_INTERPRET=1 with backend="triton"):
+tquant.kernels.moe_matmul.grouped_weight_only_matmul runs gate_up for every (token, slot) pair of the step in one
+launch, then act(gate) * up, then down in one launch, then the weighted sum over slots: two launches a step whatever
+the routing, with no host sync (the torch path's torch.unique is one).
 
 The router stays in the float module next to this one (transformers' TopKRouter); `calibration` is what the driver
 measured while quantizing (routed tokens per expert, those calibrated on all tokens), kept in the saved layer spec.
@@ -171,6 +172,8 @@ class PackedExperts(nn.Module):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         kernel = self.backend == "triton" or (self.backend == "auto" and hidden_states.is_cuda)
+        if kernel:
+            return self._grouped(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         for e in torch.unique(top_k_index).tolist():  # the hit experts, in order (one host sync, as transformers')
             if not 0 <= e < self.num_experts:
@@ -179,6 +182,21 @@ class PackedExperts(nn.Module):
             y = self.expert(hidden_states[token], e, kernel) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+    def _grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """forward's Triton path: both projections of every selected expert, one grouped launch each."""
+        from ..kernels.moe_matmul import grouped_weight_only_matmul
+
+        def project(inp, proj):  # [T, K] (a row a token) or [T, k, K] (a row a slot) -> [T, k, N]
+            scales = getattr(self, f"{proj}_scales")
+            return grouped_weight_only_matmul(inp.to(scales.dtype), getattr(self, f"{proj}_qweight"), scales,
+                                              getattr(self, f"{proj}_zeros"), index, bits=self.bits,
+                                              group_size=getattr(self, f"{proj}_group_size"),
+                                              in_features=inp.shape[-1], perm=getattr(self, f"{proj}_perm"))
+
+        gate, up = project(x, "gate_up").chunk(2, dim=-1)
+        y = project(self.act_fn(gate) * up, "down")  # dropped slots (index not in [0, E)) come back as zeros
+        return (y.float() * weights.float()[..., None]).sum(dim=1).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, intermediate_dim="
