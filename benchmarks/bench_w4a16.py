@@ -135,15 +135,15 @@ def h2_fns(w, k, n, group, copies):
 
 
 def slots_fns(w, k, n, group, copies):
-    """slot_gemm alone (2 <= M <= 64), its config tuned over its own candidates."""
+    """slot_gemm alone (M >= 2), its config tuned over its own candidates."""
     from tquant.kernels import autotune_cache, slot_gemm
 
     qc = [(w["qweight"].clone(), w["scales"].clone(), w["zeros"].clone()) for _ in range(copies)]
     kw = dict(bits=4, group_size=group)
 
     def make(x):
-        if not 1 < x.shape[0] <= slot_gemm.MAX_M:
-            raise ValueError(f"slot_gemm is timed for 2 <= M <= {slot_gemm.MAX_M}")
+        if x.shape[0] < 2:
+            raise ValueError("slot_gemm is timed for M >= 2")
         run = lambda c, q=qc[0]: slot_gemm.gemm(x, q[0], q[1], q[2], None, config=c, **kw)  # noqa: E731
         config = autotune_cache.tune("bench_slot_gemm", dict(M=x.shape[0], N=n, K=k, group=group),
                                      slot_gemm.configs(x.shape[0], n, k // 8), run, x.device)
@@ -251,7 +251,7 @@ def ncu_case(spec):
 def main():
     from tquant.kernels import weight_only_matmul as wom
 
-    wom.USE_H2 = wom.USE_SLOTS = True  # "tquant": the dispatcher with the half2 GEMV (M = 1) and slot_gemm (M <= 64)
+    wom.USE_H2 = wom.USE_SLOTS = True  # "tquant": the dispatcher with the half2 GEMV (M = 1) and slot_gemm (M >= 2)
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="4096x14336,14336x4096,4096x6144,4096x4096,4096x28672")
     ap.add_argument("--ms", default="1,16,64")

@@ -1,8 +1,8 @@
-"""slot_gemm (one tl.dot per code slot, M <= 64) against the torch reference weight_only_matmul_ref: random codes,
-scales and zeros at odd shapes (M 1..40: one or more row tiles, N not a multiple of the tile, K of 1..several K steps), bits 2 / 4 / 8,
-per-channel, groups spanning a K step and groups smaller than one, split-K, bias, fp16 / bf16 / fp32, activation
-outliers; the dispatcher's path; the input refusals; and, compiled for sm_90, the property the kernel exists for:
-no layout conversion of a dequantized weight tile in its TTGIR.
+"""slot_gemm (one tl.dot per code slot) against the torch reference weight_only_matmul_ref: random codes, scales and
+zeros at odd shapes (M 1..40: one or more row tiles, N not a multiple of the tile, K of one to several K steps),
+bits 2 / 4 / 8, per-channel, groups spanning a K step and groups smaller than one, split-K, x strided or slot-major,
+bias, fp16 / bf16 / fp32, activation outliers; the dispatcher's path; the input refusals; and, compiled for sm_90 at
+M = 16, 64 and 1024, the property the kernel exists for: the dequantized weights reach wgmma from registers.
 
 Runs under the Triton interpreter on the CPU (TRITON_INTERPRET=1, conftest.py) and with TRITON_INTERPRET=0 on a GPU.
 """
@@ -62,9 +62,9 @@ def magnitude(t, bits, group_size):
 def configs_under_test(m, n, kw):
     if DEVICE == "cpu":
         c = slot_gemm.INTERPRETER_CONFIG
-        return [c, dict(c, SPLIT_K=1, BLOCK_KW=32, BLOCK_M=32), dict(c, SPLIT_K=3, BLOCK_N=16)]
+        return [c, dict(c, SPLIT_K=1, BLOCK_KW=32, BLOCK_M=32, x="slot-major"), dict(c, SPLIT_K=3, BLOCK_N=16)]
     gpu = slot_gemm.configs(min(64, 1 << (m - 1).bit_length()), n, kw)
-    return [gpu[0], dict(gpu[0], SPLIT_K=3, BLOCK_M=16),
+    return [gpu[0], dict(gpu[0], SPLIT_K=3, BLOCK_M=16, x="slot-major"),
             dict(gpu[0], BLOCK_N=128, BLOCK_KW=32, num_warps=8, num_stages=3)]
 
 
@@ -116,32 +116,32 @@ def test_kernels_dispatcher_runs_the_slot_path():
     assert_close(y, ref, torch.float32, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("m, bits, k, group_size", [(65, 4, 64, 32), (2, 3, 60, 60), (2, 4, 60, 60), (2, 4, 64, 4)])
+@pytest.mark.parametrize("m, bits, k, group_size", [(2, 3, 60, 60), (2, 4, 60, 60), (2, 4, 64, 4)])
 def test_slot_gemm_refuses_what_it_does_not_take(m, bits, k, group_size):
-    """More than 64 rows, 3-bit codes (10 a word), K not whole words, groups splitting a word: refused by name."""
+    """3-bit codes (10 a word), K not whole words, groups splitting a word: refused by name."""
     x = torch.zeros(m, k)
     assert not slot_gemm.supports(x, bits, group_size, k)
-    with pytest.raises(ValueError, match="slot_gemm takes M <= 64"):
+    with pytest.raises(ValueError, match="slot_gemm takes bits"):
         slot_gemm.gemm(x, torch.zeros(-(-k * bits // 32), 8, dtype=torch.int32), torch.ones(k // group_size, 8),
                        torch.zeros(k // group_size, 8), None, bits=bits, group_size=group_size,
                        config=slot_gemm.INTERPRETER_CONFIG)
 
 
 def _compiled_ttgir():
-    """The GPU default configs at M = 16 and 64, compiled for sm_90 (run in a subprocess with the interpreter off)."""
+    """The GPU default configs at M = 16, 64 and 1024, compiled for sm_90 (run in a subprocess with the interpreter off)."""
     from tquant.kernels.cross_compile import compiling_for
 
     q = torch.zeros(512, 14336, dtype=torch.int32)
     s = torch.ones(32, 14336, dtype=torch.float16)
     with compiling_for() as done:
-        for m in (16, 64):
+        for m in (16, 64, 1024):
             slot_gemm.gemm(torch.zeros(m, 4096, dtype=torch.float16), q, s, s, None, bits=4, group_size=128,
                            config=slot_gemm.configs(m, 14336, 512)[0])
     return done
 
 
 def test_kernels_slot_gemm_compiles_for_hopper_without_converting_weight_tiles():
-    """For sm_90, at M = 16 and 64: wgmma takes each dequantized [BLOCK_N, BLOCK_KW] = [64, 16] tile from registers,
+    """For sm_90, at M = 16, 64 and 1024: wgmma takes each dequantized [BLOCK_N, BLOCK_KW] = [64, 16] tile from registers,
     computed there, not read back from shared memory after a convert_layout (dequant_gemm's M <= 16 path has one: the
     round trip this kernel avoids) or a local_alloc + local_load; no spills."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

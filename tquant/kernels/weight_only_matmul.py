@@ -16,7 +16,7 @@ key (M rounded up to a power of two, N, K, bits, group_size, dtype, perm) by aut
                 w4a16_gemv.gemv_h2 (packed half2 dequantization and products), tuned against it (key kernels=h2)
     M <= 16     dequant_gemm with y^T = w^T x^T (BLOCK_M = 16), split-K
     M > 16      dequant_gemm; from M >= 128 on also "dense": dequantize once (Triton), then cuBLAS (x @ w)
-    1 < M <= 64 for 2 / 4 / 8-bit codes with groups of whole words also slot_gemm (one tl.dot per code slot, the
+    M > 1       for 2 / 4 / 8-bit codes with groups of whole words also slot_gemm (one tl.dot per code slot, the
                 dequantized tile never through shared memory), tuned against the others (key kernels=slots)
 With perm and M > 1 each GEMM config also comes with gather=True: x[:, perm] is gathered once (one torch
 index_select) and the kernel reads x in storage order, instead of gathering x's K step tiles by perm inside every
@@ -39,7 +39,7 @@ DENSE = dict(path="dense")
 # Offer w4a16_gemv.gemv_h2 at M = 1. Off until its inline-asm branch has passed its tests on a GPU (only its portable
 # branch and its sm_90 compilation are checked so far): the tuner times candidates but does not check their outputs.
 USE_H2 = False
-# Offer slot_gemm at 2 <= M <= 64. Off until it has passed its tests and been timed on a GPU (interpreter tests and
+# Offer slot_gemm at M >= 2. Off until it has passed its tests and been timed on a GPU (interpreter tests and
 # its sm_90 compilation only so far).
 USE_SLOTS = False
 
