@@ -30,6 +30,7 @@ from torch import nn
 from ..models import find_blocks, resolve_dtype
 from ..serialization import INDEX, WEIGHTS, file_sha256
 
+STORED_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # safetensors' dtype names
 SAMPLE = 1 << 20  # bytes of tensor data at each end of a weights file that its fingerprint hashes
 
 
@@ -98,10 +99,8 @@ class Source:
         for name, full in self.files.items():
             with safe_open(full, framework="pt") as f:
                 dtype = f.get_slice(name).get_dtype()
-            torch_dtype = getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32",
-                                          "F64": "float64"}.get(dtype, ""), None)
-            if torch_dtype is not None:
-                return torch_dtype
+            if dtype in STORED_FLOATS:
+                return STORED_FLOATS[dtype]
         return torch.float32
 
     def skeleton(self, dtype="auto") -> nn.Module:
