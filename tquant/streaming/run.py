@@ -135,8 +135,9 @@ def _finish(out: str, model: nn.Module, blocks_name: str, progress: Progress, li
     progress.move(shards, names)
     write_index(out, {t: name for record, name in zip(shards, names) for t in record["tensors"]},
                 sum(b for record in shards for b in record["tensors"].values()))
+    log.info(f"writing the manifest: sha256 of {len(names)} shards ({sum(r['bytes'] for r in shards) / 2**30:.2f} GiB, "
+             "about a second a GiB)")
     write_checkpoint_files(out, model, [*names, INDEX], tokenizer)
     progress.remove()
-    log.info(f"wrote {len(names)} shards ({sum(r['bytes'] for r in shards) / 2**20:.1f} MiB) and the manifest to "
-             f"{out} in {time.monotonic() - start:.1f} s")
+    log.info(f"wrote {out} in {time.monotonic() - start:.1f} s")
 
