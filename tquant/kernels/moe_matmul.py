@@ -39,7 +39,7 @@ from ..formats.quantizer import check_bits, resolve_group_size
 from . import dequant_gemm
 from .autotune_cache import tune
 from .dequant_gemm import (ASM_MAGIC, MAGIC_BITS, codes_tree, group_mode, group_params, load_group_params,
-                           split_k_buffers, split_k_grid, store_output, use_asm)
+                           split_k_grid, store_output, use_asm)
 from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
 from .weight_only_matmul import weight_only_matmul_ref
 
@@ -189,10 +189,10 @@ def launch(config, x, qweight, scales, zeros, expert_ids, perm, *, bits: int, gr
     per_split, splits = split_k_grid(kw_total, block_kw, config["SPLIT_K"])
     groups = group_mode(block_kw, epw, group_size, k)
     asm = use_asm(x.dtype, bits) and groups < 2 and block_m <= 16
-    y = dequant_gemm.output_buffer(p, n, x.dtype, x.device)
+    y = dequant_gemm.output_buffer(p, n, x.dtype, x.device)  # via the module: tests poison it (and the workspace)
     n_tiles = triton.cdiv(n, block_n)
     tiles = bexp.numel() * n_tiles
-    ws, counters = split_k_buffers(splits, p, n, tiles, x.device) if splits > 1 else (y, y)
+    ws, counters = dequant_gemm.split_k_buffers(splits, p, n, tiles, x.device) if splits > 1 else (y, y)
     _grouped_gemm_kernel[(tiles, splits)](
         x, qweight, scales, zeros, perm if perm is not None else qweight, y, ws, counters, pairs, bexp, bstart, bend,
         p, n, k, kw_total, experts, group_size, p // x.shape[0],  # x rows: a token's (pair // k) or a pair's
