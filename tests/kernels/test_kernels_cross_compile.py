@@ -3,7 +3,8 @@ interpreter runs but the CUDA compiler rejects fails here, not on a user's first
 config each, in a subprocess with the interpreter off) are the decode-attention kernels at Llama-3-8B shapes
 (32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32 (and its table path at batch 1), and SpQR's (the weight-only GEMV /
 GEMM decoding bilevel stats, then the outlier kernel) at batch 1 and 16, and the static decoder's fused step kernels
-(RMSNorm, RoPE + cache write, silu * up, float-cache attention, the per-token KV write) at batch 1 and 16; each must
+(RMSNorm, RoPE + cache write, silu * up, float-cache attention, the per-token KV write) at batch 1 and 16, and the
+grouped MoE matmul's decode launches (gate_up, then down, of one token's top-2 of 8 Mixtral-like experts); each must
 compile with no more than 255 registers."""
 import json
 import os
@@ -15,12 +16,14 @@ import pytest
 CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), ("kivi", 4, "token", "float16"),
          ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16"),
          ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16"), ("spqr", 3, 1, "float16"), ("spqr", 4, 16, "float16"),
-         ("bcq_lut", 3, 1, "float16"), ("decode", 4, 1, "float16"), ("decode", 8, 16, "bfloat16")]
+         ("bcq_lut", 3, 1, "float16"), ("decode", 4, 1, "float16"), ("decode", 8, 16, "bfloat16"),
+         ("moe", 4, 1, "float16")]
 KERNELS = {"kivi": ["_kv_attention_kernel", "combine_kernel"],
            "kvquant": ["_kvquant_attention_kernel", "combine_kernel"], "bcq": ["_bcq_matmul_kernel"],
            "bcq_lut": ["_bcq_table_kernel", "_bcq_lut_kernel"],
            "decode": ["_rms_norm_kernel", "_rope_qkv_kernel", "_silu_mul_kernel", "_kv_attention_kernel",
-                      "combine_kernel", "_kv_quant_write_kernel"]}
+                      "combine_kernel", "_kv_quant_write_kernel"],
+           "moe": ["_grouped_gemm_kernel", "_grouped_gemm_kernel"]}
 SPQR_KERNELS = {1: "_dequant_gemv_kernel", 16: "_dequant_gemm_kernel"}
 
 
@@ -40,7 +43,9 @@ def compile_case(kind, bits, option, dtype):
     q = torch.randn(b, hq, d).to(dtype)
     config = kv_attention.configs(4096)[0]
     with compiling_for() as done:
-        if kind == "decode":  # the static decoder's step kernels at Llama-3-8B shapes; option: the batch
+        if kind == "moe":  # option: the tokens; 8 experts, top-2, hidden 1024, intermediate 512, groups of 128
+            moe_step(option, bits, dtype)
+        elif kind == "decode":  # the static decoder's step kernels at Llama-3-8B shapes; option: the batch
             decode_step(option, bits, dtype)
         elif kind == "spqr":  # option: the batch; beta1 16 (3-bit words span groups), 64 (4-bit)
             group, n, k = (16 if bits == 3 else 64), 256, 512
@@ -111,6 +116,22 @@ def decode_step(batch, kv_bits, dtype):
     codes = torch.zeros(batch, hkv, t, d * kv_bits // 32, dtype=torch.int32)
     store = PackedKV(codes, torch.ones(batch, hkv, t, 1).half(), torch.zeros(batch, hkv, t, 1).half())
     kv_quant_write.kv_quant_write(cache[0][:, :, :1], cache[1][:, :, :1], store, store, torch.tensor([7]), kv_bits)
+
+
+def moe_step(tokens, bits, dtype):
+    """The grouped MoE matmul's two launches of a decode step, default configs (TQUANT_AUTOTUNE=0, device check off)."""
+    import torch
+
+    from tquant.kernels import moe_matmul
+
+    moe_matmul.check_device = lambda tensors: None
+    os.environ["TQUANT_AUTOTUNE"] = "0"
+    e, h, i, group = 8, 1024, 512, 128
+    ids = torch.randint(0, e, (tokens, 2))
+    for k, n, x in ((h, 2 * i, torch.randn(tokens, h)), (i, h, torch.randn(tokens, 2, i))):
+        moe_matmul.grouped_weight_only_matmul(
+            x.to(dtype), torch.zeros(e, k * bits // 32, n, dtype=torch.int32), torch.ones(e, k // group, n).to(dtype),
+            torch.zeros(e, k // group, n).to(dtype), ids, bits=bits, group_size=group, in_features=k)
 
 
 def tiered(cases):
