@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["tquant", "tquant.calib", "tquant.formats", "tquant.kernels", "tquant.kv", "tquant.methods",
+SUBPACKAGES = ["tquant", "tquant.calib", "tquant.formats", "tquant.kernels", "tquant.kv", "tquant.methods", "tquant.streaming",
                "tquant.modules", "tquant.tools"]
 
 
