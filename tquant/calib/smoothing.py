@@ -153,12 +153,18 @@ class SmoothedGroup:
     """Applies s = smoothing_scales(act_max, group's weights, alpha) to one input group: columns of each
     linear times s, and 1/s either into `absorber` (find_absorber's) or as a run-time divisor (a forward
     pre-hook x -> x / s on each linear, which ActQuantLinear's kernel replaces). undo() restores the weights
-    and removes the hooks (used while searching alpha)."""
+    and removes the hooks (used while searching alpha). scales=: s [K] given (AWQ's searched scales; equal across
+    channels sharing an absorber index), act_max and alpha unused."""
 
-    def __init__(self, group: list[nn.Linear], absorber: Absorber | None, act_max: torch.Tensor, alpha: float):
+    def __init__(self, group: list[nn.Linear], absorber: Absorber | None, act_max: torch.Tensor | None = None,
+                 alpha: float | None = None, *, scales: torch.Tensor | None = None):
         index = None if absorber is None else absorber.index
-        self.s = s = smoothing_scales(act_max, [lin.weight for lin in group], alpha,
-                                      None if index is None else index.to(act_max.device))
+        if scales is None:
+            s = smoothing_scales(act_max, [lin.weight for lin in group], alpha,
+                                 None if index is None else index.to(act_max.device))
+        else:
+            s = scales.detach().float().to(group[0].weight.device)
+        self.s = s
         self.absorber = absorber
         absorbed = []
         if absorber is not None:
