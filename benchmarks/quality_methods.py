@@ -49,6 +49,9 @@ ROWS = {  # name: (method, options)
        for b in (4, 3) for g in ("g64", "pc")},
     **{f"{m}-w{b}a16-asym-{g}": (m, dict(bits=b, group_size=-1 if g == "pc" else 64, sym=False))
        for m in ("rtn", "gptq") for b in (4, 3) for g in ("g64", "pc")},
+    # AWQ (issue 29): the same asymmetric grids; --set search_samples=N limits its scale search to N sequences
+    **{f"awq-w{b}a16-asym-{g}": ("awq", dict(bits=b, group_size=-1 if g == "pc" else 64, sym=False))
+       for b in (4, 3) for g in ("g64", "pc")},
     # QoQ's ablation (group 64): W4A8KV4 on the progressive grid, then each step added in the order it runs
     # (qoq-g64: all of them); qoq-w4a8-g64: every weight step, float KV cache. prefill_with_quant: each window's
     # one forward attends to its keys / values through the 4-bit cache, as decoding reads them. These rows were
@@ -124,11 +127,12 @@ def main():
             method, opts = ROWS[row]
             opts = {**opts, **extra}
             model = copy.deepcopy(base)
+            cpu = time.process_time()
             tquant.quantize(model, method, calib="pydoc", tokenizer=tok, n_samples=a.n_samples, seqlen=512,
                                 device=a.device, progress=False, **opts)
-            quantize_s = time.time() - t
+            quantize_s, quantize_cpu_s = time.time() - t, time.process_time() - cpu
             results[row] = {"method": method, "options": opts, "quantize_s": round(quantize_s),
-                            "ppl": ppl(model)}
+                            "quantize_cpu_s": round(quantize_cpu_s), "ppl": ppl(model)}
             info = model.config.quantization_config
             results[row]["runtime_smooth_layers"] = sum(s.get("smooth", False) for s in info["layers"].values())
             results[row]["report"] = info.get("report", {})

@@ -34,8 +34,8 @@ import time
 
 # the registered quantization methods (tquant.methods()) and their aliases, named here without importing them;
 # tests/test_cli.py checks this against the registry
-METHODS = ("abq", "bcq", "gptq", "kivi", "kvquant", "qoq", "qoq_kv4", "qqq", "quip#", "rtn", "smoothquant", "spqr",
-           "zeroquant")
+METHODS = ("abq", "awq", "bcq", "gptq", "kivi", "kvquant", "qoq", "qoq_kv4", "qqq", "quip#", "rtn", "smoothquant",
+           "spqr", "zeroquant")
 METHOD_ALIASES = ("abq-llm", "quip_sharp")
 # what --dtype takes (tquant.models.DTYPE_NAMES and "auto"; tests/test_cli.py checks them against it)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")

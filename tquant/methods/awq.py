@@ -1,0 +1,280 @@
+"""AWQ (Lin et al., 2024): activation-aware weight quantization, weight-only, on the uniform packed grid.
+
+Per block, before any of its weights is quantized (prepare_block, on the block's float weights and its calibration
+inputs), for each input group (the linears reading one tensor: q/k/v, gate/up, down_proj, o_proj) whose input an op
+of the block can take a per-channel division of exactly (smoothing.find_absorber: the norm before q/k/v and gate/up,
+up_proj before down_proj, v_proj before o_proj; under grouped-query attention v_proj has fewer channels than o_proj's
+input and o_proj is left unscaled, as AutoAWQ does):
+    x_mean_j = mean_t |x_tj|                                   the group's input, over the search tokens
+    w_mean_j = mean over the group's rows and groups of |W_nj| / max_{j' in j's group} |W_nj'|
+    s(alpha) = x_mean^alpha / (w_mean^(1 - alpha) + 1e-4)     (duo_scaling, AutoAWQ's default; else x_mean^alpha,
+                                                                llm-awq's), clamped to >= 1e-4, divided by
+                                                                sqrt(max s * min s)
+    for alpha in 0, 1/n_grid, ..., (n_grid - 1)/n_grid, and s = 1 (no scaling, i.e. round-to-nearest): the MSE of the
+    output of the smallest module holding the group (self_attn for q/k/v, the MLP for gate/up; a lone linear itself)
+    on the search inputs, each of the group's weights replaced by Q(W diag(s)) diag(s)^-1 (Q: this method's grid
+    without clipping); the least error wins, so the result never does worse than round-to-nearest on this objective
+    fold: W diag(s) into the group's linears, diag(s)^-1 into the absorber (smoothing.SmoothedGroup): the float block
+    computes the same function
+Then per linear (quantize), on the inputs the driver collects (after the folds, through the block's already
+quantized stages): weight clipping, per output row and group, the clip value m = (1 - i / clip_grid) max|w_g| for
+i < max_shrink * clip_grid (i = 0: no clipping) minimizing (w_g - q_g) H_gg (w_g - q_g)^T, q_g the grid value of
+clamp(w_g, -m, m) and H_gg the group's block of the input Gram matrix X^T X: AutoAWQ's ||X_g w_g - X_g q_g||^2 over
+all calibration tokens (AutoAWQ samples 512). Layers matching clip_skip are not clipped (AutoAWQ skips q and k: their
+errors meet in the q k^T product, which a per-layer output error does not see). Finally round-to-nearest of the
+clamped weight on the project's grid (tquant.formats.quantizer, symmetric or min-max with an integer zero; per
+group or per channel), a QuantizedWeight as rtn and gptq make, so PackedLinear stores it and every W4A16 kernel
+serves it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import math
+
+import torch
+from torch import nn
+
+from ..calib.block_io import hidden, hooked, rows
+from ..calib.smoothing import Absorber, SmoothedGroup, find_absorber
+from ..formats.quantizer import dequantize, qparams, quantize
+from ..formats.weights import QuantizedWeight
+from .base import LayerState, Method, option, register
+from .gptq import HessianState
+
+log = logging.getLogger("tquant")
+
+W_EPS = 1e-4  # AutoAWQ's: added to w_mean^(1 - alpha), and the least scale before normalizing
+GROUP_EPS = 1e-6  # AutoAWQ's: added to a group's max |w| when normalizing the weights for w_mean
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """w_mean [K] (float32): of the group's weights [N_i, K] stacked, |W| divided by its quantization group's max |W|
+    (+ GROUP_EPS), averaged over the rows and the groups a channel falls in."""
+    w = torch.cat([t.detach().float() for t in weights]).abs()
+    n, k = w.shape
+    w = w.reshape(n, k // group_size, group_size)
+    return (w / (w.amax(dim=-1, keepdim=True) + GROUP_EPS)).reshape(n, k).mean(dim=0)
+
+
+def awq_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """s [K] = x_mean^alpha / (w_mean^(1 - alpha) + 1e-4) (w_mean None: x_mean^alpha), >= 1e-4, divided by
+    sqrt(max s * min s); a non-finite factor becomes 1."""
+    s = x_mean.float().pow(alpha)
+    if w_mean is not None:
+        s = s / (w_mean.float().pow(1 - alpha) + W_EPS)
+    s = s.clamp(min=W_EPS)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def fake_quantized(weight: torch.Tensor, s: torch.Tensor | None, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1 in W's dtype (s None: Q(W)), Q round-to-nearest on the project's grid."""
+    w = weight.detach().float()
+    if s is None:
+        return QuantizedWeight.from_rtn(w, bits, group_size, sym).dequantize().to(weight.dtype)
+    s = s.float().to(w.device)
+    return (QuantizedWeight.from_rtn(w * s, bits, group_size, sym).dequantize() / s).to(weight.dtype)
+
+
+def clip_values(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int, sym: bool, grid: int,
+                max_shrink: float) -> torch.Tensor:
+    """AWQ's weight clipping search: per output row and group of w [N, K], the clip value m [N, G] among
+    (1 - i / grid) max|w_g|, i = 0, 1, ... < max_shrink * grid, whose grid value q_g of clamp(w_g, -m, m) gives
+    the least (w_g - q_g) H_gg (w_g - q_g)^T (H [K, K]: the input Gram matrix; ties keep the larger m)."""
+    n, k = w.shape
+    g = k // group_size
+    wg = w.detach().float().reshape(n, g, group_size)
+    blocks = torch.stack([h[i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size]
+                          for i in range(g)]).float()  # [G, gs, gs]
+    top = wg.abs().amax(dim=-1)  # [N, G]
+    best, best_err = top.clone(), torch.full_like(top, float("inf"))
+    for i in range(max(1, math.ceil(max_shrink * grid - 1e-9))):  # i < max_shrink * grid
+        m = top * (1 - i / grid)
+        clamped = torch.maximum(torch.minimum(wg, m[..., None]), -m[..., None])
+        scale, zero = qparams(clamped, bits, sym)
+        delta = dequantize(quantize(clamped, scale[..., None], zero[..., None], bits), scale[..., None],
+                           zero[..., None]) - wg  # [N, G, gs]
+        err = (torch.bmm(delta.transpose(0, 1), blocks) * delta.transpose(0, 1)).sum(-1).t()  # [N, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, m, best)
+    return best
+
+
+def _inspected(block: nn.Module, names: list[str]) -> nn.Module:
+    """The module whose output AWQ's scale search compares: a lone linear itself, else the smallest module of the
+    block holding every linear of the group (self_attn for q/k/v, the MLP for gate/up; the block itself at worst)."""
+    if len(names) == 1:
+        return block.get_submodule(names[0])
+    common = []
+    for parts in zip(*(n.split(".") for n in names)):
+        if any(p != parts[0] for p in parts):
+            break
+        common.append(parts[0])
+    return block.get_submodule(".".join(common)) if common else block
+
+
+@register
+@dataclasses.dataclass
+class AWQ(Method):
+    name = "awq"
+
+    n_grid: int = option(20, "scale exponents alpha the search tries: 0, 1/n, ..., (n-1)/n (plus no scaling)")
+    duo_scaling: bool = option(True, "s = x_mean^alpha / w_mean^(1 - alpha) (AutoAWQ); False: s = x_mean^alpha "
+                                     "(llm-awq)")
+    search_samples: int = option(0, "calibration sequences the scale search runs on, the first ones (0: all)")
+    clip: bool = option(True, "search a clip value per output row and group on the layer's output error")
+    clip_grid: int = option(20, "clip steps: the group max times 1, 1 - 1/n, ... (n = clip_grid)")
+    max_shrink: float = option(0.5, "the clip search goes down to (1 - max_shrink) times the group max, exclusive")
+    clip_skip: str = option("*q_proj,*k_proj,*query,*key,*qkv_proj,*Wqkv,*c_attn",
+                            "comma-separated name patterns of layers never clipped (AutoAWQ's: q and k)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for key in ("n_grid", "clip_grid"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        if isinstance(self.search_samples, bool) or not isinstance(self.search_samples, int) or \
+                self.search_samples < 0:
+            raise ValueError(f"search_samples must be an integer >= 0 (0: all), got {self.search_samples!r}")
+        if not isinstance(self.max_shrink, (int, float)) or isinstance(self.max_shrink, bool) or \
+                not 0 < self.max_shrink < 1:
+            raise ValueError(f"max_shrink must be a number in (0, 1), got {self.max_shrink!r}")
+        for key in ("duo_scaling", "clip"):
+            if getattr(self, key) not in (True, False):
+                raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        if not isinstance(self.clip_skip, str):
+            raise ValueError(  # noqa: TRY004 - an option refused, as the others
+                f"clip_skip must be a string of comma-separated name patterns, got {self.clip_skip!r}")
+        self.alpha: dict[str, float | None] = {}  # layer -> searched alpha (None: no scaling won)
+        self.unscaled: list[str] = []  # layers whose input no op of the block absorbs exactly
+        self.clip_ratio: dict[str, float] = {}  # layer -> mean chosen clip value / group max
+        self._absorbers: dict[tuple[str, ...], tuple[str, torch.Tensor | None] | None] = {}  # see _absorber
+
+    @property
+    def needs_layer_stats(self) -> bool:
+        return self.clip
+
+    def new_state(self, name, linear):
+        return HessianState(name, linear) if self.clip else LayerState(name, linear)
+
+    def report(self) -> dict:
+        return {"alpha": dict(self.alpha), "unscaled": list(self.unscaled), "clip_ratio": dict(self.clip_ratio)}
+
+    def _search_inputs(self, inputs):
+        if not self.search_samples:
+            return list(inputs)
+        out, left = [], self.search_samples
+        for args, kwargs in inputs:
+            n = min(left, args[0].shape[0])
+            out.append(rows(args, kwargs, slice(0, n)))
+            left -= n
+            if not left:
+                break
+        return out
+
+    @torch.no_grad()
+    def prepare_block(self, block, linears, groups, inputs, prefix):
+        plan = []  # (names, absorber, inspected module)
+        for g in groups:
+            if g[0] not in linears:  # an experts module (refused before this, see experts_refusal)
+                continue
+            absorber = self._absorber(block, [linears[n] for n in g], g, inputs)
+            if absorber is None:
+                self.unscaled += [prefix + n for n in g]
+                continue
+            plan.append((g, absorber, _inspected(block, g)))
+        if not plan:
+            return
+        search = self._search_inputs(inputs)
+        # one pass over the search inputs: each group's sum |x| and token count, each inspected module's calls
+        x_sum = {g[0]: 0 for g, _, _ in plan}
+        count = dict.fromkeys(x_sum, 0)
+        calls = {id(m): [] for _, _, m in plan}
+
+        def record_x(name):
+            def hook(module, args):
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                x_sum[name] = x_sum[name] + x.abs().float().sum(dim=0)
+                count[name] += x.shape[0]
+            return hook
+
+        def record_call(key):
+            def hook(module, args, kwargs):
+                calls[key].append((args, kwargs))
+            return hook
+
+        hooks = [linears[g[0]].register_forward_pre_hook(record_x(g[0])) for g, _, _ in plan]
+        modules = {id(m): m for _, _, m in plan}
+        hooks += [m.register_forward_pre_hook(record_call(key), with_kwargs=True) for key, m in modules.items()]
+        with hooked(hooks):
+            for args, kwargs in search:
+                block(*args, **kwargs)
+        for g, absorber, module in plan:
+            group = [linears[n] for n in g]
+            gs = self.layer_group_size(group[0], prefix + g[0])
+            x_mean = x_sum[g[0]] / max(count[g[0]], 1)
+            w_mean = weight_mean([lin.weight for lin in group], gs) if self.duo_scaling else None
+            alpha, s = self._search(module, calls[id(module)], group, x_mean, w_mean, gs)
+            for n in g:
+                self.alpha[prefix + n] = alpha
+            if s is not None:
+                SmoothedGroup(group, absorber, scales=s)
+
+    def _absorber(self, block, group, names, inputs) -> Absorber | None:
+        """find_absorber's answer for this group, tested on the first block where a group of these names appears
+        and reused (by the absorber's name in the block) in the later blocks, which repeat the first one's modules:
+        the test runs the block once per candidate module, a fifth of AWQ's time per block on the offline model."""
+        key = tuple(names)
+        if key not in self._absorbers:
+            found = find_absorber(block, group, inputs)
+            where = None if found is None else next(n for n, m in block.named_modules() if m is found.module)
+            self._absorbers[key] = None if found is None else (where, found.index)
+        if self._absorbers[key] is None:
+            return None
+        where, index = self._absorbers[key]
+        return Absorber(block.get_submodule(where), index)
+
+    def _search(self, module, calls, group, x_mean, w_mean, gs):
+        """(alpha, s) with the least output MSE of `module` on `calls` with the group's weights fake-quantized;
+        (None, None) when no scaling (round-to-nearest) does best."""
+        teacher = [hidden(module(*a, **k)).float() for a, k in calls]
+        total = sum(t.numel() for t in teacher)
+
+        def error(s):
+            saved = [lin.weight.data for lin in group]
+            try:
+                for lin in group:
+                    lin.weight.data = fake_quantized(lin.weight, s, self.bits, gs, self.sym)
+                return sum(torch.nn.functional.mse_loss(hidden(module(*a, **k)).float(), t, reduction="sum").item()
+                           for (a, k), t in zip(calls, teacher)) / total
+            finally:
+                for lin, w in zip(group, saved):
+                    lin.weight.data = w
+
+        best = (error(None), None, None)
+        for i in range(self.n_grid):
+            s = awq_scales(x_mean, w_mean, i / self.n_grid)
+            e = error(s)
+            if e < best[0]:
+                best = (e, i / self.n_grid, s)
+        return best[1], best[2]
+
+    def _clipped(self, name: str) -> bool:
+        return self.clip and not any(fnmatch.fnmatch(name, p.strip()) for p in self.clip_skip.split(",") if p.strip())
+
+    def quantize(self, state, linear, name) -> QuantizedWeight:
+        w = linear.weight.detach().float()
+        gs = self.layer_group_size(linear, name)
+        if self._clipped(name):
+            if state.tokens == 0:
+                raise ValueError(f"awq: layer {name!r} saw no calibration data")
+            m = clip_values(w, state.hessian, gs, self.bits, self.sym, self.clip_grid, self.max_shrink)
+            top = w.abs().reshape(w.shape[0], -1, gs).amax(dim=-1)
+            self.clip_ratio[name] = round((m / top.clamp_min(torch.finfo(torch.float32).tiny)).mean().item(), 4)
+            bound = m.repeat_interleave(gs, dim=1)
+            w = torch.maximum(torch.minimum(w, bound), -bound)
+        return QuantizedWeight.from_rtn(w, self.bits, gs, self.sym)
