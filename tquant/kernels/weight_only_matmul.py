@@ -26,6 +26,7 @@ program of the grid (benchmarks/RESULTS.md has what the in-kernel gather cost).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -36,12 +37,15 @@ from .autotune_cache import tune
 from .runtime import DTYPES, check_device, check_tensors, interpreter_on, next_power_of_2
 
 DENSE = dict(path="dense")
-# Offer w4a16_gemv.gemv_h2 at M = 1. Off until its inline-asm branch has passed its tests on a GPU (only its portable
-# branch and its sm_90 compilation are checked so far): the tuner times candidates but does not check their outputs.
-USE_H2 = False
-# Offer slot_gemm at M >= 2. Off until it has passed its tests and been timed on a GPU (interpreter tests and
-# its sm_90 compilation only so far).
-USE_SLOTS = False
+# Kernels the dispatcher offers only when named in TQUANT_EXPERIMENTAL_KERNELS (comma-separated; read at import), so a
+# benchmark or an end-to-end run can time them without a code change:
+#   h2     w4a16_gemv.gemv_h2 at M = 1: passed its GPU tests, but slower than dequant_gemv on the H100 (RESULTS.md)
+#   slots  slot_gemm at M >= 2: interpreter tests and its sm_90 compilation only so far
+# (the tuner times candidates but does not check their outputs: a kernel joins by default once its GPU tests pass
+# and it wins somewhere.)
+EXPERIMENTAL = set(filter(None, os.environ.get("TQUANT_EXPERIMENTAL_KERNELS", "").split(",")))
+USE_H2 = "h2" in EXPERIMENTAL
+USE_SLOTS = "slots" in EXPERIMENTAL
 
 
 def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias, bilevel=None) -> int:
