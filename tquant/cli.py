@@ -13,7 +13,7 @@
                                     (per-layer statistics and error against the fp model: JSON + PNG)
     tquant tune DIR [--batches 1,16,64 --prompt-len 1024 --retune]
                                     (autotune the model's kernels on this GPU, write the configs file)
-    tquant export DIR OUT --format compressed-tensors|gptq [--gptq-format v1|v2] [--overwrite] [--max-shard-size 5GB]
+    tquant export DIR OUT --format compressed-tensors|gptq|awq [--gptq-format v1|v2] [--overwrite] [--max-shard-size 5GB]
                   [--check-tp 2,4,8]
                                     (a tquant checkpoint in a format vLLM / SGLang serve, checked to split over those
                                     tensor-parallel degrees; tquant.load reads compressed-tensors, GPTQ and AWQ
@@ -395,11 +395,12 @@ def parser() -> argparse.ArgumentParser:
     x = command("export", "write a saved model in a format serving engines load (vLLM, SGLang)", cmd_export)
     x.add_argument("dir", help="a folder written by tquant quantize / tquant.save")
     x.add_argument("out", help="output folder")
-    x.add_argument("--format", required=True, choices=("compressed-tensors", "gptq"),
+    x.add_argument("--format", required=True, choices=("compressed-tensors", "gptq", "awq"),
                    help="compressed-tensors: weight-only gptq / rtn layers as pack-quantized (W4A16 / W8A16, sym or "
                         "asym, group or channel) and SmoothQuant / ZeroQuant W8A8 layers as int-quantized (int8 "
                         "weights and activations); gptq: weight-only layers only, one bits / group size for the whole "
-                        "model, act-order as g_idx (--gptq-format). Other methods (QuIP#, BCQ, SpQR, ABQ, W4A8, KV "
+                        "model, act-order as g_idx (--gptq-format); awq: 4-bit weight-only layers without act order "
+                        "in AutoAWQ's GEMM layout, one group size. Other methods (QuIP#, BCQ, SpQR, ABQ, W4A8, KV "
                         "caches) are refused, naming what to use instead")
     x.add_argument("--check-tp", type=_degrees, default=None, metavar="2,4,8",
                    help="before writing, check every layer splits over these tensor-parallel degrees as vLLM splits "

@@ -30,8 +30,8 @@ def test_kv_cache_methods_are_refused(tmp_path):
 
 def test_unknown_format_and_non_tquant_models(tmp_path):
     model = quantized(bits=4, group_size=32)
-    with pytest.raises(ValueError, match="unknown export format 'awq'"):
-        tquant.export(model, str(tmp_path), format="awq")
+    with pytest.raises(ValueError, match="unknown export format 'exl2'"):
+        tquant.export(model, str(tmp_path), format="exl2")
     from tests.tiny_models import tiny_model
     with pytest.raises(ValueError, match="no tquant quantization_config"):
         tquant.export(tiny_model("llama"), str(tmp_path), format="gptq")

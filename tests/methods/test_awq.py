@@ -1,21 +1,26 @@
 """AWQ on tiny random models: the scale fold, the scale search's objective, the clipping search, the method's
-options, its grids, and its checkpoints (save / load, compressed-tensors)."""
+options, its grids, and its checkpoints (save / load, compressed-tensors, AWQ's own GEMM layout)."""
 import json
+import os
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
 import tquant
 from tests.interop.helpers import dequantized, logits, packed_layers
+from tests.interop.test_awq import awq_pack
 from tests.methods.test_weight_activation import CALIB, rel_err, with_outliers
 from tests.tiny_models import tiny_model
 from tquant import driver
 from tquant.api import make_method
 from tquant.calib.block_io import hidden
+from tquant.formats.packing import unpack_codes
 from tquant.formats.weights import QuantizedWeight
 from tquant.methods.awq import _inspected, awq_scales, clip_values, weight_mean
+from tquant.modules import PackedLinear
 
 
 def block0(model):
@@ -313,3 +318,35 @@ def test_awq_exports_to_compressed_tensors_as_the_library_reads_it(tmp_path):
         assert torch.equal(hf.get_submodule(name).weight, dequantized(mod)), name
     assert torch.equal(logits(hf), logits(model))
     assert torch.equal(logits(tquant.load(str(tmp_path))), logits(model))
+
+
+@pytest.mark.parametrize("sym,group_size", [(False, 32), (True, 32), (False, -1)])
+def test_awq_layout_export_round_trips_bit_exactly(tmp_path, sym, group_size):
+    model, _ = quantized(outliers=True, sym=sym, group_size=group_size)
+    tquant.export(model, str(tmp_path), format="awq")
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
+                  "modules_to_not_convert": None}
+    t = load_file(os.path.join(tmp_path, "model.safetensors"))
+    q = model.get_submodule("model.layers.0.mlp.down_proj")  # its packing against AutoAWQ's loop (test_awq's awq_pack)
+    assert torch.equal(t["model.layers.0.mlp.down_proj.qweight"], awq_pack(unpack_codes(q.qweight, 4, q.in_features)))
+    assert torch.equal(t["model.layers.0.mlp.down_proj.qzeros"], awq_pack(q.zeros.long()))
+    assert torch.equal(t["model.layers.0.mlp.down_proj.scales"], q.scales)
+    loaded = tquant.load(str(tmp_path))
+    for name, mod in packed_layers(model).items():
+        again = loaded.get_submodule(name)
+        assert isinstance(again, PackedLinear) and torch.equal(dequantized(again), dequantized(mod)), name
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_awq_layout_export_refuses_what_it_cannot_hold(tmp_path):
+    model, _ = quantized(bits=3)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: 3-bit weights: AWQ's GEMM layout is "
+                                         r"4-bit"):
+        tquant.export(model, str(tmp_path / "a"), format="awq")
+    gptq, _ = quantized(method="gptq", group_size=32, group_order="act")
+    with pytest.raises(ValueError, match=r"act-order storage \(a perm\): AWQ checkpoints have no g_idx"):
+        tquant.export(gptq, str(tmp_path / "b"), format="awq")
+    with pytest.raises(ValueError, match=r"check_tp has no rules for the awq format"):
+        tquant.export(gptq, str(tmp_path / "c"), format="awq", check_tp=(2,))
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")

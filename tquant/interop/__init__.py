@@ -1,7 +1,7 @@
 """Interoperation with the formats serving engines and the hub use (docs/interop.md).
 
-    tquant.export(model_or_dir, out, format="compressed-tensors" | "gptq")   tquant's PackedLinear layers ->
-                                    compressed-tensors pack-quantized (vLLM / SGLang) or GPTQ v1 / v2; W8A8
+    tquant.export(model_or_dir, out, format="compressed-tensors" | "gptq" | "awq")   tquant's PackedLinear layers ->
+                                    compressed-tensors pack-quantized (vLLM / SGLang), GPTQ v1 / v2 or AWQ (GEMM); W8A8
                                     ActQuantLinear layers (SmoothQuant, ZeroQuant) -> compressed-tensors int-quantized
     tquant.load(dir)                also reads compressed-tensors pack-quantized / int-quantized, GPTQ v1 / v2 and AWQ
                                     (GEMM) checkpoints (tquant.interop.loader), into PackedLinear / ActQuantLinear
@@ -12,7 +12,7 @@ exported folder's writing in writer.py.
 """
 from __future__ import annotations
 
-FORMATS = ("compressed-tensors", "gptq")
+FORMATS = ("compressed-tensors", "gptq", "awq")
 
 # the method (quantization_config.method, else the module) -> what to do instead, for layers with no outside format
 _NO_FORMAT = {
@@ -63,19 +63,21 @@ def _quantized_layers(model, format: str):
 def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_format: str = "gptq",
            overwrite: bool = False, max_shard_size="5GB", check_tp=()) -> str:
     """Write a tquant model (or a tquant checkpoint folder) to folder `out` in `format`: "compressed-tensors"
-    (pack-quantized W4A16 / W8A16, int-quantized W8A8; for vLLM / SGLang / transformers) or "gptq" (gptq_format
-    "gptq" = v1, "gptq_v2" = v2), as one model.safetensors or, past max_shard_size ("5GB", "500MB", bytes; None: one
-    file), transformers' shards and index. check_tp=(2, 4, 8) (or "2,4,8"): first check every layer splits over
+    (pack-quantized W4A16 / W8A16, int-quantized W8A8; for vLLM / SGLang / transformers), "gptq" (gptq_format
+    "gptq" = v1, "gptq_v2" = v2) or "awq" (AutoAWQ's GEMM layout: 4-bit, no act order), as one model.safetensors
+    or, past max_shard_size ("5GB", "500MB", bytes; None: one file), transformers' shards and index. check_tp=(2, 4, 8) (or "2,4,8"): first check every layer splits over
     each tensor-parallel degree as vLLM splits it, into shards its kernels take (tquant.interop.tp), else ValueError
     naming the layer, the degree and the size, and nothing is written. Returns out."""
     import os
 
-    from . import compressed_tensors, gptq, tp
+    from . import awq, compressed_tensors, gptq, tp
     from .writer import write_checkpoint
 
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     degrees = tp.parse_degrees(check_tp) if check_tp else ()
+    if degrees and format == "awq":
+        raise ValueError("check_tp has no rules for the awq format yet; check with format='compressed-tensors'")
     source = None
     if isinstance(model_or_dir, (str, os.PathLike)):
         from ..serialization import load
@@ -90,6 +92,8 @@ def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_f
     extra = {}
     if format == "compressed-tensors":
         config, tensors = compressed_tensors.export(model, layers)
+    elif format == "awq":
+        config, tensors = awq.export(model, layers)
     else:
         config, tensors, extra = gptq.export(model, layers, gptq_format)
     write_checkpoint(out, config, tensors, source, extra, overwrite=overwrite, max_shard_size=max_shard_size)
