@@ -19,7 +19,13 @@ from tquant.api import make_method
 from tquant.calib.block_io import hidden
 from tquant.formats.packing import unpack_codes
 from tquant.formats.weights import QuantizedWeight
-from tquant.methods.awq import _inspected, awq_scales, clip_values, weight_mean
+from tquant.methods.awq import (
+    _inspected,
+    awq_scales,
+    clip_values,
+    fake_quantized,
+    weight_mean,
+)
 from tquant.modules import PackedLinear
 
 
@@ -139,6 +145,20 @@ def test_the_searched_scale_never_does_worse_than_rtn_on_its_objective(duo_scali
             assert awq_mse <= rtn_mse * (1 + 1e-5), (g, awq_mse, rtn_mse)
             better += awq_mse < rtn_mse * 0.99
     assert better >= 1  # the outlier channels make scaling pay somewhere
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(),
+       group=st.sampled_from([8, 32]), scaled=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_fake_quantized_is_the_grid_the_layers_store(seed, bits, sym, group, scaled, dtype):
+    """What the search evaluates, Q(W s) / s, is the de-quantized QuantizedWeight of W s (what PackedLinear stores)
+    divided by s, value for value."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(12, 32, generator=g) * torch.rand(32, generator=g) * 4).to(dtype)
+    s = torch.rand(32, generator=g) * 3 + 0.05 if scaled else None
+    expected = QuantizedWeight.from_rtn(w.float() * (1 if s is None else s), bits, group, sym).dequantize()
+    expected = (expected if s is None else expected / s).to(dtype)
+    assert torch.equal(fake_quantized(w, s, bits, group, sym), expected)
 
 
 def test_awq_scales_follow_the_formula():

@@ -70,12 +70,18 @@ def awq_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) 
 
 
 def fake_quantized(weight: torch.Tensor, s: torch.Tensor | None, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    """Q(W diag(s)) diag(s)^-1 in W's dtype (s None: Q(W)), Q round-to-nearest on the project's grid."""
+    """Q(W diag(s)) diag(s)^-1 in W's dtype (s None: Q(W)), Q round-to-nearest on the project's grid: the values of
+    QuantizedWeight.from_rtn(...).dequantize(), computed per group without expanding the scales or making codes."""
     w = weight.detach().float()
-    if s is None:
-        return QuantizedWeight.from_rtn(w, bits, group_size, sym).dequantize().to(weight.dtype)
-    s = s.float().to(w.device)
-    return (QuantizedWeight.from_rtn(w * s, bits, group_size, sym).dequantize() / s).to(weight.dtype)
+    if s is not None:
+        s = s.float().to(w.device)
+        w = w * s
+    n, k = w.shape
+    wg = w.reshape(n, k // group_size, group_size)
+    scale, zero = qparams(wg, bits, sym)
+    q = dequantize(quantize(wg, scale[..., None], zero[..., None], bits), scale[..., None], zero[..., None])
+    q = q.reshape(n, k)
+    return (q if s is None else q / s).to(weight.dtype)
 
 
 def clip_values(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int, sym: bool, grid: int,
