@@ -139,6 +139,7 @@ def main():
     from tquant.models import load_model
     from tquant.tools.eval import eval_tokens, perplexity
 
+    ver = versions()  # at the start: the tquant that runs is the one imported now
     workdir = a.workdir or tempfile.mkdtemp(prefix="interop_offline_")
     os.makedirs(workdir, exist_ok=True)
     torch.manual_seed(0)
@@ -160,7 +161,7 @@ def main():
 
     def save(part, row):
         row["command"] = f"python benchmarks/interop_offline.py --parts {part}"
-        row["versions"] = versions()
+        row["versions"] = ver
         merged = json.load(open(a.json)) if os.path.exists(a.json) else {}  # other parts may have run meanwhile
         results.update({**merged, "_settings": results["_settings"], part: row})
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
