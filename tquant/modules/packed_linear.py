@@ -7,7 +7,11 @@ Buffers (the layout every weight-only kernel reads):
     bias    [N] (optional)
     W[n, k] = (code(k, n) - zeros[k // group_size, n]) * scales[k // group_size, n]
 forward: a Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1 with backend="triton"), else the
-torch reference (dequantize + matmul).
+torch path: on CPU tensors tquant.kernels.cpu_matmul (a dequantization in few passes, then one fp32 matmul; torch's
+CPU int4 kernel only with cpu_matmul.USE_INT4, off: measured slower), on other devices the reference (dequantize +
+matmul). Both compute in fp32.
+cache_weights = True (opt-in, off by default) keeps the dequantized fp32 weight on the CPU path instead: a plain
+matmul per forward, at the float model's 4 bytes a weight on top of the packed ones.
 """
 from __future__ import annotations
 
@@ -18,6 +22,13 @@ from .base import QuantizedLinear
 from .packed_weight import load_packed, register_packed
 
 
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor (made under torch.inference_mode) counts no versions; it cannot change
+        return 0
+
+
 class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=QuantizedWeight):
     spec_fields = ("bits", "group_size", "in_features", "out_features", "bias", "has_perm")
 
@@ -26,6 +37,8 @@ class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=Quant
         super().__init__(in_features, out_features, bias=bias, perm=has_perm, dtype=dtype, device=device)
         register_packed(self, in_features, out_features, bits=bits, group_size=group_size, dtype=dtype, device=device)
         self.bits, self.group_size = bits, group_size
+        self.cache_weights = False
+        self._cpu_cache = None  # (key, kind, tensor): the CPU path's derived weight (cpu_matmul), not saved
 
     @classmethod
     def stores(cls, qw: QuantizedWeight) -> bool:
@@ -45,9 +58,41 @@ class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=Quant
         check("scales", self.scales, "model")
         check("zeros", self.zeros, "model")
 
+    def _cpu_weight(self, kind: str, make):
+        """The derived weight of `kind` ("int4": pack_int4's codes, "dense": the fp32 weight), made by make() once
+        and kept until qweight, scales or zeros change (another tensor or an in-place write)."""
+        key = tuple((t.data_ptr(), _version(t)) for t in (self.qweight, self.scales, self.zeros))
+        cache = self._cpu_cache
+        if cache is None or cache[0] != key or cache[1] != kind:
+            self._cpu_cache = cache = (key, kind, make())
+        return cache[2]
+
+    def _cpu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        from ..kernels import cpu_matmul as cpu
+        from ..kernels.weight_only_matmul import check_inputs
+
+        x = x2.to(self.scales.dtype)
+        k, g = self.in_features, self.group_size
+        g = check_inputs(x, self.qweight, self.scales, self.zeros, self.bits, g, k, self.perm, self.bias)
+        kw = dict(perm=self.perm, bias=self.bias)
+        if self.cache_weights:
+            w = self._cpu_weight("dense", lambda: cpu.dequantize_fast(self.qweight, self.scales, self.zeros,
+                                                                       self.bits, g, k))
+            return cpu.dense_matmul(x, w, **kw).to(x2.dtype)
+        kernel_group = cpu.int4_group(self.bits, g, k, self.out_features)
+        if kernel_group is not None and cpu.USE_INT4:
+            packed = self._cpu_weight("int4", lambda: cpu.pack_int4(self.qweight, k))
+            return cpu.int4_matmul(x, packed, self.scales, self.zeros, group_size=g, kernel_group=kernel_group,
+                                   **kw).to(x2.dtype)
+        self._cpu_cache = None
+        w = cpu.dequantize_fast(self.qweight, self.scales, self.zeros, self.bits, g, k)
+        return cpu.dense_matmul(x, w, **kw).to(x2.dtype)
+
     def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels.weight_only_matmul import weight_only_matmul, weight_only_matmul_ref
 
+        if not kernel and x2.device.type == "cpu" and self.qweight.device.type == "cpu":
+            return self._cpu_matmul(x2)
         fn = weight_only_matmul if kernel else weight_only_matmul_ref
         y = fn(x2.to(self.scales.dtype), self.qweight, self.scales, self.zeros, bits=self.bits,
                group_size=self.group_size, in_features=self.in_features, perm=self.perm, bias=self.bias)
