@@ -1,0 +1,147 @@
+"""CPU forward of a quantized model (the torch reference path) against the float one.
+
+    python benchmarks/cpu_forward.py                        # float32, RTN W4 g64 and W8 g64; 5 rounds
+    python benchmarks/cpu_forward.py --rounds 9 --decode 32 --profile
+
+The offline SmolLM2-135M (tquant.models.load_model("default"), float32) and copies quantized with RTN (fast to
+make; GPTQ writes the same format). Two regimes, timed per variant, the variants interleaved round by round and
+the median kept (the CPU may be shared: medians of interleaved rounds compare like with like):
+    prefill   one forward of 1 x --tokens tokens (no cache)
+    decode    --decode greedy steps at batch 1 after a 16-token prompt, with the KV cache: ms per token
+--profile prints torch.profiler's top operators of one prefill and one decode step of each quantized variant.
+--cache-weights also times each quantized variant with its dequantized-weight cache on (tquant.modules.
+PackedLinear.cache_weights: float memory again, opt-in); --reference also times it on weight_only_matmul_ref (the
+CPU path before tquant.kernels.cpu_matmul), so before and after share one process and its rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build(args):
+    import tquant
+    from tquant.models import load_model
+
+    model, _ = load_model("default", dtype=torch.float32)
+    model.eval()
+    variants = {"float32": model}
+    for spec in args.quant:
+        bits, group = (int(v) for v in spec.split("g"))
+        q = copy.deepcopy(model)
+        tquant.quantize(q, "rtn", bits=bits, group_size=group, progress=False)
+        q.eval()
+        variants[f"rtn w{bits} g{group}"] = q
+    return variants
+
+
+@torch.inference_mode()
+def prefill(model, ids):
+    model(ids, use_cache=False)
+
+
+@torch.inference_mode()
+def decode(model, prompt, steps):
+    """Seconds per greedy step (median of the steps) after a prompt forward."""
+    out = model(prompt, use_cache=True)
+    past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        out = model(tok, past_key_values=past, use_cache=True)
+        times.append(time.perf_counter() - t)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return statistics.median(times)
+
+
+def timed(fn, *a):
+    t = time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t
+
+
+def profile(name, model, ids, prompt):
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    for label, run in (("prefill", lambda: prefill(model, ids)), ("decode step", lambda: decode(model, prompt, 4))):
+        run()
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            run()
+        print(f"\n== {name}: {label}")
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def set_cache(model, on: bool):
+    from tquant.modules import PackedLinear
+
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.cache_weights = on
+
+
+def use_reference(model):
+    """model with every PackedLinear's CPU path replaced by weight_only_matmul_ref (dequantize_packed + matmul)."""
+    from tquant.kernels.weight_only_matmul import weight_only_matmul_ref
+    from tquant.modules import PackedLinear
+
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m._cpu_matmul = lambda x2, m=m: weight_only_matmul_ref(
+                x2.to(m.scales.dtype), m.qweight, m.scales, m.zeros, bits=m.bits, group_size=m.group_size,
+                in_features=m.in_features, perm=m.perm, bias=m.bias).to(x2.dtype)
+    return model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quant", nargs="*", default=["4g64", "8g64"], help="BITSgGROUP specs to quantize with rtn")
+    ap.add_argument("--tokens", type=int, default=512, help="prefill length (batch 1)")
+    ap.add_argument("--decode", type=int, default=32, help="greedy decode steps (batch 1) per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cache-weights", action="store_true")
+    ap.add_argument("--reference", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = build(args)
+    quantized = [n for n in variants if n != "float32"]
+    for name in quantized if args.reference else ():
+        variants[name + " reference"] = use_reference(copy.deepcopy(variants[name]))
+    for name in quantized if args.cache_weights else ():
+        variants[name + " cached"] = copy.deepcopy(variants[name])
+    g = torch.Generator().manual_seed(0)
+    vocab = next(iter(variants.values())).config.vocab_size
+    ids = torch.randint(0, vocab, (1, args.tokens), generator=g)
+    prompt = ids[:, :16]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}")
+    if args.profile:
+        for name, model in variants.items():
+            profile(name, model, ids, prompt)
+    times = {name: ([], []) for name in variants}
+    for name, model in variants.items():  # warm-up
+        set_cache(model, name.endswith("cached"))
+        prefill(model, ids[:, :32]), decode(model, prompt, 2)
+    for r in range(args.rounds):
+        for name, model in variants.items():
+            set_cache(model, name.endswith("cached"))
+            times[name][0].append(timed(prefill, model, ids))
+            times[name][1].append(decode(model, prompt, args.decode))
+    print(f"\nmedians of {args.rounds} interleaved rounds; prefill 1 x {args.tokens}, decode batch 1 "
+          f"({args.decode} steps a round)")
+    print(f"{'model':<22}{'prefill s':>10}{'decode ms/token':>17}")
+    for name, (pre, dec) in times.items():
+        print(f"{name:<22}{statistics.median(pre):>10.3f}{1000 * statistics.median(dec):>17.1f}")
+
+
+if __name__ == "__main__":
+    main()
