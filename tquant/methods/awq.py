@@ -38,7 +38,7 @@ from torch import nn
 
 from ..calib.block_io import hidden, hooked, rows
 from ..calib.smoothing import Absorber, SmoothedGroup, find_absorber
-from ..formats.quantizer import dequantize, qparams, quantize
+from ..formats.quantizer import qparams
 from ..formats.weights import QuantizedWeight
 from .base import LayerState, Method, option, register
 from .gptq import HessianState
@@ -69,19 +69,25 @@ def awq_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) 
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
+def _grid_values(wg: torch.Tensor, bits: int, sym: bool) -> torch.Tensor:
+    """The de-quantized round-to-nearest values of float32 wg [..., group] on the project's grid, each group (last
+    dim) its own range: quantizer.dequantize(quantizer.quantize(...)) of quantizer.qparams(wg), the same float ops
+    in the same order, in place on one buffer (no int32 codes, no expanded scales)."""
+    scale, zero = qparams(wg, bits, sym)
+    scale, zero = scale[..., None], zero[..., None]
+    return (wg / scale).round_().add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale)
+
+
 def fake_quantized(weight: torch.Tensor, s: torch.Tensor | None, bits: int, group_size: int, sym: bool) -> torch.Tensor:
     """Q(W diag(s)) diag(s)^-1 in W's dtype (s None: Q(W)), Q round-to-nearest on the project's grid: the values of
-    QuantizedWeight.from_rtn(...).dequantize(), computed per group without expanding the scales or making codes."""
+    QuantizedWeight.from_rtn(...).dequantize() (divided by s)."""
     w = weight.detach().float()
     if s is not None:
         s = s.float().to(w.device)
         w = w * s
     n, k = w.shape
-    wg = w.reshape(n, k // group_size, group_size)
-    scale, zero = qparams(wg, bits, sym)
-    q = dequantize(quantize(wg, scale[..., None], zero[..., None], bits), scale[..., None], zero[..., None])
-    q = q.reshape(n, k)
-    return (q if s is None else q / s).to(weight.dtype)
+    q = _grid_values(w.reshape(n, k // group_size, group_size), bits, sym).reshape(n, k)
+    return (q if s is None else q.div_(s)).to(weight.dtype)
 
 
 def clip_values(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int, sym: bool, grid: int,
@@ -99,9 +105,7 @@ def clip_values(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int, sy
     for i in range(max(1, math.ceil(max_shrink * grid - 1e-9))):  # i < max_shrink * grid
         m = top * (1 - i / grid)
         clamped = torch.maximum(torch.minimum(wg, m[..., None]), -m[..., None])
-        scale, zero = qparams(clamped, bits, sym)
-        delta = dequantize(quantize(clamped, scale[..., None], zero[..., None], bits), scale[..., None],
-                           zero[..., None]) - wg  # [N, G, gs]
+        delta = _grid_values(clamped, bits, sym).sub_(wg)  # [N, G, gs]
         err = (torch.bmm(delta.transpose(0, 1), blocks) * delta.transpose(0, 1)).sum(-1).t()  # [N, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
