@@ -247,15 +247,19 @@ def test_fit_group_size_matches_the_reference(ks, start):
         assert line == (f"group_size -1 (per channel): none of {listed} divides every layer's in_features ({worst} is "
                         f"not a multiple of {sizes[-1]})")
     else:
-        bad = next(k for k in sorted(set(ks)) if k % start)
-        assert line == (f"group_size {chosen}: the largest of {listed} dividing every layer's in_features ({bad} is not "
-                        f"a multiple of {start})")
+        bad = next((k for k in sorted(set(ks)) if k % start), None)
+        why = f"{bad} is not a multiple of {start}" if bad is not None else f"{start} is not one of them"
+        assert line == f"group_size {chosen}: the largest of {listed} dividing every layer's in_features ({why})"
 
 
 def test_fit_group_size_default_start_and_examples():
     assert qz.fit_group_size([576, 1536]) == (64, "group_size 64: the largest of 128/64/32 dividing every layer's "
                                                   "in_features (576 is not a multiple of 128)")
     assert qz.fit_group_size((4096, 11008)) == (128, "")
+    assert qz.fit_group_size([400], 100) == (-1, "group_size -1 (per channel): none of 64/32 divides every layer's "
+                                                 "in_features (400 is not a multiple of 32)")
+    assert qz.fit_group_size([6400], 100) == (64, "group_size 64: the largest of 64/32 dividing every layer's "
+                                                  "in_features (100 is not one of them)")
     assert qz.fit_group_size([192, 128]) == (64, "group_size 64: the largest of 128/64/32 dividing every layer's "
                                                  "in_features (192 is not a multiple of 128)")
     assert qz.fit_group_size([1024, 80, 48]) == (-1, "group_size -1 (per channel): none of 128/64/32 divides every "

@@ -50,13 +50,13 @@ def fit_group_size(in_features, start: int = STANDARD_GROUP_SIZES[0]) -> tuple[i
     chosen = next((g for g in sizes if all(k % g == 0 for k in ks)), -1)
     if chosen == start:
         return chosen, ""
-    bad = next(k for k in ks if k % start)
     listed = "/".join(map(str, sizes))
-    if chosen == -1:
+    if chosen == -1:  # (a start outside STANDARD_GROUP_SIZES may divide them all and still give -1)
         return -1, (f"group_size -1 (per channel): none of {listed} divides every layer's in_features "
                     f"({next(k for k in ks if k % sizes[-1])} is not a multiple of {sizes[-1]})")
-    return chosen, (f"group_size {chosen}: the largest of {listed} dividing every layer's in_features ({bad} is not "
-                    f"a multiple of {start})")
+    bad = next((k for k in ks if k % start), None)
+    why = f"{bad} is not a multiple of {start}" if bad is not None else f"{start} is not one of them"
+    return chosen, f"group_size {chosen}: the largest of {listed} dividing every layer's in_features ({why})"
 
 
 def resolve_group_size(group_size: int, in_features: int, layer: str = "") -> int:
