@@ -172,6 +172,36 @@ def store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, ws_ptr, 
 
 
 @triton.jit
+def dequant_tile(q_ptr, s_ptr, z_ptr, kw0, rows, slot, offs_n, n_ok, N, K, KW, group_size, stride_qk, stride_sg, magic,
+                 BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 SCALE_BITS: tl.constexpr, STAT_GROUP: tl.constexpr):
+    """One K step of a GEMM: words kw0 + rows of columns offs_n dequantized, w [BLOCK_N, BLOCK_K] (slot = word *
+    EPW_P2 + j holds code j of that word), with k [BLOCK_K] the input channel of each slot and k_ok its mask."""
+    # words as [BLOCK_N, BLOCK_KW] so that a word's codes end up adjacent along K in each thread
+    words = tl.load(q_ptr + (kw0 + rows)[None, :] * stride_qk + offs_n[:, None],
+                    mask=((kw0 + rows) < KW)[None, :] & n_ok[:, None], other=0)
+    if EPW == EPW_P2:
+        k = kw0 * EPW + slot
+        k_ok = k < K
+    else:
+        k = (kw0 + slot // EPW_P2) * EPW + slot % EPW_P2
+        k_ok = (slot % EPW_P2 < EPW) & (k < K)
+    if GROUPS < 2:
+        s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, GROUPS, 0,
+                                 SCALE_BITS, STAT_GROUP)
+        w = tl.reshape(codes_tree(words, tl.trans(z), tl.trans(s), magic, 0, 1, EPW_P2, BITS, ASM, DOT_DTYPE),
+                       (BLOCK_N, BLOCK_K))
+    else:  # per-code groups: codes first, then zero and scale per slot
+        w = tl.reshape(codes_tree(words, 0.0, 1.0, magic, 0, 1, EPW_P2, BITS, False, tl.float32),
+                       (BLOCK_N, BLOCK_K))
+        s, z = group_params(s_ptr, z_ptr, (tl.minimum(k, K - 1) // group_size)[None, :], offs_n[:, None],
+                            n_ok[:, None], N, K, group_size, stride_sg, SCALE_BITS, STAT_GROUP)
+        w = (w - z) * s
+    return w, k, k_ok
+
+
+@triton.jit
 def _dequant_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, y_ptr,
     ws_ptr, count_ptr, M, N, K, KW, group_size, stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split, splits,
@@ -190,26 +220,9 @@ def _dequant_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
-        # words as [BLOCK_N, BLOCK_KW] so that a word's codes end up adjacent along K in each thread
-        words = tl.load(q_ptr + (kw0 + rows)[None, :] * stride_qk + offs_n[:, None],
-                        mask=((kw0 + rows) < KW)[None, :] & n_ok[:, None], other=0)
-        if EPW == EPW_P2:
-            k = kw0 * EPW + slot
-            k_ok = k < K
-        else:
-            k = (kw0 + slot // EPW_P2) * EPW + slot % EPW_P2
-            k_ok = (slot % EPW_P2 < EPW) & (k < K)
-        if GROUPS < 2:
-            s, z = load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, GROUPS, 0,
-                                     SCALE_BITS, STAT_GROUP)
-            w = tl.reshape(codes_tree(words, tl.trans(z), tl.trans(s), magic, 0, 1, EPW_P2, BITS, ASM, DOT_DTYPE),
-                           (BLOCK_N, BLOCK_K))
-        else:  # per-code groups: codes first, then zero and scale per slot
-            w = tl.reshape(codes_tree(words, 0.0, 1.0, magic, 0, 1, EPW_P2, BITS, False, tl.float32),
-                           (BLOCK_N, BLOCK_K))
-            s, z = group_params(s_ptr, z_ptr, (tl.minimum(k, K - 1) // group_size)[None, :], offs_n[:, None],
-                                n_ok[:, None], N, K, group_size, stride_sg, SCALE_BITS, STAT_GROUP)
-            w = (w - z) * s
+        w, k, k_ok = dequant_tile(q_ptr, s_ptr, z_ptr, kw0, rows, slot, offs_n, n_ok, N, K, KW, group_size, stride_qk,
+                                  stride_sg, magic, BITS, EPW, EPW_P2, BLOCK_N, BLOCK_K, GROUPS, ASM, DOT_DTYPE,
+                                  SCALE_BITS, STAT_GROUP)
         col = k
         if HAS_PERM:
             col = tl.load(perm_ptr + k, mask=k_ok, other=0)

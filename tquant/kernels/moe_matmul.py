@@ -38,8 +38,7 @@ from ..formats.packing import values_per_word
 from ..formats.quantizer import check_bits, resolve_group_size
 from . import dequant_gemm
 from .autotune_cache import tune
-from .dequant_gemm import (ASM_MAGIC, MAGIC_BITS, codes_tree, group_mode, group_params, load_group_params,
-                           split_k_grid, store_output, use_asm)
+from .dequant_gemm import ASM_MAGIC, MAGIC_BITS, dequant_tile, group_mode, split_k_grid, store_output, use_asm
 from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
 from .weight_only_matmul import weight_only_matmul_ref
 
@@ -142,25 +141,8 @@ def _grouped_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
-        words = tl.load(q_e + (kw0 + rows)[None, :] * stride_qk + offs_n[:, None],
-                        mask=((kw0 + rows) < KW)[None, :] & n_ok[:, None], other=0)
-        if EPW == EPW_P2:
-            k = kw0 * EPW + slot
-            k_ok = k < K
-        else:
-            k = (kw0 + slot // EPW_P2) * EPW + slot % EPW_P2
-            k_ok = (slot % EPW_P2 < EPW) & (k < K)
-        if GROUPS < 2:
-            s, z = load_group_params(s_e, z_e, kw0, rows, offs_n, n_ok, N, K, EPW, group_size, stride_sg, GROUPS, 0,
-                                     0, 1)
-            w = tl.reshape(codes_tree(words, tl.trans(z), tl.trans(s), magic, 0, 1, EPW_P2, BITS, ASM, DOT_DTYPE),
-                           (BLOCK_N, BLOCK_K))
-        else:  # per-code groups (3-bit): codes first, then zero and scale per slot
-            w = tl.reshape(codes_tree(words, 0.0, 1.0, magic, 0, 1, EPW_P2, BITS, False, tl.float32),
-                           (BLOCK_N, BLOCK_K))
-            s, z = group_params(s_e, z_e, (tl.minimum(k, K - 1) // group_size)[None, :], offs_n[:, None],
-                                n_ok[:, None], N, K, group_size, stride_sg, 0, 1)
-            w = (w - z) * s
+        w, k, k_ok = dequant_tile(q_e, s_e, z_e, kw0, rows, slot, offs_n, n_ok, N, K, KW, group_size, stride_qk,
+                                  stride_sg, magic, BITS, EPW, EPW_P2, BLOCK_N, BLOCK_K, GROUPS, ASM, DOT_DTYPE, 0, 1)
         col = k
         if HAS_PERM:
             col = tl.load(perm_ptr + e * K + k, mask=k_ok, other=0)
