@@ -319,18 +319,27 @@ def test_options_are_refused_naming_the_option(option, value, message):
         make_method("awq", **{option: value})
 
 
-def test_search_samples_limits_the_search_to_the_first_sequences():
-    """search_samples=2: the scale search sees the first 2 sequences only, so a change to the others cannot move the
-    chosen alphas; with all sequences it can (here: it does)."""
-    def alphas(calib, **opts):
-        model = with_outliers(tiny_model("llama"))
-        tquant.quantize(model, "awq", bits=3, group_size=32, calib=calib, progress=False, clip=False, **opts)
-        return model.config.quantization_config["report"]["alpha"]
+@pytest.mark.parametrize("search_samples,seen", [(0, 8 + 6 * 8), (2, 8 + 2 + 6 * 2), (3, 8 + 3 + 6 * 3)])
+def test_search_samples_limits_the_search_to_the_first_sequences(search_samples, seen):
+    """Sequences self_attn runs on during prepare_block: all 8 once (x_mean, X^T X), then the teacher, no scaling and
+    n_grid = 4 alphas on the search sequences (a pass of their own when they are not all of them); and the ones the
+    search runs on are the first ones."""
+    model = with_outliers(tiny_model("llama"))
+    with torch.no_grad():
+        block, inputs, linears, groups = block0(model)
+        method = make_method("awq", group_size=32, n_grid=4, search_samples=search_samples)
+        hidden_seen = []
 
-    other = CALIB.clone()
-    other[2:] = torch.flip(CALIB[2:], dims=[1])
-    assert alphas(CALIB, search_samples=2) == alphas(other, search_samples=2)
-    assert alphas(CALIB) != alphas(other)
+        def seen_by(module, args, kwargs):
+            if module is block.self_attn:  # not find_absorber's copy of the block (deepcopy copies the hook)
+                hidden_seen.append(kwargs["hidden_states"])
+
+        handle = block.self_attn.register_forward_pre_hook(seen_by, with_kwargs=True)
+        method.prepare_block(block, linears, groups, inputs, "")
+        handle.remove()
+    assert sum(h.shape[0] for h in hidden_seen) == seen
+    assert len(inputs) == 1  # one calibration batch of 8: hidden_seen[0] is the pass over all of it
+    assert torch.equal(hidden_seen[-1], hidden_seen[0][:search_samples or 8])  # the last scored forward
 
 
 def test_experts_are_refused_naming_the_method():

@@ -1,30 +1,31 @@
 """AWQ (Lin et al., 2024): activation-aware weight quantization, weight-only, on the uniform packed grid.
 
 Per block, before any of its weights is quantized (prepare_block, on the block's float weights and its calibration
-inputs), for each input group (the linears reading one tensor: q/k/v, gate/up, down_proj, o_proj) whose input an op
-of the block can take a per-channel division of exactly (smoothing.find_absorber: the norm before q/k/v and gate/up,
-up_proj before down_proj, v_proj before o_proj; under grouped-query attention v_proj has fewer channels than o_proj's
-input and o_proj is left unscaled, as AutoAWQ does):
-    x_mean_j = mean_t |x_tj|                                   the group's input, over the search tokens
+inputs, as AutoAWQ runs it), for each input group (the linears reading one tensor: q/k/v, gate/up, down_proj, o_proj)
+whose input an op of the block can take a per-channel division of exactly (smoothing.find_absorber: the norm before
+q/k/v and gate/up, up_proj before down_proj, v_proj before o_proj; under grouped-query attention v_proj has fewer
+channels than o_proj's input and o_proj is left unscaled, as AutoAWQ does):
+    x_mean_j = mean_t |x_tj|                                   the group's input, over every calibration token
     w_mean_j = mean over the group's rows and groups of |W_nj| / max_{j' in j's group} |W_nj'|
     s(alpha) = x_mean^alpha / (w_mean^(1 - alpha) + 1e-4)     (duo_scaling, AutoAWQ's default; else x_mean^alpha,
                                                                 llm-awq's), clamped to >= 1e-4, divided by
                                                                 sqrt(max s * min s)
     for alpha in 0, 1/n_grid, ..., (n_grid - 1)/n_grid, and s = 1 (no scaling, i.e. round-to-nearest): the MSE of the
     output of the smallest module holding the group (self_attn for q/k/v, the MLP for gate/up; a lone linear itself)
-    on the search inputs, each of the group's weights replaced by Q(W diag(s)) diag(s)^-1 (Q: this method's grid
-    without clipping); the least error wins, so the result never does worse than round-to-nearest on this objective
+    on the search sequences (search_samples: the first N; all by default), each of the group's weights replaced by
+    Q(W diag(s)) diag(s)^-1 (Q: this method's grid without clipping); the least error wins, so the result never does
+    worse than round-to-nearest on this objective
     fold: W diag(s) into the group's linears, diag(s)^-1 into the absorber (smoothing.SmoothedGroup): the float block
     computes the same function
-Then per linear (quantize), on the inputs the driver collects (after the folds, through the block's already
-quantized stages): weight clipping, per output row and group, the clip value m = (1 - i / clip_grid) max|w_g| for
-i < max_shrink * clip_grid (i = 0: no clipping) minimizing (w_g - q_g) H_gg (w_g - q_g)^T, q_g the grid value of
-clamp(w_g, -m, m) and H_gg the group's block of the input Gram matrix X^T X: AutoAWQ's ||X_g w_g - X_g q_g||^2 over
-all calibration tokens (AutoAWQ samples 512). Layers matching clip_skip are not clipped (AutoAWQ skips q and k: their
-errors meet in the q k^T product, which a per-layer output error does not see). Finally round-to-nearest of the
-clamped weight on the project's grid (tquant.formats.quantizer, symmetric or min-max with an integer zero; per
-group or per channel), a QuantizedWeight as rtn and gptq make, so PackedLinear stores it and every W4A16 kernel
-serves it.
+Then per linear (quantize): weight clipping, per output row and group, the clip value m = (1 - i / clip_grid) max|w_g|
+for i < max_shrink * clip_grid (i = 0: no clipping) minimizing (w_g - q_g) H_gg (w_g - q_g)^T, q_g the grid value of
+clamp(w_g, -m, m) and H_gg the group's block of the mean x x^T of the layer's input: AutoAWQ's ||X_g w_g - X_g q_g||^2
+on the float block's inputs divided by s (AutoAWQ samples 512 tokens; here every calibration token, gathered in the
+same pass as x_mean, so the driver runs no statistics passes of its own). Layers matching clip_skip are not clipped
+(AutoAWQ skips q and k: their errors meet in the q k^T product, which a per-layer output error does not see). Finally
+round-to-nearest of the clamped weight on the project's grid (tquant.formats.quantizer, symmetric or min-max with an
+integer zero; per group or per channel), a QuantizedWeight as rtn and gptq make, so PackedLinear stores it and every
+W4A16 kernel serves it.
 """
 from __future__ import annotations
 
@@ -163,13 +164,14 @@ class AWQ(Method):
         self.unscaled: list[str] = []  # layers whose input no op of the block absorbs exactly
         self.clip_ratio: dict[str, float] = {}  # layer -> mean chosen clip value / group max
         self._absorbers: dict[tuple[str, ...], tuple[str, torch.Tensor | None] | None] = {}  # see _absorber
+        self._gram: dict[str, torch.Tensor] = {}  # layer -> mean x x^T of its (scaled) input, until quantized
 
-    @property
-    def needs_layer_stats(self) -> bool:
-        return self.clip
+    needs_layer_stats = False  # prepare_block gathers the clip search's statistics itself (one pass a block)
 
     def new_state(self, name, linear):
-        return HessianState(name, linear) if self.clip else LayerState(name, linear)
+        """A plain state for the blocks' linears (prepare_block has their statistics); the lm_head (lm_head=True),
+        which no prepare_block sees, gathers its X^T X in a HessianState when clipping."""
+        return HessianState(name, linear) if self.clip and name not in self._gram else LayerState(name, linear)
 
     def report(self) -> dict:
         return {"alpha": dict(self.alpha), "unscaled": list(self.unscaled), "clip_ratio": dict(self.clip_ratio)}
@@ -188,28 +190,62 @@ class AWQ(Method):
 
     @torch.no_grad()
     def prepare_block(self, block, linears, groups, inputs, prefix):
+        heads = {g[0]: linears[g[0]] for g in groups if g[0] in linears}  # each input group's first linear
         plan = []  # (names, absorber, inspected module)
         for g in groups:
-            if g[0] not in linears:  # an experts module (refused before this, see experts_refusal)
+            if g[0] not in heads:  # an experts module (refused before this, see experts_refusal)
                 continue
             absorber = self._absorber(block, [linears[n] for n in g], g, inputs)
             if absorber is None:
                 self.unscaled += [prefix + n for n in g]
                 continue
             plan.append((g, absorber, _inspected(block, g)))
-        if not plan:
+        if not plan and not self.clip:
             return
-        search = self._search_inputs(inputs)
-        # one pass over the search inputs: each group's sum |x| and token count, each inspected module's calls
-        x_sum = {g[0]: 0 for g, _, _ in plan}
-        count = dict.fromkeys(x_sum, 0)
-        calls = {id(m): [] for _, _, m in plan}
+        # every calibration sequence: each group's sum |x| and tokens (x_mean) and, for the clip search, X^T X; the
+        # search sequences: the inspected modules' calls (one pass when the search takes them all)
+        modules = list({id(m): m for _, _, m in plan}.values())
+        whole = not self.search_samples or self.search_samples >= sum(args[0].shape[0] for args, _ in inputs)
+        stats, calls = self._pass(block, inputs, heads, modules if whole else [])
+        if not whole:
+            calls = self._pass(block, self._search_inputs(inputs), {}, modules)[1]
+        scales = {}
+        for g, absorber, module in plan:
+            group = [linears[n] for n in g]
+            gs = self.layer_group_size(group[0], prefix + g[0])
+            x_sum, tokens, _ = stats[g[0]]
+            w_mean = weight_mean([lin.weight for lin in group], gs) if self.duo_scaling else None
+            alpha, s = self._search(module, calls[id(module)], group, x_sum / max(tokens, 1), w_mean, gs)
+            for n in g:
+                self.alpha[prefix + n] = alpha
+            if s is not None:
+                SmoothedGroup(group, absorber, scales=s)
+                scales[g[0]] = s
+        if self.clip:  # each group's input is now x / s: its Gram matrix diag(1/s) X^T X diag(1/s)
+            for g in groups:
+                if g[0] in heads:
+                    _, tokens, gram = stats[g[0]]
+                    gram = gram / max(tokens, 1)
+                    if g[0] in scales:
+                        s = scales[g[0]].to(gram.device)
+                        gram = gram / s[:, None] / s[None, :]
+                    for n in g:
+                        self._gram[prefix + n] = gram
+
+    def _pass(self, block, run, heads: dict[str, nn.Linear], modules: list[nn.Module]):
+        """Run the block on `run` ([(args, kwargs)]): ({head: [sum_t |x_t| fp32, tokens, X^T X fp32 or None
+        without clip]} of each head linear's input, {id(module): [(args, kwargs)] of each call}) ."""
+        stats = {n: [0, 0, None] for n in heads}
+        calls = {id(m): [] for m in modules}
 
         def record_x(name):
             def hook(module, args):
-                x = args[0].detach().reshape(-1, args[0].shape[-1])
-                x_sum[name] = x_sum[name] + x.abs().float().sum(dim=0)
-                count[name] += x.shape[0]
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                st = stats[name]
+                st[0] = st[0] + x.abs().sum(dim=0)
+                st[1] += x.shape[0]
+                if self.clip:
+                    st[2] = x.t() @ x if st[2] is None else st[2].addmm_(x.t(), x)
             return hook
 
         def record_call(key):
@@ -217,22 +253,12 @@ class AWQ(Method):
                 calls[key].append((args, kwargs))
             return hook
 
-        hooks = [linears[g[0]].register_forward_pre_hook(record_x(g[0])) for g, _, _ in plan]
-        modules = {id(m): m for _, _, m in plan}
-        hooks += [m.register_forward_pre_hook(record_call(key), with_kwargs=True) for key, m in modules.items()]
+        hooks = [lin.register_forward_pre_hook(record_x(n)) for n, lin in heads.items()]
+        hooks += [m.register_forward_pre_hook(record_call(id(m)), with_kwargs=True) for m in modules]
         with hooked(hooks):
-            for args, kwargs in search:
+            for args, kwargs in run:
                 block(*args, **kwargs)
-        for g, absorber, module in plan:
-            group = [linears[n] for n in g]
-            gs = self.layer_group_size(group[0], prefix + g[0])
-            x_mean = x_sum[g[0]] / max(count[g[0]], 1)
-            w_mean = weight_mean([lin.weight for lin in group], gs) if self.duo_scaling else None
-            alpha, s = self._search(module, calls[id(module)], group, x_mean, w_mean, gs)
-            for n in g:
-                self.alpha[prefix + n] = alpha
-            if s is not None:
-                SmoothedGroup(group, absorber, scales=s)
+        return stats, calls
 
     def _absorber(self, block, group, names, inputs) -> Absorber | None:
         """find_absorber's answer for this group, tested on the first block where a group of these names appears
@@ -279,10 +305,13 @@ class AWQ(Method):
     def quantize(self, state, linear, name) -> QuantizedWeight:
         w = linear.weight.detach().float()
         gs = self.layer_group_size(linear, name)
+        gram = self._gram.pop(name, None)
         if self._clipped(name):
-            if state.tokens == 0:
-                raise ValueError(f"awq: layer {name!r} saw no calibration data")
-            m = clip_values(w, state.hessian, gs, self.bits, self.sym, self.clip_grid, self.max_shrink)
+            if gram is None:
+                if not getattr(state, "tokens", 0):
+                    raise ValueError(f"awq: layer {name!r} saw no calibration data")
+                gram = state.hessian
+            m = clip_values(w, gram, gs, self.bits, self.sym, self.clip_grid, self.max_shrink)
             top = w.abs().reshape(w.shape[0], -1, gs).amax(dim=-1)
             self.clip_ratio[name] = round((m / top.clamp_min(torch.finfo(torch.float32).tiny)).mean().item(), 4)
             bound = m.repeat_interleave(gs, dim=1)
