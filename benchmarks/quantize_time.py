@@ -3,7 +3,8 @@
     python benchmarks/quantize_time.py [--configs "gptq:" "awq:search_samples=8" ...] [--blocks N] [--repeats 2]
                                        [--n-samples 32] [--threads 1] [--json out.json]
 
-Each config is "method:key=value,..." on top of bits=4, group_size=64, sym=False (the quality tables' W4 g64 grid);
+Each config is "method:key=value,..." on top of bits=4, group_size=64, sym=False (the quality tables' W4 g64 grid;
+"gptq:bits=3" or "awq:group_size=-1" change it);
 the calibration is the quality tables' (N random 512-token windows of the first 70 % of pydoc, seed 0). Each run
 quantizes a fresh copy of the float32 model (its first --blocks decoder blocks, all by default) with the driver and
 records the wall time and this process's CPU time; configs alternate within each repeat, so a machine shared with
@@ -52,7 +53,7 @@ def main():
         for text in a.configs:
             method, opts = parse_config(text)
             m = copy.deepcopy(model)
-            chosen = make_method(method, bits=4, group_size=64, sym=False, **opts)
+            chosen = make_method(method, **{"bits": 4, "group_size": 64, "sym": False, **opts})
             wall, cpu = time.time(), time.process_time()
             driver.quantize_blocks(m, chosen, ids, progress=False)
             row = results.setdefault(text, {"wall_s": [], "cpu_s": []})
