@@ -11,8 +11,7 @@ that may cancel scale with it, not with |y|, and an element's own bound keeps an
 of the others (a norm over the whole output would). The tolerances (TOL) are justified where they are defined.
 
 Runs under the Triton interpreter on the CPU (TRITON_INTERPRET=1, conftest.py) with the interpreter's launch configs,
-and with TRITON_INTERPRET=0 on a GPU (the GPU shard) with the tuned paths, gemv_h2's packed-half2 asm branch included
-(forced by calling it directly with a config: the dispatcher does not offer it yet). Shapes stay small (K <= 256,
+and with TRITON_INTERPRET=0 on a GPU (the GPU shard) with the tuned paths. Shapes stay small (K <= 256,
 N <= 64) and each property runs a few hypothesis examples: the interpreter is slow.
 """
 import math
@@ -25,7 +24,6 @@ from hypothesis import strategies as st
 from tquant.formats.packing import pack_codes
 from tquant.formats.quantizer import (grouped_qparams, minmax_quantize, progressive_quantize, qparams, quantize,
                                       dequantize)
-from tquant.kernels import w4a16_gemv
 from tquant.kernels.weight_only_matmul import DENSE, run_path, weight_only_matmul, weight_only_matmul_ref
 from tests.kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401  (autouse fixture)
 
@@ -327,8 +325,7 @@ def outlier_weight_layer(dtype, group_size, bits=4, k=64, n=16):
 @pytest.mark.parametrize("group", [32, "channel"])
 def test_kernels_weight_only_huge_x_meets_zero_weights_of_a_large_scale(dtype, group):
     """x of 3e38 times weights that are exactly 0 in a group of scale ~4000 (the group of a 6e4 weight outlier): 0,
-    not 0 * inf = NaN, on the GEMV and on gemv_h2 (whose per-tile power of two times a large scale must not
-    overflow before it meets the products)."""
+    not 0 * inf = NaN, on the GEMV."""
     k = 64
     group_size = k if group == "channel" else group
     x, qweight, scales, zeros = outlier_weight_layer(dtype, group_size)
@@ -337,72 +334,6 @@ def test_kernels_weight_only_huge_x_meets_zero_weights_of_a_large_scale(dtype, g
     assert ref.isfinite().all()
     mag = weight_only_magnitude(x, qweight, scales, zeros, 4, group_size, None, None)
     check(weight_only_matmul(*args, bits=4, group_size=group_size, in_features=k), ref, mag, dtype, what="gemv")
-    for config in h2_configs(16, qweight.shape[0]):
-        y = w4a16_gemv.gemv_h2(*args, None, None, bits=4, group_size=group_size, config=config)
-        check(y, ref, mag if not GPU else mag + h2_slack(x, None, qweight, scales, zeros, group_size, config),
-              dtype, tol=TOL[dtype] + (4e-3 if GPU else 0), what=str(config))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# w4a16_gemv.gemv_h2, forced (the dispatcher does not pick it yet): the portable branch under the interpreter, the
-# packed-half2 asm branch on a GPU
-
-
-def h2_configs(n, kw):
-    if not GPU:
-        return [w4a16_gemv.INTERPRETER_CONFIG, dict(w4a16_gemv.INTERPRETER_CONFIG, BLOCK_KW=4, SPLIT_K=1)]
-    first = w4a16_gemv.configs(n, kw)[0]
-    return [first, dict(first, BLOCK_KW=2, SPLIT_K=3, num_stages=1), dict(first, pair=False, BLOCK_N=512)]
-
-
-def tile_magnitude(x, perm, w_abs, block_k):
-    """sum over tiles of block_k inputs (x in perm order) of max |x| of the tile times |w|: the scale of the half2
-    branch's rounding, which takes each tile's x times the power of two that brings its largest |x| to 2^8 and
-    rounds the products and their lane sums in fp16 (w4a16_gemv's docstring)."""
-    xs = x.double().abs().cpu()
-    if perm is not None:
-        xs = xs[:, perm.long().cpu()]
-    k = xs.shape[1]
-    pad = -k % block_k
-    tiles = torch.nn.functional.pad(xs, (0, pad)).reshape(xs.shape[0], -1, block_k).amax(dim=-1)
-    return tiles.repeat_interleave(block_k, dim=1)[:, :k] @ w_abs
-
-
-def h2_slack(x, perm, qweight, scales, zeros, group_size, config):
-    """The tile magnitude of gemv_h2's half2 branch (tile_magnitude) for a config, in fp64."""
-    k = x.shape[1]
-    w_abs = weight_only_matmul_ref(torch.eye(k), qweight.cpu(), scales.float().cpu(), zeros.float().cpu(), bits=4,
-                                   group_size=group_size, in_features=k).double().abs()
-    return tile_magnitude(x, perm, w_abs, 8 * config["BLOCK_KW"])
-
-
-@needs_backend
-@FEW
-@given(n=st.integers(1, 64), group=st.sampled_from([32, 64, "channel"]), words=st.integers(1, 4),
-       dtype=st.sampled_from([FP16, BF16]), sym=st.booleans(), perm=st.booleans(), bias=st.booleans(),
-       xc=activation_cases(), wc=weight_cases())
-def test_kernels_gemv_h2_extreme_values(n, group, words, dtype, sym, perm, bias, xc, wc):
-    k = 64 * words if group == 64 else 32 * words
-    group_size = k if group == "channel" else group
-    x, dead = extreme_x(1, k, dtype, xc)
-    w = extreme_w(n, k, group_size, wc, dead)
-    if dtype == FP16:
-        w = w.clamp(-6e4, 6e4)
-    qweight, scales, zeros = quantized_layer(w, 4, group_size, sym, dtype)
-    g = torch.Generator().manual_seed(xc["seed"] + 2)
-    p = torch.randperm(k, generator=g).to(torch.int32) if perm else None
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    dev = [t.to(DEVICE) if t is not None else None for t in (x, qweight, scales, zeros, p, b)]
-    ref = weight_only_matmul_ref(*dev[:4], bits=4, group_size=group_size, in_features=k, perm=dev[4], bias=dev[5])
-    mag = weight_only_magnitude(x, qweight, scales, zeros, 4, group_size, p, b)
-    for config in h2_configs(n, qweight.shape[0]):
-        y = w4a16_gemv.gemv_h2(*dev, bits=4, group_size=group_size, config=config)
-        if GPU:  # fp16 products and lane sums (at most 8 products of |xs (c - z)| <= 2^9 * 15) relative to the
-            # tile's largest |x|: 8 roundings of 2^-11 each, 4e-3, plus the output's own rounding
-            check(y, ref, mag + h2_slack(x, p, qweight, scales, zeros, group_size, config), dtype,
-                  tol=TOL[dtype] + 4e-3, what=str(config))
-        else:
-            check(y, ref, mag, dtype, what=str(config))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ launch configs; with TRITON_INTERPRET=0 and TQUANT_AUTOTUNE=0 on a GPU it runs t
 import contextlib
 import json
 
-import os
 
 import pytest
 import torch
@@ -382,16 +381,3 @@ def test_kernels_shipped_configs_are_current(monkeypatch):
 def test_kernels_gpu_name_is_file_safe(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert device_name(torch.device("cuda", 99)) == "NVIDIA_H100_80GB_HBM3"
-
-
-@pytest.mark.parametrize("named, flags", [("", (False, False)), ("slots", (False, True)), ("h2,slots", (True, True)),
-                                          ("h2,", (True, False))])
-def test_experimental_kernels_join_only_when_named(named, flags):
-    """TQUANT_EXPERIMENTAL_KERNELS (read at import) switches the dispatcher's experimental candidates on by name."""
-    import subprocess
-    import sys
-
-    code = "from tquant.kernels import weight_only_matmul as w; print(w.USE_H2, w.USE_SLOTS)"
-    env = dict(os.environ, TQUANT_EXPERIMENTAL_KERNELS=named)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.split() == [str(f) for f in flags]

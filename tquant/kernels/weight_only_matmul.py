@@ -12,12 +12,9 @@ scales[g, n] = code * step[g, n // stat_group] + low[g, n // stat_group] (decode
 
 `weight_only_matmul` runs the Triton kernels. The path and its launch config are tuned once per GPU and
 key (M rounded up to a power of two, N, K, bits, group_size, dtype, perm) by autotune_cache:
-    M == 1      dequant_gemv (no tl.dot), split-K; for 4-bit fp16/bf16 x with groups of whole words also
-                w4a16_gemv.gemv_h2 (packed half2 dequantization and products), tuned against it (key kernels=h2)
+    M == 1      dequant_gemv (no tl.dot), split-K
     M <= 16     dequant_gemm with y^T = w^T x^T (BLOCK_M = 16), split-K
     M > 16      dequant_gemm; from M >= 128 on also "dense": dequantize once (Triton), then cuBLAS (x @ w)
-    M > 1       for 2 / 4 / 8-bit codes with groups of whole words also slot_gemm (one tl.dot per code slot, the
-                dequantized tile never through shared memory), tuned against the others (key kernels=slots)
 With perm and M > 1 each GEMM config also comes with gather=True: x[:, perm] is gathered once (one torch
 index_select) and the kernel reads x in storage order, instead of gathering x's K step tiles by perm inside every
 program of the grid (benchmarks/RESULTS.md has what the in-kernel gather cost).
@@ -26,26 +23,16 @@ program of the grid (benchmarks/RESULTS.md has what the in-kernel gather cost).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from ..formats.packing import dequantize_packed, values_per_word
 from ..formats.quantizer import check_bits, resolve_group_size
-from . import dequant_gemm, dequant_gemv, slot_gemm, w4a16_gemv
+from . import dequant_gemm, dequant_gemv
 from .autotune_cache import tune
 from .runtime import DTYPES, check_device, check_tensors, interpreter_on, next_power_of_2
 
 DENSE = dict(path="dense")
-# Kernels the dispatcher offers only when named in TQUANT_EXPERIMENTAL_KERNELS (comma-separated; read at import), so a
-# benchmark or an end-to-end run can time them without a code change:
-#   h2     w4a16_gemv.gemv_h2 at M = 1: passed its GPU tests, but slower than dequant_gemv on the H100 (RESULTS.md)
-#   slots  slot_gemm at M >= 2: interpreter tests and its sm_90 compilation only so far
-# (the tuner times candidates but does not check their outputs: a kernel joins by default once its GPU tests pass
-# and it wins somewhere.)
-EXPERIMENTAL = set(filter(None, os.environ.get("TQUANT_EXPERIMENTAL_KERNELS", "").split(",")))
-USE_H2 = "h2" in EXPERIMENTAL
-USE_SLOTS = "slots" in EXPERIMENTAL
 
 
 def check_inputs(x, qweight, scales, zeros, bits, group_size, in_features, perm, bias, bilevel=None) -> int:
@@ -123,11 +110,6 @@ def run_path(config, x, qweight, scales, zeros, perm, bias, *, bits, group_size,
         return x @ w if bias is None else torch.addmm(bias, x, w)
     if config.get("gather") and perm is not None:
         x, perm = x.index_select(1, perm), None
-    if config["path"] == "slots":
-        return slot_gemm.gemm(x, qweight, scales, zeros, bias, bits=bits, group_size=group_size, config=config)
-    if config["path"] == "gemv_h2":
-        return w4a16_gemv.gemv_h2(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size,
-                                  config=config, bilevel=bilevel)
     kernel = dequant_gemv.gemv if config["path"] == "gemv" else dequant_gemm.gemm
     return kernel(x, qweight, scales, zeros, perm, bias, bits=bits, group_size=group_size, config=config,
                   bilevel=bilevel)
@@ -158,12 +140,5 @@ def weight_only_matmul(x, qweight, scales, zeros, *, bits, group_size, in_featur
                dtype=str(x.dtype).removeprefix("torch."), perm=int(perm is not None),
                **({} if bilevel is None else {"bilevel": "{}/{}".format(*bilevel)}))
     configs = candidates(key["M"], n, qweight.shape[0], perm is not None)
-    if m == 1 and USE_H2 and not interpreter_on() and w4a16_gemv.supports(x, bits, group_size, in_features, bilevel):
-        key["kernels"] = "h2"  # new candidates: entries tuned before gemv_h2 existed are not reused
-        configs = w4a16_gemv.configs(n, qweight.shape[0]) + configs
-    if 1 < m and USE_SLOTS and slot_gemm.supports(x, bits, group_size, in_features, bilevel):
-        key["kernels"] = "slots"  # as for h2: entries tuned without these candidates are not reused
-        slots = slot_gemm.configs(key["M"], n, qweight.shape[0])
-        configs = configs + (slots if perm is None else [dict(c, gather=True) for c in slots])
     config = tune("weight_only_matmul", key, configs, lambda c: run_path(c, *args, **kw), x.device)
     return run_path(config, *args, **kw)
