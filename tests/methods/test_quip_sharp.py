@@ -151,7 +151,7 @@ def test_alias_and_listing():
     assert tquant.methods()["quip#"]["bits"].startswith("bits per weight")
     assert "quip_sharp" not in tquant.methods()
     model = tiny_model("llama")
-    tquant.quantize(model, "quip_sharp", bits=4, calib=CALIB[:2], progress=False, scale_grid="")
+    tquant.quantize(model, "quip_sharp", bits=2, calib=CALIB[:2], progress=False, scale_grid="")
     assert model.config.quantization_config["method"] == "quip#"
 
 
