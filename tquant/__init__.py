@@ -5,6 +5,7 @@
     tquant.save(qmodel, "out/")
     tquant.quantize_to_disk("llama-70b/", "out/", "gptq", bits=4, calib=ids)   # block by block from its shards
     qmodel = tquant.load("out/")                 # also compressed-tensors, GPTQ and AWQ checkpoints
+    qmodel = tquant.from_pretrained("org/name", revision="main")   # = tquant.load: a hub id, from the hub's cache
     tquant.export(qmodel, "ct/", format="compressed-tensors")   # or "gptq": for vLLM / SGLang
     tquant.quantize(qmodel, "kivi", kv_bits=2)   # and a 2-bit KV cache in generate()
     tquant.StaticDecoder(qmodel, batch=1, max_len=2048).generate(ids, 128)   # static cache, CUDA-graph steps
@@ -28,10 +29,12 @@ _LAZY = {  # public name: (module, attribute)
     "kv_cache": (".kv.hook", "kv_cache"),
     "save": (".serialization", "save"),
     "load": (".serialization", "load"),
+    "from_pretrained": (".serialization", "load"),  # the same loader under transformers' name (hub ids too)
     "export": (".interop", "export"),
 }
 
-__all__ = ["__version__", "quantize", "quantize_to_disk", "kv_cache", "methods", "save", "load", "export", "StaticDecoder"]
+__all__ = ["__version__", "quantize", "quantize_to_disk", "kv_cache", "methods", "save", "load", "from_pretrained",
+           "export", "StaticDecoder"]
 
 
 def methods() -> dict[str, dict[str, str]]:

@@ -18,7 +18,8 @@ bit-identical to the model that was saved.
 Nothing is trusted before it is checked (an edited file is refused with a ValueError naming the layer / tensor,
 before any kernel can read it):
     tquant.json    exactly its four keys (and "shards" when sharded); every weights file a plain name inside the
-                   folder (no '..', no absolute path, no symlink out), its size and sha256 (damage)
+                   folder (no '..', no absolute path, no symlink out: a hub cache snapshot's may point into its
+                   repo's blobs, tquant.interop.hub), its size and sha256 (damage)
     index          sharded: the shards it names are exactly the manifest's, each shard holds exactly the tensors
                    its weight_map gives it, total_size adds up; a model-*-of-*.safetensors file in the folder that
                    the manifest does not list is refused (a leftover of another save)
@@ -44,6 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import read_quantization_config
+from .interop.hub import checkpoint_folder, snapshot_blobs
 from .kv.hook import check_kv_spec, hook_generate
 from .modules import module_for_spec, spec_types
 from .modules.base import DAMAGED
@@ -312,7 +314,8 @@ def _verified_tensors(path: str) -> dict[str, torch.Tensor]:
 def _inside(folder: str, name: str, what: str = "weights") -> str:
     """The path of the manifest's weights file `name` (what: "weights", or "shard": a file the index names), refused
     unless it is a relative path in the checkpoint folder that stays there once resolved (no '..', no absolute path,
-    no symlink pointing out)."""
+    no symlink pointing out; in a snapshot of the hub's cache, a symlink into that repo's blobs, as the cache
+    stores every file: tquant.interop.hub)."""
     where = f"{os.path.join(folder, MANIFEST if what == 'weights' else INDEX)}: {what} {name!r}"
     parts = name.replace("\\", "/").split("/")
     if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ".." in parts or ":" in name:
@@ -321,8 +324,10 @@ def _inside(folder: str, name: str, what: str = "weights") -> str:
     full = os.path.join(folder, name)
     root = os.path.realpath(folder)
     real = os.path.realpath(full)
-    if os.path.commonpath([root, real]) != root or real == root:
-        raise ValueError(f"{where} resolves to {real}, outside the checkpoint folder {root} (a symlink out?): "
+    blobs = snapshot_blobs(root)  # a hub cache snapshot: its files link into the repo's blobs
+    if real == root or not any(os.path.commonpath([place, real]) == place for place in filter(None, (root, blobs))):
+        also = f" or its hub cache blobs {blobs}" if blobs else ""
+        raise ValueError(f"{where} resolves to {real}, outside the checkpoint folder {root}{also} (a symlink out?): "
                          f"{DAMAGED}")
     return full
 
@@ -415,12 +420,16 @@ def _foreign_config(path: str) -> dict | None:
     return None
 
 
-def load(path: str, device=None) -> nn.Module:
-    """Rebuild a model saved by tquant.save, offline. Returns it in eval mode on `device` (default cpu).
+def load(path_or_hub_id: str, device=None, revision: str | None = None) -> nn.Module:
+    """Rebuild a model saved by tquant.save. Returns it in eval mode on `device` (default cpu).
     A checkpoint whose config.json names quant_method "compressed-tensors", "gptq" or "awq" is imported by
-    tquant.interop into tquant's modules (any other quant_method: ValueError)."""
+    tquant.interop into tquant's modules (any other quant_method: ValueError).
+    path_or_hub_id: the checkpoint's folder, or a hub id (org/name) at `revision` (branch, tag or commit; default
+    main), taken from the hub's cache or downloaded there by huggingface_hub.snapshot_download
+    (tquant.interop.hub.checkpoint_folder: HF_HUB_CACHE, HF_HUB_OFFLINE). tquant.from_pretrained is this function."""
     import transformers
 
+    path = checkpoint_folder(path_or_hub_id, revision)
     foreign = _foreign_config(path)
     if foreign is not None:  # another library's checkpoint: its importer (tquant.interop)
         from .interop.loader import load_foreign

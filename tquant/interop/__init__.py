@@ -6,9 +6,10 @@
     tquant.load(dir)                also reads compressed-tensors pack-quantized / int-quantized, GPTQ v1 / v2 and AWQ
                                     (GEMM) checkpoints (tquant.interop.loader), into PackedLinear / ActQuantLinear
                                     without dequantizing
+    tquant.load("org/name")         any of these by hub id, from the hub's cache or downloaded into it (hub.py)
 
 One file per outside format (compressed_tensors.py, gptq.py, awq.py), their shared helpers in common.py, the
-exported folder's writing in writer.py.
+exported folder's writing in writer.py, hub ids in hub.py.
 """
 from __future__ import annotations
 
@@ -61,16 +62,18 @@ def _quantized_layers(model, format: str):
 
 
 def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_format: str = "gptq",
-           overwrite: bool = False, max_shard_size="5GB", check_tp=()) -> str:
-    """Write a tquant model (or a tquant checkpoint folder) to folder `out` in `format`: "compressed-tensors"
-    (pack-quantized W4A16 / W8A16, int-quantized W8A8; for vLLM / SGLang / transformers), "gptq" (gptq_format
-    "gptq" = v1, "gptq_v2" = v2) or "awq" (AutoAWQ's GEMM layout: 4-bit, no act order), as one model.safetensors
-    or, past max_shard_size ("5GB", "500MB", bytes; None: one file), transformers' shards and index. check_tp=(2, 4, 8) (or "2,4,8"): first check every layer splits over
-    each tensor-parallel degree as vLLM splits it, into shards its kernels take (tquant.interop.tp), else ValueError
-    naming the layer, the degree and the size, and nothing is written. Returns out."""
+           overwrite: bool = False, max_shard_size="5GB", check_tp=(), revision: str | None = None) -> str:
+    """Write a tquant model (or a checkpoint tquant.load reads: a folder, or a hub id at `revision`) to folder `out`
+    in `format`: "compressed-tensors" (pack-quantized W4A16 / W8A16, int-quantized W8A8; for vLLM / SGLang /
+    transformers), "gptq" (gptq_format "gptq" = v1, "gptq_v2" = v2) or "awq" (AutoAWQ's GEMM layout: 4-bit, no act
+    order), as one model.safetensors or, past max_shard_size ("5GB", "500MB", bytes; None: one file), transformers'
+    shards and index. check_tp=(2, 4, 8) (or "2,4,8"): first check every layer splits over each tensor-parallel
+    degree as vLLM splits it, into shards its kernels take (tquant.interop.tp), else ValueError naming the layer, the
+    degree and the size, and nothing is written. Returns out."""
     import os
 
     from . import awq, compressed_tensors, gptq, tp
+    from .hub import checkpoint_folder
     from .writer import write_checkpoint
 
     if format not in FORMATS:
@@ -82,8 +85,11 @@ def export(model_or_dir, out: str, format: str = "compressed-tensors", *, gptq_f
     if isinstance(model_or_dir, (str, os.PathLike)):
         from ..serialization import load
 
-        source = os.fspath(model_or_dir)
+        source = checkpoint_folder(model_or_dir, revision)  # the folder whose tokenizer the export copies
         model = load(source)
+    elif revision is not None:
+        raise ValueError(f"revision={revision!r} selects a version of a hub id, but export was given a model: pass "
+                         "the hub id, or the model without revision=")
     else:
         model = model_or_dir
     layers = _quantized_layers(model, format)

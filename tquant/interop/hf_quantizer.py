@@ -21,10 +21,9 @@ What from_pretrained does with a tquant checkpoint (the steps and the checks of 
                         tensor left empty, and generate() hooked for a KV-cache method (tquant.kv.hook)
 Differences from tquant.load: the non-quantized tensors (embeddings, norms) follow from_pretrained's dtype= (default
 "auto": config.json's dtype, the one tquant.save wrote them in); non-persistent buffers (RoPE's inv_freq) are
-computed by the model, not read. The folder must be a local tquant checkpoint with its tquant.json (a hub id's
-cached snapshot is a folder of symlinks into the blob cache, which the checks refuse as tquant.load does: download it
-with huggingface_hub.snapshot_download(repo, local_dir=DIR) and load DIR). model.save_pretrained is refused (it
-would write no tquant.json): save with tquant.save(model, dir).
+computed by the model, not read. The folder (or the hub id's snapshot in the hub's cache, whose files link into
+the repo's blobs: tquant.interop.hub) must hold a tquant checkpoint with its tquant.json. model.save_pretrained is
+refused (it would write no tquant.json): save with tquant.save(model, dir).
 """
 from __future__ import annotations
 
