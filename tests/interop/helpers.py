@@ -1,7 +1,12 @@
-"""Shared pieces of the interop tests: tiny quantized models and the dequantized reference weights."""
+"""Shared pieces of the interop tests: tiny quantized models, the dequantized reference weights, and damaged copies
+of checkpoints."""
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+from safetensors.torch import load_file, save_file
 
 import tquant
 from tquant.formats.packing import dequantize_packed
@@ -55,3 +60,25 @@ def give_perm(model, name: str, seed: int = 3) -> PackedLinear:
     model.set_submodule(name, new)
     model.config.quantization_config["layers"][name] = new.layer_spec()
     return new
+
+
+def edit_checkpoint(path, config=None, tensors=None) -> None:
+    """Damage checkpoint folder `path` in place: config (a dict merged into config.json's quantization_config, or a
+    function editing that dict), tensors {name: new tensor, or None to delete it} of its model.safetensors."""
+    if config:
+        with open(os.path.join(path, "config.json")) as f:
+            c = json.load(f)
+        if callable(config):
+            config(c["quantization_config"])
+        else:
+            c["quantization_config"] |= config
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(c, f)
+    if tensors:
+        t = load_file(os.path.join(path, "model.safetensors"))
+        for k, v in tensors.items():
+            if v is None:
+                del t[k]
+            else:
+                t[k] = v
+        save_file(t, os.path.join(path, "model.safetensors"))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import tquant
-from tests.interop.helpers import dequantized, logits, packed_layers
+from tests.interop.helpers import dequantized, edit_checkpoint, logits, packed_layers
 from tests.tiny_models import tiny_model
 
 ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -86,5 +86,23 @@ def test_foreign_awq_variants_are_refused(tmp_path, edit, message):
     c = json.load(open(tmp_path / "config.json"))
     c["quantization_config"] |= edit
     json.dump(c, open(tmp_path / "config.json", "w"))
+    with pytest.raises(ValueError, match=message):
+        tquant.load(str(tmp_path))
+
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("config,tensors,message", [
+    ({}, {f"{Q}.qzeros": None}, rf"{Q}\.qzeros: missing from the checkpoint \(expected shape \[3, 12\]\)"),
+    ({}, {f"{Q}.qweight": torch.zeros(96, 11, dtype=torch.int32)}, rf"{Q}\.qweight: shape \[96, 11\], expected "
+                                                                   r"\[96, 12\]"),
+    ({}, {f"{Q}.scales": torch.ones(3, 96, dtype=torch.int32)}, rf"{Q}\.scales: dtype torch\.int32"),
+    (dict(group_size=40), {}, rf"{Q}\.scales: group_size=40 does not divide in_features=96"),
+    (dict(zero_point=False), {}, r"quantization_config\.zero_point: false: tquant imports AWQ with zero points only"),
+])
+def test_bad_awq_checkpoints_name_the_tensor(tmp_path, config, tensors, message):
+    _fixture(str(tmp_path))
+    edit_checkpoint(str(tmp_path), config, tensors)
     with pytest.raises(ValueError, match=message):
         tquant.load(str(tmp_path))

@@ -10,8 +10,7 @@ import torch
 
 import tquant
 from tquant.interop.common import pack_dense, unpack_dense
-from tquant.modules import PackedLinear
-from tests.interop.helpers import dequantized, give_perm, logits, packed_layers, quantized
+from tests.interop.helpers import dequantized, edit_checkpoint, give_perm, logits, packed_layers, quantized
 from tests.tiny_models import tiny_model
 
 ct = pytest.importorskip("compressed_tensors")
@@ -173,3 +172,31 @@ def test_library_compressed_checkpoint_loads_into_packed_linear(tmp_path, bits, 
     assert torch.allclose(logits(loaded), logits(reference), atol=1e-5, rtol=0)
     # no float weight was made: the layers hold packed codes and run tquant's kernels (or their references)
     assert all(not hasattr(m, "weight") for m in layers.values())
+
+
+# ---- bad or foreign pack-quantized checkpoints ----
+
+Q = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("weights,tensors,message", [
+    (dict(num_bits=5), {}, rf"{Q}\.weight_packed: bits=5: tquant has kernels for \[2, 3, 4, 8\]-bit weights only"),
+    (dict(type="float"), {}, rf"{Q}\.weight: weights of type 'float': tquant's kernels take integer weights"),
+    (dict(group_size=40), {}, rf"{Q}\.weight_scale: group_size=40 does not divide in_features=96"),
+    (dict(actorder="group"), {}, rf"{Q}\.weight_g_idx: missing: actorder 'group' needs each input channel's group"),
+    ({}, {f"{Q}.weight_packed": torch.zeros(96, 11, dtype=torch.int32)},
+     rf"{Q}\.weight_packed: shape \[96, 11\], expected \[96, 12\]"),
+    ({}, {f"{Q}.weight_shape": torch.tensor([96, 64])}, rf"{Q}\.weight_shape: \[96, 64\], the model's layer is \[96, 96\]"),
+    ({}, {f"{Q}.weight_zero_point": None}, rf"{Q}\.weight_zero_point: missing from the checkpoint \(expected shape "
+                                            r"\[12, 3\]\)"),
+    ({}, {f"{Q}.weight_scale": torch.ones(96, 3, dtype=torch.int32)}, rf"{Q}\.weight_scale: dtype torch\.int32"),
+    ({}, {f"{Q}.weight_g_idx": torch.zeros(96, dtype=torch.int32)},
+     rf"{Q}\.weight_g_idx: group 0 has 96 input channels, expected 32"),
+])
+def test_bad_pack_quantized_checkpoints_name_the_tensor(tmp_path, weights, tensors, message):
+    """The issue's bad checkpoints (bits tquant has no kernel for, mismatched shapes, a missing g_idx or zero point)
+    in an asymmetric W4 g32 export, each refused by tquant.load with the tensor's name and what was expected."""
+    tquant.export(quantized(bits=4, group_size=32, sym=False), str(tmp_path), format="compressed-tensors")
+    edit_checkpoint(str(tmp_path), lambda qc: qc["config_groups"]["group_0"]["weights"].update(weights), tensors)
+    with pytest.raises(ValueError, match=message):
+        tquant.load(str(tmp_path))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import tquant
 from tquant.formats.packing import unpack_codes
-from tests.interop.helpers import dequantized, give_perm, logits, packed_layers, quantized
+from tests.interop.helpers import dequantized, edit_checkpoint, give_perm, logits, packed_layers, quantized
 from tests.tiny_models import tiny_model
 
 
@@ -142,21 +142,6 @@ def test_published_layout_fixture_loads_with_the_reference_logits(tmp_path, fmt,
     assert torch.allclose(logits(loaded), logits(reference), atol=1e-5, rtol=0)
 
 
-def _edit(path, config=None, tensors=None):
-    if config:
-        c = json.load(open(os.path.join(path, "config.json")))
-        c["quantization_config"] |= config
-        json.dump(c, open(os.path.join(path, "config.json"), "w"))
-    if tensors:
-        t = load_file(os.path.join(path, "model.safetensors"))
-        for k, v in tensors.items():
-            if v is None:
-                del t[k]
-            else:
-                t[k] = v
-        save_file(t, os.path.join(path, "model.safetensors"))
-
-
 Q = "model.layers.0.self_attn.q_proj"
 
 
@@ -173,6 +158,6 @@ Q = "model.layers.0.self_attn.q_proj"
 ])
 def test_bad_checkpoints_name_the_tensor(tmp_path, edit, message):
     _fixture(str(tmp_path))
-    _edit(str(tmp_path), **edit)
+    edit_checkpoint(str(tmp_path), **edit)
     with pytest.raises(ValueError, match=message):
         tquant.load(str(tmp_path))
