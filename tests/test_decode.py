@@ -1,7 +1,8 @@
 """StaticDecoder: prefill + decode steps through the static cache give the model's own logits (float cache: its
 full forward; qoq_kv4: its dynamic KV4 cache, token by token), with quantized weights too; greedy generate
-matches HF generate; the cache's bytes per token; every refusal. The CUDA-graph replay against the eager step
-runs on a GPU only."""
+matches HF generate; mixture-of-experts models (Mixtral, Qwen3-MoE, W4 RTN / GPTQ experts in PackedExperts) too,
+the fused step through the experts' grouped kernel; the cache's bytes per token; every refusal. The CUDA-graph
+replay against the eager step runs on a GPU only."""
 import pytest
 import torch
 import transformers
@@ -11,6 +12,7 @@ from tests.tiny_models import ARCHS, VOCAB, tiny_model, token_batch
 
 import tquant
 from tquant.decode import StaticDecoder
+from tquant.modules import PackedExperts
 
 ARCHS_HERE = {**ARCHS, "qwen3": lambda: transformers.Qwen3Config(  # q / k norms per head
     vocab_size=VOCAB, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=6,
@@ -177,6 +179,100 @@ def test_bytes_per_token():
     model = tiny_model("llama")  # KIVI 2-bit, groups of 8: keys 16 channels x (1 word + fp16 scale, min) per 8
     tquant.quantize(model, "kivi", kv_bits=2, group_size=8, residual=8)  # tokens; values 2 x (1 word + 2 + 2)
     assert StaticDecoder(model, 1, 8).cache.bytes_per_token() == 2 * 2 * (16 * (4 + 2 + 2) // 8 + 2 * (4 + 2 + 2))
+
+
+def quantized_moe(arch: str, method: str, dtype=torch.float32, **options):
+    """A tiny Mixtral / Qwen3-MoE (4 experts, top-2) with W4 g32 weights: every experts module a PackedExperts, the
+    router in float; GPTQ calibrated on 128 tokens. options: the method's (group_order="act": stored with perms)."""
+    model = tiny_model(arch, dtype=dtype)
+    if method != "float":
+        tquant.quantize(model, method, bits=4, group_size=32, calib=token_batch(4, 32, seed=12) if method == "gptq"
+                        else None, batch_size=4, progress=False, **options)
+        assert all(isinstance(layer.mlp.experts, PackedExperts) for layer in model.model.layers)
+    return model
+
+
+def greedy_and_logits(dec: StaticDecoder, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, t + new]: the prompt and the greedy continuation, logits [B, new, V] that chose them)."""
+    logits = [dec.prefill(prompt)]
+    tokens = [prompt, logits[-1].argmax(-1, keepdim=True)]
+    for _ in range(new - 1):
+        logits.append(dec.step(tokens[-1]).clone())
+        tokens.append(logits[-1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1), torch.stack(logits, dim=1)
+
+
+def check_greedy_is_the_models(model, t: int, tokens: torch.Tensor, logits: torch.Tensor) -> None:
+    """greedy_and_logits' tokens after a prompt of t are HF generate's, and each step's logits the model's own
+    forward's over the tokens before it."""
+    prompt, new = tokens[:, :t], tokens.shape[1] - t
+    with torch.no_grad():
+        want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                              min_new_tokens=new, do_sample=False)
+        ref = model(tokens[:, :-1]).logits[:, t - 1:]
+    assert torch.equal(tokens, want)
+    assert rel(logits, ref) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_moe_greedy_tokens_and_logits_are_the_models(arch, method):
+    """The plain step (the model's own MoE blocks: router, PackedExperts) over 2 x 7 prompt tokens, 9 new."""
+    model = quantized_moe(arch, method)
+    dec = StaticDecoder(model, batch=2, max_len=16, fused=False)
+    check_greedy_is_the_models(model, 7, *greedy_and_logits(dec, token_batch(2, 7, seed=13), 9))
+
+
+@pytest.mark.parametrize("arch, method, options", [
+    ("mixtral", "gptq", {"group_order": "act"}), ("qwen3_moe", "rtn", {}),
+    pytest.param("qwen3_moe", "float", {}, marks=pytest.mark.slow)])
+def test_kernels_fused_moe_step_runs_the_grouped_kernel(monkeypatch, arch, method, options):
+    """fused=True: each MoE block routes with the model's own router (softmax, top-k, renormalized as the model
+    does) and runs quantized experts as PackedExperts' two grouped launches (tquant.kernels.moe_matmul, under the
+    interpreter on the CPU; GPTQ's experts with act-order perms), never its per-expert torch path; float experts
+    run in their own module. Greedy tokens are HF generate's, logits the model's forward's."""
+    from tquant.kernels import moe_matmul
+
+    model = quantized_moe(arch, method, **options).to(DEVICE)
+    assert method != "gptq" or model.model.layers[0].mlp.experts.has_perm
+    calls = []
+    grouped = moe_matmul.grouped_weight_only_matmul
+    monkeypatch.setattr(moe_matmul, "grouped_weight_only_matmul", lambda *a, **k: calls.append(1) or grouped(*a, **k))
+    dec = StaticDecoder(model, batch=1, max_len=8, fused=True)
+    dec.cache.kernel = True
+    assert dec.gate_up == [None] * model.config.num_hidden_layers  # no dense MLP to fuse
+    with monkeypatch.context() as m:  # the decoder's forwards only: HF's own forward (the reference) may use it
+        m.setattr(PackedExperts, "forward", None)
+        tokens, logits = greedy_and_logits(dec, token_batch(1, 4, seed=14).to(DEVICE), 3)
+    assert len(calls) == (0 if method == "float" else 3 * 2 * model.config.num_hidden_layers)  # 3 forwards
+    check_greedy_is_the_models(model, 4, tokens, logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_kernels_moe_graph_replay_matches_eager(arch):
+    """On the GPU (fp16, GPTQ W4 experts): the graphed step (router, grouped expert launches inside the graph) gives
+    the eager fused step's logits and tokens, and stays near the model's own forward."""
+    model = quantized_moe(arch, "gptq", dtype=torch.float16).cuda()
+    ids = token_batch(2, TOTAL, seed=9).cuda()
+    eager, graphed = static_logits(model, ids, graphs=False), static_logits(model, ids, graphs=True)
+    assert rel(graphed.float(), eager.float()) < 1e-3
+    outs = [StaticDecoder(model, 2, 32, graphs=g).generate(ids[:, :PREFILL], 10) for g in (False, True)]
+    assert torch.equal(*outs)
+    with torch.no_grad():
+        ref = model(ids).logits[:, PREFILL - 1:]
+    assert rel(graphed.float(), ref.float()) < 3e-3
+
+
+@pytest.mark.parametrize("arch, overrides, match", [
+    ("qwen2_moe", {}, "got model_type 'qwen2_moe': use model.generate"),
+    ("mixtral", {"sliding_window": 8}, "no sliding-window attention: this mixtral config sets sliding_window=8: "
+                                       "use model.generate"),
+])
+def test_moe_refusals_name_the_model_type_and_what_to_use(arch, overrides, match):
+    """Qwen2-MoE's block adds a gated shared expert; a sliding window is not run: both refused, not decoded wrong."""
+    with pytest.raises(ValueError, match=match):
+        StaticDecoder(tiny_model(arch, **overrides), batch=1, max_len=8)
 
 
 @pytest.mark.parametrize("case, match", [

@@ -1,4 +1,4 @@
-"""Static-cache decoding of a Llama-style model, each decode step one CUDA-graph replay.
+"""Static-cache decoding of a Llama-style model (dense or mixture of experts), each decode step one CUDA-graph replay.
 
     dec = tquant.StaticDecoder(model, batch=16, max_len=1152)
     tokens = dec.generate(ids, max_new_tokens=128)           # greedy; ids [batch, t], every row t tokens
@@ -18,6 +18,12 @@ forward stay as they were): an fp16 layer is 10 launches (4 of them projections)
 cache derives its per-step index tensors once a forward (prepare). The prefill runs eagerly; it
 attends to its own exact keys / values (or to them as stored, with the KV method's prefill_with_quant) and writes
 them into the cache. Rows of a batch share one position: the prompts are all t tokens long (no padding).
+Mixture of experts (Mixtral, Qwen3-MoE: MOE_BLOCKS, router then experts, no shared expert): the plain step runs the
+model's own block; the fused step runs its router (x [T, H] -> top_k_weights, top_k_index [T, k]: softmax over the
+experts' logits, top-k, renormalized where the model's own code does) and then PackedExperts.grouped, the experts'
+grouped W4A16 kernel (tquant.kernels.moe_matmul): gate_up for every (token, slot) pair in one launch, act(gate) * up,
+down in one launch, the weighted sum over slots; no host sync whatever the routing, so the graph holds it. Float
+experts run in their own module. Qwen2-MoE's block (a gated shared expert besides) and sliding windows are refused.
 The model's KV method (quantization_config["kv_cache"]) decides the cache (tquant.kv.static_cache): none -> float;
 qoq_kv4 -> per-token 4 / 8-bit codes (written by kernels.kv_quant_write on CUDA); kivi -> per-channel key groups,
 per-token values and a full-precision ring of the newest tokens; both read by tquant.kv.attention on CUDA.
@@ -36,20 +42,27 @@ from .kernels.rope import rope_qkv
 from .kernels.swiglu import silu_mul
 from .models import head_dim
 from .modules.fuse import fuse_linears
+from .modules.packed_experts import PackedExperts
 from .kv.static_cache import static_cache
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # embed -> [norm, attention, norm, MLP] x L -> norm -> head
+# embed -> [norm, attention, norm, MLP or mixture of experts] x L -> norm -> head
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
+# the mixture-of-experts blocks whose forward is router -> experts and nothing else (no shared expert): x [T, H] ->
+# (logits, top_k_weights [T, k], top_k_index [T, k]) = block.gate(x); out = block.experts(x, top_k_index, top_k_weights)
+MOE_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
+INSTEAD = "use model.generate (transformers' own decoding), which runs the quantized modules too"
 
 
 def check_model(model) -> None:
-    """ValueError naming what keeps a model from the static decoder (its type, or a missing module)."""
+    """ValueError naming what keeps a model from the static decoder (its type, or a missing module) and what to
+    use instead."""
     cfg = model.config
     if cfg.model_type not in MODEL_TYPES:
         raise ValueError(f"StaticDecoder runs Llama-style decoders ({', '.join(MODEL_TYPES)}); got model_type "
-                         f"{cfg.model_type!r}")
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False \
-            and cfg.model_type == "mistral":
-        raise ValueError("StaticDecoder has no sliding-window attention: this Mistral config sets sliding_window")
+                         f"{cfg.model_type!r}: {INSTEAD}")
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False:
+        raise ValueError(f"StaticDecoder has no sliding-window attention: this {cfg.model_type} config sets "
+                         f"sliding_window={cfg.sliding_window}: {INSTEAD}")
     body = getattr(model, "model", None)
     for name in ("embed_tokens", "layers", "norm", "rotary_emb"):
         if not hasattr(body, name):
@@ -62,6 +75,12 @@ def check_model(model) -> None:
             raise ValueError(f"StaticDecoder needs {part} in every decoder layer; layer 0 has none") from None
 
 
+def is_moe(mlp) -> bool:
+    """Whether a decoder layer's MLP is one of the mixture-of-experts blocks the decoder runs (MOE_BLOCKS; any
+    other MLP without gate / up / down projections is refused by check_fusable, and runs as it is unfused)."""
+    return type(mlp).__name__ in MOE_BLOCKS
+
+
 def check_fusable(model) -> None:
     """ValueError naming the first module the fused step kernels (tquant.kernels.rms_norm / rope / swiglu) do not
     compute as the model does: norms other than RMSNorm, an MLP that is not silu(gate) * up -> down."""
@@ -72,6 +91,8 @@ def check_fusable(model) -> None:
             if "RMSNorm" not in type(norm).__name__ or not hasattr(norm, "variance_epsilon"):
                 raise ValueError(f"fused decoding runs RMSNorm; layer {i}'s {name} is {type(norm).__name__} "
                                  "(use fused=False)")
+        if is_moe(layer.mlp):  # router, then the experts' own act(gate) * up (PackedExperts.grouped)
+            continue
         if not all(hasattr(layer.mlp, p) for p in ("gate_proj", "up_proj", "down_proj")) \
                 or getattr(model.config, "hidden_act", None) not in ("silu", "swish"):
             raise ValueError(f"fused decoding runs down(silu(gate(x)) * up(x)); layer {i}'s MLP is not that "
@@ -84,7 +105,8 @@ class StaticDecoder:
     """Greedy generation for `batch` sequences of up to max_len tokens with a static cache (module docstring).
     graphs: capture the decode step as a CUDA graph (default: on CUDA). fused: the step's small ops as Triton
     kernels (default: on CUDA; on the CPU under TRITON_INTERPRET=1 only): residual add + RMSNorm, RoPE + cache
-    write, silu(gate) * up; and q / k / v, gate / up fused into one projection each (tquant.modules.fuse)."""
+    write, silu(gate) * up; and q / k / v, gate / up fused into one projection each (tquant.modules.fuse); a
+    mixture-of-experts block as router + PackedExperts' grouped launches."""
 
     def __init__(self, model, batch: int, max_len: int, graphs: bool | None = None, fused: bool | None = None):
         check_model(model)
@@ -102,8 +124,8 @@ class StaticDecoder:
         layers = model.model.layers
         self.qkv = [fuse_linears([a.q_proj, a.k_proj, a.v_proj]) if self.fused else None
                     for a in (layer.self_attn for layer in layers)]
-        self.gate_up = [fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj]) if self.fused else None
-                        for layer in layers]
+        self.gate_up = [fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj])
+                        if self.fused and not is_moe(layer.mlp) else None for layer in layers]
         self.head_size = head_dim(model.config)
         self.sm_scale = getattr(model.model.layers[0].self_attn, "scaling", 1 / math.sqrt(self.head_size))
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the position the next step writes
@@ -166,9 +188,22 @@ class StaticDecoder:
     def _mlp(self, i: int, mlp, x: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return mlp(x)
+        if is_moe(mlp):
+            return self._moe(mlp, x)
         fused = self.gate_up[i]
         gate, up = fused(x).split(fused.split_sizes, dim=-1) if fused is not None else (mlp.gate_proj(x), mlp.up_proj(x))
         return mlp.down_proj(silu_mul(gate, up))
+
+    @staticmethod
+    def _moe(block, x: torch.Tensor) -> torch.Tensor:
+        """A mixture-of-experts block on x [B, t, H] as its own forward computes it, the routing by its own router
+        (softmax over the experts' logits, top-k, renormalized where the model does), then quantized experts in
+        PackedExperts' two grouped launches (no host sync, whatever the routing); float experts in their module."""
+        flat = x.reshape(-1, x.shape[-1])
+        _, weights, index = block.gate(flat)
+        experts = block.experts
+        run = experts.grouped if isinstance(experts, PackedExperts) else experts
+        return run(flat, index, weights).view(x.shape)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of the last of the tokens ids [B, t] at positions pos (int64 [t])."""

@@ -173,7 +173,7 @@ class PackedExperts(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         kernel = self.backend == "triton" or (self.backend == "auto" and hidden_states.is_cuda)
         if kernel:
-            return self._grouped(hidden_states, top_k_index, top_k_weights)
+            return self.grouped(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         for e in torch.unique(top_k_index).tolist():  # the hit experts, in order (one host sync, as transformers')
             if not 0 <= e < self.num_experts:
@@ -183,8 +183,10 @@ class PackedExperts(nn.Module):
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
-    def _grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """forward's Triton path: both projections of every selected expert, one grouped launch each."""
+    def grouped(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """forward's Triton path, whatever the backend: x [T, H], index [T, k], weights [T, k] -> [T, H]; both
+        projections of every selected expert, one grouped launch each, no host sync (so a CUDA graph can hold it;
+        tquant.StaticDecoder's fused MoE step calls it)."""
         from ..kernels.moe_matmul import grouped_weight_only_matmul
 
         def project(inp, proj):  # [T, K] (a row a token) or [T, k, K] (a row a slot) -> [T, k, N]
