@@ -186,7 +186,8 @@ Q = "model.layers.0.self_attn.q_proj"
     (dict(actorder="group"), {}, rf"{Q}\.weight_g_idx: missing: actorder 'group' needs each input channel's group"),
     ({}, {f"{Q}.weight_packed": torch.zeros(96, 11, dtype=torch.int32)},
      rf"{Q}\.weight_packed: shape \[96, 11\], expected \[96, 12\]"),
-    ({}, {f"{Q}.weight_shape": torch.tensor([96, 64])}, rf"{Q}\.weight_shape: \[96, 64\], the model's layer is \[96, 96\]"),
+    ({}, {f"{Q}.weight_shape": torch.tensor([96, 64])},
+     rf"{Q}\.weight_shape: \[96, 64\], the model's layer is \[96, 96\]"),
     ({}, {f"{Q}.weight_zero_point": None}, rf"{Q}\.weight_zero_point: missing from the checkpoint \(expected shape "
                                             r"\[12, 3\]\)"),
     ({}, {f"{Q}.weight_scale": torch.ones(96, 3, dtype=torch.int32)}, rf"{Q}\.weight_scale: dtype torch\.int32"),

@@ -1,7 +1,8 @@
 """A bf16 or fp16 checkpoint (what the hub holds), loaded as transformers loads it (config.json's dtype; RoPE tables
 computed in float32), quantized, exported to each weight-only format and read back by tquant.load: the same dtypes
 (config, embeddings, norms, every quantized layer's scales), the same codes and zero points, bit-identical logits;
-and compressed-tensors decompresses the export to tquant's weights in that dtype. The float32 round trips are in test_compressed_tensors.py, test_gptq.py and tests/methods/test_awq.py."""
+and compressed-tensors decompresses the export to tquant's weights in that dtype. The float32 round trips are in
+test_compressed_tensors.py, test_gptq.py and tests/methods/test_awq.py."""
 import pytest
 import torch
 

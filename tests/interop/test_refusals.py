@@ -33,8 +33,8 @@ def no_format_model():
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq", "awq"])
 def test_methods_without_an_outside_format_are_refused(tmp_path, no_format_model, method, fmt):
     model, what = no_format_model(method), re.escape(NO_FORMAT[method][1])
-    with pytest.raises(ValueError, match=rf"method '{re.escape(method)}' stores .* as \w+Linear.*{what}.*Quantize the float "
-                                         r"model with gptq or rtn"):
+    with pytest.raises(ValueError, match=rf"method '{re.escape(method)}' stores .* as \w+Linear.*{what}.*Quantize the "
+                                         r"float model with gptq or rtn"):
         tquant.export(model, str(tmp_path), format=fmt)
     assert not os.listdir(tmp_path)
 
