@@ -110,6 +110,36 @@ def test_chat_interactive(quantized_dir, capsys, monkeypatch):
     assert one_shot in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    """A tiny Mixtral (4 experts, top-2) saved, then quantized to W4 g32 by `tquant quantize` (experts in
+    PackedExperts)."""
+    hf = tmp_path_factory.mktemp("moe-hf")
+    tiny_model("mixtral").save_pretrained(hf)
+    byte_tokenizer().save_pretrained(hf)
+    out = str(tmp_path_factory.mktemp("moe-q"))
+    main(["quantize", "--model", str(hf), "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", out])
+    return out
+
+
+def test_chat_decodes_a_moe_checkpoint_with_the_static_decoder(moe_dir, capsys, monkeypatch):
+    """--decoder static runs the saved MoE model through tquant.StaticDecoder (a prefill, then a step a token) and
+    answers what --decoder hf (transformers' generate) answers; sampling is refused with it."""
+    from tquant.decode import StaticDecoder
+
+    steps, step = [], StaticDecoder.step
+    monkeypatch.setattr(StaticDecoder, "step", lambda self, ids: steps.append(1) or step(self, ids))
+    said = {}
+    for decoder in ("static", "hf"):
+        main(["chat", moe_dir, "hello", "there", "--max-new-tokens", "6", "--decoder", decoder])
+        said[decoder] = capsys.readouterr()
+    assert said["static"] == said["hf"] and said["static"].out.strip()
+    assert said["static"].err.strip() == "[answer cut at 6 new tokens: --max-new-tokens N for longer]"
+    assert len(steps) == 5  # six tokens: the prefill's, then five steps, all under --decoder static
+    with pytest.raises(SystemExit, match="the static decoder decodes greedily"):
+        main(["chat", moe_dir, "hello", "--decoder", "static", "--temperature", "0.7"])
+
+
 def test_bad_input_exits_with_the_reason(hf_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="group_size=64 does not divide in_features=96"):
         main(["quantize", "--model", hf_dir, "--method", "rtn", "--group-size", "64", "--out", str(tmp_path)])

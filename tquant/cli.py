@@ -8,7 +8,8 @@
     tquant compare --model default --configs "rtn:bits=4,group_size=64" "gptq:bits=4" [--ppl pydoc --windows 8]
                    [--tasks t1,t2] [--speed] [--json out.json]
     tquant chat DIR                 (interactive, streamed; /reset, /exit)
-    tquant chat DIR "prompt"        (one-shot: the prompt as arguments or on stdin; --max-new-tokens 256)
+    tquant chat DIR "prompt"        (one-shot: the prompt as arguments or on stdin; --max-new-tokens 256;
+                                    --decoder auto|static|hf)
     tquant analyze DIR [--model default] [--calib pydoc --n-samples 8 --out DIR/analysis]
                                     (per-layer statistics and error against the fp model: JSON + PNG)
     tquant tune DIR [--batches 1,16,64 --prompt-len 1024 --retune]
@@ -37,6 +38,8 @@ import time
 METHODS = ("abq", "awq", "bcq", "gptq", "kivi", "kvquant", "qoq", "qoq_kv4", "qqq", "quip#", "rtn", "smoothquant",
            "spqr", "zeroquant")
 METHOD_ALIASES = ("abq-llm", "quip_sharp")
+# tquant chat --decoder: tquant.tools.chat.reply's static=
+DECODERS = {"auto": None, "static": True, "hf": False}
 # what --dtype takes (tquant.models.DTYPE_NAMES and "auto"; tests/test_cli.py checks them against it)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 
@@ -198,7 +201,8 @@ def cmd_chat(a) -> None:
         if not prompt:
             raise SystemExit("tquant chat: give a prompt as arguments or on stdin, or chat with --interactive")
     model, tok = _load_saved(a.dir, a.device)
-    options = dict(system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
+    options = dict(system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                   static=DECODERS[a.decoder])
     if interactive:
         chat_loop(model, tok, sys.stdin, sys.stdout, **options)
     else:
@@ -368,6 +372,10 @@ def parser() -> argparse.ArgumentParser:
                    help="the longest answer in tokens; a longer one is cut, with a note saying so")
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0 samples")
     c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
+    c.add_argument("--decoder", default="auto", choices=tuple(DECODERS),
+                   help="static: tquant.StaticDecoder (greedy; static cache, fused steps and CUDA graphs on a GPU; "
+                        "Llama-style models, Mixtral, Qwen3-MoE); hf: transformers' generate; auto: static on CUDA "
+                        "where the model allows it and --temperature is 0, else hf (default: auto)")
     c.add_argument("--device", default="cpu", help="where the model runs")
 
     # tquant analyze and tune run tquant.tools.analyze.cmd_analyze / tquant.tools.tune.cmd_tune; their options are

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from tquant.tools.chat import answer, chat_loop, cut_note, prompt_ids
+from tquant.tools.chat import StreamTo, answer, chat_loop, cut_note, prompt_ids, reply
 from tests.tiny_models import VOCAB, byte_tokenizer, tiny_model
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -142,3 +142,35 @@ def test_a_reply_that_ends_is_not_cut(tok):
     assert said == "" and not said.cut
     _, out = run(m, tok, ["hi"], max_new_tokens=6)
     assert "answer cut" not in out
+
+
+def test_static_decoder_replies_as_generate_does(model, tok, monkeypatch):
+    """static=True (tquant.StaticDecoder, its eager step on the CPU): the greedy reply, its stream and its .cut are
+    transformers' generate's, for a reply cut at max_new_tokens and one ending at an end-of-sequence token (here
+    a letter the cut reply says, made the generation config's eos, as generate reads it)."""
+    messages = [{"role": "user", "content": "first question"}]  # "odiiii": a cut reply with a second letter
+
+    def both():
+        said = {}
+        for static in (False, True):
+            stream = io.StringIO()
+            text = reply(model, tok, messages, max_new_tokens=6, static=static, streamer=StreamTo(tok, stream))
+            said[static] = (str(text), text.cut, stream.getvalue())
+        return said
+
+    cut = both()
+    text = cut[True][0]
+    assert cut[True] == cut[False] and cut[True][1] and len(text) == 6
+    end = next(i for i in range(1, 6) if text[i] not in text[:i])  # a letter the reply has not said before
+    monkeypatch.setattr(model.generation_config, "eos_token_id", tok.convert_tokens_to_ids(text[end]))
+    ended = both()
+    # it ends at that letter (shown: not a special token), uncut
+    assert ended[True] == ended[False] and not ended[True][1] and ended[True][0] == text[:end + 1]
+
+
+def test_static_decoder_refusals(model, tok):
+    """static=True with sampling, or for a model the decoder does not run (GPT-2), says why and what to use."""
+    with pytest.raises(ValueError, match="the static decoder decodes greedily: temperature=0"):
+        run(model, tok, ["hi"], temperature=0.5, static=True)
+    with pytest.raises(ValueError, match="got model_type 'gpt2': use model.generate"):
+        reply(tiny_model("gpt2"), tok, [{"role": "user", "content": "hi"}], max_new_tokens=2, static=True)

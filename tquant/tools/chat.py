@@ -6,6 +6,9 @@
 Prompts go through the tokenizer's chat template; a tokenizer without one gets a plain "role: text" transcript.
 temperature 0 is greedy decoding; above 0 samples (with top_p nucleus sampling). A reply is a str whose .cut says
 whether it stopped at max_new_tokens rather than at the end of its answer; chat_loop then says so (cut_note).
+Greedy replies decode with tquant.StaticDecoder (static cache, fused steps, CUDA graphs) on CUDA where the model
+allows it (dense Llama-style models, Mixtral, Qwen3-MoE), else with transformers' generate; static=True asks for the
+static decoder anywhere (on the CPU: its eager torch step), static=False for transformers'.
 """
 from __future__ import annotations
 
@@ -45,30 +48,61 @@ def prompt_ids(tok, messages: list[dict]) -> torch.Tensor:
     return tok(text, return_tensors="pt").input_ids
 
 
-def _sampling(temperature: float, top_p: float) -> dict:
+def _sampling(temperature: float, top_p: float, static: bool | None = None) -> dict:
+    """generate()'s sampling keywords; ValueError for a bad option, or sampling asked of the static decoder."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature must be >= 0 (0: greedy) and top_p in (0, 1]; got {temperature}, {top_p}")
+    if static and temperature > 0:
+        raise ValueError(f"the static decoder decodes greedily: temperature=0, or transformers' generate to sample "
+                         f"(got temperature={temperature})")
     return {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature, "top_p": top_p}
 
 
+def _static_greedy(dec, ids: torch.Tensor, max_new_tokens: int, stop: set[int], streamer) -> torch.Tensor:
+    """Greedy tokens [n] after the prompt ids [1, t] from a StaticDecoder, up to and including the first stop id,
+    at most max_new_tokens; streamed as transformers' generate streams (the prompt, then each token, then end)."""
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    new, nxt = [], dec.prefill(ids).argmax(-1)
+    while True:
+        new.append(nxt)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        if len(new) == max_new_tokens or int(nxt) in stop:
+            break
+        nxt = dec.step(nxt).argmax(-1)
+    if streamer is not None:
+        streamer.end()
+    return torch.cat(new)
+
+
 def reply(model, tok, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.0,
-          top_p: float = 1.0, streamer=None) -> Reply:
+          top_p: float = 1.0, streamer=None, static: bool | None = None) -> Reply:
     """The assistant's next message after messages ([{"role", "content"}, ...]); tokens go to streamer as they
-    are generated; .cut is True when it stopped at max_new_tokens. ValueError when the conversation and
-    max_new_tokens exceed the model's context."""
+    are generated; .cut is True when it stopped at max_new_tokens. static: decode with tquant.StaticDecoder (module
+    docstring; None: on CUDA where the model allows it and the reply is greedy). ValueError when the conversation
+    and max_new_tokens exceed the model's context, or static=True meets sampling or a model the decoder refuses."""
+    from .speed import static_decoder
+
+    sampling = _sampling(temperature, top_p, static)
     ids = prompt_ids(tok, messages)
     context = getattr(model.config, "max_position_embeddings", None)
     if context and ids.shape[1] + max_new_tokens > context:
         raise ValueError(f"the conversation ({ids.shape[1]} tokens) and max_new_tokens={max_new_tokens} exceed the "
                          f"model's context of {context} tokens: /reset to start over, or lower --max-new-tokens")
     ids = ids.to(next(model.parameters()).device)
-    pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, streamer=streamer, **_sampling(temperature, top_p))
-    new = out[0, ids.shape[1]:]
+    stop = _stop_ids(model, tok)
+    dec, _ = static_decoder(model, 1, ids.shape[1] + max_new_tokens, False if sampling["do_sample"] else static)
+    if dec is not None:
+        new = _static_greedy(dec, ids, max_new_tokens, stop, streamer)
+    else:
+        pad = tok.eos_token_id if tok.pad_token_id is None else tok.pad_token_id
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad, streamer=streamer, **sampling)
+        new = out[0, ids.shape[1]:]
     said = Reply(tok.decode(new, skip_special_tokens=True).strip())
-    said.cut = len(new) >= max_new_tokens > 0 and int(new[-1]) not in _stop_ids(model, tok)
+    said.cut = len(new) >= max_new_tokens > 0 and int(new[-1]) not in stop
     return said
 
 
@@ -103,11 +137,12 @@ class StreamTo(TextStreamer):
 
 
 def chat_loop(model, tok, stdin, stdout, *, system: str | None = None, max_new_tokens: int = 256,
-              temperature: float = 0.0, top_p: float = 1.0, prompt: str = "> ") -> list[dict]:
+              temperature: float = 0.0, top_p: float = 1.0, static: bool | None = None,
+              prompt: str = "> ") -> list[dict]:
     """Read user lines from stdin and stream each reply to stdout, the history kept across turns, until /exit
     or the end of input; returns the conversation (messages). A reply cut at max_new_tokens is followed by a
-    line saying so."""
-    _sampling(temperature, top_p)  # a bad option fails before the first turn
+    line saying so. static: the decoder of each reply (reply's)."""
+    _sampling(temperature, top_p, static)  # a bad option fails before the first turn
     messages = _start(system)
     stdout.write(HELP + "\n")
     while True:
@@ -126,7 +161,7 @@ def chat_loop(model, tok, stdin, stdout, *, system: str | None = None, max_new_t
             messages.append({"role": "user", "content": text})
             try:
                 said = reply(model, tok, messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, streamer=StreamTo(tok, stdout))
+                             top_p=top_p, static=static, streamer=StreamTo(tok, stdout))
             except ValueError as err:
                 messages.pop()
                 stdout.write(f"({err})\n")

@@ -57,8 +57,10 @@ def dir_bytes(path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def _static_decoder(model, batch: int, max_len: int, static: bool | None):
-    """(StaticDecoder or None, why not): on CUDA when the model is supported, unless static says otherwise."""
+def static_decoder(model, batch: int, max_len: int, static: bool | None):
+    """(StaticDecoder or None, why not): static=None: one on CUDA when the model is supported (else None and the
+    reason); True: one wherever the model is (the decoder's ValueError, naming the model type, when unsupported);
+    False: None."""
     from ..decode import StaticDecoder
 
     device = model.get_input_embeddings().weight.device
@@ -133,7 +135,7 @@ def speed_report(model, vocab=None, *, prompt_len: int = 128, new_tokens: int = 
     was_training = model.training
     model.eval()
     try:
-        dec, why_not = _static_decoder(model, batch, prompt_len + new_tokens, static)
+        dec, why_not = static_decoder(model, batch, prompt_len + new_tokens, static)
         _timed_generation(model, dec, ids, 2, progress=False)  # warm-up: kernels, autotuning, the graph capture
         _reset_peak(dev)
         new, times = _timed_generation(model, dec, ids, new_tokens, progress)
