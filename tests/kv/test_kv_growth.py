@@ -95,6 +95,27 @@ def test_update_cost_per_token_is_flat_from_1k_to_16k(name, kernel, one_thread):
     check_flat(name, kernel, (1024, 16384))
 
 
+def same(a, b):
+    """Bit-identical under the interpreter (both paths run the same float ops in numpy); on a GPU the write kernel's
+    compiler contracts a * b + c into one FMA where torch rounds twice, so the dequantized values agree to a few
+    float32 ulps of the tensor's scale."""
+    if DEVICE == "cpu":
+        assert torch.equal(a, b)
+    else:
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=4 * torch.finfo(torch.float32).eps
+                                   * b.float().abs().max().item())
+
+
+def same_codes(a, b):
+    """Packed codes (and their scales): bit-identical under the interpreter; on a GPU a value within an FMA's
+    rounding of a code boundary may round to the neighbouring code, so at most 1 in 1000 words may differ (and the
+    scales agree as in same())."""
+    if DEVICE == "cpu" or a.is_floating_point():
+        return same(a, b)
+    assert a.shape == b.shape and (a != b).float().mean().item() <= 1e-3
+
+
 @pytest.mark.parametrize("bits, residual, pwq, kernel", [(4, 0, False, True), (8, 3, False, False),
                                                        (4, 2, True, False)])
 def test_the_write_kernel_appends_what_torch_appends(bits, residual, pwq, kernel):
@@ -110,9 +131,9 @@ def test_the_write_kernel_appends_what_torch_appends(bits, residual, pwq, kernel
         outs = [layer.update(k, v) for layer in layers]
         seen += t
         for a, b in zip(*outs):
-            assert torch.equal(a, b)
+            same(a, b)
         for a, b in zip(*(layer.stored() for layer in layers)):
-            assert torch.equal(a, b)
+            same(a, b)
         for a, b in zip(*((*layer.packed_keys, *layer.packed_values) for layer in layers)):
-            assert torch.equal(a, b)
+            same_codes(a, b)
     assert layers[1].quantized_length() == 40 - residual
