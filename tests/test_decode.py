@@ -252,16 +252,14 @@ def test_kernels_fused_moe_step_runs_the_grouped_kernel(monkeypatch, arch, metho
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_kernels_moe_graph_replay_matches_eager(arch):
     """On the GPU (fp16, GPTQ W4 experts): the graphed step (router, grouped expert launches inside the graph) gives
-    the eager fused step's logits and tokens, and stays near the model's own forward."""
+    the eager fused step's logits and tokens (not run yet: written without a GPU, as the dense replay test's
+    check)."""
     model = quantized_moe(arch, "gptq", dtype=torch.float16).cuda()
     ids = token_batch(2, TOTAL, seed=9).cuda()
     eager, graphed = static_logits(model, ids, graphs=False), static_logits(model, ids, graphs=True)
     assert rel(graphed.float(), eager.float()) < 1e-3
     outs = [StaticDecoder(model, 2, 32, graphs=g).generate(ids[:, :PREFILL], 10) for g in (False, True)]
     assert torch.equal(*outs)
-    with torch.no_grad():
-        ref = model(ids).logits[:, PREFILL - 1:]
-    assert rel(graphed.float(), ref.float()) < 3e-3
 
 
 @pytest.mark.parametrize("arch, overrides, match", [
