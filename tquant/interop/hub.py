@@ -58,7 +58,8 @@ def checkpoint_folder(path_or_hub_id, revision: str | None = None) -> str:
             f"{f', revision={revision!r}' if revision is not None else ''}), then load it by the same id; or copy "
             "its folder here and load the folder") from None
     except HfHubHTTPError as err:
-        raise ValueError(f"hub id {name!r}{at} could not be fetched from the hub: {err}") from None
+        raise ValueError(f"{name!r} is not a local folder, and hub id {name!r}{at} could not be fetched from the hub: "
+                         f"{err}") from None
 
 
 def snapshot_blobs(folder: str) -> str | None:
