@@ -408,13 +408,22 @@ def _check_replaces(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _foreign_config(path: str) -> dict | None:
-    """config.json as a dict when its quantization_config names a quant_method other than tquant's, else None."""
+    """config.json as a dict when its quantization_config names a quant_method other than tquant's, else None.
+    A config.json without one takes AutoGPTQ's quantize_config.json or AutoAWQ's quant_config.json beside it
+    (tquant.interop.loader.legacy_config)."""
+    from .interop.loader import legacy_config
+
     try:
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
     except (OSError, ValueError):
         return None  # no readable config: the tquant checks below say what is wrong
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        return None
+    qc = config.get("quantization_config")
+    if qc is None:
+        qc = legacy_config(path)
+        config = {**config, "quantization_config": qc}
     if isinstance(qc, dict) and qc.get("quant_method") not in (None, "tquant"):
         return config
     return None

@@ -106,3 +106,19 @@ def test_bad_awq_checkpoints_name_the_tensor(tmp_path, config, tensors, message)
     edit_checkpoint(str(tmp_path), config, tensors)
     with pytest.raises(ValueError, match=message):
         tquant.load(str(tmp_path))
+
+
+def test_autoawqs_quant_config_json_beside_config_json(tmp_path):
+    """An AutoAWQ checkpoint whose config.json has no quantization_config, its settings in quant_config.json
+    (AutoAWQ's keys: zero_point, q_group_size, w_bit, version "GEMM"): read as the same checkpoint."""
+    _fixture(str(tmp_path / "inside"))
+    legacy = tmp_path / "legacy"
+    _fixture(str(legacy))
+    config = json.load(open(legacy / "config.json"))
+    del config["quantization_config"]
+    json.dump(config, open(legacy / "config.json", "w"))
+    json.dump({"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"},
+              open(legacy / "quant_config.json", "w"))
+    loaded = tquant.load(str(legacy))
+    assert len(packed_layers(loaded)) == 14
+    assert torch.equal(logits(loaded), logits(tquant.load(str(tmp_path / "inside"))))

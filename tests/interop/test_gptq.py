@@ -161,3 +161,25 @@ def test_bad_checkpoints_name_the_tensor(tmp_path, edit, message):
     edit_checkpoint(str(tmp_path), **edit)
     with pytest.raises(ValueError, match=message):
         tquant.load(str(tmp_path))
+
+
+def test_autogptqs_quantize_config_json_beside_config_json(tmp_path):
+    """An AutoGPTQ checkpoint of before quantization_config moved into config.json: quantize_config.json (no
+    quant_method, no checkpoint_format: v1) beside a config.json without one, the weights in
+    gptq_model-4bit-32g.safetensors; tquant.load reads it as the same checkpoint with the config inside."""
+    _fixture(str(tmp_path / "inside"), desc_act=True)
+    legacy = tmp_path / "legacy"
+    _fixture(str(legacy), desc_act=True)
+    config = json.load(open(legacy / "config.json"))
+    qc = config.pop("quantization_config")
+    json.dump(config, open(legacy / "config.json", "w"))
+    json.dump({"bits": qc["bits"], "group_size": qc["group_size"], "damp_percent": 0.01, "desc_act": qc["desc_act"],
+               "static_groups": False, "sym": qc["sym"], "true_sequential": True, "model_name_or_path": None,
+               "model_file_base_name": "gptq_model-4bit-32g"}, open(legacy / "quantize_config.json", "w"))
+    os.rename(legacy / "model.safetensors", legacy / "gptq_model-4bit-32g.safetensors")
+    loaded = tquant.load(str(legacy))
+    assert len(packed_layers(loaded)) == 14
+    assert torch.equal(logits(loaded), logits(tquant.load(str(tmp_path / "inside"))))
+    json.dump([qc], open(legacy / "quantize_config.json", "w"))
+    with pytest.raises(ValueError, match=r"quantize_config\.json: expected a JSON object of quantization settings"):
+        tquant.load(str(legacy))
