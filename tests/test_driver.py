@@ -147,6 +147,38 @@ def test_non_finite_states_entering_a_later_block_say_the_model_is_partly_quanti
     assert isinstance(model.model.layers[1].self_attn.q_proj, nn.Linear)
 
 
+@pytest.mark.parametrize("method, bits", [("gptq", 2), ("gptq", 3), ("rtn", 2)])
+def test_fp16_grid_points_past_65504_are_moved_inside(method, bits, caplog):
+    """An fp16 model whose down_proj holds weights of -6e4 and 6e4 (on two input channels that carry 1e-4 of the
+    usual activations, so the float model stays finite): the symmetric 2-bit grid of such a group reaches -8e4 (3
+    bits: -6.9e4), which is -inf in fp16. The driver moves those codes to the nearest point inside
+    (QuantizedWeight.within_dtype) and says so naming the layer: GPTQ's calibration of block 1 stays finite (with
+    the -inf written back it was refused as non-finite), every stored grid point is finite in fp16, and the logits
+    are finite on the torch path and (2 bits) the Triton GEMM (M > 1), which rounds dequantized weights to fp16."""
+    from tquant.formats.packing import dequantize_packed
+
+    model = tiny_model("llama", dtype=torch.float16)
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj.weight.data[:2] *= 1e-4
+    mlp.down_proj.weight.data[:, 0], mlp.down_proj.weight.data[:, 1] = -6e4, 6e4
+    ids = token_batch(2, seed=5)
+    assert model(ids).logits.isfinite().all()
+    calib = {"calib": token_batch(4)} if method == "gptq" else {}
+    with caplog.at_level("WARNING", logger="tquant"):
+        tquant.quantize(model, method, bits=bits, group_size=32, sym=True, progress=False, **calib)
+    assert "model.layers.0.mlp.down_proj: " in caplog.text and "past torch.float16's largest value 65504" in caplog.text
+    down = model.model.layers[0].mlp.down_proj
+    w = dequantize_packed(down.qweight, down.scales, down.zeros, bits, down.group_size, down.in_features)
+    assert w.half().isfinite().all() and down.scales.isfinite().all()
+    assert w[0].min() < -3e4 and w[1].max() > 3e4  # the outliers kept their size (a half step of 4e4 at 2 bits)
+    assert model(ids).logits.isfinite().all()
+    if bits == 2:  # 3 bits: the GEMM's padding slots are -inf (test_kernels_weight_only_fp16_grid_past_65504's xfail)
+        for m in model.modules():
+            if isinstance(m, PackedLinear):
+                m.backend = "triton"
+        assert model(ids).logits.isfinite().all()
+
+
 def test_singular_hessian_names_block_layer_and_state(monkeypatch):
     """GPTQ's Cholesky failing on the first layer of block 1 (the real error path, the failure injected into
     torch.linalg.cholesky): the error names the block and the layer and says block 0 is quantized."""

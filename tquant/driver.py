@@ -227,6 +227,20 @@ def _with_message(e: BaseException, message: str) -> BaseException:
         return RuntimeError(message)
 
 
+def _within_dtype(qw, dtype: torch.dtype, name: str):
+    """qw with no code naming a grid point past dtype's largest value (QuantizedWeight.within_dtype; other weight
+    types as they are), said on the "tquant" logger when codes move: such a point would be inf in the dequantized
+    weight written back here and in the module's kernels that dequantize into dtype."""
+    if not isinstance(qw, QuantizedWeight):
+        return qw
+    qw, moved = qw.within_dtype(dtype)
+    if moved:
+        log.warning(f"{name}: {moved} codes named grid points past {dtype}'s largest value "
+                    f"{torch.finfo(dtype).max:.6g} ({qw.bits}-bit grid of a group with weights near it); each moved to "
+                    "the nearest point inside (QuantizedWeight.within_dtype)")
+    return qw
+
+
 @contextlib.contextmanager
 def _naming(layer: str):
     """Errors inside name `layer` (unless their message already does)."""
@@ -283,7 +297,7 @@ def _quantize_block(block, linears, inputs, method: Method, prefix: str, true_se
         for g in linear_groups:
             for n in g:
                 with _naming(prefix + n):
-                    qw = method.quantize(states[g[0]], linears[n], prefix + n)
+                    qw = _within_dtype(method.quantize(states[g[0]], linears[n], prefix + n), dtype, prefix + n)
                 linears[n].weight.data = qw.dequantize().to(linears[n].weight.dtype)
                 transform = method.input_transform(prefix + n)
                 if transform is not None:
@@ -332,6 +346,7 @@ def _quantize_expert_part(method: Method, name: str, linear: nn.Linear, inputs: 
             state.add_batch(x)
         qw = method.quantize(state, linear, name)
         _check_expert_weight(qw, method, name)
+        qw = _within_dtype(qw, linear.weight.dtype, name)
     linear.weight.data.copy_(qw.dequantize().to(linear.weight.dtype))
     return qw
 
@@ -372,9 +387,10 @@ class BlockStore:
     to load or write, and every run starts at block 0. tquant.streaming.ShardStore reads a block from safetensors
     shards in load(), writes and frees it in done(), and resumes a stopped run from what begin() finds on disk."""
 
-    def begin(self, method: Method, calib: torch.Tensor | None, n_blocks: int):
-        """Before block 0 (after every check): (first block to quantize, the hidden states entering it or None to
-        capture them, {layer name: spec} of the blocks before it, whether blocks return tuples)."""
+    def begin(self, method: Method, calib: torch.Tensor | None, n_blocks: int, device: torch.device):
+        """Before block 0 (after every check): (first block to quantize, the hidden states entering it, on `device`
+        where the blocks run, or None to capture them, {layer name: spec} of the blocks before it, whether blocks
+        return tuples)."""
         return 0, None, {}, False
 
     def load(self, block: nn.Module, prefix: str) -> None:
@@ -499,7 +515,8 @@ def quantize_blocks(
 
     if method.needs_calibration and (calib is None or calib.numel() == 0):
         raise ValueError(f"method {method.name!r} needs calibration data (calib=)")
-    first, states, specs, tuple_out = store.begin(method, calib if method.needs_calibration else None, len(blocks))
+    first, states, specs, tuple_out = store.begin(method, calib if method.needs_calibration else None, len(blocks),
+                                                   device)
     per_block = None  # each block's own other inputs (masks, rotary tables: they differ between attention kinds)
     if method.needs_calibration:
         captured, per_block = capture_all_block_inputs(model, blocks_name, blocks, calib, device, batch_size)
@@ -569,6 +586,7 @@ def _quantize_embedding(model, method, dtype):
     name = next(n for n, m in model.named_modules() if m is emb)
     qw = QuantizedWeight.from_rtn(emb.weight, method.bits, resolve_group_size(method.group_size, emb.embedding_dim, name),
                                   method.sym)
+    qw = _within_dtype(qw, dtype, name)
     packed = PackedEmbedding.from_quantized(qw, emb.padding_idx, dtype)
     model.set_submodule(name, packed)
     model.config.tie_word_embeddings = False  # a tied lm_head keeps the float table as its weight
@@ -590,7 +608,7 @@ def _quantize_head(model, blocks_name, blocks, method, calib, final_hidden, tupl
                           head.register_forward_hook(_stop)]):
                 _run_passes(lambda ids=ids: model(input_ids=ids, use_cache=False)
                             for ids in _batches(calib, batch_size, device))
-        packed = linear_module(method.quantize(state, head, name), head.bias, dtype)
+        packed = linear_module(_within_dtype(method.quantize(state, head, name), dtype, name), head.bias, dtype)
     model.set_submodule(name, packed.to(head.weight.device))
     model.config.tie_word_embeddings = False  # the embedding keeps its float weight
     return {name: packed.layer_spec()}

@@ -106,6 +106,29 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return (q.float() - zero) * scale
 
 
+def code_range_within_dtype(scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi), the codes c in [0, 2^bits - 1] whose grid points w_hat = (c - zero) * scale are finite values of
+    `dtype` (the model's, where the dequantized weight and the module's scales are kept), per element of scale /
+    zero (float64, integer-valued): [zero - n, zero + n] with n = floor(M / s), M = torch.finfo(dtype).max and s
+    the larger of the float32 scale (what QuantizedWeight.dequantize multiplies) and its rounding to dtype (what a
+    module stores and its kernels multiply), computed in float64, where n * s is exact.
+
+    Why a grid point can pass M: the symmetric grid spans -(maxq + 1) / 2 .. (maxq - 1) / 2 steps of s = 2 max|w| /
+    maxq, so its lowest point is (maxq + 1) / maxq max|w| (2 bits: 4/3 of a group's largest |w|, 8e4 for an fp16
+    outlier of 6e4; 3 bits: 8/7), and the asymmetric one reaches half a step past its range. A weight of the dtype
+    (|w| <= M) is rounded to such a point only from within half a step of it: in a symmetric grid only at the tie w =
+    -max|w| (round half to even picks the outer point), where the inner point is exactly as near; in an asymmetric
+    one, or for GPTQ's updated weights, the inner point is within one step. Clamping codes to (lo, hi)
+    (QuantizedWeight.within_dtype) keeps the format (scales unchanged, codes in [0, maxq]); refusing instead would
+    make such a layer unquantizable for a tie."""
+    s = torch.maximum(scale.double(), scale.to(dtype).double())
+    n = torch.floor(torch.finfo(dtype).max / s)
+    n = n - (n * s > torch.finfo(dtype).max).double()  # the quotient's float64 rounding may have crossed an integer
+    z = zero.double()
+    return (z - n).clamp(min=0), (z + n).clamp(max=2**bits - 1)
+
+
 def minmax_quantize(x: torch.Tensor, bits: int, dim: int, param_dtype: torch.dtype = torch.float32
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes int32 like x, scale, mn with `dim` kept as size 1, in param_dtype): min-max over `dim`, no zero

@@ -18,12 +18,13 @@ group contiguous in storage order; perm is that order.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from .quantizer import (channel_scale_for_groups, dequantize, expand_groups, grouped_qparams, integer_group_scales,
-                        progressive_quantize, quantize)
+from .quantizer import (channel_scale_for_groups, code_range_within_dtype, dequantize, expand_groups, grouped_qparams,
+                        integer_group_scales, progressive_quantize, quantize)
 
 
 def in_input_order(w: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
@@ -69,6 +70,17 @@ class QuantizedWeight:
         the protective range, then uint4 per group with integer scale and zero (group ranges times clip)."""
         codes, scale, zero, channel = progressive_quantize(w.detach(), group_size, protect, clip=clip)
         return cls(codes, scale, zero, 4, group_size, channel_scale=channel)
+
+    def within_dtype(self, dtype: torch.dtype) -> tuple["QuantizedWeight", int]:
+        """(this weight with every code's grid point a finite value of dtype, how many codes moved): codes clamped
+        to quantizer.code_range_within_dtype of their group; the same weight when every group's range is whole."""
+        lo, hi = code_range_within_dtype(self.scale, self.zero, self.bits, dtype)
+        if lo.max() <= 0 and hi.min() >= 2**self.bits - 1:
+            return self, 0
+        codes = torch.maximum(torch.minimum(self.codes, expand_groups(hi, self.group_size)),
+                              expand_groups(lo, self.group_size)).to(self.codes.dtype)
+        moved = int((codes != self.codes).sum())
+        return dataclasses.replace(self, codes=codes), moved
 
     def dequantize(self) -> torch.Tensor:
         """Float32 [N, K] weight in the original input-channel order."""
