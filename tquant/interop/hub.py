@@ -49,7 +49,7 @@ def checkpoint_folder(path_or_hub_id, revision: str | None = None) -> str:
         raise ValueError(f"no checkpoint folder at {name!r}, and it is not a hub id (org/name): give the folder "
                          "tquant.save, tquant.export or another library wrote, or a hub id") from None
     except LocalEntryNotFoundError as err:
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub could not be reached"
         flag = f" --revision {revision}" if revision is not None else ""
         raise ValueError(
             f"{name!r} is not a local folder, and hub id {name!r}{at} is not in the hub cache {constants.HF_HUB_CACHE} "
