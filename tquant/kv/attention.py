@@ -22,8 +22,10 @@ once for them; the rep rows are padded to 16 for tl.dot). Programs 0 ... SPLITS 
 share of the Tq packed tokens, BLOCK_T at a time: contiguous tiles of code words and parameters are loaded,
 the codes shifted out of the words in registers and scaled (code * scale + mn; _tile, _dequant); the last program
 takes the Tr residual tokens. Scores, the running max / sum and the rep x D accumulator stay in fp32 (online
-softmax). Each program writes its (max, sum, accumulator) to a workspace; `combine_kernel` merges them:
-o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s. A fully masked share contributes nothing (its max is -inf).
+softmax; the accumulator holds the share's output so far, normalized, so that bf16 / fp32 values up to 3e38 do not
+overflow it: split_kv). Each program writes its (max, sum, accumulator) to a workspace; `combine_kernel` merges them:
+o = sum_s c_s acc_s, c_s = e^(m_s - M) l_s / sum e^(m_s - M) l_s. A fully masked share contributes nothing (its max
+is -inf).
 `kivi_decode_attention_ref` is plain torch in fp32 from tquant.kv.uniform_format's decoders. `float_decode_attention` runs
 the same kernel over a float cache [B, Hkv, T, D] (the static decoder's fp16 cache): its store shares load keys
 and values as they are (no codes), its reference is `reference_attention`.

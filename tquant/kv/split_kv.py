@@ -4,10 +4,13 @@ KVQuant's store (kvquant_attention.py).
 A decode step's query rows [R, D] (the rep query heads of one KV head, padded to R = REP_PAD rows for tl.dot) walk
 their share of the cached tokens BLOCK_T at a time with an online softmax in fp32:
     s = q k^T (scores), m' = max(m, max_t s), p = e^(s - m'), alpha = e^(m - m')   (softmax_step)
-    l' = alpha l + sum_t p,  acc' = alpha acc + p v                                  (accumulate)
-and each program stores its (m, l, acc) (store_partial); combine_kernel merges the SPLITS partials of a row:
-    o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s,   M = max_s m_s
-A fully masked share contributes nothing (its max is -inf). dense_tokens runs the same loop over full-precision
+    l' = alpha l + sum_t p,  acc' = (alpha l / l') acc + (p / l') v                  (accumulate)
+acc is the share's output so far, sum_t p_t v_t / l (a convex combination of its values), not the sum itself: bf16 /
+fp32 values reach 3e38, and p v summed over a few tokens of equal score would pass fp32's 3.4e38 where the output
+does not (each coefficient is at most 1 and they sum to 1, so |acc| <= max |v| up to rounding). Each program stores
+its (m, l, acc) (store_partial); combine_kernel merges the SPLITS partials of a row the same way:
+    o = sum_s c_s acc_s,   c_s = e^(m_s - M) l_s / sum_s' e^(m_s' - M) l_s',   M = max_s m_s
+A fully masked share contributes nothing (its max is -inf, its l 0). dense_tokens runs the same loop over full-precision
 keys / values (the residual window, a ring of it, or a whole float cache); reference_attention is the torch
 reference of the softmax they compute.
 """
@@ -68,10 +71,18 @@ def initial_state(start_ptr, b, HAS_START: tl.constexpr, R: tl.constexpr, D: tl.
 
 @triton.jit
 def accumulate(p, v, alpha, l, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax, second half: (l, acc) rescaled by alpha and with the tile's p [R, BLOCK_T] and values
-    v [BLOCK_T, D] added."""
-    return l * alpha + tl.sum(p, axis=1), \
-        acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+    """Online softmax, second half: (l', acc') with the tile's p [R, BLOCK_T] and values v [BLOCK_T, D] added, acc
+    kept as the output so far (module docstring). fp16 values (|v| <= 65504) take the dot on p itself, whose sum
+    (at most BLOCK_T 65504) fits fp32, and divide after (p / l' in fp16 would lose long contexts' small p to
+    subnormals); bf16 / fp32 ones divide p first (fp32's exponent range), so no partial sum passes max |v|. A row
+    with no live token yet keeps l = 0 and acc = 0."""
+    l_new = l * alpha + tl.sum(p, axis=1)
+    inv = tl.where(l_new > 0, 1.0 / l_new, 0.0)
+    if DOT_DTYPE == tl.float16:
+        pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION) * inv[:, None]
+    else:
+        pv = tl.dot((p * inv[:, None]).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+    return l_new, acc * (alpha * l * inv)[:, None] + pv
 
 
 @triton.jit
@@ -108,7 +119,8 @@ def dense_tokens(q, k_ptr, v_ptr, n, pos0, first, newest, m, l, acc, chan, D: tl
 
 @triton.jit
 def combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr):
-    """o[row] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the SPLITS partials of one query row."""
+    """o[row] = sum_s c_s acc_s, c_s = e^(m_s - M) l_s / sum_s' e^(m_s' - M) l_s', over the SPLITS partials of one
+    query row (each acc_s its share's output, so no sum passes the largest value)."""
     row = tl.program_id(0)
     s = tl.arange(0, SPLITS_PAD)
     ok = s < SPLITS
@@ -118,7 +130,8 @@ def combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS: tl.constexpr, SPLITS_PA
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - big))
     chan = tl.arange(0, D)
     acc = tl.load(acc_ptr + (row * SPLITS + s)[:, None] * D + chan[None, :], mask=ok[:, None], other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    c = l * w / tl.sum(l * w, axis=0)
+    o = tl.sum(acc * c[:, None], axis=0)
     tl.store(o_ptr + row * D + chan, o.to(o_ptr.dtype.element_ty))
 
 
