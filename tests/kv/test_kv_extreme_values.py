@@ -6,6 +6,8 @@ they reuse:
   float cache, KIVI's residual window, KVQuant's sink): the online softmax's accumulator must not overflow where
   the output does not. Several tokens of equal score with v = 3e38 sum to 3 x 3e38 = inf in fp32, while their
   softmax average is 3e38; split_kv keeps the accumulator normalized (the output so far), so |acc| <= max |v|.
+- KIVI's fp16 scales and minima under a bf16 / fp32 cache: a group the format cannot hold is refused by name, not
+  stored as inf.
 """
 import pytest
 import torch
@@ -109,3 +111,36 @@ def test_kvquant_sink_attention_of_values_near_fp32_max(dtype):
     mag, tol = attention_bound(q, all_k, all_v, d**-0.5, dtype)
     check(out, ref, mag, dtype, tol=tol, what="kvquant sink")
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# KIVI's fp16 scales and minima under a bf16 / fp32 cache
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP32])
+@pytest.mark.parametrize("part", ["keys", "values"])
+@pytest.mark.parametrize("key_axis, write_kernel", [("channel", False), ("token", False), ("token", True)])
+def test_kivi_refuses_a_bf16_group_past_fp16s_range(dtype, part, key_axis, write_kernel):
+    """A bf16 / fp32 KIVI cache stores fp16 scales and minima (uniform_format): a group whose minimum is -1.3e5 would
+    get an inf minimum and NaN values, so the flush that quantizes it raises, naming the keys or values and fp16's
+    range (the torch quantizer; and the per-token write kernel's path, checked after the write). A group up to +1e5
+    over a small minimum has finite parameters (a step of 6.7e3, dequantized in fp32) and comes back within half a
+    step: the check refuses exactly what the format cannot hold."""
+    from tquant.kv.cache import KiviLayer
+
+    b, h, t, d, bits = 1, 2, 8, 16, 4
+    group = 8 if key_axis == "channel" else d
+    g = torch.Generator().manual_seed(9)
+    k, v = torch.randn(b, h, t, d, generator=g), torch.randn(b, h, t, d, generator=g)
+    big = k if part == "keys" else v
+    big[0, 1, 3, 2] = 1e5
+    layer = KiviLayer(bits, group, 0, True, kernel=False, key_axis=key_axis, write_kernel=write_kernel)
+    keys, values = layer.update(k.to(dtype), v.to(dtype))
+    assert layer.quantized_length() == t
+    got = keys if part == "keys" else values
+    step = (1e5 - big.min().item()) / (2**bits - 1)  # the largest group's step
+    assert got.isfinite().all() and (got.float() - big.to(dtype).float()).abs().max() <= step / 2 * (1 + 2**-8)
+    big[0, 1, 3, 2] = -2.0**17  # exact in bf16
+    layer = KiviLayer(bits, group, 0, True, kernel=False, key_axis=key_axis, write_kernel=write_kernel)
+    with pytest.raises(ValueError, match=rf"fp16 \(at most 65504\), and a group of the {dtype} {part} spans "
+                                         r"\[-1.311e\+05, .*\], past it: keep this model's KV cache in float"):
+        layer.update(k.to(dtype), v.to(dtype))

@@ -114,7 +114,9 @@ def test_errors_name_the_problem():
 def test_key_format_and_concat():
     assert uf.KEY_AXES == ("channel", "token")
     assert uf.key_format("channel") == (uf.quantize_keys, uf.dequantize_keys)
-    assert uf.key_format("token") == (uf.quantize_values, uf.dequantize_values)
+    quantize, dequantize = uf.key_format("token")  # the values' layout, errors naming the keys
+    assert quantize.func is uf.quantize_values and quantize.keywords == {"what": "keys"}
+    assert dequantize is uf.dequantize_values
     x = lively((2, 1, 24, 16), 2)
     for quantize in (uf.quantize_keys, uf.quantize_values):
         whole = quantize(x, 3, 8)

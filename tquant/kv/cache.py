@@ -33,7 +33,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from . import growing
-from .uniform_format import PackedKV, dequantize_values, key_format, quantize_values
+from .uniform_format import PackedKV, check_fp16_params, dequantize_values, key_format, quantize_values
 
 
 class QuantizedLayer(CacheLayerMixin):
@@ -147,6 +147,9 @@ class KiviLayer(QuantizedLayer):
                 (k_buf, _), (v_buf, _) = (growing.extend(s, flush) for s in self._stores)
                 rows = torch.arange(start, start + flush, device=self.keys.device)
                 kv_quant_write(self.keys[..., :flush, :], self.values[..., :flush, :], k_buf, v_buf, rows, self.bits)
+                for what, buf, x in (("keys", k_buf, self.keys), ("values", v_buf, self.values)):
+                    written = slice(start, start + flush)
+                    check_fp16_params(buf.scale[..., written, :], buf.mn[..., written, :], x[..., :flush, :], what)
                 k = v = None
             else:
                 k, v = self._quantize_keys(self.keys[..., :flush, :], self.bits, self.group), \

@@ -13,10 +13,14 @@ share one (scale, mn):
     codes      int32 [B, H, T, D / group * wpg]   packed along channels, group by group
     scale, mn  fp16  [B, H, T, D / group]
 value = code * scale + mn, computed in fp32 from the stored fp16 scale and mn (the codes are chosen against
-those rounded parameters).
+those rounded parameters). A bf16 / fp32 cache whose group has a minimum or a step past fp16's 65504 (|x| beyond
+fp16's range) is refused with a ValueError naming the keys or values: fp16 parameters would be inf, and every value
+of the group NaN. (Parameters in the cache's dtype would cost the common case precision: a bf16 minimum is off by
+2^-9 of it, as much as half a step of 8-bit codes; in fp32 they would double the parameters' bytes.)
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -45,9 +49,20 @@ def words_per_group(bits: int, group: int) -> int:
     return -(-group // values_per_word(bits))
 
 
-def _quantize_groups(x: torch.Tensor, bits: int, group: int) -> PackedKV:
+def check_fp16_params(scale: torch.Tensor, mn: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    """Raise ValueError naming `what` where a group's fp16 scale or minimum (quantized from x) is not finite: only x
+    of a wider dtype than fp16 can make one, so fp16 x is not checked (no host sync)."""
+    if x.dtype != torch.float16 and not (scale.isfinite().all() and mn.isfinite().all()):
+        xf = x.float()
+        raise ValueError(f"KIVI's cache format keeps each group's scale and minimum in fp16 (at most 65504), and a "
+                         f"group of the {x.dtype} {what} spans [{xf.amin().item():.4g}, {xf.amax().item():.4g}], "
+                         "past it: keep this model's KV cache in float (no kivi / qoq KV cache) or its keys and "
+                         "values within fp16's range")
+
+
+def _quantize_groups(x: torch.Tensor, bits: int, group: int, what: str) -> PackedKV:
     """x [..., n] with n a multiple of group: codes [..., n / group * wpg] packed along the last dim, group by
-    group; scale, mn fp16 [..., n / group]."""
+    group; scale, mn fp16 [..., n / group]. what: the tensor's name for the range error."""
     *lead, n = x.shape
     wpg = words_per_group(bits, group)
     if x.numel() == 0:
@@ -56,6 +71,7 @@ def _quantize_groups(x: torch.Tensor, bits: int, group: int) -> PackedKV:
                         empty(n // group, torch.float16))
     g = x.float().reshape(-1, n // group, group)
     q, scale, mn = minmax_quantize(g, bits, dim=-1, param_dtype=torch.float16)
+    check_fp16_params(scale, mn, x, what)
     words = pack_codes(q.reshape(-1, group), bits, checked=False)  # [wpg, rows * n / group]; clamped codes
     codes = words.t().reshape(*lead, n // group * words.shape[0])
     return PackedKV(codes.contiguous(), scale.reshape(*lead, n // group), mn.reshape(*lead, n // group))
@@ -77,7 +93,7 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int) -> PackedKV:
     check_kv_bits(bits)
     if k.shape[-2] % group:
         raise ValueError(f"keys are quantized in whole groups of {group} tokens; got {k.shape[-2]} tokens")
-    p = _quantize_groups(k.transpose(-1, -2), bits, group)  # [B, H, D, T / group * wpg]
+    p = _quantize_groups(k.transpose(-1, -2), bits, group, "keys")  # [B, H, D, T / group * wpg]
     return PackedKV(*(t.transpose(-1, -2).contiguous() for t in p))
 
 
@@ -85,13 +101,14 @@ def dequantize_keys(p: PackedKV, bits: int, group: int) -> torch.Tensor:
     return _dequantize_groups(PackedKV(*(t.transpose(-1, -2) for t in p)), bits, group).transpose(-1, -2)
 
 
-def quantize_values(v: torch.Tensor, bits: int, group: int) -> PackedKV:
-    """V [B, H, T, D], D a multiple of group -> per-token groups of channels (layout above)."""
+def quantize_values(v: torch.Tensor, bits: int, group: int, what: str = "values") -> PackedKV:
+    """V [B, H, T, D], D a multiple of group -> per-token groups of channels (layout above); what: its name in
+    errors (keys stored per token take this layout too)."""
     check_kv_bits(bits)
     if v.shape[-1] % group:
         raise ValueError(f"values are quantized in groups of {group} channels, which must divide head_dim="
                          f"{v.shape[-1]}")
-    return _quantize_groups(v, bits, group)
+    return _quantize_groups(v, bits, group, what)
 
 
 def dequantize_values(p: PackedKV, bits: int, group: int) -> torch.Tensor:
@@ -110,7 +127,9 @@ def key_format(key_axis: str):
     """(quantize, dequantize) of keys stored per channel over groups of tokens (KIVI: quantize_keys /
     dequantize_keys) or per token over groups of channels (key_axis="token", QoQ's KV4: the values' layout)."""
     check_key_axis(key_axis)
-    return (quantize_keys, dequantize_keys) if key_axis == "channel" else (quantize_values, dequantize_values)
+    if key_axis == "channel":
+        return quantize_keys, dequantize_keys
+    return functools.partial(quantize_values, what="keys"), dequantize_values
 
 
 def concat(parts: list[PackedKV], dim: int) -> PackedKV:
