@@ -91,13 +91,14 @@ def test_perplexity_errors(model, tokenizer, source, kwargs, match):
 
 @pytest.fixture
 def offline_hub(monkeypatch):
-    """No hub: the offline switches set (in datasets / huggingface_hub too, if imported already), sockets blocked."""
-    import datasets
+    """No hub: the offline switches set (in datasets / huggingface_hub too, if imported already), sockets blocked.
+    datasets need not be installed: a datasets imported later reads the variables then."""
     import huggingface_hub
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "1")
-        monkeypatch.setattr(datasets.config, var, True)
+        if sys.modules.get("datasets") is not None:
+            monkeypatch.setattr(sys.modules["datasets"].config, var, True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
@@ -114,10 +115,25 @@ def saved_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("source", ["wikitext2", "c4"])
 def test_unreachable_hub_source_says_what_to_do(model, tokenizer, offline_hub, source, saved_dir):
+    pytest.importorskip("datasets", reason="the hub is reached through datasets (without it: "
+                        "test_a_hub_source_without_datasets_says_what_to_install)")
     with pytest.raises(ConnectionError, match=f"text source '{source}' needs the Hugging Face dataset hub.*'pydoc'"):
         perplexity(model, source, tokenizer=tokenizer, progress=False)
     with pytest.raises(SystemExit, match=r"tquant eval: .* Use the offline corpus instead .*--ppl pydoc"):
         main(["eval", saved_dir, "--ppl", source])
+
+
+@pytest.mark.parametrize("source", ["wikitext2", "c4", "pile"])
+def test_a_hub_source_without_datasets_says_what_to_install(model, tokenizer, monkeypatch, source, saved_dir):
+    """datasets missing (sys.modules' None makes its import fail, installed or not): the hub sources name the package
+    and the offline corpus, in Python and in the CLI; the offline corpus needs no datasets."""
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=rf"text source '{source}' .* `datasets`, which is not installed: pip install "
+                                          r"datasets, or use the offline corpus: source 'pydoc'"):
+        perplexity(model, source, tokenizer=tokenizer, progress=False)
+    with pytest.raises(SystemExit, match=r"tquant eval: .*pip install datasets.*--ppl pydoc"):
+        main(["eval", saved_dir, "--ppl", source])
+    assert math.isfinite(perplexity(model, "pydoc", tokenizer=tokenizer, seqlen=64, n_windows=1, progress=False))
 
 
 def test_evaluate_several_sources(model, tokenizer, offline_hub):

@@ -30,8 +30,14 @@ def _pydoc_text() -> str:
 
 
 def _hub_texts(name: str) -> tuple[str, str]:
-    """(calibration text, evaluation text) of a hub data set."""
-    import datasets
+    """(calibration text, evaluation text) of a hub data set (ImportError saying what to install or use instead
+    where the `datasets` package is missing: it is imported here only, so the offline corpus needs none)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(f"text source {name!r} is read through Hugging Face `datasets`, which is not installed: "
+                          "pip install datasets, or use the offline corpus: source 'pydoc' (--calib pydoc, "
+                          "--ppl pydoc)") from err
 
     if name == "wikitext2":
         train = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train")

@@ -72,14 +72,17 @@ def initial_state(start_ptr, b, HAS_START: tl.constexpr, R: tl.constexpr, D: tl.
 @triton.jit
 def accumulate(p, v, alpha, l, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax, second half: (l', acc') with the tile's p [R, BLOCK_T] and values v [BLOCK_T, D] added, acc
-    kept as the output so far (module docstring). fp16 values (|v| <= 65504) take the dot on p itself, whose sum
-    (at most BLOCK_T 65504) fits fp32, and divide after (p / l' in fp16 would lose long contexts' small p to
-    subnormals); bf16 / fp32 ones divide p first (fp32's exponent range), so no partial sum passes max |v|. A row
-    with no live token yet keeps l = 0 and acc = 0."""
+    kept as the output so far (module docstring). fp16 values (|v| <= 65504) take the dot on p * 2^15, whose sum
+    (at most BLOCK_T 2^15 65504) fits fp32, and divide after: in fp16, p itself would lose every p below the
+    smallest subnormal 6e-8 (a token e^-17 below the top score), though p v may be as large as the output (6e4 x
+    1e-9 = 6e-5 beside values of 0); p * 2^15 keeps p down to 1.8e-12 and p = 1 stays below 65504 (dividing p by l'
+    instead would lose long contexts' p to subnormals). bf16 / fp32 ones divide p first (fp32's exponent range), so
+    no partial sum passes max |v|. A row with no live token yet keeps l = 0 and acc = 0."""
     l_new = l * alpha + tl.sum(p, axis=1)
     inv = tl.where(l_new > 0, 1.0 / l_new, 0.0)
     if DOT_DTYPE == tl.float16:
-        pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION) * inv[:, None]
+        pv = tl.dot((p * 32768.0).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION) * \
+            (inv * (1.0 / 32768.0))[:, None]
     else:
         pv = tl.dot((p * inv[:, None]).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
     return l_new, acc * (alpha * l * inv)[:, None] + pv
