@@ -19,6 +19,7 @@ from tquant.calib.experts import gated
 from tquant.formats.packing import dequantize_packed, unpack_codes
 from tquant.formats.weights import QuantizedWeight
 from tquant.modules import PackedExperts, PackedLinear
+from tests.kernel_device import DEVICE
 from tests.tiny_models import tiny_model, token_batch
 
 CALIB = token_batch(8, 64)  # 512 tokens: about 256 routed to each of 4 experts (top-2)
@@ -38,20 +39,24 @@ def _dequantized(packed: PackedExperts, proj: str, e: int) -> torch.Tensor:
 
 
 def _stand_in(w: torch.Tensor) -> nn.Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device)
     lin.weight.data = w.clone()
     return lin
 
 
 def _quantize_recording(arch, method, **options):
-    """(model quantized with attention left float, so block 0's experts see the float model's inputs; the float
-    weights of block 0's experts; what block 0's experts were handed on each calibration batch)."""
+    """(model quantized on DEVICE with attention left float, so block 0's experts see the float model's inputs; the
+    float weights of block 0's experts, on DEVICE; what block 0's experts were handed on each calibration batch, on
+    DEVICE). The expected codes are computed on DEVICE too: the method's arithmetic on a GPU (cuBLAS's summation
+    order in GPTQ's Hessian; RTN's scale, a division by the grid's Python int that CUDA computes as a multiplication
+    by its reciprocal) differs from the CPU's in the last bits, which can move a code by one."""
     model = tiny_model(arch)
     experts = model.model.layers[0].mlp.experts
-    float_gu, float_dn = experts.gate_up_proj.detach().clone(), experts.down_proj.detach().clone()
+    float_gu, float_dn = (w.detach().to(DEVICE, copy=True) for w in (experts.gate_up_proj, experts.down_proj))
     calls = []
     experts.register_forward_pre_hook(lambda m, a: calls.append((a[0].detach().clone(), a[1].clone())))
-    tquant.quantize(model, method, calib=CALIB, batch_size=4, progress=False, skip=["*.self_attn.*"], **options)
+    tquant.quantize(model, method, calib=CALIB, batch_size=4, progress=False, skip=["*.self_attn.*"], device=DEVICE,
+                    **options)
     n_batches = CALIB.shape[0] // 4
     return model, float_gu, float_dn, calls[1:1 + n_batches]  # calls[0]: the driver's look at the call order
 
@@ -72,10 +77,11 @@ def _check_block0(model, method_name, float_gu, float_dn, captured, all_tokens, 
         xs = [x if e in all_tokens else x[(idx == e).any(-1)] for x, idx in captured]
         xs = [x for x in xs if x.shape[0]]
         want = _expected(method, float_gu[e], xs)
-        assert torch.equal(_codes(packed, "gate_up", e), want.codes), f"expert {e} gate_up"
-        hs = [gated(packed, x, _dequantized(packed, "gate_up", e)) for x in xs]  # through the quantized gate_up
+        assert torch.equal(_codes(packed, "gate_up", e), want.codes.cpu()), f"expert {e} gate_up"
+        gate_up = _dequantized(packed, "gate_up", e).to(DEVICE)
+        hs = [gated(packed, x, gate_up) for x in xs]  # through the quantized gate_up
         want = _expected(method, float_dn[e], hs)
-        assert torch.equal(_codes(packed, "down", e), want.codes), f"expert {e} down"
+        assert torch.equal(_codes(packed, "down", e), want.codes.cpu()), f"expert {e} down"
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
@@ -258,9 +264,9 @@ def test_not_true_sequential_calibrates_down_through_the_float_gate_up():
     packed = model.model.layers[0].mlp.experts
     for e in range(packed.num_experts):
         xs = [x[(idx == e).any(-1)] for x, idx in captured]
-        assert torch.equal(_codes(packed, "gate_up", e), _expected(method, float_gu[e], xs).codes)
+        assert torch.equal(_codes(packed, "gate_up", e), _expected(method, float_gu[e], xs).codes.cpu())
         hs = [gated(packed, x, float_gu[e]) for x in xs]
-        assert torch.equal(_codes(packed, "down", e), _expected(method, float_dn[e], hs).codes)
+        assert torch.equal(_codes(packed, "down", e), _expected(method, float_dn[e], hs).codes.cpu())
 
 
 def test_bf16_model_keeps_its_dtype(tmp_path):
