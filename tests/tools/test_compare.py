@@ -53,7 +53,10 @@ def test_one_row_per_config_after_the_baseline(rows):
     assert [r["bits"] for r in rows] == pytest.approx([32, 9, 3, 5], abs=0.5)
     assert all(math.isfinite(r["ppl"]["pydoc"]) and r["ppl"]["pydoc"] > 1 for r in rows)
     base, w8, w2, _ = (r["ppl"]["pydoc"] for r in rows)
-    assert abs(w8 - base) < 0.01 * base and w2 > 1.03 * w8  # 8 bits ~ lossless; 2 bits hurt
+    # 8 bits ~ lossless; 2 bits change the model. Not "2 bits hurt": the random model predicts no better than chance
+    # (ppl ~ 290 over 257 tokens), so 2-bit noise moves its ppl either way. Measured: base / w8 / w2 289.5 / 290.0 /
+    # 312.9 on the CPU (torch 2.13), 289.2 / 288.8 / 243.0 in the H100 run (torch 2.11, quantized on the GPU).
+    assert abs(w8 - base) < 0.01 * base and abs(w2 - w8) > 0.03 * w8
     assert rows[0]["size_mib"] > rows[1]["size_mib"] > rows[2]["size_mib"]
     assert all(r["speed"]["decode_tokens_per_s"] > 0 and r["speed"]["generated_tokens"] == 3 for r in rows)
 
