@@ -16,11 +16,12 @@ from torch import nn
 
 import tquant
 from tests.tiny_models import VOCAB, byte_tokenizer, tiny_model, token_batch
+from tquant.api import make_method
 from tquant.cli import main
 from tquant.config import tquant_config
 from tquant.models import load_model
 from tquant.serialization import SHARD_NAME, shard_bytes
-from tquant.streaming.progress import RECORD, WORK
+from tquant.streaming.progress import RECORD, WORK, Progress
 
 BLOCKS = 4
 CALIB = token_batch(8)
@@ -148,6 +149,24 @@ def test_a_stopped_run_resumes_at_its_block(sources, in_memory, tmp_path, caplog
     assert calls == [(2, BLOCKS), (3, BLOCKS)]
     assert any(r.getMessage().startswith("resuming at block 2") for r in caplog.records)
     assert_same_checkpoint(in_memory("llama", method), out)
+
+
+def test_resumed_states_go_where_the_blocks_run(sources, tmp_path):
+    """The hidden states a resumed run reads back (the file holds them on the CPU) go to the device the driver runs
+    the blocks on, where its masks and rotary tables are (left on the CPU, a GPU run's resume failed in block 2's
+    first norm: 'Expected all tensors to be on the same device'), in the run's dtype (bf16 here), one [batch, tokens,
+    hidden] tensor per calibration batch. The meta device stands in for a GPU."""
+    out = str(tmp_path / "q")
+
+    def stop_after_block_0(i, n):
+        raise Stop
+
+    with pytest.raises(Stop):
+        tquant.quantize_to_disk(sources["qwen2"], out, "gptq", calib=CALIB, on_block=stop_after_block_0, **OPTIONS)
+    progress = Progress(out, read_json(out, WORK, RECORD))
+    first, states, specs, _ = progress.resume_point(make_method("gptq", bits=4, group_size=32), torch.device("meta"))
+    assert first == 1 and "model.layers.0.self_attn.q_proj" in specs and len(states) == 2
+    assert all(h.is_meta and h.dtype == torch.bfloat16 and h.shape == (4, CALIB.shape[1], 96) for h in states)
 
 
 class StopOnSave:

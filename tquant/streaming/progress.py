@@ -171,9 +171,10 @@ class Progress:
         self.record["calibration"] = digest
         self._write()
 
-    def resume_point(self, method: Method):
-        """(first block not done, the hidden states entering it or None, {layer: spec} of the blocks done,
-        tuple_out), and the method's run state put back."""
+    def resume_point(self, method: Method, device: torch.device):
+        """(first block not done, the hidden states entering it (on `device`, where the driver runs the blocks: the
+        file holds them on the CPU) or None, {layer: spec} of the blocks done, tuple_out), and the method's run state
+        put back."""
         blocks = self.record["blocks"]
         if not blocks:
             return 0, None, {}, False
@@ -184,7 +185,7 @@ class Progress:
         states = None
         if self.record["states"] is not None:
             saved = load_file(os.path.join(self.work, self.record["states"]["file"]))
-            states = [saved[str(b)] for b in range(len(saved))]
+            states = [saved[str(b)].to(device) for b in range(len(saved))]
         specs = {name: spec for b in blocks for name, spec in b["specs"].items()}
         return len(blocks), states, specs, self.record["tuple_out"]
 

@@ -43,10 +43,10 @@ class ShardStore(BlockStore):
         self.model, self.source, self.progress, self.limit, self.on_block = model, source, progress, limit, on_block
         self.n_blocks = 0
 
-    def begin(self, method, calib, n_blocks):
+    def begin(self, method, calib, n_blocks, device):
         self.progress.check_calibration(calib)
         self.n_blocks = n_blocks
-        return self.progress.resume_point(method)
+        return self.progress.resume_point(method, device)
 
     def load(self, block, prefix):
         self.source.load(self.model, block, prefix)
