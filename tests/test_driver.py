@@ -172,11 +172,10 @@ def test_fp16_grid_points_past_65504_are_moved_inside(method, bits, caplog):
     assert w.half().isfinite().all() and down.scales.isfinite().all()
     assert w[0].min() < -3e4 and w[1].max() > 3e4  # the outliers kept their size (a half step of 4e4 at 2 bits)
     assert model(ids).logits.isfinite().all()
-    if bits == 2:  # 3 bits: the GEMM's padding slots are -inf (test_kernels_weight_only_fp16_grid_past_65504's xfail)
-        for m in model.modules():
-            if isinstance(m, PackedLinear):
-                m.backend = "triton"
-        assert model(ids).logits.isfinite().all()
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            m.backend = "triton"
+    assert model(ids).logits.isfinite().all()
 
 
 def test_singular_hessian_names_block_layer_and_state(monkeypatch):

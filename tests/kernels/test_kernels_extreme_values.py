@@ -336,18 +336,9 @@ def test_kernels_weight_only_huge_x_meets_zero_weights_of_a_large_scale(dtype, g
     check(weight_only_matmul(*args, bits=4, group_size=group_size, in_features=k), ref, mag, dtype, what="gemv")
 
 
-PADDING_SLOTS_BUG = pytest.mark.xfail(
-    raises=AssertionError, strict=True,
-    reason="open bug in dequant_gemm.dequant_tile (not this test's file to fix): a 3-bit word's 10 codes sit in 16 "
-           "slots; the 6 padding slots (and the slots of a K tile past K) dequantize as (0 - zero) * scale = -8/7 of "
-           "the group's largest |w|, which the GEMM rounds to -inf in fp16 before the dot, and 0 * inf = NaN there "
-           "(x is 0 in those slots). Fix: zero w where ~k_ok before w.to(DOT_DTYPE)")
-
-
 @needs_backend
 @pytest.mark.parametrize("bits, path", [(2, "gemv"), (2, "gemm3"), (2, "gemm20"), (2, "dense"), (3, "gemv"),
-                                        pytest.param(3, "gemm3", marks=PADDING_SLOTS_BUG),
-                                        pytest.param(3, "gemm20", marks=PADDING_SLOTS_BUG), (3, "dense")])
+                                        (3, "gemm3"), (3, "gemm20"), (3, "dense")])
 def test_kernels_weight_only_fp16_grid_past_65504(bits, path):
     """An fp16 layer with weight outliers of -6e4 and 6e4 in a group, symmetric 2 and 3 bits: the grid reaches
     (maxq + 1) / maxq * 6e4 below zero (-8e4 at 2 bits, -6.9e4 at 3), which fp16 cannot hold, and round half to even

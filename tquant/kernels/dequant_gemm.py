@@ -198,6 +198,8 @@ def dequant_tile(q_ptr, s_ptr, z_ptr, kw0, rows, slot, offs_n, n_ok, N, K, KW, g
         s, z = group_params(s_ptr, z_ptr, (tl.minimum(k, K - 1) // group_size)[None, :], offs_n[:, None],
                             n_ok[:, None], N, K, group_size, stride_sg, SCALE_BITS, STAT_GROUP)
         w = (w - z) * s
+    if EPW != EPW_P2:  # 3-bit: the padding slots' code 0 dequantizes to (0 - z) s, -inf in fp16 where the grid's lowest
+        w = tl.where(k_ok[None, :], w, 0.0)  # point passes -65504; x is 0 there, and 0 * inf would be NaN in the dot
     return w, k, k_ok
 
 
