@@ -8,6 +8,7 @@ from tquant.driver import _input_groups, _linears, capture_block_inputs
 from tquant.models import find_blocks
 from tquant.modules import PackedEmbedding, PackedLinear
 from tquant.formats.weights import QuantizedWeight
+from tests.kernel_device import DEVICE
 from tests.tiny_models import ARCHS, tiny_model, token_batch
 
 STAGES = {
@@ -172,10 +173,11 @@ def test_fp16_grid_points_past_65504_are_moved_inside(method, bits, caplog):
     assert w.half().isfinite().all() and down.scales.isfinite().all()
     assert w[0].min() < -3e4 and w[1].max() > 3e4  # the outliers kept their size (a half step of 4e4 at 2 bits)
     assert model(ids).logits.isfinite().all()
+    model.to(DEVICE)  # quantize left it on the CPU; the kernels take CUDA tensors, CPU ones under the interpreter only
     for m in model.modules():
         if isinstance(m, PackedLinear):
             m.backend = "triton"
-    assert model(ids).logits.isfinite().all()
+    assert model(ids.to(DEVICE)).logits.isfinite().all()
 
 
 def test_singular_hessian_names_block_layer_and_state(monkeypatch):
