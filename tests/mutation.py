@@ -29,6 +29,7 @@ _KV_CACHE = "tests/kv/test_kv_cache.py::"
 _KVQUANT = "tests/methods/test_kvquant.py::"
 _WA = "tests/methods/test_weight_activation.py::"
 _QUIP = "tests/methods/test_quip_sharp.py::"
+_KVQ_ATTN = "tests/kv/test_kernels_kvquant_attention.py::"
 TESTS = {
     "tquant/formats/quantizer.py": ["tests/formats/test_quantizer.py", "tests/formats/test_quantizer_maths.py"],
     "tquant/formats/packing.py": ["tests/formats/test_quantizer.py", "tests/formats/test_packing.py"],
@@ -50,6 +51,11 @@ TESTS = {
                                        _QUIP + "test_block_ldlq_beats_nearest_rounding_on_the_proxy",
                                        _QUIP + "test_block_ldlq_buffers_match_the_plain_loop",
                                        "tests/kernels/test_kernels_e8p.py::test_kernels_e8p_reference_layout"],
+    "tquant/kv/kvquant_format.py": ["tests/kv/test_kvquant_format.py", "tests/methods/test_kvquant.py",
+                                    _KVQ_ATTN + "test_kernels_kvquant_attention_matches_reference",
+                                    _KVQ_ATTN + "test_kernels_kvquant_attention_outliers_change_the_output_as_the_"
+                                                "reference_says",
+                                    _KVQ_ATTN + "test_kernels_kvquant_attention_bad_input_raises"],
 }
 STATUS = {0: "survived", 1: "killed", 3: "killed", 36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout",
           255: "timeout", 5: "no tests", 33: "no tests", None: "not run"}

@@ -149,19 +149,6 @@ def appendable(b, a):
     return type(b)(*(part(y, x) for y, x in zip(b, a)))
 
 
-def concat(a, b):
-    """b's tokens appended after a's (two PackedKeys or two PackedValues); the caches append into growing storage
-    (tquant.kv.growing) with appendable instead."""
-    def cat(x, y):
-        if x is None:
-            return None
-        if isinstance(x, (Sparse, Outliers)):
-            return type(x)(*(torch.cat(pair) if isinstance(x, Sparse) else cat(*pair) for pair in zip(x, y)))
-        return torch.cat([x, y], dim=2)
-
-    return type(a)(*(cat(x, y) for x, y in zip(a, appendable(b, a))))
-
-
 def quantize_keys(k: torch.Tensor, p: LayerParams, bits: int, outliers: bool) -> PackedKeys:
     """Pre-RoPE keys [B, H, T, D] -> codes (per channel, calibrated ranges) and, with outliers, the sparse part."""
     kn = (k.float() - p.key_offset[:, None]) / p.key_scale[:, None]
