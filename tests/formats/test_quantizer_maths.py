@@ -323,3 +323,24 @@ def test_extreme_ranges_get_finite_grids():
     q, scale, mn = qz.minmax_quantize(x, 4, dim=-1)
     assert torch.isfinite(scale).all() and scale[1].item() == (torch.tensor(3e38) / 15 * 2).item()
     assert q[1].tolist() == [15, 0, 8]
+
+
+def test_code_range_within_dtype_keeps_the_points_the_dtype_holds():
+    """(lo, hi) against the points by hand: fp16's largest value 65504 cuts the symmetric 2-bit grid of a 6e4
+    outlier (scale 4e4, zero 2: points -8e4 .. 4e4) to codes 1 .. 3, and its 3-bit one (zero 4, scale 1.2e5 / 7) to
+    1 .. 7; an ordinary group, fp32, and a scale that rounds up in fp16 (21834 -> 21840: -3 steps are -65502 in
+    float32 but -65520 with the stored scale) as stated. Every point inside is finite in the dtype, every one
+    outside is not."""
+    cases = [  # scale, zero, bits, dtype, (lo, hi)
+        (4e4, 2.0, 2, torch.float16, (1, 3)), (1.2e5 / 7, 4.0, 3, torch.float16, (1, 7)),
+        (0.01, 8.0, 4, torch.float16, (0, 15)), (4e4, 2.0, 2, torch.float32, (0, 3)),
+        (21834.0, 3.0, 2, torch.float16, (1, 3)), (21834.0, 3.0, 2, torch.float32, (0, 3)),
+        (2.3e38, 2.0, 2, torch.bfloat16, (1, 3)), (2.0e4, 0.0, 2, torch.float16, (0, 3)),
+        (3e4, 3.0, 2, torch.float16, (1, 3)), (3e4, 0.0, 3, torch.float16, (0, 2)),
+    ]
+    for scale, zero, bits, dtype, want in cases:
+        lo, hi = qz.code_range_within_dtype(torch.tensor([scale]), torch.tensor([zero]), bits, dtype)
+        assert (lo.item(), hi.item()) == want, (scale, zero, bits, dtype)
+        s = max(scale, torch.tensor(scale).to(dtype).double().item())
+        points = [(c - zero) * s for c in range(2**bits)]
+        assert all((abs(p) <= torch.finfo(dtype).max) == (want[0] <= c <= want[1]) for c, p in enumerate(points))

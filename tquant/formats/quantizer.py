@@ -10,6 +10,10 @@ consecutive input channels of one output row; per-channel quantization is group_
 Symmetric: zero = 2^(bits-1), scale = 2 max|w| / (2^bits - 1)  (GPTQ's convention).
 Asymmetric: scale = (max(w, 0) - min(w, 0)) / (2^bits - 1), zero = round(-min(w, 0) / scale).
 
+A grid's outermost points may pass the model dtype's largest value (the symmetric 2-bit grid of an fp16 outlier of
+6e4 reaches -8e4): code_range_within_dtype gives the codes the dtype holds, and the driver clamps every weight's
+codes to them (QuantizedWeight.within_dtype), so no dequantized weight or kernel value is inf.
+
 Cache tensors (KIVI's convention: the range need not hold 0, the offset is a float, not an integer zero):
     q, scale, mn = minmax_quantize(x, bits, dim)  # over `dim`: scale = (max - min) / (2^bits - 1), mn = min,
                                                   # q = clamp(round((x - mn) / scale), 0, 2^bits - 1)
