@@ -90,9 +90,13 @@ def qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.
     flat = (wmax - wmin) < torch.finfo(torch.float32).tiny * (maxq + 1)
     wmin = torch.where(flat, -torch.ones_like(wmin), wmin)
     wmax = torch.where(flat, torch.ones_like(wmax), wmax)
-    scale = (wmax - wmin) / maxq
+    # maxq as a tensor on w's device: CUDA divides by a Python (CPU) scalar as a multiplication by its reciprocal,
+    # one rounding more than the division the CPU does, so the same weights got scales 1 ulp apart (and codes at
+    # ties apart) on the two devices; dividing by a device tensor is IEEE division on both
+    maxq_t = torch.tensor(float(maxq), device=w.device)
+    scale = (wmax - wmin) / maxq_t
     # a range wider than fp32's largest value (|w| ~ 3e38 of both signs): the same step without the overflowing sum
-    scale = torch.where(scale.isinf(), wmax / maxq - wmin / maxq, scale)
+    scale = torch.where(scale.isinf(), wmax / maxq_t - wmin / maxq_t, scale)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
