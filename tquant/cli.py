@@ -10,7 +10,7 @@
     tquant chat DIR                 (interactive, streamed; /reset, /exit)
     tquant chat DIR "prompt"        (one-shot: the prompt as arguments or on stdin; --max-new-tokens 256;
                                     --decoder auto|static|hf)
-    tquant analyze DIR [--model default] [--calib pydoc --n-samples 8 --out DIR/analysis]
+    tquant analyze DIR [--model default] [--calib pydoc --n-samples 8 --out DIR/analysis] [--dtype DTYPE]
                                     (per-layer statistics and error against the fp model: JSON + PNG)
     tquant tune DIR [--batches 1,16,64 --prompt-len 1024 --retune]
                                     (autotune the model's kernels on this GPU, write the configs file)
@@ -275,10 +275,10 @@ def cmd_tune(a) -> None:
     run(a)
 
 
-def _add_dtype_option(p, default="auto", what="the float model") -> None:
+def _add_dtype_option(p, default="auto", what="the float model", default_is=None) -> None:
     p.add_argument("--dtype", default=default, choices=DTYPES, metavar="DTYPE",
                    help=f"dtype {what} is loaded in: auto (the checkpoint's own: bf16 / fp16 as saved, a .gguf file "
-                        f"float32) | {' | '.join(DTYPES[1:])} (default: {default})")
+                        f"float32) | {' | '.join(DTYPES[1:])} (default: {default_is or default})")
 
 
 def _add_eval_options(p, ppl) -> None:
@@ -389,6 +389,9 @@ def parser() -> argparse.ArgumentParser:
     y.add_argument("--n-samples", type=int, default=8, help="calibration sequences")
     y.add_argument("--seqlen", type=int, default=256, help="sequence length")
     y.add_argument("--batch-size", type=int, default=1, help="rows per forward pass")
+    _add_dtype_option(y, default=None, what="the fp model (--model)",
+                      default_is="the quantized model's, the dtype it was quantized in, so the errors are the "
+                                 "quantization's alone")
     y.add_argument("--outlier-ratio", type=float, default=6.0, help="outlier: channel absmax > this x median")
     y.add_argument("--out", default=None, help="output folder (default: DIR/analysis)")
     y.add_argument("--device", default="cpu", help="where the models run")

@@ -138,6 +138,28 @@ def test_cli_runs_end_to_end(fp, tmp_path, capsys):
         main(["analyze", str(q_dir)])  # saved by tquant.save, not `tquant quantize`
 
 
+def test_cli_loads_the_fp_model_in_the_dtype_the_model_was_quantized_in(tmp_path):
+    """A bf16 checkpoint quantized with --dtype fp32 is compared against its fp model in float32 (the quantized
+    model's dtype), so the errors are the quantization's alone, not bf16's rounding of the fp model; --dtype auto
+    loads the checkpoint's own bf16 instead."""
+    from tquant.calib.data import calibration_data
+    from tquant.models import load_model
+
+    hf_dir, q_dir = tmp_path / "hf", tmp_path / "q"
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(hf_dir)
+    byte_tokenizer().save_pretrained(hf_dir)
+    main(["quantize", "--model", str(hf_dir), "--method", "rtn", "--bits", "8", "--dtype", "fp32", "--out", str(q_dir)])
+    q = tquant.load(str(q_dir))
+    tokens = calibration_data("pydoc", byte_tokenizer(), n_samples=2, seqlen=32)
+    for dtype, given in ((torch.float32, []), (torch.bfloat16, ["--dtype", "auto"])):
+        out = tmp_path / str(dtype)
+        main(["analyze", str(q_dir), "--n-samples", "2", "--seqlen", "32", "--batch-size", "2", "--out", str(out),
+              *given])
+        fp, _ = load_model(str(hf_dir), dtype=dtype)
+        want = analyze(fp, q, tokens, batch_size=2, progress=False)["blocks"]
+        assert json.loads((out / "analysis.json").read_text())["blocks"] == want, dtype
+
+
 def test_folded_transforms_are_named(fp, tokens, reports):
     """The report says which transforms the method folded into the weights (those errors compare other bases)."""
     from types import SimpleNamespace

@@ -409,7 +409,7 @@ def cmd_analyze(a) -> None:
         raise ValueError(f"{a.dir} does not record the fp model it came from (saved by tquant.save, not `tquant "
                          "quantize`): give it with --model (an HF path or id, or 'default')")
     tokenizer = transformers.AutoTokenizer.from_pretrained(a.dir)
-    fp_model, _ = load_model(base, device=a.device)
+    fp_model, _ = load_model(base, dtype=a.dtype or q_model.dtype, device=a.device)
     tokens = calibration_data(a.calib, tokenizer, n_samples=a.n_samples, seqlen=a.seqlen)
     report = analyze(fp_model, q_model, tokens, outlier_ratio=a.outlier_ratio, batch_size=a.batch_size)
     out = Path(a.out or os.path.join(a.dir, "analysis"))
