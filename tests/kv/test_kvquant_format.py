@@ -68,3 +68,29 @@ def test_rope_tables_are_float32_angles_in_the_asked_dtype():
     angle = positions[0, -1].item() * INV_FREQ[1].item()
     assert math.isclose(cos32[0, -1, 1].item(), 1.5 * math.cos(angle), abs_tol=5e-4)
     assert math.isclose(sin32[0, -1, 9].item(), 1.5 * math.sin(angle), abs_tol=5e-4)
+
+
+def test_keys_exactly_at_the_calibrated_edge_stay_dense():
+    """Outliers are the keys with |kn| > 1: a key exactly at offset +- scale (|kn| = 1) is in the calibrated range
+    and stays dense; one ulp past it goes to the CSR part."""
+    h, d = 2, 8
+    p = fmt.LayerParams(torch.zeros(h, d), torch.full((h, d), 2.0), fmt.uniform_codebook(2), fmt.uniform_codebook(2))
+    k = torch.zeros(1, h, 3, d)
+    k[0, 0, 0, :4] = torch.tensor([2.0, -2.0, 1.0, -1.5])
+    k[0, 1, 2, 5] = torch.nextafter(torch.tensor(2.0), torch.tensor(3.0))
+    pk = fmt.quantize_keys(k, p, 2, outliers=True)
+    assert pk.sparse.index.tolist() == [5] and pk.sparse.row_ptr.diff().nonzero().flatten().tolist() == [2 * h + 1]
+    assert torch.equal(fmt.dequantize_keys(pk, p, 2)[0, 0, 0, :2], torch.tensor([2.0, -2.0]))
+
+
+def test_value_outliers_are_the_entries_farthest_from_their_own_vectors_median():
+    """The outlier of a vector is its entry farthest from that vector's median, which need not be its largest
+    |v|: [100 .. 106, 0] keeps 0 as its outlier, [0 .. 0.6, 50] keeps 50; the dense range is the rest's."""
+    v = torch.stack([torch.tensor([100.0, 101, 102, 103, 104, 105, 106, 0]),
+                     torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 50])]).view(1, 2, 1, 8)
+    offset, scale, mask = fmt.value_ranges(v, 1)
+    assert mask[0, :, 0].nonzero()[:, 1].tolist() == [7, 7]
+    assert torch.equal(offset[0, :, 0], torch.tensor([103.0, 0.3]).half())
+    assert torch.equal(scale[0, :, 0], torch.tensor([3.0, 0.3]).half())
+    pv = fmt.quantize_values(v, fmt.uniform_codebook(3), 3, 1)
+    assert pv.sparse.channel.flatten().tolist() == [7, 7] and pv.sparse.value.flatten().tolist() == [0.0, 50.0]
