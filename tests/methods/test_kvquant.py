@@ -123,8 +123,9 @@ def test_unrotate_inverts_rope_per_row(scaling, seed):
 
 
 @pytest.mark.xfail(transformers.__version__.startswith("5.17."), strict=True, raises=AssertionError,
-                   reason="open bug: transformers 5.17 hands the cache no position_ids, so a left-padded row's keys "
-                          "are un-rotated at the shared positions 0..t-1 instead of its own (newer versions pass them)")
+                   reason="transformers 5.17 hands cache.update no position_ids (newer versions pass them); tquant's "
+                          "cache layers get them from the attention call instead (tquant.kv.hook.hook_positions, "
+                          "test_a_left_padded_row_decodes_as_it_does_alone)")
 def test_unrotated_cache_keys_are_the_models_pre_rope_keys_in_a_left_padded_generate():
     """transformers 5 hands the cache post-RoPE keys and position_ids (no cos / sin); un-rotating them with the
     rotary embedding's frequencies gives k_proj's outputs, per batch row."""
@@ -152,6 +153,26 @@ def test_unrotated_cache_keys_are_the_models_pre_rope_keys_in_a_left_padded_gene
         cos, sin = call_cos_sin(args, kwargs, rope, k.dtype, 0, k.shape[-2], k.device)
         assert cos.shape[0] == 2  # per-row positions
         assert torch.allclose(fmt.unrotate(k, cos, sin), pre.view(b, t, h, d).transpose(1, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("pre_rope", [True, False])
+def test_a_left_padded_row_decodes_as_it_does_alone(pre_rope):
+    """A row of a left-padded batch gets the logits it gets alone: its keys are un-rotated at its own positions
+    (the attention's position_ids; transformers 5.17 hands cache.update none, so with the shared positions 0..t-1
+    the padded row's step logits were 8% away and its greedy tokens parted at step 3). sink=0: a padded row's sink
+    holds its padding (kvquant_cache's docstring)."""
+    model = tiny_model("llama")
+    tquant.quantize(model, "kvquant", kv_bits=4, sink=0, outliers=0.0, pre_rope=pre_rope, prefill_with_quant=True,
+                    calib=token_batch(4, 32, seed=3))
+    ids, pad = token_batch(2, 12, seed=5), 5
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, **kwargs)
+        alone = model.generate(ids[:1, pad:], **kwargs)
+    assert torch.equal(batch.sequences[0, pad:], alone.sequences[0])
+    torch.testing.assert_close(torch.stack(batch.logits)[:, 0], torch.stack(alone.logits)[:, 0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

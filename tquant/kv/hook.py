@@ -72,10 +72,27 @@ def kv_cache(model) -> QuantizedKVCache:
     return QuantizedKVCache(layers=[method.make_layer(i, kernel) for i in range(model.config.num_hidden_layers)])
 
 
+def _hand_positions(module, args, kwargs) -> None:
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, QuantizedKVCache):
+        cache.layers[module.layer_idx].attention_positions = kwargs.get("position_ids")
+
+
+def hook_positions(model) -> None:
+    """Each module with a layer_idx (the attention modules) hands the position_ids it is called with to the cache
+    layer it updates: transformers 5.17 calls cache.update without them, and KVQuant un-rotates a left-padded row's
+    keys at its own positions (tquant.kv.kvquant_cache)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "layer_idx", None), int) and not getattr(m, "_tquant_positions", False):
+            m.register_forward_pre_hook(_hand_positions, with_kwargs=True)
+            m._tquant_positions = True
+
+
 def hook_generate(model) -> None:
-    """generate() gets a fresh quantized cache per call, and attention the "tquant_kv" function (the decode
-    kernel on CUDA, SDPA elsewhere)."""
+    """generate() gets a fresh quantized cache per call, attention the "tquant_kv" function (the decode kernel on
+    CUDA, SDPA elsewhere) and the cache layers the attention calls' positions (hook_positions)."""
     model.set_attn_implementation(ATTENTION)
+    hook_positions(model)
     if getattr(model.generate, "_tquant_kv", False):
         return
     original = model.generate

@@ -14,9 +14,11 @@ RoPE of a call (call_cos_sin): cos / sin of a cache_kwargs dict when the caller 
 else computed from the call's position_ids [B or 1, t] with the calibrated inv_freq and attention scaling, as the
 model's rotary embedding does: transformers 5.x Llama-style attention calls cache.update(k, v, layer_idx,
 kwargs={"position_ids": ..., "use_cache": ...}) and passes no cos / sin; others (transformers 5.17) pass nothing:
-then the tokens are taken to follow the cached ones (positions start ... start + t - 1 for every row). A left-padded
-batch has per-row positions, so per-row cos / sin; without them, a padded row is quantized in a frame rotated by
-its padding (un-rotation and re-rotation use the same positions, so what attention reads stays consistent).
+then the position_ids the attention module was called with (tquant.kv.hook.hook_positions hands them to the layer
+as attention_positions), else the tokens are taken to follow the cached ones (start ... start + t - 1 for every row).
+A left-padded batch has per-row positions, so per-row cos / sin; without them a padded row would be quantized in a
+frame rotated by its padding (un-rotation and re-rotation use the same positions, so what attention reads stays
+consistent, but the calibrated key ranges miss: 8% logit error on a tiny Llama, tests/methods/test_kvquant.py).
 Memory: nbytes() counts the codes, the values' fp16 scales / offsets, the outliers, the sink, the layer's
 calibrated constants and (kernel path, pre-RoPE) the positions. The torch path also keeps the store decoded (model
 dtype; its codes never change), so a decode step decodes only its own token.
@@ -43,23 +45,26 @@ def _given(args, kwargs) -> list[dict]:
     return [d for d in (*args, *kwargs.values(), kwargs) if isinstance(d, dict)]
 
 
-def call_positions(args, kwargs, start: int, t: int, device: torch.device) -> torch.Tensor:
+def call_positions(args, kwargs, start: int, t: int, device: torch.device,
+                   attention_positions: torch.Tensor | None = None) -> torch.Tensor:
     """Positions [B or 1, t] of the t tokens of one cache update that follow `start` cached ones: the call's
-    position_ids, else start ... start + t - 1."""
+    position_ids, else the attention call's (attention_positions, when of t tokens), else start ... start + t - 1."""
     for d in _given(args, kwargs):
         if d.get("position_ids") is not None:
             return d["position_ids"]
+    if attention_positions is not None and attention_positions.shape[-1] == t:
+        return attention_positions
     return torch.arange(start, start + t, device=device)[None]
 
 
 def call_cos_sin(args, kwargs, rope: tuple[torch.Tensor, float], dtype: torch.dtype, start: int, t: int,
-                 device: torch.device):
+                 device: torch.device, attention_positions: torch.Tensor | None = None):
     """cos, sin [B or 1, t, D] of the t tokens of one cache update that follow `start` cached ones (see the module
     docstring)."""
     for d in _given(args, kwargs):
         if d.get("cos") is not None and d.get("sin") is not None:
             return d["cos"], d["sin"]
-    return fmt.rope_cos_sin(call_positions(args, kwargs, start, t, device), *rope, dtype)
+    return fmt.rope_cos_sin(call_positions(args, kwargs, start, t, device, attention_positions), *rope, dtype)
 
 
 class KVQuantLayer(QuantizedLayer):
@@ -78,6 +83,7 @@ class KVQuantLayer(QuantizedLayer):
         self._stores = None  # (keys, values, positions or None): growing stores (tquant.kv.growing)
         self._full = None  # the torch path's (keys, values) Growing [B, H, T, D]: [sink ; decoded store]
         self._dirty = None  # (start, keys, values): the stored tokens the last update overwrote with its exact ones
+        self.attention_positions = None  # the position_ids of the attention call about to update (hook_positions)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -108,11 +114,12 @@ class KVQuantLayer(QuantizedLayer):
         cos = sin = None
         if self.rope is not None and s < t:
             if self.kernel:  # the kernel re-rotates from positions: un-rotate with those same positions
-                positions = call_positions(args, kwargs, self.get_seq_length(), t, key_states.device)
+                positions = call_positions(args, kwargs, self.get_seq_length(), t, key_states.device,
+                                           self.attention_positions)
                 cos, sin = fmt.rope_cos_sin(positions, *self.rope, key_states.dtype)
             else:
                 cos, sin = call_cos_sin(args, kwargs, self.rope, key_states.dtype, self.get_seq_length(), t,
-                                        key_states.device)
+                                        key_states.device, self.attention_positions)
             if cos.shape[-1] != self.head_dim:
                 raise ValueError(f"kvquant: RoPE covers {cos.shape[-1]} of the {self.head_dim} key channels (partial "
                                  f"rotary is not supported); pass pre_rope=False")
