@@ -404,3 +404,18 @@ def test_training_in_a_half_model_runs_in_float32(method, options, half_dirs, mo
             m.register_forward_hook(lambda m, i, o: outputs.append(o.dtype))
     logits = _logits(model, token_batch(2, seed=5), kv=False)
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all() and set(outputs) == {torch.bfloat16}
+
+
+def test_the_time_left_is_estimated_from_this_runs_own_blocks():
+    """The ETA after each block extrapolates this run's mean time per block: a run resumed at block 2 (first=2) whose
+    first block took 100 s has 5 blocks of 100 s left, not 5 of 100 / 3 s (the blocks an earlier run did)."""
+    import time
+
+    from tquant.driver import _progress_line
+
+    now = time.monotonic()
+    assert (_progress_line("model.layers.2", 2, 8, 2, now - 100, now - 100)
+            == "block 3/8 (model.layers.2) done in 1 min 40 s; elapsed 1 min 40 s, ETA 8 min 20 s")
+    assert (_progress_line("model.layers.2", 2, 8, 0, now - 300, now - 100)
+            == "block 3/8 (model.layers.2) done in 1 min 40 s; elapsed 5 min 00 s, ETA 8 min 20 s")
+    assert _progress_line("model.layers.7", 7, 8, 2, now - 600, now - 100).endswith("ETA 0.0 s (all blocks done)")
