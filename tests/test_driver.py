@@ -292,6 +292,7 @@ HALF = {
     "qqq": dict(group_size=32, smooth_grid=2, search_samples=2),
     "qoq": dict(group_size=32, kv_bits=16, smooth_attention=0, smooth_xw=False, reorder=False, calib_range=False),
     "kivi": dict(kv_bits=8, group_size=16, residual=16, prefill_with_quant=True),
+    "kvquant": dict(kv_bits=4, prefill_with_quant=True),  # calibrated on the bf16 model (its Fisher weights too)
 }
 
 
@@ -326,7 +327,7 @@ def test_quantize_in_the_checkpoint_dtype(dtype, row, half_dirs, monkeypatch):
     from tquant.models import load_model
     from tquant.modules import QuantizedLinear
 
-    method, options, kv = row.split("-")[0], HALF[row], row == "kivi"
+    method, options, kv = row.split("-")[0], HALF[row], row in ("kivi", "kvquant")
     calib, ids = token_batch(8), token_batch(2, seed=5)
     ref, _ = load_model(half_dirs[dtype], dtype=torch.float32)  # the float32 path, from the same rounded weights
     ref_float = _logits(ref, ids, kv=False)
@@ -349,7 +350,7 @@ def test_quantize_in_the_checkpoint_dtype(dtype, row, half_dirs, monkeypatch):
     tquant.quantize(model, method, calib=calib, progress=False, **options)
 
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    assert bool(quantized) == (method != "kivi")
+    assert bool(quantized) == (not kv)
     outputs = []
     for m in quantized:
         m.register_forward_hook(lambda m, i, o: outputs.append(o.dtype))
@@ -368,7 +369,7 @@ def test_quantize_in_the_checkpoint_dtype(dtype, row, half_dirs, monkeypatch):
 
     floor = rel(half_float, ref_float)  # the half model against the float32 one, unquantized
     assert floor < 0.02
-    if options.get("bits", 8) == 8 and method not in ("qqq", "qoq"):
+    if options.get("bits", 8) == options.get("kv_bits", 8) == 8 and method not in ("qqq", "qoq"):
         assert rel(logits, ref_q) < 0.05
     else:
         assert rel(logits, ref_float) < 1.15 * rel(ref_q, ref_float) + 2 * floor
