@@ -336,20 +336,34 @@ def test_kernels_weight_only_huge_x_meets_zero_weights_of_a_large_scale(dtype, g
     check(weight_only_matmul(*args, bits=4, group_size=group_size, in_features=k), ref, mag, dtype, what="gemv")
 
 
+PAST_K_BUG = pytest.mark.xfail(
+    raises=AssertionError, strict=not GPU,
+    reason="open bug in dequant_gemm.dequant_tile (not this test's file to fix): a K tile reaching past K loads its "
+           "missing words as 0, so those slots dequantize as (0 - zero) * scale of the last group, -inf in fp16 when "
+           "that group holds a 6e4 outlier, and 0 * inf = NaN in the dot; 40548a0 zeroes such slots for 3 bits "
+           "only. Fix: tl.where(k_ok, w, 0) for every width (strict under the interpreter, whose K tile passes K = 80; "
+           "a tuned GPU tile may not)")
+
+
 @needs_backend
-@pytest.mark.parametrize("bits, path", [(2, "gemv"), (2, "gemm3"), (2, "gemm20"), (2, "dense"), (3, "gemv"),
-                                        (3, "gemm3"), (3, "gemm20"), (3, "dense")])
-def test_kernels_weight_only_fp16_grid_past_65504(bits, path):
+@pytest.mark.parametrize("bits, path, k", [(2, "gemv", 64), (2, "gemm3", 64), (2, "gemm20", 64), (2, "dense", 64),
+                                           (3, "gemv", 64), (3, "gemm3", 64), (3, "gemm20", 64), (3, "dense", 64),
+                                           (2, "gemv", 80), pytest.param(2, "gemm3", 80, marks=PAST_K_BUG),
+                                           pytest.param(2, "gemm20", 80, marks=PAST_K_BUG), (2, "dense", 80)])
+def test_kernels_weight_only_fp16_grid_past_65504(bits, path, k):
     """An fp16 layer with weight outliers of -6e4 and 6e4 in a group, symmetric 2 and 3 bits: the grid reaches
     (maxq + 1) / maxq * 6e4 below zero (-8e4 at 2 bits, -6.9e4 at 3), which fp16 cannot hold, and round half to even
     sends the tie w = -6e4 there. The scales fit fp16 (2 max|w| / maxq <= 4.4e4). QuantizedWeight.within_dtype (the
     driver applies it to every QuantizedWeight) moves those codes one step in, to a point exactly as near (the tie):
     every stored grid point is finite in fp16 and within half a step of its weight, and each kernel path, which
-    rounds dequantized weights to fp16 before the dot (GEMM, dense) or not (GEMV), matches the reference."""
-    n, k, group_size = 16, 64, 16
+    rounds dequantized weights to fp16 before the dot (GEMM, dense) or not (GEMV), matches the reference. K = 80
+    (5 groups of 16) also puts an outlier in the last group, whose parameters the slots of a K tile past K take."""
+    n, group_size = 16, 16
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(n, k, generator=g) * 0.05
-    w[:, 3], w[:, 5], w[::2, 20] = -6e4, 6e4, -6e4  # groups 0 and 1; the last group (read past K) ordinary
+    w[:, 3], w[:, 5], w[::2, 20] = -6e4, 6e4, -6e4  # groups 0 and 1
+    if k % 64:
+        w[1::2, k - 2] = -6e4  # the last group
     scale, zero = grouped_qparams(w, bits, group_size, True)
     per_col = lambda t: t.repeat_interleave(group_size, dim=1)  # noqa: E731
     codes = quantize(w, per_col(scale), per_col(zero), bits)
