@@ -336,20 +336,10 @@ def test_kernels_weight_only_huge_x_meets_zero_weights_of_a_large_scale(dtype, g
     check(weight_only_matmul(*args, bits=4, group_size=group_size, in_features=k), ref, mag, dtype, what="gemv")
 
 
-PAST_K_BUG = pytest.mark.xfail(
-    raises=AssertionError, strict=not GPU,
-    reason="open bug in dequant_gemm.dequant_tile (not this test's file to fix): a K tile reaching past K loads its "
-           "missing words as 0, so those slots dequantize as (0 - zero) * scale of the last group, -inf in fp16 when "
-           "that group holds a 6e4 outlier, and 0 * inf = NaN in the dot; 40548a0 zeroes such slots for 3 bits "
-           "only. Fix: tl.where(k_ok, w, 0) for every width (strict under the interpreter, whose K tile passes K = 80; "
-           "a tuned GPU tile may not)")
-
-
 @needs_backend
 @pytest.mark.parametrize("bits, path, k", [(2, "gemv", 64), (2, "gemm3", 64), (2, "gemm20", 64), (2, "dense", 64),
                                            (3, "gemv", 64), (3, "gemm3", 64), (3, "gemm20", 64), (3, "dense", 64),
-                                           (2, "gemv", 80), pytest.param(2, "gemm3", 80, marks=PAST_K_BUG),
-                                           pytest.param(2, "gemm20", 80, marks=PAST_K_BUG), (2, "dense", 80)])
+                                           (2, "gemv", 80), (2, "gemm3", 80), (2, "gemm20", 80), (2, "dense", 80)])
 def test_kernels_weight_only_fp16_grid_past_65504(bits, path, k):
     """An fp16 layer with weight outliers of -6e4 and 6e4 in a group, symmetric 2 and 3 bits: the grid reaches
     (maxq + 1) / maxq * 6e4 below zero (-8e4 at 2 bits, -6.9e4 at 3), which fp16 cannot hold, and round half to even

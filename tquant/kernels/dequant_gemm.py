@@ -175,9 +175,12 @@ def store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, ws_ptr, 
 def dequant_tile(q_ptr, s_ptr, z_ptr, kw0, rows, slot, offs_n, n_ok, N, K, KW, group_size, stride_qk, stride_sg, magic,
                  BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUPS: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 SCALE_BITS: tl.constexpr, STAT_GROUP: tl.constexpr):
+                 SCALE_BITS: tl.constexpr, STAT_GROUP: tl.constexpr, MASK_K: tl.constexpr):
     """One K step of a GEMM: words kw0 + rows of columns offs_n dequantized, w [BLOCK_N, BLOCK_K] (slot = word *
-    EPW_P2 + j holds code j of that word), with k [BLOCK_K] the input channel of each slot and k_ok its mask."""
+    EPW_P2 + j holds code j of that word), with k [BLOCK_K] the input channel of each slot and k_ok its mask.
+    Slots that hold no input channel (a 3-bit word's 6 padding slots; with MASK_K, the launcher's flag for a K that
+    the K steps overrun, the slots past K) are 0: their code 0 dequantizes to (0 - z) s, which is -inf in fp16 where
+    the group's lowest grid point passes -65504, and x's 0 there would make the dot 0 * inf = NaN."""
     # words as [BLOCK_N, BLOCK_KW] so that a word's codes end up adjacent along K in each thread
     words = tl.load(q_ptr + (kw0 + rows)[None, :] * stride_qk + offs_n[:, None],
                     mask=((kw0 + rows) < KW)[None, :] & n_ok[:, None], other=0)
@@ -198,8 +201,8 @@ def dequant_tile(q_ptr, s_ptr, z_ptr, kw0, rows, slot, offs_n, n_ok, N, K, KW, g
         s, z = group_params(s_ptr, z_ptr, (tl.minimum(k, K - 1) // group_size)[None, :], offs_n[:, None],
                             n_ok[:, None], N, K, group_size, stride_sg, SCALE_BITS, STAT_GROUP)
         w = (w - z) * s
-    if EPW != EPW_P2:  # 3-bit: the padding slots' code 0 dequantizes to (0 - z) s, -inf in fp16 where the grid's lowest
-        w = tl.where(k_ok[None, :], w, 0.0)  # point passes -65504; x is 0 there, and 0 * inf would be NaN in the dot
+    if EPW != EPW_P2 or MASK_K:
+        w = tl.where(k_ok[None, :], w, 0.0)
     return w, k, k_ok
 
 
@@ -210,7 +213,7 @@ def _dequant_gemm_kernel(
     magic, BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUP_M: tl.constexpr, GROUPS: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr, SCALE_BITS: tl.constexpr, STAT_GROUP: tl.constexpr,
+    PRECISION: tl.constexpr, SCALE_BITS: tl.constexpr, STAT_GROUP: tl.constexpr, MASK_K: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = BLOCK_KW * EPW_P2
     pid, pid_k = tl.program_id(0), tl.program_id(1)
@@ -224,7 +227,7 @@ def _dequant_gemm_kernel(
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
         w, k, k_ok = dequant_tile(q_ptr, s_ptr, z_ptr, kw0, rows, slot, offs_n, n_ok, N, K, KW, group_size, stride_qk,
                                   stride_sg, magic, BITS, EPW, EPW_P2, BLOCK_N, BLOCK_K, GROUPS, ASM, DOT_DTYPE,
-                                  SCALE_BITS, STAT_GROUP)
+                                  SCALE_BITS, STAT_GROUP, MASK_K)
         col = k
         if HAS_PERM:
             col = tl.load(perm_ptr + k, mask=k_ok, other=0)
@@ -351,7 +354,7 @@ def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
         per_split, splits, ASM_MAGIC[x.dtype] if asm else MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=epw_p2,
         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_KW=block_kw, GROUP_M=config["GROUP_M"],
         GROUPS=groups, HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=splits > 1, ASM=asm,
-        **dot_args(x.dtype), **stat_args(bilevel), num_warps=config["num_warps"],
+        MASK_K=k % (block_kw * epw) != 0, **dot_args(x.dtype), **stat_args(bilevel), num_warps=config["num_warps"],
         num_stages=config["num_stages"] if groups < 2 else 1,  # pipelining per-code scale loads costs too much smem
     )
     return y

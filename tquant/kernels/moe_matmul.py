@@ -118,7 +118,7 @@ def _grouped_gemm_kernel(
     P, N, K, KW, E, group_size, x_div, stride_xm, stride_qe, stride_qk, stride_se, stride_sg, stride_ym, n_tiles,
     kw_per_split, splits, magic, BITS: tl.constexpr, EPW: tl.constexpr, EPW_P2: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, GROUPS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr,
-    ASM: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ASM: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, MASK_K: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = BLOCK_KW * EPW_P2
     pid, pid_k = tl.program_id(0), tl.program_id(1)
@@ -142,7 +142,8 @@ def _grouped_gemm_kernel(
     acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
         w, k, k_ok = dequant_tile(q_e, s_e, z_e, kw0, rows, slot, offs_n, n_ok, N, K, KW, group_size, stride_qk,
-                                  stride_sg, magic, BITS, EPW, EPW_P2, BLOCK_N, BLOCK_K, GROUPS, ASM, DOT_DTYPE, 0, 1)
+                                  stride_sg, magic, BITS, EPW, EPW_P2, BLOCK_N, BLOCK_K, GROUPS, ASM, DOT_DTYPE, 0, 1,
+                                  MASK_K)
         col = k
         if HAS_PERM:
             col = tl.load(perm_ptr + e * K + k, mask=k_ok, other=0)
@@ -181,7 +182,7 @@ def launch(config, x, qweight, scales, zeros, expert_ids, perm, *, bits: int, gr
         x.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), y.stride(0), n_tiles,
         per_split, splits, ASM_MAGIC[x.dtype] if asm else MAGIC_BITS, BITS=bits, EPW=epw, EPW_P2=epw_p2,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KW=block_kw, GROUPS=groups, HAS_PERM=perm is not None,
-        SPLIT=splits > 1, ASM=asm, **dot_args(x.dtype), num_warps=config["num_warps"],
+        SPLIT=splits > 1, ASM=asm, MASK_K=k % (block_kw * epw) != 0, **dot_args(x.dtype), num_warps=config["num_warps"],
         num_stages=config["num_stages"] if groups < 2 else 1,
     )
     return y
