@@ -92,8 +92,9 @@ def qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.
     wmax = torch.where(flat, torch.ones_like(wmax), wmax)
     # maxq as a tensor on w's device: CUDA divides by a Python (CPU) scalar as a multiplication by its reciprocal,
     # one rounding more than the division the CPU does, so the same weights got scales 1 ulp apart (and codes at
-    # ties apart) on the two devices; dividing by a device tensor is IEEE division on both
-    maxq_t = torch.tensor(float(maxq), device=w.device)
+    # ties apart) on the two devices; dividing by a device tensor is IEEE division on both (full_like: filled on the
+    # device, no host-to-device copy in GPTQ's per-group calls)
+    maxq_t = torch.full_like(wmax, float(maxq))
     scale = (wmax - wmin) / maxq_t
     # a range wider than fp32's largest value (|w| ~ 3e38 of both signs): the same step without the overflowing sum
     scale = torch.where(scale.isinf(), wmax / maxq_t - wmin / maxq_t, scale)
