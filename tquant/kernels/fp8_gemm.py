@@ -1,0 +1,234 @@
+"""FP8 (float8 e4m3) GEMMs: per-token activation quantization, the W8A8 tl.dot GEMM, and the weight-only GEMM.
+
+e4m3 ("float8_e4m3fn", Triton's tl.float8e4nv): 1 sign, 4 exponent (bias 7), 3 mantissa bits, no inf; finite values
++-448 at most, normal down to 2^-6, subnormal multiples of 2^-9 below; 0x7F / 0xFF are NaN.
+Rounding E(y): y (|y| <= 448) to the nearest e4m3 value, ties to even (what torch's cast of a float32 does).
+
+Activation quantization (`quantize_fp8`, one program per row, the row read once: scale and codes in one pass):
+    scale[m] = max_k |x[m, k]| / 448                       (dynamic, per token; a row whose scale would be below the
+                                                            smallest normal fp32 (all zeros, max |x| < 5.3e-36) gets
+                                                            scale 1, so x / scale is never 0 / 0)
+             = the given scale[0] for every row             (static, per tensor; calibrated)
+    xq[m, k] = E(clamp(x[m, k] / scale[m], -448, 448))     x / scale IEEE-rounded in fp32, as torch divides
+    x [M, K] fp16 / bf16 / fp32  ->  xq float8_e4m3fn [M, K], scale fp32 [M]
+
+W8A8 GEMM (`fp8_matmul`):
+    y[m, n] = (acc[m, n] * x_scale[m]) * w_scale[n] (+ bias[n]),   acc[m, n] = sum_k xq[m, k] * wq[n, k]  (fp32)
+    xq float8_e4m3fn [M, K], x_scale fp32 [M]; wq float8_e4m3fn [N, K] (nn.Linear layout: K contiguous in each
+    output row, the K-major B operand that Hopper's fp8 wgmma reads), w_scale fp32 [N]; bias fp16 / bf16 / fp32
+    [N] or None, added in fp32; y [M, N] in out_dtype (fp16 / bf16 / fp32).
+    Each product of two e4m3 values is exact in fp32 (4 x 4 significant bits). On an H100 (sm_90) Triton's fp8
+    tl.dot accumulates inside the tensor core with fewer bits than fp32 (its default max_num_imprecise_acc: no
+    promotion, as torch._scaled_mm(use_fast_accum=True)); elsewhere, and under the interpreter, in fp32.
+Weight-only GEMM (`fp8_weight_only_matmul`, FP8 W8A16):
+    y[m, n] = acc[m, n] * w_scale[n] (+ bias[n]),   acc[m, n] = sum_k x[m, k] * float(wq[n, k])  (fp32)
+    x fp16 / bf16 / fp32 [M, K]; each weight tile converted from e4m3 to x's dtype (exact: e4m3 values are fp16 /
+    bf16 values) and multiplied by tl.dot in x's dtype (fp32: "ieee"); y in x's dtype.
+
+One kernel serves both GEMMs (WEIGHT_ONLY constexpr): program pid owns a [BLOCK_M, BLOCK_N] tile of y
+(GROUP_M-grouped order) and walks K in BLOCK_K steps; the scales are applied in the epilogue. The launch config
+is tuned per GPU and key (M rounded up to a power of two, N, K, out dtype, bias, mode) by autotune_cache among the
+int8 GEMMs' candidates (w8a8_gemm.configs: the same one-byte weight tiles); the interpreter runs one small config.
+
+Under the Triton interpreter (Triton 3.9), fp8 tensors load, store and tl.dot exactly (the dot widens them to
+fp16), and e4m3 -> wider casts are exact, but the fp32 -> e4m3 cast is not RNE: it rounds half up without the
+sticky bits, truncates subnormals and does not saturate (1.0625 -> 1.125, 1e-3 -> 0, 500 -> 256). So the kernel
+never relies on that cast to round: `round_e4m3` rounds in fp32 integer arithmetic (RNE on the mantissa bits for
+normals, a multiple of 2^-9 for subnormals), and the cast then only converts an exact e4m3 value, which both the
+interpreter and the GPU's cvt.rn.satfinite do exactly. The same code runs on both; no GPU-only branch.
+The references (`*_ref`) are plain torch: torch.float8_e4m3fn's cast (RNE, on the CPU too) and fp64 matmuls.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune_cache import tune
+from .runtime import DTYPES, check_device, check_tensors, dot_args, next_power_of_2
+from .tiling import store_output, tile_offsets
+from .w8a8_gemm import configs
+
+FP8 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+TL_E4M3_MAX = tl.constexpr(E4M3_MAX)
+FLT_MIN = tl.constexpr(torch.finfo(torch.float32).tiny)  # smallest normal fp32
+RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + RNE) - RNE is y rounded half to even for |y| < 2^22
+
+
+def check_activations(x, scale, name="x") -> None:
+    """x [M, K] float (K >= 1); a static scale is one positive finite float32 value."""
+    if x.dim() != 2 or x.dtype not in DTYPES:
+        raise ValueError(f"{name} must be a 2-D [M, K] tensor of {DTYPES} (flatten leading dims first); got "
+                         f"{x.dtype} of shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one column (K >= 1)")
+    if scale is not None and (scale.dtype != torch.float32 or scale.numel() != 1):
+        raise ValueError(f"a static scale must be one float32 value; got {scale.dtype} of shape {tuple(scale.shape)}")
+
+
+def quantize_fp8_ref(x, *, scale=None):
+    """(xq float8_e4m3fn [M, K], scale fp32 [M]) of x [M, K]: per token, or static with scale (fp32, one value)."""
+    check_activations(x, scale)
+    x32 = x.float()
+    if scale is None:
+        # a tensor divisor: on CUDA, torch divides by a Python scalar as a multiply by its reciprocal (not IEEE)
+        scale = x32.abs().amax(dim=1) / torch.tensor(E4M3_MAX, device=x.device)
+        scale = torch.where(scale >= FLT_MIN.value, scale, 1.0)
+    else:
+        scale = scale.reshape(1).expand(x.shape[0]).clone()
+    return (x32 / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
+
+
+def fake_quantize_fp8(x, *, scale=None):
+    """E(x / scale) * scale [..., K] in fp32: the activation the W8A8 GEMM sees (what methods simulate)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, s = quantize_fp8_ref(x2, scale=scale)
+    return (xq.float() * s[:, None]).reshape(x.shape)
+
+
+@triton.jit
+def round_e4m3(y):
+    """E(y) as an fp32 value, for fp32 y with |y| <= 448: normals (|y| >= 2^-6) keep 3 mantissa bits, rounded half to
+    even on the bits (add 0x7FFFF + the kept lsb, clear the 20 low bits; a carry moves into the exponent);
+    subnormals are multiples of 2^-9 of |y|, rounded half to even, with y's sign bit (-1e-4 -> -0, as torch)."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 = ~0xFFFFF as int32
+    subnormal = ((tl.abs(y) * 512.0 + RNE) - RNE) * 0.001953125
+    subnormal = subnormal.to(tl.int32, bitcast=True) | (bits & -2147483648)  # -2^31: the sign bit
+    return tl.where(tl.abs(y) < 0.015625, subnormal, normal).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_quant_kernel(x_ptr, static_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, STATIC: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < K
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
+    if STATIC:
+        scale = tl.load(static_ptr)
+    else:
+        scale = tl.div_rn(tl.max(tl.abs(x), axis=0), TL_E4M3_MAX)
+        scale = tl.where(scale >= FLT_MIN, scale, 1.0)
+    tl.store(scale_ptr + row, scale)
+    q = round_e4m3(tl.clamp(tl.div_rn(x, scale), -TL_E4M3_MAX, TL_E4M3_MAX))
+    tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs, q.to(tl.float8e4nv), mask=ok)
+
+
+def quantize_fp8(x, *, scale=None):
+    """The kernel of quantize_fp8_ref (identical xq and scale). The whole row is held in registers (BLOCK_K =
+    next power of two >= K), so x is read once."""
+    check_activations(x, scale)
+    check_device(dict(x=x, scale=scale))
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    out_scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, out_scale
+    x = x.contiguous()
+    block_k = triton.next_power_of_2(k)
+    _fp8_quant_kernel[(m,)](x, scale if scale is not None else out_scale, q, out_scale, k, x.stride(0), q.stride(0),
+                            STATIC=scale is not None, BLOCK_K=block_k, num_warps=min(16, max(4, block_k // 512)))
+    return q, out_scale
+
+
+def check_gemm_inputs(x, x_scale, wq, w_scale, bias, out_dtype, weight_only=False) -> None:
+    """Raise ValueError naming the first tensor whose dtype or shape is wrong."""
+    if weight_only:
+        check_activations(x, None)  # out_dtype is x's dtype
+    elif out_dtype not in DTYPES:
+        raise ValueError(f"out_dtype {out_dtype} is not supported; use one of {DTYPES}")
+    elif x.dim() != 2 or x.dtype != FP8:
+        raise ValueError(f"xq must be a 2-D float8_e4m3fn tensor; got {x.dtype} of shape {tuple(x.shape)}")
+    if wq.dim() != 2 or wq.dtype != FP8:
+        raise ValueError(f"wq must be a 2-D float8_e4m3fn tensor; got {wq.dtype} of shape {tuple(wq.shape)}")
+    if wq.shape[1] != x.shape[1]:
+        raise ValueError(f"wq shape {tuple(wq.shape)} does not match: expected [N, K] with K={x.shape[1]} "
+                         f"({'x' if weight_only else 'xq'} is {tuple(x.shape)})")
+    m, n = x.shape[0], wq.shape[0]
+    expected = {
+        "x_scale": (x_scale, (m,), (torch.float32,)),
+        "w_scale": (w_scale, (n,), (torch.float32,)),
+        "bias": (bias, (n,), DTYPES),
+    }
+    check_tensors(expected, f"M={m}, N={n}")
+
+
+def _finish(acc, bias, out_dtype):
+    return (acc if bias is None else acc + bias.float()).to(out_dtype)
+
+
+def fp8_matmul_ref(xq, x_scale, wq, w_scale, *, bias=None, out_dtype=torch.float16):
+    check_gemm_inputs(xq, x_scale, wq, w_scale, bias, out_dtype)
+    acc = (xq.double() @ wq.double().T).float()
+    return _finish(acc * x_scale[:, None] * w_scale[None, :], bias, out_dtype)
+
+
+def fp8_weight_only_matmul_ref(x, wq, w_scale, *, bias=None):
+    check_gemm_inputs(x, None, wq, w_scale, bias, x.dtype, weight_only=True)
+    acc = (x.double() @ wq.double().T).float()
+    return _finish(acc * w_scale[None, :], bias, x.dtype)
+
+
+@triton.jit
+def _fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                HAS_BIAS: tl.constexpr, WEIGHT_ONLY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    w_tile = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] of wq^T
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(x_tile + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_tile + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if WEIGHT_ONLY:
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc)
+    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    if not WEIGHT_ONLY:
+        acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+    store_output(acc * ws[None, :], bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
+
+
+def launch(config, x, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tensor:
+    """One launch with config (inputs checked and contiguous); x_scale None: the weight-only GEMM of float x."""
+    m, k = x.shape
+    n = wq.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    weight_only = x_scale is None
+    dot = dot_args(x.dtype) if weight_only else dict(DOT_DTYPE=tl.float32, PRECISION="ieee")  # unused for fp8
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    _fp8_kernel[grid](
+        x, w_scale if weight_only else x_scale, wq, w_scale, bias if bias is not None else y, y, m, n, k, x.stride(0),
+        wq.stride(0), y.stride(0), HAS_BIAS=bias is not None, WEIGHT_ONLY=weight_only, **dot,
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return y
+
+
+def _run(x, x_scale, wq, w_scale, bias, out_dtype):
+    check_device(dict(x=x, x_scale=x_scale, wq=wq, w_scale=w_scale, bias=bias))
+    m, n = x.shape[0], wq.shape[0]
+    if m == 0 or n == 0:
+        return torch.empty(m, n, dtype=out_dtype, device=x.device)
+    args = [t.contiguous() if t is not None else None for t in (x, x_scale, wq, w_scale, bias)]
+    key = dict(M=next_power_of_2(m), N=n, K=x.shape[1], out=str(out_dtype).removeprefix("torch."),
+               bias=int(bias is not None), mode="w8a16" if x_scale is None else "w8a8")
+    config = tune("fp8_matmul", key, configs(key["M"]), lambda c: launch(c, *args, out_dtype), x.device)
+    return launch(config, *args, out_dtype)
+
+
+def fp8_matmul(xq, x_scale, wq, w_scale, *, bias=None, out_dtype=torch.float16):
+    check_gemm_inputs(xq, x_scale, wq, w_scale, bias, out_dtype)
+    return _run(xq, x_scale, wq, w_scale, bias, out_dtype)
+
+
+def fp8_weight_only_matmul(x, wq, w_scale, *, bias=None):
+    check_gemm_inputs(x, None, wq, w_scale, bias, x.dtype, weight_only=True)
+    return _run(x, None, wq, w_scale, bias, x.dtype)
