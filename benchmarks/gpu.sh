@@ -31,6 +31,11 @@
 #   bash benchmarks/gpu.sh quality-kv PPL_ROWS [NEEDLE_ROWS]
 #                                               benchmarks/quality_kv.py (KV-cache perplexity) and, with
 #                                               NEEDLE_ROWS, benchmarks/needle_kv.py --trials 6, on the GPU
+#   bash benchmarks/gpu.sh peer-gptq ROWS [ARGS]
+#                                               benchmarks/peer_gptq.py --device cuda: tquant's GPTQ and
+#                                               llm-compressor's side by side on the offline model (needs the
+#                                               llmcompressor wheels in .whl and the model halves), e.g.
+#                                               `peer-gptq all --fp`; $OUT/peer_gptq.{json,txt}
 #   bash benchmarks/gpu.sh checks METHOD [OPTIONS_JSON] [ARGS]
 #                                               benchmarks/gpu_checks.py --layers 2: the driver, the kernels inside
 #                                               a quantized model, generate and save / load on the GPU, e.g.
@@ -165,6 +170,12 @@ quality-kv)
     --device cuda --model "$m" --rows "$1" --batch 40 --json "$OUT/quality_kv.json"
   [ -n "$2" ] && TQUANT_AUTOTUNE=0 run "$OUT/needle_kv.txt" timeout "${ROW_TIMEOUT:-600}" python benchmarks/needle_kv.py \
     --device cuda --model "$m" --rows "$2" --trials 6 --json "$OUT/needle_kv.json" ;;
+
+peer-gptq)
+  [ -n "$1" ] || { echo "gpu.sh peer-gptq ROWS [ARGS]"; exit 2; }
+  rows=$1; shift; m=$(model) || exit 1
+  run "$OUT/peer_gptq.txt" timeout "${ROW_TIMEOUT:-600}" python benchmarks/peer_gptq.py --device cuda \
+    --model "$m" --rows "$rows" --json "$OUT/peer_gptq.json" "$@" ;;
 
 checks)
   [ -n "$1" ] || { echo "gpu.sh checks METHOD [OPTIONS_JSON] [ARGS]"; exit 2; }
