@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import tquant
+from tquant.formats.packing import unpack_codes
 from tquant.modules import module_for_spec
 
 ROOT = os.path.join(os.path.dirname(__file__), "fixtures", "checkpoints")
@@ -69,7 +70,8 @@ def layer_tensors(name, layer):
 
 
 # ---- mutations: each draws an edit of fixture `name` and returns (tensors, config, manifest, extra, expect) ----
-# expect: ("same",) bit-identical logits | ("valid",) loads, finite logits | ("error", text the message names)
+# expect: ("same",) bit-identical logits | ("valid",) loads, finite logits | ("loads",) loads | ("error", text the
+# message names)
 
 LINEAR_FIXTURES = [n for n in NAMES if quantized_layers(n)]
 
@@ -199,6 +201,44 @@ def m_nonfinite(draw, name):
     return _edit(name, key, put), None, None, None, ("error", f"{key}: not finite")
 
 
+def _packed_group(name, scales_key, i):
+    """(codes present float64 [group_size], zero, bits, qweight key) of the group holding flat element i of a
+    packed layer's scales (PackedLinear / PackedEmbedding "scales", PackedExperts "<proj>_scales" [E, G, N])."""
+    tensors, spec = fixture(name)[0], _spec(name, scales_key)
+    qkey = scales_key[:-len("scales")] + "qweight"
+    scales, qweight = tensors[scales_key], tensors[qkey]
+    if scales.dim() == 3:
+        e, i = divmod(i, scales[0].numel())
+        scales, qweight, zeros = scales[e], qweight[e], tensors[scales_key[:-len("scales")] + "zeros"][e]
+    else:
+        zeros = tensors[scales_key[:-len("scales")] + "zeros"]
+    g, n = divmod(i, scales.shape[1])
+    size = spec.get("group_size") or spec[scales_key.rsplit(".", 1)[1][:-len("scales")] + "group_size"]
+    codes = unpack_codes(qweight, spec["bits"], scales.shape[0] * size)[g * size:(g + 1) * size, n]
+    return codes.double(), zeros[g, n].double(), qkey
+
+
+def m_grid_past_dtype(draw, name):
+    """A packed layer's group scale set near the dtype's largest value M: refused (naming qweight) when a code the
+    group holds has |(code - zero) * scale| > M (computed here in float64), else a valid grid (the model loads; its
+    logits may be inf)."""
+    key = _tensor(draw, name, lambda k, t: k.endswith("scales") and _spec(name, k)["type"] in
+                  ("packed_linear", "packed_embedding", "packed_experts"))
+    if key is None:
+        return m_nonfinite(draw, name)
+    t0 = fixture(name)[0][key]
+    i = draw(st.integers(0, t0.numel() - 1))
+    big = torch.finfo(t0.dtype).max
+    value = draw(st.sampled_from([big, -big, big / 2, big / 3, big / 4, big / 7, big / 8, big / 15]))
+    codes, zero, qkey = _packed_group(name, key, i)
+    past = (((codes - zero) * torch.tensor(value, dtype=t0.dtype).double()).abs() > big).any()
+
+    def put(t):
+        t.view(-1)[i] = value
+        return t
+    return _edit(name, key, put), None, None, None, ("error", f"{qkey}") if past else ("loads",)
+
+
 def m_dtype(draw, name):
     """Any tensor of a quantized layer in another dtype (integers exact; floats to float64 or integers)."""
     key = _tensor(draw, name)
@@ -320,7 +360,7 @@ def m_manifest(draw, name):
 
 
 MUTATIONS = {m.__name__: m for m in (m_noop, m_index_out_of_range, m_perm_duplicate, m_perm_swap, m_code_change,
-                                     m_nonfinite, m_dtype, m_shape, m_spec, m_manifest)}
+                                     m_nonfinite, m_grid_past_dtype, m_dtype, m_shape, m_spec, m_manifest)}
 
 
 def run_mutation(name, tensors, config, manifest, prepare, expect):
@@ -340,6 +380,8 @@ def run_mutation(name, tensors, config, manifest, prepare, expect):
             assert expect[1] in str(err.value), (expect, str(err.value))
             return
         model = tquant.load(dst)
+        if expect[0] == "loads":
+            return
         probe, logits = fixture(name)[3]["probe"], fixture(name)[3]["logits"]
         with torch.no_grad():
             got = model(probe).logits
@@ -408,6 +450,53 @@ def test_nan_scale_is_refused(tmp_path):
         return t
     with pytest.raises(ValueError, match=rf"{key}: not finite \(nan at flat index"):
         tquant.load(_one(tmp_path, "rtn_w3_g32_embeddings", key, nan))
+
+
+def _fp16_group(tensors, layer, bits, group_size):
+    """(g, n, reach, whole) of a group of a packed layer whose codes present stop short of the grid's extreme:
+    reach = max |code - zero| over its codes, whole = the same over every code 0..2^bits - 1, reach < whole."""
+    zeros = tensors[layer + ".zeros"].double()
+    codes = unpack_codes(tensors[layer + ".qweight"], bits, zeros.shape[0] * group_size).view(zeros.shape[0],
+                                                                                             group_size, -1)
+    reach = torch.maximum(zeros - codes.amin(1), codes.amax(1) - zeros)
+    whole = torch.maximum(zeros, 2**bits - 1 - zeros)
+    g, n = (reach < whole).nonzero()[0].tolist()
+    return g, n, reach[g, n].item(), whole[g, n].item()
+
+
+def test_a_code_past_the_fp16_range_is_refused_naming_layer_dtype_and_value(tmp_path, monkeypatch):
+    """An fp16 checkpoint whose scale puts a code a group holds past 65504 is refused, one whose grid passes 65504
+    only at codes no weight of the group holds loads (with that weight finite)."""
+    from tquant.formats.packing import dequantize_packed
+    from tquant.modules import PackedLinear
+
+    name, layer = "rtn_w3_g32_embeddings", "model.layers.0.self_attn.q_proj"
+    spec = quantized_layers(name)[layer]
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in fixture(name)[0].items()}
+    g, n, reach, whole = _fp16_group(tensors, layer, spec["bits"], spec["group_size"])
+    big = torch.finfo(torch.float16).max
+    inside = torch.tensor(big / reach, dtype=torch.float16)  # rounded: maybe 1 ulp past big / reach
+    while inside.double() * reach > big:
+        inside = torch.nextafter(inside, torch.tensor(0.0, dtype=torch.float16))
+    past = torch.nextafter(inside, torch.tensor(big, dtype=torch.float16))
+    assert inside.double() * whole > big and past.double() * reach > big  # the grid's outer code passes big
+
+    def with_scale(scale, folder):
+        tensors[layer + ".scales"] = fixture(name)[0][layer + ".scales"].half()
+        tensors[layer + ".scales"][g, n] = scale
+        return write(name, str(tmp_path / folder), tensors=dict(tensors))
+
+    model = tquant.load(with_scale(inside, "inside"))
+    q = model.get_submodule(layer)
+    assert torch.isfinite(dequantize_packed(q.qweight, q.scales, q.zeros, q.bits, q.group_size, 96).half()).all()
+    monkeypatch.setattr(PackedLinear, "_matmul", lambda *a: pytest.fail("a kernel ran on the invalid checkpoint"))
+    with pytest.raises(ValueError) as err:
+        tquant.load(with_scale(past, "past"))
+    message = str(err.value)
+    assert message.startswith(f"{layer}.qweight: code "), message
+    assert f"past torch.float16's largest value 65504 (group {g} of output {n}" in message, message
+    assert f"= {past.item() * reach:.6g}" in message or f"= {-past.item() * reach:.6g}" in message, message
+    assert message.endswith("quantize and save it again"), message
 
 
 def test_weights_outside_the_folder_are_refused(tmp_path):

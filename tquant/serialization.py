@@ -28,7 +28,9 @@ before any kernel can read it):
                    (tquant.kv.hook.check_kv_spec)
     tensors        names and shapes the model has, integer dtypes exact and floats floating, then each quantized
                    module's validate(name): dtypes exact, floats finite, index tensors in range (perm a permutation,
-                   CSR row pointers and columns, zero points and group multiples on their grids)
+                   CSR row pointers and columns, zero points and group multiples on their grids), every code of a
+                   packed weight a grid point (code - zero) * scale finite in the scales' dtype
+                   (tquant.modules.packed_weight.check_grid)
 save() refuses a folder that already holds a checkpoint unless overwrite=True.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ from torch import nn
 from ..formats.packing import dequantize_packed
 from ..formats.weights import QuantizedWeight
 from .base import DAMAGED, Check, build_checked, check_spec, register
-from .packed_weight import load_packed, register_packed
+from .packed_weight import check_grid, load_packed, register_packed
 
 
 @register("packed_embedding")  # rebuilt by tquant.load; the driver builds it itself (not a linear)
@@ -56,11 +56,13 @@ class PackedEmbedding(nn.Module):
         return build_checked(cls, name, spec, dtype)
 
     def validate(self, name: str) -> None:
-        """The saved tensors' dtypes and finite scales (QuantizedLinear.validate's rules); ValueError naming them."""
+        """The saved tensors' dtypes, finite scales and every code's grid point finite in their dtype
+        (QuantizedLinear.validate's rules, packed_weight.check_grid); ValueError naming them."""
         check = Check(name)
         check("qweight", self.qweight, torch.int32)
         check("scales", self.scales, "model")
         check("zeros", self.zeros, "model")
+        check_grid(check, "qweight", self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         cols = ids.reshape(-1)

@@ -31,6 +31,7 @@ from ..formats.quantizer import check_bits
 from ..formats.weights import QuantizedWeight
 from .backend import BACKENDS
 from .base import DAMAGED, Check, build_checked, check_spec, register
+from .packed_weight import check_grid
 
 PROJECTIONS = ("gate_up", "down")
 
@@ -138,13 +139,15 @@ class PackedExperts(nn.Module):
         return build_checked(cls, name, spec, dtype)
 
     def validate(self, name: str) -> None:
-        """The saved tensors (tquant.load): int32 codes, finite scales and zeros in one float dtype, each expert's
-        perm a permutation; ValueError "name.tensor: problem: what to do" on the first failure."""
+        """The saved tensors (tquant.load): int32 codes, finite scales and zeros in one float dtype, every code's
+        grid point finite in it (packed_weight.check_grid), each expert's perm a permutation; ValueError
+        "name.tensor: problem: what to do" on the first failure."""
         check = Check(name)
-        for proj, k, _, _ in self._shapes():
-            check(f"{proj}_qweight", getattr(self, f"{proj}_qweight"), torch.int32)  # every bit pattern is a code
-            check(f"{proj}_scales", getattr(self, f"{proj}_scales"), "model")
-            check(f"{proj}_zeros", getattr(self, f"{proj}_zeros"), "model")
+        for proj, k, _, group in self._shapes():
+            qweight = check(f"{proj}_qweight", getattr(self, f"{proj}_qweight"), torch.int32)  # any bits: a code
+            scales = check(f"{proj}_scales", getattr(self, f"{proj}_scales"), "model")
+            zeros = check(f"{proj}_zeros", getattr(self, f"{proj}_zeros"), "model")
+            check_grid(check, f"{proj}_qweight", qweight, scales, zeros, self.bits, group)
             perm = getattr(self, f"{proj}_perm")
             for e in range(self.num_experts if perm is not None else 0):
                 check.permutation(f"{proj}_perm[{e}]", perm[e], k)

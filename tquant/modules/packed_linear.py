@@ -19,7 +19,7 @@ import torch
 
 from ..formats.weights import QuantizedWeight
 from .base import QuantizedLinear
-from .packed_weight import load_packed, register_packed
+from .packed_weight import check_grid, load_packed, register_packed
 
 
 def _version(t: torch.Tensor) -> int:
@@ -57,6 +57,7 @@ class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=Quant
         check("qweight", self.qweight, torch.int32)  # every bit pattern is a code in [0, 2^bits)
         check("scales", self.scales, "model")
         check("zeros", self.zeros, "model")
+        check_grid(check, "qweight", self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     def _cpu_weight(self, kind: str, make):
         """The derived weight of `kind` ("int4": pack_int4's codes, "dense": the fp32 weight), made by make() once
