@@ -4,7 +4,9 @@ tquant checkpoint, resumable.
     tquant.quantize_to_disk(model_path, out, "gptq", bits=4, calib=...)   (tquant quantize --streaming [--resume])
 
     model_path/config.json ──► the model built on the meta device (transformers' own class)      (source.py)
-    model_path/*.safetensors ─► read in: embeddings, final norm, head, rotary tables (memory-mapped, by name)
+    model_path/*.safetensors ─► read in: embeddings, final norm, head, rotary tables (memory-mapped, by name; the
+                                tensors transformers renames or fuses on loading, e.g. Mixtral's and Qwen3-MoE's
+                                per-expert projections into 3-D expert tensors, through its own rules: conversion.py)
     tquant.quantize(model, method, store=ShardStore)  ── the one driver (tquant.driver), block by block:
         X_0 = the calibration ids through the embeddings (the blocks are stand-ins: none is loaded)
         for block i (the first not done, when resumed):

@@ -5,7 +5,9 @@ of one module are read from it, so the pages read are let go with the module.
     Source(path)                 the folder checked: config.json, safetensors weights, a float model
     source.skeleton(dtype)       the architecture built on the meta device from config.json (transformers' own class),
                                  then every tensor outside the decoder blocks read in: embeddings, final norm, head
-    source.load(model, block, prefix)    one block's tensors read in by their names (prefix + name)
+    source.load(model, block, prefix)    one block's tensors read in by their names (prefix + name), each made of
+                                 the stored tensors transformers' loading rules turn into it (conversion.py: Mixtral's
+                                 and Qwen3-MoE's experts, stored one by one, fused into the model's 3-D expert tensors)
     source.fingerprint()         what names this model for a resumed run: config.json's sha256, each weights file's
                                  size, the sha256 of its safetensors header (names, dtypes, shapes, offsets) and of
                                  its first and last MiB of tensor data
@@ -29,6 +31,7 @@ from torch import nn
 
 from ..models import find_blocks, resolve_dtype
 from ..serialization import INDEX, WEIGHTS, file_sha256
+from .conversion import Conversion
 
 STORED_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # safetensors' dtype names
 SAMPLE = 1 << 20  # bytes of tensor data at each end of a weights file that its fingerprint hashes
@@ -116,7 +119,8 @@ class Source:
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         if os.path.isfile(os.path.join(self.path, "generation_config.json")):
             model.generation_config = transformers.GenerationConfig.from_pretrained(self.path)
-        self._names(_groups(model, "", None))  # every tensor the files must hold is there: refused before any read
+        self.conversion = Conversion(model, self._shapes(), self.path)
+        self._names(_groups(model, "", None))  # every tensor the files must make is there: refused before any read
         blocks_name, _ = find_blocks(model)
         self.load(model, model, "", exclude=blocks_name + ".")
         return model.eval()
@@ -131,40 +135,53 @@ class Source:
         for owner in {id(p[0][1]): p[0][1] for p in computed}.values():
             model._init_weights(owner)
         names = self._names(groups)
-        tensors = self._read(list(names.values()))
-        for places in groups:
-            if id(places) in names:
-                name, _, _, old = places[0]
-                value = tensors.pop(names[id(places)])
+        places_of = {names[id(places)]: places for places in groups if id(places) in names}
+        for recipe in {id(r): r for r in map(self.conversion.recipes.get, places_of)}.values():
+            made = recipe.build(self._read([stored for _, stored in recipe.sources]), model)
+            for name, value in made.items():
+                if name not in places_of:  # made by the same recipe, outside this module
+                    continue
+                old = places_of[name][0][3]
                 if value.is_floating_point() and old.is_floating_point():
                     value = value.to(old.dtype)
                 elif value.dtype != old.dtype:
                     raise ValueError(f"{self.path}: tensor {name!r} is {value.dtype}, the model expects {old.dtype}")
-                _put(places, value)
+                _put(places_of[name], value)
 
     def _names(self, groups) -> dict[int, str]:
-        """{id(places): the name the files hold it by} of each group but non-persistent buffers; ValueError naming a
-        tensor the files lack or hold in a shape other than the model's."""
+        """{id(places): the model name the files make it by} of each group but non-persistent buffers; ValueError
+        naming a tensor the files do not make, or make in a shape other than the model's."""
         stored = [places for places in groups if not _non_persistent(places)]
-        names = {id(places): next((n for n, *_ in places if n in self.files), None) for places in stored}
+        made = self.conversion.shapes
+        names = {id(places): next((n for n, *_ in places if n in made), None) for places in stored}
         missing = [places[0][0] for places in stored if names[id(places)] is None]
         if missing:
             raise ValueError(f"{self.path}'s safetensors files lack tensor {missing[0]!r}, which the model built "
-                             f"from its config.json has: streaming reads tensors by the model's own names, and a "
-                             "checkpoint whose tensors transformers renames or fuses on loading cannot stream (e.g. "
-                             "Mixtral's and Qwen3-MoE's experts, stored one by one and fused on loading); quantize it "
-                             "in memory")
-        by_file = defaultdict(list)
+                             f"from its config.json has (model type {self.conversion.model_type!r}): "
+                             "streaming reads a checkpoint's tensors as transformers' from_pretrained does, by the "
+                             "model's names or renamed and fused by transformers' loading rules for its type "
+                             "(transformers.conversion_mapping), and none of the stored tensors becomes this one; "
+                             "check that the folder loads with transformers.AutoModelForCausalLM.from_pretrained, or "
+                             "quantize it in memory")
         for places in stored:
-            by_file[self.files[names[id(places)]]].append(places)
-        for full, group in by_file.items():
-            with safe_open(full, framework="pt") as f:
-                for places in group:
-                    shape = tuple(f.get_slice(names[id(places)]).get_shape())
-                    if shape != tuple(places[0][3].shape):
-                        raise ValueError(f"{self.path}: tensor {names[id(places)]!r} has shape {shape}, the model "
-                                         f"built from its config.json expects {tuple(places[0][3].shape)}")
+            name = names[id(places)]
+            if made[name] != tuple(places[0][3].shape):
+                sources = [s for _, s in self.conversion.recipes[name].sources]
+                raise ValueError(f"{self.path}: tensor {name!r} is {made[name]} as made of the stored "
+                                 f"{', '.join(sources[:4])}{' ...' if len(sources) > 4 else ''}; the model built "
+                                 f"from its config.json expects {tuple(places[0][3].shape)}")
         return names
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """{stored name: shape} of every tensor in the files, from their headers."""
+        by_file = defaultdict(list)
+        for name, full in self.files.items():
+            by_file[full].append(name)
+        shapes = {}
+        for full, wanted in by_file.items():
+            with safe_open(full, framework="pt") as f:
+                shapes |= {n: tuple(f.get_slice(n).get_shape()) for n in wanted}
+        return shapes
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The stored tensors `names`, each shard mapped once and closed after."""
