@@ -233,7 +233,7 @@ def test_fp8_references_match_dequantized_float_math(m, n, k, dtype, seed):
 @pytest.mark.parametrize("static", [False, True])
 def test_fp8_w8a8_approximates_float_linear(static):
     """quantize_fp8 + fp8_matmul against x @ w^T + bias in fp64: e4m3 keeps 3 mantissa bits (a step of 2^-3 .. 2^-4
-    of each value), measured 2.6 % (dynamic) / 2.7 % (static) here; bound 4 %."""
+    of each value), measured 2.0 % (dynamic) / 2.1 % (static) here (fp32 under the interpreter); bound 3 %."""
     g = torch.Generator().manual_seed(5)
     x, w, bias = torch.randn(17, 150, generator=g), torch.randn(70, 150, generator=g) * 0.05, torch.randn(70, generator=g)
     wq, w_scale = quantize_fp8_ref(w)
@@ -242,7 +242,7 @@ def test_fp8_w8a8_approximates_float_linear(static):
     y = fp8_matmul(xq, x_scale, wq.to(DEVICE), w_scale.to(DEVICE), bias=bias.to(DEVICE), out_dtype=FP32)
     expected = x.double() @ w.double().T + bias.double()
     err = ((y.cpu().double() - expected).norm() / expected.norm()).item()
-    assert err < 0.04, f"relative error {err:.2e}"
+    assert err < 0.03, f"relative error {err:.2e}"
 
 
 @needs_backend

@@ -3,8 +3,8 @@ each saved spec type, and from_spec(layer_spec()) giving back the same spec for 
 import pytest
 import torch
 
-from tquant.formats.weights import BCQWeight, BitPlaneWeight, QuantizedWeight
-from tquant.modules import (ActQuantLinear, BCQLinear, BitPlaneLinear, PackedEmbedding, PackedExperts, PackedLinear,
+from tquant.formats.weights import BCQWeight, BitPlaneWeight, FP8Weight, QuantizedWeight
+from tquant.modules import (ActQuantLinear, BCQLinear, BitPlaneLinear, FP8Linear, PackedEmbedding, PackedExperts, PackedLinear,
                             QuantizedLinear, QuipLinear, SpQRLinear, linear_module, module_for_spec, module_for_weight, spec_types)
 
 
@@ -21,6 +21,7 @@ def test_module_for_weight_splits_quantized_weight_on_act_bits():
     qw = weight()
     assert module_for_weight(BitPlaneWeight(qw.codes, qw.scale, qw.zero, 4, 32)) is BitPlaneLinear  # before its base
     assert module_for_weight(BCQWeight.from_uniform(qw)) is BCQLinear
+    assert module_for_weight(FP8Weight(torch.zeros(4, 8, dtype=torch.float8_e4m3fn), torch.ones(4))) is FP8Linear
     assert isinstance(linear_module(weight(act_bits=8), None, torch.float32), ActQuantLinear)
     with pytest.raises(TypeError, match="no quantized module"):
         module_for_weight(object())
@@ -29,7 +30,7 @@ def test_module_for_weight_splits_quantized_weight_on_act_bits():
 def test_module_for_spec_knows_every_saved_type():
     expected = {"packed_linear": PackedLinear, "packed_embedding": PackedEmbedding, "act_quant_linear": ActQuantLinear,
                 "quip_linear": QuipLinear, "bcq_linear": BCQLinear, "spqr_linear": SpQRLinear,
-                "bitplane_linear": BitPlaneLinear, "packed_experts": PackedExperts}
+                "bitplane_linear": BitPlaneLinear, "packed_experts": PackedExperts, "fp8_linear": FP8Linear}
     assert set(spec_types()) == set(expected)
     assert all(module_for_spec({"type": t}) is cls for t, cls in expected.items())
     with pytest.raises(ValueError, match="unknown module type"):
@@ -44,6 +45,8 @@ def test_module_for_spec_knows_every_saved_type():
     BCQLinear(64, 32, planes=2, group_size=32, offset=True, has_perm=True),
     SpQRLinear(64, 32, bits=3, group_size=16, scale_bits=3, stat_group=16, outliers=5, has_perm=True, bias=True),
     BitPlaneLinear(64, 32, bits=3, act_bits=None, group_size=32, out_bits=8, out_group=16),
+    FP8Linear(64, 32, static=True, bias=True),
+    FP8Linear(64, 32, act_bits=None),
 ], ids=lambda m: type(m).__name__)
 def test_from_spec_rebuilds_layer_spec(mod):
     spec = mod.layer_spec()

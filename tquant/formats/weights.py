@@ -145,6 +145,27 @@ class LatticeWeight:
 
 
 @dataclass
+class FP8Weight:
+    """What FP8 hands to its module (FP8Linear): float8 e4m3 weights, one scale per output channel.
+
+        weight     float8_e4m3fn [N, K]  E(W / scale), E: round to nearest e4m3, ties to even, +-448 at most
+        scale      float32 [N]           max_k |W[n, k]| / 448 (1 for a row of zeros)
+        act_bits   8: activations quantized to e4m3 at run time (W8A8, tquant.kernels.fp8_gemm); None: weight-only
+        act_scale  float32 [1] or None   static per-tensor activation scale (W8A8); None: per token, dynamic
+        W = weight * scale[:, None]
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    act_bits: int | None = 8
+    act_scale: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """Float32 [N, K] weight."""
+        return self.weight.float() * self.scale[:, None]
+
+
+@dataclass
 class BCQWeight:
     """What BCQ (and uniform grids converted to BCQ form) hand to their module (BCQLinear), tquant.formats.bcq's format:
 

@@ -8,6 +8,7 @@ from .base import QuantizedLinear, linear_module, module_for_spec, module_for_we
 from .act_quant_linear import ActQuantLinear
 from .bcq_linear import BCQLinear
 from .bitplane_linear import BitPlaneLinear
+from .fp8_linear import FP8Linear
 from ..kv.cache import QuantizedKVCache
 from .packed_embedding import PackedEmbedding
 from .packed_experts import PackedExperts
@@ -15,6 +16,6 @@ from .packed_linear import PackedLinear
 from .quip_linear import QuipLinear
 from .spqr_linear import SpQRLinear
 
-__all__ = ["ActQuantLinear", "BCQLinear", "BitPlaneLinear", "PackedEmbedding", "PackedExperts", "PackedLinear", "QuantizedKVCache",
+__all__ = ["ActQuantLinear", "BCQLinear", "BitPlaneLinear", "FP8Linear", "PackedEmbedding", "PackedExperts", "PackedLinear", "QuantizedKVCache",
            "QuantizedLinear", "QuipLinear", "SpQRLinear", "linear_module", "module_for_spec", "module_for_weight",
            "register", "spec_types"]
