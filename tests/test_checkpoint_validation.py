@@ -171,20 +171,22 @@ def m_perm_swap(draw, name):
 
 
 def m_code_change(draw, name):
-    """A packed code word / sign plane / lattice index set to any value of its dtype: every bit pattern is valid."""
+    """A packed code word / sign plane / lattice index set to any value of its dtype: every bit pattern is valid (an
+    FP8 weight: every byte but e4m3fn's NaN codes 0x7F / 0xFF)."""
     leaves = ("qweight", "planes", "codes", "codes2")
     key = _tensor(draw, name, lambda k, t: k.rsplit(".", 1)[1] in leaves)
     t0 = fixture(name)[0][key]
     i = draw(st.integers(0, t0.numel() - 1))
-    info = torch.iinfo(t0.dtype)
-    value = draw(st.integers(info.min, info.max))
+    fp8 = t0.dtype == torch.float8_e4m3fn
+    info = torch.iinfo(torch.uint8 if fp8 else t0.dtype)
+    value = draw(st.integers(info.min, info.max).filter(lambda v: not fp8 or v & 0x7F != 0x7F))
     if key.endswith(".qweight") and t0.dtype == torch.int32 and _spec(name, key)["type"] == "act_quant_linear":
         value = int(t0.view(-1)[i])  # W4A8: (code - zero) * multiple must stay int8 (quantization checks it)
     if key.endswith(".planes") and _spec(name, key)["type"] == "bitplane_linear":  # w_sum holds the codes' sums
         return m_perm_swap(draw, name) if name != "abq_w4a8" else m_noop(draw, name)
 
     def put(t):
-        t.view(-1)[i] = value
+        (t.view(torch.uint8) if fp8 else t).view(-1)[i] = value
         return t
     return _edit(name, key, put), None, None, None, ("valid",)
 
@@ -193,7 +195,9 @@ def m_nonfinite(draw, name):
     key = _tensor(draw, name, lambda k, t: t.is_floating_point())
     t0 = fixture(name)[0][key]
     i = draw(st.integers(0, t0.numel() - 1))
-    value = draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+    # e4m3fn has no inf (torch saturates it to +-448): NaN is its one non-finite value
+    value = draw(st.sampled_from([float("nan")] if t0.dtype == torch.float8_e4m3fn else
+                                 [float("nan"), float("inf"), float("-inf")]))
 
     def put(t):
         t.view(-1)[i] = value
