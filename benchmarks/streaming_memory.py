@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 1024, 2816, 16, 32000
 
 
-def _status(key: str) -> int:
+def proc_status(key: str) -> int:
     """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -52,7 +52,7 @@ def child(mode: str, method: str, src: str, out: str) -> None:
     options = {"bits": 4, "group_size": 128, "calib": calib, "batch_size": 4, "progress": False}
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
-    base, start = _status("VmRSS"), time.time()
+    base, start = proc_status("VmRSS"), time.time()
     if mode == "memory":
         model, _ = load_model(src)
         tquant.quantize(model, method, **options)
@@ -60,7 +60,7 @@ def child(mode: str, method: str, src: str, out: str) -> None:
         tquant.save(model, out, max_shard_size="50MB")
     else:
         tquant.quantize_to_disk(src, out, method, max_shard_size="50MB", **options)
-    print(json.dumps({"peak_mib": (_status("VmHWM") - base) / 2**20, "seconds": time.time() - start}))
+    print(json.dumps({"peak_mib": (proc_status("VmHWM") - base) / 2**20, "seconds": time.time() - start}))
 
 
 def make_model(path: str, blocks: int) -> dict:
