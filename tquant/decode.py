@@ -28,6 +28,10 @@ The model's KV method (quantization_config["kv_cache"]) decides the cache (tquan
 qoq_kv4 -> per-token 4 / 8-bit codes (written by kernels.kv_quant_write on CUDA); kivi -> per-channel key groups,
 per-token values and a full-precision ring of the newest tokens; both read by tquant.kv.attention on CUDA.
 KVQuant's cache has no static form yet and is refused.
+A bf16 / fp32 model's quantized cache keeps fp16 scales and minima: a key or value group past fp16's range raises
+(tquant.kv.uniform_format), as the group is quantized on an eager torch step, else (a captured step, the write
+kernel) when the cache's check_range sees what it stored: after the prefill, at the end of generate and every
+CHECK_EVERY steps (one host sync each; none for fp16 or float caches).
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 # (logits, top_k_weights [T, k], top_k_index [T, k]) = block.gate(x); out = block.experts(x, top_k_index, top_k_weights)
 MOE_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
 INSTEAD = "use model.generate (transformers' own decoding), which runs the quantized modules too"
+CHECK_EVERY = 64  # decode steps between the cache's range checks (check_range)
 
 
 def check_model(model) -> None:
@@ -235,6 +240,7 @@ class StaticDecoder:
         logits = self._forward(ids, torch.arange(t, device=ids.device))
         self.pos.fill_(t)
         self.length = t
+        self.cache.check_range(t)
         return logits
 
     @torch.no_grad()
@@ -255,6 +261,8 @@ class StaticDecoder:
             logits = self._logits
         self.pos += 1
         self.length += 1
+        if self.length % CHECK_EVERY == 0:
+            self.cache.check_range(self.length)
         return logits
 
     def _capture(self) -> None:
@@ -283,4 +291,5 @@ class StaticDecoder:
             out.append(nxt[:, None])
             nxt = self.step(nxt).argmax(-1)
         out.append(nxt[:, None])
+        self.cache.check_range(self.length)
         return torch.cat(out, dim=1)

@@ -5,10 +5,16 @@ graph can replay it.
     cache = static_cache(model, batch, max_len)   # the form the model's KV method asks for
     cache.prepare(pos)                              # once a forward: what every layer derives from the positions
     cache.write(layer, k, v, pos); o = cache.decode_attention(layer, q, k, v, sm_scale); cache.stored(layer, t)
+    cache.check_range(n)                            # after n tokens: a stored fp16 scale / minimum not finite raises
 
 StaticKVCache: the float cache, and qoq_kv4's per-token codes. StaticKiviCache: KIVI's per-channel key groups and
 per-token values, with the newest tokens in a full-precision ring window (its docstring). KVQuant's cache (outliers,
 non-uniform codebooks, a sink) has no static form yet and is refused.
+
+The fp16 range of the quantized caches' parameters (tquant.kv.uniform_format): a bf16 / fp32 write checks its groups
+as it quantizes them on the torch path, but not while a CUDA graph is captured (no host sync there), and the write
+kernel (tquant.kv.write) not at all; check_range looks at the parameters stored for tokens 0 ... n - 1 instead (one
+host sync, no work per step), which the decoder calls after a prefill, after generating and every CHECK_EVERY steps.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import tquant_config
-from .uniform_format import PackedKV, dequantize_keys, dequantize_values, quantize_keys, quantize_values, words_per_group
+from .uniform_format import (PackedKV, dequantize_keys, dequantize_values, quantize_keys, quantize_values,
+                             stored_params_error, words_per_group)
 from ..models import head_dim
 
 
@@ -57,14 +64,10 @@ class StaticKVCache:
             self.k[layer].index_copy_(2, pos, k.to(self.dtype))
             self.v[layer].index_copy_(2, pos, v.to(self.dtype))
             return
-        stores = [PackedKV(*(p[layer] for p in store)) for store in (self.k, self.v)]
-        if self.kernel:
-            from .write import kv_quant_write
+        from .write import kv_quant_write, kv_quant_write_ref
 
-            return kv_quant_write(k, v, *stores, pos, self.bits)
-        for store, x in zip(stores, (k, v)):
-            for part, new in zip(store, quantize_values(x, self.bits, x.shape[-1])):
-                part.index_copy_(2, pos, new)
+        stores = [PackedKV(*(p[layer] for p in store)) for store in (self.k, self.v)]
+        (kv_quant_write if self.kernel else kv_quant_write_ref)(k, v, *stores, pos, self.bits)
 
     def stored(self, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions 0 ... t - 1 of one layer as the cache holds them, in the model's dtype."""
@@ -108,6 +111,18 @@ class StaticKVCache:
         the position prepared: over positions 0 ... pos, its own token exact for a quantized cache without
         prefill_with_quant."""
         return self.attend(layer, q, self._length, sm_scale, *((k, v) if self._exact else ()))
+
+    def check_range(self, n: int) -> None:
+        """ValueError naming the keys or values, the dtype and the token (uniform_format.stored_params_error) when
+        a token of positions 0 ... n - 1 has a stored fp16 scale or minimum that is not finite; nothing to check
+        for the float cache or an fp16 one (one host sync otherwise)."""
+        if self.bits is None or self.dtype == torch.float16:
+            return
+        for what, store in (("keys", self.k), ("values", self.v)):
+            error = stored_params_error(store.scale[:, :, :, :n], store.mn[:, :, :, :n], self.bits, self.dtype, what,
+                                        lambda i: f"layer {i[0]}, sequence {i[1]}, KV head {i[2]}, token {i[3]}")
+            if error is not None:
+                raise error
 
     @property
     def float_store(self) -> bool:
@@ -238,6 +253,25 @@ class StaticKiviCache:
         """o [B, Hq, D] of a decode step whose k, v were just written at the prepared position: its own token is in
         the ring."""
         return self.attend(layer, q, self._attended, sm_scale)
+
+    def check_range(self, n: int) -> None:
+        """ValueError naming the keys or values, the dtype and the group (uniform_format.stored_params_error) when a
+        group flushed after n tokens (flushed(n) of them: what attention reads from the store) has a stored fp16
+        scale or minimum that is not finite; nothing to check for an fp16 cache (one host sync otherwise)."""
+        if self.dtype == torch.float16:
+            return
+        g, flushed = self.group, int(self._flushed_after(torch.tensor(n)))
+
+        def place(what, i):  # i: (layer, sequence, KV head, store row, last-dim index)
+            layer, b, h, row, col = i
+            tokens = f"tokens {row * g}..{row * g + g - 1}, channel {col}" if what == "keys" else \
+                f"token {row}, channels {col * g}..{col * g + g - 1}"
+            return f"layer {layer}, sequence {b}, KV head {h}, {tokens}"
+        for what, store, stop in (("keys", self.k, flushed // g), ("values", self.v, flushed)):
+            error = stored_params_error(store.scale[:, :, :, :stop], store.mn[:, :, :, :stop], self.bits, self.dtype,
+                                        what, lambda i, what=what: place(what, i))
+            if error is not None:
+                raise error
 
     @property
     def max_len(self) -> int:

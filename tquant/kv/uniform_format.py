@@ -17,6 +17,10 @@ those rounded parameters). A bf16 / fp32 cache whose group has a minimum or a st
 fp16's range) is refused with a ValueError naming the keys or values: fp16 parameters would be inf, and every value
 of the group NaN. (Parameters in the cache's dtype would cost the common case precision: a bf16 minimum is off by
 2^-9 of it, as much as half a step of 8-bit codes; in fp32 they would double the parameters' bytes.)
+Where: check_fp16_params, as a group is quantized (a host sync: only for caches wider than fp16); while a CUDA graph
+is captured (tquant.StaticDecoder's step) no host check can run, so it is skipped there and the static caches look
+at the parameters they stored instead (tquant.kv.static_cache's check_range, which the decoder calls after
+generating and every CHECK_EVERY steps), with stored_params_error's message.
 """
 from __future__ import annotations
 
@@ -49,15 +53,47 @@ def words_per_group(bits: int, group: int) -> int:
     return -(-group // values_per_word(bits))
 
 
+def fp16_range_error(dtype: torch.dtype, what: str, span: str) -> ValueError:
+    """The error for a group of the dtype `what` (keys / values) whose fp16 scale or minimum is inf; span: where it
+    is and its range."""
+    return ValueError(f"KIVI's cache format keeps each group's scale and minimum in fp16 (at most 65504), and a group "
+                      f"of the {dtype} {what} {span}, past it: keep this model's KV cache in float (no kivi / qoq KV "
+                      "cache) or its keys and values within fp16's range")
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on x's device (the current stream): no host sync may run."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_fp16_params(scale: torch.Tensor, mn: torch.Tensor, x: torch.Tensor, what: str) -> None:
     """Raise ValueError naming `what` where a group's fp16 scale or minimum (quantized from x) is not finite: only x
-    of a wider dtype than fp16 can make one, so fp16 x is not checked (no host sync)."""
-    if x.dtype != torch.float16 and not (scale.isfinite().all() and mn.isfinite().all()):
+    of a wider dtype than fp16 can make one, so fp16 x is not checked (no host sync); nor while a CUDA graph is
+    captured (capturing), where the static caches check what they stored afterwards (stored_params_error)."""
+    if x.dtype != torch.float16 and not capturing(x) and not (scale.isfinite().all() and mn.isfinite().all()):
         xf = x.float()
-        raise ValueError(f"KIVI's cache format keeps each group's scale and minimum in fp16 (at most 65504), and a "
-                         f"group of the {x.dtype} {what} spans [{xf.amin().item():.4g}, {xf.amax().item():.4g}], "
-                         "past it: keep this model's KV cache in float (no kivi / qoq KV cache) or its keys and "
-                         "values within fp16's range")
+        raise fp16_range_error(x.dtype, what, f"spans [{xf.amin().item():.4g}, {xf.amax().item():.4g}]")
+
+
+def stored_params_error(scale: torch.Tensor, mn: torch.Tensor, bits: int, dtype: torch.dtype, what: str,
+                        place) -> ValueError | None:
+    """The error for the first group whose stored fp16 scale or minimum is not finite (scale, mn of one shape, the
+    groups a cache has stored; the x they came from is gone), or None (one host sync). place(index) names the group
+    of that index of scale (layer, tokens, channels); its range is bounded by what the parameters say: a minimum
+    of -inf lay below -65504, an inf step (max - min) / (2^bits - 1) over a finite minimum m means a maximum above
+    m + 65504 (2^bits - 1); NaN: the keys or values held NaN themselves."""
+    bad = ~(scale.isfinite() & mn.isfinite())
+    if not bad.any():
+        return None
+    index = tuple(int(i) for i in bad.nonzero()[0])
+    m, s = mn[index].item(), scale[index].item()
+    if m != m or s != s:
+        span = "holds NaN"
+    elif m in (float("inf"), float("-inf")):
+        span = f"has a minimum {'below -' if m < 0 else 'above '}65504"
+    else:
+        span = f"spans [{m:.4g}, above {m + 65504 * (2**bits - 1):.4g}]"
+    return fp16_range_error(dtype, what, f"({place(index)}) {span}")
 
 
 def _quantize_groups(x: torch.Tensor, bits: int, group: int, what: str) -> PackedKV:

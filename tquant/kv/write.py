@@ -27,8 +27,8 @@ BITS = (4, 8)
 
 
 def kv_quant_write_ref(k, v, k_store: PackedKV, v_store: PackedKV, rows, bits: int) -> None:
-    for store, x in ((k_store, k), (v_store, v)):
-        for part, new in zip(store, quantize_values(x, bits, x.shape[-1])):
+    for what, store, x in (("keys", k_store, k), ("values", v_store, v)):
+        for part, new in zip(store, quantize_values(x, bits, x.shape[-1], what)):
             part.index_copy_(2, rows, new)
 
 
