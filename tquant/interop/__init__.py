@@ -2,9 +2,11 @@
 
     tquant.export(model_or_dir, out, format="compressed-tensors" | "gptq" | "awq")   tquant's PackedLinear layers ->
                                     compressed-tensors pack-quantized (vLLM / SGLang), GPTQ v1 / v2 or AWQ (GEMM); W8A8
-                                    ActQuantLinear layers (SmoothQuant, ZeroQuant) -> compressed-tensors int-quantized
+                                    ActQuantLinear layers (SmoothQuant, ZeroQuant) -> compressed-tensors int-quantized;
+                                    FP8Linear (fp8) -> float-quantized (W8A8) / naive-quantized (weight-only FP8)
     tquant.load(dir)                also reads compressed-tensors pack-quantized / int-quantized, GPTQ v1 / v2 and AWQ
-                                    (GEMM) checkpoints (tquant.interop.loader), into PackedLinear / ActQuantLinear
+                                    (GEMM) checkpoints (tquant.interop.loader), into PackedLinear / ActQuantLinear /
+                                    FP8Linear (compressed-tensors FP8 weights)
                                     without dequantizing
     tquant.load("org/name")         any of these by hub id, from the hub's cache or downloaded into it (hub.py)
 
@@ -22,6 +24,7 @@ _NO_FORMAT = {
     "spqr_linear": "SpQR (outliers in a sparse matrix)",
     "bitplane_linear": "ABQ-LLM (bit-plane WpAq weights)",
     "act_quant_linear": "weight-and-activation quantization (ActQuantLinear: W8A8 / W4A8 / W4A4)",
+    "fp8_linear": "float8 e4m3 weights (FP8Linear)",
     "packed_embedding": "quantized embeddings",
     "packed_experts": "mixture-of-experts weights (PackedExperts: every expert's codes stacked in one tensor)",
 }
@@ -35,6 +38,7 @@ def _quantized_layers(model, format: str):
     from ..config import read_quantization_config
     from ..modules.act_quant_linear import ActQuantLinear
     from ..modules.base import QuantizedLinear
+    from ..modules.fp8_linear import FP8Linear
     from ..modules.packed_linear import PackedLinear
 
     qc = read_quantization_config(model.config)
@@ -46,11 +50,14 @@ def _quantized_layers(model, format: str):
                          "model, quantized without the KV method")
     layers = {}
     for name, mod in model.named_modules():
-        if type(mod) is PackedLinear or (type(mod) is ActQuantLinear and format == "compressed-tensors"):
+        if type(mod) is PackedLinear or (type(mod) in (ActQuantLinear, FP8Linear) and format == "compressed-tensors"):
             layers[name] = mod
         elif isinstance(mod, QuantizedLinear) or getattr(mod, "spec_type", None) in _NO_FORMAT:
             what = _NO_FORMAT.get(getattr(mod, "spec_type", ""), type(mod).__name__)
-            if getattr(mod, "spec_type", "") == "act_quant_linear":
+            if getattr(mod, "spec_type", "") == "fp8_linear":
+                why = ("GPTQ and AWQ hold integer weights. Export with --format compressed-tensors (float-quantized "
+                       "FP8, which vLLM serves)")
+            elif getattr(mod, "spec_type", "") == "act_quant_linear":
                 why = ("GPTQ holds weight-only layers. Export with --format compressed-tensors (int-quantized W8A8), "
                        "or quantize the float model with gptq or rtn (weight-only) and export that")
             else:

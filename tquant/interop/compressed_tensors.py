@@ -33,6 +33,21 @@ library's IntQuantizationCompressor and of vLLM's CompressedTensorsW8A8Int8 sche
         L.bias          [N] (optional)
         y = (round(x / s_x) * s_x) (q * weight_scale)^T + bias, s_x = max_k |x_tk| / 127 per token t (vLLM;
         the library's own simulation divides by 127.5, so its logits differ from tquant's / vLLM's by rounding)
+float-quantized FP8 (FP8Linear, the fp8 method; vLLM's CompressedTensorsW8A8Fp8 scheme, llm-compressor's FP8_DYNAMIC):
+    config_groups {"group_0": {"targets": ["Linear"], "format": "float-quantized",
+        "weights": {"num_bits": 8, "type": "float", "symmetric": true, "strategy": "channel", "dynamic": false},
+        "input_activations": {"num_bits": 8, "type": "float", "symmetric": true, "strategy": "token",
+                              "dynamic": true}}}       (static per-tensor scale: "strategy": "tensor", false)
+    weight-only FP8 (act_bits None): "input_activations": null, format "naive-quantized" (the library's compressor
+    for float weights without quantized activations; vLLM's W8A16 FP8 scheme)
+    per layer L:
+        L.weight        float8_e4m3fn [N, K]   tquant's qweight as it is
+        L.weight_scale  fp32 [N, 1]            tquant's w_scale
+        L.input_scale   fp32 [1]               static activations only (tquant's act_scale)
+        L.bias          [N] (optional)
+        W = weight * weight_scale: the library dequantizes in the scale's dtype, fp32, as FP8Weight.dequantize does.
+    Imported back into FP8Linear (a bf16 / fp16 weight_scale, as some writers store it, is widened to fp32 exactly).
+
 Smoothing: SmoothQuant divides x by s and multiplies W's columns by s. When quantizing, it folds 1 / s into the op
 that produces x wherever one absorbs it exactly (tquant.calib.smoothing.find_absorber tests every norm and linear of
 the block: the norm before q/k/v and gate/up, v_proj before o_proj, up_proj before down_proj); the weights exported
@@ -56,6 +71,7 @@ from torch import nn
 
 from ..config import tquant_config
 from ..modules.act_quant_linear import ActQuantLinear
+from ..modules.fp8_linear import FP8, FP8Linear
 from ..modules.packed_linear import PackedLinear
 from .common import (check_kernel_bits, expect, fail, finish, hf_config, linear_names, pack_dense, packed_linear,
                      plain_tensors, skeleton, unpack_dense, unpacked)
@@ -63,9 +79,13 @@ from .common import (check_kernel_bits, expect, fail, finish, hf_config, linear_
 QUANT_METHOD = "compressed-tensors"
 PACKED = "pack-quantized"
 INT = "int-quantized"
+FLOAT = "float-quantized"
+NAIVE = "naive-quantized"
 MIXED = "mixed-precision"  # the top-level format when config groups differ in theirs
 W8A8_WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
                 "dynamic": False}
+FP8_WEIGHTS = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "group_size": None,
+               "dynamic": False}
 LIBRARY_VERSION = "0.20.1"  # the compressed-tensors version whose reader this layout was checked against
 
 
@@ -152,14 +172,29 @@ def export_act_layer(name: str, mod: ActQuantLinear, method: str | None,
     return out, _scheme(dict(W8A8_WEIGHTS), inputs, INT)
 
 
+def export_fp8_layer(name: str, mod: FP8Linear) -> tuple[dict[str, torch.Tensor], dict]:
+    """One FP8Linear's float-quantized (or, weight-only, naive-quantized) tensors and scheme (module docstring)."""
+    out = {f"{name}.weight": mod.qweight, f"{name}.weight_scale": mod.w_scale[:, None].contiguous()}
+    static = mod.act_scale is not None
+    if static:
+        out[f"{name}.input_scale"] = mod.act_scale
+    if mod.bias is not None:
+        out[f"{name}.bias"] = mod.bias
+    if mod.act_bits is None:
+        return out, _scheme(dict(FP8_WEIGHTS), None, NAIVE)
+    inputs = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor" if static else "token",
+              "dynamic": not static}
+    return out, _scheme(dict(FP8_WEIGHTS), inputs, FLOAT)
+
+
 def export(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json dict, tensors) of a tquant model whose quantized layers are PackedLinear (pack-quantized) or
-    W8A8 ActQuantLinear (int-quantized); one config group per distinct scheme."""
+    """(config.json dict, tensors) of a tquant model whose quantized layers are PackedLinear (pack-quantized),
+    W8A8 ActQuantLinear (int-quantized) or FP8Linear (float-quantized); one config group per distinct scheme."""
     method = (tquant_config(model.config) or {}).get("method")
     tensors, schemes = {}, {}
     for name, mod in layers.items():
         t, scheme = (export_act_layer(name, mod, method, model) if isinstance(mod, ActQuantLinear)
-                     else export_layer(name, mod))
+                     else export_fp8_layer(name, mod) if isinstance(mod, FP8Linear) else export_layer(name, mod))
         tensors |= t
         schemes.setdefault(json.dumps(scheme, sort_keys=True), []).append(name)
     float_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
@@ -194,9 +229,12 @@ def _scheme_for(name: str, module: nn.Module, qc: dict) -> dict | None:
 
 
 def _import_layer(name: str, linear: nn.Module, scheme: dict, fmt: str, tensors: dict) -> nn.Module:
-    """Layer `name` of the scheme's format: pack-quantized -> PackedLinear, int-quantized W8A8 -> ActQuantLinear."""
+    """Layer `name` of the scheme's format: pack-quantized -> PackedLinear, int-quantized W8A8 -> ActQuantLinear, 8-bit
+    float weights (float-quantized / naive-quantized FP8) -> FP8Linear."""
     fmt = scheme.get("format") or fmt
     acts = scheme.get("input_activations") is not None
+    if (scheme.get("weights") or {}).get("type") == "float" and scheme["weights"].get("num_bits") == 8:
+        return _import_fp8_layer(name, linear, scheme, tensors)
     if (fmt, acts) == (INT, True):
         return _import_int8_layer(name, linear, scheme, tensors)
     if (fmt, acts) == (PACKED, False):
@@ -239,6 +277,45 @@ def _import_int8_layer(name: str, linear: nn.Module, scheme: dict, tensors: dict
     mod = ActQuantLinear(k, n, bits=8, act_bits=8, group_size=k, bias=bias is not None, static=static,
                          dtype=linear.weight.dtype, device="cpu")
     mod.qweight.copy_(weight)
+    mod.w_scale.copy_(scale[:, 0].float())
+    if static:
+        act_scale = tensors.pop(f"{name}.input_scale", None)
+        mod.act_scale.copy_(expect(f"{name}.input_scale", None if act_scale is None else act_scale.reshape(-1),
+                                   (1,), "float").float())
+    if bias is not None:
+        mod.bias.copy_(bias.to(mod.bias.dtype))
+    mod.validate(name)
+    return mod
+
+
+def _import_fp8_layer(name: str, linear: nn.Module, scheme: dict, tensors: dict) -> FP8Linear:
+    """An FP8 layer (e4m3 weights per channel or tensor; e4m3 activations per token, per tensor, or none) as FP8Linear,
+    the e4m3 weight as it is and its scale widened to fp32."""
+    w, a = scheme["weights"], scheme.get("input_activations")
+    k, n = linear.in_features, linear.out_features
+    fp8 = "tquant's FP8 GEMMs take e4m3 weights, one scale per output channel (or tensor)"
+    for key, allowed, default in (("symmetric", (True,), True), ("strategy", ("channel", "tensor"), None)):
+        _want(f"{name}.weight", w, key, allowed, default, fp8)
+    static = False
+    if a is not None:
+        acts = "tquant quantizes activations to e4m3, per token (dynamic) or per tensor (static)"
+        for key, allowed, default in (("num_bits", (8,), None), ("type", ("float",), None),
+                                      ("symmetric", (True,), True)):
+            _want(f"{name}.input_activations", a, key, allowed, default, acts)
+        static = not _want(f"{name}.input_activations", a, "dynamic", (True, False), False, acts)
+        _want(f"{name}.input_activations", a, "strategy", ("tensor",) if static else ("token",), None, acts)
+    weight = tensors.pop(f"{name}.weight", None)
+    if weight is not None and weight.dtype != FP8:
+        fail(f"{name}.weight", f"dtype {weight.dtype}, expected {FP8} (e4m3)")
+    weight = expect(f"{name}.weight", None if weight is None else weight.view(torch.uint8), (n, k), torch.uint8)
+    scale = tensors.pop(f"{name}.weight_scale", None)
+    if w["strategy"] == "tensor" and scale is not None and scale.numel() == 1:
+        scale = scale.reshape(1, 1).expand(n, 1).contiguous()
+    scale = expect(f"{name}.weight_scale", scale, (n, 1), "float")
+    bias = tensors.pop(f"{name}.bias", None)
+    mod = FP8Linear(k, n, act_bits=None if a is None else 8, static=static, bias=bias is not None,
+                    dtype=linear.weight.dtype, device="cpu")
+    mod.qweight.copy_(weight.view(FP8))
     mod.w_scale.copy_(scale[:, 0].float())
     if static:
         act_scale = tensors.pop(f"{name}.input_scale", None)

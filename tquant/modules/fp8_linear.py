@@ -26,6 +26,7 @@ class FP8Linear(QuantizedLinear, spec_type="fp8_linear", weight_type=FP8Weight):
     spec_optional = ("act_bits",)
     perm_field = None
     buffer_flags = {"static": "act_scale"}
+    bits = 8  # weight bits, as the other linears' `bits` (float8 e4m3)
 
     def __init__(self, in_features, out_features, *, act_bits=8, static=False, bias=False, dtype=torch.float16,
                  device=None):
