@@ -45,13 +45,14 @@ def parse_config(config) -> tuple[str, str, dict]:
 
 def stored_bits(model) -> float | None:
     """Bits a weight of the quantized linears takes in an fp16 checkpoint: every buffer of each quantized linear
-    module but the bias (float buffers counted at 16 bits), over the weights it holds; None with no such module."""
+    module but the bias (float buffers counted at 16 bits, float8 ones at 8), over the weights it holds; None with no
+    such module."""
     from ..modules import QuantizedLinear
 
     bits = params = 0
     for mod in model.modules():
         if isinstance(mod, QuantizedLinear):
-            bits += sum(b.numel() * (16 if b.is_floating_point() else b.element_size() * 8)
+            bits += sum(b.numel() * (min(16, b.element_size() * 8) if b.is_floating_point() else b.element_size() * 8)
                         for name, b in mod.named_buffers() if name != "bias")
             params += mod.in_features * mod.out_features
     return bits / params if params else None
