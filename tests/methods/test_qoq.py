@@ -148,6 +148,35 @@ def test_rotation_refuses_models_it_cannot_fold():
         rotate_residual(tiny_model("llama", hidden_size=100, intermediate_size=160))
 
 
+def test_rotation_of_a_bf16_model_stays_in_bf16():
+    """The rotation runs on a bf16 model as it is (its check on float32 copies of one block at a time, so no float32
+    copy of the model is made; the old whole-model logits check could not pass in bf16): every parameter stays bf16
+    and the logits stay as close to the float model's as one bf16 rounding of the weights allows."""
+    from tquant.calib.rotation import rotate_residual
+
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    float_model = tiny_model("llama")
+    with torch.no_grad():
+        reference = float_model(CALIB).logits
+        rotate_residual(model)
+        logits = model(CALIB).logits.float()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert ((logits - reference).norm() / reference.norm()).item() < 3e-2
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_rotation_refuses_blocks_that_read_the_stream_otherwise(arch):
+    """Gemma-2/3 norm the attention and MLP outputs before the residual add and scale by (1 + weight): the names
+    match a Llama block's, the maths does not; the block check names the block and leaves every weight as it was."""
+    from tquant.calib.rotation import rotate_residual
+
+    model = tiny_model(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="block 0 .* changed its output"):
+        rotate_residual(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_qoq_without_calibrated_steps_is_data_free():
     model = tiny_model("llama")
     tquant.quantize(model, "qoq", group_size=32, smooth_attention=0, smooth_xw=False, reorder=False,

@@ -8,11 +8,14 @@ outlier channels while the model computes the same function.
     readers  (q/k/v_proj, gate/up_proj, lm_head):   W <- (W diag(γ)) Q,   γ <- 1
     writers  (o_proj, down_proj):                    W <- Q^T W,  b <- b Q
     embedding rows:                                  E <- E Q    (a tied lm_head is untied first)
-Computed in float64 and checked on a random input: a relative change of the logits above CHECK_TOL restores the
-model and raises. Blocks must be Llama-style (RMSNorm input_layernorm / post_attention_layernorm, self_attn
+Computed in float64 per tensor and stored in the model's dtype. Checked first, one block at a time on a float32
+copy of that block and a random probe (block_i(h Q) = block_i(h) Q, and the head's logits unchanged): a relative
+error above CHECK_TOL raises before any weight changes. Blocks must be Llama-style (RMSNorm input_layernorm / post_attention_layernorm, self_attn
 q/k/v/o_proj, mlp gate/up/down_proj); others raise by name.
 """
 from __future__ import annotations
+
+from copy import deepcopy
 
 import torch
 from torch import nn
@@ -55,48 +58,95 @@ def _layers(model):
     return inner, blocks
 
 
+def _rotate_block(block: nn.Module, q: torch.Tensor, dtype=None) -> None:
+    """Fold the block's norms and Q into its weights in place: computed in float64, stored in `dtype` (default:
+    each tensor's own)."""
+    def store(t: torch.Tensor, value: torch.Tensor) -> None:
+        t.copy_(value.to(dtype or t.dtype))
+
+    for norm_name, readers in READERS.items():
+        gamma = block.get_submodule(norm_name).weight
+        for name in readers:
+            w = block.get_submodule(name).weight
+            store(w, (w.double() * gamma.double()[None, :]) @ q)
+        gamma.fill_(1.0)
+    for name in WRITERS:
+        writer = block.get_submodule(name)
+        store(writer.weight, q.t() @ writer.weight.double())
+        if writer.bias is not None:
+            store(writer.bias, writer.bias.double() @ q)
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+def _check(model, blocks_name: str, blocks, inner, head, q: torch.Tensor) -> None:
+    """ValueError naming the first part whose rotated float32 copy does not compute the original's output turned
+    by Q (relative error above CHECK_TOL) on a random probe; the model is not changed. One block at a time is
+    copied (a float32 copy of one block, not of the model): block i's copy runs on the original hidden states h_i
+    (captured from the model itself, with the masks and position tables it hands that block) and, rotated, on
+    h_i Q, which must give block_i(h_i) Q; the final norm and the first 256 rows of the head must give the same
+    logits from h_L Q as the original from h_L."""
+    from ..calib.block_io import fp32, hidden
+    from ..driver import capture_all_block_inputs
+
+    device = inner.embed_tokens.weight.device
+    probe = torch.randint(0, inner.embed_tokens.weight.shape[0], (2, 16), generator=torch.Generator().manual_seed(0))
+    first, calls = capture_all_block_inputs(model, blocks_name, blocks, probe, device, batch_size=2)
+    h = first[0][0][0].float()
+    q32 = q.float()
+    for i, (block, [(rest, kwargs)]) in enumerate(zip(blocks, calls)):
+        rest, kwargs = fp32(rest), fp32(kwargs)
+        copy = deepcopy(block).float()
+        want = hidden(copy(h, *rest, **kwargs)).float()
+        _rotate_block(copy, q)
+        got = hidden(copy(h @ q32, *rest, **kwargs)).float()
+        change = _relative(got, want @ q32)
+        if change > CHECK_TOL:
+            raise ValueError(f"rotation: block {i} ({type(block).__name__}) changed its output by {change:.2e} (> "
+                             f"{CHECK_TOL}) under Q: it does not read the residual stream only through the folded "
+                             "norms (e.g. norms after the attention or the MLP, or norms with an offset weight); the "
+                             "model is unchanged")
+        h = want
+        del copy
+    norm = deepcopy(inner.norm).float()
+    rows = head.weight[:256].double()
+    want = norm(h).double() @ rows.t()
+    gamma = norm.weight.double().clone()
+    norm.weight.fill_(1.0)
+    got = norm(h @ q32).double() @ ((rows * gamma[None, :]) @ q).t()
+    change = _relative(got, want)
+    if change > CHECK_TOL:
+        raise ValueError(f"rotation: the final norm and the head changed the logits by {change:.2e} (> {CHECK_TOL}) "
+                         "under Q; the model is unchanged")
+
+
 @torch.no_grad()
 def rotate_residual(model: nn.Module, seed: int = 0) -> None:
-    """Fold the norms and Q into model's weights in place (module docstring)."""
+    """Fold the norms and Q into model's weights in place (module docstring), in the model's own dtype: every
+    tensor is computed in float64 and rounded once to its dtype, so memory holds the model plus one float64 tensor
+    (and, for the check, a float32 copy of one block), never a float32 copy of the model. Checked first, block by
+    block (_check); a failed check raises and leaves the model as it was."""
+    from ..models import find_blocks
+
     inner, blocks = _layers(model)
+    blocks_name, _ = find_blocks(model)
     head = model.get_output_embeddings()
     d = inner.embed_tokens.weight.shape[1]
-    q = rotation_matrix(d, seed).to(inner.embed_tokens.weight.device)
-    probe = torch.randint(0, inner.embed_tokens.weight.shape[0], (2, 16), generator=torch.Generator().manual_seed(0))
-    probe = probe.to(inner.embed_tokens.weight.device)
-    before = model(probe).logits.double()
-    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tied = head.weight is inner.embed_tokens.weight
-    if tied:
-        head.weight = nn.Parameter(head.weight.detach().clone())
-
-    def read(linear: nn.Linear, gamma: torch.Tensor) -> None:
-        linear.weight.copy_((linear.weight.double() * gamma.double()[None, :]) @ q)
-
     for i, block in enumerate(blocks):
-        for norm_name, readers in READERS.items():
-            gamma = _norm_weight(block.get_submodule(norm_name), f"block {i}'s {norm_name}")
-            for name in readers:
-                read(block.get_submodule(name), gamma)
-            gamma.fill_(1.0)
-        for name in WRITERS:
-            writer = block.get_submodule(name)
-            writer.weight.copy_(q.t() @ writer.weight.double())
-            if writer.bias is not None:
-                writer.bias.copy_(writer.bias.double() @ q)
-    gamma = _norm_weight(inner.norm, "the final norm")
-    read(head, gamma)
-    gamma.fill_(1.0)
-    inner.embed_tokens.weight.copy_(inner.embed_tokens.weight.double() @ q)
-    after = model(probe).logits.double()
-    change = ((after - before).norm() / before.norm()).item()
-    if change > CHECK_TOL:
-        for n, p in model.named_parameters():
-            if n in saved:
-                p.copy_(saved[n])
-        if tied:
-            head.weight = inner.embed_tokens.weight
-        raise ValueError(f"rotation changed the model's logits by {change:.2e} (> {CHECK_TOL}): its blocks do not "
-                         "read the residual stream only through the folded norms")
-    if tied:
+        for norm_name in READERS:
+            _norm_weight(block.get_submodule(norm_name), f"block {i}'s {norm_name}")
+    _norm_weight(inner.norm, "the final norm")
+    q = rotation_matrix(d, seed).to(inner.embed_tokens.weight.device)
+    _check(model, blocks_name, blocks, inner, head, q)
+    if head.weight is inner.embed_tokens.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
+    for block in blocks:
+        _rotate_block(block, q)
+    gamma = inner.norm.weight
+    head.weight.copy_(((head.weight.double() * gamma.double()[None, :]) @ q).to(head.weight.dtype))
+    gamma.fill_(1.0)
+    emb = inner.embed_tokens.weight
+    emb.copy_((emb.double() @ q).to(emb.dtype))

@@ -24,7 +24,6 @@ Steps, each an option (the seed's config names in brackets), in the order they r
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -87,16 +86,7 @@ class QoQ(WeightActivationMethod):
         if self.rotate:
             from ..calib.rotation import rotate_residual
 
-            dtype = next(model.parameters()).dtype
-            if dtype == torch.float32:
-                rotate_residual(model)
-                return
-            # rotate_residual computes in float64 but checks the rotated model's logits to 1e-4, which a bf16 / fp16
-            # model's own rounding exceeds (1.2e-2 on a bf16 tiny Llama): the rotation runs on the model in float32
-            # and the rotated weights are rounded to the model's dtype after the check. The whole model is float32
-            # meanwhile (the one step of any method that is not block by block)
-            with _float32(model):
-                rotate_residual(model)
+            rotate_residual(model)  # in the model's own dtype, checked block by block on float32 copies
 
     def kv_cache_method(self):
         """The KV-cache method applied (and calibrated) before the weights: qoq_kv4, or None for kv_bits=16."""
@@ -137,35 +127,6 @@ class QoQ(WeightActivationMethod):
         qw = QuantizedWeight.from_progressive(w, group, clip=clip)
         qw.perm = perm
         return self.finish(qw, name)
-
-
-@contextlib.contextmanager
-def _float32(model: nn.Module):
-    """Every float parameter and buffer of model in float32; on exit each goes back to the dtype its module's
-    tensor of that name had (the rotary tables transformers keeps in float32 in a bf16 model stay float32; the
-    rotation's untied lm_head takes the tied weight's dtype), one made meanwhile under a new name the model's."""
-    def tensors():
-        for mod in model.modules():
-            for kind in ("_parameters", "_buffers"):
-                for name, t in list(getattr(mod, kind).items()):
-                    if t is not None and t.is_floating_point():
-                        yield mod, kind, name, t
-
-    def cast(mod, kind, name, t, dtype):
-        if kind == "_parameters":
-            t.data = t.data.to(dtype)
-        else:
-            mod._buffers[name] = t.to(dtype)
-
-    main = next(model.parameters()).dtype
-    before = {(id(mod), kind, name): t.dtype for mod, kind, name, t in tensors()}
-    for mod, kind, name, t in tensors():
-        cast(mod, kind, name, t, torch.float32)
-    try:
-        yield
-    finally:
-        for mod, kind, name, t in tensors():
-            cast(mod, kind, name, t, before.get((id(mod), kind, name), main))
 
 
 def clip_ratios(w: torch.Tensor, h: torch.Tensor, group: int, grid: int) -> torch.Tensor:
