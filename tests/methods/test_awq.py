@@ -24,6 +24,7 @@ from tquant.methods.awq import (
     awq_scales,
     clip_values,
     fake_quantized,
+    output_errors,
     weight_mean,
 )
 from tquant.modules import PackedLinear
@@ -95,56 +96,127 @@ def test_a_given_scale_folds_through_smoothed_group():
 
 # ---- the scale search ----
 
-def _module_mse(block, inputs, module, group, teacher, weights):
-    """MSE of `module`'s outputs in a block forward over inputs (the group's weights set to `weights`)."""
-    outs, saved = [], [lin.weight.data for lin in group]
-    handle = module.register_forward_hook(lambda m, i, o: outs.append(hidden(o).float()))
+def _seen(block, inputs, modules, group=(), weights=()):
+    """The outputs of each of `modules` ([[fp32 tensor] per module]) in block forwards over inputs, the group's weights
+    set to `weights` meanwhile."""
+    outs, saved = [[] for _ in modules], [lin.weight.data for lin in group]
+    handles = [m.register_forward_hook(lambda m, i, o, out=out: out.append(hidden(o).float()))
+               for m, out in zip(modules, outs)]
     try:
         for lin, w in zip(group, weights):
             lin.weight.data = w
         for args, kwargs in inputs:
             block(*args, **kwargs)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         for lin, w in zip(group, saved):
             lin.weight.data = w
-    return sum(((o - t) ** 2).sum().item() for o, t in zip(outs, teacher)) / sum(t.numel() for t in teacher)
+    return outs
+
+
+def _module_mse(block, inputs, modules, group, teacher, weights):
+    """MSE over the outputs of `modules` (each element counted once) in block forwards over inputs, the group's
+    weights set to `weights`, against teacher (_seen's float outputs)."""
+    outs = _seen(block, inputs, modules, group, weights)
+    return sum(((o - t) ** 2).sum().item() for out, tea in zip(outs, teacher) for o, t in zip(out, tea)) / \
+        sum(t.numel() for tea in teacher for t in tea)
+
+
+def _objective(block, g, search_loss):
+    """The modules whose outputs AWQ's search compares for group g: the group's linears (search_loss 'linear'), or the
+    smallest module holding them ('module')."""
+    return [_inspected(block, g)] if search_loss == "module" else [block.get_submodule(n) for n in g]
 
 
 @pytest.mark.parametrize("duo_scaling", [True, False])
 @pytest.mark.parametrize("bits,sym", [(3, False), (4, True)])
 def test_the_searched_scale_never_does_worse_than_rtn_on_its_objective(duo_scaling, bits, sym):
-    """For each scaled group: the output MSE of its module (self_attn, mlp, down_proj) with the group's folded weights
-    rounded, the folded block's other weights float, is at most that of plain round-to-nearest (alpha = 0 without
-    duo scaling) of the unfolded weights, each computed here from block forwards, not by the method."""
+    """search_loss 'module', for each scaled group: the output MSE of its module (self_attn, mlp, down_proj) with the
+    group's folded weights rounded, the folded block's other weights float, is at most that of plain round-to-nearest
+    (alpha = 0 without duo scaling) of the unfolded weights, each computed here from block forwards, not by the
+    method. (Under 'linear' the later fold of down_proj's scales into up_proj's rows rescales up_proj's outputs, so
+    its objective is pinned before any fold: test_the_search_picks_the_least_error_of_a_one_at_a_time_search.)"""
+    search_loss = "module"
     model = with_outliers(tiny_model("llama"))
     with torch.no_grad():
         block, inputs, linears, groups = block0(model)
-        method = make_method("awq", bits=bits, group_size=32, sym=sym, clip=False, duo_scaling=duo_scaling)
+        method = make_method("awq", bits=bits, group_size=32, sym=sym, clip=False, duo_scaling=duo_scaling,
+                             search_loss=search_loss)
         def rtn(w):
             return QuantizedWeight.from_rtn(w, bits, 32, sym).dequantize()
 
         plain = {}
         for g in groups:
-            group = [linears[n] for n in g]
-            module = _inspected(block, g)
-            teacher = []
-            handle = module.register_forward_hook(lambda m, i, o, t=teacher: t.append(hidden(o).float()))
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
-            handle.remove()
-            plain[g[0]] = (module, group, teacher, _module_mse(block, inputs, module, group, teacher,
-                                                               [rtn(lin.weight) for lin in group]))
+            group, modules = [linears[n] for n in g], _objective(block, g, search_loss)
+            teacher = _seen(block, inputs, modules)
+            plain[g[0]] = (modules, group, teacher, _module_mse(block, inputs, modules, group, teacher,
+                                                                [rtn(lin.weight) for lin in group]))
         method.prepare_block(block, linears, groups, inputs, "")
         better = 0
         for g in groups:
             if g[0] == "self_attn.o_proj":
                 continue
-            module, group, teacher, rtn_mse = plain[g[0]]
-            awq_mse = _module_mse(block, inputs, module, group, teacher, [rtn(lin.weight) for lin in group])
+            modules, group, teacher, rtn_mse = plain[g[0]]
+            awq_mse = _module_mse(block, inputs, modules, group, teacher, [rtn(lin.weight) for lin in group])
             assert awq_mse <= rtn_mse * (1 + 1e-5), (g, awq_mse, rtn_mse)
             better += awq_mse < rtn_mse * 0.99
     assert better >= 1  # the outlier channels make scaling pay somewhere
+
+
+@pytest.mark.parametrize("search_loss", ["linear", "module"])
+def test_the_search_picks_the_least_error_of_a_one_at_a_time_search(search_loss):
+    """Each group's chosen alpha is the least error among no scaling and the n_grid alphas, each candidate's error
+    computed here from block forwards with the group's weights set to Q(W s) / s one candidate at a time: for
+    'linear' the MSE of the group's linear outputs (what the method gets from the Gram matrix, no forwards), for
+    'module' that of its module (self_attn, mlp; a lone down_proj: its own output, from the Gram matrix in both)."""
+    model = with_outliers(tiny_model("llama"))
+    with torch.no_grad():
+        block, inputs, linears, groups = block0(model)
+        method = make_method("awq", bits=3, group_size=32, sym=False, clip=False, n_grid=6, search_loss=search_loss)
+        expected = {}
+        for g in groups:
+            if g[0] == "self_attn.o_proj":  # unscaled under GQA
+                continue
+            group, modules = [linears[n] for n in g], _objective(block, g, search_loss)
+            teacher = _seen(block, inputs, modules)
+            xs = []
+            handle = group[0].register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+            handle.remove()
+            x_mean = torch.cat(xs).abs().mean(0)
+            w_mean = weight_mean([lin.weight for lin in group], 32)
+            errors = {None: _module_mse(block, inputs, modules, group, teacher,
+                                        [fake_quantized(lin.weight, None, 3, 32, False) for lin in group])}
+            for i in range(6):
+                s = awq_scales(x_mean, w_mean, i / 6)
+                errors[i / 6] = _module_mse(block, inputs, modules, group, teacher,
+                                            [fake_quantized(lin.weight, s, 3, 32, False) for lin in group])
+            expected[g[0]] = errors
+        method.prepare_block(block, linears, groups, inputs, "")
+    for head, errors in expected.items():
+        chosen = errors[method.alpha[head]]
+        assert chosen <= min(errors.values()) * (1 + 1e-4), (head, method.alpha[head], errors)
+    assert any(method.alpha[h] is not None for h in expected)  # the outliers make some scaling win
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4, 8]), sym=st.booleans(),
+       group=st.sampled_from([8, 32]), n=st.integers(1, 3), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_output_errors_are_the_linear_outputs_mse(seed, bits, sym, group, n, dtype):
+    """output_errors from H = X^T X / T equals the MSE of the outputs X (Q(W s) / s)^T against X W^T computed from X
+    itself, over n linears reading X, for no scaling and two random scales; X with outlier channels and an odd T."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(77, 64, generator=g) * (torch.rand(64, generator=g) * 4 + 0.05)
+    x[:, seed % 64] *= 30
+    weights = [(torch.randn(int(torch.randint(1, 9, (1,), generator=g)), 64, generator=g)).to(dtype) for _ in range(n)]
+    scales = [None] + [torch.rand(64, generator=g) * 3 + 0.1 for _ in range(2)]
+    got = output_errors(weights, x.t() @ x / x.shape[0], scales, bits, group, sym)
+    for s, e in zip(scales, got):
+        d = [x @ (w.float() - fake_quantized(w, s, bits, group, sym).float()).t() for w in weights]
+        expected = sum((t ** 2).sum().item() for t in d) / sum(t.numel() for t in d)
+        assert e == pytest.approx(expected, rel=1e-4, abs=1e-9)
 
 
 @settings(max_examples=30, deadline=None)
@@ -296,8 +368,8 @@ def test_save_load_is_bit_identical(tmp_path):
 
 def test_awq_is_listed_with_its_options():
     opts = tquant.methods()["awq"]
-    assert {"bits", "group_size", "sym", "n_grid", "duo_scaling", "search_samples", "clip", "clip_grid", "max_shrink",
-            "clip_skip"} == set(opts)
+    assert {"bits", "group_size", "sym", "n_grid", "duo_scaling", "search_loss", "search_samples", "clip", "clip_grid",
+            "max_shrink", "clip_skip"} == set(opts)
     assert "(default 20)" in opts["n_grid"] and "(default True)" in opts["duo_scaling"]
 
 
@@ -306,6 +378,8 @@ def test_awq_is_listed_with_its_options():
     ("n_grid", 2.5, r"n_grid must be an integer >= 1, got 2\.5"),
     ("clip_grid", -3, r"clip_grid must be an integer >= 1, got -3"),
     ("search_samples", -1, r"search_samples must be an integer >= 0 \(0: all\), got -1"),
+    ("search_samples", 32, r"search_samples=32 limits search_loss='module''s forwards.*pass search_loss='module'"),
+    ("search_loss", "block", r"search_loss must be 'linear' or 'module', got 'block'"),
     ("max_shrink", 1.0, r"max_shrink must be a number in \(0, 1\), got 1\.0"),
     ("max_shrink", 0, r"max_shrink must be a number in \(0, 1\), got 0"),
     ("duo_scaling", "yes", r"duo_scaling must be True or False, got 'yes'"),
@@ -319,15 +393,16 @@ def test_options_are_refused_naming_the_option(option, value, message):
         make_method("awq", **{option: value})
 
 
-@pytest.mark.parametrize("search_samples,seen", [(0, 8 + 6 * 8), (2, 8 + 2 + 6 * 2), (3, 8 + 3 + 6 * 3)])
-def test_search_samples_limits_the_search_to_the_first_sequences(search_samples, seen):
-    """Sequences self_attn runs on during prepare_block: all 8 once (x_mean, X^T X), then the teacher, no scaling and
-    n_grid = 4 alphas on the search sequences (a pass of their own when they are not all of them); and the ones the
-    search runs on are the first ones."""
+@pytest.mark.parametrize("search_loss,search_samples,seen", [
+    ("module", 0, 8 + 6 * 8), ("module", 2, 8 + 2 + 6 * 2), ("module", 3, 8 + 3 + 6 * 3), ("linear", 0, 8)])
+def test_search_samples_limits_the_search_to_the_first_sequences(search_loss, search_samples, seen):
+    """Sequences self_attn runs on during prepare_block: all 8 once (x_mean, X^T X), then for search_loss 'module' the
+    teacher, no scaling and n_grid = 4 alphas on the search sequences (a pass of their own when they are not all of
+    them), the first ones; for 'linear' nothing more (its errors come from X^T X)."""
     model = with_outliers(tiny_model("llama"))
     with torch.no_grad():
         block, inputs, linears, groups = block0(model)
-        method = make_method("awq", group_size=32, n_grid=4, search_samples=search_samples)
+        method = make_method("awq", group_size=32, n_grid=4, search_loss=search_loss, search_samples=search_samples)
         hidden_seen = []
 
         def seen_by(module, args, kwargs):

@@ -10,19 +10,26 @@ channels than o_proj's input and o_proj is left unscaled, as AutoAWQ does):
     s(alpha) = x_mean^alpha / (w_mean^(1 - alpha) + 1e-4)     (duo_scaling, AutoAWQ's default; else x_mean^alpha,
                                                                 llm-awq's), clamped to >= 1e-4, divided by
                                                                 sqrt(max s * min s)
-    for alpha in 0, 1/n_grid, ..., (n_grid - 1)/n_grid, and s = 1 (no scaling, i.e. round-to-nearest): the MSE of the
-    output of the smallest module holding the group (self_attn for q/k/v, the MLP for gate/up; a lone linear itself)
-    on the search sequences (search_samples: the first N; all by default), each of the group's weights replaced by
-    Q(W diag(s)) diag(s)^-1 (Q: this method's grid without clipping); the least error wins, so the result never does
-    worse than round-to-nearest on this objective
+    for alpha in 0, 1/n_grid, ..., (n_grid - 1)/n_grid, and s = 1 (no scaling, i.e. round-to-nearest): an output
+    error with each of the group's weights replaced by Q(W diag(s)) diag(s)^-1 (Q: this method's grid without
+    clipping); the least error wins, so the result never does worse than round-to-nearest on that objective.
+    search_loss="linear" (default): the MSE of the group's own linears' outputs over every calibration token,
+        sum_l ||X D_l^T||^2 / (T sum_l N_l) = sum_l tr(D_l H D_l^T) / sum_l N_l,   D_l = W_l - Q(W_l s) / s [N_l, K],
+        H = X^T X / T [K, K] (float32, gathered once in the statistics pass): no forward per candidate, so the search
+        costs n_grid + 1 products [N_l, K] x [K, K] instead of n_grid + 1 passes of a module over T tokens.
+    search_loss="module" (AutoAWQ's, llm-compressor's): the MSE of the output of the smallest module holding the group
+        (self_attn for q/k/v, the MLP for gate/up), from forwards of that module on the search sequences
+        (search_samples: the first N; all by default), which sees the attention / gating the group feeds.
+    A lone linear (down_proj) is its own smallest module: both objectives are its output MSE, computed from H.
     fold: W diag(s) into the group's linears, diag(s)^-1 into the absorber (smoothing.SmoothedGroup): the float block
     computes the same function
 Then per linear (quantize): weight clipping, per output row and group, the clip value m = (1 - i / clip_grid) max|w_g|
 for i < max_shrink * clip_grid (i = 0: no clipping) minimizing (w_g - q_g) H_gg (w_g - q_g)^T, q_g the grid value of
 clamp(w_g, -m, m) and H_gg the group's block of the mean x x^T of the layer's input: AutoAWQ's ||X_g w_g - X_g q_g||^2
-on the float block's inputs divided by s (AutoAWQ samples 512 tokens; here every calibration token, gathered in the
-same pass as x_mean, so the driver runs no statistics passes of its own). Layers matching clip_skip are not clipped
-(AutoAWQ skips q and k: their errors meet in the q k^T product, which a per-layer output error does not see). Finally
+on the float block's inputs divided by s (AutoAWQ samples 512 tokens; here every calibration token: diag(s)^-1 H
+diag(s)^-1 of the same H, gathered in the same pass as x_mean, so the driver runs no statistics passes of its own).
+Layers matching clip_skip are not clipped (AutoAWQ skips q and k: their errors meet in the q k^T product, which a
+per-layer output error does not see). Finally
 round-to-nearest of the clamped weight on the project's grid (tquant.formats.quantizer, symmetric or min-max with an
 integer zero; per group or per channel), a QuantizedWeight as rtn and gptq make, so PackedLinear stores it and every
 W4A16 kernel serves it.
@@ -91,6 +98,23 @@ def fake_quantized(weight: torch.Tensor, s: torch.Tensor | None, bits: int, grou
     return (q if s is None else q.div_(s)).to(weight.dtype)
 
 
+def output_errors(weights: list[torch.Tensor], h: torch.Tensor, scales: list[torch.Tensor | None], bits: int,
+                  group_size: int, sym: bool) -> list[float]:
+    """For each candidate s in `scales` (None: no scaling), the MSE of the outputs of linears with weights [N_l, K]
+    reading inputs X [T, K] whose Gram matrix is h = X^T X / T [K, K]: sum_l tr(D_l h D_l^T) / sum_l N_l with
+    D_l = W_l - fake_quantized(W_l, s) in float32, i.e. sum_l ||X D_l^T||^2 / (T sum_l N_l), without X."""
+    h = h.float()
+    n = sum(w.shape[0] for w in weights)
+    errors = []
+    for s in scales:
+        total = 0.0
+        for w in weights:
+            d = w.detach().float() - fake_quantized(w, s, bits, group_size, sym).float()
+            total += (d @ h).mul_(d).sum().item()
+        errors.append(total / n)
+    return errors
+
+
 def clip_values(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int, sym: bool, grid: int,
                 max_shrink: float) -> torch.Tensor:
     """AWQ's weight clipping search: per output row and group of w [N, K], the clip value m [N, G] among
@@ -135,7 +159,11 @@ class AWQ(Method):
     n_grid: int = option(20, "scale exponents alpha the search tries: 0, 1/n, ..., (n-1)/n (plus no scaling)")
     duo_scaling: bool = option(True, "s = x_mean^alpha / w_mean^(1 - alpha) (AutoAWQ); False: s = x_mean^alpha "
                                      "(llm-awq)")
-    search_samples: int = option(0, "calibration sequences the scale search runs on, the first ones (0: all)")
+    search_loss: str = option("linear", "the scale search's error: 'linear' (the group's linear outputs, from their "
+                                        "inputs' Gram matrix over every calibration token) or 'module' (the output "
+                                        "of the module holding the group, from its forwards; AutoAWQ's)")
+    search_samples: int = option(0, "search_loss='module' only: calibration sequences its forwards run on, the first "
+                                    "ones (0: all)")
     clip: bool = option(True, "search a clip value per output row and group on the layer's output error")
     clip_grid: int = option(20, "clip steps: the group max times 1, 1 - 1/n, ... (n = clip_grid)")
     max_shrink: float = option(0.5, "the clip search goes down to (1 - max_shrink) times the group max, exclusive")
@@ -148,9 +176,15 @@ class AWQ(Method):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        if self.search_loss not in ("linear", "module"):
+            raise ValueError(f"search_loss must be 'linear' or 'module', got {self.search_loss!r}")
         if isinstance(self.search_samples, bool) or not isinstance(self.search_samples, int) or \
                 self.search_samples < 0:
             raise ValueError(f"search_samples must be an integer >= 0 (0: all), got {self.search_samples!r}")
+        if self.search_samples and self.search_loss != "module":
+            raise ValueError(f"search_samples={self.search_samples} limits search_loss='module''s forwards; the "
+                             "'linear' search uses every calibration token at no extra cost: drop search_samples or "
+                             "pass search_loss='module'")
         if not isinstance(self.max_shrink, (int, float)) or isinstance(self.max_shrink, bool) or \
                 not 0 < self.max_shrink < 1:
             raise ValueError(f"max_shrink must be a number in (0, 1), got {self.max_shrink!r}")
@@ -202,20 +236,31 @@ class AWQ(Method):
             plan.append((g, absorber, _inspected(block, g)))
         if not plan and not self.clip:
             return
-        # every calibration sequence: each group's sum |x| and tokens (x_mean) and, for the clip search, X^T X; the
-        # search sequences: the inspected modules' calls (one pass when the search takes them all)
-        modules = list({id(m): m for _, _, m in plan}.values())
+        # every calibration sequence: each group's sum |x| and tokens (x_mean) and X^T X (for the linear-output
+        # search and the clip search); the search sequences: the calls of the modules searched by forwards (one pass
+        # when the search takes them all)
+        forwards = [(g, m) for g, _, m in plan if self.search_loss == "module" and len(g) > 1]
+        modules = list({id(m): m for _, m in forwards}.values())
+        grams = set(heads) if self.clip else {g[0] for g, _, _ in plan} - {g[0] for g, _ in forwards}
         whole = not self.search_samples or self.search_samples >= sum(args[0].shape[0] for args, _ in inputs)
-        stats, calls = self._pass(block, inputs, heads, modules if whole else [])
-        if not whole:
-            calls = self._pass(block, self._search_inputs(inputs), {}, modules)[1]
+        stats, calls = self._pass(block, inputs, heads, grams, modules if whole else [])
+        if not whole and modules:
+            calls = self._pass(block, self._search_inputs(inputs), {}, set(), modules)[1]
         scales = {}
         for g, absorber, module in plan:
             group = [linears[n] for n in g]
             gs = self.layer_group_size(group[0], prefix + g[0])
-            x_sum, tokens, _ = stats[g[0]]
+            x_sum, tokens, gram = stats[g[0]]
             w_mean = weight_mean([lin.weight for lin in group], gs) if self.duo_scaling else None
-            alpha, s = self._search(module, calls[id(module)], group, x_sum / max(tokens, 1), w_mean, gs)
+            alphas = [None] + [i / self.n_grid for i in range(self.n_grid)]
+            candidates = [None] + [awq_scales(x_sum / max(tokens, 1), w_mean, a) for a in alphas[1:]]
+            if id(module) in calls:
+                errors = self._module_errors(module, calls[id(module)], group, candidates, gs)
+            else:
+                errors = output_errors([lin.weight for lin in group], gram / max(tokens, 1), candidates, self.bits,
+                                       gs, self.sym)
+            best = min(range(len(errors)), key=errors.__getitem__)  # the first least: no scaling wins a tie
+            alpha, s = alphas[best], candidates[best]
             for n in g:
                 self.alpha[prefix + n] = alpha
             if s is not None:
@@ -232,9 +277,9 @@ class AWQ(Method):
                     for n in g:
                         self._gram[prefix + n] = gram
 
-    def _pass(self, block, run, heads: dict[str, nn.Linear], modules: list[nn.Module]):
-        """Run the block on `run` ([(args, kwargs)]): ({head: [sum_t |x_t| fp32, tokens, X^T X fp32 or None
-        without clip]} of each head linear's input, {id(module): [(args, kwargs)] of each call}) ."""
+    def _pass(self, block, run, heads: dict[str, nn.Linear], grams: set[str], modules: list[nn.Module]):
+        """Run the block on `run` ([(args, kwargs)]): ({head: [sum_t |x_t| fp32, tokens, X^T X fp32 (heads in
+        grams) or None]} of each head linear's input, {id(module): [(args, kwargs)] of each call})."""
         stats = {n: [0, 0, None] for n in heads}
         calls = {id(m): [] for m in modules}
 
@@ -244,7 +289,7 @@ class AWQ(Method):
                 st = stats[name]
                 st[0] = st[0] + x.abs().sum(dim=0)
                 st[1] += x.shape[0]
-                if self.clip:
+                if name in grams:
                     st[2] = x.t() @ x if st[2] is None else st[2].addmm_(x.t(), x)
             return hook
 
@@ -274,9 +319,9 @@ class AWQ(Method):
         where, index = self._absorbers[key]
         return Absorber(block.get_submodule(where), index)
 
-    def _search(self, module, calls, group, x_mean, w_mean, gs):
-        """(alpha, s) with the least output MSE of `module` on `calls` with the group's weights fake-quantized;
-        (None, None) when no scaling (round-to-nearest) does best."""
+    def _module_errors(self, module, calls, group, candidates, gs) -> list[float]:
+        """For each candidate s (None: no scaling) the output MSE of `module` on `calls` with the group's weights
+        fake-quantized with s, against its float output."""
         teacher = [hidden(module(*a, **k)).float() for a, k in calls]
         total = sum(t.numel() for t in teacher)
 
@@ -291,13 +336,7 @@ class AWQ(Method):
                 for lin, w in zip(group, saved):
                     lin.weight.data = w
 
-        best = (error(None), None, None)
-        for i in range(self.n_grid):
-            s = awq_scales(x_mean, w_mean, i / self.n_grid)
-            e = error(s)
-            if e < best[0]:
-                best = (e, i / self.n_grid, s)
-        return best[1], best[2]
+        return [error(s) for s in candidates]
 
     def _clipped(self, name: str) -> bool:
         return self.clip and not any(fnmatch.fnmatch(name, p.strip()) for p in self.clip_skip.split(",") if p.strip())
