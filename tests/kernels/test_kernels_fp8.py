@@ -330,3 +330,12 @@ def test_fp8_cpu_tensor_without_interpreter_raises(monkeypatch):
         fp8_matmul(xq, x_scale, wq, w_scale)
     with pytest.raises(ValueError, match="CUDA"):
         quantize_fp8(torch.randn(2, 4))
+
+
+def test_fp8_kernels_refuse_a_gpu_without_fp8(monkeypatch):
+    """Compute capability below 8.9 (an A100: sm_80) has no e4m3 in Triton: refused naming the GPU and the fallback."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match=r"compute capability 8.9 or newer.*A100-SXM4-80GB is sm_80.*backend='torch'"):
+        fp8_gemm.check_fp8_device(torch.device("cuda", 0))
+    fp8_gemm.check_fp8_device(torch.device("cpu"))  # the interpreter takes float8

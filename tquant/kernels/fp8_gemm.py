@@ -35,7 +35,9 @@ fp16), and e4m3 -> wider casts are exact, but the fp32 -> e4m3 cast is not RNE: 
 sticky bits, truncates subnormals and does not saturate (1.0625 -> 1.125, 1e-3 -> 0, 500 -> 256). So the kernel
 never relies on that cast to round: `round_e4m3` rounds in fp32 integer arithmetic (RNE on the mantissa bits for
 normals, a multiple of 2^-9 for subnormals), and the cast then only converts an exact e4m3 value, which both the
-interpreter and the GPU's cvt.rn.satfinite do exactly. The same code runs on both; no GPU-only branch.
+interpreter and the GPU's cvt.rn.satfinite do exactly. The same code runs on both; no GPU-only branch. On CUDA the
+kernels need compute capability 8.9 or newer (Ada, Hopper: Triton has no e4m3 below it); older GPUs are refused by name
+(check_fp8_device).
 The references (`*_ref`) are plain torch: torch.float8_e4m3fn's cast (RNE, on the CPU too) and fp64 matmuls.
 """
 from __future__ import annotations
@@ -54,6 +56,15 @@ E4M3_MAX = 448.0
 TL_E4M3_MAX = tl.constexpr(E4M3_MAX)
 FLT_MIN = tl.constexpr(torch.finfo(torch.float32).tiny)  # smallest normal fp32
 RNE = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + RNE) - RNE is y rounded half to even for |y| < 2^22
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """Triton's float8e4nv needs compute capability 8.9 or newer (Ada, Hopper) on CUDA; the interpreter takes it."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"the FP8 kernels need a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}: run FP8Linear with "
+                         "backend='torch' (the references), or quantize with another method")
 
 
 def check_activations(x, scale, name="x") -> None:
@@ -121,6 +132,7 @@ def quantize_fp8(x, *, scale=None):
     next power of two >= K), so x is read once."""
     check_activations(x, scale)
     check_device(dict(x=x, scale=scale))
+    check_fp8_device(x.device)
     m, k = x.shape
     q = torch.empty(m, k, dtype=FP8, device=x.device)
     out_scale = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -214,6 +226,7 @@ def launch(config, x, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tensor:
 
 def _run(x, x_scale, wq, w_scale, bias, out_dtype):
     check_device(dict(x=x, x_scale=x_scale, wq=wq, w_scale=w_scale, bias=bias))
+    check_fp8_device(x.device)
     m, n = x.shape[0], wq.shape[0]
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=out_dtype, device=x.device)
