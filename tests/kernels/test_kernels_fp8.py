@@ -23,8 +23,9 @@ DTYPES = [FP16, BF16, FP32]
 # by one ulp: 2^-10 fp16, 2^-7 bf16); doubled for slack. The weight-only GEMM multiplies x in its own dtype, exactly
 # as the reference's fp64 does (e4m3 weights are fp16 / bf16 values).
 TOL = {FP16: 2e-3, BF16: 1.6e-2, FP32: 3e-5}
-# An H100's fp8 MMA keeps ~14 significant bits while accumulating (Triton's default: no promotion to fp32), i.e. up to
-# about 2^-13 of the magnitude per K step; the fp32 bound there is that, doubled.
+# On an H100 Triton's fp8 tl.dot does not promote its accumulator to fp32 (max_num_imprecise_acc 2^30): the tensor
+# core keeps about 14 significant bits while accumulating (DeepSeek-V3's report; not measured here yet), i.e. up to
+# about 2^-13 of the magnitude; the fp32 bound there is that, doubled.
 GPU_ACC = 2.5e-4
 BIG = {FP16: 6e4, BF16: 1e30, FP32: 1e30}  # outlier magnitudes per activation dtype
 SLOW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
