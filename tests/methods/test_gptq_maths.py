@@ -11,6 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from tquant.formats.quantizer import channel_scale_for_groups, dequantize, integer_group_scales, qparams, quantize
 from tquant.methods import get_method
@@ -105,6 +107,7 @@ def test_gptq_is_the_reference_algorithm(bits, sym, n, groups, gs, act_order, st
     codes, scale, zero, perm, channel = ref_gptq(linear.weight.detach(), x, bits, gs, sym, act_order, static_groups,
                                                  group_order, percdamp, integer)
     assert qw.bits == bits and qw.group_size == (k if gs == -1 else gs)
+    assert qw.codes.dtype == torch.int32 and qw.scale.dtype == qw.zero.dtype == torch.float32
     assert torch.equal(qw.codes, codes)
     torch.testing.assert_close((qw.scale, qw.zero), (scale, zero), rtol=0, atol=0)
     assert (qw.perm is None) == (perm is None) and (perm is None or torch.equal(qw.perm, perm))
@@ -243,3 +246,103 @@ def test_error_feedback_stays_on_the_weights_device():
     seen = []
     error_feedback(w, u, 4, lambda col, current, upcoming: seen.append(upcoming(3).device.type) or current)
     assert seen == ["meta"] * 10
+
+
+def test_hessian_and_inverse_stay_on_the_weights_device():
+    """HessianState's H on the linear's device, a batch from elsewhere moved there; the inverse Cholesky's identity
+    made on H's device (meta stands in for CUDA: a CPU operand would give a CPU result or raise)."""
+    linear = nn.Linear(6, 2, device="meta")
+    state = GPTQ().new_state("blk.0", linear)
+    assert isinstance(state, HessianState) and state.linear is linear and state.name == "blk.0"
+    assert state.hessian.device.type == "meta"
+    state.add_batch(torch.randn(5, 6))
+    assert state.hessian.device.type == "meta" and state.tokens == 5
+    u = GPTQ()._inverse_cholesky(torch.empty(6, 6, dtype=torch.float64, device="meta"), "blk.0")
+    assert u.device.type == "meta" and u.shape == (6, 6)
+
+
+class SquareAllocations(TorchDispatchMode):
+    """Counts the k x k tensors that the ops run inside it return in new memory: an output whose storage is none of
+    the op's (live) inputs' storages, so neither a view nor an out= buffer."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.new = k, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        self.new += sum(isinstance(t, torch.Tensor) and t.shape == (self.k, self.k) and
+                        t.untyped_storage().data_ptr() not in inputs for t in tree_leaves(out))
+        return out
+
+
+def test_inverse_cholesky_allocates_two_k_by_k_matrices():
+    """Its memory bound (the docstring): the caller's h holds L afterwards, and besides h only two K x K matrices are
+    made (the identity L^-1 is solved into, and L^-T L^-1, into which U is factored); each step's result written into
+    a new matrix instead would hold a third (6.4 instead of 3.4 K x K matrices in prepared, commit 2a40744)."""
+    k = 12
+    g = torch.Generator().manual_seed(6)
+    a = torch.randn(k, k, generator=g, dtype=torch.float64)
+    h = a @ a.t() + torch.eye(k, dtype=torch.float64)
+    work = h.clone()
+    with SquareAllocations(k) as seen:
+        u = GPTQ(percdamp=0.1)._inverse_cholesky(work, "l")
+    damped = h + 0.1 * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
+    torch.testing.assert_close(work, torch.linalg.cholesky(damped), rtol=1e-12, atol=1e-12)  # L, in h
+    torch.testing.assert_close(u, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-9, atol=1e-12)
+    assert seen.new == 2
+
+
+def test_refusals_inside_quantize_name_the_layer():
+    """The errors raised below quantize (no data, a Hessian that is not positive definite, a group size that does not
+    divide K) name the layer quantize was given."""
+    linear = nn.Linear(12, 2)
+    with pytest.raises(ValueError, match=r"^GPTQ: layer 'blk\.4' saw no calibration data$"):
+        GPTQ().quantize(GPTQ().new_state("blk.4", linear), linear, "blk.4")
+    state = GPTQ(hessian_dtype="float64").new_state("blk.5", linear)
+    state.add_batch(torch.randn(3, 12))
+    state.hessian = torch.ones(12, 12, dtype=torch.float64) * 2 - torch.eye(12, dtype=torch.float64)  # eigenvalue -1
+    with pytest.raises(ValueError, match=r"^GPTQ: the Hessian of layer 'blk\.5' is not positive definite"):
+        GPTQ(percdamp=0.0, hessian_dtype="float64").quantize(state, linear, "blk.5")
+    state.hessian = torch.eye(12, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"group_size=5 does not divide in_features=12 of layer 'blk\.5'"):
+        GPTQ(group_size=5, hessian_dtype="float64").quantize(state, linear, "blk.5")
+
+
+def test_the_format_does_not_follow_torchs_default_dtype():
+    """int32 codes and float32 scales and zeros (QuantizedWeight's format) also where torch's default dtype is
+    float64."""
+    linear, x = case(2, 16, 7)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for gs in (8, -1):
+            qw = run(GPTQ(bits=4, group_size=gs, hessian_dtype="float64"), linear, x)
+            assert qw.codes.dtype == torch.int32 and qw.scale.dtype == qw.zero.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gptq_on_cuda_gives_the_cpu_result_on_cuda():
+    """On a GPU every buffer of the column loop and every returned tensor is on the weights' device (the CPU cannot
+    tell: a CPU buffer there takes the same values), with the CPU's result in float64 (H summed in another order:
+    a code at a rounding tie may flip)."""
+    linear, x = case(5, 48, 8)
+    for options in (dict(group_size=8), dict(group_size=8, static_groups=True), dict(group_size=16, group_order="act"),
+                    dict(group_size=-1)):
+        method = GPTQ(bits=3, blocksize=20, hessian_dtype="float64", **options)
+        cpu = run(method, linear, x)
+        gpu = run(method, linear.cuda(), x.cuda())
+        linear.cpu()
+        for name in ("codes", "scale", "zero", "perm"):
+            got, want = getattr(gpu, name), getattr(cpu, name)
+            assert (got is None) == (want is None)
+            if got is not None:
+                assert got.device.type == "cuda", name
+                if name == "codes":
+                    assert (got.cpu() != want).float().mean() < 0.01
+                else:
+                    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=0)
