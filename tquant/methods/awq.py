@@ -308,7 +308,8 @@ class AWQ(Method):
     def _absorber(self, block, group, names, inputs) -> Absorber | None:
         """find_absorber's answer for this group, tested on the first block where a group of these names appears
         and reused (by the absorber's name in the block) in the later blocks, which repeat the first one's modules:
-        the test runs the block once per candidate module, a fifth of AWQ's time per block on the offline model."""
+        the test runs the block once per candidate module (0.73 s of the 12.6 s prepare_block takes with
+        search_loss='linear' on a block of the offline model)."""
         key = tuple(names)
         if key not in self._absorbers:
             found = find_absorber(block, group, inputs)
