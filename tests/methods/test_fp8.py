@@ -254,3 +254,20 @@ def test_fp8_stored_bits_count_e4m3_weights_at_8():
     expected = sum(m.out_features * (8 * m.in_features + 16) for m in layers) / \
         sum(m.out_features * m.in_features for m in layers)
     assert stored_bits(model) == pytest.approx(expected, rel=1e-12) and 8 < expected < 8.2
+
+
+@pytest.mark.parametrize("mode", OPTIONS)
+def test_fp8_bf16_model_stays_bf16_and_round_trips(tmp_path, mode):
+    """A bf16 model: its logits stay bf16 near the float model's (measured 0.102 / 0.103 / 0.076 for dynamic / static /
+    weight-only), its parameters bf16, and the checkpoint reloads bit-identically."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    with torch.no_grad():
+        reference = model(CALIB).logits.float()
+    tquant.quantize(model, "fp8", calib=CALIB, device="cpu", progress=False, **OPTIONS[mode])
+    tquant.save(model, tmp_path)
+    loaded = tquant.load(tmp_path)
+    with torch.no_grad():
+        out = model(CALIB).logits
+        assert out.dtype == torch.bfloat16 and torch.equal(loaded(CALIB).logits, out)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert ((out.float() - reference).norm() / reference.norm()) < 0.15
