@@ -19,7 +19,7 @@ W8A8 GEMM (`fp8_matmul`):
     [N] or None, added in fp32; y [M, N] in out_dtype (fp16 / bf16 / fp32).
     Each product of two e4m3 values is exact in fp32 (4 x 4 significant bits). On an H100 (sm_90) Triton's fp8
     tl.dot accumulates inside the tensor core with fewer bits than fp32 (its default max_num_imprecise_acc: no
-    promotion, as torch._scaled_mm(use_fast_accum=True)); elsewhere, and under the interpreter, in fp32.
+    promotion, as torch._scaled_mm(use_fast_accum=True)); under the interpreter in fp32.
 Weight-only GEMM (`fp8_weight_only_matmul`, FP8 W8A16):
     y[m, n] = acc[m, n] * w_scale[n] (+ bias[n]),   acc[m, n] = sum_k x[m, k] * float(wq[n, k])  (fp32)
     x fp16 / bf16 / fp32 [M, K]; each weight tile converted from e4m3 to x's dtype (exact: e4m3 values are fp16 /
@@ -37,7 +37,7 @@ never relies on that cast to round: `round_e4m3` rounds in fp32 integer arithmet
 normals, a multiple of 2^-9 for subnormals), and the cast then only converts an exact e4m3 value, which both the
 interpreter and the GPU's cvt.rn.satfinite do exactly. The same code runs on both; no GPU-only branch. On CUDA the
 kernels need compute capability 8.9 or newer (Ada, Hopper: Triton has no e4m3 below it); older GPUs are refused by name
-(check_fp8_device).
+(check_fp8_device). Not yet run on a GPU here: tests/kernels/test_kernels_fp8.py with TRITON_INTERPRET=0 checks it.
 The references (`*_ref`) are plain torch: torch.float8_e4m3fn's cast (RNE, on the CPU too) and fp64 matmuls.
 """
 from __future__ import annotations
