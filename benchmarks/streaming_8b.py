@@ -145,9 +145,15 @@ def child(a) -> None:
         row["blocks"].append(i)
         row["block_seconds"].append(now - last)
         last = now
+        print(f"block {i}: {row['block_seconds'][-1]:.1f} s; peaks so far: {peaks()}", file=sys.stderr, flush=True)
         slowest = max(row["block_seconds"][1:] or row["block_seconds"])
         if i + 1 < n and (now + 2 * slowest > deadline or len(row["blocks"]) == a.max_blocks):
             raise Stop
+
+    def peaks() -> str:
+        gpu = (f"GPU allocated {torch.cuda.max_memory_allocated() / GIB:.2f} GiB, reserved "
+               f"{torch.cuda.max_memory_reserved() / GIB:.2f} GiB, " if a.device == "cuda" else "")
+        return f"{gpu}host RSS {proc_status('VmHWM') / GIB:.2f} GiB"
 
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
