@@ -135,3 +135,44 @@ def test_a_single_group_comes_back(bits):
     torch.testing.assert_close(back, torch.round((v - mn.float()) / scale.float()).clamp(0, 2**bits - 1)
                                * scale.float() + mn.float(), rtol=0, atol=0)
     assert (back - v).abs().max() <= scale.float() / 2 + 1e-3 * v.abs().max()
+
+
+def test_the_range_check_is_skipped_while_a_graph_is_captured(monkeypatch):
+    """check_fp16_params raises for a bf16 group past fp16's range, except while capturing (no host sync there):
+    then the parameters are stored as they come (inf), for the static cache's check_range to find."""
+    x = lively((1, 1, 4, 8), 4).to(torch.bfloat16)
+    x[0, 0, 1, 3] = -2.0**17
+    with pytest.raises(ValueError, match=r"^KIVI's cache format keeps each group's scale and minimum in fp16 \(at most "
+                                         r"65504\), and a group of the torch.bfloat16 values spans \[-1.311e\+05, "):
+        uf.quantize_values(x, 4, 8)
+    with pytest.raises(ValueError, match=r"and a group of the torch.bfloat16 keys spans \[-1.311e\+05, "):
+        uf.quantize_keys(x, 4, 4)
+    assert not uf.capturing(x)  # CPU tensors: never
+    monkeypatch.setattr(uf, "capturing", lambda t: True)
+    p = uf.quantize_values(x, 4, 8)
+    assert p.mn[0, 0, 1, 0] == float("-inf") and p.mn[0, 0, [0, 2, 3]].isfinite().all()
+
+
+@pytest.mark.parametrize("bits", uf.KV_BITS)
+def test_stored_params_error_names_the_first_bad_group_and_its_range(bits):
+    """None while every stored scale and minimum is finite; else the error for the first group (in index order) whose
+    scale or minimum is not, its place from place(index) and its range bounded by the parameters: a -inf minimum lay
+    below -65504, an inf step over the finite minimum m reaches past m + 65504 (2^bits - 1), NaN is NaN."""
+    scale, mn = torch.full((2, 3, 4), 0.5, dtype=torch.float16), torch.full((2, 3, 4), -1.0, dtype=torch.float16)
+    place = lambda i: f"at {i}"  # noqa: E731
+    assert uf.stored_params_error(scale, mn, bits, torch.bfloat16, "keys", place) is None
+    scale[1, 2, 3] = float("inf")
+    mn[1, 2, 3] = 3.0
+    error = uf.stored_params_error(scale, mn, bits, torch.float32, "values", place)
+    assert str(error) == ("KIVI's cache format keeps each group's scale and minimum in fp16 (at most 65504), and a group "
+                          f"of the torch.float32 values (at (1, 2, 3)) spans [3, above {3 + 65504 * (2**bits - 1):.6g}], "
+                          "past it: keep this model's KV cache in float (no kivi / qoq KV cache) or its keys and values "
+                          "within fp16's range")
+    mn[1, 0, 2] = float("-inf")
+    error = uf.stored_params_error(scale, mn, bits, torch.bfloat16, "keys", place)
+    assert "group of the torch.bfloat16 keys (at (1, 0, 2)) has a minimum below -65504, past it" in str(error)
+    mn[0, 1, 0] = float("inf")
+    assert "(at (0, 1, 0)) has a minimum above 65504" in str(uf.stored_params_error(scale, mn, bits, torch.float32,
+                                                                                   "keys", place))
+    scale[0, 0, 1] = float("nan")
+    assert "(at (0, 0, 1)) holds NaN" in str(uf.stored_params_error(scale, mn, bits, torch.float32, "keys", place))

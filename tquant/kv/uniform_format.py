@@ -92,7 +92,7 @@ def stored_params_error(scale: torch.Tensor, mn: torch.Tensor, bits: int, dtype:
     elif m in (float("inf"), float("-inf")):
         span = f"has a minimum {'below -' if m < 0 else 'above '}65504"
     else:
-        span = f"spans [{m:.4g}, above {m + 65504 * (2**bits - 1):.4g}]"
+        span = f"spans [{m:.4g}, above {m + 65504 * (2**bits - 1):.6g}]"
     return fp16_range_error(dtype, what, f"({place(index)}) {span}")
 
 
