@@ -28,7 +28,10 @@ o = sum_s c_s acc_s, c_s = e^(m_s - M) l_s / sum e^(m_s - M) l_s. A fully masked
 is -inf).
 `kivi_decode_attention_ref` is plain torch in fp32 from tquant.kv.uniform_format's decoders. `float_decode_attention` runs
 the same kernel over a float cache [B, Hkv, T, D] (the static decoder's fp16 cache): its store shares load keys
-and values as they are (no codes), its reference is `reference_attention`.
+and values as they are (no codes), its reference is `reference_attention`. `fp8_decode_attention` runs it over the fp8
+KV cache (tquant.kv.fp8_format: float8_e4m3fn [B, Hkv, Tq, D], one fp32 scale a KV head for keys and one for values):
+its store shares load e4m3 tiles, convert them to fp32 (exact) and multiply by the head's scale (FP8 constexpr),
+then attend as over a float cache; reference `fp8_decode_attention_ref` (torch's float8 cast, fp32).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_format import dequantize_fp8_kv
 from .uniform_format import PackedKV, check_key_axis, check_kv_bits, dequantize_values, key_format, words_per_group
 from ..formats.packing import values_per_word
 from ..kernels.autotune_cache import tune
@@ -160,7 +164,7 @@ def _kv_attention_kernel(
     D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
     WPG: tl.constexpr, KEYS_PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr,
     HAS_LENGTH: tl.constexpr, RING: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
-    FLOAT: tl.constexpr = False,
+    FLOAT: tl.constexpr = False, FP8: tl.constexpr = False,
 ):
     bh, split = tl.program_id(0), tl.program_id(1)
     b = bh // HKV
@@ -180,6 +184,11 @@ def _kv_attention_kernel(
             m, l, acc = dense_tokens(q, kc_ptr + bh.to(tl.int64) * kc_head + lo * D,
                                       vc_ptr + bh.to(tl.int64) * vc_head + lo * D, hi - lo, lo, first, 0, m, l, acc,
                                       chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False)
+        elif FP8:  # e4m3 keys kc_ptr, values vc_ptr [B * Hkv, TQ, D] times the head's fp32 scale at ks_ptr, vs_ptr
+            m, l, acc = dense_tokens(q, kc_ptr + bh.to(tl.int64) * kc_head + lo * D,
+                                      vc_ptr + bh.to(tl.int64) * vc_head + lo * D, hi - lo, lo, first, 0, m, l, acc,
+                                      chan, D, BLOCK_T, DOT_DTYPE, PRECISION, False,
+                                      tl.load(ks_ptr + bh * ks_head), tl.load(vs_ptr + bh * vs_head))
         else:  # packed codes
             kc = kc_ptr + bh.to(tl.int64) * kc_head
             ks, km = ks_ptr + bh.to(tl.int64) * ks_head, km_ptr + bh.to(tl.int64) * km_head
@@ -257,15 +266,16 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
     acc = torch.empty(b * hq * splits, d, dtype=torch.float32, device=q.device)
     parts = [by_heads(t) for t in (*packed_k, *packed_v, res_k, res_v)]
     tensors = [q.contiguous(), *(t for t, _ in parts)]
-    store_float = key_axis == "float"  # packed_k / packed_v hold the float keys / values (float_decode_attention)
+    # packed_k / packed_v hold the float keys / values (float_decode_attention), or the e4m3 ones and their scales
+    store_float = key_axis in ("float", "fp8")
     _kv_attention_kernel[(b * hkv, splits)](
         *tensors, *(m if t is None else t.contiguous() for t in (start, length, newest)), m, l, acc,
         *(stride for _, stride in parts), hkv, tq, tr, per_split, sm_scale,
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=1 if store_float else values_per_word(bits),
         WPG=1 if store_float else words_per_group(bits, group), KEYS_PER_CHANNEL=key_axis == "channel",
         BLOCK_T=block_t, HAS_START=start is not None, HAS_LENGTH=length is not None, RING=newest is not None,
-        **dot_args(q.dtype), R=REP_PAD, FLOAT=store_float, num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
+        **dot_args(q.dtype), R=REP_PAD, FLOAT=key_axis == "float", FP8=key_axis == "fp8",
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
@@ -315,4 +325,54 @@ def float_decode_attention(q, k, v, *, length, sm_scale: float | None = None) ->
     return launch(config, *args)
 
 
-__all__ = ["float_decode_attention", "kivi_decode_attention", "kivi_decode_attention_ref"]
+def fp8_decode_attention_ref(q, k, v, k_scale, v_scale, res_k, res_v, *, sm_scale: float, start=None,
+                             length=None) -> torch.Tensor:
+    """fp8_decode_attention in fp32 through tquant.kv.fp8_format's decoder (torch's float8 cast), in q's dtype."""
+    keys = torch.cat([dequantize_fp8_kv(k, k_scale), res_k.float()], dim=-2)
+    values = torch.cat([dequantize_fp8_kv(v, v_scale), res_v.float()], dim=-2)
+    unread = None
+    if length is not None:  # stored positions >= length[b]; the window after them is read
+        pos = torch.arange(keys.shape[2], device=q.device)[None, :]
+        unread = (pos >= length.to(q.device)[:, None]) & (pos < k.shape[2])
+    return reference_attention(q, keys, values, sm_scale, start, unread)
+
+
+def fp8_decode_attention(q, k, v, k_scale, v_scale, res_k, res_v, *, sm_scale: float | None = None, start=None,
+                         length=None) -> torch.Tensor:
+    """o [B, Hq, D] = softmax(sm_scale q K^T) V over an fp8 store and a full-precision window (module docstring):
+    K = [float(k) * k_scale[h] ; res_k], V likewise; k, v float8_e4m3fn [B, Hkv, Tq, D] (a growing store's view is
+    read in place), k_scale, v_scale fp32 [Hkv], res_k, res_v [B, Hkv, Tr, D] in q's dtype (Tr >= 0: a decode step's
+    own exact token, or none). start int32 [B] or None: tokens before start[b] masked (left padding). length int32 [B]
+    or None: stored tokens at or past length[b] are not read (a static store's unfilled rows, or a dynamic store's
+    last token that the window holds exact). sm_scale defaults to 1 / sqrt(D)."""
+    b, hq, d, hkv, tr = check_heads(q, res_k, "res_k")
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"head size {d} must be a power of two >= 16")
+    if k.dim() != 4:
+        raise ValueError(f"k must be float8_e4m3fn [B, Hkv, Tq, D]; got {k.dtype} {tuple(k.shape)}")
+    tq, e4m3 = k.shape[2], (torch.float8_e4m3fn,)
+    check_tensors({"k": (k, (b, hkv, tq, d), e4m3), "v": (v, (b, hkv, tq, d), e4m3),
+                   "k_scale": (k_scale, (hkv,), (torch.float32,)), "v_scale": (v_scale, (hkv,), (torch.float32,)),
+                   "res_v": (res_v, (b, hkv, tr, d), (q.dtype,))},
+                  f"q {tuple(q.shape)}, an fp8 store of {tq} tokens and {tr} window tokens")
+    if res_k.dtype != q.dtype:
+        raise ValueError(f"res_k must be in q's dtype {q.dtype}; got {res_k.dtype}")
+    for name, t in (("start", start), ("length", length)):
+        if t is not None and (t.shape != (b,) or t.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"{name} must be an integer tensor [B={b}]; got {t.dtype} {tuple(t.shape)}")
+    check_device({"q": q, "k": k, "v": v, "k_scale": k_scale, "v_scale": v_scale, "res_k": res_k, "start": start,
+                  "length": length})
+    if tq + tr == 0:
+        raise ValueError("the cache is empty: nothing to attend to")
+    sm_scale = 1 / math.sqrt(d) if sm_scale is None else sm_scale
+    scales = [s.view(1, hkv, 1, 1).expand(b, hkv, 1, 1) for s in (k_scale, v_scale)]
+    key = {"T": next_power_of_2(tq), "B": b, "Hq": hq, "Hkv": hkv, "D": d, "bits": 8, "group": d, "keys": "fp8",
+           "dtype": str(q.dtype).removeprefix("torch.")}
+    args = (q, PackedKV(k, scales[0], scales[0]), PackedKV(v, scales[1], scales[1]), res_k, res_v, 8, d, sm_scale,
+            start, "fp8", length)
+    config = tune("kv_decode_attention", key, configs(key["T"]), lambda c: launch(c, *args), q.device)
+    return launch(config, *args)
+
+
+__all__ = ["float_decode_attention", "fp8_decode_attention", "fp8_decode_attention_ref", "kivi_decode_attention",
+           "kivi_decode_attention_ref"]

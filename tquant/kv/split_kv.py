@@ -11,8 +11,8 @@ does not (each coefficient is at most 1 and they sum to 1, so |acc| <= max |v| u
 its (m, l, acc) (store_partial); combine_kernel merges the SPLITS partials of a row the same way:
     o = sum_s c_s acc_s,   c_s = e^(m_s - M) l_s / sum_s' e^(m_s' - M) l_s',   M = max_s m_s
 A fully masked share contributes nothing (its max is -inf, its l 0). dense_tokens runs the same loop over full-precision
-keys / values (the residual window, a ring of it, or a whole float cache); reference_attention is the torch
-reference of the softmax they compute.
+keys / values (the residual window, a ring of it, a whole float cache, or an fp8 one times its heads' scales);
+reference_attention is the torch reference of the softmax they compute.
 """
 from __future__ import annotations
 
@@ -101,14 +101,17 @@ def store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, first_row, rows, row_ok, cha
 
 @triton.jit
 def dense_tokens(q, k_ptr, v_ptr, n, pos0, first, newest, m, l, acc, chan, D: tl.constexpr, BLOCK_T: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RING: tl.constexpr):
+                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, RING: tl.constexpr, k_scale=None, v_scale=None):
     """Online softmax over n full-precision tokens, keys / values [n, D] at k_ptr / v_ptr: the updated (m, l, acc).
     Not RING: at cache positions pos0 ... pos0 + n - 1, those before `first` masked. RING: slot s holds the newest
-    position p <= newest with p % n == s, and only p in [max(first, pos0), newest] is attended."""
+    position p <= newest with p % n == s, and only p in [max(first, pos0), newest] is attended. k_scale, v_scale
+    (fp32 scalars; an fp8 store): keys and values are read as k_scale * float(k), v_scale * float(v)."""
     for t0 in range(0, n, BLOCK_T):
         tok = t0 + tl.arange(0, BLOCK_T)
         ok = (tok < n)[:, None]
         k = tl.load(k_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
+        if k_scale is not None:
+            k = k.to(tl.float32) * k_scale
         if RING:
             pos = newest - ((newest - tok) % n + n) % n
             live = (tok < n) & (pos >= first) & (pos >= pos0)
@@ -116,6 +119,8 @@ def dense_tokens(q, k_ptr, v_ptr, n, pos0, first, newest, m, l, acc, chan, D: tl
             live = (tok < n) & (pos0 + tok >= first)
         p, m, alpha = scores(q, k, live, m, DOT_DTYPE, PRECISION)
         v = tl.load(v_ptr + tok[:, None] * D + chan[None, :], mask=ok, other=0.0)
+        if v_scale is not None:
+            v = v.to(tl.float32) * v_scale
         l, acc = accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     return m, l, acc
 
