@@ -8,7 +8,8 @@ graph can replay it.
     cache.check_range(n)                            # after n tokens: a stored fp16 scale / minimum not finite raises
 
 StaticKVCache: the float cache, and qoq_kv4's per-token codes. StaticKiviCache: KIVI's per-channel key groups and
-per-token values, with the newest tokens in a full-precision ring window (its docstring). KVQuant's cache (outliers,
+per-token values, with the newest tokens in a full-precision ring window (its docstring). fp8_kv's e4m3 cache:
+tquant.kv.fp8_static_cache. KVQuant's cache (outliers,
 non-uniform codebooks, a sink) has no static form yet and is refused.
 
 The fp16 range of the quantized caches' parameters (tquant.kv.uniform_format): a bf16 / fp32 write checks its groups
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import tquant_config
+from .fp8_static_cache import fp8_static_cache
 from .uniform_format import (PackedKV, dequantize_keys, dequantize_values, quantize_keys, quantize_values,
                              stored_params_error, words_per_group)
 from ..models import head_dim
@@ -296,8 +298,8 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, live: to
 
 
 def static_cache(model, batch: int, max_len: int):
-    """The static cache the model's KV method asks for: float without one, qoq_kv4's codes, or KIVI's; ValueError
-    for methods with no static form."""
+    """The static cache the model's KV method asks for: float without one, qoq_kv4's codes, KIVI's or fp8_kv's;
+    ValueError for methods with no static form."""
     cfg = model.config
     spec = (tquant_config(model.config) or {}).get("kv_cache")
     dtype = model.get_input_embeddings().weight.dtype
@@ -308,12 +310,14 @@ def static_cache(model, batch: int, max_len: int):
              model.get_input_embeddings().weight.device)
     if spec is None:
         return StaticKVCache(*shape)
+    if spec["method"] == "fp8_kv":
+        return fp8_static_cache(spec, *shape)
     if spec["method"] == "kivi":
         return StaticKiviCache(*shape, spec["kv_bits"], spec["group_size"], spec["residual"],
                                spec["prefill_with_quant"])
     if spec["method"] != "qoq_kv4":
-        raise ValueError(f"static decoding supports the float cache, qoq_kv4's and KIVI's; this model's KV cache is "
-                         f"{spec['method']!r} (use model.generate, which builds its dynamic cache)")
+        raise ValueError(f"static decoding supports the float cache, qoq_kv4's, KIVI's and fp8_kv's; this model's KV "
+                         f"cache is {spec['method']!r} (use model.generate, which builds its dynamic cache)")
     if spec["residual"]:
         raise ValueError("static decoding keeps no full-precision window: qoq_kv4's residual must be 0")
     return StaticKVCache(*shape, spec["kv_bits"], spec["prefill_with_quant"])
