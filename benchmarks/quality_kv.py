@@ -8,8 +8,8 @@ Evaluation windows as in the other quality tables (the first 40 consecutive 512-
 of the pydoc corpus), float32 on the CPU, but each window runs as generation does (tquant.tools.eval.perplexity with
 decode_from): its first 256 tokens in one forward (the prefill), then one token a forward through the cache,
 so every prediction after the prefill reads the cached keys / values, quantized beyond the residual window.
-Methods that calibrate get CALIB (pydoc's calibration split; KIVI is data-free). Each row prints as it finishes,
-with the cache's bytes per token at a 4096-token fp16 context.
+Methods that calibrate get CALIB (pydoc's calibration split; KIVI and fp8_kv's scale='none' are data-free). Each row
+prints as it finishes, with the cache's bytes per token at a 4096-token fp16 context.
 """
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ ROWS = {  # name: (KV method, its options); None: transformers' float cache
     **{f"kvquant-{b}{'-pwq' if pwq else ''}": ("kvquant", dict(kv_bits=b, outliers=0.01, prefill_with_quant=pwq))
        for b in (4, 3, 2) for pwq in (False, True)},
     "kvquant-3-dense": ("kvquant", dict(kv_bits=3, outliers=0.0)),
+    **{f"fp8-kv{'' if scale == 'calibrated' else '-noscale'}{'-pwq' if pwq else ''}":
+       ("fp8_kv", dict(scale=scale, prefill_with_quant=pwq)) for scale in ("calibrated", "none") for pwq in (False, True)},
 }
 CALIB = dict(calib="pydoc", n_samples=16, seqlen=512)  # for the methods that calibrate
 
