@@ -134,11 +134,13 @@ def _quantize_kv_cache(model: nn.Module, method: KVCacheMethod, ids, batch_size:
 
 def _quantize_weights(model: nn.Module, method: Method, ids, *, batch_size: int, **driver_options) -> nn.Module:
     """The weight flow: the method's whole-model transform (qoq's rotation), its own KV cache where it has one
-    (qoq), then the driver block by block, and the quantization_config that tquant.load reads."""
+    (qoq), then the driver block by block inside the method's around_blocks, and the quantization_config that
+    tquant.load reads."""
     method.prepare_model(model)
     kv_method = method.kv_cache_method()
     if kv_method is not None:
         _quantize_kv_cache(model, kv_method, ids, batch_size)
-    layers = quantize_blocks(model, method, ids, batch_size=batch_size, **driver_options)
+    with method.around_blocks(model, ids):  # QuIP#'s end-to-end fine-tuning: float targets before, tuning after
+        layers = quantize_blocks(model, method, ids, batch_size=batch_size, **driver_options)
     write_weight_config(model, method, layers)
     return model

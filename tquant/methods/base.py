@@ -15,6 +15,10 @@ Two optional hooks for methods that change more than one weight at a time:
 Mixture-of-experts experts (fused 3-D weights, not nn.Linear) go through the same three calls, one expert projection
 at a time: the driver builds a stand-in nn.Linear of expert e's gate_up (or down) weight and a state fed that
 expert's calibration tokens. method.experts_refusal() says why a method cannot take part (None: it can).
+Around the whole block loop (tquant.api): `with method.around_blocks(model, calib):` the driver's loop runs inside;
+before its yield the model is still float (a method may take targets from it: QuIP#'s teacher logits), after it every
+block holds its quantized modules (the head and embeddings too where asked) and the method may tune what is left
+(QuIP#'s end-to-end fine-tuning). calib: the token ids [n, T] the blocks are calibrated on (None for data-free runs).
 method.check_layer(linear, name) raises a ValueError naming a layer the method cannot quantize; the driver
 calls it for every target before any work starts. When the caller left group_size at the method's default, the
 driver first calls method.fit_group_size(in_features of every target): a default of 128 becomes the largest of
@@ -24,6 +28,7 @@ Methods never launch kernels and never replace modules themselves.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import ClassVar
 
@@ -131,7 +136,8 @@ class Method:
         weights are checked as they come (the driver's ValueError names the method)."""
         import typing
 
-        steps = self.own_steps("prepare_model", "prepare_block", "finish_block", "input_transform", "kv_cache_method")
+        steps = self.own_steps("prepare_model", "around_blocks", "prepare_block", "finish_block", "input_transform",
+                               "kv_cache_method")
         if steps:
             return (f"its block- or model-level steps ({', '.join(steps)}) act on the block's nn.Linear layers and "
                     "do not reach the fused experts")
@@ -161,6 +167,11 @@ class Method:
 
     def prepare_model(self, model: nn.Module) -> None:
         """Change the float model before anything is calibrated or quantized (QoQ's rotation); nothing here."""
+
+    @contextlib.contextmanager
+    def around_blocks(self, model: nn.Module, calib: torch.Tensor | None):
+        """The context the driver's block loop runs in (see the module docstring); nothing here."""
+        yield
 
     def kv_cache_method(self):
         """A KV-cache method this weight method brings (QoQ's KV4), applied before its weights; None here."""
