@@ -35,8 +35,8 @@ import time
 
 # the registered quantization methods (tquant.methods()) and their aliases, named here without importing them;
 # tests/test_cli.py checks this against the registry
-METHODS = ("abq", "awq", "bcq", "fp8", "gptq", "kivi", "kvquant", "qoq", "qoq_kv4", "qqq", "quip#", "rtn", "smoothquant",
-           "spqr", "zeroquant")
+METHODS = ("abq", "awq", "bcq", "fp8", "fp8_kv", "gptq", "kivi", "kvquant", "qoq", "qoq_kv4", "qqq", "quip#", "rtn",
+           "smoothquant", "spqr", "zeroquant")
 METHOD_ALIASES = ("abq-llm", "quip_sharp")
 # tquant chat --decoder: tquant.tools.chat.reply's static=
 DECODERS = {"auto": None, "static": True, "hf": False}
