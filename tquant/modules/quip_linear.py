@@ -9,10 +9,17 @@ forward, with H_n the orthonormal Hadamard transform (tquant.kernels.hadamard) a
     y = (hadamard((x * su) along K) @ D^T, then hadamard^T along N) * sv + bias
 three launches on CUDA (Triton kernels: su fused into the input transform, sv and bias into the output
 transform's epilogue), their torch references on the CPU.
+Fine-tuning (QuIP#'s end-to-end stage, tquant.methods.quip_sharp): inside `with layer.trainable():` su, sv (float32:
+QuIP# makes the signs real-valued) and the bias (its dtype) are nn.Parameters, and the forward takes the torch
+references, which autograd differentiates (the Triton kernels have no backward); the codes stay fixed. On exit they
+are buffers again, holding the tuned values.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch import nn
 
 from ..formats.weights import LatticeWeight
 from .base import QuantizedLinear
@@ -62,6 +69,24 @@ class QuipLinear(QuantizedLinear, spec_type="quip_linear", weight_type=LatticeWe
         check("sv", self.sv, torch.float32)
         check("codes", self.codes, torch.int16)
         check("codes2", self.codes2, {3: torch.uint8, 4: torch.int16}.get(self.bits))
+
+    @contextlib.contextmanager
+    def trainable(self):
+        """su, sv and the bias (where there is one) as nn.Parameters of their dtypes while inside, backend "torch";
+        on exit buffers holding their last values, and the backend it had."""
+        backend, self.backend = self.backend, "torch"
+        order = list(self._buffers)
+        names = [name for name in ("su", "sv", "bias") if self._buffers[name] is not None]
+        for name in names:
+            self.register_parameter(name, nn.Parameter(self._buffers.pop(name)))
+        try:
+            yield
+        finally:
+            for name in names:
+                self.register_buffer(name, self._parameters.pop(name).detach())
+            for name in order:  # the buffers in their first order again (state_dict's, and so the saved files')
+                self._buffers[name] = self._buffers.pop(name)
+            self.backend = backend
 
     def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels.e8p_matmul import e8p_matmul, e8p_matmul_ref

@@ -1,0 +1,63 @@
+"""QuipLinear.trainable(): su, sv and the bias as parameters whose gradients are those of the dense layer
+y = ((x * su) @ A^T) * sv + bias (A = H_N^T D H_K, D the decoded codes), buffers again after."""
+import pytest
+import torch
+
+from tquant.formats import e8p_codebook
+from tquant.formats.incoherence import unrotate_weight
+from tquant.modules import QuipLinear
+
+
+def random_layer(k, n, bits, seed):
+    g = torch.Generator().manual_seed(seed)
+    mod = QuipLinear(k, n, bits=bits, bias=True, dtype=torch.float32)
+    mod.codes.copy_(torch.randint(-(1 << 15), 1 << 15, mod.codes.shape, generator=g))
+    if bits == 3:
+        mod.codes2.copy_(torch.randint(0, 256, mod.codes2.shape, generator=g))
+    elif bits == 4:
+        mod.codes2.copy_(torch.randint(-(1 << 15), 1 << 15, mod.codes2.shape, generator=g))
+    mod.su.copy_(torch.randn(k, generator=g).sign())
+    mod.sv.copy_(torch.randn(n, generator=g) * 0.05)
+    mod.bias.copy_(torch.randn(n, generator=g))
+    return mod
+
+
+def dense(mod):
+    """A [N, K] float64: the layer's weight with unit sign vectors."""
+    stages = [mod.codes.t().long() & 0xFFFF]
+    if mod.bits > 2:
+        stages.append(mod.codes2.t().long() & (0xFF if mod.bits == 3 else 0xFFFF))
+    d = e8p_codebook.rvq_decode(torch.stack(stages, dim=-1), mod.bits).reshape(mod.out_features, mod.in_features)
+    return unrotate_weight(d.double(), torch.ones(mod.in_features, dtype=torch.float64),
+                           torch.ones(mod.out_features, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bits,k,n", [(2, 96, 40), (3, 64, 24), (4, 24, 36)])
+def test_trainable_gives_the_dense_layers_gradients(bits, k, n):
+    mod = random_layer(k, n, bits, seed=bits + k)
+    mod.backend = "triton"
+    g = torch.Generator().manual_seed(n)
+    x, r = torch.randn(3, 5, k, generator=g), torch.randn(3, 5, n, generator=g)
+    su, sv, b = (t.clone().double().requires_grad_(True) for t in (mod.su, mod.sv, mod.bias))
+    (((x.double() * su) @ dense(mod).t() * sv + b) * r).sum().backward()
+    keys = list(mod.state_dict())
+    with mod.trainable():
+        assert mod.backend == "torch" and [n for n, _ in mod.named_parameters()] == ["su", "sv", "bias"]
+        (mod(x) * r).sum().backward()
+        for mine, ref in ((mod.su, su), (mod.sv, sv), (mod.bias, b)):
+            torch.testing.assert_close(mine.grad.double(), ref.grad, rtol=1e-4, atol=1e-4 * ref.grad.abs().max())
+        with torch.no_grad():
+            mod.su.mul_(0.75)
+        tuned = mod.su.detach().clone()
+    assert mod.backend == "triton" and list(mod.parameters()) == [] and list(mod.state_dict()) == keys
+    assert mod.su.dtype == torch.float32 and not mod.su.requires_grad and torch.equal(mod.su, tuned)
+
+
+def test_trainable_without_bias_and_after_an_error():
+    mod = QuipLinear(16, 8, bits=2, bias=False, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="inside"):
+        with mod.trainable():
+            assert [n for n, _ in mod.named_parameters()] == ["su", "sv"]
+            raise RuntimeError("inside")
+    assert mod.bias is None and list(mod.parameters()) == [] and set(mod._buffers) >= {"su", "sv"}
+    assert mod.backend == "auto"
