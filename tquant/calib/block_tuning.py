@@ -17,9 +17,11 @@ from .block_io import fp32, hidden, output_mse, rows
 
 @contextlib.contextmanager
 def float32_training(block, params):
-    """The block in float32 (Adam's moments underflow in fp16) with only `params` requiring grad; on exit
-    its dtype and requires_grad flags come back."""
-    dtype = next(block.parameters()).dtype
+    """The block (or a whole model) in float32 (Adam's moments underflow in fp16) with only `params` requiring grad;
+    on exit every parameter and buffer gets its own dtype back (float32 ones, e.g. QuipLinear's sign vectors in a
+    half model, stay float32) and the requires_grad flags come back."""
+    dtypes = {(mod, name): t.dtype for mod in block.modules()
+              for name, t in [*mod._parameters.items(), *mod._buffers.items()] if t is not None}
     flags = {p: p.requires_grad for p in block.parameters()}
     block.float()
     for p in block.parameters():
@@ -32,7 +34,11 @@ def float32_training(block, params):
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        block.to(dtype)
+        for (mod, name), dtype in dtypes.items():
+            if name in mod._parameters and mod._parameters[name].dtype != dtype:
+                mod._parameters[name].data = mod._parameters[name].data.to(dtype)
+            elif name in mod._buffers and mod._buffers[name].dtype != dtype:
+                mod._buffers[name] = mod._buffers[name].to(dtype)
 
 
 def optimize(param_groups: list[dict], step_loss, error, *, steps: int, checks: int = 4,
