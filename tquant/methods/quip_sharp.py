@@ -13,10 +13,25 @@ The result is a LatticeWeight (codes, su, sv * s). Fine-tuning (ft_epochs > 0), 
 linears are quantized: the sign vectors su, sv of every quantized linear become real-valued and are
 tuned with the block's unquantized parameters (norms, biases) against the float block's outputs
 (tquant.calib.block_tuning; the codes stay fixed).
+End-to-end fine-tuning (e2e_epochs > 0; QuIP#'s second stage, its finetune_susv_e2e), after every block is
+quantized (around_blocks): every QuipLinear's su, sv (real-valued) and bias (QuipLinear.trainable) and every other
+floating parameter of the model but the input embedding's (norms, an untied lm_head; a head tied to the embedding
+stays fixed with it, as QuIP# keeps the embedding) are tuned by Adam against the float model's
+next-token distributions on the calibration set, codes fixed:
+    min  mean_t KL_t(p_float || q_quantized),  p and q coarsened to the teacher's top e2e_topk tokens + the rest
+(tquant.calib.logit_distill: the teacher's top-k log-probs are taken by one float forward before the blocks change,
+n T (8 k + 4) bytes, instead of keeping a float copy of the model to recompute them each step; dropout off).
+Memory: the whole model in float32 with autograd through every block: for SmolLM2-135M at e2e_batch 4 x 512 tokens
+a few GiB. For an 8B Llama (estimated, not measured): 4.2 GiB of float32 embedding and head, 2.1 GiB each for the
+head's gradient and Adam's two moments, the decoded float32 weight of every QuipLinear kept for the backward
+(about 28 GiB: QuipLinear's torch path decodes the codes in each forward) and the activations of 32 blocks
+(about 18 MiB a token: 73 GiB for one 4096-token sequence), so one GPU of 141 GiB at e2e_batch 1 x 4096 tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import zlib
 
@@ -26,11 +41,15 @@ from torch import nn
 from ..formats import e8p_codebook
 from ..calib.block_io import outputs
 from ..calib.block_tuning import distill, float32_training
+from ..calib.logit_distill import distill_logits, teacher_topk
 from ..formats.hadamard import hadamard_factors, random_signs
 from ..formats.incoherence import rotate_hessian, rotate_weight, unrotate_weight
 from ..formats.weights import LatticeWeight
+from ..modules.quip_linear import QuipLinear
 from .base import Method, option, register
 from .gptq import HessianState
+
+log = logging.getLogger("tquant")
 
 BUFFER = 128  # columns per lazy update of BlockLDLQ
 
@@ -86,6 +105,13 @@ class QuipSharp(Method):
     ft_lr: float = option(5e-5, "Adam learning rate of the block's unquantized parameters (norms, biases)")
     ft_susv_lr: float = option(5e-4, "Adam learning rate of the sign vectors su, sv")
     ft_batch: int = option(4, "sequences per fine-tuning step")
+    e2e_epochs: int = option(0, "end-to-end fine-tuning epochs over the calibration set after every block is "
+                                "quantized: su, sv and the float parameters against the float model's logits (0 = off)")
+    e2e_lr: float = option(5e-5, "end-to-end Adam learning rate of the float parameters (norms, biases, an untied "
+                                 "lm_head)")
+    e2e_susv_lr: float = option(5e-4, "end-to-end Adam learning rate of the sign vectors su, sv")
+    e2e_batch: int = option(4, "sequences per end-to-end step (and per forward of the teacher and the KL checks)")
+    e2e_topk: int = option(64, "teacher tokens kept per position: the loss is the KL over them and the rest's mass")
 
     def __post_init__(self):
         e8p_codebook.check_bits(self.bits)
@@ -98,7 +124,18 @@ class QuipSharp(Method):
             raise ValueError(f"scale_grid values must be positive, got {self.scale_grid!r}")
         if self.sigma_reg < 0 or self.scale_rows < 1 or self.ft_epochs < 0 or self.ft_batch < 1:
             raise ValueError("quip# needs sigma_reg >= 0, scale_rows >= 1, ft_epochs >= 0 and ft_batch >= 1")
+        e2e = {"e2e_epochs": (self.e2e_epochs, 0, "0 turns it off"), "e2e_batch": (self.e2e_batch, 1, ""),
+               "e2e_topk": (self.e2e_topk, 1, "")}
+        for key, (value, least, note) in e2e.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"quip#: {key} must be an integer >= {least}{' (' + note + ')' if note else ''}; "
+                                 f"got {value!r}")
+        for key in ("e2e_lr", "e2e_susv_lr"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"quip#: {key} must be a positive finite learning rate; got {value!r}")
         self.ft_log: dict[str, tuple[float, float]] = {}
+        self.e2e_log: dict = {}
         self.scale_log: dict[str, float] = {}
 
     def new_state(self, name, linear):
@@ -118,6 +155,8 @@ class QuipSharp(Method):
         out = {"scale_c": self.scale_log}
         if self.ft_log:
             out["ft_mse_before_after"] = {b: list(e) for b, e in self.ft_log.items()}
+        if self.e2e_log:
+            out["e2e"] = self.e2e_log
         return out
 
     def _signs(self, size: int, name: str, side: str) -> torch.Tensor:
@@ -159,6 +198,45 @@ class QuipSharp(Method):
         hat, _ = block_ldlq((sample / steps).reshape(-1, sample.shape[1]), lower, self.bits)
         delta = sample - hat.reshape(len(self.scales), *sample.shape) * steps
         return self.scales[int(proxy_error(delta, hr).argmin())]
+
+    @contextlib.contextmanager
+    def around_blocks(self, model, calib):
+        if not self.e2e_epochs:
+            yield
+            return
+        if any(p.is_meta for p in model.parameters()):
+            raise ValueError("quip#: e2e_epochs > 0 tunes the whole model end to end and needs it in memory: quantize "
+                             "without streaming (tquant.quantize), or pass e2e_epochs=0")
+        training = model.training
+        model.eval()  # the teacher's and the student's forwards without dropout
+        teacher = teacher_topk(model, calib, self.e2e_topk, self.e2e_batch)
+        yield
+        try:
+            self._tune_end_to_end(model, calib, teacher)
+        finally:
+            model.train(training)
+
+    def _tune_end_to_end(self, model, calib, teacher):
+        """Adam on every QuipLinear's su, sv and the float parameters but the input embedding's (module docstring)."""
+        layers = [m for m in model.modules() if isinstance(m, QuipLinear)]
+        with contextlib.ExitStack() as stack:
+            for m in layers:
+                stack.enter_context(m.trainable())
+            signs = [p for m in layers for p in (m.su, m.sv)]
+            fixed = {id(p) for p in [*signs, *model.get_input_embeddings().parameters()]}
+            others = [p for p in model.parameters() if p.is_floating_point() and id(p) not in fixed]
+            groups = [{"params": signs, "lr": self.e2e_susv_lr}] + ([{"params": others, "lr": self.e2e_lr}]
+                                                                    if others else [])
+            steps = self.e2e_epochs * math.ceil(calib.shape[0] / self.e2e_batch)
+            with float32_training(model, signs + others):
+                before, after = distill_logits(model, groups, calib, teacher, steps=steps, batch=self.e2e_batch,
+                                               checks=self.e2e_epochs)
+        self.e2e_log = {"kl_before_after": [before, after], "steps": steps,
+                        "teacher_rest_mass": teacher[0][..., -1].exp().mean().item(),
+                        "tuned_parameters": {"signs": sum(p.numel() for p in signs),
+                                             "float": sum(p.numel() for p in others)}}
+        log.info(f"quip#: end-to-end fine-tuning, {steps} steps of {self.e2e_batch} sequences: mean KL to the float "
+                 f"model (top-{teacher[1].shape[-1]} + rest) {before:.5g} -> {after:.5g}")
 
     def prepare_block(self, block, linears, groups, inputs, prefix):
         self._teacher = outputs(block, inputs) if self.ft_epochs else None
