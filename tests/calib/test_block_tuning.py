@@ -36,3 +36,17 @@ def test_float32_training_restores_each_tensors_dtype_and_flags():
     after = {n: (t.dtype, t.requires_grad) for n, t in [*block.named_parameters(), *block.named_buffers()]}
     assert after == before
     assert torch.equal(block.table, table) and block.count.dtype == torch.int64
+
+
+class RefusesFloat(Mixed):
+    """As transformers' models loaded through a quantizer (the de-quantized GGUF file): .float() raises."""
+
+    def float(self):
+        raise ValueError("`.float()` is not supported for quantized model")
+
+
+def test_float32_training_casts_a_model_that_refuses_float():
+    block = RefusesFloat()
+    with float32_training(block, [block.norm.weight]):
+        assert block.linear.weight.dtype == torch.float32
+    assert block.linear.weight.dtype == torch.bfloat16 and block.signs.dtype == torch.float32

@@ -23,7 +23,9 @@ def float32_training(block, params):
     dtypes = {(mod, name): t.dtype for mod in block.modules()
               for name, t in [*mod._parameters.items(), *mod._buffers.items()] if t is not None}
     flags = {p: p.requires_grad for p in block.parameters()}
-    block.float()
+    for (mod, name), dtype in dtypes.items():  # tensor by tensor: transformers refuses .float() on a model loaded
+        if dtype.is_floating_point:              # through a quantizer (a de-quantized GGUF file)
+            _cast(mod, name, torch.float32)
     for p in block.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -35,10 +37,15 @@ def float32_training(block, params):
         for p, flag in flags.items():
             p.requires_grad_(flag)
         for (mod, name), dtype in dtypes.items():
-            if name in mod._parameters and mod._parameters[name].dtype != dtype:
-                mod._parameters[name].data = mod._parameters[name].data.to(dtype)
-            elif name in mod._buffers and mod._buffers[name].dtype != dtype:
-                mod._buffers[name] = mod._buffers[name].to(dtype)
+            _cast(mod, name, dtype)
+
+
+def _cast(mod, name: str, dtype: torch.dtype) -> None:
+    """Parameter or buffer `name` of module mod in dtype (a parameter keeps its identity, as Module.to does)."""
+    if name in mod._parameters and mod._parameters[name].dtype != dtype:
+        mod._parameters[name].data = mod._parameters[name].data.to(dtype)
+    elif name in mod._buffers and mod._buffers[name].dtype != dtype:
+        mod._buffers[name] = mod._buffers[name].to(dtype)
 
 
 def optimize(param_groups: list[dict], step_loss, error, *, steps: int, checks: int = 4,
