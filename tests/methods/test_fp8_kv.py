@@ -153,6 +153,7 @@ def test_save_load_round_trip(tmp_path, weights):
 @pytest.mark.parametrize("field, value, match", [
     ("k_scales", [[1.0, 1.0]], r"k_scales has shape \(1, 2\), the model needs \(2, 2\)"),
     ("v_scales", [[1.0, 0.0], [1.0, 1.0]], "v_scales holds values that are not finite and positive"),
+    ("k_scales", [[1e39, 1.0], [1.0, 1.0]], "k_scales holds values that are not finite"),  # past fp32's range
     ("scale", "fp16", "scale='fp16' is not supported"),
 ])
 def test_a_damaged_checkpoint_is_refused_on_load(tmp_path, field, value, match):

@@ -78,13 +78,13 @@ class FP8KV(KVCacheMethod):
                              "num_attention_heads)")
 
     def validate(self, config) -> None:
-        """Calibrated scales: [layers][KV heads] of finite positive numbers."""
+        """Calibrated scales: [layers][KV heads] of numbers finite and positive in fp32 (the dtype they divide in)."""
         if self.k_scales is None:
             return
         shape = (config.num_hidden_layers, kv_heads(config))
         for field in ("k_scales", "v_scales"):
             try:
-                t = torch.tensor(getattr(self, field), dtype=torch.float64)
+                t = torch.tensor(getattr(self, field), dtype=torch.float32)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"fp8_kv: {field} is not a table of numbers ({e})") from None
             if tuple(t.shape) != shape:
