@@ -11,8 +11,9 @@ three launches on CUDA (Triton kernels: su fused into the input transform, sv an
 transform's epilogue), their torch references on the CPU.
 Fine-tuning (QuIP#'s end-to-end stage, tquant.methods.quip_sharp): inside `with layer.trainable():` su, sv (float32:
 QuIP# makes the signs real-valued) and the bias (its dtype) are nn.Parameters, and the forward takes the torch
-references, which autograd differentiates (the Triton kernels have no backward); the codes stay fixed. On exit they
-are buffers again, holding the tuned values.
+references, which autograd differentiates (the Triton kernels have no backward), each layer checkpointed (its
+backward recomputes its forward, so it keeps only its input); the codes stay fixed. On exit they are buffers again,
+holding the tuned values.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..formats.weights import LatticeWeight
 from .base import QuantizedLinear
@@ -89,6 +91,12 @@ class QuipLinear(QuantizedLinear, spec_type="quip_linear", weight_type=LatticeWe
             self.backend = backend
 
     def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
+        if torch.is_grad_enabled() and "su" in self._parameters:  # inside trainable()
+            # the backward runs this forward again instead of keeping the decoded weight and every Hadamard stage
+            return checkpoint(self._transforms, x2, kernel, use_reentrant=False)
+        return self._transforms(x2, kernel)
+
+    def _transforms(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels.e8p_matmul import e8p_matmul, e8p_matmul_ref
         from ..kernels.hadamard import hadamard_transform, hadamard_transform_ref
 
