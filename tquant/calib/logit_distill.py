@@ -5,7 +5,7 @@ Teacher (teacher_topk, taken from the float model before any block changes): for
 position t, the float model's log-probabilities log p [V] over the vocabulary; kept: the k largest, their token ids
 S, and the log-mass of every other token, log r = log sum_{i not in S} p_i:
     logp [n, T, k + 1] float32 (the rest's last), ids [n, T, k] int32:  n T (8 k + 4) bytes
-(128 x 512 windows at k = 64: 33 MiB; the full distributions over SmolLM2's 49152 tokens would be 12 GiB, over
+(128 x 512 windows at k = 64: 32 MiB; the full distributions over SmolLM2's 49152 tokens would be 12 GiB, over
 Llama-3's 128256 tokens at 128 x 2048: 125 GiB). Computing it costs one float forward over the calibration set.
 Loss (topk_kl), per position: the KL divergence between p and the student's q, both coarsened to k + 1 outcomes
 (each token of S, and "any other token"):

@@ -21,11 +21,14 @@ next-token distributions on the calibration set, codes fixed:
     min  mean_t KL_t(p_float || q_quantized),  p and q coarsened to the teacher's top e2e_topk tokens + the rest
 (tquant.calib.logit_distill: the teacher's top-k log-probs are taken by one float forward before the blocks change,
 n T (8 k + 4) bytes, instead of keeping a float copy of the model to recompute them each step; dropout off).
-Memory: the whole model in float32 with autograd through every block: for SmolLM2-135M at e2e_batch 4 x 512 tokens
-a few GiB. For an 8B Llama (estimated, not measured): 4.2 GiB of float32 embedding and head, 2.1 GiB each for the
-head's gradient and Adam's two moments, the decoded float32 weight of every QuipLinear kept for the backward
-(about 28 GiB: QuipLinear's torch path decodes the codes in each forward) and the activations of 32 blocks
-(about 18 MiB a token: 73 GiB for one 4096-token sequence), so one GPU of 141 GiB at e2e_batch 1 x 4096 tokens.
+Memory: the whole model in float32 with autograd through every block (each QuipLinear checkpointed: it keeps its
+input, not its decoded weight). Measured on SmolLM2-135M (benchmarks/quip_e2e_cost.py, CPU, 4-bit codes): autograd
+keeps 694 MiB per 512-token window in the blocks (1.4 MiB a token) and 192 MiB more for the loss over the
+49152-token vocabulary; the process peaked at 13.4 GiB at e2e_batch 4. For an 8B Llama (an estimate, not
+measured: the per-token figure scaled by the hidden width 4096 / 576 and the 32 blocks, flash attention keeping no
+attention matrix): about 10 MiB a token, so about 40 GiB for one 4096-token window, plus 4 GiB for the loss over
+128256 tokens and 4.2 GiB for the float32 embedding and head (an untied head: 2.1 GiB of gradient and 4.2 GiB of
+Adam moments more): one 80 GiB GPU at e2e_batch 1 x 4096 tokens.
 """
 from __future__ import annotations
 
