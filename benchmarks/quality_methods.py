@@ -42,6 +42,8 @@ ROWS = {  # name: (method, options)
     "gptq-w4a16-sym-g64": ("gptq", dict(bits=4, group_size=64)),
     **{f"quip#-{b}": ("quip#", dict(bits=b)) for b in (2, 3, 4)},
     **{f"quip#-{b}-ft": ("quip#", dict(bits=b, ft_epochs=2)) for b in (2, 3, 4)},
+    # + QuIP#'s end-to-end stage (issue 29): su/sv, norms against the float model's top-64 logits, 4 x 32 steps
+    **{f"quip#-{b}-ft-e2e": ("quip#", dict(bits=b, ft_epochs=2, e2e_epochs=4)) for b in (2, 3, 4)},
     **{f"bcq-{b}-{g}-{search}": ("bcq", dict(bits=b, group_size=-1 if g == "pc" else 64, rounds=rounds))
        for b in (4, 3) for g in ("g64", "pc") for search, rounds in (("greedy", 0), ("refined", 1), ("alt30", 30))},
     **{f"bcq-{b}-g64-rtn": ("bcq", dict(bits=b, group_size=64, grid="rtn")) for b in (4, 3)},
