@@ -72,7 +72,7 @@ def main():
         calib = calib[:1]
     start = time.monotonic()
     teacher = teacher_topk(model, calib, a.topk, a.batch)
-    print(f"teacher top-{a.topk} over {a.n_samples} x 512 tokens: {time.monotonic() - start:.1f} s, "
+    print(f"teacher top-{a.topk} over {calib.shape[0]} x 512 tokens: {time.monotonic() - start:.1f} s, "
           f"{sum(t.numel() * t.element_size() for t in teacher) / 2**20:.1f} MiB")
     g = torch.Generator().manual_seed(0)
     blocks_name, blocks = find_blocks(model)

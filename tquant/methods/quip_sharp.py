@@ -23,7 +23,7 @@ next-token distributions on the calibration set, codes fixed:
 n T (8 k + 4) bytes, instead of keeping a float copy of the model to recompute them each step; dropout off).
 Memory: the whole model in float32 with autograd through every block (each QuipLinear checkpointed: it keeps its
 input, not its decoded weight). Measured on SmolLM2-135M (benchmarks/quip_e2e_cost.py, CPU, 4-bit codes): autograd
-keeps 694 MiB per 512-token window in the blocks (1.4 MiB a token) and 192 MiB more for the loss over the
+keeps 763 MiB per 512-token window in the model (1.5 MiB a token; --saved) and 192 MiB more for the loss over the
 49152-token vocabulary; the process peaked at 13.4 GiB at e2e_batch 4. For an 8B Llama (an estimate, not
 measured: the per-token figure scaled by the hidden width 4096 / 576 and the 32 blocks, flash attention keeping no
 attention matrix): about 10 MiB a token, so about 40 GiB for one 4096-token window, plus 4 GiB for the loss over
