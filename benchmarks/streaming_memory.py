@@ -2,9 +2,12 @@
 
     python benchmarks/streaming_memory.py                       # rtn and gptq, 8 blocks (~10 min on 2 CPU cores)
     python benchmarks/streaming_memory.py --methods rtn --blocks 4
+    python benchmarks/streaming_memory.py --arch mixtral      # the mixture-of-experts checkpoint below
 
 A random Llama (hidden 1024, intermediate 2816, 16 heads, vocabulary 32000, untied head; 25.7 MB a block and 131 MB
-of embedding + head in bf16) is saved as bf16 safetensors shards of 50 MB, then quantized W4 g128 (gptq on 16 x 128
+of embedding + head in bf16), or with --arch mixtral a random Mixtral of the same attention and 4 experts of
+intermediate 1408, top-2 (41.0 MiB a block, its experts stored one tensor each and fused by transformers on loading,
+by tquant.streaming through transformers' rules), is saved as bf16 safetensors shards of 50 MB, then quantized W4 g128 (gptq on 16 x 128
 calibration tokens) twice, each in a fresh process:
     in memory   tquant.models.load_model + tquant.quantize + tquant.save
     streaming   tquant.quantize_to_disk (the same model, method, calibration)
@@ -27,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HIDDEN, INTERMEDIATE, HEADS, VOCAB = 1024, 2816, 16, 32000
+EXPERTS, EXPERT_INTERMEDIATE = 4, 1408  # --arch mixtral
 
 
 def proc_status(key: str) -> int:
@@ -63,17 +67,19 @@ def child(mode: str, method: str, src: str, out: str) -> None:
     print(json.dumps({"peak_mib": (proc_status("VmHWM") - base) / 2**20, "seconds": time.time() - start}))
 
 
-def make_model(path: str, blocks: int) -> dict:
-    """The random bf16 Llama saved in shards, and its calibration ids; returns its sizes in MiB."""
+def make_model(path: str, blocks: int, arch: str = "llama") -> dict:
+    """The random bf16 Llama (or Mixtral) saved in shards, and its calibration ids; returns its sizes in MiB."""
     import torch
     import transformers
 
     from tests.tiny_models import byte_tokenizer
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                                      num_hidden_layers=blocks, num_attention_heads=HEADS, num_key_value_heads=HEADS,
-                                      tie_word_embeddings=False, dtype="bfloat16")
+    shape = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": blocks, "num_attention_heads": HEADS,
+             "num_key_value_heads": HEADS, "tie_word_embeddings": False, "dtype": "bfloat16"}
+    config = (transformers.MixtralConfig(intermediate_size=EXPERT_INTERMEDIATE, num_local_experts=EXPERTS,
+                                         num_experts_per_tok=2, **shape) if arch == "mixtral"
+              else transformers.LlamaConfig(intermediate_size=INTERMEDIATE, **shape))
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="50MB")
     byte_tokenizer().save_pretrained(path)  # load_model reads one; the calibration is token ids
@@ -99,6 +105,7 @@ def same_tensors(a: str, b: str) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--blocks", type=int, default=8)
+    p.add_argument("--arch", choices=("llama", "mixtral"), default="llama")
     p.add_argument("--methods", default="rtn,gptq")
     p.add_argument("--malloc-default", action="store_true", help="leave glibc's mmap threshold dynamic")
     p.add_argument("--json", default="benchmarks/results/cpu/streaming_memory.json")
@@ -113,11 +120,11 @@ def main() -> None:
             results = json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "model")
-        sizes = make_model(src, a.blocks)
-        print(f"model: {a.blocks} blocks of {sizes['block_mib']:.1f} MiB, embedding + head "
+        sizes = make_model(src, a.blocks, a.arch)
+        print(f"{a.arch}: {a.blocks} blocks of {sizes['block_mib']:.1f} MiB, embedding + head "
               f"{sizes['embeddings_and_head_mib']:.1f} MiB, {sizes['model_mib']:.1f} MiB in all (bf16)")
         for method in a.methods.split(","):
-            row = dict(sizes, blocks=a.blocks, malloc=("default" if a.malloc_default else "mmap threshold 128 KiB"))
+            row = dict(sizes, arch=a.arch, blocks=a.blocks, malloc=("default" if a.malloc_default else "mmap threshold 128 KiB"))
             for mode in ("memory", "streaming"):
                 out = os.path.join(tmp, f"{method}-{mode}")
                 run = subprocess.run([sys.executable, __file__, "--child", mode, method, src, out], env=env,
@@ -130,7 +137,8 @@ def main() -> None:
             print(f"{method}: in memory {row['memory']['peak_mib']:.0f} MiB peak, {row['memory']['seconds']:.1f} s; "
                   f"streaming {row['streaming']['peak_mib']:.0f} MiB peak, {row['streaming']['seconds']:.1f} s; "
                   f"identical tensors: {row['identical_tensors']}")
-            results[f"{method} {a.blocks} blocks{' malloc-default' if a.malloc_default else ''}"] = row
+            arch = "" if a.arch == "llama" else f"{a.arch} "
+            results[f"{arch}{method} {a.blocks} blocks{' malloc-default' if a.malloc_default else ''}"] = row
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(results, f, indent=2)
