@@ -50,3 +50,12 @@ def test_float32_training_casts_a_model_that_refuses_float():
     with float32_training(block, [block.norm.weight]):
         assert block.linear.weight.dtype == torch.float32
     assert block.linear.weight.dtype == torch.bfloat16 and block.signs.dtype == torch.float32
+
+
+def test_a_tensor_added_inside_gets_the_dtype_of_most_parameters():
+    block = Mixed()
+    with float32_training(block, [block.signs]):
+        block.norm.register_buffer("added", torch.ones(5))  # float32 while inside, as everything
+        block.linear.register_buffer("index", torch.arange(3))
+    assert block.norm.added.dtype == torch.bfloat16 and block.linear.index.dtype == torch.int64
+    assert block.table.dtype == torch.float32

@@ -8,6 +8,7 @@ tuning never raises the error it optimizes.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
@@ -19,9 +20,13 @@ from .block_io import fp32, hidden, output_mse, rows
 def float32_training(block, params):
     """The block (or a whole model) in float32 (Adam's moments underflow in fp16) with only `params` requiring grad;
     on exit every parameter and buffer gets its own dtype back (float32 ones, e.g. QuipLinear's sign vectors in a
-    half model, stay float32) and the requires_grad flags come back."""
-    dtypes = {(mod, name): t.dtype for mod in block.modules()
-              for name, t in [*mod._parameters.items(), *mod._buffers.items()] if t is not None}
+    half model, stay float32; a floating one added inside gets the dtype of most parameter elements) and the
+    requires_grad flags come back."""
+    dtypes = _dtypes(block)
+    sizes = collections.Counter()
+    for p in block.parameters():
+        sizes[p.dtype] += p.numel()
+    default = sizes.most_common(1)[0][0]
     flags = {p: p.requires_grad for p in block.parameters()}
     for (mod, name), dtype in dtypes.items():  # tensor by tensor: transformers refuses .float() on a model loaded
         if dtype.is_floating_point:              # through a quantizer (a de-quantized GGUF file)
@@ -36,8 +41,15 @@ def float32_training(block, params):
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-        for (mod, name), dtype in dtypes.items():
-            _cast(mod, name, dtype)
+        for (mod, name), dtype in _dtypes(block).items():
+            if dtype.is_floating_point:
+                _cast(mod, name, dtypes.get((mod, name), default))
+
+
+def _dtypes(block) -> dict:
+    """{(module, name): dtype} of every parameter and buffer (not None) of block's modules."""
+    return {(mod, name): t.dtype for mod in block.modules()
+            for name, t in [*mod._parameters.items(), *mod._buffers.items()] if t is not None}
 
 
 def _cast(mod, name: str, dtype: torch.dtype) -> None:
