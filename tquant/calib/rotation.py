@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..formats.hadamard import hadamard_dense, hadamard_factors, random_signs
+from .block_io import fp32, hidden, hooked
 
 CHECK_TOL = 1e-4
 READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -81,23 +82,33 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
-def _check(model, blocks_name: str, blocks, inner, head, q: torch.Tensor) -> None:
+def _block_calls(model, blocks, ids: torch.Tensor) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) of every block's call in one forward of the model on ids (the masks and position tables each
+    block is handed: Gemma-style models hand layers of different kinds different ones)."""
+    calls = []
+    handles = [b.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True) for b in blocks]
+    with hooked(handles):
+        model(input_ids=ids, use_cache=False)
+    if len(calls) != len(blocks):
+        raise ValueError(f"rotation: {type(model).__name__} called its {len(blocks)} blocks {len(calls)} times in one "
+                         "forward; the check needs each block called once")
+    return calls
+
+
+def _check(model, blocks, inner, head, q: torch.Tensor) -> None:
     """ValueError naming the first part whose rotated float32 copy does not compute the original's output turned
     by Q (relative error above CHECK_TOL) on a random probe; the model is not changed. One block at a time is
     copied (a float32 copy of one block, not of the model): block i's copy runs on the original hidden states h_i
-    (captured from the model itself, with the masks and position tables it hands that block) and, rotated, on
+    (block 0's from one forward of the model, the masks and position tables each block is handed) and, rotated, on
     h_i Q, which must give block_i(h_i) Q; the final norm and the first 256 rows of the head must give the same
     logits from h_L Q as the original from h_L."""
-    from ..calib.block_io import fp32, hidden
-    from ..driver import capture_all_block_inputs
-
     device = inner.embed_tokens.weight.device
     probe = torch.randint(0, inner.embed_tokens.weight.shape[0], (2, 16), generator=torch.Generator().manual_seed(0))
-    first, calls = capture_all_block_inputs(model, blocks_name, blocks, probe, device, batch_size=2)
-    h = first[0][0][0].float()
+    calls = _block_calls(model, blocks, probe.to(device))
+    h = calls[0][0][0].float()
     q32 = q.float()
-    for i, (block, [(rest, kwargs)]) in enumerate(zip(blocks, calls)):
-        rest, kwargs = fp32(rest), fp32(kwargs)
+    for i, (block, (args, kwargs)) in enumerate(zip(blocks, calls)):
+        rest, kwargs = fp32(args[1:]), fp32(kwargs)
         copy = deepcopy(block).float()
         want = hidden(copy(h, *rest, **kwargs)).float()
         _rotate_block(copy, q)
@@ -128,10 +139,7 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
     tensor is computed in float64 and rounded once to its dtype, so memory holds the model plus one float64 tensor
     (and, for the check, a float32 copy of one block), never a float32 copy of the model. Checked first, block by
     block (_check); a failed check raises and leaves the model as it was."""
-    from ..models import find_blocks
-
     inner, blocks = _layers(model)
-    blocks_name, _ = find_blocks(model)
     head = model.get_output_embeddings()
     d = inner.embed_tokens.weight.shape[1]
     for i, block in enumerate(blocks):
@@ -139,7 +147,7 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
             _norm_weight(block.get_submodule(norm_name), f"block {i}'s {norm_name}")
     _norm_weight(inner.norm, "the final norm")
     q = rotation_matrix(d, seed).to(inner.embed_tokens.weight.device)
-    _check(model, blocks_name, blocks, inner, head, q)
+    _check(model, blocks, inner, head, q)
     if head.weight is inner.embed_tokens.weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
         model.config.tie_word_embeddings = False
