@@ -122,3 +122,12 @@ def test_e2e_refuses_to_stream(tmp_path):
     with pytest.raises(ValueError, match=r"e2e_epochs > 0 tunes the whole model end to end.*without streaming"):
         tquant.quantize_to_disk(str(tmp_path / "src"), str(tmp_path / "out"), "quip#", calib=CALIB[:2],
                                 tokenizer=byte_tokenizer(), e2e_epochs=1, scale_grid="")
+
+
+def test_e2e_after_the_per_block_stage():
+    """The benchmark rows' combination: per-block fine-tuning, then end to end from where it left the signs."""
+    model = quantized(calib=CALIB[:8], ft_epochs=1, e2e_epochs=1, e2e_lr=1e-3, e2e_susv_lr=1e-3)
+    report = model.config.quantization_config["report"]
+    assert len(report["ft_mse_before_after"]) == 2
+    before, after = report["e2e"]["kl_before_after"]
+    assert after < before, report["e2e"]
