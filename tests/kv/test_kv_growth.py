@@ -12,6 +12,7 @@ import torch
 from tquant.kv import growing
 from tquant.kv import kvquant_format as fmt
 from tquant.kv.cache import KiviLayer
+from tquant.kv.fp8_cache import FP8Layer
 from tquant.kv.kvquant_cache import KVQuantLayer
 from tests.kernel_device import DEVICE
 
@@ -34,6 +35,7 @@ LAYERS = {
     "kivi, residual 0": lambda kernel: KiviLayer(2, CHUNK, 0, False, kernel=kernel),
     "qoq per-token keys": lambda kernel: KiviLayer(4, D, 0, False, kernel=kernel, key_axis="token"),
     "kvquant": kvquant_layer,
+    "fp8": lambda kernel: FP8Layer(None, None, False, kernel=kernel),
 }
 
 
