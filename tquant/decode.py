@@ -26,8 +26,9 @@ down in one launch, the weighted sum over slots; no host sync whatever the routi
 experts run in their own module. Qwen2-MoE's block (a gated shared expert besides) and sliding windows are refused.
 The model's KV method (quantization_config["kv_cache"]) decides the cache (tquant.kv.static_cache): none -> float;
 qoq_kv4 -> per-token 4 / 8-bit codes (written by kernels.kv_quant_write on CUDA); kivi -> per-channel key groups,
-per-token values and a full-precision ring of the newest tokens; both read by tquant.kv.attention on CUDA.
-KVQuant's cache has no static form yet and is refused.
+per-token values and a full-precision ring of the newest tokens; both read by tquant.kv.attention on CUDA;
+fp8_kv -> e4m3 keys / values with a scale a layer and KV head (tquant.kv.fp8_static_cache, read by
+fp8_decode_attention on CUDA of compute capability 8.9+). KVQuant's cache has no static form yet and is refused.
 A bf16 / fp32 model's quantized cache keeps fp16 scales and minima: a key or value group past fp16's range raises
 (tquant.kv.uniform_format), as the group is quantized on an eager torch step, else (a captured step, the write
 kernel) when the cache's check_range sees what it stored: after the prefill, at the end of generate and every
