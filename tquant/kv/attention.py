@@ -375,4 +375,15 @@ def fp8_decode_attention(q, k, v, k_scale, v_scale, res_k, res_v, *, sm_scale: f
 
 
 __all__ = ["float_decode_attention", "fp8_decode_attention", "fp8_decode_attention_ref", "kivi_decode_attention",
-           "kivi_decode_attention_ref"]
+           "kivi_decode_attention_ref", "masked_attention"]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, live: torch.Tensor,
+                     sm_scale: float) -> torch.Tensor:
+    """The static caches' torch decode step (tquant.kv.static_cache, fp8_static_cache). o [B, Hq, D] = softmax(sm_scale q K^T) V over the positions of k, v [B, Hkv, T, D] where live [B, T]: the
+    rep query heads of KV head j (heads j rep ... j rep + rep - 1, as HF's repeat_kv) as rep query rows of one masked
+    SDPA (no repeated K / V)."""
+    b, hq, d = q.shape
+    o = torch.nn.functional.scaled_dot_product_attention(q.view(b, k.shape[1], hq // k.shape[1], d), k.to(q.dtype),
+                                                         v.to(q.dtype), attn_mask=live[:, None, None], scale=sm_scale)
+    return o.reshape(b, hq, d)

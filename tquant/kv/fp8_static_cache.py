@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.fp8_gemm import FP8
+from .attention import fp8_decode_attention, masked_attention
 from .fp8_format import dequantize_fp8_kv, kernel_device, quantize_fp8_kv
 
 
@@ -58,12 +59,8 @@ class StaticFP8Cache:
         its stored form)."""
         window = (self._window,) * 2 if self.prefill_with_quant else (k.to(self.dtype), v.to(self.dtype))
         if self.kernel:
-            from .attention import fp8_decode_attention
-
             return fp8_decode_attention(q, self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer],
                                         *window, sm_scale=sm_scale, length=self._length)
-        from .static_cache import masked_attention
-
         keys, values = self.stored(layer, self.max_len)
         live = torch.arange(self.max_len, device=q.device)[None, :] < self._length[:, None]  # [B, T]
         keys, values = torch.cat([keys, window[0]], dim=2), torch.cat([values, window[1]], dim=2)

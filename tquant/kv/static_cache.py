@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import tquant_config
+from .attention import masked_attention
 from .fp8_static_cache import fp8_static_cache
 from .uniform_format import (PackedKV, dequantize_keys, dequantize_values, quantize_keys, quantize_values,
                              stored_params_error, words_per_group)
@@ -284,17 +285,6 @@ class StaticKiviCache:
         sequence holds besides is fixed, not per token)."""
         tokens = self.v.codes.shape[3]
         return sum(p.element_size() * p[:, 0].numel() for p in (*self.k, *self.v)) // tokens
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, live: torch.Tensor,
-                     sm_scale: float) -> torch.Tensor:
-    """o [B, Hq, D] = softmax(sm_scale q K^T) V over the positions of k, v [B, Hkv, T, D] where live [B, T]: the
-    rep query heads of KV head j (heads j rep ... j rep + rep - 1, as HF's repeat_kv) as rep query rows of one masked
-    SDPA (no repeated K / V)."""
-    b, hq, d = q.shape
-    o = F.scaled_dot_product_attention(q.view(b, k.shape[1], hq // k.shape[1], d), k.to(q.dtype), v.to(q.dtype),
-                                       attn_mask=live[:, None, None], scale=sm_scale)
-    return o.reshape(b, hq, d)
 
 
 def static_cache(model, batch: int, max_len: int):
