@@ -52,7 +52,7 @@ def quantize(
     skip: fnmatch patterns of layer names to leave in full precision. The lm_head and the input
     embedding stay in full precision unless lm_head=True (quantized by the method from its inputs) or
     embeddings=True (round-to-nearest per row group); untying a tied pair keeps the other one float.
-    Extra keyword arguments are method options. A KV-cache method ("kivi", "kvquant", "qoq_kv4") quantizes no
+    Extra keyword arguments are method options. A KV-cache method ("kivi", "kvquant", "qoq_kv4", "fp8_kv") quantizes no
     weights: it sets up the model's quantized KV cache (tquant.kv.hook), which generate() then uses (calibrated on
     calib= where the method needs data); apply it before or after a weight method to combine the two.
     Mixture-of-experts models (Mixtral, Qwen3-MoE: experts as fused 3-D weights): rtn and gptq quantize every expert
