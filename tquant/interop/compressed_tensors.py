@@ -277,6 +277,12 @@ def _import_int8_layer(name: str, linear: nn.Module, scheme: dict, tensors: dict
     mod = ActQuantLinear(k, n, bits=8, act_bits=8, group_size=k, bias=bias is not None, static=static,
                          dtype=linear.weight.dtype, device="cpu")
     mod.qweight.copy_(weight)
+    return _scales_and_bias(mod, name, scale, static, bias, tensors)
+
+
+def _scales_and_bias(mod, name: str, scale: torch.Tensor, static: bool, bias, tensors: dict):
+    """An 8-bit W8A8 layer (ActQuantLinear or FP8Linear) given its per-channel weight scale [N, 1], its static
+    activation scale (`input_scale`, popped from tensors) where static, and its bias; validated, returned."""
     mod.w_scale.copy_(scale[:, 0].float())
     if static:
         act_scale = tensors.pop(f"{name}.input_scale", None)
@@ -316,15 +322,7 @@ def _import_fp8_layer(name: str, linear: nn.Module, scheme: dict, tensors: dict)
     mod = FP8Linear(k, n, act_bits=None if a is None else 8, static=static, bias=bias is not None,
                     dtype=linear.weight.dtype, device="cpu")
     mod.qweight.copy_(weight.view(FP8))
-    mod.w_scale.copy_(scale[:, 0].float())
-    if static:
-        act_scale = tensors.pop(f"{name}.input_scale", None)
-        mod.act_scale.copy_(expect(f"{name}.input_scale", None if act_scale is None else act_scale.reshape(-1),
-                                   (1,), "float").float())
-    if bias is not None:
-        mod.bias.copy_(bias.to(mod.bias.dtype))
-    mod.validate(name)
-    return mod
+    return _scales_and_bias(mod, name, scale, static, bias, tensors)
 
 
 def _import_packed_layer(name: str, linear: nn.Module, scheme: dict, tensors: dict) -> PackedLinear:
