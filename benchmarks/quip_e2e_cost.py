@@ -13,7 +13,6 @@ with the loss.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import resource
 import time
 
@@ -22,6 +21,7 @@ import torch
 from tquant.calib.block_tuning import float32_training
 from tquant.calib.data import calibration_data
 from tquant.calib.logit_distill import distill_logits, kl_error, teacher_topk, topk_kl
+from tquant.methods.quip_sharp import end_to_end_parameters
 from tquant.models import find_blocks, load_model
 from tquant.modules import QuipLinear
 
@@ -81,12 +81,7 @@ def main():
             if isinstance(mod, torch.nn.Linear):
                 block.set_submodule(name, random_quip(mod, 4, g))
     layers = [m for m in model.modules() if isinstance(m, QuipLinear)]
-    with contextlib.ExitStack() as stack:
-        for m in layers:
-            stack.enter_context(m.trainable())
-        signs = [p for m in layers for p in (m.su, m.sv)]
-        fixed = {id(p) for p in [*signs, *model.get_input_embeddings().parameters()]}
-        others = [p for p in model.parameters() if p.is_floating_point() and id(p) not in fixed]
+    with end_to_end_parameters(model) as (signs, others):
         groups = [{"params": signs, "lr": 5e-4}, {"params": others, "lr": 5e-5}]
         with float32_training(model, signs + others):
             if a.saved:

@@ -91,6 +91,20 @@ def proxy_error(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return ((delta @ h) * delta).sum((-2, -1))
 
 
+@contextlib.contextmanager
+def end_to_end_parameters(model):
+    """(signs, others) while every QuipLinear of model is trainable (QuipLinear.trainable): signs the su / sv of each,
+    others every other float parameter but the input embedding's (norms, biases, an untied head): what the
+    end-to-end stage tunes."""
+    layers = [m for m in model.modules() if isinstance(m, QuipLinear)]
+    with contextlib.ExitStack() as stack:
+        for m in layers:
+            stack.enter_context(m.trainable())
+        signs = [p for m in layers for p in (m.su, m.sv)]
+        fixed = {id(p) for p in [*signs, *model.get_input_embeddings().parameters()]}
+        yield signs, [p for p in model.parameters() if p.is_floating_point() and id(p) not in fixed]
+
+
 @register
 @dataclasses.dataclass
 class QuipSharp(Method):
@@ -221,13 +235,7 @@ class QuipSharp(Method):
 
     def _tune_end_to_end(self, model, calib, teacher):
         """Adam on every QuipLinear's su, sv and the float parameters but the input embedding's (module docstring)."""
-        layers = [m for m in model.modules() if isinstance(m, QuipLinear)]
-        with contextlib.ExitStack() as stack:
-            for m in layers:
-                stack.enter_context(m.trainable())
-            signs = [p for m in layers for p in (m.su, m.sv)]
-            fixed = {id(p) for p in [*signs, *model.get_input_embeddings().parameters()]}
-            others = [p for p in model.parameters() if p.is_floating_point() and id(p) not in fixed]
+        with end_to_end_parameters(model) as (signs, others):
             groups = [{"params": signs, "lr": self.e2e_susv_lr}] + ([{"params": others, "lr": self.e2e_lr}]
                                                                     if others else [])
             steps = self.e2e_epochs * math.ceil(calib.shape[0] / self.e2e_batch)
