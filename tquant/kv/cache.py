@@ -70,6 +70,16 @@ class QuantizedLayer(CacheLayerMixin):
                 g.view[..., start : start + x.shape[-2], :] = x
             self._dirty = None
 
+    def _stored_with(self, key_states, value_states) -> tuple[torch.Tensor, torch.Tensor]:
+        """A kernel path's prefill: every token as stored (stored()), the call's own t tokens exact unless
+        prefill_with_quant."""
+        keys, values = self.stored()
+        if not self.prefill_with_quant:
+            t = key_states.shape[-2]
+            keys = torch.cat([keys[..., :-t, :], key_states], dim=-2)
+            values = torch.cat([values[..., :-t, :], value_states], dim=-2)
+        return keys, values
+
     def _decoded_copy(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The torch path's decoded copy as stored: views, or a fresh copy while the last update's exact tokens
         cover part of it."""
@@ -177,11 +187,7 @@ class KiviLayer(QuantizedLayer):
         if kernel_step:
             return self.keys, self.values
         if self._full is None:  # the kernel path's prefill: the store decoded on demand
-            keys, values = self.stored()
-            if not self.prefill_with_quant:
-                keys = torch.cat([keys[..., :-t, :], key_states], dim=-2)
-                values = torch.cat([values[..., :-t, :], value_states], dim=-2)
-            return keys, values
+            return self._stored_with(key_states, value_states)
         keys, values = (g.view for g in self._full)
         end, first = keys.shape[-2], self.quantized_length()
         start = end - t

@@ -84,11 +84,7 @@ class FP8Layer(QuantizedLayer):
             self.kernel_step = key_states[..., :exact, :]
             return self.kernel_step, value_states[..., :exact, :]
         if self._full is None:  # the kernel path's prefill: the store decoded on demand
-            keys, values = self.stored()
-            if not self.prefill_with_quant:
-                keys = torch.cat([keys[..., :-t, :], key_states], dim=-2)
-                values = torch.cat([values[..., :-t, :], value_states], dim=-2)
-            return keys, values
+            return self._stored_with(key_states, value_states)
         keys, values = (g.view for g in self._full)
         if not self.prefill_with_quant:
             # the call's own tokens come back exact: written over their stored form, which the next update (or
