@@ -93,21 +93,12 @@ def main(argv=None):
                                          fp8_weight_only_matmul_ref, quantize_fp8)
     from tquant.kernels.w8a8_gemm import w8a8_matmul, w8a8_matmul_ref
 
+    from bench_weight_only import graph_us  # the peers' timing: CUDA-graph replays over rotated weight copies
+
     props = torch.cuda.get_device_properties(0)
     info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 l2_mb=props.L2_cache_size / 2**20)
     print(json.dumps(info), flush=True)
-
-    def graph_us(fns):
-        """Median us of CUDA-graph replays of calls cycling through fns (each on its own weight copy)."""
-        i = [0]
-
-        def step():
-            fns[i[0] % len(fns)]()
-            i[0] += 1
-        step()
-        torch.cuda.synchronize()
-        return triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median") * 1e3
 
     def scaled_mm(xq, xs, wq, ws, fast):
         m = xq.shape[0]
