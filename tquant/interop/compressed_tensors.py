@@ -157,16 +157,23 @@ def _check_w8a8(name: str, mod: ActQuantLinear, method: str | None, model: nn.Mo
              "ignore), or with zeroquant (no smoothing); the tquant checkpoint itself runs the factor in its kernel")
 
 
-def export_act_layer(name: str, mod: ActQuantLinear, method: str | None,
-                     model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """One W8A8 ActQuantLinear's int-quantized tensors (layout in the module docstring) and scheme."""
-    _check_w8a8(name, mod, method, model)
+def _w8a8_tensors(name: str, mod) -> tuple[dict[str, torch.Tensor], bool]:
+    """({weight, weight_scale [N, 1], input_scale where static, bias}, static) of an 8-bit layer (ActQuantLinear or
+    FP8Linear): the tensors the int- and float-quantized formats share."""
     out = {f"{name}.weight": mod.qweight, f"{name}.weight_scale": mod.w_scale[:, None].contiguous()}
     static = mod.act_scale is not None
     if static:
         out[f"{name}.input_scale"] = mod.act_scale
     if mod.bias is not None:
         out[f"{name}.bias"] = mod.bias
+    return out, static
+
+
+def export_act_layer(name: str, mod: ActQuantLinear, method: str | None,
+                     model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """One W8A8 ActQuantLinear's int-quantized tensors (layout in the module docstring) and scheme."""
+    _check_w8a8(name, mod, method, model)
+    out, static = _w8a8_tensors(name, mod)
     inputs = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor" if static else "token",
               "dynamic": not static}
     return out, _scheme(dict(W8A8_WEIGHTS), inputs, INT)
@@ -174,12 +181,7 @@ def export_act_layer(name: str, mod: ActQuantLinear, method: str | None,
 
 def export_fp8_layer(name: str, mod: FP8Linear) -> tuple[dict[str, torch.Tensor], dict]:
     """One FP8Linear's float-quantized (or, weight-only, naive-quantized) tensors and scheme (module docstring)."""
-    out = {f"{name}.weight": mod.qweight, f"{name}.weight_scale": mod.w_scale[:, None].contiguous()}
-    static = mod.act_scale is not None
-    if static:
-        out[f"{name}.input_scale"] = mod.act_scale
-    if mod.bias is not None:
-        out[f"{name}.bias"] = mod.bias
+    out, static = _w8a8_tensors(name, mod)
     if mod.act_bits is None:
         return out, _scheme(dict(FP8_WEIGHTS), None, NAIVE)
     inputs = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor" if static else "token",
