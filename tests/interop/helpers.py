@@ -82,3 +82,33 @@ def edit_checkpoint(path, config=None, tensors=None) -> None:
             else:
                 t[k] = v
         save_file(t, os.path.join(path, "model.safetensors"))
+
+
+def library_w8a8_checkpoint(path, static: bool, kind: str, input_scale: float) -> None:
+    """A tiny Llama quantized and saved the way llm-compressor saves W8A8 (kind "int": int-quantized) or FP8 (kind
+    "float": float-quantized): per-channel weight scales from compressed-tensors' calculate_qparams, a static input
+    scale of input_scale when asked, ModelCompressor.compress_model, save_pretrained, update_config."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model = tiny_model("llama")
+    weights = dict(num_bits=8, type=kind, symmetric=True, strategy="channel")
+    inputs = dict(num_bits=8, type=kind, symmetric=True, strategy="tensor" if static else "token", dynamic=not static)
+    fmt = f"{kind}-quantized"
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
+                                quantization_status=QuantizationStatus.CALIBRATION, format=fmt)
+    apply_quantization_config(model, config)
+    for name, mod in model.named_modules():
+        if hasattr(mod, "quantization_scheme") and name != "lm_head":
+            w = mod.weight.detach()
+            scale, _ = calculate_qparams(w.amin(-1), w.amax(-1), mod.quantization_scheme.weights)
+            mod.weight_scale.data.copy_(scale.reshape(mod.weight_scale.shape))
+            if static:
+                mod.input_scale.data.fill_(input_scale)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
+    compressor.compress_model(model)
+    model.save_pretrained(path)
+    compressor.update_config(path)

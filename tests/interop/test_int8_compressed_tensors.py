@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import tquant
 from tquant.modules import ActQuantLinear
-from tests.interop.helpers import logits
+from tests.interop.helpers import library_w8a8_checkpoint, logits
 from tests.tiny_models import tiny_model, token_batch
 
 ct = pytest.importorskip("compressed_tensors")
@@ -174,38 +174,9 @@ def test_w4a8_layers_are_refused_by_name(tmp_path):
 
 # ---- the library's own compressor -> tquant ----
 
-def _library_int8_checkpoint(path, static: bool):
-    """A tiny Llama quantized and saved the way llm-compressor saves W8A8: per-channel weight qparams from
-    compressed-tensors' calculate_qparams, a static input scale when asked, ModelCompressor.compress_model,
-    save_pretrained, update_config."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
-                                                 apply_quantization_config)
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    model = tiny_model("llama")
-    weights = dict(num_bits=8, type="int", symmetric=True, strategy="channel")
-    inputs = dict(num_bits=8, type="int", symmetric=True, strategy="tensor" if static else "token", dynamic=not static)
-    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs)
-    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"],
-                                quantization_status=QuantizationStatus.CALIBRATION, format="int-quantized")
-    apply_quantization_config(model, config)
-    for name, mod in model.named_modules():
-        if hasattr(mod, "quantization_scheme") and name != "lm_head":
-            w = mod.weight.detach()
-            scale, _ = calculate_qparams(w.amin(-1), w.amax(-1), mod.quantization_scheme.weights)
-            mod.weight_scale.data.copy_(scale.reshape(mod.weight_scale.shape))
-            if static:
-                mod.input_scale.data.fill_(0.05)
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(path)
-    compressor.update_config(path)
-
-
 @pytest.mark.parametrize("static", [False, True])
 def test_library_compressed_int8_checkpoint_loads_into_act_quant_linear(tmp_path, static):
-    _library_int8_checkpoint(str(tmp_path), static)
+    library_w8a8_checkpoint(str(tmp_path), static, "int", 0.05)
     loaded = tquant.load(str(tmp_path))
     reference = _ct_load(str(tmp_path))
     layers = act_layers(loaded)
