@@ -6,20 +6,7 @@ import torch
 from tquant.formats import e8p_codebook
 from tquant.formats.incoherence import unrotate_weight
 from tquant.modules import QuipLinear
-
-
-def random_layer(k, n, bits, seed):
-    g = torch.Generator().manual_seed(seed)
-    mod = QuipLinear(k, n, bits=bits, bias=True, dtype=torch.float32)
-    mod.codes.copy_(torch.randint(-(1 << 15), 1 << 15, mod.codes.shape, generator=g))
-    if bits == 3:
-        mod.codes2.copy_(torch.randint(0, 256, mod.codes2.shape, generator=g))
-    elif bits == 4:
-        mod.codes2.copy_(torch.randint(-(1 << 15), 1 << 15, mod.codes2.shape, generator=g))
-    mod.su.copy_(torch.randn(k, generator=g).sign())
-    mod.sv.copy_(torch.randn(n, generator=g) * 0.05)
-    mod.bias.copy_(torch.randn(n, generator=g))
-    return mod
+from tests.modules.test_kernels_quip_linear import random_layer
 
 
 def dense(mod):
@@ -34,7 +21,7 @@ def dense(mod):
 
 @pytest.mark.parametrize("bits,k,n", [(2, 96, 40), (3, 64, 24), (4, 24, 36)])
 def test_trainable_gives_the_dense_layers_gradients(bits, k, n):
-    mod = random_layer(k, n, bits, seed=bits + k)
+    mod = random_layer(k, n, bits, True, torch.float32, seed=bits + k).cpu()  # the dense reference is on the CPU
     mod.backend = "triton"
     g = torch.Generator().manual_seed(n)
     x, r = torch.randn(3, 5, k, generator=g), torch.randn(3, 5, n, generator=g)
