@@ -85,14 +85,14 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **overri
     for key, value in overrides.items():
         setattr(cfg, key, value)
     cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = VOCAB - 1
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # random init is tiny; make weights and activations lively so quantization matters
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3: fused experts [E, out, in]
                 p.normal_(0, 0.08)
-            elif p.dim() == 3:  # fused experts [E, out, in]
-                p.normal_(0, 0.08)
-    return model
+    # drawn in float32, then rounded: a half model is the float model's rounding on every torch (normal_ of a bf16
+    # tensor draws other numbers on other torch versions and devices' kernels)
+    return model.to(dtype)
 
 
 def token_batch(n: int = 8, seqlen: int = 32, seed: int = 1) -> torch.Tensor:

@@ -134,13 +134,13 @@ def test_kivi_refuses_a_bf16_group_past_fp16s_range(dtype, part, key_axis, write
     big = k if part == "keys" else v
     big[0, 1, 3, 2] = 1e5
     layer = KiviLayer(bits, group, 0, True, kernel=False, key_axis=key_axis, write_kernel=write_kernel)
-    keys, values = layer.update(k.to(dtype), v.to(dtype))
+    keys, values = layer.update(k.to(DEVICE, dtype), v.to(DEVICE, dtype))
     assert layer.quantized_length() == t
-    got = keys if part == "keys" else values
+    got = (keys if part == "keys" else values).cpu()
     step = (1e5 - big.min().item()) / (2**bits - 1)  # the largest group's step
     assert got.isfinite().all() and (got.float() - big.to(dtype).float()).abs().max() <= step / 2 * (1 + 2**-8)
     big[0, 1, 3, 2] = -2.0**17  # exact in bf16
     layer = KiviLayer(bits, group, 0, True, kernel=False, key_axis=key_axis, write_kernel=write_kernel)
     with pytest.raises(ValueError, match=rf"fp16 \(at most 65504\), and a group of the {dtype} {part} spans "
                                          r"\[-1.311e\+05, .*\], past it: keep this model's KV cache in float"):
-        layer.update(k.to(dtype), v.to(dtype))
+        layer.update(k.to(DEVICE, dtype), v.to(DEVICE, dtype))

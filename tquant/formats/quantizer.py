@@ -146,8 +146,11 @@ def minmax_quantize(x: torch.Tensor, bits: int, dim: int, param_dtype: torch.dty
     x = x.float()
     mn = x.amin(dim=dim, keepdim=True)
     mx = x.amax(dim=dim, keepdim=True)
-    scale = (mx - mn) / (2**bits - 1)
-    scale = torch.where(scale.isinf(), mx / (2**bits - 1) - mn / (2**bits - 1), scale)  # a range past fp32's max
+    # a 0-dim tensor on x's device, not a Python number: CUDA torch divides by a scalar as a multiplication by its
+    # rounded reciprocal, which differs from the IEEE quotient (the write kernels' tl.div_rn) in the last bit
+    levels = x.new_tensor(2**bits - 1)
+    scale = (mx - mn) / levels
+    scale = torch.where(scale.isinf(), mx / levels - mn / levels, scale)  # a range past fp32's max
     scale, mn = scale.to(param_dtype), mn.to(param_dtype)
     # a constant slice, or a step that is 0 in param_dtype (a range below its subnormals): scale 1, codes 0 (x = mn)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
