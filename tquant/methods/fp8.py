@@ -8,9 +8,21 @@
     y = (xq . Wq^T) s_x s_w + bias   (weight-only: y = (x . Wq^T) s_w + bias)
 E is torch.float8_e4m3fn's cast (ties to even, +-448 at most, subnormal steps of 2^-9 s); the kernels and the
 references are tquant.kernels.fp8_gemm, the module tquant.modules.FP8Linear. Data-free except with act_static (the
-calibration passes then gather each input's largest |x|, with the layers before it already simulated). While the
-driver runs, each quantized nn.Linear simulates its layer: its weight is Wq s_w and its input is fake-quantized
-(E(x / s_x) s_x) unless weight-only.
+calibration passes then gather each input's largest |x|, with the layers before it already simulated), gptq or
+smooth_alpha. While the driver runs, each quantized nn.Linear simulates its layer: its weight is Wq s_w and its input
+is fake-quantized (E(x / s_x) s_x) unless weight-only.
+Two calibrated options change the weights only, never the format (the same FP8Linear, kernels and checkpoint):
+    gptq=True           GPTQ's error feedback (tquant.methods.gptq: H of the layer's calibration inputs, act order,
+                        percdamp) on the e4m3 grid: s_w[n] as above from the original row, each column rounded to
+                        E(w / s_w) s_w and its error spread over the columns not yet rounded
+    smooth_alpha=a      SmoothQuant's migration (tquant.calib.smoothing) before W8A8: per input group
+                        s_j = max|X_j|^a / max|W_j|^(1 - a), W's columns times s, 1/s folded into the norm / linear
+                        that produces X where one absorbs it exactly (find_absorber; v_proj for o_proj under GQA, s
+                        tied over a KV head's query heads). FP8Linear has no run-time divisor, so a group with no
+                        absorber stays unsmoothed (report()'s "unsmoothed" names them).
+On SmolLM2-135M e4m3 is a relative grid (3 mantissa bits: ~2.6 % rms weight error per channel, where int8 per channel
+is ~0.9 %), so scaling a channel (smoothing) moves little error; benchmarks/RESULTS.md (FP8 on the offline model)
+has what each option measured.
 """
 from __future__ import annotations
 
@@ -18,20 +30,26 @@ import dataclasses
 
 import torch
 
-from ..formats.weights import FP8Weight
-from ..kernels.fp8_gemm import E4M3_MAX, fake_quantize_fp8, quantize_fp8_ref
+from ..calib.smoothing import SmoothedGroup, find_absorber, input_absmax
+from ..formats.weights import FP8Weight, in_input_order
+from ..kernels.fp8_gemm import E4M3_MAX, FP8 as E4M3, fake_quantize_fp8, quantize_fp8_ref
 from .base import LayerState, Method, option, register
+from .gptq import GPTQ as _GPTQ, HessianState, error_feedback
 
 
 class AbsMaxState(LayerState):
-    """The largest |x| of the layer's input over the calibration set (float32 scalar)."""
+    """The largest |x| of the layer's input over the calibration set (float32 scalar), and with hessian=True also
+    GPTQ's H of it (`self.hessian`, a gptq.HessianState)."""
 
-    def __init__(self, name, linear):
+    def __init__(self, name, linear, hessian=False):
         super().__init__(name, linear)
         self.absmax = torch.zeros((), dtype=torch.float32, device=linear.weight.device)
+        self.hessian = HessianState(name, linear) if hessian else None
 
     def _accumulate(self, x):
         self.absmax = torch.maximum(self.absmax, x.detach().abs().max().float())
+        if self.hessian is not None:
+            self.hessian.add_batch(x)
 
 
 @register
@@ -47,6 +65,10 @@ class FP8(Method):
     act_static: bool = option(False, "one static activation scale per layer from calibration (max |x| / 448; needs "
                                      "calib=), else per-token dynamic")
     weight_only: bool = option(False, "FP8 weights only (W8A16): activations stay in the model's dtype")
+    gptq: bool = option(False, "GPTQ's error feedback on the e4m3 grid (same per-channel scales; needs calib=)")
+    percdamp: float = option(0.01, "with gptq=True: damping added to diag(H), as a fraction of its mean")
+    smooth_alpha: float | None = option(None, "SmoothQuant's migration before W8A8, folded where an op absorbs it "
+                                              "(s_j = max|X_j|^a / max|W_j|^(1-a); needs calib=); None: none")
 
     def __post_init__(self):
         if self.bits != 8:
@@ -57,12 +79,71 @@ class FP8(Method):
             raise ValueError("fp8 weights are symmetric (a sign bit, no zero point): drop sym=False / --asym")
         if self.act_static and self.weight_only:
             raise ValueError("act_static=True quantizes activations, weight_only=True does not: choose one")
+        if not isinstance(self.gptq, bool):
+            raise ValueError(f"gptq must be True or False, got {self.gptq!r}")
+        if not 0 <= self.percdamp < float("inf"):
+            raise ValueError(f"percdamp must be a finite number >= 0, got {self.percdamp}")
+        if self.percdamp != 0.01 and not self.gptq:
+            raise ValueError(f"percdamp={self.percdamp} damps GPTQ's Hessian: it needs gptq=True")
+        if self.smooth_alpha is not None:
+            if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
+                    or not 0 <= self.smooth_alpha <= 1:
+                raise ValueError(f"smooth_alpha must be a number in [0, 1] or None, got {self.smooth_alpha!r}")
+            if self.weight_only:
+                raise ValueError("smooth_alpha migrates activation outliers into the weights for W8A8; "
+                                 "weight_only=True quantizes no activations: drop one")
         self.group_size = -1
-        self.needs_calibration = self.needs_layer_stats = self.act_static
+        self.needs_calibration = self.act_static or self.gptq or self.smooth_alpha is not None
+        self.needs_layer_stats = self.act_static or self.gptq
         self.static_scale: dict[str, torch.Tensor] = {}  # layer name -> s_x [1], filled by quantize
+        self.unsmoothed: list[str] = []  # input groups (first layer's name) no op could absorb smoothing for
+        self.smoothed_groups = 0
+
+    def new_state(self, name, linear):
+        return AbsMaxState(name, linear, hessian=self.gptq)
+
+    def prepare_block(self, block, linears, groups, inputs, prefix):
+        if self.smooth_alpha is None:
+            return
+        amax = input_absmax(block, {g[0]: linears[g[0]] for g in groups}, inputs)
+        for g in groups:
+            group = [linears[n] for n in g]
+            absorber = find_absorber(block, group, inputs, tied=True)
+            if absorber is None:  # FP8Linear divides by nothing at run time
+                self.unsmoothed.append(prefix + g[0])
+                continue
+            SmoothedGroup(group, absorber, amax[g[0]], float(self.smooth_alpha))
+            self.smoothed_groups += 1
+
+    def report(self):
+        if self.smooth_alpha is None:
+            return {}
+        return {"smoothed_groups": self.smoothed_groups, "unsmoothed": self.unsmoothed}
+
+    def gptq_weight(self, state, linear, name) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Wq float8_e4m3fn [N, K], s_w [N]): s_w as round to nearest takes it from the original rows, the codes by
+        GPTQ's column loop (gptq.error_feedback) in act order, each column E(clamp(w / s_w, +-448))."""
+        helper = _GPTQ(bits=8, group_size=-1, percdamp=self.percdamp)
+        if state.hessian.tokens == 0:
+            raise ValueError(f"layer {name!r}: gptq=True needs the calibration activations entering it, and none "
+                             "reached it")
+        w, perm, u = helper.prepared(state.hessian, linear, name)
+        scale = quantize_fp8_ref(linear.weight.detach().float())[1].to(w.device)
+        codes = torch.empty_like(w)  # e4m3 values, in w's (H's) dtype
+
+        def column(col, current, upcoming):
+            q = (current / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).to(w.dtype)
+            codes[:, col] = q
+            return q * scale
+
+        error_feedback(w, u, helper.blocksize, column)
+        return in_input_order(codes, perm).to(E4M3), scale
 
     def quantize(self, state, linear, name) -> FP8Weight:
-        weight, scale = quantize_fp8_ref(linear.weight.detach())
+        if self.gptq:
+            weight, scale = self.gptq_weight(state, linear, name)
+        else:
+            weight, scale = quantize_fp8_ref(linear.weight.detach())
         act_scale = None
         if self.act_static:
             if state.n_batches == 0:
