@@ -48,6 +48,23 @@ def test_act_quant_kernel_matches_reference(m, k, bits, dtype, smooth, seed):
     torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
 
 
+
+@needs_backend
+@pytest.mark.parametrize("k,bits,dtype,mode", [(1025, 8, torch.float16, "smooth"), (4097, 4, torch.bfloat16, "plain"),
+                                               (8193, 8, torch.float32, "static"), (5001, 4, torch.float16, "asym")])
+def test_act_quant_long_rows(k, bits, dtype, mode):
+    """Rows past 1024 (the GPU's BLOCK_K 2048 and up: 8 warps) and past 4096 (BLOCK_K 4096 walked 2 or 3 times per
+    pass), the launch widths of Llama-sized rows that the hypothesis tests (K <= 200: one block of 128 or 256, 4 warps
+    on the GPU) do not reach; identical codes, scales (and zeros) to the reference."""
+    x, s = activations(2, k, dtype, seed=k, smooth=mode == "smooth")
+    kw = dict(bits=bits, smooth=s, zero_point=mode == "asym")
+    if mode == "static":
+        kw["scale"] = (x.float().abs().max() / 127 * 0.5).reshape(1)  # half the rows' range: outliers clip
+    out = quantize_activations(x, **kw)
+    ref = quantize_activations_ref(x, **kw)
+    for a, b in zip(out, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
 @SLOW
 @given(m=st.integers(1, 6), k=st.integers(1, 200), bits=st.sampled_from([4, 8]), dtype=st.sampled_from(DTYPES),
        smooth=st.booleans(), seed=st.integers(0, 2**31 - 1))

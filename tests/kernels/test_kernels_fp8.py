@@ -128,6 +128,20 @@ def test_fp8_quant_kernel_matches_reference(m, k, dtype, mode, static, zero_row,
     assert torch.equal(bits(q), bits(q_ref))
 
 
+
+@needs_backend
+@pytest.mark.parametrize("k,dtype,static", [(3001, FP16, False), (4096, BF16, True), (8193, FP32, False),
+                                            (14336, BF16, False)])
+def test_fp8_quant_long_rows(k, dtype, static):
+    """Rows past 2048 (BLOCK_K 4096: 8 warps) and past 8192 (BLOCK_K 16384: 16 warps), the launch widths the GPU
+    takes for Llama-sized rows (4096, 14336), which the hypothesis test (K <= 200: 4 warps) does not reach; codes bit
+    for bit and scales equal to the reference's."""
+    x = activations(3, k, dtype, seed=k)
+    scale = (x.float().abs().max() / E4M3_MAX * 0.5).reshape(1) if static else None  # static: outliers saturate
+    q, s = quantize_fp8(x, scale=scale)
+    q_ref, s_ref = quantize_fp8_ref(x, scale=scale)
+    assert torch.equal(s, s_ref) and torch.equal(bits(q), bits(q_ref))
+
 @SLOW
 @given(m=st.integers(1, 6), k=st.integers(1, 200), dtype=st.sampled_from(DTYPES), big=st.booleans(),
        seed=st.integers(0, 2**31 - 1))

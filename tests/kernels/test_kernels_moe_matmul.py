@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tquant.formats.packing import pack_codes
 from tquant.kernels import dequant_gemm
+from tquant.kernels import moe_matmul as moe_matmul_module
 from tquant.kernels.moe_matmul import (grouped_weight_only_matmul, grouped_weight_only_matmul_ref, max_blocks,
                                        moe_align)
 from tests.kernel_device import DEVICE, needs_backend, poisoned_outputs  # noqa: F401  (autouse fixture)
@@ -137,3 +138,24 @@ def test_bad_inputs_name_the_tensor():
                 call(fn, t | change, 4, 16)
     with pytest.raises(ValueError, match="qweight"):
         call(grouped_weight_only_matmul, t | dict(qweight=t["qweight"][0]), 4, 16)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(),
+                    reason="the GPU tiles run on a CUDA GPU (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("tokens,bits,dtype,per_slot", [(1, 4, torch.float16, False), (3, 8, torch.float16, True),
+                                                        (9, 4, torch.bfloat16, False), (40, 3, torch.float16, False),
+                                                        (150, 2, torch.bfloat16, True)])
+def test_kernels_moe_every_gpu_tile(monkeypatch, tokens, bits, dtype, per_slot):
+    """Every GPU candidate of the grouped launch for the pairs an expert gets (dequant_gemm's tiles: BLOCK_M 16 with
+    the inline-asm dequantization at decode, fp16 2/4/8 and bf16 2/4 bits, and split-K; the larger MMA tiles from
+    about 32 pairs an expert), each forced through config= where the tuner (and TQUANT_AUTOTUNE=0's first candidate)
+    would pick one: top-2 of 8 experts, K 1024 in groups of 128 with act-order perm, N 200. GPU only: the
+    interpreter runs its own two tiles (test_kernels_moe_every_tile)."""
+    monkeypatch.setattr(moe_matmul_module, "interpreter_on", lambda: False)
+    t = make_inputs(tokens, 8, 2, 200, 1024, bits, 128, dtype, True, per_slot, "topk", seed=tokens)
+    pairs = tokens * 2
+    rows = 1 << max(-(-pairs // min(8, pairs)) - 1, 0).bit_length()  # as grouped_weight_only_matmul's tuning key
+    configs = moe_matmul_module.candidates(rows, 200, t["qweight"].shape[1])
+    assert configs and all(c not in dequant_gemm.INTERPRETER_CONFIGS for c in configs)
+    for config in configs:
+        check(t, bits, 128, dtype, config=config)

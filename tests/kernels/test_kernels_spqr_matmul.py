@@ -6,6 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tquant.kernels import spqr_matmul as spqr_matmul_module
 from tquant.kernels.spqr_matmul import outlier_add, spqr_matmul, spqr_matmul_ref
 from tquant.kernels.weight_only_matmul import run_path
 from tquant.modules import SpQRLinear
@@ -128,3 +129,24 @@ def test_kernels_spqr_bad_inputs_raise():
         spqr_matmul_ref(x, *args, **{**kw, "scale_bits": 6})
     with pytest.raises(ValueError, match="stat groups"):
         spqr_matmul_ref(x, *args, **{**kw, "stat_group": 5})
+
+
+@needs_backend
+@pytest.mark.parametrize("m", [1, 3, 19])
+def test_kernels_outliers_every_gpu_config(monkeypatch, m):
+    """Every GPU candidate of the outlier kernel (spqr_matmul.outlier_configs: rows a program x outliers a step, up to
+    16 batch rows a program), each forced where the tuner picks one (TQUANT_AUTOTUNE=0: the first): added onto the
+    reference's dense part (the reference without outliers), the whole reference comes out; 3-bit groups of 32 with
+    perm and bias, about 16 outliers a row. Cheap enough for the interpreter too."""
+    monkeypatch.setattr(spqr_matmul_module, "interpreter_on", lambda: False)
+    configs = spqr_matmul_module.outlier_configs(m)
+    assert len(configs) >= 4 and spqr_matmul_module.INTERPRETER_CONFIG not in configs
+    qw = random_weight(40, 160, 3, 32, 5, 8, True, 0.1, seed=m)
+    args, kw = packed(qw, torch.randn(40, generator=torch.Generator().manual_seed(m)), torch.float16)
+    x = torch.randn(m, 160, generator=torch.Generator().manual_seed(m + 1)).half().to(DEVICE)
+    ref = spqr_matmul_ref(x, *args, **kw)
+    none = (torch.zeros_like(args[3]), args[4][:0], args[5][:0])
+    dense = spqr_matmul_ref(x, *args[:3], *none, **kw)
+    for config in configs:
+        monkeypatch.setattr(spqr_matmul_module, "tune", lambda *a, config=config: config)
+        assert_close(outlier_add(dense.clone(), x, *args[3:]), ref, torch.float16)
