@@ -4,8 +4,14 @@ config each, in a subprocess with the interpreter off) are the decode-attention 
 (32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32 (and its table path at batch 1), and SpQR's (the weight-only GEMV /
 GEMM decoding bilevel stats, then the outlier kernel) at batch 1 and 16, and the static decoder's fused step kernels
 (RMSNorm, RoPE + cache write, silu * up, float-cache attention, the per-token KV write) at batch 1 and 16, and the
-grouped MoE matmul's decode launches (gate_up, then down, of one token's top-2 of 8 Mixtral-like experts); each must
-compile with no more than 255 registers."""
+grouped MoE matmul's decode launches (gate_up, then down, of one token's top-2 of 8 Mixtral-like experts); and, each
+through the branches the GPU takes (the first GPU candidate, and other candidates or forced configs for the
+constexpr branches that candidate misses: split-K, kernel variants, decoders): the FP8 kernels (activation
+quantization, the fp8 tl.dot GEMM, the weight-only GEMM) and the FP8 store of the decode attention, the activation
+quantization, the W8A8 / W4A8 GEMMs (W4A8's dense path), the weight-only GEMV / GEMM (inline-asm dequantization,
+split-K) and dequantize kernels, the bit-plane GEMV (hardware popcount) and WpAq / A16 GEMMs, QuIP#'s E8P kernels and
+the fused Hadamard transform (the *_step functions say which launches). Each must compile with no more than 255
+registers. docs/testing.md lists the GPU-only branches, the GPU test reaching each and its case here."""
 import json
 import os
 import subprocess
@@ -17,14 +23,41 @@ CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), 
          ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16"),
          ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16"), ("spqr", 3, 1, "float16"), ("spqr", 4, 16, "float16"),
          ("bcq_lut", 3, 1, "float16"), ("decode", 4, 1, "float16"), ("decode", 8, 16, "bfloat16"),
-         ("moe", 4, 1, "float16")]
+         ("moe", 4, 1, "float16"), ("fp8", 8, 1, "float16"), ("fp8", 8, 64, "bfloat16"),
+         ("fp8_kv", 8, False, "float16"), ("fp8_kv", 8, True, "bfloat16"), ("act_quant", 8, 1, "float16"),
+         ("act_quant", 4, 16, "bfloat16"), ("int8_gemms", 8, 16, "float16"), ("int8_gemms", 8, 256, "bfloat16"),
+         ("weight_only", 4, 1, "float16"), ("weight_only", 4, 16, "bfloat16"), ("weight_only", 8, 64, "float16"),
+         ("bitplane", 4, 1, "float16"), ("bitplane", 2, 64, "bfloat16"), ("e8p", 2, 1, "float16"),
+         ("e8p", 4, 16, "bfloat16"), ("hadamard", 16, 1, "float16"), ("hadamard", 16, 64, "bfloat16")]
 KERNELS = {"kivi": ["_kv_attention_kernel", "combine_kernel"],
            "kvquant": ["_kvquant_attention_kernel", "combine_kernel"], "bcq": ["_bcq_matmul_kernel"],
            "bcq_lut": ["_bcq_table_kernel", "_bcq_lut_kernel"],
            "decode": ["_rms_norm_kernel", "_rope_qkv_kernel", "_silu_mul_kernel", "_kv_attention_kernel",
                       "combine_kernel", "_kv_quant_write_kernel"],
-           "moe": ["_grouped_gemm_kernel", "_grouped_gemm_kernel"]}
+           "moe": ["_grouped_gemm_kernel", "_grouped_gemm_kernel"],
+           "fp8": ["_fp8_quant_kernel", "_fp8_quant_kernel", "_fp8_kernel", "_fp8_kernel"],
+           "fp8_kv": ["_kv_attention_kernel", "combine_kernel"],
+           "act_quant": ["_act_quant_kernel", "_act_quant_kernel", "_act_quant_kernel"],
+           "int8_gemms": ["_w8a8_kernel", "_w4a8_kernel", "_w4a8_kernel"],
+           "hadamard": ["_hadamard_kernel", "_hadamard_kernel"]}
+# families whose launches follow their candidate lists: the set of kernels compiled (at least one launch each)
+KERNEL_SETS = {"bitplane": {"_bitplane_kernel", "_decode_kernel", "_bitplane_a16_kernel"},
+               "e8p": {"_e8p_gemm_kernel", "_e8p_decode_kernel"}}
+SMALL_BATCH_KERNELS = {"bitplane": {"_pack_activations_kernel", "_bitplane_gemv_kernel"}, "e8p": {"_e8p_gemv_kernel"}}
 SPQR_KERNELS = {1: "_dequant_gemv_kernel", 16: "_dequant_gemm_kernel"}
+
+
+def expected_kernels(kind, bits, option, dtype):
+    """The kernels a case launches, in order (option: the batch where it names one)."""
+    if kind == "spqr":
+        return [SPQR_KERNELS[option], "_outlier_add_kernel"]
+    if kind == "weight_only":
+        return [SPQR_KERNELS[min(option, 16)]] * 2 + ["_dequantize_kernel"]
+    if kind in KERNEL_SETS:  # the GEMV at batch 1 (bitplane: up to 8)
+        return KERNEL_SETS[kind] | (SMALL_BATCH_KERNELS[kind] if option <= (8 if kind == "bitplane" else 1) else set())
+    if kind == "int8_gemms" and option >= 256:  # the W4A8 dense path: unpack to int8, then the W8A8 GEMM
+        return KERNELS[kind] + ["_unpack_kernel", "_w8a8_kernel"]
+    return KERNELS[kind]
 
 
 def compile_case(kind, bits, option, dtype):
@@ -43,7 +76,9 @@ def compile_case(kind, bits, option, dtype):
     q = torch.randn(b, hq, d).to(dtype)
     config = kv_attention.configs(4096)[0]
     with compiling_for() as done:
-        if kind == "moe":  # option: the tokens; 8 experts, top-2, hidden 1024, intermediate 512, groups of 128
+        if kind in STEPS:  # option: the batch, or (fp8_kv) whether the store is static (length)
+            STEPS[kind](option, bits, dtype)
+        elif kind == "moe":  # option: the tokens; 8 experts, top-2, hidden 1024, intermediate 512, groups of 128
             moe_step(option, bits, dtype)
         elif kind == "decode":  # the static decoder's step kernels at Llama-3-8B shapes; option: the batch
             decode_step(option, bits, dtype)
@@ -134,12 +169,181 @@ def moe_step(tokens, bits, dtype):
             torch.zeros(e, k // group, n).to(dtype), ids, bits=bits, group_size=group, in_features=k)
 
 
+def gpu_defaults(*modules):
+    """Launchers on CPU tensors with the interpreter off: their device checks off, TQUANT_AUTOTUNE=0 (the first
+    candidate of the GPU list, as an untuned GPU runs)."""
+    for module in modules:
+        module.check_device = lambda tensors: None
+    os.environ["TQUANT_AUTOTUNE"] = "0"
+
+
+def fp8_step(batch, bits, dtype):
+    """tquant.kernels.fp8_gemm at Llama-3-8B widths: the activation quantization per token at K 4096 (one row a
+    program in 8 warps) and static at K 14336 (16 warps), the W8A8 GEMM (the fp8 tl.dot: Hopper's fp8 wgmma, bias in
+    dtype) and the weight-only GEMM (e4m3 tiles converted to dtype for a fp16 / bf16 tl.dot), N 1024."""
+    import torch
+
+    from tquant.kernels import fp8_gemm
+
+    gpu_defaults(fp8_gemm)
+    x = torch.randn(batch, 4096).to(dtype)
+    xq, x_scale = fp8_gemm.quantize_fp8(x)
+    fp8_gemm.quantize_fp8(torch.randn(batch, 14336).to(dtype), scale=torch.ones(1))
+    wq, w_scale = torch.zeros(1024, 4096, dtype=fp8_gemm.FP8), torch.ones(1024)
+    fp8_gemm.fp8_matmul(xq, x_scale, wq, w_scale, bias=torch.zeros(1024).to(dtype), out_dtype=dtype)
+    fp8_gemm.fp8_weight_only_matmul(x, wq, w_scale)
+
+
+def fp8_kv_step(static, bits, dtype):
+    """fp8_decode_attention (the FP8 branch of the decode-attention kernel: e4m3 keys and values times their KV
+    head's scale) at Llama-3-8B shapes over 1152 stored tokens and the step's own token; static: a static store read
+    up to length[b] (else left padding, start)."""
+    import torch
+
+    from tquant.kv import attention as kv_attention
+
+    gpu_defaults(kv_attention)
+    b, hkv, hq, d, t = 2, 8, 32, 128, 1152
+    k8, v8 = torch.zeros(2, b, hkv, t, d, dtype=torch.float8_e4m3fn)
+    res = torch.randn(b, hkv, 1, d).to(dtype)
+    lengths = dict(length=torch.full((b,), t // 2, dtype=torch.int32)) if static else dict(start=torch.zeros(b, dtype=torch.int32))
+    kv_attention.fp8_decode_attention(torch.randn(b, hq, d).to(dtype), k8, v8, torch.ones(hkv), torch.ones(hkv), res,
+                                      res, **lengths)
+
+
+def act_quant_step(batch, bits, dtype):
+    """quantize_activations (tquant.kernels.act_quant) at K 4096 (one block of 4096, 8 warps) with smoothing, at K
+    14336 (blocks of 4096 in a loop), and the asymmetric per-token grid (zero_point) at K 1000."""
+    import torch
+
+    from tquant.kernels import act_quant
+
+    gpu_defaults(act_quant)
+    act_quant.quantize_activations(torch.randn(batch, 4096).to(dtype), bits=bits, smooth=torch.ones(4096).to(dtype))
+    act_quant.quantize_activations(torch.randn(batch, 14336).to(dtype), bits=bits)
+    act_quant.quantize_activations(torch.randn(batch, 1000).to(dtype), bits=bits, zero_point=True)
+
+
+def int8_gemms_step(batch, bits, dtype):
+    """The W8A8 GEMM (int8 tl.dot) and the W4A8 GEMM (tquant.kernels.w4a8_gemm: per-channel, then groups of 128 with
+    QoQ's zero points) at K 4096, N 1024; from batch 256 also the W4A8 dense path (the int8 unpack kernel, then the
+    W8A8 GEMM), which the tuner offers only there."""
+    import torch
+
+    from tquant.kernels import w4a8_gemm, w8a8_gemm
+
+    gpu_defaults(w8a8_gemm, w4a8_gemm)
+    k, n, group = 4096, 1024, 128
+    xq, x_scale = torch.zeros(batch, k, dtype=torch.int8), torch.ones(batch)
+    w_scale, bias = torch.ones(n), torch.zeros(n).to(dtype)
+    w8a8_gemm.w8a8_matmul(xq, x_scale, torch.zeros(n, k, dtype=torch.int8), w_scale, bias=bias, out_dtype=dtype)
+    qweight, sg = torch.zeros(k // 8, n, dtype=torch.int32), torch.ones(k // group, n, dtype=torch.int8)
+    w4a8_gemm.w4a8_matmul(xq, x_scale, qweight, w_scale, out_dtype=dtype)
+    args = (xq, x_scale, qweight, w_scale, sg, group, bias, dtype, 8, k, torch.zeros_like(sg))
+    w4a8_gemm.launch(w4a8_gemm.configs(batch)[0], *args)
+    if batch >= w4a8_gemm.DENSE_FROM_M:
+        w4a8_gemm.launch(w4a8_gemm.DENSE, *args)
+
+
+def weight_only_step(batch, bits, dtype):
+    """The weight-only matmul's GPU paths (tquant.kernels.weight_only_matmul) at K 4096, N 1024, groups of 128, with
+    act-order perm from batch 2: the default candidate (batch 1: the GEMV; batch 2..16: the GEMM with the inline-asm
+    dequantization where dequant_gemm.ASM_BITS has the dtype's bits; larger batches the MMA's GEMM), the same config
+    with split-K turned the other way (SPLIT_K 1 where the default splits, else 4: the atomic_add tile counters), then the dequantize kernel (the dense path)."""
+    import torch
+
+    from tquant.kernels import dequant_gemm, weight_only_matmul
+
+    gpu_defaults(weight_only_matmul)
+    k, n, group = 4096, 1024, 128
+    x = torch.randn(batch, k).to(dtype)
+    weight = (torch.zeros(k * bits // 32, n, dtype=torch.int32), torch.ones(k // group, n).to(dtype),
+              torch.zeros(k // group, n).to(dtype))
+    perm = torch.randperm(k).int() if batch > 1 else None
+    configs = weight_only_matmul.candidates(batch, n, weight[0].shape[0], perm is not None)
+    for config in (configs[0], dict(configs[0], SPLIT_K=1 if configs[0]["SPLIT_K"] > 1 else 4)):
+        weight_only_matmul.run_path(config, x, *weight, perm, None, bits=bits, group_size=group, in_features=k)
+    dequant_gemm.dequantize(*weight, perm, bits=bits, group_size=group, in_features=k, dtype=dtype)
+
+
+def distinct(configs, key):
+    """The first config of each key(config), in order: one launch per distinct set of constexpr branches."""
+    seen = {}
+    for config in configs:
+        seen.setdefault(key(config), config)
+    return list(seen.values())
+
+
+def bitplane_step(batch, bits, dtype):
+    """The bit-plane kernels (tquant.kernels.bitplane_gemm / bitplane_gemv) at K 4096, N 1024, groups of 128, 8-bit
+    activations: up to batch 8 the popcount GEMV (libdevice.popc: HW_POPC) after the activation packing kernel, then
+    the first GPU candidate of each WpAq variant (rebuild, rebuild split over K, planes, dense: the decode kernel
+    first) and the A16 kernel (its tl.dot in dtype)."""
+    import torch
+
+    from tquant.kernels import bitplane_gemm, bitplane_gemv
+
+    k, n, group, act_bits = 4096, 1024, 128, 8
+    args = (torch.zeros(batch, k, dtype=torch.int8), torch.ones(batch), torch.zeros(batch, dtype=torch.int32),
+            torch.zeros(bits, k // 32, n, dtype=torch.int32), torch.ones(k // group, n),
+            torch.zeros(k // group, n, dtype=torch.uint8), torch.zeros(k // group, n, dtype=torch.int32), bits,
+            act_bits, group, torch.zeros(n).to(dtype), dtype)
+    if batch <= 8:
+        bitplane_gemv.launch(bitplane_gemv.configs(batch, n, k, group, bits, act_bits)[0], *args)
+    gpu = bitplane_gemm.configs(batch, k, group) + bitplane_gemm.configs(bitplane_gemm.DENSE_MIN_M, k, group)
+    for config in distinct(gpu, lambda c: (c["variant"], c.get("SPLIT_K", 1) > 1)):
+        bitplane_gemm.launch(config, *args)
+    bitplane_gemm.launch_a16(bitplane_gemm.a16_configs(batch, k, group)[0], torch.randn(batch, k).to(dtype), *args[3:6],
+                             bits, group, None)
+
+
+def e8p_step(batch, bits, dtype):
+    """QuIP#'s E8P kernels (tquant.kernels.e8p_matmul) at K 4096, N 1024: the first GPU candidate of each path and
+    decoder (SIGNS, GATHER) with and without split-K (batch 1: the GEMV, and the GEMM the tuner also offers there),
+    then the decode kernel (the dense path)."""
+    import torch
+
+    from tquant.kernels import e8p_matmul
+
+    k, n = 4096, 1024
+    codes = torch.zeros(k // 8, n, dtype=torch.int16)
+    codes2 = torch.zeros(k // 8, n, dtype=e8p_matmul.CODES2_DTYPE[bits]) if bits > 2 else None
+    x = torch.randn(batch, k).to(dtype)
+    configs = [c for c in e8p_matmul.candidates(batch, n, k // 8) if c["path"] != "dense"]
+    for config in distinct(configs, lambda c: (c["path"], c["SIGNS"], c["GATHER"], c["SPLIT_K"] > 1)):
+        e8p_matmul.run_path(config, x, codes, codes2, None, bits=bits)
+    e8p_matmul.decode_weight(codes, codes2, bits=bits, dtype=dtype)
+
+
+def hadamard_step(rows, bits, dtype):
+    """The fused Hadamard transform (tquant.kernels.hadamard) with its default GPU config: along 4096 (a power of
+    two) with in_scale, out_scale and bias, and along 14336 = 7 * 2048 (Llama-3-8B's down projection input: a
+    factor of 28 besides the powers of two) transposed."""
+    import torch
+
+    from tquant.kernels import hadamard
+
+    gpu_defaults(hadamard)
+    v = torch.ones(4096).to(dtype)
+    hadamard.hadamard_transform(torch.randn(rows, 4096).to(dtype), in_scale=v, out_scale=v, bias=v)
+    hadamard.hadamard_transform(torch.randn(rows, 14336).to(dtype), transpose=True)
+
+
+STEPS = {"fp8": fp8_step, "fp8_kv": fp8_kv_step, "act_quant": act_quant_step, "int8_gemms": int8_gemms_step,
+         "weight_only": weight_only_step, "bitplane": bitplane_step, "e8p": e8p_step, "hadamard": hadamard_step}
+
+
+FULL_TIER_FAMILIES = {"act_quant", "int8_gemms", "weight_only", "bitplane", "e8p", "hadamard"}
+
+
 def tiered(cases):
     """The first case of each kernel family in the default tier; its other variants (bits, dtypes, batch) in the full
-    tier (slow), which CI runs."""
+    tier (slow), which CI runs, with every case of FULL_TIER_FAMILIES (15 s a case on a 2-core machine: the default
+    tier stays near 2.5 minutes)."""
     seen = set()
     for case in cases:
-        yield case if case[0] not in seen else pytest.param(case, marks=pytest.mark.slow)
+        slow = case[0] in seen or case[0] in FULL_TIER_FAMILIES
+        yield pytest.param(case, marks=pytest.mark.slow) if slow else case
         seen.add(case[0])
 
 
@@ -152,8 +356,9 @@ def test_kernels_compile_for_hopper(case):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     compiled = json.loads(run.stdout.strip().splitlines()[-1])
-    expected = KERNELS[case[0]] if case[0] != "spqr" else [SPQR_KERNELS[case[2]], "_outlier_add_kernel"]
-    assert [name for name, _, _ in compiled] == expected, compiled
+    expected = expected_kernels(*case)
+    names = [name for name, _, _ in compiled]
+    assert (set(names) if isinstance(expected, set) else names) == expected, compiled
     assert all(0 < regs <= 255 for _, regs, _ in compiled), compiled
 
 

@@ -168,6 +168,29 @@ def test_kernels_asm_dequant_matches_portable(monkeypatch, dtype, bits, perm):
     assert_close(asm, call(weight_only_matmul_ref, t, bits, 128), dtype)
 
 
+
+@pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(),
+                    reason="the GPU candidates run on a CUDA GPU (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("m,bits,dtype", [(1, 4, torch.float16), (1, 3, torch.bfloat16), (7, 4, torch.bfloat16),
+                                          (16, 8, torch.float16), (50, 2, torch.float16), (200, 4, torch.bfloat16)])
+def test_kernels_every_gpu_candidate(monkeypatch, m, bits, dtype):
+    """Each distinct GPU tile of the weight-only candidates (GEMV, GEMM at BLOCK_M 16 with the inline-asm
+    dequantization, the larger MMA tiles, with and without split-K, x gathered first with perm, the dense path from
+    M 128), forced through run_path where the tuner (TQUANT_AUTOTUNE=0: the first candidate) would pick one; K 1000
+    in groups of 40 (not a multiple of a word or BLOCK_K), N 300, act-order perm and bias. GPU only: the interpreter
+    runs its own configs (test_kernels_every_path)."""
+    monkeypatch.setattr(weight_only_matmul_module, "interpreter_on", lambda: False)
+    t = make_inputs(m, 300, 1000, bits, 40, dtype, True, True, seed=m * 10 + bits)
+    ref = call(weight_only_matmul_ref, t, bits, 40)
+    configs = weight_only_matmul_module.candidates.__wrapped__(1 << (m - 1).bit_length(), 300,
+                                                                t["qweight"].shape[0], True)
+    tiles = {tuple((key, v) for key, v in c.items() if key != "num_stages"): c for c in configs}
+    assert len(tiles) > 2
+    for config in tiles.values():
+        y = run_path(config, t["x"], t["qweight"], t["scales"], t["zeros"], t["perm"], t["bias"], bits=bits,
+                     group_size=40, in_features=1000)
+        assert_close(y, ref, dtype)
+
 @needs_backend
 def test_kernels_dequantize_writes_permuted_rows():
     t = make_inputs(1, 33, 90, 3, 30, torch.float32, True, False, seed=7)
