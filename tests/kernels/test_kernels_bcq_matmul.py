@@ -104,3 +104,28 @@ def test_kernels_bcq_matmul_bad_input_raises(change, match):
     args |= {key: v.to(DEVICE) for key, v in change.items()}
     with pytest.raises(ValueError, match=match):
         bcq_matmul(**args)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(),
+                    reason="the GPU candidates run on a CUDA GPU (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("m,group,dtype", [(1, 128, torch.float16), (5, 64, torch.bfloat16), (16, 128, torch.float16),
+                                           (37, 32, torch.bfloat16)])
+def test_kernels_bcq_matmul_every_gpu_config(monkeypatch, m, group, dtype):
+    """Every GPU candidate of both paths (tl.dot tiles with and without split-K, BLOCK_M 16 or 64; up to batch 8 the
+    tables with their words loaded 3 tiles ahead or not), each launched where the tuner (TQUANT_AUTOTUNE=0: the first
+    candidate, which the hypothesis test takes per path) would pick one: 3 planes, K 1024 in groups, N 200, offset,
+    perm and bias. GPU only: the interpreter runs its own configs."""
+    monkeypatch.setattr(bcq_matmul_module, "interpreter_on", lambda: False)
+    k, n = 1024, 200
+    planes, alphas, off = packed_weight(n, k, 3, group, True, dtype, seed=m)
+    gen = torch.Generator().manual_seed(m + 1)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    p = torch.randperm(k, generator=gen).to(DEVICE, torch.int32)
+    b = torch.randn(n, generator=gen).to(DEVICE, dtype)
+    ref = bcq_matmul_ref(x, planes, alphas, off, p, b)
+    configs = bcq_matmul_module.configs(m, group)
+    assert {c["path"] for c in configs} == ({"dot", "lut"} if m <= bcq_matmul_module.LUT_MAX_M else {"dot"})
+    for config in configs:
+        out = bcq_matmul_module.launch(config, x, planes, alphas, off, p, b)
+        assert out.shape == (m, n) and out.dtype == dtype and out.isfinite().all(), config
+        assert error_of(out, ref, x, planes, alphas, off, p, b) < TOL[dtype], config
