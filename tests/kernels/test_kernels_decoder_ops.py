@@ -44,6 +44,21 @@ def test_kernels_rms_norm_matches_reference(rows, h, dtype, residual, w_fp32, se
     close(y, y_ref, dtype, tol_ulps=4)  # the normed row is rounded to x's dtype before w (fp32 or not) scales it
 
 
+
+@needs_backend
+@pytest.mark.parametrize("h,dtype,residual", [(4096, torch.float16, True), (5120, torch.bfloat16, False),
+                                              (14336, torch.float32, True)])
+def test_kernels_rms_norm_long_rows(h, dtype, residual):
+    """Llama-sized rows (BLOCK 4096 to 16384: 16 warps on the GPU), which the hypothesis test (H <= 300: 1 or 2 warps)
+    does not reach."""
+    x = randn(3, h, dtype=dtype, seed=h, scale=3.0)
+    r = randn(3, h, dtype=dtype, seed=h + 1) if residual else None
+    w = randn(h, dtype=dtype, seed=h + 2) + 1
+    y, hidden = rms_norm(x, w, 1e-5, r)
+    y_ref, h_ref = rms_norm_ref(x, w, 1e-5, r)
+    close(hidden, h_ref, dtype, tol_ulps=1)
+    close(y, y_ref, dtype, tol_ulps=4)
+
 @needs_backend
 def test_kernels_rms_norm_strided_rows_and_bad_input():
     x = randn(3, 40, dtype=torch.float16, seed=1)[:, :33]  # rows 40 apart
