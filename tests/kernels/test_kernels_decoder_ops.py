@@ -107,6 +107,21 @@ def test_kernels_rope_qkv_matches_reference(b, t, hkv, rep, d, dtype, extra, see
         assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < ULP[dtype]
 
 
+
+@needs_backend
+@pytest.mark.parametrize("d,dtype", [(128, torch.float16), (256, torch.bfloat16), (256, torch.float32)])
+def test_kernels_rope_qkv_wide_heads(d, dtype):
+    """Head sizes 128 (Llama) and 256 (Gemma: 4 warps on the GPU), which the hypothesis test (D 16 / 64: 1 warp) does
+    not reach."""
+    args, outs, rows = rope_case(2, 3, 4, 2, d, dtype, d, 9)
+    refs = [o.clone() for o in outs]
+    rope_qkv(*args, *outs, rows)
+    rope_qkv_ref(*args, *refs, rows)
+    for out, ref in zip(outs, refs):
+        assert torch.equal(out.isnan(), ref.isnan())
+        out, ref = out.nan_to_num(), ref.nan_to_num()
+        assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < ULP[dtype]
+
 @needs_backend
 def test_kernels_rope_qkv_bad_input():
     args, outs, rows = rope_case(1, 2, 4, 2, 16, torch.float16, 0, 4)
