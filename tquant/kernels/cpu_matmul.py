@@ -9,17 +9,29 @@ Two paths, chosen per layer (int4 only with USE_INT4, off: measured slower, see 
               forward and kept beside qweight (pack_int4: exactly qweight's bytes again, 0.5 byte a weight; float32
               is 4, bfloat16 2), rebuilt when qweight changes. w = (code - 8) * scale + (8 - zero) * scale: the
               kernel's grid is ours with the zero moved into the float domain (scale_zeros, per call: G x N).
-    dequant   everything else (2 / 3 / 8-bit, other groups, bilevel): dequantize_fast (codes unpacked on bytes, then
-              one convert, one subtract and one multiply in place, groups by broadcasting instead of the
-              reference's gathered [K, N] scale and zero copies), then one fp32 matmul. Nothing is kept.
-Optional (module.cache_weights = True, off by default): the dequantized fp32 weight [K, N] kept per layer, so every
-forward is a plain matmul: the float model's memory (4 bytes a weight) on top of the packed one.
+    dequant   everything else (2 / 3 / 8-bit, other groups, bilevel): packed_matmul. The codes are unpacked on the
+              int32 words (one shift and one and over [K, N], broadcast per code position), made floats by the
+              exponent trick (code | 0x4B000000 is the float 2^23 + code, so subtracting 2^23 + zero gives code - zero
+              exactly), then multiplied by the broadcast group scales in place: dequantize_packed's fp32 values bit
+              for bit, in 5 passes without a byte transpose. At small M (decode) the weight is dequantized and
+              multiplied in K chunks of ~CHUNK_BYTES (a few groups: the passes stay in L2) into a thread-local scratch
+              that is reused, accumulated with addmm_; at larger M (prefill) in one [K, N] temporary, then one fp32
+              matmul (chunking there re-reads the [M, N] output once a chunk: measured no faster). Nothing is kept
+              beyond the scratch.
+Optional (module.cache_weights, off by default): the dequantized weight [K, N] kept per layer, so every forward is a
+plain matmul. True / "float32": fp32, the float model's memory (4 bytes a weight) on top of the packed one, the
+reference's values. "bfloat16": the weight rounded to bf16 (2 bytes a weight) and the matmul in bf16 (x rounded to
+bf16, bf16 output, AMX where the CPU has it): not the reference's accuracy (about 3 significant digits), faster at
+large M.
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 
-from ..formats.packing import unpack_codes
+from ..formats.packing import unpack_codes, values_per_word
 
 INT4_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu takes, largest first
 # Run 4-bit layers through torch's CPU int4 kernel. Off: on the 2-core AVX512 machine (torch 2.13.0+cpu) it took
@@ -78,12 +90,105 @@ def unpack_codes_u8(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return codes.reshape(rows * 32 // bits, n)[:k]
 
 
-def dequantize_fast(qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
-    """dequantize_packed's fp32 [K, N] in fewer passes (codes on bytes, in-place float ops, broadcast groups)."""
+MAGIC = 0x4B000000  # float bits of 2^23: MAGIC | c (0 <= c < 2^23) is the float 2^23 + c
+CHUNK_BYTES = 512 << 10  # int32 scratch of a K chunk at small M (L2: 2 MB a core here; 0.5-1 MB measured best)
+SMALL_M = 32  # rows of x up to which packed_matmul goes chunk by chunk
+_scratch = threading.local()
+_SHIFTS: dict[int, torch.Tensor] = {}  # bits -> int32 [1, epw, 1] shift of each code position
+
+
+def unpack_codes_i32(qweight: torch.Tensor, bits: int, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """codes int32 [K, N] of qweight int32 [ceil(K / epw), N] (unpack_codes' values): one broadcast shift and one and
+    over the words (the sign-extended top code is masked like the others). out: int32 [ceil(K / epw), epw, N]."""
+    rows, n = qweight.shape
+    epw = values_per_word(bits)
+    shifts = _SHIFTS.get(bits)
+    if shifts is None:
+        _SHIFTS[bits] = shifts = torch.arange(0, epw * bits, bits, dtype=torch.int32).view(1, epw, 1)
+    if out is None:
+        out = torch.empty(rows, epw, n, dtype=torch.int32)
+    torch.bitwise_right_shift(qweight.unsqueeze(1), shifts, out=out)
+    out.bitwise_and_(2**bits - 1)
+    return out.view(rows * epw, n)[:k]
+
+
+def _magic_zeros(zeros: torch.Tensor) -> torch.Tensor | None:
+    """fp32 2^23 + zeros where that is exact for every zero (integers of magnitude below 2^22), else None."""
+    z = zeros.float()
+    zb = z + 2.0**23
+    return zb if torch.equal(zb - 2.0**23, z) and bool((z.abs() < 2.0**22).all()) else None
+
+
+def _dequantize_into(out: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, k: int,
+                     zb: torch.Tensor | None) -> torch.Tensor:
+    """fp32 [k, N] dequantized weight written over out (int32 [ceil(k / epw), epw, N]), viewed as float32."""
     n = qweight.shape[1]
-    w = unpack_codes_u8(qweight, bits, k).to(torch.float32)
-    w.view(k // group_size, group_size, n).sub_(zeros.float().unsqueeze(1)).mul_(scales.float().unsqueeze(1))
+    c = unpack_codes_i32(qweight, bits, k, out=out)
+    if zb is None:  # zeros off the exact range of the exponent trick: convert, then subtract the zeros as they are
+        w = c.to(torch.float32)
+        w.view(k // group_size, group_size, n).sub_(zeros.float().unsqueeze(1))
+    else:
+        w = c.bitwise_or_(MAGIC).view(torch.float32)
+        w.view(k // group_size, group_size, n).sub_(zb.unsqueeze(1))
+    w.view(k // group_size, group_size, n).mul_(scales.float().unsqueeze(1))
     return w
+
+
+def dequantize_fast(qweight, scales, zeros, bits: int, group_size: int, k: int) -> torch.Tensor:
+    """dequantize_packed's fp32 [K, N], bit for bit, in 5 passes over [K, N] (shift, and, or, subtract, multiply)."""
+    rows, n = qweight.shape
+    out = torch.empty(rows, values_per_word(bits), n, dtype=torch.int32)
+    return _dequantize_into(out, qweight, scales, zeros, bits, group_size, k, _magic_zeros(zeros))
+
+
+def chunk_rows(bits: int, group_size: int, k: int, n: int) -> int:
+    """K rows per chunk of the small-M path: whole groups and whole words, about CHUNK_BYTES of int32 (k: one chunk)."""
+    step = math.lcm(values_per_word(bits), group_size)
+    if k % step or CHUNK_BYTES >= 4 * k * n:
+        return k
+    chunks = -(-4 * k * n // CHUNK_BYTES)  # as many as CHUNK_BYTES needs, of equal size in whole steps
+    return max(step, -(-(k // step) // chunks) * step)
+
+
+def _scratch_buffer(numel: int) -> torch.Tensor:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        _scratch.buf = buf = torch.empty(numel, dtype=torch.int32)
+    return buf
+
+
+def packed_matmul(x, qweight, scales, zeros, *, bits: int, group_size: int, k: int, perm=None, bias=None):
+    """y [M, N] in x's dtype = x @ dequantize_packed(...) (+ bias), computed in fp32 on the exact fp32 weight.
+    M <= SMALL_M: K chunks (chunk_rows) dequantized into a reused thread-local scratch (one chunk's size, kept) and
+    accumulated with addmm_; larger M, or no chunking (one group, K off whole words): the whole weight dequantized
+    into a temporary (freed after), then one matmul."""
+    xs = x.float() if perm is None else x.float().index_select(1, perm.long())
+    m, n = xs.shape[0], qweight.shape[1]
+    kc = chunk_rows(bits, group_size, k, n) if m <= SMALL_M else k
+    if kc >= k:
+        w = dequantize_fast(qweight, scales, zeros, bits, group_size, k)
+        y = xs @ w if bias is None else torch.addmm(bias.float(), xs, w)
+        return y.to(x.dtype)
+    zb, epw = _magic_zeros(zeros), values_per_word(bits)
+    y = bias.float().expand(m, n).clone() if bias is not None else torch.zeros(m, n)
+    buf = _scratch_buffer(kc * n)
+    for k0 in range(0, k, kc):  # chunk ends on whole words and groups: kc and k are multiples of lcm(epw, group)
+        k1 = min(k, k0 + kc)
+        r0, r1, g0, g1 = k0 // epw, k1 // epw, k0 // group_size, k1 // group_size
+        w = _dequantize_into(buf[:(k1 - k0) * n].view(r1 - r0, epw, n), qweight[r0:r1], scales[g0:g1],
+                             zeros[g0:g1], bits, group_size, k1 - k0, None if zb is None else zb[g0:g1])
+        y.addmm_(xs[:, k0:k1], w)
+    return y.to(x.dtype)
+
+
+def bf16_matmul(x, w, *, perm=None, bias=None):
+    """y in x's dtype of x [M, K] rounded to bf16 and a bf16 weight [K, N] (bf16 matmul, bf16 output; bias added in
+    fp32): cache_weights="bfloat16"."""
+    xs = x.bfloat16() if perm is None else x.bfloat16().index_select(1, perm.long())
+    y = (xs @ w).float()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
 
 
 def dense_matmul(x, w, *, perm=None, bias=None):
@@ -93,5 +198,6 @@ def dense_matmul(x, w, *, perm=None, bias=None):
     return y.to(x.dtype)
 
 
-__all__ = ["INT4_GROUPS", "USE_INT4", "dense_matmul", "dequantize_fast", "has_int4", "int4_group", "int4_matmul",
-           "pack_int4", "scale_zeros", "unpack_codes_u8"]
+__all__ = ["CHUNK_BYTES", "INT4_GROUPS", "MAGIC", "SMALL_M", "USE_INT4", "bf16_matmul", "chunk_rows", "dense_matmul",
+           "dequantize_fast", "has_int4", "int4_group", "int4_matmul", "pack_int4", "packed_matmul", "scale_zeros",
+           "unpack_codes_i32", "unpack_codes_u8"]

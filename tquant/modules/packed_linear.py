@@ -7,11 +7,12 @@ Buffers (the layout every weight-only kernel reads):
     bias    [N] (optional)
     W[n, k] = (code(k, n) - zeros[k // group_size, n]) * scales[k // group_size, n]
 forward: a Triton kernel on CUDA (or on CPU under TRITON_INTERPRET=1 with backend="triton"), else the
-torch path: on CPU tensors tquant.kernels.cpu_matmul (a dequantization in few passes, then one fp32 matmul; torch's
-CPU int4 kernel only with cpu_matmul.USE_INT4, off: measured slower), on other devices the reference (dequantize +
-matmul). Both compute in fp32.
-cache_weights = True (opt-in, off by default) keeps the dequantized fp32 weight on the CPU path instead: a plain
-matmul per forward, at the float model's 4 bytes a weight on top of the packed ones.
+torch path: on CPU tensors tquant.kernels.cpu_matmul.packed_matmul (the exact fp32 weight dequantized in 5 passes, in
+L2-sized K chunks at small M, and fp32 matmuls; torch's CPU int4 kernel only with cpu_matmul.USE_INT4, off: measured
+slower), on other devices the reference (dequantize + matmul). Both compute in fp32.
+cache_weights (opt-in, off by default) keeps a dequantized weight on the CPU path instead, a plain matmul per
+forward: True / "float32" the fp32 weight (the float model's 4 bytes a weight on top of the packed ones, the
+reference's values), "bfloat16" the weight rounded to bf16 and a bf16 matmul (2 bytes a weight, bf16 accuracy).
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=Quant
         check_grid(check, "qweight", self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     def _cpu_weight(self, kind: str, make):
-        """The derived weight of `kind` ("int4": pack_int4's codes, "dense": the fp32 weight), made by make() once
-        and kept until qweight, scales or zeros change (another tensor or an in-place write)."""
+        """The derived weight of `kind` ("int4": pack_int4's codes, "dense" / "bf16": the fp32 / bf16 weight), made
+        by make() once and kept until qweight, scales or zeros change (another tensor or an in-place write)."""
         key = tuple((t.data_ptr(), _version(t)) for t in (self.qweight, self.scales, self.zeros))
         cache = self._cpu_cache
         if cache is None or cache[0] != key or cache[1] != kind:
@@ -76,6 +77,10 @@ class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=Quant
         k, g = self.in_features, self.group_size
         g = check_inputs(x, self.qweight, self.scales, self.zeros, self.bits, g, k, self.perm, self.bias)
         kw = dict(perm=self.perm, bias=self.bias)
+        if self.cache_weights in ("bfloat16", torch.bfloat16):
+            w = self._cpu_weight("bf16", lambda: cpu.dequantize_fast(self.qweight, self.scales, self.zeros,
+                                                                      self.bits, g, k).bfloat16())
+            return cpu.bf16_matmul(x, w, **kw).to(x2.dtype)
         if self.cache_weights:
             w = self._cpu_weight("dense", lambda: cpu.dequantize_fast(self.qweight, self.scales, self.zeros,
                                                                        self.bits, g, k))
@@ -86,8 +91,8 @@ class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=Quant
             return cpu.int4_matmul(x, packed, self.scales, self.zeros, group_size=g, kernel_group=kernel_group,
                                    **kw).to(x2.dtype)
         self._cpu_cache = None
-        w = cpu.dequantize_fast(self.qweight, self.scales, self.zeros, self.bits, g, k)
-        return cpu.dense_matmul(x, w, **kw).to(x2.dtype)
+        return cpu.packed_matmul(x, self.qweight, self.scales, self.zeros, bits=self.bits, group_size=g, k=k,
+                                 **kw).to(x2.dtype)
 
     def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
         from ..kernels.weight_only_matmul import weight_only_matmul, weight_only_matmul_ref
