@@ -3,8 +3,9 @@ interpreter runs but the CUDA compiler rejects fails here, not on a user's first
 config each, in a subprocess with the interpreter off) are the decode-attention kernels at Llama-3-8B shapes
 (32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32 (and its table path at batch 1), and SpQR's (the weight-only GEMV /
 GEMM decoding bilevel stats, then the outlier kernel) at batch 1 and 16, and the static decoder's fused step kernels
-(RMSNorm, RoPE + cache write, silu * up, float-cache attention, the per-token KV write) at batch 1 and 16, and the
-grouped MoE matmul's decode launches (gate_up, then down, of one token's top-2 of 8 Mixtral-like experts); and, each
+(RMSNorm, RoPE + cache write, silu * up, float-cache attention, the per-token KV write) at batch 1 and 16, KIVI's
+static-cache decode write (groups of 32 and 128 tokens, a bf16 ring of fp32 tokens), and the grouped MoE matmul's
+decode launches (gate_up, then down, of one token's top-2 of 8 Mixtral-like experts); and, each
 through the branches the GPU takes (the first GPU candidate, and other candidates or forced configs for the
 constexpr branches that candidate misses: split-K, kernel variants, decoders): the FP8 kernels (activation
 quantization, the fp8 tl.dot GEMM, the weight-only GEMM) and the FP8 store of the decode attention, the activation
@@ -28,7 +29,8 @@ CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), 
          ("act_quant", 4, 16, "bfloat16"), ("int8_gemms", 8, 16, "float16"), ("int8_gemms", 8, 256, "bfloat16"),
          ("weight_only", 4, 1, "float16"), ("weight_only", 4, 16, "bfloat16"), ("weight_only", 8, 64, "float16"),
          ("bitplane", 4, 1, "float16"), ("bitplane", 2, 64, "bfloat16"), ("e8p", 2, 1, "float16"),
-         ("e8p", 4, 16, "bfloat16"), ("hadamard", 16, 1, "float16"), ("hadamard", 16, 64, "bfloat16")]
+         ("e8p", 4, 16, "bfloat16"), ("hadamard", 16, 1, "float16"), ("hadamard", 16, 64, "bfloat16"),
+         ("kivi_write", 2, 32, "float16"), ("kivi_write", 4, 128, "bfloat16"), ("kivi_write", 3, 32, "float32")]
 KERNELS = {"kivi": ["_kv_attention_kernel", "combine_kernel"],
            "kvquant": ["_kvquant_attention_kernel", "combine_kernel"], "bcq": ["_bcq_matmul_kernel"],
            "bcq_lut": ["_bcq_table_kernel", "_bcq_lut_kernel"],
@@ -39,7 +41,7 @@ KERNELS = {"kivi": ["_kv_attention_kernel", "combine_kernel"],
            "fp8_kv": ["_kv_attention_kernel", "combine_kernel"],
            "act_quant": ["_act_quant_kernel", "_act_quant_kernel", "_act_quant_kernel"],
            "int8_gemms": ["_w8a8_kernel", "_w4a8_kernel", "_w4a8_kernel"],
-           "hadamard": ["_hadamard_kernel", "_hadamard_kernel"]}
+           "hadamard": ["_hadamard_kernel", "_hadamard_kernel"], "kivi_write": ["_kivi_write_kernel"]}
 # families whose launches follow their candidate lists: the set of kernels compiled (at least one launch each)
 KERNEL_SETS = {"bitplane": {"_bitplane_kernel", "_decode_kernel", "_bitplane_a16_kernel"},
                "e8p": {"_e8p_gemm_kernel", "_e8p_decode_kernel"}}
@@ -329,8 +331,30 @@ def hadamard_step(rows, bits, dtype):
     hadamard.hadamard_transform(torch.randn(rows, 14336).to(dtype), transpose=True)
 
 
+def kivi_write_step(group, bits, dtype):
+    """kivi_write (tquant.kv.kivi_write): one decode token of batch 2 at Llama-3-8B's KV heads (8 of 128) into a
+    ring of residual 16 + group slots and the stores of 1024 tokens; dtype: the tokens', the ring's too but bf16 for
+    fp32 tokens (the kernel's rounding of them to bf16)."""
+    import torch
+
+    from tquant.kv import kivi_write
+    from tquant.kv.uniform_format import PackedKV, words_per_group
+
+    gpu_defaults(kivi_write)
+    b, h, d, groups, wpg = 2, 8, 128, 1024 // group + 1, words_per_group(bits, group)
+    k = torch.randn(b, h, 1, d).to(dtype)
+    ring = torch.zeros(b, h, 16 + group, d).to(torch.bfloat16 if dtype == torch.float32 else dtype)
+
+    def store(codes, params):
+        return PackedKV(torch.zeros(b, h, *codes, dtype=torch.int32), *torch.zeros(2, b, h, *params).half())
+    kivi_write.kivi_write(k, k, ring, ring, store((groups * wpg, d), (groups, d)),
+                          store((groups * group, d // group * wpg), (groups * group, d // group)), torch.tensor([5]),
+                          torch.tensor([group]), bits, group)
+
+
 STEPS = {"fp8": fp8_step, "fp8_kv": fp8_kv_step, "act_quant": act_quant_step, "int8_gemms": int8_gemms_step,
-         "weight_only": weight_only_step, "bitplane": bitplane_step, "e8p": e8p_step, "hadamard": hadamard_step}
+         "weight_only": weight_only_step, "bitplane": bitplane_step, "e8p": e8p_step, "hadamard": hadamard_step,
+         "kivi_write": kivi_write_step}
 
 
 FULL_TIER_FAMILIES = {"act_quant", "int8_gemms", "weight_only", "bitplane", "e8p", "hadamard"}

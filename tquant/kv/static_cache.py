@@ -14,8 +14,9 @@ non-uniform codebooks, a sink) has no static form yet and is refused.
 
 The fp16 range of the quantized caches' parameters (tquant.kv.uniform_format): a bf16 / fp32 write checks its groups
 as it quantizes them on the torch path, but not while a CUDA graph is captured (no host sync there), and the write
-kernel (tquant.kv.write) not at all; check_range looks at the parameters stored for tokens 0 ... n - 1 instead (one
-host sync, no work per step), which the decoder calls after a prefill, after generating and every CHECK_EVERY steps.
+kernels (tquant.kv.write, tquant.kv.kivi_write) not at all; check_range looks at the parameters stored for tokens
+0 ... n - 1 instead (one host sync, no work per step), which the decoder calls after a prefill, after generating and
+every CHECK_EVERY steps.
 """
 from __future__ import annotations
 
@@ -156,7 +157,9 @@ class StaticKiviCache:
     (positions flushed(n) ... flushed(n) + G - 1, read from the ring) into its store slot, which is not read until
     flushed grows past it; with R >= 1 that group is complete one write before it is. So every write does the
     same work, whatever the position: no host branch, one CUDA graph. Decode attention reads the store up to
-    flushed and the ring's positions flushed ... pos (kernels.kv_attention's ring window).
+    flushed and the ring's positions flushed ... pos (kernels.kv_attention's ring window). A decode step's write is
+    one kernel on CUDA (tquant.kv.kivi_write; write_kernel True / False forces it on or off, None follows kernel),
+    a prefill's the torch ops.
     """
 
     def __init__(self, layers: int, batch: int, kv_heads: int, head_size: int, max_len: int, dtype: torch.dtype,
@@ -166,6 +169,7 @@ class StaticKiviCache:
         self.bits, self.group, self.residual, self.dtype, self.batch = bits, group, residual, dtype, batch
         self.prefill_with_quant, self._max_len = prefill_with_quant, max_len
         self.kernel = torch.device(device).type == "cuda"
+        self.write_kernel: bool | None = None  # the decode write's kernel: None follows kernel
         self.slots = residual + group
         groups = -(-max_len // group) + 1
         wpg = words_per_group(bits, group)
@@ -209,6 +213,12 @@ class StaticKiviCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """k, v [B, Hkv, t, D] at positions pos (int64 [t], consecutive; a prefill starts at 0), after prepare(pos)."""
         t, g = k.shape[2], self.group
+        if t == 1 and (self.kernel if self.write_kernel is None else self.write_kernel):
+            from .kivi_write import kivi_write
+
+            kivi_write(k, v, self.ring_k[layer], self.ring_v[layer], *(PackedKV(*(p[layer] for p in store))
+                       for store in (self.k, self.v)), self._slots, self._flushed, self.bits, g)
+            return
         keep = len(self._slots)
         self.ring_k[layer].index_copy_(2, self._slots, k[:, :, -keep:].to(self.dtype))
         self.ring_v[layer].index_copy_(2, self._slots, v[:, :, -keep:].to(self.dtype))
