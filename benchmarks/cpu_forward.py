@@ -11,11 +11,13 @@ the median kept (the CPU may be shared: medians of interleaved rounds compare li
 --profile prints torch.profiler's top operators of one prefill and one decode step of each quantized variant.
 --cache-weights also times each quantized variant with its dequantized-weight cache on (tquant.modules.
 PackedLinear.cache_weights: float memory again, opt-in); --bf16-cache with cache_weights="bfloat16" (2 bytes a
-weight, bf16 matmul); --reference also times it on weight_only_matmul_ref (the CPU path before tquant.kernels.
-cpu_matmul), --previous on the byte-unpack dequantization + one matmul (cpu_matmul's default before issue 28), so
-before and after share one process and its rounds.
+weight, bf16 matmul); --bf16-compute with cpu_precision="bfloat16" (bf16 maths, no dequantized weight kept);
+--reference also times it on weight_only_matmul_ref (the CPU path before tquant.kernels.cpu_matmul), --previous on
+the byte-unpack dequantization + one matmul (cpu_matmul's default before issue 28), so before and after share one
+process and its rounds. --threads 1 --cpu-time (CPU seconds) is the fairer measure on a shared CPU.
 --layers times single layers instead (the model's shapes, M = 1 and --tokens, 4 and 8 bits g64): float matmul,
-the previous default, packed_matmul (the default now), its whole-weight form at M = 1, the bf16 cache's matmul.
+the previous default, packed_matmul (the default now), its whole-weight form at M = 1, design (b) (grouped_matmul,
+M = 1 only), the bf16 cache's matmul, cpu_precision="bfloat16"'s bf16_packed_matmul.
 """
 from __future__ import annotations
 
@@ -92,6 +94,7 @@ def set_cache(model, name: str):
     for m in model.modules():
         if isinstance(m, PackedLinear):
             m.cache_weights = on
+            m.cpu_precision = "bfloat16" if name.endswith("bf16 compute") else "float32"
 
 
 def use_reference(model):
@@ -131,6 +134,18 @@ def use_previous(model):
     return model
 
 
+def grouped_matmul(x, q, s, z, bits, group_size, k):
+    """Design (b), not kept: y = sum_g s_g * (x_g @ codes_g) - (sum_k in g x) @ (z * s): the codes only converted
+    (shift, and, int-to-float: 3 passes over [K, N]), no subtract / multiply over [K, N]; a bmm over the groups, then
+    an [G, M, N] scale-and-sum (so small M only)."""
+    from tquant.kernels.cpu_matmul import unpack_codes_i32
+
+    n, g, m = q.shape[1], k // group_size, x.shape[0]
+    xg = x.view(m, g, group_size).transpose(0, 1)
+    p = torch.bmm(xg, unpack_codes_i32(q, bits, k).to(torch.float32).view(g, group_size, n))
+    return torch.einsum("gmn,gn->mn", p, s).sub_(xg.sum(-1).t() @ (z * s))
+
+
 def layers(args):
     """Per-layer medians (ms) of interleaved rounds at the offline model's shapes."""
     from tquant.formats.packing import pack_codes
@@ -139,7 +154,7 @@ def layers(args):
     shapes = {"gate/up 576x1536": (576, 1536), "down 1536x576": (1536, 576), "q/o 576x576": (576, 576),
               "k/v 576x192": (576, 192)}
     print(f"{'layer':<18}{'bits':>5}{'M':>5}" + "".join(f"{v:>14}" for v in
-          ("float", "previous", "packed_matmul", "whole", "bf16 cache")))
+          ("float", "previous", "packed_matmul", "whole", "grouped (b)", "bf16 cache", "bf16 compute")))
     g = torch.Generator().manual_seed(0)
     for label, (k, n) in shapes.items():
         for bits in (4, 8):
@@ -148,13 +163,17 @@ def layers(args):
             z = torch.randint(0, 2**bits, (k // 64, n), generator=g).float()
             w = cpu.dequantize_fast(q, s, z, bits, 64, k)
             wb = w.bfloat16()
+            int4 = (64, cpu.pack_int4(q, k), cpu.scale_zeros(s, z, 64, 64).bfloat16()) if bits == 4 else None
             for m in (1, args.tokens):
                 x = torch.randn(m, k, generator=g)
                 fns = {"float": lambda: x @ w,
                        "previous": lambda: x @ previous_dequantize(q, s, z, bits, 64, k),
                        "packed": lambda: cpu.packed_matmul(x, q, s, z, bits=bits, group_size=64, k=k),
                        "whole": lambda: x @ cpu.dequantize_fast(q, s, z, bits, 64, k),
-                       "bf16": lambda: cpu.bf16_matmul(x, wb)}
+                       "grouped": lambda: grouped_matmul(x, q, s, z, bits, 64, k) if m == 1 else None,
+                       "bf16": lambda: cpu.bf16_matmul(x, wb),
+                       "bf16 compute": lambda: cpu.bf16_packed_matmul(x, q, s, z, bits=bits, group_size=64, k=k,
+                                                                      int4=int4)}
                 times = {name: [] for name in fns}
                 for f in fns.values():
                     f()
@@ -163,8 +182,9 @@ def layers(args):
                         t = clock()
                         f()
                         times[name].append(clock() - t)
-                print(f"{label:<18}{bits:>5}{m:>5}" + "".join(f"{1e3 * statistics.median(v):>14.3f}"
-                                                             for v in times.values()), flush=True)
+                print(f"{label:<18}{bits:>5}{m:>5}" + "".join(
+                    f"{1e3 * statistics.median(v):>14.3f}" if name != "grouped" or m == 1 else f"{'-':>14}"
+                    for name, v in times.items()), flush=True)
 
 
 def main():
@@ -179,6 +199,7 @@ def main():
     ap.add_argument("--reference", action="store_true")
     ap.add_argument("--previous", action="store_true")
     ap.add_argument("--bf16-cache", action="store_true")
+    ap.add_argument("--bf16-compute", action="store_true")
     ap.add_argument("--layers", action="store_true")
     ap.add_argument("--cpu-time", action="store_true", help="time with time.process_time (use with --threads 1)")
     args = ap.parse_args()
@@ -201,6 +222,8 @@ def main():
         variants[name + " cached"] = copy.deepcopy(variants[name])
     for name in quantized if args.bf16_cache else ():
         variants[name + " bf16 cache"] = copy.deepcopy(variants[name])
+    for name in quantized if args.bf16_compute else ():
+        variants[name + " bf16 compute"] = copy.deepcopy(variants[name])
     g = torch.Generator().manual_seed(0)
     vocab = next(iter(variants.values())).config.vocab_size
     ids = torch.randint(0, vocab, (1, args.tokens), generator=g)

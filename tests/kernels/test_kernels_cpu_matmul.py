@@ -138,8 +138,9 @@ def _packed_layer(seed, bits, n, k, group, dtype, scale_range=(0.01, 0.11), zero
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """K chunks of a few groups even for the tests' small N (the default aims at ~1 MB of int32)."""
+    """K chunks of a few groups even for the tests' small N (the default aims at ~0.5 MB of int32)."""
     monkeypatch.setattr(cpu, "CHUNK_BYTES", 4 * 64 * 8)
+    monkeypatch.setattr(cpu, "WHOLE_BYTES", 0)
 
 
 @settings(max_examples=60, deadline=None)
@@ -161,6 +162,7 @@ def test_kernels_cpu_matmul_packed_matmul_matches_reference(bits, k_group, n, m,
     ref = weight_only_matmul_ref(x, qweight, scales, zeros, bits=bits, group_size=group, in_features=k, perm=p, bias=b)
     with pytest.MonkeyPatch.context() as mp:  # small chunks: several even for the tests' small N
         mp.setattr(cpu, "CHUNK_BYTES", chunk_bytes)
+        mp.setattr(cpu, "WHOLE_BYTES", 0)
         y = cpu.packed_matmul(x, qweight, scales, zeros, bits=bits, group_size=group, k=k, perm=p, bias=b)
     assert y.dtype == dtype and y.shape == (m, n)
     close(y, ref)
@@ -185,11 +187,11 @@ def test_kernels_cpu_matmul_chunks():
     """At the offline model's shapes and M = 1 the small-M path goes in whole groups and words, ~CHUNK_BYTES each;
     per channel, K off whole words or one group a layer: one chunk (the whole weight)."""
     for bits, group, k, n in ((4, 64, 576, 1536), (4, 64, 1536, 576), (8, 64, 1536, 576), (2, 32, 1536, 576),
-                              (3, 64, 640, 1536)):
+                              (3, 64, 640, 1536), (4, 128, 4096, 4096)):
         kc = cpu.chunk_rows(bits, group, k, n)
         assert kc < k and kc % group == 0 and kc % (32 // bits) == 0
         assert 4 * kc * n <= 2 * cpu.CHUNK_BYTES or kc == math.lcm(32 // bits, group)  # equal chunks, rounded up
-    assert cpu.chunk_rows(8, 64, 576, 192) == 576  # 576 x 192 int32 fit in one chunk
+    assert cpu.chunk_rows(8, 64, 576, 192) == 576 and cpu.chunk_rows(4, 64, 576, 576) == 576  # fit in WHOLE_BYTES
     assert cpu.chunk_rows(4, 576, 576, 1536) == 576  # per channel
     assert cpu.chunk_rows(3, 64, 576, 1536) == 576  # 576 is not a multiple of lcm(10, 64)
 
@@ -248,3 +250,31 @@ def test_kernels_cpu_matmul_bf16_cache(bits, k_group, n, m, perm, bias, dtype, s
     xs = x.float() if not perm else x.float()[:, module.perm.long()]
     bound = xs.abs() @ dequantize_packed(qweight, scales, zeros, bits, group, k).abs()  # sum |x w|: bf16 errors scale
     assert ((y.float() - ref.float()).abs() <= 2**-7 * bound + 2**-7 * ref.float().abs() + 1e-6).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4, 8]),
+       k_group=st.sampled_from([(128, 64), (96, 48), (100, 100), (256, 256), (192, 192), (512, 128)]),
+       n=st.sampled_from([1, 16, 48, 64]), m=st.sampled_from([1, 3, 33]), perm=st.booleans(), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_kernels_cpu_matmul_bf16_precision(bits, k_group, n, m, perm, bias, dtype, seed):
+    """cpu_precision="bfloat16": bf16 accuracy (bounded by sum |x| (|w| + 16 scale), the int4 kernel's zero term
+    rounded to bf16 too); the int4 kernel's layout kept only for 4-bit layers it takes, at small M."""
+    k, group = k_group
+    qweight, scales, zeros, g = grid(seed, bits, n, k, group, dtype)
+    module = PackedLinear(k, n, bits=bits, group_size=group, bias=bias, has_perm=perm, dtype=dtype)
+    module.qweight.copy_(qweight), module.scales.copy_(scales), module.zeros.copy_(zeros)
+    module.copy_optional(perm=torch.randperm(k, generator=g).int() if perm else None,
+                         bias=torch.randn(n, generator=g).to(dtype) if bias else None)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    ref = weight_only_matmul_ref(x, qweight, scales, zeros, bits=bits, group_size=group, in_features=k,
+                                 perm=module.perm, bias=module.bias)
+    module.cpu_precision = "bfloat16"
+    y = module(x)
+    assert y.dtype == dtype and y.shape == (m, n)
+    xs = x.float() if not perm else x.float()[:, module.perm.long()]
+    s = scales.float().repeat_interleave(group, dim=0)
+    bound = xs.abs() @ (dequantize_packed(qweight, scales, zeros, bits, group, k).abs() + 16 * s)
+    assert ((y.float() - ref.float()).abs() <= 2**-7 * bound + 2**-7 * ref.float().abs() + 1e-6).all()
+    uses_int4 = cpu.int4_group(bits, group, k, n) is not None and m <= cpu.SMALL_M
+    assert (module._cpu_cache is not None and module._cpu_cache[1] == "int4bf16") == uses_int4

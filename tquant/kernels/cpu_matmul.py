@@ -23,6 +23,9 @@ plain matmul. True / "float32": fp32, the float model's memory (4 bytes a weight
 reference's values. "bfloat16": the weight rounded to bf16 (2 bytes a weight) and the matmul in bf16 (x rounded to
 bf16, bf16 output, AMX where the CPU has it): not the reference's accuracy (about 3 significant digits), faster at
 large M.
+Optional (module.cpu_precision = "bfloat16", off by default): bf16_packed_matmul, bf16 accuracy without a dequantized
+weight kept: 4-bit layers with torch's int4 groups at small M through torch's CPU int4 kernel in bf16 (its code layout
+kept beside qweight, 0.5 byte a weight), large M through the exact weight rounded to bf16 and a bf16 matmul.
 """
 from __future__ import annotations
 
@@ -92,6 +95,7 @@ def unpack_codes_u8(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
 
 MAGIC = 0x4B000000  # float bits of 2^23: MAGIC | c (0 <= c < 2^23) is the float 2^23 + c
 CHUNK_BYTES = 512 << 10  # int32 scratch of a K chunk at small M (L2: 2 MB a core here; 0.5-1 MB measured best)
+WHOLE_BYTES = 2 << 20  # layers whose int32 codes fit this (L2 here) go whole: chunks measured slower there
 SMALL_M = 32  # rows of x up to which packed_matmul goes chunk by chunk
 _scratch = threading.local()
 _SHIFTS: dict[int, torch.Tensor] = {}  # bits -> int32 [1, epw, 1] shift of each code position
@@ -144,7 +148,7 @@ def dequantize_fast(qweight, scales, zeros, bits: int, group_size: int, k: int) 
 def chunk_rows(bits: int, group_size: int, k: int, n: int) -> int:
     """K rows per chunk of the small-M path: whole groups and whole words, about CHUNK_BYTES of int32 (k: one chunk)."""
     step = math.lcm(values_per_word(bits), group_size)
-    if k % step or CHUNK_BYTES >= 4 * k * n:
+    if k % step or 4 * k * n <= WHOLE_BYTES:
         return k
     chunks = -(-4 * k * n // CHUNK_BYTES)  # as many as CHUNK_BYTES needs, of equal size in whole steps
     return max(step, -(-(k // step) // chunks) * step)
@@ -191,6 +195,26 @@ def bf16_matmul(x, w, *, perm=None, bias=None):
     return y.to(x.dtype)
 
 
+def bf16_packed_matmul(x, qweight, scales, zeros, *, bits: int, group_size: int, k: int, perm=None, bias=None,
+                       int4=None):
+    """PackedLinear.cpu_precision = "bfloat16" (opt-in; bf16 accuracy, no dequantized weight kept): y in x's dtype.
+    M <= SMALL_M with int4 = (kernel_group, pack_int4's codes, scale_zeros in bf16): torch's CPU int4 kernel in bf16
+    (dequantizes inside its tiles); larger M: the exact weight dequantized (dequantize_fast), rounded to bf16, one bf16
+    matmul (AMX where the CPU has it); small M without int4 (not 4-bit, other groups): packed_matmul (fp32)."""
+    m = x.shape[0]
+    if m <= SMALL_M and int4 is None:
+        return packed_matmul(x, qweight, scales, zeros, bits=bits, group_size=group_size, k=k, perm=perm, bias=bias)
+    xs = x.bfloat16() if perm is None else x.bfloat16().index_select(1, perm.long())
+    if m <= SMALL_M:
+        kernel_group, packed, sz = int4
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xs.contiguous(), packed, kernel_group, sz).float()
+    else:
+        y = (xs @ dequantize_fast(qweight, scales, zeros, bits, group_size, k).bfloat16()).float()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
+
+
 def dense_matmul(x, w, *, perm=None, bias=None):
     """y of x [M, K] and an fp32 weight [K, N], as weight_only_matmul_ref computes it after dequantizing."""
     xs = x.float() if perm is None else x.float().index_select(1, perm.long())
@@ -198,6 +222,6 @@ def dense_matmul(x, w, *, perm=None, bias=None):
     return y.to(x.dtype)
 
 
-__all__ = ["CHUNK_BYTES", "INT4_GROUPS", "MAGIC", "SMALL_M", "USE_INT4", "bf16_matmul", "chunk_rows", "dense_matmul",
-           "dequantize_fast", "has_int4", "int4_group", "int4_matmul", "pack_int4", "packed_matmul", "scale_zeros",
-           "unpack_codes_i32", "unpack_codes_u8"]
+__all__ = ["CHUNK_BYTES", "INT4_GROUPS", "MAGIC", "SMALL_M", "USE_INT4", "WHOLE_BYTES", "bf16_matmul",
+           "bf16_packed_matmul", "chunk_rows", "dense_matmul", "dequantize_fast", "has_int4", "int4_group",
+           "int4_matmul", "pack_int4", "packed_matmul", "scale_zeros", "unpack_codes_i32", "unpack_codes_u8"]

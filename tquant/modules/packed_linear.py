@@ -13,6 +13,9 @@ slower), on other devices the reference (dequantize + matmul). Both compute in f
 cache_weights (opt-in, off by default) keeps a dequantized weight on the CPU path instead, a plain matmul per
 forward: True / "float32" the fp32 weight (the float model's 4 bytes a weight on top of the packed ones, the
 reference's values), "bfloat16" the weight rounded to bf16 and a bf16 matmul (2 bytes a weight, bf16 accuracy).
+cpu_precision = "bfloat16" (opt-in; default "float32", the reference's fp32 maths) computes in bf16 without a kept
+dequantized weight (cpu_matmul.bf16_packed_matmul: torch's int4 kernel at small M for 4-bit layers, whose code layout
+it keeps, 0.5 byte a weight; the weight rounded to bf16 and a bf16 matmul at large M).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=Quant
         register_packed(self, in_features, out_features, bits=bits, group_size=group_size, dtype=dtype, device=device)
         self.bits, self.group_size = bits, group_size
         self.cache_weights = False
+        self.cpu_precision = "float32"
         self._cpu_cache = None  # (key, kind, tensor): the CPU path's derived weight (cpu_matmul), not saved
 
     @classmethod
@@ -61,8 +65,9 @@ class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=Quant
         check_grid(check, "qweight", self.qweight, self.scales, self.zeros, self.bits, self.group_size)
 
     def _cpu_weight(self, kind: str, make):
-        """The derived weight of `kind` ("int4": pack_int4's codes, "dense" / "bf16": the fp32 / bf16 weight), made
-        by make() once and kept until qweight, scales or zeros change (another tensor or an in-place write)."""
+        """The derived weight of `kind` ("int4": pack_int4's codes, "int4bf16": those and the bf16 scale_zeros,
+        "dense" / "bf16": the fp32 / bf16 weight), made by make() once and kept until qweight, scales or zeros change
+        (another tensor or an in-place write)."""
         key = tuple((t.data_ptr(), _version(t)) for t in (self.qweight, self.scales, self.zeros))
         cache = self._cpu_cache
         if cache is None or cache[0] != key or cache[1] != kind:
@@ -86,6 +91,14 @@ class PackedLinear(QuantizedLinear, spec_type="packed_linear", weight_type=Quant
                                                                        self.bits, g, k))
             return cpu.dense_matmul(x, w, **kw).to(x2.dtype)
         kernel_group = cpu.int4_group(self.bits, g, k, self.out_features)
+        if self.cpu_precision in ("bfloat16", torch.bfloat16):
+            int4 = None
+            if kernel_group is not None and x.shape[0] <= cpu.SMALL_M:
+                int4 = (kernel_group, *self._cpu_weight("int4bf16", lambda: (
+                    cpu.pack_int4(self.qweight, k),
+                    cpu.scale_zeros(self.scales, self.zeros, g, kernel_group).bfloat16())))
+            return cpu.bf16_packed_matmul(x, self.qweight, self.scales, self.zeros, bits=self.bits, group_size=g, k=k,
+                                          int4=int4, **kw).to(x2.dtype)
         if kernel_group is not None and cpu.USE_INT4:
             packed = self._cpu_weight("int4", lambda: cpu.pack_int4(self.qweight, k))
             return cpu.int4_matmul(x, packed, self.scales, self.zeros, group_size=g, kernel_group=kernel_group,
