@@ -27,13 +27,16 @@ def stores(b, h, tokens, d, bits, seed):
 @settings(max_examples=15, deadline=None)
 @given(b=st.integers(1, 3), h=st.integers(1, 3), t=st.integers(1, 5), extra=st.integers(0, 6),
        d=st.sampled_from([16, 64, 128]), bits=st.sampled_from([4, 8]),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), constant=st.booleans(),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       special=st.sampled_from([None, "constant", "tiny"]),
        seed=st.integers(0, 2**31 - 1))
-def test_kernels_kv_quant_write_matches_reference(b, h, t, extra, d, bits, dtype, constant, seed):
+def test_kernels_kv_quant_write_matches_reference(b, h, t, extra, d, bits, dtype, special, seed):
     g = torch.Generator().manual_seed(seed)
     kv = torch.randn(2, b, t, h, d, generator=g) * 2 + torch.randn(d, generator=g) * 3  # per-channel offsets
-    if constant:  # one token's keys all equal: scale 0 -> 1, codes 0
+    if special == "constant":  # one token's keys all equal: scale 0 -> 1, codes 0
         kv[0, 0, 0, 0] = 1.5
+    if special == "tiny":  # a range of 2^-24: its step rounds to 0 in fp16, so scale 1 and codes 0 as well
+        kv[0, 0, 0, 0] = torch.arange(d) % 2 * 2.0**-24
     k, v = (x.transpose(1, 2).to(DEVICE, dtype) for x in kv)  # [B, H, t, D] views, as the decoder passes them
     rows = torch.randperm(t + extra, generator=g)[:t].to(DEVICE)
     (k_store, v_store), (k_ref, v_ref) = stores(b, h, t + extra, d, bits, seed)

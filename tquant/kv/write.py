@@ -37,8 +37,8 @@ def _quantize_row(x_ptr, codes_ptr, scale_ptr, mn_ptr, D: tl.constexpr, BITS: tl
     EPW: tl.constexpr = 32 // BITS
     x = tl.load(x_ptr + tl.arange(0, D)).to(tl.float32)
     lo = tl.min(x, axis=0)
-    scale = tl.div_rn(tl.max(x, axis=0) - lo, (1 << BITS) - 1.0)
-    scale = tl.where(scale > 0, scale, 1.0).to(tl.float16)
+    scale = tl.div_rn(tl.max(x, axis=0) - lo, (1 << BITS) - 1.0).to(tl.float16)
+    scale = tl.where(scale > 0, scale, 1.0).to(tl.float16)  # after the rounding: a step below fp16's smallest is 0
     mn = lo.to(tl.float16)
     y = tl.div_rn(x - mn.to(tl.float32), scale.to(tl.float32))
     code = tl.minimum(tl.maximum((y + RNE) - RNE, 0.0), (1 << BITS) - 1.0).to(tl.int32)
