@@ -22,6 +22,7 @@ from tquant.formats.weights import QuantizedWeight
 from tquant.methods.awq import (
     _inspected,
     awq_scales,
+    clip_bounds,
     clip_values,
     fake_quantized,
     output_errors,
@@ -288,6 +289,52 @@ def test_clip_values_pick_the_least_output_error_of_the_grid(seed, bits, sym, gr
     assert ((ratios > 1 - shrink - 1e-6) & (ratios <= 1 + 1e-6)).all()
 
 
+def _bound_errors(w, x, lo, hi, group, bits, sym):
+    """||X_g (w_g - q_g)||^2 per row and group, q the grid value of w clamped to [lo, hi] ([N, G]) per group."""
+    q = QuantizedWeight.from_rtn(torch.maximum(torch.minimum(w, hi.repeat_interleave(group, dim=1)),
+                                               lo.repeat_interleave(group, dim=1)), bits, group, sym).dequantize()
+    delta = w - q
+    return torch.stack([((x[:, i * group:(i + 1) * group] @ delta[:, i * group:(i + 1) * group].t()) ** 2).sum(0)
+                        for i in range(w.shape[1] // group)], dim=1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4]), group=st.sampled_from([8, 16, 32]),
+       grid=st.integers(2, 12), shrink=st.sampled_from([0.3, 0.5, 0.8]))
+def test_minmax_clip_bounds_never_do_worse_than_absmax(seed, bits, group, grid, shrink):
+    """clip_range='minmax' on an asymmetric grid: per row and group its [lo, hi]'s ||X_g (w_g - q_g)||^2 is at most
+    absmax's [-m, m]'s, each end within (1 - shrink) of the group's own min / max; with a one-sided outlier it is
+    lower somewhere (absmax's clamp to +-m moves only the outlier's end of an asymmetric range). On a symmetric grid
+    both are absmax's."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, 32, generator=g) * (torch.rand(32, generator=g) * 3 + 0.1)
+    w = torch.randn(6, 32, generator=g)
+    w[:, seed % 32] = w[:, seed % 32].abs() * 6  # a positive outlier in every row
+    h = x.t() @ x
+    lo_a, hi_a = clip_bounds(w, h, group, bits, False, grid, shrink, "absmax")
+    m = clip_values(w, h, group, bits, False, grid, shrink)
+    assert torch.equal(lo_a, -m) and torch.equal(hi_a, m)
+    lo, hi = clip_bounds(w, h, group, bits, False, grid, shrink, "minmax")
+    got, absmax = _bound_errors(w, x, lo, hi, group, bits, False), _bound_errors(w, x, -m, m, group, bits, False)
+    assert (got <= absmax * (1 + 1e-4) + 1e-5).all()
+    wg = w.reshape(6, -1, group)
+    assert (hi >= wg.amax(-1) * (1 - shrink) - 1e-6).all() and (hi <= wg.abs().amax(-1) + 1e-6).all()
+    assert (lo <= wg.amin(-1) * (1 - shrink) + 1e-6).all() and (lo >= -wg.abs().amax(-1) - 1e-6).all()
+    if bits <= 3 and grid >= 8:
+        assert (got < absmax * (1 - 1e-3)).any()
+    lo_s, hi_s = clip_bounds(w, h, group, bits, True, grid, shrink, "minmax")
+    m_s = clip_values(w, h, group, bits, True, grid, shrink)
+    assert torch.equal(lo_s, -m_s) and torch.equal(hi_s, m_s)
+
+
+def test_minmax_clipping_lowers_the_error():
+    """clip_range 'minmax' against AutoAWQ's 'absmax', all else equal (3-bit, asymmetric): the logits come closer to
+    the float model's."""
+    minmax, reference = quantized(outliers=True, bits=3, sym=False)
+    absmax, _ = quantized(outliers=True, bits=3, sym=False, clip_range="absmax")
+    assert rel_err(minmax, reference) < rel_err(absmax, reference)
+
+
 def test_clipping_lowers_the_error():
     """Clipping on vs off, all else equal: each clipped layer's own output error on its inputs does not grow, and
     the logits come closer to the float model's."""
@@ -369,7 +416,7 @@ def test_save_load_is_bit_identical(tmp_path):
 def test_awq_is_listed_with_its_options():
     opts = tquant.methods()["awq"]
     assert {"bits", "group_size", "sym", "n_grid", "duo_scaling", "search_loss", "search_samples", "clip", "clip_grid",
-            "max_shrink", "clip_skip"} == set(opts)
+            "max_shrink", "clip_range", "clip_skip"} == set(opts)
     assert "(default 20)" in opts["n_grid"] and "(default True)" in opts["duo_scaling"]
 
 
@@ -383,6 +430,7 @@ def test_awq_is_listed_with_its_options():
     ("max_shrink", 1.0, r"max_shrink must be a number in \(0, 1\), got 1\.0"),
     ("max_shrink", 0, r"max_shrink must be a number in \(0, 1\), got 0"),
     ("duo_scaling", "yes", r"duo_scaling must be True or False, got 'yes'"),
+    ("clip_range", "sym", r"clip_range must be 'absmax' or 'minmax', got 'sym'"),
     ("clip", None, r"clip must be True or False, got None"),
     ("clip_skip", ["*q_proj"], r"clip_skip must be a string of comma-separated name patterns"),
     ("bits", 5, r"bits=5 is not supported"),

@@ -28,6 +28,11 @@ for i < max_shrink * clip_grid (i = 0: no clipping) minimizing (w_g - q_g) H_gg 
 clamp(w_g, -m, m) and H_gg the group's block of the mean x x^T of the layer's input: AutoAWQ's ||X_g w_g - X_g q_g||^2
 on the float block's inputs divided by s (AutoAWQ samples 512 tokens; here every calibration token: diag(s)^-1 H
 diag(s)^-1 of the same H, gathered in the same pass as x_mean, so the driver runs no statistics passes of its own).
+With clip_range="minmax" (the default; asymmetric grids) that choice is refined: the group's max, then its min, each
+scanned over (1 - i / clip_grid) of itself on the same error, the clamp becoming [lo, hi]: an asymmetric grid spans
+[min(w_g, 0), max(w_g, 0)], so AutoAWQ's +-m moves only the end beyond m and cannot trim the other one
+(benchmarks/RESULTS.md, "AWQ on the offline model (issue 29)", has what it changed and why AWQ still trails GPTQ at
+3 bits).
 Layers matching clip_skip are not clipped (AutoAWQ skips q and k: their errors meet in the q k^T product, which a
 per-layer output error does not see). Finally
 round-to-nearest of the clamped weight on the project's grid (tquant.formats.quantizer, symmetric or min-max with an
@@ -115,6 +120,20 @@ def output_errors(weights: list[torch.Tensor], h: torch.Tensor, scales: list[tor
     return errors
 
 
+def _group_blocks(h: torch.Tensor, group_size: int, g: int) -> torch.Tensor:
+    """The diagonal blocks H_gg [G, gs, gs] (float32) of h [K, K]."""
+    return torch.stack([h[i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size]
+                        for i in range(g)]).float()
+
+
+def _clip_errors(wg: torch.Tensor, blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int,
+                 sym: bool) -> torch.Tensor:
+    """(w_g - q_g) H_gg (w_g - q_g)^T [N, G] of wg [N, G, gs], q_g the grid value of clamp(w_g, lo, hi) ([N, G])."""
+    clamped = torch.maximum(torch.minimum(wg, hi[..., None]), lo[..., None])
+    delta = _grid_values(clamped, bits, sym).sub_(wg).transpose(0, 1)  # [G, N, gs]
+    return (torch.bmm(delta, blocks) * delta).sum(-1).t()
+
+
 def clip_values(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int, sym: bool, grid: int,
                 max_shrink: float) -> torch.Tensor:
     """AWQ's weight clipping search: per output row and group of w [N, K], the clip value m [N, G] among
@@ -123,19 +142,50 @@ def clip_values(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int, sy
     n, k = w.shape
     g = k // group_size
     wg = w.detach().float().reshape(n, g, group_size)
-    blocks = torch.stack([h[i * group_size:(i + 1) * group_size, i * group_size:(i + 1) * group_size]
-                          for i in range(g)]).float()  # [G, gs, gs]
+    blocks = _group_blocks(h, group_size, g)
     top = wg.abs().amax(dim=-1)  # [N, G]
     best, best_err = top.clone(), torch.full_like(top, float("inf"))
     for i in range(max(1, math.ceil(max_shrink * grid - 1e-9))):  # i < max_shrink * grid
         m = top * (1 - i / grid)
-        clamped = torch.maximum(torch.minimum(wg, m[..., None]), -m[..., None])
-        delta = _grid_values(clamped, bits, sym).sub_(wg)  # [N, G, gs]
-        err = (torch.bmm(delta.transpose(0, 1), blocks) * delta.transpose(0, 1)).sum(-1).t()  # [N, G]
+        err = _clip_errors(wg, blocks, -m, m, bits, sym)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, m, best)
     return best
+
+
+def clip_bounds(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int, sym: bool, grid: int,
+                max_shrink: float, clip_range: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) [N, G]: each row and group of w [N, K] is clamped to [lo, hi] before rounding.
+    clip_range="absmax" (AutoAWQ's, llm-awq's): [-m, m], m = clip_values(...).
+    clip_range="minmax" (asymmetric grids): from that choice, a scan of hi among (1 - i / grid) max(w_g) with lo
+    fixed, then of lo among (1 - i / grid) min(w_g) with hi fixed (i < max_shrink * grid), each value kept only
+    where its error is lower than the current one: per row and group never a larger error than absmax's. An
+    asymmetric grid spans [min(w_g, 0), max(w_g, 0)], so a clamp to +-m moves only the end beyond m; shrinking the
+    two ends separately also trims the other one (at W3 g64 on the offline model's block 0, o_proj's output error
+    fell from 2.4e-3 to 1.4e-3 of its output power). On a symmetric grid both give absmax's answer."""
+    m = clip_values(w, h, group_size, bits, sym, grid, max_shrink)
+    lo, hi = -m, m
+    if clip_range == "absmax" or sym:
+        return lo, hi
+    n, k = w.shape
+    g = k // group_size
+    wg = w.detach().float().reshape(n, g, group_size)
+    blocks = _group_blocks(h, group_size, g)
+    best_err = _clip_errors(wg, blocks, lo, hi, bits, sym)
+    steps = max(1, math.ceil(max_shrink * grid - 1e-9))
+    for end, top in (("hi", wg.amax(dim=-1)), ("lo", wg.amin(dim=-1))):
+        for i in range(steps):
+            v = top * (1 - i / grid)
+            err = _clip_errors(wg, blocks, lo, v, bits, sym) if end == "hi" else \
+                _clip_errors(wg, blocks, v, hi, bits, sym)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            if end == "hi":
+                hi = torch.where(better, v, hi)
+            else:
+                lo = torch.where(better, v, lo)
+    return lo, hi
 
 
 def _inspected(block: nn.Module, names: list[str]) -> nn.Module:
@@ -167,6 +217,9 @@ class AWQ(Method):
     clip: bool = option(True, "search a clip value per output row and group on the layer's output error")
     clip_grid: int = option(20, "clip steps: the group max times 1, 1 - 1/n, ... (n = clip_grid)")
     max_shrink: float = option(0.5, "the clip search goes down to (1 - max_shrink) times the group max, exclusive")
+    clip_range: str = option("minmax", "what the clip search shrinks: 'absmax' (AutoAWQ's: [-m, m], m below max|w| "
+                                       "of the group) or 'minmax' (from absmax's choice, the group's max and min "
+                                       "each shrunk on its own; asymmetric grids, sym=True is absmax)")
     clip_skip: str = option("*q_proj,*k_proj,*query,*key,*qkv_proj,*Wqkv,*c_attn",
                             "comma-separated name patterns of layers never clipped (AutoAWQ's: q and k)")
 
@@ -176,6 +229,8 @@ class AWQ(Method):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        if self.clip_range not in ("absmax", "minmax"):
+            raise ValueError(f"clip_range must be 'absmax' or 'minmax', got {self.clip_range!r}")
         if self.search_loss not in ("linear", "module"):
             raise ValueError(f"search_loss must be 'linear' or 'module', got {self.search_loss!r}")
         if isinstance(self.search_samples, bool) or not isinstance(self.search_samples, int) or \
@@ -196,7 +251,7 @@ class AWQ(Method):
                 f"clip_skip must be a string of comma-separated name patterns, got {self.clip_skip!r}")
         self.alpha: dict[str, float | None] = {}  # layer -> searched alpha (None: no scaling won)
         self.unscaled: list[str] = []  # layers whose input no op of the block absorbs exactly
-        self.clip_ratio: dict[str, float] = {}  # layer -> mean chosen clip value / group max
+        self.clip_ratio: dict[str, float] = {}  # layer -> mean kept share of the groups' grid spans
         self._absorbers: dict[tuple[str, ...], tuple[str, torch.Tensor | None] | None] = {}  # see _absorber
         self._gram: dict[str, torch.Tensor] = {}  # layer -> mean x x^T of its (scaled) input, until quantized
 
@@ -351,9 +406,12 @@ class AWQ(Method):
                 if not getattr(state, "tokens", 0):
                     raise ValueError(f"awq: layer {name!r} saw no calibration data")
                 gram = state.hessian
-            m = clip_values(w, gram, gs, self.bits, self.sym, self.clip_grid, self.max_shrink)
-            top = w.abs().reshape(w.shape[0], -1, gs).amax(dim=-1)
-            self.clip_ratio[name] = round((m / top.clamp_min(torch.finfo(torch.float32).tiny)).mean().item(), 4)
-            bound = m.repeat_interleave(gs, dim=1)
-            w = torch.maximum(torch.minimum(w, bound), -bound)
+            lo, hi = clip_bounds(w, gram, gs, self.bits, self.sym, self.clip_grid, self.max_shrink, self.clip_range)
+            wg = w.reshape(w.shape[0], -1, gs)
+            # the clamped range's width over the group's own (on the grid's span, which holds 0)
+            span = wg.amax(dim=-1).clamp(min=0) - wg.amin(dim=-1).clamp(max=0)
+            kept = hi.clamp(min=0).minimum(wg.amax(dim=-1).clamp(min=0)) - \
+                lo.clamp(max=0).maximum(wg.amin(dim=-1).clamp(max=0))
+            self.clip_ratio[name] = round((kept / span.clamp_min(torch.finfo(torch.float32).tiny)).mean().item(), 4)
+            w = torch.maximum(torch.minimum(w, hi.repeat_interleave(gs, dim=1)), lo.repeat_interleave(gs, dim=1))
         return QuantizedWeight.from_rtn(w, self.bits, gs, self.sym)
