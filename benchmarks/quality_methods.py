@@ -96,6 +96,15 @@ ROWS = {  # name: (method, options)
     # ... with queries, keys and values at the activation bits too (OmniQuant's W4A4 / W6A6; trained: q/k LET too)
     **{f"abq{kind}-w{b}a{b}-qkv{b}": ("abq", dict(wbits=b, abits=b, qkv_bits=b, **({"epochs": 0} if kind else {})))
        for kind in ("", "-rtn") for b in (4, 6)},
+    # FP8 (issue 29; RESULTS.md "FP8 on the offline model", run with --n-samples 32 --threads 1): e4m3 per channel,
+    # W8A8 per-token (dynamic) or static, W8A16 weight-only; + GPTQ's error feedback on the e4m3 grid, + smoothing
+    "fp8-w8a8": ("fp8", {}),
+    "fp8-w8a8-static": ("fp8", dict(act_static=True)),
+    "fp8-w8a16": ("fp8", dict(weight_only=True)),
+    "fp8-w8a8-smooth-a50": ("fp8", dict(smooth_alpha=0.5)),
+    "fp8-w8a8-gptq": ("fp8", dict(gptq=True)),
+    "fp8-w8a16-gptq": ("fp8", dict(weight_only=True, gptq=True)),
+    "fp8-w8a8-gptq-smooth-a50": ("fp8", dict(gptq=True, smooth_alpha=0.5)),
 }
 
 
