@@ -24,6 +24,19 @@ def grid(seed, bits, n, k, group, dtype):
     return pack_codes(codes, bits), scales, zeros, g
 
 
+def random_module(seed, bits, k, group, n, m, perm, bias, dtype):
+    """(PackedLinear of grid()'s codes with a random perm / bias, x [m, k], weight_only_matmul_ref's output)."""
+    qweight, scales, zeros, g = grid(seed, bits, n, k, group, dtype)
+    module = PackedLinear(k, n, bits=bits, group_size=group, bias=bias, has_perm=perm, dtype=dtype)
+    module.qweight.copy_(qweight), module.scales.copy_(scales), module.zeros.copy_(zeros)
+    module.copy_optional(perm=torch.randperm(k, generator=g).int() if perm else None,
+                         bias=torch.randn(n, generator=g).to(dtype) if bias else None)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    ref = weight_only_matmul_ref(x, qweight, scales, zeros, bits=bits, group_size=group, in_features=k,
+                                 perm=module.perm, bias=module.bias)
+    return module, x, ref
+
+
 def close(y, ref):
     tol = 2e-5 if y.dtype == torch.float32 else 2**-7
     torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * max(ref.abs().max().item(), 1.0))
@@ -36,14 +49,7 @@ def close(y, ref):
        bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
 def test_kernels_cpu_matmul_module_matches_reference(bits, k_group, n, m, perm, bias, dtype, seed):
     k, group = k_group
-    qweight, scales, zeros, g = grid(seed, bits, n, k, group, dtype)
-    module = PackedLinear(k, n, bits=bits, group_size=group, bias=bias, has_perm=perm, dtype=dtype)
-    module.qweight.copy_(qweight), module.scales.copy_(scales), module.zeros.copy_(zeros)
-    module.copy_optional(perm=torch.randperm(k, generator=g).int() if perm else None,
-                         bias=torch.randn(n, generator=g).to(dtype) if bias else None)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    ref = weight_only_matmul_ref(x, qweight, scales, zeros, bits=bits, group_size=group, in_features=k,
-                                 perm=module.perm, bias=module.bias)
+    module, x, ref = random_module(seed, bits, k, group, n, m, perm, bias, dtype)
     for cached in (True, False):
         module.cache_weights = cached
         y = module(x)
@@ -236,14 +242,8 @@ def test_kernels_cpu_matmul_packed_matmul_threads(small_chunks):
 def test_kernels_cpu_matmul_bf16_cache(bits, k_group, n, m, perm, bias, dtype, seed):
     """cache_weights="bfloat16": a bf16 weight kept (2 bytes a weight), results to bf16 accuracy."""
     k, group = k_group
-    qweight, scales, zeros, g = grid(seed, bits, n, k, group, dtype)
-    module = PackedLinear(k, n, bits=bits, group_size=group, bias=bias, has_perm=perm, dtype=dtype)
-    module.qweight.copy_(qweight), module.scales.copy_(scales), module.zeros.copy_(zeros)
-    module.copy_optional(perm=torch.randperm(k, generator=g).int() if perm else None,
-                         bias=torch.randn(n, generator=g).to(dtype) if bias else None)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    ref = weight_only_matmul_ref(x, qweight, scales, zeros, bits=bits, group_size=group, in_features=k,
-                                 perm=module.perm, bias=module.bias)
+    module, x, ref = random_module(seed, bits, k, group, n, m, perm, bias, dtype)
+    qweight, scales, zeros = module.qweight, module.scales, module.zeros
     module.cache_weights = "bfloat16"
     y = module(x)
     assert y.dtype == dtype and module._cpu_cache[1] == "bf16" and module._cpu_cache[2].dtype == torch.bfloat16
@@ -261,14 +261,8 @@ def test_kernels_cpu_matmul_bf16_precision(bits, k_group, n, m, perm, bias, dtyp
     """cpu_precision="bfloat16": bf16 accuracy (bounded by sum |x| (|w| + 16 scale), the int4 kernel's zero term
     rounded to bf16 too); the int4 kernel's layout kept only for 4-bit layers it takes, at small M."""
     k, group = k_group
-    qweight, scales, zeros, g = grid(seed, bits, n, k, group, dtype)
-    module = PackedLinear(k, n, bits=bits, group_size=group, bias=bias, has_perm=perm, dtype=dtype)
-    module.qweight.copy_(qweight), module.scales.copy_(scales), module.zeros.copy_(zeros)
-    module.copy_optional(perm=torch.randperm(k, generator=g).int() if perm else None,
-                         bias=torch.randn(n, generator=g).to(dtype) if bias else None)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    ref = weight_only_matmul_ref(x, qweight, scales, zeros, bits=bits, group_size=group, in_features=k,
-                                 perm=module.perm, bias=module.bias)
+    module, x, ref = random_module(seed, bits, k, group, n, m, perm, bias, dtype)
+    qweight, scales, zeros = module.qweight, module.scales, module.zeros
     module.cpu_precision = "bfloat16"
     y = module(x)
     assert y.dtype == dtype and y.shape == (m, n)
