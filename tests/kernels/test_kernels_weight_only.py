@@ -378,6 +378,7 @@ def test_kernels_shipped_configs_are_current(monkeypatch):
 
     candidates_of = {"w8a8_matmul": lambda key: w8a8_gemm.configs(int(key["M"])),
                      "w4a8_matmul": lambda key: w4a8_gemm.configs(int(key["M"])),
+                     "fp8_matmul": lambda key: w8a8_gemm.configs(int(key["M"])),  # fp8_gemm takes the int8 tiles
                      "w4a4_matmul": lambda key: w4a8_gemm.configs(int(key["M"]), act_bits=4),
                      "e8p_matmul": lambda key: e8p_matmul.candidates.__wrapped__(int(key["M"]), int(key["N"]),
                                                                                  int(key["K"]) // 8),
