@@ -118,6 +118,24 @@ def test_kernels_e8p_gpu_configs(config):
     assert_close(y, call(e8p_matmul_ref, t, 4), torch.float16)
 
 
+@pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(),
+                    reason="the GPU candidates run on a CUDA GPU (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("m,bits,dtype", [(1, 2, torch.float16), (1, 4, torch.bfloat16), (13, 3, torch.float16),
+                                          (50, 2, torch.bfloat16), (200, 4, torch.float16)])
+def test_kernels_e8p_every_gpu_candidate(monkeypatch, m, bits, dtype):
+    """Every distinct GPU tile of e8p_matmul's candidates for m's bucket (GEMV, GEMM with every decoder the list
+    holds, split-K or not, the dense path), forced through run_path where the tuner (TQUANT_AUTOTUNE=0: the first
+    candidate) would pick one; N 300, K 320 (40 code rows), bias. GPU only: the interpreter runs its own configs."""
+    monkeypatch.setattr(e8p_module, "interpreter_on", lambda: False)
+    t = make_inputs(m, 300, 40, bits, dtype, True, seed=m * 10 + bits)
+    ref = call(e8p_matmul_ref, t, bits)
+    configs = e8p_module.candidates.__wrapped__(1 << (m - 1).bit_length(), 300, 40)
+    tiles = {tuple((key, v) for key, v in c.items() if key != "num_stages"): c for c in configs}
+    assert len(tiles) > 2
+    for config in tiles.values():
+        assert_close(run_path(config, t["x"], t["codes"], t["codes2"], t["bias"], bits=bits), ref, dtype)
+
+
 @needs_backend
 @pytest.mark.parametrize("path", ["gemv", "gemm_split_k"])
 def test_kernels_e8p_split_k_leaves_counters_at_zero(path):
