@@ -41,10 +41,8 @@ import triton
 import triton.language as tl
 
 from .uniform_format import KV_BITS, PackedKV, quantize_keys, quantize_values, words_per_group
-from ..kernels.act_quant import RNE
+from .write import _minmax_codes
 from ..kernels.runtime import check_device
-
-FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 def kivi_write_ref(k, v, ring_k, ring_v, k_store: PackedKV, v_store: PackedKV, slot, flushed, bits: int,
@@ -84,22 +82,6 @@ def _pending_group(x_ptr, ring_ptr, slot, rows, ch, D: tl.constexpr):
     mine = rows == slot
     old = tl.load(ring_ptr + rows * D + ch, mask=~mine, other=0.0)
     return tl.where(mine, new, old).to(tl.float32)
-
-
-@triton.jit
-def _minmax_codes(x, AXIS: tl.constexpr, BITS: tl.constexpr):
-    """minmax_quantize over AXIS of x (fp32): codes int32 like x, fp16 scale and mn with AXIS kept."""
-    levels = (1 << BITS) - 1.0
-    lo = tl.min(x, axis=AXIS, keep_dims=True)
-    hi = tl.max(x, axis=AXIS, keep_dims=True)
-    scale = tl.div_rn(hi - lo, levels)
-    scale = tl.where(scale > FP32_MAX, tl.div_rn(hi, levels) - tl.div_rn(lo, levels), scale)  # past fp32's range
-    scale = scale.to(tl.float16)
-    scale = tl.where(scale > 0, scale, 1.0).to(tl.float16)  # 0 in fp16 (a constant group, a tiny range): 1
-    mn = lo.to(tl.float16)
-    y = tl.div_rn(x - mn.to(tl.float32), scale.to(tl.float32))
-    code = tl.minimum(tl.maximum((y + RNE) - RNE, 0.0), levels).to(tl.int32)
-    return code, scale, mn
 
 
 @triton.jit

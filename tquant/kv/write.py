@@ -24,6 +24,7 @@ from ..kernels.act_quant import RNE
 from ..kernels.runtime import check_device
 
 BITS = (4, 8)
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 def kv_quant_write_ref(k, v, k_store: PackedKV, v_store: PackedKV, rows, bits: int) -> None:
@@ -33,20 +34,30 @@ def kv_quant_write_ref(k, v, k_store: PackedKV, v_store: PackedKV, rows, bits: i
 
 
 @triton.jit
-def _quantize_row(x_ptr, codes_ptr, scale_ptr, mn_ptr, D: tl.constexpr, BITS: tl.constexpr):
-    EPW: tl.constexpr = 32 // BITS
-    x = tl.load(x_ptr + tl.arange(0, D)).to(tl.float32)
-    lo = tl.min(x, axis=0)
-    scale = tl.div_rn(tl.max(x, axis=0) - lo, (1 << BITS) - 1.0).to(tl.float16)
-    scale = tl.where(scale > 0, scale, 1.0).to(tl.float16)  # after the rounding: a step below fp16's smallest is 0
+def _minmax_codes(x, AXIS: tl.constexpr, BITS: tl.constexpr):
+    """minmax_quantize over AXIS of x (fp32): codes int32 like x, fp16 scale and mn with AXIS kept."""
+    levels = (1 << BITS) - 1.0
+    lo = tl.min(x, axis=AXIS, keep_dims=True)
+    hi = tl.max(x, axis=AXIS, keep_dims=True)
+    scale = tl.div_rn(hi - lo, levels)
+    scale = tl.where(scale > FP32_MAX, tl.div_rn(hi, levels) - tl.div_rn(lo, levels), scale)  # past fp32's range
+    scale = scale.to(tl.float16)
+    scale = tl.where(scale > 0, scale, 1.0).to(tl.float16)  # 0 in fp16 (a constant group, a tiny range): 1
     mn = lo.to(tl.float16)
     y = tl.div_rn(x - mn.to(tl.float32), scale.to(tl.float32))
-    code = tl.minimum(tl.maximum((y + RNE) - RNE, 0.0), (1 << BITS) - 1.0).to(tl.int32)
+    code = tl.minimum(tl.maximum((y + RNE) - RNE, 0.0), levels).to(tl.int32)
+    return code, scale, mn
+
+
+@triton.jit
+def _quantize_row(x_ptr, codes_ptr, scale_ptr, mn_ptr, D: tl.constexpr, BITS: tl.constexpr):
+    EPW: tl.constexpr = 32 // BITS
+    code, scale, mn = _minmax_codes(tl.load(x_ptr + tl.arange(0, D)).to(tl.float32)[None, :], 1, BITS)
     shift = (tl.arange(0, D) % EPW) * BITS
-    words = tl.sum(tl.reshape(code << shift, (D // EPW, EPW)), axis=1)  # disjoint bit fields: the sum is an OR
+    words = tl.sum(tl.reshape(code << shift[None, :], (D // EPW, EPW)), axis=1)  # disjoint bit fields: an OR
     tl.store(codes_ptr + tl.arange(0, D // EPW), words)
-    tl.store(scale_ptr, scale)
-    tl.store(mn_ptr, mn)
+    tl.store(scale_ptr + tl.arange(0, 1), tl.reshape(scale, (1,)))
+    tl.store(mn_ptr + tl.arange(0, 1), tl.reshape(mn, (1,)))
 
 
 @triton.jit
