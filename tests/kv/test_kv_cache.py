@@ -114,6 +114,18 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def generate_through_its_cache(monkeypatch, model, ids, new=20):
+    """(model.generate's greedy output of `new` tokens, the one cache tquant.kv.hook built for it)."""
+    import tquant.kv.hook
+
+    built, real = [], tquant.kv.hook.kv_cache
+    monkeypatch.setattr(tquant.kv.hook, "kv_cache", lambda m: built.append(real(m)) or built[-1])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    (cache,) = built
+    return out, cache
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_kivi_inside_a_gqa_model(arch):
     """8-bit KIVI decodes within 1 % of the float model and 2-bit KIVI further off but close; the prefill alone

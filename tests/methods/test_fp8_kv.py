@@ -6,12 +6,11 @@ import json
 import pytest
 import torch
 from tests.kernel_device import DEVICE
-from tests.kv.test_kv_cache import decoded_logits, lively, rel
+from tests.kv.test_kv_cache import decoded_logits, generate_through_its_cache, lively, rel
 from tests.tiny_models import tiny_model, token_batch
 from transformers import DynamicCache
 
 import tquant
-import tquant.kv.hook
 from tquant.decode import StaticDecoder
 from tquant.kv.fp8_cache import FP8Layer
 from tquant.kv.fp8_format import dequantize_fp8_kv, quantize_fp8_kv
@@ -96,14 +95,11 @@ def test_decoding_stays_close_to_the_float_model():
 def test_generate_reads_the_fp8_cache(monkeypatch):
     model = tiny_model("llama")
     tquant.quantize(model, "fp8_kv", calib=calib())
-    built, real = [], tquant.kv.hook.kv_cache
-    monkeypatch.setattr(tquant.kv.hook, "kv_cache", lambda m: built.append(real(m)) or built[-1])
     ids = token_batch(1, 12, seed=6)
+    out, cache = generate_through_its_cache(monkeypatch, model, ids)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
         float_out = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False,
                                    **{cache_kwarg(model): DynamicCache()})
-    (cache,) = built
     for layer in cache.layers:
         assert isinstance(layer, FP8Layer) and layer.packed_keys.dtype == torch.float8_e4m3fn
         assert layer.quantized_length() == out.shape[1] - 1  # every token but the last generated one, in e4m3

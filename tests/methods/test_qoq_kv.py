@@ -7,14 +7,13 @@ import json
 import pytest
 import torch
 import transformers
-from tests.kv.test_kv_cache import decoded_logits, lively, rel
+from tests.kv.test_kv_cache import decoded_logits, generate_through_its_cache, lively, rel
 from tests.tiny_models import ARCHS, VOCAB, tiny_model, token_batch
 from transformers import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import tquant
 from tquant.models import cache_kwarg
-import tquant.kv.hook
 from tquant.kv import uniform_format as kv_quant
 from tquant.methods.qoq_kv import QoQKV4
 from tquant.kv.cache import KiviLayer
@@ -108,12 +107,7 @@ def test_cache_holds_one_scale_and_minimum_per_token_per_head(bits):
 def test_generate_reads_the_qoq_cache(monkeypatch):
     model = tiny_model("llama")
     tquant.quantize(model, "qoq_kv4", calib=calib())
-    built, real = [], tquant.kv.hook.kv_cache
-    monkeypatch.setattr(tquant.kv.hook, "kv_cache", lambda m: built.append(real(m)) or built[-1])
-    ids = token_batch(1, 12, seed=6)
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)
-    (cache,) = built
+    out, cache = generate_through_its_cache(monkeypatch, model, token_batch(1, 12, seed=6))
     for layer in cache.layers:
         assert isinstance(layer, KiviLayer) and (layer.key_axis, layer.bits, layer.group) == ("token", 4, D)
         assert layer.quantized_length() == out.shape[1] - 1  # every token written, all of them quantized
