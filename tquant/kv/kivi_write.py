@@ -45,10 +45,21 @@ from .write import _minmax_codes
 from ..kernels.runtime import check_device
 
 
+def store_pending_group(ring_k, ring_v, k_store: PackedKV, v_store: PackedKV, pending, key_rows, value_rows,
+                        bits: int, group: int) -> None:
+    """KIVI's pending group (ring slots `pending`, int64 [G]) quantized into one layer's stores: keys per channel
+    into code rows key_rows[0] (int64 [wpg]) and parameter row key_rows[1] / key_rows[2] ([1]), values per token
+    into rows value_rows (int64 [G])."""
+    for part, x, index in zip(k_store, quantize_keys(ring_k.index_select(2, pending), bits, group), key_rows):
+        part.index_copy_(2, index, x)
+    for part, x in zip(v_store, quantize_values(ring_v.index_select(2, pending), bits, group)):
+        part.index_copy_(2, value_rows, x)
+
+
 def kivi_write_ref(k, v, ring_k, ring_v, k_store: PackedKV, v_store: PackedKV, slot, flushed, bits: int,
                    group: int) -> None:
-    """The torch path of StaticKiviCache.write for one decode token (module docstring): ring index_copy_, the
-    pending group's index_select, quantize_keys / quantize_values, index_copy_ into the stores."""
+    """The torch path of StaticKiviCache.write for one decode token (module docstring): ring index_copy_, then the
+    pending group quantized into the stores (store_pending_group)."""
     w, wpg = ring_k.shape[2], words_per_group(bits, group)
     offsets = torch.arange(group, device=ring_k.device)
     pending = (flushed + offsets) % w
@@ -56,10 +67,7 @@ def kivi_write_ref(k, v, ring_k, ring_v, k_store: PackedKV, v_store: PackedKV, s
     ring_v.index_copy_(2, slot, v.to(ring_v.dtype))
     first = flushed // group
     key_rows = (first * wpg + torch.arange(wpg, device=ring_k.device), first, first)
-    for part, x, index in zip(k_store, quantize_keys(ring_k.index_select(2, pending), bits, group), key_rows):
-        part.index_copy_(2, index, x)
-    for part, x in zip(v_store, quantize_values(ring_v.index_select(2, pending), bits, group)):
-        part.index_copy_(2, flushed + offsets, x)
+    store_pending_group(ring_k, ring_v, k_store, v_store, pending, key_rows, flushed + offsets, bits, group)
 
 
 @triton.jit
@@ -185,4 +193,4 @@ def kivi_write(k, v, ring_k, ring_v, k_store: PackedKV, v_store: PackedKV, slot,
                                    num_warps=max(1, min(16, group * d // 1024)))
 
 
-__all__ = ["kivi_write", "kivi_write_ref"]
+__all__ = ["kivi_write", "kivi_write_ref", "store_pending_group"]

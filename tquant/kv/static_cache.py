@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..config import tquant_config
 from .attention import masked_attention
 from .fp8_static_cache import fp8_static_cache
+from .kivi_write import store_pending_group
 from .uniform_format import (PackedKV, dequantize_keys, dequantize_values, quantize_keys, quantize_values,
                              stored_params_error, words_per_group)
 from ..models import head_dim
@@ -229,11 +230,9 @@ class StaticKiviCache:
                                    (self.v, quantize_values(v[:, :, :n0], self.bits, g))):
                     for part, x in zip(store, new):
                         part[layer][:, :, :x.shape[2]] = x
-        group_keys = quantize_keys(self.ring_k[layer].index_select(2, self._pending), self.bits, g)
-        for part, x, index in zip(self.k, group_keys, self._key_rows):
-            part[layer].index_copy_(2, index, x)
-        for part, x in zip(self.v, quantize_values(self.ring_v[layer].index_select(2, self._pending), self.bits, g)):
-            part[layer].index_copy_(2, self._value_rows, x)
+        store_pending_group(self.ring_k[layer], self.ring_v[layer], *(PackedKV(*(p[layer] for p in store))
+                            for store in (self.k, self.v)), self._pending, self._key_rows, self._value_rows,
+                            self.bits, g)
 
     def stored(self, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions 0 ... t - 1 of one layer as the cache holds them (the store before flushed, the ring from
