@@ -204,12 +204,12 @@ def bf16_packed_matmul(x, qweight, scales, zeros, *, bits: int, group_size: int,
     m = x.shape[0]
     if m <= SMALL_M and int4 is None:
         return packed_matmul(x, qweight, scales, zeros, bits=bits, group_size=group_size, k=k, perm=perm, bias=bias)
+    if m > SMALL_M:
+        return bf16_matmul(x, dequantize_fast(qweight, scales, zeros, bits, group_size, k).bfloat16(), perm=perm,
+                           bias=bias)
     xs = x.bfloat16() if perm is None else x.bfloat16().index_select(1, perm.long())
-    if m <= SMALL_M:
-        kernel_group, packed, sz = int4
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xs.contiguous(), packed, kernel_group, sz).float()
-    else:
-        y = (xs @ dequantize_fast(qweight, scales, zeros, bits, group_size, k).bfloat16()).float()
+    kernel_group, packed, sz = int4
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xs.contiguous(), packed, kernel_group, sz).float()
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype)
