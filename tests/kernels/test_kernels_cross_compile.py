@@ -8,11 +8,11 @@ static-cache decode write (groups of 32 and 128 tokens, a bf16 ring of fp32 toke
 decode launches (gate_up, then down, of one token's top-2 of 8 Mixtral-like experts); and, each
 through the branches the GPU takes (the first GPU candidate, and other candidates or forced configs for the
 constexpr branches that candidate misses: split-K, kernel variants, decoders): the FP8 kernels (activation
-quantization, the fp8 tl.dot GEMM, the weight-only GEMM) and the FP8 store of the decode attention, the activation
-quantization, the W8A8 / W4A8 GEMMs (W4A8's dense path), the weight-only GEMV / GEMM (inline-asm dequantization,
-split-K) and dequantize kernels, the bit-plane GEMV (hardware popcount) and WpAq / A16 GEMMs, QuIP#'s E8P kernels and
-the fused Hadamard transform (the *_step functions say which launches). Each must compile with no more than 255
-registers. docs/testing.md lists the GPU-only branches, the GPU test reaching each and its case here."""
+quantization, the fp8 tl.dot GEMM, the weight-only GEMM, the GEMM quantizing x itself) and the FP8 store of the
+decode attention, the activation quantization, the W8A8 / W4A8 GEMMs (W4A8's dense path), the weight-only GEMV / GEMM
+(inline-asm dequantization, split-K) and dequantize kernels, the bit-plane GEMV (hardware popcount) and WpAq / A16
+GEMMs, QuIP#'s E8P kernels and the fused Hadamard transform (the *_step functions say which launches). Each must
+compile with no more than 255 registers. docs/testing.md lists the GPU-only branches, the GPU test reaching each and its case here."""
 import json
 import os
 import subprocess
@@ -57,6 +57,8 @@ def expected_kernels(kind, bits, option, dtype):
         return [SPQR_KERNELS[min(option, 16)]] * 2 + ["_dequantize_kernel"]
     if kind in KERNEL_SETS:  # the GEMV at batch 1 (bitplane: up to 8)
         return KERNEL_SETS[kind] | (SMALL_BATCH_KERNELS[kind] if option <= (8 if kind == "bitplane" else 1) else set())
+    if kind == "fp8" and option <= 16:  # fp8_linear's fused path: the GEMM quantizing x itself
+        return KERNELS[kind] + ["_fp8_kernel"]
     if kind == "int8_gemms" and option >= 256:  # the W4A8 dense path: unpack to int8, then the W8A8 GEMM
         return KERNELS[kind] + ["_unpack_kernel", "_w8a8_kernel"]
     return KERNELS[kind]
@@ -182,7 +184,8 @@ def gpu_defaults(*modules):
 def fp8_step(batch, bits, dtype):
     """tquant.kernels.fp8_gemm at Llama-3-8B widths: the activation quantization per token at K 4096 (one row a
     program in 8 warps) and static at K 14336 (16 warps), the W8A8 GEMM (the fp8 tl.dot: Hopper's fp8 wgmma, bias in
-    dtype) and the weight-only GEMM (e4m3 tiles converted to dtype for a fp16 / bf16 tl.dot), N 1024."""
+    dtype) and the weight-only GEMM (e4m3 tiles converted to dtype for a fp16 / bf16 tl.dot), N 1024; up to
+    FUSED_MAX_M also fp8_linear's first fused candidate (x quantized per token inside the GEMM)."""
     import torch
 
     from tquant.kernels import fp8_gemm
@@ -194,6 +197,9 @@ def fp8_step(batch, bits, dtype):
     wq, w_scale = torch.zeros(1024, 4096, dtype=fp8_gemm.FP8), torch.ones(1024)
     fp8_gemm.fp8_matmul(xq, x_scale, wq, w_scale, bias=torch.zeros(1024).to(dtype), out_dtype=dtype)
     fp8_gemm.fp8_weight_only_matmul(x, wq, w_scale)
+    fused = [c for c in fp8_gemm.linear_configs(batch, static=False) if c["path"] == "fused"]
+    if fused:
+        fp8_gemm.run_path(fused[0], x, None, wq, w_scale, None)
 
 
 def fp8_kv_step(static, bits, dtype):

@@ -1,6 +1,7 @@
 """FP8 kernels (tquant.kernels.fp8_gemm): the e4m3 activation quantization bit for bit against its torch reference
 (torch.float8_e4m3fn's cast), every e4m3 value and tie, extreme and zero rows; the W8A8 and weight-only GEMMs against
-their references and the references against plain float maths.
+their references and the references against plain float maths; the GEMM that quantizes x itself (fp8_linear's fused
+path, its division-free quotient against IEEE division) bit for bit against quantize_fp8 + the W8A8 GEMM.
 
 Runs under the Triton interpreter on CPU (TRITON_INTERPRET=1, set by conftest.py) with one fixed small config; with
 TRITON_INTERPRET=0 on a GPU (TQUANT_AUTOTUNE=0: the first candidate) it runs the same checks there, where the fp8
@@ -8,11 +9,13 @@ tl.dot of an H100 accumulates with fewer bits than fp32 (GPU_ACC below).
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tquant.kernels import fp8_gemm, w8a8_gemm
-from tquant.kernels.fp8_gemm import (E4M3_MAX, FP8, fake_quantize_fp8, fp8_matmul, fp8_matmul_ref,
+from tquant.kernels.fp8_gemm import (E4M3_MAX, FP8, fake_quantize_fp8, fp8_linear, fp8_matmul, fp8_matmul_ref,
                                      fp8_weight_only_matmul, fp8_weight_only_matmul_ref, quantize_fp8, quantize_fp8_ref)
 from tests.kernel_device import DEVICE, needs_backend
 
@@ -272,8 +275,109 @@ def test_fp8_every_gpu_config_is_correct(monkeypatch, weight_only):
     ref = (fp8_weight_only_matmul_ref(x, wq, w_scale, bias=bias) if weight_only else
            fp8_matmul_ref(xq, x_scale, wq, w_scale, bias=bias, out_dtype=FP16))
     for config in {tuple(c.items()): c for c in gpu_configs}.values():
-        y = fp8_gemm.launch(config, a, a_scale, wq, w_scale, bias, FP16)
+        y = fp8_gemm.launch(config, "w8a16" if weight_only else "w8a8", a, a_scale, wq, w_scale, bias, FP16)
         check(y, ref, magnitude(a, a_scale, wq, w_scale, bias), FP16, gemm_tol(FP16, weight_only))
+
+
+# --- the fused path: activation quantization inside the GEMM -------------------------------------------------------
+
+@triton.jit
+def _divide_kernel(x_ptr, s_ptr, q_ptr, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    m, r, p = fp8_gemm.divisor(tl.load(s_ptr + offs, mask=ok, other=1.0))
+    tl.store(q_ptr + offs, fp8_gemm.divide(tl.load(x_ptr + offs, mask=ok, other=0.0), m, r, p), mask=ok)
+
+
+@needs_backend
+def test_fp8_divide_is_ieee_division():
+    """divide(x, *divisor(s)) against torch's x / s (IEEE) bit for bit wherever |x / s| >= 2^-103, and below (an e4m3
+    zero either way) with x's sign and below 2^-102: 2^18 random scales from fp32's smallest normal to 2^119 (the
+    per-token scales of any fp16 / bf16 / fp32 row), quotients from 2^-140 to 448 (the codes' range) and 448.0001 (a
+    row's maximum over its rounded-down scale), either sign, 0 and -0, and subnormal x."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 18
+    s = torch.exp2(torch.empty(n).uniform_(-126, 119, generator=g)) * torch.empty(n).uniform_(1, 2, generator=g)
+    s = s.clamp(torch.finfo(FP32).tiny, 2.0**119)
+    q = torch.exp2(torch.empty(n).uniform_(-140, 8.807, generator=g)).clamp_max(448.0)
+    x = (q * s) * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    x[:64] = torch.tensor([0.0, -0.0, 448.0001, -448.0001] * 16) * s[:64]
+    x[64:128] = torch.finfo(FP32).tiny * torch.empty(64).uniform_(-1, 1, generator=g)  # subnormal x
+    x, s = x.to(DEVICE), s.to(DEVICE)
+    out = torch.empty_like(x)
+    _divide_kernel[(triton.cdiv(n, 4096),)](x, s, out, n, BLOCK=4096)
+    ieee = x / s
+    exact = ieee.abs() >= 2.0**-103
+    assert exact.float().mean() > 0.6
+    assert torch.equal(out[exact].view(torch.int32), ieee[exact].view(torch.int32))
+    assert torch.equal(out.signbit(), x.signbit()) and (out[~exact].abs() < 2.0**-102).all()
+
+
+def fused_config():
+    """The first fused candidate: the interpreter's config, or on a GPU the first fused GPU tile."""
+    return next(c for c in fp8_gemm.linear_configs(1, static=False) if c["path"] == "fused")
+
+
+@needs_backend
+@SLOW
+@given(m=st.integers(1, 40), n=st.integers(1, 150), k=st.integers(1, 200), dtype=st.sampled_from(DTYPES),
+       bias=st.booleans(), mode=st.sampled_from(["normal", "big", "tiny"]), zero_rows=st.lists(st.integers(0, 40),
+       max_size=3), seed=st.integers(0, 2**31 - 1))
+@example(m=17, n=33, k=77, dtype=FP16, bias=True, mode="big", zero_rows=[2, 16], seed=0)  # 6e4: fp16 outputs overflow
+@example(m=1, n=1, k=1, dtype=BF16, bias=False, mode="tiny", zero_rows=[], seed=1)
+def test_fp8_fused_matches_two_launches(m, n, k, dtype, bias, mode, zero_rows, seed):
+    """The fused kernel (x in its dtype, quantized per token inside the GEMM) gives what quantize_fp8 + the W8A8 GEMM
+    at the same tile give, bit for bit (the same e4m3 codes and scales), and so the reference within its tolerance:
+    odd M, N, K, outlier channels up to 6e4 (fp16) / 1e30, rows all tiny, rows of zeros among the others."""
+    x, wq, w_scale, b = gemm_problem(m, n, k, dtype, seed, mode == "big")
+    if mode == "tiny":
+        x = activations(m, k, dtype, seed, tiny=True)
+    x[[r % m for r in zero_rows]] = 0
+    b = b if bias else None
+    config = fused_config()
+    y = fp8_gemm.launch(config, "fused", x, None, wq, w_scale, b, dtype)
+    xq, x_scale = quantize_fp8(x)
+    two = fp8_gemm.launch(config, "w8a8", xq, x_scale, wq, w_scale, b, dtype)
+    assert torch.equal(y, two)
+    ref = fp8_matmul_ref(xq, x_scale, wq, w_scale, bias=b, out_dtype=dtype)
+    check(y, ref, magnitude(xq, x_scale, wq, w_scale, b), dtype, gemm_tol(dtype))
+
+
+@needs_backend
+@pytest.mark.parametrize("m,static", [(1, False), (3, True), (16, False), (17, False)])
+def test_fp8_linear_is_quantize_then_gemm(m, static):
+    """fp8_linear (FP8Linear's W8A8 forward) equals quantize_fp8 + fp8_matmul whichever path it takes: the fused kernel
+    up to FUSED_MAX_M with per-token scales (the interpreter's one candidate there), else the two launches."""
+    x, wq, w_scale, bias = gemm_problem(m, 70, 150, BF16, seed=m, big=True)
+    scale = (x.float().abs().max() / E4M3_MAX * 0.5).reshape(1) if static else None
+    y = fp8_linear(x, wq, w_scale, scale=scale, bias=bias)
+    two = fp8_matmul(*quantize_fp8(x, scale=scale), wq, w_scale, bias=bias, out_dtype=BF16)
+    assert torch.equal(y, two)
+    paths = {c["path"] for c in fp8_gemm.linear_configs(m, static)}
+    assert ("fused" in paths) == (m <= fp8_gemm.FUSED_MAX_M and not static)
+    assert fp8_linear(x[:0], wq, w_scale, bias=bias).shape == (0, 70)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(),
+                    reason="the GPU candidates run on a CUDA GPU (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("m,dtype", [(1, FP16), (5, BF16), (16, FP16)])
+def test_fp8_linear_every_gpu_candidate(monkeypatch, m, dtype):
+    """Every GPU candidate of fp8_linear (the two launches, the fused kernel at each small-M tile and stage count), run
+    through run_path on 6e4 outliers and a zero row, K 1000 and N 200 not multiples of the tiles: each equals
+    quantize_fp8 + the W8A8 GEMM at its tile (the two launches: fp8_matmul's own tile) bit for bit. GPU only: the
+    interpreter runs its own config."""
+    monkeypatch.setattr(fp8_gemm, "interpreter_on", lambda: False)
+    monkeypatch.setattr(w8a8_gemm, "interpreter_on", lambda: False)
+    x, wq, w_scale, bias = gemm_problem(m, 200, 1000, dtype, seed=m, big=True, zero_row=m - 1)
+    xq, x_scale = quantize_fp8(x)
+    two = fp8_matmul(xq, x_scale, wq, w_scale, bias=bias, out_dtype=dtype)
+    configs = fp8_gemm.linear_configs(m, static=False)
+    assert configs[0] == fp8_gemm.TWO_LAUNCH and len(configs) == 1 + len(w8a8_gemm.configs(m))
+    for config in configs:
+        y = fp8_gemm.run_path(config, x, None, wq, w_scale, bias)
+        expected = two if config == fp8_gemm.TWO_LAUNCH else fp8_gemm.launch(config, "w8a8", xq, x_scale, wq, w_scale,
+                                                                             bias, dtype)
+        assert torch.equal(y, expected), config
 
 
 @needs_backend

@@ -364,12 +364,12 @@ def test_kernels_autotune_off_uses_first_config(cache_dirs, monkeypatch):
 
 def test_kernels_shipped_configs_are_current(monkeypatch):
     """Every shipped entry names a config that is still a GPU candidate for its key (else it is dead weight)."""
-    from tquant.kernels import (bcq_matmul, bitplane_gemm, bitplane_gemv, bitplane_matmul, e8p_matmul, hadamard,
-                                spqr_matmul, w4a8_gemm, w8a8_gemm)
+    from tquant.kernels import (bcq_matmul, bitplane_gemm, bitplane_gemv, bitplane_matmul, e8p_matmul, fp8_gemm,
+                                hadamard, spqr_matmul, w4a8_gemm, w8a8_gemm)
     from tquant.kv import split_kv
 
     for module in (weight_only_matmul_module, w8a8_gemm, w4a8_gemm, e8p_matmul, hadamard, split_kv, bcq_matmul,
-                   spqr_matmul, bitplane_gemm, bitplane_gemv, bitplane_matmul):
+                   spqr_matmul, bitplane_gemm, bitplane_gemv, bitplane_matmul, fp8_gemm):
         monkeypatch.setattr(module, "interpreter_on", lambda: False)  # the GPU candidate lists
 
     def weight_only(key):
@@ -379,6 +379,7 @@ def test_kernels_shipped_configs_are_current(monkeypatch):
     candidates_of = {"w8a8_matmul": lambda key: w8a8_gemm.configs(int(key["M"])),
                      "w4a8_matmul": lambda key: w4a8_gemm.configs(int(key["M"])),
                      "fp8_matmul": lambda key: w8a8_gemm.configs(int(key["M"])),  # fp8_gemm takes the int8 tiles
+                     "fp8_linear": lambda key: fp8_gemm.linear_configs(int(key["M"]), key["static"] == "1"),
                      "w4a4_matmul": lambda key: w4a8_gemm.configs(int(key["M"]), act_bits=4),
                      "e8p_matmul": lambda key: e8p_matmul.candidates.__wrapped__(int(key["M"]), int(key["N"]),
                                                                                  int(key["K"]) // 8),

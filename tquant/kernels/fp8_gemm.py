@@ -25,7 +25,17 @@ Weight-only GEMM (`fp8_weight_only_matmul`, FP8 W8A16):
     x fp16 / bf16 / fp32 [M, K]; each weight tile converted from e4m3 to x's dtype (exact: e4m3 values are fp16 /
     bf16 values) and multiplied by tl.dot in x's dtype (fp32: "ieee"); y in x's dtype.
 
-One kernel serves both GEMMs (WEIGHT_ONLY constexpr): program pid owns a [BLOCK_M, BLOCK_N] tile of y
+Fused W8A8 (`fp8_linear`'s "fused" path, per-token scales only): the W8A8 GEMM of x [M, K] fp16 / bf16 / fp32 given
+in its own dtype, y = fp8_matmul(*quantize_fp8(x), wq, w_scale, bias) bit for bit at the same tile, in one launch.
+Each program first reads its BLOCK_M rows of x over all of K (small at decode sizes, and L2-resident for the
+programs after the first) for scale[m] as above, then in the K loop turns each x tile into e4m3 codes before the
+tl.dot: E(clamp(x / scale, -448, 448)) with x / scale the IEEE quotient computed without a division (`divide`: a
+reciprocal per row and two fma corrections), and applies scale[m] in the epilogue. Every program repeats the rows'
+quantization (N / BLOCK_N times in all), so it pays where the separate launch costs more than that: small M.
+`fp8_linear` (FP8Linear's W8A8 forward) takes, per GPU and key, whichever of the two launches and the fused kernel
+at each small-M tile the tuner times fastest (linear_configs).
+
+One kernel serves all three GEMMs (WEIGHT_ONLY, QUANT_X constexprs): program pid owns a [BLOCK_M, BLOCK_N] tile of y
 (GROUP_M-grouped order) and walks K in BLOCK_K steps; the scales are applied in the epilogue. The launch config
 is tuned per GPU and key (M rounded up to a power of two, N, K, out dtype, bias, mode) by autotune_cache among the
 int8 GEMMs' candidates (w8a8_gemm.configs: the same one-byte weight tiles); the interpreter runs one small config.
@@ -47,7 +57,7 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import tune
-from .runtime import DTYPES, check_device, check_tensors, dot_args, next_power_of_2
+from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
 from .tiling import store_output, tile_offsets
 from .w8a8_gemm import configs
 
@@ -111,20 +121,54 @@ def round_e4m3(y):
 
 
 @triton.jit
+def token_scale(amax):
+    """scale = amax / 448 (IEEE-rounded, as the reference's tensor division), 1 where that is below FLT_MIN."""
+    scale = tl.div_rn(amax, TL_E4M3_MAX)
+    return tl.where(scale >= FLT_MIN, scale, 1.0)
+
+
+@triton.jit
+def e4m3_codes(y):
+    """E(clamp(y, -448, 448)) as float8e4nv, y = x / scale in fp32 (any shape)."""
+    return round_e4m3(tl.clamp(y, -TL_E4M3_MAX, TL_E4M3_MAX)).to(tl.float8e4nv)
+
+
+@triton.jit
+def divisor(scale):
+    """(m, r, p) of normal fp32 scales, scale = m 2^e with m in [1, 2): m, r = RN(1 / m) (IEEE), p = 2^-e."""
+    bits = scale.to(tl.int32, bitcast=True)
+    m = ((bits & -2139095041) | 0x3F800000).to(tl.float32, bitcast=True)  # -2139095041 = 0x807FFFFF: sign, mantissa
+    p = ((254 - ((bits >> 23) & 0xFF)) << 23).to(tl.float32, bitcast=True)
+    return m, tl.div_rn(1.0, m), p
+
+
+@triton.jit
+def divide(x, m, r, p):
+    """RN(x / scale), the IEEE quotient, of fp32 x with |x / scale| < 2^100 (scale = m / p: divisor), without a
+    division: xp = x p is exact (a power of two; |xp| < 2^101), so x / scale = xp / m. q0 = RN(xp r) is within 2 ulps
+    of xp / m; one correction q1 = RN(q0 + RN(xp - m q0) r) (fma) is within 1 ulp; Markstein's theorem (r within half
+    an ulp of 1 / m, q1 within 1 ulp, the remainder xp - m q1 exact in an fma) makes q = RN(q1 + (xp - m q1) r) the
+    correctly rounded xp / m. The remainder is a multiple of ulp(q) 2^-23, exact down to |x / scale| >= 2^-103; below
+    (where both round to an e4m3 zero) q may differ from the IEEE quotient by ulps, never in sign: q carries x's sign
+    bit, as -tiny / scale = -0 does."""
+    xp = x * p
+    q = xp * r
+    q = tl.fma(tl.fma(-m, q, xp), r, q)
+    q = tl.fma(tl.fma(-m, q, xp), r, q)
+    sign = x.to(tl.int32, bitcast=True) & -2147483648
+    return (q.to(tl.int32, bitcast=True) & 0x7FFFFFFF | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fp8_quant_kernel(x_ptr, static_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, STATIC: tl.constexpr,
                       BLOCK_K: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     ok = offs < K
     x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
-    if STATIC:
-        scale = tl.load(static_ptr)
-    else:
-        scale = tl.div_rn(tl.max(tl.abs(x), axis=0), TL_E4M3_MAX)
-        scale = tl.where(scale >= FLT_MIN, scale, 1.0)
+    scale = tl.load(static_ptr) if STATIC else token_scale(tl.max(tl.abs(x), axis=0))
     tl.store(scale_ptr + row, scale)
-    q = round_e4m3(tl.clamp(tl.div_rn(x, scale), -TL_E4M3_MAX, TL_E4M3_MAX))
-    tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs, q.to(tl.float8e4nv), mask=ok)
+    tl.store(q_ptr + row.to(tl.int64) * stride_qm + offs, e4m3_codes(tl.div_rn(x, scale)), mask=ok)
 
 
 def quantize_fp8(x, *, scale=None):
@@ -184,14 +228,30 @@ def fp8_weight_only_matmul_ref(x, wq, w_scale, *, bias=None):
 
 
 @triton.jit
+def row_scales(x_tile, m_ok, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """token_scale(max_k |x[m, k]|) [BLOCK_M] fp32 of a tile's rows of float x (x_tile: pointers to its first
+    [BLOCK_M, BLOCK_K] block), a first pass over the rows' K in BLOCK_K steps (rows past M: 0, scale 1)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(x_tile + k0, mask=m_ok[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1).to(tl.float32))
+    return token_scale(amax)
+
+
+@triton.jit
 def _fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                HAS_BIAS: tl.constexpr, WEIGHT_ONLY: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                HAS_BIAS: tl.constexpr, WEIGHT_ONLY: tl.constexpr, QUANT_X: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     w_tile = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] of wq^T
+    if QUANT_X:
+        xs = row_scales(x_tile, m_ok, K, BLOCK_M, BLOCK_K)
+        xs_m, xs_r, xs_p = divisor(xs)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
@@ -199,27 +259,34 @@ def _fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_x
         b = tl.load(w_tile + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if WEIGHT_ONLY:
             acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        elif QUANT_X:
+            a = divide(a.to(tl.float32), xs_m[:, None], xs_r[:, None], xs_p[:, None])
+            acc = tl.dot(e4m3_codes(a), b, acc)
         else:
             acc = tl.dot(a, b, acc)
     ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-    if not WEIGHT_ONLY:
+    if QUANT_X:
+        acc = acc * xs[:, None]
+    elif not WEIGHT_ONLY:
         acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
     store_output(acc * ws[None, :], bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
-def launch(config, x, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tensor:
-    """One launch with config (inputs checked and contiguous); x_scale None: the weight-only GEMM of float x."""
+def launch(config, mode, x, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tensor:
+    """One launch with config (inputs checked and contiguous). mode "w8a8": x the e4m3 codes, x_scale their row
+    scales; "w8a16": x float, x_scale None; "fused": x float, quantized per token in the kernel, x_scale None."""
     m, k = x.shape
     n = wq.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    weight_only = x_scale is None
+    weight_only = mode == "w8a16"
     dot = dot_args(x.dtype) if weight_only else dict(DOT_DTYPE=tl.float32, PRECISION="ieee")  # unused for fp8
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     _fp8_kernel[grid](
-        x, w_scale if weight_only else x_scale, wq, w_scale, bias if bias is not None else y, y, m, n, k, x.stride(0),
-        wq.stride(0), y.stride(0), HAS_BIAS=bias is not None, WEIGHT_ONLY=weight_only, **dot,
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        x, w_scale if x_scale is None else x_scale, wq, w_scale, bias if bias is not None else y, y, m, n, k,
+        x.stride(0), wq.stride(0), y.stride(0), HAS_BIAS=bias is not None, WEIGHT_ONLY=weight_only,
+        QUANT_X=mode == "fused", **dot, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"], num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return y
 
@@ -230,11 +297,12 @@ def _run(x, x_scale, wq, w_scale, bias, out_dtype):
     m, n = x.shape[0], wq.shape[0]
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=out_dtype, device=x.device)
+    mode = "w8a16" if x_scale is None else "w8a8"
     args = [t.contiguous() if t is not None else None for t in (x, x_scale, wq, w_scale, bias)]
     key = dict(M=next_power_of_2(m), N=n, K=x.shape[1], out=str(out_dtype).removeprefix("torch."),
-               bias=int(bias is not None), mode="w8a16" if x_scale is None else "w8a8")
-    config = tune("fp8_matmul", key, configs(key["M"]), lambda c: launch(c, *args, out_dtype), x.device)
-    return launch(config, *args, out_dtype)
+               bias=int(bias is not None), mode=mode)
+    config = tune("fp8_matmul", key, configs(key["M"]), lambda c: launch(c, mode, *args, out_dtype), x.device)
+    return launch(config, mode, *args, out_dtype)
 
 
 def fp8_matmul(xq, x_scale, wq, w_scale, *, bias=None, out_dtype=torch.float16):
@@ -245,3 +313,47 @@ def fp8_matmul(xq, x_scale, wq, w_scale, *, bias=None, out_dtype=torch.float16):
 def fp8_weight_only_matmul(x, wq, w_scale, *, bias=None):
     check_gemm_inputs(x, None, wq, w_scale, bias, x.dtype, weight_only=True)
     return _run(x, None, wq, w_scale, bias, x.dtype)
+
+
+TWO_LAUNCH = dict(path="two_launch")
+# the fused kernel's candidates go up to this M (a power of two): past it the x tiles that every one of the N / BLOCK_N
+# programs quantizes again (BLOCK_M rows of 16 or more: 2x the ALU work at M = 32) cost more than the separate launch
+FUSED_MAX_M = 16
+
+
+def linear_configs(m: int, static: bool) -> list[dict]:
+    """fp8_linear's candidates for batch m (a power of two): "two_launch" first (the untuned default), then for
+    per-token scales up to FUSED_MAX_M "fused" at each GEMM tile of configs(m). The interpreter runs one: fused where
+    it is a candidate."""
+    fused = [dict(path="fused", **c) for c in configs(m)] if m <= FUSED_MAX_M and not static else []
+    if interpreter_on():
+        return fused[:1] or [TWO_LAUNCH]
+    return [TWO_LAUNCH] + fused
+
+
+def run_path(config, x, scale, wq, w_scale, bias) -> torch.Tensor:
+    """fp8_linear by config's path (inputs checked and contiguous): "two_launch" is quantize_fp8 then fp8_matmul
+    (tuned under its own key), "fused" one launch of _fp8_kernel with QUANT_X at config's tile."""
+    if config["path"] == "fused":  # per-token scales only (linear_configs)
+        return launch(config, "fused", x, None, wq, w_scale, bias, x.dtype)
+    xq, x_scale = quantize_fp8(x, scale=scale)
+    return fp8_matmul(xq, x_scale, wq, w_scale, bias=bias, out_dtype=x.dtype)
+
+
+def fp8_linear(x, wq, w_scale, *, scale=None, bias=None):
+    """FP8Linear's W8A8 forward: fp8_matmul(*quantize_fp8(x, scale=scale), wq, w_scale, bias=bias,
+    out_dtype=x.dtype), by the path the tuner picks per GPU and key (M rounded up to a power of two, N, K, dtype,
+    bias, static): the two launches, or at small M the fused kernel, whose output equals theirs at the same tile."""
+    check_gemm_inputs(x, None, wq, w_scale, bias, x.dtype, weight_only=True)
+    check_activations(x, scale)
+    check_device(dict(x=x, scale=scale, wq=wq, w_scale=w_scale, bias=bias))
+    check_fp8_device(x.device)
+    m, n = x.shape[0], wq.shape[0]
+    if m == 0 or n == 0:
+        return torch.empty(m, n, dtype=x.dtype, device=x.device)
+    args = [t.contiguous() if t is not None else None for t in (x, scale, wq, w_scale, bias)]
+    key = dict(M=next_power_of_2(m), N=n, K=x.shape[1], dtype=str(x.dtype).removeprefix("torch."),
+               bias=int(bias is not None), static=int(scale is not None))
+    config = tune("fp8_linear", key, linear_configs(key["M"], scale is not None), lambda c: run_path(c, *args),
+                  x.device)
+    return run_path(config, *args)

@@ -8,8 +8,9 @@ Buffers:
     w_scale    fp32 [N] > 0           one scale per output channel
     act_scale  fp32 [1] > 0 or absent static activation scale (W8A8 only)
     bias       [N] or absent          in the model's dtype
-forward: tquant.kernels.fp8_gemm's kernels on CUDA (quantize_fp8 + fp8_matmul, or fp8_weight_only_matmul), its torch
-references on the CPU; the output is in x's dtype.
+forward: tquant.kernels.fp8_gemm's kernels on CUDA (fp8_linear: quantize_fp8 + fp8_matmul, or at decode sizes the
+GEMM that quantizes x itself, whichever the tuner finds faster; or fp8_weight_only_matmul), its torch references on the
+CPU; the output is in x's dtype.
 """
 from __future__ import annotations
 
@@ -62,10 +63,10 @@ class FP8Linear(QuantizedLinear, spec_type="fp8_linear", weight_type=FP8Weight):
         if self.act_bits is None:
             matmul = fp8_gemm.fp8_weight_only_matmul if kernel else fp8_gemm.fp8_weight_only_matmul_ref
             return matmul(x2, self.qweight, self.w_scale, bias=self.bias)
-        quant = fp8_gemm.quantize_fp8 if kernel else fp8_gemm.quantize_fp8_ref
-        xq, x_scale = quant(x2, scale=self.act_scale)
-        gemm = fp8_gemm.fp8_matmul if kernel else fp8_gemm.fp8_matmul_ref
-        return gemm(xq, x_scale, self.qweight, self.w_scale, bias=self.bias, out_dtype=x2.dtype)
+        if kernel:
+            return fp8_gemm.fp8_linear(x2, self.qweight, self.w_scale, scale=self.act_scale, bias=self.bias)
+        xq, x_scale = fp8_gemm.quantize_fp8_ref(x2, scale=self.act_scale)
+        return fp8_gemm.fp8_matmul_ref(xq, x_scale, self.qweight, self.w_scale, bias=self.bias, out_dtype=x2.dtype)
 
     def probe_exact(self) -> bool:
         return self.act_scale is None  # weight-only and per-token dynamic grids only
