@@ -4,7 +4,10 @@ tquant's int8 W8A8, all in the same run.
     python benchmarks/bench_fp8.py [--ms 1,16,64,256,1024,4096] [--shapes 4096x14336,14336x4096] [--json PATH]
 
 Per shape K->N and batch M, fp16 activations with outlier channels (x20 every K/64-th channel), weights ~ 0.02 N(0, 1):
-    tquant fp8         quantize_fp8 (per-token e4m3, one pass) + fp8_matmul: what FP8Linear runs (W8A8)
+    tquant fp8         quantize_fp8 (per-token e4m3, one pass) + fp8_matmul: the two launches
+    fused              fp8_linear, what FP8Linear runs (W8A8): the GEMM quantizing x itself or the two launches,
+                       whichever the tuner timed faster for the key (the JSON's "fused path" says which; the fused
+                       kernel is a candidate up to M 16)
     tquant fp8 gemm    fp8_matmul alone on pre-quantized activations
     tquant fp8 w-only  fp8_weight_only_matmul (FP8 W8A16)
     scaled_mm          torch._scaled_mm(xq, wq^T, row-wise scales, use_fast_accum=True: the accumulation Triton's fp8
@@ -29,8 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-COLUMNS = ("tquant fp8", "tquant fp8 gemm", "tquant fp8 w-only", "scaled_mm", "scaled_mm exact", "cublas fp16",
-           "tquant int8")
+COLUMNS = ("tquant fp8", "fused", "tquant fp8 gemm", "tquant fp8 w-only", "scaled_mm", "scaled_mm exact",
+           "cublas fp16", "tquant int8")
 
 
 def parse_args(argv=None):
@@ -65,12 +68,13 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['shape']} | {r['M']} | " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |")
     ratio = lambda r, a, b: f"{r[a] / r[b]:.2f}" if r.get(a) and r.get(b) else "-"  # noqa: E731
-    lines += ["", "Ratios of times (graph): scaled_mm / tquant fp8 (>= 1: the target met), tquant fp8 / cublas fp16 "
-              "(target <= 0.6 at M = 4096), tquant int8 / tquant fp8.", "",
-              "| K->N | M | scaled_mm / fp8 | scaled_mm exact / fp8 | fp8 / cublas fp16 | int8 / fp8 |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "Ratios of times (graph): scaled_mm / tquant fp8 and scaled_mm / fused (>= 1: the target met), "
+              "tquant fp8 / cublas fp16 (target <= 0.6 at M = 4096), tquant int8 / tquant fp8.", "",
+              "| K->N | M | scaled_mm / fp8 | scaled_mm / fused | scaled_mm exact / fp8 | fp8 / cublas fp16 | "
+              "int8 / fp8 |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['M']} | {ratio(r, 'scaled_mm', 'tquant fp8')} | "
+                     f"{ratio(r, 'scaled_mm', 'fused')} | "
                      f"{ratio(r, 'scaled_mm exact', 'tquant fp8')} | {ratio(r, 'tquant fp8', 'cublas fp16')} | "
                      f"{ratio(r, 'tquant int8', 'tquant fp8')} |")
     return "\n".join(lines)
@@ -89,8 +93,8 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_fp8 needs a CUDA GPU (FP8 tensor cores: an H100 / sm_89 or newer)")
     from tquant.kernels.act_quant import quantize_activations
-    from tquant.kernels.fp8_gemm import (fp8_matmul, fp8_matmul_ref, fp8_weight_only_matmul,
-                                         fp8_weight_only_matmul_ref, quantize_fp8)
+    from tquant.kernels.fp8_gemm import (fp8_linear, fp8_matmul, fp8_matmul_ref, fp8_weight_only_matmul,
+                                         fp8_weight_only_matmul_ref, linear_config, quantize_fp8)
     from tquant.kernels.w8a8_gemm import w8a8_matmul, w8a8_matmul_ref
 
     from bench_weight_only import graph_us  # the peers' timing: CUDA-graph replays over rotated weight copies
@@ -127,10 +131,13 @@ def main(argv=None):
             row = {"shape": f"{k}->{n}", "M": m}
             # correctness once (this first call of each tquant kernel also tunes its key)
             row["tquant fp8 err"] = rel(fp8_matmul(*quantize_fp8(x), wq, ws), fp8_matmul_ref(xq, xs, wq, ws))
+            row["fused err"] = rel(fp8_linear(x, wq, ws), fp8_matmul_ref(xq, xs, wq, ws))
+            row["fused path"] = linear_config(x, None, wq, ws, None)
             row["tquant fp8 w-only err"] = rel(fp8_weight_only_matmul(x, wq, ws), fp8_weight_only_matmul_ref(x, wq, ws))
             row["tquant int8 err"] = rel(w8a8_matmul(xq8, xs8, wq8, ws8), w8a8_matmul_ref(xq8, xs8, wq8, ws8))
             row["tquant fp8 err vs fp16"] = rel(fp8_matmul(xq, xs, wq, ws), x @ w.t())
             row["tquant fp8"] = graph_us([lambda c=c: fp8_matmul(*quantize_fp8(x), *c) for c in fp8_copies])
+            row["fused"] = graph_us([lambda c=c: fp8_linear(x, *c) for c in fp8_copies])
             row["tquant fp8 gemm"] = graph_us([lambda c=c: fp8_matmul(xq, xs, *c) for c in fp8_copies])
             row["tquant fp8 w-only"] = graph_us([lambda c=c: fp8_weight_only_matmul(x, *c) for c in fp8_copies])
             for name, fast in (("scaled_mm", True), ("scaled_mm exact", False)):
@@ -150,7 +157,8 @@ def main(argv=None):
             row["tquant int8"] = graph_us([lambda c=c: w8a8_matmul(*quantize_activations(x), *c) for c in int8_copies])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\nMedians in us, do_bench_cudagraph; 'tquant fp8' and 'tquant int8' include activation quantization.\n")
+    print("\nMedians in us, do_bench_cudagraph; 'tquant fp8', 'fused' and 'tquant int8' include activation "
+          "quantization.\n")
     print(table(rows))
     path = a.json or os.path.join(os.environ.get("OUT", "."), "bench_fp8.json")
     with open(path, "w") as f:

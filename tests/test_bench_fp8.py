@@ -32,10 +32,13 @@ def test_shapes_copies_and_table():
     assert b.copies_for(4096 * 14336, 50 * 2**20) == 3  # 56 MiB of e4m3 weights against a 50 MiB L2: 3 x 50 / 56
     assert b.copies_for(1 << 30, 50 * 2**20) == 2
     rows = [{"shape": "4096->14336", "M": 4096, "tquant fp8": 500.0, "scaled_mm": 550.0, "scaled_mm exact": None,
-             "cublas fp16": 1000.0, "tquant int8": 450.0}]
+             "cublas fp16": 1000.0, "tquant int8": 450.0},
+            {"shape": "4096->14336", "M": 1, "tquant fp8": 26.7, "fused": 25.0, "scaled_mm": 25.0}]
     text = b.table(rows)
-    assert "| 4096->14336 | 4096 | 500.0 | - | - | 550.0 | - | 1000.0 | 450.0 |" in text
-    assert "| 4096->14336 | 4096 | 1.10 | - | 0.50 | 0.90 |" in text
+    assert "| 4096->14336 | 4096 | 500.0 | - | - | - | 550.0 | - | 1000.0 | 450.0 |" in text
+    assert "| 4096->14336 | 4096 | 1.10 | - | - | 0.50 | 0.90 |" in text
+    assert "| 4096->14336 | 1 | 26.7 | 25.0 | - | - | 25.0 | - | - | - |" in text
+    assert "| 4096->14336 | 1 | 0.94 | 1.00 | - | - | - |" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")

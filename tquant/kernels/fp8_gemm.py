@@ -342,8 +342,8 @@ def run_path(config, x, scale, wq, w_scale, bias) -> torch.Tensor:
 
 def fp8_linear(x, wq, w_scale, *, scale=None, bias=None):
     """FP8Linear's W8A8 forward: fp8_matmul(*quantize_fp8(x, scale=scale), wq, w_scale, bias=bias,
-    out_dtype=x.dtype), by the path the tuner picks per GPU and key (M rounded up to a power of two, N, K, dtype,
-    bias, static): the two launches, or at small M the fused kernel, whose output equals theirs at the same tile."""
+    out_dtype=x.dtype), by the path the tuner picks (linear_config): the two launches, or at small M the fused kernel,
+    whose output equals theirs at the same tile."""
     check_gemm_inputs(x, None, wq, w_scale, bias, x.dtype, weight_only=True)
     check_activations(x, scale)
     check_device(dict(x=x, scale=scale, wq=wq, w_scale=w_scale, bias=bias))
@@ -352,8 +352,13 @@ def fp8_linear(x, wq, w_scale, *, scale=None, bias=None):
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=x.dtype, device=x.device)
     args = [t.contiguous() if t is not None else None for t in (x, scale, wq, w_scale, bias)]
-    key = dict(M=next_power_of_2(m), N=n, K=x.shape[1], dtype=str(x.dtype).removeprefix("torch."),
+    return run_path(linear_config(*args), *args)
+
+
+def linear_config(x, scale, wq, w_scale, bias) -> dict:
+    """fp8_linear's candidate for these inputs (checked, contiguous), tuned once per GPU and key (M rounded up to a
+    power of two, N, K, dtype, bias, static)."""
+    args = (x, scale, wq, w_scale, bias)
+    key = dict(M=next_power_of_2(x.shape[0]), N=wq.shape[0], K=x.shape[1], dtype=str(x.dtype).removeprefix("torch."),
                bias=int(bias is not None), static=int(scale is not None))
-    config = tune("fp8_linear", key, linear_configs(key["M"], scale is not None), lambda c: run_path(c, *args),
-                  x.device)
-    return run_path(config, *args)
+    return tune("fp8_linear", key, linear_configs(key["M"], scale is not None), lambda c: run_path(c, *args), x.device)
