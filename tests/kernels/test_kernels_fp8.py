@@ -346,15 +346,21 @@ def test_fp8_fused_matches_two_launches(m, n, k, dtype, bias, mode, zero_rows, s
 @needs_backend
 @pytest.mark.parametrize("m,static", [(1, False), (3, True), (16, False), (17, False)])
 def test_fp8_linear_is_quantize_then_gemm(m, static):
-    """fp8_linear (FP8Linear's W8A8 forward) equals quantize_fp8 + fp8_matmul whichever path it takes: the fused kernel
-    up to FUSED_MAX_M with per-token scales (the interpreter's one candidate there), else the two launches."""
+    """fp8_linear (FP8Linear's W8A8 forward) equals quantize_fp8 + the W8A8 GEMM whichever path it takes: the fused
+    kernel up to FUSED_MAX_M with per-token scales (the interpreter's one candidate there; on a GPU where the tuner
+    picks it) against the GEMM at its tile, else the two launches themselves."""
     x, wq, w_scale, bias = gemm_problem(m, 70, 150, BF16, seed=m, big=True)
     scale = (x.float().abs().max() / E4M3_MAX * 0.5).reshape(1) if static else None
     y = fp8_linear(x, wq, w_scale, scale=scale, bias=bias)
-    two = fp8_matmul(*quantize_fp8(x, scale=scale), wq, w_scale, bias=bias, out_dtype=BF16)
+    xq, x_scale = quantize_fp8(x, scale=scale)
+    config = fp8_gemm.linear_config(x, scale, wq, w_scale, bias)
+    two = (fp8_gemm.launch(config, "w8a8", xq, x_scale, wq, w_scale, bias, BF16) if config["path"] == "fused" else
+           fp8_matmul(xq, x_scale, wq, w_scale, bias=bias, out_dtype=BF16))
     assert torch.equal(y, two)
-    paths = {c["path"] for c in fp8_gemm.linear_configs(m, static)}
-    assert ("fused" in paths) == (m <= fp8_gemm.FUSED_MAX_M and not static)
+    fused = m <= fp8_gemm.FUSED_MAX_M and not static
+    assert ("fused" in {c["path"] for c in fp8_gemm.linear_configs(m, static)}) == fused
+    if DEVICE == "cpu":
+        assert config["path"] == ("fused" if fused else "two_launch")
     assert fp8_linear(x[:0], wq, w_scale, bias=bias).shape == (0, 70)
 
 
