@@ -323,9 +323,10 @@ FUSED_MAX_M = 16
 
 def linear_configs(m: int, static: bool) -> list[dict]:
     """fp8_linear's candidates for batch m (a power of two): "two_launch" first (the untuned default), then for
-    per-token scales up to FUSED_MAX_M "fused" at each GEMM tile of configs(m). The interpreter runs one: fused where
-    it is a candidate."""
-    fused = [dict(path="fused", **c) for c in configs(m)] if m <= FUSED_MAX_M and not static else []
+    per-token scales up to FUSED_MAX_M "fused" at each GEMM tile of configs(m) with BLOCK_M 16 (a taller tile only
+    quantizes more padding rows). The interpreter runs one: fused where it is a candidate."""
+    fused = ([dict(path="fused", **c) for c in configs(m) if c["BLOCK_M"] == 16] if m <= FUSED_MAX_M and not static
+             else [])
     if interpreter_on():
         return fused[:1] or [TWO_LAUNCH]
     return [TWO_LAUNCH] + fused
