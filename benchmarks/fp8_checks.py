@@ -2,7 +2,9 @@
 
     python benchmarks/fp8_checks.py layers         per-layer output error on float inputs (two tables, below)
     python benchmarks/fp8_checks.py groups [ROWS]  perplexity with e4m3 weight scales per group of 64 input channels
+                                                   (row w16a8: float weights, e4m3 per-token inputs only)
     python benchmarks/fp8_checks.py gptq-groups    ... with GPTQ's error feedback on that grouped grid (W8A8)
+    python benchmarks/fp8_checks.py act-aware      per-layer W8A8 error of gptq=True with and without act_aware (below)
 
 layers, table 1 (4 x 512 pydoc calibration windows; blocks 0, 10, 20, 29): relative output error ||X W'^T - X W^T|| /
 ||X W^T|| on the block's float inputs X for W' = e4m3 per channel (fp8), int8 round to nearest per channel (int8),
@@ -12,6 +14,11 @@ both (w8a8). Table 2 (8 windows): W8A8 with SmoothQuant's s (alpha 0.5, from the
 (w8a8_smooth); weight-only error on the held-out second half of the tokens for round to nearest (wo_heldout) and for
 GPTQ's error feedback on the e4m3 grid (H of the first half; gptq_wo_heldout), and that GPTQ weight with e4m3 inputs
 (gptq_w8a8, all tokens).
+act-aware [WINDOWS] (default 40, the table-2 layers): each layer's float inputs X (float32) split into the first
+WINDOWS - 8 windows for calibration (32: the method's calibration size in the FP8 section) and the last 8 held out; the
+fp8 method's own gptq_weight (FP8(gptq=True[, act_aware=True]), state fed the calibration windows) and the relative
+error ||X W^T - X~ Wq^T|| / ||X W^T|| with X~ = fake_quantize_fp8(X), on both parts: act_only (Wq = W), act_floor
+(Wq = act_aware's unrounded target W'), rtn, gptq, gptq_aq.
 groups / gptq-groups: torch simulations, since FP8Linear and tquant.kernels.fp8_gemm hold one scale per output channel:
 each block linear keeps an nn.Linear of its de-quantized weight and, for W8A8, fake-quantizes its input per token
 (fake_quantize_fp8: what the fp8 method's driver simulates). gptq-groups runs the fp8 method's driver (gptq=True, calib
@@ -82,7 +89,7 @@ def gptq_fp8(lin, x, name):
     return out[:, torch.argsort(perm)].double()
 
 
-def block_inputs(model, tok, names, n_samples):
+def block_inputs(model, tok, names, n_samples, dtype=torch.float64):
     ids = calibration_data("pydoc", tok, n_samples=n_samples, seqlen=512)
     seen = {}
     hooks = [model.get_submodule(n).register_forward_pre_hook(
@@ -90,7 +97,7 @@ def block_inputs(model, tok, names, n_samples):
     model(ids)
     for h in hooks:
         h.remove()
-    return {n: torch.cat(v).double() for n, v in seen.items()}
+    return {n: torch.cat(v).to(dtype) for n, v in seen.items()}
 
 
 def layers(model, tok):
@@ -129,19 +136,48 @@ def layers(model, tok):
         print(n, " ".join(f"{k}={v:.4f}" for k, v in r.items()), flush=True)
 
 
+def act_aware(model, tok, windows):
+    fp8m = importlib.import_module("tquant.methods.fp8")  # `tquant.methods` the attribute is tquant's function
+    names = [f"model.layers.{i}.{p}" for i in (0, 10, 20, 29)
+             for p in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
+    inputs = block_inputs(model, tok, names, windows, torch.float32)
+    split = (windows - 8) * 512
+    for n in names:
+        lin = model.get_submodule(n)
+        x, w = inputs.pop(n), lin.weight.detach()
+        calib = x[:split]
+        weights = dict(act_only=w, rtn=fp8_rows(w))
+        for key, options in (("gptq", {}), ("gptq_aq", dict(act_aware=True))):
+            method = fp8m.FP8(gptq=True, **options)
+            state = method.new_state(n, lin)
+            state.add_batch(calib)
+            if options:
+                target, perm, _ = method.gptq_target(state, lin, n)
+                weights["act_floor"] = target[:, torch.argsort(perm)]
+            q, scale = method.gptq_weight(state, lin, n)
+            weights[key] = q.double() * scale.double()[:, None]
+        r = {}
+        for half, xs in (("calib", calib), ("heldout", x[split:])):
+            ref, xq = xs.double() @ w.double().T, fake_quantize_fp8(xs).double()
+            for key, wq in weights.items():
+                r[f"{key}_{half}"] = ((xq @ wq.double().T - ref).norm() / ref.norm()).item()
+        print(n, " ".join(f"{k}={v:.4f}" for k, v in r.items()), flush=True)
+
+
 def fake_act(mod, args):
     return (fake_quantize_fp8(args[0]).to(args[0].dtype),) + tuple(args[1:])
 
 
 def groups(base, tok, rows):
     out = {}
-    for row in rows.split(","):  # w8a16-g-1, w8a16-g64, w8a8-g-1, w8a8-g64 (g-1: per channel, the method's grid)
-        mode, g = row.split("-g")
+    for row in rows.split(","):  # w8a16-g-1, w8a16-g64, w8a8-g-1, w8a8-g64 (g-1: per channel, the method's grid); w16a8
+        mode, _, g = row.partition("-g")  # w16a8: float weights, e4m3 per-token inputs (what activations alone cost)
         model = copy.deepcopy(base)
         for name, lin in model.named_modules():
             if isinstance(lin, nn.Linear) and ".layers." in name:
-                lin.weight.data = fp8_rows(lin.weight.data, None if g == "-1" else int(g)).to(lin.weight.dtype)
-                if mode == "w8a8":
+                if mode != "w16a8":
+                    lin.weight.data = fp8_rows(lin.weight.data, None if g == "-1" else int(g)).to(lin.weight.dtype)
+                if mode in ("w8a8", "w16a8"):
                     lin.register_forward_pre_hook(fake_act)
         t = time.time()
         ppl = perplexity(model, "pydoc", tokenizer=tok, seqlen=512, n_windows=40, progress=False)
@@ -210,6 +246,8 @@ if __name__ == "__main__":
     model, tok = load_model("default")
     if what == "layers":
         layers(model, tok)
+    elif what == "act-aware":
+        act_aware(model, tok, int(sys.argv[2]) if len(sys.argv) > 2 else 40)
     elif what == "groups":
         groups(model, tok, sys.argv[2] if len(sys.argv) > 2 else "w8a16-g-1,w8a16-g64,w8a8-g-1,w8a8-g64")
     elif what == "gptq-groups":

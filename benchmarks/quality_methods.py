@@ -105,6 +105,8 @@ ROWS = {  # name: (method, options)
     "fp8-w8a8-gptq": ("fp8", dict(gptq=True)),
     "fp8-w8a16-gptq": ("fp8", dict(weight_only=True, gptq=True)),
     "fp8-w8a8-gptq-smooth-a50": ("fp8", dict(gptq=True, smooth_alpha=0.5)),
+    "fp8-w8a8-gptq-aq": ("fp8", dict(gptq=True, act_aware=True)),
+    "fp8-w8a8-gptq-aq-smooth-a50": ("fp8", dict(gptq=True, act_aware=True, smooth_alpha=0.5)),
 }
 
 

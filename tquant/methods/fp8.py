@@ -25,6 +25,9 @@ Two calibrated options change the weights only, never the format (the same FP8Li
                         unchanged on H~ with the target W' (s_w[n] from row n of W'): W' is the ridge regression of
                         X W^T on X~ pulled towards W, the damping GPTQ already applies. Accumulating D rather than
                         C = X~^T X keeps the small correction W D H~d^-1 out of float32's cancellation (C - H~).
+                        W' gains only where X's rounding is predictable from X~: on SmolLM2-135M block 0's attention
+                        (its input is one normed embedding per token id, rounded alike each time); elsewhere e4m3's
+                        rounding is noise and W' fits the calibration tokens' share of it (~K / T of its energy).
     smooth_alpha=a      SmoothQuant's migration (tquant.calib.smoothing) before W8A8: per input group
                         s_j = max|X_j|^a / max|W_j|^(1 - a), W's columns times s, 1/s folded into the norm / linear
                         that produces X where one absorbs it exactly (find_absorber; v_proj for o_proj under GQA, s
