@@ -97,6 +97,35 @@ def test_kernels_kvquant_attention_outliers_change_the_output_as_the_reference_s
 
 
 @needs_backend
+@settings(max_examples=10, deadline=None)
+@given(bits=st.sampled_from(fmt.KVQUANT_BITS), d=st.sampled_from([16, 32]), t=st.integers(17, 50),
+       jump=st.integers(0, 4000), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_kvquant_attention_outliers_at_tile_edges_and_position_jumps(bits, d, t, jump, dtype, seed):
+    """Key outliers at the tiles' first and last tokens (the interpreter's BLOCK_T is 16) and at both halves' edge
+    channels (0, D/2 - 1, D/2, D - 1: the RoPE pairs), several in one token, values at +-40x their range, and
+    positions that jump by `jump` after a random token (0: consecutive): the tile holding the jump takes each
+    token's own angle, the others the kernel's cos / sin tables of t w and q rotated by the tile's first
+    position."""
+    g = torch.Generator().manual_seed(seed)
+    cache = random_cache(2, 2, d, t, 1, bits, dtype, True, True, seed)
+    p = cache["params"]
+    k = p.key_offset[:, None] + p.key_scale[:, None] * (torch.rand(2, 2, t, d, generator=g) * 1.8 - 0.9).to(DEVICE)
+    edge_tokens = sorted({0, 15, 16, min(31, t - 1), t - 1})
+    for tok in edge_tokens:
+        for c in (0, d // 2 - 1, d // 2, d - 1):
+            k[:, :, tok, c] = p.key_offset[:, c] + 40 * p.key_scale[:, c] * (1 if (tok + c) % 2 else -1)
+    keys = fmt.quantize_keys(k, p, bits, outliers=True)
+    assert keys.sparse.value.numel() >= 4 * len(edge_tokens) * 4
+    at = torch.randint(1, t, (1,), generator=g).item()
+    positions = cache["positions"] + (torch.arange(t, device=DEVICE) >= at).int() * jump
+    q = torch.randn(2, 4, d, generator=g).to(DEVICE, dtype)
+    out, ref = run_both(q, cache | dict(keys=keys, positions=positions.to(torch.int32)))
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert out.isfinite().all() and err < TOL[dtype], err
+
+
+@needs_backend
 def test_kernels_kvquant_attention_bad_input_raises():
     cache = random_cache(1, 2, 32, 8, 1, 2, torch.float16, True, True, seed=1)
     q = torch.randn(1, 4, 32).to(DEVICE, torch.float16)
