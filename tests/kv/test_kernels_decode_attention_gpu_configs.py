@@ -12,6 +12,8 @@ configs of these shapes would take many minutes; there the interpreter's one con
 tests/kv)."""
 import pytest
 import torch
+from triton.runtime.errors import OutOfResources
+
 from tests.kernel_device import DEVICE
 from tests.kv.test_kernels_fp8_kv_attention import fp8_cache
 from tests.kv.test_kernels_kv_attention import TOL
@@ -40,10 +42,22 @@ def gpu_configs(monkeypatch, tokens):
 
 
 def each_config(monkeypatch, module, tokens, run):
-    """(config, run()) with each GPU config forced as the one module's tune returns."""
-    for config in gpu_configs(monkeypatch, tokens):
+    """(config, run()) with each GPU config forced as the one module's tune returns. A config that needs more shared
+    memory than the GPU has (e.g. BLOCK_T 128, 2 stages at 3 bits in bf16 on an H100) is passed over, as the tuner
+    passes over it (tquant.kernels.autotune_cache: a config the GPU cannot run is not timed), but never the default
+    (first) config, which TQUANT_AUTOTUNE=0 and untuned shapes launch, and never most of them."""
+    configs, skipped = gpu_configs(monkeypatch, tokens), []
+    for i, config in enumerate(configs):
         monkeypatch.setattr(module, "tune", lambda *args, config=config: config)
-        yield config, run()
+        try:
+            out = run()
+        except OutOfResources:
+            if i == 0:
+                raise
+            skipped.append(config)
+            continue
+        yield config, out
+    assert len(skipped) <= len(configs) // 4, skipped
 
 
 def check(out, ref, dtype, config):
