@@ -88,12 +88,14 @@ def test_kivi_attention_every_gpu_config(monkeypatch, key_axis, bits, group, tq,
 
 
 @pytest.mark.parametrize("pre_rope,bits,dtype,jump", [(True, 3, torch.float16, 0), (False, 4, torch.bfloat16, 0),
-                                                      (True, 4, torch.float16, 777), (True, 2, torch.bfloat16, 777)])
+                                                      (True, 4, torch.float16, 777), (True, 2, torch.bfloat16, 777),
+                                                      (False, 2, torch.float16, 0)])
 def test_kvquant_attention_every_gpu_config(monkeypatch, pre_rope, bits, dtype, jump):
     """pre_rope: keys rotated in the kernel by the fast sin / cos (the GPU's branch: the cos / sin tables of t w and
     q rotated by each tile's first position; jump: positions jump by that much after token 500, so the tile
     holding it takes each token's own angle); a sink of 2 tokens, key and value outliers (fp16: written in by
-    predicated prmt on half2 registers), codebooks looked up by prmt (2 and 4 bits: from whole words; 3: gathered)."""
+    predicated prmt on half2 registers, whose two elements may lie in different tokens: 2 bits on the H100),
+    codebooks looked up by prmt (2 and 4 bits: from whole words; 3: gathered)."""
     t = 1003
     cache = kvquant_cache(B, HKV, D, t, 2, bits, dtype, True, pre_rope, seed=bits, tr=1)
     if jump:

@@ -224,13 +224,15 @@ def _centroids(codes_ptr, tok, ok, tab, tab_lo, C0: tl.constexpr, N: tl.constexp
             o0, o1, o2, o3 = _lookup(od, tab, tab_lo, BITS, OUT, ASM)
             o4, o5, o6, o7 = _lookup(od >> 16, tab, tab_lo, BITS, OUT, ASM)
             x = tl.interleave(_spread8(e0, e1, e2, e3, e4, e5, e6, e7), _spread8(o0, o1, o2, o3, o4, o5, o6, o7))
-    else:
+    else:  # channels 4 j ... 4 j + 3 from the one or two words holding them, read as one bit stream
         four = C0 + tl.arange(0, N // 4) * 4
-        sel = tok[:, None] * 0
-        for k in tl.static_range(4):
-            chan = four + k
-            w = tl.load(codes_ptr + tok[:, None] * W + (chan // EPW)[None, :], mask=ok[:, None], other=0)
-            sel |= ((w >> ((chan % EPW) * BITS)[None, :]) & ((1 << BITS) - 1)) << (4 * k)
+        row = codes_ptr + tok[:, None] * W
+        wa = tl.load(row + (four // EPW)[None, :], mask=ok[:, None], other=0).to(tl.int64)
+        wb = tl.load(row + ((four + 3) // EPW)[None, :], mask=ok[:, None], other=0).to(tl.int64)
+        x = (((wb << (EPW * BITS)) | (wa & ((1 << (EPW * BITS)) - 1))) >> ((four % EPW) * BITS)[None, :]).to(tl.int32)
+        sel = x & ((1 << BITS) - 1)
+        for k in tl.static_range(1, 4):
+            sel |= ((x >> (k * BITS)) & ((1 << BITS) - 1)) << (4 * k)
         y0, y1, y2, y3 = _lookup(sel, tab, tab_lo, BITS, OUT, ASM)
         x = _spread4(y0, y1, y2, y3)
     return x
@@ -256,22 +258,33 @@ def _cos_sin(angle, FAST: tl.constexpr):
 
 
 @triton.jit
-def _write_outliers(x, chan, channel_ptr, value_ptr, lo, n, ASM: tl.constexpr):
-    """x [BLOCK_T, N] (channels chan [N]) with each token's n [BLOCK_T] outliers, entries lo ... lo + n - 1 of
-    channel_ptr / value_ptr, written in by selects; the loop runs to the tile's largest n. ASM (CUDA, fp16 x): on
-    the half2 registers that hold x, a compare and a predicated prmt a half (no unpacking of the pair)."""
+def _write_outliers(x, chan, channel_ptr, value_ptr, lo, n, ASM: tl.constexpr, x2=None, chan2=None):
+    """(x, x2): x [BLOCK_T, N] (channels chan [N]) and x2 (channels chan2; another tile of the same tokens, or None)
+    with each token's n [BLOCK_T] outliers, entries lo ... lo + n - 1 of channel_ptr / value_ptr, written in by
+    selects (_put); the loop runs to the tile's largest n and loads each entry once for both tiles."""
     for j in range(0, tl.max(n, axis=0)):
         has = j < n
         c = tl.load(channel_ptr + lo + j, mask=has, other=-1).to(tl.int32)
         e = tl.load(value_ptr + lo + j, mask=has, other=0.0).to(x.dtype)
-        if ASM and x.dtype == tl.float16:  # $1: x's pair, $2 $3: its channels, $4: c, $6: e (twice)
-            x = tl.inline_asm_elementwise(
-                "{ .reg .pred p, q; setp.eq.s32 p, $2, $4; setp.eq.s32 q, $3, $4; mov.b32 $0, $1; "
-                "@p prmt.b32 $0, $0, $6, 0x3254; @q prmt.b32 $0, $0, $6, 0x5410; }",
-                "=r,r,r,r,r,r,r", [x, tl.broadcast_to(chan[None, :], x.shape), tl.broadcast_to(c[:, None], x.shape),
-                                   tl.broadcast_to(e[:, None], x.shape)], dtype=tl.float16, is_pure=True, pack=2)
-        else:
-            x = tl.where(chan[None, :] == c[:, None], e[:, None], x)
+        x = _put(x, chan, c, e, ASM)
+        if x2 is not None:
+            x2 = _put(x2, chan2, c, e, ASM)
+    return x, x2
+
+
+@triton.jit
+def _put(x, chan, c, e, ASM: tl.constexpr):
+    """x [BLOCK_T, N] with e[t] where chan == c[t]. ASM (CUDA, fp16 x): on the half2 registers that hold x, a
+    compare and a predicated prmt a half (a 16-bit select unpacks and repacks each pair). The two elements of a
+    register may lie in different tokens (the tile's layout decides), so each half has its own channel, c and e."""
+    if ASM and x.dtype == tl.float16:  # $1: x's pair, $2 $3: their channels, $4 $5: their c, $6: their e
+        x = tl.inline_asm_elementwise(
+            "{ .reg .pred p, q; setp.eq.s32 p, $2, $4; setp.eq.s32 q, $3, $5; mov.b32 $0, $1; "
+            "@p prmt.b32 $0, $0, $6, 0x3254; @q prmt.b32 $0, $0, $6, 0x7610; }",
+            "=r,r,r,r,r,r,r", [x, tl.broadcast_to(chan[None, :], x.shape), tl.broadcast_to(c[:, None], x.shape),
+                               tl.broadcast_to(e[:, None], x.shape)], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        x = tl.where(chan[None, :] == c[:, None], e[:, None], x)
     return x
 
 
@@ -352,8 +365,7 @@ def _kvquant_attention_kernel(
                 r = tok.to(tl.int64) * tl.num_programs(0) + bh
                 k_lo_row = tl.load(k_rows_ptr + r, mask=ok, other=0)
                 n = tl.load(k_rows_ptr + r + 1, mask=ok, other=0) - k_lo_row
-                k1 = _write_outliers(k1, half, k_chan_ptr, k_val_ptr, k_lo_row, n, CUDA)
-                k2 = _write_outliers(k2, HALF + half, k_chan_ptr, k_val_ptr, k_lo_row, n, CUDA)
+                k1, k2 = _write_outliers(k1, half, k_chan_ptr, k_val_ptr, k_lo_row, n, CUDA, k2, HALF + half)
             if ROPE:
                 pos = tl.load(pos_ptr + b.to(tl.int64) * T + tok, mask=ok, other=0)
                 base = 0
@@ -378,8 +390,8 @@ def _kvquant_attention_kernel(
                         tl.load(v_scale + tok, mask=ok, other=0.0)[:, None],
                         tl.load(v_off + tok, mask=ok, other=0.0)[:, None])
             if N_OUT > 0:
-                v = _write_outliers(v, chan, v_chan_ptr, v_val_ptr, (bh.to(tl.int64) * T + tok) * N_OUT,
-                                    tl.where(ok, N_OUT, 0), CUDA)
+                v, _ = _write_outliers(v, chan, v_chan_ptr, v_val_ptr, (bh.to(tl.int64) * T + tok) * N_OUT,
+                                       tl.where(ok, N_OUT, 0), CUDA)
             l, acc = accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     else:  # the last program of each (b, kv head): the sink (cache tokens 0 ... S - 1) and the exact store tokens
         q = (tl.load(q_row + chan[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT_DTYPE)
