@@ -29,11 +29,12 @@ entry 4 g + k; an fp32 query also gets the planes of each centroid's fp16 residu
 the key scale / offset halves in OUT, and (pre-RoPE keys, 16-bit query) the tables cos(t w_i), sin(t w_i)
 [BLOCK_T, D/2] for t = 0 ... BLOCK_T - 1. Per store tile:
     codes     the tile's code words: a contiguous [BLOCK_T, N / epw] tile when a half-vector's N channels fill whole
-              words (2 and 4 bits, N >= epw); else (3 bits: 10 codes a word) each channel's word gathered (an L1 hit
-              for all but the first of its channels)
+              words (2 and 4 bits, N >= epw); else (3 bits: 10 codes a word) the one or two words holding each group
+              of four channels 4 j ... 4 j + 3 gathered (words (4 j) // epw and (4 j + 3) // epw; L1 hits but the first)
     codebook  looked up in registers (_centroids): four codes in the four nibbles of a selector (4 bits: a word and
-              the word >> 16; 2 bits: w & 0x33333333 and (w >> 2) & 0x33333333, even and odd channels; gathered
-              codes or-ed together), prmt.b32 picks their entries' low and high bytes out of a pair of byte planes
+              the word >> 16; 2 bits: w & 0x33333333 and (w >> 2) & 0x33333333, even and odd channels; 3 bits:
+              the two words as one bit stream b = w1 << 30 | w0, shifted right by (4 j % 10) * 3, its four 3-bit
+              fields moved apart), prmt.b32 picks their entries' low and high bytes out of a pair of byte planes
               (8 entries; 4 bits: entries 0-7 and 8-15 looked up by the low 3 bits, a third prmt keeps one by each
               code's bit 3) and two more pair them into half2 registers: 1 (2, 3 bits) to 2 (4 bits) prmt a centroid.
               The parts come back in channel order through tl.interleave, which keeps a thread's elements. (A table
@@ -207,8 +208,9 @@ def _centroids(codes_ptr, tok, ok, tab, tab_lo, C0: tl.constexpr, N: tl.constexp
       4 bits, whole words: word w (channels 8 j ... 8 j + 7) is the selector of channels 0-3 and w >> 16 of 4-7
       2 bits, whole words: w & 0x33333333 holds the even channels of its word in nibbles (0, 2, 4, 6 and, >> 16, 8 ...
                            14), (w >> 2) & 0x33333333 the odd ones
-      else (3 bits, or a half-vector of fewer channels than a word): each channel's code shifted out of its gathered
-                           word, four channels or-ed into one selector
+      else (3 bits, or a half-vector of fewer channels than a word): channels 4 j ... 4 j + 3 from the words a and b
+                           holding the first and the last, read as one bit stream (b << EPW BITS | a) shifted right
+                           by the first's offset, its four fields moved into nibbles
     and the looked-up [BLOCK_T, N / 4] parts interleaved back into channel order in registers (_spread4 / _spread8)."""
     if N % EPW == 0 and BITS != 3:  # a contiguous [BLOCK_T, N / EPW] tile of words
         words = C0 // EPW + tl.arange(0, N // EPW)
