@@ -260,17 +260,27 @@ def _cos_sin(angle, FAST: tl.constexpr):
 
 
 @triton.jit
-def _write_outliers(x, chan, channel_ptr, value_ptr, lo, n, ASM: tl.constexpr, x2=None, chan2=None):
+def _write_outliers(x, chan, channel_ptr, value_ptr, lo, n, ASM: tl.constexpr, x2=None, chan2=None,
+                    UNROLL: tl.constexpr = 0):
     """(x, x2): x [BLOCK_T, N] (channels chan [N]) and x2 (channels chan2; another tile of the same tokens, or None)
     with each token's n [BLOCK_T] outliers, entries lo ... lo + n - 1 of channel_ptr / value_ptr, written in by
-    selects (_put); the loop runs to the tile's largest n and loads each entry once for both tiles."""
-    for j in range(0, tl.max(n, axis=0)):
-        has = j < n
-        c = tl.load(channel_ptr + lo + j, mask=has, other=-1).to(tl.int32)
-        e = tl.load(value_ptr + lo + j, mask=has, other=0.0).to(x.dtype)
-        x = _put(x, chan, c, e, ASM)
-        if x2 is not None:
-            x2 = _put(x2, chan2, c, e, ASM)
+    selects (_put), each entry loaded once for both tiles: entry indices j < UNROLL unrolled (no loop-carried tile,
+    whose fp16 pairs a loop would repack), then a loop up to the tile's largest n."""
+    for j in tl.static_range(UNROLL):
+        x, x2 = _entry(x, chan, x2, chan2, channel_ptr, value_ptr, lo + j, j < n, ASM)
+    for j in range(UNROLL, tl.max(n, axis=0)):
+        x, x2 = _entry(x, chan, x2, chan2, channel_ptr, value_ptr, lo + j, j < n, ASM)
+    return x, x2
+
+
+@triton.jit
+def _entry(x, chan, x2, chan2, channel_ptr, value_ptr, at, has, ASM: tl.constexpr):
+    """(x, x2) with entries at [BLOCK_T] (where has) written in."""
+    c = tl.load(channel_ptr + at, mask=has, other=-1).to(tl.int32)
+    e = tl.load(value_ptr + at, mask=has, other=0.0).to(x.dtype)
+    x = _put(x, chan, c, e, ASM)
+    if x2 is not None:
+        x2 = _put(x2, chan2, c, e, ASM)
     return x, x2
 
 
@@ -393,7 +403,7 @@ def _kvquant_attention_kernel(
                         tl.load(v_off + tok, mask=ok, other=0.0)[:, None])
             if N_OUT > 0:
                 v, _ = _write_outliers(v, chan, v_chan_ptr, v_val_ptr, (bh.to(tl.int64) * T + tok) * N_OUT,
-                                       tl.where(ok, N_OUT, 0), CUDA)
+                                       tl.where(ok, N_OUT, 0), CUDA, UNROLL=N_OUT)
             l, acc = accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     else:  # the last program of each (b, kv head): the sink (cache tokens 0 ... S - 1) and the exact store tokens
         q = (tl.load(q_row + chan[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * sm_scale).to(DOT_DTYPE)
