@@ -25,11 +25,13 @@ def packed_weight(n, k, q, group, offset, dtype, seed):
 
 
 def path_config(path, m, group):
-    """The interpreter's config of a path, or on a GPU the path's first candidate with a BLOCK_K dividing the group
-    (for a small batch the tuner offers "dot" only with BLOCK_K >= 64 or groups of 32: a group of 96 has none, so
-    the test takes the candidate a larger batch gets; the kernel takes any M)."""
+    """The interpreter's config of a path (the table paths with the GPU's BLOCK_K: the largest of 128 / 64 / 32
+    dividing the group, so "smem" gathers 1, 2 and 4 words a column), or on a GPU the path's first candidate with a
+    BLOCK_K dividing the group (for a small batch the tuner offers "dot" only with BLOCK_K >= 64 or groups of 32: a
+    group of 96 has none, so the test takes the candidate a larger batch gets; the kernel takes any M)."""
     if interpreter_on():
-        return bcq_matmul_module.INTERPRETER_CONFIGS[path]
+        config = bcq_matmul_module.INTERPRETER_CONFIGS[path]
+        return config if path == "dot" else dict(config, BLOCK_K=next(b for b in (128, 64, 32) if group % b == 0))
     for rows in (m, bcq_matmul_module.LUT_MAX_M + 1):
         found = [c for c in bcq_matmul_module.configs(rows, group) if c["path"] == path]
         if found:
@@ -48,14 +50,15 @@ def error_of(out, ref, x, planes, alphas, offset, perm, bias):
 
 
 @needs_backend
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(path=st.sampled_from(sorted(bcq_matmul_module.INTERPRETER_CONFIGS)), m=st.integers(1, 20), n=st.integers(1, 70), kw=st.integers(1, 4),
        q=st.integers(1, 4), group=st.sampled_from([32, 64, -1]), offset=st.booleans(), perm=st.booleans(),
        bias=st.booleans(), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
-       seed=st.integers(0, 2**31 - 1))
-def test_kernels_bcq_matmul_matches_reference(path, m, n, kw, q, group, offset, perm, bias, dtype, seed):
-    """Both paths: in-register tl.dot, and the tables (signed partial sums of every 8 activations, batch <= 8), with
-    act-order perm gathered in the loads, bias and split-K summed in the launch."""
+       table=st.sampled_from([(256, False), (128, False), (256, True), (128, True)]), seed=st.integers(0, 2**31 - 1))
+def test_kernels_bcq_matmul_matches_reference(path, m, n, kw, q, group, offset, perm, bias, dtype, table, seed):
+    """Every path: in-register tl.dot, and the tables (signed partial sums of every 8 activations, batch <= 8)
+    gathered from global memory or through shared memory, with act-order perm gathered in the loads, bias and split-K
+    summed in the launch."""
     m = min(m, bcq_matmul_module.LUT_MAX_M) if path != "dot" else m
     k = 64 * kw if group == 64 else 32 * kw
     group = k if group == -1 else group
@@ -64,7 +67,10 @@ def test_kernels_bcq_matmul_matches_reference(path, m, n, kw, q, group, offset, 
     x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
     p = torch.randperm(k, generator=gen).to(DEVICE, torch.int32) if perm else None
     b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
-    out = bcq_matmul_module.launch(path_config(path, m, group), x, planes, alphas, off, p, b)
+    config = path_config(path, m, group)
+    if path == "smem":  # tables of 256 or 128 (signed) entries, shared in x's dtype or fp32
+        config = dict(config, entries=table[0], f32_table=table[1])
+    out = bcq_matmul_module.launch(config, x, planes, alphas, off, p, b)
     ref = bcq_matmul_ref(x, planes, alphas, off, p, b)
     assert out.shape == (m, n) and out.dtype == dtype and out.isfinite().all()
     assert error_of(out, ref, x, planes, alphas, off, p, b) < TOL[dtype]
@@ -111,10 +117,11 @@ def test_kernels_bcq_matmul_bad_input_raises(change, match):
 @pytest.mark.parametrize("m,group,dtype", [(1, 128, torch.float16), (5, 64, torch.bfloat16), (16, 128, torch.float16),
                                            (37, 32, torch.bfloat16)])
 def test_kernels_bcq_matmul_every_gpu_config(monkeypatch, m, group, dtype):
-    """Every GPU candidate of both paths (tl.dot tiles with and without split-K, BLOCK_M 16 or 64; up to batch 8 the
-    tables with their words loaded 3 tiles ahead or not), each launched where the tuner (TQUANT_AUTOTUNE=0: the first
-    candidate, which the hypothesis test takes per path) would pick one: 3 planes, K 1024 in groups, N 200, offset,
-    perm and bias. GPU only: the interpreter runs its own configs."""
+    """Every GPU candidate of every path (tl.dot tiles with and without split-K, BLOCK_M 16 or 64; up to batch 8 the
+    tables, gathered from global memory or through shared memory in x's dtype or fp32, with their words loaded 3
+    tiles ahead or not), each launched where the tuner (TQUANT_AUTOTUNE=0: the first candidate, which the hypothesis
+    test takes per path) would pick one: 3 planes, K 1024 in groups, N 200, offset, perm and bias. GPU only: the
+    interpreter runs its own configs."""
     monkeypatch.setattr(bcq_matmul_module, "interpreter_on", lambda: False)
     k, n = 1024, 200
     planes, alphas, off = packed_weight(n, k, 3, group, True, dtype, seed=m)
@@ -124,7 +131,7 @@ def test_kernels_bcq_matmul_every_gpu_config(monkeypatch, m, group, dtype):
     b = torch.randn(n, generator=gen).to(DEVICE, dtype)
     ref = bcq_matmul_ref(x, planes, alphas, off, p, b)
     configs = bcq_matmul_module.configs(m, group)
-    assert {c["path"] for c in configs} == ({"dot", "lut"} if m <= bcq_matmul_module.LUT_MAX_M else {"dot"})
+    assert {c["path"] for c in configs} == ({"dot", "lut", "smem"} if m <= bcq_matmul_module.LUT_MAX_M else {"dot"})
     for config in configs:
         out = bcq_matmul_module.launch(config, x, planes, alphas, off, p, b)
         assert out.shape == (m, n) and out.dtype == dtype and out.isfinite().all(), config

@@ -1,7 +1,7 @@
 """Kernels compile for Hopper (sm_90) on a machine without a GPU (tquant.kernels.cross_compile): a kernel that the
 interpreter runs but the CUDA compiler rejects fails here, not on a user's first launch. The launches (a default
 config each, in a subprocess with the interpreter off) are the decode-attention kernels at Llama-3-8B shapes
-(32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32 (and its table path at batch 1), and SpQR's (the weight-only GEMV /
+(32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32 (and its table paths at batch 1), and SpQR's (the weight-only GEMV /
 GEMM decoding bilevel stats, then the outlier kernel) at batch 1 and 16, and the static decoder's fused step kernels
 (RMSNorm, RoPE + cache write, silu * up, float-cache attention, the per-token KV write) at batch 1 and 16, KIVI's
 static-cache decode write (groups of 32 and 128 tokens, a bf16 ring of fp32 tokens), and the grouped MoE matmul's
@@ -24,7 +24,8 @@ CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), 
          ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16"),
          ("kvquant", 2, True, "bfloat16"),
          ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16"), ("spqr", 3, 1, "float16"), ("spqr", 4, 16, "float16"),
-         ("bcq_lut", 3, 1, "float16"), ("decode", 4, 1, "float16"), ("decode", 8, 16, "bfloat16"),
+         ("bcq_lut", 3, 1, "float16"), ("bcq_smem", 3, 1, "float16"), ("bcq_smem", 4, 1, "bfloat16"),
+         ("decode", 4, 1, "float16"), ("decode", 8, 16, "bfloat16"),
          ("moe", 4, 1, "float16"), ("fp8", 8, 1, "float16"), ("fp8", 8, 64, "bfloat16"),
          ("fp8_kv", 8, False, "float16"), ("fp8_kv", 8, True, "bfloat16"), ("act_quant", 8, 1, "float16"),
          ("act_quant", 4, 16, "bfloat16"), ("int8_gemms", 8, 16, "float16"), ("int8_gemms", 8, 256, "bfloat16"),
@@ -34,7 +35,7 @@ CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), 
          ("kivi_write", 2, 32, "float16"), ("kivi_write", 4, 128, "bfloat16"), ("kivi_write", 3, 32, "float32")]
 KERNELS = {"kivi": ["_kv_attention_kernel", "combine_kernel"],
            "kvquant": ["_kvquant_attention_kernel", "combine_kernel"], "bcq": ["_bcq_matmul_kernel"],
-           "bcq_lut": ["_bcq_table_kernel", "_bcq_lut_kernel"],
+           "bcq_lut": ["_bcq_table_kernel", "_bcq_lut_kernel"], "bcq_smem": ["_bcq_table_kernel", "_bcq_smem_kernel"],
            "decode": ["_rms_norm_kernel", "_rope_qkv_kernel", "_silu_mul_kernel", "_kv_attention_kernel",
                       "combine_kernel", "_kv_quant_write_kernel"],
            "moe": ["_grouped_gemm_kernel", "_grouped_gemm_kernel"],
@@ -101,7 +102,7 @@ def compile_case(kind, bits, option, dtype):
         elif kind.startswith("bcq"):  # option: the batch
             alphas = torch.rand(bits, 4, 256).to(dtype)
             planes = torch.zeros(bits, 512 // 32, 256, dtype=torch.int32)
-            path = "lut" if kind == "bcq_lut" else "dot"
+            path = {"bcq": "dot", "bcq_lut": "lut", "bcq_smem": "smem"}[kind]
             config = next(c for c in bcq_matmul.configs(option, 128) if c["path"] == path)
             bcq_matmul.launch(config, torch.randn(option, 512).to(dtype), planes, alphas, torch.zeros(4, 256).to(dtype))
         elif kind == "kivi":
@@ -378,20 +379,57 @@ def tiered(cases):
         seen.add(case[0])
 
 
-@pytest.mark.parametrize("case", list(tiered(CASES)), ids=lambda c: "-".join(map(str, c)))
-def test_kernels_compile_for_hopper(case):
+def bcq_smem_opcodes(bits, entries):
+    """{SASS opcode: count} of the BCQ "smem" kernel compiled for sm_90 at batch 1, fp16, groups of 128, no offset,
+    its first candidate with tables of `entries` whose words are not pipelined and whose tables stay fp16."""
+    import re
+    from collections import Counter
+
+    import torch
+
+    from tquant.kernels import bcq_matmul
+    from tquant.kernels.cross_compile import compiling_for
+
+    bcq_matmul.interpreter_on = lambda: False  # the GPU candidates
+    config = next(c for c in bcq_matmul.configs(1, 128)
+                  if c["path"] == "smem" and c["entries"] == entries and c["num_stages"] == 1 and not c["f32_table"])
+    with compiling_for() as done:
+        bcq_matmul.launch(config, torch.randn(1, 512).half(), torch.zeros(bits, 16, 256, dtype=torch.int32),
+                          torch.rand(bits, 4, 256).half())
+    return Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", done[-1].sass()))
+
+
+def compile_in_subprocess(call):
+    """The JSON printed by this file run as a script on `call` (interpreter off, as on a GPU)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: tquant and tests importable without an install
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, __file__, json.dumps(case)], capture_output=True, text=True, env=env,
+    run = subprocess.run([sys.executable, __file__, json.dumps(call)], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    compiled = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(tiered(CASES)), ids=lambda c: "-".join(map(str, c)))
+def test_kernels_compile_for_hopper(case):
+    compiled = compile_in_subprocess(case)
     expected = expected_kernels(*case)
     names = [name for name, _, _ in compiled]
     assert (set(names) if isinstance(expected, set) else names) == expected, compiled
     assert all(0 < regs <= 255 for _, regs, _ in compiled), compiled
 
 
+@pytest.mark.parametrize("bits,entries", [(3, 256), (4, 128)])
+def test_kernels_bcq_smem_gathers_through_shared_memory(bits, entries):
+    """The BCQ "smem" path's tl.gather (its K step's tables, [BLOCK_K / 8 * 128] spread over all warps) compiles for
+    sm_90 to one shared-memory load per plane byte of a K step of 128 (16 q LDS.U16 in the kernel), no warp shuffle
+    (the lowering of a table held within one warp) and no global gather (its only 2-byte global loads: the q alphas)."""
+    ops = compile_in_subprocess(["bcq_smem_opcodes", bits, entries])
+    assert ops.get("LDS.U16") == 16 * bits, ops
+    assert not [op for op in ops if op.startswith("SHFL")], ops
+    assert ops.get("LDG.E.U16") == bits, ops
+
+
 if __name__ == "__main__":
-    print(json.dumps(compile_case(*json.loads(sys.argv[1]))))
+    call = json.loads(sys.argv[1])
+    print(json.dumps(bcq_smem_opcodes(*call[1:]) if call[0] == "bcq_smem_opcodes" else compile_case(*call)))

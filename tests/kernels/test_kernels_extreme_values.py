@@ -599,14 +599,14 @@ def bcq_path_config(path, m, group):
 @FEW
 @given(m=st.sampled_from([1, 3, 20]), n=st.integers(1, 64), words=st.integers(1, 4), q=st.integers(1, 4),
        group=st.sampled_from([32, "channel"]), offset=st.booleans(), perm=st.booleans(), bias=st.booleans(),
-       dtype=st.sampled_from(DTYPES), path=st.sampled_from(["public", "dot", "lut"]), xc=activation_cases(),
+       dtype=st.sampled_from(DTYPES), path=st.sampled_from(["public", "dot", "lut", "smem"]), xc=activation_cases(),
        wc=weight_cases())
 def test_kernels_bcq_extreme_values(m, n, words, q, group, offset, perm, bias, dtype, path, xc, wc):
-    """BCQ's in-register and LUT-GEMM table paths (the tables: signed partial sums of 8 activations) and the public
-    launcher, alphas searched on extreme float weights."""
+    """BCQ's in-register and LUT-GEMM table paths (the tables: signed partial sums of 8 activations, gathered from
+    global or shared memory) and the public launcher, alphas searched on extreme float weights."""
     k = 32 * words
     group_size = k if group == "channel" else group
-    if path == "lut":
+    if path in ("lut", "smem"):
         m = min(m, bcq_module.LUT_MAX_M)
     x, dead = extreme_x(m, k, dtype, xc)
     w = extreme_w(n, k, group_size, wc, dead).clamp(-6e4, 6e4)
@@ -626,17 +626,20 @@ def test_kernels_bcq_extreme_values(m, n, words, q, group, offset, perm, bias, d
         y = bcq_module.launch(bcq_path_config(path, m, group_size), *dev)
     # magnitude: |x| @ (sum_i |alpha_i| + |offset|)^T: the kernels sum each plane's signed activations (the LUT
     # path in tables of x's dtype) before its alpha, so their rounding scales with the alphas, not with W's entries,
-    # which cancel (alpha_1 - alpha_2 of a weight outlier's group)
+    # which cancel (alpha_1 - alpha_2 of a weight outlier's group); atol: the reference rounds each of its K products
+    # in fp32 and the kernels each plane's tile sum times its alpha, absolutely (up to 2^-150 each) where they fall
+    # below fp32's smallest normal (alphas of 3e-41 on x of 1e-3)
     wsum = alphas.double().abs().sum(dim=0).repeat_interleave(group_size, dim=0)  # [K, N]
     if off is not None:
         wsum = wsum + off.double().abs().repeat_interleave(group_size, dim=0)
     xs = x.double() if p is None else x.double()[:, p.long()]
-    check(y, ref, xs.abs() @ wsum + (0 if b is None else b.double().abs()), dtype, what=path)
+    check(y, ref, xs.abs() @ wsum + (0 if b is None else b.double().abs()), dtype, atol=ATOL[dtype] + k * 2.0**-149,
+          what=path)
 
 
 @needs_backend
 @pytest.mark.parametrize("dtype", [FP16, BF16])
-@pytest.mark.parametrize("path", ["dot", "lut"])
+@pytest.mark.parametrize("path", ["dot", "lut", "smem"])
 @pytest.mark.parametrize("offset", [False, True])
 def test_kernels_bcq_outliers_sharing_a_chunk_of_8(dtype, path, offset):
     """Two activations at the dtype's outlier limit in one chunk of 8 (the LUT path's table entries sum a chunk:
