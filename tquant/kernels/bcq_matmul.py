@@ -21,12 +21,12 @@ y += sum_i 8 alpha_i S_i (+ 8 offset X, X the sum of the step's activations / 8)
 "smem" (the same sums, the tables in shared memory): the table kernel writes tables of 128 signed entries as above or
 of all 256 ([M, K / 8, 256]: no complement, no sign flip); _bcq_smem_kernel loads its K step's tables as one register
 tensor [BLOCK_K / 8 * entries] (in x's dtype, or converted to fp32) and reads a column's BLOCK_K / 32 words of each
-plane into one thread (tl.join), their bytes as gather indices entries (4w + f) + byte f of word w, [BLOCK_N,
-BLOCK_K / 8] a plane (two or four planes joined on a last axis), flattened into one tl.gather of the table. Triton
-lowers a gather whose source spans several warps through shared memory (the source stored once, a barrier, one LDS
-an index; sm_90 SASS: 16 q LDS a K step of 128, no SHFL, 1-2 table stores and 2-4 barriers), and one whose
-gather axis lies within a warp to warp shuffles, the layout its gather optimization gives any 2-D or wider source:
-hence the 1-D table and the flattened indices.
+plane into one thread (tl.join), their bytes as gather indices entries (4w + f) + byte f of word w (of 128: its
+folded low 7 bits, the sign flipped as in "lut"), [BLOCK_N, BLOCK_K / 8] a plane (two or four planes joined on a
+last axis), flattened into one tl.gather of the table (q = 3: two). Triton lowers a gather whose source spans
+several warps through shared memory (the source stored, a barrier, one LDS an index, a barrier; sm_90 SASS: 16 q LDS
+a K step of 128, no SHFL), and one whose gather axis lies within a warp to warp shuffles, the layout its gather
+optimization gives any 2-D or wider source: hence the 1-D table and the flattened indices.
 The tuner picks a path per key ("lut" and "smem" read the weights once per row of x: small-batch paths); the
 measured trade-offs are in benchmarks/RESULTS.md. sm_90 SASS of the loops (Triton 3.9, q = 3, fp16): "dot" 13
 instructions a weight (128 x 128 tiles), "lut" 5.1 (256 x 128; a 2-D tile of fields instead of 1-D rows had its
