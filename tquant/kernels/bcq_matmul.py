@@ -161,11 +161,17 @@ def _bcq_lut_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr
             alpha = tl.load(a_ptr + (i * GROUPS + g) * N + rn, mask=n_ok, other=0.0).to(tl.float32)
             acc += (alpha * 8.0) * partial  # the tables hold sums over 8
         if HAS_OFFSET:
-            total = tl.sum(tl.load(x_row + input_columns(perm_ptr, k0, BLOCK_K, HAS_PERM)).to(tl.float32) * 0.125,
-                           axis=0)
-            acc += (tl.load(o_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32) * 8.0) * total
+            acc += offset_term(x_row, perm_ptr, o_ptr, k0, g, rn, n_ok, N, BLOCK_K, HAS_PERM)
     store_output(y_ptr, acc[None, :], m + tl.arange(0, 1), rn, M, N, N, bias_ptr, ws_ptr, count_ptr,
                  m * tl.num_programs(1) + pid_n, split, splits, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def offset_term(x_row, perm_ptr, o_ptr, k0, g, rn, n_ok, N, BLOCK_K: tl.constexpr, HAS_PERM: tl.constexpr):
+    """The table paths' offset part of one K step of a row of x: offset[g, n] * sum of the step's activations
+    ([BLOCK_N] fp32; the sum taken over 8ths and scaled back by 8, as the tables hold sums over 8)."""
+    total = tl.sum(tl.load(x_row + input_columns(perm_ptr, k0, BLOCK_K, HAS_PERM)).to(tl.float32) * 0.125, axis=0)
+    return (tl.load(o_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32) * 8.0) * total
 
 
 @triton.jit
@@ -269,9 +275,7 @@ def _bcq_smem_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_pt
                 acc += shared_gather(table, w_ptr + 2 * plane_stride, a_step + 2 * alpha_stride, n_ok, N,
                                      plane_stride, alpha_stride, 1, W, ENTRIES)
         if HAS_OFFSET:
-            total = tl.sum(tl.load(x_row + input_columns(perm_ptr, k0, BLOCK_K, HAS_PERM)).to(tl.float32) * 0.125,
-                           axis=0)
-            acc += (tl.load(o_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32) * 8.0) * total
+            acc += offset_term(x_row, perm_ptr, o_ptr, k0, g, rn, n_ok, N, BLOCK_K, HAS_PERM)
     store_output(y_ptr, acc[None, :], m + tl.arange(0, 1), rn, M, N, N, bias_ptr, ws_ptr, count_ptr,
                  m * tl.num_programs(1) + pid_n, split, splits, HAS_BIAS, SPLIT)
 
