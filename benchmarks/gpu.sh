@@ -51,6 +51,7 @@
 #   TRITON_CACHE_DIR     compiled kernels (default ./out/triton_cache, kept between calls on the same machine)
 #   TQUANT_AUTOTUNE      tests and quality runs use 0 (default configs, no tuning time); benchmarks tune unless set
 #                  (`TQUANT_AUTOTUNE=retune` tunes every key again, e.g. after new candidates join a kernel)
+#   TQUANT_AUTOTUNE_LOG=1  every timed candidate of each key tuned, fastest first, in the log (the JSON keeps the winner)
 #   TEST_TIMEOUT, BENCH_TIMEOUT, E2E_TIMEOUT, ROW_TIMEOUT, CHECK_TIMEOUT   limits in seconds (540, 560, 560, 600, 200)
 #   DRY_RUN=1      print the commands instead of running them
 #

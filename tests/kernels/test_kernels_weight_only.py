@@ -323,6 +323,18 @@ def test_kernels_autotune_retune_skips_the_files(cache_dirs, monkeypatch):
     assert json.loads(user_file.read_text())["entries"]["kern|M=1,N=8"]["config"] == dict(BLOCK=32)
 
 
+def test_kernels_autotune_log_prints_every_candidate(cache_dirs, monkeypatch, capsys):
+    monkeypatch.setenv("TQUANT_AUTOTUNE_LOG", "1")
+    assert tune() == dict(BLOCK=32)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"autotune kern|M=1,N=8: {us:.2f} us {{'BLOCK': {b}}}" for us, b in ((1.0, 32), (17.0, 16),
+                                                                                        (33.0, 64))]
+    monkeypatch.delenv("TQUANT_AUTOTUNE_LOG")
+    monkeypatch.setattr(autotune_cache, "_chosen", {})
+    monkeypatch.setenv("TQUANT_AUTOTUNE", "retune")
+    assert tune() == dict(BLOCK=32) and capsys.readouterr().err == ""  # silent unless asked
+
+
 def _cache_file(gpu="interpreter", fmt=1, config=None, entry=None):
     entry = entry if entry is not None else {"config": config or {"BLOCK": 64}}
     return json.dumps({"format": fmt, "gpu": gpu, "entries": {"kern|M=1,N=8": entry}})

@@ -14,11 +14,14 @@ A file for another GPU, a malformed file, or an entry whose config is not among 
 Without benchmarking (one candidate, TQUANT_AUTOTUNE=0, or inside CUDA-graph capture) an uncached key
 gets configs[0], so list the safest default first. TQUANT_AUTOTUNE=retune skips both files (each key is tuned again
 on its first use in the process and the user file rewritten): after new candidates join a kernel, or to re-measure.
+TQUANT_AUTOTUNE_LOG=1 prints every timed candidate of each key tuned (fastest first) to stderr: the file keeps
+only the winner.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -161,7 +164,11 @@ def tune(kernel: str, key: dict[str, Any], configs: list[dict], run: Callable[[d
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if len(configs) == 1 or os.environ.get("TQUANT_AUTOTUNE") == "0" or capturing:
         return configs[0]
-    us, config = benchmark(configs, run, desc=f"autotune {name} (once per GPU)")[0]
+    ranked = benchmark(configs, run, desc=f"autotune {name} (once per GPU)")
+    if os.environ.get("TQUANT_AUTOTUNE_LOG"):  # every candidate's time, not only the winner's the file keeps
+        for us, config in ranked:
+            print(f"autotune {name}: {us:.2f} us {config}", file=sys.stderr)
+    us, config = ranked[0]
     entry = {"config": config, "us": round(us, 2)}
     _entries(gpu)[name] = entry
     _chosen[gpu, name] = config
