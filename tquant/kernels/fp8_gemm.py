@@ -57,9 +57,9 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import tune
-from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
+from .runtime import DTYPES, check_device, dot_args, interpreter_on, next_power_of_2
 from .tiling import store_output, tile_offsets
-from .w8a8_gemm import configs
+from .w8a8_gemm import check_operand_shapes, configs
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -199,16 +199,7 @@ def check_gemm_inputs(x, x_scale, wq, w_scale, bias, out_dtype, weight_only=Fals
         raise ValueError(f"xq must be a 2-D float8_e4m3fn tensor; got {x.dtype} of shape {tuple(x.shape)}")
     if wq.dim() != 2 or wq.dtype != FP8:
         raise ValueError(f"wq must be a 2-D float8_e4m3fn tensor; got {wq.dtype} of shape {tuple(wq.shape)}")
-    if wq.shape[1] != x.shape[1]:
-        raise ValueError(f"wq shape {tuple(wq.shape)} does not match: expected [N, K] with K={x.shape[1]} "
-                         f"({'x' if weight_only else 'xq'} is {tuple(x.shape)})")
-    m, n = x.shape[0], wq.shape[0]
-    expected = {
-        "x_scale": (x_scale, (m,), (torch.float32,)),
-        "w_scale": (w_scale, (n,), (torch.float32,)),
-        "bias": (bias, (n,), DTYPES),
-    }
-    check_tensors(expected, f"M={m}, N={n}")
+    check_operand_shapes(x, x_scale, wq, w_scale, bias, "x" if weight_only else "xq")
 
 
 def _finish(acc, bias, out_dtype):

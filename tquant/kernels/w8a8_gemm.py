@@ -34,10 +34,16 @@ def check_inputs(xq, x_scale, wq, w_scale, bias, out_dtype) -> None:
     for name, t in (("xq", xq), ("wq", wq)):
         if t.dim() != 2 or t.dtype != torch.int8:
             raise ValueError(f"{name} must be a 2-D int8 tensor; got {t.dtype} of shape {tuple(t.shape)}")
-    if wq.shape[1] != xq.shape[1]:
-        raise ValueError(f"wq shape {tuple(wq.shape)} does not match: expected [N, K] with K={xq.shape[1]} "
-                         f"(xq is {tuple(xq.shape)})")
-    m, n = xq.shape[0], wq.shape[0]
+    check_operand_shapes(xq, x_scale, wq, w_scale, bias)
+
+
+def check_operand_shapes(x, x_scale, wq, w_scale, bias, x_name: str = "xq") -> None:
+    """Raise ValueError naming the first of wq [N, K] (K as x's [M, K], x named x_name), x_scale [M] and w_scale [N]
+    float32, bias [N] in DTYPES (None: absent) whose shape or dtype is wrong: the scaled GEMMs' common checks."""
+    if wq.shape[1] != x.shape[1]:
+        raise ValueError(f"wq shape {tuple(wq.shape)} does not match: expected [N, K] with K={x.shape[1]} "
+                         f"({x_name} is {tuple(x.shape)})")
+    m, n = x.shape[0], wq.shape[0]
     expected = {
         "x_scale": (x_scale, (m,), (torch.float32,)),
         "w_scale": (w_scale, (n,), (torch.float32,)),
