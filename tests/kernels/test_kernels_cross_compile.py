@@ -4,7 +4,7 @@ config each, in a subprocess with the interpreter off) are the decode-attention 
 (32 query heads on 8 KV heads, head size 128), the BCQ matmul at batch 1 and 32 (and its table paths at batch 1), and SpQR's (the weight-only GEMV /
 GEMM decoding bilevel stats, then the outlier kernel) at batch 1 and 16, and the static decoder's fused step kernels
 (RMSNorm, RoPE + cache write, silu * up, float-cache attention, the per-token KV write) at batch 1 and 16, KIVI's
-static-cache decode write (groups of 32 and 128 tokens, a bf16 ring of fp32 tokens), and the grouped MoE matmul's
+static-cache decode and prefill writes (groups of 32 and 128 tokens, a bf16 ring of fp32 tokens), and the grouped MoE matmul's
 decode launches (gate_up, then down, of one token's top-2 of 8 Mixtral-like experts); and, each
 through the branches the GPU takes (the first GPU candidate, and other candidates or forced configs for the
 constexpr branches that candidate misses: split-K, kernel variants, decoders): the FP8 kernels (activation
@@ -43,7 +43,8 @@ KERNELS = {"kivi": ["_kv_attention_kernel", "combine_kernel"],
            "fp8_kv": ["_kv_attention_kernel", "combine_kernel"],
            "act_quant": ["_act_quant_kernel", "_act_quant_kernel", "_act_quant_kernel"],
            "int8_gemms": ["_w8a8_kernel", "_w4a8_kernel", "_w4a8_kernel"],
-           "hadamard": ["_hadamard_kernel", "_hadamard_kernel"], "kivi_write": ["_kivi_write_kernel"]}
+           "hadamard": ["_hadamard_kernel", "_hadamard_kernel"],
+           "kivi_write": ["_kivi_write_kernel", "_kivi_prefill_kernel"]}
 # families whose launches follow their candidate lists: the set of kernels compiled (at least one launch each)
 KERNEL_SETS = {"bitplane": {"_bitplane_kernel", "_decode_kernel", "_bitplane_a16_kernel"},
                "e8p": {"_e8p_gemm_kernel", "_e8p_decode_kernel"}}
@@ -342,7 +343,8 @@ def hadamard_step(rows, bits, dtype):
 def kivi_write_step(group, bits, dtype):
     """kivi_write (tquant.kv.kivi_write): one decode token of batch 2 at Llama-3-8B's KV heads (8 of 128) into a
     ring of residual 16 + group slots and the stores of 1024 tokens; dtype: the tokens', the ring's too but bf16 for
-    fp32 tokens (the kernel's rounding of them to bf16)."""
+    fp32 tokens (the kernel's rounding of them to bf16); then kivi_prefill_write of a 1024-token prefill's complete
+    groups into the same stores, its keys a [B, T, H, D] projection's transposed view."""
     import torch
 
     from tquant.kv import kivi_write
@@ -358,6 +360,10 @@ def kivi_write_step(group, bits, dtype):
     kivi_write.kivi_write(k, k, ring, ring, store((groups * wpg, d), (groups, d)),
                           store((groups * group, d // group * wpg), (groups * group, d // group)), torch.tensor([5]),
                           torch.tensor([group]), bits, group)
+    n = (1024 - 16) // group * group
+    x = torch.randn(b, 1024, h, d).to(dtype).transpose(1, 2)[:, :, :n]
+    kivi_write.kivi_prefill_write(x, x.contiguous(), store((groups * wpg, d), (groups, d)),
+                                  store((groups * group, d // group * wpg), (groups * group, d // group)), bits, group)
 
 
 STEPS = {"fp8": fp8_step, "fp8_kv": fp8_kv_step, "act_quant": act_quant_step, "int8_gemms": int8_gemms_step,

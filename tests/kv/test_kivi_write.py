@@ -1,9 +1,11 @@
-"""KIVI's static-cache decode write kernel (tquant.kv.kivi_write) against its torch reference (today's write path of
+"""KIVI's static-cache write kernels (tquant.kv.kivi_write) against their torch references (today's write path of
 StaticKiviCache: ring index_copy_, the pending group's index_select, quantize_keys / quantize_values, index_copy_ into
 the stores): ring and stores equal bit for bit after every step of a sequence crossing several group flushes (bits 2,
 3, 4, 8, groups of 1 to 32 tokens / channels, residual 1 and more, batch and GQA heads, head sizes 16 / 64, bf16 / fp16
-/ fp32 rings, an outlier, constant groups and a step below fp16's subnormals: scale 1); StaticKiviCache's kernel write
-against its torch write; StaticDecoder's logits with the kernel write equal the torch write's; bad input. On a GPU:
+/ fp32 rings, an outlier, constant groups and a step below fp16's subnormals: scale 1); the prefill kernel's store of
+a prefill's complete groups against quantize_keys / quantize_values (bits 2, 3, 4, 8, groups of 8 to 32, residual 1 to
+G + 3, fp16 / bf16 / fp32 tokens, keys a transposed view); StaticKiviCache's kernel writes against its torch writes;
+StaticDecoder's logits with the kernel writes equal the torch writes'; bad input. On a GPU:
 Llama-sized heads, and the write captured in a CUDA graph replayed at successive positions."""
 import pytest
 import torch
@@ -92,12 +94,58 @@ def test_kernels_kivi_write_matches_the_torch_path(bits, group, residual, b, h, 
     assert ref[2].scale.float().max() > 50 or group == 1
 
 
+def prefill_tokens(b, h, t, d, dtype, seed):
+    """k, v [B, H, t, D]: random with per-channel offsets, and extremes: channel 0 of (0, 0) constant (constant key
+    groups), channel 1 of (0, 0) alternating 0 / TINY (a key step below fp16's subnormals), token 3 of (b - 1, h - 1)
+    constant (constant value groups), an outlier in every seventh token."""
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(2, b, h, t, d, generator=g) * 2 + torch.randn(2, 1, 1, 1, d, generator=g) * 3
+    for x in (k, v):
+        x[0, 0, :, 0], x[0, 0, :, 1] = 0.75, TINY * (torch.arange(t) % 2)
+        x[-1, -1, 3] = -1.25
+        x[-1, 0, ::7, 5] = 3e4
+    return k.to(DEVICE, dtype), v.to(DEVICE, dtype)
+
+
+PREFILL_CASES = [  # bits, group, residual, b, h, d, t, dtype, k a transposed view of [B, t, H, D]
+    (2, 8, 1, 2, 2, 16, 29, torch.float16, False),
+    (3, 16, 19, 1, 3, 64, 70, torch.bfloat16, True),  # residual G + 3; 10 codes a word
+    (4, 32, 5, 2, 2, 64, 100, torch.float32, True),
+    (8, 8, 11, 1, 2, 32, 45, torch.bfloat16, False),
+    (4, 16, 16, 1, 2, 16, 50, torch.float16, True),
+]
+
+
 @needs_backend
-@pytest.mark.parametrize("bits, group, residual, dtype", [(2, 4, 1, torch.float16), (4, 8, 3, torch.bfloat16)])
-def test_kernels_static_kivi_cache_kernel_write_matches_its_torch_write(bits, group, residual, dtype):
-    """StaticKiviCache with the kernel write forced on against it forced off: a prefill (torch path in both) then
-    decode steps at the positions prepare gives, the ring and the stores of every layer equal."""
-    b, h, d, max_len, prefill = 2, 2, 16, 40, 7
+@pytest.mark.parametrize("bits, group, residual, b, h, d, t, dtype, transposed", PREFILL_CASES)
+def test_kernels_kivi_prefill_write_matches_the_torch_path(bits, group, residual, b, h, d, t, dtype, transposed):
+    """A prefill's complete groups (n0 = G * floor((t - R) / G) of t tokens) into stores of garbage: codes, scales and
+    minima equal quantize_keys / quantize_values' bit for bit, the rows past them untouched."""
+    _, (_, _, k_store, v_store) = garbage_state(b, h, d, bits, group, residual, t, torch.float16, seed=bits + group)
+    ref = [PackedKV(*(p.clone() for p in x)) for x in (k_store, v_store)]
+    k, v = prefill_tokens(b, h, t, d, dtype, seed=group)
+    if transposed:  # D contiguous, tokens H * D apart
+        k = k.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not k.is_contiguous()
+    n0 = max(0, t - residual) // group * group
+    assert n0 >= 2 * group and n0 % group == 0 and t % group
+    kw.kivi_prefill_write(k[:, :, :n0], v[:, :, :n0], k_store, v_store, bits, group)
+    kw.kivi_prefill_write_ref(k[:, :, :n0], v[:, :, :n0], *ref, bits, group)
+    for name, x, y in zip(("k_store", "v_store"), (k_store, v_store), ref):
+        for part, xp, yp in zip(("codes", "scale", "mn"), x, y):
+            assert torch.equal(xp, yp), f"{name} {part} differs at {(xp != yp).nonzero()[:4].tolist()}"
+    ks = k_store.scale[0, 0, :n0 // group]
+    assert (ks[:, 0] == 1).all() and (ks[:, 1] == 1).all()  # constant and TINY channels: scale 1
+    assert (v_store.scale[-1, -1, 3] == 1).all() and k_store.scale.float().max() > 50
+
+
+@needs_backend
+@pytest.mark.parametrize("bits, group, residual, dtype, prefill", [(2, 4, 1, torch.float16, 7),
+                                                                    (4, 8, 3, torch.bfloat16, 30)])
+def test_kernels_static_kivi_cache_kernel_write_matches_its_torch_write(bits, group, residual, dtype, prefill):
+    """StaticKiviCache with the write kernels forced on against them forced off: a prefill (its complete groups: 4,
+    24 tokens) then decode steps at the positions prepare gives, the ring and the stores of every layer equal."""
+    b, h, d, max_len = 2, 2, 16, 40
     caches = [StaticKiviCache(2, b, h, d, max_len, dtype, DEVICE, bits, group, residual) for _ in range(2)]
     for cache, kernel in zip(caches, (True, False)):
         cache.write_kernel = kernel
@@ -115,21 +163,23 @@ def test_kernels_static_kivi_cache_kernel_write_matches_its_torch_write(bits, gr
 @needs_backend
 @pytest.mark.parametrize("bits, group, residual, dtype", [(2, 4, 1, torch.float16), (4, 8, 3, torch.bfloat16)])
 def test_kernels_static_decoder_logits_with_the_kernel_write(monkeypatch, bits, group, residual, dtype):
-    """A tiny GQA Llama (6 query heads on 2 KV heads of 16) with KIVI's cache: every decode step of every layer runs
-    the write kernel, and the logits are the torch write's exactly (the same codes in the same stores)."""
+    """A tiny GQA Llama (6 query heads on 2 KV heads of 16) with KIVI's cache: the prefill of every layer runs the
+    prefill kernel and the write kernel (its newest token, the pending group), every decode step the write kernel,
+    and the logits are the torch write's exactly (the same codes in the same stores)."""
     model = tiny_model("llama", dtype=dtype)
     tquant.quantize(model, "kivi", kv_bits=bits, group_size=group, residual=residual)
     model, ids = model.to(DEVICE), token_batch(2, 22, seed=3).to(DEVICE)
     calls = []
-    kernel = kw.kivi_write
-    monkeypatch.setattr(kw, "kivi_write", lambda *a: calls.append(1) or kernel(*a))
+    for name in ("kivi_write", "kivi_prefill_write"):
+        monkeypatch.setattr(kw, name, lambda *a, kernel=getattr(kw, name), name=name: calls.append(name) or kernel(*a))
     logits = {}
     for write_kernel in (True, False):
         dec = StaticDecoder(model, batch=2, max_len=32, graphs=False, fused=False)
         dec.cache.kernel, dec.cache.write_kernel = False, write_kernel
         out = [dec.prefill(ids[:, :9])] + [dec.step(ids[:, t]).clone() for t in range(9, ids.shape[1])]
         logits[write_kernel] = torch.stack(out, dim=1)
-        assert len(calls) == (2 * (ids.shape[1] - 9) if write_kernel else 0)
+        assert calls == ((["kivi_prefill_write", "kivi_write"] * 2 + ["kivi_write"] * 2 * (ids.shape[1] - 9))
+                         if write_kernel else [])
         calls.clear()
     assert torch.equal(logits[True], logits[False])
 
@@ -152,6 +202,12 @@ def test_kernels_kivi_write_bad_input():
     for change, message in bad:
         with pytest.raises(ValueError, match=message):
             kw.kivi_write(**{**args, **change})
+    prefill = dict(k=k.expand(1, 2, 8, 16), v=k.expand(1, 2, 8, 16), k_store=ks, v_store=vs, bits=4, group=4)
+    for change, message in [({"k": k.expand(1, 2, 6, 16)}, "k must be complete groups"), ({"bits": 1}, "bits=1"),
+                            ({"k": k.expand(1, 2, 16, 16), "v": k.expand(1, 2, 16, 16)}, "must fit the store's NG=3"),
+                            ({"v_store": ks}, "v_store must be")]:
+        with pytest.raises(ValueError, match=message):
+            kw.kivi_prefill_write(**{**prefill, **change})
 
 
 gpu_only = pytest.mark.skipif(DEVICE != "cuda" or not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,7 +1,9 @@
-"""KIVI's static-cache decode write (tquant.kv.static_cache.StaticKiviCache) in one launch a layer: the step's token
-into the full-precision ring, then the pending group quantized from the ring into its store rows.
+"""KIVI's static-cache writes (tquant.kv.static_cache.StaticKiviCache) in one launch a layer each: a decode step's
+token into the full-precision ring and the pending group quantized from the ring into its store rows (kivi_write);
+a prefill's complete groups quantized straight from k, v into the store (kivi_prefill_write).
 
-    k, v         [B, H, 1, D] float, any strides with D contiguous: the decode step's token
+    k, v         [B, H, 1, D] float, any strides with D contiguous: the decode step's token (kivi_write);
+                 [B, H, n, D], n a multiple of G: a prefill's positions 0 ... n - 1 (kivi_prefill_write)
     ring_k/v     [B, H, W, D] the model's dtype, contiguous: position p at slot p % W (W = residual + G >= G)
     k_store      PackedKV per channel (uniform_format.quantize_keys): codes int32 [B, H, NG * wpg, D],
                  scale, mn fp16 [B, H, NG, D]; token i of a group at word i // epw, bits (i % epw) * bits
@@ -11,28 +13,35 @@ into the full-precision ring, then the pending group quantized from the ring int
     flushed      int64 [1]: flushed(n) after the token, a multiple of G (prepare's)
 epw = 32 // bits codes a word, wpg = ceil(G / epw) words a group (3 bits: 10 codes, 2 bits unused).
 
-Step (as StaticKiviCache.write's torch path for t = 1, kivi_write_ref, does it):
+Decode step (as StaticKiviCache.write's torch path for t = 1, kivi_write_ref, does it):
     ring[b, h, slot] = x[b, h, 0] (converted to the ring's dtype), for x = k into ring_k and v into ring_v
     X = ring[b, h, (flushed + i) % W] for i = 0 ... G - 1: the pending group, the token just written included
     keys:   per channel c over the G tokens of X (NG row flushed / G, words flushed / G * wpg + w)
     values: per token i over each group of G channels of X (row flushed + i)
-    each group: scale = (max - min) / L, L = 2^bits - 1, by IEEE division in fp32 (past fp32's range: max / L -
-    min / L), scale and mn = min rounded to fp16, an fp16 scale of 0 -> 1, code = clamp(round_half_even((x - mn) /
-    scale), 0, L) against the rounded parameters: minmax_quantize's codes and parameters bit for bit.
-The slot and the store rows are read from device tensors, so the launch is the same at every position (a CUDA graph
-replays it); the rows are within the store by the cache's construction (NG = ceil(max_len / G) + 1: one spare group
-for the pending one), which the kernel cannot check without a host sync. Nor does it check that a bf16 / fp32 group's
-fp16 parameters are finite: the cache's check_range reads what was stored.
+Prefill (as its torch path, kivi_prefill_write_ref: quantize_keys / quantize_values of k, v in their own dtype):
+    X = x[b, h, g * G + i] for i = 0 ... G - 1, group g = 0 ... n / G - 1; keys into NG row g (words g * wpg + w),
+    values into rows g * G + i, quantized as above
+Each group: scale = (max - min) / L, L = 2^bits - 1, by IEEE division in fp32 (past fp32's range: max / L -
+min / L), scale and mn = min rounded to fp16, an fp16 scale of 0 -> 1, code = clamp(round_half_even((x - mn) /
+scale), 0, L) against the rounded parameters: minmax_quantize's codes and parameters bit for bit.
+The decode step's slot and store rows are read from device tensors, so its launch is the same at every position (a
+CUDA graph replays it); the rows are within the store by the cache's construction (NG = ceil(max_len / G) + 1: one
+spare group for the pending one), which the kernel cannot check without a host sync. Neither kernel checks that a
+bf16 / fp32 group's fp16 parameters are finite (the torch path's quantize_keys / quantize_values raise there): the
+cache's check_range reads what was stored.
 
-Kernel: grid (B * H, 2), one program the keys (axis 1 = 0: _write_keys) or values (1: _write_values) of one
-(sequence, KV head), in G * D / 1024 warps (1 to 16: no spill at G = D = 128 on sm_90): it stores the token into its
-ring slot and loads the other G - 1 pending slots (masked off the token's slot, whose value it has in registers: no
-read of its own store), so no program waits on another. Min and max in registers ([G, D] for keys reduced over
-tokens, [G, D / G, G] for values reduced over each group's channels), IEEE divisions (tl.div_rn, as torch divides),
-the codes packed by an integer sum of disjoint bit fields, one word of each group at a time. A token wider than a
-bf16 ring is rounded to it by integer rounding of its fp32 bits, as torch's .to rounds (the interpreter's conversion
-truncates). Replaces the ~15 torch launches of the torch path (two ring index_copy_, two index_select, quantize_keys
-/ quantize_values, six index_copy_ into the stores); a prefill (t > 1) keeps that path.
+Decode kernel: grid (B * H, 2), one program the keys (axis 1 = 0) or values (1) of one (sequence, KV head), in
+G * D / 1024 warps (1 to 16: no spill at G = D = 128 on sm_90): it stores the token into its ring slot and loads
+the other G - 1 pending slots (masked off the token's slot, whose value it has in registers: no read of its own
+store), so no program waits on another. A token wider than a bf16 ring is rounded to it by integer rounding of its
+fp32 bits, as torch's .to rounds (the interpreter's conversion truncates). Replaces the ~15 torch launches of the
+torch path (two ring index_copy_, two index_select, quantize_keys / quantize_values, six index_copy_ into the stores).
+Prefill kernel: grid (B * H, n / G, 2), one program the keys (axis 2 = 0) or values (1) of one group of G tokens of
+one (sequence, KV head), loaded straight from k / v, same warps; replaces quantize_keys / quantize_values and the
+stores' copies (~150 torch launches a layer at n = 1024 on the CPU profiler).
+Both quantize a group in the same jit helpers (_store_keys, _store_values): min and max in registers ([G, D] for
+keys reduced over tokens, [G, D / G, G] for values reduced over each group's channels), IEEE divisions (tl.div_rn,
+as torch divides), the codes packed by an integer sum of disjoint bit fields, one word of each group at a time.
 """
 from __future__ import annotations
 
@@ -93,16 +102,16 @@ def _pending_group(x_ptr, ring_ptr, slot, rows, ch, D: tl.constexpr):
 
 
 @triton.jit
-def _write_keys(x_ptr, ring_ptr, codes_ptr, scale_ptr, mn_ptr, slot, pending, group, D: tl.constexpr,
-                BITS: tl.constexpr, WPG: tl.constexpr):
-    """Keys: the pending group [G tokens (pending: their ring slots), D channels], per channel over the tokens, into
-    parameter row `group` of the (sequence, head)'s store and its code rows group * WPG ... + WPG - 1."""
+def _store_keys(x, codes_ptr, scale_ptr, mn_ptr, group, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+                WPG: tl.constexpr):
+    """Keys x [G tokens, D channels] fp32, per channel over the tokens, into parameter row `group` of a (sequence,
+    head)'s store and its code rows group * WPG ... + WPG - 1 (token i at word i // EPW, bits (i % EPW) * BITS)."""
     EPW: tl.constexpr = 32 // BITS
     c = tl.arange(0, D)[None, :]
-    code, scale, mn = _minmax_codes(_pending_group(x_ptr, ring_ptr, slot, pending[:, None], c, D), 0, BITS)
+    code, scale, mn = _minmax_codes(x, 0, BITS)
     tl.store(scale_ptr + group * D + c, scale)
     tl.store(mn_ptr + group * D + c, mn)
-    i = tl.arange(0, pending.shape[0])
+    i = tl.arange(0, G)
     shift = ((i % EPW) * BITS)[:, None]
     for w in tl.static_range(WPG):
         word = tl.sum(tl.where((i // EPW == w)[:, None], code << shift, 0), axis=0)  # disjoint fields: an OR
@@ -110,17 +119,17 @@ def _write_keys(x_ptr, ring_ptr, codes_ptr, scale_ptr, mn_ptr, slot, pending, gr
 
 
 @triton.jit
-def _write_values(x_ptr, ring_ptr, codes_ptr, scale_ptr, mn_ptr, slot, pending, first_row, D: tl.constexpr,
-                  G: tl.constexpr, BITS: tl.constexpr, WPG: tl.constexpr):
-    """Values: the pending group [G tokens, D / G groups, G channels], per token over each group's channels, into
-    rows first_row ... first_row + G - 1 of the (sequence, head)'s store."""
+def _store_values(x, codes_ptr, scale_ptr, mn_ptr, first_row, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+                  WPG: tl.constexpr):
+    """Values x [G tokens, D / G groups, G channels] fp32, per token over each group's channels, into rows
+    first_row ... first_row + G - 1 of a (sequence, head)'s store (channel c of a group at word c // EPW, bits
+    (c % EPW) * BITS)."""
     EPW: tl.constexpr = 32 // BITS
-    j = tl.arange(0, D // G)[None, :, None]
+    j = tl.arange(0, D // G)[None, :]
     ci = tl.arange(0, G)[None, None, :]
-    x = _pending_group(x_ptr, ring_ptr, slot, pending[:, None, None], j * G + ci, D)
     code, scale, mn = _minmax_codes(x, 2, BITS)
-    row = (first_row + tl.arange(0, G))[:, None]  # [G, 1]: the store's row of each pending token
-    params = row * (D // G) + tl.reshape(j, (1, D // G))
+    row = (first_row + tl.arange(0, G))[:, None]  # [G, 1]: the store's row of each token
+    params = row * (D // G) + j
     tl.store(scale_ptr + params, tl.reshape(scale, (G, D // G)))
     tl.store(mn_ptr + params, tl.reshape(mn, (G, D // G)))
     shift = (ci % EPW) * BITS
@@ -139,22 +148,41 @@ def _kivi_write_kernel(k_ptr, v_ptr, rk_ptr, rv_ptr, kc_ptr, ks_ptr, km_ptr, vc_
     flushed = tl.load(flushed_ptr)
     pending = (flushed + tl.arange(0, G)) % W  # the ring slots of positions flushed ... flushed + G - 1
     if tl.program_id(1) == 0:
-        _write_keys(k_ptr + b * sk_b + h * sk_h, rk_ptr + bh * W * D, kc_ptr, ks_ptr, km_ptr, slot, pending,
-                    bh * NG + flushed // G, D, BITS, WPG)
+        keys = _pending_group(k_ptr + b * sk_b + h * sk_h, rk_ptr + bh * W * D, slot, pending[:, None],
+                              tl.arange(0, D)[None, :], D)
+        _store_keys(keys, kc_ptr, ks_ptr, km_ptr, bh * NG + flushed // G, D, G, BITS, WPG)
     else:
-        _write_values(v_ptr + b * sv_b + h * sv_h, rv_ptr + bh * W * D, vc_ptr, vs_ptr, vm_ptr, slot, pending,
-                      bh * NG * G + flushed, D, G, BITS, WPG)
+        ch = (tl.arange(0, D // G)[:, None] * G + tl.arange(0, G)[None, :])[None, :, :]  # [1, D / G, G]
+        values = _pending_group(v_ptr + b * sv_b + h * sv_h, rv_ptr + bh * W * D, slot, pending[:, None, None], ch,
+                                D)
+        _store_values(values, vc_ptr, vs_ptr, vm_ptr, bh * NG * G + flushed, D, G, BITS, WPG)
 
 
-def kivi_write(k, v, ring_k, ring_v, k_store: PackedKV, v_store: PackedKV, slot, flushed, bits: int,
-               group: int) -> None:
-    """One decode token k, v [B, H, 1, D] into the ring and the pending group into the stores (module docstring)."""
+@triton.jit
+def _kivi_prefill_kernel(k_ptr, v_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, H, sk_b, sk_h, sk_t, sv_b,
+                         sv_h, sv_t, NG, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, WPG: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    group = tl.program_id(1).to(tl.int64)
+    token = group * G + tl.arange(0, G)  # the group's G tokens
+    if tl.program_id(2) == 0:
+        keys = tl.load(k_ptr + b * sk_b + h * sk_h + token[:, None] * sk_t + tl.arange(0, D)[None, :])
+        _store_keys(keys.to(tl.float32), kc_ptr, ks_ptr, km_ptr, bh * NG + group, D, G, BITS, WPG)
+    else:
+        ch = (tl.arange(0, D // G)[:, None] * G + tl.arange(0, G)[None, :])[None, :, :]  # [1, D / G, G]
+        values = tl.load(v_ptr + b * sv_b + h * sv_h + token[:, None, None] * sv_t + ch)
+        _store_values(values.to(tl.float32), vc_ptr, vs_ptr, vm_ptr, (bh * NG + group) * G, D, G, BITS, WPG)
+
+
+def _check_stores(k, v, k_store: PackedKV, v_store: PackedKV, bits: int, group: int, tokens) -> tuple[int, int]:
+    """(NG, wpg) of the stores for k, v [B, H, t, D], or ValueError; tokens: (whether t fits, what k must be)."""
     if bits not in KV_BITS:
         raise ValueError(f"bits={bits} is not supported by KIVI's static write; use one of {KV_BITS}")
+    fits, what = tokens
     for name, x in (("k", k), ("v", v)):
-        if x.dim() != 4 or x.shape[2] != 1 or not x.dtype.is_floating_point or x.stride(-1) != 1:
-            raise ValueError(f"{name} must be one decode token [B, H, 1, D], floating point with D contiguous; got "
-                             f"{x.dtype} {tuple(x.shape)}")
+        if x.dim() != 4 or not fits(x.shape[2]) or not x.dtype.is_floating_point or x.stride(-1) != 1:
+            raise ValueError(f"{name} must be {what}, floating point with D contiguous; got {x.dtype} "
+                             f"{tuple(x.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape; got {tuple(k.shape)}, {tuple(v.shape)}")
     b, h, _, d = k.shape
@@ -162,12 +190,6 @@ def kivi_write(k, v, ring_k, ring_v, k_store: PackedKV, v_store: PackedKV, slot,
         raise ValueError(f"head size {d} must be a power of two")
     if group < 1 or group & (group - 1) or d % group:
         raise ValueError(f"group={group} must be a power of two dividing the head size {d}")
-    w = ring_k.shape[2] if ring_k.dim() == 4 else 0
-    for name, ring in (("ring_k", ring_k), ("ring_v", ring_v)):
-        if ring.shape != (b, h, w, d) or w < group or ring.dtype != ring_k.dtype \
-                or ring.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not ring.is_contiguous():
-            raise ValueError(f"{name} must be contiguous [B, H, W >= group, D] fp16 / bf16 / fp32 (ring_k's dtype) "
-                             f"for k {tuple(k.shape)} and group {group}; got {ring.dtype} {tuple(ring.shape)}")
     wpg = words_per_group(bits, group)
     ng = k_store.scale.shape[2] if k_store.scale.dim() == 4 else 0
     expected = {"k_store": (k_store, [(b, h, ng * wpg, d), (b, h, ng, d), (b, h, ng, d)],
@@ -180,6 +202,24 @@ def kivi_write(k, v, ring_k, ring_v, k_store: PackedKV, v_store: PackedKV, slot,
                 or store.mn.dtype != torch.float16 or not all(p.is_contiguous() for p in store):
             raise ValueError(f"{name} must be contiguous {what} (wpg = {wpg} words a group of {group} at "
                              f"{bits} bits) for k {tuple(k.shape)}; got {[p.dtype for p in store]} {got}")
+    return ng, wpg
+
+
+def _warps(group: int, d: int) -> int:
+    return max(1, min(16, group * d // 1024))
+
+
+def kivi_write(k, v, ring_k, ring_v, k_store: PackedKV, v_store: PackedKV, slot, flushed, bits: int,
+               group: int) -> None:
+    """One decode token k, v [B, H, 1, D] into the ring and the pending group into the stores (module docstring)."""
+    ng, wpg = _check_stores(k, v, k_store, v_store, bits, group, (lambda t: t == 1, "one decode token [B, H, 1, D]"))
+    b, h, _, d = k.shape
+    w = ring_k.shape[2] if ring_k.dim() == 4 else 0
+    for name, ring in (("ring_k", ring_k), ("ring_v", ring_v)):
+        if ring.shape != (b, h, w, d) or w < group or ring.dtype != ring_k.dtype \
+                or ring.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not ring.is_contiguous():
+            raise ValueError(f"{name} must be contiguous [B, H, W >= group, D] fp16 / bf16 / fp32 (ring_k's dtype) "
+                             f"for k {tuple(k.shape)} and group {group}; got {ring.dtype} {tuple(ring.shape)}")
     for name, index in (("slot", slot), ("flushed", flushed)):
         if index.shape != (1,) or index.dtype != torch.int64:
             raise ValueError(f"{name} must be int64 [1] (StaticKiviCache.prepare's); got {index.dtype} "
@@ -190,7 +230,30 @@ def kivi_write(k, v, ring_k, ring_v, k_store: PackedKV, v_store: PackedKV, slot,
         return
     _kivi_write_kernel[(b * h, 2)](k, v, ring_k, ring_v, *k_store, *v_store, slot, flushed, h, k.stride(0),
                                    k.stride(1), v.stride(0), v.stride(1), w, ng, D=d, G=group, BITS=bits, WPG=wpg,
-                                   num_warps=max(1, min(16, group * d // 1024)))
+                                   num_warps=_warps(group, d))
 
 
-__all__ = ["kivi_write", "kivi_write_ref", "store_pending_group"]
+def kivi_prefill_write_ref(k, v, k_store: PackedKV, v_store: PackedKV, bits: int, group: int) -> None:
+    """The torch path of kivi_prefill_write: quantize_keys / quantize_values of k, v into the stores' first rows."""
+    for store, new in ((k_store, quantize_keys(k, bits, group)), (v_store, quantize_values(v, bits, group))):
+        for part, x in zip(store, new):
+            part[:, :, :x.shape[2]] = x
+
+
+def kivi_prefill_write(k, v, k_store: PackedKV, v_store: PackedKV, bits: int, group: int) -> None:
+    """A prefill's complete groups k, v [B, H, n, D] (positions 0 ... n - 1, n a multiple of G) into key groups
+    0 ... n / G - 1 and value rows 0 ... n - 1 of the stores (module docstring)."""
+    ng, wpg = _check_stores(k, v, k_store, v_store, bits, group,
+                            (lambda t: group > 0 and t % group == 0, f"complete groups [B, H, n * {group}, D]"))
+    b, h, n, d = k.shape
+    if n // group > min(ng, 65535):
+        raise ValueError(f"{n // group} groups of {group} tokens must fit the store's NG={ng} groups and a launch "
+                         "grid's 65535")
+    check_device({"k": k, "v": v, "k_store": k_store.codes, "v_store": v_store.codes})
+    if b * h * n == 0:
+        return
+    _kivi_prefill_kernel[(b * h, n // group, 2)](k, v, *k_store, *v_store, h, *k.stride()[:3], *v.stride()[:3], ng,
+                                                 D=d, G=group, BITS=bits, WPG=wpg, num_warps=_warps(group, d))
+
+
+__all__ = ["kivi_prefill_write", "kivi_prefill_write_ref", "kivi_write", "kivi_write_ref", "store_pending_group"]

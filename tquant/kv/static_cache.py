@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from ..config import tquant_config
 from .attention import masked_attention
 from .fp8_static_cache import fp8_static_cache
-from .kivi_write import store_pending_group
-from .uniform_format import (PackedKV, dequantize_keys, dequantize_values, quantize_keys, quantize_values,
-                             stored_params_error, words_per_group)
+from . import kivi_write as kw
+from .uniform_format import PackedKV, dequantize_keys, dequantize_values, stored_params_error, words_per_group
 from ..models import head_dim
 
 
@@ -158,9 +157,13 @@ class StaticKiviCache:
     (positions flushed(n) ... flushed(n) + G - 1, read from the ring) into its store slot, which is not read until
     flushed grows past it; with R >= 1 that group is complete one write before it is. So every write does the
     same work, whatever the position: no host branch, one CUDA graph. Decode attention reads the store up to
-    flushed and the ring's positions flushed ... pos (kernels.kv_attention's ring window). A decode step's write is
-    one kernel on CUDA (tquant.kv.kivi_write; write_kernel True / False forces it on or off, None follows kernel),
-    a prefill's the torch ops.
+    flushed and the ring's positions flushed ... pos (kernels.kv_attention's ring window). A prefill of t tokens
+    also quantizes its complete groups, positions 0 ... n0 - 1 with n0 = G * floor(max(0, t - R) / G), straight into
+    the store (the pending group is the next, n0 / G). With kernels (on CUDA; write_kernel True / False forces them on
+    or off, None follows kernel; tquant.kv.kivi_write) a decode step's write is one launch a layer (kivi_write: the
+    token into the ring, the pending group into the store) and a prefill's four: the ring's index_copy_ of k and of v,
+    kivi_prefill_write (the n0 / G complete groups) and kivi_write of the newest token (the pending group); without,
+    the same steps in torch ops, the same codes.
     """
 
     def __init__(self, layers: int, batch: int, kv_heads: int, head_size: int, max_len: int, dtype: torch.dtype,
@@ -170,7 +173,7 @@ class StaticKiviCache:
         self.bits, self.group, self.residual, self.dtype, self.batch = bits, group, residual, dtype, batch
         self.prefill_with_quant, self._max_len = prefill_with_quant, max_len
         self.kernel = torch.device(device).type == "cuda"
-        self.write_kernel: bool | None = None  # the decode write's kernel: None follows kernel
+        self.write_kernel: bool | None = None  # the write kernels: None follows kernel
         self.slots = residual + group
         groups = -(-max_len // group) + 1
         wpg = words_per_group(bits, group)
@@ -214,25 +217,22 @@ class StaticKiviCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """k, v [B, Hkv, t, D] at positions pos (int64 [t], consecutive; a prefill starts at 0), after prepare(pos)."""
         t, g = k.shape[2], self.group
-        if t == 1 and (self.kernel if self.write_kernel is None else self.write_kernel):
-            from .kivi_write import kivi_write
-
-            kivi_write(k, v, self.ring_k[layer], self.ring_v[layer], *(PackedKV(*(p[layer] for p in store))
-                       for store in (self.k, self.v)), self._slots, self._flushed, self.bits, g)
-            return
-        keep = len(self._slots)
-        self.ring_k[layer].index_copy_(2, self._slots, k[:, :, -keep:].to(self.dtype))
-        self.ring_v[layer].index_copy_(2, self._slots, v[:, :, -keep:].to(self.dtype))
+        kernel = self.kernel if self.write_kernel is None else self.write_kernel
+        stores = [PackedKV(*(p[layer] for p in store)) for store in (self.k, self.v)]
+        if t > 1 or not kernel:
+            keep = len(self._slots)
+            self.ring_k[layer].index_copy_(2, self._slots, k[:, :, -keep:].to(self.dtype))
+            self.ring_v[layer].index_copy_(2, self._slots, v[:, :, -keep:].to(self.dtype))
         if t > 1:  # a prefill of positions 0 ... t - 1: its complete groups go straight to the store
             n0 = max(0, t - self.residual) // g * g
-            if n0:
-                for store, new in ((self.k, quantize_keys(k[:, :, :n0], self.bits, g)),
-                                   (self.v, quantize_values(v[:, :, :n0], self.bits, g))):
-                    for part, x in zip(store, new):
-                        part[layer][:, :, :x.shape[2]] = x
-        store_pending_group(self.ring_k[layer], self.ring_v[layer], *(PackedKV(*(p[layer] for p in store))
-                            for store in (self.k, self.v)), self._pending, self._key_rows, self._value_rows,
-                            self.bits, g)
+            (kw.kivi_prefill_write if kernel else kw.kivi_prefill_write_ref)(k[:, :, :n0], v[:, :, :n0], *stores,
+                                                                             self.bits, g)
+        if kernel:  # the newest token (again, for a prefill) and the pending group, read from the ring
+            kw.kivi_write(k[:, :, -1:], v[:, :, -1:], self.ring_k[layer], self.ring_v[layer], *stores,
+                          self._slots[-1:], self._flushed, self.bits, g)
+        else:
+            kw.store_pending_group(self.ring_k[layer], self.ring_v[layer], *stores, self._pending, self._key_rows,
+                                   self._value_rows, self.bits, g)
 
     def stored(self, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions 0 ... t - 1 of one layer as the cache holds them (the store before flushed, the ring from
