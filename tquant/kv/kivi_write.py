@@ -102,6 +102,12 @@ def _pending_group(x_ptr, ring_ptr, slot, rows, ch, D: tl.constexpr):
 
 
 @triton.jit
+def _value_channels(D: tl.constexpr, G: tl.constexpr):
+    """[1, D / G, G] int32: channel j * G + c of value group j, the layout _store_values takes."""
+    return (tl.arange(0, D // G)[:, None] * G + tl.arange(0, G)[None, :])[None, :, :]
+
+
+@triton.jit
 def _store_keys(x, codes_ptr, scale_ptr, mn_ptr, group, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
                 WPG: tl.constexpr):
     """Keys x [G tokens, D channels] fp32, per channel over the tokens, into parameter row `group` of a (sequence,
@@ -152,7 +158,7 @@ def _kivi_write_kernel(k_ptr, v_ptr, rk_ptr, rv_ptr, kc_ptr, ks_ptr, km_ptr, vc_
                               tl.arange(0, D)[None, :], D)
         _store_keys(keys, kc_ptr, ks_ptr, km_ptr, bh * NG + flushed // G, D, G, BITS, WPG)
     else:
-        ch = (tl.arange(0, D // G)[:, None] * G + tl.arange(0, G)[None, :])[None, :, :]  # [1, D / G, G]
+        ch = _value_channels(D, G)
         values = _pending_group(v_ptr + b * sv_b + h * sv_h, rv_ptr + bh * W * D, slot, pending[:, None, None], ch,
                                 D)
         _store_values(values, vc_ptr, vs_ptr, vm_ptr, bh * NG * G + flushed, D, G, BITS, WPG)
@@ -169,7 +175,7 @@ def _kivi_prefill_kernel(k_ptr, v_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, v
         keys = tl.load(k_ptr + b * sk_b + h * sk_h + token[:, None] * sk_t + tl.arange(0, D)[None, :])
         _store_keys(keys.to(tl.float32), kc_ptr, ks_ptr, km_ptr, bh * NG + group, D, G, BITS, WPG)
     else:
-        ch = (tl.arange(0, D // G)[:, None] * G + tl.arange(0, G)[None, :])[None, :, :]  # [1, D / G, G]
+        ch = _value_channels(D, G)
         values = tl.load(v_ptr + b * sv_b + h * sv_h + token[:, None, None] * sv_t + ch)
         _store_values(values.to(tl.float32), vc_ptr, vs_ptr, vm_ptr, (bh * NG + group) * G, D, G, BITS, WPG)
 
