@@ -147,24 +147,34 @@ def load_group_params(s_ptr, z_ptr, kw0, rows, offs_n, n_ok, N, K, EPW: tl.const
 
 
 @triton.jit
+def split_k_sum(acc, offs_m, offs_n, M, N, ws_ptr, count_ptr, tile, split, splits):
+    """(sum, last) of a split-K tile's partial acc [BLOCK_M, BLOCK_N] (fp32 or int32, as the workspace): each split
+    stores acc in the workspace [splits, M, N] and counts itself in count[tile] (atomic, acq_rel); the last to arrive
+    sums all partials from zero in split order 0, 1, ..., splits - 1 and sets count[tile] back to 0, so one launch does
+    the whole reduction. The others get (acc, False) and store nothing."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(ws + split * M * N, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is stored before the release below
+    last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == splits - 1
+    if last:
+        acc = tl.zeros_like(acc)
+        for i in range(splits):
+            acc += tl.load(ws + i * M * N, mask=mask, other=0, cache_modifier=".cg")
+        tl.store(count_ptr + tile, 0)
+    return acc, last
+
+
+@triton.jit
 def store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, ws_ptr, count_ptr, tile, split, splits,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] fp32 (+ bias) -> y in y's dtype. SPLIT: each split stores its partial in the
-    fp32 workspace [splits, M, N] and counts itself in count[tile] (atomic, acq_rel); the last to arrive
-    sums all partials, writes y and sets count[tile] back to 0, so one launch does the whole reduction."""
+    """acc [BLOCK_M, BLOCK_N] fp32 (+ bias) -> y in y's dtype. SPLIT: the fp32 workspace [splits, M, N] sums the
+    splits in the same launch (split_k_sum), and the last split to arrive writes y."""
     n_ok = offs_n < N
     mask = (offs_m < M)[:, None] & n_ok[None, :]
     last = True
     if SPLIT:
-        ws = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(ws + split * M * N, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial is stored before the release below
-        last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == splits - 1
-        if last:
-            acc = tl.zeros_like(acc)
-            for i in range(splits):
-                acc += tl.load(ws + i * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(count_ptr + tile, 0)
+        acc, last = split_k_sum(acc, offs_m, offs_n, M, N, ws_ptr, count_ptr, tile, split, splits)
     if last:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
