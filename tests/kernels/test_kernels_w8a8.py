@@ -115,6 +115,81 @@ def test_w8a8_every_gpu_config_is_correct(monkeypatch):
         assert_close(y, ref, torch.float32)
 
 
+ODD = st.integers(0, 100).map(lambda i: 2 * i + 1)
+
+
+def split_pair(config, split_k, *args):
+    """(unsplit, split) outputs of launch at config's tile, SPLIT_K absent and split_k."""
+    unsplit = {key: v for key, v in config.items() if key != "SPLIT_K"}
+    return w8a8_gemm.launch(unsplit, *args), w8a8_gemm.launch(dict(config, SPLIT_K=split_k), *args)
+
+
+@needs_backend
+@SLOW
+@given(m=st.sampled_from([1, 2, 5, 16, 17, 40]), n=ODD, k=st.integers(16, 200).map(lambda i: 2 * i + 1),
+       split_k=st.sampled_from([2, 3, 4]), dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_w8a8_split_k_is_bit_identical_to_unsplit(m, n, k, split_k, dtype, bias, seed):
+    """The split-K path (INTERPRETER_SPLIT_CONFIG's tile, K over 2-4 splits of BLOCK_K steps, the last ragged):
+    int32 partials summed exactly, so y equals the unsplit kernel's bit for bit, and the reference; a second call
+    agrees (the arrival counters are left at zero)."""
+    xq, x_scale, wq, w_scale, b = quantized_inputs(m, n, k, seed)
+    b = b.to(dtype) if bias else None
+    args = (xq, x_scale, wq, w_scale, b, dtype)
+    unsplit, split = split_pair(w8a8_gemm.INTERPRETER_SPLIT_CONFIG, split_k, *args)
+    assert torch.equal(split, unsplit)
+    assert torch.equal(w8a8_gemm.launch(dict(w8a8_gemm.INTERPRETER_SPLIT_CONFIG, SPLIT_K=split_k), *args), split)
+    assert_close(split, w8a8_matmul_ref(xq, x_scale, wq, w_scale, bias=b, out_dtype=dtype), dtype)
+
+
+@needs_backend
+@pytest.mark.parametrize("m", [1, 17])
+def test_w8a8_split_k_int32_sum_is_exact(m):
+    """-128 * -128 over K = 2049 sums to 2^14 * 2049 > 2^24 (a split's share alone is below it): the int32 partials
+    add up exactly, and y (unit scales, fp32) is that sum rounded once, as the unsplit kernel's."""
+    k, n = 2049, 33
+    g = torch.Generator().manual_seed(m)
+    xq = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    wq = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    xq[0], wq[0] = -128, -128
+    args = (xq.to(DEVICE), torch.ones(m, device=DEVICE), wq.to(DEVICE), torch.ones(n, device=DEVICE), None,
+            torch.float32)
+    unsplit, split = split_pair(w8a8_gemm.INTERPRETER_SPLIT_CONFIG, 4, *args)
+    expected = (xq.long() @ wq.long().T).float()
+    assert expected[0, 0] == 2**14 * k
+    assert torch.equal(split.cpu(), expected) and torch.equal(unsplit.cpu(), expected)
+
+
+@needs_backend
+@pytest.mark.parametrize("m", [1, 17, 40])
+def test_w8a8_every_split_k_candidate(monkeypatch, m):
+    """Each GPU split-K candidate (every SPLIT_TILES entry, at the BLOCK_M of M 1 / 32 / 64: unpruned), forced through
+    the launcher at N 301, K 2049 (2-8 splits, the last ragged): bit for bit the same tile unsplit, and the
+    reference. On a GPU (TRITON_INTERPRET=0) this is the compiled split path with its atomic counters."""
+    monkeypatch.setattr(w8a8_gemm, "interpreter_on", lambda: False)
+    xq, x_scale, wq, w_scale, bias = quantized_inputs(m, 301, 2049, seed=m)
+    ref = w8a8_matmul_ref(xq, x_scale, wq, w_scale, bias=bias, out_dtype=torch.float16)
+    split_configs = [c for c in w8a8_gemm.configs(1 << (m - 1).bit_length()) if c.get("SPLIT_K", 1) > 1]
+    assert len(split_configs) == len(w8a8_gemm.SPLIT_TILES)
+    for config in split_configs:
+        unsplit, split = split_pair(config, config["SPLIT_K"], xq, x_scale, wq, w_scale, bias, torch.float16)
+        assert torch.equal(split, unsplit), config
+        assert_close(split, ref, torch.float16)
+
+
+def test_w8a8_split_k_candidates_pruned_by_shape(monkeypatch):
+    """Split-K joins the candidates up to M = 64 only, after the unsplit ones (the untuned default stays unsplit);
+    given N, K, no candidate leaves a split under 2 K steps or makes over 4 waves of 132 programs."""
+    monkeypatch.setattr(w8a8_gemm, "interpreter_on", lambda: False)
+    assert "SPLIT_K" not in w8a8_gemm.configs(1)[0]
+    assert not any("SPLIT_K" in c for c in w8a8_gemm.configs(128))
+    for n, k in ((4096, 14336), (14336, 4096), (6144, 4096), (4096, 4096), (28672, 4096), (300, 700)):
+        split = [c for c in w8a8_gemm.configs(16, n=n, k=k) if "SPLIT_K" in c]
+        assert all(k >= 2 * c["SPLIT_K"] * c["BLOCK_K"] and -(-n // c["BLOCK_N"]) * c["SPLIT_K"] <= 4 * 132
+                   for c in split)
+        assert len(split) >= (2 if n <= 28672 and k >= 4096 else 0)
+
+
 @needs_backend
 def test_w8a8_empty_batch():
     xq, x_scale, wq, w_scale, _ = quantized_inputs(1, 8, 16, seed=0)
