@@ -203,7 +203,8 @@ def test_w4a8_every_gpu_config_is_correct(monkeypatch):
     monkeypatch.setattr(w4a8_gemm, "interpreter_on", lambda: False)
     monkeypatch.setenv("TQUANT_AUTOTUNE", "0")  # the dense path's inner W8A8 call takes its default config
     gpu_configs = w4a8_gemm.configs(1) + w4a8_gemm.configs(256)
-    assert len(gpu_configs) == 2 * len(w4a8_gemm.w8a8_gemm.SMALL_M_TILES + w4a8_gemm.LARGE_M_TILES) + 1
+    assert len(gpu_configs) == (2 * len(w4a8_gemm.w8a8_gemm.SMALL_M_TILES + w4a8_gemm.LARGE_M_TILES)
+                                + len(w4a8_gemm.SPLIT_TILES) + 1)
     assert gpu_configs[-1] == w4a8_gemm.DENSE and w4a8_gemm.DENSE not in w4a8_gemm.configs(256, act_bits=4)
     assert all(c["BLOCK_K"] % 32 == 0 and c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16 for c in gpu_configs[:-1])
     for gs, zero in ((None, False), (40, False), (40, True), (20, True)):
@@ -212,6 +213,70 @@ def test_w4a8_every_gpu_config_is_correct(monkeypatch):
         for config in {tuple(c.items()): c for c in gpu_configs}.values():
             y = w4a8_gemm.launch(config, xq, x_scale, qweight, w_scale, sg, gs, bias, torch.float32, group_zero=sz)
             assert_close(y, ref, torch.float32)
+
+
+def split_pair(config, split_k, *args, **kw):
+    """(unsplit, split) outputs of launch at config's tile, SPLIT_K absent and split_k."""
+    unsplit = {key: v for key, v in config.items() if key != "SPLIT_K"}
+    return w4a8_gemm.launch(unsplit, *args, **kw), w4a8_gemm.launch(dict(config, SPLIT_K=split_k), *args, **kw)
+
+
+@st.composite
+def split_shapes(draw):
+    """(m, n, k, group_size or None, zero) with N odd and K long enough for 2-4 splits of the interpreter's 4-word
+    K steps: K odd (per-channel, or groups of an odd divisor: groups split words), or groups of 8 / 24 / 32 / 64
+    (a group a word, or a K step)."""
+    m, n = draw(st.sampled_from([1, 2, 5, 16, 17, 40])), 2 * draw(st.integers(0, 100)) + 1
+    group_size = draw(st.sampled_from([None, 8, 24, 32, 64, "odd"]))
+    if group_size is None or group_size == "odd":
+        k = 2 * draw(st.integers(16, 200)) + 1
+        group_size = group_size and draw(st.sampled_from(divisors(k)))
+    else:
+        k = group_size * draw(st.integers(-(-33 // group_size), 400 // group_size))
+    zero = draw(st.booleans()) and group_size is not None
+    return m, n, k, group_size, zero
+
+
+@needs_backend
+@SLOW
+@given(shape=split_shapes(), split_k=st.sampled_from([2, 3, 4]), act_bits=st.sampled_from([8, 4]),
+       dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_w4a8_split_k_is_bit_identical_to_unsplit(shape, split_k, act_bits, dtype, bias, seed):
+    """The split-K path (INTERPRETER_SPLIT_CONFIG's tile, the words over 2-4 splits of whole K steps, the last ragged;
+    W4A8 and W4A4, per-channel, per-group, QoQ's zeros): int32 partials summed exactly, so y equals the unsplit
+    kernel's bit for bit, and the reference; a second call agrees (the arrival counters are left at zero)."""
+    m, n, k, gs, zero = shape
+    xq, x_scale, qweight, w_scale, sg, sz, b = quantized_inputs(m, n, k, gs, seed, act_bits=act_bits, zero=zero)
+    b = b.to(dtype) if bias else None
+    args = (xq, x_scale, qweight, w_scale, sg, gs, b, dtype, act_bits, k, sz)
+    config = w4a8_gemm.w8a8_gemm.INTERPRETER_SPLIT_CONFIG
+    unsplit, split = split_pair(config, split_k, *args)
+    assert torch.equal(split, unsplit)
+    assert torch.equal(w4a8_gemm.launch(dict(config, SPLIT_K=split_k), *args), split)
+    ref = call(w4a8_matmul_ref, xq, x_scale, qweight, w_scale, sg, sz, b, gs, out_dtype=dtype, act_bits=act_bits,
+               in_features=k)
+    assert_close(split, ref, dtype)
+
+
+@needs_backend
+@pytest.mark.parametrize("m", [1, 40])
+def test_w4a8_every_split_k_candidate(monkeypatch, m):
+    """Each GPU split-K candidate (every SPLIT_TILES entry at the BLOCK_M of M 1 / 64: unpruned), forced through
+    the launcher at N 301 and K 1033 per-channel, 1024 in groups of 128 with QoQ's zeros (a group a K step, or a
+    word for BLOCK_K 256), 1040 in groups of 40 (a group a word), 2-5 splits: bit for bit the same tile unsplit, and the
+    reference. On a GPU (TRITON_INTERPRET=0) this is the compiled split path with its atomic counters."""
+    monkeypatch.setattr(w4a8_gemm.w8a8_gemm, "interpreter_on", lambda: False)
+    monkeypatch.setattr(w4a8_gemm, "interpreter_on", lambda: False)
+    split_configs = [c for c in w4a8_gemm.configs(1 << (m - 1).bit_length()) if c.get("SPLIT_K", 1) > 1]
+    assert len(split_configs) == len(w4a8_gemm.SPLIT_TILES)
+    for k, gs, zero in ((1033, None, False), (1024, 128, True), (1040, 40, False)):
+        xq, x_scale, qweight, w_scale, sg, sz, bias = quantized_inputs(m, 301, k, gs, seed=m, zero=zero)
+        ref = call(w4a8_matmul_ref, xq, x_scale, qweight, w_scale, sg, sz, bias, gs, out_dtype=torch.float16)
+        for config in split_configs:
+            unsplit, split = split_pair(config, config["SPLIT_K"], xq, x_scale, qweight, w_scale, sg, gs, bias,
+                                        torch.float16, group_zero=sz)
+            assert torch.equal(split, unsplit), (k, gs, config)
+            assert_close(split, ref, torch.float16)
 
 
 @needs_backend

@@ -17,13 +17,18 @@ tensor-core dots with int32 accumulation and a dequantizing epilogue.
     bias     fp16 / bf16 / fp32 [N] or None, added in fp32;    y [M, N] in out_dtype (fp16 / bf16 / fp32)
 acc is exact in int32 (|acc| <= 128 * 127 * K); its conversion to fp32 rounds once past 2^24.
 
-`w4a8_matmul`: program pid owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks K in
-BLOCK_K = 8 * BLOCK_KW steps. Per step: one coalesced load of words as [BLOCK_N, BLOCK_KW]; the codes are
+`w4a8_matmul`: program (pid, split) owns a [BLOCK_M, BLOCK_N] tile of y (GROUP_M-grouped order) and walks its share
+of K in BLOCK_K = 8 * BLOCK_KW steps. Per step: one coalesced load of words as [BLOCK_N, BLOCK_KW]; the codes are
 unpacked in registers by int4_codes in integer ops (XOR 0x88888888 once per word, then shift left and
 arithmetic shift right per code, q = c - 8; with zeros, 8 - z added, so q + 8 - z = c - z; sg multiplied per word
 when group_size % 8 == 0, else per code), converted to
 int8 w8^T [BLOCK_N, BLOCK_K]; then one int8 tl.dot(xq tile, w8) into the int32 accumulator (xq is 0 past K,
-so padding codes add nothing). From M=256 the tuner may pick "dense" instead: one Triton pass unpacks
+so padding codes add nothing). Split-K (SPLIT_K > 1, candidates up to M = 64, SPLIT_TILES): grid axis 1 splits
+the KW = ceil(K / 8) words into S ranges of P = ceil(ceil(KW / SPLIT_K) / BLOCK_KW) * BLOCK_KW words
+(w8a8_gemm.split_args), so every split starts on a K step (8 P codes, a multiple of BLOCK_K) and the step's group
+lookups (one group a step, a word, or a code) are the unsplit kernel's;
+    acc[m, n] = sum_{s = 0}^{S-1} acc_s[m, n]   (int32 partials, dequant_gemm.split_k_sum, one launch)
+then the same epilogue once, so y is bit for bit the unsplit kernel's (as w8a8_gemm). From M=256 the tuner may pick "dense" instead: one Triton pass unpacks
 w8 = q * sg to int8 [N, K], then w8a8_gemm runs (as the weight-only GEMM's dense path). Packed 4-bit activations (act_bits=4) are unpacked the same way and interleaved
 back to k order. When a K step lies in one group, sg is loaded once per column. The launch config is tuned
 per GPU and key by autotune_cache; the interpreter runs one fixed small config.
@@ -39,10 +44,11 @@ import triton.language as tl
 
 from ..formats.packing import unpack_codes
 from .autotune_cache import tune
+from .dequant_gemm import split_k_sum
 from .runtime import DTYPES, check_device, check_tensors, interpreter_on, next_power_of_2
 from .tiling import tile_offsets
 from . import w8a8_gemm
-from .w8a8_gemm import store_dequantized, w8a8_matmul_ref
+from .w8a8_gemm import k_range, split_args, store_dequantized, w8a8_matmul_ref
 
 EPW = 8  # 4-bit codes per int32 word
 ZERO = 8  # implicit zero point: q = c - 8
@@ -127,11 +133,11 @@ def int4_codes(words, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr
 
 
 @triton.jit
-def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, sz_ptr, bias_ptr, y_ptr, M, N, K, KW, group_size, stride_xm,
-                 stride_qk, stride_sg, stride_ym, ACT_BITS: tl.constexpr, GROUPED: tl.constexpr,
-                 HAS_ZERO: tl.constexpr, WORD_GROUPS: tl.constexpr, STEP_GROUPS: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr):
+def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, sz_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KW,
+                 group_size, stride_xm, stride_qk, stride_sg, stride_ym, kw_per_split, splits, ACT_BITS: tl.constexpr,
+                 GROUPED: tl.constexpr, HAS_ZERO: tl.constexpr, WORD_GROUPS: tl.constexpr, STEP_GROUPS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     BLOCK_KW: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -139,7 +145,8 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, sz_ptr, bias_ptr, y_ptr, 
     slot = tl.arange(0, BLOCK_K)  # slot = word * 8 + j holds code j of that word
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for kw0 in range(0, KW, BLOCK_KW):
+    kw_start, kw_end = k_range(KW, kw_per_split, SPLIT)
+    for kw0 in range(kw_start, kw_end, BLOCK_KW):
         word_ok = (kw0 + rows) < KW
         words = tl.load(q_ptr + (kw0 + rows)[None, :] * stride_qk + offs_n[:, None],
                         mask=word_ok[None, :] & n_ok[:, None], other=0)  # [BLOCK_N, BLOCK_KW]
@@ -172,22 +179,32 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, sz_ptr, bias_ptr, y_ptr, 
             b = b.to(tl.int32)
             xa = tl.reshape(tl.join((b << 28) >> 28, b >> 4), (BLOCK_M, BLOCK_K)).to(tl.int8)
         acc = tl.dot(xa, tl.trans(w.to(tl.int8)), acc, out_dtype=tl.int32)
-    store_dequantized(acc, xs_ptr, ws_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
+    last = True
+    if SPLIT:  # int32 partials summed exactly, then one epilogue
+        acc, last = split_k_sum(acc, offs_m, offs_n, M, N, part_ptr, count_ptr, pid, tl.program_id(1), splits)
+    if last:
+        store_dequantized(acc, xs_ptr, ws_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
 # as W8A8's, but the 128 x 256 tile takes BLOCK_K 64: the int4 unpack needs the registers
 LARGE_M_TILES = [(128, 128, 64, 8), (64, 128, 128, 4), (128, 256, 64, 8), (128, 64, 128, 4), (256, 128, 64, 8)]
+# split-K tiles (w8a8_gemm.split_configs' (BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)), BLOCK_N * BLOCK_K at most
+# 16K codes as the small-M tiles (the unpack's registers); W4A8 is ALU-bound on the unpack at small M, so the programs
+# (N 4096: 64-512, N 14336: 224-448 after pruning) put more SMs to it
+SPLIT_TILES = [(64, 128, 2, 3, 4), (64, 128, 4, 3, 4), (64, 128, 8, 3, 4), (128, 128, 2, 3, 4), (128, 128, 4, 3, 4),
+               (128, 128, 8, 3, 4), (64, 256, 4, 3, 4), (256, 64, 4, 3, 8)]
 
 
 DENSE = dict(path="dense")
 DENSE_FROM_M = 256
 
 
-def configs(m: int, act_bits: int = 8) -> list[dict]:
-    """Candidates for batch m (rounded up to a power of two); the first is the untuned default. From
-    M=256 on (8-bit activations), also "dense": unpack w8 = q * sg to an int8 [N, K] buffer (one Triton
-    pass), then the W8A8 GEMM (per-group costs the same as per-channel there)."""
-    tiles = w8a8_gemm.configs(m, LARGE_M_TILES)
+def configs(m: int, act_bits: int = 8, n: int | None = None, k: int | None = None) -> list[dict]:
+    """Candidates for batch m (rounded up to a power of two); the first is the untuned default. Up to M = 64 also
+    split-K (SPLIT_TILES, pruned for N = n, K = k where given). From M=256 on (8-bit activations), also "dense":
+    unpack w8 = q * sg to an int8 [N, K] buffer (one Triton pass), then the W8A8 GEMM (per-group costs the same as
+    per-channel there)."""
+    tiles = w8a8_gemm.configs(m, LARGE_M_TILES, n, k, SPLIT_TILES)
     return tiles + ([DENSE] if m >= DENSE_FROM_M and act_bits == 8 and not interpreter_on() else [])
 
 
@@ -235,17 +252,20 @@ def launch(config, xq, x_scale, qweight, w_scale, group_scale, group_size, bias,
         w8 = unpack_int8(qweight, group_scale, group_size, k, group_zero)
         return w8a8_gemm.w8a8_matmul(xq, x_scale, w8, w_scale, bias=bias, out_dtype=out_dtype)
     y = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+    kw = qweight.shape[0]
+    per_split, splits, part, counters = split_args(config, kw, config["BLOCK_K"] // EPW, m, n, tiles, y, torch.int32)
     grouped = group_scale is not None
-    _w4a8_kernel[grid](
+    _w4a8_kernel[(tiles, splits)](
         xq, x_scale, qweight, w_scale, group_scale if grouped else qweight,
-        group_zero if group_zero is not None else qweight, bias if bias is not None else y, y,
-        m, n, k, qweight.shape[0], group_size or k, xq.stride(0), qweight.stride(0),
-        group_scale.stride(0) if grouped else 0, y.stride(0), ACT_BITS=act_bits, GROUPED=grouped,
+        group_zero if group_zero is not None else qweight, bias if bias is not None else y, y, part, counters,
+        m, n, k, kw, group_size or k, xq.stride(0), qweight.stride(0),
+        group_scale.stride(0) if grouped else 0, y.stride(0), per_split, splits, ACT_BITS=act_bits, GROUPED=grouped,
         HAS_ZERO=group_zero is not None,
         WORD_GROUPS=grouped and group_size % EPW == 0, STEP_GROUPS=grouped and group_size % config["BLOCK_K"] == 0,
-        HAS_BIAS=bias is not None, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"], num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     return y
 
@@ -268,5 +288,5 @@ def w4a8_matmul(xq, x_scale, qweight, w_scale, *, group_scale=None, group_zero=N
     key = dict(M=next_power_of_2(m), N=n, K=k, g=group_size or 0, out=str(out_dtype).removeprefix("torch."),
                bias=int(bias is not None)) | ({"zero": 1} if group_zero is not None else {})
     name = "w4a8_matmul" if act_bits == 8 else "w4a4_matmul"
-    config = tune(name, key, configs(key["M"], act_bits), lambda c: launch(c, *args), xq.device)
+    config = tune(name, key, configs(key["M"], act_bits, n, k), lambda c: launch(c, *args), xq.device)
     return launch(config, *args)
