@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tquant.kernels import fp8_gemm, w8a8_gemm
+from tquant.kernels.dequant_gemm import split_k_grid
 from tquant.kernels.fp8_gemm import (E4M3_MAX, FP8, fake_quantize_fp8, fp8_linear, fp8_matmul, fp8_matmul_ref,
                                      fp8_weight_only_matmul, fp8_weight_only_matmul_ref, quantize_fp8, quantize_fp8_ref)
 from tests.kernel_device import DEVICE, needs_backend
@@ -279,6 +280,75 @@ def test_fp8_every_gpu_config_is_correct(monkeypatch, weight_only):
         check(y, ref, magnitude(a, a_scale, wq, w_scale, bias), FP16, gemm_tol(FP16, weight_only))
 
 
+# --- split-K -------------------------------------------------------------------------------------------------------
+
+def gemm_operands(mode, m, n, k, dtype, seed, big=False):
+    """(a, a_scale, wq, w_scale, bias) of a problem: w8a8 the e4m3 codes of x and their scales, w8a16 x itself."""
+    x, wq, w_scale, bias = gemm_problem(m, n, k, dtype, seed, big)
+    a, a_scale = quantize_fp8(x) if mode == "w8a8" else (x, None)
+    return a, a_scale, wq, w_scale, bias
+
+
+def reference(mode, a, a_scale, wq, w_scale, bias, dtype):
+    return (fp8_matmul_ref(a, a_scale, wq, w_scale, bias=bias, out_dtype=dtype) if mode == "w8a8" else
+            fp8_weight_only_matmul_ref(a, wq, w_scale, bias=bias).to(dtype))
+
+
+@needs_backend
+@SLOW
+@given(m=st.sampled_from([1, 2, 5, 16, 17, 40]), n=st.integers(0, 75).map(lambda i: 2 * i + 1),
+       k=st.integers(16, 200).map(lambda i: 2 * i + 1), split_k=st.sampled_from([2, 3, 4]),
+       mode=st.sampled_from(["w8a8", "w8a16"]), dtype=st.sampled_from(DTYPES), bias=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_fp8_split_k_sums_the_splits_in_order(m, n, k, split_k, mode, dtype, bias, seed):
+    """The split-K path (INTERPRETER_SPLIT_CONFIG's tile, K over 2-4 splits of BLOCK_K steps, the last ragged) gives
+    y = (((0 + acc_0) + acc_1) + ...) * x_scale * w_scale in fp32 bit for bit, acc_s the unsplit kernel's fp32
+    accumulator over split s's K range (run with unit scales on that slice): the docstring's formula. With bias and
+    out dtype, the reference within tolerance, and a second call the same (the arrival counters are left at zero)."""
+    a, a_scale, wq, w_scale, b = gemm_operands(mode, m, n, k, dtype, seed)
+    config = dict(w8a8_gemm.INTERPRETER_SPLIT_CONFIG, SPLIT_K=split_k)
+    unsplit = {key: v for key, v in config.items() if key != "SPLIT_K"}
+    per_split, splits = split_k_grid(k, config["BLOCK_K"], split_k)
+    assert splits > 1
+    ones = None if a_scale is None else torch.ones_like(a_scale)
+    acc = torch.zeros(m, n, device=DEVICE)
+    for lo in range(0, k, per_split):
+        part = slice(lo, min(lo + per_split, k))
+        acc += fp8_gemm.launch(unsplit, mode, a[:, part].contiguous(), ones, wq[:, part].contiguous(),
+                               torch.ones_like(w_scale), None, FP32)
+    expected = (acc if a_scale is None else acc * a_scale[:, None]) * w_scale[None, :]
+    assert torch.equal(fp8_gemm.launch(config, mode, a, a_scale, wq, w_scale, None, FP32), expected)
+    b = b if bias else None
+    y = fp8_gemm.launch(config, mode, a, a_scale, wq, w_scale, b, dtype)
+    assert torch.equal(fp8_gemm.launch(config, mode, a, a_scale, wq, w_scale, b, dtype), y)
+    check(y, reference(mode, a, a_scale, wq, w_scale, b, dtype), magnitude(a, a_scale, wq, w_scale, b), dtype,
+          gemm_tol(dtype, mode == "w8a16"))
+
+
+@needs_backend
+@pytest.mark.parametrize("m", [1, 17, 40])
+def test_fp8_every_split_k_candidate(monkeypatch, m):
+    """Each GPU split-K candidate (every w8a8_gemm.SPLIT_TILES entry at the BLOCK_M of M 1 / 32 / 64: unpruned), forced
+    through the launcher at N 301, K 2049 (2-8 splits, the last ragged), W8A8 and weight-only: the reference and the
+    same tile unsplit within tolerance; up to M 16 the fused kernel at the tile, bit for bit the W8A8 split. On a GPU
+    (TRITON_INTERPRET=0) this is the compiled split path (fp8 wgmma partials) with its atomic counters."""
+    monkeypatch.setattr(w8a8_gemm, "interpreter_on", lambda: False)
+    split_configs = [c for c in w8a8_gemm.configs(1 << (m - 1).bit_length()) if c.get("SPLIT_K", 1) > 1]
+    assert len(split_configs) == len(w8a8_gemm.SPLIT_TILES)
+    for mode in ("w8a8", "w8a16"):
+        a, a_scale, wq, w_scale, bias = gemm_operands(mode, m, 301, 2049, FP16, seed=m)
+        ref, mag = reference(mode, a, a_scale, wq, w_scale, bias, FP16), magnitude(a, a_scale, wq, w_scale, bias)
+        tol = gemm_tol(FP16, mode == "w8a16")
+        for config in split_configs:
+            y = fp8_gemm.launch(config, mode, a, a_scale, wq, w_scale, bias, FP16)
+            unsplit = {key: v for key, v in config.items() if key != "SPLIT_K"}
+            check(y, ref, mag, FP16, tol)
+            check(y, fp8_gemm.launch(unsplit, mode, a, a_scale, wq, w_scale, bias, FP16), mag, FP16, tol)
+            if mode == "w8a8" and config["BLOCK_M"] == 16:
+                x = gemm_problem(m, 301, 2049, FP16, seed=m)[0]
+                assert torch.equal(fp8_gemm.launch(config, "fused", x, None, wq, w_scale, bias, FP16), y), config
+
+
 # --- the fused path: activation quantization inside the GEMM -------------------------------------------------------
 
 @triton.jit
@@ -322,19 +392,21 @@ def fused_config():
 @SLOW
 @given(m=st.integers(1, 40), n=st.integers(1, 150), k=st.integers(1, 200), dtype=st.sampled_from(DTYPES),
        bias=st.booleans(), mode=st.sampled_from(["normal", "big", "tiny"]), zero_rows=st.lists(st.integers(0, 40),
-       max_size=3), seed=st.integers(0, 2**31 - 1))
-@example(m=17, n=33, k=77, dtype=FP16, bias=True, mode="big", zero_rows=[2, 16], seed=0)  # 6e4: fp16 outputs overflow
-@example(m=1, n=1, k=1, dtype=BF16, bias=False, mode="tiny", zero_rows=[], seed=1)
-def test_fp8_fused_matches_two_launches(m, n, k, dtype, bias, mode, zero_rows, seed):
+       max_size=3), split_k=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31 - 1))
+@example(m=17, n=33, k=77, dtype=FP16, bias=True, mode="big", zero_rows=[2, 16], split_k=1, seed=0)  # 6e4: fp16 inf
+@example(m=17, n=33, k=77, dtype=FP16, bias=True, mode="big", zero_rows=[2, 16], split_k=3, seed=0)
+@example(m=1, n=1, k=1, dtype=BF16, bias=False, mode="tiny", zero_rows=[], split_k=1, seed=1)
+def test_fp8_fused_matches_two_launches(m, n, k, dtype, bias, mode, zero_rows, split_k, seed):
     """The fused kernel (x in its dtype, quantized per token inside the GEMM) gives what quantize_fp8 + the W8A8 GEMM
     at the same tile give, bit for bit (the same e4m3 codes and scales), and so the reference within its tolerance:
-    odd M, N, K, outlier channels up to 6e4 (fp16) / 1e30, rows all tiny, rows of zeros among the others."""
+    odd M, N, K, outlier channels up to 6e4 (fp16) / 1e30, rows all tiny, rows of zeros among the others; unsplit and
+    split-K (split_k > 1: the same splits in both, each fused split taking the rows' scales over all of K)."""
     x, wq, w_scale, b = gemm_problem(m, n, k, dtype, seed, mode == "big")
     if mode == "tiny":
         x = activations(m, k, dtype, seed, tiny=True)
     x[[r % m for r in zero_rows]] = 0
     b = b if bias else None
-    config = fused_config()
+    config = fused_config() if split_k == 1 else dict(fused_config(), SPLIT_K=split_k)
     y = fp8_gemm.launch(config, "fused", x, None, wq, w_scale, b, dtype)
     xq, x_scale = quantize_fp8(x)
     two = fp8_gemm.launch(config, "w8a8", xq, x_scale, wq, w_scale, b, dtype)
@@ -378,7 +450,8 @@ def test_fp8_linear_every_gpu_candidate(monkeypatch, m, dtype):
     xq, x_scale = quantize_fp8(x)
     two = fp8_matmul(xq, x_scale, wq, w_scale, bias=bias, out_dtype=dtype)
     configs = fp8_gemm.linear_configs(m, static=False)
-    assert configs[0] == fp8_gemm.TWO_LAUNCH and len(configs) == 5  # 2 tiles of BLOCK_M 16 x 2 stage counts
+    # 2 tiles of BLOCK_M 16 x 2 stage counts, and the split-K tiles
+    assert configs[0] == fp8_gemm.TWO_LAUNCH and len(configs) == 5 + len(w8a8_gemm.SPLIT_TILES)
     for config in configs:
         y = fp8_gemm.run_path(config, x, None, wq, w_scale, bias)
         expected = two if config == fp8_gemm.TWO_LAUNCH else fp8_gemm.launch(config, "w8a8", xq, x_scale, wq, w_scale,

@@ -35,10 +35,19 @@ quantization (N / BLOCK_N times in all), so it pays where the separate launch co
 `fp8_linear` (FP8Linear's W8A8 forward) takes, per GPU and key, whichever of the two launches and the fused kernel
 at each small-M tile the tuner times fastest (linear_configs).
 
-One kernel serves all three GEMMs (WEIGHT_ONLY, QUANT_X constexprs): program pid owns a [BLOCK_M, BLOCK_N] tile of y
-(GROUP_M-grouped order) and walks K in BLOCK_K steps; the scales are applied in the epilogue. The launch config
-is tuned per GPU and key (M rounded up to a power of two, N, K, out dtype, bias, mode) by autotune_cache among the
-int8 GEMMs' candidates (w8a8_gemm.configs: the same one-byte weight tiles); the interpreter runs one small config.
+One kernel serves all three GEMMs (WEIGHT_ONLY, QUANT_X constexprs): program (pid, split) owns a [BLOCK_M, BLOCK_N]
+tile of y (GROUP_M-grouped order) and walks its share of K in BLOCK_K steps; the scales are applied in the epilogue.
+Split-K (SPLIT_K > 1, the int8 GEMMs' split candidates up to M = 64: w8a8_gemm.SPLIT_TILES): grid axis 1 splits K into
+S = ceil(K / P) ranges of P = ceil(ceil(K / SPLIT_K) / BLOCK_K) * BLOCK_K (w8a8_gemm.split_args), split s owning k in
+[s P, min((s + 1) P, K)) with its own fp32 accumulator acc_s (the tl.dot's, as the unsplit loop over that range);
+the last split of a tile to arrive (dequant_gemm.split_k_sum: fp32 workspace [S, M, N], arrival counters, one launch)
+computes
+    acc = (((0 + acc_0) + acc_1) + ...) + acc_{S-1}     (fp32, in this fixed split order)
+    y   = (acc * x_scale[m]) * w_scale[n] (+ bias[n])   (the unsplit epilogue; weight-only: acc * w_scale[n])
+so y differs from the unsplit kernel's only by the fp32 rounding of the regrouped sum (deterministic: no atomics on
+values). The fused mode splits the same way, each split taking the rows' scales over all of K first. The launch
+config is tuned per GPU and key (M rounded up to a power of two, N, K, out dtype, bias, mode) by autotune_cache among
+the int8 GEMMs' candidates (w8a8_gemm.configs: the same one-byte weight tiles); the interpreter runs one small config.
 
 Under the Triton interpreter (Triton 3.9), fp8 tensors load, store and tl.dot exactly (the dot widens them to
 fp16), and e4m3 -> wider casts are exact, but the fp32 -> e4m3 cast is not RNE: it rounds half up without the
@@ -59,7 +68,8 @@ import triton.language as tl
 from .autotune_cache import tune
 from .runtime import DTYPES, check_device, dot_args, interpreter_on, next_power_of_2
 from .tiling import store_output, tile_offsets
-from .w8a8_gemm import check_operand_shapes, configs
+from .dequant_gemm import split_k_sum
+from .w8a8_gemm import check_operand_shapes, configs, k_range, split_args
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -231,10 +241,10 @@ def row_scales(x_tile, m_ok, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                HAS_BIAS: tl.constexpr, WEIGHT_ONLY: tl.constexpr, QUANT_X: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_M: tl.constexpr):
+def _fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
+                stride_ym, k_per_split, splits, HAS_BIAS: tl.constexpr, WEIGHT_ONLY: tl.constexpr,
+                QUANT_X: tl.constexpr, SPLIT: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -244,7 +254,8 @@ def _fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_x
         xs = row_scales(x_tile, m_ok, K, BLOCK_M, BLOCK_K)
         xs_m, xs_r, xs_p = divisor(xs)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start, k_end = k_range(K, k_per_split, SPLIT)
+    for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(x_tile + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_tile + k0, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -255,12 +266,16 @@ def _fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, M, N, K, stride_x
             acc = tl.dot(e4m3_codes(a), b, acc)
         else:
             acc = tl.dot(a, b, acc)
-    ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-    if QUANT_X:
-        acc = acc * xs[:, None]
-    elif not WEIGHT_ONLY:
-        acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
-    store_output(acc * ws[None, :], bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
+    last = True
+    if SPLIT:  # the fp32 partials summed in split order, then one epilogue
+        acc, last = split_k_sum(acc, offs_m, offs_n, M, N, part_ptr, count_ptr, pid, tl.program_id(1), splits)
+    if last:
+        ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+        if QUANT_X:
+            acc = acc * xs[:, None]
+        elif not WEIGHT_ONLY:
+            acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+        store_output(acc * ws[None, :], bias_ptr, y_ptr, offs_m, offs_n, m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
 def launch(config, mode, x, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tensor:
@@ -271,13 +286,14 @@ def launch(config, mode, x, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tens
     y = torch.empty(m, n, dtype=out_dtype, device=x.device)
     weight_only = mode == "w8a16"
     dot = dot_args(x.dtype) if weight_only else dict(DOT_DTYPE=tl.float32, PRECISION="ieee")  # unused for fp8
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    _fp8_kernel[grid](
-        x, w_scale if x_scale is None else x_scale, wq, w_scale, bias if bias is not None else y, y, m, n, k,
-        x.stride(0), wq.stride(0), y.stride(0), HAS_BIAS=bias is not None, WEIGHT_ONLY=weight_only,
-        QUANT_X=mode == "fused", **dot, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-        BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"], num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
+    tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
+    per_split, splits, part, counters = split_args(config, k, config["BLOCK_K"], m, n, tiles, y, torch.float32)
+    _fp8_kernel[(tiles, splits)](
+        x, w_scale if x_scale is None else x_scale, wq, w_scale, bias if bias is not None else y, y, part, counters,
+        m, n, k, x.stride(0), wq.stride(0), y.stride(0), per_split, splits, HAS_BIAS=bias is not None,
+        WEIGHT_ONLY=weight_only, QUANT_X=mode == "fused", SPLIT=splits > 1, **dot, BLOCK_M=config["BLOCK_M"],
+        BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], GROUP_M=config["GROUP_M"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return y
 
@@ -292,7 +308,8 @@ def _run(x, x_scale, wq, w_scale, bias, out_dtype):
     args = [t.contiguous() if t is not None else None for t in (x, x_scale, wq, w_scale, bias)]
     key = dict(M=next_power_of_2(m), N=n, K=x.shape[1], out=str(out_dtype).removeprefix("torch."),
                bias=int(bias is not None), mode=mode)
-    config = tune("fp8_matmul", key, configs(key["M"]), lambda c: launch(c, mode, *args, out_dtype), x.device)
+    config = tune("fp8_matmul", key, configs(key["M"], n=n, k=key["K"]), lambda c: launch(c, mode, *args, out_dtype),
+                  x.device)
     return launch(config, mode, *args, out_dtype)
 
 
@@ -312,12 +329,13 @@ TWO_LAUNCH = dict(path="two_launch")
 FUSED_MAX_M = 16
 
 
-def linear_configs(m: int, static: bool) -> list[dict]:
+def linear_configs(m: int, static: bool, n: int | None = None, k: int | None = None) -> list[dict]:
     """fp8_linear's candidates for batch m (a power of two): "two_launch" first (the untuned default), then for
-    per-token scales up to FUSED_MAX_M "fused" at each GEMM tile of configs(m) with BLOCK_M 16 (a taller tile only
-    quantizes more padding rows). The interpreter runs one: fused where it is a candidate."""
-    fused = ([dict(path="fused", **c) for c in configs(m) if c["BLOCK_M"] == 16] if m <= FUSED_MAX_M and not static
-             else [])
+    per-token scales up to FUSED_MAX_M "fused" at each GEMM tile of configs(m, n=n, k=k) with BLOCK_M 16 (a taller
+    tile only quantizes more padding rows), split-K tiles included. The interpreter runs one: fused where it is a
+    candidate."""
+    fused = ([dict(path="fused", **c) for c in configs(m, n=n, k=k) if c["BLOCK_M"] == 16]
+             if m <= FUSED_MAX_M and not static else [])
     if interpreter_on():
         return fused[:1] or [TWO_LAUNCH]
     return [TWO_LAUNCH] + fused
@@ -353,4 +371,5 @@ def linear_config(x, scale, wq, w_scale, bias) -> dict:
     args = (x, scale, wq, w_scale, bias)
     key = dict(M=next_power_of_2(x.shape[0]), N=wq.shape[0], K=x.shape[1], dtype=str(x.dtype).removeprefix("torch."),
                bias=int(bias is not None), static=int(scale is not None))
-    return tune("fp8_linear", key, linear_configs(key["M"], scale is not None), lambda c: run_path(c, *args), x.device)
+    return tune("fp8_linear", key, linear_configs(key["M"], scale is not None, key["N"], key["K"]),
+                lambda c: run_path(c, *args), x.device)

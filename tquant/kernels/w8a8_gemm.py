@@ -131,9 +131,10 @@ SPLIT_MAX_PROGRAMS = 4 * 132  # 4 waves of an H100 / H200
 
 
 def split_configs(m: int, split_tiles, n: int | None = None, k: int | None = None) -> list[dict]:
-    """The split-K candidates (split_tiles: (BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)) for batch m <= SPLIT_MAX_M;
-    given N = n and K = k (elements), those that would leave a split fewer than 2 K steps or make more than
-    SPLIT_MAX_PROGRAMS programs are left out (without them, all: the superset every key's list is drawn from)."""
+    """The split-K candidates (split_tiles: (BLOCK_N, BLOCK_K, SPLIT_K, num_stages, num_warps)) for batch
+    m <= SPLIT_MAX_M; given N = n and K = k (elements), those that would leave a split fewer than 2 K steps or make
+    more than SPLIT_MAX_PROGRAMS programs are left out (without them, all: the superset every key's list is drawn
+    from)."""
     if m > SPLIT_MAX_M:
         return []
     out = []
