@@ -60,10 +60,12 @@ def expected_kernels(kind, bits, option, dtype):
         return [SPQR_KERNELS[min(option, 16)]] * 2 + ["_dequantize_kernel"]
     if kind in KERNEL_SETS:  # the GEMV at batch 1 (bitplane: up to 8)
         return KERNEL_SETS[kind] | (SMALL_BATCH_KERNELS[kind] if option <= (8 if kind == "bitplane" else 1) else set())
-    if kind == "fp8" and option <= 16:  # fp8_linear's fused path: the GEMM quantizing x itself
-        return KERNELS[kind] + ["_fp8_kernel"]
+    if kind == "fp8":  # up to 16 fp8_linear's fused path (the GEMM quantizing x itself), to 64 split-K W8A8, W8A16
+        return KERNELS[kind] + ["_fp8_kernel"] * ((option <= 16) + 2 * (option <= 64))
     if kind == "int8_gemms" and option >= 256:  # the W4A8 dense path: unpack to int8, then the W8A8 GEMM
         return KERNELS[kind] + ["_unpack_kernel", "_w8a8_kernel"]
+    if kind == "int8_gemms" and option <= 64:  # split-K W8A8 and W4A8
+        return KERNELS[kind] + ["_w8a8_kernel", "_w4a8_kernel"]
     return KERNELS[kind]
 
 
@@ -188,7 +190,8 @@ def fp8_step(batch, bits, dtype):
     """tquant.kernels.fp8_gemm at Llama-3-8B widths: the activation quantization per token at K 4096 (one row a
     program in 8 warps) and static at K 14336 (16 warps), the W8A8 GEMM (the fp8 tl.dot: Hopper's fp8 wgmma, bias in
     dtype) and the weight-only GEMM (e4m3 tiles converted to dtype for a fp16 / bf16 tl.dot), N 1024; up to
-    FUSED_MAX_M also fp8_linear's first fused candidate (x quantized per token inside the GEMM)."""
+    FUSED_MAX_M also fp8_linear's first fused candidate (x quantized per token inside the GEMM); up to batch 64 the
+    first split-K candidate of the W8A8 and weight-only GEMMs (int32 / fp32 partials and the atomic counters)."""
     import torch
 
     from tquant.kernels import fp8_gemm
@@ -203,6 +206,10 @@ def fp8_step(batch, bits, dtype):
     fused = [c for c in fp8_gemm.linear_configs(batch, static=False) if c["path"] == "fused"]
     if fused:
         fp8_gemm.run_path(fused[0], x, None, wq, w_scale, None)
+    split = [c for c in fp8_gemm.configs(batch, n=1024, k=4096) if "SPLIT_K" in c]
+    if split:
+        fp8_gemm.launch(split[0], "w8a8", xq, x_scale, wq, w_scale, None, dtype)
+        fp8_gemm.launch(split[0], "w8a16", x, None, wq, w_scale, None, dtype)
 
 
 def fp8_kv_step(static, bits, dtype):
@@ -238,7 +245,8 @@ def act_quant_step(batch, bits, dtype):
 def int8_gemms_step(batch, bits, dtype):
     """The W8A8 GEMM (int8 tl.dot) and the W4A8 GEMM (tquant.kernels.w4a8_gemm: per-channel, then groups of 128 with
     QoQ's zero points) at K 4096, N 1024; from batch 256 also the W4A8 dense path (the int8 unpack kernel, then the
-    W8A8 GEMM), which the tuner offers only there."""
+    W8A8 GEMM), which the tuner offers only there; up to batch 64 the first split-K candidate of each (int32
+    partials and the atomic counters), W4A8's with groups and zeros."""
     import torch
 
     from tquant.kernels import w4a8_gemm, w8a8_gemm
@@ -254,6 +262,10 @@ def int8_gemms_step(batch, bits, dtype):
     w4a8_gemm.launch(w4a8_gemm.configs(batch)[0], *args)
     if batch >= w4a8_gemm.DENSE_FROM_M:
         w4a8_gemm.launch(w4a8_gemm.DENSE, *args)
+    if batch <= w8a8_gemm.SPLIT_MAX_M:
+        w8a8_gemm.launch(next(c for c in w8a8_gemm.configs(batch, n=n, k=k) if "SPLIT_K" in c), xq, x_scale,
+                         torch.zeros(n, k, dtype=torch.int8), w_scale, bias, dtype)
+        w4a8_gemm.launch(next(c for c in w4a8_gemm.configs(batch, n=n, k=k) if "SPLIT_K" in c), *args)
 
 
 def weight_only_step(batch, bits, dtype):
