@@ -4,8 +4,9 @@ import torch
 
 import tquant
 from tquant.formats import e8p_codebook
-from tquant.formats.hadamard import transform
+from tquant.formats.hadamard import hadamard_dense, transform
 from tquant.formats.incoherence import rotate_hessian, rotate_weight, unrotate_weight
+from tquant.methods import quip_sharp
 from tquant.methods.quip_sharp import block_ldl, block_ldlq, proxy_error
 from tquant.modules import QuipLinear
 from tests.tiny_models import tiny_model, token_batch
@@ -145,6 +146,62 @@ def test_fine_tuning_lowers_the_block_error_and_tunes_the_signs():
     su = model.model.layers[0].self_attn.q_proj.su
     assert not set(su.unique().tolist()) <= {-1.0, 1.0}
     assert tuned < plain, (tuned, plain)
+
+
+def plain_weight(layer: QuipLinear) -> torch.Tensor:
+    """A = H_N^T D H_K [N, K] float64 from the layer's codes: D the decoded codes, H_n the orthonormal Hadamard."""
+    stages = [layer.codes.t().long() & 0xFFFF]
+    if layer.bits > 2:
+        stages.append(layer.codes2.t().long() & (0xFF if layer.bits == 3 else 0xFFFF))
+    d = e8p_codebook.rvq_decode(torch.stack(stages, dim=-1), layer.bits).reshape(layer.out_features, -1)
+    return hadamard_dense(layer.out_features, torch.float64).t() @ d.double() @ \
+        hadamard_dense(layer.in_features, torch.float64)
+
+
+def test_fine_tuning_tunes_each_linear_as_its_quip_linear_and_keeps_the_tuned_values(monkeypatch, tmp_path):
+    """Per block, each quantized linear runs as its QuipLinear (trainable(dense=True)) computing
+    ((x * su) @ A^T) * sv + bias; su, sv are tuned at ft_susv_lr, the norms and biases at ft_lr; the tuned su, sv and
+    biases are what the quantized model holds, saves and reloads."""
+    real, tuned = quip_sharp.distill, []
+
+    def checked(block, groups, inputs, teacher, **kw):
+        layers = {n: m for n, m in block.named_modules() if isinstance(m, QuipLinear)}
+        assert len(layers) == 7 and [g["lr"] for g in groups] == [5e-4, 5e-5]
+        assert [id(p) for p in groups[0]["params"]] == [id(p) for m in layers.values() for p in (m.su, m.sv)]
+        biases = {id(m.bias) for m in layers.values() if m.bias is not None}  # q, k, v
+        assert len(biases) == 3 and biases < {id(p) for p in groups[1]["params"]} and len(groups[1]["params"]) == 5
+        g = torch.Generator().manual_seed(len(tuned))
+        for m in layers.values():
+            with torch.no_grad():  # real-valued signs and a bias, as tuning makes them
+                m.su.mul_(torch.empty(m.in_features).uniform_(0.5, 1.5, generator=g))
+                if m.bias is not None:
+                    m.bias.add_(torch.randn(m.out_features, generator=g) * 0.1)
+            x = torch.randn(5, m.in_features, generator=g)
+            want = (x.double() * m.su.double()) @ plain_weight(m).t() * m.sv.double()
+            want = want if m.bias is None else want + m.bias.double()
+            torch.testing.assert_close(m(x).detach().double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        out = real(block, groups, inputs, teacher, **kw)
+        tuned.append({n: [t.detach().clone() for t in (m.su, m.sv, m.bias) if t is not None]
+                      for n, m in layers.items()})
+        return out
+
+    monkeypatch.setattr(quip_sharp, "distill", checked)
+    model = tiny_model("qwen2")
+    ids = token_batch(4, 16)
+    tquant.quantize(model, "quip#", bits=2, calib=CALIB, ft_epochs=1, scale_grid="", progress=False)
+    tquant.save(model, tmp_path / "q")
+    loaded = tquant.load(tmp_path / "q")
+    assert len(tuned) == 2
+    for m in (model, loaded):
+        for block, values in zip(m.model.layers, tuned):
+            for n, kept in values.items():
+                layer = block.get_submodule(n)
+                assert isinstance(layer, QuipLinear) and list(layer.parameters()) == []
+                for t, want in zip((layer.su, layer.sv, layer.bias), kept):
+                    assert torch.equal(t, want), n
+    assert not set(tuned[0]["self_attn.q_proj"][0].unique().tolist()) <= {-1.0, 1.0}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 def test_alias_and_listing():

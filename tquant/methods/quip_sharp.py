@@ -10,9 +10,10 @@ Per linear W [N, K] with the Hessian H = 2/T X^T X of its inputs (tquant.methods
         W'_r[:, b] = Q( W_r[:, b] / s + (W_r / s - W'_r)[:, later] L[later, b] )
     Q = E8P12 (2 bits), E8P12 + E81B residual (3 bits), E8P12 + E8P12 residual (4 bits)  (tquant.formats.e8p_codebook)
 The result is a LatticeWeight (codes, su, sv * s). Fine-tuning (ft_epochs > 0), per block after its
-linears are quantized: the sign vectors su, sv of every quantized linear become real-valued and are
-tuned with the block's unquantized parameters (norms, biases) against the float block's outputs
-(tquant.calib.block_tuning; the codes stay fixed).
+linears are quantized: each quantized linear runs as its QuipLinear (tuning_module) inside
+QuipLinear.trainable(dense=True), its sign vectors su, sv real-valued and tuned with the block's unquantized
+parameters (norms, biases) against the float block's outputs (tquant.calib.block_tuning; the codes stay fixed);
+the tuned su, sv go back into the LatticeWeights.
 End-to-end fine-tuning (e2e_epochs > 0; QuIP#'s second stage, its finetune_susv_e2e), after every block is
 quantized (around_blocks): every QuipLinear's su, sv (real-valued) and bias (QuipLinear.trainable) and every other
 floating parameter of the model but the input embedding's (norms, an untied lm_head; a head tied to the embedding
@@ -46,7 +47,7 @@ from ..calib.block_io import outputs
 from ..calib.block_tuning import distill, float32_training
 from ..calib.logit_distill import distill_logits, teacher_topk
 from ..formats.hadamard import hadamard_factors, random_signs
-from ..formats.incoherence import rotate_hessian, rotate_weight, unrotate_weight
+from ..formats.incoherence import rotate_hessian, rotate_weight
 from ..formats.weights import LatticeWeight
 from ..modules.quip_linear import QuipLinear
 from .base import Method, option, register
@@ -255,43 +256,32 @@ class QuipSharp(Method):
     def finish_block(self, block, linears, results, inputs, prefix):
         if not self.ft_epochs:
             return
-        tuned = {n: _SignTuned(linears[n], qw) for n, qw in results.items()}
-        for n, mod in tuned.items():
-            block.set_submodule(n, mod)
-        signs = [p for mod in tuned.values() for p in (mod.su, mod.sv)]
-        fixed = {id(p) for p in signs} | {id(lin.weight) for lin in linears.values()}
-        others = [p for p in block.parameters() if id(p) not in fixed and p.is_floating_point()]
-        batches = sum(a[0].shape[0] for a, _ in inputs)
-        steps = self.ft_epochs * math.ceil(batches / self.ft_batch)
-        groups = [{"params": signs, "lr": self.ft_susv_lr}] + ([{"params": others, "lr": self.ft_lr}] if others else [])
-        try:
+        tuned = {n: tuning_module(linears[n], qw) for n, qw in results.items()}
+        with contextlib.ExitStack() as stack:
+            for n, mod in tuned.items():
+                block.set_submodule(n, mod)
+                stack.callback(block.set_submodule, n, linears[n])
+                stack.enter_context(mod.trainable(dense=True))
+            signs = [p for mod in tuned.values() for p in (mod.su, mod.sv)]
+            fixed = {id(p) for p in signs}
+            others = [p for p in block.parameters() if id(p) not in fixed and p.is_floating_point()]  # biases too
+            batches = sum(a[0].shape[0] for a, _ in inputs)
+            steps = self.ft_epochs * math.ceil(batches / self.ft_batch)
+            groups = [{"params": signs, "lr": self.ft_susv_lr}] + ([{"params": others, "lr": self.ft_lr}]
+                                                                    if others else [])
             with float32_training(block, signs + others):
                 self.ft_log[prefix.rstrip(".")] = distill(block, groups, inputs, self._teacher, steps=steps,
                                                           batch=self.ft_batch, checks=self.ft_epochs)
-        finally:
-            for n, mod in tuned.items():
-                block.set_submodule(n, linears[n])
-        for n, mod in tuned.items():
-            qw = results[n]
-            qw.su, qw.sv = mod.su.detach().float().to(qw.su.device), mod.sv.detach().float().to(qw.sv.device)
-            linears[n].weight.data = qw.dequantize().to(linears[n].weight.dtype)
+        for n, mod in tuned.items():  # the tuned su, sv (and bias) into the results and the block's linears
+            qw, linear = results[n], linears[n]
+            qw.su, qw.sv = mod.su.float().to(qw.su.device), mod.sv.float().to(qw.sv.device)
+            linear.weight.data = qw.dequantize().to(linear.weight.dtype)
+            if linear.bias is not None:
+                linear.bias.data.copy_(mod.bias)
         self._teacher = None
 
 
-class _SignTuned(nn.Module):
-    """A quantized linear during fine-tuning: y = ((x * su) @ A^T) * sv + bias with A = H_N^T D H_K fixed
-    (the decoded codes, rotated back) and su, sv trainable."""
-
-    def __init__(self, linear: nn.Linear, qw: LatticeWeight):
-        super().__init__()
-        ones_k = torch.ones(linear.in_features, dtype=torch.float64, device=qw.codes.device)
-        ones_n = torch.ones(linear.out_features, dtype=torch.float64, device=qw.codes.device)
-        fixed = unrotate_weight(qw.decoded().double(), ones_k, ones_n)
-        self.register_buffer("a", fixed.to(linear.weight.device, linear.weight.dtype))
-        self.su = nn.Parameter(qw.su.to(linear.weight.device, linear.weight.dtype).clone())
-        self.sv = nn.Parameter(qw.sv.to(linear.weight.device, linear.weight.dtype).clone())
-        self.bias = linear.bias  # shared: tuned with the block's other unquantized parameters
-
-    def forward(self, x):
-        y = torch.nn.functional.linear(x * self.su, self.a) * self.sv
-        return y if self.bias is None else y + self.bias
+def tuning_module(linear: nn.Linear, qw: LatticeWeight) -> QuipLinear:
+    """The QuipLinear that per-block fine-tuning runs in linear's place (inside its trainable(dense=True)): qw's
+    codes and signs, linear's bias, on linear's device."""
+    return QuipLinear.from_quantized(qw, linear.bias, linear.weight.dtype).to(linear.weight.device)

@@ -13,7 +13,12 @@ Fine-tuning (QuIP#'s end-to-end stage, tquant.methods.quip_sharp): inside `with 
 QuIP# makes the signs real-valued) and the bias (its dtype) are nn.Parameters, and the forward takes the torch
 references, which autograd differentiates (the Triton kernels have no backward), each layer checkpointed (its
 backward recomputes its forward, so it keeps only its input); the codes stay fixed. On exit they are buffers again,
-holding the tuned values.
+holding the tuned values. QuIP#'s per-block stage tunes the same way with `trainable(dense=True)`: the forward is then
+    y = ((x * su) @ A^T) * sv + bias,   A^T = the transforms above without su, sv, bias applied to the identity
+(A = H_N^T D H_K, float32 [K, N], computed once on entry and held while inside): the same function in another
+evaluation order, one matmul a call instead of two Hadamard transforms, a decode and the checkpoint's recompute.
+One SmolLM2-135M block, 4-bit codes, 4 x 512 tokens, float32, 1 CPU thread: 0.33 s a training step (forward,
+backward, Adam) with dense=True, 1.8 s through the transforms (5.5x).
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class QuipLinear(QuantizedLinear, spec_type="quip_linear", weight_type=LatticeWe
         second = {2: None, 3: torch.uint8, 4: torch.int16}[bits]
         self.register_buffer("codes2", None if second is None else
                              torch.zeros(blocks, out_features, dtype=second, device=device))
+        self._dense = None  # A^T inside trainable(dense=True)
 
     @classmethod
     def from_quantized(cls, qw: LatticeWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> "QuipLinear":
@@ -73,34 +79,55 @@ class QuipLinear(QuantizedLinear, spec_type="quip_linear", weight_type=LatticeWe
         check("codes2", self.codes2, {3: torch.uint8, 4: torch.int16}.get(self.bits))
 
     @contextlib.contextmanager
-    def trainable(self):
+    def trainable(self, dense: bool = False):
         """su, sv and the bias (where there is one) as nn.Parameters of their dtypes while inside, backend "torch";
-        on exit buffers holding their last values, and the backend it had."""
+        on exit buffers holding their last values, and the backend it had. dense: the forward multiplies by the
+        rotated-back weight A^T held while inside (module docstring) instead of running the transforms."""
         backend, self.backend = self.backend, "torch"
         order = list(self._buffers)
         names = [name for name in ("su", "sv", "bias") if self._buffers[name] is not None]
         for name in names:
             self.register_parameter(name, nn.Parameter(self._buffers.pop(name)))
         try:
+            if dense:
+                self._dense = self.rotated_back()
             yield
         finally:
+            self._dense = None
             for name in names:
                 self.register_buffer(name, self._parameters.pop(name).detach())
             for name in order:  # the buffers in their first order again (state_dict's, and so the saved files')
                 self._buffers[name] = self._buffers.pop(name)
             self.backend = backend
 
+    @torch.no_grad()
+    def rotated_back(self, rows: int = 4096) -> torch.Tensor:
+        """A^T = H_K^T D^T H_N, float32 [K, N]: the layer's weight with unit sign vectors and no bias, transposed;
+        the torch references' transforms applied to the identity, `rows` of it at a time."""
+        k, dev = self.in_features, self.codes.device
+        parts = []
+        for start in range(0, k, rows):
+            eye = torch.zeros(min(rows, k - start), k, device=dev)
+            eye[:, start : start + rows].fill_diagonal_(1.0)
+            parts.append(self._transforms(eye, False, scaled=False))
+        return torch.cat(parts)
+
     def _matmul(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
+        if self._dense is not None:  # inside trainable(dense=True)
+            y = (x2.float() * self.su.float()) @ self._dense * self.sv.float()
+            return (y if self.bias is None else y + self.bias.float()).to(x2.dtype)
         if torch.is_grad_enabled() and "su" in self._parameters:  # inside trainable()
             # the backward runs this forward again instead of keeping the decoded weight and every Hadamard stage
             return checkpoint(self._transforms, x2, kernel, use_reentrant=False)
         return self._transforms(x2, kernel)
 
-    def _transforms(self, x2: torch.Tensor, kernel: bool) -> torch.Tensor:
+    def _transforms(self, x2: torch.Tensor, kernel: bool, scaled: bool = True) -> torch.Tensor:
+        """The forward's three stages; scaled=False: without su, sv and the bias."""
         from ..kernels.e8p_matmul import e8p_matmul, e8p_matmul_ref
         from ..kernels.hadamard import hadamard_transform, hadamard_transform_ref
 
         had = hadamard_transform if kernel else hadamard_transform_ref
         matmul = e8p_matmul if kernel else e8p_matmul_ref
-        y = matmul(had(x2, in_scale=self.su), self.codes, self.codes2, bits=self.bits)
-        return had(y, transpose=True, out_scale=self.sv, bias=self.bias)
+        su, sv, bias = (self.su, self.sv, self.bias) if scaled else (None, None, None)
+        y = matmul(had(x2, in_scale=su), self.codes, self.codes2, bits=self.bits)
+        return had(y, transpose=True, out_scale=sv, bias=bias)
