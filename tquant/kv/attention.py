@@ -45,10 +45,10 @@ from .fp8_format import dequantize_fp8_kv
 from .uniform_format import PackedKV, check_key_axis, check_kv_bits, dequantize_values, key_format, words_per_group
 from ..formats.packing import values_per_word
 from ..kernels.autotune_cache import tune
-from ..kernels.runtime import DTYPES, check_device, check_tensors, dot_args, next_power_of_2
+from ..kernels.runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
 from ..kernels.tiling import unpack_words
 from .split_kv import (REP_PAD, accumulate, check_heads, combine_kernel, configs, dense_tokens, initial_state,
-                       reference_attention, scores, store_partial)
+                       reference_attention, scores, softmax_step, store_partial)
 
 def kivi_decode_attention_ref(q, packed_k: PackedKV, packed_v: PackedKV, res_k, res_v, *, bits: int, group: int,
                               sm_scale: float, start=None, key_axis: str = "channel", length=None,
@@ -81,12 +81,22 @@ def _dequant(code, scale, mn, OUT: tl.constexpr):
     subtracted exactly. fp16 caches compute in fp16 (one rounding, as the cast of an fp32 result would round);
     bf16 / fp32 in fp32, cast last."""
     if OUT == tl.float16:
-        c = (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+        c = _code_float(code, tl.float16)
         # one fma: c * scale alone can pass fp16's max where c * scale + mn does not (a range past 65504 at 2 bits)
         return tl.fma(c, scale.to(tl.float16), mn.to(tl.float16))
     else:
-        c = (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        return (c * scale.to(tl.float32) + mn.to(tl.float32)).to(OUT)
+        return (_code_float(code, tl.float32) * scale.to(tl.float32) + mn.to(tl.float32)).to(OUT)
+
+
+@triton.jit
+def _code_float(code, OUT: tl.constexpr):
+    """int32 codes in [0, 256) as exact floats in OUT, by the magic number (_dequant): fp16 (code | 0x6400) - 1024;
+    fp32 (code | 0x4B000000) - 2^23; bf16 through fp32 (bf16's 8 significant bits hold 0 ... 255 exactly, but
+    no bf16 exponent spans them with a step of 1)."""
+    if OUT == tl.float16:
+        return (code | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return ((code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(OUT)
 
 
 @triton.jit
@@ -157,6 +167,102 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
 
 
 @triton.jit
+def _code_pair(w, J: tl.constexpr, BITS: tl.constexpr, EPW: tl.constexpr, OUT: tl.constexpr, ASM: tl.constexpr):
+    """(code J, code J + EPW / 2) of every word w as exact floats in OUT (_code_float). The two lie 16 bits apart,
+    so on the GPU (ASM, fp16) one LOP3 (mask both, or 0x6400 into both halves) after the shift and one HSUB2 of
+    1024 make both as one half2 register that needs no repacking."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, $3, $4, 0xEA; sub.f16x2 t, t, $4; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r,r", [w >> (J * BITS), ((1 << BITS) - 1) * 0x10001, 0x64006400],
+            dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        return (_code_float((w >> (J * BITS)) & ((1 << BITS) - 1), OUT),
+                _code_float((w >> ((J + EPW // 2) * BITS)) & ((1 << BITS) - 1), OUT))
+
+
+@triton.jit
+def _code_pairs(w, J: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr,
+                EPW: tl.constexpr, OUT: tl.constexpr, ASM: tl.constexpr):
+    """(codes J + STRIDE i, codes J + STRIDE i + EPW / 2) for i < COUNT of every word, each stacked on trailing
+    dims of size 2 (tl.join: they stay in each thread), flattened trailing index i holding code J + STRIDE i."""
+    if COUNT == 1:
+        return _code_pair(w, J, BITS, EPW, OUT, ASM)
+    else:
+        a_lo, a_hi = _code_pairs(w, J, 2 * STRIDE, COUNT // 2, BITS, EPW, OUT, ASM)
+        b_lo, b_hi = _code_pairs(w, J + STRIDE, 2 * STRIDE, COUNT // 2, BITS, EPW, OUT, ASM)
+        return tl.join(a_lo, b_lo), tl.join(a_hi, b_hi)
+
+
+@triton.jit
+def _paired_channels(p, EPW: tl.constexpr):
+    """The channel that position p of a _token_codes tile holds: word p // EPW, code i + s EPW / 2 of it at
+    position 2 i + s within the word (a permutation of 0 ... D - 1)."""
+    r = p % EPW
+    return p - r + r // 2 + (r % 2) * (EPW // 2)
+
+
+@triton.jit
+def _token_codes(codes_ptr, tok, ok, BITS: tl.constexpr, D: tl.constexpr, EPW: tl.constexpr, OUT: tl.constexpr,
+                 ASM: tl.constexpr):
+    """[BLOCK_T, D] codes (exact floats in OUT, 0 where not ok [BLOCK_T]) of tokens tok [BLOCK_T] of a per-token
+    store with one group a head (G = D, 2 / 4 / 8 bits: each token's D / EPW words hold its D codes in order),
+    from a contiguous [BLOCK_T, D / EPW] tile of words, the channels in _paired_channels' order: codes i and
+    i + EPW / 2 of a word (16 bits apart) side by side, one half2 register of the dot operand on the GPU."""
+    c = tl.arange(0, D // EPW)
+    w = tl.load(codes_ptr + tok[:, None] * (D // EPW) + c[None, :], mask=ok[:, None], other=0)
+    lo, hi = _code_pairs(w, 0, 1, EPW // 2, BITS, EPW, OUT, ASM)
+    return tl.reshape(tl.join(lo, hi), [tok.shape[0], D])
+
+
+@triton.jit
+def _folded_scores(q, qsum, codes_ptr, scale_ptr, mn_ptr, tok, ok, live, m, BITS: tl.constexpr, D: tl.constexpr,
+                   EPW: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
+    """Online softmax, first half (split_kv.softmax_step), over per-token keys with one (scale, mn) a token and
+    head (module docstring, "Folded parameters"): s[r, t] = scale_t (q_r . c_t) + mn_t qsum[r], the dot over the
+    codes c (_token_codes), the parameters applied to the [R, BLOCK_T] scores in fp32."""
+    c = _token_codes(codes_ptr, tok, ok, BITS, D, EPW, DOT_DTYPE, ASM)
+    scale = tl.load(scale_ptr + tok, mask=ok, other=0.0).to(tl.float32)
+    mn = tl.load(mn_ptr + tok, mask=ok, other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(c), input_precision=PRECISION) * scale[None, :] + qsum[:, None] * mn[None, :]
+    return softmax_step(s, live, m)
+
+
+@triton.jit
+def _folded_accumulate(p, codes_ptr, scale_ptr, mn_ptr, tok, ok, live, alpha, l, acc, top, BITS: tl.constexpr,
+                       D: tl.constexpr, EPW: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                       ASM: tl.constexpr):
+    """Online softmax, second half (split_kv.accumulate), over per-token values with one (scale, mn) a token and
+    head (module docstring, "Folded parameters"): sum_t p[r, t] (c[t, :] scale_t + mn_t) as one dot over the codes
+    c (_token_codes) with weights p scale_t (fp16: p scale_t 2^15 / top, top >= every scale_t of the share) and
+    the fp32 sum_t p mn_t added to every channel."""
+    c = _token_codes(codes_ptr, tok, ok, BITS, D, EPW, DOT_DTYPE, ASM)
+    # masked tokens' parameters are zeroed: their p is 0, but a static store's unfilled rows may hold inf / NaN
+    scale = tl.where(live, tl.load(scale_ptr + tok, mask=ok, other=0.0).to(tl.float32), 0.0)
+    mn = tl.where(live, tl.load(mn_ptr + tok, mask=ok, other=0.0).to(tl.float32), 0.0)
+    l_new = l * alpha + tl.sum(p, axis=1)
+    inv = tl.where(l_new > 0, 1.0 / l_new, 0.0)
+    if DOT_DTYPE == tl.float16:
+        w = (p * (scale * (32768.0 / top))[None, :]).to(DOT_DTYPE)  # in [0, 2^15]
+        pv = tl.dot(w, c, input_precision=PRECISION) * (inv * (top * (1.0 / 32768.0)))[:, None]
+    else:  # p / l' scale_t in [0, 65504]
+        pv = tl.dot((p * inv[:, None] * scale[None, :]).to(DOT_DTYPE), c, input_precision=PRECISION)
+    shift = tl.sum(p * mn[None, :], axis=1)
+    return l_new, acc * (alpha * l * inv)[:, None] + pv + (shift * inv)[:, None]
+
+
+@triton.jit
+def _largest_scale(scale_ptr, lo, hi, first, BLOCK: tl.constexpr):
+    """max(scale[t] for first <= t, lo <= t < hi) in fp32, 1 if none is positive: _folded_accumulate's top."""
+    top = tl.zeros([BLOCK], dtype=tl.float32)
+    for t0 in range(lo, hi, BLOCK):
+        tok = t0 + tl.arange(0, BLOCK)
+        top = tl.maximum(top, tl.load(scale_ptr + tok, mask=(tok < hi) & (tok >= first), other=0.0).to(tl.float32))
+    top = tl.max(top, axis=0)
+    return tl.where(top > 0, top, 1.0)
+
+
+@triton.jit
 def _kv_attention_kernel(
     q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, rk_ptr, rv_ptr, start_ptr, length_ptr, newest_ptr, m_ptr,
     l_ptr, acc_ptr, kc_head, ks_head, km_head, vc_head, vs_head, vm_head, rk_head, rv_head, HKV, TQ, TR,
@@ -164,7 +270,8 @@ def _kv_attention_kernel(
     D: tl.constexpr, REP: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, EPW: tl.constexpr,
     WPG: tl.constexpr, KEYS_PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr,
     HAS_LENGTH: tl.constexpr, RING: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
-    FLOAT: tl.constexpr = False, FP8: tl.constexpr = False,
+    FLOAT: tl.constexpr = False, FP8: tl.constexpr = False, FOLD_K: tl.constexpr = False,
+    FOLD_V: tl.constexpr = False, ASM: tl.constexpr = False,
 ):
     bh, split = tl.program_id(0), tl.program_id(1)
     b = bh // HKV
@@ -175,6 +282,7 @@ def _kv_attention_kernel(
     q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + chan[None, :], mask=row_ok[:, None], other=0.0)
     q = (q.to(tl.float32) * sm_scale).to(DOT_DTYPE)
     first, m, l, acc = initial_state(start_ptr, b, HAS_START, R, D)
+    out_chan = chan  # the accumulator's channels
     if split < splits - 1:  # a share of the store
         lo = split * tokens_per_split
         hi = tl.minimum(lo + tokens_per_split, TQ)
@@ -194,19 +302,38 @@ def _kv_attention_kernel(
             ks, km = ks_ptr + bh.to(tl.int64) * ks_head, km_ptr + bh.to(tl.int64) * km_head
             vc = vc_ptr + bh.to(tl.int64) * vc_head
             vs, vm = vs_ptr + bh.to(tl.int64) * vs_head, vm_ptr + bh.to(tl.int64) * vm_head
+            if FOLD_K:  # the folded tiles' channels come in _paired_channels' order: q's too
+                q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + _paired_channels(chan, EPW)[None, :],
+                            mask=row_ok[:, None], other=0.0)
+                q = (q.to(tl.float32) * sm_scale).to(DOT_DTYPE)
+            if FOLD_V:  # and the output's
+                out_chan = _paired_channels(chan, EPW)
+            qsum = tl.sum(q.to(tl.float32), axis=1)  # the folded keys' minimum term (FOLD_K)
+            top = 1.0
+            if FOLD_V and DOT_DTYPE == tl.float16:  # the share's largest value scale (fp16 weights' range)
+                top = _largest_scale(vs, lo, hi, first, 8 * BLOCK_T)
             for t0 in range(lo, hi, BLOCK_T):
                 tok = t0 + tl.arange(0, BLOCK_T)
-                k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
-                p, m, alpha = scores(q, k, (tok < hi) & (tok >= first), m, DOT_DTYPE, PRECISION)
-                v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
-                l, acc = accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
+                live = (tok < hi) & (tok >= first)
+                if FOLD_K:  # per-token keys, one (scale, mn) a head: the parameters on the scores
+                    p, m, alpha = _folded_scores(q, qsum, kc, ks, km, tok, tok < hi, live, m, BITS, D, EPW,
+                                                 DOT_DTYPE, PRECISION, ASM)
+                else:
+                    k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
+                    p, m, alpha = scores(q, k, live, m, DOT_DTYPE, PRECISION)
+                if FOLD_V:  # one (scale, mn) a token and head: the parameters on p
+                    l, acc = _folded_accumulate(p, vc, vs, vm, tok, tok < hi, live, alpha, l, acc, top, BITS, D,
+                                                EPW, DOT_DTYPE, PRECISION, ASM)
+                else:
+                    v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
+                    l, acc = accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
     else:  # the last program of each (b, kv head): the full-precision residual window
         pos0, newest = TQ, 0
         if RING:  # a static window: positions length[b] ... newest[b] in a ring of TR slots
             pos0, newest = tl.load(length_ptr + b), tl.load(newest_ptr + b)
         m, l, acc = dense_tokens(q, rk_ptr + bh.to(tl.int64) * rk_head, rv_ptr + bh.to(tl.int64) * rv_head, TR,
                                   pos0, first, newest, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION, RING)
-    store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, chan, split, splits, D)
+    store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, out_chan, split, splits, D)
 
 
 def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length=None, newest=None) -> None:
@@ -253,6 +380,15 @@ def by_heads(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     return t.contiguous(), rows * w
 
 
+def folded(key_axis: str, bits: int, group: int, d: int) -> tuple[bool, bool]:
+    """(keys, values): whether the kernel takes each part's parameters out of the element loop (FOLD_K, FOLD_V:
+    _folded_scores, _folded_accumulate), which needs one (scale, mn) per token and head: group == D, keys per token
+    (QoQ's KV4) for the keys; the values (always per token) of any packed store with group == D (KIVI's too)."""
+    whole_head = key_axis in ("channel", "token") and group == d and values_per_word(bits) * words_per_group(
+        bits, group) == group
+    return whole_head and key_axis == "token", whole_head
+
+
 def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length=None,
            newest=None) -> torch.Tensor:
     b, hq, d = q.shape
@@ -268,14 +404,16 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
     tensors = [q.contiguous(), *(t for t, _ in parts)]
     # packed_k / packed_v hold the float keys / values (float_decode_attention), or the e4m3 ones and their scales
     store_float = key_axis in ("float", "fp8")
+    fold_k, fold_v = folded(key_axis, bits, group, d)
     _kv_attention_kernel[(b * hkv, splits)](
         *tensors, *(m if t is None else t.contiguous() for t in (start, length, newest)), m, l, acc,
         *(stride for _, stride in parts), hkv, tq, tr, per_split, sm_scale,
         D=d, REP=hq // hkv, BITS=bits, G=group, EPW=1 if store_float else values_per_word(bits),
         WPG=1 if store_float else words_per_group(bits, group), KEYS_PER_CHANNEL=key_axis == "channel",
         BLOCK_T=block_t, HAS_START=start is not None, HAS_LENGTH=length is not None, RING=newest is not None,
-        **dot_args(q.dtype), R=REP_PAD, FLOAT=key_axis == "float", FP8=key_axis == "fp8",
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        **dot_args(q.dtype), R=REP_PAD, FLOAT=key_axis == "float", FP8=key_axis == "fp8", FOLD_K=fold_k,
+        FOLD_V=fold_v, ASM=q.dtype == torch.float16 and not interpreter_on(), num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     combine_kernel[(b * hq,)](m, l, acc, o, SPLITS=splits, SPLITS_PAD=max(2, next_power_of_2(splits)), D=d)
