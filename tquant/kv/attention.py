@@ -32,6 +32,21 @@ and values as they are (no codes), its reference is `reference_attention`. `fp8_
 KV cache (tquant.kv.fp8_format: float8_e4m3fn [B, Hkv, Tq, D], one fp32 scale a KV head for keys and one for values):
 its store shares load e4m3 tiles, convert them to fp32 (exact) and multiply by the head's scale (FP8 constexpr),
 then attend as over a float cache; reference `fp8_decode_attention_ref` (torch's float8 cast, fp32).
+
+Folded parameters (FOLD_K / FOLD_V, issue 30; `folded` says where): a part stored per token with one group a head
+(group == D at 2 / 4 / 8 bits: QoQ's KV4 keys and values, KIVI's values at group D) has one (scale_t, mn_t) a token,
+so they leave the element loop:
+    s[r, t] = sum_d q[r, d] (c[t, d] scale_t + mn_t) = scale_t (q_r . c_t) + mn_t qsum[r],   qsum[r] = sum_d q[r, d]
+    sum_t p[r, t] (c[t, :] scale_t + mn_t) = sum_t (p[r, t] scale_t) c[t, :] + sum_t p[r, t] mn_t
+The dots take the raw codes c as floats (exact small integers: fp16 (code | 0x6400) - 1024, on the GPU one LOP3 and
+one HSUB2 per half2 pair of codes i and i + EPW / 2 of a word, 16 bits apart, so a tile's channels come in that
+pair order and q and the accumulator are permuted to match, _paired_channels). Rounding: the scores' dot is exact
+products summed in fp32 and scale_t, mn_t qsum are applied in fp32 on [R, BLOCK_T] (no fp16 rounding of keys, unlike
+the unfolded fp16 path's code * scale + mn in fp16). The values' weights p scale_t are rounded once to the dot's
+dtype: in fp16 as p scale_t 2^15 / top, top the largest value scale of the program's share (_largest_scale, a
+pre-pass), so every weight lies in [0, 2^15] (no overflow) and keeps fp16's 11 bits down
+to p scale_t / top = 2^-29 (the dot's sum, at most BLOCK_T 2^15 255, fits fp32); bf16 / fp32 as p / l' scale_t in
+[0, 65504]. sum_t p mn_t is an fp32 row sum. Masked tokens' parameters are zeroed, not only their p.
 """
 from __future__ import annotations
 
@@ -150,9 +165,9 @@ def _tile(codes_ptr, scale_ptr, mn_ptr, t0, TQ, chan, PER_CHANNEL: tl.constexpr,
                 mn = tl.load(mn_ptr + g[:, None] * D + chan[None, :], mask=g_ok, other=0.0)
                 scale = tl.reshape(tl.broadcast_to(scale[:, None, :], [BLOCK_T // G, G, D]), [BLOCK_T, D])
                 mn = tl.reshape(tl.broadcast_to(mn[:, None, :], [BLOCK_T // G, G, D]), [BLOCK_T, D])
-            else:  # the whole tile lies in one group
-                scale = tl.load(scale_ptr + (t0 // G) * D + chan, mask=t0 < TQ, other=0.0)[None, :]
-                mn = tl.load(mn_ptr + (t0 // G) * D + chan, mask=t0 < TQ, other=0.0)[None, :]
+            else:  # the whole tile lies in one group, a stored one (the loop's t0 < TQ)
+                scale = tl.load(scale_ptr + (t0 // G) * D + chan)[None, :]
+                mn = tl.load(mn_ptr + (t0 // G) * D + chan)[None, :]
         else:
             c = tl.arange(0, D // EPW)
             w = tl.load(codes_ptr + tok[:, None] * (D // EPW) + c[None, :], mask=ok[:, None], other=0)
