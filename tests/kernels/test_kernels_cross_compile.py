@@ -21,7 +21,7 @@ import sys
 import pytest
 
 CASES = [("kivi", 4, "channel", "float16"), ("kivi", 2, "channel", "bfloat16"), ("kivi", 4, "token", "float16"),
-         ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16"),
+         ("kivi", 8, "token", "bfloat16"), ("kivi", 3, "channel", "float32"), ("kvquant", 4, True, "float16"), ("kvquant", 3, False, "bfloat16"),
          ("kvquant", 2, True, "bfloat16"),
          ("bcq", 4, 1, "float16"), ("bcq", 3, 32, "bfloat16"), ("spqr", 3, 1, "float16"), ("spqr", 4, 16, "float16"),
          ("bcq_lut", 3, 1, "float16"), ("bcq_smem", 3, 1, "float16"), ("bcq_smem", 4, 1, "bfloat16"),

@@ -211,3 +211,90 @@ def test_kernels_kivi_attention_reads_growing_views_in_place():
     transposed = torch.randn(2, 3, 4, 5).transpose(2, 3)
     copy, stride = by_heads(transposed)
     assert copy is not transposed and copy.is_contiguous() and stride == 20 and torch.equal(copy, transposed)
+
+
+@needs_backend
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), hkv=st.integers(1, 2), rep=st.sampled_from([1, 3, 4]), d=st.sampled_from([16, 32, 64]),
+       bits=st.sampled_from([2, 4, 8]), key_axis=st.sampled_from(["token", "token", "channel"]),
+       tq=st.integers(1, 75), tr=st.integers(0, 6), mode=st.sampled_from(["plain", "start", "length", "ring"]),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), key_exp=st.integers(-3, 3),
+       value_exp=st.sampled_from([-3, 0, 3, None]), seed=st.integers(0, 2**31 - 1))
+def test_kernels_folded_attention_matches_reference(b, hkv, rep, d, bits, key_axis, tq, tr, mode, dtype, key_exp,
+                                                    value_exp, seed):
+    """Stores with one (scale, mn) a token and head (group == D: QoQ's KV4 keys and values, KIVI's values), which the
+    kernel reads with the parameters folded out of the element loop (FOLD_K / FOLD_V), against the fp32 reference:
+    odd lengths (keys per channel: whole groups), left padding, a static store read up to length[b], a ring window,
+    every dtype and 2 / 4 / 8 bits; keys scaled by 10^key_exp (q by its inverse, so the scores stay moderate) and
+    values by 10^value_exp, or (None) each token's values by its own 10^U(-3, 3), so that the value scales of one
+    tile span 6 decades (fp16's weights are normalized by the share's largest scale)."""
+    if key_axis == "channel":
+        tq = -(-tq // d) * d
+    if mode == "ring":
+        tr = max(tr, 1)
+    if mode in ("plain", "start") and tq + tr == 0:
+        tr = 1
+    g = torch.Generator().manual_seed(seed)
+    k = (torch.randn(b, hkv, tq + tr, d, generator=g) * 2 + torch.randn(d, generator=g) * 3) * 10.0**key_exp
+    v = torch.randn(b, hkv, tq + tr, d, generator=g)
+    v = v * (10.0**value_exp if value_exp is not None else
+             10.0 ** (torch.rand(b, hkv, tq + tr, 1, generator=g) * 6 - 3))
+    pk = kv_quant.key_format(key_axis)[0](k[..., :tq, :], bits, d)
+    pv = kv_quant.quantize_values(v[..., :tq, :], bits, d)
+    q = torch.randn(b, hkv * rep, d, generator=g) * 10.0**-key_exp
+    move = lambda p: kv_quant.PackedKV(*(t.to(DEVICE) for t in p))  # noqa: E731
+    cache = (move(pk), move(pv), k[..., tq:, :].to(DEVICE, dtype), v[..., tq:, :].to(DEVICE, dtype))
+    args = dict(bits=bits, group=d, key_axis=key_axis)
+    if mode == "start":  # left padding: at least one token left
+        args["start"] = torch.randint(0, tq + tr, (b,), generator=g).to(DEVICE)
+    elif mode in ("length", "ring"):
+        step = d if key_axis == "channel" else 1  # a per-channel store is filled a group at a time
+        lo = 0 if tr else 1
+        length = torch.randint(lo, tq // step + 1, (b,), generator=g, dtype=torch.int32) * step
+        args["length"] = length.to(DEVICE)
+        if mode == "ring":  # window slots hold positions length ... newest
+            args["newest"] = (length + torch.randint(0, tr, (b,), generator=g, dtype=torch.int32)).to(DEVICE)
+        elif tr == 0:  # a ragged start below length
+            args["start"] = (torch.rand(b, generator=g) * length).long().to(DEVICE)
+    q = q.to(DEVICE, dtype)
+    ref = kivi_decode_attention_ref(q, *cache, sm_scale=d**-0.5, **args)
+    out = kivi_decode_attention(q, *cache, **args)
+    assert out.shape == q.shape and out.dtype == dtype and out.isfinite().all()
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < TOL[dtype], err
+
+
+def test_kernels_kivi_attention_folds_exactly_where_the_layout_allows(monkeypatch):
+    """The launcher folds a part's parameters out of the element loop (FOLD_K / FOLD_V) exactly where they are one
+    (scale, mn) a token and head and the codes fill whole words: group == D at 2 / 4 / 8 bits, keys per token
+    (values always); never at 3 bits (gathered words), group < D, keys per channel, float or fp8 stores."""
+    from tquant.kv import attention
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, record):
+            self.record = record
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.record and seen.append((kwargs["FOLD_K"], kwargs["FOLD_V"]))
+
+    monkeypatch.setattr(attention, "_kv_attention_kernel", Recorder(True))
+    monkeypatch.setattr(attention, "combine_kernel", Recorder(False))
+    monkeypatch.setattr(attention, "tune", lambda name, key, configs, run, device: configs[0])
+    d = 32
+    for key_axis in ("token", "channel"):
+        for bits in (2, 3, 4, 8):
+            for group in (8, 16, d):
+                pk, pv, rk, rv = random_cache(1, 2, d, 2 * d, 1, bits, group, torch.float16, 0, key_axis)
+                kivi_decode_attention(torch.randn(1, 4, d).to(DEVICE, torch.float16), pk, pv, rk, rv, bits=bits,
+                                      group=group, key_axis=key_axis)
+                whole = group == d and bits != 3
+                assert seen.pop() == (whole and key_axis == "token", whole), (key_axis, bits, group)
+    q, kv = torch.randn(1, 4, d).to(DEVICE), torch.randn(1, 2, 8, d).to(DEVICE)
+    attention.float_decode_attention(q, kv, kv, length=torch.tensor([8], device=DEVICE))
+    e4m3 = kv.to(torch.float8_e4m3fn)
+    one = torch.ones(2, device=DEVICE)
+    attention.fp8_decode_attention(q, e4m3, e4m3, one, one, kv[:, :, :1], kv[:, :, :1])
+    assert seen == [(False, False), (False, False)]
+    assert attention.folded("token", 4, 128, 128) == (True, True)  # QoQ's KV4 at Llama's head size
