@@ -76,8 +76,12 @@ def left_padding(tokens, seed):
 
 @pytest.mark.parametrize("key_axis,bits,group,tq,dtype", [("channel", 4, 32, 992, torch.float16),
                                                           ("channel", 3, 32, 1024, torch.bfloat16),
-                                                          ("token", 2, 32, 1001, torch.float16)])
+                                                          ("token", 2, 32, 1001, torch.float16),
+                                                          ("token", 4, D, 1001, torch.float16),
+                                                          ("channel", 8, D, 1024, torch.bfloat16)])
 def test_kivi_attention_every_gpu_config(monkeypatch, key_axis, bits, group, tq, dtype):
+    """group == D: the parameters folded out of the element loop (QoQ's KV4 in fp16 through the inline-asm pair
+    decode; KIVI's values in bf16 beside unfolded per-channel keys)."""
     pk, pv, rk, rv = kivi_cache(B, HKV, D, tq, TR, bits, group, dtype, seed=bits, key_axis=key_axis)
     q, start = query(dtype, bits + 1), left_padding(tq, bits + 2)
     args = dict(bits=bits, group=group, start=start, key_axis=key_axis)
