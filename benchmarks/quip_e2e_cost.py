@@ -1,14 +1,17 @@
 """Time and memory of QuIP#'s end-to-end fine-tuning stage (quip# e2e_epochs) on the offline SmolLM2-135M.
 
     python benchmarks/quip_e2e_cost.py [--n-samples 8] [--batch 4] [--steps 2] [--threads 1] [--topk 64] [--saved]
+                                       [--order dense|transforms]
 
 Only the cost is measured, not quality: every block linear becomes a 4-bit QuipLinear with random codes (quantizing
 for real takes 20-58 min on a 2-core CPU; the tuning stage's work does not depend on the codes' values). Prints the
 seconds of the teacher's top-k forward over the calibration windows, of one training step (forward, backward and
 Adam over e2e_batch windows of 512 tokens) and of one KL check over all windows, and the peak resident memory of
-the process after the float model is loaded and after the steps. --saved instead: the bytes autograd keeps for
-the backward of one 512-token window (every tensor a pack hook sees, counted once per storage), in the blocks and
-with the loss.
+the process after the float model is loaded and after the steps. --order: the stage's evaluation order (quip#'s
+e2e_dense option): dense (its default; every QuipLinear multiplies by its rotated-back weight, computed once on
+entry, timed apart) or transforms (through the Hadamard transforms, checkpointed). --saved instead: the bytes
+autograd keeps for the backward of one 512-token window (every tensor a pack hook sees, counted once per storage),
+in the blocks and with the loss.
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--saved", action="store_true", help="only the bytes kept for the backward of one window")
+    p.add_argument("--order", choices=("dense", "transforms"), default="dense",
+                   help="the e2e stage's evaluation order (quip# e2e_dense=True / False)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model, tok = load_model("default")
@@ -81,7 +86,9 @@ def main():
             if isinstance(mod, torch.nn.Linear):
                 block.set_submodule(name, random_quip(mod, 4, g))
     layers = [m for m in model.modules() if isinstance(m, QuipLinear)]
-    with end_to_end_parameters(model) as (signs, others):
+    start = time.monotonic()
+    with end_to_end_parameters(model, dense=a.order == "dense") as (signs, others):
+        entry = time.monotonic() - start
         groups = [{"params": signs, "lr": 5e-4}, {"params": others, "lr": 5e-5}]
         with float32_training(model, signs + others):
             if a.saved:
@@ -94,7 +101,7 @@ def main():
             check = time.monotonic() - start
     # distill_logits ran two checks (before and after) besides the steps
     print(f"{len(layers)} QuipLinear, {sum(p.numel() for p in signs)} sign entries, {sum(p.numel() for p in others)} "
-          f"float values tuned; {a.threads} thread(s)")
+          f"float values tuned; {a.threads} thread(s); {a.order} order (entering it: {entry:.1f} s)")
     print(f"one KL check over {a.n_samples} windows: {check:.1f} s; one step of {a.batch} x 512 tokens: "
           f"{(total - 2 * check) / a.steps:.1f} s; peak RSS {peak_gib():.2f} GiB")
 

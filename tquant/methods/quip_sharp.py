@@ -22,14 +22,20 @@ next-token distributions on the calibration set, codes fixed:
     min  mean_t KL_t(p_float || q_quantized),  p and q coarsened to the teacher's top e2e_topk tokens + the rest
 (tquant.calib.logit_distill: the teacher's top-k log-probs are taken by one float forward before the blocks change,
 n T (8 k + 4) bytes, instead of keeping a float copy of the model to recompute them each step; dropout off).
-Memory: the whole model in float32 with autograd through every block (each QuipLinear checkpointed: it keeps its
-input, not its decoded weight). Measured on SmolLM2-135M (benchmarks/quip_e2e_cost.py, CPU, 4-bit codes): autograd
-keeps 763 MiB per 512-token window in the model (1.5 MiB a token; --saved) and 192 MiB more for the loss over the
-49152-token vocabulary; the process peaked at 13.4 GiB at e2e_batch 4. For an 8B Llama (an estimate, not
-measured: the per-token figure scaled by the hidden width 4096 / 576 and the 32 blocks, flash attention keeping no
-attention matrix): about 10 MiB a token, so about 40 GiB for one 4096-token window, plus 4 GiB for the loss over
-128256 tokens and 4.2 GiB for the float32 embedding and head (an untied head: 2.1 GiB of gradient and 4.2 GiB of
-Adam moments more): one 80 GiB GPU at e2e_batch 1 x 4096 tokens.
+Evaluation order (e2e_dense): by default every QuipLinear runs inside trainable(dense=True), as in the per-block
+stage, holding its rotated-back weight (float32, 4 bytes a weight); e2e_dense=False runs the Hadamard transforms
+instead, each QuipLinear checkpointed (it keeps its input, not its decoded weight): the same function, slower.
+Memory: the whole model in float32 with autograd through every block. Measured on SmolLM2-135M
+(benchmarks/quip_e2e_cost.py, CPU, 4-bit codes, through the transforms): autograd keeps 763 MiB per 512-token window
+in the model (1.5 MiB a token; --saved) and 192 MiB more for the loss over the 49152-token vocabulary; the process
+peaked at 13.4 and 22.8 GiB in two runs at e2e_batch 4 (10.0 GiB in the dense order, its 425 MB of rotated-back
+weights included). For an 8B Llama (an estimate, not measured: the per-token figure scaled by the hidden width 4096
+/ 576 and the 32 blocks, flash attention keeping no attention matrix): about 10 MiB a token, so about 40 GiB for one
+4096-token window, plus 4 GiB for the loss over 128256 tokens and 4.2 GiB for the float32 embedding and head (an
+untied head: 2.1 GiB of gradient and 4.2 GiB of Adam moments more): one 80 GiB GPU at e2e_batch 1 x 4096 tokens
+through the transforms. The dense order keeps 1473 MiB per window instead (2.9 MiB a token, measured; the checkpoint
+keeps only each QuipLinear's input, the dense matmul's autograd more for the su / sv gradients), so for that Llama
+about 80 GiB a 4096-token window plus ~26 GiB of rotated-back weights: e2e_dense=False there.
 """
 from __future__ import annotations
 
@@ -93,14 +99,15 @@ def proxy_error(delta: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def end_to_end_parameters(model):
-    """(signs, others) while every QuipLinear of model is trainable (QuipLinear.trainable): signs the su / sv of each,
-    others every other float parameter but the input embedding's (norms, biases, an untied head): what the
-    end-to-end stage tunes."""
+def end_to_end_parameters(model, dense: bool = True):
+    """(signs, others) while every QuipLinear of model is trainable (QuipLinear.trainable(dense)): signs the su / sv
+    of each, others every other float parameter but the input embedding's (norms, biases, an untied head): what the
+    end-to-end stage tunes. dense: every QuipLinear holds its rotated-back weight A^T (float32, 4 bytes a weight)
+    and multiplies by it; False: through the Hadamard transforms, checkpointed."""
     layers = [m for m in model.modules() if isinstance(m, QuipLinear)]
     with contextlib.ExitStack() as stack:
         for m in layers:
-            stack.enter_context(m.trainable())
+            stack.enter_context(m.trainable(dense=dense))
         signs = [p for m in layers for p in (m.su, m.sv)]
         fixed = {id(p) for p in [*signs, *model.get_input_embeddings().parameters()]}
         yield signs, [p for p in model.parameters() if p.is_floating_point() and id(p) not in fixed]
@@ -130,6 +137,12 @@ class QuipSharp(Method):
     e2e_susv_lr: float = option(5e-4, "end-to-end Adam learning rate of the sign vectors su, sv")
     e2e_batch: int = option(4, "sequences per end-to-end step (and per forward of the teacher and the KL checks)")
     e2e_topk: int = option(64, "teacher tokens kept per position: the loss is the KL over them and the rest's mass")
+    e2e_dense: bool = option(True, "end-to-end stage in the dense order: every QuipLinear holds its rotated-back "
+                                   "weight (float32, 4 bytes a weight: ~425 MB for SmolLM2-135M, ~26 GiB for an 8B "
+                                   "Llama) and multiplies by it, the same function as the Hadamard transforms and "
+                                   "3.5x faster a step on the CPU, but autograd keeps about twice the activations "
+                                   "(1.9x a window); False: through the transforms, checkpointed, no dense copy "
+                                   "(for a model or window too large for that, e.g. an 8B at 4096 tokens)")
 
     def __post_init__(self):
         e8p_codebook.check_bits(self.bits)
@@ -148,6 +161,8 @@ class QuipSharp(Method):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"quip#: {key} must be an integer >= {least}{' (' + note + ')' if note else ''}; "
                                  f"got {value!r}")
+        if not isinstance(self.e2e_dense, bool):
+            raise ValueError(f"quip#: e2e_dense must be True or False; got {self.e2e_dense!r}")
         for key in ("e2e_lr", "e2e_susv_lr"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -236,14 +251,14 @@ class QuipSharp(Method):
 
     def _tune_end_to_end(self, model, calib, teacher):
         """Adam on every QuipLinear's su, sv and the float parameters but the input embedding's (module docstring)."""
-        with end_to_end_parameters(model) as (signs, others):
+        with end_to_end_parameters(model, dense=self.e2e_dense) as (signs, others):
             groups = [{"params": signs, "lr": self.e2e_susv_lr}] + ([{"params": others, "lr": self.e2e_lr}]
                                                                     if others else [])
             steps = self.e2e_epochs * math.ceil(calib.shape[0] / self.e2e_batch)
             with float32_training(model, signs + others):
                 before, after = distill_logits(model, groups, calib, teacher, steps=steps, batch=self.e2e_batch,
                                                checks=self.e2e_epochs)
-        self.e2e_log = {"kl_before_after": [before, after], "steps": steps,
+        self.e2e_log = {"kl_before_after": [before, after], "steps": steps, "dense": self.e2e_dense,
                         "teacher_rest_mass": teacher[0][..., -1].exp().mean().item(),
                         "tuned_parameters": {"signs": sum(p.numel() for p in signs),
                                              "float": sum(p.numel() for p in others)}}

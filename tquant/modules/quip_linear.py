@@ -13,7 +13,8 @@ Fine-tuning (QuIP#'s end-to-end stage, tquant.methods.quip_sharp): inside `with 
 QuIP# makes the signs real-valued) and the bias (its dtype) are nn.Parameters, and the forward takes the torch
 references, which autograd differentiates (the Triton kernels have no backward), each layer checkpointed (its
 backward recomputes its forward, so it keeps only its input); the codes stay fixed. On exit they are buffers again,
-holding the tuned values. QuIP#'s per-block stage tunes the same way with `trainable(dense=True)`: the forward is then
+holding the tuned values. QuIP#'s per-block stage (and its end-to-end stage by default, quip#'s e2e_dense) tunes
+the same way with `trainable(dense=True)`: the forward is then
     y = ((x * su) @ A^T) * sv + bias,   A^T = the transforms above without su, sv, bias applied to the identity
 (A = H_N^T D H_K, float32 [K, N], computed once on entry and held while inside): the same function in another
 evaluation order, one matmul a call instead of two Hadamard transforms, a decode and the checkpoint's recompute.
