@@ -45,7 +45,7 @@ from ..formats import bcq
 from ..formats.packing import unpack_codes
 from .autotune_cache import tune
 from . import dequant_gemm
-from .dequant_gemm import store_output
+from .dequant_gemm import k_range, split_args, store_output
 from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on
 from .tiling import unpack_words
 
@@ -92,8 +92,8 @@ def _bcq_matmul_kernel(x_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr, ws
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    first = split * tiles_per_split
-    for t in range(first, tl.minimum(first + tiles_per_split, K // BLOCK_K)):
+    first, t_end = k_range(K // BLOCK_K, tiles_per_split, split, SPLIT)
+    for t in range(first, t_end):
         k0 = t * BLOCK_K
         rk = input_columns(perm_ptr, k0, BLOCK_K, HAS_PERM)
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], mask=m_ok[:, None], other=0.0)
@@ -142,8 +142,8 @@ def _bcq_lut_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_ptr
     n_ok = rn < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     x_row = x_ptr + m.to(tl.int64) * K
-    first = split * tiles_per_split
-    for t in tl.range(first, tl.minimum(first + tiles_per_split, K // BLOCK_K), num_stages=NUM_STAGES):
+    first, t_end = k_range(K // BLOCK_K, tiles_per_split, split, SPLIT)
+    for t in tl.range(first, t_end, num_stages=NUM_STAGES):
         k0 = t * BLOCK_K
         table = t_ptr + (m.to(tl.int64) * (K // 8) + k0 // 8) * 128  # the tile's first chunk
         g = k0 // GROUP
@@ -259,8 +259,8 @@ def _bcq_smem_kernel(x_ptr, t_ptr, p_ptr, a_ptr, o_ptr, perm_ptr, bias_ptr, y_pt
     words, alphas = p_ptr + rn, a_ptr + rn
     plane_stride, alpha_stride = (K // 32).to(tl.int64) * N, GROUPS * N
     W: tl.constexpr = BLOCK_K // 32
-    first = split * tiles_per_split
-    for t in tl.range(first, tl.minimum(first + tiles_per_split, K // BLOCK_K), num_stages=NUM_STAGES):
+    first, t_end = k_range(K // BLOCK_K, tiles_per_split, split, SPLIT)
+    for t in tl.range(first, t_end, num_stages=NUM_STAGES):
         k0 = t * BLOCK_K
         table = tl.load(t_ptr + (m.to(tl.int64) * (K // 8) + k0 // 8) * ENTRIES + tl.arange(0, BLOCK_K // 8 * ENTRIES))
         if F32_TABLE:
@@ -332,13 +332,12 @@ def launch(config, x, planes, alphas, offset=None, perm=None, bias=None) -> torc
     q, _, n = planes.shape
     groups = alphas.shape[1]
     block_m = 16 if m <= 16 else 64
-    tiles = k // config["BLOCK_K"]
-    per_split = triton.cdiv(tiles, config["SPLIT_K"])
-    splits = triton.cdiv(tiles, per_split)
     lut = config["path"] != "dot"
-    grid = (m if lut else triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]), splits)
+    grid_mn = (m if lut else triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]))
     y = dequant_gemm.output_buffer(m, n, x.dtype, x.device)
-    ws, counters = dequant_gemm.split_k_buffers(splits, m, n, grid[0] * grid[1], x.device) if splits > 1 else (y, y)
+    # K tiles a split: ceil(tiles / SPLIT_K) (split_k_grid in steps of one tile)
+    per_split, splits, ws, counters = split_args(config, k // config["BLOCK_K"], 1, m, n, grid_mn[0] * grid_mn[1], y)
+    grid = (*grid_mn, splits)
     x = x.contiguous()
     common = dict(Q=q, GROUP=k // groups, HAS_OFFSET=offset is not None, HAS_PERM=perm is not None,
                   HAS_BIAS=bias is not None, SPLIT=splits > 1, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],

@@ -88,7 +88,7 @@ from ..formats.packing import pack_planes, unpack_planes
 from ..formats.quantizer import grouped_qparams, quantize
 from .autotune_cache import tune
 from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
-from .dequant_gemm import split_k_buffers, split_k_grid
+from .dequant_gemm import k_range, split_args
 from .dequant_gemm import store_output as split_output
 from .tiling import store_output, tile_offsets
 
@@ -334,14 +334,15 @@ def _bitplane_kernel(x_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_ptr, wsum_ptr, bia
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     if ONE_SPAN:  # one group of at most MAX_SPAN k: the int32 sum is the only accumulator in the K loop
         zero, ws, col = group_terms(ws_ptr, wz_ptr, wsum_ptr, 0, N, offs_n, n_ok, group_size)
-        k0 = pid_k * per_split  # split pid_k sums k in [k0, k0 + per_split); the first one adds the dx term
-        acc = span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, k0, tl.minimum(k0 + per_split, K), K, KW, N,
-                       stride_p, P, PLANES, DENSE, BLOCK_M, BLOCK_N, BLOCK_K).to(tl.float32) * ws[None, :]
+        k0, k_end = k_range(K, per_split, pid_k, SPLIT)  # split pid_k's k; the first one adds the dx term
+        acc = span_sum(x_rows, m_ok, p_ptr, offs_n, n_ok, zero, k0, k_end, K, KW, N, stride_p, P, PLANES, DENSE,
+                       BLOCK_M, BLOCK_N, BLOCK_K).to(tl.float32) * ws[None, :]
         col = tl.where(pid_k == 0, col, 0.0)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # sum_g w_scale (D + dw A)
         col = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum_g w_scale W
-        for g in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, GROUPS)):  # split pid_k's groups
+        g_first, g_last = k_range(GROUPS, per_split, pid_k, SPLIT)  # split pid_k's groups
+        for g in range(g_first, g_last):
             zero, ws, wcol = group_terms(ws_ptr, wz_ptr, wsum_ptr, g, N, offs_n, n_ok, group_size)
             col += wcol
             g_end = (g + 1) * group_size
@@ -505,9 +506,8 @@ def launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, ac
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
     one_span = group_size == k <= MAX_SPAN
     groups = k // group_size
-    split_k = config.get("SPLIT_K", 1)
-    per_split, splits = split_k_grid(k, config["BLOCK_K"], split_k) if one_span else split_k_grid(groups, 1, split_k)
-    part, counters = split_k_buffers(splits, m, n, tiles, xq.device) if splits > 1 else (y, y)
+    k_total, block = (k, config["BLOCK_K"]) if one_span else (groups, 1)  # a split: BLOCK_K steps of k, or groups
+    per_split, splits, part, counters = split_args(config, k_total, block, m, n, tiles, y)
     dense = config["variant"] == "dense"
     weights = decode_codes(planes, w_zero, bits, group_size, k) if dense else planes
     _bitplane_kernel[(tiles, splits)](

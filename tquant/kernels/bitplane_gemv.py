@@ -48,7 +48,7 @@ from ..formats.packing import pack_planes
 from . import dequant_gemm
 from .autotune_cache import tune
 from .bitplane_gemm import check_bits, wpaq_arguments
-from .dequant_gemm import split_k_grid, store_output
+from .dequant_gemm import k_range, split_args, store_output
 from .runtime import interpreter_on, next_power_of_2
 
 MAX_SPAN = 16384  # k summed in int32 before a conversion to fp32 (module docstring: no int32 overflow); its words
@@ -165,8 +165,7 @@ def _bitplane_gemv_kernel(xp_ptr, xsum_ptr, xs_ptr, xz_ptr, p_ptr, ws_ptr, wz_pt
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row0 = pid_m * ROWS
-    kw_start = pid_s * kw_per_split
-    kw_end = tl.minimum(kw_start + kw_per_split, KW)
+    kw_start, kw_end = k_range(KW, kw_per_split, pid_s, SPLIT)
     acc = ()  # per row: fp32 sum over the finished spans of w_scale * S, [BLOCK_N]
     dot = ()  # per row: int32 popcount sum of the current span, [BLOCK_N]
     sum_a = ()  # per row: int32 sum of a over the current span
@@ -327,14 +326,6 @@ def check_config(config, k: int, group_size: int) -> None:
                          "groups)")
 
 
-def splits_of(config, kw: int, gw: int, groups: int) -> tuple[int, int]:
-    """(words a split, splits): whole groups a split when there are several, else BLOCK_KW multiples."""
-    if groups == 1:
-        return split_k_grid(kw, config["BLOCK_KW"], config["SPLIT_K"])
-    per = -(-groups // config["SPLIT_K"])
-    return per * gw, -(-groups // per)
-
-
 def launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, act_bits, group_size, bias,
            out_dtype) -> torch.Tensor:
     """Pack the activations, then one launch of the GEMV with config (inputs checked and contiguous, M, N >= 1)."""
@@ -342,13 +333,14 @@ def launch(config, xq, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bits, ac
     check_config(config, k, group_size)
     kw, gw, groups = planes.shape[1], group_words(k, group_size), k // group_size
     xp, xsum = pack_activations(xq, act_bits)
-    per_split, splits = splits_of(config, kw, gw, groups)
     span = min(gw, MAX_SPAN // 32)
     rows, blocks_m = row_blocks(m, bits, act_bits)
-    grid = (triton.cdiv(n, config["BLOCK_N"]), splits, blocks_m)
     y = dequant_gemm.output_buffer(m, n, out_dtype, xq.device)
-    part, counters = (dequant_gemm.split_k_buffers(splits, m, n, grid[0] * grid[2], xq.device) if splits > 1
-                      else (y, y))
+    tiles_n = triton.cdiv(n, config["BLOCK_N"])
+    # words a split: BLOCK_KW multiples with one group, else whole groups (kw = groups * gw: gw-word K steps)
+    per_split, splits, part, counters = split_args(config, kw, config["BLOCK_KW"] if groups == 1 else gw, m, n,
+                                                   tiles_n * blocks_m, y)
+    grid = (tiles_n, splits, blocks_m)
     _bitplane_gemv_kernel[grid](
         xp, xsum, x_scale, x_zero, planes, w_scale, w_zero, w_sum, bias if bias is not None else y, y, part, counters,
         m, n, k, kw, gw, span, per_split, splits, y.stride(0), P=bits, Q=act_bits, ROWS=rows,

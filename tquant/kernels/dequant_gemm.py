@@ -9,8 +9,9 @@ share of K in tiles of BLOCK_KW words = BLOCK_K code slots (EPW_P2 = next_power_
 every code is dequantized in registers with constant masks (code_minus_zero) and the codes of each word
 are joined next to each other (codes_tree), giving w^T [BLOCK_N, BLOCK_K] in the order of x's columns;
 then one tl.dot(x tile, w) with fp32 accumulation. For M > 16, perm is applied to x once by the launcher;
-for small M it is gathered in the x loads. SPLIT_K > 1 splits K over grid axis 1 (store_output sums
-the splits in the same launch). On CUDA, fp16/bf16 weights of 2/4/8 bits are dequantized two words at a
+for small M it is gathered in the x loads. SPLIT_K > 1 splits K over grid axis 1 (split_args and k_range: the
+split-K setup shared by every split-K launcher and kernel of tquant.kernels; store_output sums the splits in the
+same launch). On CUDA, fp16/bf16 weights of 2/4/8 bits are dequantized two words at a
 time in packed half2 arithmetic (dequant_pair_asm) when BLOCK_M <= 16 (larger tiles with fp16 joins
 break Triton 3.6's compiler); elsewhere (interpreter, fp32, 3-bit, bf16 8-bit) in fp32 (code_minus_zero).
 Both give the same values: (code - zero) * scale rounded once to x's dtype.
@@ -166,6 +167,19 @@ def split_k_sum(acc, offs_m, offs_n, M, N, ws_ptr, count_ptr, tile, split, split
 
 
 @triton.jit
+def k_range(K, per_split, split, SPLIT: tl.constexpr):
+    """[start, end) of K (elements, words, groups or K tiles: the unit of per_split) that split `split` (the
+    program's index on the split grid axis) walks: all of K unsplit (SPLIT false), else
+    [split per_split, min((split + 1) per_split, K)) (per_split a multiple of the K step: split_k_grid), so
+    splits 0 .. S - 1 of S = ceil(K / per_split) cover K once, each a whole number of K steps."""
+    start, end = 0, K
+    if SPLIT:
+        start = split * per_split
+        end = tl.minimum(start + per_split, K)
+    return start, end
+
+
+@triton.jit
 def store_output(y_ptr, acc, offs_m, offs_n, M, N, stride_ym, bias_ptr, ws_ptr, count_ptr, tile, split, splits,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] fp32 (+ bias) -> y in y's dtype. SPLIT: the fp32 workspace [splits, M, N] sums the
@@ -230,8 +244,7 @@ def _dequant_gemm_kernel(
     offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tl.arange(0, BLOCK_KW)
     slot = tl.arange(0, BLOCK_K)  # slot = word * EPW_P2 + j holds code j of that word
-    kw_start = pid_k * kw_per_split
-    kw_end = tl.minimum(kw_start + kw_per_split, KW)
+    kw_start, kw_end = k_range(KW, kw_per_split, pid_k, SPLIT)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
@@ -314,6 +327,24 @@ def split_k_buffers(splits: int, m: int, n: int, tiles: int, device) -> tuple[to
     return torch.empty(splits, m, n, dtype=torch.float32, device=device), split_k_counters(tiles, device)
 
 
+def split_args(config, k_total: int, block: int, m: int, n: int, tiles: int, y: torch.Tensor,
+               partial_dtype: torch.dtype = torch.float32) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """(per_split, splits, workspace, counters) of config's SPLIT_K (1 if absent) over k_total (elements, words,
+    groups or K tiles, in K steps of block), for a launch on grid (tiles, splits) and the kernel's k_range:
+    split_k_grid's P = ceil(ceil(k_total / SPLIT_K) / block) * block and S = ceil(k_total / P), split s owning
+    [s P, min((s + 1) P, k_total)); for S > 1 the workspace [S, m, n] of partial_dtype (fp32, or int32 as a view of
+    the same buffer) and the arrival counters of the tiles (split_k_buffers), else (k_total, 1, y, y): one split
+    covering all of K, y passed twice as the unused buffers."""
+    split_k = config.get("SPLIT_K", 1)
+    if split_k <= 1 or k_total <= block:
+        return k_total, 1, y, y
+    per_split, splits = split_k_grid(k_total, block, split_k)
+    if splits == 1:
+        return k_total, 1, y, y
+    part, counters = split_k_buffers(splits, m, n, tiles, y.device)
+    return per_split, splits, part.view(partial_dtype), counters
+
+
 ASM_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}  # 1024.0 / 128.0 in both halves
 ASM_BITS = {torch.float16: (2, 4, 8), torch.bfloat16: (2, 4)}  # bf16's 7 mantissa bits hold no 8-bit code
 
@@ -352,12 +383,11 @@ def gemm(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
     block_kw = config["BLOCK_K"] // epw_p2
     if perm is not None and m > 16:  # gather x once rather than in every program's loads
         x, perm = x[:, perm], None
-    per_split, splits = split_k_grid(qweight.shape[0], block_kw, config["SPLIT_K"])
     groups = group_mode(block_kw, epw, group_size, k, bilevel is not None)
     asm = use_asm(x.dtype, bits) and groups < 2 and config["BLOCK_M"] <= 16
     y = output_buffer(m, n, x.dtype, x.device)
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
-    ws, counters = split_k_buffers(splits, m, n, tiles, x.device) if splits > 1 else (y, y)
+    per_split, splits, ws, counters = split_args(config, qweight.shape[0], block_kw, m, n, tiles, y)
     _dequant_gemm_kernel[(tiles, splits)](
         x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y, ws,
         counters, m, n, k, qweight.shape[0], group_size, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from . import dequant_gemm
-from .dequant_gemm import (MAGIC_BITS, code_minus_zero, code_scale, group_mode, load_group_params, split_k_grid,
-                           store_output)
+from .dequant_gemm import (MAGIC_BITS, code_minus_zero, code_scale, group_mode, k_range, load_group_params,
+                           split_args, store_output)
 
 
 @triton.jit
@@ -66,8 +66,7 @@ def _dequant_gemv_kernel(
     n_ok = offs_n < N
     rows = tl.arange(0, BLOCK_KW)
     j = tl.arange(0, EPW_P2)
-    kw_start = pid_k * kw_per_split
-    kw_end = tl.minimum(kw_start + kw_per_split, KW)
+    kw_start, kw_end = k_range(KW, kw_per_split, pid_k, SPLIT)
     acc = tl.zeros([BLOCK_KW, BLOCK_N], dtype=tl.float32)
     for kw0 in tl.range(kw_start, kw_end, BLOCK_KW, num_stages=NUM_STAGES):
         words = tl.load(q_ptr + (kw0 + rows)[:, None] * stride_qk + offs_n[None, :],
@@ -117,10 +116,9 @@ def gemv(x, qweight, scales, zeros, perm, bias, *, bits: int, group_size: int, c
     k = x.shape[1]
     n = qweight.shape[1]
     epw = 32 // bits
-    per_split, splits = split_k_grid(qweight.shape[0], config["BLOCK_KW"], config["SPLIT_K"])
     y = dequant_gemm.output_buffer(1, n, x.dtype, x.device)
     tiles = triton.cdiv(n, config["BLOCK_N"])
-    ws, counters = dequant_gemm.split_k_buffers(splits, 1, n, tiles, x.device) if splits > 1 else (y, y)
+    per_split, splits, ws, counters = split_args(config, qweight.shape[0], config["BLOCK_KW"], 1, n, tiles, y)
     _dequant_gemv_kernel[(tiles, splits)](
         x, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else y, y, ws,
         counters, n, k, qweight.shape[0], group_size, qweight.stride(0), scales.stride(0), per_split, splits,

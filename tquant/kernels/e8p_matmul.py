@@ -55,7 +55,7 @@ from ..formats.e8p_codebook import (
 )
 from . import dequant_gemm
 from .autotune_cache import tune
-from .dequant_gemm import MAGIC_BITS, split_k_grid, store_output
+from .dequant_gemm import MAGIC_BITS, k_range, split_args, store_output
 from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
 from .tiling import tile_offsets
 
@@ -230,8 +230,7 @@ def _e8p_gemv_kernel(
     n_ok = offs_n < N
     rows = tl.arange(0, BLOCK_KB)
     j8 = tl.arange(0, 8)
-    kb_start = pid_k * kb_per_split
-    kb_end = tl.minimum(kb_start + kb_per_split, KB)
+    kb_start, kb_end = k_range(KB, kb_per_split, pid_k, SPLIT)
     e8p_tab, e81b_tab = load_tables(tab_ptr, BITS, GATHER)
     acc = tl.zeros([BLOCK_KB, BLOCK_N], dtype=tl.float32)
     for kb0 in tl.range(kb_start, kb_end, BLOCK_KB, num_stages=NUM_STAGES):
@@ -259,8 +258,7 @@ def _e8p_gemm_kernel(
     offs_m, offs_n, m_ok, n_ok = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = tl.arange(0, BLOCK_KB)
     cols = tl.arange(0, BLOCK_K)
-    kb_start = pid_k * kb_per_split
-    kb_end = tl.minimum(kb_start + kb_per_split, KB)
+    kb_start, kb_end = k_range(KB, kb_per_split, pid_k, SPLIT)
     e8p_tab, e81b_tab = load_tables(tab_ptr, BITS, GATHER)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -388,10 +386,9 @@ def gemv(x, codes, codes2, bias, *, bits: int, config: dict) -> torch.Tensor:
         raise ValueError(f"the gemv path takes one row of x, not M={x.shape[0]}")
     kb, n = codes.shape
     c2, tab, rinv = _args(codes, codes2, bits)
-    per_split, splits = split_k_grid(kb, config["BLOCK_KB"], config["SPLIT_K"])
     y = dequant_gemm.output_buffer(1, n, x.dtype, x.device)
     tiles = triton.cdiv(n, config["BLOCK_N"])
-    ws, counters = dequant_gemm.split_k_buffers(splits, 1, n, tiles, x.device) if splits > 1 else (y, y)
+    per_split, splits, ws, counters = split_args(config, kb, config["BLOCK_KB"], 1, n, tiles, y)
     _e8p_gemv_kernel[(tiles, splits)](
         x, codes, c2, tab, bias if bias is not None else y, y, ws, counters, n, kb, codes.stride(0), per_split,
         splits, MAGIC_BITS, rinv, BITS=bits, BLOCK_N=config["BLOCK_N"],
@@ -406,10 +403,9 @@ def gemm(x, codes, codes2, bias, *, bits: int, config: dict) -> torch.Tensor:
     m = x.shape[0]
     kb, n = codes.shape
     c2, tab, rinv = _args(codes, codes2, bits)
-    per_split, splits = split_k_grid(kb, config["BLOCK_KB"], config["SPLIT_K"])
     y = dequant_gemm.output_buffer(m, n, x.dtype, x.device)
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
-    ws, counters = dequant_gemm.split_k_buffers(splits, m, n, tiles, x.device) if splits > 1 else (y, y)
+    per_split, splits, ws, counters = split_args(config, kb, config["BLOCK_KB"], m, n, tiles, y)
     _e8p_gemm_kernel[(tiles, splits)](
         x, codes, c2, tab, bias if bias is not None else y, y, ws, counters, m, n, kb, x.stride(0),
         codes.stride(0), y.stride(0), per_split, splits, MAGIC_BITS, rinv,

@@ -38,8 +38,9 @@ at each small-M tile the tuner times fastest (linear_configs).
 One kernel serves all three GEMMs (WEIGHT_ONLY, QUANT_X constexprs): program (pid, split) owns a [BLOCK_M, BLOCK_N]
 tile of y (GROUP_M-grouped order) and walks its share of K in BLOCK_K steps; the scales are applied in the epilogue.
 Split-K (SPLIT_K > 1, the int8 GEMMs' split candidates up to M = 64: w8a8_gemm.SPLIT_TILES): grid axis 1 splits K into
-S = ceil(K / P) ranges of P = ceil(ceil(K / SPLIT_K) / BLOCK_K) * BLOCK_K (w8a8_gemm.split_args), split s owning k in
-[s P, min((s + 1) P, K)) with its own fp32 accumulator acc_s (the tl.dot's, as the unsplit loop over that range);
+S = ceil(K / P) ranges of P = ceil(ceil(K / SPLIT_K) / BLOCK_K) * BLOCK_K (dequant_gemm.split_args), split s
+owning k in [s P, min((s + 1) P, K)) with its own fp32 accumulator acc_s (the tl.dot's, as the unsplit loop over that
+range);
 the last split of a tile to arrive (dequant_gemm.split_k_sum: fp32 workspace [S, M, N], arrival counters, one launch)
 computes
     acc = (((0 + acc_0) + acc_1) + ...) + acc_{S-1}     (fp32, in this fixed split order)
@@ -68,8 +69,8 @@ import triton.language as tl
 from .autotune_cache import tune
 from .runtime import DTYPES, check_device, dot_args, interpreter_on, next_power_of_2
 from .tiling import store_output, tile_offsets
-from .dequant_gemm import split_k_sum
-from .w8a8_gemm import check_operand_shapes, configs, k_range, split_args
+from .dequant_gemm import k_range, split_args, split_k_sum
+from .w8a8_gemm import check_operand_shapes, configs
 
 FP8 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -254,7 +255,7 @@ def _fp8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, count_p
         xs = row_scales(x_tile, m_ok, K, BLOCK_M, BLOCK_K)
         xs_m, xs_r, xs_p = divisor(xs)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    k_start, k_end = k_range(K, k_per_split, SPLIT)
+    k_start, k_end = k_range(K, k_per_split, tl.program_id(1), SPLIT)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(x_tile + k0, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -287,7 +288,7 @@ def launch(config, mode, x, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tens
     weight_only = mode == "w8a16"
     dot = dot_args(x.dtype) if weight_only else dict(DOT_DTYPE=tl.float32, PRECISION="ieee")  # unused for fp8
     tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
-    per_split, splits, part, counters = split_args(config, k, config["BLOCK_K"], m, n, tiles, y, torch.float32)
+    per_split, splits, part, counters = split_args(config, k, config["BLOCK_K"], m, n, tiles, y)
     _fp8_kernel[(tiles, splits)](
         x, w_scale if x_scale is None else x_scale, wq, w_scale, bias if bias is not None else y, y, part, counters,
         m, n, k, x.stride(0), wq.stride(0), y.stride(0), per_split, splits, HAS_BIAS=bias is not None,

@@ -38,7 +38,7 @@ from ..formats.packing import values_per_word
 from ..formats.quantizer import check_bits, resolve_group_size
 from . import dequant_gemm
 from .autotune_cache import tune
-from .dequant_gemm import ASM_MAGIC, MAGIC_BITS, dequant_tile, group_mode, split_k_grid, store_output, use_asm
+from .dequant_gemm import ASM_MAGIC, MAGIC_BITS, dequant_tile, group_mode, k_range, split_args, store_output, use_asm
 from .runtime import DTYPES, check_device, check_tensors, dot_args, interpreter_on, next_power_of_2
 from .weight_only_matmul import weight_only_matmul_ref
 
@@ -136,8 +136,8 @@ def _grouped_gemm_kernel(
     q_e, s_e, z_e = q_ptr + e * stride_qe, s_ptr + e * stride_se, z_ptr + e * stride_se
     rows = tl.arange(0, BLOCK_KW)
     slot = tl.arange(0, BLOCK_K)  # slot = word * EPW_P2 + j holds code j of that word
-    kw_start = pid_k * kw_per_split
-    kw_end = tl.where(live, tl.minimum(kw_start + kw_per_split, KW), kw_start)  # unused blocks load nothing
+    kw_start, kw_end = k_range(KW, kw_per_split, pid_k, SPLIT)
+    kw_end = tl.where(live, kw_end, kw_start)  # unused blocks load nothing
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
@@ -169,13 +169,12 @@ def launch(config, x, qweight, scales, zeros, expert_ids, perm, *, bits: int, gr
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     block_kw = config["BLOCK_K"] // epw_p2
     pairs, bexp, bstart, bend = moe_align(expert_ids, experts, block_m)
-    per_split, splits = split_k_grid(kw_total, block_kw, config["SPLIT_K"])
     groups = group_mode(block_kw, epw, group_size, k)
     asm = use_asm(x.dtype, bits) and groups < 2 and block_m <= 16
     y = dequant_gemm.output_buffer(p, n, x.dtype, x.device)  # via the module: tests poison it (and the workspace)
     n_tiles = triton.cdiv(n, block_n)
     tiles = bexp.numel() * n_tiles
-    ws, counters = dequant_gemm.split_k_buffers(splits, p, n, tiles, x.device) if splits > 1 else (y, y)
+    per_split, splits, ws, counters = split_args(config, kw_total, block_kw, p, n, tiles, y)
     _grouped_gemm_kernel[(tiles, splits)](
         x, qweight, scales, zeros, perm if perm is not None else qweight, y, ws, counters, pairs, bexp, bstart, bend,
         p, n, k, kw_total, experts, group_size, p // x.shape[0],  # x rows: a token's (pair // k) or a pair's

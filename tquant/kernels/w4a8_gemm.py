@@ -25,7 +25,7 @@ when group_size % 8 == 0, else per code), converted to
 int8 w8^T [BLOCK_N, BLOCK_K]; then one int8 tl.dot(xq tile, w8) into the int32 accumulator (xq is 0 past K,
 so padding codes add nothing). Split-K (SPLIT_K > 1, candidates up to M = 64, SPLIT_TILES): grid axis 1 splits
 the KW = ceil(K / 8) words into S ranges of P = ceil(ceil(KW / SPLIT_K) / BLOCK_KW) * BLOCK_KW words
-(w8a8_gemm.split_args), so every split starts on a K step (8 P codes, a multiple of BLOCK_K) and the step's group
+(dequant_gemm.split_args), so every split starts on a K step (8 P codes, a multiple of BLOCK_K) and the step's group
 lookups (one group a step, a word, or a code) are the unsplit kernel's;
     acc[m, n] = sum_{s = 0}^{S-1} acc_s[m, n]   (int32 partials, dequant_gemm.split_k_sum, one launch)
 then the same epilogue once, so y is bit for bit the unsplit kernel's (as w8a8_gemm). From M=256 the tuner may pick "dense" instead: one Triton pass unpacks
@@ -44,11 +44,11 @@ import triton.language as tl
 
 from ..formats.packing import unpack_codes
 from .autotune_cache import tune
-from .dequant_gemm import split_k_sum
+from .dequant_gemm import k_range, split_args, split_k_sum
 from .runtime import DTYPES, check_device, check_tensors, interpreter_on, next_power_of_2
 from .tiling import tile_offsets
 from . import w8a8_gemm
-from .w8a8_gemm import k_range, split_args, store_dequantized, w8a8_matmul_ref
+from .w8a8_gemm import store_dequantized, w8a8_matmul_ref
 
 EPW = 8  # 4-bit codes per int32 word
 ZERO = 8  # implicit zero point: q = c - 8
@@ -145,7 +145,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, q_ptr, ws_ptr, sg_ptr, sz_ptr, bias_ptr, y_ptr, 
     slot = tl.arange(0, BLOCK_K)  # slot = word * 8 + j holds code j of that word
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    kw_start, kw_end = k_range(KW, kw_per_split, SPLIT)
+    kw_start, kw_end = k_range(KW, kw_per_split, tl.program_id(1), SPLIT)
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
         word_ok = (kw0 + rows) < KW
         words = tl.load(q_ptr + (kw0 + rows)[None, :] * stride_qk + offs_n[:, None],

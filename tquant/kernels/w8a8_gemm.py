@@ -13,7 +13,7 @@ acc is exact in int32 (|acc| <= 128^2 K: any K <= 131 072); its conversion to fp
 share of K in BLOCK_K steps of int8 tl.dot into an int32 accumulator; the epilogue scales, adds bias and casts.
 Split-K (SPLIT_K > 1, small-M candidates: 32-64 tiles of y leave most of a 132-SM GPU idle at long K): grid axis 1
 splits K into S = ceil(K / P) ranges of P = ceil(ceil(K / SPLIT_K) / BLOCK_K) * BLOCK_K (split_k_grid), split s
-owning k in [s P, min((s + 1) P, K)), and
+owning k in [s P, min((s + 1) P, K)) (dequant_gemm.split_args, k_range), and
     acc[m, n] = sum_{s = 0}^{S-1} acc_s[m, n],   acc_s = split s's int32 accumulator
 summed in int32 in the same launch (dequant_gemm.split_k_sum: each split stores acc_s in an int32 workspace
 [S, M, N], the last to arrive adds them up), then the same epilogue once: integer addition is exact and
@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .autotune_cache import tune
-from .dequant_gemm import split_k_buffers, split_k_grid, split_k_sum
+from .dequant_gemm import k_range, split_args, split_k_sum
 from .runtime import DTYPES, check_device, check_tensors, interpreter_on, next_power_of_2
 from .tiling import store_output, tile_offsets
 
@@ -80,17 +80,6 @@ def store_dequantized(acc, xs_ptr, ws_ptr, bias_ptr, y_ptr, offs_m, offs_n, m_ok
 
 
 @triton.jit
-def k_range(K, per_split, SPLIT: tl.constexpr):
-    """[start, end) of K (elements or words) that split program_id(1) walks: all of K unsplit, else
-    [s per_split, min((s + 1) per_split, K)) (per_split a multiple of the K step: split_k_grid)."""
-    start, end = 0, K
-    if SPLIT:
-        start = tl.program_id(1) * per_split
-        end = tl.minimum(start + per_split, K)
-    return start, end
-
-
-@triton.jit
 def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, stride_xm, stride_wn,
                  stride_ym, k_per_split, splits, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -100,7 +89,7 @@ def _w8a8_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, y_ptr, part_ptr, count_
     x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     w_tile = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] of wq^T
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    k_start, k_end = k_range(K, k_per_split, SPLIT)
+    k_start, k_end = k_range(K, k_per_split, tl.program_id(1), SPLIT)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(x_tile + k0, mask=m_ok[:, None] & k_ok[None, :], other=0)
@@ -156,22 +145,6 @@ def configs(m: int, large_m_tiles=LARGE_M_TILES, n: int | None = None, k: int | 
     tiles = SMALL_M_TILES if m <= 32 else large_m_tiles
     return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
             for bm, bn, bk, warps in tiles for stages in (3, 4)] + split_configs(m, split_tiles, n, k)
-
-
-def split_args(config, k_total: int, block: int, m: int, n: int, tiles: int, y: torch.Tensor,
-               partial_dtype: torch.dtype) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """(per_split, splits, workspace, counters) of config's SPLIT_K (1 if absent) over k_total (elements or words, in
-    K steps of block): split_k_grid's split length and count; for splits > 1 the workspace [splits, m, n] of
-    partial_dtype (fp32, or int32 as a view of the same buffer) and the arrival counters (split_k_buffers), else y
-    twice (unused)."""
-    split_k = config.get("SPLIT_K", 1)
-    if split_k <= 1 or k_total <= block:
-        return k_total, 1, y, y
-    per_split, splits = split_k_grid(k_total, block, split_k)
-    if splits == 1:
-        return k_total, 1, y, y
-    part, counters = split_k_buffers(splits, m, n, tiles, y.device)
-    return per_split, splits, part.view(partial_dtype), counters
 
 
 def launch(config, xq, x_scale, wq, w_scale, bias, out_dtype) -> torch.Tensor:
