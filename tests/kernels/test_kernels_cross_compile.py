@@ -417,6 +417,48 @@ def bcq_smem_opcodes(bits, entries):
     return Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", done[-1].sass()))
 
 
+def kv_tile_loops(bits, dtype, rep):
+    """{"v5" / "v6": (SASS instructions in the store loop, registers, spilled bytes)} of the KV decode attention over a
+    QoQ store (keys and values per token, group 128 = D, both folded) compiled for sm_90: B = 1, 8 KV heads of `rep`
+    query heads, BLOCK_T 64, 4 warps, 1 stage; v5 forced by the config's REAL_ROWS False, v6 the launcher's default.
+    The store loop: the instructions from the label of the backward branch whose loop holds the tensor-core ops and the
+    code decode's LOP3s (the residual window's loop has none) up to that branch."""
+    import re
+
+    import torch
+
+    from tquant.kv import attention
+    from tquant.kv import uniform_format as kv_quant
+    from tquant.kernels.cross_compile import compiling_for
+
+    dtype, hkv, d, t = getattr(torch, dtype), 8, 128, 512
+    k, v = torch.randn(2, 1, hkv, t, d).to(dtype)
+    window = torch.randn(1, hkv, 16, d).to(dtype)
+    out = {}
+    for name, real in (("v5", False), ("v6", True)):
+        config = {"BLOCK_T": 64, "SPLITS": 1, "num_warps": 4, "num_stages": 1, "REAL_ROWS": real}
+        keys, values = kv_quant.key_format("token")[0](k, bits, d), kv_quant.quantize_values(v, bits, d)
+        with compiling_for() as done:
+            attention.launch(config, torch.randn(1, hkv * rep, d).to(dtype), keys, values, window, window, bits, d,
+                             d**-0.5, None, "token")
+        ops, labels, loops = [], {}, []
+        for line in done[0].sass().splitlines():
+            label = re.match(r"\s*(\.L_x_\d+):", line)
+            if label:
+                labels[label.group(1)] = len(ops)
+            op = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)(.*)", line)
+            if op:
+                ops.append(op.groups())
+        for j, (op, rest) in enumerate(ops):
+            target = re.search(r"\.L_x_\d+", rest) if op.startswith("BRA") else None
+            if target and labels.get(target.group(0), j + 1) <= j:
+                body = [o for o, _ in ops[labels[target.group(0)]:j + 1]]
+                if any(o.startswith(("HMMA", "HGMMA")) for o in body):
+                    loops.append((sum(o.startswith("LOP3") for o in body), len(body)))
+        out[name] = (max(loops)[1], done[0].registers, done[0].spill_bytes)
+    return out
+
+
 def compile_in_subprocess(call):
     """The JSON printed by this file run as a script on `call` (interpreter off, as on a GPU)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: tquant and tests importable without an install
@@ -448,6 +490,22 @@ def test_kernels_bcq_smem_gathers_through_shared_memory(bits, entries):
     assert ops.get("LDG.E.U16") == bits, ops
 
 
+@pytest.mark.parametrize("bits,dtype,rep,ratio", [(4, "float16", 4, 0.75),
+                                                 pytest.param(8, "bfloat16", 8, 1.0, marks=pytest.mark.slow),
+                                                 pytest.param(2, "float16", 1, 1.0, marks=pytest.mark.slow)])
+def test_kernels_kv_attention_real_rows_compile_for_hopper(bits, dtype, rep, ratio):
+    """The KV decode attention's v6 path (tquant.kv.attention: the online softmax on the R real query rows, the two
+    dots transposed) compiles for sm_90 over QoQ stores (fp16: the inline-asm pair decode; bf16: the plain one) at
+    rep 4 (Llama-3-8B, R = 4), 8 (R = 8) and 1 (R = 1, a lane-held split), within 255 registers and without spills,
+    and its store loop has fewer instructions than v5's (16 padded rows) on the same launch: at most `ratio` of
+    them (v6 434 against v5 618 at rep 4 in fp16 with Triton 3.9; benchmarks/RESULTS.md)."""
+    loops = compile_in_subprocess(["kv_tile_loops", bits, dtype, rep])
+    (v5, _, _), (v6, regs, spills) = loops["v5"], loops["v6"]
+    assert 0 < regs <= 255 and spills == 0, loops
+    assert v6 < v5 and v6 <= ratio * v5, loops
+
+
 if __name__ == "__main__":
     call = json.loads(sys.argv[1])
-    print(json.dumps(bcq_smem_opcodes(*call[1:]) if call[0] == "bcq_smem_opcodes" else compile_case(*call)))
+    helpers = {"bcq_smem_opcodes": bcq_smem_opcodes, "kv_tile_loops": kv_tile_loops}
+    print(json.dumps(helpers[call[0]](*call[1:]) if call[0] in helpers else compile_case(*call)))

@@ -91,6 +91,20 @@ def test_kivi_attention_every_gpu_config(monkeypatch, key_axis, bits, group, tq,
         check(out, ref, dtype, config)
 
 
+def test_qoq_attention_padded_rows_every_gpu_config(monkeypatch):
+    """QoQ's KV4 in fp16 with v5 forced (the softmax on 16 padded rows; the launcher picks v6, the real rows, at
+    rep <= 8, which the test above runs at rep 6): the path that rep 9 ... 16 takes, under every config."""
+    pk, pv, rk, rv = kivi_cache(B, HKV, D, 1001, TR, 4, D, torch.float16, seed=4, key_axis="token")
+    q, start = query(torch.float16, 5), left_padding(1001, 6)
+    args = dict(bits=4, group=D, start=start, key_axis="token")
+    ref = kivi_decode_attention_ref(q, pk, pv, rk, rv, sm_scale=D**-0.5, **args)
+    launch = attention.launch
+    monkeypatch.setattr(attention, "launch", lambda config, *rest: launch(dict(config, REAL_ROWS=False), *rest))
+    for config, out in each_config(monkeypatch, attention, 1001,
+                                   lambda: kivi_decode_attention(q, pk, pv, rk, rv, **args)):
+        check(out, ref, torch.float16, config)
+
+
 @pytest.mark.parametrize("pre_rope,bits,dtype,jump", [(True, 3, torch.float16, 0), (False, 4, torch.bfloat16, 0),
                                                       (True, 4, torch.float16, 777), (True, 2, torch.bfloat16, 777),
                                                       (False, 2, torch.float16, 0)])

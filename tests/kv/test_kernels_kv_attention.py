@@ -8,8 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tests.kernel_device import DEVICE, decode_both_paths, needs_backend
 
+from tquant.kv import attention
 from tquant.kv import uniform_format as kv_quant
 from tquant.kv.attention import kivi_decode_attention, kivi_decode_attention_ref
+from tquant.kv.split_kv import INTERPRETER_CONFIG
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
@@ -215,19 +217,22 @@ def test_kernels_kivi_attention_reads_growing_views_in_place():
 
 @needs_backend
 @settings(max_examples=30, deadline=None)
-@given(b=st.integers(1, 3), hkv=st.integers(1, 2), rep=st.sampled_from([1, 3, 4]), d=st.sampled_from([16, 32, 64]),
-       bits=st.sampled_from([2, 4, 8]), key_axis=st.sampled_from(["token", "token", "channel"]),
+@given(b=st.integers(1, 3), hkv=st.integers(1, 2), rep=st.sampled_from([1, 2, 3, 4, 8]),
+       d=st.sampled_from([16, 32, 64]), bits=st.sampled_from([2, 4, 8]),
+       key_axis=st.sampled_from(["token", "token", "channel"]), real_rows=st.sampled_from([True, True, False]),
        tq=st.integers(1, 75), tr=st.integers(0, 6), mode=st.sampled_from(["plain", "start", "length", "ring"]),
        dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), key_exp=st.integers(-3, 3),
        value_exp=st.sampled_from([-3, 0, 3, None]), seed=st.integers(0, 2**31 - 1))
-def test_kernels_folded_attention_matches_reference(b, hkv, rep, d, bits, key_axis, tq, tr, mode, dtype, key_exp,
-                                                    value_exp, seed):
+def test_kernels_folded_attention_matches_reference(b, hkv, rep, d, bits, key_axis, real_rows, tq, tr, mode, dtype,
+                                                    key_exp, value_exp, seed):
     """Stores with one (scale, mn) a token and head (group == D: QoQ's KV4 keys and values, KIVI's values), which the
     kernel reads with the parameters folded out of the element loop (FOLD_K / FOLD_V), against the fp32 reference:
     odd lengths (keys per channel: whole groups), left padding, a static store read up to length[b], a ring window,
     every dtype and 2 / 4 / 8 bits; keys scaled by 10^key_exp (q by its inverse, so the scores stay moderate) and
     values by 10^value_exp, or (None) each token's values by its own 10^U(-3, 3), so that the value scales of one
-    tile span 6 decades (fp16's weights are normalized by the share's largest scale)."""
+    tile span 6 decades (fp16's weights are normalized by the share's largest scale). Keys per token at rep 1 / 2 /
+    3 / 4 / 8 take v6's softmax on the real rows (REAL_ROWS = 1 / 2 / 4 / 4 / 8), or (real_rows False) v5's on 16
+    padded rows, forced through the launcher's config."""
     if key_axis == "channel":
         tq = -(-tq // d) * d
     if mode == "ring":
@@ -258,10 +263,32 @@ def test_kernels_folded_attention_matches_reference(b, hkv, rep, d, bits, key_ax
             args["start"] = (torch.rand(b, generator=g) * length).long().to(DEVICE)
     q = q.to(DEVICE, dtype)
     ref = kivi_decode_attention_ref(q, *cache, sm_scale=d**-0.5, **args)
-    out = kivi_decode_attention(q, *cache, **args)
+    if real_rows:
+        out = kivi_decode_attention(q, *cache, **args)
+    else:  # v5 forced (the interpreter's config, REAL_ROWS off)
+        out = attention.launch(dict(INTERPRETER_CONFIG, REAL_ROWS=False), q, *cache, bits, d, d**-0.5,
+                               args.get("start"), key_axis, args.get("length"), args.get("newest"))
     assert out.shape == q.shape and out.dtype == dtype and out.isfinite().all()
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert err < TOL[dtype], err
+
+
+@pytest.mark.parametrize("rep", [1, 2, 3, 4, 8])
+def test_kernels_real_rows_match_padded_rows(rep):
+    """v6 (the online softmax on the real rows, transposed dots) and v5 (16 padded rows) on one QoQ KV4 store in
+    fp16, left-padded, with a window: the same attention up to fp32 rounding (the same fp16 operands; only the
+    order of the fp32 sums differs), both at the reference."""
+    d, tq = 32, 41
+    pk, pv, rk, rv = random_cache(2, 2, d, tq, 3, 4, d, torch.float16, seed=rep, key_axis="token")
+    q = torch.randn(2, 2 * rep, d, generator=torch.Generator().manual_seed(rep)).to(DEVICE, torch.float16)
+    start = torch.tensor([0, 7], device=DEVICE)
+    outs = [attention.launch(dict(INTERPRETER_CONFIG, REAL_ROWS=real), q, pk, pv, rk, rv, 4, d, d**-0.5, start,
+                             "token").float() for real in (True, False)]
+    ref = kivi_decode_attention_ref(q, pk, pv, rk, rv, bits=4, group=d, sm_scale=d**-0.5, start=start,
+                                    key_axis="token").float()
+    assert (outs[0] - outs[1]).abs().max() <= 2e-3 * ref.abs().max()
+    for out in outs:
+        assert ((out - ref).norm() / ref.norm()).item() < TOL[torch.float16]
 
 
 def test_kernels_kivi_attention_folds_exactly_where_the_layout_allows(monkeypatch):
@@ -270,14 +297,15 @@ def test_kernels_kivi_attention_folds_exactly_where_the_layout_allows(monkeypatc
     (values always); never at 3 bits (gathered words), group < D, keys per channel, float or fp8 stores."""
     from tquant.kv import attention
 
-    seen = []
+    seen, rows = [], []
 
     class Recorder:
         def __init__(self, record):
             self.record = record
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: self.record and seen.append((kwargs["FOLD_K"], kwargs["FOLD_V"]))
+            return lambda *args, **kwargs: self.record and (seen.append((kwargs["FOLD_K"], kwargs["FOLD_V"])),
+                                                            rows.append(kwargs["REAL_ROWS"]))
 
     monkeypatch.setattr(attention, "_kv_attention_kernel", Recorder(True))
     monkeypatch.setattr(attention, "combine_kernel", Recorder(False))
@@ -291,6 +319,7 @@ def test_kernels_kivi_attention_folds_exactly_where_the_layout_allows(monkeypatc
                                       group=group, key_axis=key_axis)
                 whole = group == d and bits != 3
                 assert seen.pop() == (whole and key_axis == "token", whole), (key_axis, bits, group)
+                assert rows.pop() == (2 if whole and key_axis == "token" else 0)  # v6 where both parts fold
     q, kv = torch.randn(1, 4, d).to(DEVICE), torch.randn(1, 2, 8, d).to(DEVICE)
     attention.float_decode_attention(q, kv, kv, length=torch.tensor([8], device=DEVICE))
     e4m3 = kv.to(torch.float8_e4m3fn)
@@ -298,3 +327,6 @@ def test_kernels_kivi_attention_folds_exactly_where_the_layout_allows(monkeypatc
     attention.fp8_decode_attention(q, e4m3, e4m3, one, one, kv[:, :, :1], kv[:, :, :1])
     assert seen == [(False, False), (False, False)]
     assert attention.folded("token", 4, 128, 128) == (True, True)  # QoQ's KV4 at Llama's head size
+    # v6's real rows: rep rounded up to a power of two, both parts folded, at most 8 of the 16 columns
+    assert [attention.real_rows(True, rep) for rep in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 0, 0]
+    assert attention.real_rows(False, 4) == 0

@@ -47,6 +47,22 @@ dtype: in fp16 as p scale_t 2^15 / top, top the largest value scale of the progr
 pre-pass), so every weight lies in [0, 2^15] (no overflow) and keeps fp16's 11 bits down
 to p scale_t / top = 2^-29 (the dot's sum, at most BLOCK_T 2^15 255, fits fp32); bf16 / fp32 as p / l' scale_t in
 [0, 65504]. sum_t p mn_t is an fp32 row sum. Masked tokens' parameters are zeroed, not only their p.
+
+Real rows (v6, REAL_ROWS = R > 0, issue 30; `real_rows` says where): where both parts are folded and rep <= 8, the
+online softmax runs on the R = next_power_of_2(rep) real query rows instead of the 16 padded ones (_real_row_tiles).
+Both dots are transposed so that the query rows are the MMA's N side (16 columns, tl.dot's minimum) and the tokens /
+channels its M side:
+    s^T [BLOCK_T, 16] = c q16^T,   o^T [D, 16] = c^T P^T,   q16 row 2 i = query head i (i < rep), other rows 0
+In the MMA's output layout a thread holds columns 2 j + {0, 1} (lane bits 0, 1 give j's low bits) and columns
+n + {0, 8} (registers), so column bits 0 and 3 lie in each thread's registers: the real rows, columns 2 i, are taken
+by tl.split of register dims (_real_rows: [N, 16] -> [N, 8, 2], keep the even half; then halves of the rest while
+wider than R), which moves no data, and each thread keeps BLOCK_T R / (32 num_warps) scores (2 at BLOCK_T 64, R 4,
+4 warps, against 8 of the 16 padded rows) and D R / (32 num_warps) accumulator elements (4 against 16). P^T for
+the second dot is the inverse (_padded_rows: join with zeros), whose padding columns multiply to exact zeros.
+The maths and rounding are the folded ones above, per column instead of per row: s^T[t, i] = scale_t (c_t . q_i)
++ mn_t qsum[i], m, l [R], acc [D, R] (stored transposed, rows i < rep). Rep 1 / 2 also split a lane-held dim
+(a layout conversion; still fewer instructions than v5); rep 9 ... 16 keeps v5. On sm_90, M = BLOCK_T or D >= 64
+lets Triton use wgmma (HGMMA 64x16x16) for both dots.
 """
 from __future__ import annotations
 
@@ -267,6 +283,75 @@ def _folded_accumulate(p, codes_ptr, scale_ptr, mn_ptr, tok, ok, live, alpha, l,
 
 
 @triton.jit
+def _real_rows(x, R: tl.constexpr, W: tl.constexpr = 16):
+    """x [N, W] (W = 16 the padded query rows, as tl.dot's output s^T or o^T gives them) -> [N, R]: its columns
+    2 i, i < R (the real rows: the kernel loads query head i into row 2 i of q16), by tl.split (no data movement
+    where the split dim lies in each thread's registers, as an MMA output's column bits 0 and 3 do: R = 4 keeps
+    column bits 1, 2, held by lanes; R = 1, 2 also split a lane bit)."""
+    if W == 16:
+        x, _ = tl.split(tl.reshape(x, [x.shape[0], 8, 2]))
+        return _real_rows(x, R, 8)
+    elif W > R:
+        x, _ = tl.split(tl.permute(tl.reshape(x, [x.shape[0], 2, W // 2]), (0, 2, 1)))
+        return _real_rows(x, R, W // 2)
+    else:
+        return x
+
+
+@triton.jit
+def _padded_rows(x, R: tl.constexpr, W: tl.constexpr = 16):
+    """The inverse of _real_rows: x [N, R] -> [N, W = 16] holding x's column i at column 2 i, zeros elsewhere."""
+    if R == W // 2:
+        return tl.reshape(tl.join(x, tl.zeros_like(x)), [x.shape[0], W])
+    else:
+        x = tl.reshape(tl.permute(tl.join(x, tl.zeros_like(x)), (0, 2, 1)), [x.shape[0], 2 * R])
+        return _padded_rows(x, 2 * R, W)
+
+
+@triton.jit
+def _real_row_tiles(qt, qsum, codes_k, ks_ptr, km_ptr, codes_v, vs_ptr, vm_ptr, lo, hi, first, top, chan,
+                    BITS: tl.constexpr, D: tl.constexpr, EPW: tl.constexpr, BLOCK_T: tl.constexpr, R: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
+    """v6 (module docstring, "Real rows"): the folded loop (_folded_scores, _folded_accumulate) with both dots
+    transposed, s^T = c q^T [BLOCK_T, 16] and o^T = c^T P^T [D, 16], so that the query rows are the MMA's N
+    columns; the online softmax and the accumulator run on the R real columns only (_real_rows). qt [D, 16]: q^T
+    with real row i in column 2 i (zeros elsewhere); qsum [R]. Returns (m [R], l [R], acc [D, R])."""
+    m = tl.full([R], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([R], dtype=tl.float32)
+    acc = tl.zeros([D, R], dtype=tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        tok = t0 + tl.arange(0, BLOCK_T)
+        ok = tok < hi
+        live = ok & (tok >= first)
+        c = _token_codes(codes_k, tok, ok, BITS, D, EPW, DOT_DTYPE, ASM)
+        scale = tl.load(ks_ptr + tok, mask=ok, other=0.0).to(tl.float32)
+        mn = tl.load(km_ptr + tok, mask=ok, other=0.0).to(tl.float32)
+        s = _real_rows(tl.dot(c, qt, input_precision=PRECISION), R) * scale[:, None] + mn[:, None] * qsum[None, :]
+        s = tl.where(live[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[None, :])
+        alpha = tl.exp(m - m_safe)
+        m = m_new
+        c = _token_codes(codes_v, tok, ok, BITS, D, EPW, DOT_DTYPE, ASM)
+        scale = tl.where(live, tl.load(vs_ptr + tok, mask=ok, other=0.0).to(tl.float32), 0.0)
+        mn = tl.where(live, tl.load(vm_ptr + tok, mask=ok, other=0.0).to(tl.float32), 0.0)
+        l_new = l * alpha + tl.sum(p, axis=0)
+        inv = tl.where(l_new > 0, 1.0 / l_new, 0.0)
+        if DOT_DTYPE == tl.float16:
+            w = _padded_rows((p * (scale * (32768.0 / top))[:, None]).to(DOT_DTYPE), R)  # in [0, 2^15]
+            pv = _real_rows(tl.dot(tl.trans(c), w, input_precision=PRECISION), R) * \
+                (inv * (top * (1.0 / 32768.0)))[None, :]
+        else:  # p / l' scale_t in [0, 65504]
+            w = _padded_rows((p * inv[None, :] * scale[:, None]).to(DOT_DTYPE), R)
+            pv = _real_rows(tl.dot(tl.trans(c), w, input_precision=PRECISION), R)
+        shift = tl.sum(p * mn[:, None], axis=0)
+        acc = acc * (alpha * l * inv)[None, :] + pv + (shift * inv)[None, :]
+        l = l_new
+    return m, l, acc
+
+
+@triton.jit
 def _largest_scale(scale_ptr, lo, hi, first, BLOCK: tl.constexpr):
     """max(scale[t] for first <= t, lo <= t < hi) in fp32, 1 if none is positive: _folded_accumulate's top."""
     top = tl.zeros([BLOCK], dtype=tl.float32)
@@ -286,7 +371,7 @@ def _kv_attention_kernel(
     WPG: tl.constexpr, KEYS_PER_CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, HAS_START: tl.constexpr,
     HAS_LENGTH: tl.constexpr, RING: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, R: tl.constexpr,
     FLOAT: tl.constexpr = False, FP8: tl.constexpr = False, FOLD_K: tl.constexpr = False,
-    FOLD_V: tl.constexpr = False, ASM: tl.constexpr = False,
+    FOLD_V: tl.constexpr = False, ASM: tl.constexpr = False, REAL_ROWS: tl.constexpr = 0,
 ):
     bh, split = tl.program_id(0), tl.program_id(1)
     b = bh // HKV
@@ -327,28 +412,45 @@ def _kv_attention_kernel(
             top = 1.0
             if FOLD_V and DOT_DTYPE == tl.float16:  # the share's largest value scale (fp16 weights' range)
                 top = _largest_scale(vs, lo, hi, first, 8 * BLOCK_T)
-            for t0 in range(lo, hi, BLOCK_T):
-                tok = t0 + tl.arange(0, BLOCK_T)
-                live = (tok < hi) & (tok >= first)
-                if FOLD_K:  # per-token keys, one (scale, mn) a head: the parameters on the scores
-                    p, m, alpha = _folded_scores(q, qsum, kc, ks, km, tok, tok < hi, live, m, BITS, D, EPW,
-                                                 DOT_DTYPE, PRECISION, ASM)
-                else:
-                    k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
-                    p, m, alpha = scores(q, k, live, m, DOT_DTYPE, PRECISION)
-                if FOLD_V:  # one (scale, mn) a token and head: the parameters on p
-                    l, acc = _folded_accumulate(p, vc, vs, vm, tok, tok < hi, live, alpha, l, acc, top, BITS, D,
-                                                EPW, DOT_DTYPE, PRECISION, ASM)
-                else:
-                    v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
-                    l, acc = accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
+            if REAL_ROWS > 0:  # v6 (FOLD_K and FOLD_V): query head i in row 2 i of the 16, [R] softmax state
+                slot = rows // 2  # _real_rows' order: row 2 i is real row i
+                slot_ok = (rows % 2 == 0) & (slot < REP)
+                q16 = tl.load(q_ptr + (bh * REP + slot)[:, None] * D + _paired_channels(chan, EPW)[None, :],
+                              mask=slot_ok[:, None], other=0.0)
+                q16 = (q16.to(tl.float32) * sm_scale).to(DOT_DTYPE)
+                qsum_r = tl.reshape(_real_rows(tl.sum(q16.to(tl.float32), axis=1)[None, :], REAL_ROWS), [REAL_ROWS])
+                m_r, l_r, acc_r = _real_row_tiles(tl.trans(q16), qsum_r, kc, ks, km, vc, vs, vm, lo, hi, first, top,
+                                                  chan, BITS, D, EPW, BLOCK_T, REAL_ROWS, DOT_DTYPE, PRECISION, ASM)
+                real = tl.arange(0, REAL_ROWS)
+                store_partial(m_ptr, l_ptr, acc_ptr, m_r, l_r, tl.trans(acc_r), bh * REP, real, real < REP,
+                              out_chan, split, splits, D)
+            else:
+                for t0 in range(lo, hi, BLOCK_T):
+                    tok = t0 + tl.arange(0, BLOCK_T)
+                    live = (tok < hi) & (tok >= first)
+                    if FOLD_K:  # per-token keys, one (scale, mn) a head: the parameters on the scores
+                        p, m, alpha = _folded_scores(q, qsum, kc, ks, km, tok, tok < hi, live, m, BITS, D, EPW,
+                                                     DOT_DTYPE, PRECISION, ASM)
+                    else:
+                        k = _tile(kc, ks, km, t0, TQ, chan, KEYS_PER_CHANNEL, BLOCK_T, D, BITS, G, EPW, WPG,
+                                  DOT_DTYPE)
+                        p, m, alpha = scores(q, k, live, m, DOT_DTYPE, PRECISION)
+                    if FOLD_V:  # one (scale, mn) a token and head: the parameters on p
+                        l, acc = _folded_accumulate(p, vc, vs, vm, tok, tok < hi, live, alpha, l, acc, top, BITS,
+                                                    D, EPW, DOT_DTYPE, PRECISION, ASM)
+                    else:
+                        v = _tile(vc, vs, vm, t0, TQ, chan, False, BLOCK_T, D, BITS, G, EPW, WPG, DOT_DTYPE)
+                        l, acc = accumulate(p, v, alpha, l, acc, DOT_DTYPE, PRECISION)
+                store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, out_chan, split, splits, D)
+        if FLOAT or FP8:
+            store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, out_chan, split, splits, D)
     else:  # the last program of each (b, kv head): the full-precision residual window
         pos0, newest = TQ, 0
         if RING:  # a static window: positions length[b] ... newest[b] in a ring of TR slots
             pos0, newest = tl.load(length_ptr + b), tl.load(newest_ptr + b)
         m, l, acc = dense_tokens(q, rk_ptr + bh.to(tl.int64) * rk_head, rv_ptr + bh.to(tl.int64) * rv_head, TR,
                                   pos0, first, newest, m, l, acc, chan, D, BLOCK_T, DOT_DTYPE, PRECISION, RING)
-    store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, out_chan, split, splits, D)
+        store_partial(m_ptr, l_ptr, acc_ptr, m, l, acc, bh * REP, rows, row_ok, out_chan, split, splits, D)
 
 
 def check_inputs(q, packed_k, packed_v, res_k, res_v, bits, group, start, key_axis, length=None, newest=None) -> None:
@@ -404,6 +506,13 @@ def folded(key_axis: str, bits: int, group: int, d: int) -> tuple[bool, bool]:
     return whole_head and key_axis == "token", whole_head
 
 
+def real_rows(folded_kv: bool, rep: int) -> int:
+    """R, the real query rows the v6 path (REAL_ROWS: _real_row_tiles) runs the softmax on: rep rounded up to a power
+    of two, where both parts are folded and rep <= 8 (the real rows take the even columns of the 16); else 0 (v5).
+    The launcher passes it unless the config says {"REAL_ROWS": False} (v5 forced: tests, instruction counts)."""
+    return next_power_of_2(rep) if folded_kv and rep <= REP_PAD // 2 else 0
+
+
 def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, start, key_axis, length=None,
            newest=None) -> torch.Tensor:
     b, hq, d = q.shape
@@ -427,7 +536,9 @@ def launch(config, q, packed_k, packed_v, res_k, res_v, bits, group, sm_scale, s
         WPG=1 if store_float else words_per_group(bits, group), KEYS_PER_CHANNEL=key_axis == "channel",
         BLOCK_T=block_t, HAS_START=start is not None, HAS_LENGTH=length is not None, RING=newest is not None,
         **dot_args(q.dtype), R=REP_PAD, FLOAT=key_axis == "float", FP8=key_axis == "fp8", FOLD_K=fold_k,
-        FOLD_V=fold_v, ASM=q.dtype == torch.float16 and not interpreter_on(), num_warps=config["num_warps"],
+        FOLD_V=fold_v, ASM=q.dtype == torch.float16 and not interpreter_on(),
+        REAL_ROWS=real_rows(fold_k and fold_v, hq // hkv) if config.get("REAL_ROWS", True) else 0,
+        num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
     o = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
