@@ -29,6 +29,20 @@ def dequantized(mod: PackedLinear) -> torch.Tensor:
     return w.t().to(mod.scales.dtype)
 
 
+def library_simulation(path: str):
+    """The checkpoint at path as compressed-tensors runs its quantization in transformers: the compressed route
+    (CompressedTensorsConfig(dequantize=False): each Linear keeps its scheme, so the library fake-quantizes the
+    activations in the forward), with the weights decompressed up front by the library's own ModelCompressor so they
+    can be compared before any forward. (dequantize=True loads a dense model; since transformers 5.25 that model runs
+    without the activation simulation.)"""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=transformers.CompressedTensorsConfig(dequantize=False)).eval()
+    hf.hf_quantizer.compressor.decompress_model(hf)
+    return hf
+
+
 def packed_layers(model) -> dict[str, PackedLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 

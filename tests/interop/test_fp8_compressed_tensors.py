@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import tquant
 from tquant.modules import FP8Linear
-from tests.interop.helpers import library_w8a8_checkpoint, logits
+from tests.interop.helpers import library_simulation, library_w8a8_checkpoint, logits
 from tests.tiny_models import tiny_model, token_batch
 
 ct = pytest.importorskip("compressed_tensors")
@@ -30,9 +30,6 @@ def fp8_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
 
 
-def _ct_load(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=transformers.CompressedTensorsConfig(dequantize=True)).eval()
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -101,7 +98,7 @@ def test_library_decompression_gives_tquants_weights_and_outputs(exported):
     value), and the differences grow block by block: measured, the logits differ by 0.8 % (dynamic), 0.3 % (static)
     and not at all (weight-only: no activation rounding), against 8-11 % between tquant and the float model."""
     name, model, out = exported
-    hf = _ct_load(out)
+    hf = library_simulation(out)
     theirs, ids = check_every_layer(hf, fp8_layers(model))
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
@@ -137,7 +134,7 @@ def test_gptq_and_awq_refuse_fp8_naming_compressed_tensors(tmp_path):
 def test_library_compressed_fp8_checkpoint_loads_into_fp8_linear(tmp_path, static):
     library_w8a8_checkpoint(str(tmp_path), static, "float", 0.01)
     loaded = tquant.load(str(tmp_path))
-    reference = _ct_load(str(tmp_path))
+    reference = library_simulation(str(tmp_path))
     layers = fp8_layers(loaded)
     assert len(layers) == 14 and all((m.act_bits, m.act_scale is not None) == (8, static) for m in layers.values())
     theirs, ids = check_every_layer(reference, layers)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import tquant
 from tquant.modules import ActQuantLinear
-from tests.interop.helpers import library_w8a8_checkpoint, logits
+from tests.interop.helpers import library_simulation, library_w8a8_checkpoint, logits
 from tests.tiny_models import tiny_model, token_batch
 
 ct = pytest.importorskip("compressed_tensors")
@@ -45,9 +45,6 @@ def act_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
 
 
-def _ct_load(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=transformers.CompressedTensorsConfig(dequantize=True)).eval()
 
 
 @contextlib.contextmanager
@@ -106,7 +103,7 @@ def test_every_smoothing_factor_was_folded_into_the_preceding_op(exported):
 
 def test_library_decompression_gives_tquants_weights_and_outputs(exported):
     name, model, out = exported
-    hf = _ct_load(out)
+    hf = library_simulation(out)
     x = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), vllm_grid():
         for layer, mod in act_layers(model).items():
@@ -158,7 +155,7 @@ def test_an_unfoldable_smoothing_factor_is_refused_by_layer_and_method(tmp_path)
     tquant.export(kept, str(tmp_path / "ok"), format="compressed-tensors")
     qc = json.load(open(tmp_path / "ok" / "config.json"))["quantization_config"]
     assert qc["ignore"] == ["lm_head", "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
-    hf = _ct_load(str(tmp_path / "ok"))
+    hf = library_simulation(str(tmp_path / "ok"))
     assert type(hf.get_submodule("model.layers.0.self_attn.o_proj")).__name__ == "Linear"
     assert torch.equal(logits(tquant.load(str(tmp_path / "ok"))), logits(kept))
 
@@ -178,7 +175,7 @@ def test_w4a8_layers_are_refused_by_name(tmp_path):
 def test_library_compressed_int8_checkpoint_loads_into_act_quant_linear(tmp_path, static):
     library_w8a8_checkpoint(str(tmp_path), static, "int", 0.05)
     loaded = tquant.load(str(tmp_path))
-    reference = _ct_load(str(tmp_path))
+    reference = library_simulation(str(tmp_path))
     layers = act_layers(loaded)
     assert len(layers) == 14 and all((m.bits, m.act_bits, m.act_scale is not None) == (8, 8, static)
                                      for m in layers.values())
