@@ -1,5 +1,8 @@
-"""Checkpoints written by an earlier tquant (tests/fixtures/make_checkpoints.py) still load bit-identically:
-the same logits and the same greedy tokens as the model that was saved, for every module type."""
+"""Checkpoints written by an earlier tquant (tests/fixtures/make_checkpoints.py) still load as saved: the same
+logits and the same greedy tokens as the model that was saved, for every module type. The logits were written on
+another machine: they are bit-identical where this CPU's BLAS sums in the same order, and otherwise within float32
+summation order (an AVX-512 AMD EPYC gives the MoE fixture 9.5e-7 off on logits up to 3.0); a wrong module, tensor or
+layout is off by orders of magnitude more."""
 import os
 
 import pytest
@@ -28,5 +31,5 @@ def test_old_checkpoint_loads_bit_identically(name):
     with torch.no_grad():
         logits = model(expected["probe"]).logits
         generated = model.generate(expected["probe"][:1, :8], max_new_tokens=8, do_sample=False)
-    assert torch.equal(logits, expected["logits"])
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=4e-6 * expected["logits"].abs().max().item())
     assert torch.equal(generated, expected["generated"])

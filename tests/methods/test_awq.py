@@ -327,12 +327,32 @@ def test_minmax_clip_bounds_never_do_worse_than_absmax(seed, bits, group, grid, 
     assert torch.equal(lo_s, -m_s) and torch.equal(hi_s, m_s)
 
 
-def test_minmax_clipping_lowers_the_error():
-    """clip_range 'minmax' against AutoAWQ's 'absmax', all else equal (3-bit, asymmetric): the logits come closer to
-    the float model's."""
-    minmax, reference = quantized(outliers=True, bits=3, sym=False)
-    absmax, _ = quantized(outliers=True, bits=3, sym=False, clip_range="absmax")
-    assert rel_err(minmax, reference) < rel_err(absmax, reference)
+def one_sided_outlier_model(seed=0):
+    """tiny Llama with outlier input channels (with_outliers) and, in every block linear, 2 % of the weights moved
+    up by 6 mean |w|: groups whose range is lopsided, where an asymmetric grid's two ends should be clipped apart."""
+    model = with_outliers(tiny_model("llama"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                mod.weight += 6 * mod.weight.abs().mean() * (torch.rand(mod.weight.shape, generator=g) < 0.02)
+    return model
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_minmax_clipping_lowers_the_error(seed):
+    """clip_range 'minmax' against AutoAWQ's 'absmax', all else equal (3-bit, asymmetric), on lopsided weight groups:
+    the logits come closer to the float model's (measured 0.979 and 0.977 of absmax's error for seeds 0 and 1;
+    without the one-sided weights the two are level, 1.0005, below what a test can tell from summation order)."""
+    errors = []
+    for clip_range in ("minmax", "absmax"):
+        model = one_sided_outlier_model(seed)
+        with torch.no_grad():
+            reference = model(CALIB).logits
+        tquant.quantize(model, "awq", calib=CALIB, progress=False, bits=3, group_size=32, sym=False,
+                        clip_range=clip_range)
+        errors.append(rel_err(model, reference))
+    assert errors[0] < 0.99 * errors[1]
 
 
 def test_clipping_lowers_the_error():
