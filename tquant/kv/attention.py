@@ -260,6 +260,15 @@ def _folded_scores(q, qsum, codes_ptr, scale_ptr, mn_ptr, tok, ok, live, m, BITS
 
 
 @triton.jit
+def _live_value_params(scale_ptr, mn_ptr, tok, ok, live):
+    """(scale, mn) [BLOCK_T] in fp32 of the folded values' tokens tok, 0 where not live: a masked token's p is 0, but
+    a static store's unfilled rows may hold inf / NaN parameters, and 0 * inf would poison the dot."""
+    scale = tl.where(live, tl.load(scale_ptr + tok, mask=ok, other=0.0).to(tl.float32), 0.0)
+    mn = tl.where(live, tl.load(mn_ptr + tok, mask=ok, other=0.0).to(tl.float32), 0.0)
+    return scale, mn
+
+
+@triton.jit
 def _folded_accumulate(p, codes_ptr, scale_ptr, mn_ptr, tok, ok, live, alpha, l, acc, top, BITS: tl.constexpr,
                        D: tl.constexpr, EPW: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                        ASM: tl.constexpr):
@@ -268,9 +277,7 @@ def _folded_accumulate(p, codes_ptr, scale_ptr, mn_ptr, tok, ok, live, alpha, l,
     c (_token_codes) with weights p scale_t (fp16: p scale_t 2^15 / top, top >= every scale_t of the share) and
     the fp32 sum_t p mn_t added to every channel."""
     c = _token_codes(codes_ptr, tok, ok, BITS, D, EPW, DOT_DTYPE, ASM)
-    # masked tokens' parameters are zeroed: their p is 0, but a static store's unfilled rows may hold inf / NaN
-    scale = tl.where(live, tl.load(scale_ptr + tok, mask=ok, other=0.0).to(tl.float32), 0.0)
-    mn = tl.where(live, tl.load(mn_ptr + tok, mask=ok, other=0.0).to(tl.float32), 0.0)
+    scale, mn = _live_value_params(scale_ptr, mn_ptr, tok, ok, live)
     l_new = l * alpha + tl.sum(p, axis=1)
     inv = tl.where(l_new > 0, 1.0 / l_new, 0.0)
     if DOT_DTYPE == tl.float16:
@@ -334,8 +341,7 @@ def _real_row_tiles(qt, qsum, codes_k, ks_ptr, km_ptr, codes_v, vs_ptr, vm_ptr, 
         alpha = tl.exp(m - m_safe)
         m = m_new
         c = _token_codes(codes_v, tok, ok, BITS, D, EPW, DOT_DTYPE, ASM)
-        scale = tl.where(live, tl.load(vs_ptr + tok, mask=ok, other=0.0).to(tl.float32), 0.0)
-        mn = tl.where(live, tl.load(vm_ptr + tok, mask=ok, other=0.0).to(tl.float32), 0.0)
+        scale, mn = _live_value_params(vs_ptr, vm_ptr, tok, ok, live)
         l_new = l * alpha + tl.sum(p, axis=0)
         inv = tl.where(l_new > 0, 1.0 / l_new, 0.0)
         if DOT_DTYPE == tl.float16:
