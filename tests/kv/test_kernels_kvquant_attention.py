@@ -28,7 +28,7 @@ def random_cache(b, hkv, d, t, s, bits, dtype, outliers, pre_rope, seed, tr=0):
     values = fmt.quantize_values(v, params.value_codebook, bits, fmt.value_outliers(0.1 if outliers else 0, d))
     rope = positions = None
     if pre_rope:
-        rope = (1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d), 0.8 + 0.4 * torch.rand(1).item())
+        rope = (1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d), 0.8 + 0.4 * torch.rand(1, generator=g).item())
         positions = s + torch.arange(t) + torch.randint(0, 3000, (b, 1), generator=g)
         rope, positions = (rope[0].to(DEVICE), rope[1]), positions.to(DEVICE, torch.int32)
     move = lambda x: None if x is None else type(x)(*(move(y) for y in x)) if isinstance(x, tuple) \
@@ -122,7 +122,13 @@ def test_kernels_kvquant_attention_outliers_at_tile_edges_and_position_jumps(bit
     q = torch.randn(2, 4, d, generator=g).to(DEVICE, dtype)
     out, ref = run_both(q, cache | dict(keys=keys, positions=positions.to(torch.int32)))
     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    assert out.isfinite().all() and err < TOL[dtype], err
+    assert out.isfinite().all() and err < OUTLIER_TOL.get(dtype, TOL[dtype]), err
+
+
+# fp16 with keys at 40x their channel's range: the kernel decodes keys in fp16 (v2), and the large scores' fp16
+# rounding is what the softmax amplifies: 40 random examples gave up to 2.4e-3 and a full-tier run 4.0e-3 (bits 2,
+# D 32), while the same inputs in fp32 agree with the reference to 8e-7 (the logic is fp32's 1e-5 check)
+OUTLIER_TOL = {torch.float16: 8e-3}
 
 
 @needs_backend
