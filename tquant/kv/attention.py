@@ -409,8 +409,11 @@ def _kv_attention_kernel(
             vc = vc_ptr + bh.to(tl.int64) * vc_head
             vs, vm = vs_ptr + bh.to(tl.int64) * vs_head, vm_ptr + bh.to(tl.int64) * vm_head
             if FOLD_K:  # the folded tiles' channels come in _paired_channels' order: q's too
-                q = tl.load(q_ptr + (bh * REP + rows)[:, None] * D + _paired_channels(chan, EPW)[None, :],
-                            mask=row_ok[:, None], other=0.0)
+                slot, slot_ok = rows, row_ok
+                if REAL_ROWS > 0:  # v6: query head i in row 2 i of the 16 (_real_rows' order)
+                    slot, slot_ok = rows // 2, (rows % 2 == 0) & (rows // 2 < REP)
+                q = tl.load(q_ptr + (bh * REP + slot)[:, None] * D + _paired_channels(chan, EPW)[None, :],
+                            mask=slot_ok[:, None], other=0.0)
                 q = (q.to(tl.float32) * sm_scale).to(DOT_DTYPE)
             if FOLD_V:  # and the output's
                 out_chan = _paired_channels(chan, EPW)
@@ -418,14 +421,9 @@ def _kv_attention_kernel(
             top = 1.0
             if FOLD_V and DOT_DTYPE == tl.float16:  # the share's largest value scale (fp16 weights' range)
                 top = _largest_scale(vs, lo, hi, first, 8 * BLOCK_T)
-            if REAL_ROWS > 0:  # v6 (FOLD_K and FOLD_V): query head i in row 2 i of the 16, [R] softmax state
-                slot = rows // 2  # _real_rows' order: row 2 i is real row i
-                slot_ok = (rows % 2 == 0) & (slot < REP)
-                q16 = tl.load(q_ptr + (bh * REP + slot)[:, None] * D + _paired_channels(chan, EPW)[None, :],
-                              mask=slot_ok[:, None], other=0.0)
-                q16 = (q16.to(tl.float32) * sm_scale).to(DOT_DTYPE)
-                qsum_r = tl.reshape(_real_rows(tl.sum(q16.to(tl.float32), axis=1)[None, :], REAL_ROWS), [REAL_ROWS])
-                m_r, l_r, acc_r = _real_row_tiles(tl.trans(q16), qsum_r, kc, ks, km, vc, vs, vm, lo, hi, first, top,
+            if REAL_ROWS > 0:  # v6 (FOLD_K and FOLD_V): q's real rows at 2 i (above), [R] softmax state
+                qsum_r = tl.reshape(_real_rows(qsum[None, :], REAL_ROWS), [REAL_ROWS])
+                m_r, l_r, acc_r = _real_row_tiles(tl.trans(q), qsum_r, kc, ks, km, vc, vs, vm, lo, hi, first, top,
                                                   chan, BITS, D, EPW, BLOCK_T, REAL_ROWS, DOT_DTYPE, PRECISION, ASM)
                 real = tl.arange(0, REAL_ROWS)
                 store_partial(m_ptr, l_ptr, acc_ptr, m_r, l_r, tl.trans(acc_r), bh * REP, real, real < REP,
